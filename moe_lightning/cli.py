@@ -1,0 +1,156 @@
+"""The `moe-lightning` console script: a Hydra app whose `task=` group picks the job.
+
+Overrides are checked against the config schema before Hydra composes them, so that an unknown key or
+option gets a one-line message naming the accepted values; errors from the run itself (bad files,
+impossible policies, out of memory) are printed as one line with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+log = logging.getLogger("moe_lightning")
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"moe-lightning: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def group_options(group: str) -> list[str]:
+    from moe_lightning.conf.store import register
+    from hydra.core.config_store import ConfigStore
+
+    register()
+    stored = ConfigStore.instance().repo.get(group, {})
+    names = {Path(p).stem for p in stored} | {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    return sorted(names)
+
+
+def _schema_for(path: list[str], choices: dict[str, str]):
+    from moe_lightning.config import RunConfig
+    from moe_lightning.systems import SYSTEM_CONFIGS
+    from moe_lightning.tasks import TASK_CONFIGS
+
+    head = path[0]
+    if head == "task":
+        return TASK_CONFIGS.get(choices.get("task", "generate"))
+    if head == "system":
+        return SYSTEM_CONFIGS.get(choices.get("system", "reference"))
+    return {f.name: f for f in fields(RunConfig)}[head].default_factory  # type: ignore[misc]
+
+
+def check_overrides(args: list[str]) -> None:
+    """Raise ConfigError for an unknown key or group option (Hydra's own messages span many lines)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from moe_lightning.config import RunConfig, field_names
+    from moe_lightning.conf.store import GROUPS
+    from moe_lightning.errors import ConfigError
+
+    plain = [a for a in args if not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(plain)
+    except Exception as exc:  # Hydra's grammar errors
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    choices: dict[str, str] = {}
+    for o in overrides:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete() or o.is_add() or o.is_force_add():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        if key in GROUPS:
+            options = group_options(key)
+            for v in values:
+                if str(v) not in options:
+                    raise ConfigError(f"unknown {key} {v!r}; accepted: {', '.join(options)}")
+            choices[key] = str(values[-1])
+            continue
+        parts = key.split(".")
+        if parts[0] not in field_names(RunConfig):
+            raise ConfigError(f"unknown key {key!r}; accepted top-level keys: {', '.join(field_names(RunConfig))}")
+        schema = _schema_for(parts, choices)
+        for depth, part in enumerate(parts[1:], start=1):
+            names = field_names(schema) if is_dataclass(schema) else []
+            if part not in names:
+                where = ".".join(parts[:depth])
+                raise ConfigError(f"unknown key {key!r}: {where} accepts {', '.join(names) or 'no sub-keys'}")
+            schema = {f.name: f for f in fields(schema)}[part].type
+            schema = _resolve_type(schema)
+        for v in values:
+            _check_scalar(key, schema, v)
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_scalar(key: str, tp, value) -> None:
+    from moe_lightning.errors import ConfigError
+
+    name = tp if isinstance(tp, str) else getattr(tp, "__name__", "")
+    accepted = _SCALARS.get(name)
+    if accepted is None or value is None:
+        return
+    if not isinstance(value, accepted) or (name != "bool" and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {'a number' if name == 'float' else 'an integer' if name == 'int' else 'true or false'}, got {value!r}")
+
+
+def _resolve_type(tp):
+    from moe_lightning import config
+
+    return getattr(config, tp, tp) if isinstance(tp, str) else tp
+
+
+def _run(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from moe_lightning.errors import MoELightningError
+
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, MoELightningError) else exc
+        fail(str(cause).splitlines()[0])
+    except MoELightningError as exc:
+        fail(str(exc))
+    if run_cfg.run_dir is None:
+        run_cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        import torch
+
+        try:
+            run_cfg.task.run(run_cfg)
+        except torch.OutOfMemoryError as exc:
+            fail(f"out of memory: {str(exc).splitlines()[0]} (lower policy.batch_size or "
+                 "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
+    except MoELightningError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import hydra
+    except ImportError:
+        fail("the CLI needs hydra-core: pip install 'moe-lightning[cli]'")
+    from moe_lightning.conf.store import register
+    from moe_lightning.errors import ConfigError
+
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as exc:
+        fail(str(exc))
+    register()
+    app = hydra.main(config_path="conf", config_name="config", version_base="1.3")(_run)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hydra configs: YAML presets in the group folders, structured schemas in `store.py`."""

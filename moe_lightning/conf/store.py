@@ -1,0 +1,28 @@
+"""Registers every config dataclass with Hydra's ConfigStore (the only module that does).
+
+The schema of the root is `moe_lightning.config.RunConfig` itself; group options fill its fields.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from moe_lightning.config import RunConfig
+from moe_lightning.systems import SYSTEM_CONFIGS
+from moe_lightning.tasks import TASK_CONFIGS
+
+GROUPS = ("task", "system", "model", "hardware", "workload")
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    # Policy is a frozen dataclass (a run's knobs never change once built); OmegaConf would carry that
+    # into a read-only node that command-line overrides cannot set, so the schema node is unfrozen.
+    base = OmegaConf.structured(RunConfig)
+    OmegaConf.set_readonly(base.policy, False)
+    cs.store(name="base_config", node=base)
+    for name, node in TASK_CONFIGS.items():
+        cs.store(group="task", name=name, node=node)
+    for name, node in SYSTEM_CONFIGS.items():
+        cs.store(group="system", name=name, node=node)

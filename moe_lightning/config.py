@@ -1,0 +1,285 @@
+"""The typed vocabulary of a run: what model, on what hardware, for what workload, with what policy.
+
+These dataclasses are the single source of truth for every concept. Hydra's ConfigStore registers them
+(`moe_lightning.conf.store`), YAML files in `conf/` only fill them in, and plain Python code can build
+them directly. Validation happens once, in `__post_init__`, with messages that name the key and the
+accepted values.
+
+Units: sizes in `_gb` are decimal gigabytes (1e9 bytes), bandwidths in `_gbps` are GB/s (bytes, not
+bits), compute peaks in `_tflops` are 1e12 FLOP/s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from moe_lightning.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+EXPERT_KERNELS = ("auto", "loop", "grouped", "padded", "dense")
+GB = 1e9
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _positive(obj: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value is not None and value > 0, f"{prefix}.{name}", f"must be > 0, got {value}")
+
+
+def _fraction(obj: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(0.0 <= value <= 1.0, f"{prefix}.{name}", f"must be in [0, 1], got {value}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"got {value!r}; accepted: {', '.join(choices)}")
+
+
+@dataclass
+class ModelSpec:
+    """Architecture of a Mixtral-style MoE decoder (also used for DBRX shapes in planning)."""
+
+    name: str = "tiny-mixtral"
+    architecture: str = "mixtral"
+    num_layers: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    num_experts: int = 8
+    top_k: int = 2
+    vocab_size: int = 512
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    dtype: str = "float32"          # auto: the checkpoint's own dtype
+    # "checkpoint": read `path` (a Hugging Face folder); "random": real shapes, seeded random values.
+    weights: str = "checkpoint"
+    path: Optional[str] = None
+    seed: int = 0
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+
+    def __post_init__(self) -> None:
+        _choice(self.architecture, "model.architecture", ("mixtral", "dbrx"))
+        _choice(self.dtype, "model.dtype", ("auto", *DTYPES))
+        _choice(self.weights, "model.weights", ("checkpoint", "random"))
+        _positive(self, "model", "num_layers", "hidden_size", "intermediate_size", "num_heads",
+                  "num_kv_heads", "head_dim", "num_experts", "top_k", "vocab_size",
+                  "max_position_embeddings", "rope_theta", "rms_norm_eps")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
+               f"must be a multiple of model.num_kv_heads ({self.num_heads} vs {self.num_kv_heads})")
+        _check(self.top_k <= self.num_experts, "model.top_k",
+               f"must be <= model.num_experts ({self.top_k} > {self.num_experts})")
+
+    # Derived sizes, in elements unless the name says bytes.
+    @property
+    def dtype_bytes(self) -> int:
+        return 4 if self.dtype == "float32" else 2  # "auto" (checkpoint dtype) plans as 16-bit
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_params * self.dtype_bytes
+
+    @property
+    def attention_params(self) -> int:
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        return self.hidden_size * (2 * q_out + 2 * kv_out)
+
+    @property
+    def layer_non_expert_params(self) -> int:
+        return self.attention_params + 2 * self.hidden_size + self.num_experts * self.hidden_size
+
+    @property
+    def non_expert_params(self) -> int:
+        embeddings = 2 * self.vocab_size * self.hidden_size  # untied embedding and LM head
+        return self.num_layers * self.layer_non_expert_params + embeddings + self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        return self.non_expert_params + self.num_layers * self.num_experts * self.expert_params
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V for one token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+
+@dataclass
+class GpuSpec:
+    name: str = "cpu-as-gpu"
+    count: int = 1
+    memory_gb: float = 8.0
+    bandwidth_gbps: float = 10.0
+    peak_tflops: float = 0.1
+    usable_fraction: float = 0.86
+
+
+@dataclass
+class CpuSpec:
+    name: str = "cpu"
+    cores: int = 2
+    memory_gb: float = 24.0
+    bandwidth_gbps: float = 10.0
+    peak_tflops: float = 0.1
+    usable_fraction: float = 0.8
+
+
+@dataclass
+class LinkSpec:
+    """CPU<->GPU link, per GPU. Opposite directions overlap; the same direction is serial."""
+
+    h2d_gbps: float = 5.0
+    d2h_gbps: float = 5.0
+
+
+@dataclass
+class HardwareSpec:
+    name: str = "cpu"
+    gpu: GpuSpec = None  # type: ignore[assignment]  # filled in __post_init__ (mutable default)
+    cpu: CpuSpec = None  # type: ignore[assignment]
+    link: LinkSpec = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.gpu = self.gpu if self.gpu is not None else GpuSpec()
+        self.cpu = self.cpu if self.cpu is not None else CpuSpec()
+        self.link = self.link if self.link is not None else LinkSpec()
+        _positive(self.gpu, "hardware.gpu", "count", "memory_gb", "bandwidth_gbps", "peak_tflops")
+        _positive(self.cpu, "hardware.cpu", "cores", "memory_gb", "bandwidth_gbps", "peak_tflops")
+        _positive(self.link, "hardware.link", "h2d_gbps", "d2h_gbps")
+        _fraction(self.gpu, "hardware.gpu", "usable_fraction")
+        _fraction(self.cpu, "hardware.cpu", "usable_fraction")
+
+    @property
+    def gpu_budget_bytes(self) -> int:
+        """Usable GPU memory over all GPUs (tensor parallelism scales it)."""
+        return int(self.gpu.memory_gb * GB * self.gpu.usable_fraction * self.gpu.count)
+
+    @property
+    def cpu_budget_bytes(self) -> int:
+        return int(self.cpu.memory_gb * GB * self.cpu.usable_fraction)
+
+
+@dataclass
+class Workload:
+    """What is asked of the model: prompt lengths, generation length, how many requests.
+
+    Without `path`, prompts are synthetic token ids with lengths drawn (seeded) around
+    `prompt_len_avg`, capped at `prompt_len_max`. With `path`, prompts come from a JSONL file.
+    """
+
+    name: str = "synthetic"
+    prompt_len_avg: int = 16
+    prompt_len_max: int = 32
+    gen_len: int = 16
+    num_requests: int = 8
+    padding: bool = False
+    path: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "workload", "prompt_len_avg", "prompt_len_max", "gen_len", "num_requests")
+        _check(self.name != "jsonl" or bool(self.path), "workload.path",
+               "is required for workload=jsonl (a prompts JSONL file)")
+        _check(self.prompt_len_avg <= self.prompt_len_max, "workload.prompt_len_avg",
+               f"must be <= workload.prompt_len_max ({self.prompt_len_avg} > {self.prompt_len_max})")
+
+
+@dataclass
+class Sampling:
+    """Token selection. temperature 0 is greedy; otherwise seeded temperature + top-p sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, "sampling.temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One run's placement and batching knobs: (N, mu, A_g, F_g, r_w, r_c) plus engine knobs.
+
+    Built with keyword arguments only. Derived values are properties.
+    """
+
+    batch_size: int = 8                 # N: sequences through the whole model per decode step
+    micro_batch_size: int = 4           # mu: sequences per GPU kernel invocation
+    attn_on_gpu: bool = False           # A_g
+    ffn_on_gpu: bool = True             # F_g
+    expert_gpu_fraction: float = 0.0    # r_w: share of expert weights resident on the GPU
+    kv_gpu_fraction: float = 0.0        # r_c: share of the KV cache resident on the GPU
+    pages_per_layer: int = 0            # 0: as many pages as micro-batches (CGOPipe's choice)
+    prefetch_depth: int = 2             # pages the CPU->pinned copy worker runs ahead
+    expert_kernel: str = "auto"         # auto: chosen per call by tokens per expert
+    kv_dtype: str = "auto"              # auto: the model dtype
+    weight_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "policy", "batch_size", "micro_batch_size")
+        _check(self.micro_batch_size <= self.batch_size, "policy.micro_batch_size",
+               f"must be <= policy.batch_size ({self.micro_batch_size} > {self.batch_size})")
+        _fraction(self, "policy", "expert_gpu_fraction", "kv_gpu_fraction")
+        _check(self.pages_per_layer >= 0, "policy.pages_per_layer",
+               f"must be >= 0 (0 = one page per micro-batch), got {self.pages_per_layer}")
+        _check(self.prefetch_depth >= 1, "policy.prefetch_depth", f"must be >= 1, got {self.prefetch_depth}")
+        _choice(self.expert_kernel, "policy.expert_kernel", EXPERT_KERNELS)
+        _choice(self.kv_dtype, "policy.kv_dtype", ("auto", *DTYPES))
+        _choice(self.weight_dtype, "policy.weight_dtype", ("auto", *DTYPES))
+
+    @property
+    def num_micro_batches(self) -> int:
+        return math.ceil(self.batch_size / self.micro_batch_size)
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages_per_layer or self.num_micro_batches
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+@dataclass
+class RunConfig:
+    """The root of a run: one option per group. `task` and `system` hold their own dataclasses
+    (`moe_lightning.tasks.TASK_CONFIGS`, `moe_lightning.systems.SYSTEM_CONFIGS`); they are typed `Any`
+    because Hydra cannot pick a subclass of a typed field. Hydra registers this class as the schema."""
+
+    task: Any = None                # None: generate
+    system: Any = None              # None: reference
+    model: ModelSpec = field(default_factory=ModelSpec)
+    hardware: HardwareSpec = field(default_factory=HardwareSpec)
+    workload: Workload = field(default_factory=Workload)
+    policy: Policy = field(default_factory=Policy)
+    sampling: Sampling = field(default_factory=Sampling)
+    out: Optional[str] = None       # run document (JSON) path
+    outputs: Optional[str] = None   # generate: outputs JSONL path
+    trace: bool = False             # write a Chrome trace and a Gantt plot of the run
+    device: str = "auto"            # auto: cuda when available, else the CPU plays the GPU's role
+    run_dir: Optional[str] = None   # where unnamed artefacts go (the CLI sets Hydra's output dir)
+
+    def __post_init__(self) -> None:
+        from moe_lightning.systems import SYSTEM_CONFIGS
+        from moe_lightning.tasks import TASK_CONFIGS
+
+        self.task = self.task if self.task is not None else TASK_CONFIGS["generate"]()
+        self.system = self.system if self.system is not None else SYSTEM_CONFIGS["reference"]()
+        _choice(self.device, "device", ("auto", "cpu", "cuda"))

@@ -1,0 +1,104 @@
+"""The generation driver shared by every engine and baseline: batches requests, samples, stops at EOS
+or `max_new_tokens`, and times prefill and each decode step.
+
+An engine implements `BatchRunner` (prefill a batch of prompts, decode one token per sequence); the
+driver owns everything else, so all systems sample, stop and are timed identically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_token_id: int | None = None   # None: never stop early (benchmarks)
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[list[int]]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_step_s: list[float] = field(default_factory=list)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(o) for o in self.output_ids)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+class BatchRunner(Protocol):
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        """Run the prompts, fill the KV cache: -> next-token logits [B, V]."""
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence [B] -> next-token logits [B, V]."""
+
+    def synchronize(self) -> None:
+        """Wait for all queued device work (timing boundaries)."""
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] (on the CPU). temperature 0 is greedy."""
+    logits = logits.float().cpu()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: GenerationParams,
+             batch_size: int, on_tokens: Callable[[int], None] | None = None) -> GenerationResult:
+    """Generate for every prompt, `batch_size` sequences at a time; outputs in input order."""
+    generator = torch.Generator().manual_seed(params.seed)
+    result = GenerationResult(output_ids=[])
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        outputs: list[list[int]] = [[] for _ in batch]
+        done = torch.zeros(len(batch), dtype=torch.bool)
+
+        def take(logits: torch.Tensor) -> torch.Tensor:
+            tokens = sample(logits, params.temperature, params.top_p, generator)
+            for b in torch.nonzero(~done).flatten().tolist():
+                outputs[b].append(int(tokens[b]))
+            if params.eos_token_id is not None:
+                done.logical_or_(tokens == params.eos_token_id)
+            if on_tokens:
+                on_tokens(len(batch))
+            return tokens
+
+        runner.synchronize()
+        t0 = time.perf_counter()
+        tokens = take(runner.prefill(batch, params.max_new_tokens))
+        runner.synchronize()
+        result.prefill_s += time.perf_counter() - t0
+        for _ in range(params.max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            t0 = time.perf_counter()
+            tokens = take(runner.decode(tokens))
+            runner.synchronize()
+            step = time.perf_counter() - t0
+            result.decode_step_s.append(step)
+            result.decode_s += step
+        result.output_ids.extend(outputs)
+    return result

@@ -1,0 +1,144 @@
+"""Mixtral layer math as pure functions of tensors (gpt-fast style).
+
+Placement lives elsewhere: these functions run on whatever device their tensors are on. A decoder layer
+is split where CGOPipe splits it:
+    pre_attention   (RMSNorm, Q/K/V projections, RoPE)            -> q, k, v
+    attention       (prefill: causal per sequence; decode: over the KV cache)
+    post_attention  (O projection, residual, RMSNorm, router, MoE FFN, residual)
+Shapes: T tokens (packed over sequences, no padding), H hidden, E experts, F expert FFN dim,
+nq / nkv query / KV heads, hd head dim, S cache length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_lightning.config import ModelSpec
+
+
+@dataclass
+class LayerWeights:
+    """Non-expert weights of one decoder layer (row-major, as nn.Linear stores them)."""
+
+    attn_norm: torch.Tensor  # [H]
+    wq: torch.Tensor         # [nq*hd, H]
+    wk: torch.Tensor         # [nkv*hd, H]
+    wv: torch.Tensor         # [nkv*hd, H]
+    wo: torch.Tensor         # [H, nq*hd]
+    ffn_norm: torch.Tensor   # [H]
+    router: torch.Tensor     # [E, H]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LayerWeights:
+        return LayerWeights(**{k: v.to(device=device, dtype=dtype) for k, v in vars(self).items()})
+
+
+@dataclass
+class ExpertStack:
+    """Expert weights addressed through a page table: `slot_of[e]` is expert e's slot in the stacks.
+
+    The reference engine stacks all experts with the identity table; CGOPipe's GPU expert cache holds
+    resident experts and a streamed double buffer in one stack and rewrites the table every layer.
+    """
+
+    w13: torch.Tensor      # [slots, 2F, H]: gate (w1) and up (w3) projections, fused
+    w2: torch.Tensor       # [slots, H, F]: down projection
+    slot_of: list[int]     # expert id -> slot
+
+
+MoEKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertStack], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 and cast back before the scale, as transformers does (bit-for-bit in fp32).
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    hd = spec.head_dim
+    idx = torch.arange(0, hd, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (spec.rope_theta ** (idx / hd))
+    freqs = positions[:, None].float() * inv_freq                    # [T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                          # [T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, hd]; cos/sin [T, hd]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
+                  spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H], positions [T] -> q [T, nq, hd], k [T, nkv, hd], v [T, nkv, hd]."""
+    T = x.shape[0]
+    h = rms_norm(x, lw.attn_norm, spec.rms_norm_eps)
+    q = F.linear(h, lw.wq).view(T, spec.num_heads, spec.head_dim)
+    k = F.linear(h, lw.wk).view(T, spec.num_kv_heads, spec.head_dim)
+    v = F.linear(h, lw.wv).view(T, spec.num_kv_heads, spec.head_dim)
+    cos, sin = rope_cos_sin(positions, spec, x.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      seq_lens: list[int]) -> torch.Tensor:
+    """Causal attention over packed sequences: q [T, nq, hd], k/v [T, nkv, hd] -> [T, nq*hd]."""
+    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+    start = 0
+    for n in seq_lens:
+        sl = slice(start, start + n)
+        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
+                                           v[sl].transpose(0, 1), is_causal=True, enable_gqa=True)
+        out[sl] = o.transpose(0, 1).reshape(n, -1)
+        start += n
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """One new token per sequence over its cached context.
+
+    q [B, nq, hd]; k_cache/v_cache [B, nkv, S, hd] already holding the new token's K/V;
+    lengths [B] valid positions per sequence (<= S) -> [B, nq*hd].
+    """
+    B, nq, hd = q.shape
+    nkv, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.view(B, nkv, nq // nkv, hd)
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * hd**-0.5          # [B, nkv, g, S]
+    invalid = torch.arange(S, device=q.device)[None, :] >= lengths[:, None]   # [B, S]
+    scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v_cache).reshape(B, nq * hd)                  # [B, nkv, g, hd]
+
+
+def route(h: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax-then-top-k routing with renormalised weights (Mixtral): -> weights [T, k] fp32, ids [T, k]."""
+    probs = torch.softmax(F.linear(h, router).float(), dim=-1)               # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert: x [t, H], w13 [2F, H], w2 [H, F] -> [t, H]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: ModelSpec,
+                   experts: ExpertStack, moe_kernel: MoEKernel) -> torch.Tensor:
+    """x [T, H] residual stream, attn [T, nq*hd] attention output -> next layer's input [T, H]."""
+    x = x + F.linear(attn, lw.wo)
+    h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
+    weights, ids = route(h, lw.router, spec.top_k)
+    return x + moe_kernel(h, weights, ids, experts)
+
+
+def final_logits(x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.linear(rms_norm(x, norm, eps), lm_head)

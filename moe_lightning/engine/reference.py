@@ -1,0 +1,126 @@
+"""The reference engine: every weight on one device, the whole batch through each layer in turn.
+
+It is the correctness anchor (token-identical to `transformers`) and the simplest `BatchRunner`:
+prefill packs prompts of different lengths without padding; decode attends over a per-sequence KV
+cache with per-sequence lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moe_lightning.config import ModelSpec
+from moe_lightning.engine.experts import moe_loop
+from moe_lightning.engine.model import (
+    ExpertStack,
+    LayerWeights,
+    MoEKernel,
+    decode_attention,
+    final_logits,
+    post_attention,
+    pre_attention,
+    prefill_attention,
+)
+from moe_lightning.engine.weights import WeightSource
+
+
+@dataclass
+class DenseWeights:
+    embedding: torch.Tensor
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+    layers: list[LayerWeights]
+    experts: list[ExpertStack]
+
+
+def load_dense(source: WeightSource, device: torch.device) -> DenseWeights:
+    layers, experts = [], []
+    for i in range(source.spec.num_layers):
+        layers.append(source.layer(i).to(device))
+        w13, w2 = source.experts(i)
+        experts.append(ExpertStack(w13.to(device), w2.to(device), list(range(source.spec.num_experts))))
+    return DenseWeights(source.embedding().to(device), source.final_norm().to(device),
+                        source.lm_head().to(device), layers, experts)
+
+
+class KVCache:
+    """K and V per layer as [B, nkv, S, hd] (contiguous per head: attention is one batched matmul)."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, spec.num_kv_heads, max_len, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int]) -> None:
+        start = 0
+        for b, n in enumerate(seq_lens):
+            self.k[layer][b, :, :n] = k[start:start + n].transpose(0, 1)
+            self.v[layer][b, :, :n] = v[start:start + n].transpose(0, 1)
+            start += n
+
+    def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        b = torch.arange(k.shape[0], device=k.device)
+        self.k[layer][b, :, positions] = k
+        self.v[layer][b, :, positions] = v
+
+
+def packed_positions(seq_lens: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(n, device=device) for n in seq_lens])
+
+
+def last_token_index(seq_lens: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.cumsum(torch.tensor(seq_lens, device=device), 0) - 1
+
+
+class ReferenceRunner:
+    """All weights resident on `device`; implements the generation driver's `BatchRunner`."""
+
+    def __init__(self, spec: ModelSpec, source: WeightSource, device: torch.device | str = "cpu",
+                 moe_kernel: MoEKernel = moe_loop):
+        self.spec, self.device, self.moe_kernel = spec, torch.device(device), moe_kernel
+        self.weights = load_dense(source, self.device)
+        self.dtype = source.dtype
+        self.cache: KVCache | None = None
+        self.lengths: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def forward_prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        """-> logits of every prompt token, packed [T, V]."""
+        spec, w, dev = self.spec, self.weights, self.device
+        seq_lens = [len(p) for p in prompts]
+        self.cache = KVCache(spec, len(prompts), max(seq_lens) + max_new_tokens, self.dtype, dev)
+        self.lengths = torch.tensor(seq_lens, device=dev)
+        tokens = torch.tensor([t for p in prompts for t in p], device=dev)
+        positions = packed_positions(seq_lens, dev)
+        x = w.embedding[tokens]                                              # [T, H]
+        for i, lw in enumerate(w.layers):
+            q, k, v = pre_attention(lw, x, positions, spec)
+            self.cache.write_prefill(i, k, v, seq_lens)
+            x = post_attention(lw, x, prefill_attention(q, k, v, seq_lens), spec, w.experts[i],
+                               self.moe_kernel)
+        return final_logits(x, w.norm, w.lm_head, spec.rms_norm_eps)
+
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        logits = self.forward_prefill(prompts, max_new_tokens)
+        return logits[last_token_index([len(p) for p in prompts], self.device)]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        spec, w, cache = self.spec, self.weights, self.cache
+        positions = self.lengths                                             # new token's position
+        self.lengths = self.lengths + 1
+        x = w.embedding[tokens.to(self.device)]                              # [B, H]
+        for i, lw in enumerate(w.layers):
+            q, k, v = pre_attention(lw, x, positions, spec)
+            cache.write_decode(i, k, v, positions)
+            s = int(self.lengths.max())
+            attn = decode_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], self.lengths)
+            x = post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
+        return final_logits(x, w.norm, w.lm_head, spec.rms_norm_eps)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,43 @@
+"""One contract for every system (the engine and each baseline): a config dataclass and a factory that
+returns a `BatchRunner` for the generation driver. Tasks own warm-up, timing and reports.
+
+Each system's implementation lives in its own module and is imported only when it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_lightning.config import EXPERT_KERNELS, HardwareSpec, ModelSpec, Policy, _choice, _check
+from moe_lightning.engine.generation import BatchRunner
+from moe_lightning.engine.weights import WeightSource
+
+
+@dataclass
+class ReferenceSystem:
+    """Every weight on one device, the whole batch through each layer: the correctness anchor."""
+
+    name: str = "reference"
+    expert_kernel: str = "loop"
+
+    def __post_init__(self) -> None:
+        _choice(self.expert_kernel, "system.expert_kernel", EXPERT_KERNELS[1:])
+
+    def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
+              device: torch.device) -> BatchRunner:
+        from moe_lightning.engine.experts import KERNELS
+        from moe_lightning.engine.reference import ReferenceRunner
+
+        return ReferenceRunner(spec, source, device, KERNELS[self.expert_kernel])
+
+
+SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check(name != "cuda" or torch.cuda.is_available(), "device", "cuda asked for but no CUDA device is visible")
+    return torch.device(name)

@@ -1,0 +1,8 @@
+"""Tasks: what a run does (generate, plan, bench, ...). Each task is a config dataclass with a `run`
+method taking the whole `RunConfig` and returning a `RunReport`."""
+
+from __future__ import annotations
+
+from moe_lightning.tasks.generate import GenerateTask
+
+TASK_CONFIGS: dict[str, type] = {"generate": GenerateTask}

@@ -1,0 +1,261 @@
+"""HRM: the Hierarchical Roofline Model of MoE decode (and prefill) on a GPU + CPU + link machine.
+
+Levels `i` (GPU, CPU) have a compute peak `P^i` and a memory bandwidth `B^i`; the link `B^{j,i}` moves
+data from level `j` (CPU) to level `i` (GPU). `I^i_x` is FLOPs of task `x` per byte it reads from level
+`i` memory. The attainable performance of `x` on `i` with data fetched from `j` is
+`P^i_x = min(P^i, B^i * I^i_x, B^{j,i} * I^j_x)`; turning point P1 is `min(P^j, B^j I^j_x) / B^{j,i}`
+(below it, compute where the data lives) and P2 is `min(P^i, B^i I^i_x) / B^{j,i}` (below it, `x` is
+bound by the link); the balance point is where `B^i I^i_x = B^{j,i} I^j_x`.
+
+Modelled, per decoder layer and decode step (all N sequences, `ctx = prompt + gen_len / 2` on average):
+- attention: `2 b kv nq hd + 2 b kv nq` FLOPs; `(2 b nq hd + 2 b kv nkv hd) * d` bytes (q, output, KV);
+- MoE FFN: `2 b h1 h2 3 k` FLOPs; `b (h1 + h2) d + n_mb * E * expert_bytes` bytes: every expert's weights
+  are read from the memory of the device running the FFN once per micro-batch (`n_mb = ceil(N / mu)`);
+- each task on the device the policy puts it on, `T_x = max(bytes / bandwidth, flops / peak)`;
+  `T_gpu = T_attn^g + T_ffn^g`, `T_cpu = T_attn^c + T_ffn^c` (tasks on one device are serial);
+- the link: streamed experts (`E - n_res` per layer) cross CPU->GPU once per step when the FFN is on the
+  GPU; with attention on the CPU and FFN on the GPU, q/k/v go down and attention outputs come up; with
+  attention on the GPU the CPU share of the KV cache comes up and the new token's K/V go down; with the
+  FFN on the CPU and attention on the GPU, hidden states go down and FFN outputs come up. Opposite
+  directions overlap, so `T_link = max(H2D bytes / h2d bandwidth, D2H bytes / d2h bandwidth)` (the H2D
+  term in every sensible policy; D2H is reported separately);
+- per-layer time `T = max(T_link, T_cpu, T_gpu)`: CGOPipe overlaps the three resources perfectly;
+- prefill on the GPU, layer by layer: the streamed experts of each layer cross the link once per batch,
+  weights are read from GPU memory once per micro-batch, compute at GPU peak (linear layers for the
+  top-k experts plus causal attention, `sum p^2 ~ N p^2`), the non-GPU share of the KV cache goes down
+  (D2H); link, D2H and GPU overlap layer by layer;
+- end-to-end throughput `N gen_len / (prefill + gen_len L T)`; with `padding` every prompt is
+  `prompt_len_max` long (prefill and decode attention);
+- tensor parallelism: GPU FLOPs, bandwidth and the link scale with `hw.gpu.count`.
+
+Deliberately not modelled: the QKV/O projections, router and norms in decode (about 3% of a layer's
+bytes for Mixtral), embedding and LM head, kernel launch and synchronisation overheads, all-to-all
+traffic between tensor-parallel GPUs, expert load imbalance (all experts are counted as read even when a
+micro-batch routes to fewer), CPU-side copies into the pinned ring (assumed hidden behind the link),
+the growth of the context during decode beyond its average, and a last partial batch when N does not
+divide `num_requests` (throughput is per full batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.memory import MemoryPlan, memory_plan, resident_experts_per_layer
+
+TFLOPS = 1e12
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of the hierarchy: compute peak and memory bandwidth (summed over its devices)."""
+
+    name: str
+    peak_flops: float
+    bandwidth_bytes_s: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Levels:
+    gpu: Level
+    cpu: Level
+    link_h2d_bytes_s: float
+    link_d2h_bytes_s: float
+
+
+def levels(hw: HardwareSpec) -> Levels:
+    """The HRM levels of a machine; tensor parallelism scales GPU FLOPs, bandwidth, memory and link."""
+    g = hw.gpu.count
+    return Levels(
+        gpu=Level("gpu", hw.gpu.peak_tflops * TFLOPS * g, hw.gpu.bandwidth_gbps * GB * g, hw.gpu_budget_bytes),
+        cpu=Level("cpu", hw.cpu.peak_tflops * TFLOPS, hw.cpu.bandwidth_gbps * GB, hw.cpu_budget_bytes),
+        link_h2d_bytes_s=hw.link.h2d_gbps * GB * g,
+        link_d2h_bytes_s=hw.link.d2h_gbps * GB * g,
+    )
+
+
+# ---- roofline primitives -------------------------------------------------------------------------
+
+def attainable(peak_i: float, bandwidth_i: float, intensity_i: float, link_ji: float,
+               intensity_j: float) -> float:
+    """`P^i_x = min(P^i, B^i * I^i_x, B^{j,i} * I^j_x)` in FLOP/s."""
+    return min(peak_i, bandwidth_i * intensity_i, link_ji * intensity_j)
+
+
+def turning_point_p1(peak_j: float, bandwidth_j: float, intensity_j: float, link_ji: float) -> float:
+    """P1 (an intensity `I^j`): below it, computing at level j (where the data lives) is faster."""
+    return min(peak_j, bandwidth_j * intensity_j) / link_ji
+
+
+def turning_point_p2(peak_i: float, bandwidth_i: float, intensity_i: float, link_ji: float) -> float:
+    """P2 (an intensity `I^j`): below it, task x on level i is bound by the link."""
+    return min(peak_i, bandwidth_i * intensity_i) / link_ji
+
+
+def balance_point(bandwidth_i: float, intensity_i: float, link_ji: float) -> float:
+    """The `I^j` where `B^i I^i_x = B^{j,i} I^j_x`: link and level-i memory take equal time."""
+    return bandwidth_i * intensity_i / link_ji
+
+
+# ---- per-layer decode costs ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskCost:
+    """FLOPs and bytes read from the memory of the device that runs the task."""
+
+    flops: float
+    bytes: float
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes
+
+
+def attention_cost(spec: ModelSpec, batch: Any, context: Any) -> TaskCost:
+    """Decode attention of one layer for `batch` sequences over `context` cached tokens (DESIGN 2.2)."""
+    b, kv, nq, nkv, hd = batch, context, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    flops = 2 * b * kv * nq * hd + 2 * b * kv * nq
+    nbytes = (b * nq * hd + 2 * b * kv * nkv * hd + b * nq * hd) * spec.dtype_bytes
+    return TaskCost(flops, nbytes)
+
+
+def ffn_cost(spec: ModelSpec, batch: Any, num_micro_batches: Any = 1) -> TaskCost:
+    """Decode MoE FFN of one layer: top-k experts' FLOPs; all experts' weights read once per micro-batch."""
+    b, h1, h2 = batch, spec.hidden_size, spec.intermediate_size
+    flops = 2 * b * h1 * h2 * 3 * spec.top_k
+    nbytes = (b * h1 + b * h2) * spec.dtype_bytes + num_micro_batches * spec.num_experts * spec.expert_bytes
+    return TaskCost(flops, nbytes)
+
+
+def _roof_time(cost: TaskCost, level: Level) -> Any:
+    return np.maximum(cost.bytes / level.bandwidth_bytes_s, cost.flops / level.peak_flops)
+
+
+def effective_prompt_len(workload: Workload) -> int:
+    return workload.prompt_len_max if workload.padding else workload.prompt_len_avg
+
+
+def decode_context(workload: Workload) -> float:
+    """Average tokens attended per decode step: prompt plus half the generation."""
+    return effective_prompt_len(workload) + workload.gen_len / 2
+
+
+def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
+                       num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int,
+                       kv_gpu_fraction: Any) -> dict[str, Any]:
+    """Seconds per layer per decode step, by resource. Elementwise over numpy arrays."""
+    lv = levels(hw)
+    N, d = batch_size, spec.dtype_bytes
+    nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    ctx = decode_context(workload)
+    attn = attention_cost(spec, N, ctx)
+    ffn = ffn_cost(spec, N, num_micro_batches)
+    zero = 0.0 * N
+    t_attn_g = _roof_time(attn, lv.gpu) if attn_on_gpu else zero
+    t_attn_c = zero if attn_on_gpu else _roof_time(attn, lv.cpu)
+    t_ffn_g = _roof_time(ffn, lv.gpu) if ffn_on_gpu else zero
+    t_ffn_c = zero if ffn_on_gpu else _roof_time(ffn, lv.cpu)
+
+    kv_layer_bytes = N * ctx * 2 * nkv * hd * d  # the whole batch's K and V of one layer
+    h2d = zero + (spec.num_experts - n_res) * spec.expert_bytes if ffn_on_gpu else zero
+    d2h = zero
+    if attn_on_gpu:
+        h2d = h2d + (1 - kv_gpu_fraction) * kv_layer_bytes
+        d2h = d2h + (1 - kv_gpu_fraction) * N * 2 * nkv * hd * d
+        if not ffn_on_gpu:
+            d2h = d2h + N * H * d
+            h2d = h2d + N * H * d
+    else:
+        d2h = d2h + kv_gpu_fraction * kv_layer_bytes  # a GPU share of KV must come down to the CPU
+        if ffn_on_gpu:
+            d2h = d2h + N * (nq + 2 * nkv) * hd * d
+            h2d = h2d + N * nq * hd * d
+    t_h2d = h2d / lv.link_h2d_bytes_s
+    t_d2h = d2h / lv.link_d2h_bytes_s
+    t_link = np.maximum(t_h2d, t_d2h)
+    t_gpu = t_attn_g + t_ffn_g
+    t_cpu = t_attn_c + t_ffn_c
+    return {
+        "t_attn_gpu": t_attn_g, "t_attn_cpu": t_attn_c, "t_ffn_gpu": t_ffn_g, "t_ffn_cpu": t_ffn_c,
+        "t_link_h2d": t_h2d, "t_link_d2h": t_d2h, "h2d_bytes": h2d, "d2h_bytes": d2h,
+        "t_link": t_link, "t_gpu": t_gpu, "t_cpu": t_cpu,
+        "t_layer": np.maximum(t_link, np.maximum(t_gpu, t_cpu)),
+    }
+
+
+def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
+                 num_micro_batches: Any, n_res: int, kv_gpu_fraction: Any) -> Any:
+    """Seconds to prefill a batch of `batch_size` prompts, layer by layer on the GPU."""
+    lv = levels(hw)
+    N, d, p = batch_size, spec.dtype_bytes, effective_prompt_len(workload)
+    nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    tokens = N * p
+    linear_params = spec.attention_params + spec.num_experts * H + spec.top_k * spec.expert_params
+    flops = 2 * tokens * linear_params + 2 * N * p * p * nq * hd  # causal attention: QK^T and PV halved
+    layer_weight_bytes = (spec.attention_params + spec.num_experts * H) * d + spec.num_experts * spec.expert_bytes
+    kv_bytes = tokens * 2 * nkv * hd * d
+    gpu_bytes = num_micro_batches * layer_weight_bytes + kv_bytes
+    t_gpu = np.maximum(flops / lv.gpu.peak_flops, gpu_bytes / lv.gpu.bandwidth_bytes_s)
+    t_h2d = (spec.num_experts - n_res) * spec.expert_bytes / lv.link_h2d_bytes_s
+    t_d2h = (1 - kv_gpu_fraction) * kv_bytes / lv.link_d2h_bytes_s
+    return spec.num_layers * np.maximum(np.maximum(t_gpu, t_h2d), t_d2h)
+
+
+def throughput(spec: ModelSpec, workload: Workload, batch_size: Any, t_layer: Any,
+               t_prefill: Any) -> tuple[Any, Any]:
+    """(decode tokens/s, end-to-end tokens/s) of one batch."""
+    step_s = spec.num_layers * t_layer
+    decode = batch_size / step_s
+    e2e = batch_size * workload.gen_len / (t_prefill + workload.gen_len * step_s)
+    return decode, e2e
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """HRM prediction for one policy; layer times are seconds per layer per decode step."""
+
+    decode_tok_s: float
+    e2e_tok_s: float
+    prefill_s: float
+    decode_s: float
+    t_link: float
+    t_cpu: float
+    t_gpu: float
+    t_link_d2h: float
+    bottleneck: str
+    memory: MemoryPlan
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "decode_tok_s": self.decode_tok_s, "e2e_tok_s": self.e2e_tok_s, "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s, "t_link_s": self.t_link, "t_cpu_s": self.t_cpu,
+            "t_gpu_s": self.t_gpu, "t_link_d2h_s": self.t_link_d2h, "bottleneck": self.bottleneck,
+        }
+
+
+def bottleneck_of(t_link: float, t_cpu: float, t_gpu: float) -> str:
+    """The resource that sets the per-layer time (ties resolve link, then cpu, then gpu)."""
+    return max((("link", t_link), ("cpu", t_cpu), ("gpu", t_gpu)), key=lambda kv: kv[1])[0]
+
+
+def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy) -> Prediction:
+    """HRM prediction (decode and end-to-end tokens/s, per-layer times, bottleneck, memory) of a policy."""
+    n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
+    n_mb = policy.num_micro_batches
+    t = decode_layer_times(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
+                           attn_on_gpu=policy.attn_on_gpu, ffn_on_gpu=policy.ffn_on_gpu, n_res=n_res,
+                           kv_gpu_fraction=policy.kv_gpu_fraction)
+    t_pre = float(prefill_time(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
+                               n_res=n_res, kv_gpu_fraction=policy.kv_gpu_fraction))
+    t_layer = float(t["t_layer"])
+    decode, e2e = throughput(spec, workload, policy.batch_size, t_layer, t_pre)
+    t_link, t_cpu, t_gpu = float(t["t_link"]), float(t["t_cpu"]), float(t["t_gpu"])
+    return Prediction(
+        decode_tok_s=float(decode), e2e_tok_s=float(e2e), prefill_s=t_pre,
+        decode_s=workload.gen_len * spec.num_layers * t_layer,
+        t_link=t_link, t_cpu=t_cpu, t_gpu=t_gpu, t_link_d2h=float(t["t_link_d2h"]),
+        bottleneck=bottleneck_of(t_link, t_cpu, t_gpu), memory=memory_plan(spec, policy, workload))

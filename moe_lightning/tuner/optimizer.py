@@ -1,0 +1,228 @@
+"""Policy optimizer: the policy `(N, mu, A_g, F_g, r_w, r_c)` that maximises the HRM's predicted
+end-to-end tokens/s among those whose memory plan fits the hardware budget.
+
+The search is exact for the model in `hrm` and `memory` (no coarse grid); every reduction of the space
+below is a dominance argument on those two models:
+
+- `N` (batch size): every value `1 .. N_cap`, `N_cap = min(num_requests, max_batch_size, the largest N
+  whose KV cache fits GPU + CPU together)`; nothing beyond `N_cap` can fit or is asked for.
+- `mu` (micro-batch size): predicted time depends on `mu` only through `n_mb = ceil(N / mu)`, and every
+  memory pool is non-decreasing in `mu` at fixed `(N, n_mb)` (the pinned ring depends on `n_mb` only).
+  So for each distinct `n_mb` only the smallest `mu` giving it, `ceil(N / n_mb)`, is searched; that is
+  every distinct micro-batch count, about `2 sqrt(N)` values per `N`.
+- `r_w` (expert_gpu_fraction): every resident-expert count `n_res = 0 .. E`, as `r_w = n_res / E`, when
+  the FFN is on the GPU. With the FFN on the CPU the CPU reads every expert from CPU memory, which the
+  memory plan holds only for streamed experts, so `r_w = 0` there.
+- `r_c` (kv_gpu_fraction): with attention on the CPU, any GPU share of the KV cache costs GPU memory and
+  D2H traffic and saves nothing, so `r_c = 0`. With attention on the GPU, predicted time is
+  non-increasing in `r_c` (less KV crosses the link), CPU memory is non-increasing and only GPU memory
+  grows, so the best `r_c` at each point is the largest that fits the GPU, to `kv_fraction_step`
+  (0.001 by default: it is a continuous knob, and a finer step changes throughput by < 0.1% of the KV
+  link term).
+- `A_g`, `F_g`: all four placements (restrict with `placements=`).
+
+The cost is about `sum_N 2 sqrt(N)` points per (placement, n_res): ~0.2 M points for `N_cap = 256`, a
+few million for `N_cap` in the low thousands; numpy evaluates them in well under a second per million.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.memory import CPU_POOLS, GPU_POOLS, MemoryPlan, memory_plan, memory_pools
+from moe_lightning.tuner.hrm import Prediction, decode_layer_times, predict, prefill_time, throughput
+
+ALL_PLACEMENTS = ((False, True), (True, True), (False, False), (True, False))  # (attn_on_gpu, ffn_on_gpu)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The optimizer's answer: the best policy, its prediction and memory, and the search's size."""
+
+    policy: Policy
+    prediction: Prediction
+    hardware: HardwareSpec
+    model_name: str
+    workload_name: str
+    points_evaluated: int
+    search_s: float
+
+    @property
+    def bottleneck(self) -> str:
+        return self.prediction.bottleneck
+
+    @property
+    def memory(self) -> MemoryPlan:
+        return self.prediction.memory
+
+
+def batch_size_cap(spec: ModelSpec, hw: HardwareSpec, workload: Workload,
+                   max_batch_size: Optional[int] = None) -> int:
+    """Largest N worth searching: asked for, and whose KV cache fits GPU + CPU memory together."""
+    ctx = workload.prompt_len_max + workload.gen_len
+    kv_seq = ctx * spec.kv_bytes_per_token
+    cap = min(workload.num_requests, (hw.gpu_budget_bytes + hw.cpu_budget_bytes) // kv_seq)
+    if max_batch_size is not None:
+        cap = min(cap, max_batch_size)
+    return int(cap)
+
+
+def candidate_pairs(n_cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, mu) for N in 1..n_cap and mu the smallest micro-batch size of each distinct ceil(N / mu)."""
+    ns, mus = [], []
+    for n in range(1, n_cap + 1):
+        counts = np.arange(1, n + 1)
+        mu = np.unique(-(-n // counts))
+        ns.append(np.full(mu.shape, n))
+        mus.append(mu)
+    return np.concatenate(ns).astype(np.int64), np.concatenate(mus).astype(np.int64)
+
+
+def _impossible(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> MemoryBudgetError:
+    ctx = workload.prompt_len_max + workload.gen_len
+    kv_seq = ctx * spec.kv_bytes_per_token
+    smallest = Policy(batch_size=1, micro_batch_size=1, attn_on_gpu=False, ffn_on_gpu=True)
+    return MemoryBudgetError(
+        f"no policy fits {spec.name} on {hw.name} for workload {workload.name}: one sequence's KV cache "
+        f"is {kv_seq} B ({ctx} tokens); smallest policy (batch_size=1, attention on CPU, all experts "
+        f"streamed): {memory_plan(spec, smallest, workload).describe(hw)}")
+
+
+def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
+             max_batch_size: Optional[int] = None,
+             placements: tuple[tuple[bool, bool], ...] = ALL_PLACEMENTS,
+             kv_fraction_step: float = 0.001, prefetch_depth: int = 2, pages_per_layer: int = 0) -> Plan:
+    """Best feasible policy by predicted end-to-end tokens/s (see the module docstring for the space).
+
+    Raises MemoryBudgetError when no batch of even one sequence fits.
+    """
+    start = time.perf_counter()
+    n_cap = batch_size_cap(spec, hw, workload, max_batch_size)
+    if n_cap < 1:
+        raise _impossible(spec, hw, workload)
+    N, mu = candidate_pairs(n_cap)
+    n_mb = -(-N // mu)
+    num_pages = np.full(N.shape, pages_per_layer, dtype=np.int64) if pages_per_layer else n_mb
+    ctx = workload.prompt_len_max + workload.gen_len
+    kv_total = N * ctx * spec.kv_bytes_per_token
+    gpu_budget, cpu_budget = hw.gpu_budget_bytes, hw.cpu_budget_bytes
+
+    best: Optional[tuple[float, dict[str, Any]]] = None
+    evaluated = 0
+    for attn_on_gpu, ffn_on_gpu in placements:
+        for n_res in range(spec.num_experts + 1) if ffn_on_gpu else (0,):
+            gpu, cpu = memory_pools(spec, workload, batch_size=N, micro_batch_size=mu, num_pages=num_pages,
+                                    n_res=n_res, kv_gpu_fraction=0.0 * N, attn_on_gpu=attn_on_gpu,
+                                    prefetch_depth=prefetch_depth)
+            gpu_other = sum(gpu.values())  # kv GPU share is 0 here; the KV stream buffer is included
+            evaluated += N.size
+            if attn_on_gpu:
+                room = np.clip((gpu_budget - gpu_other) / kv_total, 0.0, 1.0)
+                r_c = np.round(np.floor(room / kv_fraction_step + 1e-9) * kv_fraction_step, 9)
+                r_c = np.minimum(r_c, 1.0)
+                for _ in range(2):  # guard against float rounding at the GPU limit
+                    over = gpu_other + np.ceil(r_c * kv_total) > gpu_budget
+                    r_c = np.where(over & (r_c > 0), np.maximum(r_c - kv_fraction_step, 0.0), r_c)
+                kv_gpu = np.ceil(r_c * kv_total)
+            else:
+                r_c = 0.0 * N
+                kv_gpu = 0.0 * N
+            gpu_total = gpu_other + kv_gpu
+            cpu_total = sum(cpu.values()) - kv_gpu
+            ok = (gpu_total <= gpu_budget) & (cpu_total <= cpu_budget)
+            if not ok.any():
+                continue
+            idx = np.flatnonzero(ok)
+            t = decode_layer_times(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
+                                   attn_on_gpu=attn_on_gpu, ffn_on_gpu=ffn_on_gpu, n_res=n_res,
+                                   kv_gpu_fraction=r_c[idx])
+            t_pre = prefill_time(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
+                                 n_res=n_res, kv_gpu_fraction=r_c[idx])
+            _, e2e = throughput(spec, workload, N[idx], t["t_layer"], t_pre)
+            j = int(np.argmax(e2e))
+            if best is None or e2e[j] > best[0]:
+                i = idx[j]
+                best = (float(e2e[j]), dict(
+                    batch_size=int(N[i]), micro_batch_size=int(mu[i]), attn_on_gpu=attn_on_gpu,
+                    ffn_on_gpu=ffn_on_gpu, expert_gpu_fraction=n_res / spec.num_experts,
+                    kv_gpu_fraction=float(r_c[i]), pages_per_layer=pages_per_layer,
+                    prefetch_depth=prefetch_depth))
+    if best is None:
+        raise _impossible(spec, hw, workload)
+    policy = Policy(**best[1])
+    prediction = predict(spec, hw, workload, policy)
+    prediction.memory.check(hw)  # the vectorised search and memory_plan must agree
+    return Plan(policy=policy, prediction=prediction, hardware=hw, model_name=spec.name,
+                workload_name=workload.name, points_evaluated=evaluated,
+                search_s=time.perf_counter() - start)
+
+
+# ---- reports -------------------------------------------------------------------------------------
+
+def plan_document(plan: Plan) -> dict[str, Any]:
+    """JSON-ready description of a plan."""
+    mem = plan.memory
+    return {
+        "model": plan.model_name,
+        "hardware": plan.hardware.name,
+        "workload": plan.workload_name,
+        "policy": asdict(plan.policy),
+        "prediction": plan.prediction.as_dict(),
+        "bottleneck": plan.bottleneck,
+        "memory": {
+            "gpu": dict(mem.gpu), "cpu": dict(mem.cpu),
+            "gpu_total_bytes": mem.gpu_total_bytes, "cpu_total_bytes": mem.cpu_total_bytes,
+            "gpu_budget_bytes": plan.hardware.gpu_budget_bytes,
+            "cpu_budget_bytes": plan.hardware.cpu_budget_bytes,
+            "gpu_count": plan.hardware.gpu.count,
+        },
+        "search": {"points_evaluated": plan.points_evaluated, "search_s": plan.search_s},
+    }
+
+
+def _fmt_gb(nbytes: float) -> str:
+    return f"{nbytes / GB:8.2f}"
+
+
+def plan_table(plan: Plan) -> str:
+    """A readable terminal table: policy, predicted throughput, bottleneck, memory per pool vs budget."""
+    p, pred, hw = plan.policy, plan.prediction, plan.hardware
+    g = hw.gpu.count
+    lines = [f"HRM plan: {plan.model_name} on {hw.name} ({g}x {hw.gpu.name}), workload {plan.workload_name}",
+             "", "policy"]
+    rows = [
+        ("batch_size (N)", p.batch_size), ("micro_batch_size (mu)", p.micro_batch_size),
+        ("micro-batches per step", p.num_micro_batches),
+        ("attn_on_gpu (A_g)", p.attn_on_gpu), ("ffn_on_gpu (F_g)", p.ffn_on_gpu),
+        ("expert_gpu_fraction (r_w)", f"{p.expert_gpu_fraction:.4g}"),
+        ("kv_gpu_fraction (r_c)", f"{p.kv_gpu_fraction:.4g}"),
+        ("pages_per_layer", p.pages_per_layer or f"{p.num_pages} (one per micro-batch)"),
+        ("prefetch_depth", p.prefetch_depth),
+    ]
+    lines += [f"  {k:<28}{v}" for k, v in rows]
+    lines += ["", "prediction",
+              f"  {'decode tokens/s':<28}{pred.decode_tok_s:.2f}",
+              f"  {'end-to-end tokens/s':<28}{pred.e2e_tok_s:.2f}",
+              f"  {'prefill / decode s':<28}{pred.prefill_s:.2f} / {pred.decode_s:.2f}",
+              f"  {'per layer link/cpu/gpu ms':<28}{pred.t_link * 1e3:.3f} / {pred.t_cpu * 1e3:.3f} / "
+              f"{pred.t_gpu * 1e3:.3f}",
+              f"  {'bottleneck':<28}{pred.bottleneck}",
+              "", f"memory (GB; GPU per device over {g} GPU{'s' if g > 1 else ''})",
+              f"  {'pool':<22}{'GPU':>9}{'CPU':>9}"]
+    for pool in dict.fromkeys(GPU_POOLS + CPU_POOLS):
+        gpu_b = plan.memory.gpu.get(pool)
+        cpu_b = plan.memory.cpu.get(pool)
+        lines.append(f"  {pool:<22}{_fmt_gb(gpu_b / g) if gpu_b is not None else '       -':>9}"
+                     f"{_fmt_gb(cpu_b) if cpu_b is not None else '       -':>9}")
+    lines.append(f"  {'total':<22}{_fmt_gb(plan.memory.gpu_total_bytes / g):>9}"
+                 f"{_fmt_gb(plan.memory.cpu_total_bytes):>9}")
+    lines.append(f"  {'budget':<22}{_fmt_gb(hw.gpu_budget_bytes / g):>9}{_fmt_gb(hw.cpu_budget_bytes):>9}")
+    lines.append("")
+    lines.append(f"search: {plan.points_evaluated} points in {plan.search_s:.2f} s")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Requests: prompts read from a JSONL file or synthesised from a `Workload`'s length statistics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_lightning.config import ModelSpec, Workload
+from moe_lightning.errors import WorkloadError
+
+
+@dataclass
+class Request:
+    id: object
+    input_ids: list[int]
+    prompt: str | None = None
+
+
+def synthetic_lengths(workload: Workload) -> list[int]:
+    """Seeded prompt lengths with mean close to `prompt_len_avg`, none above `prompt_len_max`.
+
+    Symmetric spreads (avg near max, e.g. HELM) draw uniformly in [2*avg - max, max]; skewed ones
+    (MTBench: avg 77, max 418) draw from a log-normal scaled to the mean, clipped at the max.
+    """
+    g = torch.Generator().manual_seed(workload.seed)
+    n, avg, mx = workload.num_requests, workload.prompt_len_avg, workload.prompt_len_max
+    if 2 * avg - mx >= 1:
+        lengths = torch.randint(2 * avg - mx, mx + 1, (n,), generator=g)
+    else:
+        sigma = 0.8
+        draw = torch.exp(torch.randn(n, generator=g) * sigma - sigma**2 / 2)
+        scale = float(avg)
+        for _ in range(30):  # rescale so that the mean after clipping is the asked-for average
+            scale *= avg / float((draw * scale).round().clamp(1, mx).mean())
+        lengths = (draw * scale).round().clamp(1, mx).long()
+    return lengths.tolist()
+
+
+def synthetic_requests(workload: Workload, spec: ModelSpec) -> list[Request]:
+    g = torch.Generator().manual_seed(workload.seed + 1)
+    low = 3 if spec.vocab_size > 3 else 0  # skip <unk>, <s>, </s>
+    return [Request(i, torch.randint(low, spec.vocab_size, (n,), generator=g).tolist())
+            for i, n in enumerate(synthetic_lengths(workload))]
+
+
+def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Request]:
+    """Lines of {"prompt": "..."} or {"input_ids": [...]}, each with an optional "id"."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkloadError(f"{path}: prompts file not found")
+    requests = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise WorkloadError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict) or ("prompt" in row) == ("input_ids" in row):
+                raise WorkloadError(f'{where}: expected an object with exactly one of "prompt" (text) '
+                                    'or "input_ids" (list of token ids)')
+            rid = row.get("id", len(requests))
+            if "input_ids" in row:
+                ids = row["input_ids"]
+                if (not isinstance(ids, list) or not ids
+                        or not all(isinstance(t, int) and 0 <= t < spec.vocab_size for t in ids)):
+                    raise WorkloadError(f'{where}: "input_ids" must be a non-empty list of ints in '
+                                        f"[0, {spec.vocab_size})")
+                requests.append(Request(rid, ids))
+            else:
+                text = row["prompt"]
+                if not isinstance(text, str) or not text:
+                    raise WorkloadError(f'{where}: "prompt" must be a non-empty string')
+                if tokenizer is None:
+                    raise WorkloadError(f'{where}: "prompt" needs a tokenizer, and model={spec.name} has no '
+                                        'tokenizer.json; give "input_ids" instead')
+                bos = [spec.bos_token_id] if spec.bos_token_id is not None else []
+                requests.append(Request(rid, bos + tokenizer.encode(text).ids, text))
+    if not requests:
+        raise WorkloadError(f"{path}: no prompts (the file is empty)")
+    return requests
+
+
+def load_requests(workload: Workload, spec: ModelSpec, tokenizer=None) -> list[Request]:
+    requests = read_jsonl(workload.path, spec, tokenizer) if workload.path else synthetic_requests(workload, spec)
+    longest = max(len(r.input_ids) for r in requests)
+    if longest + workload.gen_len > spec.max_position_embeddings:
+        raise WorkloadError(f"a prompt of {longest} tokens plus workload.gen_len={workload.gen_len} exceeds "
+                            f"model.max_position_embeddings={spec.max_position_embeddings}")
+    return requests
+
+
+def describe(requests: list[Request]) -> dict:
+    lengths = [len(r.input_ids) for r in requests]
+    return {"num_requests": len(lengths), "prompt_len_avg": round(sum(lengths) / len(lengths), 2),
+            "prompt_len_max": max(lengths), "prompt_tokens": sum(lengths)}

@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny Mixtral (built once per session with `transformers`), its Hugging Face
+model for parity checks, and CUDA-aware markers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never touch the user's cache: the tiny model is built into a per-session folder, which
+# subprocesses (CLI tests) inherit.
+os.environ.setdefault("MOE_LIGHTNING_CACHE", tempfile.mkdtemp(prefix="moe-lightning-test-cache-"))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    from moe_lightning.engine.tiny import ensure_tiny_mixtral
+
+    return ensure_tiny_mixtral()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    """(spec, weight source) of the tiny checkpoint."""
+    from moe_lightning.config import ModelSpec
+    from moe_lightning.engine.weights import resolve_model
+
+    return resolve_model(ModelSpec())
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_path):
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[list[int]]:
+    """Ten prompts of different lengths (1 to 40 tokens)."""
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 9, 40, 1, 12, 23, 8, 31, 3)]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = 2) -> list[int]:
+    """transformers' own greedy generate on one unpadded prompt: the ground truth."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,77 @@
+"""The console script end to end: a run writes outputs and a run document; bad input gives one line
+on stderr, a non-zero exit and no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moe_lightning.report import RunReport
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_lightning.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_generate_writes_outputs_and_run_document(tmp_path, tiny_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "q1", "prompt": "Question: what is two plus two?"}\n'
+                       '{"input_ids": [1, 40, 41, 42, 43, 44, 45]}\n{"id": 7, "prompt": "Once upon a time"}\n')
+    out, outputs = tmp_path / "run.json", tmp_path / "out.jsonl"
+    r = cli("workload=jsonl", f"workload.path={prompts}", "workload.gen_len=6", f"out={out}",
+            f"outputs={outputs}", "task.progress=false", f"hydra.run.dir={tmp_path / 'hydra'}")
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stdout
+    rows = [json.loads(line) for line in outputs.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["q1", 1, 7]
+    assert all(1 <= len(row["output_ids"]) <= 6 and isinstance(row["text"], str) for row in rows)
+    doc = json.loads(out.read_text())
+    for key in ("schema_version", "run_id", "created_at", "git_commit", "system", "model", "hardware",
+                "workload", "policy", "metrics", "prediction", "environment"):
+        assert key in doc
+    report = RunReport.from_json(out)
+    assert report.metrics.generated_tokens == sum(len(row["output_ids"]) for row in rows)
+    assert report.metrics.throughput_tok_s > 0 and report.system == "reference"
+
+
+def test_default_run_goes_to_a_run_folder(tmp_path, tiny_path):
+    r = cli("task.progress=false", "workload.num_requests=2", "workload.gen_len=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "runs").rglob("run.json"))) == 1
+    assert len(list((tmp_path / "runs").rglob("outputs.jsonl"))) == 1
+
+
+def _bad_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [4]}\n{oops\n')
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return empty, bad, ckpt
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["workload=jsonl", "workload.path=/no/such/prompts.jsonl"], "prompts file not found"),
+    (["workload=jsonl", "workload.path={empty}"], "empty"),
+    (["workload=jsonl", "workload.path={bad}"], "bad.jsonl:2:"),
+    (["model=hf", "model.path={ckpt}"], "unsupported model_type 'llama'"),
+    (["policy.batch_size=2", "policy.micro_batch_size=4"], "policy.micro_batch_size"),
+    (["policy.nope=1"], "unknown key 'policy.nope'"),
+    (["hardware=t5"], "unknown hardware 't5'"),
+    (["policy.batch_size=many"], "expected an integer"),
+    (["policy.expert_gpu_fraction=2"], "must be in [0, 1]"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, tiny_path, args, expect):
+    empty, bad, ckpt = _bad_files(tmp_path)
+    args = [a.format(empty=empty, bad=bad, ckpt=ckpt) for a in args]
+    r = cli(*args, "task.progress=false", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
+    assert len(lines) == 1 and expect in lines[0], r.stderr

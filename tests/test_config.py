@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy, RunConfig, Workload
+from moe_lightning.errors import ConfigError
+
+
+@pytest.mark.parametrize("build, key", [
+    (lambda: Policy(batch_size=2, micro_batch_size=4), "policy.micro_batch_size"),
+    (lambda: Policy(batch_size=0), "policy.batch_size"),
+    (lambda: Policy(expert_gpu_fraction=1.2), "policy.expert_gpu_fraction"),
+    (lambda: Policy(kv_gpu_fraction=-0.1), "policy.kv_gpu_fraction"),
+    (lambda: Policy(expert_kernel="magic"), "policy.expert_kernel"),
+    (lambda: ModelSpec(num_heads=6, num_kv_heads=4), "model.num_heads"),
+    (lambda: ModelSpec(top_k=9, num_experts=8), "model.top_k"),
+    (lambda: ModelSpec(hidden_size=-1), "model.hidden_size"),
+    (lambda: Workload(prompt_len_avg=50, prompt_len_max=10), "workload.prompt_len_avg"),
+    (lambda: Workload(name="jsonl"), "workload.path"),
+    (lambda: RunConfig(device="tpu"), "device"),
+])
+def test_validation_names_the_key(build, key):
+    with pytest.raises(ConfigError) as exc:
+        build()
+    msg = str(exc.value)
+    assert msg.startswith(key + ":") and "\n" not in msg
+
+
+def test_policy_is_frozen_with_derived_values():
+    p = Policy(batch_size=10, micro_batch_size=4)
+    assert p.num_micro_batches == 3 and p.num_pages == 3
+    assert Policy(batch_size=8, micro_batch_size=2, pages_per_layer=2).num_pages == 2
+    with pytest.raises(AttributeError):
+        p.batch_size = 3  # type: ignore[misc]
+
+
+def test_mixtral_8x7b_sizes_match_the_paper():
+    from moe_lightning.tuner.presets import load_preset
+
+    spec = load_preset("model", "mixtral-8x7b")
+    assert abs(spec.expert_bytes / 1e6 - 352) < 1  # one expert 352 MB in bf16
+    assert abs(spec.num_experts * spec.expert_bytes / 1e9 - 2.8) < 0.05
+    assert 46e9 < spec.total_params < 47.5e9
+
+
+def test_hardware_budget_scales_with_gpu_count():
+    from moe_lightning.tuner.presets import load_preset
+
+    t4, t4x4 = load_preset("hardware", "t4"), load_preset("hardware", "4xt4")
+    assert t4x4.gpu_budget_bytes == 4 * t4.gpu_budget_bytes
+    assert isinstance(t4, HardwareSpec)

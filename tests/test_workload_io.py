@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_lightning.config import ModelSpec, Workload
+from moe_lightning.errors import WorkloadError
+from moe_lightning.workload_io import read_jsonl, synthetic_lengths
+
+SPEC = ModelSpec()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WorkloadError, match="prompts file not found"):
+        read_jsonl(tmp_path / "nope.jsonl", SPEC)
+
+
+def test_empty_file(tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("\n\n")
+    with pytest.raises(WorkloadError, match="empty"):
+        read_jsonl(f, SPEC)
+
+
+def test_malformed_line_names_its_number(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"input_ids": [5, 6]}\n\n{"input_ids": [5, 6\n')
+    with pytest.raises(WorkloadError) as exc:
+        read_jsonl(f, SPEC)
+    assert f"{f}:3:" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("row", [{"text": "x"}, {"input_ids": []}, {"input_ids": [9999]}, {"prompt": ""}, [1, 2]])
+def test_bad_rows(tmp_path, row):
+    f = tmp_path / "rows.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(WorkloadError, match=":1:"):
+        read_jsonl(f, SPEC)
+
+
+def test_text_prompts_need_a_tokenizer(tmp_path):
+    f = tmp_path / "text.jsonl"
+    f.write_text('{"prompt": "hello"}\n')
+    with pytest.raises(WorkloadError, match="tokenizer"):
+        read_jsonl(f, SPEC, tokenizer=None)
+
+
+def test_ids_and_order_kept(tmp_path, tiny_path):
+    from moe_lightning.engine.tiny import load_tokenizer
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": "b", "prompt": "The router picks"}\n{"input_ids": [7, 8, 9]}\n')
+    reqs = read_jsonl(f, SPEC, load_tokenizer(tiny_path))
+    assert [r.id for r in reqs] == ["b", 1]
+    assert reqs[0].input_ids[0] == 1 and len(reqs[0].input_ids) > 2  # BOS + text tokens
+    assert reqs[1].input_ids == [7, 8, 9]
+
+
+@pytest.mark.parametrize("avg, mx", [(77, 418), (242, 256), (1693, 1984), (16, 32)])
+def test_synthetic_lengths_follow_the_workload(avg, mx):
+    lengths = synthetic_lengths(Workload(prompt_len_avg=avg, prompt_len_max=mx, num_requests=2000))
+    assert max(lengths) <= mx and min(lengths) >= 1
+    assert abs(sum(lengths) / len(lengths) - avg) / avg < 0.05
