@@ -38,15 +38,25 @@ class LayerWeights:
 
 @dataclass
 class ExpertStack:
-    """Expert weights addressed through a page table: `slot_of[e]` is expert e's slot in the stacks.
+    """A layer's expert weights, addressed through a page table: expert e lives at
+    `w13[r][idx]`, `w2[r][idx]` with `(r, idx) = slot_of[e]`.
 
-    The reference engine stacks all experts with the identity table; CGOPipe's GPU expert cache holds
-    resident experts and a streamed double buffer in one stack and rewrites the table every layer.
+    Each region is one contiguous stack, so kernels read weights in place (views, never gathers). The
+    reference engine has one region with the identity table; CGOPipe's GPU expert cache has the layer's
+    resident experts as one region and the streamed double buffer (`layer % 2`) as another.
     """
 
-    w13: torch.Tensor      # [slots, 2F, H]: gate (w1) and up (w3) projections, fused
-    w2: torch.Tensor       # [slots, H, F]: down projection
-    slot_of: list[int]     # expert id -> slot
+    w13: list[torch.Tensor]          # per region [n_r, 2F, H]: gate (w1) and up (w3), fused
+    w2: list[torch.Tensor]           # per region [n_r, H, F]: down projection
+    slot_of: list[tuple[int, int]]   # expert id -> (region, index in region)
+
+    @classmethod
+    def single(cls, w13: torch.Tensor, w2: torch.Tensor) -> ExpertStack:
+        return cls([w13], [w2], [(0, e) for e in range(w13.shape[0])])
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r, idx = self.slot_of[e]
+        return self.w13[r][idx], self.w2[r][idx]
 
 
 MoEKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertStack], torch.Tensor]
@@ -87,12 +97,18 @@ def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      seq_lens: list[int]) -> torch.Tensor:
-    """Causal attention over packed sequences: q [T, nq, hd], k/v [T, nkv, hd] -> [T, nq*hd]."""
-    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
+                      pads: list[int] | None = None) -> torch.Tensor:
+    """Causal attention over packed sequences: q [T, nq, hd], k/v [T, nkv, hd] -> [T, nq*hd].
+
+    With `pads`, sequence b begins with pads[b] padding tokens that attend to nothing and are
+    attended by nothing (their output is zero).
+    """
+    out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
     start = 0
-    for n in seq_lens:
+    for b, n in enumerate(seq_lens):
+        pad = pads[b] if pads else 0
+        start, n = start + pad, n - pad
         sl = slice(start, start + n)
         o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
                                            v[sl].transpose(0, 1), is_causal=True, enable_gqa=True)
@@ -102,17 +118,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
+                     lengths: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence over its cached context.
 
-    q [B, nq, hd]; k_cache/v_cache [B, nkv, S, hd] already holding the new token's K/V;
-    lengths [B] valid positions per sequence (<= S) -> [B, nq*hd].
+    q [B, nq, hd]; k_cache/v_cache [B, nkv, S, hd] already holding the new token's K/V; cache slots
+    [starts, lengths) are valid per sequence (starts > 0 skips left padding) -> [B, nq*hd].
     """
     B, nq, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
     qg = q.view(B, nkv, nq // nkv, hd)
     scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * hd**-0.5          # [B, nkv, g, S]
-    invalid = torch.arange(S, device=q.device)[None, :] >= lengths[:, None]   # [B, S]
+    slot = torch.arange(S, device=q.device)[None, :]
+    invalid = slot >= lengths[:, None]                                        # [B, S]
+    if starts is not None:
+        invalid |= slot < starts[:, None]
     scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v_cache).reshape(B, nq * hd)                  # [B, nkv, g, hd]

@@ -41,7 +41,7 @@ def load_dense(source: WeightSource, device: torch.device) -> DenseWeights:
     for i in range(source.spec.num_layers):
         layers.append(source.layer(i).to(device))
         w13, w2 = source.experts(i)
-        experts.append(ExpertStack(w13.to(device), w2.to(device), list(range(source.spec.num_experts))))
+        experts.append(ExpertStack.single(w13.to(device), w2.to(device)))
     return DenseWeights(source.embedding().to(device), source.final_norm().to(device),
                         source.lm_head().to(device), layers, experts)
 

@@ -71,7 +71,8 @@ def levels(hw: HardwareSpec) -> Levels:
     """The HRM levels of a machine; tensor parallelism scales GPU FLOPs, bandwidth, memory and link."""
     g = hw.gpu.count
     return Levels(
-        gpu=Level("gpu", hw.gpu.peak_tflops * TFLOPS * g, hw.gpu.bandwidth_gbps * GB * g, hw.gpu_budget_bytes),
+        gpu=Level("gpu", hw.gpu.peak_tflops * TFLOPS * g, hw.gpu.bandwidth_gbps * GB * g,
+                  hw.gpu_budget_bytes),
         cpu=Level("cpu", hw.cpu.peak_tflops * TFLOPS, hw.cpu.bandwidth_gbps * GB, hw.cpu_budget_bytes),
         link_h2d_bytes_s=hw.link.h2d_gbps * GB * g,
         link_d2h_bytes_s=hw.link.d2h_gbps * GB * g,
@@ -196,7 +197,8 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     tokens = N * p
     linear_params = spec.attention_params + spec.num_experts * H + spec.top_k * spec.expert_params
     flops = 2 * tokens * linear_params + 2 * N * p * p * nq * hd  # causal attention: QK^T and PV halved
-    layer_weight_bytes = (spec.attention_params + spec.num_experts * H) * d + spec.num_experts * spec.expert_bytes
+    layer_weight_bytes = ((spec.attention_params + spec.num_experts * H) * d
+                          + spec.num_experts * spec.expert_bytes)
     kv_bytes = tokens * 2 * nkv * hd * d
     gpu_bytes = num_micro_batches * layer_weight_bytes + kv_bytes
     t_gpu = np.maximum(flops / lv.gpu.peak_flops, gpu_bytes / lv.gpu.bandwidth_bytes_s)

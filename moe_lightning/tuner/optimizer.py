@@ -20,6 +20,8 @@ below is a dominance argument on those two models:
   (0.001 by default: it is a continuous knob, and a finer step changes throughput by < 0.1% of the KV
   link term).
 - `A_g`, `F_g`: all four placements (restrict with `placements=`).
+- Engine knobs `pages_per_layer` and `prefetch_depth` are fixed by the caller (they only size the pinned
+  ring in this model). Ties (within `TIE_RTOL`) go to the larger N, then the larger micro-batch.
 
 The cost is about `sum_N 2 sqrt(N)` points per (placement, n_res): ~0.2 M points for `N_cap = 256`, a
 few million for `N_cap` in the low thousands; numpy evaluates them in well under a second per million.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +41,10 @@ from moe_lightning.memory import CPU_POOLS, GPU_POOLS, MemoryPlan, memory_plan, 
 from moe_lightning.tuner.hrm import Prediction, decode_layer_times, predict, prefill_time, throughput
 
 ALL_PLACEMENTS = ((False, True), (True, True), (False, False), (True, False))  # (attn_on_gpu, ffn_on_gpu)
+# Predictions within this relative distance are ties; a pure roofline without fixed overheads plateaus
+# (e.g. a tiny model, every term linear in N), and then the larger batch and the larger micro-batch win:
+# they amortise the launch and synchronisation costs the model leaves out.
+TIE_RTOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class Plan:
 
 
 def batch_size_cap(spec: ModelSpec, hw: HardwareSpec, workload: Workload,
-                   max_batch_size: Optional[int] = None) -> int:
+                   max_batch_size: int | None = None) -> int:
     """Largest N worth searching: asked for, and whose KV cache fits GPU + CPU memory together."""
     ctx = workload.prompt_len_max + workload.gen_len
     kv_seq = ctx * spec.kv_bytes_per_token
@@ -88,14 +94,25 @@ def _impossible(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Memory
     ctx = workload.prompt_len_max + workload.gen_len
     kv_seq = ctx * spec.kv_bytes_per_token
     smallest = Policy(batch_size=1, micro_batch_size=1, attn_on_gpu=False, ffn_on_gpu=True)
+    smallest_needs = memory_plan(spec, smallest, workload).describe(hw)
     return MemoryBudgetError(
-        f"no policy fits {spec.name} on {hw.name} for workload {workload.name}: one sequence's KV cache "
-        f"is {kv_seq} B ({ctx} tokens); smallest policy (batch_size=1, attention on CPU, all experts "
-        f"streamed): {memory_plan(spec, smallest, workload).describe(hw)}")
+        f"no policy fits {spec.name} on {hw.name} for workload {workload.name} (weights "
+        f"{spec.total_params * spec.dtype_bytes} B, KV cache of one sequence {kv_seq} B for {ctx} tokens, "
+        f"GPU + CPU budget {hw.gpu_budget_bytes + hw.cpu_budget_bytes} B); the smallest policy "
+        f"(batch_size=1, attention on CPU, all experts streamed): {smallest_needs}")
+
+
+def _better(e2e: float, n: int, mu: int, best_e2e: float, best_n: int, best_mu: int) -> bool:
+    """Higher predicted throughput wins; within TIE_RTOL, the larger batch, then the larger micro-batch."""
+    if e2e > best_e2e * (1 + TIE_RTOL):
+        return True
+    if e2e < best_e2e * (1 - TIE_RTOL):
+        return False
+    return (n, mu) > (best_n, best_mu)
 
 
 def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
-             max_batch_size: Optional[int] = None,
+             max_batch_size: int | None = None,
              placements: tuple[tuple[bool, bool], ...] = ALL_PLACEMENTS,
              kv_fraction_step: float = 0.001, prefetch_depth: int = 2, pages_per_layer: int = 0) -> Plan:
     """Best feasible policy by predicted end-to-end tokens/s (see the module docstring for the space).
@@ -113,7 +130,7 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
     kv_total = N * ctx * spec.kv_bytes_per_token
     gpu_budget, cpu_budget = hw.gpu_budget_bytes, hw.cpu_budget_bytes
 
-    best: Optional[tuple[float, dict[str, Any]]] = None
+    best: tuple[float, dict[str, Any]] | None = None
     evaluated = 0
     for attn_on_gpu, ffn_on_gpu in placements:
         for n_res in range(spec.num_experts + 1) if ffn_on_gpu else (0,):
@@ -145,10 +162,12 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
             t_pre = prefill_time(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
                                  n_res=n_res, kv_gpu_fraction=r_c[idx])
             _, e2e = throughput(spec, workload, N[idx], t["t_layer"], t_pre)
-            j = int(np.argmax(e2e))
-            if best is None or e2e[j] > best[0]:
-                i = idx[j]
-                best = (float(e2e[j]), dict(
+            top = float(e2e.max())
+            near = idx[e2e >= top * (1 - TIE_RTOL)]
+            i = int(near[np.lexsort((mu[near], N[near]))[-1]])  # ties: largest N, then fewest micro-batches
+            if best is None or _better(top, int(N[i]), int(mu[i]), best[0], best[1]["batch_size"],
+                                       best[1]["micro_batch_size"]):
+                best = (top, dict(
                     batch_size=int(N[i]), micro_batch_size=int(mu[i]), attn_on_gpu=attn_on_gpu,
                     ffn_on_gpu=ffn_on_gpu, expert_gpu_fraction=n_res / spec.num_experts,
                     kv_gpu_fraction=float(r_c[i]), pages_per_layer=pages_per_layer,

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import yaml
 
@@ -27,13 +26,14 @@ def preset_names(group: str, plannable: bool = True) -> list[str]:
     return names
 
 
-def load_preset(group: str, name: str) -> Union[HardwareSpec, ModelSpec, Workload]:
+def load_preset(group: str, name: str) -> HardwareSpec | ModelSpec | Workload:
     """`load_preset("hardware", "t4")` -> HardwareSpec, likewise "model" and "workload"."""
     if group not in GROUPS:
         raise ConfigError(f"preset group: got {group!r}; accepted: {', '.join(GROUPS)}")
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"{group}={name}: no such preset; accepted: {', '.join(preset_names(group, False))}")
+        accepted = ", ".join(preset_names(group, False))
+        raise ConfigError(f"{group}={name}: no such preset; accepted: {accepted}")
     d = yaml.safe_load(path.read_text())
     if group == "hardware":
         return HardwareSpec(gpu=GpuSpec(**d["gpu"]), cpu=CpuSpec(**d["cpu"]), link=LinkSpec(**d["link"]),

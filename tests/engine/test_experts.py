@@ -17,11 +17,13 @@ def test_kernels_agree_with_loop(kernel, tokens):
     h = torch.randn(tokens, H, generator=g)
     router = torch.randn(E, H, generator=g)
     weights, ids = route(h, router, k)
-    # Slots permuted and padded with spare slots, as in the GPU expert cache.
-    slots = 11
-    w13, w2 = torch.randn(slots, 2 * F, H, generator=g), torch.randn(slots, H, F, generator=g)
-    slot_of = torch.randperm(slots, generator=g)[:E].tolist()
-    stack = ExpertStack(w13, w2, slot_of)
+    # Two regions (resident experts and a streamed buffer) with a permuted page table, as in the GPU
+    # expert cache.
+    sizes = (3, 5)
+    w13 = [torch.randn(n, 2 * F, H, generator=g) for n in sizes]
+    w2 = [torch.randn(n, H, F, generator=g) for n in sizes]
+    slots = [(r, i) for r, n in enumerate(sizes) for i in range(n)]
+    stack = ExpertStack(w13, w2, [slots[i] for i in torch.randperm(E, generator=g).tolist()])
     ref = moe_loop(h, weights, ids, stack)
     out = KERNELS[kernel](h, weights, ids, stack)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -32,8 +34,8 @@ def test_loop_uses_the_page_table():
     h, router = torch.randn(5, 16, generator=g), torch.randn(4, 16, generator=g)
     weights, ids = route(h, router, 2)
     w13, w2 = torch.randn(4, 32, 16, generator=g), torch.randn(4, 16, 16, generator=g)
-    straight = moe_loop(h, weights, ids, ExpertStack(w13, w2, [0, 1, 2, 3]))
-    perm = [2, 0, 3, 1]
-    permuted = moe_loop(h, weights, ids, ExpertStack(w13[torch.argsort(torch.tensor(perm))],
-                                                     w2[torch.argsort(torch.tensor(perm))], perm))
+    straight = moe_loop(h, weights, ids, ExpertStack.single(w13, w2))
+    perm = [2, 0, 3, 1]  # expert e stored at slot perm[e]
+    inv = torch.argsort(torch.tensor(perm))
+    permuted = moe_loop(h, weights, ids, ExpertStack([w13[inv]], [w2[inv]], [(0, s) for s in perm]))
     torch.testing.assert_close(straight, permuted)

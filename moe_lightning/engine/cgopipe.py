@@ -1,0 +1,369 @@
+"""The CGOPipe engine (MoE-Lightning): attention on the CPU beside the KV cache, the MoE FFN on the
+GPU over paged expert weights streamed CPU -> pinned -> GPU, all under a hard GPU memory budget.
+
+The schedule is data (`moe_lightning.schedule.cgopipe`); this module holds the state the tasks work
+on and one handler per op. Index convention: `i` layer, `j` micro-batch, `p` page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.engine.executor import Executor, TaskRecord
+from moe_lightning.engine.kernel_table import KernelChooser
+from moe_lightning.engine.model import (
+    LayerWeights,
+    decode_attention,
+    final_logits,
+    post_attention,
+    pre_attention,
+    prefill_attention,
+)
+from moe_lightning.engine.paged import DevicePools, ExpertCache
+from moe_lightning.engine.weights import WeightSource
+from moe_lightning.errors import ConfigError, WorkloadError
+from moe_lightning.memory import memory_plan, resident_experts_per_layer
+from moe_lightning.schedule.cgopipe import (
+    PipeShape,
+    decode_graph,
+    decode_graph_gpu_attention,
+    prefill_graph,
+)
+from moe_lightning.schedule.graph import Task, TaskGraph
+from moe_lightning.trace import RunTimeline
+
+log = logging.getLogger("moe_lightning.cgopipe")
+
+
+def pack_micro_batches(lengths: Sequence[int], micro_batch_size: int) -> list[list[int]]:
+    """Longest-first into the least-filled micro-batch (by tokens) that still has room."""
+    m = math.ceil(len(lengths) / micro_batch_size)
+    groups: list[list[int]] = [[] for _ in range(m)]
+    tokens = [0] * m
+    for b in sorted(range(len(lengths)), key=lambda b: (-lengths[b], b)):
+        j = min((j for j in range(m) if len(groups[j]) < micro_batch_size), key=lambda j: (tokens[j], j))
+        groups[j].append(b)
+        tokens[j] += lengths[b]
+    return [sorted(g) for g in groups]
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """One micro-batch of the current batch and its KV cache."""
+
+    seqs: list[int]                 # indices into the batch
+    lens: list[int]                 # cache slots used by each prompt (padding included)
+    pads: list[int]                 # left padding per sequence (0 unless workload.padding)
+    on_gpu: bool                    # KV cache on the GPU (r_c) or on the CPU
+    k: torch.Tensor                 # [L, mu_j, nkv, S_j, hd]
+    v: torch.Tensor
+    slots: torch.Tensor | None = None   # per sequence, the cache slot of the next token (CPU tensor)
+
+
+class CGOPipeRunner:
+    """Implements the generation driver's `BatchRunner` with the CGOPipe schedule."""
+
+    def __init__(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
+                 workload: Workload, device: torch.device, trace: bool = False):
+        if not policy.ffn_on_gpu:
+            raise ConfigError("policy.ffn_on_gpu: the CGOPipe engine runs the MoE FFN on the GPU; "
+                              "ffn_on_gpu=false can be planned (task=plan) but not executed")
+        self.spec, self.policy, self.workload, self.device = spec, policy, workload, device
+        self.dtype = source.dtype
+        self.cuda = device.type == "cuda"
+        # The budget is checked before anything is allocated or read.
+        self.plan = memory_plan(spec, policy, workload)
+        self.plan.check(hardware)
+        if self.cuda:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, hardware.gpu_budget_bytes / total), device)
+            torch.cuda.reset_peak_memory_stats(device)
+        persistent = {k: v for k, v in self.plan.gpu.items() if k != "activations"}
+        self.pools = DevicePools(persistent, device)
+        self.embedding, self.norm, self.lm_head, self.layers = self._load_non_experts(source)
+        n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
+        self.experts = ExpertCache(spec, source, n_res, policy.num_pages, policy.prefetch_depth,
+                                   self.pools, device, pin=self.cuda)
+        self.kernels = KernelChooser(policy.expert_kernel, spec, self.dtype, device)
+        self.executor = Executor(device)
+        self.timeline = RunTimeline(keep_records=trace)
+        self.link_bytes = {"h2d": 0, "d2h": 0}
+        self.mbs: list[MicroBatch] = []
+        self._graphs: dict[tuple, TaskGraph] = {}
+        self._state: dict[str, dict[int, object]] = {}
+        log.info("cgopipe: %d resident + %d streamed experts per layer, %d pages per layer, %.2f GB pools",
+                 n_res, spec.num_experts - n_res, self.experts.num_pages, self.pools.allocated_bytes / 1e9)
+
+    # ----------------------------------------------------------------------------------------------
+    # placement
+
+    def _load_non_experts(self, source: WeightSource):
+        def place(t: torch.Tensor) -> torch.Tensor:
+            return self.pools.take("non_expert_weights", tuple(t.shape), t.dtype).copy_(t)
+
+        layers = [LayerWeights(**{k: place(v) for k, v in vars(source.layer(i)).items()})
+                  for i in range(self.spec.num_layers)]
+        return place(source.embedding()), place(source.final_norm()), place(source.lm_head()), layers
+
+    def _alloc_kv(self, mu: int, slots: int, on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        shape = (s.num_layers, mu, s.num_kv_heads, slots, s.head_dim)
+        if on_gpu:
+            return self.pools.take("kv_cache", shape, self.dtype), self.pools.take("kv_cache", shape, self.dtype)
+        pin = self.cuda and self.policy.attn_on_gpu  # streamed KV copies want pinned memory
+        return (torch.zeros(shape, dtype=self.dtype, pin_memory=pin),
+                torch.zeros(shape, dtype=self.dtype, pin_memory=pin))
+
+    # ----------------------------------------------------------------------------------------------
+    # BatchRunner
+
+    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+        lengths = [len(p) for p in prompts]
+        if max(lengths) > self.workload.prompt_len_max or max_new_tokens > self.workload.gen_len:
+            raise WorkloadError(f"a batch needs {max(lengths)} prompt + {max_new_tokens} new tokens but the "
+                                f"memory plan was made for {self.workload.prompt_len_max} + {self.workload.gen_len}")
+        padded = self.workload.padding
+        width = max(lengths)
+        self.pools.used["kv_cache"] = 0 if "kv_cache" in self.pools.used else 0
+        groups = pack_micro_batches(lengths, self.policy.micro_batch_size)
+        gpu_seqs = int(self.policy.kv_gpu_fraction * len(prompts) + 1e-9)
+        self.mbs, taken = [], 0
+        for seqs in groups:
+            on_gpu = taken + len(seqs) <= gpu_seqs and self.policy.kv_gpu_fraction > 0
+            taken += len(seqs) if on_gpu else 0
+            lens = [width if padded else lengths[b] for b in seqs]
+            pads = [width - lengths[b] if padded else 0 for b in seqs]
+            k, v = self._alloc_kv(len(seqs), max(lens) + max_new_tokens, on_gpu)
+            self.mbs.append(MicroBatch(seqs, lens, pads, on_gpu, k, v))
+        st = self._state = {name: {} for name in ("x", "qkv", "kv", "attn", "logits")}
+        self._tokens = {}
+        self._positions = {}
+        for j, mb in enumerate(self.mbs):
+            ids = [[0] * pad + list(prompts[b]) for b, pad in zip(mb.seqs, mb.pads)]
+            self._tokens[j] = torch.tensor([t for p in ids for t in p], device=self.device)
+            self._positions[j] = torch.cat([torch.arange(n, device=self.device) - pad
+                                            for n, pad in zip(mb.lens, mb.pads)]).clamp_(min=0)
+        self._run(self._graph("prefill"), "prefill")
+        for mb in self.mbs:
+            mb.slots = torch.tensor(mb.lens)
+        return self._gather_logits(st["logits"], len(prompts))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        self._state = {name: {} for name in ("x", "qkv", "kv", "attn", "logits")}
+        self._new_len, self._starts, self._slots_dev = {}, {}, {}
+        for j, mb in enumerate(self.mbs):
+            self._tokens[j] = tokens[torch.tensor(mb.seqs, device=self.device)]
+            pads = torch.tensor(mb.pads)
+            self._positions[j] = (mb.slots - pads).to(self.device)
+            self._slots_dev[j] = mb.slots.to(self.device)
+            self._new_len[j] = mb.slots + 1
+            self._starts[j] = pads
+        self._run(self._graph("decode"), "decode")
+        for mb in self.mbs:
+            mb.slots = mb.slots + 1
+        return self._gather_logits(self._state["logits"], len(tokens))
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    # ----------------------------------------------------------------------------------------------
+    # graphs
+
+    def shape(self) -> PipeShape:
+        return PipeShape(num_layers=self.spec.num_layers, num_micro_batches=len(self.mbs),
+                         num_pages=self.experts.num_pages, prefetch=self.policy.prefetch_depth,
+                         gpu_kv=frozenset(j for j, mb in enumerate(self.mbs) if mb.on_gpu))
+
+    def _graph(self, phase: str) -> TaskGraph:
+        shape = self.shape()
+        key = (phase, shape)
+        if key not in self._graphs:
+            if phase == "prefill":
+                self._graphs[key] = prefill_graph(shape)
+            elif self.policy.attn_on_gpu:
+                self._graphs[key] = decode_graph_gpu_attention(shape)
+            else:
+                self._graphs[key] = decode_graph(shape)
+        return self._graphs[key]
+
+    def _run(self, graph: TaskGraph, phase: str) -> list[TaskRecord]:
+        handlers = {op: getattr(self, f"_op_{op}") for op in {t.op for t in graph.tasks}}
+        records = self.executor.run(graph, handlers)
+        self.timeline.add(phase, records)
+        return records
+
+    def _gather_logits(self, per_mb: dict, batch: int) -> torch.Tensor:
+        out = torch.empty(batch, self.spec.vocab_size, dtype=torch.float32, device=self.device)
+        for j, mb in enumerate(self.mbs):
+            out[torch.tensor(mb.seqs, device=self.device)] = per_mb[j].float()
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    # transfers (byte-counted)
+
+    def _to_cpu(self, t: torch.Tensor) -> torch.Tensor:
+        """D2H on the current stream, waited for (the consumer is CPU code on this thread)."""
+        self.link_bytes["d2h"] += t.numel() * t.element_size()
+        if not self.cuda:
+            return t.clone()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return out
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """H2D on the current stream (ordered before later tasks by the executor's events)."""
+        self.link_bytes["h2d"] += t.numel() * t.element_size()
+        if not self.cuda:
+            return t.clone()
+        out = t.to(self.device, non_blocking=True)
+        out.record_stream(torch.cuda.current_stream())
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    # ops: weights
+
+    def _op_W_CtoPin(self, t: Task) -> None:
+        self.experts.copy_to_pinned(t.layer, t.micro_batch)
+
+    def _op_W_PinToGPU(self, t: Task) -> None:
+        self.link_bytes["h2d"] += self.experts.copy_to_device(t.layer, t.micro_batch)
+
+    # ----------------------------------------------------------------------------------------------
+    # ops: prefill
+
+    def _input(self, i: int, j: int) -> torch.Tensor:
+        return self.embedding[self._tokens[j]] if i == 0 else self._state["x"][j]
+
+    def _finish(self, i: int, j: int, x: torch.Tensor, last_rows: torch.Tensor | None = None) -> None:
+        self._state["x"][j] = x
+        if i == self.spec.num_layers - 1:
+            rows = x if last_rows is None else x[last_rows]
+            self._state["logits"][j] = final_logits(rows, self.norm, self.lm_head, self.spec.rms_norm_eps)
+
+    def _op_PrefillLayer(self, t: Task) -> None:
+        i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
+        x = self._input(i, j)
+        q, k, v = pre_attention(self.layers[i], x, self._positions[j], self.spec)
+        attn = prefill_attention(q, k, v, mb.lens, mb.pads if any(mb.pads) else None)
+        if mb.on_gpu:
+            self._write_prompt_kv(mb, i, k, v)
+        else:
+            self._state["kv"][i, j] = (k, v)
+        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels.kernel(x))
+        last = torch.cumsum(torch.tensor(mb.lens, device=self.device), 0) - 1
+        self._finish(i, j, x, last)
+
+    def _op_OffloadKV(self, t: Task) -> None:
+        mb = self.mbs[t.micro_batch]
+        k, v = self._state["kv"].pop((t.layer, t.micro_batch))
+        self._write_prompt_kv(mb, t.layer, self._to_cpu(k), self._to_cpu(v))
+
+    @staticmethod
+    def _write_prompt_kv(mb: MicroBatch, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        start = 0
+        for b, n in enumerate(mb.lens):
+            mb.k[i, b, :, :n] = k[start:start + n].transpose(0, 1)
+            mb.v[i, b, :, :n] = v[start:start + n].transpose(0, 1)
+            start += n
+
+    # ----------------------------------------------------------------------------------------------
+    # ops: decode with attention on the CPU (A_g=0)
+
+    def _op_PreAttn(self, t: Task) -> None:
+        i, j = t.layer, t.micro_batch
+        x = self._input(i, j)
+        self._state["x"][j] = x
+        self._state["qkv"][i, j] = pre_attention(self.layers[i], x, self._positions[j], self.spec)
+
+    def _op_OffloadQKV(self, t: Task) -> None:
+        key = (t.layer, t.micro_batch)
+        self._state["qkv"][key] = tuple(self._to_cpu(a) for a in self._state["qkv"][key])
+
+    def _attend(self, mb: MicroBatch, j: int, i: int, q, k, v, slots, new_len, starts) -> torch.Tensor:
+        b = torch.arange(len(mb.seqs), device=slots.device)
+        mb.k[i, b, :, slots] = k
+        mb.v[i, b, :, slots] = v
+        s = int(new_len.max())
+        return decode_attention(q, mb.k[i, :, :, :s], mb.v[i, :, :, :s], new_len, starts)
+
+    def _op_CPUAttn(self, t: Task) -> None:
+        i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
+        q, k, v = self._state["qkv"].pop((i, j))
+        attn = self._attend(mb, j, i, q, k, v, mb.slots, self._new_len[j], self._starts[j])
+        self._state["attn"][i, j] = attn.pin_memory() if self.cuda else attn
+
+    def _op_LoadHidden(self, t: Task) -> None:
+        key = (t.layer, t.micro_batch)
+        self._state["attn"][key] = self._to_device(self._state["attn"][key])
+
+    def _op_GPUAttn(self, t: Task) -> None:
+        """A micro-batch whose KV cache is on the GPU (r_c): attention where the cache is."""
+        i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
+        x = self._input(i, j)
+        self._state["x"][j] = x
+        q, k, v = pre_attention(self.layers[i], x, self._positions[j], self.spec)
+        self._state["attn"][i, j] = self._attend(mb, j, i, q, k, v, self._slots_dev[j],
+                                              self._new_len[j].to(self.device), self._starts[j].to(self.device))
+
+    def _op_PostAttn(self, t: Task) -> None:
+        i, j = t.layer, t.micro_batch
+        x = self._state["x"][j]
+        attn = self._state["attn"].pop((i, j))
+        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels.kernel(x))
+        self._finish(i, j, x)
+
+    # ----------------------------------------------------------------------------------------------
+    # ops: decode with attention on the GPU (A_g=1), KV streamed
+
+    def _op_LoadKV(self, t: Task) -> None:
+        i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
+        s = int(self._new_len[j].max())
+        self._state["kv"][i, j] = (self._to_device(mb.k[i, :, :, :s]), self._to_device(mb.v[i, :, :, :s]))
+
+    def _op_GPULayer(self, t: Task) -> None:
+        i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
+        x = self._input(i, j)
+        q, k, v = pre_attention(self.layers[i], x, self._positions[j], self.spec)
+        new_len, starts = self._new_len[j].to(self.device), self._starts[j].to(self.device)
+        if mb.on_gpu:
+            attn = self._attend(mb, j, i, q, k, v, self._slots_dev[j], new_len, starts)
+        else:
+            k_cache, v_cache = self._state["kv"].pop((i, j))
+            b = torch.arange(len(mb.seqs), device=self.device)
+            k_cache[b, :, self._slots_dev[j]] = k
+            v_cache[b, :, self._slots_dev[j]] = v
+            attn = decode_attention(q, k_cache, v_cache, new_len, starts)
+            self._state["qkv"][i, j] = (k, v)
+        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels.kernel(x))
+        self._finish(i, j, x)
+
+    def _op_StoreKV(self, t: Task) -> None:
+        i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
+        k, v = (self._to_cpu(a) for a in self._state["qkv"].pop((i, j)))
+        b = torch.arange(len(mb.seqs))
+        mb.k[i, b, :, mb.slots] = k
+        mb.v[i, b, :, mb.slots] = v
+
+    # ----------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        peak_gpu = (int(torch.cuda.max_memory_allocated(self.device)) if self.cuda
+                    else self.pools.allocated_bytes)
+        return {
+            "peak_gpu_bytes": peak_gpu,
+            "link_bytes": dict(self.link_bytes),
+            "utilisation": self.timeline.utilisation("decode"),
+            "extra": {"memory_plan": {"gpu": self.plan.gpu, "cpu": self.plan.cpu},
+                      "gpu_pools_bytes": self.pools.allocated_bytes,
+                      "prefill_utilisation": self.timeline.utilisation("prefill"),
+                      "expert_kernels_used": self.kernels.used},
+        }

@@ -1,0 +1,125 @@
+"""Paged expert weights under a hard device memory budget.
+
+- `DevicePools`: every persistent device buffer is carved out of pools whose sizes come from the
+  memory plan, allocated before any weight moves; a plan that does not fit is refused first.
+- `ExpertCache`: the GPU expert cache (resident experts of every layer + a double buffer for one
+  layer's streamed experts), the per-layer page table through which the MoE kernels read weights,
+  the pageable CPU copy of the streamed experts, and the pinned staging ring between them.
+
+A layer's streamed weights are one contiguous byte range, `[w13 of its streamed experts | w2 of its
+streamed experts]`, both in CPU memory and in each GPU buffer, so a page is a plain byte slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moe_lightning.config import ModelSpec
+from moe_lightning.engine.model import ExpertStack
+from moe_lightning.engine.weights import WeightSource
+from moe_lightning.errors import MemoryBudgetError
+
+ALIGN = 256
+SLACK = 4096  # per pool: room for the alignment of the few tensors carved from it
+
+
+class DevicePools:
+    """Named byte pools on one device, allocated up front; tensors are views carved out of them."""
+
+    def __init__(self, sizes: dict[str, int], device: torch.device):
+        self.device = device
+        self.size = {name: int(n) for name, n in sizes.items()}
+        self.used = dict.fromkeys(sizes, 0)
+        self.buffers = {name: torch.empty(n + SLACK, dtype=torch.uint8, device=device)
+                        for name, n in self.size.items() if n > 0}
+
+    def take(self, pool: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        start = -(-self.used[pool] // ALIGN) * ALIGN
+        if start + nbytes > self.size[pool] + SLACK:
+            raise MemoryBudgetError(f"pool {pool!r} on {self.device}: {start + nbytes} B needed, "
+                                    f"{self.size[pool]} B planned (memory plan and engine disagree)")
+        self.used[pool] = start + nbytes
+        return self.buffers[pool][start:start + nbytes].view(dtype).view(shape)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(b.numel() for b in self.buffers.values())
+
+
+class ExpertCache:
+    """Resident + double-buffered streamed experts on the device, with pageable and pinned CPU copies."""
+
+    def __init__(self, spec: ModelSpec, source: WeightSource, n_resident: int, num_pages: int,
+                 prefetch: int, pools: DevicePools, device: torch.device, pin: bool):
+        E, H, F, L = spec.num_experts, spec.hidden_size, spec.intermediate_size, spec.num_layers
+        dt = source.dtype
+        self.n_res, self.n_str, self.num_pages = n_resident, E - n_resident, num_pages if E > n_resident else 0
+        # Device: resident experts of every layer.
+        self.res_w13 = pools.take("resident_experts", (L * self.n_res, 2 * F, H), dt) if self.n_res else None
+        self.res_w2 = pools.take("resident_experts", (L * self.n_res, H, F), dt) if self.n_res else None
+        # Device: two buffers for one layer's streamed experts, each one contiguous byte range.
+        self.layer_bytes = self.n_str * 3 * H * F * _size(dt)
+        split = self.n_str * 2 * F * H  # elements of w13 in a streamed layer
+        self.buffers = [pools.take("streamed_experts", (self.layer_bytes,), torch.uint8) for _ in range(2)] \
+            if self.n_str else []
+        self.buf_w13 = [b[: split * _size(dt)].view(dt).view(self.n_str, 2 * F, H) for b in self.buffers]
+        self.buf_w2 = [b[split * _size(dt):].view(dt).view(self.n_str, H, F) for b in self.buffers]
+        # CPU: the streamed experts of every layer (pageable) in the same layout, and the pinned ring.
+        self.cpu_layers: list[torch.Tensor] = []
+        for i in range(L):
+            if self.n_res:
+                for e in range(self.n_res):
+                    w13, w2 = source.expert(i, e)
+                    self.res_w13[i * self.n_res + e].copy_(w13)
+                    self.res_w2[i * self.n_res + e].copy_(w2)
+            if self.n_str:
+                blob = torch.empty(self.layer_bytes, dtype=torch.uint8)
+                w13_view = blob[: split * _size(dt)].view(dt).view(self.n_str, 2 * F, H)
+                w2_view = blob[split * _size(dt):].view(dt).view(self.n_str, H, F)
+                for s in range(self.n_str):
+                    w13, w2 = source.expert(i, self.n_res + s)
+                    w13_view[s].copy_(w13)
+                    w2_view[s].copy_(w2)
+                self.cpu_layers.append(blob)
+        self.page_bytes = -(-self.layer_bytes // self.num_pages) if self.n_str else 0
+        self.ring = [torch.empty(self.page_bytes, dtype=torch.uint8, pin_memory=pin)
+                     for _ in range(prefetch + 1)] if self.n_str else []
+
+    def page_range(self, p: int) -> tuple[int, int]:
+        start = p * self.page_bytes
+        return start, min(start + self.page_bytes, self.layer_bytes)
+
+    def copy_to_pinned(self, layer: int, page: int) -> int:
+        """W_CtoPin: pageable CPU -> pinned ring slot. Returns bytes copied."""
+        a, b = self.page_range(page)
+        slot = self.ring[(layer * self.num_pages + page) % len(self.ring)]
+        slot[: b - a].copy_(self.cpu_layers[layer][a:b])
+        return b - a
+
+    def copy_to_device(self, layer: int, page: int) -> int:
+        """W_PinToGPU: pinned ring slot -> device buffer `layer % 2` (async on the current stream)."""
+        a, b = self.page_range(page)
+        slot = self.ring[(layer * self.num_pages + page) % len(self.ring)]
+        self.buffers[layer % 2][a:b].copy_(slot[: b - a], non_blocking=True)
+        return b - a
+
+    def stack(self, layer: int) -> ExpertStack:
+        """Layer `layer`'s page table: resident experts first (region 0), then the streamed buffer."""
+        w13, w2, slot_of = [], [], []
+        if self.n_res:
+            rows = slice(layer * self.n_res, (layer + 1) * self.n_res)
+            w13.append(self.res_w13[rows])
+            w2.append(self.res_w2[rows])
+            slot_of += [(0, e) for e in range(self.n_res)]
+        if self.n_str:
+            w13.append(self.buf_w13[layer % 2])
+            w2.append(self.buf_w2[layer % 2])
+            slot_of += [(len(w13) - 1, s) for s in range(self.n_str)]
+        return ExpertStack(w13, w2, slot_of)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,93 @@
+"""Timelines of executed (or simulated) task graphs: per-resource utilisation, a Chrome/Perfetto trace
+and a Gantt plot with one lane per resource. The engine and the simulator both produce `TaskRecord`s,
+so their timelines are drawn by the same code and can be laid side by side."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_lightning.schedule.graph import Resource
+
+LANES = (Resource.GPU, Resource.CPU, Resource.H2D, Resource.D2H, Resource.COPY)
+
+
+@dataclass
+class RunTimeline:
+    """Graphs run one after another; each phase's busy time per resource and wall time add up."""
+
+    keep_records: bool = False
+    wall_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    busy_s: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    graphs: list[tuple[str, float, list]] = field(default_factory=list)  # (phase, offset, records)
+    _clock: float = 0.0
+
+    def add(self, phase: str, records: list) -> None:
+        if not records:
+            return
+        start = min(r.start_s for r in records)
+        wall = max(r.end_s for r in records) - start
+        self.wall_s[phase] += wall
+        for r in records:
+            self.busy_s[phase][r.task.resource.value] += r.end_s - r.start_s
+        if self.keep_records:
+            self.graphs.append((phase, self._clock - start, records))
+        self._clock += wall
+
+    def utilisation(self, phase: str) -> dict[str, float]:
+        wall = self.wall_s.get(phase, 0.0)
+        if wall <= 0:
+            return {}
+        return {lane.value: round(min(1.0, self.busy_s[phase].get(lane.value, 0.0) / wall), 4) for lane in LANES}
+
+    def events(self) -> list[dict]:
+        """Chrome trace events (microseconds), one thread per resource."""
+        out = []
+        tid = {lane.value: n for n, lane in enumerate(LANES)}
+        for lane, n in tid.items():
+            out.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": n, "args": {"name": lane}})
+        for phase, offset, records in self.graphs:
+            for r in records:
+                out.append({"name": r.task.label, "cat": phase, "ph": "X", "pid": 0,
+                            "tid": tid[r.task.resource.value], "ts": (r.start_s + offset) * 1e6,
+                            "dur": max((r.end_s - r.start_s) * 1e6, 0.01),
+                            "args": {"layer": r.task.layer, "micro_batch": r.task.micro_batch}})
+        return out
+
+    def write_chrome_trace(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
+        return path
+
+    def write_gantt(self, path: str | Path, title: str = "", max_graphs: int = 4) -> Path:
+        """Gantt PNG of the first `max_graphs` graphs (a prefill and decode steps), one lane per resource."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        graphs = self.graphs[:max_graphs]
+        colours = {}
+        palette = plt.get_cmap("tab20").colors
+        fig, ax = plt.subplots(figsize=(14, 3.2))
+        for phase, offset, records in graphs:
+            for r in records:
+                colour = colours.setdefault(r.task.op, palette[len(colours) % len(palette)])
+                y = LANES.index(r.task.resource)
+                ax.barh(y, (r.end_s - r.start_s) * 1e3, left=(r.start_s + offset) * 1e3, height=0.8,
+                        color=colour, edgecolor="none")
+        ax.set_yticks(range(len(LANES)), [lane.value for lane in LANES])
+        ax.invert_yaxis()
+        ax.set_xlabel("time (ms)")
+        ax.set_title(title or "timeline")
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+        ax.legend(handles, list(colours), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path

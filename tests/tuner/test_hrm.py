@@ -1,0 +1,153 @@
+"""HRM formulas against values computed by hand, on small numbers."""
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ModelSpec, Policy, Workload
+from moe_lightning.tuner.hrm import (
+    attainable,
+    attention_cost,
+    balance_point,
+    ffn_cost,
+    levels,
+    predict,
+    turning_point_p1,
+    turning_point_p2,
+)
+from moe_lightning.tuner.presets import load_preset
+
+SPEC = ModelSpec(name="hand", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1,
+                 head_dim=4, num_experts=4, top_k=2, vocab_size=32, dtype="float16", weights="random")
+# GPU 1 TFLOP/s and 100 GB/s, CPU 0.1 TFLOP/s and 10 GB/s, link 1 GB/s each way.
+HW = HardwareSpec(name="hand",
+                  gpu=GpuSpec(memory_gb=1, bandwidth_gbps=100, peak_tflops=1.0, usable_fraction=1),
+                  cpu=CpuSpec(memory_gb=1, bandwidth_gbps=10, peak_tflops=0.1, usable_fraction=1),
+                  link=LinkSpec(h2d_gbps=1, d2h_gbps=1))
+WORKLOAD = Workload(prompt_len_avg=4, prompt_len_max=5, gen_len=4, num_requests=4)
+POLICY = Policy(batch_size=4, micro_batch_size=2, attn_on_gpu=False, ffn_on_gpu=True, expert_gpu_fraction=0.5)
+
+
+def test_attention_cost_by_hand():
+    cost = attention_cost(SPEC, 3, 10)
+    assert cost.flops == 2 * 3 * 10 * 2 * 4 + 2 * 3 * 10 * 2 == 600
+    assert cost.bytes == (3 * 2 * 4 + 2 * 3 * 10 * 1 * 4 + 3 * 2 * 4) * 2 == 576
+
+
+def test_ffn_cost_by_hand():
+    cost = ffn_cost(SPEC, 3, 2)
+    assert cost.flops == 2 * 3 * 8 * 16 * 3 * 2 == 4608
+    # activations (3*8 + 3*16) * 2 B, plus all 4 experts (768 B each) read once per micro-batch (2)
+    assert cost.bytes == 144 + 2 * 4 * 768 == 6288
+    assert ffn_cost(SPEC, 3, 4).bytes - cost.bytes == 2 * 4 * 768
+
+
+def test_roofline_primitives():
+    assert attainable(100.0, 10.0, 5.0, 2.0, 30.0) == 50.0     # memory bound
+    assert attainable(100.0, 10.0, 50.0, 2.0, 30.0) == 60.0    # link bound
+    assert attainable(40.0, 10.0, 50.0, 2.0, 30.0) == 40.0     # compute bound
+    assert turning_point_p1(0.8e12, 100e9, 64.0, 16e9) == pytest.approx(50.0)   # CPU peak / link
+    assert turning_point_p1(0.8e12, 100e9, 4.0, 16e9) == pytest.approx(25.0)    # CPU memory / link
+    assert turning_point_p2(65e12, 300e9, 5.0, 16e9) == pytest.approx(93.75)
+    assert balance_point(300e9, 5.0, 16e9) == pytest.approx(93.75)
+
+
+def test_levels_scale_with_gpu_count():
+    hw2 = replace(HW, gpu=replace(HW.gpu, count=2))
+    one, two = levels(HW), levels(hw2)
+    assert two.gpu.peak_flops == 2 * one.gpu.peak_flops
+    assert two.gpu.bandwidth_bytes_s == 2 * one.gpu.bandwidth_bytes_s
+    assert two.link_h2d_bytes_s == 2 * one.link_h2d_bytes_s
+    assert two.cpu == one.cpu
+
+
+def test_layer_time_and_throughput_by_hand():
+    pred = predict(SPEC, HW, WORKLOAD, POLICY)
+    # context = 4 + 4/2 = 6. Attention on CPU: 480 FLOPs, 512 B -> max(512/10e9, 480/1e11) = 5.12e-8 s.
+    assert pred.t_cpu == pytest.approx(512 / 10e9)
+    # FFN on GPU, 2 micro-batches: 6144 FLOPs, (32+64)*2 + 2*4*768 = 6336 B -> 6.336e-8 s.
+    assert pred.t_gpu == pytest.approx(6336 / 100e9)
+    # link H2D: 2 streamed experts (1536 B) + attention outputs 4*2*4*2 = 64 B; D2H: q,k,v 4*4*4*2 = 128 B.
+    assert pred.t_link == pytest.approx(1600 / 1e9)
+    assert pred.t_link_d2h == pytest.approx(128 / 1e9)
+    assert pred.bottleneck == "link"
+    assert pred.decode_tok_s == pytest.approx(4 / (2 * 1.6e-6))
+    # prefill per layer: 16 tokens; FLOPs 2*16*(192+32+2*384) + 2*4*16*2*4 = 32768 -> 3.3e-8 s;
+    # GPU bytes 2*((192+32)*2 + 4*768) + 16*2*4*2 = 7296 -> 7.3e-8 s; H2D 1536 B -> 1.536e-6 s (max).
+    assert pred.prefill_s == pytest.approx(2 * 1536 / 1e9)
+    assert pred.e2e_tok_s == pytest.approx(4 * 4 / (2 * 1.536e-6 + 4 * 2 * 1.6e-6))
+    assert pred.decode_s == pytest.approx(4 * 2 * 1.6e-6)
+
+
+def test_attention_on_gpu_streams_cpu_share_of_kv():
+    policy = replace(POLICY, attn_on_gpu=True, kv_gpu_fraction=0.25)
+    pred = predict(SPEC, HW, WORKLOAD, policy)
+    kv_layer = 4 * 6 * 2 * 1 * 4 * 2  # N * ctx * (K,V) * nkv * hd * 2 B = 384
+    assert pred.t_link == pytest.approx((1536 + 0.75 * kv_layer) / 1e9)
+    assert pred.t_cpu == 0.0
+    attn_g = max(512 / 100e9, 480 / 1e12)
+    assert pred.t_gpu == pytest.approx(attn_g + 6336 / 100e9)
+
+
+def test_ffn_on_cpu_reads_experts_from_cpu_memory():
+    policy = replace(POLICY, ffn_on_gpu=False, expert_gpu_fraction=0.0)
+    pred = predict(SPEC, HW, WORKLOAD, policy)
+    assert pred.t_link == 0.0 and pred.t_gpu == 0.0
+    assert pred.t_cpu == pytest.approx(512 / 10e9 + 6336 / 10e9)
+    assert pred.bottleneck == "cpu"
+
+
+def test_more_micro_batches_cost_gpu_reads_and_padding_costs_prefill():
+    few = predict(SPEC, HW, WORKLOAD, replace(POLICY, micro_batch_size=4))
+    many = predict(SPEC, HW, WORKLOAD, replace(POLICY, micro_batch_size=1))
+    assert many.t_gpu > few.t_gpu
+    padded = predict(SPEC, HW, replace(WORKLOAD, padding=True), POLICY)
+    plain = predict(SPEC, HW, WORKLOAD, POLICY)
+    assert padded.t_cpu > plain.t_cpu  # context 5 + 2 instead of 4 + 2
+
+
+def test_tensor_parallel_halves_link_time():
+    hw2 = replace(HW, gpu=replace(HW.gpu, count=2))
+    assert predict(SPEC, hw2, WORKLOAD, POLICY).t_link == pytest.approx(
+        predict(SPEC, HW, WORKLOAD, POLICY).t_link / 2)
+
+
+def test_mixtral_t4_per_layer_numbers():
+    spec, hw = load_preset("model", "mixtral-8x7b"), load_preset("hardware", "t4")
+    wl = load_preset("workload", "mtbench")
+    policy = Policy(batch_size=256, micro_batch_size=16, attn_on_gpu=False, ffn_on_gpu=True)
+    pred = predict(spec, hw, wl, policy)
+    expert_b = 3 * 4096 * 14336 * 2                     # 352 MB
+    assert expert_b == 352_321_536
+    link = (8 * expert_b + 256 * 32 * 128 * 2) / 16e9   # all experts streamed + attention outputs
+    assert pred.t_link == pytest.approx(link)
+    gpu = (256 * (4096 + 14336) * 2 + 16 * 8 * expert_b) / 300e9
+    assert pred.t_gpu == pytest.approx(max(gpu, 2 * 256 * 4096 * 14336 * 6 / 65e12))
+    ctx = 77 + 64
+    attn_bytes = (2 * 256 * 32 * 128 + 2 * 256 * ctx * 8 * 128) * 2
+    assert pred.t_cpu == pytest.approx(attn_bytes / 100e9)
+    assert pred.bottleneck == "link"
+    assert pred.decode_tok_s == pytest.approx(256 / (32 * link))
+    assert math.isfinite(pred.e2e_tok_s) and pred.e2e_tok_s < pred.decode_tok_s
+
+
+def test_roofline_points_and_plot(tmp_path):
+    from moe_lightning.tuner.roofline_plot import plot_roofline, roofline_points
+
+    spec, hw = load_preset("model", "mixtral-8x7b"), load_preset("hardware", "t4")
+    wl = load_preset("workload", "mtbench")
+    policy = Policy(batch_size=256, micro_batch_size=32, attn_on_gpu=False, ffn_on_gpu=True)
+    pts = roofline_points(spec, hw, wl, policy)
+    # FFN w.r.t. the link: 2*256*4096*14336*6 FLOPs over 8 streamed experts' bytes = 256 * 2 / 8 = 64.
+    assert pts.ffn_intensity_link == pytest.approx(64.0)
+    # P1 = min(P^c, B^c * I^c) / B^{c,g} = min(0.8e12, 100e9 * 64) / 16e9 = 50
+    assert pts.p1 == pytest.approx(50.0)
+    # FFN on the GPU reads all experts once per micro-batch (8 of them): I^g ~ 64 / 8 (plus activations)
+    i_g = pts.ffn_intensity_level
+    assert 7.9 < i_g < 8.0
+    assert pts.p2 == pytest.approx(min(65e12, 300e9 * i_g) / 16e9)
+    assert pts.ffn_flops_s == pytest.approx(min(65e12, 300e9 * i_g, 16e9 * 64.0))
+    pytest.importorskip("matplotlib")
+    out = plot_roofline(spec, hw, wl, policy, tmp_path / "hrm.png")
+    assert out.exists() and out.stat().st_size > 10_000

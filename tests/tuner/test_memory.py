@@ -1,0 +1,77 @@
+"""memory_plan pool values for a tiny case worked out by hand, and the budget check."""
+
+import pytest
+
+from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ModelSpec, Policy, Workload
+from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.memory import memory_plan, resident_experts_per_layer
+
+# L=2, H=8, F=16, nq=2, nkv=1, hd=4, E=4, top-2, V=32, fp16 (2 bytes).
+SPEC = ModelSpec(name="hand", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1,
+                 head_dim=4, num_experts=4, top_k=2, vocab_size=32, dtype="float16", weights="random")
+WORKLOAD = Workload(prompt_len_avg=3, prompt_len_max=5, gen_len=3, num_requests=4)
+
+
+def hw_with(gpu_bytes: float, cpu_bytes: float) -> HardwareSpec:
+    return HardwareSpec(name="hand", gpu=GpuSpec(memory_gb=gpu_bytes / 1e9, usable_fraction=1.0),
+                        cpu=CpuSpec(memory_gb=cpu_bytes / 1e9, usable_fraction=1.0), link=LinkSpec())
+
+
+def test_pools_by_hand_attention_on_cpu():
+    policy = Policy(batch_size=4, micro_batch_size=2, attn_on_gpu=False, ffn_on_gpu=True,
+                    expert_gpu_fraction=0.5, kv_gpu_fraction=0.25, prefetch_depth=2)
+    plan = memory_plan(SPEC, policy, WORKLOAD)
+    # expert = 3*8*16 = 384 params = 768 B. Non-expert params: per layer attention 8*(2*8 + 2*4) = 192,
+    # norms 2*8, router 4*8 -> 240; 2 layers = 480, embeddings + head 2*32*8 = 512, final norm 8 -> 1000.
+    # KV per token 2*2*1*4*2 = 32 B; ctx = 5 + 3 = 8; kv_total = 4*8*32 = 1024; GPU share ceil(256) = 256.
+    # decode workspace: 4*8*2 + 2*(8+8+8)*2 + 2*2*(48+8)*4 + 2*32*4 = 64 + 96 + 896 + 256 = 1312.
+    # prefill workspace: T = 10 tokens: 10*(8+8+24)*2 + 10*2*56*4 + 256 = 800 + 4480 + 256 = 5536.
+    assert plan.gpu == {"non_expert_weights": 2000, "resident_experts": 2 * 2 * 768,
+                        "streamed_experts": 2 * 2 * 768, "kv_cache": 256, "activations": 5536}
+    # pinned ring: page = ceil(2*768 / 2 pages) = 768, times (2 + 1); hidden: 4*(8+8+8)*2 = 192.
+    assert plan.cpu == {"streamed_experts": 2 * 2 * 768, "kv_cache": 768, "pinned_ring": 2304,
+                        "hidden_states": 192}
+    assert plan.gpu_total_bytes == 13936
+    assert plan.cpu_total_bytes == 6336
+
+
+def test_attention_on_gpu_adds_streamed_kv_double_buffer():
+    base = dict(batch_size=4, micro_batch_size=2, ffn_on_gpu=True, expert_gpu_fraction=0.5,
+                kv_gpu_fraction=0.25)
+    on_cpu = memory_plan(SPEC, Policy(attn_on_gpu=False, **base), WORKLOAD)
+    on_gpu = memory_plan(SPEC, Policy(attn_on_gpu=True, **base), WORKLOAD)
+    # 2 buffers * mu 2 * ctx 8 * (K and V) 2 * nkv 1 * hd 4 * 2 B = 512
+    assert on_gpu.gpu["kv_cache"] - on_cpu.gpu["kv_cache"] == 512
+    assert on_gpu.cpu == on_cpu.cpu
+
+
+def test_all_resident_has_no_stream_buffer_and_pages_round_up():
+    full = memory_plan(SPEC, Policy(batch_size=4, micro_batch_size=2, expert_gpu_fraction=1.0), WORKLOAD)
+    assert full.gpu["streamed_experts"] == 0 and full.cpu["streamed_experts"] == 0
+    assert full.gpu["resident_experts"] == 2 * 4 * 768
+    assert full.cpu["pinned_ring"] == 0
+    odd = memory_plan(SPEC, Policy(batch_size=4, micro_batch_size=2, expert_gpu_fraction=0.25,
+                                   pages_per_layer=5, prefetch_depth=1), WORKLOAD)
+    assert odd.cpu["pinned_ring"] == 2 * -(-3 * 768 // 5)  # ceil(2304 / 5) = 461 per page
+
+
+def test_resident_count_floors_with_tolerance():
+    assert resident_experts_per_layer(SPEC, 0.3) == 1      # 1.2 -> 1
+    assert resident_experts_per_layer(SPEC, 0.75) == 3
+    three = ModelSpec(num_experts=3, top_k=2)
+    assert resident_experts_per_layer(three, 1 / 3) == 1   # 0.999... + 1e-6 -> 1
+    assert resident_experts_per_layer(three, 2 / 3) == 2
+
+
+def test_fits_and_check_message():
+    policy = Policy(batch_size=4, micro_batch_size=2, expert_gpu_fraction=0.5, kv_gpu_fraction=0.25)
+    plan = memory_plan(SPEC, policy, WORKLOAD)
+    assert plan.fits(hw_with(13936, 6336))
+    plan.check(hw_with(13936, 6336))
+    tight = hw_with(13935, 10**6)
+    assert not plan.fits(tight)
+    with pytest.raises(MemoryBudgetError) as err:
+        plan.check(tight)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "13936" in msg and "13935" in msg and "activations=5536" in msg and "OVER" in msg

@@ -1,0 +1,154 @@
+"""The optimizer: exact on its own model (brute force), monotone in resources, fast, and clear when
+nothing fits."""
+
+import itertools
+import json
+import time
+from dataclasses import replace
+
+import pytest
+
+from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ModelSpec, Policy, Workload
+from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.memory import memory_plan
+from moe_lightning.tuner.hrm import predict
+from moe_lightning.tuner.optimizer import optimize, plan_document, plan_table
+from moe_lightning.tuner.presets import load_preset, preset_names
+
+SPEC = ModelSpec(name="small", num_layers=4, hidden_size=64, intermediate_size=256, num_heads=4,
+                 num_kv_heads=2, head_dim=16, num_experts=4, top_k=2, vocab_size=128, dtype="float16",
+                 weights="random")
+WORKLOAD = Workload(name="small", prompt_len_avg=40, prompt_len_max=64, gen_len=32, num_requests=12)
+
+
+def small_hw(gpu_bytes: int, cpu_gbps: float = 20.0) -> HardwareSpec:
+    # Slow link and modest CPU so that the placement and residency trade-offs are live.
+    return HardwareSpec(name="small",
+                        gpu=GpuSpec(memory_gb=gpu_bytes / 1e9, bandwidth_gbps=50, peak_tflops=2.0,
+                                    usable_fraction=1.0),
+                        cpu=CpuSpec(memory_gb=0.01, bandwidth_gbps=cpu_gbps, peak_tflops=0.05,
+                                    usable_fraction=1.0),
+                        link=LinkSpec(h2d_gbps=2, d2h_gbps=2))
+
+
+def brute_force(spec, hw, wl):
+    best, best_policy, feasible, infeasible = -1.0, None, 0, 0
+    r_ws = [i / spec.num_experts for i in range(spec.num_experts + 1)]
+    r_cs = [i / 10 for i in range(11)]
+    for n in range(1, wl.num_requests + 1):
+        for mu in range(1, n + 1):
+            for a_g, f_g, r_w, r_c in itertools.product((False, True), (False, True), r_ws, r_cs):
+                policy = Policy(batch_size=n, micro_batch_size=mu, attn_on_gpu=a_g, ffn_on_gpu=f_g,
+                                expert_gpu_fraction=r_w, kv_gpu_fraction=r_c)
+                if not memory_plan(spec, policy, wl).fits(hw):
+                    infeasible += 1
+                    continue
+                feasible += 1
+                e2e = predict(spec, hw, wl, policy).e2e_tok_s
+                if e2e > best:
+                    best, best_policy = e2e, policy
+    return best, best_policy, feasible, infeasible
+
+
+# Cases chosen so that the optimum is not trivial: micro-batch sizes 1, 3 and 5, resident fractions
+# 0.25 to 1, attention on the GPU with a fractional KV share (slow CPU), attention on the CPU (fast CPU).
+@pytest.mark.parametrize(("gpu_bytes", "cpu_gbps"), [(1_700_000, 20.0), (3_250_000, 20.0), (2_000_000, 0.2),
+                                                     (4_500_000, 0.2)])
+def test_optimizer_beats_or_equals_brute_force(gpu_bytes, cpu_gbps):
+    hw = small_hw(gpu_bytes, cpu_gbps)
+    best, best_policy, feasible, infeasible = brute_force(SPEC, hw, WORKLOAD)
+    assert feasible > 0 and infeasible > 0  # the memory constraint binds
+    plan = optimize(SPEC, hw, WORKLOAD)
+    print(f"\nGPU {gpu_bytes} B: brute force {best:.1f} tok/s with {best_policy}; optimizer "
+          f"{plan.prediction.e2e_tok_s:.1f} tok/s with {plan.policy}")
+    assert plan.memory.fits(hw)
+    assert plan.prediction.e2e_tok_s >= best * (1 - 1e-9)
+    assert plan.prediction.e2e_tok_s == pytest.approx(predict(SPEC, hw, WORKLOAD, plan.policy).e2e_tok_s)
+
+
+def _e2e(hw, model="mixtral-8x7b", workload="mtbench"):
+    return optimize(load_preset("model", model), hw, load_preset("workload", workload)).prediction.e2e_tok_s
+
+
+@pytest.mark.parametrize("hw_name", ["t4", "l4"])
+@pytest.mark.parametrize("wl_name", ["mtbench", "helm-synthetic-reasoning", "helm-summarization"])
+def test_more_gpu_memory_or_faster_link_never_hurts(hw_name, wl_name):
+    hw = load_preset("hardware", hw_name)
+    mem = [_e2e(replace(hw, gpu=replace(hw.gpu, memory_gb=hw.gpu.memory_gb * s)), workload=wl_name)
+           for s in (1.0, 1.1, 1.25, 1.5, 2.0, 4.0)]
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(mem, mem[1:], strict=False)), mem
+    assert mem[-1] > mem[0]
+    link = [_e2e(replace(hw, link=LinkSpec(h2d_gbps=hw.link.h2d_gbps * s, d2h_gbps=hw.link.d2h_gbps * s)),
+                 workload=wl_name) for s in (1.0, 1.5, 2.0, 4.0)]
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(link, link[1:], strict=False)), link
+    base = optimize(load_preset("model", "mixtral-8x7b"), hw, load_preset("workload", wl_name))
+    if base.bottleneck == "link":  # e.g. t4 + summarization is GPU-bound: a faster link cannot help
+        assert link[-1] > link[0]
+
+
+def test_mixtral_t4_mtbench_is_in_the_papers_order_of_magnitude():
+    spec, hw, wl = (load_preset("model", "mixtral-8x7b"), load_preset("hardware", "t4"),
+                    load_preset("workload", "mtbench"))
+    plan = optimize(spec, hw, wl)
+    print("\n" + plan_table(plan))
+    p = plan.policy
+    assert not p.attn_on_gpu and p.ffn_on_gpu
+    assert p.expert_gpu_fraction == 0.0  # one resident expert in every layer needs 11 GB: does not fit
+    assert 5 < plan.prediction.e2e_tok_s < 300
+
+
+def test_impossible_workload_raises_one_line():
+    spec, hw = load_preset("model", "mixtral-8x7b"), load_preset("hardware", "t4")
+    huge = Workload(name="huge", prompt_len_avg=2_000_000, prompt_len_max=2_000_000, gen_len=8,
+                    num_requests=4)
+    with pytest.raises(MemoryBudgetError) as err:
+        optimize(spec, hw, huge)
+    assert "\n" not in str(err.value) and "KV cache" in str(err.value) and "huge" in str(err.value)
+    with pytest.raises(MemoryBudgetError):  # the weights alone exceed this machine
+        optimize(spec, load_preset("hardware", "cpu"), load_preset("workload", "mtbench"))
+
+
+def test_reports():
+    spec, hw, wl = (load_preset("model", "mixtral-8x7b"), load_preset("hardware", "2xt4"),
+                    load_preset("workload", "helm-synthetic-reasoning"))
+    plan = optimize(spec, hw, wl)
+    doc = json.loads(json.dumps(plan_document(plan)))
+    assert set(doc) >= {"policy", "prediction", "bottleneck", "memory"}
+    assert doc["policy"]["batch_size"] == plan.policy.batch_size
+    assert doc["memory"]["gpu_budget_bytes"] == hw.gpu_budget_bytes
+    assert sum(doc["memory"]["gpu"].values()) <= doc["memory"]["gpu_budget_bytes"]
+    assert doc["bottleneck"] in ("link", "cpu", "gpu")
+    table = plan_table(plan)
+    assert "end-to-end tokens/s" in table and "kv_cache" in table and "budget" in table
+    assert f"{hw.gpu_budget_bytes / 2 / 1e9:8.2f}" in table  # per-device GPU budget
+
+
+def test_every_shipped_case_is_fast():
+    worst, worst_case, planned = 0.0, None, 0
+    names = (preset_names("model"), preset_names("hardware"), preset_names("workload"))
+    for m, h, w in itertools.product(*names):
+        spec, hw, wl = load_preset("model", m), load_preset("hardware", h), load_preset("workload", w)
+        start = time.perf_counter()
+        try:
+            plan = optimize(spec, hw, wl)
+            planned += 1
+            assert plan.memory.fits(hw)
+        except MemoryBudgetError:
+            pass
+        elapsed = time.perf_counter() - start
+        if elapsed > worst:
+            worst, worst_case = elapsed, (m, h, w)
+    print(f"\nslowest optimize(): {worst:.3f} s for {worst_case}; {planned} cases planned")
+    assert planned > 50
+    assert worst < 10.0
+
+
+def test_large_batch_search_stays_fast():
+    spec, hw = load_preset("model", "mixtral-8x7b"), load_preset("hardware", "l4")
+    wl = replace(load_preset("workload", "helm-synthetic-reasoning"), num_requests=100_000)
+    start = time.perf_counter()
+    plan = optimize(spec, hw, wl)
+    elapsed = time.perf_counter() - start
+    print(f"\nN up to the memory limit: {plan.points_evaluated} points in {elapsed:.2f} s -> {plan.policy}")
+    assert plan.policy.batch_size > 256
+    assert elapsed < 10.0
