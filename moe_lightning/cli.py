@@ -22,8 +22,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def group_options(group: str) -> list[str]:
-    from moe_lightning.conf.store import register
     from hydra.core.config_store import ConfigStore
+
+    from moe_lightning.conf.store import register
 
     register()
     stored = ConfigStore.instance().repo.get(group, {})
@@ -47,8 +48,9 @@ def _schema_for(path: list[str], choices: dict[str, str]):
 def check_overrides(args: list[str]) -> None:
     """Raise ConfigError for an unknown key or group option (Hydra's own messages span many lines)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from moe_lightning.config import RunConfig, field_names
+
     from moe_lightning.conf.store import GROUPS
+    from moe_lightning.config import RunConfig, field_names
     from moe_lightning.errors import ConfigError
 
     plain = [a for a in args if not a.startswith("-")]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 from moe_lightning.errors import ConfigError
 
@@ -64,10 +64,10 @@ class ModelSpec:
     dtype: str = "float32"          # auto: the checkpoint's own dtype
     # "checkpoint": read `path` (a Hugging Face folder); "random": real shapes, seeded random values.
     weights: str = "checkpoint"
-    path: Optional[str] = None
+    path: str | None = None
     seed: int = 0
-    bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[int] = 2
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
 
     def __post_init__(self) -> None:
         _choice(self.architecture, "model.architecture", ("mixtral", "dbrx"))
@@ -188,7 +188,7 @@ class Workload:
     gen_len: int = 16
     num_requests: int = 8
     padding: bool = False
-    path: Optional[str] = None
+    path: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -270,11 +270,11 @@ class RunConfig:
     workload: Workload = field(default_factory=Workload)
     policy: Policy = field(default_factory=Policy)
     sampling: Sampling = field(default_factory=Sampling)
-    out: Optional[str] = None       # run document (JSON) path
-    outputs: Optional[str] = None   # generate: outputs JSONL path
+    out: str | None = None       # run document (JSON) path
+    outputs: str | None = None   # generate: outputs JSONL path
     trace: bool = False             # write a Chrome trace and a Gantt plot of the run
     device: str = "auto"            # auto: cuda when available, else the CPU plays the GPU's role
-    run_dir: Optional[str] = None   # where unnamed artefacts go (the CLI sets Hydra's output dir)
+    run_dir: str | None = None   # where unnamed artefacts go (the CLI sets Hydra's output dir)
 
     def __post_init__(self) -> None:
         from moe_lightning.systems import SYSTEM_CONFIGS

@@ -10,7 +10,7 @@ Modelled (dtype bytes `d = spec.dtype_bytes`, `E` experts, `L` layers, `N` batch
   experts of one layer (even layers use buffer 0, odd layers buffer 1); the GPU share of the KV cache
   (`ceil(r_c * kv_total)`) plus, with attention on the GPU, a double buffer for one layer's streamed KV
   of one micro-batch; the larger of the decode and the prefill activation workspaces (router/expert
-  intermediates and logits in float32);
+  intermediates and logits in float32; prefill also holds the hidden states of the whole batch);
 - CPU: the streamed experts of every layer, the CPU share of the KV cache, the pinned staging ring
   (`prefetch_depth + 1` pages of one layer's streamed experts) and the hidden states (q, k, v and the
   attention output) of the whole batch.
@@ -66,7 +66,10 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     kv_stream_buffer = 2 * mu * ctx * 2 * nkv * hd * d if attn_on_gpu else 0 * mu
     decode_ws = N * H * d + mu * (nq * hd + 2 * nkv * hd + H) * d + mu * k * (3 * F + H) * 4 + mu * V * 4
     tokens = mu * workload.prompt_len_max
-    prefill_ws = tokens * (nq * hd + 2 * nkv * hd + 3 * H) * d + tokens * k * (3 * F + H) * 4 + mu * V * 4
+    # Prefill walks the whole batch through one layer at a time, so every micro-batch's hidden states
+    # (N * prompt_len_max * H) live on the GPU beside one micro-batch's intermediates.
+    prefill_ws = (N * workload.prompt_len_max * H * d + tokens * (nq * hd + 2 * nkv * hd + 3 * H) * d
+                  + tokens * k * (3 * F + H) * 4 + mu * V * 4)
     activations = decode_ws + (prefill_ws - decode_ws) * (prefill_ws > decode_ws)  # max, array-safe
     gpu = {
         "non_expert_weights": spec.non_expert_params * d,

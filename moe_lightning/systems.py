@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_lightning.config import EXPERT_KERNELS, HardwareSpec, ModelSpec, Policy, _choice, _check
+from moe_lightning.config import EXPERT_KERNELS, HardwareSpec, ModelSpec, Policy, Workload, _check, _choice
 from moe_lightning.engine.generation import BatchRunner
 from moe_lightning.engine.weights import WeightSource
 
@@ -26,14 +26,28 @@ class ReferenceSystem:
         _choice(self.expert_kernel, "system.expert_kernel", EXPERT_KERNELS[1:])
 
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
-              device: torch.device) -> BatchRunner:
+              workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:
         from moe_lightning.engine.experts import KERNELS
         from moe_lightning.engine.reference import ReferenceRunner
 
         return ReferenceRunner(spec, source, device, KERNELS[self.expert_kernel])
 
 
-SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem}
+@dataclass
+class CGOPipeSystem:
+    """MoE-Lightning's engine: CPU attention two micro-batches ahead, paged expert weights streamed
+    CPU -> pinned -> GPU, under the hardware profile's GPU memory budget. Knobs are in `policy`."""
+
+    name: str = "cgopipe"
+
+    def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
+              workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:
+        from moe_lightning.engine.cgopipe import CGOPipeRunner
+
+        return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace)
+
+
+SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem}
 
 
 def resolve_device(name: str) -> torch.device:

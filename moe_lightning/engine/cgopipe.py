@@ -355,6 +355,12 @@ class CGOPipeRunner:
 
     # ----------------------------------------------------------------------------------------------
 
+    def reset_stats(self) -> None:
+        """Forget timings and byte counts (after a warm-up); peak memory is kept."""
+        self.timeline = RunTimeline(keep_records=self.timeline.keep_records)
+        self.link_bytes = {"h2d": 0, "d2h": 0}
+        self.kernels.used = {}
+
     def stats(self) -> dict:
         peak_gpu = (int(torch.cuda.max_memory_allocated(self.device)) if self.cuda
                     else self.pools.allocated_bytes)

@@ -29,7 +29,7 @@ class TaskRecord:
     task: Task
     start_s: float
     end_s: float
-    worker_start_s: float = 0.0
+    issued_s: float = 0.0   # when the host thread issued it (host clock)
 
 
 class _Done:
@@ -54,6 +54,7 @@ class Executor:
     def run(self, graph: TaskGraph, handlers: dict[str, Callable[[Task], None]]) -> list[TaskRecord]:
         done = [_Done() for _ in graph.tasks]
         records: list[TaskRecord | None] = [None] * len(graph.tasks)
+        issued = [0.0] * len(graph.tasks)
         errors: list[BaseException] = []
         queues: dict[Resource, queue.Queue] = {r: queue.Queue() for r in Resource}
         t0 = time.perf_counter()
@@ -97,7 +98,7 @@ class Executor:
                     else:
                         with torch.inference_mode():
                             handlers[task.op](task)
-                    records[task.id] = TaskRecord(task, start, time.perf_counter() - t0, start)
+                    records[task.id] = TaskRecord(task, start, time.perf_counter() - t0, issued[task.id])
                 except BaseException as exc:  # noqa: BLE001 - re-raised on the host thread
                     errors.append(exc)
                 finally:
@@ -108,6 +109,7 @@ class Executor:
         for th in threads:
             th.start()
         for task in graph.tasks:  # one host thread issues in order
+            issued[task.id] = time.perf_counter() - t0
             queues[task.resource].put(task)
         for r in Resource:
             queues[r].put(None)

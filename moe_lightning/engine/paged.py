@@ -56,7 +56,7 @@ class ExpertCache:
                  prefetch: int, pools: DevicePools, device: torch.device, pin: bool):
         E, H, F, L = spec.num_experts, spec.hidden_size, spec.intermediate_size, spec.num_layers
         dt = source.dtype
-        self.n_res, self.n_str, self.num_pages = n_resident, E - n_resident, num_pages if E > n_resident else 0
+        self.n_res, self.n_str, self.num_pages = n_resident, E - n_resident, num_pages if n_resident < E else 0
         # Device: resident experts of every layer.
         self.res_w13 = pools.take("resident_experts", (L * self.n_res, 2 * F, H), dt) if self.n_res else None
         self.res_w2 = pools.take("resident_experts", (L * self.n_res, H, F), dt) if self.n_res else None

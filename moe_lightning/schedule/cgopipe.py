@@ -57,6 +57,8 @@ class _WeightStream:
             q = self.next_ctop
             i, p = self.pages[q]
             freed = self.g.get("W_PinToGPU", *self.pages[q - self.ring]) if q >= self.ring else None
+            if q >= self.ring and freed is None:
+                raise AssertionError(f"W_CtoPin({i},{p}) would overwrite a ring slot not yet copied out")
             self.g.add(COPY, "W_CtoPin", i, p, [freed])
             self.next_ctop += 1
 
@@ -65,6 +67,7 @@ class _WeightStream:
         # Buffer i % 2 was last read by layer i-2: its last micro-batch must be done.
         freed = self.g.get(self.compute_op, i - 2, m - 1) if i >= 2 else None
         for p in pages:
+            self.copy_ahead(i * self.s.num_pages + p + 1)  # its W_CtoPin must be issued first
             self.g.add(H2D, "W_PinToGPU", i, p, [self.g.get("W_CtoPin", i, p), freed])
 
     def layer_ready(self, i: int) -> list[int | None]:

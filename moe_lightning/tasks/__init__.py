@@ -3,6 +3,7 @@ method taking the whole `RunConfig` and returning a `RunReport`."""
 
 from __future__ import annotations
 
+from moe_lightning.tasks.bench import BenchTask
 from moe_lightning.tasks.generate import GenerateTask
 
-TASK_CONFIGS: dict[str, type] = {"generate": GenerateTask}
+TASK_CONFIGS: dict[str, type] = {"generate": GenerateTask, "bench": BenchTask}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -23,9 +24,12 @@ class Generation:
     requests: list
     output_ids: list[list[int]]
     tokenizer: object | None
+    runner: object = None
 
 
-def run_generation(cfg: RunConfig, progress: bool = True) -> Generation:
+def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0) -> Generation:
+    """Load, (warm up,) generate for every request, and measure. Weight loading is never timed; with
+    `warmup_tokens`, one batch is generated that far first and its timings are discarded."""
     from tqdm import tqdm
 
     from moe_lightning.engine.generation import GenerationParams, generate
@@ -38,10 +42,20 @@ def run_generation(cfg: RunConfig, progress: bool = True) -> Generation:
     tokenizer = load_tokenizer(spec.path) if spec.path else None
     requests = load_requests(cfg.workload, spec, tokenizer)
     device = resolve_device(cfg.device)
-    runner = cfg.system.build(spec, source, cfg.hardware, cfg.policy, device)
+    # The memory plan is made for the prompts actually given (a JSONL file sets its own lengths).
+    lengths = [len(r.input_ids) for r in requests]
+    workload = dataclasses.replace(cfg.workload, prompt_len_max=max(lengths),
+                                   prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))),
+                                   num_requests=len(requests))
+    runner = cfg.system.build(spec, source, cfg.hardware, cfg.policy, workload, device, trace=cfg.trace)
     params = GenerationParams(max_new_tokens=cfg.workload.gen_len, temperature=cfg.sampling.temperature,
                               top_p=cfg.sampling.top_p, seed=cfg.sampling.seed,
                               eos_token_id=None if cfg.sampling.ignore_eos else spec.eos_token_id)
+    if warmup_tokens:
+        warm = dataclasses.replace(params, max_new_tokens=min(warmup_tokens, params.max_new_tokens))
+        generate(runner, [r.input_ids for r in requests[:cfg.policy.batch_size]], warm, cfg.policy.batch_size)
+        if hasattr(runner, "reset_stats"):
+            runner.reset_stats()
     total = len(requests) * params.max_new_tokens
     with tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
               leave=False) as bar:
@@ -67,7 +81,7 @@ def run_generation(cfg: RunConfig, progress: bool = True) -> Generation:
         policy=as_dict(cfg.policy), metrics=metrics, environment=environment(),
         extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling), **stats.get("extra", {})},
     )
-    return Generation(report, requests, result.output_ids, tokenizer)
+    return Generation(report, requests, result.output_ids, tokenizer, runner)
 
 
 def _peak_gpu_bytes(device) -> int:
@@ -92,6 +106,18 @@ def write_outputs(path: Path, gen: Generation) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def write_trace(gen: Generation, folder: Path, stem: str) -> None:
+    """Chrome trace + Gantt PNG of the run (systems that execute task graphs)."""
+    timeline = getattr(gen.runner, "timeline", None)
+    if timeline is None:
+        log.warning("system %s executes no task graph: no trace to write", gen.report.system)
+        return
+    chrome = timeline.write_chrome_trace(folder / f"{stem}.trace.json")
+    gantt = timeline.write_gantt(folder / f"{stem}.gantt.png", title=f"{gen.report.system}: prefill and first decode steps")
+    gen.report.extra["trace"] = {"chrome": str(chrome), "gantt": str(gantt)}
+    print(f"trace: {chrome} (open in ui.perfetto.dev or chrome://tracing), gantt: {gantt}")
+
+
 def summary_line(report: RunReport) -> str:
     m = report.metrics
     return (f"{report.system}: {report.workload['actual']['num_requests']} requests, "
@@ -112,6 +138,8 @@ class GenerateTask:
         out = Path(cfg.out) if cfg.out else run_dir / "run.json"
         write_outputs(outputs, gen)
         gen.report.extra["outputs"] = str(outputs)
+        if cfg.trace:
+            write_trace(gen, out.parent, out.stem)
         gen.report.to_json(out)
         print(summary_line(gen.report))
         print(f"outputs: {outputs}\nrun document: {out}")

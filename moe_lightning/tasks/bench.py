@@ -1,0 +1,71 @@
+"""task=bench: a warmed-up, timed generation run of one system, with what was achieved printed beside
+what the hardware allows (HRM prediction, link bound) and the run document written."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_lightning.config import GB, RunConfig
+from moe_lightning.report import RunReport
+from moe_lightning.tasks.generate import run_generation, summary_line, write_trace
+
+log = logging.getLogger("moe_lightning.bench")
+
+
+def link_bound_tok_s(cfg: RunConfig, spec) -> float | None:
+    """Decode tokens/s if the link did nothing but stream experts: N * B_link / (L * streamed bytes)."""
+    from moe_lightning.memory import resident_experts_per_layer
+
+    n_str = spec.num_experts - resident_experts_per_layer(spec, cfg.policy.expert_gpu_fraction)
+    streamed = n_str * spec.expert_bytes
+    if streamed == 0:
+        return None
+    return cfg.policy.batch_size * cfg.hardware.link.h2d_gbps * GB / (spec.num_layers * streamed)
+
+
+@dataclass
+class BenchTask:
+    name: str = "bench"
+    warmup_tokens: int = 2
+    progress: bool = True
+
+    def run(self, cfg: RunConfig) -> RunReport:
+        gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens)
+        report = gen.report
+        from moe_lightning.config import ModelSpec
+
+        spec = ModelSpec(**report.model)
+        try:
+            from moe_lightning.tuner.hrm import predict
+
+            report.prediction["hrm_tok_s"] = predict(spec, cfg.hardware, cfg.workload, cfg.policy).e2e_tok_s
+        except Exception as exc:  # noqa: BLE001 - a prediction is a bonus, never a failure
+            log.info("no HRM prediction: %s", exc)
+        bound = link_bound_tok_s(cfg, spec)
+        report.extra["link_bound_decode_tok_s"] = bound
+        out = Path(cfg.out) if cfg.out else Path(cfg.run_dir or "runs/latest") / "run.json"
+        if cfg.trace:
+            write_trace(gen, out.parent, out.stem)
+        report.to_json(out)
+        print(format_bench(report))
+        print(f"run document: {out}")
+        return report
+
+
+def format_bench(report: RunReport) -> str:
+    m = report.metrics
+    lines = [summary_line(report)]
+    lines.append(f"  decode: {m.decode_tok_s:.1f} tok/s; prefill {m.prefill_s:.3f} s, decode {m.decode_s:.3f} s")
+    if m.utilisation:
+        lines.append("  utilisation (decode): " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items()))
+    lines.append(f"  link bytes: h2d {m.link_bytes.get('h2d', 0) / GB:.3f} GB, d2h {m.link_bytes.get('d2h', 0) / GB:.3f} GB"
+                 f"; peak device memory {m.peak_gpu_bytes / GB:.3f} GB")
+    bound = report.extra.get("link_bound_decode_tok_s")
+    hrm = report.prediction.get("hrm_tok_s")
+    if bound:
+        lines.append(f"  link bound (N*B_link/(L*streamed bytes)): {bound:.1f} decode tok/s")
+    if hrm:
+        lines.append(f"  HRM prediction for this policy on {report.hardware['profile']['name']}: {hrm:.1f} tok/s end to end")
+    return "\n".join(lines)

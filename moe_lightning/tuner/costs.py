@@ -1,0 +1,231 @@
+"""Roofline cost of each task of a schedule: how long one `Task` takes on the resource that runs it.
+
+Every op of the task graphs (`moe_lightning.schedule`) is broken into the kernels the engine runs
+(`moe_lightning.engine.cgopipe`'s handlers) and each kernel is timed on its device with the HRM
+roofline, `max(FLOPs / peak, bytes / bandwidth)`, the kernel times of one task summed:
+
+- GPU tasks at `hw.gpu` peak and bandwidth (times `hw.gpu.count`, as in `hrm.levels`); CPU tasks
+  (decode attention) at `hw.cpu`, or at a measured attention throughput (`cpu_attn_gbps`, GB/s of
+  K/V read, from `task=calibrate`) when one is given;
+- H2D / D2H copies at `hw.link`; the COPY worker's pageable -> pinned memcpy at `hw.cpu.bandwidth_gbps
+  / 2` (it reads and writes every byte);
+- PostAttn reads the weights of the experts actually hit: `E (1 - (1 - 1/E)^(t k))` distinct experts
+  expected for `t` tokens routed uniformly top-`k`; O-projection, router and, at the last layer, the
+  LM head (last rows only in prefill); PreAttn is RMSNorm + QKV projection (+ the embedding gather at
+  layer 0); decode attention reads the micro-batch's cache up to its longest sequence (the engine
+  attends over `[B, nkv, max_len, hd]` with a mask), prefill attention is causal per sequence;
+- a fixed overhead per task: `launch_s` for GPU and copy-stream tasks (kernel launch, events),
+  `thread_s` for CPU and COPY tasks (worker dispatch);
+- optional per-op multipliers (`op_scale`), fitted from measured records by `fit_op_scales`.
+
+Not modelled: RoPE, softmax, SiLU and residual adds beyond their bytes (folded into the activations),
+contention between resources that share a device (on a CPU-only machine the "GPU" and the CPU share
+the same cores and memory bus; on a GPU the copy engines and kernels share HBM), caches (every byte
+read once from memory), expert load imbalance beyond the uniform-routing expectation, kernel choice
+(`policy.expert_kernel`: every kernel is assumed to read only the experts hit), and the host-side
+work of the generation driver (sampling, logits gathering), which happens between graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy
+from moe_lightning.memory import resident_experts_per_layer
+from moe_lightning.schedule.graph import Resource, Task
+from moe_lightning.tuner.hrm import Levels, levels
+
+GPU_LAUNCH_S = 20e-6
+THREAD_DISPATCH_S = 5e-6
+# Ops whose cost grows with the decode context (recomputed every decode step).
+CONTEXT_OPS = frozenset({"CPUAttn", "GPUAttn", "LoadKV", "GPULayer"})
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """What the cost of a task needs to know about its micro-batch."""
+
+    seqs: int            # sequences in the micro-batch
+    tokens: int          # prompt tokens in its cache, padding included (prefill rows)
+    sum_sq: int          # sum over sequences of (unpadded prompt length)^2 (causal prefill attention)
+    slots: int = 0       # decode: cache slots attended this step (longest sequence, new token included)
+
+
+def experts_hit(num_experts: int, routings: float) -> float:
+    """Expected distinct experts among `routings` uniform draws: `E (1 - (1 - 1/E)^routings)`."""
+    return num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** routings)
+
+
+@dataclass(frozen=True)
+class TaskCosts:
+    """Per-task durations (seconds) of the CGOPipe ops for one model on one machine."""
+
+    spec: ModelSpec
+    hw: HardwareSpec
+    n_res: int = 0                       # resident experts per layer (the rest stream)
+    num_pages: int = 0                   # pages per layer of streamed experts
+    launch_s: float = GPU_LAUNCH_S       # per GPU / H2D / D2H task
+    thread_s: float = THREAD_DISPATCH_S  # per CPU / COPY task
+    cpu_attn_gbps: float | None = None   # measured CPU decode attention, GB/s of K/V read
+    op_scale: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def for_policy(cls, spec: ModelSpec, hw: HardwareSpec, policy: Policy, **kwargs) -> TaskCosts:
+        n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
+        pages = policy.num_pages if n_res < spec.num_experts else 0
+        return cls(spec, hw, n_res=n_res, num_pages=pages, **kwargs)
+
+    def with_scales(self, op_scale: Mapping[str, float]) -> TaskCosts:
+        return replace(self, op_scale=dict(op_scale))
+
+    # ---- devices ---------------------------------------------------------------------------------
+
+    @cached_property
+    def _lv(self) -> Levels:
+        return levels(self.hw)
+
+    def _gpu(self, flops: float, nbytes: float) -> float:
+        g = self._lv.gpu
+        return max(flops / g.peak_flops, nbytes / g.bandwidth_bytes_s)
+
+    def _cpu(self, flops: float, nbytes: float) -> float:
+        c = self._lv.cpu
+        return max(flops / c.peak_flops, nbytes / c.bandwidth_bytes_s)
+
+    def _h2d(self, nbytes: float) -> float:
+        return nbytes / self._lv.link_h2d_bytes_s
+
+    def _d2h(self, nbytes: float) -> float:
+        return nbytes / self._lv.link_d2h_bytes_s
+
+    def _memcpy(self, nbytes: float) -> float:
+        return nbytes / (self._lv.cpu.bandwidth_bytes_s / 2)
+
+    # ---- kernels ---------------------------------------------------------------------------------
+
+    @property
+    def page_bytes(self) -> int:
+        """`ExpertCache.page_bytes`: ceil(streamed bytes of a layer / pages)."""
+        if not self.num_pages:
+            return 0
+        return -(-self.layer_stream_bytes // self.num_pages)
+
+    @property
+    def layer_stream_bytes(self) -> int:
+        return (self.spec.num_experts - self.n_res) * self.spec.expert_bytes
+
+    def page_size(self, page: int) -> int:
+        start = page * self.page_bytes
+        return max(0, min(start + self.page_bytes, self.layer_stream_bytes) - start)
+
+    def pre_attn_s(self, t: float, layer: int) -> float:
+        """RMSNorm + QKV projection (+ embedding gather at layer 0) of `t` tokens."""
+        s, d = self.spec, self.spec.dtype_bytes
+        qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+        time = self._gpu(2 * t * s.hidden_size * qkv, (s.hidden_size * qkv + t * s.hidden_size + t * qkv) * d)
+        time += self._gpu(4 * t * s.hidden_size, 2 * t * s.hidden_size * d)  # norm
+        if layer == 0:
+            time += self._gpu(0, 2 * t * s.hidden_size * d)
+        return time
+
+    def post_attn_s(self, t: float, layer: int, out_rows: float) -> float:
+        """O-projection, router, MoE FFN over the experts hit (+ LM head of `out_rows` at the last layer)."""
+        s, d = self.spec, self.spec.dtype_bytes
+        H, F, E, k, q = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.num_heads * s.head_dim
+        time = self._gpu(2 * t * q * H, (q * H + t * q + 2 * t * H) * d)                    # O-proj
+        time += self._gpu(2 * t * H * E, (E * H + t * H) * d + t * E * 4)                   # router
+        hit = experts_hit(E, t * k)
+        time += self._gpu(2 * t * k * 3 * H * F, hit * s.expert_bytes + t * k * (2 * H + 3 * F) * d)
+        if layer == s.num_layers - 1:
+            time += self._gpu(2 * out_rows * H * s.vocab_size,
+                              (s.vocab_size * H + out_rows * H) * d + out_rows * s.vocab_size * 4)
+        return time
+
+    def attention_kv_bytes(self, seqs: float, slots: float) -> float:
+        s = self.spec
+        return 2 * seqs * slots * s.num_kv_heads * s.head_dim * s.dtype_bytes
+
+    def decode_attn_s(self, seqs: float, slots: float, on_gpu: bool) -> float:
+        """One new token per sequence over `slots` cached tokens (the micro-batch's longest)."""
+        s, d = self.spec, self.spec.dtype_bytes
+        flops = 4 * seqs * slots * s.num_heads * s.head_dim + 4 * seqs * slots * s.num_heads
+        kv = self.attention_kv_bytes(seqs, slots)
+        nbytes = kv + 2 * seqs * (s.num_heads + s.num_kv_heads) * s.head_dim * d
+        if on_gpu:
+            return self._gpu(flops, nbytes)
+        if self.cpu_attn_gbps:
+            return kv / (self.cpu_attn_gbps * 1e9)
+        return self._cpu(flops, nbytes)
+
+    def prefill_attn_s(self, mb: MicroBatchShape) -> float:
+        s, d = self.spec, self.spec.dtype_bytes
+        flops = 2 * mb.sum_sq * s.num_heads * s.head_dim  # causal: QK^T and PV over half the square
+        nbytes = mb.tokens * 2 * (s.num_heads + s.num_kv_heads) * s.head_dim * d
+        return self._gpu(flops, nbytes)
+
+    # ---- tasks -----------------------------------------------------------------------------------
+
+    def cost(self, task: Task, mbs: Sequence[MicroBatchShape]) -> tuple[float, float]:
+        """(seconds, bytes over the link) of `task`; `mbs` describes the batch's micro-batches."""
+        s, d, op = self.spec, self.spec.dtype_bytes, task.op
+        i = task.layer
+        if op == "W_CtoPin":
+            return self._memcpy(self.page_size(task.micro_batch)), 0.0
+        if op == "W_PinToGPU":
+            n = self.page_size(task.micro_batch)
+            return self._h2d(n), float(n)
+        mb = mbs[task.micro_batch]
+        b, qd, kvd = mb.seqs, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        if op == "PreAttn":
+            return self.pre_attn_s(b, i), 0.0
+        if op == "OffloadQKV":
+            n = b * (qd + 2 * kvd) * d
+            return self._d2h(n), float(n)
+        if op == "CPUAttn":
+            return self.decode_attn_s(b, mb.slots, on_gpu=False), 0.0
+        if op == "LoadHidden":
+            n = b * qd * d
+            return self._h2d(n), float(n)
+        if op == "PostAttn":
+            return self.post_attn_s(b, i, b), 0.0
+        if op == "GPUAttn":
+            return self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.slots, on_gpu=True), 0.0
+        if op == "LoadKV":
+            n = self.attention_kv_bytes(b, mb.slots - 1)  # the cache before the new token
+            return self._h2d(n), float(n)
+        if op == "GPULayer":
+            return (self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.slots, on_gpu=True)
+                    + self.post_attn_s(b, i, b)), 0.0
+        if op == "StoreKV":
+            n = 2 * b * kvd * d
+            return self._d2h(n), float(n)
+        if op == "PrefillLayer":
+            return (self.pre_attn_s(mb.tokens, i) + self.prefill_attn_s(mb)
+                    + self.post_attn_s(mb.tokens, i, b)), 0.0
+        if op == "OffloadKV":
+            n = 2 * mb.tokens * kvd * d
+            return self._d2h(n), float(n)
+        raise ValueError(f"no cost model for op {op!r}")
+
+    def duration(self, task: Task, mbs: Sequence[MicroBatchShape]) -> float:
+        """Seconds `task` occupies its resource: roofline time, times its op's scale, plus overhead."""
+        seconds, _ = self.cost(task, mbs)
+        overhead = self.thread_s if task.resource in (Resource.CPU, Resource.COPY) else self.launch_s
+        return seconds * self.op_scale.get(task.op, 1.0) + overhead
+
+
+def fit_op_scales(records: Iterable, model_duration: Callable[[Task], float]) -> dict[str, float]:
+    """Per-op multipliers that make the model's total time of each op match measured records.
+
+    `records` are `TaskRecord`s of a measured run (any objects with `.task`, `.start_s`, `.end_s`);
+    `model_duration` gives the unscaled model's seconds for a task of that run (overhead excluded).
+    The result feeds `TaskCosts.with_scales`.
+    """
+    measured: dict[str, float] = {}
+    modelled: dict[str, float] = {}
+    for r in records:
+        measured[r.task.op] = measured.get(r.task.op, 0.0) + (r.end_s - r.start_s)
+        modelled[r.task.op] = modelled.get(r.task.op, 0.0) + model_duration(r.task)
+    return {op: measured[op] / modelled[op] for op in measured if modelled[op] > 0}

@@ -1,0 +1,318 @@
+"""The schedule simulator: times the task graphs the engine runs, on any hardware profile.
+
+`simulate_graph` is a discrete-event model of the executor (`moe_lightning.engine.executor`): each
+resource (GPU, CPU, H2D, D2H, COPY) runs its tasks one at a time in issue order, and a task starts at
+`max(its resource is free, every dependency has finished)`. Because the graph lists tasks in issue
+order with dependencies pointing backwards, one pass over the list is exact for that model.
+
+`simulate_run` rebuilds exactly the graphs the CGOPipe engine (`moe_lightning.engine.cgopipe`) runs for
+a workload and a policy, and times them with `TaskCosts` (`moe_lightning.tuner.costs`, per-op roofline
+durations):
+- requests in batches of `policy.batch_size` (prompt lengths from `synthetic_lengths(workload)` unless
+  given), packed into micro-batches by `pack_micro_batches`, left-padded to the longest prompt with
+  `workload.padding`; micro-batches whose KV cache lives on the GPU chosen as the engine does
+  (in packing order, while their sequences fit `int(r_c * batch)`);
+- `PipeShape(num_pages = policy.num_pages if experts stream else 0, prefetch = policy.prefetch_depth)`;
+- per batch one prefill graph and one decode graph per generated token after the first, the context
+  of each micro-batch growing by one slot per step (every step is simulated unless `max_decode_steps`
+  asks for a subset, in which case the steps in between are interpolated linearly and
+  `SimResult.decode_steps_simulated` says how many were simulated);
+- no early stop at EOS: every sequence generates `workload.gen_len` tokens (as `sampling.ignore_eos`).
+
+Not modelled: what `TaskCosts` leaves out (contention between resources that share a device, caches,
+the expert kernel choice), the host-side work between graphs (sampling, logits gathering, Python
+dispatch of the issuing thread: tasks are issued instantly), memory allocation, and warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.engine.executor import TaskRecord
+from moe_lightning.report import Metrics
+from moe_lightning.schedule.cgopipe import PipeShape, decode_graph, decode_graph_gpu_attention, prefill_graph
+from moe_lightning.schedule.graph import Resource, Task, TaskGraph
+from moe_lightning.trace import RunTimeline
+from moe_lightning.tuner.costs import CONTEXT_OPS, MicroBatchShape, TaskCosts, fit_op_scales
+
+__all__ = ["MicroBatchShape", "SimResult", "TaskCosts", "batch_shapes", "fit_op_scales", "simulate_graph",
+           "simulate_run"]
+
+RESOURCES = list(Resource)
+_RES_INDEX = {r: n for n, r in enumerate(RESOURCES)}
+_H2D, _D2H = _RES_INDEX[Resource.H2D], _RES_INDEX[Resource.D2H]
+
+
+# ---- the discrete-event model ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A graph flattened for the event loop: resource index and dependencies of each task."""
+
+    resource: np.ndarray            # [n] index into RESOURCES
+    res_list: list[int]
+    deps: list[tuple[int, ...]]
+
+    @classmethod
+    def of(cls, graph: TaskGraph) -> _Compiled:
+        res = [_RES_INDEX[t.resource] for t in graph.tasks]
+        return cls(np.array(res, dtype=np.int64), res, [t.deps for t in graph.tasks])
+
+
+def _schedule(c: _Compiled, durations: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Start and end of every task: FIFO per resource in issue order, after all dependencies."""
+    n = len(durations)
+    starts, ends = [0.0] * n, [0.0] * n
+    free = [0.0] * len(RESOURCES)
+    res, deps = c.res_list, c.deps
+    for i in range(n):
+        r = res[i]
+        s = free[r]
+        for d in deps[i]:
+            e = ends[d]
+            if e > s:
+                s = e
+        e = s + durations[i]
+        starts[i] = s
+        ends[i] = e
+        free[r] = e
+    return starts, ends
+
+
+def simulate_graph(graph: TaskGraph, duration: Callable[[Task], float]) -> list[TaskRecord]:
+    """Time any task graph given each task's duration; records in issue order, seconds from 0."""
+    durations = [float(duration(t)) for t in graph.tasks]
+    if any(d < 0 for d in durations):
+        raise ValueError("task durations must be >= 0")
+    starts, ends = _schedule(_Compiled.of(graph), durations)
+    return [TaskRecord(t, s, e, s) for t, s, e in zip(graph.tasks, starts, ends)]
+
+
+# ---- a whole run ----------------------------------------------------------------------------------
+
+@dataclass
+class SimResult:
+    """A simulated run; times in seconds, as the engine's `Metrics` would report them."""
+
+    prefill_s: float
+    decode_s: float
+    generated_tokens: int
+    num_requests: int
+    decode_step_s: list[float]
+    utilisation: dict[str, float]              # decode, per resource
+    prefill_utilisation: dict[str, float]
+    link_bytes: dict[str, int]
+    timeline: RunTimeline
+    num_batches: int
+    decode_steps_total: int
+    decode_steps_simulated: int
+    tasks_simulated: int
+    sim_wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def throughput_tok_s(self) -> float:
+        """End-to-end: generated tokens / (prefill + decode)."""
+        return self.generated_tokens / self.total_s if self.total_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first of each sequence / decode time (as the engine's metric)."""
+        return (self.generated_tokens - self.num_requests) / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def decode_step_median_s(self) -> float:
+        return statistics.median(self.decode_step_s) if self.decode_step_s else 0.0
+
+    def metrics(self) -> Metrics:
+        return Metrics(throughput_tok_s=self.throughput_tok_s, prefill_s=self.prefill_s,
+                       decode_s=self.decode_s, generated_tokens=self.generated_tokens,
+                       decode_step_median_s=self.decode_step_median_s, decode_tok_s=self.decode_tok_s,
+                       link_bytes=dict(self.link_bytes), utilisation=dict(self.utilisation))
+
+    def summary(self) -> dict:
+        return {"throughput_tok_s": self.throughput_tok_s, "decode_tok_s": self.decode_tok_s,
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "decode_step_median_s": self.decode_step_median_s, "utilisation": self.utilisation,
+                "prefill_utilisation": self.prefill_utilisation, "link_bytes": self.link_bytes,
+                "num_batches": self.num_batches, "decode_steps_total": self.decode_steps_total,
+                "decode_steps_simulated": self.decode_steps_simulated,
+                "tasks_simulated": self.tasks_simulated, "sim_wall_s": self.sim_wall_s, "notes": self.notes}
+
+
+def batch_shapes(lengths: Sequence[int], policy: Policy, padding: bool) -> tuple[list[MicroBatchShape],
+                                                                                  frozenset[int]]:
+    """Micro-batches of one batch as `CGOPipeRunner.prefill` builds them, and those with KV on the GPU."""
+    from moe_lightning.engine.cgopipe import pack_micro_batches  # imports torch
+
+    groups = pack_micro_batches(list(lengths), policy.micro_batch_size)
+    width = max(lengths)
+    gpu_seqs = int(policy.kv_gpu_fraction * len(lengths) + 1e-9)
+    shapes, gpu_kv, taken = [], set(), 0
+    for j, seqs in enumerate(groups):
+        on_gpu = taken + len(seqs) <= gpu_seqs and policy.kv_gpu_fraction > 0
+        if on_gpu:
+            taken += len(seqs)
+            gpu_kv.add(j)
+        lens = [width if padding else lengths[b] for b in seqs]
+        shapes.append(MicroBatchShape(seqs=len(seqs), tokens=sum(lens),
+                                      sum_sq=sum(lengths[b] ** 2 for b in seqs), slots=max(lens)))
+    return shapes, frozenset(gpu_kv)
+
+
+class _Accumulator:
+    """Adds graphs to the run's timeline: records for the first `keep` graphs, sums for the rest."""
+
+    def __init__(self, keep: int):
+        self.timeline = RunTimeline(keep_records=True)
+        self.keep = keep
+        self.link = np.zeros(len(RESOURCES))
+        self.tasks = 0
+
+    def add(self, phase: str, graph: TaskGraph, c: _Compiled, durations: np.ndarray, nbytes: np.ndarray,
+            starts: list[float], ends: list[float]) -> float:
+        wall = max(ends) - min(starts) if ends else 0.0
+        self.link += np.bincount(c.resource, weights=nbytes, minlength=len(RESOURCES))
+        self.tasks += len(durations)
+        if len(self.timeline.graphs) < self.keep:
+            self.timeline.add(phase, [TaskRecord(t, s, e, s) for t, s, e in zip(graph.tasks, starts, ends)])
+        else:
+            busy = np.bincount(c.resource, weights=durations, minlength=len(RESOURCES))
+            self.add_sums(phase, wall, busy)
+        return wall
+
+    def add_sums(self, phase: str, wall: float, busy: np.ndarray) -> None:
+        """A graph known only by its wall time and per-resource busy time (RunTimeline.add's sums)."""
+        tl = self.timeline
+        tl.wall_s[phase] += wall
+        for n, r in enumerate(RESOURCES):
+            tl.busy_s[phase][r.value] += float(busy[n])
+        tl._clock += wall  # keeps later kept graphs' offsets right (none are kept after this point)
+
+
+def _costs_of(graph: TaskGraph, costs: TaskCosts, mbs: Sequence[MicroBatchShape]) -> tuple[np.ndarray, np.ndarray]:
+    dur, nbytes = np.empty(len(graph)), np.empty(len(graph))
+    for n, t in enumerate(graph.tasks):
+        dur[n] = costs.duration(t, mbs)
+        nbytes[n] = costs.cost(t, mbs)[1]
+    return dur, nbytes
+
+
+def _decode_steps(total: int, max_steps: int | None) -> list[int]:
+    if max_steps is None or total <= max_steps:
+        return list(range(total))
+    return sorted({round(x) for x in np.linspace(0, total - 1, max(2, max_steps))})
+
+
+def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy,
+                 prompt_lengths: Sequence[int] | None = None, *, costs: TaskCosts | None = None,
+                 keep_graphs: int = 4, max_decode_steps: int | None = None) -> SimResult:
+    """Simulate the CGOPipe engine generating `workload` with `policy` on `hw` (see module docstring)."""
+    from moe_lightning.workload_io import synthetic_lengths
+
+    t0 = time.perf_counter()
+    if not policy.ffn_on_gpu:
+        from moe_lightning.errors import ConfigError
+
+        raise ConfigError("policy.ffn_on_gpu: the CGOPipe schedule runs the MoE FFN on the GPU; "
+                          "ffn_on_gpu=false has no schedule to simulate")
+    lengths = list(prompt_lengths) if prompt_lengths is not None else synthetic_lengths(workload)
+    costs = costs or TaskCosts.for_policy(spec, hw, policy)
+    acc = _Accumulator(keep_graphs)
+    graphs: dict[tuple[str, PipeShape], tuple[TaskGraph, _Compiled]] = {}
+    L = spec.num_layers
+
+    def graph_for(phase: str, shape: PipeShape) -> tuple[TaskGraph, _Compiled]:
+        if (phase, shape) not in graphs:
+            if phase == "prefill":
+                g = prefill_graph(shape)
+            else:
+                g = decode_graph_gpu_attention(shape) if policy.attn_on_gpu else decode_graph(shape)
+            graphs[phase, shape] = (g, _Compiled.of(g))
+        return graphs[phase, shape]
+
+    prefill_s = decode_s = 0.0
+    step_walls: list[float] = []
+    n_steps = workload.gen_len - 1
+    simulated_steps = 0
+    batches = [lengths[a:a + policy.batch_size] for a in range(0, len(lengths), policy.batch_size)]
+    for batch in batches:
+        mbs, gpu_kv = batch_shapes(batch, policy, workload.padding)
+        shape = PipeShape(num_layers=L, num_micro_batches=len(mbs), num_pages=costs.num_pages,
+                          prefetch=policy.prefetch_depth, gpu_kv=gpu_kv)
+        g, c = graph_for("prefill", shape)
+        dur, nbytes = _costs_of(g, costs, mbs)
+        starts, ends = _schedule(c, dur.tolist())
+        prefill_s += acc.add("prefill", g, c, dur, nbytes, starts, ends)
+        if n_steps <= 0:
+            continue
+        g, c = graph_for("decode", shape)
+        base_mbs = [replace(mb, slots=mb.slots + 1) for mb in mbs]
+        dur, nbytes = _costs_of(g, costs, base_mbs)
+        # Tasks whose cost grows with the context, grouped by (op, micro-batch, first/last layer).
+        ctx = [n for n, t in enumerate(g.tasks) if t.op in CONTEXT_OPS]
+        keys = [(g.tasks[n].op, g.tasks[n].micro_batch, g.tasks[n].layer == 0, g.tasks[n].layer == L - 1)
+                for n in ctx]
+        reps = {k: g.tasks[n] for k, n in zip(keys, ctx)}
+        ctx_idx = np.array(ctx, dtype=np.int64)
+        walls: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
+        for step in _decode_steps(n_steps, max_decode_steps):
+            step_mbs = [replace(mb, slots=mb.slots + step + 1) for mb in mbs]
+            if len(ctx):
+                per_key = {k: (costs.duration(t, step_mbs), costs.cost(t, step_mbs)[1]) for k, t in reps.items()}
+                dur[ctx_idx] = [per_key[k][0] for k in keys]
+                nbytes[ctx_idx] = [per_key[k][1] for k in keys]
+            starts, ends = _schedule(c, dur.tolist())
+            wall = acc.add("decode", g, c, dur, nbytes, starts, ends)
+            walls[step] = (wall, np.bincount(c.resource, weights=dur, minlength=len(RESOURCES)),
+                           np.bincount(c.resource, weights=nbytes, minlength=len(RESOURCES)))
+            simulated_steps += 1
+        known = sorted(walls)
+        for step in range(n_steps):  # steps not simulated: linear between the simulated neighbours
+            if step in walls:
+                step_walls.append(walls[step][0])
+                continue
+            hi = next(k for k in known if k > step)
+            lo = max(k for k in known if k < step)
+            w = (step - lo) / (hi - lo)
+            wall, busy, link = (a * (1 - w) + b * w for a, b in zip(walls[lo], walls[hi]))
+            acc.add_sums("decode", float(wall), busy)
+            acc.link += link
+            step_walls.append(float(wall))
+        decode_s += sum(step_walls[-n_steps:])
+
+    tl = acc.timeline
+    notes = []
+    if simulated_steps < n_steps * len(batches):
+        notes.append(f"{simulated_steps} of {n_steps * len(batches)} decode steps simulated, the rest "
+                     "interpolated linearly in the context")
+    return SimResult(
+        prefill_s=prefill_s, decode_s=decode_s, generated_tokens=len(lengths) * workload.gen_len,
+        num_requests=len(lengths), decode_step_s=step_walls, utilisation=tl.utilisation("decode"),
+        prefill_utilisation=tl.utilisation("prefill"),
+        link_bytes={"h2d": int(acc.link[_H2D]), "d2h": int(acc.link[_D2H])}, timeline=tl,
+        num_batches=len(batches), decode_steps_total=n_steps * len(batches),
+        decode_steps_simulated=simulated_steps, tasks_simulated=acc.tasks,
+        sim_wall_s=time.perf_counter() - t0, notes=notes)
+
+
+def default_max_decode_steps(workload: Workload, policy: Policy, spec: ModelSpec,
+                             budget_tasks: int = 3_000_000) -> int | None:
+    """Decode steps per batch to simulate so that a run stays under about `budget_tasks` tasks."""
+    per_step = spec.num_layers * policy.num_micro_batches * 8
+    batches = math.ceil(workload.num_requests / policy.batch_size)
+    total = per_step * batches * max(workload.gen_len - 1, 1)
+    if total <= budget_tasks:
+        return None
+    return max(2, budget_tasks // (per_step * batches))
