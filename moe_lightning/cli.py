@@ -97,7 +97,8 @@ def _check_scalar(key: str, tp, value) -> None:
     if accepted is None or value is None:
         return
     if not isinstance(value, accepted) or (name != "bool" and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {'a number' if name == 'float' else 'an integer' if name == 'int' else 'true or false'}, got {value!r}")
+        wanted = {"float": "a number", "int": "an integer", "bool": "true or false"}[name]
+        raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
 
 
 def _resolve_type(tp):

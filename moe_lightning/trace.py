@@ -73,7 +73,7 @@ class RunTimeline:
         colours = {}
         palette = plt.get_cmap("tab20").colors
         fig, ax = plt.subplots(figsize=(14, 3.2))
-        for phase, offset, records in graphs:
+        for _phase, offset, records in graphs:
             for r in records:
                 colour = colours.setdefault(r.task.op, palette[len(colours) % len(palette)])
                 y = LANES.index(r.task.resource)

@@ -76,14 +76,16 @@ def generate(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: Gene
         outputs: list[list[int]] = [[] for _ in batch]
         done = torch.zeros(len(batch), dtype=torch.bool)
 
-        def take(logits: torch.Tensor) -> torch.Tensor:
+        n = len(batch)
+
+        def take(logits: torch.Tensor, outputs=outputs, done=done, n=n) -> torch.Tensor:
             tokens = sample(logits, params.temperature, params.top_p, generator)
             for b in torch.nonzero(~done).flatten().tolist():
                 outputs[b].append(int(tokens[b]))
             if params.eos_token_id is not None:
                 done.logical_or_(tokens == params.eos_token_id)
             if on_tokens:
-                on_tokens(len(batch))
+                on_tokens(n)
             return tokens
 
         runner.synchronize()

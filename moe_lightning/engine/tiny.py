@@ -7,6 +7,7 @@ shapes, the seed and the corpus, so a change to any of them builds a new folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,10 +71,8 @@ def ensure_tiny_mixtral(spec: ModelSpec | None = None, seed: int = 0) -> Path:
     try:
         write_hf_checkpoint(spec, tmp, seed)
         build_tokenizer(spec.vocab_size).save(str(tmp / "tokenizer.json"))  # written last: marks completion
-        try:
+        with contextlib.suppress(OSError):  # another process finished first
             tmp.rename(folder)
-        except OSError:  # another process finished first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -60,12 +60,13 @@ def format_bench(report: RunReport) -> str:
     lines.append(f"  decode: {m.decode_tok_s:.1f} tok/s; prefill {m.prefill_s:.3f} s, decode {m.decode_s:.3f} s")
     if m.utilisation:
         lines.append("  utilisation (decode): " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items()))
-    lines.append(f"  link bytes: h2d {m.link_bytes.get('h2d', 0) / GB:.3f} GB, d2h {m.link_bytes.get('d2h', 0) / GB:.3f} GB"
-                 f"; peak device memory {m.peak_gpu_bytes / GB:.3f} GB")
+    h2d, d2h = m.link_bytes.get("h2d", 0) / GB, m.link_bytes.get("d2h", 0) / GB
+    lines.append(f"  link bytes: h2d {h2d:.3f} GB, d2h {d2h:.3f} GB; peak device memory {m.peak_gpu_bytes / GB:.3f} GB")
     bound = report.extra.get("link_bound_decode_tok_s")
     hrm = report.prediction.get("hrm_tok_s")
     if bound:
         lines.append(f"  link bound (N*B_link/(L*streamed bytes)): {bound:.1f} decode tok/s")
     if hrm:
-        lines.append(f"  HRM prediction for this policy on {report.hardware['profile']['name']}: {hrm:.1f} tok/s end to end")
+        profile = report.hardware["profile"]["name"]
+        lines.append(f"  HRM prediction for this policy on {profile}: {hrm:.1f} tok/s end to end")
     return "\n".join(lines)

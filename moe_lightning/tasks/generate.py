@@ -113,7 +113,8 @@ def write_trace(gen: Generation, folder: Path, stem: str) -> None:
         log.warning("system %s executes no task graph: no trace to write", gen.report.system)
         return
     chrome = timeline.write_chrome_trace(folder / f"{stem}.trace.json")
-    gantt = timeline.write_gantt(folder / f"{stem}.gantt.png", title=f"{gen.report.system}: prefill and first decode steps")
+    gantt = timeline.write_gantt(folder / f"{stem}.gantt.png",
+                                 title=f"{gen.report.system}: prefill and first decode steps")
     gen.report.extra["trace"] = {"chrome": str(chrome), "gantt": str(gantt)}
     print(f"trace: {chrome} (open in ui.perfetto.dev or chrome://tracing), gantt: {gantt}")
 

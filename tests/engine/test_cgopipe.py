@@ -48,10 +48,12 @@ POLICIES = [
 ]
 
 
-@pytest.mark.parametrize("policy, padded", POLICIES,
-                         ids=[f"N{p.batch_size}-mu{p.micro_batch_size}-rw{p.expert_gpu_fraction}-Ag{int(p.attn_on_gpu)}"
-                              f"-rc{p.kv_gpu_fraction}-{p.expert_kernel}{'-padded' if pad else ''}"
-                              for p, pad in POLICIES])
+def _policy_id(p: Policy, pad: bool) -> str:
+    return (f"N{p.batch_size}-mu{p.micro_batch_size}-rw{p.expert_gpu_fraction}-Ag{int(p.attn_on_gpu)}"
+            f"-rc{p.kv_gpu_fraction}-{p.expert_kernel}{'-padded' if pad else ''}")
+
+
+@pytest.mark.parametrize("policy, padded", POLICIES, ids=[_policy_id(p, pad) for p, pad in POLICIES])
 def test_tokens_identical_to_transformers(tiny, prompts, hf_outputs, policy, padded):
     spec, source = tiny
     runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, workload(prompts, padded), CPU)
@@ -74,9 +76,23 @@ def test_policies_cover_the_acceptance_space():
 
 def test_issue_order_is_cgopipe():
     """The order one host thread issues a 2-layer, 3-micro-batch decode step (weights streamed in 3
-    pages per layer, copy worker 2 pages ahead), written out by hand from the paper's loop."""
+    pages per layer, copy worker 2 pages ahead), checked line by line against the paper's loop."""
     g = decode_graph(PipeShape(num_layers=2, num_micro_batches=3, num_pages=3, prefetch=2))
-    expected = ["W_CtoPin(0,0)", "W_CtoPin(0,1)", "W_PinToGPU(0,0)", "W_CtoPin(0,2)", "W_PinToGPU(0,1)", "W_CtoPin(1,0)", "W_PinToGPU(0,2)", "W_CtoPin(1,1)", "PreAttn(0,0)", "OffloadQKV(0,0)", "CPUAttn(0,0)", "PreAttn(0,1)", "OffloadQKV(0,1)", "CPUAttn(0,1)", "LoadHidden(0,0)", "W_PinToGPU(1,0)", "PostAttn(0,0)", "PreAttn(0,2)", "OffloadQKV(0,2)", "CPUAttn(0,2)", "W_CtoPin(1,2)", "LoadHidden(0,1)", "W_PinToGPU(1,1)", "PostAttn(0,1)", "PreAttn(1,0)", "OffloadQKV(1,0)", "CPUAttn(1,0)", "LoadHidden(0,2)", "W_PinToGPU(1,2)", "PostAttn(0,2)", "PreAttn(1,1)", "OffloadQKV(1,1)", "CPUAttn(1,1)", "LoadHidden(1,0)", "PostAttn(1,0)", "PreAttn(1,2)", "OffloadQKV(1,2)", "CPUAttn(1,2)", "LoadHidden(1,1)", "PostAttn(1,1)", "LoadHidden(1,2)", "PostAttn(1,2)"]
+    expected = [
+        # prologue: layer 0's pages, the copy worker two pages ahead; then attention for k = 0, 1
+        "W_CtoPin(0,0)", "W_CtoPin(0,1)", "W_PinToGPU(0,0)", "W_CtoPin(0,2)", "W_PinToGPU(0,1)",
+        "W_CtoPin(1,0)", "W_PinToGPU(0,2)", "W_CtoPin(1,1)",
+        "PreAttn(0,0)", "OffloadQKV(0,0)", "CPUAttn(0,0)",
+        "PreAttn(0,1)", "OffloadQKV(0,1)", "CPUAttn(0,1)",
+        # (i, j) = (0, 0): LoadHidden, W_PinToGPU(i+1, j), PostAttn, attention of j+2, W_CtoPin(i+1, j+2)
+        "LoadHidden(0,0)", "W_PinToGPU(1,0)", "PostAttn(0,0)", "PreAttn(0,2)", "OffloadQKV(0,2)", "CPUAttn(0,2)",
+        "W_CtoPin(1,2)",
+        "LoadHidden(0,1)", "W_PinToGPU(1,1)", "PostAttn(0,1)", "PreAttn(1,0)", "OffloadQKV(1,0)", "CPUAttn(1,0)",
+        "LoadHidden(0,2)", "W_PinToGPU(1,2)", "PostAttn(0,2)", "PreAttn(1,1)", "OffloadQKV(1,1)", "CPUAttn(1,1)",
+        "LoadHidden(1,0)", "PostAttn(1,0)", "PreAttn(1,2)", "OffloadQKV(1,2)", "CPUAttn(1,2)",
+        "LoadHidden(1,1)", "PostAttn(1,1)",
+        "LoadHidden(1,2)", "PostAttn(1,2)",
+    ]
     assert g.ops() == expected
     # PostAttn(i, j) waits for every page of layer i; a page of buffer i % 2 waits for layer i-2.
     post = g.tasks[g.get("PostAttn", 1, 0)]

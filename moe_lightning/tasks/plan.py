@@ -1,0 +1,96 @@
+"""task=plan: the HRM policy optimizer for cfg.model on cfg.hardware for cfg.workload.
+
+Prints the plan table, writes the run document (policy, HRM prediction, the plan with its bottleneck
+and memory per pool in `extra`) and, with `plot=true`, the roofline figure beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_lightning.config import ModelSpec, RunConfig, Workload
+from moe_lightning.errors import ConfigError
+from moe_lightning.report import RunReport, as_dict, environment
+
+
+def planning_model(model: ModelSpec) -> ModelSpec:
+    """The shapes to plan for: the preset's own, or a checkpoint folder's config.json for model=hf."""
+    if model.weights == "checkpoint" and model.path:
+        from moe_lightning.engine.weights import spec_from_hf_config
+
+        found = spec_from_hf_config(model.path, name=model.name)
+        if model.name != "hf":
+            found.num_layers = min(found.num_layers, model.num_layers)
+        if model.dtype != "auto":
+            found.dtype = model.dtype
+        return found
+    if model.name == "hf":
+        raise ConfigError("model=hf takes its shapes from a checkpoint's config.json: give "
+                          "model.path=<folder>, or plan a preset such as model=mixtral-8x7b")
+    return model
+
+
+def planning_workload(workload: Workload, spec: ModelSpec) -> tuple[Workload, list[int] | None]:
+    """The workload to plan for and, for a prompts file, its real prompt lengths (else None)."""
+    if not workload.path:
+        if workload.name == "jsonl":
+            raise ConfigError("workload=jsonl takes its prompt lengths from a prompts file: give "
+                              "workload.path=<file.jsonl>, or plan a preset such as workload=mtbench")
+        return workload, None
+    from moe_lightning.workload_io import read_jsonl
+
+    tokenizer = None
+    if spec.path:
+        from moe_lightning.engine.tiny import load_tokenizer
+
+        tokenizer = load_tokenizer(spec.path)
+    lengths = [len(r.input_ids) for r in read_jsonl(workload.path, spec, tokenizer)]
+    planned = dataclasses.replace(workload, prompt_len_avg=math.ceil(sum(lengths) / len(lengths)),
+                                  prompt_len_max=max(lengths), num_requests=len(lengths))
+    return planned, lengths
+
+
+def out_path(cfg: RunConfig) -> Path:
+    return Path(cfg.out) if cfg.out else Path(cfg.run_dir or "runs/latest") / "run.json"
+
+
+def beside(out: Path, suffix: str) -> Path:
+    """A file next to the run document: run.json -> run_<suffix>."""
+    return out.with_name(f"{out.stem}_{suffix}")
+
+
+@dataclass
+class PlanTask:
+    name: str = "plan"
+    plot: bool = False
+
+    def run(self, cfg: RunConfig) -> RunReport:
+        from moe_lightning.tuner.optimizer import optimize, plan_document, plan_table
+
+        spec = planning_model(cfg.model)
+        workload, _ = planning_workload(cfg.workload, spec)
+        plan = optimize(spec, cfg.hardware, workload)
+        doc = plan_document(plan)
+        pred = plan.prediction
+        out = out_path(cfg)
+        report = RunReport(
+            system=cfg.system.name, task=self.name, model=as_dict(spec),
+            hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(workload),
+            policy=as_dict(plan.policy), environment=environment(),
+            prediction={"hrm_tok_s": pred.e2e_tok_s, "hrm_decode_tok_s": pred.decode_tok_s,
+                        "hrm_prefill_s": pred.prefill_s, "hrm_decode_s": pred.decode_s,
+                        "bottleneck": pred.bottleneck},
+            extra=doc)
+        print(plan_table(plan))
+        if self.plot:
+            from moe_lightning.tuner.roofline_plot import plot_roofline
+
+            png = plot_roofline(spec, cfg.hardware, workload, plan.policy, beside(out, "roofline.png"))
+            report.extra["roofline_png"] = str(png)
+            print(f"roofline: {png}")
+        report.to_json(out)
+        print(f"run document: {out}")
+        return report

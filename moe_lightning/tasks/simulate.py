@@ -1,0 +1,105 @@
+"""task=simulate: time cfg.system's schedule on cfg.hardware with the simulator, no device needed.
+
+The policy is the HRM plan's (`use_plan=true`, the FFN kept on the GPU as the CGOPipe schedule needs)
+or cfg.policy. Prints tokens/s, prefill and decode time and per-resource utilisation beside the HRM
+prediction; writes the run document and, with `plot=true`, a Gantt chart of the first graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from moe_lightning.config import RunConfig
+from moe_lightning.errors import ConfigError
+from moe_lightning.report import RunReport, as_dict, environment
+from moe_lightning.tasks.plan import beside, out_path, planning_model, planning_workload
+
+log = logging.getLogger("moe_lightning.simulate")
+
+# System name -> the schedule the simulator times. `reference` (the default system) has no offloading
+# schedule of its own; it stands for the engine's, CGOPipe.
+SIMULATED_SCHEDULES = {"cgopipe": "cgopipe", "reference": "cgopipe"}
+FFN_ON_GPU = ((False, True), (True, True))  # the placements the CGOPipe schedule can run
+
+
+@dataclass
+class SimulateTask:
+    name: str = "simulate"
+    plot: bool = False
+    use_plan: bool = True
+
+    def run(self, cfg: RunConfig) -> RunReport:
+        from moe_lightning.memory import memory_plan
+        from moe_lightning.tuner.hrm import predict
+        from moe_lightning.tuner.optimizer import optimize
+        from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
+
+        system = cfg.system.name
+        if system not in SIMULATED_SCHEDULES:
+            raise ConfigError(f"system {system} has no schedule to simulate yet (simulated: "
+                              f"{', '.join(SIMULATED_SCHEDULES)})")
+        schedule = SIMULATED_SCHEDULES[system]
+        spec = planning_model(cfg.model)
+        workload, lengths = planning_workload(cfg.workload, spec)
+        policy = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU).policy if self.use_plan \
+            else cfg.policy
+        hrm = predict(spec, cfg.hardware, workload, policy)
+        fits = memory_plan(spec, policy, workload).fits(cfg.hardware)
+        if not fits:
+            log.warning("policy does not fit %s's memory budget; simulating it anyway", cfg.hardware.name)
+        sim = simulate_run(spec, cfg.hardware, workload, policy, lengths,
+                           max_decode_steps=default_max_decode_steps(workload, policy, spec))
+        out = out_path(cfg)
+        report = RunReport(
+            system=schedule, task=self.name, model=as_dict(spec),
+            hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(workload),
+            policy=as_dict(policy), metrics=sim.metrics(), environment=environment(),
+            prediction={"hrm_tok_s": hrm.e2e_tok_s, "sim_tok_s": sim.throughput_tok_s,
+                        "hrm_decode_tok_s": hrm.decode_tok_s, "sim_decode_tok_s": sim.decode_tok_s,
+                        "hrm_prefill_s": hrm.prefill_s, "hrm_decode_s": hrm.decode_s,
+                        "hrm_bottleneck": hrm.bottleneck},
+            extra={"requested_system": system, "schedule": schedule, "policy_source":
+                   "hrm plan" if self.use_plan else "cfg.policy", "memory_fits": fits,
+                   "simulation": sim.summary()})
+        print(summary(report, sim, hrm))
+        if cfg.trace:
+            trace = sim.timeline.write_chrome_trace(beside(out, "trace.json"))
+            report.extra["chrome_trace"] = str(trace)
+            print(f"chrome trace: {trace}")
+        if self.plot:
+            png = sim.timeline.write_gantt(
+                beside(out, "gantt.png"),
+                title=f"simulated {schedule}: {spec.name} on {cfg.hardware.name}, N={policy.batch_size}, "
+                      f"mu={policy.micro_batch_size} (prefill + first decode steps)")
+            report.extra["gantt_png"] = str(png)
+            print(f"gantt: {png}")
+        report.to_json(out)
+        print(f"run document: {out}")
+        return report
+
+
+def summary(report: RunReport, sim, hrm) -> str:
+    p, m = report.policy, report.metrics
+    note = "" if report.extra["requested_system"] == report.system else \
+        f" (system={report.extra['requested_system']} has no offloading schedule; simulated {report.system})"
+    util = "  ".join(f"{k} {v:.0%}" for k, v in sim.utilisation.items())
+    pre_util = "  ".join(f"{k} {v:.0%}" for k, v in sim.prefill_utilisation.items())
+    lines = [
+        f"simulated {report.system}{note}: {report.model['name']} on {report.hardware['profile']['name']}, "
+        f"workload {report.workload['name']} ({sim.num_requests} requests, gen {report.workload['gen_len']})",
+        f"  policy        N={p['batch_size']} mu={p['micro_batch_size']} attn_on_gpu={p['attn_on_gpu']} "
+        f"r_w={p['expert_gpu_fraction']:.3g} r_c={p['kv_gpu_fraction']:.3g} ({report.extra['policy_source']})",
+        f"  {'':14}{'simulated':>12}{'HRM':>12}",
+        f"  {'tokens/s':<14}{m.throughput_tok_s:>12.2f}{hrm.e2e_tok_s:>12.2f}",
+        f"  {'decode tok/s':<14}{m.decode_tok_s:>12.2f}{hrm.decode_tok_s:>12.2f}",
+        f"  {'prefill s':<14}{m.prefill_s:>12.3f}{hrm.prefill_s:>12.3f}",
+        f"  {'decode s':<14}{m.decode_s:>12.3f}{hrm.decode_s:>12.3f}",
+        f"  decode utilisation   {util}",
+        f"  prefill utilisation  {pre_util}",
+        f"  HRM bottleneck: {hrm.bottleneck}; simulated {sim.tasks_simulated} tasks in {sim.sim_wall_s:.2f} s",
+    ]
+    lines += [f"  note: {n}" for n in sim.notes]
+    if not report.extra["memory_fits"]:
+        lines.append("  warning: this policy does not fit the hardware's memory budget")
+    return "\n".join(lines)
