@@ -4,6 +4,10 @@ method taking the whole `RunConfig` and returning a `RunReport`."""
 from __future__ import annotations
 
 from moe_lightning.tasks.bench import BenchTask
+from moe_lightning.tasks.calibrate import CalibrateTask
 from moe_lightning.tasks.generate import GenerateTask
+from moe_lightning.tasks.plan import PlanTask
+from moe_lightning.tasks.simulate import SimulateTask
 
-TASK_CONFIGS: dict[str, type] = {"generate": GenerateTask, "bench": BenchTask}
+TASK_CONFIGS: dict[str, type] = {"generate": GenerateTask, "bench": BenchTask,
+                               "plan": PlanTask, "simulate": SimulateTask, "calibrate": CalibrateTask}

@@ -1,0 +1,66 @@
+"""task=calibrate: measure this machine and write a hardware profile YAML that `hardware=` accepts.
+
+The YAML goes to `out_yaml`, or `hardware.yaml` in the run folder; the run document (measurements in
+`extra`) to cfg.out or the run folder's run.json. `quick=true` uses small sizes (seconds, not minutes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from moe_lightning.config import RunConfig
+from moe_lightning.report import Metrics, RunReport, as_dict, environment
+from moe_lightning.tasks.plan import out_path
+
+PACKAGE_HARDWARE_DIR = Path(__file__).resolve().parent.parent / "conf" / "hardware"
+
+
+@dataclass
+class CalibrateTask:
+    name: str = "calibrate"
+    out_yaml: Optional[str] = None
+    quick: bool = False
+
+    def run(self, cfg: RunConfig) -> RunReport:
+        from moe_lightning.tuner.calibrate import hardware_spec, hardware_yaml, measure, override_args
+
+        out = out_path(cfg)
+        yaml_path = Path(self.out_yaml) if self.out_yaml else out.parent / "hardware.yaml"
+        profile = yaml_path.stem if yaml_path.stem != "hardware" else "calibrated"
+        m = measure(quick=self.quick, device=cfg.device)
+        hw = hardware_spec(m, name=profile)
+        yaml_path.parent.mkdir(parents=True, exist_ok=True)
+        yaml_path.write_text(hardware_yaml(hw, m))
+        report = RunReport(
+            system="none", task=self.name, model={}, hardware={"profile": as_dict(hw)}, workload={},
+            policy={}, metrics=Metrics(), environment=environment(),
+            extra={"measurements": m.as_dict(), "hardware_yaml": str(yaml_path)})
+        report.to_json(out)
+        print(table(m))
+        print(f"\nhardware profile: {yaml_path}\nrun document: {out}\n")
+        print("use it by copying it into the package's hardware presets:\n"
+              f"  cp {yaml_path} {PACKAGE_HARDWARE_DIR / (profile + '.yaml')}\n"
+              f"  moe-lightning hardware={profile} ...\n"
+              "or, without copying, as overrides:\n"
+              f"  moe-lightning {' '.join(override_args(hw))} ...")
+        return report
+
+
+def table(m) -> str:
+    role = "GPU" if m.device == "cuda" else "GPU role (played by the CPU)"
+    rows = [
+        (f"{role}", m.gpu_name),
+        ("  peak", f"{m.gpu_peak_tflops:.3f} TFLOP/s ({'bf16' if m.device == 'cuda' else 'fp32'} matmul)"),
+        ("  memory bandwidth", f"{m.gpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
+        ("  memory", f"{m.gpu_memory_gb:.1f} GB"),
+        ("link H2D / D2H", f"{m.h2d_gbps:.1f} / {m.d2h_gbps:.1f} GB/s"
+         + (" (pinned)" if m.device == "cuda" else " (thread memcpy)")),
+        ("CPU", f"{m.cpu_name}, {m.cpu_cores} cores, {m.cpu_memory_gb:.1f} GB"),
+        ("  peak", f"{m.cpu_peak_tflops:.3f} TFLOP/s (fp32 matmul)"),
+        ("  memory bandwidth", f"{m.cpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
+        ("  decode attention", f"{m.cpu_attn_gbps:.1f} GB/s of K/V read"),
+    ]
+    title = f"calibration{' (quick)' if m.quick else ''}: {m.seconds:.1f} s"
+    return "\n".join([title] + [f"  {k:<32}{v}" for k, v in rows])
