@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,10 +35,29 @@ from moe_lightning.schedule.cgopipe import (
     decode_graph_gpu_attention,
     prefill_graph,
 )
-from moe_lightning.schedule.graph import Task, TaskGraph
+from moe_lightning.schedule.graph import Resource, Task, TaskGraph
 from moe_lightning.trace import RunTimeline
 
 log = logging.getLogger("moe_lightning.cgopipe")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Which task graphs a run executes. The runtime below (state and one handler per op) serves any
+    schedule built from its ops, so baselines are other `Schedule`s over the same kernels."""
+
+    name: str
+    prefill: Callable[[PipeShape], TaskGraph]
+    decode_cpu_attention: Callable[[PipeShape], TaskGraph]
+    decode_gpu_attention: Callable[[PipeShape], TaskGraph]
+
+    def build(self, phase: str, shape: PipeShape, policy: Policy) -> TaskGraph:
+        if phase == "prefill":
+            return self.prefill(shape)
+        return self.decode_gpu_attention(shape) if policy.attn_on_gpu else self.decode_cpu_attention(shape)
+
+
+CGOPIPE = Schedule("cgopipe", prefill_graph, decode_graph, decode_graph_gpu_attention)
 
 
 def pack_micro_batches(lengths: Sequence[int], micro_batch_size: int) -> list[list[int]]:
@@ -70,11 +89,13 @@ class CGOPipeRunner:
     """Implements the generation driver's `BatchRunner` with the CGOPipe schedule."""
 
     def __init__(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
-                 workload: Workload, device: torch.device, trace: bool = False):
+                 workload: Workload, device: torch.device, trace: bool = False,
+                 schedule: Schedule | None = None):
         if not policy.ffn_on_gpu:
             raise ConfigError("policy.ffn_on_gpu: the CGOPipe engine runs the MoE FFN on the GPU; "
                               "ffn_on_gpu=false can be planned (task=plan) but not executed")
         self.spec, self.policy, self.workload, self.device = spec, policy, workload, device
+        self.schedule = schedule or CGOPIPE
         self.dtype = source.dtype
         self.cuda = device.type == "cuda"
         # The budget is checked before anything is allocated or read.
@@ -186,12 +207,7 @@ class CGOPipeRunner:
         shape = self.shape()
         key = (phase, shape)
         if key not in self._graphs:
-            if phase == "prefill":
-                self._graphs[key] = prefill_graph(shape)
-            elif self.policy.attn_on_gpu:
-                self._graphs[key] = decode_graph_gpu_attention(shape)
-            else:
-                self._graphs[key] = decode_graph(shape)
+            self._graphs[key] = self.schedule.build(phase, shape, self.policy)
         return self._graphs[key]
 
     def _run(self, graph: TaskGraph, phase: str) -> list[TaskRecord]:
@@ -225,7 +241,8 @@ class CGOPipeRunner:
         if not self.cuda:
             return t.clone()
         out = t.to(self.device, non_blocking=True)
-        out.record_stream(torch.cuda.current_stream())
+        # Allocated on the copy stream, read on the compute stream: keep the block until that is done.
+        out.record_stream(self.executor.stream(Resource.GPU))
         return out
 
     # ----------------------------------------------------------------------------------------------

@@ -83,3 +83,5 @@ KERNELS: dict[str, MoEKernel] = {
     "padded": moe_padded,
     "dense": moe_dense,
 }
+if not hasattr(F, "grouped_mm"):  # torch < 2.10: the profiler and `auto` never pick it
+    del KERNELS["grouped"]

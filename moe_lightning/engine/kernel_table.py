@@ -15,6 +15,7 @@ import torch
 from moe_lightning.config import ModelSpec
 from moe_lightning.engine.experts import KERNELS
 from moe_lightning.engine.model import ExpertStack, MoEKernel, route
+from moe_lightning.errors import ConfigError
 
 log = logging.getLogger("moe_lightning.kernels")
 LOADS = (1, 4, 16, 64, 256)  # tokens per expert profiled
@@ -80,6 +81,9 @@ class KernelChooser:
     """Picks the expert kernel per call: fixed by the policy, or by load from the profiled table."""
 
     def __init__(self, choice: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+        if choice != "auto" and choice not in KERNELS:
+            raise ConfigError(f"policy.expert_kernel={choice} is not available with torch {torch.__version__} "
+                              f"(grouped needs torch.nn.functional.grouped_mm); accepted here: auto, {', '.join(KERNELS)}")
         self.spec, self.choice = spec, choice
         self.table = cached_profile(spec, dtype, device) if choice == "auto" else {}
         self.used: dict[str, int] = {}

@@ -12,6 +12,8 @@ from moe_lightning.engine.model import ExpertStack, route
 @pytest.mark.parametrize("kernel", ["grouped", "padded", "dense"])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_kernels_agree_with_loop(kernel, tokens):
+    if kernel not in KERNELS:
+        pytest.skip(f"{kernel} needs a newer torch")
     g = torch.Generator().manual_seed(tokens)
     E, H, F, k = 8, 32, 48, 2
     h = torch.randn(tokens, H, generator=g)
