@@ -32,6 +32,14 @@ def group_options(group: str) -> list[str]:
     return sorted(names)
 
 
+def default_choices() -> dict[str, str]:
+    """The group options config.yaml selects when the command line does not."""
+    import yaml
+
+    defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text()).get("defaults", [])
+    return {k: str(v) for d in defaults if isinstance(d, dict) for k, v in d.items()}
+
+
 def _schema_for(path: list[str], choices: dict[str, str]):
     from moe_lightning.config import RunConfig
     from moe_lightning.systems import SYSTEM_CONFIGS
@@ -39,9 +47,13 @@ def _schema_for(path: list[str], choices: dict[str, str]):
 
     head = path[0]
     if head == "task":
-        return TASK_CONFIGS.get(choices.get("task", "generate"))
+        return TASK_CONFIGS.get(choices["task"])
     if head == "system":
-        return SYSTEM_CONFIGS.get(choices.get("system", "reference"))
+        return SYSTEM_CONFIGS.get(choices["system"])
+    if head == "logger":
+        from moe_lightning.loggers import LOGGER_CONFIGS
+
+        return LOGGER_CONFIGS.get(choices["logger"])
     return {f.name: f for f in fields(RunConfig)}[head].default_factory  # type: ignore[misc]
 
 
@@ -58,18 +70,23 @@ def check_overrides(args: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(plain)
     except Exception as exc:  # Hydra's grammar errors
         raise ConfigError(str(exc).splitlines()[0]) from None
-    choices: dict[str, str] = {}
-    for o in overrides:
-        key = o.key_or_group
-        if key.startswith("hydra") or o.is_delete() or o.is_add() or o.is_force_add():
-            continue
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-        if key in GROUPS:
-            options = group_options(key)
-            for v in values:
+    choices = default_choices()
+    checked = [o for o in overrides
+               if not (o.key_or_group.startswith("hydra") or o.is_delete() or o.is_add() or o.is_force_add())]
+
+    def values_of(o) -> list:
+        return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+
+    for o in checked:  # group choices first: a key is checked against the option finally chosen
+        if o.key_or_group in GROUPS:
+            options = group_options(o.key_or_group)
+            for v in values_of(o):
                 if str(v) not in options:
-                    raise ConfigError(f"unknown {key} {v!r}; accepted: {', '.join(options)}")
-            choices[key] = str(values[-1])
+                    raise ConfigError(f"unknown {o.key_or_group} {v!r}; accepted: {', '.join(options)}")
+            choices[o.key_or_group] = str(values_of(o)[-1])
+    for o in checked:
+        key, values = o.key_or_group, values_of(o)
+        if key in GROUPS:
             continue
         parts = key.split(".")
         if parts[0] not in field_names(RunConfig):

@@ -258,6 +258,31 @@ def field_names(cls: type) -> list[str]:
 
 
 @dataclass
+class TunerConfig:
+    """The Optuna search (task=tune): objective, budget, storage, seeding."""
+
+    objective: str = "measure"         # measure: run the engine in a child process; simulate: the simulator
+    n_trials: int = 8                  # total over all workers (completed, pruned and failed count)
+    trial_timeout_s: float = 300.0     # a measured trial running longer is killed and recorded as failed
+    trial_memory_gb: float = 0.0       # 0: no limit; else the child's address-space cap (a trial OOM fails)
+    storage: str | None = None         # SQLAlchemy URL; None: SQLite under results/studies/
+    study_name: str | None = None      # None: derived from system, model, hardware and workload
+    workers: int = 1                   # processes sharing the study
+    seed: int = 0
+    seed_with_hrm: bool = True         # enqueue the HRM optimum and its neighbours first
+    neighbours: int = 4
+    multi_objective: bool = False      # throughput vs peak GPU memory: the Pareto front
+    max_batch_size: int = 0            # 0: the workload's number of requests
+    max_micro_batches: int = 16
+    heartbeat_s: int = 10              # a RUNNING trial silent for 3 heartbeats is failed on resume
+
+    def __post_init__(self) -> None:
+        _choice(self.objective, "tuner.objective", ("measure", "simulate"))
+        _positive(self, "tuner", "n_trials", "trial_timeout_s", "workers", "max_micro_batches")
+        _check(self.trial_memory_gb >= 0, "tuner.trial_memory_gb", f"must be >= 0, got {self.trial_memory_gb}")
+
+
+@dataclass
 class RunConfig:
     """The root of a run: one option per group. `task` and `system` hold their own dataclasses
     (`moe_lightning.tasks.TASK_CONFIGS`, `moe_lightning.systems.SYSTEM_CONFIGS`); they are typed `Any`
@@ -270,16 +295,20 @@ class RunConfig:
     workload: Workload = field(default_factory=Workload)
     policy: Policy = field(default_factory=Policy)
     sampling: Sampling = field(default_factory=Sampling)
-    out: str | None = None       # run document (JSON) path
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    logger: Any = None              # None: no logger; see moe_lightning.loggers.LOGGER_CONFIGS
+    out: str | None = None          # run document (JSON) path
     outputs: str | None = None   # generate: outputs JSONL path
     trace: bool = False             # write a Chrome trace and a Gantt plot of the run
     device: str = "auto"            # auto: cuda when available, else the CPU plays the GPU's role
     run_dir: str | None = None   # where unnamed artefacts go (the CLI sets Hydra's output dir)
 
     def __post_init__(self) -> None:
+        from moe_lightning.loggers import LOGGER_CONFIGS
         from moe_lightning.systems import SYSTEM_CONFIGS
         from moe_lightning.tasks import TASK_CONFIGS
 
         self.task = self.task if self.task is not None else TASK_CONFIGS["generate"]()
         self.system = self.system if self.system is not None else SYSTEM_CONFIGS["reference"]()
+        self.logger = self.logger if self.logger is not None else LOGGER_CONFIGS["none"]()
         _choice(self.device, "device", ("auto", "cpu", "cuda"))

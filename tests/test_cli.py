@@ -22,7 +22,7 @@ def test_generate_writes_outputs_and_run_document(tmp_path, tiny_path):
     prompts.write_text('{"id": "q1", "prompt": "Question: what is two plus two?"}\n'
                        '{"input_ids": [1, 40, 41, 42, 43, 44, 45]}\n{"id": 7, "prompt": "Once upon a time"}\n')
     out, outputs = tmp_path / "run.json", tmp_path / "out.jsonl"
-    r = cli("workload=jsonl", f"workload.path={prompts}", "workload.gen_len=6", f"out={out}",
+    r = cli("task=generate", "system=reference", "workload=jsonl", f"workload.path={prompts}", "workload.gen_len=6", f"out={out}",
             f"outputs={outputs}", "task.progress=false", f"hydra.run.dir={tmp_path / 'hydra'}")
     assert r.returncode == 0, r.stderr
     assert "tok/s" in r.stdout
@@ -39,7 +39,7 @@ def test_generate_writes_outputs_and_run_document(tmp_path, tiny_path):
 
 
 def test_default_run_goes_to_a_run_folder(tmp_path, tiny_path):
-    r = cli("task.progress=false", "workload.num_requests=2", "workload.gen_len=3", cwd=tmp_path)
+    r = cli("task=generate", "task.progress=false", "workload.num_requests=2", "workload.gen_len=3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "runs").rglob("run.json"))) == 1
     assert len(list((tmp_path / "runs").rglob("outputs.jsonl"))) == 1
@@ -70,7 +70,7 @@ def _bad_files(tmp_path):
 def test_bad_input_is_one_line_without_traceback(tmp_path, tiny_path, args, expect):
     empty, bad, ckpt = _bad_files(tmp_path)
     args = [a.format(empty=empty, bad=bad, ckpt=ckpt) for a in args]
-    r = cli(*args, "task.progress=false", cwd=tmp_path)
+    r = cli("task=generate", *args, "task.progress=false", cwd=tmp_path)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]

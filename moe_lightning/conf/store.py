@@ -9,10 +9,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from moe_lightning.config import RunConfig
+from moe_lightning.loggers import LOGGER_CONFIGS
 from moe_lightning.systems import SYSTEM_CONFIGS
 from moe_lightning.tasks import TASK_CONFIGS
 
-GROUPS = ("task", "system", "model", "hardware", "workload")
+GROUPS = ("task", "system", "model", "hardware", "workload", "logger")
 
 
 def register() -> None:
@@ -26,3 +27,5 @@ def register() -> None:
         cs.store(group="task", name=name, node=node)
     for name, node in SYSTEM_CONFIGS.items():
         cs.store(group="system", name=name, node=node)
+    for name, node in LOGGER_CONFIGS.items():
+        cs.store(group="logger", name=name, node=node)

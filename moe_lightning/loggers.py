@@ -1,0 +1,82 @@
+"""Experiment loggers: `logger=none` (default) or `logger=wandb` (offline by default: no account, no
+network; `wandb sync <dir>` uploads later). wandb is imported only when used."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("moe_lightning.loggers")
+
+
+@dataclass
+class NoLogger:
+    name: str = "none"
+
+    def start(self, run_name: str, config: dict[str, Any], run_dir: str) -> None:
+        pass
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def log_image(self, key: str, path: str | Path) -> None:
+        pass
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class WandbLogger(NoLogger):
+    name: str = "wandb"
+    mode: str = "offline"                 # offline | online | disabled
+    project: str = "moe-lightning"
+    entity: str | None = None
+    dir: str | None = None             # None: the run folder
+
+    def __post_init__(self) -> None:
+        self._run = None
+
+    def start(self, run_name: str, config: dict[str, Any], run_dir: str) -> None:
+        try:
+            import wandb
+        except ImportError:
+            log.warning("logger=wandb but wandb is not installed (pip install 'moe-lightning[wandb]'): not logging")
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        folder = Path(self.dir or run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(project=self.project, entity=self.entity, name=run_name, config=config,
+                               dir=str(folder), mode=self.mode, reinit="finish_previous",
+                               settings=wandb.Settings(x_disable_stats=True, console="off"))
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._run is not None:
+            self._run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: str | Path) -> None:
+        if self._run is not None:
+            import wandb
+
+            self._run.log({key: wandb.Image(str(path))})
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        if self._run is not None and rows:
+            import wandb
+
+            columns = sorted({k for r in rows for k in r})
+            self._run.log({key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+
+    def finish(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+LOGGER_CONFIGS: dict[str, type] = {"none": NoLogger, "wandb": WandbLogger}

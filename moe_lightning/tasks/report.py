@@ -1,0 +1,151 @@
+"""task=report: tables and plots derived from run documents only (never typed by hand): a markdown
+table and CSV of every run document found, throughput bars, and the tuning plots used by task=tune."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_lightning.config import RunConfig
+from moe_lightning.report import RunReport
+
+log = logging.getLogger("moe_lightning.report")
+
+COLUMNS = ("system", "task", "model", "hardware", "workload", "gen_len", "padding", "batch_size",
+           "micro_batch_size", "attn_on_gpu", "expert_gpu_fraction", "tok_s", "hrm_tok_s", "sim_tok_s",
+           "peak_gpu_gb", "device", "file")
+
+
+def load_documents(patterns: list[str]) -> list[tuple[Path, RunReport]]:
+    docs = []
+    for pattern in patterns:
+        for name in sorted(glob.glob(pattern, recursive=True)):
+            try:
+                data = json.loads(Path(name).read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(data, dict) and "schema_version" in data and "metrics" in data:
+                docs.append((Path(name), RunReport.from_dict(data)))
+    return docs
+
+
+def row_of(path: Path, r: RunReport) -> dict:
+    p, w = r.policy or {}, r.workload or {}
+    return {"system": r.system, "task": r.task, "model": r.model.get("name"),
+            "hardware": (r.hardware.get("profile") or {}).get("name"), "workload": w.get("name"),
+            "gen_len": w.get("gen_len"), "padding": w.get("padding"), "batch_size": p.get("batch_size"),
+            "micro_batch_size": p.get("micro_batch_size"), "attn_on_gpu": p.get("attn_on_gpu"),
+            "expert_gpu_fraction": p.get("expert_gpu_fraction"),
+            "tok_s": round(r.metrics.throughput_tok_s, 3) if r.metrics.throughput_tok_s else None,
+            "hrm_tok_s": _round(r.prediction.get("hrm_tok_s")), "sim_tok_s": _round(r.prediction.get("sim_tok_s")),
+            "peak_gpu_gb": round(r.metrics.peak_gpu_bytes / 1e9, 3) if r.metrics.peak_gpu_bytes else None,
+            "device": (r.environment or {}).get("gpu") or (r.environment or {}).get("cpu"), "file": str(path)}
+
+
+def _round(x):
+    return round(x, 3) if isinstance(x, (int, float)) else None
+
+
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    cols = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_throughput(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("tok_s")]
+    labels = [f"{r['system']}\n{r['hardware']}/{r['workload']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["tok_s"] for r in rows], color="tab:blue")
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("tokens/s (end to end)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tuning_progress(trials: list[dict], path: Path) -> Path:
+    """Each completed trial's tokens/s and the best so far, by trial number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = sorted((t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None),
+                  key=lambda t: t["number"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if done:
+        xs, ys = [t["number"] for t in done], [t["value"] for t in done]
+        best, running = [], float("-inf")
+        for y in ys:
+            running = max(running, y)
+            best.append(running)
+        ax.scatter(xs, ys, s=14, label="trial")
+        ax.step(xs, best, where="post", color="tab:red", label="best so far")
+        ax.legend()
+    ax.set_xlabel("trial")
+    ax.set_ylabel("tokens/s")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_pareto(trials: list[dict], path: Path) -> Path:
+    """Throughput vs peak GPU memory of completed trials, the non-dominated ones joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(t["peak_gpu_bytes"] / 1e9, t["value"]) for t in trials
+           if t["state"] == "COMPLETE" and t["value"] is not None and t["peak_gpu_bytes"]]
+    front = sorted(p for p in pts if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in pts))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if pts:
+        ax.scatter(*zip(*pts), s=14, alpha=0.6, label="trial")
+        ax.plot(*zip(*front), "o-", color="tab:red", label="Pareto front")
+        ax.legend()
+    ax.set_xlabel("peak GPU memory (GB)")
+    ax.set_ylabel("tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+@dataclass
+class ReportTask:
+    name: str = "report"
+    inputs: list[str] = field(default_factory=lambda: ["runs/**/*.json"])
+    plot: bool = True
+
+    def run(self, cfg: RunConfig) -> RunReport:
+        docs = load_documents(self.inputs)
+        rows = [row_of(p, r) for p, r in docs]
+        run_dir = Path(cfg.run_dir or "runs/latest")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        table = markdown_table(rows)
+        (run_dir / "report.md").write_text(table + "\n")
+        with (run_dir / "report.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(table)
+        print(f"{len(rows)} run documents; report: {run_dir / 'report.md'}, {run_dir / 'report.csv'}")
+        if self.plot and rows:
+            print(f"plot: {plot_throughput(rows, run_dir / 'throughput.png')}")
+        return RunReport(system=cfg.system.name, task="report", model={}, hardware={}, workload={}, policy={},
+                         extra={"documents": len(rows), "markdown": str(run_dir / "report.md")})

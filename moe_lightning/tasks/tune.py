@@ -1,0 +1,204 @@
+"""task=tune: the HRM plan, an Optuna study seeded with it whose trials run the engine (or the
+simulator), and the best policy measured beside the baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_lightning.config import RunConfig
+from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.report import Metrics, RunReport, as_dict, environment
+
+log = logging.getLogger("moe_lightning.tune")
+
+
+def _worker(cfg: RunConfig) -> None:
+    """An extra worker process: optimise the shared study until it holds n_trials."""
+    import optuna
+
+    from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.tuner.search import TrialFailed, objective, open_study
+
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec, _ = resolve_model(cfg.model)
+    study = open_study(cfg)
+    study.optimize(objective(cfg, spec), n_trials=cfg.tuner.n_trials, catch=(TrialFailed,),
+                   callbacks=[_max_trials(cfg.tuner.n_trials)])
+
+
+def _max_trials(n: int):
+    import optuna
+    from optuna.trial import TrialState
+
+    return optuna.study.MaxTrialsCallback(n, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+
+
+def trial_records(study) -> list[dict]:
+    """One flat record per trial (sweeps write records, not logs)."""
+    rows = []
+    for t in study.trials:
+        rows.append({"number": t.number, "state": t.state.name,
+                     "value": t.values[0] if t.values else None,
+                     "peak_gpu_bytes": t.user_attrs.get("peak_gpu_bytes"),
+                     "seed": t.user_attrs.get("seed", ""), "reason": t.user_attrs.get("reason", ""),
+                     "duration_s": t.duration.total_seconds() if t.duration else None,
+                     **{f"param.{k}": v for k, v in t.params.items()}})
+    return rows
+
+
+def best_trials(study, multi: bool):
+    from optuna.trial import TrialState
+
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not done:
+        return []
+    return study.best_trials if multi else [max(done, key=lambda t: t.values[0])]
+
+
+@dataclass
+class TuneTask:
+    name: str = "tune"
+    progress: bool = True
+    compare: bool = True                 # measure the best policy beside the baselines
+    baselines: list[str] = field(default_factory=lambda: ["reference"])
+
+    def run(self, cfg: RunConfig) -> RunReport:
+        import optuna
+        from tqdm import tqdm
+
+        from moe_lightning.engine.weights import resolve_model
+        from moe_lightning.tuner.search import TrialFailed, objective, open_study, seed_study, storage_url, study_name
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        run_dir = Path(cfg.run_dir or "runs/latest")
+        spec, _ = resolve_model(cfg.model)
+        study = open_study(cfg)
+        finished = [t for t in study.trials if t.state.is_finished()]
+        seeds = []
+        if cfg.tuner.seed_with_hrm and not study.trials:
+            try:
+                seeds = seed_study(study, cfg, spec)
+            except MemoryBudgetError as exc:
+                print(f"HRM finds no feasible policy ({str(exc)[:200]}...): searching unseeded")
+        if seeds:
+            s = seeds[0]
+            print(f"HRM plan: N={s.batch_size} mu={s.micro_batch_size} attn_on_gpu={s.attn_on_gpu} "
+                  f"r_w={s.expert_gpu_fraction:.3f} r_c={s.kv_gpu_fraction:.3f} (+{len(seeds) - 1} neighbours queued)")
+        remaining = max(0, cfg.tuner.n_trials - len(finished))
+        if finished:
+            print(f"resuming study {study_name(cfg)}: {len(finished)} finished trials kept, {remaining} to go")
+        cfg.logger.start(f"tune-{study_name(cfg)}", _config_dict(cfg), str(run_dir))
+        bar = tqdm(total=remaining, desc="tune", unit="trial", disable=not self.progress, file=sys.stderr)
+
+        def on_trial(event: dict) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"#{event['number']} {event['state']} {event.get('value') or ''}"[:60])
+            cfg.logger.log({"trial": event["number"], "throughput_tok_s": event.get("value"),
+                            **{f"param/{k}": v for k, v in event["params"].items()}})
+
+        workers = [mp.get_context("spawn").Process(target=_worker, args=(cfg,), daemon=False)
+                   for _ in range(cfg.tuner.workers - 1)]
+        for w in workers:
+            w.start()
+        study.optimize(objective(cfg, spec, on_trial), n_trials=remaining, catch=(TrialFailed,),
+                       callbacks=[_max_trials(cfg.tuner.n_trials)])
+        for w in workers:
+            w.join()
+        bar.close()
+        return self._report(cfg, study, spec, run_dir, storage_url(cfg))
+
+    def _report(self, cfg: RunConfig, study, spec, run_dir: Path, storage: str) -> RunReport:
+        from moe_lightning.tasks.report import plot_pareto, plot_tuning_progress
+        from moe_lightning.tuner.search import policy_from_params
+
+        rows = trial_records(study)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        best = best_trials(study, cfg.tuner.multi_objective)
+        states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        print(f"study {study.study_name}: {states['COMPLETE']} complete, {states['PRUNED']} pruned "
+              f"(infeasible), {states['FAIL']} failed; storage {storage}")
+        for r in rows:
+            if r["state"] != "COMPLETE" and r["reason"]:
+                print(f"  trial {r['number']} {r['state'].lower()}: {r['reason'][:140]}")
+        progress_png = plot_tuning_progress(rows, run_dir / "tuning_progress.png")
+        cfg.logger.log_image("tuning_progress", progress_png)
+        if cfg.tuner.multi_objective:
+            cfg.logger.log_image("pareto", plot_pareto(rows, run_dir / "pareto.png"))
+        report = RunReport(system=cfg.system.name, task="tune", model=as_dict(spec),
+                           hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(cfg.workload),
+                           policy={}, environment=environment(),
+                           extra={"study": study.study_name, "storage": storage, "trials": states,
+                                  "objective": cfg.tuner.objective, "trials_file": str(run_dir / "trials.jsonl")})
+        if not best:
+            print("no trial completed: nothing to compare")
+        else:
+            top = best[0]
+            policy = policy_from_params(top.params, spec, cfg.policy)
+            report.policy = as_dict(policy)
+            report.metrics = Metrics(throughput_tok_s=top.values[0],
+                                     peak_gpu_bytes=int(top.user_attrs.get("peak_gpu_bytes") or 0))
+            report.extra["best_trial"] = top.number
+            report.extra["pareto"] = [{"number": t.number, "values": t.values, "params": t.params} for t in best]
+            print(f"best: trial {top.number} ({top.user_attrs.get('seed') or 'sampled'}) "
+                  f"{top.values[0]:.2f} tok/s {cfg.tuner.objective}d with N={policy.batch_size} "
+                  f"mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
+                  f"r_w={policy.expert_gpu_fraction:.3f} r_c={policy.kv_gpu_fraction:.3f} "
+                  f"kernel={policy.expert_kernel}")
+            if self.compare:
+                table = compare_best(cfg, policy, self.baselines, run_dir)
+                report.extra["comparison"] = table
+                cfg.logger.log_table("comparison", table)
+        out = Path(cfg.out) if cfg.out else run_dir / "run.json"
+        report.to_json(out)
+        cfg.logger.finish()
+        print(f"trials: {run_dir / 'trials.jsonl'}\nrun document: {out}")
+        return report
+
+
+def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) -> list[dict]:
+    """Measure the tuned policy beside each baseline (same model, hardware, workload) and print a table."""
+    from moe_lightning.systems import SYSTEM_CONFIGS
+    from moe_lightning.tasks.generate import run_generation
+
+    rows = []
+    for name in [cfg.system.name, *[b for b in baselines if b != cfg.system.name]]:
+        system_cls = SYSTEM_CONFIGS.get(name)
+        if system_cls is None:
+            rows.append({"system": name, "tok_s": None, "error": "unknown system"})
+            continue
+        run_cfg = dataclasses.replace(cfg, system=system_cls(), policy=policy if name == cfg.system.name else cfg.policy)
+        try:
+            gen = run_generation(run_cfg, progress=False, warmup_tokens=1)
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is a row, not a crash
+            rows.append({"system": name, "tok_s": None, "error": str(exc).splitlines()[0]})
+            continue
+        gen.report.to_json(run_dir / f"compare-{name}.json")
+        m = gen.report.metrics
+        rows.append({"system": name, "tok_s": round(m.throughput_tok_s, 3), "decode_tok_s": round(m.decode_tok_s, 3),
+                     "batch_size": run_cfg.policy.batch_size, "micro_batch_size": run_cfg.policy.micro_batch_size,
+                     "peak_gpu_gb": round(m.peak_gpu_bytes / 1e9, 4), "error": ""})
+    ok = [r for r in rows if r["tok_s"]]
+    if ok:
+        base = max((r["tok_s"] for r in ok if r["system"] != cfg.system.name), default=None)
+        for r in ok:
+            r["vs_best_baseline"] = round(r["tok_s"] / base, 3) if base else None
+    print("\n| system | tok/s | decode tok/s | N | mu | peak device GB | vs best baseline |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["tok_s"] is None:
+            print(f"| {r['system']} | failed: {r['error']} | | | | | |")
+        else:
+            print(f"| {r['system']} | {r['tok_s']:.2f} | {r['decode_tok_s']:.2f} | {r['batch_size']} | "
+                  f"{r['micro_batch_size']} | {r['peak_gpu_gb']} | {r.get('vs_best_baseline')} |")
+    return rows
+
+
+def _config_dict(cfg: RunConfig) -> dict:
+    return {k: as_dict(v) if dataclasses.is_dataclass(v) else v for k, v in vars(cfg).items()}

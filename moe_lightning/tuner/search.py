@@ -1,0 +1,283 @@
+"""The Optuna search over the policy space, seeded by HRM.
+
+- The search space is the `Policy`: batch size N, the number of micro-batches (mu is the smallest
+  micro-batch size giving that count, as HRM chooses it), attention placement, resident experts per
+  layer, the GPU share of the KV cache, the copy worker's prefetch depth and (measured runs) the
+  expert kernel.
+- Points the memory plan rejects are pruned before anything runs, with the reason recorded.
+- The study is seeded with the HRM optimum and its feasible neighbours (`enqueue_trial`), so the first
+  trial is what HRM predicts and the sampler corrects it with measurements.
+- A measured trial runs the real engine in a spawned child process with a timeout and an optional
+  memory cap: a crash, an out-of-memory or a hang fails that trial with its reason, never the study.
+- Studies live in an RDB storage (SQLite by default, any SQLAlchemy URL such as PostgreSQL), with
+  heartbeats so that a trial whose process was killed is failed on resume and every completed trial is
+  kept; several worker processes can share one study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import multiprocessing as mp
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moe_lightning.config import ModelSpec, Policy, RunConfig
+from moe_lightning.errors import ConfigError, MoELightningError
+
+log = logging.getLogger("moe_lightning.search")
+STUDIES_DIR = Path("results") / "studies"
+KERNELS = ("auto", "loop", "padded", "grouped")
+
+
+class TrialFailed(Exception):
+    """A trial that ran and failed (crash, out of memory, timeout): recorded, the study goes on."""
+
+
+# ------------------------------------------------------------------------------------------------
+# study
+
+
+def study_name(cfg: RunConfig) -> str:
+    if cfg.tuner.study_name:
+        return cfg.tuner.study_name
+    name = f"{cfg.system.name}-{cfg.model.name}-{cfg.hardware.name}-{cfg.workload.name}-{cfg.tuner.objective}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name + ("-pareto" if cfg.tuner.multi_objective else ""))
+
+
+def storage_url(cfg: RunConfig) -> str:
+    if cfg.tuner.storage:
+        return cfg.tuner.storage
+    STUDIES_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(STUDIES_DIR / study_name(cfg)).resolve()}.db"
+
+
+def open_study(cfg: RunConfig):
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    heartbeat = max(1, int(cfg.tuner.heartbeat_s))
+    try:
+        storage = optuna.storages.RDBStorage(storage_url(cfg), heartbeat_interval=heartbeat,
+                                             grace_period=3 * heartbeat,
+                                             engine_kwargs={"connect_args": {"timeout": 60}}
+                                             if storage_url(cfg).startswith("sqlite") else None)
+    except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database
+        raise ConfigError(f"tuner.storage={storage_url(cfg)!r}: cannot open ({str(exc).splitlines()[0]})") from None
+    directions = ["maximize", "minimize"] if cfg.tuner.multi_objective else ["maximize"]
+    sampler = optuna.samplers.TPESampler(seed=cfg.tuner.seed, multivariate=True)
+    return optuna.create_study(storage=storage, study_name=study_name(cfg), directions=directions,
+                               sampler=sampler, load_if_exists=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# search space
+
+
+def max_batch(cfg: RunConfig) -> int:
+    return cfg.tuner.max_batch_size or cfg.workload.num_requests
+
+
+def policy_params(policy: Policy, spec: ModelSpec, measured: bool) -> dict[str, Any]:
+    """The trial parameters that reproduce `policy` (for enqueue_trial)."""
+    params = {
+        "batch_size": policy.batch_size,
+        "num_micro_batches": policy.num_micro_batches,
+        "attn_on_gpu": policy.attn_on_gpu,
+        "resident_experts": round(policy.expert_gpu_fraction * spec.num_experts),
+        "kv_gpu_fraction": round(policy.kv_gpu_fraction, 3),
+        "prefetch_depth": policy.prefetch_depth,
+    }
+    if measured:
+        params["expert_kernel"] = policy.expert_kernel
+    return params
+
+
+def policy_from_params(params: dict[str, Any], spec: ModelSpec, base: Policy) -> Policy:
+    n = int(params["batch_size"])
+    m = min(int(params["num_micro_batches"]), n)
+    return dataclasses.replace(
+        base, batch_size=n, micro_batch_size=math.ceil(n / m), attn_on_gpu=bool(params["attn_on_gpu"]),
+        ffn_on_gpu=True, expert_gpu_fraction=int(params["resident_experts"]) / spec.num_experts,
+        kv_gpu_fraction=float(params["kv_gpu_fraction"]), prefetch_depth=int(params["prefetch_depth"]),
+        expert_kernel=params.get("expert_kernel", base.expert_kernel))
+
+
+def suggest(trial, cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
+    t = cfg.tuner
+    params = {
+        "batch_size": trial.suggest_int("batch_size", 1, max_batch(cfg), log=True),
+        "num_micro_batches": trial.suggest_int("num_micro_batches", 1, t.max_micro_batches),
+        "attn_on_gpu": trial.suggest_categorical("attn_on_gpu", [False, True]),
+        "resident_experts": trial.suggest_int("resident_experts", 0, spec.num_experts),
+        "kv_gpu_fraction": trial.suggest_float("kv_gpu_fraction", 0.0, 1.0),
+        "prefetch_depth": trial.suggest_int("prefetch_depth", 1, 3),
+    }
+    if t.objective == "measure":
+        params["expert_kernel"] = trial.suggest_categorical("expert_kernel", list(KERNELS))
+    return params
+
+
+def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
+    """The HRM optimum first, then feasible neighbours (N halved/doubled, one micro-batch more or
+    fewer, one resident expert more or fewer, attention moved)."""
+    from moe_lightning.memory import memory_plan
+    from moe_lightning.tuner.optimizer import optimize
+
+    workload = dataclasses.replace(cfg.workload, num_requests=max_batch(cfg))
+    plan = optimize(spec, cfg.hardware, workload)
+    best = dataclasses.replace(cfg.policy, **{f.name: getattr(plan.policy, f.name)
+                                              for f in dataclasses.fields(Policy)
+                                              if f.name in ("batch_size", "micro_batch_size", "attn_on_gpu",
+                                                            "ffn_on_gpu", "expert_gpu_fraction",
+                                                            "kv_gpu_fraction")})
+    best = policy_from_params(policy_params(best, spec, True), spec, best)
+    E, n, m = spec.num_experts, best.batch_size, best.num_micro_batches
+    r = round(best.expert_gpu_fraction * E)
+    candidates = [best]
+    for n2, m2, r2, attn in ((n // 2, m, r, best.attn_on_gpu), (n * 2, m, r, best.attn_on_gpu),
+                             (n, m + 1, r, best.attn_on_gpu), (n, m - 1, r, best.attn_on_gpu),
+                             (n, m, r + 1, best.attn_on_gpu), (n, m, r - 1, best.attn_on_gpu),
+                             (n, m, r, not best.attn_on_gpu)):
+        if not (1 <= n2 <= max_batch(cfg) and 1 <= m2 <= min(n2, cfg.tuner.max_micro_batches) and 0 <= r2 <= E):
+            continue
+        p = dataclasses.replace(best, batch_size=n2, micro_batch_size=math.ceil(n2 / m2),
+                                expert_gpu_fraction=r2 / E, attn_on_gpu=attn)
+        if memory_plan(spec, p, cfg.workload).fits(cfg.hardware) and p not in candidates:
+            candidates.append(p)
+    return candidates[: 1 + cfg.tuner.neighbours]
+
+
+def seed_study(study, cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
+    measured = cfg.tuner.objective == "measure"
+    seeds = seed_policies(cfg, spec)
+    for i, p in enumerate(seeds):
+        study.enqueue_trial(policy_params(p, spec, measured), user_attrs={"seed": "hrm" if i == 0 else "hrm-neighbour"},
+                            skip_if_exists=True)
+    return seeds
+
+
+# ------------------------------------------------------------------------------------------------
+# objective
+
+
+def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] | None = None):
+    """The function Optuna calls per trial: -> tokens/s (or tokens/s, peak GPU bytes)."""
+    import optuna
+
+    from moe_lightning.memory import memory_plan
+
+    def run(trial) -> float | tuple[float, float]:
+        params = suggest(trial, cfg, spec)
+        try:
+            policy = policy_from_params(params, spec, cfg.policy)
+        except ConfigError as exc:
+            trial.set_user_attr("reason", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        trial.set_user_attr("policy", dataclasses.asdict(policy))
+        plan = memory_plan(spec, policy, cfg.workload)
+        if not plan.fits(cfg.hardware):
+            reason = plan.describe(cfg.hardware)
+            trial.set_user_attr("reason", reason)
+            _notify(on_trial, trial, "pruned", reason=reason)
+            raise optuna.TrialPruned(reason)
+        trial_cfg = dataclasses.replace(cfg, policy=policy)
+        if cfg.tuner.objective == "simulate":
+            tok_s, peak = simulate_objective(trial_cfg, spec), plan.gpu_total_bytes
+        else:
+            try:
+                doc = run_trial_process(trial_cfg, cfg.tuner.trial_timeout_s, cfg.tuner.trial_memory_gb)
+            except TrialFailed as exc:
+                trial.set_user_attr("reason", str(exc))
+                _notify(on_trial, trial, "failed", reason=str(exc))
+                raise
+            tok_s, peak = doc["metrics"]["throughput_tok_s"], doc["metrics"]["peak_gpu_bytes"]
+            trial.set_user_attr("run", {k: doc[k] for k in ("run_id", "metrics", "prediction")})
+        trial.set_user_attr("throughput_tok_s", tok_s)
+        trial.set_user_attr("peak_gpu_bytes", peak)
+        _notify(on_trial, trial, "complete", value=tok_s)
+        return (tok_s, float(peak)) if cfg.tuner.multi_objective else tok_s
+
+    return run
+
+
+def _notify(on_trial, trial, state: str, **kw) -> None:
+    if on_trial is not None:
+        on_trial({"number": trial.number, "state": state, "params": dict(trial.params), **kw})
+
+
+def simulate_objective(cfg: RunConfig, spec: ModelSpec) -> float:
+    from moe_lightning.tuner.simulator import simulate_run
+
+    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy).throughput_tok_s
+
+
+# ------------------------------------------------------------------------------------------------
+# the trial process
+
+
+def _trial_child(cfg: RunConfig, memory_gb: float, conn) -> None:
+    """Runs in a spawned process: one warmed-up generation run, its report sent back."""
+    import logging as _logging
+
+    _logging.basicConfig(level=_logging.WARNING)
+    try:
+        if memory_gb > 0:
+            import resource
+
+            limit = int(memory_gb * 1e9)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        from moe_lightning.tasks.generate import run_generation
+
+        gen = run_generation(cfg, progress=False, warmup_tokens=1)
+        conn.send(("ok", gen.report.to_dict()))
+    except MemoryError as exc:
+        conn.send(("error", f"out of memory: {exc or 'MemoryError'}"))
+    except MoELightningError as exc:
+        conn.send(("error", str(exc)))
+    except BaseException as exc:  # noqa: BLE001 - anything else is a failed trial, reported by name
+        name = type(exc).__name__
+        conn.send(("error", f"out of memory: {exc}" if "OutOfMemory" in name else f"{name}: {exc}"))
+    finally:
+        conn.close()
+
+
+def run_trial_process(cfg: RunConfig, timeout_s: float, memory_gb: float = 0.0) -> dict:
+    """Run one measured trial in a spawned child; -> its run document, or raise TrialFailed."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_trial_child, args=(cfg, memory_gb, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout_s):
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+                raise TrialFailed(f"timeout: no result after {timeout_s:.0f} s (tuner.trial_timeout_s)")
+            raise TrialFailed(_death(proc))
+        status, payload = parent.recv()
+    except EOFError:
+        proc.join(5)
+        raise TrialFailed(_death(proc)) from None
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise TrialFailed(payload.splitlines()[0] if payload else "failed")
+    return payload
+
+
+def _death(proc) -> str:
+    proc.join(5)
+    code = proc.exitcode
+    if code is not None and code < 0:
+        hint = " (killed: out of memory?)" if code == -9 else ""
+        return f"trial process died from signal {-code}{hint}"
+    return f"trial process exited with code {code} without a result"

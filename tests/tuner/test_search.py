@@ -1,0 +1,137 @@
+"""The Optuna search: HRM seeds first, infeasible points pruned unrun, failures recorded while the
+study goes on, resumable after SIGKILL, several workers on one study."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, RunConfig, TunerConfig
+from moe_lightning.systems import CGOPipeSystem
+from moe_lightning.tuner.search import (
+    TrialFailed,
+    objective,
+    open_study,
+    policy_params,
+    seed_policies,
+    seed_study,
+)
+
+
+def make_cfg(tmp_path, name: str, **tuner) -> RunConfig:
+    t = TunerConfig(storage=f"sqlite:///{tmp_path / name}.db", study_name=name, **tuner)
+    return RunConfig(system=CGOPipeSystem(), tuner=t, device="cpu", run_dir=str(tmp_path / "run"))
+
+
+def spec_of(cfg):
+    from moe_lightning.engine.weights import resolve_model
+
+    return resolve_model(cfg.model)[0]
+
+
+def run_study(cfg, n: int):
+    spec = spec_of(cfg)
+    study = open_study(cfg)
+    if cfg.tuner.seed_with_hrm:
+        seed_study(study, cfg, spec)
+    study.optimize(objective(cfg, spec), n_trials=n, catch=(TrialFailed,))
+    return study
+
+
+def test_first_trial_is_the_hrm_policy(tmp_path, tiny_path):
+    cfg = make_cfg(tmp_path, "seeded", objective="simulate")
+    study = run_study(cfg, 3)
+    hrm = seed_policies(cfg, spec_of(cfg))[0]
+    first = study.trials[0]
+    assert first.user_attrs["seed"] == "hrm"
+    assert first.params == policy_params(hrm, spec_of(cfg), measured=False)
+    assert first.state == TrialState.COMPLETE and first.values[0] > 0
+
+
+def test_infeasible_points_are_pruned_without_running(tmp_path, tiny_path):
+    tiny_gpu = HardwareSpec(name="tiny-gpu", gpu=GpuSpec(memory_gb=1e-5, usable_fraction=1.0), cpu=CpuSpec(),
+                            link=LinkSpec())
+    cfg = dataclasses.replace(make_cfg(tmp_path, "pruned", objective="measure", seed_with_hrm=False),
+                              hardware=tiny_gpu)
+    t0 = time.perf_counter()
+    study = run_study(cfg, 4)
+    assert time.perf_counter() - t0 < 10  # no engine process was started
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 4
+    assert all("does not fit" in t.user_attrs["reason"] and "run" not in t.user_attrs for t in study.trials)
+
+
+def test_crashing_trials_fail_and_the_study_goes_on(tmp_path, tiny_path):
+    # An address-space cap the child cannot live with: every measured run dies of memory.
+    cfg = make_cfg(tmp_path, "crash", objective="measure", trial_memory_gb=0.4, seed_with_hrm=False)
+    study = run_study(cfg, 2)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all(t.user_attrs.get("reason") for t in study.trials)
+    # ... and a trial that overruns its timeout is killed and failed the same way.
+    cfg = make_cfg(tmp_path, "timeout", objective="measure", trial_timeout_s=0.5, seed_with_hrm=False)
+    study = run_study(cfg, 1)
+    assert study.trials[0].state == TrialState.FAIL and "timeout" in study.trials[0].user_attrs["reason"]
+
+
+def _states(db) -> dict[int, tuple[str, float | None]]:
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("select t.number, t.state, v.value from trials t left join trial_values v "
+                           "on v.trial_id = t.trial_id").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+    return {n: (s, v) for n, s, v in rows}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_resumes_keeping_completed_trials(tmp_path, tiny_path):
+    db = tmp_path / "killed.db"
+    args = [sys.executable, "-m", "moe_lightning.cli", "task=tune", "system=cgopipe", "task.compare=false",
+            "task.progress=false", "tuner.n_trials=6", "tuner.heartbeat_s=1", f"tuner.storage=sqlite:///{db}",
+            "tuner.study_name=killed", f"hydra.run.dir={tmp_path / 'h'}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        states = _states(db)
+        if sum(s == "COMPLETE" for s, _ in states.values()) >= 2 and any(s == "RUNNING" for s, _ in states.values()):
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the study and its trial process, mid-trial
+    proc.wait()
+    before = {n: v for n, (s, v) in _states(db).items() if s == "COMPLETE"}
+    assert len(before) >= 2
+    time.sleep(3.5)  # three heartbeats: the killed trial is now stale
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "finished trials kept" in r.stdout
+    after = _states(db)
+    assert all(after[n] == ("COMPLETE", v) for n, v in before.items())  # every completed trial kept
+    assert sum(s in ("COMPLETE", "FAIL", "PRUNED") for s, _ in after.values()) >= 6
+    assert "RUNNING" not in {s for s, _ in after.values()}
+
+
+def test_two_workers_share_one_study(tmp_path, tiny_path):
+    db = tmp_path / "shared.db"
+    args = [sys.executable, "-m", "moe_lightning.cli", "task=tune", "system=cgopipe", "task.compare=false",
+            "task.progress=false", "tuner.objective=simulate", "tuner.n_trials=10", "tuner.workers=2",
+            f"tuner.storage=sqlite:///{db}", "tuner.study_name=shared", f"hydra.run.dir={tmp_path / 'h'}"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{db}")
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert 10 <= len(finished) <= 11  # each worker may start one trial as the count is reached
+    seeded = [tuple(sorted(t.params.items())) for t in study.trials if t.user_attrs.get("seed")]
+    assert len(seeded) == len(set(seeded)) >= 2  # every queued seed ran exactly once
+    assert {t.system_attrs.get("fixed_params") is not None for t in study.trials if t.user_attrs.get("seed")} == {True}
