@@ -8,14 +8,14 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint regression clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU build on disk, so nothing below can pull a CUDA build
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e ".[cli,tune,plot,peers,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[cli,tune,plot,peers,wandb,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +25,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+regression: $(STAMP)
+	$(PY) benchmarks/regression.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moe_lightning tests

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from moe_lightning.config import RunConfig
 from moe_lightning.report import Metrics, RunReport, as_dict, environment
@@ -20,7 +19,7 @@ PACKAGE_HARDWARE_DIR = Path(__file__).resolve().parent.parent / "conf" / "hardwa
 @dataclass
 class CalibrateTask:
     name: str = "calibrate"
-    out_yaml: Optional[str] = None
+    out_yaml: str | None = None
     quick: bool = False
 
     def run(self, cfg: RunConfig) -> RunReport:
@@ -61,6 +60,7 @@ def table(m) -> str:
         ("  peak", f"{m.cpu_peak_tflops:.3f} TFLOP/s (fp32 matmul)"),
         ("  memory bandwidth", f"{m.cpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
         ("  decode attention", f"{m.cpu_attn_gbps:.1f} GB/s of K/V read"),
+        ("executor overhead", f"{m.task_overhead_s * 1e6:.0f} us per task"),
     ]
     title = f"calibration{' (quick)' if m.quick else ''}: {m.seconds:.1f} s"
     return "\n".join([title] + [f"  {k:<32}{v}" for k, v in rows])

@@ -71,7 +71,7 @@ class SimulateTask:
             png = sim.timeline.write_gantt(
                 beside(out, "gantt.png"),
                 title=f"simulated {schedule}: {spec.name} on {cfg.hardware.name}, N={policy.batch_size}, "
-                      f"mu={policy.micro_batch_size} (prefill + first decode steps)")
+                      f"mu={policy.micro_batch_size} (prefill + first decode steps)", max_graphs=3)
             report.extra["gantt_png"] = str(png)
             print(f"gantt: {png}")
         report.to_json(out)

@@ -6,7 +6,11 @@ a copy of X bytes moves 2X, as STREAM does):
   (CUDA events around each timed region);
 - CPU: fp32 matmul peak, large-copy memory bandwidth, and decode attention throughput
   (`moe_lightning.engine.model.decode_attention`, GB/s of K/V read) which the simulator can use for
-  CPU attention instead of the roofline (`TaskCosts.cpu_attn_gbps`).
+  CPU attention instead of the roofline (`TaskCosts.cpu_attn_gbps`);
+- the engine executor's per-task overhead (a chain of empty tasks hopping between resources), the
+  simulator's `TaskCosts.launch_s` / `thread_s`.
+The last two have no field in the hardware profile schema: they are written as YAML comments and in
+the calibration report's `extra.measurements`.
 Without CUDA the CPU plays the GPU's role (the `cpu` profile convention): the "GPU" numbers are the
 CPU's, its memory is a third of RAM (the rest is the CPU's, so they do not count the same bytes
 twice), and the "link" is a thread's memcpy (bytes copied per second).
@@ -48,8 +52,9 @@ class Sizes:
     repeats: int = 5
 
 
-QUICK = Sizes(gpu_matmul=4096, gpu_copy_bytes=256 << 20, link_bytes=64 << 20, cpu_matmul=1024,
-              cpu_copy_bytes=64 << 20, attn_batch=8, attn_context=512, repeats=3)
+# Quick: still larger than the CPU caches (a 2-core VM reads a 33 MB K/V at twice its memory bandwidth).
+QUICK = Sizes(gpu_matmul=4096, gpu_copy_bytes=256 << 20, link_bytes=64 << 20, cpu_matmul=1536,
+              cpu_copy_bytes=128 << 20, attn_batch=16, attn_context=1024, repeats=5)
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Measurements:
     cpu_peak_tflops: float
     cpu_bandwidth_gbps: float
     cpu_attn_gbps: float
+    task_overhead_s: float           # executor seconds per task (dependency hand-off)
     quick: bool
     seconds: float = 0.0
 
@@ -147,6 +153,23 @@ def measure_cpu(sizes: Sizes) -> dict[str, float]:
     return {"peak_tflops": peak, "bandwidth_gbps": bandwidth, "attn_gbps": attn}
 
 
+def measure_dispatch(device: str, tasks: int = 400) -> float:
+    """Seconds per task of the engine's executor on a dependency chain of empty tasks that hops
+    between resources (queue hand-off, event wait, record): the simulator's per-task overhead."""
+    import torch
+
+    from moe_lightning.engine.executor import Executor
+    from moe_lightning.schedule.graph import Resource, TaskGraph
+
+    hops = (Resource.GPU, Resource.D2H, Resource.CPU, Resource.H2D)
+    g, prev = TaskGraph("dispatch"), None
+    for n in range(tasks):
+        prev = g.add(hops[n % len(hops)], "noop", n, 0, [prev])
+    executor = Executor(torch.device(device))
+    handlers = {"noop": lambda task: None}
+    return _best(lambda: _wall(lambda: executor.run(g, handlers)), 3) / tasks
+
+
 def measure_gpu(sizes: Sizes) -> dict[str, float]:
     """bf16 matmul TFLOP/s, device copy GB/s (read + write), pinned H2D and D2H GB/s."""
     import torch
@@ -167,8 +190,6 @@ def measure_gpu(sizes: Sizes) -> dict[str, float]:
     h2d = sizes.link_bytes / t / GB
     t = _best(lambda: _cuda(lambda: host.copy_(device_buf, non_blocking=True)), sizes.repeats)
     d2h = sizes.link_bytes / t / GB
-    del a, b, src, dst, device_buf
-    torch.cuda.empty_cache()
     return {"peak_tflops": peak, "bandwidth_gbps": bandwidth, "h2d_gbps": h2d, "d2h_gbps": d2h}
 
 
@@ -187,6 +208,7 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
                  cpu["peak_tflops"], cpu["bandwidth_gbps"], cpu["attn_gbps"])
         if use_cuda:
             gpu = measure_gpu(sizes)
+            torch.cuda.empty_cache()
             props = torch.cuda.get_device_properties(0)
             gpu_name, gpu_count, gpu_mem = props.name, torch.cuda.device_count(), props.total_memory / GB
             h2d, d2h = gpu["h2d_gbps"], gpu["d2h_gbps"]
@@ -198,12 +220,14 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
             gpu_name, gpu_count = "cpu-as-gpu", 1
             gpu_mem, cpu_mem = ram_gb() / 3, ram_gb() * 2 / 3
             h2d = d2h = cpu["bandwidth_gbps"] / 2  # a thread's memcpy: bytes copied per second
+        overhead = measure_dispatch("cuda" if use_cuda else "cpu")
+        log.info("executor: %.0f us per task", overhead * 1e6)
     return Measurements(
         device="cuda" if use_cuda else "cpu", gpu_name=gpu_name, gpu_count=gpu_count,
         gpu_memory_gb=gpu_mem, gpu_peak_tflops=gpu["peak_tflops"], gpu_bandwidth_gbps=gpu["bandwidth_gbps"],
         h2d_gbps=h2d, d2h_gbps=d2h, cpu_name=cpu_name(), cpu_cores=cpu_cores(), cpu_memory_gb=cpu_mem,
         cpu_peak_tflops=cpu["peak_tflops"], cpu_bandwidth_gbps=cpu["bandwidth_gbps"],
-        cpu_attn_gbps=cpu["attn_gbps"], quick=quick, seconds=time.perf_counter() - start)
+        cpu_attn_gbps=cpu["attn_gbps"], task_overhead_s=overhead, quick=quick, seconds=time.perf_counter() - start)
 
 
 def _r(x: float, digits: int = 4) -> float:
@@ -231,6 +255,7 @@ def hardware_yaml(hw: HardwareSpec, m: Measurements) -> str:
             f"({'CUDA' if m.device == 'cuda' else 'CPU only: the CPU plays the GPU'}) in {m.seconds:.1f} s.",
             f"# CPU decode attention: {m.cpu_attn_gbps:.4g} GB/s of K/V read "
             "(the simulator's TaskCosts.cpu_attn_gbps).",
+            f"# Executor overhead: {m.task_overhead_s * 1e6:.3g} us per task (TaskCosts.launch_s / thread_s).",
             "# Bandwidths count bytes read + written (a copy of X bytes moves 2X); link: bytes moved."]
     body = [f"name: {d['name']}"]
     for group in ("gpu", "cpu", "link"):
@@ -258,14 +283,14 @@ def load_hardware_yaml(path: str | os.PathLike) -> HardwareSpec:
 
 def override_args(hw: HardwareSpec) -> list[str]:
     """The same profile as command-line overrides on top of hardware=cpu (works with no file at all)."""
-    args = ["hardware=cpu", f"hardware.name={hw.name}"]
+    items = [("hardware.name", hw.name)]
     for group in ("gpu", "cpu", "link"):
-        for k, v in asdict(getattr(hw, group)).items():
-            args.append(f"hardware.{group}.{k}={_override_value(v)}")
-    return args
+        items += [(f"hardware.{group}.{k}", v) for k, v in asdict(getattr(hw, group)).items()]
+    return ["hardware=cpu"] + [_override(k, v) for k, v in items]
 
 
-def _override_value(v: object) -> str:
+def _override(key: str, v: object) -> str:
+    """`key=value` for a shell command line: strings in Hydra's quotes, inside the shell's."""
     if isinstance(v, str):
-        return "'" + v.replace("'", "\\'") + "'"
-    return str(v)
+        return '"' + key + "='" + v.replace("'", "\\'") + "'" + '"'
+    return f"{key}={v}"

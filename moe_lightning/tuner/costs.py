@@ -28,7 +28,7 @@ work of the generation driver (sampling, logits gathering), which happens betwee
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -216,16 +216,18 @@ class TaskCosts:
         return seconds * self.op_scale.get(task.op, 1.0) + overhead
 
 
-def fit_op_scales(records: Iterable, model_duration: Callable[[Task], float]) -> dict[str, float]:
+def fit_op_scales(records: Sequence, model_seconds: Sequence[float]) -> dict[str, float]:
     """Per-op multipliers that make the model's total time of each op match measured records.
 
-    `records` are `TaskRecord`s of a measured run (any objects with `.task`, `.start_s`, `.end_s`);
-    `model_duration` gives the unscaled model's seconds for a task of that run (overhead excluded).
-    The result feeds `TaskCosts.with_scales`.
+    `records` are `TaskRecord`s of a measured run (anything with `.task`, `.start_s`, `.end_s`);
+    `model_seconds[n]` is the unscaled model's time of `records[n]` (overhead excluded: the scale
+    absorbs it). The result feeds `TaskCosts.with_scales` (with `launch_s = thread_s = 0`).
     """
+    if len(records) != len(model_seconds):
+        raise ValueError(f"{len(records)} records but {len(model_seconds)} modelled times")
     measured: dict[str, float] = {}
     modelled: dict[str, float] = {}
-    for r in records:
+    for r, m in zip(records, model_seconds):
         measured[r.task.op] = measured.get(r.task.op, 0.0) + (r.end_s - r.start_s)
-        modelled[r.task.op] = modelled.get(r.task.op, 0.0) + model_duration(r.task)
+        modelled[r.task.op] = modelled.get(r.task.op, 0.0) + m
     return {op: measured[op] / modelled[op] for op in measured if modelled[op] > 0}

@@ -31,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -96,6 +97,23 @@ def simulate_graph(graph: TaskGraph, duration: Callable[[Task], float]) -> list[
 
 
 # ---- a whole run ----------------------------------------------------------------------------------
+
+class GraphBuilder(Protocol):
+    def build(self, phase: str, shape: PipeShape, policy: Policy) -> TaskGraph: ...
+
+
+class _CGOPipeGraphs:
+    """CGOPipe's graphs, chosen as the engine chooses them."""
+
+    name = "cgopipe"
+
+    def build(self, phase: str, shape: PipeShape, policy: Policy) -> TaskGraph:
+        if phase == "prefill":
+            return prefill_graph(shape)
+        return decode_graph_gpu_attention(shape) if policy.attn_on_gpu else decode_graph(shape)
+
+
+CGOPIPE_GRAPHS = _CGOPipeGraphs()
 
 @dataclass
 class SimResult:
@@ -217,8 +235,13 @@ def _decode_steps(total: int, max_steps: int | None) -> list[int]:
 
 def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy,
                  prompt_lengths: Sequence[int] | None = None, *, costs: TaskCosts | None = None,
-                 keep_graphs: int = 4, max_decode_steps: int | None = None) -> SimResult:
-    """Simulate the CGOPipe engine generating `workload` with `policy` on `hw` (see module docstring)."""
+                 keep_graphs: int = 4, max_decode_steps: int | None = None,
+                 schedule: GraphBuilder | None = None) -> SimResult:
+    """Simulate the engine generating `workload` with `policy` on `hw` (see module docstring).
+
+    `schedule` builds the graphs (`.build(phase, shape, policy)`, as the engine's `Schedule`); by
+    default CGOPipe's. `keep_graphs` graphs keep their records in the timeline (for plots and traces).
+    """
     from moe_lightning.workload_io import synthetic_lengths
 
     t0 = time.perf_counter()
@@ -233,12 +256,11 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
     graphs: dict[tuple[str, PipeShape], tuple[TaskGraph, _Compiled]] = {}
     L = spec.num_layers
 
+    builder = schedule or CGOPIPE_GRAPHS
+
     def graph_for(phase: str, shape: PipeShape) -> tuple[TaskGraph, _Compiled]:
         if (phase, shape) not in graphs:
-            if phase == "prefill":
-                g = prefill_graph(shape)
-            else:
-                g = decode_graph_gpu_attention(shape) if policy.attn_on_gpu else decode_graph(shape)
+            g = builder.build(phase, shape, policy)
             graphs[phase, shape] = (g, _Compiled.of(g))
         return graphs[phase, shape]
 

@@ -1,0 +1,159 @@
+"""Simulated vs measured vs HRM: how well the schedule simulator and the HRM predict a real run.
+
+On this machine: calibrate (quick), plan a mid-size random Mixtral with HRM under a small "GPU" memory
+budget (so experts must stream), run the CGOPipe engine with that policy through the Python API,
+simulate the same run (same prompt lengths, same policy) and print end-to-end, prefill and decode
+times of the three with the relative errors of the simulator and the HRM against the measurement.
+
+Two simulator rows: the roofline cost model on the calibrated profile (with the measured CPU attention
+throughput and executor overhead per task), which is the prediction; and the same graphs with per-op
+costs fitted to this run's measured task records (in-sample: it isolates the error of the schedule
+model from the error of the cost model).
+
+On a CPU-only machine the CPU plays the GPU, and the "GPU", CPU and copy threads share the same cores
+and memory bus; the simulator does not model that contention (see moe_lightning.tuner.costs).
+
+    python benchmarks/sim_vs_measured.py [--layers 4] [--requests 16] [--gen-len 12] [--save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+from moe_lightning.config import Policy, RunConfig, Sampling, Workload
+from moe_lightning.report import environment
+from moe_lightning.tuner.calibrate import hardware_spec, measure
+from moe_lightning.tuner.costs import TaskCosts, fit_op_scales
+from moe_lightning.tuner.hrm import predict
+from moe_lightning.tuner.optimizer import optimize
+from moe_lightning.tuner.presets import load_preset
+from moe_lightning.tuner.simulator import batch_shapes, simulate_run
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+FFN_ON_GPU = ((False, True), (True, True))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--prompt-avg", type=int, default=64)
+    p.add_argument("--prompt-max", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=12)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--gpu-memory-gb", type=float, default=1.5,
+                   help="the 'GPU' budget of the calibrated profile (small, so experts stream)")
+    p.add_argument("--policy", default=None, help="override the plan, e.g. 'batch_size=8,micro_batch_size=4'")
+    p.add_argument("--save", action="store_true", help="write a JSON record under results/")
+    return p.parse_args()
+
+
+def measured_op_scales(gen, spec, hw, workload: Workload, policy: Policy, lengths: list[int]) -> dict:
+    """Per-op scales making the cost model's totals match the measured task records of this run."""
+    costs = TaskCosts.for_policy(spec, hw, policy)
+    graphs = gen.runner.timeline.graphs  # (phase, offset, records), in run order
+    pairs, g = [], 0
+    for a in range(0, len(lengths), policy.batch_size):
+        mbs, _ = batch_shapes(lengths[a:a + policy.batch_size], policy, workload.padding)
+        steps = [mbs] + [[dataclasses.replace(mb, slots=mb.slots + s + 1) for mb in mbs]
+                         for s in range(workload.gen_len - 1)]
+        for step_mbs in steps:
+            _, _, records = graphs[g]
+            pairs += [(r, step_mbs) for r in records]
+            g += 1
+    return fit_op_scales([r for r, _ in pairs], [costs.cost(r.task, mbs)[0] for r, mbs in pairs])
+
+
+def rel(x: float, ref: float) -> str:
+    return f"{(x - ref) / ref:+.1%}" if ref else "n/a"
+
+
+def main() -> None:
+    args = parse_args()
+    from moe_lightning.systems import CGOPipeSystem
+    from moe_lightning.tasks.generate import GenerateTask, run_generation
+    from moe_lightning.workload_io import synthetic_lengths
+
+    t0 = time.perf_counter()
+    m = measure(quick=True, device="cpu")
+    hw = hardware_spec(m, name="calibrated-local")
+    hw.gpu.memory_gb = args.gpu_memory_gb
+    print(f"calibrated in {m.seconds:.1f} s: peak {m.cpu_peak_tflops:.3f} TFLOP/s, copy {m.cpu_bandwidth_gbps:.1f} "
+          f"GB/s, link {m.h2d_gbps:.1f} GB/s, CPU attention {m.cpu_attn_gbps:.1f} GB/s, executor "
+          f"{m.task_overhead_s * 1e6:.0f} us/task; 'GPU' budget "
+          f"{hw.gpu_budget_bytes / 1e9:.2f} GB")
+    spec = dataclasses.replace(load_preset("model", "mid-mixtral"), num_layers=args.layers)
+    workload = Workload(name="synthetic", prompt_len_avg=args.prompt_avg, prompt_len_max=args.prompt_max,
+                        gen_len=args.gen_len, num_requests=args.requests)
+    lengths = synthetic_lengths(workload)
+    if args.policy:
+        policy = Policy(**{k: type(getattr(Policy(), k))(v) if not isinstance(getattr(Policy(), k), bool)
+                           else v.lower() == "true" for k, v in (kv.split("=") for kv in args.policy.split(","))})
+    else:
+        policy = optimize(spec, hw, workload, placements=FFN_ON_GPU, max_batch_size=args.max_batch).policy
+    print(f"policy: N={policy.batch_size} mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
+          f"r_w={policy.expert_gpu_fraction:.3g} r_c={policy.kv_gpu_fraction:.3g} pages={policy.num_pages}")
+
+    cfg = RunConfig(task=GenerateTask(progress=False), system=CGOPipeSystem(), model=spec, hardware=hw,
+                    workload=workload, policy=policy, sampling=Sampling(ignore_eos=True), device="cpu",
+                    trace=True)
+    gen = run_generation(cfg, progress=False, warmup_tokens=2)
+    meas = gen.report.metrics
+
+    hrm = predict(spec, hw, workload, policy)
+    costs = TaskCosts.for_policy(spec, hw, policy, cpu_attn_gbps=m.cpu_attn_gbps,
+                                 launch_s=m.task_overhead_s, thread_s=m.task_overhead_s)
+    sim = simulate_run(spec, hw, workload, policy, lengths, costs=costs)
+    scales = measured_op_scales(gen, spec, hw, workload, policy, lengths)
+    fitted = simulate_run(spec, hw, workload, policy, lengths,
+                          costs=dataclasses.replace(costs, cpu_attn_gbps=None, launch_s=0.0, thread_s=0.0,
+                                                    op_scale=scales))
+    n_batches = -(-len(lengths) // policy.batch_size)
+    # HRM prices one full batch: prefill + gen_len decode steps; scaled to the run's batches.
+    hrm_prefill, hrm_decode = n_batches * hrm.prefill_s, n_batches * hrm.decode_s
+
+    rows = [("measured", meas.prefill_s, meas.decode_s, meas.throughput_tok_s),
+            ("simulated", sim.prefill_s, sim.decode_s, sim.throughput_tok_s),
+            ("sim, fitted ops", fitted.prefill_s, fitted.decode_s, fitted.throughput_tok_s),
+            ("HRM", hrm_prefill, hrm_decode, meas.generated_tokens / (hrm_prefill + hrm_decode))]
+    ref = meas.prefill_s + meas.decode_s
+    print(f"\n{spec.name} ({spec.num_layers} layers) x {len(lengths)} requests, gen {workload.gen_len}, "
+          f"{n_batches} batch(es), on {hw.name}")
+    print(f"{'':18}{'prefill s':>11}{'decode s':>11}{'e2e s':>11}{'tok/s':>9}{'e2e error':>11}")
+    for name, pre, dec, tok_s in rows:
+        print(f"{name:<18}{pre:>11.3f}{dec:>11.3f}{pre + dec:>11.3f}{tok_s:>9.2f}"
+              f"{rel(pre + dec, ref) if name != 'measured' else '':>11}")
+    print(f"\nutilisation (decode)  measured {gen.report.metrics.utilisation}\n"
+          f"                      simulated {sim.utilisation}")
+    print("fitted per-op scales (measured / roofline): "
+          + ", ".join(f"{op} {s:.2f}" for op, s in sorted(scales.items())))
+    record = {
+        "benchmark": "sim_vs_measured", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": dataclasses.asdict(spec), "workload": dataclasses.asdict(workload),
+        "hardware": dataclasses.asdict(hw), "calibration": m.as_dict(), "policy": dataclasses.asdict(policy),
+        "measured": {"prefill_s": meas.prefill_s, "decode_s": meas.decode_s, "tok_s": meas.throughput_tok_s,
+                     "utilisation": meas.utilisation},
+        "simulated": {"prefill_s": sim.prefill_s, "decode_s": sim.decode_s, "tok_s": sim.throughput_tok_s,
+                      "utilisation": sim.utilisation},
+        "simulated_fitted": {"prefill_s": fitted.prefill_s, "decode_s": fitted.decode_s,
+                             "tok_s": fitted.throughput_tok_s, "op_scale": scales},
+        "hrm": {"prefill_s": hrm_prefill, "decode_s": hrm_decode, "tok_s": hrm.e2e_tok_s},
+        "e2e_rel_error": {"simulated": (sim.total_s - ref) / ref, "simulated_fitted": (fitted.total_s - ref) / ref,
+                          "hrm": (hrm_prefill + hrm_decode - ref) / ref},
+        "environment": environment(), "wall_s": time.perf_counter() - t0,
+    }
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"sim_vs_measured_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(f"record: {path}")
+    print(f"wall time {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

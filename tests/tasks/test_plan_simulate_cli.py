@@ -1,0 +1,91 @@
+"""task=plan and task=simulate through the console script: run documents with a policy and a
+prediction, the roofline PNG, and one-line errors for combinations that cannot be planned."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+COMMON = ("hardware=t4", "model=mixtral-8x7b", "workload=mtbench")
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_lightning.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_plan_writes_policy_and_prediction(tmp_path):
+    out = tmp_path / "plan.json"
+    r = cli("task=plan", *COMMON, f"out={out}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr
+    assert "HRM plan" in r.stdout and "bottleneck" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["task"] == "plan" and doc["policy"]["batch_size"] >= 1
+    assert doc["prediction"]["hrm_tok_s"] > 0
+    assert doc["extra"]["bottleneck"] in ("link", "cpu", "gpu")
+    assert doc["extra"]["memory"]["gpu_total_bytes"] <= doc["extra"]["memory"]["gpu_budget_bytes"]
+
+
+def test_plan_plot_writes_the_roofline_png(tmp_path):
+    out = tmp_path / "plan.json"
+    r = cli("task=plan", "task.plot=true", *COMMON, f"out={out}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "plan_roofline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(out.read_text())["extra"]["roofline_png"] == str(png)
+
+
+def test_simulate_writes_metrics_and_both_predictions(tmp_path):
+    out = tmp_path / "sim.json"
+    r = cli("task=simulate", "system=cgopipe", *COMMON, "workload.num_requests=64", "workload.gen_len=16",
+            f"out={out}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr
+    assert "simulated cgopipe" in r.stdout and "utilisation" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["task"] == "simulate" and doc["policy"]["ffn_on_gpu"] is True
+    assert doc["prediction"]["hrm_tok_s"] > 0 and doc["prediction"]["sim_tok_s"] > 0
+    m = doc["metrics"]
+    assert m["throughput_tok_s"] == pytest.approx(doc["prediction"]["sim_tok_s"])
+    assert m["generated_tokens"] == 64 * 16 and m["prefill_s"] > 0 and m["decode_s"] > 0
+    assert set(m["utilisation"]) == {"gpu", "cpu", "h2d", "d2h", "copy"}
+
+
+def test_simulate_plot_with_own_policy(tmp_path):
+    out = tmp_path / "sim.json"
+    r = cli("task=simulate", "task.plot=true", "task.use_plan=false", "model=mid-mixtral",
+            "policy.batch_size=8", "policy.micro_batch_size=4", "workload.num_requests=8",
+            "workload.gen_len=4", f"out={out}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sim_gantt.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(out.read_text())["policy"]["batch_size"] == 8
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["task=plan", "model=hf"], "model=hf takes its shapes"),
+    (["task=simulate", "workload=jsonl"], "workload.path"),
+    (["task=simulate", "task.use_plan=false", "policy.ffn_on_gpu=false"], "ffn_on_gpu"),
+])
+def test_bad_combinations_give_one_line(tmp_path, args, expect):
+    r = cli(*args, f"out={tmp_path / 'x.json'}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode != 0
+    assert r.stderr.startswith("moe-lightning: error:") and expect in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_system_without_a_schedule_is_refused(tmp_path):
+    from dataclasses import dataclass
+
+    from moe_lightning.config import RunConfig
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.tasks.simulate import SimulateTask
+
+    @dataclass
+    class Other:
+        name: str = "flexgen"
+
+    cfg = RunConfig(task=SimulateTask(), system=Other(), out=str(tmp_path / "x.json"))
+    with pytest.raises(ConfigError, match="system flexgen has no schedule to simulate yet"):
+        cfg.task.run(cfg)

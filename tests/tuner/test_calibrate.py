@@ -1,0 +1,52 @@
+"""Calibration on the CPU (quick): the profile it writes loads like a shipped preset, with positive
+numbers, and the CPU plays the GPU's role."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_lightning.config import HardwareSpec, RunConfig
+from moe_lightning.tasks.calibrate import CalibrateTask
+from moe_lightning.tuner import presets
+from moe_lightning.tuner.calibrate import load_hardware_yaml, override_args
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calibrate")
+    task = CalibrateTask(out_yaml=str(tmp / "mybox.yaml"), quick=True)
+    report = task.run(RunConfig(task=task, device="cpu", out=str(tmp / "run.json"), run_dir=str(tmp)))
+    return tmp, report
+
+
+def test_quick_calibration_writes_a_loadable_profile(calibrated, tmp_path, monkeypatch):
+    tmp, report = calibrated
+    hw = load_hardware_yaml(tmp / "mybox.yaml")
+    assert isinstance(hw, HardwareSpec) and hw.name == "mybox"
+    for value in (hw.gpu.peak_tflops, hw.gpu.bandwidth_gbps, hw.gpu.memory_gb, hw.cpu.peak_tflops,
+                  hw.cpu.bandwidth_gbps, hw.cpu.memory_gb, hw.link.h2d_gbps, hw.link.d2h_gbps):
+        assert value > 0
+    assert hw.gpu.name == "cpu-as-gpu" and hw.gpu.peak_tflops == hw.cpu.peak_tflops  # the CPU plays the GPU
+    # Dropped into a conf/hardware folder, it loads like any shipped preset.
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "mybox.yaml").write_text((tmp / "mybox.yaml").read_text())
+    monkeypatch.setattr(presets, "CONF_DIR", tmp_path)
+    assert presets.load_preset("hardware", "mybox") == hw
+
+
+def test_calibration_report_holds_the_measurements(calibrated):
+    tmp, report = calibrated
+    doc = json.loads((tmp / "run.json").read_text())
+    m = doc["extra"]["measurements"]
+    assert doc["task"] == "calibrate" and m["device"] == "cpu" and m["quick"] is True
+    assert m["cpu_attn_gbps"] > 0 and m["seconds"] < 30
+    assert doc["hardware"]["profile"]["name"] == "mybox"
+    assert report.extra["hardware_yaml"] == str(tmp / "mybox.yaml")
+
+
+def test_override_args_spell_the_profile():
+    args = override_args(HardwareSpec(name="box"))
+    assert args[0] == "hardware=cpu" and "\"hardware.name='box'\"" in args
+    assert "hardware.link.h2d_gbps=5.0" in args
