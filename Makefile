@@ -30,7 +30,7 @@ regression: $(STAMP)
 	$(PY) benchmarks/regression.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check moe_lightning tests
+	$(VENV)/bin/ruff check moe_lightning tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,15 +21,38 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def group_options(group: str) -> list[str]:
+def group_options(group: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
     from hydra.core.config_store import ConfigStore
 
     from moe_lightning.conf.store import register
 
     register()
     stored = ConfigStore.instance().repo.get(group, {})
-    names = {Path(p).stem for p in stored} | {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    names = {Path(p).stem for p in stored}
+    for folder in (CONF_DIR, *extra_dirs):
+        names |= {p.stem for p in (folder / group).glob("*.yaml")}
     return sorted(names)
+
+
+VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
+
+
+def split_args(args: list[str]) -> tuple[list[str], tuple[Path, ...]]:
+    """-> (the overrides, the folders given with --config-dir) from Hydra's command line."""
+    overrides, dirs, skip = [], [], False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        flag, _, value = a.partition("=")
+        if flag in VALUE_FLAGS:
+            if not value and i + 1 < len(args):
+                value, skip = args[i + 1], True
+            if flag in ("--config-dir", "-cd"):
+                dirs.append(Path(value))
+        elif not a.startswith("-"):
+            overrides.append(a)
+    return overrides, tuple(dirs)
 
 
 def default_choices() -> dict[str, str]:
@@ -65,7 +88,7 @@ def check_overrides(args: list[str]) -> None:
     from moe_lightning.config import RunConfig, field_names
     from moe_lightning.errors import ConfigError
 
-    plain = [a for a in args if not a.startswith("-")]
+    plain, extra_dirs = split_args(args)
     try:
         overrides = OverridesParser.create().parse_overrides(plain)
     except Exception as exc:  # Hydra's grammar errors
@@ -79,7 +102,7 @@ def check_overrides(args: list[str]) -> None:
 
     for o in checked:  # group choices first: a key is checked against the option finally chosen
         if o.key_or_group in GROUPS:
-            options = group_options(o.key_or_group)
+            options = group_options(o.key_or_group, extra_dirs)
             for v in values_of(o):
                 if str(v) not in options:
                     raise ConfigError(f"unknown {o.key_or_group} {v!r}; accepted: {', '.join(options)}")

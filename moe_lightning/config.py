@@ -273,7 +273,7 @@ class TunerConfig:
     neighbours: int = 4
     multi_objective: bool = False      # throughput vs peak GPU memory: the Pareto front
     max_batch_size: int = 0            # 0: the workload's number of requests
-    max_micro_batches: int = 16
+    max_micro_batches: int = 64
     heartbeat_s: int = 10              # a RUNNING trial silent for 3 heartbeats is failed on resume
 
     def __post_init__(self) -> None:

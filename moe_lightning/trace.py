@@ -73,12 +73,14 @@ class RunTimeline:
         colours = {}
         palette = plt.get_cmap("tab20").colors
         fig, ax = plt.subplots(figsize=(14, 3.2))
+        spans: dict[tuple[Resource, str], list[tuple[float, float]]] = defaultdict(list)
         for _phase, offset, records in graphs:
             for r in records:
-                colour = colours.setdefault(r.task.op, palette[len(colours) % len(palette)])
-                y = LANES.index(r.task.resource)
-                ax.barh(y, (r.end_s - r.start_s) * 1e3, left=(r.start_s + offset) * 1e3, height=0.8,
-                        color=colour, edgecolor="none")
+                spans[r.task.resource, r.task.op].append(((r.start_s + offset) * 1e3, (r.end_s - r.start_s) * 1e3))
+        for (resource, op), bars in spans.items():  # one artist per lane and op: fast for big graphs
+            colour = colours.setdefault(op, palette[len(colours) % len(palette)])
+            y = LANES.index(resource)
+            ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=colour, edgecolor="none")
         ax.set_yticks(range(len(LANES)), [lane.value for lane in LANES])
         ax.invert_yaxis()
         ax.set_xlabel("time (ms)")

@@ -39,7 +39,8 @@ def test_generate_writes_outputs_and_run_document(tmp_path, tiny_path):
 
 
 def test_default_run_goes_to_a_run_folder(tmp_path, tiny_path):
-    r = cli("task=generate", "task.progress=false", "workload.num_requests=2", "workload.gen_len=3", cwd=tmp_path)
+    r = cli("task=generate", "task.progress=false", "workload.num_requests=2", "workload.gen_len=3",
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "runs").rglob("run.json"))) == 1
     assert len(list((tmp_path / "runs").rglob("outputs.jsonl"))) == 1
@@ -75,3 +76,17 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, tiny_path, args, expe
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
     assert len(lines) == 1 and expect in lines[0], r.stderr
+
+
+def test_a_user_hardware_profile_from_config_dir(tmp_path):
+    """A calibrated profile kept outside the package is selectable with --config-dir."""
+    (tmp_path / "conf" / "hardware").mkdir(parents=True)
+    (tmp_path / "conf" / "hardware" / "mybox.yaml").write_text(
+        "name: mybox\ngpu: {name: x, count: 1, memory_gb: 16, bandwidth_gbps: 300, peak_tflops: 65}\n"
+        "cpu: {name: y, cores: 8, memory_gb: 256, bandwidth_gbps: 50, peak_tflops: 0.5}\n"
+        "link: {h2d_gbps: 12, d2h_gbps: 12}\n")
+    out = tmp_path / "plan.json"
+    r = cli("--config-dir", str(tmp_path / "conf"), "task=plan", "hardware=mybox", "model=mixtral-8x7b",
+            "workload=mtbench", f"out={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["hardware"]["profile"]["name"] == "mybox"

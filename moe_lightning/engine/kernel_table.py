@@ -83,7 +83,8 @@ class KernelChooser:
     def __init__(self, choice: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
         if choice != "auto" and choice not in KERNELS:
             raise ConfigError(f"policy.expert_kernel={choice} is not available with torch {torch.__version__} "
-                              f"(grouped needs torch.nn.functional.grouped_mm); accepted here: auto, {', '.join(KERNELS)}")
+                              "(grouped needs torch.nn.functional.grouped_mm); "
+                              f"accepted here: auto, {', '.join(KERNELS)}")
         self.spec, self.choice = spec, choice
         self.table = cached_profile(spec, dtype, device) if choice == "auto" else {}
         self.used: dict[str, int] = {}

@@ -174,7 +174,8 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
         if system_cls is None:
             rows.append({"system": name, "tok_s": None, "error": "unknown system"})
             continue
-        run_cfg = dataclasses.replace(cfg, system=system_cls(), policy=policy if name == cfg.system.name else cfg.policy)
+        run_cfg = dataclasses.replace(cfg, system=system_cls(),
+                                      policy=policy if name == cfg.system.name else cfg.policy)
         try:
             gen = run_generation(run_cfg, progress=False, warmup_tokens=1)
         except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is a row, not a crash
@@ -182,7 +183,8 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
             continue
         gen.report.to_json(run_dir / f"compare-{name}.json")
         m = gen.report.metrics
-        rows.append({"system": name, "tok_s": round(m.throughput_tok_s, 3), "decode_tok_s": round(m.decode_tok_s, 3),
+        rows.append({"system": name, "tok_s": round(m.throughput_tok_s, 3),
+                     "decode_tok_s": round(m.decode_tok_s, 3),
                      "batch_size": run_cfg.policy.batch_size, "micro_batch_size": run_cfg.policy.micro_batch_size,
                      "peak_gpu_gb": round(m.peak_gpu_bytes / 1e9, 4), "error": ""})
     ok = [r for r in rows if r["tok_s"]]

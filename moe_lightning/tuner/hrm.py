@@ -24,7 +24,8 @@ Modelled, per decoder layer and decode step (all N sequences, `ctx = prompt + ge
   weights are read from GPU memory once per micro-batch, compute at GPU peak (linear layers for the
   top-k experts plus causal attention, `sum p^2 ~ N p^2`), the non-GPU share of the KV cache goes down
   (D2H); link, D2H and GPU overlap layer by layer;
-- end-to-end throughput `N gen_len / (prefill + gen_len L T)`; with `padding` every prompt is
+- end-to-end throughput `R gen_len / (ceil(R / N) (prefill + gen_len L T))` over R = num_requests
+  requests; with `padding` every prompt is
   `prompt_len_max` long (prefill and decode attention);
 - tensor parallelism: GPU FLOPs, bandwidth and the link scale with `hw.gpu.count`.
 
@@ -32,8 +33,8 @@ Deliberately not modelled: the QKV/O projections, router and norms in decode (ab
 bytes for Mixtral), embedding and LM head, kernel launch and synchronisation overheads, all-to-all
 traffic between tensor-parallel GPUs, expert load imbalance (all experts are counted as read even when a
 micro-batch routes to fewer), CPU-side copies into the pinned ring (assumed hidden behind the link),
-the growth of the context during decode beyond its average, and a last partial batch when N does not
-divide `num_requests` (throughput is per full batch).
+the growth of the context during decode beyond its average, and the savings of a last partial batch
+(it is charged as a full one).
 """
 
 from __future__ import annotations
@@ -209,10 +210,14 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
 
 def throughput(spec: ModelSpec, workload: Workload, batch_size: Any, t_layer: Any,
                t_prefill: Any) -> tuple[Any, Any]:
-    """(decode tokens/s, end-to-end tokens/s) of one batch."""
+    """(decode tokens/s of a full batch, end-to-end tokens/s over all `num_requests`).
+
+    The requests run in ceil(num_requests / N) batches; a last partial batch is charged as a full one
+    (its decode streams the same expert weights, so a link-bound step costs the same)."""
     step_s = spec.num_layers * t_layer
     decode = batch_size / step_s
-    e2e = batch_size * workload.gen_len / (t_prefill + workload.gen_len * step_s)
+    batches = np.ceil(workload.num_requests / batch_size)
+    e2e = workload.num_requests * workload.gen_len / (batches * (t_prefill + workload.gen_len * step_s))
     return decode, e2e
 
 
