@@ -55,3 +55,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _check(name != "cuda" or torch.cuda.is_available(), "device", "cuda asked for but no CUDA device is visible")
     return torch.device(name)
+
+
+# The baselines (FlexGen, FlexGen(c), DeepSpeed, FastDecode, accelerate): configs defined in
+# moe_lightning.baselines, which imports only moe_lightning.config at module level (no cycle).
+from moe_lightning.baselines import BASELINE_SYSTEMS  # noqa: E402
+
+SYSTEM_CONFIGS.update(BASELINE_SYSTEMS)

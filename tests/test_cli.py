@@ -22,8 +22,8 @@ def test_generate_writes_outputs_and_run_document(tmp_path, tiny_path):
     prompts.write_text('{"id": "q1", "prompt": "Question: what is two plus two?"}\n'
                        '{"input_ids": [1, 40, 41, 42, 43, 44, 45]}\n{"id": 7, "prompt": "Once upon a time"}\n')
     out, outputs = tmp_path / "run.json", tmp_path / "out.jsonl"
-    r = cli("task=generate", "system=reference", "workload=jsonl", f"workload.path={prompts}", "workload.gen_len=6", f"out={out}",
-            f"outputs={outputs}", "task.progress=false", f"hydra.run.dir={tmp_path / 'hydra'}")
+    r = cli("task=generate", "system=reference", "workload=jsonl", f"workload.path={prompts}", "workload.gen_len=6",
+            f"out={out}", f"outputs={outputs}", "task.progress=false", f"hydra.run.dir={tmp_path / 'hydra'}")
     assert r.returncode == 0, r.stderr
     assert "tok/s" in r.stdout
     rows = [json.loads(line) for line in outputs.read_text().splitlines()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from moe_lightning.tasks.bench import BenchTask
 from moe_lightning.tasks.calibrate import CalibrateTask
+from moe_lightning.tasks.compare import CompareTask
 from moe_lightning.tasks.generate import GenerateTask
 from moe_lightning.tasks.plan import PlanTask
 from moe_lightning.tasks.report import ReportTask
@@ -13,4 +14,4 @@ from moe_lightning.tasks.tune import TuneTask
 
 TASK_CONFIGS: dict[str, type] = {"generate": GenerateTask, "bench": BenchTask,
                                "plan": PlanTask, "simulate": SimulateTask, "calibrate": CalibrateTask,
-                               "tune": TuneTask, "report": ReportTask}
+                               "tune": TuneTask, "report": ReportTask, "compare": CompareTask}

@@ -192,7 +192,8 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
         base = max((r["tok_s"] for r in ok if r["system"] != cfg.system.name), default=None)
         for r in ok:
             r["vs_best_baseline"] = round(r["tok_s"] / base, 3) if base else None
-    print("\n| system | tok/s | decode tok/s | N | mu | peak device GB | vs best baseline |\n|---|---|---|---|---|---|---|")
+    print("\n| system | tok/s | decode tok/s | N | mu | peak device GB | vs best baseline |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if r["tok_s"] is None:
             print(f"| {r['system']} | failed: {r['error']} | | | | | |")
