@@ -32,12 +32,16 @@ class CalibrateTask:
         hw = hardware_spec(m, name=profile)
         yaml_path.parent.mkdir(parents=True, exist_ok=True)
         yaml_path.write_text(hardware_yaml(hw, m))
+        kernels = expert_kernel_crossover(cfg)
         report = RunReport(
             system="none", task=self.name, model={}, hardware={"profile": as_dict(hw)}, workload={},
             policy={}, metrics=Metrics(), environment=environment(),
-            extra={"measurements": m.as_dict(), "hardware_yaml": str(yaml_path)})
+            extra={"measurements": m.as_dict(), "hardware_yaml": str(yaml_path),
+                   "expert_kernel_by_tokens_per_expert": kernels})
         report.to_json(out)
         print(table(m))
+        print(f"expert kernel by tokens per expert ({cfg.model.name} shapes): "
+              + ", ".join(f"{load}: {name}" for load, name in kernels.items()))
         print(f"\nhardware profile: {yaml_path}\nrun document: {out}\n")
         print("use it by copying it into the package's hardware presets:\n"
               f"  cp {yaml_path} {PACKAGE_HARDWARE_DIR / (profile + '.yaml')}\n"
@@ -45,6 +49,23 @@ class CalibrateTask:
               "or, without copying, as overrides:\n"
               f"  moe-lightning {' '.join(override_args(hw))} ...")
         return report
+
+
+def expert_kernel_crossover(cfg: RunConfig) -> dict[int, str]:
+    """The EPS-MoE crossover for the configured model's expert shapes on this machine, profiled (and
+    cached, so the engine's `expert_kernel=auto` uses the same table)."""
+    import dataclasses
+
+    from moe_lightning.engine.kernel_table import cached_profile
+    from moe_lightning.engine.weights import torch_dtype
+    from moe_lightning.systems import resolve_device
+
+    spec = cfg.model
+    dtype = "bfloat16" if spec.dtype == "auto" else spec.dtype
+    device = resolve_device(cfg.device)
+    if device.type != "cuda" and dtype != "float32":
+        dtype = "float32"  # the CPU plays the GPU in fp32
+    return cached_profile(dataclasses.replace(spec, dtype=dtype), torch_dtype(dtype), device)
 
 
 def table(m) -> str:
