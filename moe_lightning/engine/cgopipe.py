@@ -105,13 +105,16 @@ class CGOPipeRunner:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, hardware.gpu_budget_bytes / total), device)
             torch.cuda.reset_peak_memory_stats(device)
+        # Profile the expert kernels (when asked) before the pools take the budget; its scratch is freed.
+        self.kernels = KernelChooser(policy.expert_kernel, spec, self.dtype, device)
+        if self.cuda:
+            torch.cuda.empty_cache()
         persistent = {k: v for k, v in self.plan.gpu.items() if k != "activations"}
         self.pools = DevicePools(persistent, device)
         self.embedding, self.norm, self.lm_head, self.layers = self._load_non_experts(source)
         n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
         self.experts = ExpertCache(spec, source, n_res, policy.num_pages, policy.prefetch_depth,
                                    self.pools, device, pin=self.cuda)
-        self.kernels = KernelChooser(policy.expert_kernel, spec, self.dtype, device)
         self.executor = Executor(device)
         self.timeline = RunTimeline(keep_records=trace)
         self.link_bytes = {"h2d": 0, "d2h": 0}

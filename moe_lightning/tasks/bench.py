@@ -25,13 +25,32 @@ def link_bound_tok_s(cfg: RunConfig, spec) -> float | None:
     return cfg.policy.batch_size * cfg.hardware.link.h2d_gbps * GB / (spec.num_layers * streamed)
 
 
+def with_planned_policy(cfg: RunConfig) -> RunConfig:
+    """`cfg` with the HRM-optimal policy (engine knobs such as the expert kernel kept from cfg.policy)."""
+    import dataclasses
+
+    from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.tuner.optimizer import optimize
+
+    spec, _ = resolve_model(cfg.model)
+    planned = optimize(spec, cfg.hardware, cfg.workload).policy
+    keep = ("pages_per_layer", "prefetch_depth", "expert_kernel", "kv_dtype", "weight_dtype")
+    policy = dataclasses.replace(planned, **{k: getattr(cfg.policy, k) for k in keep})
+    print(f"HRM plan: N={policy.batch_size} mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
+          f"r_w={policy.expert_gpu_fraction:.3f} r_c={policy.kv_gpu_fraction:.3f}")
+    return dataclasses.replace(cfg, policy=policy)
+
+
 @dataclass
 class BenchTask:
     name: str = "bench"
     warmup_tokens: int = 2
     progress: bool = True
+    plan: bool = False          # run the HRM optimizer's policy for this hardware, model and workload
 
     def run(self, cfg: RunConfig) -> RunReport:
+        if self.plan:
+            cfg = with_planned_policy(cfg)
         gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens)
         report = gen.report
         from moe_lightning.config import ModelSpec
