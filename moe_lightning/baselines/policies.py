@@ -1,0 +1,117 @@
+"""How each system picks its policy when the user gives none, the way its authors do.
+
+- cgopipe: the HRM optimizer (`moe_lightning.tuner.optimizer.optimize`), restricted to the placements
+  the engine runs (the MoE FFN on the GPU);
+- flexgen: FlexGen's cost model + LP over placement percentages and (GPU batch size, number of GPU
+  batches), attention on the GPU (S4) (`flexgen_policy`);
+- flexgen_c: the same LP with attention on the CPU (FlexGen's `cpu_cache_compute`, S3);
+- deepspeed: ZeRO-Inference: every expert streamed (r_w = 0), one layer of prefetch, one micro-batch
+  (mu = N), attention on the GPU with the KV cache on the GPU if it fits, else streamed; the largest N
+  (up to the number of requests) whose memory plan fits;
+- fastdecode: the HRM optimizer restricted to CPU attention with unpaged weights (`pages_per_layer=1`):
+  FastDecode sizes its batch to balance CPU attention against GPU compute, which is what HRM models;
+- accelerate: `device_map="auto"` places weights itself; the one knob left to the user is the batch
+  size: the largest N (up to the number of requests) whose KV cache and activations fit on the GPU
+  beside the non-expert weights, the rest of the GPU budget going to `max_memory` for weights.
+"""
+
+from __future__ import annotations
+
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.errors import ConfigError, MemoryBudgetError
+from moe_lightning.memory import memory_plan
+
+FFN_ON_GPU = ((False, True), (True, True))
+
+
+def choose_policy(system_name: str, spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
+    chooser = CHOOSERS.get(system_name)
+    if chooser is None:
+        raise ConfigError(f"no automatic policy for system {system_name!r}; known: {', '.join(CHOOSERS)}")
+    return chooser(spec, hw, workload)
+
+
+def cgopipe_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
+    from moe_lightning.tuner.optimizer import optimize
+
+    return optimize(spec, hw, workload, placements=FFN_ON_GPU).policy
+
+
+def fastdecode_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
+    from moe_lightning.tuner.optimizer import optimize
+
+    return optimize(spec, hw, workload, placements=((False, True),), pages_per_layer=1, prefetch_depth=1).policy
+
+
+def flexgen_s4_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
+    from moe_lightning.baselines.flexgen_policy import flexgen_policy
+
+    return flexgen_policy(spec, hw, workload, attn_on_gpu=True).policy
+
+
+def flexgen_c_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
+    from moe_lightning.baselines.flexgen_policy import flexgen_policy
+
+    return flexgen_policy(spec, hw, workload, attn_on_gpu=False).policy
+
+
+def deepspeed_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
+    def policy(n: int, r_c: float) -> Policy:
+        return Policy(batch_size=n, micro_batch_size=n, attn_on_gpu=True, ffn_on_gpu=True, expert_gpu_fraction=0.0,
+                      kv_gpu_fraction=r_c, pages_per_layer=1, prefetch_depth=1)
+
+    def fits(n: int) -> Policy | None:
+        for r_c in (1.0, 0.0):  # one micro-batch: its KV is on the GPU or it streams
+            p = policy(n, r_c)
+            if memory_plan(spec, p, workload).fits(hw):
+                return p
+        return None
+
+    best = _largest(workload.num_requests, lambda n: fits(n) is not None)
+    if best == 0:
+        raise MemoryBudgetError("deepspeed: not even one sequence fits: "
+                                + memory_plan(spec, policy(1, 0.0), workload).describe(hw))
+    return fits(best)
+
+
+def accelerate_reserve_bytes(spec: ModelSpec, workload: Workload, n: int) -> int:
+    """GPU bytes accelerate's run needs beside the weights `max_memory` places: the KV cache of the whole
+    batch (transformers keeps it on the execution device) and the activations (as the memory plan)."""
+    p = Policy(batch_size=n, micro_batch_size=n, attn_on_gpu=True, kv_gpu_fraction=1.0)
+    plan = memory_plan(spec, p, workload)
+    kv = n * (workload.prompt_len_max + workload.gen_len) * spec.kv_bytes_per_token
+    return kv + plan.gpu["activations"]
+
+
+def accelerate_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
+    room = hw.gpu_budget_bytes - spec.non_expert_params * spec.dtype_bytes
+    best = _largest(workload.num_requests, lambda n: accelerate_reserve_bytes(spec, workload, n) <= room)
+    if best == 0:
+        raise MemoryBudgetError(f"accelerate: the KV cache and activations of one sequence "
+                                f"({accelerate_reserve_bytes(spec, workload, 1)} B) and the non-expert weights "
+                                f"do not fit the GPU budget ({hw.gpu_budget_bytes} B)")
+    return Policy(batch_size=best, micro_batch_size=best, attn_on_gpu=True, kv_gpu_fraction=1.0)
+
+
+def _largest(cap: int, ok) -> int:
+    """Largest n in 1..cap with ok(n), for ok monotone (true then false); 0 if none."""
+    if cap < 1 or not ok(1):
+        return 0
+    lo, hi = 1, cap
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+CHOOSERS = {"cgopipe": cgopipe_policy, "flexgen": flexgen_s4_policy, "flexgen_c": flexgen_c_policy,
+            "deepspeed": deepspeed_policy, "fastdecode": fastdecode_policy, "accelerate": accelerate_policy}
+
+
+def policy_summary(p: Policy) -> str:
+    """One short line: N, mu, placement, r_w, r_c, pages."""
+    return (f"N={p.batch_size} mu={p.micro_batch_size} attn={'gpu' if p.attn_on_gpu else 'cpu'} "
+            f"r_w={p.expert_gpu_fraction:.3g} r_c={p.kv_gpu_fraction:.3g} pages={p.num_pages}")

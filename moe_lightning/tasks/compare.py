@@ -1,0 +1,256 @@
+"""task=compare: every listed system on the same model, hardware and workload, side by side.
+
+Each system runs with its own policy (`policy_source=auto`: chosen the way its authors do, see
+`moe_lightning.baselines.policies`) or with `cfg.policy` (`given`), through the same generation driver
+(`run_generation`, warmed up, timed), each in a fresh spawned process (`isolate`) so that a crash or an
+out-of-memory kills one system's run, not the comparison, and peak CPU memory is per system. Writes
+`<run_dir>/<system>.json` (one run document per system), then, derived from those documents only,
+`comparison.md`, `comparison.csv`, `comparison.json` and a bar chart `comparison.png`. A system that
+fails (its policy does not fit, a missing dependency, ...) gets a row with the reason.
+`cfg.system` is not used: each listed system runs its default config, with `task.policy_source`.
+
+`task=bench system=a,b` would be a Hydra multirun (one process per system, no table); hence the list
+here: `task=compare 'task.systems=[cgopipe,flexgen]'`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import multiprocessing
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe_lightning.config import GB, Policy, RunConfig
+from moe_lightning.errors import ConfigError, MoELightningError
+from moe_lightning.report import RunReport
+
+log = logging.getLogger("moe_lightning.compare")
+
+DEFAULT_SYSTEMS = ("cgopipe", "flexgen", "flexgen_c", "deepspeed", "fastdecode", "accelerate")
+OURS = "cgopipe"
+CHOSEN_BY = {"cgopipe": "HRM optimizer", "flexgen": "FlexGen cost model + LP (attention on GPU)",
+             "flexgen_c": "FlexGen cost model + LP (attention on CPU)",
+             "deepspeed": "largest single batch that fits", "fastdecode": "HRM optimizer, CPU attention, unpaged",
+             "accelerate": "largest batch whose KV cache fits beside device_map"}
+
+
+@dataclass
+class CompareTask:
+    name: str = "compare"
+    systems: list[str] = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
+    warmup_tokens: int = 2
+    progress: bool = True
+    policy_source: str = "auto"     # auto: each system picks its own; given: cfg.policy for every system
+    isolate: bool = True            # one spawned process per system
+
+    def __post_init__(self) -> None:
+        if self.policy_source not in ("auto", "given"):
+            raise ConfigError(f"task.policy_source: got {self.policy_source!r}; accepted: auto, given")
+
+    def run(self, cfg: RunConfig) -> RunReport:
+        from moe_lightning.systems import SYSTEM_CONFIGS
+
+        systems = list(dict.fromkeys(self.systems))
+        unknown = [s for s in systems if s not in SYSTEM_CONFIGS]
+        if unknown or not systems:
+            raise ConfigError(f"task.systems: unknown {', '.join(unknown) or '(empty list)'}; accepted: "
+                              f"{', '.join(n for n in SYSTEM_CONFIGS if n != 'reference')}")
+        run_dir = Path(cfg.run_dir or "runs/latest")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for name in systems:
+            out = run_dir / f"{name}.json"
+            print(f"[compare] {name} ...", flush=True)
+            error = self._run_isolated(cfg, name, out) if self.isolate else self._run_here(cfg, name, out)
+            rows.append(_row(name, out if error is None else None, error))
+            print(f"[compare] {name}: " + (f"{rows[-1]['throughput_tok_s']:.2f} tok/s" if error is None
+                                            else f"FAILED: {error}"), flush=True)
+        _add_ratios(rows)
+        title = _title(rows, cfg)
+        table = markdown_table(rows, title)
+        (run_dir / "comparison.md").write_text(table + "\n")
+        write_csv(run_dir / "comparison.csv", rows)
+        (run_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+        png = write_bar_chart(run_dir / "comparison.png", rows, title)
+        print(table)
+        print(f"run documents: {run_dir}/<system>.json; table: {run_dir / 'comparison.md'}, "
+              f"{run_dir / 'comparison.csv'}; chart: {png}")
+        ok = [r for r in rows if r["status"] == "ok"]
+        if not ok:
+            raise MoELightningError("task=compare: every system failed (reasons in comparison.md)")
+        best = RunReport.from_json(max(ok, key=lambda r: r["throughput_tok_s"])["run_document"])
+        best.extra["comparison"] = rows
+        return best
+
+    def _run_here(self, cfg: RunConfig, name: str, out: Path) -> str | None:
+        try:
+            run_system(cfg, name, str(out), self.policy_source, self.warmup_tokens, self.progress)
+            return None
+        except Exception as exc:  # noqa: BLE001 - recorded in the table
+            log.debug("%s failed:\n%s", name, traceback.format_exc())
+            return _reason(exc)
+
+    def _run_isolated(self, cfg: RunConfig, name: str, out: Path) -> str | None:
+        ctx = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                pool.submit(run_system, cfg, name, str(out), self.policy_source, self.warmup_tokens,
+                            self.progress).result()
+            return None
+        except BrokenProcessPool:
+            return "the process died (out of memory?)"
+        except Exception as exc:  # noqa: BLE001 - recorded in the table
+            return _reason(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if isinstance(exc, MoELightningError) else f"{type(exc).__name__}: {text}"
+
+
+def actual_workload(cfg: RunConfig, spec):
+    """The workload as `run_generation` plans memory for it: lengths of the prompts actually given."""
+    from moe_lightning.engine.tiny import load_tokenizer
+    from moe_lightning.workload_io import load_requests
+
+    tokenizer = load_tokenizer(spec.path) if spec.path else None
+    lengths = [len(r.input_ids) for r in load_requests(cfg.workload, spec, tokenizer)]
+    return dataclasses.replace(cfg.workload, prompt_len_max=max(lengths),
+                               prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))),
+                               num_requests=len(lengths))
+
+
+def system_run_config(cfg: RunConfig, name: str, policy_source: str) -> RunConfig:
+    """cfg for one system: its config (with `policy_source`) and the policy it runs."""
+    from moe_lightning.baselines.policies import choose_policy
+    from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.systems import SYSTEM_CONFIGS
+
+    cls = SYSTEM_CONFIGS[name]
+    names = {f.name for f in dataclasses.fields(cls)}
+    system = cls(policy_source=policy_source) if "policy_source" in names else cls()
+    policy: Policy = cfg.policy
+    if policy_source == "auto":
+        spec, _ = resolve_model(cfg.model)
+        policy = choose_policy(name, spec, cfg.hardware, actual_workload(cfg, spec))
+    return dataclasses.replace(cfg, system=system, policy=policy)
+
+
+def run_system(cfg: RunConfig, name: str, out: str, policy_source: str, warmup_tokens: int,
+               progress: bool) -> str:
+    """Run one system and write its run document (the body of each spawned process)."""
+    from moe_lightning.tasks.generate import run_generation
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys_cfg = system_run_config(cfg, name, policy_source)
+    sys_cfg = dataclasses.replace(sys_cfg, out=out, trace=False)
+    gen = run_generation(sys_cfg, progress=progress, warmup_tokens=warmup_tokens)
+    gen.report.extra["policy_source"] = policy_source
+    if policy_source == "auto":
+        gen.report.extra["policy_chosen_by"] = CHOSEN_BY.get(name, name)
+    gen.report.to_json(out)
+    return out
+
+
+# ---- the table, derived from the run documents only -------------------------------------------------
+
+def _row(name: str, doc_path: Path | None, error: str | None) -> dict[str, Any]:
+    from moe_lightning.baselines.policies import policy_summary
+
+    if doc_path is None:
+        return {"system": name, "status": "failed", "error": error}
+    rep = RunReport.from_json(doc_path)
+    m = rep.metrics
+    p = Policy(**rep.policy)
+    return {
+        "system": name, "status": "ok", "error": None, "run_document": str(doc_path),
+        "throughput_tok_s": m.throughput_tok_s, "decode_tok_s": m.decode_tok_s,
+        "prefill_s": m.prefill_s, "decode_s": m.decode_s, "generated_tokens": m.generated_tokens,
+        "policy": policy_summary(p), "policy_source": rep.extra.get("policy_source"),
+        "batch_size": p.batch_size, "micro_batch_size": p.micro_batch_size, "attn_on_gpu": p.attn_on_gpu,
+        "expert_gpu_fraction": p.expert_gpu_fraction, "kv_gpu_fraction": p.kv_gpu_fraction,
+        "pages_per_layer": p.num_pages,
+        "peak_gpu_bytes": m.peak_gpu_bytes, "peak_cpu_bytes": m.peak_cpu_bytes,
+        "link_h2d_bytes": m.link_bytes.get("h2d", 0), "link_d2h_bytes": m.link_bytes.get("d2h", 0),
+        "link_bytes_estimated": bool(rep.extra.get("link_bytes_estimated", False)),
+    }
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    base = [r["throughput_tok_s"] for r in rows if r["status"] == "ok" and r["system"] != OURS]
+    best = max(base) if base else None
+    for r in rows:
+        ok = r["status"] == "ok" and best
+        r["ratio_to_best_baseline"] = r["throughput_tok_s"] / best if ok else None
+
+
+def _title(rows: list[dict], cfg: RunConfig) -> str:
+    return (f"{cfg.model.name} on {cfg.hardware.name}, workload {cfg.workload.name} "
+            f"({cfg.workload.num_requests} requests, gen {cfg.workload.gen_len})")
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    lines = [f"### Throughput: {title}", "",
+             "| system | tokens/s | vs best baseline | decode tok/s | policy | peak GPU GB | peak CPU GB "
+             "| link h2d / d2h GB |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['system']} | failed | - | - | {r['error']} | - | - | - |")
+            continue
+        ratio = f"{r['ratio_to_best_baseline']:.2f}x" if r["ratio_to_best_baseline"] else "-"
+        est = " (est.)" if r["link_bytes_estimated"] else ""
+        lines.append(f"| {r['system']} | {r['throughput_tok_s']:.2f} | {ratio} | {r['decode_tok_s']:.2f} "
+                     f"| {r['policy']} | {r['peak_gpu_bytes'] / GB:.3f} | {r['peak_cpu_bytes'] / GB:.3f} "
+                     f"| {r['link_h2d_bytes'] / GB:.3f} / {r['link_d2h_bytes'] / GB:.3f}{est} |")
+    lines += ["", "tokens/s = generated tokens / (prefill + decode time), after warm-up; "
+              "vs best baseline = tokens/s over the best system other than cgopipe."]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ("system", "status", "throughput_tok_s", "ratio_to_best_baseline", "decode_tok_s", "prefill_s",
+              "decode_s", "generated_tokens", "policy", "policy_source", "batch_size", "micro_batch_size",
+              "attn_on_gpu", "expert_gpu_fraction", "kv_gpu_fraction", "pages_per_layer", "peak_gpu_bytes",
+              "peak_cpu_bytes", "link_h2d_bytes", "link_d2h_bytes", "link_bytes_estimated", "run_document", "error")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in CSV_FIELDS})
+
+
+def write_bar_chart(path: Path, rows: list[dict], title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no bar chart (pip install 'moe-lightning[plot]')")
+        return None
+    names = [r["system"] for r in rows]
+    values = [r["throughput_tok_s"] if r["status"] == "ok" else 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4))
+    colors = ["tab:red" if n == OURS else "tab:blue" for n in names]
+    bars = ax.bar(names, values, color=colors)
+    for bar, r in zip(bars, rows):
+        label = "failed" if r["status"] != "ok" else (
+            f"{r['ratio_to_best_baseline']:.2f}x" if r["ratio_to_best_baseline"] else f"{r['throughput_tok_s']:.1f}")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_ylabel("tokens/s (end to end)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
