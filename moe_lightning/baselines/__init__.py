@@ -6,7 +6,7 @@ with `policy_source=auto` (the default) the system picks its policy the way its 
 (`moe_lightning.baselines.policies`); with `given` it runs `cfg.policy` as is (the paper's ablation:
 FlexGen's schedule with CGOPipe's policy).
 
-The engine baselines run `CGOPipeRunner` (`runner.BaselineRunner`) with another `Schedule`
+The engine baselines run `CGOPipeRunner` with another `Schedule`
 (`moe_lightning.baselines.schedules`): their differences from CGOPipe are the order and dependencies of
 the same tasks, and the policy.
 This module imports no torch; the heavy modules load in `build`.
@@ -63,12 +63,12 @@ class _Baseline:
 class _EngineBaseline(_Baseline):
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
               workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:
-        from moe_lightning.baselines.runner import BaselineRunner
         from moe_lightning.baselines.schedules import SCHEDULES
+        from moe_lightning.engine.cgopipe import CGOPipeRunner
 
         self._check_resolved(spec, hardware, workload, policy)
         self._check_policy(policy)
-        return BaselineRunner(spec, source, hardware, policy, workload, device, trace=trace,
+        return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace,
                               schedule=SCHEDULES[self.name])
 
     def _check_policy(self, policy: Policy) -> None:

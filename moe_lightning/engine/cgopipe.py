@@ -138,8 +138,9 @@ class CGOPipeRunner:
     def _alloc_kv(self, mu: int, slots: int, on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
         shape = (s.num_layers, mu, s.num_kv_heads, slots, s.head_dim)
-        if on_gpu:
-            return self.pools.take("kv_cache", shape, self.dtype), self.pools.take("kv_cache", shape, self.dtype)
+        if on_gpu:  # zeroed: masked slots still meet the attention matmul, and 0 * NaN is NaN
+            return (self.pools.take("kv_cache", shape, self.dtype).zero_(),
+                    self.pools.take("kv_cache", shape, self.dtype).zero_())
         pin = self.cuda and self.policy.attn_on_gpu  # streamed KV copies want pinned memory
         return (torch.zeros(shape, dtype=self.dtype, pin_memory=pin),
                 torch.zeros(shape, dtype=self.dtype, pin_memory=pin))

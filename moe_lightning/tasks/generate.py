@@ -47,6 +47,9 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     workload = dataclasses.replace(cfg.workload, prompt_len_max=max(lengths),
                                    prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))),
                                    num_requests=len(requests))
+    resolve = getattr(cfg.system, "resolve_policy", None)  # baselines pick their policy as their authors do
+    if resolve is not None:
+        cfg = dataclasses.replace(cfg, policy=resolve(spec, cfg.hardware, workload, cfg.policy))
     runner = cfg.system.build(spec, source, cfg.hardware, cfg.policy, workload, device, trace=cfg.trace)
     params = GenerationParams(max_new_tokens=cfg.workload.gen_len, temperature=cfg.sampling.temperature,
                               top_p=cfg.sampling.top_p, seed=cfg.sampling.seed,

@@ -17,9 +17,20 @@ from moe_lightning.tasks.plan import beside, out_path, planning_model, planning_
 
 log = logging.getLogger("moe_lightning.simulate")
 
-# System name -> the schedule the simulator times. `reference` (the default system) has no offloading
-# schedule of its own; it stands for the engine's, CGOPipe.
-SIMULATED_SCHEDULES = {"cgopipe": "cgopipe", "reference": "cgopipe"}
+# System name -> the schedule the simulator times. `reference` has no offloading schedule of its own;
+# it stands for the engine's, CGOPipe. The baselines time their own schedules with their own policies.
+SIMULATED_SCHEDULES = {"cgopipe": "cgopipe", "reference": "cgopipe", "flexgen": "flexgen", "flexgen_c": "flexgen_c",
+                       "deepspeed": "deepspeed", "fastdecode": "fastdecode"}
+
+
+def schedule_of(name: str):
+    if name == "cgopipe":
+        from moe_lightning.engine.cgopipe import CGOPIPE
+
+        return CGOPIPE
+    from moe_lightning.baselines.schedules import SCHEDULES
+
+    return SCHEDULES[name]
 FFN_ON_GPU = ((False, True), (True, True))  # the placements the CGOPipe schedule can run
 
 
@@ -42,13 +53,18 @@ class SimulateTask:
         schedule = SIMULATED_SCHEDULES[system]
         spec = planning_model(cfg.model)
         workload, lengths = planning_workload(cfg.workload, spec)
-        policy = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU).policy if self.use_plan \
-            else cfg.policy
+        resolve = getattr(cfg.system, "resolve_policy", None)
+        if resolve is not None:  # a baseline: the policy its authors' rule picks (or the given one)
+            policy, source = resolve(spec, cfg.hardware, workload, cfg.policy), f"{system} policy rule"
+        elif self.use_plan:
+            policy, source = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU).policy, "hrm plan"
+        else:
+            policy, source = cfg.policy, "cfg.policy"
         hrm = predict(spec, cfg.hardware, workload, policy)
         fits = memory_plan(spec, policy, workload).fits(cfg.hardware)
         if not fits:
             log.warning("policy does not fit %s's memory budget; simulating it anyway", cfg.hardware.name)
-        sim = simulate_run(spec, cfg.hardware, workload, policy, lengths,
+        sim = simulate_run(spec, cfg.hardware, workload, policy, lengths, schedule=schedule_of(schedule),
                            max_decode_steps=default_max_decode_steps(workload, policy, spec))
         out = out_path(cfg)
         report = RunReport(
@@ -59,8 +75,7 @@ class SimulateTask:
                         "hrm_decode_tok_s": hrm.decode_tok_s, "sim_decode_tok_s": sim.decode_tok_s,
                         "hrm_prefill_s": hrm.prefill_s, "hrm_decode_s": hrm.decode_s,
                         "hrm_bottleneck": hrm.bottleneck},
-            extra={"requested_system": system, "schedule": schedule, "policy_source":
-                   "hrm plan" if self.use_plan else "cfg.policy", "memory_fits": fits,
+            extra={"requested_system": system, "schedule": schedule, "policy_source": source, "memory_fits": fits,
                    "simulation": sim.summary()})
         print(summary(report, sim, hrm))
         if cfg.trace:

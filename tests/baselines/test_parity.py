@@ -129,12 +129,12 @@ def test_accelerate_random_weights_are_the_engines(tiny, prompts):
 def test_gpu_resident_kv_starts_clean(tiny, prompts, hf_outputs):
     """Whatever the pool memory held before (here NaN everywhere), a GPU-resident KV cache's masked
     slots cannot leak into attention."""
-    from moe_lightning.baselines.runner import BaselineRunner
     from moe_lightning.baselines.schedules import FLEXGEN
+    from moe_lightning.engine.cgopipe import CGOPipeRunner
 
     spec, source = tiny
     policy = Policy(batch_size=10, micro_batch_size=10, kv_gpu_fraction=1.0, **G)
-    runner = BaselineRunner(spec, source, HardwareSpec(), policy, workload(prompts), CPU, schedule=FLEXGEN)
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, workload(prompts), CPU, schedule=FLEXGEN)
     runner.pools.buffers["kv_cache"].fill_(0xFF)  # float32 NaN bytes
     result = generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW, eos_token_id=2), policy.batch_size)
     assert result.output_ids == hf_outputs
