@@ -48,7 +48,7 @@ class SimulateTask:
 
         system = cfg.system.name
         if system not in SIMULATED_SCHEDULES:
-            raise ConfigError(f"system {system} has no schedule to simulate yet (simulated: "
+            raise ConfigError(f"system {system} has no schedule to simulate; measure it with task=compare (simulated: "
                               f"{', '.join(SIMULATED_SCHEDULES)})")
         schedule = SIMULATED_SCHEDULES[system]
         spec = planning_model(cfg.model)

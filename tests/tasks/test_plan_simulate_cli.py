@@ -84,8 +84,8 @@ def test_a_system_without_a_schedule_is_refused(tmp_path):
 
     @dataclass
     class Other:
-        name: str = "flexgen"
+        name: str = "accelerate"  # a real peer: no task graph to time
 
     cfg = RunConfig(task=SimulateTask(), system=Other(), out=str(tmp_path / "x.json"))
-    with pytest.raises(ConfigError, match="system flexgen has no schedule to simulate yet"):
+    with pytest.raises(ConfigError, match="system accelerate has no schedule to simulate"):
         cfg.task.run(cfg)
