@@ -39,6 +39,17 @@ class CGOPipeSystem:
     CPU -> pinned -> GPU, under the hardware profile's GPU memory budget. Knobs are in `policy`."""
 
     name: str = "cgopipe"
+    policy_source: str = "given"    # given: cfg.policy as is; auto: the HRM optimizer's policy
+
+    def __post_init__(self) -> None:
+        _choice(self.policy_source, "system.policy_source", ("given", "auto"))
+
+    def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy) -> Policy:
+        if self.policy_source == "given":
+            return given
+        from moe_lightning.baselines.policies import choose_policy
+
+        return choose_policy(self.name, spec, hardware, workload)
 
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
               workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:

@@ -54,9 +54,11 @@ class CompareTask:
         if self.policy_source not in ("auto", "given"):
             raise ConfigError(f"task.policy_source: got {self.policy_source!r}; accepted: auto, given")
 
-    def run(self, cfg: RunConfig) -> RunReport:
+    def run(self, cfg: RunConfig, given: dict[str, Policy] | None = None) -> RunReport:
+        """Compare the systems; those named in `given` run that policy (task=tune: the tuned one)."""
         from moe_lightning.systems import SYSTEM_CONFIGS
 
+        given = given or {}
         systems = list(dict.fromkeys(self.systems))
         unknown = [s for s in systems if s not in SYSTEM_CONFIGS]
         if unknown or not systems:
@@ -68,7 +70,10 @@ class CompareTask:
         for name in systems:
             out = run_dir / f"{name}.json"
             print(f"[compare] {name} ...", flush=True)
-            error = self._run_isolated(cfg, name, out) if self.isolate else self._run_here(cfg, name, out)
+            sys_cfg = dataclasses.replace(cfg, policy=given[name]) if name in given else cfg
+            source = "given" if name in given else self.policy_source
+            error = (self._run_isolated(sys_cfg, name, out, source) if self.isolate
+                     else self._run_here(sys_cfg, name, out, source))
             rows.append(_row(name, out if error is None else None, error))
             print(f"[compare] {name}: " + (f"{rows[-1]['throughput_tok_s']:.2f} tok/s" if error is None
                                             else f"FAILED: {error}"), flush=True)
@@ -89,20 +94,19 @@ class CompareTask:
         best.extra["comparison"] = rows
         return best
 
-    def _run_here(self, cfg: RunConfig, name: str, out: Path) -> str | None:
+    def _run_here(self, cfg: RunConfig, name: str, out: Path, source: str) -> str | None:
         try:
-            run_system(cfg, name, str(out), self.policy_source, self.warmup_tokens, self.progress)
+            run_system(cfg, name, str(out), source, self.warmup_tokens, self.progress)
             return None
         except Exception as exc:  # noqa: BLE001 - recorded in the table
             log.debug("%s failed:\n%s", name, traceback.format_exc())
             return _reason(exc)
 
-    def _run_isolated(self, cfg: RunConfig, name: str, out: Path) -> str | None:
+    def _run_isolated(self, cfg: RunConfig, name: str, out: Path, source: str) -> str | None:
         ctx = multiprocessing.get_context("spawn")
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                pool.submit(run_system, cfg, name, str(out), self.policy_source, self.warmup_tokens,
-                            self.progress).result()
+                pool.submit(run_system, cfg, name, str(out), source, self.warmup_tokens, self.progress).result()
             return None
         except BrokenProcessPool:
             return "the process died (out of memory?)"
@@ -115,32 +119,14 @@ def _reason(exc: BaseException) -> str:
     return text if isinstance(exc, MoELightningError) else f"{type(exc).__name__}: {text}"
 
 
-def actual_workload(cfg: RunConfig, spec):
-    """The workload as `run_generation` plans memory for it: lengths of the prompts actually given."""
-    from moe_lightning.engine.tiny import load_tokenizer
-    from moe_lightning.workload_io import load_requests
-
-    tokenizer = load_tokenizer(spec.path) if spec.path else None
-    lengths = [len(r.input_ids) for r in load_requests(cfg.workload, spec, tokenizer)]
-    return dataclasses.replace(cfg.workload, prompt_len_max=max(lengths),
-                               prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))),
-                               num_requests=len(lengths))
-
-
 def system_run_config(cfg: RunConfig, name: str, policy_source: str) -> RunConfig:
-    """cfg for one system: its config (with `policy_source`) and the policy it runs."""
-    from moe_lightning.baselines.policies import choose_policy
-    from moe_lightning.engine.weights import resolve_model
+    """cfg for one system with `policy_source`: `run_generation` then resolves the policy it runs
+    (its own rule for the prompts actually given, or cfg.policy)."""
     from moe_lightning.systems import SYSTEM_CONFIGS
 
     cls = SYSTEM_CONFIGS[name]
     names = {f.name for f in dataclasses.fields(cls)}
-    system = cls(policy_source=policy_source) if "policy_source" in names else cls()
-    policy: Policy = cfg.policy
-    if policy_source == "auto":
-        spec, _ = resolve_model(cfg.model)
-        policy = choose_policy(name, spec, cfg.hardware, actual_workload(cfg, spec))
-    return dataclasses.replace(cfg, system=system, policy=policy)
+    return dataclasses.replace(cfg, system=cls(policy_source=policy_source) if "policy_source" in names else cls())
 
 
 def run_system(cfg: RunConfig, name: str, out: str, policy_source: str, warmup_tokens: int,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_lightning.config import RunConfig
-from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.errors import MemoryBudgetError, MoELightningError
 from moe_lightning.report import Metrics, RunReport, as_dict, environment
 
 log = logging.getLogger("moe_lightning.tune")
@@ -67,7 +67,8 @@ class TuneTask:
     name: str = "tune"
     progress: bool = True
     compare: bool = True                 # measure the best policy beside the baselines
-    baselines: list[str] = field(default_factory=lambda: ["reference"])
+    baselines: list[str] = field(default_factory=lambda: ["flexgen", "flexgen_c", "deepspeed", "fastdecode",
+                                                          "accelerate"])
 
     def run(self, cfg: RunConfig) -> RunReport:
         import optuna
@@ -164,43 +165,19 @@ class TuneTask:
 
 
 def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) -> list[dict]:
-    """Measure the tuned policy beside each baseline (same model, hardware, workload) and print a table."""
-    from moe_lightning.systems import SYSTEM_CONFIGS
-    from moe_lightning.tasks.generate import run_generation
+    """Measure the tuned policy beside each baseline (same model, hardware and workload, each baseline
+    with its own policy rule, each system in its own process): task=compare's table."""
+    from moe_lightning.tasks.compare import CompareTask
 
-    rows = []
-    for name in [cfg.system.name, *[b for b in baselines if b != cfg.system.name]]:
-        system_cls = SYSTEM_CONFIGS.get(name)
-        if system_cls is None:
-            rows.append({"system": name, "tok_s": None, "error": "unknown system"})
-            continue
-        run_cfg = dataclasses.replace(cfg, system=system_cls(),
-                                      policy=policy if name == cfg.system.name else cfg.policy)
-        try:
-            gen = run_generation(run_cfg, progress=False, warmup_tokens=1)
-        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is a row, not a crash
-            rows.append({"system": name, "tok_s": None, "error": str(exc).splitlines()[0]})
-            continue
-        gen.report.to_json(run_dir / f"compare-{name}.json")
-        m = gen.report.metrics
-        rows.append({"system": name, "tok_s": round(m.throughput_tok_s, 3),
-                     "decode_tok_s": round(m.decode_tok_s, 3),
-                     "batch_size": run_cfg.policy.batch_size, "micro_batch_size": run_cfg.policy.micro_batch_size,
-                     "peak_gpu_gb": round(m.peak_gpu_bytes / 1e9, 4), "error": ""})
-    ok = [r for r in rows if r["tok_s"]]
-    if ok:
-        base = max((r["tok_s"] for r in ok if r["system"] != cfg.system.name), default=None)
-        for r in ok:
-            r["vs_best_baseline"] = round(r["tok_s"] / base, 3) if base else None
-    print("\n| system | tok/s | decode tok/s | N | mu | peak device GB | vs best baseline |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if r["tok_s"] is None:
-            print(f"| {r['system']} | failed: {r['error']} | | | | | |")
-        else:
-            print(f"| {r['system']} | {r['tok_s']:.2f} | {r['decode_tok_s']:.2f} | {r['batch_size']} | "
-                  f"{r['micro_batch_size']} | {r['peak_gpu_gb']} | {r.get('vs_best_baseline')} |")
-    return rows
+    systems = [cfg.system.name, *[b for b in baselines if b != cfg.system.name]]
+    compare = CompareTask(systems=systems, warmup_tokens=1, progress=False)
+    try:
+        report = compare.run(dataclasses.replace(cfg, run_dir=str(run_dir / "compare")),
+                             given={cfg.system.name: policy})
+    except MoELightningError as exc:
+        print(f"comparison failed: {exc}")
+        return []
+    return report.extra["comparison"]
 
 
 def _config_dict(cfg: RunConfig) -> dict:
