@@ -75,12 +75,21 @@ class TuneTask:
         from tqdm import tqdm
 
         from moe_lightning.engine.weights import resolve_model
-        from moe_lightning.tuner.search import TrialFailed, objective, open_study, seed_study, storage_url, study_name
+        from moe_lightning.tuner.search import (
+            TrialFailed,
+            fail_orphaned_trials,
+            objective,
+            open_study,
+            seed_study,
+            storage_url,
+            study_name,
+        )
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         run_dir = Path(cfg.run_dir or "runs/latest")
         spec, _ = resolve_model(cfg.model)
         study = open_study(cfg)
+        fail_orphaned_trials(study, grace_s=3 * cfg.tuner.heartbeat_s)
         finished = [t for t in study.trials if t.state.is_finished()]
         seeds = []
         if cfg.tuner.seed_with_hrm and not study.trials:

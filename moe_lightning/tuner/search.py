@@ -75,6 +75,41 @@ def open_study(cfg: RunConfig):
                                sampler=sampler, load_if_exists=True)
 
 
+def fail_orphaned_trials(study, grace_s: float) -> list[int]:
+    """Fail RUNNING trials whose process is gone, before a study resumes.
+
+    Optuna fails trials whose heartbeat went stale, but skips a trial that never wrote one (its process
+    was killed between being handed the trial and its first heartbeat). Such a trial, older than the
+    grace period and without a heartbeat row, is failed here too. Returns the failed trial numbers.
+    """
+    import datetime as dt
+
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)  # under optuna's cache layer
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if engine is None or not running:
+        return []
+    import sqlalchemy
+
+    try:
+        with engine.connect() as con:
+            beating = {row[0] for row in con.execute(sqlalchemy.text("select trial_id from trial_heartbeats"))}
+    except sqlalchemy.exc.SQLAlchemyError:
+        return []
+    now = dt.datetime.now()
+    failed = []
+    for t in running:
+        if t._trial_id not in beating and t.datetime_start and (now - t.datetime_start).total_seconds() > grace_s:
+            storage.set_trial_user_attr(t._trial_id, "reason", "its process died before its first heartbeat")
+            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            failed.append(t.number)
+    return failed
+
+
 # ------------------------------------------------------------------------------------------------
 # search space
 

@@ -135,3 +135,15 @@ def test_two_workers_share_one_study(tmp_path, tiny_path):
     seeded = [tuple(sorted(t.params.items())) for t in study.trials if t.user_attrs.get("seed")]
     assert len(seeded) == len(set(seeded)) >= 2  # every queued seed ran exactly once
     assert {t.system_attrs.get("fixed_params") is not None for t in study.trials if t.user_attrs.get("seed")} == {True}
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_on_resume(tmp_path, tiny_path):
+    from moe_lightning.tuner.search import fail_orphaned_trials
+
+    cfg = make_cfg(tmp_path, "orphan", objective="simulate", heartbeat_s=1)
+    study = open_study(cfg)
+    orphan = study.ask()  # RUNNING, and its process "dies" before any heartbeat
+    assert fail_orphaned_trials(study, grace_s=60) == []  # too young to call dead
+    time.sleep(1.2)
+    assert fail_orphaned_trials(study, grace_s=1) == [orphan.number]
+    assert study.trials[0].state == TrialState.FAIL and "heartbeat" in study.trials[0].user_attrs["reason"]
