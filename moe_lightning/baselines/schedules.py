@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from moe_lightning.engine.cgopipe import Schedule
-from moe_lightning.schedule.cgopipe import PipeShape, _WeightStream
+from moe_lightning.schedule.cgopipe import PipeShape, _WeightStream, decode_graph
 from moe_lightning.schedule.graph import Resource, TaskGraph
 
 GPU, CPU, H2D, D2H = Resource.GPU, Resource.CPU, Resource.H2D, Resource.D2H
@@ -211,37 +211,8 @@ def deepspeed_decode_cpu_attention(s: PipeShape) -> TaskGraph:
 
 def fastdecode_decode(s: PipeShape) -> TaskGraph:
     """CGOPipe's order (CPU attention `lookahead` micro-batches ahead) with unpaged weights: layer i+1's
-    streamed experts issued whole at (i, 0)."""
-    g = TaskGraph("fastdecode-decode")
-    L, m = s.num_layers, s.num_micro_batches
-    d = max(1, min(s.lookahead, m))
-    w = _WeightStream(g, s, "PostAttn")
-
-    def attention(k: int) -> None:
-        i, j = divmod(k, m)
-        prev = g.get("PostAttn", i - 1, j)
-        if j in s.gpu_kv:
-            g.add(GPU, "GPUAttn", i, j, [prev])
-            return
-        pre = g.add(GPU, "PreAttn", i, j, [prev])
-        qkv = g.add(D2H, "OffloadQKV", i, j, [pre])
-        g.add(CPU, "CPUAttn", i, j, [qkv])
-
-    _prologue(w)
-    for k in range(min(d, L * m)):
-        attention(k)
-    for i in range(L):
-        for j in range(m):
-            k = i * m + j
-            ready = g.get("GPUAttn", i, j) if j in s.gpu_kv else \
-                g.add(H2D, "LoadHidden", i, j, [g.get("CPUAttn", i, j)])
-            if j == 0:
-                _load_layer(w, i + 1)
-            g.add(GPU, "PostAttn", i, j, [ready, *w.layer_ready(i)])
-            if k + d < L * m:
-                attention(k + d)
-    g.validate()
-    return g
+    streamed experts issued whole at (i, 0). One definition with CGOPipe's, a flag apart."""
+    return decode_graph(s, paged=False)
 
 
 FLEXGEN = Schedule("flexgen", flexgen_prefill, flexgen_decode_cpu_attention, flexgen_decode_gpu_attention)

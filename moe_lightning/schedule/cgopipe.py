@@ -88,9 +88,12 @@ def _prologue_weights(w: _WeightStream) -> None:
         w.copy_ahead(p + 1 + w.s.prefetch)
 
 
-def decode_graph(s: PipeShape) -> TaskGraph:
-    """One decode step, attention on the CPU (A_g=0)."""
-    g = TaskGraph("cgopipe-decode")
+def decode_graph(s: PipeShape, paged: bool = True) -> TaskGraph:
+    """One decode step, attention on the CPU (A_g=0).
+
+    `paged=False` is the FastDecode-like (S2) ablation: the same order, but layer i+1's streamed
+    experts are issued whole at (i, 0) instead of one page beside each micro-batch."""
+    g = TaskGraph("cgopipe-decode" if paged else "fastdecode-decode")
     L, m = s.num_layers, s.num_micro_batches
     d = max(1, min(s.lookahead, m))  # PreAttn(k+d) needs PostAttn(k+d-m): d <= m keeps it issued first
     w = _WeightStream(g, s, "PostAttn")
@@ -115,7 +118,8 @@ def decode_graph(s: PipeShape) -> TaskGraph:
                 ready = g.get("GPUAttn", i, j)
             else:
                 ready = g.add(H2D, "LoadHidden", i, j, [g.get("CPUAttn", i, j)])
-            pages = w.pages_for(j) if i + 1 < L else range(0)
+            pages = w.pages_for(j) if paged else range(s.num_pages if j == 0 else 0)
+            pages = pages if i + 1 < L else range(0)
             w.to_gpu(i + 1, pages)
             g.add(GPU, "PostAttn", i, j, [ready, *w.layer_ready(i)])
             if k + d < L * m:
