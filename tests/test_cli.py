@@ -90,3 +90,33 @@ def test_a_user_hardware_profile_from_config_dir(tmp_path):
             "workload=mtbench", f"out={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["hardware"]["profile"]["name"] == "mybox"
+
+
+def _damaged_checkpoint(tiny_path, folder, damage: str):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_path, folder)
+    f = folder / "model.safetensors"
+    if damage == "truncated":
+        f.write_bytes(f.read_bytes()[:-4096])
+        return "model.safetensors"
+    tensors = load_file(f)
+    if damage == "missing":
+        del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+        save_file(tensors, f)
+        return "experts.2.w3.weight"
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(8, 64)
+    save_file(tensors, f)
+    return "k_proj"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "shape"])
+def test_a_damaged_checkpoint_is_one_line_from_the_cli(tmp_path, tiny_path, damage):
+    expect = _damaged_checkpoint(tiny_path, tmp_path / "ckpt", damage)
+    r = cli("task=generate", "model=hf", f"model.path={tmp_path / 'ckpt'}", "task.progress=false", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
+    assert len(lines) == 1 and expect in lines[0], r.stderr
