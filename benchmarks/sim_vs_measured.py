@@ -110,7 +110,9 @@ def main() -> None:
                                  launch_s=m.task_overhead_s, thread_s=m.task_overhead_s)
     sim = simulate_run(spec, hw, workload, policy, lengths, costs=costs)
     scales = measured_op_scales(gen, spec, hw, workload, policy, lengths)
-    fitted = simulate_run(spec, hw, workload, policy, lengths,
+    # The fitted costs are measured under contention already: time them without sharing the host again.
+    unshared = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, shares_host=False))
+    fitted = simulate_run(spec, unshared, workload, policy, lengths,
                           costs=dataclasses.replace(costs, cpu_attn_gbps=None, launch_s=0.0, thread_s=0.0,
                                                     op_scale=scales))
     n_batches = -(-len(lengths) // policy.batch_size)

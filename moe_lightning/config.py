@@ -127,6 +127,9 @@ class GpuSpec:
     bandwidth_gbps: float = 10.0
     peak_tflops: float = 0.1
     usable_fraction: float = 0.86
+    # The CPU plays the GPU (a CPU-only machine): every resource runs on the host's cores and memory bus,
+    # so the simulator makes concurrent tasks share them instead of overlapping for free.
+    shares_host: bool = False
 
 
 @dataclass

@@ -241,7 +241,7 @@ def hardware_spec(m: Measurements, name: str = "calibrated", gpu_usable_fraction
         name=name,
         gpu=GpuSpec(name=m.gpu_name, count=m.gpu_count, memory_gb=_r(m.gpu_memory_gb, 3),
                     bandwidth_gbps=_r(m.gpu_bandwidth_gbps), peak_tflops=_r(m.gpu_peak_tflops),
-                    usable_fraction=gpu_usable_fraction),
+                    usable_fraction=gpu_usable_fraction, shares_host=m.device != "cuda"),
         cpu=CpuSpec(name=m.cpu_name, cores=m.cpu_cores, memory_gb=_r(m.cpu_memory_gb, 3),
                     bandwidth_gbps=_r(m.cpu_bandwidth_gbps), peak_tflops=_r(m.cpu_peak_tflops),
                     usable_fraction=cpu_usable_fraction),

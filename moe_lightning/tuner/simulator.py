@@ -19,7 +19,11 @@ durations):
   `SimResult.decode_steps_simulated` says how many were simulated);
 - no early stop at EOS: every sequence generates `workload.gen_len` tokens (as `sampling.ignore_eos`).
 
-Not modelled: what `TaskCosts` leaves out (contention between resources that share a device, caches,
+On a CPU-only machine (`hardware.gpu.shares_host`) every resource runs on the same cores and memory
+bus; there the tasks that run at the same time share it equally (processor sharing) instead of
+overlapping for free.
+
+Not modelled: what `TaskCosts` leaves out (contention between resources that share a GPU, caches,
 the expert kernel choice), the host-side work between graphs (sampling, logits gathering, Python
 dispatch of the issuing thread: tasks are issued instantly), memory allocation, and warm-up.
 """
@@ -87,12 +91,51 @@ def _schedule(c: _Compiled, durations: Sequence[float]) -> tuple[list[float], li
     return starts, ends
 
 
-def simulate_graph(graph: TaskGraph, duration: Callable[[Task], float]) -> list[TaskRecord]:
-    """Time any task graph given each task's duration; records in issue order, seconds from 0."""
+def _schedule_shared(c: _Compiled, durations: Sequence[float]) -> tuple[list[float], list[float]]:
+    """As `_schedule`, but every resource lives on one host (a CPU-only machine, where the CPU plays the
+    GPU and copies are memcpy threads): tasks running at the same time share it equally (processor
+    sharing), so k concurrent tasks each progress at 1/k of their own speed."""
+    from collections import deque
+
+    n = len(durations)
+    starts, ends = [0.0] * n, [0.0] * n
+    waiting = [len(d) for d in c.deps]
+    children: list[list[int]] = [[] for _ in range(n)]
+    for i, ds in enumerate(c.deps):
+        for d in ds:
+            children[d].append(i)
+    queues = [deque(i for i in range(n) if c.res_list[i] == r) for r in range(len(RESOURCES))]
+    remaining = [float(x) for x in durations]
+    active: dict[int, int] = {}  # resource -> task
+    t, done = 0.0, 0
+    while done < n:
+        for r, q in enumerate(queues):
+            if r not in active and q and waiting[q[0]] == 0:
+                active[r] = q.popleft()
+                starts[active[r]] = t
+        if not active:
+            raise ValueError("the task graph deadlocks: a resource's next task waits on a later one")
+        share = len(active)
+        step = min(remaining[i] for i in active.values()) * share
+        t += step
+        for r, i in list(active.items()):
+            remaining[i] -= step / share
+            if remaining[i] <= 1e-12:
+                ends[i] = t
+                del active[r]
+                done += 1
+                for ch in children[i]:
+                    waiting[ch] -= 1
+    return starts, ends
+
+
+def simulate_graph(graph: TaskGraph, duration: Callable[[Task], float], shared: bool = False) -> list[TaskRecord]:
+    """Time any task graph given each task's duration; records in issue order, seconds from 0. With
+    `shared`, all resources share one host (processor sharing, see `_schedule_shared`)."""
     durations = [float(duration(t)) for t in graph.tasks]
     if any(d < 0 for d in durations):
         raise ValueError("task durations must be >= 0")
-    starts, ends = _schedule(_Compiled.of(graph), durations)
+    starts, ends = (_schedule_shared if shared else _schedule)(_Compiled.of(graph), durations)
     return [TaskRecord(t, s, e, s) for t, s, e in zip(graph.tasks, starts, ends)]
 
 
@@ -257,6 +300,7 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
     L = spec.num_layers
 
     builder = schedule or CGOPIPE_GRAPHS
+    timed = _schedule_shared if hw.gpu.shares_host else _schedule
 
     def graph_for(phase: str, shape: PipeShape) -> tuple[TaskGraph, _Compiled]:
         if (phase, shape) not in graphs:
@@ -275,7 +319,7 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
                           prefetch=policy.prefetch_depth, gpu_kv=gpu_kv)
         g, c = graph_for("prefill", shape)
         dur, nbytes = _costs_of(g, costs, mbs)
-        starts, ends = _schedule(c, dur.tolist())
+        starts, ends = timed(c, dur.tolist())
         prefill_s += acc.add("prefill", g, c, dur, nbytes, starts, ends)
         if n_steps <= 0:
             continue
@@ -295,7 +339,7 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
                 per_key = {k: (costs.duration(t, step_mbs), costs.cost(t, step_mbs)[1]) for k, t in reps.items()}
                 dur[ctx_idx] = [per_key[k][0] for k in keys]
                 nbytes[ctx_idx] = [per_key[k][1] for k in keys]
-            starts, ends = _schedule(c, dur.tolist())
+            starts, ends = timed(c, dur.tolist())
             wall = acc.add("decode", g, c, dur, nbytes, starts, ends)
             walls[step] = (wall, np.bincount(c.resource, weights=dur, minlength=len(RESOURCES)),
                            np.bincount(c.resource, weights=nbytes, minlength=len(RESOURCES)))

@@ -168,3 +168,21 @@ def test_costs_read_only_the_experts_hit():
     streamed = TaskCosts.for_policy(spec, hw, Policy(batch_size=8, micro_batch_size=3))
     assert streamed.num_pages == 3
     assert sum(streamed.page_size(p) for p in range(3)) == spec.num_experts * spec.expert_bytes
+
+
+def test_processor_sharing_on_a_cpu_only_host():
+    """On a shared host two tasks that overlap each run at half speed; with separate devices they
+    overlap for free. Hand-computed: GPU task 2 s and COPY task 1 s, independent."""
+    from moe_lightning.schedule.graph import Resource, TaskGraph
+    from moe_lightning.tuner.simulator import simulate_graph
+
+    g = TaskGraph("two")
+    a = g.add(Resource.GPU, "PostAttn", 0, 0)
+    g.add(Resource.COPY, "W_CtoPin", 0, 0)
+    g.add(Resource.H2D, "LoadHidden", 0, 1, [a])
+    cost = {"PostAttn": 2.0, "W_CtoPin": 1.0, "LoadHidden": 0.5}
+    free = simulate_graph(g, lambda t: cost[t.op])
+    assert [(r.start_s, r.end_s) for r in free] == [(0.0, 2.0), (0.0, 1.0), (2.0, 2.5)]
+    shared = simulate_graph(g, lambda t: cost[t.op], shared=True)
+    # both run at 1/2 until the copy finishes at 2 s (1 s of work); the GPU task then has 1 s left alone
+    assert [(r.start_s, r.end_s) for r in shared] == [(0.0, 3.0), (0.0, 2.0), (3.0, 3.5)]
