@@ -34,7 +34,9 @@ def group_options(group: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
     return sorted(names)
 
 
-VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
+VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun",
+               "--cfg", "-c", "--package", "-p", "--shell-completion", "-sc")
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
 
 def split_args(args: list[str]) -> tuple[list[str], tuple[Path, ...]]:
@@ -45,7 +47,9 @@ def split_args(args: list[str]) -> tuple[list[str], tuple[Path, ...]]:
             skip = False
             continue
         flag, _, value = a.partition("=")
-        if flag in VALUE_FLAGS:
+        if flag in ("--info", "-i"):  # its value is optional
+            skip = not value and i + 1 < len(args) and args[i + 1] in INFO_CHOICES
+        elif flag in VALUE_FLAGS:
             if not value and i + 1 < len(args):
                 value, skip = args[i + 1], True
             if flag in ("--config-dir", "-cd"):

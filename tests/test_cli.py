@@ -120,3 +120,9 @@ def test_a_damaged_checkpoint_is_one_line_from_the_cli(tmp_path, tiny_path, dama
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
     assert len(lines) == 1 and expect in lines[0], r.stderr
+
+
+def test_hydra_flags_pass_through(tmp_path):
+    r = cli("--cfg", "job", "task=plan", "hardware=t4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "name: plan" in r.stdout and "name: t4" in r.stdout
