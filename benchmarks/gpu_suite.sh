@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The checks owed to a GPU, in stages that each fit one device call (10 minutes). On the lent machine
+# (python3 with torch + CUDA, transformers, accelerate, safetensors; no hydra/omegaconf/optuna):
+#
+#   here:    ../shared/tools/device-wheels.sh        # hydra-core, omegaconf, optuna, ... into .whl/
+#   device:  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+#              .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_suite.sh STAGE
+#            (name .whl in the run's carry list)
+#
+# Stages: parity | bench | predict | compare | tune. Run documents go to results/gpu/ and are copied to
+# $OUT when set (the device tool brings $OUT back); commit them with the device recorded (it is, in
+# each document's environment block).
+set -euo pipefail
+stage=${1:?usage: gpu_suite.sh parity|bench|predict|compare|tune}
+dest=results/gpu
+mkdir -p "$dest"
+export MOE_LIGHTNING_CACHE=${MOE_LIGHTNING_CACHE:-/tmp/moe-lightning-cache} PYTHONUNBUFFERED=1
+ml() { python3 -m moe_lightning.cli "$@"; }
+# Mixtral-8x7B shapes with random weights under a 15 GB GPU budget (the paper's T4 setting).
+LAYERS=${LAYERS:-16}
+BUDGET=(hardware=h100 hardware.gpu.memory_gb=15 hardware.gpu.usable_fraction=1.0)
+MODEL=(model=mixtral-8x7b "model.num_layers=$LAYERS")
+MTBENCH=(workload=mtbench workload.num_requests=${REQUESTS:-512} workload.gen_len=${GEN:-32} sampling.ignore_eos=true)
+
+case "$stage" in
+  parity)   # CUDA parity: reference engine (fp32 exact, bf16 tolerance) and every engine path
+    python3 -m pytest -q -m gpu tests 2>&1 | tee "$dest/parity.log"
+    python3 -m pytest -q tests/engine/test_cgopipe.py tests/baselines/test_parity.py 2>&1 | tail -3 ;;
+  bench)    # issue 3: tokens/s, link utilisation during decode, the link bound, peak GPU memory
+    ml task=bench system=cgopipe task.plan=true "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" \
+       trace=true out="$dest/cgopipe-bench-mixtral8x7b-${LAYERS}l.json" ;;
+  predict)  # issue 4: calibrate this machine, plan, run the planned policy, simulate it: errors
+    ml task=calibrate task.out_yaml="$dest/conf/hardware/calibrated.yaml" out="$dest/calibrate.json"
+    ml --config-dir "$dest/conf" task=bench system=cgopipe task.plan=true hardware=calibrated \
+       hardware.gpu.memory_gb=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
+       out="$dest/bench-planned-calibrated.json"
+    ml --config-dir "$dest/conf" task=simulate task.use_plan=true hardware=calibrated \
+       hardware.gpu.memory_gb=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
+       out="$dest/simulate-calibrated.json"
+    ml task=plan "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" out="$dest/plan-mixtral8x7b-${LAYERS}l.json" ;;
+  compare)  # issue 5: every system side by side on the same model, hardware and workload
+    ml task=compare "${MODEL[@]}" model.num_layers=${COMPARE_LAYERS:-4} "${BUDGET[@]}" "${MTBENCH[@]}" \
+       run_dir="$dest/compare-mixtral8x7b" ;;
+  tune)     # issue 6: a measured tune, at least 10 trials
+    ml task=tune "${MODEL[@]}" model.num_layers=${TUNE_LAYERS:-4} "${BUDGET[@]}" "${MTBENCH[@]}" \
+       tuner.n_trials=${TRIALS:-10} tuner.trial_timeout_s=240 tuner.storage="sqlite:///$dest/tune.db" \
+       run_dir="$dest/tune-mixtral8x7b" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
+if [ -n "${OUT:-}" ]; then cp -r "$dest"/. "$OUT"/ 2>/dev/null || true; fi
