@@ -35,7 +35,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from moe_lightning.engine.cgopipe import Schedule
-from moe_lightning.schedule.cgopipe import PipeShape, _WeightStream, decode_graph
+from moe_lightning.schedule.cgopipe import (
+    PipeShape,
+    _WeightStream,
+    decode_graph,
+    decode_graph_gpu_attention,
+    prefill_graph,
+)
 from moe_lightning.schedule.graph import Resource, TaskGraph
 
 GPU, CPU, H2D, D2H = Resource.GPU, Resource.CPU, Resource.H2D, Resource.D2H
@@ -159,45 +165,15 @@ def flexgen_decode_cpu_attention(s: PipeShape) -> TaskGraph:
 
 def unpaged_prefill(s: PipeShape) -> TaskGraph:
     """Layer by layer over micro-batches, the next layer's weights prefetched whole at the layer's start,
-    KV of CPU-resident micro-batches offloaded as produced."""
-    g = TaskGraph("unpaged-prefill")
-    L, m = s.num_layers, s.num_micro_batches
-    w = _WeightStream(g, s, "PrefillLayer")
-    _prologue(w)
-    for i in range(L):
-        _load_layer(w, i + 1)
-        for j in range(m):
-            layer = g.add(GPU, "PrefillLayer", i, j, w.layer_ready(i))
-            if j not in s.gpu_kv:
-                g.add(D2H, "OffloadKV", i, j, [layer])
-    g.validate()
-    return g
+    KV of CPU-resident micro-batches offloaded as produced: CGOPipe's prefill with unpaged weights."""
+    return prefill_graph(s, paged=False)
 
 
 def unpaged_decode_gpu_attention(s: PipeShape) -> TaskGraph:
     """ZeRO-Inference-style decode: layer i+1's weights prefetched whole while layer i computes; the KV of
-    CPU-resident micro-batches streamed one micro-batch ahead (two GPU KV buffers)."""
-    g = TaskGraph("unpaged-decode-gpu-attn")
-    L, m = s.num_layers, s.num_micro_batches
-    w = _WeightStream(g, s, "GPULayer")
-
-    def load_kv(k: int) -> None:
-        i, j = divmod(k, m)
-        if k < L * m and j not in s.gpu_kv:
-            g.add(H2D, "LoadKV", i, j, [g.get("GPULayer", *divmod(k - 2, m)) if k >= 2 else None])
-
-    _prologue(w)
-    load_kv(0)
-    for i in range(L):
-        _load_layer(w, i + 1)
-        for j in range(m):
-            k = i * m + j
-            load_kv(k + 1)
-            layer = g.add(GPU, "GPULayer", i, j, [g.get("LoadKV", i, j), *w.layer_ready(i)])
-            if j not in s.gpu_kv:
-                g.add(D2H, "StoreKV", i, j, [layer])
-    g.validate()
-    return g
+    CPU-resident micro-batches streamed one micro-batch ahead (two GPU KV buffers): CGOPipe's A_g=1
+    decode with unpaged weights."""
+    return decode_graph_gpu_attention(s, paged=False)
 
 
 def deepspeed_decode_cpu_attention(s: PipeShape) -> TaskGraph:

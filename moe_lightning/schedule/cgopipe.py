@@ -118,8 +118,7 @@ def decode_graph(s: PipeShape, paged: bool = True) -> TaskGraph:
                 ready = g.get("GPUAttn", i, j)
             else:
                 ready = g.add(H2D, "LoadHidden", i, j, [g.get("CPUAttn", i, j)])
-            pages = w.pages_for(j) if paged else range(s.num_pages if j == 0 else 0)
-            pages = pages if i + 1 < L else range(0)
+            pages = _pages(w, i, j, paged)
             w.to_gpu(i + 1, pages)
             g.add(GPU, "PostAttn", i, j, [ready, *w.layer_ready(i)])
             if k + d < L * m:
@@ -130,10 +129,18 @@ def decode_graph(s: PipeShape, paged: bool = True) -> TaskGraph:
     return g
 
 
-def decode_graph_gpu_attention(s: PipeShape) -> TaskGraph:
+def _pages(w: _WeightStream, i: int, j: int, paged: bool) -> range:
+    """Pages of layer i+1 issued beside micro-batch j: one page each (paged), or all at j = 0."""
+    if i + 1 >= w.s.num_layers:
+        return range(0)
+    return w.pages_for(j) if paged else range(w.s.num_pages if j == 0 else 0)
+
+
+def decode_graph_gpu_attention(s: PipeShape, paged: bool = True) -> TaskGraph:
     """One decode step with attention on the GPU (A_g=1): KV of CPU-resident micro-batches streams in
-    one micro-batch ahead and the new token's K/V goes back (the FlexGen-like order)."""
-    g = TaskGraph("cgopipe-decode-gpu-attn")
+    one micro-batch ahead and the new token's K/V goes back (the FlexGen-like order). `paged=False`
+    prefetches the next layer whole at its start (DeepSpeed-ZeRO-Inference)."""
+    g = TaskGraph("cgopipe-decode-gpu-attn" if paged else "unpaged-decode-gpu-attn")
     L, m = s.num_layers, s.num_micro_batches
     w = _WeightStream(g, s, "GPULayer")
 
@@ -148,7 +155,7 @@ def decode_graph_gpu_attention(s: PipeShape) -> TaskGraph:
     for i in range(L):
         for j in range(m):
             k = i * m + j
-            pages = w.pages_for(j) if i + 1 < L else range(0)
+            pages = _pages(w, i, j, paged)
             w.to_gpu(i + 1, pages)
             load_kv(k + 1)
             layer = g.add(GPU, "GPULayer", i, j, [g.get("LoadKV", i, j), *w.layer_ready(i)])
@@ -160,16 +167,17 @@ def decode_graph_gpu_attention(s: PipeShape) -> TaskGraph:
     return g
 
 
-def prefill_graph(s: PipeShape) -> TaskGraph:
+def prefill_graph(s: PipeShape, paged: bool = True) -> TaskGraph:
     """Prefill on the GPU layer by layer over micro-batches; KV of CPU-resident micro-batches is
-    offloaded as it is produced; the next layer's pages stream in meanwhile."""
-    g = TaskGraph("cgopipe-prefill")
+    offloaded as it is produced; the next layer's pages stream in meanwhile (`paged=False`: the next
+    layer whole at the layer's start)."""
+    g = TaskGraph("cgopipe-prefill" if paged else "unpaged-prefill")
     L, m = s.num_layers, s.num_micro_batches
     w = _WeightStream(g, s, "PrefillLayer")
     _prologue_weights(w)
     for i in range(L):
         for j in range(m):
-            pages = w.pages_for(j) if i + 1 < L else range(0)
+            pages = _pages(w, i, j, paged)
             w.to_gpu(i + 1, pages)
             layer = g.add(GPU, "PrefillLayer", i, j, [*w.layer_ready(i)])
             if j not in s.gpu_kv:
