@@ -109,7 +109,9 @@ class TuneTask:
 
         def on_trial(event: dict) -> None:
             bar.update(1)
-            bar.set_postfix_str(f"#{event['number']} {event['state']} {event.get('value') or ''}"[:60])
+            value = event.get("value")
+            shown = f"{value:.1f} tok/s" if isinstance(value, (int, float)) else ""
+            bar.set_postfix_str(f"#{event['number']} {event['state']} {shown}")
             cfg.logger.log({"trial": event["number"], "throughput_tok_s": event.get("value"),
                             **{f"param/{k}": v for k, v in event["params"].items()}})
 
