@@ -40,7 +40,9 @@ class RunTimeline:
         wall = self.wall_s.get(phase, 0.0)
         if wall <= 0:
             return {}
-        return {lane.value: round(min(1.0, self.busy_s[phase].get(lane.value, 0.0) / wall), 4) for lane in LANES}
+        util = {lane.value: round(min(1.0, self.busy_s[phase].get(lane.value, 0.0) / wall), 4) for lane in LANES}
+        util["link"] = max(util["h2d"], util["d2h"])  # DESIGN §5's single link figure: the busier direction
+        return util
 
     def events(self) -> list[dict]:
         """Chrome trace events (microseconds), one thread per resource."""

@@ -155,7 +155,8 @@ class CGOPipeRunner:
                                 f"memory plan was made for {self.workload.prompt_len_max} + {self.workload.gen_len}")
         padded = self.workload.padding
         width = max(lengths)
-        self.pools.used["kv_cache"] = 0 if "kv_cache" in self.pools.used else 0
+        if "kv_cache" in self.pools.used:  # a new batch: its GPU-resident KV cache starts the pool afresh
+            self.pools.used["kv_cache"] = 0
         groups = pack_micro_batches(lengths, self.policy.micro_batch_size)
         gpu_seqs = int(self.policy.kv_gpu_fraction * len(prompts) + 1e-9)
         self.mbs, taken = [], 0

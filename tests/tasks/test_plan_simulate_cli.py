@@ -50,7 +50,9 @@ def test_simulate_writes_metrics_and_both_predictions(tmp_path):
     m = doc["metrics"]
     assert m["throughput_tok_s"] == pytest.approx(doc["prediction"]["sim_tok_s"])
     assert m["generated_tokens"] == 64 * 16 and m["prefill_s"] > 0 and m["decode_s"] > 0
-    assert set(m["utilisation"]) == {"gpu", "cpu", "h2d", "d2h", "copy"}
+    assert set(m["utilisation"]) == {"gpu", "cpu", "h2d", "d2h", "copy", "link"}
+    # cgopipe's policy is HRM's plan, not the config's default policy
+    assert doc["extra"]["policy_source"] == "hrm plan" and doc["policy"]["batch_size"] != 8
 
 
 def test_simulate_plot_with_own_policy(tmp_path):
