@@ -80,7 +80,8 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
                     raise WorkloadError(f'{where}: "prompt" needs a tokenizer, and model={spec.name} has no '
                                         'tokenizer.json; give "input_ids" instead')
                 bos = [spec.bos_token_id] if spec.bos_token_id is not None else []
-                requests.append(Request(rid, bos + tokenizer.encode(text).ids, text))
+                # The BOS is ours to add (a tokenizer.json post-processor may add one too: never twice).
+                requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text))
     if not requests:
         raise WorkloadError(f"{path}: no prompts (the file is empty)")
     return requests

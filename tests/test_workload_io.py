@@ -62,3 +62,17 @@ def test_synthetic_lengths_follow_the_workload(avg, mx):
     lengths = synthetic_lengths(Workload(prompt_len_avg=avg, prompt_len_max=mx, num_requests=2000))
     assert max(lengths) <= mx and min(lengths) >= 1
     assert abs(sum(lengths) / len(lengths) - avg) / avg < 0.05
+
+
+def test_one_bos_even_when_the_tokenizer_adds_its_own(tmp_path, tiny_path):
+    """Mixtral's tokenizer.json has a post-processor that prepends <s>: the prompt must not get two."""
+    from tokenizers import processors
+
+    from moe_lightning.engine.tiny import load_tokenizer
+
+    tok = load_tokenizer(tiny_path)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hello there"}\n')
+    ids = read_jsonl(f, SPEC, tok)[0].input_ids
+    assert ids[0] == 1 and ids[1] != 1
