@@ -62,3 +62,21 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = 2
         out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+PARITY_NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="session")
+def hf_outputs(hf_tiny, prompts) -> list[list[int]]:
+    """transformers' greedy continuation of every prompt: what each engine path must reproduce."""
+    return [hf_greedy(hf_tiny, p, PARITY_NEW_TOKENS) for p in prompts]
+
+
+def prompt_workload(prompts, padding: bool = False):
+    """The Workload the memory plan is made for, from the prompts actually given."""
+    from moe_lightning.config import Workload
+
+    lengths = [len(p) for p in prompts]
+    return Workload(prompt_len_avg=sum(lengths) // len(lengths), prompt_len_max=max(lengths),
+                    gen_len=PARITY_NEW_TOKENS, num_requests=len(prompts), padding=padding)

@@ -16,25 +16,16 @@ from moe_lightning.baselines import (
     FlexGenCSystem,
     FlexGenSystem,
 )
-from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy
 from moe_lightning.engine.generation import GenerationParams, generate
-from tests.conftest import hf_greedy
+from tests.conftest import PARITY_NEW_TOKENS, prompt_workload
 
-MAX_NEW = 16
+MAX_NEW = PARITY_NEW_TOKENS
 CPU = torch.device("cpu")
 SYSTEMS = {"flexgen": FlexGenSystem, "flexgen_c": FlexGenCSystem, "deepspeed": DeepSpeedSystem,
            "fastdecode": FastDecodeSystem}
 
 
-@pytest.fixture(scope="module")
-def hf_outputs(hf_tiny, prompts):
-    return [hf_greedy(hf_tiny, p, MAX_NEW) for p in prompts]
-
-
-def workload(prompts, padding=False) -> Workload:
-    lengths = [len(p) for p in prompts]
-    return Workload(prompt_len_avg=sum(lengths) // len(lengths), prompt_len_max=max(lengths),
-                    gen_len=MAX_NEW, num_requests=len(prompts), padding=padding)
 
 
 def run(system, spec, source, policy, wl, prompts):
@@ -47,7 +38,7 @@ def run(system, spec, source, policy, wl, prompts):
 def test_auto_policy_tokens_identical_to_transformers(tiny, prompts, hf_outputs, name):
     spec, source = tiny
     system = SYSTEMS[name]()
-    wl = workload(prompts)
+    wl = prompt_workload(prompts)
     policy = system.resolve_policy(spec, HardwareSpec(), wl, Policy())
     runner, out = run(system, spec, source, policy, wl, prompts)
     assert out == hf_outputs
@@ -77,7 +68,8 @@ GIVEN = [
                               for n, p, pad in GIVEN])
 def test_given_policy_tokens_identical_to_transformers(tiny, prompts, hf_outputs, name, policy, padded):
     spec, source = tiny
-    runner, out = run(SYSTEMS[name](policy_source="given"), spec, source, policy, workload(prompts, padded), prompts)
+    wl = prompt_workload(prompts, padded)
+    runner, out = run(SYSTEMS[name](policy_source="given"), spec, source, policy, wl, prompts)
     assert out == hf_outputs
     if policy.expert_gpu_fraction < 1:
         assert runner.stats()["link_bytes"]["h2d"] > 0
@@ -87,13 +79,14 @@ def test_auto_system_refuses_an_unresolved_policy(tiny, prompts):
     spec, source = tiny
     with pytest.raises(Exception, match="chooses its own policy"):
         FlexGenSystem().build(spec, source, HardwareSpec(), Policy(batch_size=3, micro_batch_size=1),
-                              workload(prompts), CPU)
+                              prompt_workload(prompts), CPU)
 
 
 def test_deepspeed_refuses_cpu_attention(tiny, prompts):
     spec, source = tiny
     with pytest.raises(Exception, match="attention on the GPU"):
-        DeepSpeedSystem(policy_source="given").build(spec, source, HardwareSpec(), Policy(), workload(prompts), CPU)
+        DeepSpeedSystem(policy_source="given").build(spec, source, HardwareSpec(), Policy(),
+                                                     prompt_workload(prompts), CPU)
 
 
 def test_accelerate_tokens_identical_to_transformers(tiny, prompts, hf_outputs):
@@ -101,7 +94,7 @@ def test_accelerate_tokens_identical_to_transformers(tiny, prompts, hf_outputs):
     one-prompt-at-a-time `generate`."""
     spec, source = tiny
     system = AccelerateSystem()
-    wl = workload(prompts)
+    wl = prompt_workload(prompts)
     policy = system.resolve_policy(spec, HardwareSpec(), wl, Policy())
     runner, out = run(system, spec, source, policy, wl, prompts)
     assert out == hf_outputs
@@ -116,7 +109,7 @@ def test_accelerate_random_weights_are_the_engines(tiny, prompts):
     from moe_lightning.engine.weights import resolve_model
 
     spec, source = resolve_model(dataclasses.replace(ModelSpec(), weights="random", seed=3))
-    wl = workload(prompts[:4])
+    wl = prompt_workload(prompts[:4])
     policy = Policy(batch_size=4, micro_batch_size=4, attn_on_gpu=True, kv_gpu_fraction=1.0)
     peer = AccelerateSystem(policy_source="given").build(spec, source, HardwareSpec(), policy, wl, CPU)
     ref = ReferenceRunner(spec, source, CPU, KERNELS["loop"])
@@ -134,7 +127,7 @@ def test_gpu_resident_kv_starts_clean(tiny, prompts, hf_outputs):
 
     spec, source = tiny
     policy = Policy(batch_size=10, micro_batch_size=10, kv_gpu_fraction=1.0, **G)
-    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, workload(prompts), CPU, schedule=FLEXGEN)
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts), CPU, schedule=FLEXGEN)
     runner.pools.buffers["kv_cache"].fill_(0xFF)  # float32 NaN bytes
     result = generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW, eos_token_id=2), policy.batch_size)
     assert result.output_ids == hf_outputs

@@ -10,27 +10,18 @@ import time
 import pytest
 import torch
 
-from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, Policy, Workload
+from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, Policy
 from moe_lightning.engine.cgopipe import CGOPipeRunner, pack_micro_batches
 from moe_lightning.engine.executor import Executor
 from moe_lightning.engine.generation import GenerationParams, generate
 from moe_lightning.errors import MemoryBudgetError
 from moe_lightning.schedule.cgopipe import PipeShape, decode_graph
-from tests.conftest import hf_greedy
+from tests.conftest import PARITY_NEW_TOKENS, prompt_workload
 
-MAX_NEW = 16
+MAX_NEW = PARITY_NEW_TOKENS
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def hf_outputs(hf_tiny, prompts):
-    return [hf_greedy(hf_tiny, p, MAX_NEW) for p in prompts]
-
-
-def workload(prompts, padding=False) -> Workload:
-    lengths = [len(p) for p in prompts]
-    return Workload(prompt_len_avg=sum(lengths) // len(lengths), prompt_len_max=max(lengths),
-                    gen_len=MAX_NEW, num_requests=len(prompts), padding=padding)
 
 
 POLICIES = [
@@ -56,7 +47,7 @@ def _policy_id(p: Policy, pad: bool) -> str:
 @pytest.mark.parametrize("policy, padded", POLICIES, ids=[_policy_id(p, pad) for p, pad in POLICIES])
 def test_tokens_identical_to_transformers(tiny, prompts, hf_outputs, policy, padded):
     spec, source = tiny
-    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, workload(prompts, padded), CPU)
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts, padded), CPU)
     result = generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW, eos_token_id=2),
                       policy.batch_size)
     assert result.output_ids == hf_outputs
@@ -149,7 +140,7 @@ def test_over_budget_policy_refused_before_any_allocation(tiny, prompts):
                          cpu=CpuSpec(), link=LinkSpec())
     with pytest.raises(MemoryBudgetError) as exc:
         CGOPipeRunner(spec, counting, small, Policy(batch_size=10, micro_batch_size=5),
-                      workload(prompts), CPU)
+                      prompt_workload(prompts), CPU)
     msg = str(exc.value)
     assert "\n" not in msg and "non_expert_weights=" in msg and "200000 B" in msg and "OVER" in msg
     assert counting.reads == 0
@@ -158,7 +149,7 @@ def test_over_budget_policy_refused_before_any_allocation(tiny, prompts):
 def test_pools_hold_what_the_plan_says(tiny, prompts):
     spec, source = tiny
     policy = Policy(batch_size=10, micro_batch_size=5, expert_gpu_fraction=0.5)
-    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, workload(prompts), CPU)
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts), CPU)
     for pool in ("non_expert_weights", "resident_experts", "streamed_experts"):
         assert runner.pools.used[pool] <= runner.plan.gpu[pool] + 4096
         assert runner.pools.used[pool] >= runner.plan.gpu[pool] - 4096
@@ -176,7 +167,7 @@ def test_pack_micro_batches_longest_first_least_filled():
 
 def test_prompt_longer_than_the_plan_is_refused(tiny, prompts):
     spec, source = tiny
-    small = dataclasses.replace(workload(prompts), prompt_len_max=8, prompt_len_avg=4)
+    small = dataclasses.replace(prompt_workload(prompts), prompt_len_max=8, prompt_len_avg=4)
     runner = CGOPipeRunner(spec, source, HardwareSpec(), Policy(batch_size=10, micro_batch_size=5), small, CPU)
     with pytest.raises(Exception, match="memory plan was made for"):
         runner.prefill(prompts, MAX_NEW)
