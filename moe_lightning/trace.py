@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_lightning.plots import save
 from moe_lightning.schedule.graph import Resource
 
 LANES = (Resource.GPU, Resource.CPU, Resource.H2D, Resource.D2H, Resource.COPY)
@@ -66,10 +67,9 @@ class RunTimeline:
 
     def write_gantt(self, path: str | Path, title: str = "", max_graphs: int = 4) -> Path:
         """Gantt PNG of the first `max_graphs` graphs (a prefill and decode steps), one lane per resource."""
-        import matplotlib
+        from moe_lightning.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         graphs = self.graphs[:max_graphs]
         colours = {}
@@ -89,9 +89,4 @@ class RunTimeline:
         ax.set_title(title or "timeline")
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
         ax.legend(handles, list(colours), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save(fig, path)

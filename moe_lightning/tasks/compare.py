@@ -216,11 +216,10 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def write_bar_chart(path: Path, rows: list[dict], title: str) -> Path | None:
-    try:
-        import matplotlib
+    from moe_lightning.plots import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plt = pyplot()
     except ImportError:
         log.warning("matplotlib is not installed: no bar chart (pip install 'moe-lightning[plot]')")
         return None
@@ -236,7 +235,4 @@ def write_bar_chart(path: Path, rows: list[dict], title: str) -> Path | None:
                     fontsize=8)
     ax.set_ylabel("tokens/s (end to end)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_lightning.config import RunConfig
+from moe_lightning.plots import save
 from moe_lightning.report import RunReport
 
 log = logging.getLogger("moe_lightning.report")
@@ -58,10 +59,9 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def plot_throughput(rows: list[dict], path: Path) -> Path:
-    import matplotlib
+    from moe_lightning.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if r.get("tok_s")]
     labels = [f"{r['system']}\n{r['hardware']}/{r['workload']}" for r in rows]
@@ -69,18 +69,14 @@ def plot_throughput(rows: list[dict], path: Path) -> Path:
     ax.bar(range(len(rows)), [r["tok_s"] for r in rows], color="tab:blue")
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("tokens/s (end to end)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_tuning_progress(trials: list[dict], path: Path) -> Path:
     """Each completed trial's tokens/s and the best so far, by trial number."""
-    import matplotlib
+    from moe_lightning.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = sorted((t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None),
                   key=lambda t: t["number"])
@@ -96,19 +92,14 @@ def plot_tuning_progress(trials: list[dict], path: Path) -> Path:
         ax.legend()
     ax.set_xlabel("trial")
     ax.set_ylabel("tokens/s")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 def plot_pareto(trials: list[dict], path: Path) -> Path:
     """Throughput vs peak GPU memory of completed trials, the non-dominated ones joined."""
-    import matplotlib
+    from moe_lightning.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = [(t["peak_gpu_bytes"] / 1e9, t["value"]) for t in trials
            if t["state"] == "COMPLETE" and t["value"] is not None and t["peak_gpu_bytes"]]
@@ -120,10 +111,7 @@ def plot_pareto(trials: list[dict], path: Path) -> Path:
         ax.legend()
     ax.set_xlabel("peak GPU memory (GB)")
     ax.set_ylabel("tokens/s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 @dataclass

@@ -72,10 +72,9 @@ def roofline_points(spec: ModelSpec, hw: HardwareSpec, workload: Workload, polic
 def plot_roofline(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy,
                   path: str | Path) -> Path:
     """Write the HRM roofline figure of `policy` to `path` (format from the suffix); returns the path."""
-    import matplotlib
+    from moe_lightning.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lv = levels(hw)
     pts = roofline_points(spec, hw, workload, policy)
@@ -110,9 +109,4 @@ def plot_roofline(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy:
                  f"r_c={p.kv_gpu_fraction:.3g}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return save(fig, path, dpi=130)
