@@ -5,13 +5,15 @@ budget (so experts must stream), run the CGOPipe engine with that policy through
 simulate the same run (same prompt lengths, same policy) and print end-to-end, prefill and decode
 times of the three with the relative errors of the simulator and the HRM against the measurement.
 
-Two simulator rows: the roofline cost model on the calibrated profile (with the measured CPU attention
-throughput and executor overhead per task), which is the prediction; and the same graphs with per-op
-costs fitted to this run's measured task records (in-sample: it isolates the error of the schedule
-model from the error of the cost model).
+Two simulator rows: the cost model on the calibrated profile (roofline with the measured GEMM and
+expert-kernel curves, CPU attention throughput and executor overheads: everything `task=calibrate`
+writes), which is the prediction; and the same graphs with per-op costs fitted to this run's measured
+task records (in-sample: it isolates the error of the schedule model from the error of the cost model).
 
 On a CPU-only machine the CPU plays the GPU, and the "GPU", CPU and copy threads share the same cores
-and memory bus; the simulator does not model that contention (see moe_lightning.tuner.costs).
+and memory bus; the simulator shares the host equally between the tasks running at once (processor
+sharing), which misses the OS scheduling of oversubscribed threads: small tasks beside a busy "GPU"
+thread (CPU attention, activation copies) take many times their isolated time.
 
     python benchmarks/sim_vs_measured.py [--layers 4] [--requests 16] [--gen-len 12] [--save]
 """
@@ -85,7 +87,9 @@ def main() -> None:
     hw.gpu.memory_gb = args.gpu_memory_gb
     print(f"calibrated in {m.seconds:.1f} s: peak {m.cpu_peak_tflops:.3f} TFLOP/s, copy {m.cpu_bandwidth_gbps:.1f} "
           f"GB/s, link {m.h2d_gbps:.1f} GB/s, CPU attention {m.cpu_attn_gbps:.1f} GB/s, executor "
-          f"{m.task_overhead_s * 1e6:.0f} us/task; 'GPU' budget "
+          f"{m.task_overhead_s * 1e6:.0f} us/task, {m.step_overhead_s * 1e6:.0f} us/graph; GEMM at 1 / 16 / "
+          f"{m.gemm_rows[-1]} rows {m.gemm_tflops[0]:.3f} / {m.gemm_tflops[2]:.3f} / {m.gemm_tflops[-1]:.3f} "
+          f"TFLOP/s; 'GPU' budget "
           f"{hw.gpu_budget_bytes / 1e9:.2f} GB")
     spec = dataclasses.replace(load_preset("model", "mid-mixtral"), num_layers=args.layers)
     workload = Workload(name="synthetic", prompt_len_avg=args.prompt_avg, prompt_len_max=args.prompt_max,
@@ -106,15 +110,13 @@ def main() -> None:
     meas = gen.report.metrics
 
     hrm = predict(spec, hw, workload, policy)
-    costs = TaskCosts.for_policy(spec, hw, policy, cpu_attn_gbps=m.cpu_attn_gbps,
-                                 launch_s=m.task_overhead_s, thread_s=m.task_overhead_s)
+    costs = TaskCosts.for_policy(spec, hw, policy)  # the calibrated profile's curves and overheads
     sim = simulate_run(spec, hw, workload, policy, lengths, costs=costs)
     scales = measured_op_scales(gen, spec, hw, workload, policy, lengths)
     # The fitted costs are measured under contention already: time them without sharing the host again.
     unshared = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, shares_host=False))
     fitted = simulate_run(spec, unshared, workload, policy, lengths,
-                          costs=dataclasses.replace(costs, cpu_attn_gbps=None, launch_s=0.0, thread_s=0.0,
-                                                    op_scale=scales))
+                          costs=dataclasses.replace(costs, launch_s=0.0, thread_s=0.0, op_scale=scales))
     n_batches = -(-len(lengths) // policy.batch_size)
     # HRM prices one full batch: prefill + gen_len decode steps; scaled to the run's batches.
     hrm_prefill, hrm_decode = n_batches * hrm.prefill_s, n_batches * hrm.decode_s
@@ -132,7 +134,7 @@ def main() -> None:
               f"{rel(pre + dec, ref) if name != 'measured' else '':>11}")
     print(f"\nutilisation (decode)  measured {gen.report.metrics.utilisation}\n"
           f"                      simulated {sim.utilisation}")
-    print("fitted per-op scales (measured / roofline): "
+    print("fitted per-op scales (measured / modelled): "
           + ", ".join(f"{op} {s:.2f}" for op, s in sorted(scales.items())))
     record = {
         "benchmark": "sim_vs_measured", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -43,6 +43,15 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"got {value!r}; accepted: {', '.join(choices)}")
 
 
+def _curve(xs: list, ys: list, key: str) -> None:
+    """A measured curve: as many values as points, points increasing, values positive."""
+    where = f"{key}_*"
+    _check(len(xs) == len(ys), where, f"{len(xs)} points but {len(ys)} values")
+    _check(all(x > 0 for x in xs) and all(a < b for a, b in zip(xs, xs[1:])), where,
+           f"points must be positive and increasing, got {list(xs)}")
+    _check(all(y > 0 for y in ys), where, f"values must be > 0, got {list(ys)}")
+
+
 @dataclass
 class ModelSpec:
     """Architecture of a Mixtral-style MoE decoder (also used for DBRX shapes in planning)."""
@@ -130,6 +139,14 @@ class GpuSpec:
     # The CPU plays the GPU (a CPU-only machine): every resource runs on the host's cores and memory bus,
     # so the simulator makes concurrent tasks share them instead of overlapping for free.
     shares_host: bool = False
+    # Measured by task=calibrate (empty: every kernel runs at peak_tflops). Achieved TFLOP/s of a GEMM
+    # with gemm_rows[n] rows (tokens), and of the engine's fastest expert kernel (EPS-MoE choice) at
+    # expert_loads[n] tokens per expert: small GEMMs fall far short of the peak, which the simulator
+    # charges; the HRM keeps the paper's peaks.
+    gemm_rows: list[int] = field(default_factory=list)
+    gemm_tflops: list[float] = field(default_factory=list)
+    expert_loads: list[int] = field(default_factory=list)
+    expert_tflops: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -140,6 +157,7 @@ class CpuSpec:
     bandwidth_gbps: float = 10.0
     peak_tflops: float = 0.1
     usable_fraction: float = 0.8
+    attn_gbps: float = 0.0  # measured decode attention, GB/s of K/V read (task=calibrate); 0: roofline
 
 
 @dataclass
@@ -156,6 +174,10 @@ class HardwareSpec:
     gpu: GpuSpec = None  # type: ignore[assignment]  # filled in __post_init__ (mutable default)
     cpu: CpuSpec = None  # type: ignore[assignment]
     link: LinkSpec = None  # type: ignore[assignment]
+    # The engine executor's measured cost per task (dependency hand-off, launch) and per graph (worker
+    # threads started and joined around one prefill or decode step); 0: simulator defaults.
+    task_overhead_us: float = 0.0
+    step_overhead_us: float = 0.0
 
     def __post_init__(self) -> None:
         self.gpu = self.gpu if self.gpu is not None else GpuSpec()
@@ -166,6 +188,17 @@ class HardwareSpec:
         _positive(self.link, "hardware.link", "h2d_gbps", "d2h_gbps")
         _fraction(self.gpu, "hardware.gpu", "usable_fraction")
         _fraction(self.cpu, "hardware.cpu", "usable_fraction")
+        _check(self.cpu.attn_gbps >= 0, "hardware.cpu.attn_gbps", f"must be >= 0, got {self.cpu.attn_gbps}")
+        for name in ("task_overhead_us", "step_overhead_us"):
+            _check(getattr(self, name) >= 0, f"hardware.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _curve(self.gpu.gemm_rows, self.gpu.gemm_tflops, "hardware.gpu.gemm")
+        _curve(self.gpu.expert_loads, self.gpu.expert_tflops, "hardware.gpu.expert")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HardwareSpec:
+        """A hardware profile as conf/hardware/*.yaml writes it (raises KeyError / TypeError if not one)."""
+        return cls(name=d["name"], gpu=GpuSpec(**d["gpu"]), cpu=CpuSpec(**d["cpu"]), link=LinkSpec(**d["link"]),
+                   task_overhead_us=d.get("task_overhead_us", 0.0), step_overhead_us=d.get("step_overhead_us", 0.0))
 
     @property
     def gpu_budget_bytes(self) -> int:

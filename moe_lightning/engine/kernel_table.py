@@ -28,6 +28,14 @@ def _device_name(device: torch.device) -> str:
 def profile_kernels(spec: ModelSpec, dtype: torch.dtype, device: torch.device, reps: int = 3,
                     experts: int = 4) -> dict[int, str]:
     """Time every kernel at each load on `experts` random experts; -> {load: fastest kernel}."""
+    times = time_kernels(spec, dtype, device, reps, experts)
+    return {load: min(by_kernel, key=by_kernel.get) for load, by_kernel in times.items()}
+
+
+def time_kernels(spec: ModelSpec, dtype: torch.dtype, device: torch.device, reps: int = 3, experts: int = 4,
+                 loads: tuple[int, ...] = LOADS) -> dict[int, dict[str, float]]:
+    """Median seconds of every kernel available here at each load (tokens per expert) on `experts`
+    random experts of the model's shape: `load * experts / top_k` tokens routed top-k among them."""
     H, F = spec.hidden_size, spec.intermediate_size
     g = torch.Generator(device="cpu").manual_seed(0)
     w13 = (torch.randn(experts, 2 * F, H, generator=g) * 0.02).to(device, dtype)
@@ -35,7 +43,7 @@ def profile_kernels(spec: ModelSpec, dtype: torch.dtype, device: torch.device, r
     stack = ExpertStack.single(w13, w2)
     router = torch.randn(experts, H, generator=g).to(device, dtype)
     table = {}
-    for load in LOADS:
+    for load in loads:
         tokens = max(1, load * experts // spec.top_k)
         h = torch.randn(tokens, H, generator=g).to(device, dtype)
         weights, ids = route(h, router, min(spec.top_k, experts))
@@ -54,7 +62,7 @@ def profile_kernels(spec: ModelSpec, dtype: torch.dtype, device: torch.device, r
                 times[name] = statistics.median(samples[1:])
             except (RuntimeError, NotImplementedError) as exc:  # e.g. grouped_mm unsupported here
                 log.debug("kernel %s unavailable: %s", name, exc)
-        table[load] = min(times, key=times.get)
+        table[load] = times
     return table
 
 

@@ -68,6 +68,10 @@ def expert_kernel_crossover(cfg: RunConfig) -> dict[int, str]:
     return cached_profile(dataclasses.replace(spec, dtype=dtype), torch_dtype(dtype), device)
 
 
+def _curve(points: list, rates: list) -> str:
+    return ", ".join(f"{p}: {r:.3g}" for p, r in zip(points, rates)) + " TFLOP/s"
+
+
 def table(m) -> str:
     role = "GPU" if m.device == "cuda" else "GPU role (played by the CPU)"
     rows = [
@@ -81,7 +85,10 @@ def table(m) -> str:
         ("  peak", f"{m.cpu_peak_tflops:.3f} TFLOP/s (fp32 matmul)"),
         ("  memory bandwidth", f"{m.cpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
         ("  decode attention", f"{m.cpu_attn_gbps:.1f} GB/s of K/V read"),
-        ("executor overhead", f"{m.task_overhead_s * 1e6:.0f} us per task"),
+        ("  GEMM by rows", _curve(m.gemm_rows, m.gemm_tflops)),
+        ("  experts by tokens/expert", _curve(m.expert_loads, m.expert_tflops)),
+        ("executor overhead", f"{m.task_overhead_s * 1e6:.0f} us per task, "
+                              f"{m.step_overhead_s * 1e6:.0f} us per graph"),
     ]
     title = f"calibration{' (quick)' if m.quick else ''}: {m.seconds:.1f} s"
     return "\n".join([title] + [f"  {k:<32}{v}" for k, v in rows])

@@ -1,16 +1,20 @@
 """Hardware calibration: measure this machine's roofline numbers and write a hardware profile YAML.
 
-Measured (best of a few repetitions, after a warm-up; bandwidths count bytes read + bytes written, so
+Measured (median of a few repetitions, after a warm-up; bandwidths count bytes read + bytes written, so
 a copy of X bytes moves 2X, as STREAM does):
 - GPU (CUDA): bf16 matmul peak, device-to-device copy bandwidth, pinned H2D and D2H bandwidth
   (CUDA events around each timed region);
 - CPU: fp32 matmul peak, large-copy memory bandwidth, and decode attention throughput
-  (`moe_lightning.engine.model.decode_attention`, GB/s of K/V read) which the simulator can use for
-  CPU attention instead of the roofline (`TaskCosts.cpu_attn_gbps`);
-- the engine executor's per-task overhead (a chain of empty tasks hopping between resources), the
-  simulator's `TaskCosts.launch_s` / `thread_s`.
-The last two have no field in the hardware profile schema: they are written as YAML comments and in
-the calibration report's `extra.measurements`.
+  (`moe_lightning.engine.model.decode_attention`, GB/s of K/V read: `cpu.attn_gbps`);
+- on the device that plays the GPU, two kernel-efficiency curves (`gpu.gemm_*`, `gpu.expert_*`):
+  achieved TFLOP/s of an `[M, H] x [H, N]` GEMM for M from 1 to 4096 rows (N: a 256 MB weight at up to
+  64 rows, beyond the caches as a layer's weights are, narrower above), and of the engine's
+  fastest expert kernel (`engine.kernel_table.time_kernels`, every kernel, the best one kept) at 1 to
+  256 tokens per expert, on a reference expert shape (Mixtral-8x7B's with CUDA, mid-mixtral's on the
+  CPU). A decode step's GEMMs have a few rows and run far below the square-GEMM peak;
+- the engine executor's overheads: per task (a chain of empty tasks hopping between resources),
+  `task_overhead_us`, and per graph around busy tasks (threads started and joined), `step_overhead_us`.
+The simulator (`tuner.costs.TaskCosts`) uses all of them; the HRM keeps the paper's peaks.
 Without CUDA the CPU plays the GPU's role (the `cpu` profile convention): the "GPU" numbers are the
 CPU's, its memory is a third of RAM (the rest is the CPU's, so they do not count the same bytes
 twice), and the "link" is a thread's memcpy (bytes copied per second).
@@ -24,9 +28,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -50,16 +55,24 @@ class Sizes:
     attn_batch: int = 16
     attn_context: int = 2048
     repeats: int = 5
+    gemm_rows: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096)
+    expert_loads: tuple[int, ...] = (1, 4, 16, 64, 256)
 
 
 # Quick: still larger than the CPU caches (a 2-core VM reads a 33 MB K/V at twice its memory bandwidth).
 QUICK = Sizes(gpu_matmul=4096, gpu_copy_bytes=256 << 20, link_bytes=64 << 20, cpu_matmul=1536,
-              cpu_copy_bytes=128 << 20, attn_batch=16, attn_context=1024, repeats=5)
+              cpu_copy_bytes=128 << 20, attn_batch=16, attn_context=1024, repeats=5,
+              gemm_rows=(1, 4, 16, 64, 256, 1024))
+# Reference expert shapes of the kernel curves: (hidden, intermediate) of Mixtral-8x7B on a GPU, of
+# mid-mixtral on the CPU (a Mixtral expert is 352 MB in fp32; the CPU role runs smaller models).
+GPU_EXPERT_SHAPE = (4096, 14336)
+GEMM_WEIGHT_BYTES = 256 << 20  # the GEMM curve's weight at <= 64 rows: far beyond any L2 / L3
+CPU_EXPERT_SHAPE = (1024, 3584)
 
 
 @dataclass
 class Measurements:
-    """What calibration measured; rates are the best of `repeats`."""
+    """What calibration measured; rates are the medians of `repeats`."""
 
     device: str                      # "cuda" or "cpu" (the CPU played the GPU)
     gpu_name: str
@@ -76,17 +89,24 @@ class Measurements:
     cpu_bandwidth_gbps: float
     cpu_attn_gbps: float
     task_overhead_s: float           # executor seconds per task (dependency hand-off)
+    step_overhead_s: float           # executor seconds per graph (threads started and joined)
     quick: bool
+    gemm_rows: list[int] = field(default_factory=list)        # GPU role: GEMM rows measured ...
+    gemm_tflops: list[float] = field(default_factory=list)    # ... and their achieved TFLOP/s
+    expert_loads: list[int] = field(default_factory=list)     # tokens per expert measured ...
+    expert_tflops: list[float] = field(default_factory=list)  # ... and the fastest kernel's TFLOP/s
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _best(fn: Callable[[], float], repeats: int) -> float:
-    """Shortest of `repeats` timings of `fn` (which returns seconds), after one warm-up call."""
+def _median(fn: Callable[[], float], repeats: int) -> float:
+    """Median of `repeats` timings of `fn` (which returns seconds), after one warm-up call. The median,
+    not the minimum: on a shared machine the fastest run is an outlier (a quiet moment of the memory
+    bus) more often than the rate a long run sustains, which is what the simulator needs."""
     fn()
-    return min(fn() for _ in range(repeats))
+    return statistics.median(fn() for _ in range(repeats))
 
 
 def _wall(fn: Callable[[], object]) -> float:
@@ -138,24 +158,33 @@ def measure_cpu(sizes: Sizes) -> dict[str, float]:
 
     n = sizes.cpu_matmul
     a, b = torch.randn(n, n), torch.randn(n, n)
-    t = _best(lambda: _wall(lambda: torch.matmul(a, b)), sizes.repeats)
+    t = _median(lambda: _wall(lambda: torch.matmul(a, b)), sizes.repeats)
     peak = 2 * n**3 / t / 1e12
-    src = torch.ones(sizes.cpu_copy_bytes // 4)
-    dst = torch.empty_like(src)
-    t = _best(lambda: _wall(lambda: dst.copy_(src)), sizes.repeats)
-    bandwidth = 2 * sizes.cpu_copy_bytes / t / GB
+
+    def copy_once() -> float:
+        # Fresh buffers each time: how the OS backs one allocation (huge pages or not) can double its
+        # copy rate, and the engine's page buffers are allocated like any other.
+        src = torch.ones(sizes.cpu_copy_bytes, dtype=torch.uint8)  # bytes, as the engine copies pages
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        return _wall(lambda: dst.copy_(src))
+
+    bandwidth = 2 * sizes.cpu_copy_bytes / _median(copy_once, sizes.repeats) / GB
     B, S, nkv, g, hd = sizes.attn_batch, sizes.attn_context, 8, 4, 128
     q = torch.randn(B, nkv * g, hd)
     k, v = torch.randn(B, nkv, S, hd), torch.randn(B, nkv, S, hd)
     lengths = torch.full((B,), S)
-    t = _best(lambda: _wall(lambda: decode_attention(q, k, v, lengths)), sizes.repeats)
+    t = _median(lambda: _wall(lambda: decode_attention(q, k, v, lengths)), sizes.repeats)
     attn = 2 * k.numel() * 4 / t / GB
     return {"peak_tflops": peak, "bandwidth_gbps": bandwidth, "attn_gbps": attn}
 
 
-def measure_dispatch(device: str, tasks: int = 400) -> float:
-    """Seconds per task of the engine's executor on a dependency chain of empty tasks that hops
-    between resources (queue hand-off, event wait, record): the simulator's per-task overhead."""
+def measure_dispatch(device: str, tasks: int = 400) -> tuple[float, float]:
+    """The engine executor's overheads: seconds per task, on a dependency chain of empty tasks that hops
+    between resources (queue hand-off, event wait, record), and seconds per graph around busy tasks
+    (run wall minus the span of its tasks: worker threads started and joined while the compute
+    resource's kernels keep the cores or the device busy). The simulator's `launch_s` / `thread_s` and
+    `step_s`."""
     import torch
 
     from moe_lightning.engine.executor import Executor
@@ -166,8 +195,56 @@ def measure_dispatch(device: str, tasks: int = 400) -> float:
     for n in range(tasks):
         prev = g.add(hops[n % len(hops)], "noop", n, 0, [prev])
     executor = Executor(torch.device(device))
-    handlers = {"noop": lambda task: None}
-    return _best(lambda: _wall(lambda: executor.run(g, handlers)), 3) / tasks
+    per_task = _median(lambda: _wall(lambda: executor.run(g, {"noop": lambda task: None})), 3) / tasks
+
+    a = torch.randn(1024, 1024, device=device)
+    busy, prev = TaskGraph("busy"), None
+    for n in range(8):
+        prev = busy.add(hops[n % 2], "matmul", n, 0, [prev])
+
+    def gap() -> float:
+        start = time.perf_counter()
+        records = executor.run(busy, {"matmul": lambda task: a @ a})
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start - (max(r.end_s for r in records) - min(r.start_s for r in records))
+
+    per_graph = _median(gap, 9)
+    return per_task, max(per_graph, 0.0)
+
+
+def measure_kernel_curves(sizes: Sizes, device: str) -> dict[str, list]:
+    """Achieved TFLOP/s of `[M, H] x [H, N]` GEMMs at `sizes.gemm_rows` and of the engine's fastest expert
+    kernel at `sizes.expert_loads` tokens per expert, on the reference shape of `device`."""
+    import torch
+    import torch.nn.functional as F
+
+    from moe_lightning.config import ModelSpec
+    from moe_lightning.engine.kernel_table import time_kernels
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    H, F_dim = GPU_EXPERT_SHAPE if cuda else CPU_EXPERT_SHAPE
+    timer = _cuda if cuda else _wall
+    # A few rows stream the weight from memory: it must be far larger than the last-level cache (a
+    # decode step's weights are); at many rows the GEMM is compute-bound, so the weight narrows to keep
+    # each measurement at about the same FLOPs.
+    wide = GEMM_WEIGHT_BYTES // (H * torch.empty((), dtype=dtype).element_size())
+
+    def gemm_tflops(rows: int) -> float:
+        n = max(H, int(wide * min(1.0, 64 / rows)))
+        x = torch.randn(rows, H, device=device, dtype=dtype)
+        w = torch.full((n, H), 0.01, device=device, dtype=dtype)
+        return 2 * rows * H * n / _median(lambda: timer(lambda: F.linear(x, w)), sizes.repeats) / 1e12
+
+    gemm = [gemm_tflops(rows) for rows in sizes.gemm_rows]
+    # Two experts, top-2: every token goes to both, so each expert sees exactly `load` tokens.
+    spec = ModelSpec(hidden_size=H, intermediate_size=F_dim, num_experts=2, top_k=2)
+    times = time_kernels(spec, dtype, torch.device(device), reps=max(2, sizes.repeats // 2), experts=2,
+                         loads=sizes.expert_loads)
+    experts = [2 * load * 2 * 3 * H * F_dim / min(times[load].values()) / 1e12 for load in sizes.expert_loads]
+    return {"gemm_rows": list(sizes.gemm_rows), "gemm_tflops": gemm,
+            "expert_loads": list(sizes.expert_loads), "expert_tflops": experts}
 
 
 def measure_gpu(sizes: Sizes) -> dict[str, float]:
@@ -178,17 +255,17 @@ def measure_gpu(sizes: Sizes) -> dict[str, float]:
     n = sizes.gpu_matmul
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    t = _best(lambda: _cuda(lambda: torch.matmul(a, b)), sizes.repeats)
+    t = _median(lambda: _cuda(lambda: torch.matmul(a, b)), sizes.repeats)
     peak = 2 * n**3 / t / 1e12
     src = torch.empty(sizes.gpu_copy_bytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    t = _best(lambda: _cuda(lambda: dst.copy_(src)), sizes.repeats)
+    t = _median(lambda: _cuda(lambda: dst.copy_(src)), sizes.repeats)
     bandwidth = 2 * sizes.gpu_copy_bytes / t / GB
     host = torch.empty(sizes.link_bytes, dtype=torch.uint8, pin_memory=True)
     device_buf = torch.empty(sizes.link_bytes, dtype=torch.uint8, device=dev)
-    t = _best(lambda: _cuda(lambda: device_buf.copy_(host, non_blocking=True)), sizes.repeats)
+    t = _median(lambda: _cuda(lambda: device_buf.copy_(host, non_blocking=True)), sizes.repeats)
     h2d = sizes.link_bytes / t / GB
-    t = _best(lambda: _cuda(lambda: host.copy_(device_buf, non_blocking=True)), sizes.repeats)
+    t = _median(lambda: _cuda(lambda: host.copy_(device_buf, non_blocking=True)), sizes.repeats)
     d2h = sizes.link_bytes / t / GB
     return {"peak_tflops": peak, "bandwidth_gbps": bandwidth, "h2d_gbps": h2d, "d2h_gbps": d2h}
 
@@ -220,14 +297,23 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
             gpu_name, gpu_count = "cpu-as-gpu", 1
             gpu_mem, cpu_mem = ram_gb() / 3, ram_gb() * 2 / 3
             h2d = d2h = cpu["bandwidth_gbps"] / 2  # a thread's memcpy: bytes copied per second
-        overhead = measure_dispatch("cuda" if use_cuda else "cpu")
-        log.info("executor: %.0f us per task", overhead * 1e6)
+        curves = measure_kernel_curves(sizes, "cuda" if use_cuda else "cpu")
+        log.info("kernel curves: GEMM %s TFLOP/s at %s rows; experts %s TFLOP/s at %s tokens per expert",
+                 _fmt(curves["gemm_tflops"]), curves["gemm_rows"], _fmt(curves["expert_tflops"]),
+                 curves["expert_loads"])
+        overhead, step = measure_dispatch("cuda" if use_cuda else "cpu")
+        log.info("executor: %.0f us per task, %.0f us per graph", overhead * 1e6, step * 1e6)
     return Measurements(
         device="cuda" if use_cuda else "cpu", gpu_name=gpu_name, gpu_count=gpu_count,
         gpu_memory_gb=gpu_mem, gpu_peak_tflops=gpu["peak_tflops"], gpu_bandwidth_gbps=gpu["bandwidth_gbps"],
         h2d_gbps=h2d, d2h_gbps=d2h, cpu_name=cpu_name(), cpu_cores=cpu_cores(), cpu_memory_gb=cpu_mem,
         cpu_peak_tflops=cpu["peak_tflops"], cpu_bandwidth_gbps=cpu["bandwidth_gbps"],
-        cpu_attn_gbps=cpu["attn_gbps"], task_overhead_s=overhead, quick=quick, seconds=time.perf_counter() - start)
+        cpu_attn_gbps=cpu["attn_gbps"], task_overhead_s=overhead, step_overhead_s=step, quick=quick, **curves,
+        seconds=time.perf_counter() - start)
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
 
 
 def _r(x: float, digits: int = 4) -> float:
@@ -241,11 +327,14 @@ def hardware_spec(m: Measurements, name: str = "calibrated", gpu_usable_fraction
         name=name,
         gpu=GpuSpec(name=m.gpu_name, count=m.gpu_count, memory_gb=_r(m.gpu_memory_gb, 3),
                     bandwidth_gbps=_r(m.gpu_bandwidth_gbps), peak_tflops=_r(m.gpu_peak_tflops),
-                    usable_fraction=gpu_usable_fraction, shares_host=m.device != "cuda"),
+                    usable_fraction=gpu_usable_fraction, shares_host=m.device != "cuda",
+                    gemm_rows=list(m.gemm_rows), gemm_tflops=[_r(x) for x in m.gemm_tflops],
+                    expert_loads=list(m.expert_loads), expert_tflops=[_r(x) for x in m.expert_tflops]),
         cpu=CpuSpec(name=m.cpu_name, cores=m.cpu_cores, memory_gb=_r(m.cpu_memory_gb, 3),
                     bandwidth_gbps=_r(m.cpu_bandwidth_gbps), peak_tflops=_r(m.cpu_peak_tflops),
-                    usable_fraction=cpu_usable_fraction),
-        link=LinkSpec(h2d_gbps=_r(m.h2d_gbps), d2h_gbps=_r(m.d2h_gbps)))
+                    usable_fraction=cpu_usable_fraction, attn_gbps=_r(m.cpu_attn_gbps)),
+        link=LinkSpec(h2d_gbps=_r(m.h2d_gbps), d2h_gbps=_r(m.d2h_gbps)),
+        task_overhead_us=_r(m.task_overhead_s * 1e6, 3), step_overhead_us=_r(m.step_overhead_s * 1e6, 3))
 
 
 def hardware_yaml(hw: HardwareSpec, m: Measurements) -> str:
@@ -253,14 +342,16 @@ def hardware_yaml(hw: HardwareSpec, m: Measurements) -> str:
     d = asdict(hw)
     head = [f"# Measured by task=calibrate{' (quick)' if m.quick else ''} on {platform.node()} "
             f"({'CUDA' if m.device == 'cuda' else 'CPU only: the CPU plays the GPU'}) in {m.seconds:.1f} s.",
-            f"# CPU decode attention: {m.cpu_attn_gbps:.4g} GB/s of K/V read "
-            "(the simulator's TaskCosts.cpu_attn_gbps).",
-            f"# Executor overhead: {m.task_overhead_s * 1e6:.3g} us per task (TaskCosts.launch_s / thread_s).",
-            "# Bandwidths count bytes read + written (a copy of X bytes moves 2X); link: bytes moved."]
+            "# Bandwidths count bytes read + written (a copy of X bytes moves 2X); link: bytes moved.",
+            "# gpu.gemm_*: achieved TFLOP/s of [rows, H] x [H, N]; gpu.expert_*: of the fastest expert kernel",
+            "# at that many tokens per expert; cpu.attn_gbps: decode attention, GB/s of K/V read;",
+            "# task_ / step_overhead_us: the engine executor's cost per task and per graph (one step).",
+            "# The simulator uses all of these; the HRM does not."]
     body = [f"name: {d['name']}"]
     for group in ("gpu", "cpu", "link"):
         fields = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in d[group].items())
         body.append(f"{group}: {{{fields}}}")
+    body += [f"{k}: {_yaml_scalar(d[k])}" for k in ("task_overhead_us", "step_overhead_us")]
     return "\n".join(head + body) + "\n"
 
 
@@ -275,15 +366,15 @@ def load_hardware_yaml(path: str | os.PathLike) -> HardwareSpec:
         raise ConfigError(f"{path}: no such hardware profile")
     d = yaml.safe_load(path.read_text())
     try:
-        return HardwareSpec(gpu=GpuSpec(**d["gpu"]), cpu=CpuSpec(**d["cpu"]), link=LinkSpec(**d["link"]),
-                            name=d["name"])
+        return HardwareSpec.from_dict(d)
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: not a hardware profile ({exc})") from None
 
 
 def override_args(hw: HardwareSpec) -> list[str]:
     """The same profile as command-line overrides on top of hardware=cpu (works with no file at all)."""
-    items = [("hardware.name", hw.name)]
+    items = [("hardware.name", hw.name), ("hardware.task_overhead_us", hw.task_overhead_us),
+             ("hardware.step_overhead_us", hw.step_overhead_us)]
     for group in ("gpu", "cpu", "link"):
         items += [(f"hardware.{group}.{k}", v) for k, v in asdict(getattr(hw, group)).items()]
     return ["hardware=cpu"] + [_override(k, v) for k, v in items]
@@ -293,4 +384,6 @@ def _override(key: str, v: object) -> str:
     """`key=value` for a shell command line: strings in Hydra's quotes, inside the shell's."""
     if isinstance(v, str):
         return '"' + key + "='" + v.replace("'", "\\'") + "'" + '"'
+    if isinstance(v, list):
+        return f"'{key}=[{','.join(str(x) for x in v)}]'"
     return f"{key}={v}"

@@ -2,11 +2,15 @@
 
 Every op of the task graphs (`moe_lightning.schedule`) is broken into the kernels the engine runs
 (`moe_lightning.engine.cgopipe`'s handlers) and each kernel is timed on its device with the HRM
-roofline, `max(FLOPs / peak, bytes / bandwidth)`, the kernel times of one task summed:
+roofline, `max(FLOPs / rate, bytes / bandwidth)`, the kernel times of one task summed:
 
-- GPU tasks at `hw.gpu` peak and bandwidth (times `hw.gpu.count`, as in `hrm.levels`); CPU tasks
-  (decode attention) at `hw.cpu`, or at a measured attention throughput (`cpu_attn_gbps`, GB/s of
-  K/V read, from `task=calibrate`) when one is given;
+- GPU tasks at `hw.gpu` bandwidth and, for the compute rate, the peak unless the profile carries
+  measured curves (`task=calibrate`): a GEMM of `t` rows runs at `gpu.gemm_tflops` interpolated at `t`,
+  and the MoE FFN at `gpu.expert_tflops` interpolated at its tokens per expert (the engine's fastest
+  kernel at that load, as EPS-MoE picks it). Small GEMMs reach a fraction of the peak, which the peak
+  alone cannot show. Rates scale with `hw.gpu.count`, as in `hrm.levels`.
+- CPU tasks (decode attention) at `hw.cpu`, or at the measured attention throughput
+  (`hw.cpu.attn_gbps`, GB/s of K/V read) when the profile has one;
 - H2D / D2H copies at `hw.link`; the COPY worker's pageable -> pinned memcpy at `hw.cpu.bandwidth_gbps
   / 2` (it reads and writes every byte);
 - PostAttn reads the weights of the experts actually hit: `E (1 - (1 - 1/E)^(t k))` distinct experts
@@ -14,20 +18,22 @@ roofline, `max(FLOPs / peak, bytes / bandwidth)`, the kernel times of one task s
   LM head (last rows only in prefill); PreAttn is RMSNorm + QKV projection (+ the embedding gather at
   layer 0); decode attention reads the micro-batch's cache up to its longest sequence (the engine
   attends over `[B, nkv, max_len, hd]` with a mask), prefill attention is causal per sequence;
-- a fixed overhead per task: `launch_s` for GPU and copy-stream tasks (kernel launch, events),
-  `thread_s` for CPU and COPY tasks (worker dispatch);
+- a fixed overhead per task: the profile's measured `task_overhead_us` when it has one, else
+  `launch_s` for GPU and copy-stream tasks (kernel launch, events), `thread_s` for CPU and COPY tasks
+  (worker dispatch); and per graph, `step_s` (the profile's `step_overhead_us`: the executor's
+  worker threads started and joined around each prefill or decode step);
 - optional per-op multipliers (`op_scale`), fitted from measured records by `fit_op_scales`.
 
 Not modelled: RoPE, softmax, SiLU and residual adds beyond their bytes (folded into the activations),
-contention between resources that share a device (on a CPU-only machine the "GPU" and the CPU share
-the same cores and memory bus; on a GPU the copy engines and kernels share HBM), caches (every byte
-read once from memory), expert load imbalance beyond the uniform-routing expectation, kernel choice
-(`policy.expert_kernel`: every kernel is assumed to read only the experts hit), and the host-side
-work of the generation driver (sampling, logits gathering), which happens between graphs.
+contention between resources that share a GPU (on a CPU-only machine, `gpu.shares_host`, the
+simulator makes concurrent tasks share the host instead), caches (every byte read once from memory),
+expert load imbalance beyond the uniform-routing expectation, and the host-side work of the
+generation driver (sampling, logits gathering), which happens between graphs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -53,6 +59,18 @@ class MicroBatchShape:
     slots: int = 0       # decode: cache slots attended this step (longest sequence, new token included)
 
 
+def curve_rate(points: Sequence[float], rates: Sequence[float], x: float) -> float:
+    """A measured rate at `x`: log-log interpolation between points; below the first point the time
+    stays that of the first (a kernel cannot get faster with less work), above the last the rate stays."""
+    if x <= points[0]:
+        return rates[0] * x / points[0]
+    for (x0, r0), (x1, r1) in zip(zip(points, rates), zip(points[1:], rates[1:])):
+        if x <= x1:
+            w = math.log(x / x0) / math.log(x1 / x0)
+            return math.exp((1 - w) * math.log(r0) + w * math.log(r1))
+    return rates[-1]
+
+
 def experts_hit(num_experts: int, routings: float) -> float:
     """Expected distinct experts among `routings` uniform draws: `E (1 - (1 - 1/E)^routings)`."""
     return num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** routings)
@@ -69,12 +87,21 @@ class TaskCosts:
     launch_s: float = GPU_LAUNCH_S       # per GPU / H2D / D2H task
     thread_s: float = THREAD_DISPATCH_S  # per CPU / COPY task
     cpu_attn_gbps: float | None = None   # measured CPU decode attention, GB/s of K/V read
+    step_s: float = 0.0                  # per graph (one prefill or decode step): executor start/join
     op_scale: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A calibrated profile carries measured rates; explicit arguments win over them.
+        if self.cpu_attn_gbps is None and self.hw.cpu.attn_gbps > 0:
+            object.__setattr__(self, "cpu_attn_gbps", self.hw.cpu.attn_gbps)
 
     @classmethod
     def for_policy(cls, spec: ModelSpec, hw: HardwareSpec, policy: Policy, **kwargs) -> TaskCosts:
         n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
         pages = policy.num_pages if n_res < spec.num_experts else 0
+        if hw.task_overhead_us > 0:
+            kwargs = {"launch_s": hw.task_overhead_us * 1e-6, "thread_s": hw.task_overhead_us * 1e-6, **kwargs}
+        kwargs = {"step_s": hw.step_overhead_us * 1e-6, **kwargs}
         return cls(spec, hw, n_res=n_res, num_pages=pages, **kwargs)
 
     def with_scales(self, op_scale: Mapping[str, float]) -> TaskCosts:
@@ -89,6 +116,21 @@ class TaskCosts:
     def _gpu(self, flops: float, nbytes: float) -> float:
         g = self._lv.gpu
         return max(flops / g.peak_flops, nbytes / g.bandwidth_bytes_s)
+
+    def _gemm(self, rows: float, flops: float, nbytes: float) -> float:
+        """A GEMM of `rows` rows (tokens) on the GPU: at the measured rate for that many rows, if any."""
+        return self._measured(self.hw.gpu.gemm_rows, self.hw.gpu.gemm_tflops, rows, flops, nbytes)
+
+    def _experts(self, load: float, flops: float, nbytes: float) -> float:
+        """The MoE FFN at `load` tokens per expert hit: at the measured rate of the engine's kernel, if any."""
+        return self._measured(self.hw.gpu.expert_loads, self.hw.gpu.expert_tflops, load, flops, nbytes)
+
+    def _measured(self, points: Sequence[float], rates: Sequence[float], x: float, flops: float,
+                  nbytes: float) -> float:
+        if not points:
+            return self._gpu(flops, nbytes)
+        rate = curve_rate(points, rates, x) * 1e12 * self.hw.gpu.count
+        return max(flops / rate, nbytes / self._lv.gpu.bandwidth_bytes_s)
 
     def _cpu(self, flops: float, nbytes: float) -> float:
         c = self._lv.cpu
@@ -124,7 +166,7 @@ class TaskCosts:
         """RMSNorm + QKV projection (+ embedding gather at layer 0) of `t` tokens."""
         s, d = self.spec, self.spec.dtype_bytes
         qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
-        time = self._gpu(2 * t * s.hidden_size * qkv, (s.hidden_size * qkv + t * s.hidden_size + t * qkv) * d)
+        time = self._gemm(t, 2 * t * s.hidden_size * qkv, (s.hidden_size * qkv + t * s.hidden_size + t * qkv) * d)
         time += self._gpu(4 * t * s.hidden_size, 2 * t * s.hidden_size * d)  # norm
         if layer == 0:
             time += self._gpu(0, 2 * t * s.hidden_size * d)
@@ -134,12 +176,13 @@ class TaskCosts:
         """O-projection, router, MoE FFN over the experts hit (+ LM head of `out_rows` at the last layer)."""
         s, d = self.spec, self.spec.dtype_bytes
         H, F, E, k, q = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.num_heads * s.head_dim
-        time = self._gpu(2 * t * q * H, (q * H + t * q + 2 * t * H) * d)                    # O-proj
-        time += self._gpu(2 * t * H * E, (E * H + t * H) * d + t * E * 4)                   # router
+        time = self._gemm(t, 2 * t * q * H, (q * H + t * q + 2 * t * H) * d)                # O-proj
+        time += self._gemm(t, 2 * t * H * E, (E * H + t * H) * d + t * E * 4)               # router
         hit = experts_hit(E, t * k)
-        time += self._gpu(2 * t * k * 3 * H * F, hit * s.expert_bytes + t * k * (2 * H + 3 * F) * d)
+        time += self._experts(t * k / hit, 2 * t * k * 3 * H * F,
+                              hit * s.expert_bytes + t * k * (2 * H + 3 * F) * d)
         if layer == s.num_layers - 1:
-            time += self._gpu(2 * out_rows * H * s.vocab_size,
+            time += self._gemm(out_rows, 2 * out_rows * H * s.vocab_size,
                               (s.vocab_size * H + out_rows * H) * d + out_rows * s.vocab_size * 4)
         return time
 
@@ -163,7 +206,7 @@ class TaskCosts:
         s, d = self.spec, self.spec.dtype_bytes
         flops = 2 * mb.sum_sq * s.num_heads * s.head_dim  # causal: QK^T and PV over half the square
         nbytes = mb.tokens * 2 * (s.num_heads + s.num_kv_heads) * s.head_dim * d
-        return self._gpu(flops, nbytes)
+        return self._gemm(mb.tokens / max(mb.seqs, 1), flops, nbytes)  # one attention per sequence
 
     # ---- tasks -----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ModelSpec, Workload
+from moe_lightning.config import HardwareSpec, ModelSpec, Workload
 from moe_lightning.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -36,8 +36,7 @@ def load_preset(group: str, name: str) -> HardwareSpec | ModelSpec | Workload:
         raise ConfigError(f"{group}={name}: no such preset; accepted: {accepted}")
     d = yaml.safe_load(path.read_text())
     if group == "hardware":
-        return HardwareSpec(gpu=GpuSpec(**d["gpu"]), cpu=CpuSpec(**d["cpu"]), link=LinkSpec(**d["link"]),
-                            name=d["name"])
+        return HardwareSpec.from_dict(d)
     if group == "model":
         return ModelSpec(**d)
     return Workload(**d)

@@ -23,9 +23,10 @@ On a CPU-only machine (`hardware.gpu.shares_host`) every resource runs on the sa
 bus; there the tasks that run at the same time share it equally (processor sharing) instead of
 overlapping for free.
 
-Not modelled: what `TaskCosts` leaves out (contention between resources that share a GPU, caches,
-the expert kernel choice), the host-side work between graphs (sampling, logits gathering, Python
-dispatch of the issuing thread: tasks are issued instantly), memory allocation, and warm-up.
+Not modelled: what `TaskCosts` leaves out (contention between resources that share a GPU, caches),
+the host-side work between graphs beyond the profile's `step_overhead_us` (sampling, logits gathering,
+Python dispatch of the issuing thread: tasks are issued instantly), the OS scheduling of more busy
+threads than cores on a shared host, memory allocation, and warm-up.
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
         g, c = graph_for("prefill", shape)
         dur, nbytes = _costs_of(g, costs, mbs)
         starts, ends = timed(c, dur.tolist())
-        prefill_s += acc.add("prefill", g, c, dur, nbytes, starts, ends)
+        prefill_s += acc.add("prefill", g, c, dur, nbytes, starts, ends) + costs.step_s
         if n_steps <= 0:
             continue
         g, c = graph_for("decode", shape)
@@ -340,7 +341,7 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
                 dur[ctx_idx] = [per_key[k][0] for k in keys]
                 nbytes[ctx_idx] = [per_key[k][1] for k in keys]
             starts, ends = timed(c, dur.tolist())
-            wall = acc.add("decode", g, c, dur, nbytes, starts, ends)
+            wall = acc.add("decode", g, c, dur, nbytes, starts, ends) + costs.step_s
             walls[step] = (wall, np.bincount(c.resource, weights=dur, minlength=len(RESOURCES)),
                            np.bincount(c.resource, weights=nbytes, minlength=len(RESOURCES)))
             simulated_steps += 1

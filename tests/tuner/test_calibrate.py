@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moe_lightning.config import HardwareSpec, RunConfig
+from moe_lightning.config import GpuSpec, HardwareSpec, RunConfig
 from moe_lightning.tasks.calibrate import CalibrateTask
 from moe_lightning.tuner import presets
 from moe_lightning.tuner.calibrate import load_hardware_yaml, override_args
@@ -29,6 +29,12 @@ def test_quick_calibration_writes_a_loadable_profile(calibrated, tmp_path, monke
                   hw.cpu.bandwidth_gbps, hw.cpu.memory_gb, hw.link.h2d_gbps, hw.link.d2h_gbps):
         assert value > 0
     assert hw.gpu.name == "cpu-as-gpu" and hw.gpu.peak_tflops == hw.cpu.peak_tflops  # the CPU plays the GPU
+    # The simulator's measured rates: a one-row GEMM streams its weight and cannot reach the rate of a
+    # thousand-row one; an expert kernel fed one token per expert cannot either.
+    assert len(hw.gpu.gemm_rows) == len(hw.gpu.gemm_tflops) >= 4 and hw.gpu.gemm_rows[-1] >= 1024
+    assert hw.gpu.gemm_tflops[0] < hw.gpu.gemm_tflops[-1] / 4
+    assert hw.gpu.expert_loads[0] == 1 and hw.gpu.expert_tflops[0] < hw.gpu.expert_tflops[-1] / 4
+    assert hw.cpu.attn_gbps > 0 and hw.task_overhead_us > 0 and hw.step_overhead_us >= 0
     # Dropped into a conf/hardware folder, it loads like any shipped preset.
     (tmp_path / "hardware").mkdir()
     (tmp_path / "hardware" / "mybox.yaml").write_text((tmp / "mybox.yaml").read_text())
@@ -47,6 +53,7 @@ def test_calibration_report_holds_the_measurements(calibrated):
 
 
 def test_override_args_spell_the_profile():
-    args = override_args(HardwareSpec(name="box"))
+    args = override_args(HardwareSpec(name="box", gpu=GpuSpec(gemm_rows=[1, 64], gemm_tflops=[0.01, 0.2])))
     assert args[0] == "hardware=cpu" and "\"hardware.name='box'\"" in args
     assert "hardware.link.h2d_gbps=5.0" in args
+    assert "'hardware.gpu.gemm_rows=[1,64]'" in args and "'hardware.gpu.gemm_tflops=[0.01,0.2]'" in args
