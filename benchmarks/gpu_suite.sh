@@ -37,7 +37,11 @@ case "$stage" in
     ml --config-dir "$dest/conf" task=simulate task.use_plan=true hardware=calibrated \
        hardware.gpu.memory_gb=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
        out="$dest/simulate-calibrated.json"
-    ml task=plan "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" out="$dest/plan-mixtral8x7b-${LAYERS}l.json" ;;
+    ml task=plan "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" out="$dest/plan-mixtral8x7b-${LAYERS}l.json"
+    # measured vs simulated vs HRM in one process (the acceptance benchmark, as on the CPU)
+    python3 benchmarks/sim_vs_measured.py --device cuda --model mixtral-8x7b --layers "${SIM_LAYERS:-8}" \
+       --gpu-memory-gb 15 --usable-fraction 1.0 --requests "${SIM_REQUESTS:-256}" --gen-len 32 \
+       --max-batch 256 --save --out-dir "$dest" ;;
   compare)  # issue 5: every system side by side on the same model, hardware and workload
     ml task=compare "${MODEL[@]}" model.num_layers=${COMPARE_LAYERS:-4} "${BUDGET[@]}" "${MTBENCH[@]}" \
        run_dir="$dest/compare-mixtral8x7b" ;;

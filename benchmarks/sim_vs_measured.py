@@ -16,6 +16,11 @@ sharing), which misses the OS scheduling of oversubscribed threads: small tasks 
 thread (CPU attention, activation copies) take many times their isolated time.
 
     python benchmarks/sim_vs_measured.py [--layers 4] [--requests 16] [--gen-len 12] [--save]
+    python benchmarks/sim_vs_measured.py --device cuda --model mixtral-8x7b --layers 8 \
+        --gpu-memory-gb 15 --requests 256 --gen-len 32 --max-batch 256 --save    # on a GPU
+
+With CUDA the calibration is the full one (bf16 GEMM curves at Mixtral's shapes, pinned link) and the
+budget is the GPU's (the paper's T4 setting: 15 GB).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ FFN_ON_GPU = ((False, True), (True, True))
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model", default="mid-mixtral", help="a model preset (random weights at its shapes)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-avg", type=int, default=64)
@@ -50,8 +57,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--gpu-memory-gb", type=float, default=1.5,
                    help="the 'GPU' budget of the calibrated profile (small, so experts stream)")
+    p.add_argument("--usable-fraction", type=float, default=None, help="of the 'GPU' budget (default: calibrated)")
     p.add_argument("--policy", default=None, help="override the plan, e.g. 'batch_size=8,micro_batch_size=4'")
-    p.add_argument("--save", action="store_true", help="write a JSON record under results/")
+    p.add_argument("--save", action="store_true", help="write a JSON record under --out-dir")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     return p.parse_args()
 
 
@@ -82,16 +91,18 @@ def main() -> None:
     from moe_lightning.workload_io import synthetic_lengths
 
     t0 = time.perf_counter()
-    m = measure(quick=True, device="cpu")
+    m = measure(quick=args.device == "cpu", device=args.device)
     hw = hardware_spec(m, name="calibrated-local")
     hw.gpu.memory_gb = args.gpu_memory_gb
-    print(f"calibrated in {m.seconds:.1f} s: peak {m.cpu_peak_tflops:.3f} TFLOP/s, copy {m.cpu_bandwidth_gbps:.1f} "
+    if args.usable_fraction is not None:
+        hw.gpu.usable_fraction = args.usable_fraction
+    print(f"calibrated in {m.seconds:.1f} s: peak {m.gpu_peak_tflops:.3f} TFLOP/s, copy {m.gpu_bandwidth_gbps:.1f} "
           f"GB/s, link {m.h2d_gbps:.1f} GB/s, CPU attention {m.cpu_attn_gbps:.1f} GB/s, executor "
           f"{m.task_overhead_s * 1e6:.0f} us/task, {m.step_overhead_s * 1e6:.0f} us/graph; GEMM at 1 / 16 / "
           f"{m.gemm_rows[-1]} rows {m.gemm_tflops[0]:.3f} / {m.gemm_tflops[2]:.3f} / {m.gemm_tflops[-1]:.3f} "
           f"TFLOP/s; 'GPU' budget "
           f"{hw.gpu_budget_bytes / 1e9:.2f} GB")
-    spec = dataclasses.replace(load_preset("model", "mid-mixtral"), num_layers=args.layers)
+    spec = dataclasses.replace(load_preset("model", args.model), num_layers=args.layers)
     workload = Workload(name="synthetic", prompt_len_avg=args.prompt_avg, prompt_len_max=args.prompt_max,
                         gen_len=args.gen_len, num_requests=args.requests)
     lengths = synthetic_lengths(workload)
@@ -104,7 +115,7 @@ def main() -> None:
           f"r_w={policy.expert_gpu_fraction:.3g} r_c={policy.kv_gpu_fraction:.3g} pages={policy.num_pages}")
 
     cfg = RunConfig(task=GenerateTask(progress=False), system=CGOPipeSystem(), model=spec, hardware=hw,
-                    workload=workload, policy=policy, sampling=Sampling(ignore_eos=True), device="cpu",
+                    workload=workload, policy=policy, sampling=Sampling(ignore_eos=True), device=args.device,
                     trace=True)
     gen = run_generation(cfg, progress=False, warmup_tokens=2)
     meas = gen.report.metrics
@@ -152,8 +163,8 @@ def main() -> None:
         "environment": environment(), "wall_s": time.perf_counter() - t0,
     }
     if args.save:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"sim_vs_measured_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        path = args.out_dir / f"sim_vs_measured_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
         path.write_text(json.dumps(record, indent=2, default=str) + "\n")
         print(f"record: {path}")
     print(f"wall time {time.perf_counter() - t0:.1f} s")

@@ -280,7 +280,7 @@ class CGOPipeRunner:
             self._write_prompt_kv(mb, i, k, v)
         else:
             self._state["kv"][i, j] = (k, v)
-        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels.kernel(x))
+        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         last = torch.cumsum(torch.tensor(mb.lens, device=self.device), 0) - 1
         self._finish(i, j, x, last)
 
@@ -340,7 +340,7 @@ class CGOPipeRunner:
         i, j = t.layer, t.micro_batch
         x = self._state["x"][j]
         attn = self._state["attn"].pop((i, j))
-        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels.kernel(x))
+        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         self._finish(i, j, x)
 
     # ----------------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ class CGOPipeRunner:
             v_cache[b, :, self._slots_dev[j]] = v
             attn = decode_attention(q, k_cache, v_cache, new_len, starts)
             self._state["qkv"][i, j] = (k, v)
-        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels.kernel(x))
+        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         self._finish(i, j, x)
 
     def _op_StoreKV(self, t: Task) -> None:

@@ -1,12 +1,17 @@
 """Expert-kernel selection by load (EPS-MoE): a table, profiled on this machine for the model's shapes,
-maps tokens per expert to the fastest kernel. Profiles are cached per device and shape under the cache
-folder, so the profiling step runs once per machine.
+holds every kernel's time at a ladder of loads (tokens per expert); a call runs the kernel whose time,
+estimated on the call's own routing (interpolated between rungs), is lowest. Which kernel wins changes
+within a factor of two of load (a CPU's skinny GEMMs change code path between 1 and 2 rows), and with
+the routing's imbalance (the padded kernel pays every expert at the busiest one's load), so the ladder
+is dense and the choice looks at the actual expert counts. Profiles are cached per device and shape under
+the cache folder, so the profiling step runs once per machine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 
@@ -14,26 +19,40 @@ import torch
 
 from moe_lightning.config import ModelSpec
 from moe_lightning.engine.experts import KERNELS
-from moe_lightning.engine.model import ExpertStack, MoEKernel, route
+from moe_lightning.engine.model import ExpertStack, route
 from moe_lightning.errors import ConfigError
 
 log = logging.getLogger("moe_lightning.kernels")
-LOADS = (1, 4, 16, 64, 256)  # tokens per expert profiled
+LOADS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # tokens per expert profiled
+KernelTimes = dict[int, dict[str, float]]    # load -> kernel -> seconds
+PROFILED_EXPERTS = 4                         # experts in each profiled call
 
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
 
 
-def profile_kernels(spec: ModelSpec, dtype: torch.dtype, device: torch.device, reps: int = 3,
-                    experts: int = 4) -> dict[int, str]:
-    """Time every kernel at each load on `experts` random experts; -> {load: fastest kernel}."""
-    times = time_kernels(spec, dtype, device, reps, experts)
+def fastest(times: KernelTimes) -> dict[int, str]:
+    """{load: the fastest kernel at that load} of a profile."""
     return {load: min(by_kernel, key=by_kernel.get) for load, by_kernel in times.items()}
 
 
-def time_kernels(spec: ModelSpec, dtype: torch.dtype, device: torch.device, reps: int = 3, experts: int = 4,
-                 loads: tuple[int, ...] = LOADS) -> dict[int, dict[str, float]]:
+def interpolated_time(times: KernelTimes, kernel: str, load: float) -> float:
+    """`kernel`'s seconds at `load`, log-log between the profiled loads around it (clamped at the ends);
+    inf where it was not profiled on both sides."""
+    loads = sorted(times)
+    lo = max((x for x in loads if x <= load), default=loads[0])
+    hi = min((x for x in loads if x >= load), default=loads[-1])
+    if kernel not in times[lo] or kernel not in times[hi]:
+        return math.inf
+    if lo == hi:
+        return times[lo][kernel]
+    w = math.log(load / lo) / math.log(hi / lo)
+    return math.exp((1 - w) * math.log(times[lo][kernel]) + w * math.log(times[hi][kernel]))
+
+
+def time_kernels(spec: ModelSpec, dtype: torch.dtype, device: torch.device, reps: int = 3,
+                 experts: int = PROFILED_EXPERTS, loads: tuple[int, ...] = LOADS) -> KernelTimes:
     """Median seconds of every kernel available here at each load (tokens per expert) on `experts`
     random experts of the model's shape: `load * experts / top_k` tokens routed top-k among them."""
     H, F = spec.hidden_size, spec.intermediate_size
@@ -71,40 +90,61 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> dict[int, str]:
+def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> KernelTimes:
     from moe_lightning.engine.tiny import cache_dir
 
-    key = f"{_device_name(device)}-H{spec.hidden_size}-F{spec.intermediate_size}-k{spec.top_k}-{dtype}"
+    key = f"{_device_name(device)}-H{spec.hidden_size}-F{spec.intermediate_size}-k{spec.top_k}-{dtype}-times"
     path = cache_dir() / "kernel-tables" / (key.replace(" ", "_").replace("/", "_") + ".json")
     if path.exists():
         return {int(k): v for k, v in json.loads(path.read_text()).items()}
-    table = profile_kernels(spec, dtype, device)
+    times = time_kernels(spec, dtype, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table))
-    log.info("expert-kernel table for %s: %s", key, table)
-    return table
+    path.write_text(json.dumps(times))
+    log.info("expert-kernel table for %s: %s", key, fastest(times))
+    return times
 
 
 class KernelChooser:
-    """Picks the expert kernel per call: fixed by the policy, or by load from the profiled table."""
+    """The expert kernel for the policy: a fixed one, or with `auto` the one whose estimated time on the
+    call's actual routing is lowest. A call is itself an `MoEKernel`: it sees the expert ids, so routing
+    imbalance counts (the padded kernel pads every expert to the busiest one's tokens; the loop and
+    grouped kernels pay each expert at its own load; dense runs every expert on every token)."""
 
-    def __init__(self, choice: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(self, choice: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                 times: KernelTimes | None = None):
         if choice != "auto" and choice not in KERNELS:
             raise ConfigError(f"policy.expert_kernel={choice} is not available with torch {torch.__version__} "
                               "(grouped needs torch.nn.functional.grouped_mm); "
                               f"accepted here: auto, {', '.join(KERNELS)}")
         self.spec, self.choice = spec, choice
-        self.table = cached_profile(spec, dtype, device) if choice == "auto" else {}
+        self.times = (times or cached_profile(spec, dtype, device)) if choice == "auto" else {}
         self.used: dict[str, int] = {}
 
-    def name_for(self, tokens: int) -> str:
+    def estimated_s(self, kernel: str, counts: list[int]) -> float:
+        """Seconds `kernel` takes for `counts[e]` tokens routed to expert e, from the profile (measured
+        on `PROFILED_EXPERTS` experts at uniform loads)."""
+        def per_expert(load: float) -> float:
+            return interpolated_time(self.times, kernel, load) / PROFILED_EXPERTS
+
+        hit = [c for c in counts if c > 0]
+        if not hit:
+            return 0.0
+        if kernel == "padded":
+            return len(hit) * per_expert(max(hit))
+        if kernel == "dense":  # every expert on every token: a profiled load of T k / P has T tokens
+            return len(counts) * per_expert(sum(hit) / PROFILED_EXPERTS)
+        return sum(per_expert(c) for c in hit)
+
+    def name_for(self, counts: list[int]) -> str:
         if self.choice != "auto":
             return self.choice
-        load = tokens * self.spec.top_k / self.spec.num_experts
-        nearest = min(self.table, key=lambda b: abs(torch.log2(torch.tensor(b / max(load, 1e-3)))))
-        return self.table[nearest]
+        kernels = sorted({k for by_kernel in self.times.values() for k in by_kernel})
+        return min(kernels, key=lambda k: self.estimated_s(k, counts))
 
-    def kernel(self, x: torch.Tensor) -> MoEKernel:
-        name = self.name_for(x.shape[0])
+    def __call__(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 experts: ExpertStack) -> torch.Tensor:
+        counts = torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist() \
+            if self.choice == "auto" else []
+        name = self.name_for(counts)
         self.used[name] = self.used.get(name, 0) + 1
-        return KERNELS[name]
+        return KERNELS[name](h, weights, ids, experts)

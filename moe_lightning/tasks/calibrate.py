@@ -56,7 +56,7 @@ def expert_kernel_crossover(cfg: RunConfig) -> dict[int, str]:
     cached, so the engine's `expert_kernel=auto` uses the same table)."""
     import dataclasses
 
-    from moe_lightning.engine.kernel_table import cached_profile
+    from moe_lightning.engine.kernel_table import cached_profile, fastest
     from moe_lightning.engine.weights import torch_dtype
     from moe_lightning.systems import resolve_device
 
@@ -65,7 +65,7 @@ def expert_kernel_crossover(cfg: RunConfig) -> dict[int, str]:
     device = resolve_device(cfg.device)
     if device.type != "cuda" and dtype != "float32":
         dtype = "float32"  # the CPU plays the GPU in fp32
-    return cached_profile(dataclasses.replace(spec, dtype=dtype), torch_dtype(dtype), device)
+    return fastest(cached_profile(dataclasses.replace(spec, dtype=dtype), torch_dtype(dtype), device))
 
 
 def _curve(points: list, rates: list) -> str:

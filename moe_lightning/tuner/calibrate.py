@@ -12,8 +12,9 @@ a copy of X bytes moves 2X, as STREAM does):
   fastest expert kernel (`engine.kernel_table.time_kernels`, every kernel, the best one kept) at 1 to
   256 tokens per expert, on a reference expert shape (Mixtral-8x7B's with CUDA, mid-mixtral's on the
   CPU). A decode step's GEMMs have a few rows and run far below the square-GEMM peak;
-- the engine executor's overheads: per task (a chain of empty tasks hopping between resources),
-  `task_overhead_us`, and per graph around busy tasks (threads started and joined), `step_overhead_us`.
+- the engine executor's overheads while its compute resource is busy: per task (small torch tasks
+  hopping between the other resources), `task_overhead_us`, and per graph (threads started and
+  joined), `step_overhead_us`.
 The simulator (`tuner.costs.TaskCosts`) uses all of them; the HRM keeps the paper's peaks.
 Without CUDA the CPU plays the GPU's role (the `cpu` profile convention): the "GPU" numbers are the
 CPU's, its memory is a third of RAM (the rest is the CPU's, so they do not count the same bytes
@@ -56,7 +57,7 @@ class Sizes:
     attn_context: int = 2048
     repeats: int = 5
     gemm_rows: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096)
-    expert_loads: tuple[int, ...] = (1, 4, 16, 64, 256)
+    expert_loads: tuple[int, ...] = (1, 2, 4, 8, 16, 64, 256)
 
 
 # Quick: still larger than the CPU caches (a 2-core VM reads a 33 MB K/V at twice its memory bandwidth).
@@ -151,7 +152,8 @@ def ram_gb() -> float:
 
 
 def measure_cpu(sizes: Sizes) -> dict[str, float]:
-    """fp32 matmul TFLOP/s, copy bandwidth (GB/s, read + write), decode attention (GB/s of K/V)."""
+    """fp32 matmul TFLOP/s, copy bandwidth (GB/s, read + write), decode attention (GB/s of K/V), and one
+    thread's memcpy (GB/s copied)."""
     import torch
 
     from moe_lightning.engine.model import decode_attention
@@ -161,56 +163,64 @@ def measure_cpu(sizes: Sizes) -> dict[str, float]:
     t = _median(lambda: _wall(lambda: torch.matmul(a, b)), sizes.repeats)
     peak = 2 * n**3 / t / 1e12
 
-    def copy_once() -> float:
-        # Fresh buffers each time: how the OS backs one allocation (huge pages or not) can double its
-        # copy rate, and the engine's page buffers are allocated like any other.
-        src = torch.ones(sizes.cpu_copy_bytes, dtype=torch.uint8)  # bytes, as the engine copies pages
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        return _wall(lambda: dst.copy_(src))
-
-    bandwidth = 2 * sizes.cpu_copy_bytes / _median(copy_once, sizes.repeats) / GB
+    src = torch.ones(sizes.cpu_copy_bytes, dtype=torch.uint8)  # bytes, as the engine copies pages
+    dst = torch.empty_like(src)
+    bandwidth = 2 * sizes.cpu_copy_bytes / _median(lambda: _wall(lambda: dst.copy_(src)), sizes.repeats) / GB
+    # One thread's memcpy: what a copy worker gets while the other resources keep the cores busy. It
+    # is steadier than the all-thread rate, which on a shared VM swings between one core's and twice
+    # that from one minute to the next.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        thread_copy = sizes.cpu_copy_bytes / _median(lambda: _wall(lambda: dst.copy_(src)), sizes.repeats) / GB
+    finally:
+        torch.set_num_threads(threads)
     B, S, nkv, g, hd = sizes.attn_batch, sizes.attn_context, 8, 4, 128
     q = torch.randn(B, nkv * g, hd)
     k, v = torch.randn(B, nkv, S, hd), torch.randn(B, nkv, S, hd)
     lengths = torch.full((B,), S)
     t = _median(lambda: _wall(lambda: decode_attention(q, k, v, lengths)), sizes.repeats)
     attn = 2 * k.numel() * 4 / t / GB
-    return {"peak_tflops": peak, "bandwidth_gbps": bandwidth, "attn_gbps": attn}
+    return {"peak_tflops": peak, "bandwidth_gbps": bandwidth, "attn_gbps": attn, "thread_copy_gbps": thread_copy}
 
 
-def measure_dispatch(device: str, tasks: int = 400) -> tuple[float, float]:
-    """The engine executor's overheads: seconds per task, on a dependency chain of empty tasks that hops
-    between resources (queue hand-off, event wait, record), and seconds per graph around busy tasks
-    (run wall minus the span of its tasks: worker threads started and joined while the compute
-    resource's kernels keep the cores or the device busy). The simulator's `launch_s` / `thread_s` and
-    `step_s`."""
+def measure_dispatch(device: str, side_tasks: int = 60) -> tuple[float, float]:
+    """The engine executor's overheads, measured as the engine runs: while the compute resource works
+    through a chain of GEMMs, a chain of small decode attentions (a few torch ops each, like the
+    engine's small tasks) hops between the other resources. Seconds per task: their mean duration
+    there minus the same op's time alone on this thread (worker hand-off, and on a host that every
+    resource shares, waiting for a core). Seconds per graph: run wall minus the span of its tasks
+    (worker threads started and joined). The simulator's `launch_s` / `thread_s` and `step_s`."""
+    import statistics
+
     import torch
 
     from moe_lightning.engine.executor import Executor
+    from moe_lightning.engine.model import decode_attention
     from moe_lightning.schedule.graph import Resource, TaskGraph
 
-    hops = (Resource.GPU, Resource.D2H, Resource.CPU, Resource.H2D)
-    g, prev = TaskGraph("dispatch"), None
-    for n in range(tasks):
-        prev = g.add(hops[n % len(hops)], "noop", n, 0, [prev])
-    executor = Executor(torch.device(device))
-    per_task = _median(lambda: _wall(lambda: executor.run(g, {"noop": lambda task: None})), 3) / tasks
-
     a = torch.randn(1024, 1024, device=device)
-    busy, prev = TaskGraph("busy"), None
-    for n in range(8):
-        prev = busy.add(hops[n % 2], "matmul", n, 0, [prev])
-
-    def gap() -> float:
+    q, lengths = torch.randn(8, 16, 64), torch.full((8,), 80)
+    k, v = torch.randn(8, 4, 80, 64), torch.randn(8, 4, 80, 64)
+    g, prev = TaskGraph("dispatch"), None
+    for n in range(24):
+        prev = g.add(Resource.GPU, "matmul", n, 0, [prev])
+    hops, prev = (Resource.CPU, Resource.D2H, Resource.H2D, Resource.COPY), None
+    for n in range(side_tasks):
+        prev = g.add(hops[n % len(hops)], "attend", n, 1, [prev])
+    handlers = {"matmul": lambda task: a @ a, "attend": lambda task: decode_attention(q, k, v, lengths)}
+    executor = Executor(torch.device(device))
+    alone = _median(lambda: _wall(lambda: decode_attention(q, k, v, lengths)), 9)
+    per_task, per_graph = [], []
+    for _ in range(3):
         start = time.perf_counter()
-        records = executor.run(busy, {"matmul": lambda task: a @ a})
+        records = executor.run(g, handlers)
         if device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start - (max(r.end_s for r in records) - min(r.start_s for r in records))
-
-    per_graph = _median(gap, 9)
-    return per_task, max(per_graph, 0.0)
+        wall = time.perf_counter() - start
+        per_graph.append(wall - (max(r.end_s for r in records) - min(r.start_s for r in records)))
+        per_task.append(statistics.mean(r.end_s - r.start_s for r in records if r.task.op == "attend") - alone)
+    return max(statistics.median(per_task), 1e-6), max(statistics.median(per_graph), 0.0)
 
 
 def measure_kernel_curves(sizes: Sizes, device: str) -> dict[str, list]:
@@ -296,7 +306,7 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
             gpu = {"peak_tflops": cpu["peak_tflops"], "bandwidth_gbps": cpu["bandwidth_gbps"]}
             gpu_name, gpu_count = "cpu-as-gpu", 1
             gpu_mem, cpu_mem = ram_gb() / 3, ram_gb() * 2 / 3
-            h2d = d2h = cpu["bandwidth_gbps"] / 2  # a thread's memcpy: bytes copied per second
+            h2d = d2h = cpu["thread_copy_gbps"]  # a thread's memcpy: bytes copied per second
         curves = measure_kernel_curves(sizes, "cuda" if use_cuda else "cpu")
         log.info("kernel curves: GEMM %s TFLOP/s at %s rows; experts %s TFLOP/s at %s tokens per expert",
                  _fmt(curves["gemm_tflops"]), curves["gemm_rows"], _fmt(curves["expert_tflops"]),

@@ -12,7 +12,8 @@ roofline, `max(FLOPs / rate, bytes / bandwidth)`, the kernel times of one task s
 - CPU tasks (decode attention) at `hw.cpu`, or at the measured attention throughput
   (`hw.cpu.attn_gbps`, GB/s of K/V read) when the profile has one;
 - H2D / D2H copies at `hw.link`; the COPY worker's pageable -> pinned memcpy at `hw.cpu.bandwidth_gbps
-  / 2` (it reads and writes every byte);
+  / 2` (it reads and writes every byte), or at the link's rate where the link is a memcpy thread too
+  (`gpu.shares_host`);
 - PostAttn reads the weights of the experts actually hit: `E (1 - (1 - 1/E)^(t k))` distinct experts
   expected for `t` tokens routed uniformly top-`k`; O-projection, router and, at the last layer, the
   LM head (last rows only in prefill); PreAttn is RMSNorm + QKV projection (+ the embedding gather at
@@ -143,6 +144,8 @@ class TaskCosts:
         return nbytes / self._lv.link_d2h_bytes_s
 
     def _memcpy(self, nbytes: float) -> float:
+        if self.hw.gpu.shares_host:  # the link is a thread's memcpy already: the COPY worker is one too
+            return self._h2d(nbytes)
         return nbytes / (self._lv.cpu.bandwidth_bytes_s / 2)
 
     # ---- kernels ---------------------------------------------------------------------------------
