@@ -21,6 +21,7 @@ from moe_lightning.config import ModelSpec
 from moe_lightning.engine.experts import KERNELS
 from moe_lightning.engine.model import ExpertStack, route
 from moe_lightning.errors import ConfigError
+from moe_lightning.interp import loglog
 
 log = logging.getLogger("moe_lightning.kernels")
 LOADS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # tokens per expert profiled
@@ -45,10 +46,7 @@ def interpolated_time(times: KernelTimes, kernel: str, load: float) -> float:
     hi = min((x for x in loads if x >= load), default=loads[-1])
     if kernel not in times[lo] or kernel not in times[hi]:
         return math.inf
-    if lo == hi:
-        return times[lo][kernel]
-    w = math.log(load / lo) / math.log(hi / lo)
-    return math.exp((1 - w) * math.log(times[lo][kernel]) + w * math.log(times[hi][kernel]))
+    return loglog((lo, hi), (times[lo][kernel], times[hi][kernel]), load)
 
 
 def time_kernels(spec: ModelSpec, dtype: torch.dtype, device: torch.device, reps: int = 3,

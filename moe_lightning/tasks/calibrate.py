@@ -68,11 +68,9 @@ def expert_kernel_crossover(cfg: RunConfig) -> dict[int, str]:
     return fastest(cached_profile(dataclasses.replace(spec, dtype=dtype), torch_dtype(dtype), device))
 
 
-def _curve(points: list, rates: list) -> str:
-    return ", ".join(f"{p}: {r:.3g}" for p, r in zip(points, rates)) + " TFLOP/s"
-
-
 def table(m) -> str:
+    from moe_lightning.tuner.calibrate import format_curve
+
     role = "GPU" if m.device == "cuda" else "GPU role (played by the CPU)"
     rows = [
         (f"{role}", m.gpu_name),
@@ -85,8 +83,8 @@ def table(m) -> str:
         ("  peak", f"{m.cpu_peak_tflops:.3f} TFLOP/s (fp32 matmul)"),
         ("  memory bandwidth", f"{m.cpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
         ("  decode attention", f"{m.cpu_attn_gbps:.1f} GB/s of K/V read"),
-        ("  GEMM by rows", _curve(m.gemm_rows, m.gemm_tflops)),
-        ("  experts by tokens/expert", _curve(m.expert_loads, m.expert_tflops)),
+        ("  GEMM by rows", format_curve(m.gemm_rows, m.gemm_tflops)),
+        ("  experts by tokens/expert", format_curve(m.expert_loads, m.expert_tflops)),
         ("executor overhead", f"{m.task_overhead_s * 1e6:.0f} us per task, "
                               f"{m.step_overhead_s * 1e6:.0f} us per graph"),
     ]

@@ -67,8 +67,8 @@ QUICK = Sizes(gpu_matmul=4096, gpu_copy_bytes=256 << 20, link_bytes=64 << 20, cp
 # Reference expert shapes of the kernel curves: (hidden, intermediate) of Mixtral-8x7B on a GPU, of
 # mid-mixtral on the CPU (a Mixtral expert is 352 MB in fp32; the CPU role runs smaller models).
 GPU_EXPERT_SHAPE = (4096, 14336)
-GEMM_WEIGHT_BYTES = 256 << 20  # the GEMM curve's weight at <= 64 rows: far beyond any L2 / L3
 CPU_EXPERT_SHAPE = (1024, 3584)
+GEMM_WEIGHT_BYTES = 256 << 20  # the GEMM curve's weight at <= 64 rows: far beyond any L2 / L3
 
 
 @dataclass
@@ -308,9 +308,9 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
             gpu_mem, cpu_mem = ram_gb() / 3, ram_gb() * 2 / 3
             h2d = d2h = cpu["thread_copy_gbps"]  # a thread's memcpy: bytes copied per second
         curves = measure_kernel_curves(sizes, "cuda" if use_cuda else "cpu")
-        log.info("kernel curves: GEMM %s TFLOP/s at %s rows; experts %s TFLOP/s at %s tokens per expert",
-                 _fmt(curves["gemm_tflops"]), curves["gemm_rows"], _fmt(curves["expert_tflops"]),
-                 curves["expert_loads"])
+        log.info("GEMM by rows: %s; experts by tokens per expert: %s",
+                 format_curve(curves["gemm_rows"], curves["gemm_tflops"]),
+                 format_curve(curves["expert_loads"], curves["expert_tflops"]))
         overhead, step = measure_dispatch("cuda" if use_cuda else "cpu")
         log.info("executor: %.0f us per task, %.0f us per graph", overhead * 1e6, step * 1e6)
     return Measurements(
@@ -322,8 +322,8 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
         seconds=time.perf_counter() - start)
 
 
-def _fmt(values: list[float]) -> str:
-    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+def format_curve(points: list, rates: list) -> str:
+    return ", ".join(f"{p}: {r:.3g}" for p, r in zip(points, rates)) + " TFLOP/s"
 
 
 def _r(x: float, digits: int = 4) -> float:

@@ -34,12 +34,12 @@ generation driver (sampling, logits gathering), which happens between graphs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from moe_lightning.config import HardwareSpec, ModelSpec, Policy
+from moe_lightning.interp import loglog
 from moe_lightning.memory import resident_experts_per_layer
 from moe_lightning.schedule.graph import Resource, Task
 from moe_lightning.tuner.hrm import Levels, levels
@@ -61,15 +61,11 @@ class MicroBatchShape:
 
 
 def curve_rate(points: Sequence[float], rates: Sequence[float], x: float) -> float:
-    """A measured rate at `x`: log-log interpolation between points; below the first point the time
-    stays that of the first (a kernel cannot get faster with less work), above the last the rate stays."""
-    if x <= points[0]:
+    """A measured rate at `x`: log-log between points, flat above the last; below the first point the
+    time stays that of the first (a kernel cannot get faster with less work), so the rate shrinks."""
+    if x < points[0]:
         return rates[0] * x / points[0]
-    for (x0, r0), (x1, r1) in zip(zip(points, rates), zip(points[1:], rates[1:])):
-        if x <= x1:
-            w = math.log(x / x0) / math.log(x1 / x0)
-            return math.exp((1 - w) * math.log(r0) + w * math.log(r1))
-    return rates[-1]
+    return loglog(points, rates, x)
 
 
 def experts_hit(num_experts: int, routings: float) -> float:
@@ -91,19 +87,17 @@ class TaskCosts:
     step_s: float = 0.0                  # per graph (one prefill or decode step): executor start/join
     op_scale: Mapping[str, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        # A calibrated profile carries measured rates; explicit arguments win over them.
-        if self.cpu_attn_gbps is None and self.hw.cpu.attn_gbps > 0:
-            object.__setattr__(self, "cpu_attn_gbps", self.hw.cpu.attn_gbps)
-
     @classmethod
     def for_policy(cls, spec: ModelSpec, hw: HardwareSpec, policy: Policy, **kwargs) -> TaskCosts:
         n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
         pages = policy.num_pages if n_res < spec.num_experts else 0
+        # A calibrated profile's measurements; explicit arguments win over them.
+        measured = {"step_s": hw.step_overhead_us * 1e-6}
         if hw.task_overhead_us > 0:
-            kwargs = {"launch_s": hw.task_overhead_us * 1e-6, "thread_s": hw.task_overhead_us * 1e-6, **kwargs}
-        kwargs = {"step_s": hw.step_overhead_us * 1e-6, **kwargs}
-        return cls(spec, hw, n_res=n_res, num_pages=pages, **kwargs)
+            measured |= {"launch_s": hw.task_overhead_us * 1e-6, "thread_s": hw.task_overhead_us * 1e-6}
+        if hw.cpu.attn_gbps > 0:
+            measured["cpu_attn_gbps"] = hw.cpu.attn_gbps
+        return cls(spec, hw, n_res=n_res, num_pages=pages, **{**measured, **kwargs})
 
     def with_scales(self, op_scale: Mapping[str, float]) -> TaskCosts:
         return replace(self, op_scale=dict(op_scale))
