@@ -65,7 +65,7 @@ def main() -> None:
                 tuner = TunerConfig(objective="simulate", n_trials=args.trials, seed=seed, seed_with_hrm=seeded,
                                     storage=f"sqlite:///{tmp}/{arm}-{seed}.db", study_name=f"{arm}-{seed}")
                 cfg = RunConfig(system=CGOPipeSystem(), model=spec, hardware=hw, workload=wl, tuner=tuner)
-                study = open_study(cfg)
+                study = open_study(cfg, spec)
                 if seeded:
                     seed_study(study, cfg, spec)
                 study.optimize(objective(cfg, spec), n_trials=args.trials, catch=(TrialFailed,))

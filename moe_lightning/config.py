@@ -43,6 +43,12 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"got {value!r}; accepted: {', '.join(choices)}")
 
 
+def check_repeats(repeats: int, max_cv: float, prefix: str) -> None:
+    """Settings of a measured run: timed repeats and the noise threshold."""
+    _check(isinstance(repeats, int) and repeats >= 1, f"{prefix}.repeats", f"must be an integer >= 1, got {repeats!r}")
+    _check(0 < max_cv < 10, f"{prefix}.max_cv", f"must be in (0, 10) (a coefficient of variation), got {max_cv!r}")
+
+
 def _curve(xs: list, ys: list, key: str) -> None:
     """A measured curve: as many values as points, points increasing, values positive."""
     where = f"{key}_*"
@@ -299,10 +305,13 @@ class TunerConfig:
 
     objective: str = "measure"         # measure: run the engine in a child process; simulate: the simulator
     n_trials: int = 8                  # total over all workers (completed, pruned and failed count)
+    repeats: int = 3                   # measured trials: timed repeats after a warm-up; the objective is the median
+    max_cv: float = 0.05               # a measured trial whose throughput varies more than this is noisy ...
+    remeasure: int = 1                 # ... and is measured again this many times (the steadiest is kept)
     trial_timeout_s: float = 300.0     # a measured trial running longer is killed and recorded as failed
     trial_memory_gb: float = 0.0       # 0: no limit; else the child's address-space cap (a trial OOM fails)
     storage: str | None = None         # SQLAlchemy URL; None: SQLite under results/studies/
-    study_name: str | None = None      # None: derived from system, model, hardware and workload
+    study_name: str | None = None      # None: system, model, hardware, workload and the config's fingerprint
     workers: int = 1                   # processes sharing the study
     seed: int = 0
     seed_with_hrm: bool = True         # enqueue the HRM optimum and its neighbours first
@@ -316,6 +325,31 @@ class TunerConfig:
         _choice(self.objective, "tuner.objective", ("measure", "simulate"))
         _positive(self, "tuner", "n_trials", "trial_timeout_s", "workers", "max_micro_batches")
         _check(self.trial_memory_gb >= 0, "tuner.trial_memory_gb", f"must be >= 0, got {self.trial_memory_gb}")
+        check_repeats(self.repeats, self.max_cv, "tuner")
+        _check(self.remeasure >= 0, "tuner.remeasure", f"must be >= 0, got {self.remeasure}")
+
+
+@dataclass
+class ThreadsConfig:
+    """Intra-op threads per engine worker (`moe_lightning.threads` plans them); 0: planned from the
+    detected cores. Set a field only to try another layout: the planned one is the fast one."""
+
+    cores: int = 0              # cores the run may use; 0: detected (affinity, cgroup quota, OMP_NUM_THREADS)
+    gpu: int = 0                # the GPU role (on a CPU-only host, the thread that plays the GPU)
+    cpu: int = 0                # CPU attention
+    copy: int = 0               # pageable -> pinned copy worker
+    h2d: int = 0
+    d2h: int = 0
+    main: int = 0               # the main thread (sampling, reference engine, accelerate)
+    serial: bool = False        # debug: one thread runs every task in issue order, nothing overlaps
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "serial":
+                continue
+            _check(isinstance(value, int) and value >= 0, f"threads.{f.name}",
+                   f"must be an integer >= 0 (0 = planned), got {value!r}")
 
 
 @dataclass
@@ -331,6 +365,7 @@ class RunConfig:
     workload: Workload = field(default_factory=Workload)
     policy: Policy = field(default_factory=Policy)
     sampling: Sampling = field(default_factory=Sampling)
+    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)
     logger: Any = None              # None: no logger; see moe_lightning.loggers.LOGGER_CONFIGS
     out: str | None = None          # run document (JSON) path

@@ -14,11 +14,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+KINDS = ("measured", "simulated", "predicted")   # every figure is one: this machine, the simulator, HRM
+
+
+@dataclass
+class Spread:
+    """A measured quantity over repeats: median first (what tables show), then the spread."""
+
+    n: int = 0
+    median: float = 0.0
+    mean: float = 0.0
+    stdev: float = 0.0
+    min: float = 0.0
+    max: float = 0.0
+    p90: float = 0.0
+
+    @property
+    def cv(self) -> float:
+        """Coefficient of variation (stdev / mean); 0 with fewer than two values."""
+        return self.stdev / self.mean if self.mean else 0.0
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        import statistics
+
+        v = [float(x) for x in values]
+        if not v:
+            return cls()
+        p90 = statistics.quantiles(v, n=10, method="inclusive")[8] if len(v) > 1 else v[0]
+        return cls(n=len(v), median=statistics.median(v), mean=statistics.fmean(v),
+                   stdev=statistics.stdev(v) if len(v) > 1 else 0.0, min=min(v), max=max(v), p90=p90)
+
+    def to_dict(self) -> dict[str, float]:
+        return {**dataclasses.asdict(self), "cv": self.cv}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Spread:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def show(self, fmt: str = ".1f", scale: float = 1.0) -> str:
+        """`median ± stdev (cv x%, n k)`."""
+        if self.n <= 1:
+            return f"{self.median * scale:{fmt}} (n 1)"
+        return f"{self.median * scale:{fmt}} ± {self.stdev * scale:{fmt}} (cv {self.cv:.1%}, n {self.n})"
 
 
 @dataclass
 class Metrics:
+    """What a run achieved. `kind` says where the numbers come from (KINDS); a measured run's headline
+    figures are medians over `repeats` timed repeats, with `spread` beside them."""
+
     throughput_tok_s: float = 0.0       # generated tokens / (prefill + decode time)
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -29,6 +76,19 @@ class Metrics:
     peak_cpu_bytes: int = 0
     link_bytes: dict[str, int] = field(default_factory=lambda: {"h2d": 0, "d2h": 0})
     utilisation: dict[str, float] = field(default_factory=dict)
+    kind: str = "measured"
+    repeats: int = 1
+    # throughput_tok_s, prefill_s (per repeat) and decode_step_s (every step of every repeat)
+    spread: dict[str, Spread] = field(default_factory=dict)
+    noisy: bool = False                 # the spread or the host's load says: do not trust this run
+    noise: list[str] = field(default_factory=list)   # why it is noisy
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Metrics:
+        d = dict(d)
+        d["spread"] = {k: Spread.from_dict(v) for k, v in (d.get("spread") or {}).items()}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -49,7 +109,9 @@ class RunReport:
     git_commit: str | None = field(default_factory=lambda: git_commit())
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["metrics"]["spread"] = {k: v.to_dict() for k, v in self.metrics.spread.items()}
+        return d
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False, default=str)
@@ -61,7 +123,7 @@ class RunReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunReport:
         d = dict(d)
-        d["metrics"] = Metrics(**d.get("metrics", {}))
+        d["metrics"] = Metrics.from_dict(d.get("metrics", {}))
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -36,6 +36,7 @@ from moe_lightning.schedule.cgopipe import (
     prefill_graph,
 )
 from moe_lightning.schedule.graph import Resource, Task, TaskGraph
+from moe_lightning.threads import configured, op_elements, plan_threads
 from moe_lightning.trace import RunTimeline
 
 log = logging.getLogger("moe_lightning.cgopipe")
@@ -115,7 +116,9 @@ class CGOPipeRunner:
         n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
         self.experts = ExpertCache(spec, source, n_res, policy.num_pages, policy.prefetch_depth,
                                    self.pools, device, pin=self.cuda)
-        self.executor = Executor(device)
+        self.threads = plan_threads(None, cuda=self.cuda, micro_batches=policy.num_micro_batches,
+                                    attn_on_cpu=not policy.attn_on_gpu, op_elements=op_elements(spec))
+        self.executor = Executor(device, threads=self.threads, serial=configured().serial)
         self.timeline = RunTimeline(keep_records=trace)
         self.link_bytes = {"h2d": 0, "d2h": 0}
         self.mbs: list[MicroBatch] = []
@@ -390,6 +393,7 @@ class CGOPipeRunner:
             "peak_gpu_bytes": peak_gpu,
             "link_bytes": dict(self.link_bytes),
             "utilisation": self.timeline.utilisation("decode"),
+            "threads": {**self.threads.to_dict(), "serial": self.executor.serial},
             "extra": {"memory_plan": {"gpu": self.plan.gpu, "cpu": self.plan.cpu},
                       "gpu_pools_bytes": self.pools.allocated_bytes,
                       "prefill_utilisation": self.timeline.utilisation("prefill"),

@@ -5,6 +5,14 @@ On CUDA the GPU and the two copy directions are CUDA streams: a task on a stream
 another stream's task waits on its CUDA event (no host stall); a CPU task that depends on a stream
 task synchronises on that event. Without CUDA every resource is a thread, with the CPU playing the
 GPU's role, so the same graph and handlers run (and are tested) on any machine.
+
+Workers are OS threads started once per executor and kept across graphs (a fresh thread per graph
+paid thread start-up and a fresh OpenMP team every decode step). Each sizes its intra-op team from the
+`ThreadLayout` when it starts (`moe_lightning.threads`), so workers never oversubscribe the cores.
+
+`serial=True` is a debug mode: every task runs on the issuing thread, one at a time in issue order
+(CUDA: synchronised after each), so each stage is timed alone and nothing overlaps. A CPU-only graph that
+is a chain (each task waits for the one before it) runs that way too: it has nothing to overlap.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from moe_lightning.schedule.graph import Resource, Task, TaskGraph
+from moe_lightning.threads import ThreadLayout, set_thread_count
 
 STREAM_RESOURCES = (Resource.GPU, Resource.H2D, Resource.D2H)
 
@@ -39,88 +49,164 @@ class _Done:
         self.cuda_start: torch.cuda.Event | None = None
 
 
+class _Run:
+    """The state of one graph run, shared by the workers."""
+
+    def __init__(self, graph: TaskGraph, handlers: dict[str, Callable[[Task], None]]):
+        self.graph, self.handlers = graph, handlers
+        self.done = [_Done() for _ in graph.tasks]
+        self.records: list[TaskRecord | None] = [None] * len(graph.tasks)
+        self.issued = [0.0] * len(graph.tasks)
+        self.errors: list[BaseException] = []
+        self.remaining = len(graph.tasks)
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def task_done(self, task: Task) -> None:
+        self.done[task.id].flag.set()
+        with self.lock:
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.finished.set()
+
+
+def _stop(queues: list[queue.SimpleQueue]) -> None:
+    for q in queues:
+        q.put(None)
+
+
+def _worker(q: queue.SimpleQueue, resource: Resource, threads: ThreadLayout | None, device: torch.device,
+            stream) -> None:
+    if threads is not None:
+        set_thread_count(threads.for_resource(resource.value))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        run, task = item
+        try:
+            if not run.errors:
+                _wait_for(run, task, stream)
+                _execute(run, task, stream)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the host thread
+            run.errors.append(exc)
+        finally:
+            run.task_done(task)
+        del item, run, task  # a finished graph's handlers (and the runner behind them) are not kept alive
+
+
+def _wait_for(run: _Run, task: Task, mine) -> None:
+    for d in task.deps:
+        dep = run.done[d]
+        while not dep.flag.wait(0.5):
+            if run.errors:
+                raise RuntimeError("aborted")
+        if run.errors:
+            raise RuntimeError("aborted")
+        if dep.cuda_end is not None:
+            if mine is not None:
+                mine.wait_event(dep.cuda_end)
+            else:
+                dep.cuda_end.synchronize()
+
+
+def _execute(run: _Run, task: Task, stream) -> None:
+    start = time.perf_counter() - run.t0
+    if stream is not None:
+        d = run.done[task.id]
+        d.cuda_start = torch.cuda.Event(enable_timing=True)
+        d.cuda_end = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream), torch.inference_mode():
+            d.cuda_start.record(stream)
+            run.handlers[task.op](task)
+            d.cuda_end.record(stream)
+    else:
+        with torch.inference_mode():
+            run.handlers[task.op](task)
+    run.records[task.id] = TaskRecord(task, start, time.perf_counter() - run.t0, run.issued[task.id])
+
+
 class Executor:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, threads: ThreadLayout | None = None, serial: bool = False):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.threads = threads
+        self.serial = serial
         self.streams: dict[Resource, torch.cuda.Stream] = {}
         if self.cuda:
             self.streams = {Resource.GPU: torch.cuda.current_stream(device),
                             Resource.H2D: torch.cuda.Stream(device), Resource.D2H: torch.cuda.Stream(device)}
+        self._queues: dict[Resource, queue.SimpleQueue] = {}
+        self._workers: list[threading.Thread] = []
 
     def stream(self, resource: Resource) -> torch.cuda.Stream | None:
         return self.streams.get(resource)
 
+    # ----------------------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        if self._workers:
+            return
+        for r in Resource:
+            self._queues[r] = queue.SimpleQueue()
+            # The thread holds the queue and settings, not the executor, so an executor that is no longer
+            # referenced is collected and its finalizer stops the workers.
+            th = threading.Thread(target=_worker, name=f"exec-{r.value}", daemon=True,
+                                  args=(self._queues[r], r, self.threads, self.device, self.streams.get(r)))
+            th.start()
+            self._workers.append(th)
+        self._finalizer = weakref.finalize(self, _stop, list(self._queues.values()))
+
+    def close(self) -> None:
+        """Stop the workers and wait for them (they are daemons: a process may also just exit)."""
+        if self._workers:
+            self._finalizer()
+            for th in self._workers:
+                th.join()
+        self._workers, self._queues = [], {}
+
+    # ----------------------------------------------------------------------------------------------
+
     def run(self, graph: TaskGraph, handlers: dict[str, Callable[[Task], None]]) -> list[TaskRecord]:
-        done = [_Done() for _ in graph.tasks]
-        records: list[TaskRecord | None] = [None] * len(graph.tasks)
-        issued = [0.0] * len(graph.tasks)
-        errors: list[BaseException] = []
-        queues: dict[Resource, queue.Queue] = {r: queue.Queue() for r in Resource}
-        t0 = time.perf_counter()
+        run = _Run(graph, handlers)
         origin = None
         if self.cuda:
             origin = torch.cuda.Event(enable_timing=True)
             origin.record(self.streams[Resource.GPU])
-
-        def wait_for(task: Task) -> None:
-            mine = self.streams.get(task.resource)
-            for d in task.deps:
-                dep = done[d]
-                while not dep.flag.wait(0.5):
-                    if errors:
-                        raise RuntimeError("aborted")
-                if dep.cuda_end is not None:
-                    if mine is not None:
-                        mine.wait_event(dep.cuda_end)
-                    else:
-                        dep.cuda_end.synchronize()
-
-        def worker(resource: Resource) -> None:
-            stream = self.streams.get(resource)
-            if self.cuda:
-                torch.cuda.set_device(self.device)
-            while True:
-                task = queues[resource].get()
-                if task is None:
-                    return
-                try:
-                    wait_for(task)
-                    start = time.perf_counter() - t0
-                    if stream is not None:
-                        d = done[task.id]
-                        d.cuda_start = torch.cuda.Event(enable_timing=True)
-                        d.cuda_end = torch.cuda.Event(enable_timing=True)
-                        with torch.cuda.stream(stream), torch.inference_mode():
-                            d.cuda_start.record(stream)
-                            handlers[task.op](task)
-                            d.cuda_end.record(stream)
-                    else:
-                        with torch.inference_mode():
-                            handlers[task.op](task)
-                    records[task.id] = TaskRecord(task, start, time.perf_counter() - t0, issued[task.id])
-                except BaseException as exc:  # noqa: BLE001 - re-raised on the host thread
-                    errors.append(exc)
-                finally:
-                    done[task.id].flag.set()
-
-        threads = [threading.Thread(target=worker, args=(r,), name=f"exec-{r.value}", daemon=True)
-                   for r in Resource]
-        for th in threads:
-            th.start()
-        for task in graph.tasks:  # one host thread issues in order
-            issued[task.id] = time.perf_counter() - t0
-            queues[task.resource].put(task)
-        for r in Resource:
-            queues[r].put(None)
-        for th in threads:
-            th.join()
-        if errors:
-            raise errors[0]
+        if self.serial or (not self.cuda and graph.is_chain()):
+            # Nothing can overlap (or the debug mode asks for none): hand-offs between threads would
+            # only add their latency, so the issuing thread runs the tasks itself.
+            self._run_serial(run)
+        elif graph.tasks:
+            self._start_workers()
+            for task in graph.tasks:  # one host thread issues in order
+                run.issued[task.id] = time.perf_counter() - run.t0
+                self._queues[task.resource].put((run, task))
+            run.finished.wait()
+        if run.errors:
+            raise run.errors[0]
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            for rec, d in zip(records, done):
+            for rec, d in zip(run.records, run.done):
                 if rec is not None and d.cuda_start is not None:
                     rec.start_s = origin.elapsed_time(d.cuda_start) / 1e3
                     rec.end_s = origin.elapsed_time(d.cuda_end) / 1e3
-        return [r for r in records if r is not None]
+        return [r for r in run.records if r is not None]
+
+    def _run_serial(self, run: _Run) -> None:
+        """Debug mode: issue order, one task at a time, on this thread (deps always point backwards)."""
+        gpu_stream = self.streams.get(Resource.GPU)
+        if self.threads is not None:
+            set_thread_count(self.threads.gpu)
+        try:
+            for task in run.graph.tasks:
+                run.issued[task.id] = time.perf_counter() - run.t0
+                _execute(run, task, gpu_stream)
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
+        finally:
+            if self.threads is not None:
+                set_thread_count(self.threads.main)

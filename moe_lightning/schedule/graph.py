@@ -68,5 +68,9 @@ class TaskGraph:
                 if d >= t.id:
                     raise ValueError(f"{t.label} depends on a later task {self.tasks[d].label}")
 
+    def is_chain(self) -> bool:
+        """Every task depends on the one issued before it: nothing in the graph can overlap."""
+        return all(t.id - 1 in t.deps for t in self.tasks[1:])
+
     def ops(self) -> list[str]:
         return [t.label for t in self.tasks]

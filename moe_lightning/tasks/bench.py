@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_lightning.config import GB, RunConfig
+from moe_lightning.config import GB, RunConfig, check_repeats
 from moe_lightning.report import RunReport
 from moe_lightning.tasks.generate import run_generation, summary_line, write_trace
 
@@ -45,13 +45,19 @@ def with_planned_policy(cfg: RunConfig) -> RunConfig:
 class BenchTask:
     name: str = "bench"
     warmup_tokens: int = 2
+    repeats: int = 3            # timed passes over the whole workload after the warm-up (median, spread)
+    max_cv: float = 0.05        # a throughput coefficient of variation above this marks the run noisy
     progress: bool = True
     plan: bool = False          # run the HRM optimizer's policy for this hardware, model and workload
+
+    def __post_init__(self) -> None:
+        check_repeats(self.repeats, self.max_cv, "task")
 
     def run(self, cfg: RunConfig) -> RunReport:
         if self.plan:
             cfg = with_planned_policy(cfg)
-        gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens)
+        gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens, repeats=self.repeats,
+                             max_cv=self.max_cv)
         report = gen.report
         from moe_lightning.config import ModelSpec
 
@@ -77,15 +83,34 @@ def format_bench(report: RunReport) -> str:
     m = report.metrics
     lines = [summary_line(report)]
     lines.append(f"  decode: {m.decode_tok_s:.1f} tok/s; prefill {m.prefill_s:.3f} s, decode {m.decode_s:.3f} s")
+    for key, label, scale, fmt in (("throughput_tok_s", "tokens/s", 1, ".2f"), ("prefill_s", "prefill ms", 1e3, ".1f"),
+                                   ("decode_step_s", "decode step ms", 1e3, ".2f")):
+        sp = m.spread.get(key)
+        if sp and sp.n:
+            lines.append(f"  {label:<15} median {sp.median * scale:{fmt}}  mean {sp.mean * scale:{fmt}}  "
+                         f"stdev {sp.stdev * scale:{fmt}}  min {sp.min * scale:{fmt}}  p90 {sp.p90 * scale:{fmt}}  "
+                         f"(n {sp.n}, measured)")
+    threads = report.environment.get("threads", {})
+    host = report.environment.get("host_load", {})
+    if threads:
+        lines.append("  threads: " + ", ".join(f"{k} {v}" for k, v in threads.items() if k not in ("rule",))
+                     + (f" [{threads['rule']}]" if "rule" in threads else ""))
+    if host:
+        others = host.get("others_busy_cores")
+        lines.append(f"  host load: 1-min load average {host.get('loadavg_1m_start')}, other processes "
+                     f"{'?' if others is None else f'{others:.2f}'} cores busy while timed")
     if m.utilisation:
         lines.append("  utilisation (decode): " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items()))
     h2d, d2h = m.link_bytes.get("h2d", 0) / GB, m.link_bytes.get("d2h", 0) / GB
-    lines.append(f"  link bytes: h2d {h2d:.3f} GB, d2h {d2h:.3f} GB; peak device memory {m.peak_gpu_bytes / GB:.3f} GB")
+    lines.append(f"  link bytes: h2d {h2d:.3f} GB, d2h {d2h:.3f} GB (decimal); peak device memory "
+                 f"{m.peak_gpu_bytes / 2**30:.3f} GiB")
     bound = report.extra.get("link_bound_decode_tok_s")
     hrm = report.prediction.get("hrm_tok_s")
     if bound:
-        lines.append(f"  link bound (N*B_link/(L*streamed bytes)): {bound:.1f} decode tok/s")
+        profile = report.hardware["profile"]["name"]
+        lines.append(f"  predicted link bound (N*B_link/(L*streamed bytes), profile {profile}): "
+                     f"{bound:.1f} decode tok/s")
     if hrm:
         profile = report.hardware["profile"]["name"]
-        lines.append(f"  HRM prediction for this policy on {profile}: {hrm:.1f} tok/s end to end")
+        lines.append(f"  predicted (HRM, profile {profile}): {hrm:.1f} tok/s end to end for this policy")
     return "\n".join(lines)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe_lightning.config import RunConfig
-from moe_lightning.report import Metrics, RunReport, as_dict, environment, peak_cpu_bytes
+from moe_lightning.errors import ConfigError
+from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment, peak_cpu_bytes
 
 log = logging.getLogger("moe_lightning.generate")
 
@@ -27,21 +27,35 @@ class Generation:
     runner: object = None
 
 
-def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0) -> Generation:
-    """Load, (warm up,) generate for every request, and measure. Weight loading is never timed; with
-    `warmup_tokens`, one batch is generated that far first and its timings are discarded."""
+def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0, repeats: int = 1,
+                   max_cv: float = 0.05) -> Generation:
+    """Load, (warm up,) generate for every request `repeats` times, and measure.
+
+    Weight loading is never timed. With `warmup_tokens`, one batch is generated that far first and its
+    timings are discarded. Each repeat runs the whole workload; the headline figures are medians over
+    the repeats, with their spread beside them. The timed part holds the host-wide measurement lock and
+    records the host's load; a run whose throughput varies by more than `max_cv` (coefficient of
+    variation), or beside other busy processes, is marked noisy."""
     from tqdm import tqdm
 
     from moe_lightning.engine.generation import GenerationParams, generate
     from moe_lightning.engine.tiny import load_tokenizer
     from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.hostload import HostLoad, check_fits_host, measurement_lock
     from moe_lightning.systems import resolve_device
+    from moe_lightning.threads import configure, main_threads, op_elements, set_thread_count
     from moe_lightning.workload_io import describe, load_requests
 
+    if repeats < 1:
+        raise ConfigError(f"repeats: must be >= 1, got {repeats}")
+    configure(cfg.threads)
     spec, source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(spec.path) if spec.path else None
     requests = load_requests(cfg.workload, spec, tokenizer)
     device = resolve_device(cfg.device)
+    main = main_threads(op_elements(spec), device.type == "cuda")
+    set_thread_count(main)
+    check_fits_host(spec, cfg.hardware, device)
     # The memory plan is made for the prompts actually given (a JSONL file sets its own lengths).
     lengths = [len(r.input_ids) for r in requests]
     workload = dataclasses.replace(cfg.workload, prompt_len_max=max(lengths),
@@ -54,37 +68,60 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     params = GenerationParams(max_new_tokens=cfg.workload.gen_len, temperature=cfg.sampling.temperature,
                               top_p=cfg.sampling.top_p, seed=cfg.sampling.seed,
                               eos_token_id=None if cfg.sampling.ignore_eos else spec.eos_token_id)
-    if warmup_tokens:
-        warm = dataclasses.replace(params, max_new_tokens=min(warmup_tokens, params.max_new_tokens))
-        generate(runner, [r.input_ids for r in requests[:cfg.policy.batch_size]], warm, cfg.policy.batch_size)
-        if hasattr(runner, "reset_stats"):
-            runner.reset_stats()
-    total = len(requests) * params.max_new_tokens
-    with tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
-              leave=False) as bar:
-        result = generate(runner, [r.input_ids for r in requests], params, cfg.policy.batch_size,
-                          on_tokens=bar.update)
+    prompts = [r.input_ids for r in requests]
+    results = []
+    total = repeats * len(requests) * params.max_new_tokens
+    with measurement_lock() as lock_wait_s, HostLoad() as load, \
+            tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
+                 leave=False) as bar:
+        if warmup_tokens:
+            warm = dataclasses.replace(params, max_new_tokens=min(warmup_tokens, params.max_new_tokens))
+            generate(runner, prompts[:cfg.policy.batch_size], warm, cfg.policy.batch_size)
+            if hasattr(runner, "reset_stats"):
+                runner.reset_stats()
+        for _ in range(repeats):
+            results.append(generate(runner, prompts, params, cfg.policy.batch_size, on_tokens=bar.update))
+    host = load.report
+    host.lock_wait_s = lock_wait_s
     stats = runner.stats() if hasattr(runner, "stats") else {}
-    n_seq = len(requests)
-    metrics = Metrics(
-        throughput_tok_s=result.generated_tokens / result.total_s if result.total_s else 0.0,
-        prefill_s=result.prefill_s, decode_s=result.decode_s, generated_tokens=result.generated_tokens,
-        decode_step_median_s=statistics.median(result.decode_step_s) if result.decode_step_s else 0.0,
-        decode_tok_s=(result.generated_tokens - n_seq) / result.decode_s if result.decode_s else 0.0,
-        peak_gpu_bytes=stats.get("peak_gpu_bytes", _peak_gpu_bytes(device)),
-        peak_cpu_bytes=peak_cpu_bytes(),
-        link_bytes=stats.get("link_bytes", {"h2d": 0, "d2h": 0}),
-        utilisation=stats.get("utilisation", {}),
-    )
+    metrics = measured_metrics(results, len(requests), max_cv, host)
+    metrics.peak_gpu_bytes = stats.get("peak_gpu_bytes", _peak_gpu_bytes(device))
+    metrics.peak_cpu_bytes = peak_cpu_bytes()
+    metrics.link_bytes = stats.get("link_bytes", {"h2d": 0, "d2h": 0})
+    metrics.utilisation = stats.get("utilisation", {})
+    threads = stats.get("threads", {"main": main, "engine": "runs on the main thread"})
     model = as_dict(spec)
     report = RunReport(
         system=cfg.system.name, task=cfg.task.name, model=model,
         hardware={"profile": as_dict(cfg.hardware), "detected": _detected(device)},
         workload={**as_dict(cfg.workload), "actual": describe(requests)},
-        policy=as_dict(cfg.policy), metrics=metrics, environment=environment(),
-        extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling), **stats.get("extra", {})},
+        policy=as_dict(cfg.policy), metrics=metrics,
+        environment={**environment(), "threads": threads, "host_load": host.to_dict()},
+        extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling),
+               "outputs_identical_across_repeats": all(r.output_ids == results[0].output_ids for r in results),
+               **stats.get("extra", {})},
     )
-    return Generation(report, requests, result.output_ids, tokenizer, runner)
+    return Generation(report, requests, results[0].output_ids, tokenizer, runner)
+
+
+def measured_metrics(results: list, n_seq: int, max_cv: float, host=None) -> Metrics:
+    """Medians over the repeats (`GenerationResult`s) with their spread, and the noise verdict."""
+    tok_s = [r.generated_tokens / r.total_s if r.total_s else 0.0 for r in results]
+    spread = {"throughput_tok_s": Spread.of(tok_s), "prefill_s": Spread.of([r.prefill_s for r in results]),
+              "decode_step_s": Spread.of([s for r in results for s in r.decode_step_s])}
+    mid = results[tok_s.index(sorted(tok_s)[(len(tok_s) - 1) // 2])]   # the median repeat (lower for even k)
+    noise = []
+    cv = spread["throughput_tok_s"].cv
+    if len(results) > 1 and cv > max_cv:
+        noise.append(f"throughput varies {cv:.1%} over {len(results)} repeats (> {max_cv:.0%})")
+    if host is not None and host.busy:
+        noise.append(f"other processes kept {host.others_busy_cores:.2f} cores busy while it ran")
+    return Metrics(
+        throughput_tok_s=spread["throughput_tok_s"].median, prefill_s=spread["prefill_s"].median,
+        decode_s=mid.decode_s, generated_tokens=mid.generated_tokens,
+        decode_step_median_s=spread["decode_step_s"].median,
+        decode_tok_s=(mid.generated_tokens - n_seq) / mid.decode_s if mid.decode_s else 0.0,
+        kind="measured", repeats=len(results), spread=spread, noisy=bool(noise), noise=noise)
 
 
 def _peak_gpu_bytes(device) -> int:
@@ -124,10 +161,16 @@ def write_trace(gen: Generation, folder: Path, stem: str) -> None:
 
 def summary_line(report: RunReport) -> str:
     m = report.metrics
-    return (f"{report.system}: {report.workload['actual']['num_requests']} requests, "
+    where = report.hardware.get("detected", {}).get("gpu") or report.hardware.get("detected", {}).get("device", "")
+    tput = m.spread.get("throughput_tok_s")
+    shown = tput.show(".1f") if tput and tput.n > 1 else f"{m.throughput_tok_s:.1f}"
+    line = (f"{report.system}: {report.workload['actual']['num_requests']} requests, "
             f"{m.generated_tokens} tokens in {m.prefill_s + m.decode_s:.2f} s -> "
-            f"{m.throughput_tok_s:.1f} tok/s (prefill {m.prefill_s:.2f} s, decode {m.decode_s:.2f} s, "
-            f"median step {m.decode_step_median_s * 1e3:.1f} ms)")
+            f"{shown} tok/s {m.kind} on {where or 'this host'} (prefill {m.prefill_s:.2f} s, "
+            f"decode {m.decode_s:.2f} s, median step {m.decode_step_median_s * 1e3:.1f} ms)")
+    if m.noisy:
+        line += "\n  NOISY: " + "; ".join(m.noise)
+    return line
 
 
 @dataclass

@@ -34,6 +34,59 @@ def schedule_of(name: str):
 FFN_ON_GPU = ((False, True), (True, True))  # the placements the CGOPipe schedule can run
 
 
+def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
+    """Time cfg.system's schedule on cfg.hardware: -> (run document, SimResult, HRM Prediction).
+
+    The policy: `given` (e.g. a tuned one); else the system's own rule (`policy_source=auto`); else the
+    HRM plan (`use_plan`); else cfg.policy. Nothing is allocated: no model weights, no device."""
+    from moe_lightning.memory import memory_plan
+    from moe_lightning.tuner.hrm import predict
+    from moe_lightning.tuner.optimizer import optimize
+    from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
+
+    system = cfg.system.name
+    if system not in SIMULATED_SCHEDULES:
+        raise ConfigError(f"system {system} has no schedule to simulate; measure it with task=compare (simulated: "
+                          f"{', '.join(SIMULATED_SCHEDULES)})")
+    schedule = SIMULATED_SCHEDULES[system]
+    spec = planning_model(cfg.model)
+    workload, lengths = planning_workload(cfg.workload, spec)
+    if given is not None:
+        policy, source = given, "given"
+    elif getattr(cfg.system, "policy_source", "given") == "auto":  # the system's own rule (baselines)
+        policy = cfg.system.resolve_policy(spec, cfg.hardware, workload, cfg.policy)
+        source = f"{system} policy rule"
+    elif use_plan:  # HRM's plan (for a baseline with policy_source=given: the paper's ablation)
+        policy, source = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU).policy, "hrm plan"
+    else:
+        policy, source = cfg.policy, "cfg.policy"
+    hrm = predict(spec, cfg.hardware, workload, policy)
+    plan = memory_plan(spec, policy, workload)
+    fits = plan.fits(cfg.hardware)
+    if not fits:
+        log.warning("policy does not fit %s's memory budget; simulating it anyway", cfg.hardware.name)
+    sim = simulate_run(spec, cfg.hardware, workload, policy, lengths, schedule=schedule_of(schedule),
+                       max_decode_steps=default_max_decode_steps(workload, policy, spec))
+    batches = sim.num_batches
+    metrics = sim.metrics()
+    metrics.peak_gpu_bytes, metrics.peak_cpu_bytes = plan.gpu_total_bytes, plan.cpu_total_bytes  # as planned
+    report = RunReport(
+        system=schedule, task="simulate", model=as_dict(spec),
+        hardware={"profile": as_dict(cfg.hardware), "detected": None}, workload=as_dict(workload),
+        policy=as_dict(policy), metrics=metrics, environment=environment(),
+        # Predictions are HRM's (kind: predicted); hrm_* times are per batch, hrm_workload_* for the whole
+        # workload (ceil(requests / N) batches), as the simulated metrics are.
+        prediction={"kind": "predicted", "hrm_tok_s": hrm.e2e_tok_s, "sim_tok_s": sim.throughput_tok_s,
+                    "hrm_decode_tok_s": hrm.decode_tok_s, "sim_decode_tok_s": sim.decode_tok_s,
+                    "hrm_prefill_s": hrm.prefill_s, "hrm_decode_s": hrm.decode_s,
+                    "hrm_workload_prefill_s": hrm.prefill_s * batches,
+                    "hrm_workload_decode_s": hrm.decode_s * batches, "batches": batches,
+                    "hrm_bottleneck": hrm.bottleneck},
+        extra={"requested_system": system, "schedule": schedule, "policy_source": source, "memory_fits": fits,
+               "simulation": sim.summary()})
+    return report, sim, hrm
+
+
 @dataclass
 class SimulateTask:
     name: str = "simulate"
@@ -41,42 +94,9 @@ class SimulateTask:
     use_plan: bool = True
 
     def run(self, cfg: RunConfig) -> RunReport:
-        from moe_lightning.memory import memory_plan
-        from moe_lightning.tuner.hrm import predict
-        from moe_lightning.tuner.optimizer import optimize
-        from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
-
-        system = cfg.system.name
-        if system not in SIMULATED_SCHEDULES:
-            raise ConfigError(f"system {system} has no schedule to simulate; measure it with task=compare (simulated: "
-                              f"{', '.join(SIMULATED_SCHEDULES)})")
-        schedule = SIMULATED_SCHEDULES[system]
-        spec = planning_model(cfg.model)
-        workload, lengths = planning_workload(cfg.workload, spec)
-        if getattr(cfg.system, "policy_source", "given") == "auto":  # the system's own rule (baselines)
-            policy = cfg.system.resolve_policy(spec, cfg.hardware, workload, cfg.policy)
-            source = f"{system} policy rule"
-        elif self.use_plan:  # HRM's plan (for a baseline with policy_source=given: the paper's ablation)
-            policy, source = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU).policy, "hrm plan"
-        else:
-            policy, source = cfg.policy, "cfg.policy"
-        hrm = predict(spec, cfg.hardware, workload, policy)
-        fits = memory_plan(spec, policy, workload).fits(cfg.hardware)
-        if not fits:
-            log.warning("policy does not fit %s's memory budget; simulating it anyway", cfg.hardware.name)
-        sim = simulate_run(spec, cfg.hardware, workload, policy, lengths, schedule=schedule_of(schedule),
-                           max_decode_steps=default_max_decode_steps(workload, policy, spec))
+        report, sim, hrm = simulate_system(cfg, use_plan=self.use_plan)
+        spec, policy, schedule = report.model, report.policy, report.system
         out = out_path(cfg)
-        report = RunReport(
-            system=schedule, task=self.name, model=as_dict(spec),
-            hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(workload),
-            policy=as_dict(policy), metrics=sim.metrics(), environment=environment(),
-            prediction={"hrm_tok_s": hrm.e2e_tok_s, "sim_tok_s": sim.throughput_tok_s,
-                        "hrm_decode_tok_s": hrm.decode_tok_s, "sim_decode_tok_s": sim.decode_tok_s,
-                        "hrm_prefill_s": hrm.prefill_s, "hrm_decode_s": hrm.decode_s,
-                        "hrm_bottleneck": hrm.bottleneck},
-            extra={"requested_system": system, "schedule": schedule, "policy_source": source, "memory_fits": fits,
-                   "simulation": sim.summary()})
         print(summary(report, sim, hrm))
         if cfg.trace:
             trace = sim.timeline.write_chrome_trace(beside(out, "trace.json"))
@@ -85,8 +105,8 @@ class SimulateTask:
         if self.plot:
             png = sim.timeline.write_gantt(
                 beside(out, "gantt.png"),
-                title=f"simulated {schedule}: {spec.name} on {cfg.hardware.name}, N={policy.batch_size}, "
-                      f"mu={policy.micro_batch_size} (prefill + first decode steps)", max_graphs=3)
+                title=f"simulated {schedule}: {spec['name']} on {cfg.hardware.name}, N={policy['batch_size']}, "
+                      f"mu={policy['micro_batch_size']} (prefill + first decode steps)", max_graphs=3)
             report.extra["gantt_png"] = str(png)
             print(f"gantt: {png}")
         report.to_json(out)
@@ -96,22 +116,28 @@ class SimulateTask:
 
 def summary(report: RunReport, sim, hrm) -> str:
     p, m = report.policy, report.metrics
+    b = sim.num_batches
     note = "" if report.extra["requested_system"] == report.system else \
         f" (system={report.extra['requested_system']} has no offloading schedule; simulated {report.system})"
     util = "  ".join(f"{k} {v:.0%}" for k, v in sim.utilisation.items())
     pre_util = "  ".join(f"{k} {v:.0%}" for k, v in sim.prefill_utilisation.items())
+    profile = report.hardware["profile"]["name"]
+    head = f"  {'':26}{'simulated':>12}{'predicted (HRM)':>17}"
     lines = [
-        f"simulated {report.system}{note}: {report.model['name']} on {report.hardware['profile']['name']}, "
-        f"workload {report.workload['name']} ({sim.num_requests} requests, gen {report.workload['gen_len']})",
+        f"simulated {report.system}{note}: {report.model['name']} on profile {profile} (no device used), "
+        f"workload {report.workload['name']} ({sim.num_requests} requests = {b} batch{'es' if b != 1 else ''} of "
+        f"N={p['batch_size']}, gen {report.workload['gen_len']})",
         f"  policy        N={p['batch_size']} mu={p['micro_batch_size']} attn_on_gpu={p['attn_on_gpu']} "
         f"r_w={p['expert_gpu_fraction']:.3g} r_c={p['kv_gpu_fraction']:.3g} ({report.extra['policy_source']})",
-        f"  {'':14}{'simulated':>12}{'HRM':>12}",
-        f"  {'tokens/s':<14}{m.throughput_tok_s:>12.2f}{hrm.e2e_tok_s:>12.2f}",
-        f"  {'decode tok/s':<14}{m.decode_tok_s:>12.2f}{hrm.decode_tok_s:>12.2f}",
-        f"  {'prefill s':<14}{m.prefill_s:>12.3f}{hrm.prefill_s:>12.3f}",
-        f"  {'decode s':<14}{m.decode_s:>12.3f}{hrm.decode_s:>12.3f}",
-        f"  decode utilisation   {util}",
-        f"  prefill utilisation  {pre_util}",
+        head,
+        f"  {'tokens/s':<26}{m.throughput_tok_s:>12.2f}{hrm.e2e_tok_s:>17.2f}",
+        f"  {'decode tok/s':<26}{m.decode_tok_s:>12.2f}{hrm.decode_tok_s:>17.2f}",
+        f"  {'prefill s, whole workload':<26}{m.prefill_s:>12.3f}{hrm.prefill_s * b:>17.3f}",
+        f"  {'decode s, whole workload':<26}{m.decode_s:>12.3f}{hrm.decode_s * b:>17.3f}",
+        f"  {'prefill s, per batch':<26}{m.prefill_s / b:>12.3f}{hrm.prefill_s:>17.3f}",
+        f"  {'decode s, per batch':<26}{m.decode_s / b:>12.3f}{hrm.decode_s:>17.3f}",
+        f"  simulated decode utilisation   {util}",
+        f"  simulated prefill utilisation  {pre_util}",
         f"  HRM bottleneck: {hrm.bottleneck}; simulated {sim.tasks_simulated} tasks in {sim.sim_wall_s:.2f} s",
     ]
     lines += [f"  note: {n}" for n in sim.notes]

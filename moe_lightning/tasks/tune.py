@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moe_lightning.config import RunConfig
 from moe_lightning.errors import MemoryBudgetError, MoELightningError
-from moe_lightning.report import Metrics, RunReport, as_dict, environment
+from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment
 
 log = logging.getLogger("moe_lightning.tune")
 
@@ -23,12 +23,16 @@ def _worker(cfg: RunConfig) -> None:
     import optuna
 
     from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.threads import set_thread_count, worker_process_threads
     from moe_lightning.tuner.search import TrialFailed, objective, open_study
 
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Simulated trials run here, beside the other workers: share the cores. Measured trials run in child
+    # processes that take the measurement lock one at a time and use the full layout.
+    set_thread_count(worker_process_threads(cfg.tuner.workers, cfg.threads))
     spec, _ = resolve_model(cfg.model)
-    study = open_study(cfg)
+    study = open_study(cfg, spec)
     study.optimize(objective(cfg, spec), n_trials=cfg.tuner.n_trials, catch=(TrialFailed,),
                    callbacks=[_max_trials(cfg.tuner.n_trials)])
 
@@ -44,8 +48,12 @@ def trial_records(study) -> list[dict]:
     """One flat record per trial (sweeps write records, not logs)."""
     rows = []
     for t in study.trials:
+        spread = (t.user_attrs.get("spread") or {}).get("throughput_tok_s") or {}
         rows.append({"number": t.number, "state": t.state.name,
-                     "value": t.values[0] if t.values else None,
+                     "value": t.values[0] if t.values else None, "kind": t.user_attrs.get("kind"),
+                     "where": t.user_attrs.get("where"), "stdev": spread.get("stdev"), "cv": spread.get("cv"),
+                     "repeats": spread.get("n"), "noisy": t.user_attrs.get("noisy"),
+                     "measurements": t.user_attrs.get("measurements"),
                      "peak_gpu_bytes": t.user_attrs.get("peak_gpu_bytes"),
                      "seed": t.user_attrs.get("seed", ""), "reason": t.user_attrs.get("reason", ""),
                      "duration_s": t.duration.total_seconds() if t.duration else None,
@@ -82,13 +90,12 @@ class TuneTask:
             open_study,
             seed_study,
             storage_url,
-            study_name,
         )
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         run_dir = Path(cfg.run_dir or "runs/latest")
         spec, _ = resolve_model(cfg.model)
-        study = open_study(cfg)
+        study = open_study(cfg, spec)
         fail_orphaned_trials(study, grace_s=3 * cfg.tuner.heartbeat_s)
         finished = [t for t in study.trials if t.state.is_finished()]
         seeds = []
@@ -103,8 +110,9 @@ class TuneTask:
                   f"r_w={s.expert_gpu_fraction:.3f} r_c={s.kv_gpu_fraction:.3f} (+{len(seeds) - 1} neighbours queued)")
         remaining = max(0, cfg.tuner.n_trials - len(finished))
         if finished:
-            print(f"resuming study {study_name(cfg)}: {len(finished)} finished trials kept, {remaining} to go")
-        cfg.logger.start(f"tune-{study_name(cfg)}", _config_dict(cfg), str(run_dir))
+            print(f"resuming study {study.study_name} (same fingerprint): {len(finished)} finished trials kept, "
+                  f"{remaining} to go")
+        cfg.logger.start(f"tune-{study.study_name}", _config_dict(cfg), str(run_dir))
         bar = tqdm(total=remaining, desc="tune", unit="trial", disable=not self.progress, file=sys.stderr)
 
         def on_trial(event: dict) -> None:
@@ -124,7 +132,7 @@ class TuneTask:
         for w in workers:
             w.join()
         bar.close()
-        return self._report(cfg, study, spec, run_dir, storage_url(cfg))
+        return self._report(cfg, study, spec, run_dir, storage_url(cfg, study.study_name))
 
     def _report(self, cfg: RunConfig, study, spec, run_dir: Path, storage: str) -> RunReport:
         from moe_lightning.tasks.report import plot_pareto, plot_tuning_progress
@@ -155,12 +163,17 @@ class TuneTask:
             top = best[0]
             policy = policy_from_params(top.params, spec, cfg.policy)
             report.policy = as_dict(policy)
-            report.metrics = Metrics(throughput_tok_s=top.values[0],
+            kind = "simulated" if cfg.tuner.objective == "simulate" else "measured"
+            spread = {k: Spread.from_dict(v) for k, v in (top.user_attrs.get("spread") or {}).items()}
+            report.metrics = Metrics(throughput_tok_s=top.values[0], kind=kind, spread=spread,
+                                     repeats=spread["throughput_tok_s"].n if spread else 1,
+                                     noisy=bool(top.user_attrs.get("noisy")), noise=top.user_attrs.get("noise") or [],
                                      peak_gpu_bytes=int(top.user_attrs.get("peak_gpu_bytes") or 0))
             report.extra["best_trial"] = top.number
             report.extra["pareto"] = [{"number": t.number, "values": t.values, "params": t.params} for t in best]
+            shown = spread["throughput_tok_s"].show(".2f") if spread else f"{top.values[0]:.2f}"
             print(f"best: trial {top.number} ({top.user_attrs.get('seed') or 'sampled'}) "
-                  f"{top.values[0]:.2f} tok/s {cfg.tuner.objective}d with N={policy.batch_size} "
+                  f"{shown} tok/s {kind} on {top.user_attrs.get('where') or 'this host'} with N={policy.batch_size} "
                   f"mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
                   f"r_w={policy.expert_gpu_fraction:.3f} r_c={policy.kv_gpu_fraction:.3f} "
                   f"kernel={policy.expert_kernel}")
@@ -181,7 +194,10 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
     from moe_lightning.tasks.compare import CompareTask
 
     systems = [cfg.system.name, *[b for b in baselines if b != cfg.system.name]]
-    compare = CompareTask(systems=systems, warmup_tokens=1, progress=False)
+    # A simulated tune is for hardware that may not be here: its comparison is simulated too.
+    mode = "simulate" if cfg.tuner.objective == "simulate" else "measure"
+    compare = CompareTask(systems=systems, mode=mode, warmup_tokens=1, repeats=cfg.tuner.repeats,
+                          max_cv=cfg.tuner.max_cv, progress=False)
     try:
         report = compare.run(dataclasses.replace(cfg, run_dir=str(run_dir / "compare")),
                              given={cfg.system.name: policy})

@@ -41,38 +41,63 @@ class TrialFailed(Exception):
 # study
 
 
-def study_name(cfg: RunConfig) -> str:
+def search_space(cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
+    """The bounds `suggest` samples from (part of the study's identity)."""
+    space: dict[str, Any] = {"batch_size": [1, max_batch(cfg)], "num_micro_batches": [1, cfg.tuner.max_micro_batches],
+                             "attn_on_gpu": [False, True], "resident_experts": [0, spec.num_experts],
+                             "kv_gpu_fraction": [0.0, 1.0], "prefetch_depth": [1, 3]}
+    if cfg.tuner.objective == "measure":
+        space["expert_kernel"] = list(KERNELS)
+    return space
+
+
+def study_identity(cfg: RunConfig, spec: ModelSpec) -> tuple[str, dict[str, Any]]:
+    """(study name, fingerprint fields). The default name ends with the fingerprint's first 10 digits."""
+    from moe_lightning.tuner.identity import digest, study_fields
+
+    fields = study_fields(cfg, spec, search_space(cfg, spec))
     if cfg.tuner.study_name:
-        return cfg.tuner.study_name
+        return cfg.tuner.study_name, fields
     name = f"{cfg.system.name}-{cfg.model.name}-{cfg.hardware.name}-{cfg.workload.name}-{cfg.tuner.objective}"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name + ("-pareto" if cfg.tuner.multi_objective else ""))
+    name += ("-pareto" if cfg.tuner.multi_objective else "") + f"-{digest(fields)[:10]}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name), fields
 
 
-def storage_url(cfg: RunConfig) -> str:
+def storage_url(cfg: RunConfig, name: str) -> str:
     if cfg.tuner.storage:
         return cfg.tuner.storage
     STUDIES_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(STUDIES_DIR / study_name(cfg)).resolve()}.db"
+    return f"sqlite:///{(STUDIES_DIR / name).resolve()}.db"
 
 
-def open_study(cfg: RunConfig):
+def open_study(cfg: RunConfig, spec: ModelSpec):
+    """Create the study, or resume it if its fingerprint equals this config's (else one-line refusal)."""
     import warnings
 
     import optuna
 
+    from moe_lightning.tuner.identity import check_identity
+
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    name, fields = study_identity(cfg, spec)
+    url = storage_url(cfg, name)
     heartbeat = max(1, int(cfg.tuner.heartbeat_s))
     try:
-        storage = optuna.storages.RDBStorage(storage_url(cfg), heartbeat_interval=heartbeat,
-                                             grace_period=3 * heartbeat,
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                                              engine_kwargs={"connect_args": {"timeout": 60}}
-                                             if storage_url(cfg).startswith("sqlite") else None)
+                                             if url.startswith("sqlite") else None)
     except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database
-        raise ConfigError(f"tuner.storage={storage_url(cfg)!r}: cannot open ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"tuner.storage={url!r}: cannot open ({str(exc).splitlines()[0]})") from None
     directions = ["maximize", "minimize"] if cfg.tuner.multi_objective else ["maximize"]
     sampler = optuna.samplers.TPESampler(seed=cfg.tuner.seed, multivariate=True)
-    return optuna.create_study(storage=storage, study_name=study_name(cfg), directions=directions,
-                               sampler=sampler, load_if_exists=True)
+    exists = name in {s.study_name for s in storage.get_all_studies()}
+    if exists:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    else:
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
+                                    load_if_exists=True)
+    check_identity(study, fields)
+    return study
 
 
 def fail_orphaned_trials(study, grace_s: float) -> list[int]:
@@ -224,15 +249,27 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
         trial_cfg = dataclasses.replace(cfg, policy=policy)
         if cfg.tuner.objective == "simulate":
             tok_s, peak = simulate_objective(trial_cfg, spec), plan.gpu_total_bytes
+            trial.set_user_attr("kind", "simulated")
+            trial.set_user_attr("where", f"profile {cfg.hardware.name}")
         else:
             try:
-                doc = run_trial_process(trial_cfg, cfg.tuner.trial_timeout_s, cfg.tuner.trial_memory_gb)
+                doc, attempts = measure_trial(trial_cfg)
             except TrialFailed as exc:
                 trial.set_user_attr("reason", str(exc))
                 _notify(on_trial, trial, "failed", reason=str(exc))
                 raise
-            tok_s, peak = doc["metrics"]["throughput_tok_s"], doc["metrics"]["peak_gpu_bytes"]
-            trial.set_user_attr("run", {k: doc[k] for k in ("run_id", "metrics", "prediction")})
+            m = doc["metrics"]
+            tok_s, peak = m["throughput_tok_s"], m["peak_gpu_bytes"]   # the median over the repeats
+            detected = doc["hardware"].get("detected") or {}
+            trial.set_user_attr("kind", "measured")
+            trial.set_user_attr("where", detected.get("gpu") or f"this host ({detected.get('device')})")
+            trial.set_user_attr("spread", m["spread"])
+            trial.set_user_attr("noisy", m["noisy"])
+            trial.set_user_attr("noise", m["noise"])
+            trial.set_user_attr("measurements", attempts)
+            trial.set_user_attr("host_load", doc["environment"].get("host_load"))
+            trial.set_user_attr("threads", doc["environment"].get("threads"))
+            trial.set_user_attr("run", {k: doc[k] for k in ("run_id", "prediction")})
         trial.set_user_attr("throughput_tok_s", tok_s)
         trial.set_user_attr("peak_gpu_bytes", peak)
         _notify(on_trial, trial, "complete", value=tok_s)
@@ -244,6 +281,20 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
 def _notify(on_trial, trial, state: str, **kw) -> None:
     if on_trial is not None:
         on_trial({"number": trial.number, "state": state, "params": dict(trial.params), **kw})
+
+
+def measure_trial(cfg: RunConfig) -> tuple[dict, int]:
+    """Measure a trial (warm-up, `tuner.repeats` timed repeats, in a child process); a noisy result is
+    measured again up to `tuner.remeasure` times and the steadiest (lowest CV) is kept.
+    -> (run document, number of measurements)."""
+    t = cfg.tuner
+    docs = []
+    for _ in range(1 + t.remeasure):
+        docs.append(run_trial_process(cfg, t.trial_timeout_s, t.trial_memory_gb))
+        if not docs[-1]["metrics"]["noisy"]:
+            break
+    best = min(docs, key=lambda d: d["metrics"]["spread"]["throughput_tok_s"]["cv"])
+    return best, len(docs)
 
 
 def simulate_objective(cfg: RunConfig, spec: ModelSpec) -> float:
@@ -269,7 +320,7 @@ def _trial_child(cfg: RunConfig, memory_gb: float, conn) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         from moe_lightning.tasks.generate import run_generation
 
-        gen = run_generation(cfg, progress=False, warmup_tokens=1)
+        gen = run_generation(cfg, progress=False, warmup_tokens=1, repeats=cfg.tuner.repeats, max_cv=cfg.tuner.max_cv)
         conn.send(("ok", gen.report.to_dict()))
     except MemoryError as exc:
         conn.send(("error", f"out of memory: {exc or 'MemoryError'}"))

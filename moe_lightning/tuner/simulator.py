@@ -201,7 +201,7 @@ class SimResult:
         return Metrics(throughput_tok_s=self.throughput_tok_s, prefill_s=self.prefill_s,
                        decode_s=self.decode_s, generated_tokens=self.generated_tokens,
                        decode_step_median_s=self.decode_step_median_s, decode_tok_s=self.decode_tok_s,
-                       link_bytes=dict(self.link_bytes), utilisation=dict(self.utilisation))
+                       link_bytes=dict(self.link_bytes), utilisation=dict(self.utilisation), kind="simulated")
 
     def summary(self) -> dict:
         return {"throughput_tok_s": self.throughput_tok_s, "decode_tok_s": self.decode_tok_s,

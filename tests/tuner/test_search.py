@@ -40,7 +40,7 @@ def spec_of(cfg):
 
 def run_study(cfg, n: int):
     spec = spec_of(cfg)
-    study = open_study(cfg)
+    study = open_study(cfg, spec)
     if cfg.tuner.seed_with_hrm:
         seed_study(study, cfg, spec)
     study.optimize(objective(cfg, spec), n_trials=n, catch=(TrialFailed,))
@@ -141,7 +141,7 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_on_resume(tmp_path,
     from moe_lightning.tuner.search import fail_orphaned_trials
 
     cfg = make_cfg(tmp_path, "orphan", objective="simulate", heartbeat_s=1)
-    study = open_study(cfg)
+    study = open_study(cfg, spec_of(cfg))
     orphan = study.ask()  # RUNNING, and its process "dies" before any heartbeat
     assert fail_orphaned_trials(study, grace_s=60) == []  # too young to call dead
     time.sleep(1.2)

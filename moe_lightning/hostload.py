@@ -1,0 +1,140 @@
+"""What else the host was doing while we measured, the measurement lock, and the host-fit check.
+
+- `HostLoad`: the load average and the CPU time other processes took during a measured window
+  (`/proc/stat` busy time of the whole host, steal included, minus this process's own CPU time). A
+  measurement beside another busy process is not a measurement of the engine; the run document says so.
+- `measurement_lock`: a host-wide file lock held while a run is timed, so parallel tuner workers, trial
+  processes and Hydra multirun jobs never time at the same moment (they are serialized, not partitioned).
+- `check_fits_host`: before a measured run allocates, the model's bytes against this host's available
+  memory and the profile's GPU budget against the detected device: one line and a refusal, instead of
+  a machine swapping for minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moe_lightning.errors import MemoryBudgetError
+
+OTHERS_BUSY_CORES = 0.25   # other processes using more than this many cores makes a measurement noisy
+GiB = 1 << 30
+
+
+def _host_busy_s() -> float | None:
+    """Busy CPU seconds of the whole host since boot (user+nice+system+irq+softirq+steal)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+@dataclass
+class HostLoadReport:
+    wall_s: float
+    loadavg_1m_start: float | None
+    loadavg_1m_end: float | None
+    others_cpu_s: float | None          # CPU seconds taken by other processes during the window
+    others_busy_cores: float | None     # others_cpu_s / wall_s
+    lock_wait_s: float = 0.0            # time spent waiting for another measurement to finish
+
+    @property
+    def busy(self) -> bool:
+        return self.others_busy_cores is not None and self.others_busy_cores > OTHERS_BUSY_CORES
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "busy": self.busy}
+
+
+class HostLoad:
+    """Context manager: the host's load over the measured window."""
+
+    def __enter__(self) -> HostLoad:
+        self.t0, self.load0 = time.perf_counter(), _loadavg()
+        self.busy0, self.own0 = _host_busy_s(), _own_cpu_s()
+        self.report: HostLoadReport | None = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        busy1, own = _host_busy_s(), _own_cpu_s() - self.own0
+        others = None if busy1 is None or self.busy0 is None else max(0.0, busy1 - self.busy0 - own)
+        self.report = HostLoadReport(wall_s=wall, loadavg_1m_start=self.load0, loadavg_1m_end=_loadavg(),
+                                     others_cpu_s=others,
+                                     others_busy_cores=None if others is None or wall <= 0 else others / wall)
+
+
+def lock_path() -> Path:
+    return Path(os.environ.get("MOE_LIGHTNING_LOCK_DIR") or tempfile.gettempdir()) / "moe-lightning-measure.lock"
+
+
+@contextlib.contextmanager
+def measurement_lock() -> Iterator[float]:
+    """Hold the host-wide measurement lock; yields the seconds spent waiting for it."""
+    path = lock_path()
+    t0 = time.perf_counter()
+    try:
+        f = open(path, "a+")  # noqa: SIM115 - held for the whole block
+    except OSError:  # an unwritable lock folder must not stop a run: it is measured unserialized
+        yield 0.0
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield time.perf_counter() - t0
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---- will it fit on this host? ---------------------------------------------------------------------
+
+def available_host_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_host(spec, hardware, device, weight_bytes: int | None = None) -> None:
+    """Refuse (one line) a measured run whose model cannot be held by this host or whose GPU budget is
+    larger than the detected GPU. `spec` is a ModelSpec, `hardware` a HardwareSpec, `device` a torch
+    device. On a CPU-only host every pool, the GPU role's included, lives in host memory."""
+    need = weight_bytes if weight_bytes is not None else spec.total_params * spec.dtype_bytes
+    avail = available_host_bytes()
+    if avail is not None and need > avail:
+        raise MemoryBudgetError(
+            f"model {spec.name} needs {need / GiB:.1f} GiB of host memory for its weights but this host has "
+            f"{avail / GiB:.1f} GiB available: measure a smaller model (e.g. model.num_layers=2), or time it "
+            f"for this hardware with task=simulate / tuner.objective=simulate")
+    if device.type == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        if hardware.gpu_budget_bytes > total:
+            raise MemoryBudgetError(
+                f"hardware={hardware.name} budgets {hardware.gpu_budget_bytes / GiB:.1f} GiB of GPU memory but "
+                f"{torch.cuda.get_device_name(device)} has {total / GiB:.1f} GiB: pick a profile for this GPU "
+                f"(task=calibrate writes one) or lower hardware.gpu.memory_gb")

@@ -1,0 +1,173 @@
+"""The one place that decides how many threads every worker gets (the thread and core budget).
+
+Every resource of the executor is an OS thread: the GPU role (on a CPU-only host the CPU plays the GPU
+and its kernels run on the host's cores), CPU attention, the pageable -> pinned copy worker and the two
+link directions. Each OS thread that runs a torch op owns its own OpenMP team, sized by that thread's
+`torch.set_num_threads` (OpenMP's nthreads ICV is per thread). Left alone, every worker takes a team of
+all cores, so four workers on two cores run eight spinning threads: runs then differ by 10-40x from one
+try to the next. Here the layout is planned once, from the detected cores and from which workers can be
+busy at the same moment, and each worker applies its share when it starts.
+
+Rules (C usable cores):
+- Small models (an expert matrix under 2^20 elements, e.g. the tiny test model): one thread for every
+  worker and for the main thread; a team costs more than such an op (measured: 2-4x slower with two).
+- Workers that never run at the same time may each use every core. With one micro-batch the decode
+  step is a chain (attention, then FFN, then the next layer's attention): the GPU role and CPU attention
+  both get C.
+- On a CPU-only host, when CPU attention overlaps the GPU role's kernels (two or more micro-batches
+  with attention on the CPU), they split the cores: attention gets a quarter (at least one), the GPU
+  role the rest.
+- The copy worker and the two link directions move bytes (memory-bound): one thread each.
+- On a CUDA host the GPU role and the link directions only launch asynchronous work: one thread each;
+  CPU attention gets every core but one (kept for the launching threads) and the copy worker.
+- The main thread (sampling, the reference engine, accelerate) runs between graphs: C.
+- Measured runs take a host-wide lock (`moe_lightning.hostload.measurement_lock`), so parallel tuner
+  workers and trial processes never time at the same moment: they are serialized, not partitioned.
+
+Cores: the CPUs this process may run on (`sched_getaffinity`), capped by a cgroup CPU quota, then by
+`OMP_NUM_THREADS` if the user set it, then by `threads.cores`. The run document records the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moe_lightning.config import ThreadsConfig
+
+ATTENTION_SHARE = 0.25   # of the cores, for CPU attention beside the CPU-played GPU (at least one)
+# Below this many elements in an expert's weight matrix (hidden x FFN), one op lasts microseconds and an
+# OpenMP team's fork, join and spin-wait cost more than the op: one thread per worker, main included.
+SMALL_OP_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Cores:
+    count: int
+    source: str          # what bounded it: affinity, cgroup quota, OMP_NUM_THREADS, threads.cores
+
+
+def detect_cores(config_cores: int = 0) -> Cores:
+    count, source = _affinity(), "sched_getaffinity"
+    quota = _cgroup_quota()
+    if quota is not None and quota < count:
+        count, source = quota, "cgroup cpu quota"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and 0 < int(omp) < count:
+        count, source = int(omp), "OMP_NUM_THREADS"
+    if config_cores > 0:
+        count, source = config_cores, "threads.cores"
+    return Cores(max(1, count), source)
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cgroup_quota() -> int | None:
+    """CPUs allowed by a cgroup CPU quota (v2 cpu.max, v1 cfs quota), rounded up; None if unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(quota / period)) if quota > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ThreadLayout:
+    """Intra-op threads per worker (a `moe_lightning.schedule.graph.Resource` value, plus `main`)."""
+
+    cores: int
+    cores_source: str
+    gpu: int
+    cpu: int
+    copy: int
+    h2d: int
+    d2h: int
+    main: int
+    rule: str            # which rule chose the split (or "explicit" / "explicit, partly")
+
+    def for_resource(self, resource: str) -> int:
+        return getattr(self, resource)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"{self.cores} cores ({self.cores_source}): gpu {self.gpu}, cpu attention {self.cpu}, copy "
+                f"{self.copy}, h2d {self.h2d}, d2h {self.d2h}, main {self.main} [{self.rule}]")
+
+
+def plan_threads(config: ThreadsConfig | None, *, cuda: bool, micro_batches: int, attn_on_cpu: bool,
+                 op_elements: int = SMALL_OP_ELEMENTS) -> ThreadLayout:
+    """The layout for one engine run: which workers can be busy at once decides how cores are split.
+    `op_elements`: elements of the largest weight matrix an op reads (hidden x expert FFN)."""
+    config = config or _configured
+    cores = detect_cores(config.cores)
+    c = cores.count
+    main = c
+    if op_elements < SMALL_OP_ELEMENTS and not cuda:
+        gpu, cpu, copy, main, rule = 1, 1, 1, 1, "small ops: one thread each"
+    elif cuda:
+        gpu, cpu, copy, rule = 1, max(1, c - 2), 1, "cuda: launch threads 1, attention the rest"
+    elif micro_batches >= 2 and attn_on_cpu:
+        cpu = max(1, round(c * ATTENTION_SHARE))
+        gpu, copy, rule = max(1, c - cpu), 1, "cpu host, attention overlaps the GPU role: split"
+    else:
+        gpu, cpu, copy, rule = c, c, 1, "cpu host, no overlapping compute: every core each"
+    chosen = {"gpu": gpu, "cpu": cpu, "copy": copy, "h2d": 1, "d2h": 1, "main": main}
+    given = {k: getattr(config, k) for k in chosen if getattr(config, k) > 0}
+    if given:
+        chosen.update(given)
+        rule = "explicit" if len(given) == len(chosen) else f"explicit {', '.join(sorted(given))}; " + rule
+    return ThreadLayout(cores=c, cores_source=cores.source, rule=rule, **chosen)
+
+
+_configured = ThreadsConfig()
+
+
+def configure(config: ThreadsConfig) -> None:
+    """Set this process's thread settings (run_generation does, from `RunConfig.threads`)."""
+    global _configured
+    _configured = config
+
+
+def configured() -> ThreadsConfig:
+    return _configured
+
+
+def set_thread_count(n: int) -> None:
+    """Size the calling OS thread's intra-op team (OpenMP's nthreads is per thread)."""
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def main_threads(op_elements: int, cuda: bool, config: ThreadsConfig | None = None) -> int:
+    """Threads for the main thread of a run (it never overlaps the workers)."""
+    return plan_threads(config, cuda=cuda, micro_batches=1, attn_on_cpu=True, op_elements=op_elements).main
+
+
+def op_elements(spec) -> int:
+    """The largest weight matrix a decode op reads, in elements (a `ModelSpec`)."""
+    return spec.hidden_size * spec.intermediate_size
+
+
+def worker_process_threads(workers: int, config: ThreadsConfig | None = None) -> int:
+    """Threads per tuner worker process when `workers` share the host (simulated objectives: they run at
+    the same moment; measured trials are serialized by the measurement lock and use the full layout)."""
+    return max(1, detect_cores((config or _configured).cores).count // max(1, workers))

@@ -1,0 +1,136 @@
+"""A study's identity: a fingerprint of everything its objective depends on.
+
+A study resumes only when the fingerprint stored on it equals the one of the run that opens it; reusing
+a study name with another fingerprint is refused with one line naming the fields that differ. The
+default study name ends with the fingerprint, so a changed config starts a study of its own.
+
+What is fingerprinted:
+- the system's config, the objective kind (measure / simulate) and single or multi-objective;
+- the model spec as resolved (shapes, dtype, weights kind and seed) and, for a checkpoint, its content:
+  config.json, and each safetensors file's size, header (names, shapes, dtypes, offsets) and three 1 MiB
+  samples of its data (start, middle, end). Reading every byte of a 90 GB checkpoint to open a study is
+  not worth it; a rewritten tensor of the same shape outside the samples goes unnoticed;
+- the workload's lengths, gen_len, request count, padding, seed and the prompt file's content (sha256);
+  not its name or the file's path;
+- the hardware profile's values;
+- the search space (batch and micro-batch bounds, kernels searched), the policy fields that are not
+  searched, and the sampling settings;
+- for measured studies, the device asked for and the thread settings, which change what is measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from moe_lightning.config import ModelSpec, RunConfig
+from moe_lightning.errors import ConfigError
+
+SAMPLE_BYTES = 1 << 20
+SEARCHED = ("batch_size", "micro_batch_size", "attn_on_gpu", "expert_gpu_fraction", "kv_gpu_fraction",
+            "prefetch_depth", "expert_kernel")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """config.json plus each safetensors file's size, header and sampled data (see module docstring)."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as f:
+            head = f.read(8)
+            h.update(head)
+            if len(head) == 8:
+                h.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
+            for offset in (0, size // 2, max(0, size - SAMPLE_BYTES)):
+                f.seek(offset)
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def study_fields(cfg: RunConfig, spec: ModelSpec, search_space: dict[str, Any]) -> dict[str, Any]:
+    """The flat {field: value} the objective depends on (JSON values)."""
+    as_dict = dataclasses.asdict
+    model = {k: v for k, v in as_dict(spec).items() if k != "path"}
+    if spec.weights == "checkpoint" and spec.path:
+        model["checkpoint_content"] = checkpoint_fingerprint(spec.path)
+    w = cfg.workload
+    workload = {"prompt_len_avg": w.prompt_len_avg, "prompt_len_max": w.prompt_len_max, "gen_len": w.gen_len,
+                "num_requests": w.num_requests, "padding": w.padding, "seed": w.seed,
+                "prompts_sha256": file_sha256(w.path) if w.path and Path(w.path).is_file() else None}
+    measured = cfg.tuner.objective == "measure"
+    tree = {
+        "system": as_dict(cfg.system),
+        "objective": cfg.tuner.objective,
+        "multi_objective": cfg.tuner.multi_objective,
+        "model": model,
+        "workload": workload,
+        "hardware": as_dict(cfg.hardware),
+        "search_space": search_space,
+        "policy": {k: v for k, v in as_dict(cfg.policy).items() if k not in SEARCHED},
+        "sampling": as_dict(cfg.sampling),
+        "measurement": {"device": cfg.device, "threads": as_dict(cfg.threads)} if measured else None,
+    }
+    flat: dict[str, Any] = {}
+    _flatten("", json.loads(json.dumps(tree, default=str)), flat)
+    return flat
+
+
+def digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`field: stored -> current` for each field that differs."""
+    keys = sorted(set(stored) | set(current))
+    missing = object()
+    out = []
+    for k in keys:
+        a, b = stored.get(k, missing), current.get(k, missing)
+        if a != b:
+            show = lambda v: "(absent)" if v is missing else json.dumps(v)[:40]  # noqa: E731
+            out.append(f"{k}: {show(a)} -> {show(b)}")
+    return out
+
+
+def check_identity(study, fields: dict[str, Any]) -> None:
+    """Stamp a new study with `fields`, or refuse (one line) to resume one whose fingerprint differs."""
+    stored = study.user_attrs.get("fingerprint_fields")
+    if stored is None:
+        if study.trials:
+            raise ConfigError(f"study {study.study_name!r} holds {len(study.trials)} trials but no fingerprint (made "
+                              f"by an older version): its results cannot be matched to this config; choose another "
+                              f"tuner.study_name")
+        study.set_user_attr("fingerprint", digest(fields))
+        study.set_user_attr("fingerprint_fields", fields)
+        return
+    if stored == fields:
+        return
+    diff = differences(stored, fields)
+    shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+    raise ConfigError(f"study {study.study_name!r} was made for another config ({shown}): its trials would not "
+                      f"measure this one; choose another tuner.study_name, or drop tuner.study_name for one "
+                      f"named after this config")
