@@ -1,13 +1,26 @@
-"""CI regression benchmark: fixed, small, and judged by ratios measured side by side in one run.
+"""CI regression benchmark: small, fixed, and judged on signals that a loaded runner cannot fake.
 
-It runs the reference engine and CGOPipe alternately (A B A B ...) on the same random mid-size model
-and workload, checks that their tokens are identical, and compares the median throughput ratio
-CGOPipe / reference (and the simulator's error against the measured CGOPipe run) with the values
-committed in `results/ci/regression_reference.json`. Absolute tokens/s are recorded but never judged:
-CI machines are noisy and shared; a ratio taken in one run is not.
+After one discarded round, the reference engine and CGOPipe run alternately (A B A B ...) on the same
+random mid-size model and workload (CGOPipe with two micro-batches and streamed experts, so its CPU
+attention, copies and "GPU" work can overlap). Three signals are judged against `results/ci/regression_reference.json`:
 
-    python benchmarks/regression.py            # compare with the committed reference, exit 1 on regression
-    python benchmarks/regression.py --update   # rewrite the reference from this machine's run
+1. token parity: CGOPipe's tokens equal the reference engine's;
+2. overlap, from the executor's own records: the busy time of every resource summed over the decode
+   steps, divided by their wall time. A serial executor scores at most 1.0 whatever the machine's
+   speed; the pipelined one scores more, and a loaded runner stretches busy time and wall time alike;
+3. the simulator's error: the simulated end-to-end time of the same run against the measured median,
+   on a hardware profile calibrated on this machine at the start of the run (so the runner's speed
+   cancels out).
+
+Throughput (and the CGOPipe / reference ratio) is printed with its spread but never judged: absolute
+speed on a shared runner is noise. The host's load is recorded for every run; when the measurement is
+too noisy to judge the simulator's error (throughput CV above the limit, or other processes busy), the
+benchmark says so and measures again, up to `--attempts` times, and if it stays noisy it prints
+"INCONCLUSIVE" for that signal instead of passing it silently. Parity and overlap are always judged.
+
+    python benchmarks/regression.py            # judge against the committed reference, exit 1 on regression
+    python benchmarks/regression.py --update   # rewrite the reference (with its spread) from this machine
+    python benchmarks/regression.py --serial   # the same with a serial executor: must fail (a self-test)
 """
 
 from __future__ import annotations
@@ -15,80 +28,147 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 REFERENCE = Path(__file__).resolve().parent.parent / "results" / "ci" / "regression_reference.json"
-TOLERANCE = 0.40   # a ratio may drop this much below the reference before it is a regression
+MAX_CV = 0.10               # CGOPipe's throughput over the rounds: above this the run is too noisy to judge
+OVERLAP_KEEP = 0.5          # the overlap gain (overlap - 1) may shrink to this share of the reference's
+SIM_ERROR_SLACK = 0.15      # the simulator's error may grow by this much (absolute) over the reference's
 
 
-def run(repeats: int) -> dict:
-    import torch
-
-    from moe_lightning.config import Policy, RunConfig, Sampling, Workload
-    from moe_lightning.report import environment
+def measure(rounds: int, serial: bool) -> dict:
+    from moe_lightning.config import Policy, RunConfig, Sampling, ThreadsConfig, Workload
+    from moe_lightning.report import Spread
     from moe_lightning.systems import CGOPipeSystem, ReferenceSystem
     from moe_lightning.tasks.generate import run_generation
+    from moe_lightning.tuner.calibrate import hardware_spec
+    from moe_lightning.tuner.calibrate import measure as calibrate
     from moe_lightning.tuner.presets import load_preset
     from moe_lightning.tuner.simulator import simulate_run
 
-    torch.set_num_threads(2)
     model = dataclasses.replace(load_preset("model", "mid-mixtral"), num_layers=2)
     workload = Workload(name="ci", prompt_len_avg=24, prompt_len_max=48, gen_len=8, num_requests=8, seed=3)
     policy = Policy(batch_size=8, micro_batch_size=2, expert_gpu_fraction=0.25, expert_kernel="loop")
-    hardware = load_preset("hardware", "cpu")
-    base = RunConfig(model=model, workload=workload, policy=policy, hardware=hardware, device="cpu",
-                     sampling=Sampling(ignore_eos=True))
+    base = RunConfig(model=model, workload=workload, policy=policy, hardware=load_preset("hardware", "cpu"),
+                     device="cpu", sampling=Sampling(ignore_eos=True), threads=ThreadsConfig(serial=serial))
+    here = hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")
     tok_s: dict[str, list[float]] = {"reference": [], "cgopipe": []}
-    outputs = {}
-    for _ in range(repeats):
-        for name, system in (("reference", ReferenceSystem()), ("cgopipe", CGOPipeSystem())):
+    overlap, e2e_s, outputs, hosts, threads = [], [], {}, [], None
+    systems = (("reference", ReferenceSystem()), ("cgopipe", CGOPipeSystem()))
+    for _, system in systems:  # a discarded round: the first runs of a process are slower (first touch)
+        run_generation(dataclasses.replace(base, system=system), progress=False, warmup_tokens=2)
+    for _ in range(rounds):
+        for name, system in systems:
             gen = run_generation(dataclasses.replace(base, system=system), progress=False, warmup_tokens=2)
-            tok_s[name].append(gen.report.metrics.throughput_tok_s)
-            outputs[name] = gen.output_ids
-    sim = simulate_run(model, hardware, workload, policy)
-    measured = statistics.median(tok_s["cgopipe"])
+            m = gen.report.metrics
+            tok_s[name].append(m.throughput_tok_s)
+            outputs.setdefault(name, gen.output_ids)
+            hosts.append(gen.report.environment["host_load"])
+            if name == "cgopipe":
+                timeline = gen.runner.timeline
+                overlap.append(sum(timeline.busy_s["decode"].values()) / timeline.wall_s["decode"])
+                e2e_s.append(m.prefill_s + m.decode_s)
+                threads = gen.report.environment["threads"]
+    sim = simulate_run(model, here, workload, policy)
+    sim_e2e = sim.prefill_s + sim.decode_s
+    errors = [abs(sim_e2e - t) / t for t in e2e_s]
+    ratio = [c / r for c, r in zip(tok_s["cgopipe"], tok_s["reference"])]
+    spread = {k: Spread.of(v).to_dict() for k, v in (("reference_tok_s", tok_s["reference"]),
+                                                      ("cgopipe_tok_s", tok_s["cgopipe"]),
+                                                      ("ratio_cgopipe_over_reference", ratio),
+                                                      ("overlap", overlap), ("sim_relative_error", errors))}
+    noise = []
+    if spread["cgopipe_tok_s"]["cv"] > MAX_CV:
+        noise.append(f"CGOPipe throughput varies {spread['cgopipe_tok_s']['cv']:.1%} over {rounds} rounds "
+                     f"(> {MAX_CV:.0%})")
+    busy = [h["others_busy_cores"] for h in hosts if h.get("others_busy_cores") is not None]
+    if busy and max(busy) > 0.25:
+        noise.append(f"other processes kept up to {max(busy):.2f} cores busy")
     return {
         "tokens_identical": outputs["reference"] == outputs["cgopipe"],
+        "rounds": rounds, "serial_executor": serial,
         "tok_s": {k: [round(x, 3) for x in v] for k, v in tok_s.items()},
-        "ratio_cgopipe_over_reference": round(measured / statistics.median(tok_s["reference"]), 4),
-        "sim_relative_error": round(abs(sim.throughput_tok_s - measured) / measured, 4),
-        "environment": environment(),
+        "overlap": [round(x, 4) for x in overlap], "sim_relative_error": [round(x, 4) for x in errors],
+        "simulated_e2e_s": round(sim_e2e, 4), "measured_e2e_s": [round(x, 4) for x in e2e_s],
+        "spread": spread, "noise": noise, "threads": threads,
+        "calibrated_here": dataclasses.asdict(here),
+        "host_load": hosts,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def judge(result: dict, ref: dict) -> tuple[list[str], list[str]]:
+    """-> (regressions, inconclusive signals)."""
+    problems, inconclusive = [], []
+    if not result["tokens_identical"]:
+        problems.append("CGOPipe tokens differ from the reference engine")
+    ov, ref_ov = result["spread"]["overlap"]["median"], ref["spread"]["overlap"]["median"]
+    floor = 1 + OVERLAP_KEEP * (ref_ov - 1)
+    if ov < floor:
+        problems.append(f"overlap {ov:.3f} < {floor:.3f} (reference {ref_ov:.3f}: the executor lost more than "
+                        f"{1 - OVERLAP_KEEP:.0%} of its overlap; 1.0 is a serial executor)")
+    err, ref_err = result["spread"]["sim_relative_error"]["median"], ref["spread"]["sim_relative_error"]
+    ceiling = ref_err["median"] + max(SIM_ERROR_SLACK, 3 * ref_err["stdev"])
+    if result["noise"]:
+        inconclusive.append(f"simulator error {err:.3f} not judged: {'; '.join(result['noise'])}")
+    elif err > ceiling:
+        problems.append(f"simulated-vs-measured error {err:.3f} > {ceiling:.3f} (reference {ref_err['median']:.3f})")
+    return problems, inconclusive
+
+
+def show(result: dict) -> str:
+    s = result["spread"]
+
+    def fmt(key: str, digits: int = 3) -> str:
+        d = s[key]
+        return f"{d['median']:.{digits}f} ± {d['stdev']:.{digits}f} (min {d['min']:.{digits}f}, n {d['n']})"
+
+    return "\n".join([
+        f"measured on this host, {result['rounds']} interleaved rounds, threads {result['threads']}",
+        f"  reference engine tok/s      {fmt('reference_tok_s', 2)}",
+        f"  CGOPipe tok/s               {fmt('cgopipe_tok_s', 2)}",
+        f"  CGOPipe / reference         {fmt('ratio_cgopipe_over_reference')}  (not judged)",
+        f"  overlap (busy / wall)       {fmt('overlap')}",
+        f"  simulator error             {fmt('sim_relative_error')}  (simulated {result['simulated_e2e_s']:.3f} s "
+        f"on a profile calibrated here)",
+        f"  tokens identical            {result['tokens_identical']}",
+    ] + [f"  noise: {n}" for n in result["noise"]])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--update", action="store_true", help="write this run as the new reference")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--attempts", type=int, default=3, help="measurements before a noisy run is inconclusive")
+    ap.add_argument("--serial", action="store_true", help="serial executor (a self-test: the benchmark must fail)")
+    ap.add_argument("--reference", type=Path, default=REFERENCE)
     args = ap.parse_args()
-    result = run(args.repeats)
-    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=1))
+    ref = None if args.update else json.loads(args.reference.read_text())
+    for attempt in range(1, args.attempts + 1):
+        result = measure(args.rounds, args.serial)
+        print(show(result), flush=True)
+        if not result["noise"] or args.update:
+            break
+        print(f"too noisy to judge (attempt {attempt} of {args.attempts}): measuring again", flush=True)
     if args.update:
-        REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-        REFERENCE.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"reference written: {REFERENCE}")
+        if result["noise"] or not result["tokens_identical"]:
+            print("not written: a reference must be steady and token-identical")
+            return 1
+        args.reference.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.reference.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(args.reference)
+        print(f"reference written: {args.reference}")
         return 0
-    ref = json.loads(REFERENCE.read_text())
-    problems = []
-    if not result["tokens_identical"]:
-        problems.append("CGOPipe tokens differ from the reference engine")
-    floor = ref["ratio_cgopipe_over_reference"] * (1 - TOLERANCE)
-    if result["ratio_cgopipe_over_reference"] < floor:
-        problems.append(f"CGOPipe/reference throughput ratio {result['ratio_cgopipe_over_reference']:.3f} < "
-                        f"{floor:.3f} (reference {ref['ratio_cgopipe_over_reference']:.3f} - {TOLERANCE:.0%})")
-    ceiling = max(ref["sim_relative_error"] * (1 + TOLERANCE), ref["sim_relative_error"] + 0.15)
-    if result["sim_relative_error"] > ceiling:
-        problems.append(f"simulated-vs-measured error {result['sim_relative_error']:.3f} > {ceiling:.3f}")
+    problems, inconclusive = judge(result, ref)
     for p in problems:
         print(f"REGRESSION: {p}")
-    print("regression benchmark:", "FAILED" if problems else "ok",
-          f"(ratio {result['ratio_cgopipe_over_reference']:.3f} vs reference "
-          f"{ref['ratio_cgopipe_over_reference']:.3f}; "
-          f"sim error {result['sim_relative_error']:.3f} vs {ref['sim_relative_error']:.3f})")
+    for p in inconclusive:
+        print(f"INCONCLUSIVE: {p}")
+    verdict = "FAILED" if problems else ("ok, except the inconclusive signal above" if inconclusive else "ok")
+    print(f"regression benchmark: {verdict}")
     return 1 if problems else 0
 
 

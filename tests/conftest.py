@@ -25,6 +25,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> torch.device:
+    """Engine tests run on the CPU and, where there is one, on CUDA (streams, events, pinned memory)."""
+    if request.param == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity: no TF32 in the GEMMs
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
     from moe_lightning.engine.tiny import ensure_tiny_mixtral

@@ -26,18 +26,32 @@ class GenerationParams:
 
 @dataclass
 class GenerationResult:
+    """Outputs and times of `passes` runs of the same prompts (outputs of the first; times summed)."""
+
     output_ids: list[list[int]]
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_step_s: list[float] = field(default_factory=list)
+    passes: int = 1
 
     @property
     def generated_tokens(self) -> int:
+        """Tokens of one pass."""
         return sum(len(o) for o in self.output_ids)
 
     @property
     def total_s(self) -> float:
         return self.prefill_s + self.decode_s
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return self.passes * self.generated_tokens / self.total_s if self.total_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after each sequence's first / decode time."""
+        n_seq = len(self.output_ids)
+        return self.passes * (self.generated_tokens - n_seq) / self.decode_s if self.decode_s else 0.0
 
 
 class BatchRunner(Protocol):

@@ -45,19 +45,20 @@ def with_planned_policy(cfg: RunConfig) -> RunConfig:
 class BenchTask:
     name: str = "bench"
     warmup_tokens: int = 2
-    repeats: int = 3            # timed passes over the whole workload after the warm-up (median, spread)
-    max_cv: float = 0.05        # a throughput coefficient of variation above this marks the run noisy
+    repeats: int = 5            # timed passes over the whole workload after the warm-up (median, spread)
+    max_cv: float = 0.10        # a throughput coefficient of variation above this marks the run noisy
+    min_repeat_s: float = 0.5   # a shorter workload is run several times per repeat (pyperf's loops)
     progress: bool = True
     plan: bool = False          # run the HRM optimizer's policy for this hardware, model and workload
 
     def __post_init__(self) -> None:
-        check_repeats(self.repeats, self.max_cv, "task")
+        check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s)
 
     def run(self, cfg: RunConfig) -> RunReport:
         if self.plan:
             cfg = with_planned_policy(cfg)
         gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens, repeats=self.repeats,
-                             max_cv=self.max_cv)
+                             max_cv=self.max_cv, min_repeat_s=self.min_repeat_s)
         report = gen.report
         from moe_lightning.config import ModelSpec
 

@@ -54,8 +54,9 @@ class CompareTask:
     systems: list[str] = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
     mode: str = "measure"           # measure: run each system here; simulate: time its graphs on the profile
     warmup_tokens: int = 2
-    repeats: int = 3                # timed passes over the workload per system (median and spread)
-    max_cv: float = 0.05            # a system whose throughput varies more is marked noisy
+    repeats: int = 5                # timed passes over the workload per system (median and spread)
+    max_cv: float = 0.10            # a system whose throughput varies more is marked noisy
+    min_repeat_s: float = 0.5       # a shorter workload is run several times per repeat (pyperf's loops)
     progress: bool = True
     policy_source: str = "auto"     # auto: each system picks its own; given: cfg.policy for every system
     isolate: bool = True            # one spawned process per system
@@ -65,7 +66,7 @@ class CompareTask:
             raise ConfigError(f"task.policy_source: got {self.policy_source!r}; accepted: auto, given")
         if self.mode not in ("measure", "simulate"):
             raise ConfigError(f"task.mode: got {self.mode!r}; accepted: measure, simulate")
-        check_repeats(self.repeats, self.max_cv, "task")
+        check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s)
 
     def run(self, cfg: RunConfig, given: dict[str, Policy] | None = None) -> RunReport:
         """Compare the systems; those named in `given` run that policy (task=tune: the tuned one)."""
@@ -112,7 +113,7 @@ class CompareTask:
         return best
 
     def _measure_args(self) -> tuple:
-        return self.warmup_tokens, self.repeats, self.max_cv, self.progress
+        return self.warmup_tokens, self.repeats, self.max_cv, self.min_repeat_s, self.progress
 
     def _simulate(self, cfg: RunConfig, name: str, out: Path, source: str, given: Policy | None) -> str | None:
         from moe_lightning.tasks.simulate import SIMULATED_SCHEDULES, simulate_system
@@ -166,14 +167,15 @@ def system_run_config(cfg: RunConfig, name: str, policy_source: str) -> RunConfi
 
 
 def run_system(cfg: RunConfig, name: str, out: str, policy_source: str, warmup_tokens: int, repeats: int,
-               max_cv: float, progress: bool) -> str:
+               max_cv: float, min_repeat_s: float, progress: bool) -> str:
     """Run one system and write its run document (the body of each spawned process)."""
     from moe_lightning.tasks.generate import run_generation
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys_cfg = system_run_config(cfg, name, policy_source)
     sys_cfg = dataclasses.replace(sys_cfg, out=out, trace=False)
-    gen = run_generation(sys_cfg, progress=progress, warmup_tokens=warmup_tokens, repeats=repeats, max_cv=max_cv)
+    gen = run_generation(sys_cfg, progress=progress, warmup_tokens=warmup_tokens, repeats=repeats, max_cv=max_cv,
+                         min_repeat_s=min_repeat_s)
     gen.report.extra["policy_source"] = policy_source
     if policy_source == "auto":
         gen.report.extra["policy_chosen_by"] = CHOSEN_BY.get(name, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +29,16 @@ class Generation:
 
 
 def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0, repeats: int = 1,
-                   max_cv: float = 0.05) -> Generation:
+                   max_cv: float = 0.10, min_repeat_s: float = 0.0) -> Generation:
     """Load, (warm up,) generate for every request `repeats` times, and measure.
 
     Weight loading is never timed. With `warmup_tokens`, one batch is generated that far first and its
-    timings are discarded. Each repeat runs the whole workload; the headline figures are medians over
-    the repeats, with their spread beside them. The timed part holds the host-wide measurement lock and
-    records the host's load; a run whose throughput varies by more than `max_cv` (coefficient of
-    variation), or beside other busy processes, is marked noisy."""
+    timings are discarded. Each repeat runs the whole workload; with `min_repeat_s`, a workload that
+    takes less is run several times per repeat (the same number for every repeat, found by one untimed
+    pass), as pyperf calibrates its loops: a 40 ms run on a shared host is mostly scheduler noise. The
+    headline figures are medians over the repeats, with their spread beside them. The timed part holds
+    the host-wide measurement lock and records the host's load; a run whose throughput varies by more
+    than `max_cv` (coefficient of variation), or beside other busy processes, is marked noisy."""
     from tqdm import tqdm
 
     from moe_lightning.engine.generation import GenerationParams, generate
@@ -70,21 +73,27 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
                               eos_token_id=None if cfg.sampling.ignore_eos else spec.eos_token_id)
     prompts = [r.input_ids for r in requests]
     results = []
-    total = repeats * len(requests) * params.max_new_tokens
-    with measurement_lock() as lock_wait_s, HostLoad() as load, \
-            tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
-                 leave=False) as bar:
+    loops = 1
+    with measurement_lock() as lock_wait_s, HostLoad() as load:
         if warmup_tokens:
             warm = dataclasses.replace(params, max_new_tokens=min(warmup_tokens, params.max_new_tokens))
             generate(runner, prompts[:cfg.policy.batch_size], warm, cfg.policy.batch_size)
-            if hasattr(runner, "reset_stats"):
-                runner.reset_stats()
-        for _ in range(repeats):
-            results.append(generate(runner, prompts, params, cfg.policy.batch_size, on_tokens=bar.update))
+        if min_repeat_s > 0:  # one untimed pass sizes the loops (and finishes the warm-up)
+            once = generate(runner, prompts, params, cfg.policy.batch_size)
+            loops = max(1, min(MAX_LOOPS, math.ceil(min_repeat_s / max(once.total_s, 1e-6))))
+        if hasattr(runner, "reset_stats"):
+            runner.reset_stats()
+        total = repeats * loops * len(requests) * params.max_new_tokens
+        with tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
+                  leave=False) as bar:
+            for _ in range(repeats):
+                passes = [generate(runner, prompts, params, cfg.policy.batch_size, on_tokens=bar.update)
+                          for _ in range(loops)]
+                results.append(merge_passes(passes))
     host = load.report
     host.lock_wait_s = lock_wait_s
     stats = runner.stats() if hasattr(runner, "stats") else {}
-    metrics = measured_metrics(results, len(requests), max_cv, host)
+    metrics = measured_metrics(results, max_cv, host)
     metrics.peak_gpu_bytes = stats.get("peak_gpu_bytes", _peak_gpu_bytes(device))
     metrics.peak_cpu_bytes = peak_cpu_bytes()
     metrics.link_bytes = stats.get("link_bytes", {"h2d": 0, "d2h": 0})
@@ -99,15 +108,31 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         environment={**environment(), "threads": threads, "host_load": host.to_dict()},
         extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling),
                "outputs_identical_across_repeats": all(r.output_ids == results[0].output_ids for r in results),
+               "loops_per_repeat": loops,
                **stats.get("extra", {})},
     )
     return Generation(report, requests, results[0].output_ids, tokenizer, runner)
 
 
-def measured_metrics(results: list, n_seq: int, max_cv: float, host=None) -> Metrics:
+MAX_LOOPS = 100
+
+
+def merge_passes(passes: list):
+    """Several timed passes over the workload as one repeat (outputs of the first; times summed)."""
+    from moe_lightning.engine.generation import GenerationResult
+
+    if len(passes) == 1:
+        return passes[0]
+    return GenerationResult(output_ids=passes[0].output_ids, prefill_s=sum(p.prefill_s for p in passes),
+                            decode_s=sum(p.decode_s for p in passes),
+                            decode_step_s=[s for p in passes for s in p.decode_step_s], passes=len(passes))
+
+
+def measured_metrics(results: list, max_cv: float, host=None) -> Metrics:
     """Medians over the repeats (`GenerationResult`s) with their spread, and the noise verdict."""
-    tok_s = [r.generated_tokens / r.total_s if r.total_s else 0.0 for r in results]
-    spread = {"throughput_tok_s": Spread.of(tok_s), "prefill_s": Spread.of([r.prefill_s for r in results]),
+    tok_s = [r.throughput_tok_s for r in results]
+    spread = {"throughput_tok_s": Spread.of(tok_s),
+              "prefill_s": Spread.of([r.prefill_s / r.passes for r in results]),
               "decode_step_s": Spread.of([s for r in results for s in r.decode_step_s])}
     mid = results[tok_s.index(sorted(tok_s)[(len(tok_s) - 1) // 2])]   # the median repeat (lower for even k)
     noise = []
@@ -118,9 +143,8 @@ def measured_metrics(results: list, n_seq: int, max_cv: float, host=None) -> Met
         noise.append(f"other processes kept {host.others_busy_cores:.2f} cores busy while it ran")
     return Metrics(
         throughput_tok_s=spread["throughput_tok_s"].median, prefill_s=spread["prefill_s"].median,
-        decode_s=mid.decode_s, generated_tokens=mid.generated_tokens,
-        decode_step_median_s=spread["decode_step_s"].median,
-        decode_tok_s=(mid.generated_tokens - n_seq) / mid.decode_s if mid.decode_s else 0.0,
+        decode_s=mid.decode_s / mid.passes, generated_tokens=mid.generated_tokens,
+        decode_step_median_s=spread["decode_step_s"].median, decode_tok_s=mid.decode_tok_s,
         kind="measured", repeats=len(results), spread=spread, noisy=bool(noise), noise=noise)
 
 
@@ -177,9 +201,10 @@ def summary_line(report: RunReport) -> str:
 class GenerateTask:
     name: str = "generate"
     progress: bool = True
+    warmup_tokens: int = 2      # one batch this far first, untimed: first-run costs are not the engine's speed
 
     def run(self, cfg: RunConfig) -> RunReport:
-        gen = run_generation(cfg, progress=self.progress)
+        gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens)
         run_dir = Path(cfg.run_dir or "runs/latest")
         outputs = Path(cfg.outputs) if cfg.outputs else run_dir / "outputs.jsonl"
         out = Path(cfg.out) if cfg.out else run_dir / "run.json"

@@ -196,8 +196,7 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
     systems = [cfg.system.name, *[b for b in baselines if b != cfg.system.name]]
     # A simulated tune is for hardware that may not be here: its comparison is simulated too.
     mode = "simulate" if cfg.tuner.objective == "simulate" else "measure"
-    compare = CompareTask(systems=systems, mode=mode, warmup_tokens=1, repeats=cfg.tuner.repeats,
-                          max_cv=cfg.tuner.max_cv, progress=False)
+    compare = CompareTask(systems=systems, mode=mode, max_cv=cfg.tuner.max_cv, progress=False)
     try:
         report = compare.run(dataclasses.replace(cfg, run_dir=str(run_dir / "compare")),
                              given={cfg.system.name: policy})

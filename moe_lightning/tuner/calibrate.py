@@ -209,7 +209,11 @@ def measure_dispatch(device: str, side_tasks: int = 60) -> tuple[float, float]:
     for n in range(side_tasks):
         prev = g.add(hops[n % len(hops)], "attend", n, 1, [prev])
     handlers = {"matmul": lambda task: a @ a, "attend": lambda task: decode_attention(q, k, v, lengths)}
-    executor = Executor(torch.device(device))
+    from moe_lightning.threads import plan_threads
+
+    # The engine's own thread layout for a run whose CPU attention overlaps the GPU role.
+    layout = plan_threads(None, cuda=device == "cuda", micro_batches=2, attn_on_cpu=True, op_elements=a.numel())
+    executor = Executor(torch.device(device), threads=layout)
     alone = _median(lambda: _wall(lambda: decode_attention(q, k, v, lengths)), 9)
     per_task, per_graph = [], []
     for _ in range(3):

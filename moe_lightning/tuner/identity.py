@@ -104,8 +104,11 @@ def digest(fields: dict[str, Any]) -> str:
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`field: stored -> current` for each field that differs."""
-    keys = sorted(set(stored) | set(current))
+    """`field: stored -> current` for each field that differs, top-level fields first; the subfields of a
+    block that is null on one side are not listed one by one."""
+    nulls = {k for d in (stored, current) for k, v in d.items() if v is None}
+    keys = sorted(set(stored) | set(current), key=lambda k: (k.count("."), k))
+    keys = [k for k in keys if not any(k.startswith(n + ".") for n in nulls)]
     missing = object()
     out = []
     for k in keys:

@@ -320,7 +320,8 @@ def _trial_child(cfg: RunConfig, memory_gb: float, conn) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         from moe_lightning.tasks.generate import run_generation
 
-        gen = run_generation(cfg, progress=False, warmup_tokens=1, repeats=cfg.tuner.repeats, max_cv=cfg.tuner.max_cv)
+        gen = run_generation(cfg, progress=False, warmup_tokens=1, repeats=cfg.tuner.repeats, max_cv=cfg.tuner.max_cv,
+                             min_repeat_s=cfg.tuner.min_repeat_s)
         conn.send(("ok", gen.report.to_dict()))
     except MemoryError as exc:
         conn.send(("error", f"out of memory: {exc or 'MemoryError'}"))

@@ -28,19 +28,19 @@ SYSTEMS = {"flexgen": FlexGenSystem, "flexgen_c": FlexGenCSystem, "deepspeed": D
 
 
 
-def run(system, spec, source, policy, wl, prompts):
-    runner = system.build(spec, source, HardwareSpec(), policy, wl, CPU)
+def run(system, spec, source, policy, wl, prompts, device=CPU):
+    runner = system.build(spec, source, HardwareSpec(), policy, wl, device)
     result = generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW, eos_token_id=2), policy.batch_size)
     return runner, result.output_ids
 
 
 @pytest.mark.parametrize("name", list(SYSTEMS))
-def test_auto_policy_tokens_identical_to_transformers(tiny, prompts, hf_outputs, name):
+def test_auto_policy_tokens_identical_to_transformers(tiny, prompts, hf_outputs, name, device):
     spec, source = tiny
     system = SYSTEMS[name]()
     wl = prompt_workload(prompts)
     policy = system.resolve_policy(spec, HardwareSpec(), wl, Policy())
-    runner, out = run(system, spec, source, policy, wl, prompts)
+    runner, out = run(system, spec, source, policy, wl, prompts, device)
     assert out == hf_outputs
     assert runner.schedule.name == ("flexgen" if name.startswith("flexgen") else name)
 
@@ -66,10 +66,10 @@ GIVEN = [
                          ids=[f"{n}-N{p.batch_size}-mu{p.micro_batch_size}-Ag{int(p.attn_on_gpu)}-rw"
                               f"{p.expert_gpu_fraction}-rc{p.kv_gpu_fraction}{'-pad' if pad else ''}"
                               for n, p, pad in GIVEN])
-def test_given_policy_tokens_identical_to_transformers(tiny, prompts, hf_outputs, name, policy, padded):
+def test_given_policy_tokens_identical_to_transformers(tiny, prompts, hf_outputs, name, policy, padded, device):
     spec, source = tiny
     wl = prompt_workload(prompts, padded)
-    runner, out = run(SYSTEMS[name](policy_source="given"), spec, source, policy, wl, prompts)
+    runner, out = run(SYSTEMS[name](policy_source="given"), spec, source, policy, wl, prompts, device)
     assert out == hf_outputs
     if policy.expert_gpu_fraction < 1:
         assert runner.stats()["link_bytes"]["h2d"] > 0
@@ -89,14 +89,14 @@ def test_deepspeed_refuses_cpu_attention(tiny, prompts):
                                                      prompt_workload(prompts), CPU)
 
 
-def test_accelerate_tokens_identical_to_transformers(tiny, prompts, hf_outputs):
+def test_accelerate_tokens_identical_to_transformers(tiny, prompts, hf_outputs, device):
     """Left padding + attention mask + mask-derived positions, fp32: the same greedy tokens as unpadded
     one-prompt-at-a-time `generate`."""
     spec, source = tiny
     system = AccelerateSystem()
     wl = prompt_workload(prompts)
     policy = system.resolve_policy(spec, HardwareSpec(), wl, Policy())
-    runner, out = run(system, spec, source, policy, wl, prompts)
+    runner, out = run(system, spec, source, policy, wl, prompts, device)
     assert out == hf_outputs
     assert runner.stats()["extra"]["device_map"]
 
@@ -119,7 +119,7 @@ def test_accelerate_random_weights_are_the_engines(tiny, prompts):
     torch.testing.assert_close(peer.decode(tokens), ref.decode(tokens), atol=1e-4, rtol=1e-4)
 
 
-def test_gpu_resident_kv_starts_clean(tiny, prompts, hf_outputs):
+def test_gpu_resident_kv_starts_clean(tiny, prompts, hf_outputs, device):
     """Whatever the pool memory held before (here NaN everywhere), a GPU-resident KV cache's masked
     slots cannot leak into attention."""
     from moe_lightning.baselines.schedules import FLEXGEN
@@ -127,7 +127,7 @@ def test_gpu_resident_kv_starts_clean(tiny, prompts, hf_outputs):
 
     spec, source = tiny
     policy = Policy(batch_size=10, micro_batch_size=10, kv_gpu_fraction=1.0, **G)
-    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts), CPU, schedule=FLEXGEN)
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts), device, schedule=FLEXGEN)
     runner.pools.buffers["kv_cache"].fill_(0xFF)  # float32 NaN bytes
     result = generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW, eos_token_id=2), policy.batch_size)
     assert result.output_ids == hf_outputs

@@ -4,7 +4,6 @@ order, and refuses a policy over the memory budget before touching a weight."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import pytest
@@ -45,9 +44,9 @@ def _policy_id(p: Policy, pad: bool) -> str:
 
 
 @pytest.mark.parametrize("policy, padded", POLICIES, ids=[_policy_id(p, pad) for p, pad in POLICIES])
-def test_tokens_identical_to_transformers(tiny, prompts, hf_outputs, policy, padded):
+def test_tokens_identical_to_transformers(tiny, prompts, hf_outputs, policy, padded, device):
     spec, source = tiny
-    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts, padded), CPU)
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts, padded), device)
     result = generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW, eos_token_id=2),
                       policy.batch_size)
     assert result.output_ids == hf_outputs
@@ -55,6 +54,8 @@ def test_tokens_identical_to_transformers(tiny, prompts, hf_outputs, policy, pad
     if policy.expert_gpu_fraction < 1:
         assert stats["link_bytes"]["h2d"] > 0  # experts really streamed
     assert stats["peak_gpu_bytes"] <= sum(runner.plan.gpu.values()) + 4096 * len(runner.plan.gpu)
+    if device.type == "cuda":  # the CUDA path really ran: streams and pinned staging
+        assert runner.executor.streams and (not runner.experts.ring or runner.experts.ring[0].is_pinned())
 
 
 def test_policies_cover_the_acceptance_space():
@@ -90,31 +91,37 @@ def test_issue_order_is_cgopipe():
     assert {g.get("W_PinToGPU", 1, p) for p in range(3)} <= set(post.deps)
 
 
-def test_executed_overlap_follows_cgopipe(tiny):
-    """Run the real decode graph through the executor with handlers of known duration, link-bound as
-    on the paper's hardware: page j of layer i+1 is in flight during PostAttn(i, j), CPU attention for
-    j+2 is issued before PostAttn(i, j) completes, and the link never idles once streaming starts."""
+@pytest.mark.parametrize("serial", [False, True], ids=["pipelined", "serial-executor"])
+def test_executed_overlap_follows_cgopipe(serial):
+    """Run the real decode graph through the executor with handlers of known duration. Link-bound, as on
+    the paper's hardware: page j of layer i+1 is in flight during PostAttn(i, j) and the link never idles
+    once streaming starts. GPU-bound: CPU attention of micro-batch k+2 runs while the GPU computes
+    PostAttn(k+1). The same checks on a serial executor must fail: they see overlap, not issue order."""
     L, m = 3, 4
     g = decode_graph(PipeShape(num_layers=L, num_micro_batches=m, num_pages=m, prefetch=2))
-    durations = {"PostAttn": 0.012, "W_PinToGPU": 0.03, "CPUAttn": 0.006, "W_CtoPin": 0.01}
-    lock = threading.Lock()
+    label = lambda op, k: f"{op}({k // m},{k % m})"  # noqa: E731 - (layer, micro-batch) of position k
 
-    def handler(task):
-        time.sleep(durations.get(task.op, 0.001))
-        with lock:
-            pass
+    def run(durations):
+        def handler(task):
+            time.sleep(durations.get(task.op, 0.001))
 
-    records = {r.task.label: r for r in Executor(CPU).run(g, {t.op: handler for t in g.tasks})}
-    for i in range(L - 1):
-        for j in range(m):
-            post, page = records[f"PostAttn({i},{j})"], records[f"W_PinToGPU({i + 1},{j})"]
-            assert page.start_s < post.end_s and page.end_s > post.start_s, (i, j)
-    for k in range(L * m - 2):
-        (i, j), (i2, j2) = divmod(k, m), divmod(k + 2, m)
-        assert records[f"CPUAttn({i2},{j2})"].issued_s < records[f"PostAttn({i},{j})"].end_s
-    h2d = sorted((r for r in records.values() if r.task.resource.value == "h2d"), key=lambda r: r.start_s)
-    busy = sum(r.end_s - r.start_s for r in h2d)
-    assert busy / (h2d[-1].end_s - h2d[0].start_s) > 0.75, busy / (h2d[-1].end_s - h2d[0].start_s)
+        return {r.task.label: r for r in Executor(CPU, serial=serial).run(g, {t.op: handler for t in g.tasks})}
+
+    def overlaps(records, a: str, b: str) -> bool:
+        return records[a].start_s < records[b].end_s and records[a].end_s > records[b].start_s
+
+    link_bound = run({"PostAttn": 0.012, "W_PinToGPU": 0.03, "CPUAttn": 0.006, "W_CtoPin": 0.01})
+    page_during_post = [overlaps(link_bound, f"W_PinToGPU({i + 1},{j})", f"PostAttn({i},{j})")
+                        for i in range(L - 1) for j in range(m)]
+    h2d = sorted((r for r in link_bound.values() if r.task.resource.value == "h2d"), key=lambda r: r.start_s)
+    link_busy = sum(r.end_s - r.start_s for r in h2d) / (h2d[-1].end_s - h2d[0].start_s)
+    gpu_bound = run({"PostAttn": 0.012, "W_PinToGPU": 0.003, "CPUAttn": 0.006, "W_CtoPin": 0.002})
+    attention_beside = [overlaps(gpu_bound, label("CPUAttn", k + 2), label("PostAttn", k + 1))
+                        for k in range(L * m - 2)]
+    if serial:
+        assert not any(page_during_post) and not any(attention_beside) and link_busy < 0.75
+    else:
+        assert all(page_during_post) and all(attention_beside) and link_busy > 0.75, (attention_beside, link_busy)
 
 
 class CountingSource:
@@ -146,13 +153,25 @@ def test_over_budget_policy_refused_before_any_allocation(tiny, prompts):
     assert counting.reads == 0
 
 
-def test_pools_hold_what_the_plan_says(tiny, prompts):
+def test_pools_hold_the_weights_the_engine_placed(tiny, prompts):
+    """The plan's pools against bytes counted independently: the tensors the weight source hands out
+    (non-expert weights) and the expert shapes by hand (tiny: 3 x 64 x 128 float32 per expert)."""
     spec, source = tiny
     policy = Policy(batch_size=10, micro_batch_size=5, expert_gpu_fraction=0.5)
     runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts), CPU)
-    for pool in ("non_expert_weights", "resident_experts", "streamed_experts"):
-        assert runner.pools.used[pool] <= runner.plan.gpu[pool] + 4096
-        assert runner.pools.used[pool] >= runner.plan.gpu[pool] - 4096
+    placed = [runner.embedding, runner.norm, runner.lm_head,
+              *(t for layer in runner.layers for t in vars(layer).values())]
+    from_source = [source.embedding(), source.final_norm(), source.lm_head(),
+                   *(t for i in range(spec.num_layers) for t in vars(source.layer(i)).values())]
+    non_expert = sum(t.numel() * t.element_size() for t in from_source)
+    assert sum(t.numel() * t.element_size() for t in placed) == non_expert
+    expert = 3 * 64 * 128 * 4
+    expected = {"non_expert_weights": non_expert, "resident_experts": 2 * 4 * expert,
+                "streamed_experts": 2 * 4 * expert}
+    for pool, nbytes in expected.items():
+        assert runner.plan.gpu[pool] == nbytes, pool                       # the plan counts them right
+        assert nbytes <= runner.pools.used[pool] <= nbytes + 4096, pool     # and the engine holds them
+        assert runner.pools.buffers[pool].numel() == runner.plan.gpu[pool] + 4096  # allocated as planned
 
 
 def test_pack_micro_batches_longest_first_least_filled():

@@ -1,0 +1,105 @@
+"""Measured runs: repeats with their spread, the noise verdict, the host's load and thread layout in the
+run document, and a refusal before allocating a model this host cannot hold."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from moe_lightning.config import Policy, RunConfig, Sampling, Workload
+from moe_lightning.engine.generation import GenerationResult
+from moe_lightning.hostload import HostLoadReport
+from moe_lightning.report import RunReport, Spread
+from moe_lightning.systems import CGOPipeSystem
+from moe_lightning.tasks.generate import measured_metrics, run_generation
+
+
+def test_spread_by_hand():
+    s = Spread.of([4.0, 1.0, 3.0, 2.0])
+    assert (s.n, s.median, s.mean, s.min, s.max) == (4, 2.5, 2.5, 1.0, 4.0)
+    assert math.isclose(s.stdev, math.sqrt(5 / 3)) and math.isclose(s.cv, math.sqrt(5 / 3) / 2.5)
+    assert math.isclose(s.p90, 3.7)  # inclusive: position 0.9 * 3 = 2.7 between 3 and 4
+    assert Spread.of([5.0]).stdev == 0 and Spread.of([5.0]).p90 == 5.0
+
+
+def test_repeats_give_medians_with_their_spread_and_the_host_in_the_document(tiny_path, tmp_path):
+    cfg = RunConfig(system=CGOPipeSystem(), workload=Workload(num_requests=6, gen_len=5),
+                    policy=Policy(batch_size=6, micro_batch_size=3), sampling=Sampling(ignore_eos=True), device="cpu")
+    gen = run_generation(cfg, progress=False, warmup_tokens=1, repeats=3)
+    m = gen.report.metrics
+    assert m.kind == "measured" and m.repeats == 3
+    assert m.spread["throughput_tok_s"].n == 3 and m.spread["prefill_s"].n == 3
+    assert m.spread["decode_step_s"].n == 3 * (5 - 1)  # every decode step of every repeat
+    sp = m.spread["throughput_tok_s"]
+    assert sp.min <= m.throughput_tok_s <= sp.max and m.throughput_tok_s == sp.median
+    assert gen.report.extra["outputs_identical_across_repeats"] is True
+    env = gen.report.environment
+    assert env["threads"]["cores"] >= 1 and env["threads"]["gpu"] >= 1 and "rule" in env["threads"]
+    assert env["host_load"]["wall_s"] > 0 and "others_busy_cores" in env["host_load"]
+    # The typed report survives a JSON round trip, spread included.
+    back = RunReport.from_json(gen.report.to_json(tmp_path / "run.json") and tmp_path / "run.json")
+    assert back.metrics.spread["throughput_tok_s"].median == sp.median and back.schema_version == 2
+
+
+def _result(total_s: float, tokens: int = 100) -> GenerationResult:
+    per = tokens // 10
+    return GenerationResult(output_ids=[[0] * per] * 10, prefill_s=total_s / 4, decode_s=3 * total_s / 4,
+                            decode_step_s=[3 * total_s / 4 / (per - 1)] * (per - 1))
+
+
+def test_a_run_that_varies_beyond_max_cv_is_noisy_and_says_why():
+    steady = measured_metrics([_result(1.0), _result(1.01), _result(0.99)], max_cv=0.05)
+    assert not steady.noisy and steady.noise == []
+    shaky = measured_metrics([_result(1.0), _result(1.5), _result(0.7)], max_cv=0.05)
+    assert shaky.noisy and "varies" in shaky.noise[0]
+    assert shaky.throughput_tok_s == 100.0  # the median repeat, not the mean
+
+
+def test_a_busy_host_makes_a_run_noisy():
+    host = HostLoadReport(wall_s=2.0, loadavg_1m_start=3.0, loadavg_1m_end=3.0, others_cpu_s=1.6,
+                          others_busy_cores=0.8)
+    m = measured_metrics([_result(1.0)], max_cv=0.05, host=host)
+    assert m.noisy and "0.80 cores" in m.noise[0]
+
+
+def test_a_model_this_host_cannot_hold_is_refused_before_allocation(tmp_path):
+    """Mixtral-8x7B in fp32 (187 GB) on a 24 GiB runner: one line, exit 3, and it never allocated."""
+    # A wrapper process reports the peak RSS of its only child, the CLI run.
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    r = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "moe_lightning.cli", "task=bench",
+                        "model=mixtral-8x7b", "workload.num_requests=2", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "GiB of host memory" in err[0] and "Traceback" not in r.stderr
+    assert int(r.stdout.strip().splitlines()[-1]) < 2 * 1024 * 1024  # KiB: the weights were never built
+
+
+def test_noisy_trials_are_measured_again_and_the_steadiest_kept(monkeypatch):
+    from moe_lightning.config import TunerConfig
+    from moe_lightning.tuner import search
+
+    docs = iter([{"metrics": {"noisy": True, "spread": {"throughput_tok_s": {"cv": 0.2}}, "id": 1}},
+                 {"metrics": {"noisy": True, "spread": {"throughput_tok_s": {"cv": 0.08}}, "id": 2}},
+                 {"metrics": {"noisy": False, "spread": {"throughput_tok_s": {"cv": 0.01}}, "id": 3}}])
+    monkeypatch.setattr(search, "run_trial_process", lambda *a, **k: next(docs))
+    doc, n = search.measure_trial(RunConfig(tuner=TunerConfig(remeasure=1)))
+    assert n == 2 and doc["metrics"]["id"] == 2  # re-measured once, then the lower CV of the two
+    doc, n = search.measure_trial(RunConfig(tuner=TunerConfig(remeasure=3)))
+    assert n == 1 and doc["metrics"]["id"] == 3  # steady at once: no second measurement
+
+
+@pytest.mark.parametrize("a, b, overlap", [((10, 12), (11, 13), True), ((10, 11), (12, 13), False)])
+def test_compare_flags_ratios_within_noise(a, b, overlap):
+    from moe_lightning.tasks.compare import _add_ratios
+
+    rows = [{"system": "cgopipe", "status": "ok", "throughput_tok_s": sum(b) / 2, "throughput_min": b[0],
+             "throughput_max": b[1]},
+            {"system": "flexgen", "status": "ok", "throughput_tok_s": sum(a) / 2, "throughput_min": a[0],
+             "throughput_max": a[1]}]
+    _add_ratios(rows)
+    assert rows[0]["ratio_within_noise"] is overlap and rows[1]["ratio_within_noise"] is False

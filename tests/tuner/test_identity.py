@@ -1,0 +1,132 @@
+"""Study identity: a study resumes only under the config it was measured with."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from moe_lightning.config import ModelSpec, RunConfig, TunerConfig, Workload
+from moe_lightning.errors import ConfigError
+from moe_lightning.systems import CGOPipeSystem
+from moe_lightning.tuner.search import TrialFailed, objective, open_study, study_identity
+
+
+def cfg_for(tmp_path, name=None, objective="simulate", model=None, **kw) -> RunConfig:
+    tuner = TunerConfig(storage=f"sqlite:///{tmp_path / 'studies.db'}", study_name=name, objective=objective)
+    return RunConfig(system=CGOPipeSystem(), tuner=tuner, device="cpu", model=model or ModelSpec(), **kw)
+
+
+def spec_of(cfg):
+    from moe_lightning.engine.weights import resolve_model
+
+    return resolve_model(cfg.model)[0]
+
+
+def one_trial(cfg):
+    spec = spec_of(cfg)
+    study = open_study(cfg, spec)
+    study.optimize(objective(cfg, spec), n_trials=1, catch=(TrialFailed,))
+    return study
+
+
+def test_another_gen_len_or_dtype_starts_its_own_study(tmp_path, tiny_path):
+    base = cfg_for(tmp_path)
+    first = one_trial(base)
+    assert len(first.trials) == 1
+    other = dataclasses.replace(base, workload=Workload(gen_len=64),
+                                model=dataclasses.replace(base.model, dtype="bfloat16"))
+    second = open_study(other, spec_of(other))
+    assert second.study_name != first.study_name and second.trials == []   # nothing resumed
+    again = open_study(base, spec_of(base))
+    assert again.study_name == first.study_name and len(again.trials) == 1  # the same config resumes
+
+
+def test_a_reused_name_under_another_config_names_the_fields(tmp_path, tiny_path):
+    one_trial(cfg_for(tmp_path, name="X"))
+    other = cfg_for(tmp_path, name="X", workload=Workload(gen_len=64))
+    with pytest.raises(ConfigError) as exc:
+        open_study(other, spec_of(other))
+    msg = str(exc.value)
+    assert "\n" not in msg and "workload.gen_len: 16 -> 64" in msg
+
+
+def test_simulate_then_measure_under_one_name_is_refused(tmp_path, tiny_path):
+    one_trial(cfg_for(tmp_path, name="X", objective="simulate"))
+    measured = cfg_for(tmp_path, name="X", objective="measure")
+    with pytest.raises(ConfigError, match='objective: "simulate" -> "measure"'):
+        open_study(measured, spec_of(measured))
+    assert len(optuna.load_study(study_name="X", storage=measured.tuner.storage).trials) == 1
+
+
+def _checkpoint(tmp_path, experts: int):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=experts,
+                        num_experts_per_tok=2, max_position_embeddings=256)
+    folder = tmp_path / f"ckpt-{experts}"
+    MixtralForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_two_hf_checkpoints_never_share_a_study(tmp_path):
+    a, b = _checkpoint(tmp_path, 8), _checkpoint(tmp_path, 4)
+    cfg_a = cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(a)))
+    cfg_b = cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(b)))
+    name_a, fields_a = study_identity(cfg_a, spec_of(cfg_a))
+    name_b, fields_b = study_identity(cfg_b, spec_of(cfg_b))
+    assert name_a != name_b and fields_a["model.num_experts"] == 8 and fields_b["model.num_experts"] == 4
+    assert fields_a["model.checkpoint_content"] != fields_b["model.checkpoint_content"]
+    one_trial(dataclasses.replace(cfg_a, tuner=dataclasses.replace(cfg_a.tuner, study_name="hf")))
+    with pytest.raises(ConfigError, match="model.num_experts: 8 -> 4"):
+        named_b = dataclasses.replace(cfg_b, tuner=dataclasses.replace(cfg_b.tuner, study_name="hf"))
+        open_study(named_b, spec_of(named_b))
+
+
+def test_same_shapes_other_weights_differ_by_content(tmp_path):
+    a = _checkpoint(tmp_path, 8)
+    b = tmp_path / "copy"
+    b.mkdir()
+    for f in a.iterdir():
+        data = bytearray(f.read_bytes())
+        if f.suffix == ".safetensors":
+            data[-4:] = bytes(4)  # the last weight values changed, shapes and header the same
+        (b / f.name).write_bytes(bytes(data))
+    fa = study_identity(cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(a))),
+                        spec_of(cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(a)))))[1]
+    fb = study_identity(cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(b))),
+                        spec_of(cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(b)))))[1]
+    assert fa["model.checkpoint_content"] != fb["model.checkpoint_content"]
+
+
+def test_a_study_without_fingerprint_is_not_resumed(tmp_path, tiny_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    old = optuna.create_study(storage=storage, study_name="old", direction="maximize")
+    old.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    cfg = cfg_for(tmp_path, name="old")
+    with pytest.raises(ConfigError, match="no fingerprint"):
+        open_study(cfg, spec_of(cfg))
+
+
+@pytest.mark.slow
+def test_a_simulated_tune_for_absent_hardware_never_measures(tmp_path):
+    """Mixtral-8x7B on a T4 profile, simulated: a simulated comparison, in minutes, and the model's 90+ GB
+    never allocated on this CPU machine."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    r = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "moe_lightning.cli", "task=tune",
+                        "tuner.objective=simulate", "hardware=t4", "model=mixtral-8x7b", "workload=mtbench",
+                        "tuner.n_trials=4", "task.progress=false", f"tuner.storage=sqlite:///{tmp_path}/s.db",
+                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip().splitlines()[-1]) < 3 * 1024 * 1024  # KiB peak RSS of the tune
+    rows = json.loads((tmp_path / "run" / "compare" / "comparison.json").read_text())
+    kinds = {row["system"]: row.get("kind") for row in rows if row["status"] == "ok"}
+    assert kinds and set(kinds.values()) == {"simulated"} and "cgopipe" in kinds
+    assert {row["status"] for row in rows if row["system"] == "accelerate"} == {"skipped"}
+    assert "simulated on profile t4" in r.stdout
