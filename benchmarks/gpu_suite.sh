@@ -23,9 +23,11 @@ MODEL=(model=mixtral-8x7b "model.num_layers=$LAYERS")
 MTBENCH=(workload=mtbench workload.num_requests=${REQUESTS:-512} workload.gen_len=${GEN:-32} sampling.ignore_eos=true)
 
 case "$stage" in
-  parity)   # CUDA parity: reference engine (fp32 exact, bf16 tolerance) and every engine path
-    python3 -m pytest -q -m gpu tests 2>&1 | tee "$dest/parity.log"
-    python3 -m pytest -q tests/engine/test_cgopipe.py tests/baselines/test_parity.py 2>&1 | tail -3 ;;
+  parity)   # CUDA parity: reference engine (fp32 exact, bf16 tolerance), CGOPipe under every policy and
+            # every baseline, each parametrized over cpu and cuda (streams, events, pinned staging)
+    python3 -c "import torch; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" \
+       | tee "$dest/parity.log"
+    python3 -m pytest -q -m gpu -rA tests --junitxml="$dest/parity.xml" 2>&1 | tee -a "$dest/parity.log" ;;
   bench)    # issue 3: tokens/s, link utilisation during decode, the link bound, peak GPU memory
     ml task=bench system=cgopipe task.plan=true "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" \
        trace=true out="$dest/cgopipe-bench-mixtral8x7b-${LAYERS}l.json" ;;

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moe_lightning.config import ModelSpec, RunConfig, Workload
 from moe_lightning.errors import ConfigError
-from moe_lightning.report import RunReport, as_dict, environment
+from moe_lightning.report import Metrics, RunReport, as_dict, environment
 
 
 def planning_model(model: ModelSpec) -> ModelSpec:
@@ -80,6 +80,10 @@ class PlanTask:
             system=cfg.system.name, task=self.name, model=as_dict(spec),
             hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(workload),
             policy=as_dict(plan.policy), environment=environment(),
+            metrics=Metrics(kind="predicted", throughput_tok_s=pred.e2e_tok_s, decode_tok_s=pred.decode_tok_s,
+                            prefill_s=pred.prefill_s, decode_s=pred.decode_s,
+                            peak_gpu_bytes=plan.prediction.memory.gpu_total_bytes,
+                            peak_cpu_bytes=plan.prediction.memory.cpu_total_bytes),
             prediction={"hrm_tok_s": pred.e2e_tok_s, "hrm_decode_tok_s": pred.decode_tok_s,
                         "hrm_prefill_s": pred.prefill_s, "hrm_decode_s": pred.decode_s,
                         "bottleneck": pred.bottleneck},

@@ -16,9 +16,10 @@ from moe_lightning.report import RunReport
 
 log = logging.getLogger("moe_lightning.report")
 
-COLUMNS = ("system", "task", "model", "hardware", "workload", "gen_len", "padding", "batch_size",
-           "micro_batch_size", "attn_on_gpu", "expert_gpu_fraction", "tok_s", "hrm_tok_s", "sim_tok_s",
-           "peak_gpu_gb", "device", "file")
+COLUMNS = ("system", "task", "kind", "where", "model", "hardware", "workload", "gen_len", "padding", "batch_size",
+           "micro_batch_size", "attn_on_gpu", "expert_gpu_fraction", "tok_s", "tok_s_stdev", "cv", "repeats",
+           "noisy", "hrm_tok_s", "sim_tok_s", "peak_gpu_gib", "file")
+OLD_KINDS = {"simulate": "simulated", "plan": "predicted"}   # schema 1 documents carry no kind
 
 
 def load_documents(patterns: list[str]) -> list[tuple[Path, RunReport]]:
@@ -34,17 +35,34 @@ def load_documents(patterns: list[str]) -> list[tuple[Path, RunReport]]:
     return docs
 
 
+def kind_of(r: RunReport) -> str:
+    return r.metrics.kind if r.schema_version >= 2 else OLD_KINDS.get(r.task, "measured")
+
+
+def where_of(r: RunReport, kind: str) -> str | None:
+    if kind == "measured":
+        detected = r.hardware.get("detected") or {}
+        return detected.get("gpu") or (r.environment or {}).get("gpu") or (r.environment or {}).get("cpu")
+    return f"profile {(r.hardware.get('profile') or {}).get('name')}"
+
+
 def row_of(path: Path, r: RunReport) -> dict:
     p, w = r.policy or {}, r.workload or {}
-    return {"system": r.system, "task": r.task, "model": r.model.get("name"),
+    kind = kind_of(r)
+    spread = r.metrics.spread.get("throughput_tok_s")
+    many = spread is not None and spread.n > 1
+    return {"system": r.system, "task": r.task, "kind": kind, "where": where_of(r, kind), "model": r.model.get("name"),
             "hardware": (r.hardware.get("profile") or {}).get("name"), "workload": w.get("name"),
             "gen_len": w.get("gen_len"), "padding": w.get("padding"), "batch_size": p.get("batch_size"),
             "micro_batch_size": p.get("micro_batch_size"), "attn_on_gpu": p.get("attn_on_gpu"),
             "expert_gpu_fraction": p.get("expert_gpu_fraction"),
             "tok_s": round(r.metrics.throughput_tok_s, 3) if r.metrics.throughput_tok_s else None,
+            "tok_s_stdev": _round(spread.stdev) if many else None, "cv": _round(spread.cv) if many else None,
+            "repeats": r.metrics.repeats if kind == "measured" else None,
+            "noisy": r.metrics.noisy if kind == "measured" else None,
             "hrm_tok_s": _round(r.prediction.get("hrm_tok_s")), "sim_tok_s": _round(r.prediction.get("sim_tok_s")),
-            "peak_gpu_gb": round(r.metrics.peak_gpu_bytes / 1e9, 3) if r.metrics.peak_gpu_bytes else None,
-            "device": (r.environment or {}).get("gpu") or (r.environment or {}).get("cpu"), "file": str(path)}
+            "peak_gpu_gib": round(r.metrics.peak_gpu_bytes / 2**30, 3) if r.metrics.peak_gpu_bytes else None,
+            "file": str(path)}
 
 
 def _round(x):
@@ -68,7 +86,7 @@ def plot_throughput(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["tok_s"] for r in rows], color="tab:blue")
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("tokens/s (end to end)")
+    ax.set_ylabel("tokens/s, end to end (" + "/".join(sorted({r["kind"] for r in rows})) + ")")
     return save(fig, path)
 
 
@@ -91,7 +109,8 @@ def plot_tuning_progress(trials: list[dict], path: Path) -> Path:
         ax.step(xs, best, where="post", color="tab:red", label="best so far")
         ax.legend()
     ax.set_xlabel("trial")
-    ax.set_ylabel("tokens/s")
+    kinds = "/".join(sorted({t.get("kind") or "?" for t in done})) or "no trial"
+    ax.set_ylabel(f"tokens/s ({kinds}, median of repeats)" if "measured" in kinds else f"tokens/s ({kinds})")
     return save(fig, path)
 
 
@@ -101,7 +120,7 @@ def plot_pareto(trials: list[dict], path: Path) -> Path:
 
     plt = pyplot()
 
-    pts = [(t["peak_gpu_bytes"] / 1e9, t["value"]) for t in trials
+    pts = [(t["peak_gpu_bytes"] / 2**30, t["value"]) for t in trials
            if t["state"] == "COMPLETE" and t["value"] is not None and t["peak_gpu_bytes"]]
     front = sorted(p for p in pts if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in pts))
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -109,7 +128,7 @@ def plot_pareto(trials: list[dict], path: Path) -> Path:
         ax.scatter(*zip(*pts), s=14, alpha=0.6, label="trial")
         ax.plot(*zip(*front), "o-", color="tab:red", label="Pareto front")
         ax.legend()
-    ax.set_xlabel("peak GPU memory (GB)")
+    ax.set_xlabel("peak GPU memory (GiB)")
     ax.set_ylabel("tokens/s")
     return save(fig, path)
 
