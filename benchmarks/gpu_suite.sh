@@ -15,7 +15,7 @@ stage=${1:?usage: gpu_suite.sh parity|bench|predict|compare|tune}
 dest=results/gpu
 mkdir -p "$dest"
 export MOE_LIGHTNING_CACHE=${MOE_LIGHTNING_CACHE:-/tmp/moe-lightning-cache} PYTHONUNBUFFERED=1
-ml() { python3 -m moe_lightning.cli "$@"; }
+ml() { python3 -m moe_lightning.cli overwrite=true "$@"; }   # a rerun of a stage replaces its documents
 # Mixtral-8x7B shapes with random weights under a 15 GB GPU budget (the paper's T4 setting).
 LAYERS=${LAYERS:-16}
 BUDGET=(hardware=h100 hardware.gpu.memory_gb=15 hardware.gpu.usable_fraction=1.0)

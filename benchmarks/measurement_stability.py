@@ -52,13 +52,14 @@ MID = ["model=mid-mixtral", "model.num_layers=2", "workload.num_requests=8", "wo
 
 def repeatability(k: int, tmp: Path) -> dict:
     cases = {"bench, tiny-mixtral (the command above)": ["task=bench", *COMMAND],
-             "generate, tiny-mixtral (one timed pass)": ["task=generate", *COMMAND, f"outputs={tmp / 'out.jsonl'}"],
+             "generate, tiny-mixtral (one timed pass)": ["task=generate", *COMMAND, f"outputs={tmp / 'out.jsonl'}",
+                                                         "overwrite=true"],
              "bench, mid-mixtral 2 layers, mu=4, r_w=0.25": ["task=bench", *MID]}
     out = {}
-    for case, args in cases.items():
+    for c, (case, args) in enumerate(cases.items()):
         values, inner = [], []
         for i in range(k):
-            doc = tmp / f"run-{i}.json"
+            doc = tmp / f"case{c}-run{i}.json"
             r = cli(*args, "task.progress=false", f"out={doc}", f"hydra.run.dir={tmp / 'h'}")
             if r.returncode:
                 raise SystemExit(f"{case} failed: {r.stderr.strip()[-300:]}")

@@ -8,6 +8,7 @@ impossible policies, out of memory) are printed as one line with a non-zero exit
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -168,6 +169,7 @@ def _run(cfg) -> None:
     if run_cfg.run_dir is None:
         run_cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
+        check_outputs(run_cfg)
         import torch
 
         try:
@@ -179,6 +181,19 @@ def _run(cfg) -> None:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+
+
+def check_outputs(cfg) -> None:
+    """Before any work: `out=` and `outputs=` must be writable files that are not inputs of the run and
+    do not exist yet (unless overwrite=true)."""
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.files import check_output_path
+
+    named = {key: getattr(cfg, key) for key in ("out", "outputs") if getattr(cfg, key)}
+    if len(named) == 2 and Path(named["out"]).resolve() == Path(named["outputs"]).resolve():
+        raise ConfigError(f"out and outputs name the same file ({named['out']}); give two paths")
+    for key, value in named.items():
+        check_output_path(value, key=key, overwrite=cfg.overwrite, inputs=(cfg.workload.path,))
 
 
 def main() -> None:
@@ -195,6 +210,10 @@ def main() -> None:
     except ConfigError as exc:
         fail(str(exc))
     register()
+    from omegaconf import OmegaConf
+
+    # Run folders carry the process id beside the time: two runs started in the same second never share one.
+    OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True)
     app = hydra.main(config_path="conf", config_name="config", version_base="1.3")(_run)
     app()
 

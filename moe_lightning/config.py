@@ -372,6 +372,7 @@ class RunConfig:
     logger: Any = None              # None: no logger; see moe_lightning.loggers.LOGGER_CONFIGS
     out: str | None = None          # run document (JSON) path
     outputs: str | None = None   # generate: outputs JSONL path
+    overwrite: bool = False         # replace an existing out= / outputs= file (else the run refuses to start)
     trace: bool = False             # write a Chrome trace and a Gantt plot of the run
     device: str = "auto"            # auto: cuda when available, else the CPU plays the GPU's role
     run_dir: str | None = None   # where unnamed artefacts go (the CLI sets Hydra's output dir)

@@ -20,9 +20,13 @@ def save(fig, path: str | Path, dpi: int = 120) -> Path:
     """Lay out, write and close `fig`; -> the path written."""
     import matplotlib.pyplot as plt
 
+    from moe_lightning.files import atomic_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path

@@ -116,8 +116,9 @@ class RunReport:
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False, default=str)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
+            from moe_lightning.files import atomic_write
+
+            atomic_write(path, text + "\n")
         return text
 
     @classmethod

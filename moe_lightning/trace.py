@@ -60,10 +60,9 @@ class RunTimeline:
         return out
 
     def write_chrome_trace(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
-        return path
+        from moe_lightning.files import atomic_write
+
+        return atomic_write(path, json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
 
     def write_gantt(self, path: str | Path, title: str = "", max_graphs: int = 4) -> Path:
         """Gantt PNG of the first `max_graphs` graphs (a prefill and decode steps), one lane per resource."""

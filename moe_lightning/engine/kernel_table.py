@@ -94,10 +94,16 @@ def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device) ->
     key = f"{_device_name(device)}-H{spec.hidden_size}-F{spec.intermediate_size}-k{spec.top_k}-{dtype}-times"
     path = cache_dir() / "kernel-tables" / (key.replace(" ", "_").replace("/", "_") + ".json")
     if path.exists():
-        return {int(k): v for k, v in json.loads(path.read_text()).items()}
+        try:
+            cached = {int(k): {str(n): float(t) for n, t in v.items()} for k, v in json.loads(path.read_text()).items()}
+            if cached:
+                return cached
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("expert-kernel cache %s is unreadable (%s): profiling again", path, exc)
     times = time_kernels(spec, dtype, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(times))
+    from moe_lightning.files import atomic_write
+
+    atomic_write(path, json.dumps(times))
     log.info("expert-kernel table for %s: %s", key, fastest(times))
     return times
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_lightning.config import RunConfig
+from moe_lightning.files import atomic_write
 from moe_lightning.report import Metrics, RunReport, as_dict, environment
 from moe_lightning.tasks.plan import out_path
 
@@ -30,8 +31,7 @@ class CalibrateTask:
         profile = yaml_path.stem if yaml_path.stem != "hardware" else "calibrated"
         m = measure(quick=self.quick, device=cfg.device)
         hw = hardware_spec(m, name=profile)
-        yaml_path.parent.mkdir(parents=True, exist_ok=True)
-        yaml_path.write_text(hardware_yaml(hw, m))
+        atomic_write(yaml_path, hardware_yaml(hw, m))
         kernels = expert_kernel_crossover(cfg)
         report = RunReport(
             system="none", task=self.name, model={}, hardware={"profile": as_dict(hw)}, workload={},

@@ -35,6 +35,7 @@ from typing import Any
 
 from moe_lightning.config import GB, Policy, RunConfig, check_repeats
 from moe_lightning.errors import ConfigError, MoELightningError
+from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.report import RunReport
 
 log = logging.getLogger("moe_lightning.compare")
@@ -98,9 +99,9 @@ class CompareTask:
         _add_ratios(rows)
         title = _title(rows, cfg)
         table = markdown_table(rows, title)
-        (run_dir / "comparison.md").write_text(table + "\n")
+        atomic_write(run_dir / "comparison.md", table + "\n")
         write_csv(run_dir / "comparison.csv", rows)
-        (run_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write(run_dir / "comparison.json", json.dumps(rows, indent=2) + "\n")
         png = write_bar_chart(run_dir / "comparison.png", rows, title)
         print(table)
         print(f"run documents: {run_dir}/<system>.json; table: {run_dir / 'comparison.md'}, "
@@ -285,7 +286,7 @@ CSV_FIELDS = ("system", "status", "kind", "where", "throughput_tok_s", "repeats"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:

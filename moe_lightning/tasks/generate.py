@@ -161,8 +161,9 @@ def _detected(device) -> dict:
 
 
 def write_outputs(path: Path, gen: Generation) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    from moe_lightning.files import atomic_open
+
+    with atomic_open(path, "w", encoding="utf-8") as f:
         for req, out in zip(gen.requests, gen.output_ids):
             row = {"id": req.id, "output_ids": out}
             if gen.tokenizer is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_lightning.config import RunConfig
+from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.plots import save
 from moe_lightning.report import RunReport
 
@@ -145,8 +146,8 @@ class ReportTask:
         run_dir = Path(cfg.run_dir or "runs/latest")
         run_dir.mkdir(parents=True, exist_ok=True)
         table = markdown_table(rows)
-        (run_dir / "report.md").write_text(table + "\n")
-        with (run_dir / "report.csv").open("w", newline="") as f:
+        atomic_write(run_dir / "report.md", table + "\n")
+        with atomic_open(run_dir / "report.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
             writer.writeheader()
             writer.writerows(rows)

@@ -135,12 +135,13 @@ class TuneTask:
         return self._report(cfg, study, spec, run_dir, storage_url(cfg, study.study_name))
 
     def _report(self, cfg: RunConfig, study, spec, run_dir: Path, storage: str) -> RunReport:
+        from moe_lightning.files import atomic_write
         from moe_lightning.tasks.report import plot_pareto, plot_tuning_progress
         from moe_lightning.tuner.search import policy_from_params
 
         rows = trial_records(study)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(run_dir / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         best = best_trials(study, cfg.tuner.multi_objective)
         states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
         print(f"study {study.study_name}: {states['COMPLETE']} complete, {states['PRUNED']} pruned "

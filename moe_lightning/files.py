@@ -1,0 +1,86 @@
+"""Safe writes: every artefact goes to a temporary file in its own folder, is flushed and fsynced, then
+renamed into place, so a full disk, a crash or a kill leaves the previous file whole (never a
+half-written one); and output paths are checked before any work, so a bad path costs nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from moe_lightning.errors import ConfigError, MoELightningError
+
+
+class WriteError(MoELightningError):
+    """An artefact could not be written (disk full, permissions); the previous file is untouched."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; on success it replaces `path` atomically."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is unchanged)") \
+            from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, encoding: str = "utf-8") -> Path:
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w",
+                     **({} if isinstance(data, bytes) else {"encoding": encoding})) as f:
+        f.write(data)
+    return Path(path)
+
+
+def check_output_path(path: str | os.PathLike, *, key: str, overwrite: bool,
+                      inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """Refuse, before any work, an output path that cannot or must not be written: a folder, not a
+    regular file, an input of the run, an existing file (unless `overwrite`), an unwritable folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{key}={path}: is a folder; give a file path")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise ConfigError(f"{key}={path}: exists and is not a regular file")
+        for source in inputs:
+            if source and Path(source).exists() and os.path.samefile(path, source):
+                raise ConfigError(f"{key}={path}: is an input of this run ({source}); write elsewhere")
+        if not overwrite:
+            raise ConfigError(f"{key}={path}: exists; pass overwrite=true to replace it, or choose another path")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key}={path}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: folder {folder} is not writable")
+    return path

@@ -1,0 +1,104 @@
+"""Nothing lost: artefacts are replaced atomically, output paths are checked before any work, an existing
+file is kept unless overwrite=true, a corrupt cache is rebuilt, and two runs never share a folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_lightning.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert r.returncode == code, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "hello there"}\n{"prompt": "general kenobi"}\n')
+    return path
+
+
+def test_outputs_onto_the_prompts_file_is_refused_and_the_prompts_survive(tmp_path, prompts, tiny_path):
+    before = prompts.read_bytes()
+    r = cli("task=generate", "workload=jsonl", f"workload.path={prompts}", f"outputs={prompts}", "overwrite=true",
+            f"hydra.run.dir={tmp_path / 'h'}")
+    assert "is an input of this run" in one_line_error(r)
+    assert prompts.read_bytes() == before
+
+
+def test_an_existing_out_file_is_kept_unless_overwrite(tmp_path, prompts, tiny_path):
+    out, outputs = tmp_path / "run.json", tmp_path / "out.jsonl"
+    out.write_text("my earlier results\n")
+    args = ("task=generate", "workload=jsonl", f"workload.path={prompts}", f"out={out}", f"outputs={outputs}",
+            "task.progress=false", f"hydra.run.dir={tmp_path / 'h'}")
+    assert "exists; pass overwrite=true" in one_line_error(cli(*args))
+    assert out.read_text() == "my earlier results\n" and not outputs.exists()  # refused before any work
+    r = cli(*args, "overwrite=true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["task"] == "generate" and len(outputs.read_text().splitlines()) == 2
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left beside them
+
+
+@pytest.mark.parametrize("target, message", [("folder", "is a folder"), ("/dev/full", "not a regular file")])
+def test_unwritable_output_paths_are_refused_before_the_run(tmp_path, prompts, target, message):
+    path = tmp_path if target == "folder" else Path(target)
+    r = cli("task=plan", f"out={path}", "overwrite=true", f"hydra.run.dir={tmp_path / 'h'}")
+    assert message in one_line_error(r)
+    assert not (tmp_path / "h" / "run.json").exists()
+
+
+def test_a_full_disk_keeps_the_previous_file_whole(tmp_path):
+    """A write that fails half-way (the file size limit plays the full disk) leaves the old document
+    byte-identical, no temporary file behind, and says so in one line."""
+    target = tmp_path / "run.json"
+    target.write_text("previous document\n")
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "from moe_lightning.files import atomic_write, WriteError\n"
+              "try:\n"
+              f"    atomic_write({str(target)!r}, 'x' * 100000)\n"
+              "except WriteError as exc:\n"
+              "    print(exc); sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and "cannot write" in r.stdout and "unchanged" in r.stdout, r.stdout + r.stderr
+    assert target.read_text() == "previous document\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_a_corrupt_kernel_table_cache_is_rebuilt(tmp_path, monkeypatch, caplog):
+    import torch
+
+    from moe_lightning.config import ModelSpec
+    from moe_lightning.engine import kernel_table
+
+    monkeypatch.setenv("MOE_LIGHTNING_CACHE", str(tmp_path))
+    spec = ModelSpec()
+    first = kernel_table.cached_profile(spec, torch.float32, torch.device("cpu"))
+    [cache] = list((tmp_path / "kernel-tables").glob("*.json"))
+    cache.write_text('{"1": {"loop": ')  # truncated by a crash
+    with caplog.at_level("WARNING"):
+        again = kernel_table.cached_profile(spec, torch.float32, torch.device("cpu"))
+    assert set(again) == set(first) and "unreadable" in caplog.text
+    assert json.loads(cache.read_text())  # rewritten whole
+
+
+def test_two_runs_started_together_get_two_folders(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-m", "moe_lightning.cli", "task=plan"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    docs = list(tmp_path.glob("runs/*/*/run.json"))
+    assert len(docs) == 2 and docs[0].parent != docs[1].parent
