@@ -69,8 +69,13 @@ class TaskGraph:
                     raise ValueError(f"{t.label} depends on a later task {self.tasks[d].label}")
 
     def is_chain(self) -> bool:
-        """Every task depends on the one issued before it: nothing in the graph can overlap."""
-        return all(t.id - 1 in t.deps for t in self.tasks[1:])
+        """Every task depends on the one issued before it: nothing in the graph can overlap. (Asked once
+        per graph run; memoised for the task count it was computed at.)"""
+        memo = self.__dict__.get("_chain")
+        if memo is None or memo[0] != len(self.tasks):
+            memo = (len(self.tasks), all(t.id - 1 in t.deps for t in self.tasks[1:]))
+            self.__dict__["_chain"] = memo
+        return memo[1]
 
     def ops(self) -> list[str]:
         return [t.label for t in self.tasks]
