@@ -89,3 +89,19 @@ def prompt_workload(prompts, padding: bool = False):
     lengths = [len(p) for p in prompts]
     return Workload(prompt_len_avg=sum(lengths) // len(lengths), prompt_len_max=max(lengths),
                     gen_len=PARITY_NEW_TOKENS, num_requests=len(prompts), padding=padding)
+
+
+PEAK_RSS_WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+
+
+def cli_with_peak_rss(*args: str, timeout: int = 300):
+    """Run the CLI through a wrapper process that prints its only child's peak RSS (KiB) last on stdout,
+    so a test can tell that a run never allocated the model. -> (CompletedProcess, peak RSS in KiB)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, sys.executable, "-m", "moe_lightning.cli", *args],
+                       capture_output=True, text=True, timeout=timeout)
+    lines = r.stdout.strip().splitlines()
+    return r, int(lines[-1]) if lines and lines[-1].isdigit() else -1

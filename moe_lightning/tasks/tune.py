@@ -118,7 +118,8 @@ class TuneTask:
         def on_trial(event: dict) -> None:
             bar.update(1)
             value = event.get("value")
-            shown = f"{value:.1f} tok/s" if isinstance(value, (int, float)) else ""
+            kind = "simulated" if cfg.tuner.objective == "simulate" else "measured, median"
+            shown = f"{value:.1f} tok/s {kind}" if isinstance(value, (int, float)) else ""
             bar.set_postfix_str(f"#{event['number']} {event['state']} {shown}")
             cfg.logger.log({"trial": event["number"], "throughput_tok_s": event.get("value"),
                             **{f"param/{k}": v for k, v in event["params"].items()}})

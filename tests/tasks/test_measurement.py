@@ -4,8 +4,6 @@ run document, and a refusal before allocating a model this host cannot hold."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -15,6 +13,7 @@ from moe_lightning.hostload import HostLoadReport
 from moe_lightning.report import RunReport, Spread
 from moe_lightning.systems import CGOPipeSystem
 from moe_lightning.tasks.generate import measured_metrics, run_generation
+from tests.conftest import cli_with_peak_rss
 
 
 def test_spread_by_hand():
@@ -67,16 +66,12 @@ def test_a_busy_host_makes_a_run_noisy():
 
 def test_a_model_this_host_cannot_hold_is_refused_before_allocation(tmp_path):
     """Mixtral-8x7B in fp32 (187 GB) on a 24 GiB runner: one line, exit 3, and it never allocated."""
-    # A wrapper process reports the peak RSS of its only child, the CLI run.
-    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
-    r = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "moe_lightning.cli", "task=bench",
-                        "model=mixtral-8x7b", "workload.num_requests=2", f"hydra.run.dir={tmp_path}"],
-                       capture_output=True, text=True, timeout=120)
+    r, peak_kib = cli_with_peak_rss("task=bench", "model=mixtral-8x7b", "workload.num_requests=2",
+                                    f"hydra.run.dir={tmp_path}", timeout=120)
     assert r.returncode == 3, r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "GiB of host memory" in err[0] and "Traceback" not in r.stderr
-    assert int(r.stdout.strip().splitlines()[-1]) < 2 * 1024 * 1024  # KiB: the weights were never built
+    assert 0 < peak_kib < 2 * 1024 * 1024  # KiB: the weights were never built
 
 
 def test_noisy_trials_are_measured_again_and_the_steadiest_kept(monkeypatch):

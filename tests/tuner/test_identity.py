@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import optuna
 import pytest
@@ -14,6 +12,7 @@ from moe_lightning.config import ModelSpec, RunConfig, TunerConfig, Workload
 from moe_lightning.errors import ConfigError
 from moe_lightning.systems import CGOPipeSystem
 from moe_lightning.tuner.search import TrialFailed, objective, open_study, study_identity
+from tests.conftest import cli_with_peak_rss
 
 
 def cfg_for(tmp_path, name=None, objective="simulate", model=None, **kw) -> RunConfig:
@@ -117,14 +116,11 @@ def test_a_study_without_fingerprint_is_not_resumed(tmp_path, tiny_path):
 def test_a_simulated_tune_for_absent_hardware_never_measures(tmp_path):
     """Mixtral-8x7B on a T4 profile, simulated: a simulated comparison, in minutes, and the model's 90+ GB
     never allocated on this CPU machine."""
-    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
-    r = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "moe_lightning.cli", "task=tune",
-                        "tuner.objective=simulate", "hardware=t4", "model=mixtral-8x7b", "workload=mtbench",
-                        "tuner.n_trials=4", "task.progress=false", f"tuner.storage=sqlite:///{tmp_path}/s.db",
-                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    r, peak_kib = cli_with_peak_rss("task=tune", "tuner.objective=simulate", "hardware=t4", "model=mixtral-8x7b",
+                                    "workload=mtbench", "tuner.n_trials=4", "task.progress=false",
+                                    f"tuner.storage=sqlite:///{tmp_path}/s.db", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 0, r.stderr
-    assert int(r.stdout.strip().splitlines()[-1]) < 3 * 1024 * 1024  # KiB peak RSS of the tune
+    assert 0 < peak_kib < 3 * 1024 * 1024  # KiB peak RSS of the tune
     rows = json.loads((tmp_path / "run" / "compare" / "comparison.json").read_text())
     kinds = {row["system"]: row.get("kind") for row in rows if row["status"] == "ok"}
     assert kinds and set(kinds.values()) == {"simulated"} and "cgopipe" in kinds
