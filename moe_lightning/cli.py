@@ -99,8 +99,12 @@ def check_overrides(args: list[str]) -> None:
     except Exception as exc:  # Hydra's grammar errors
         raise ConfigError(str(exc).splitlines()[0]) from None
     choices = default_choices()
-    checked = [o for o in overrides
-               if not (o.key_or_group.startswith("hydra") or o.is_delete() or o.is_add() or o.is_force_add())]
+    ours = [o for o in overrides if not o.key_or_group.startswith("hydra")]
+    for o in ours:
+        if o.is_delete():
+            raise ConfigError(f"~{o.key_or_group}: every entry of the config is needed; set a value instead of "
+                              "deleting it")
+    checked = ours
 
     def values_of(o) -> list:
         return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
@@ -115,6 +119,8 @@ def check_overrides(args: list[str]) -> None:
     for o in checked:
         key, values = o.key_or_group, values_of(o)
         if key in GROUPS:
+            if o.is_add():
+                raise ConfigError(f"+{key}: {key} is always in the config; drop the '+'")
             continue
         parts = key.split(".")
         if parts[0] not in field_names(RunConfig):
@@ -129,9 +135,49 @@ def check_overrides(args: list[str]) -> None:
             schema = _resolve_type(schema)
         for v in values:
             _check_scalar(key, schema, v)
+        if o.is_add():   # '+' adds a key that is not there; every key the schema accepts already is
+            raise ConfigError(f"+{key}: {key} is already in the config; drop the '+'")
 
 
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def check_composes(args: list[str]) -> None:
+    """Compose the config with Hydra's own compose API, as the app is about to, so that an error in a
+    config file (bad YAML under --config-dir, a value its schema refuses) is one line, not Hydra's
+    multi-line report. Multirun sweeps are composed per job by Hydra itself."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from moe_lightning.errors import ConfigError
+
+    if any(a in ("-m", "--multirun") for a in args) or any(a in ("--help", "-h", "--hydra-help") for a in args):
+        return
+    plain, dirs = split_args(args)
+    name = "config"
+    for i, a in enumerate(args):
+        flag, _, value = a.partition("=")
+        if flag in ("--config-name", "-cn"):
+            name = value or (args[i + 1] if i + 1 < len(args) else name)
+    missing = [d for d in dirs if not d.is_dir()]
+    if missing:
+        raise ConfigError(f"--config-dir {missing[0]}: no such folder")
+    searchpath = [f"hydra.searchpath=[{','.join(f'file://{d.resolve()}' for d in dirs)}]"] if dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe-lightning"):
+            compose(config_name=name, overrides=[*plain, *searchpath])
+    except Exception as exc:  # Hydra's and OmegaConf's composition errors: their text, on one line
+        raise ConfigError(_one_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for e in (exc, exc.__cause__) if e is not None for line in str(e).splitlines()]
+    keep = [line for line in lines if line and not line.startswith(("reference_type", "object_type",
+                                                                   "Set the environment variable"))]
+    return " ".join(dict.fromkeys(keep))[:400] or type(exc).__name__
 
 
 def _check_scalar(key: str, tp, value) -> None:
@@ -168,8 +214,15 @@ def _run(cfg) -> None:
         fail(str(exc))
     if run_cfg.run_dir is None:
         run_cfg.run_dir = HydraConfig.get().runtime.output_dir
+    from moe_lightning.interrupt import install
+
+    install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
     try:
         check_outputs(run_cfg)
+        if run_cfg.task.name not in ("plan", "simulate", "report"):   # tasks that run on the device
+            from moe_lightning.systems import resolve_device
+
+            resolve_device(run_cfg.device)
         import torch
 
         try:
@@ -179,16 +232,32 @@ def _run(cfg) -> None:
                  "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
     except MoELightningError as exc:
         fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
+        fail(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
 
 
 def check_outputs(cfg) -> None:
     """Before any work: `out=` and `outputs=` must be writable files that are not inputs of the run and
-    do not exist yet (unless overwrite=true)."""
+    do not exist yet (unless overwrite=true); an interrupted run's part file is resumed or replaced only
+    when asked."""
     from moe_lightning.errors import ConfigError
     from moe_lightning.files import check_output_path
+    from moe_lightning.tasks.outputs import part_path
 
+    if cfg.resume and cfg.task.name != "generate":
+        raise ConfigError(f"resume=true applies to task=generate (task={cfg.task.name} resumes by itself or not "
+                          "at all)")
+    if cfg.resume and not cfg.outputs:
+        raise ConfigError("resume=true needs outputs=PATH, the outputs file of the run to resume")
+    if cfg.outputs and cfg.task.name == "generate":
+        part = part_path(cfg.outputs)
+        if part.is_dir() or (part.exists() and not part.is_file()):
+            raise ConfigError(f"{part} exists and is not a regular file; remove it or choose another outputs=")
+        if part.is_file() and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(f"{part} holds the outputs of an interrupted run; pass resume=true to finish it, or "
+                              "overwrite=true to start over")
+        if cfg.resume and not part.exists() and Path(cfg.outputs).is_file():
+            raise ConfigError(f"outputs={cfg.outputs} is complete (no {part.name} to resume); nothing to do")
     named = {key: getattr(cfg, key) for key in ("out", "outputs") if getattr(cfg, key)}
     if len(named) == 2 and Path(named["out"]).resolve() == Path(named["outputs"]).resolve():
         raise ConfigError(f"out and outputs name the same file ({named['out']}); give two paths")
@@ -207,9 +276,10 @@ def main() -> None:
 
     try:
         check_overrides(sys.argv[1:])
+        register()
+        check_composes(sys.argv[1:])
     except ConfigError as exc:
         fail(str(exc))
-    register()
     from omegaconf import OmegaConf
 
     # Run folders carry the process id beside the time: two runs started in the same second never share one.

@@ -373,6 +373,7 @@ class RunConfig:
     out: str | None = None          # run document (JSON) path
     outputs: str | None = None   # generate: outputs JSONL path
     overwrite: bool = False         # replace an existing out= / outputs= file (else the run refuses to start)
+    resume: bool = False            # generate: go on from outputs=PATH's part file, left by an interrupted run
     trace: bool = False             # write a Chrome trace and a Gantt plot of the run
     device: str = "auto"            # auto: cuda when available, else the CPU plays the GPU's role
     run_dir: str | None = None   # where unnamed artefacts go (the CLI sets Hydra's output dir)

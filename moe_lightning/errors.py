@@ -24,3 +24,12 @@ class MemoryBudgetError(MoELightningError):
     """A policy does not fit the device memory budget."""
 
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the job stops where it is (a KeyboardInterrupt, so that no
+    `except Exception` swallows it) and exits 128 + the signal number, with one line saying what was kept."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -81,6 +81,10 @@ def check_output_path(path: str | os.PathLike, *, key: str, overwrite: bool,
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{key}={path}: cannot create its folder ({exc.strerror or exc})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path}: folder {folder} is not writable")
+    try:   # a real probe: os.access says yes to root on a read-only file system
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{key}={path}: folder {folder} is not writable ({exc.strerror or exc})") from None
     return path

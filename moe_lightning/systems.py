@@ -7,12 +7,15 @@ Each system's implementation lives in its own module and is imported only when i
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from moe_lightning.config import EXPERT_KERNELS, HardwareSpec, ModelSpec, Policy, Workload, _check, _choice
-from moe_lightning.engine.generation import BatchRunner
-from moe_lightning.engine.weights import WeightSource
+
+if TYPE_CHECKING:   # torch is imported by what runs, not by the config schema (the CLI checks it first)
+    import torch
+
+    from moe_lightning.engine.generation import BatchRunner
+    from moe_lightning.engine.weights import WeightSource
 
 
 @dataclass
@@ -62,6 +65,8 @@ SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOP
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _check(name != "cuda" or torch.cuda.is_available(), "device", "cuda asked for but no CUDA device is visible")

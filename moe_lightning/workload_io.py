@@ -47,44 +47,80 @@ def synthetic_requests(workload: Workload, spec: ModelSpec) -> list[Request]:
 
 
 def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Request]:
-    """Lines of {"prompt": "..."} or {"input_ids": [...]}, each with an optional "id"."""
+    """Lines of {"prompt": "..."} or {"input_ids": [...]}, each with an optional "id" (a string or an
+    integer, unique; a row without one is given its position, which must not clash with a given id)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise WorkloadError(f"{path}: is a folder; workload.path names a JSONL file")
+    if not path.exists():
         raise WorkloadError(f"{path}: prompts file not found")
-    requests = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WorkloadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    requests: list[Request] = []
+    seen: dict[object, tuple[int, bool]] = {}   # id -> (line, given in the file)
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        row = _parse_line(raw, where)
+        if not isinstance(row, dict) or ("prompt" in row) == ("input_ids" in row):
+            raise WorkloadError(f'{where}: expected an object with exactly one of "prompt" (text) '
+                                'or "input_ids" (list of token ids)')
+        given = "id" in row
+        rid = row["id"] if given else len(requests)
+        if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+            raise WorkloadError(f'{where}: "id" must be a string or an integer, got {json.dumps(rid)[:40]}')
+        if rid in seen:
+            line, was_given = seen[rid]
+            how = (lambda g: "given" if g else "its position, given to a row without an id")
+            raise WorkloadError(f"{where}: id {rid!r} ({how(given)}) is also line {line}'s id ({how(was_given)}); "
+                                'ids must be unique: give every row a distinct "id"')
+        seen[rid] = (lineno, given)
+        if "input_ids" in row:
+            ids = row["input_ids"]
+            if (not isinstance(ids, list) or not ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < spec.vocab_size for t in ids)):
+                raise WorkloadError(f'{where}: "input_ids" must be a non-empty list of integers in '
+                                    f"[0, {spec.vocab_size})")
+            requests.append(Request(rid, ids))
+        else:
+            text = row["prompt"]
+            if not isinstance(text, str) or not text:
+                raise WorkloadError(f'{where}: "prompt" must be a non-empty string')
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise WorkloadError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict) or ("prompt" in row) == ("input_ids" in row):
-                raise WorkloadError(f'{where}: expected an object with exactly one of "prompt" (text) '
-                                    'or "input_ids" (list of token ids)')
-            rid = row.get("id", len(requests))
-            if "input_ids" in row:
-                ids = row["input_ids"]
-                if (not isinstance(ids, list) or not ids
-                        or not all(isinstance(t, int) and 0 <= t < spec.vocab_size for t in ids)):
-                    raise WorkloadError(f'{where}: "input_ids" must be a non-empty list of ints in '
-                                        f"[0, {spec.vocab_size})")
-                requests.append(Request(rid, ids))
-            else:
-                text = row["prompt"]
-                if not isinstance(text, str) or not text:
-                    raise WorkloadError(f'{where}: "prompt" must be a non-empty string')
-                if tokenizer is None:
-                    raise WorkloadError(f'{where}: "prompt" needs a tokenizer, and model={spec.name} has no '
-                                        'tokenizer.json; give "input_ids" instead')
-                bos = [spec.bos_token_id] if spec.bos_token_id is not None else []
-                # The BOS is ours to add (a tokenizer.json post-processor may add one too: never twice).
-                requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text))
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise WorkloadError(f'{where}: "prompt" holds {text[exc.start]!r} at character {exc.start}, '
+                                    "a lone surrogate that is not text") from None
+            if tokenizer is None:
+                raise WorkloadError(f'{where}: "prompt" needs a tokenizer, and model={spec.name} has no '
+                                    'tokenizer.json; give "input_ids" instead')
+            bos = [spec.bos_token_id] if spec.bos_token_id is not None else []
+            # The BOS is ours to add (a tokenizer.json post-processor may add one too: never twice).
+            requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text))
     if not requests:
         raise WorkloadError(f"{path}: no prompts (the file is empty)")
     return requests
+
+
+def _parse_line(raw: bytes, where: str):
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkloadError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the "
+                            "line); save the file as UTF-8") from None
+
+    def no_constant(name: str):
+        raise WorkloadError(f"{where}: {name} is not a JSON value")
+
+    try:
+        return json.loads(line, parse_constant=no_constant)
+    except json.JSONDecodeError as exc:
+        raise WorkloadError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise WorkloadError(f"{where}: JSON nested too deeply") from None
 
 
 def load_requests(workload: Workload, spec: ModelSpec, tokenizer=None) -> list[Request]:

@@ -62,12 +62,24 @@ def write_random_checkpoint(spec: ModelSpec, source: WeightSource, folder: Path)
     return folder
 
 
+def _check_finite(model, folder: Path) -> None:
+    """NaN or Inf in a loaded weight is an error naming it, as the engine's own loader does (weights that
+    accelerate left on disk, on the meta device here, are not read: accelerate loads them per forward)."""
+    from moe_lightning.engine.weights import is_finite
+    from moe_lightning.errors import CheckpointError
+
+    for name, p in model.named_parameters():
+        if p.device.type != "meta" and not is_finite(p.detach()):
+            raise CheckpointError(f"{folder}: tensor {name!r} holds NaN or Inf values (a corrupt checkpoint)")
+
+
 class AccelerateRunner:
     """`BatchRunner` over a transformers model dispatched by accelerate."""
 
     def __init__(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
                  workload: Workload, device: torch.device, trace: bool = False):
         from transformers import MixtralConfig, MixtralForCausalLM
+        from transformers.utils import logging as hf_logging
 
         from moe_lightning.baselines.policies import accelerate_reserve_bytes
 
@@ -89,6 +101,7 @@ class AccelerateRunner:
             if self.cuda:
                 reserve = accelerate_reserve_bytes(spec, workload, policy.batch_size)
                 self.max_memory = {device.index or 0: max(0, hardware.gpu_budget_bytes - reserve), **self.max_memory}
+            hf_logging.disable_progress_bar()   # the run's own progress bar (task.progress) is the one shown
             config = MixtralConfig.from_pretrained(folder)
             config.num_hidden_layers = spec.num_layers  # a truncated model reads the first layers only
             self.model = MixtralForCausalLM.from_pretrained(
@@ -97,6 +110,8 @@ class AccelerateRunner:
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+        if spec.weights == "checkpoint":
+            _check_finite(self.model, folder)
         # transformers leaves hf_device_map unset when everything landed on one device.
         self.device_map = dict(getattr(self.model, "hf_device_map", None) or
                                {"": str(next(self.model.parameters()).device)})

@@ -185,7 +185,15 @@ class Executor:
             for task in graph.tasks:  # one host thread issues in order
                 run.issued[task.id] = time.perf_counter() - run.t0
                 self._queues[task.resource].put((run, task))
-            run.finished.wait()
+            try:
+                run.finished.wait()
+            except BaseException as exc:
+                # Interrupted (SIGINT/SIGTERM): the workers skip what they have not started, and the
+                # issuing thread waits for the ops under way, so that no torch op is still running on a
+                # worker while the process exits (that aborts it).
+                run.errors.append(exc)
+                run.finished.wait(timeout=30)
+                raise
         if run.errors:
             raise run.errors[0]
         if self.cuda:

@@ -80,19 +80,29 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def batch_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The sampling generator of one batch: seeded by (seed, batch index), so that a batch draws the same
+    tokens whether or not the batches before it ran in this process (a resumed run is identical)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + batch_index) % 2**63)
+
+
 def generate(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: GenerationParams,
-             batch_size: int, on_tokens: Callable[[int], None] | None = None) -> GenerationResult:
-    """Generate for every prompt, `batch_size` sequences at a time; outputs in input order."""
-    generator = torch.Generator().manual_seed(params.seed)
+             batch_size: int, on_tokens: Callable[[int], None] | None = None,
+             on_batch: Callable[[int, list[list[int]]], None] | None = None, start: int = 0) -> GenerationResult:
+    """Generate for every prompt from index `start` (a multiple of `batch_size`), `batch_size` sequences at
+    a time; outputs in input order. `on_batch(first index, outputs)` is called as each batch finishes."""
+    if start % batch_size:
+        raise ValueError(f"start={start} is not a multiple of batch_size={batch_size}")
     result = GenerationResult(output_ids=[])
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+    for first in range(start, len(prompts), batch_size):
+        batch = prompts[first:first + batch_size]
+        generator = batch_generator(params.seed, first // batch_size)
         outputs: list[list[int]] = [[] for _ in batch]
         done = torch.zeros(len(batch), dtype=torch.bool)
 
         n = len(batch)
 
-        def take(logits: torch.Tensor, outputs=outputs, done=done, n=n) -> torch.Tensor:
+        def take(logits: torch.Tensor, outputs=outputs, done=done, n=n, generator=generator) -> torch.Tensor:
             tokens = sample(logits, params.temperature, params.top_p, generator)
             for b in torch.nonzero(~done).flatten().tolist():
                 outputs[b].append(int(tokens[b]))
@@ -117,4 +127,6 @@ def generate(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: Gene
             result.decode_step_s.append(step)
             result.decode_s += step
         result.output_ids.extend(outputs)
+        if on_batch:
+            on_batch(first, outputs)
     return result

@@ -2,32 +2,59 @@
 values at real shapes. Both expose the same canonical view: embedding, per-layer `LayerWeights`, and
 per-expert `(w13, w2)` pairs, so an engine can stream one expert at a time.
 
-Checkpoints are checked against their config before any tensor is read: every expected name present,
-every shape and dtype right, every shard a readable safetensors file. Pickle files are never loaded.
+A checkpoint is checked before any tensor is read, and every failure is one `CheckpointError` line that
+names the file and the field or tensor:
+
+- `config.json` is type-checked, and fields that change the math are refused (`engine.hf_config`).
+- The shards are the files `model.safetensors.index.json` lists, or else every `*.safetensors` in the
+  folder. Each is confined to the folder (no absolute path, no `..`, no symlink out of it, except into
+  the sibling `blobs/` of a Hugging Face hub cache snapshot) and is a readable safetensors file. A tensor
+  name held by two files is refused, naming both; so is a stray unlisted file beside an index that holds
+  a listed tensor (other unlisted files are ignored with a warning, as transformers ignores them), and
+  an index that disagrees with its files.
+- Every expected tensor is present with the shape and dtype config.json implies; a tensor the Mixtral
+  path would not read (a quantization scale, another family's weight) is refused by name.
+- Each tensor is checked for NaN and Inf as it is read: one `aminmax` pass (which propagates NaN), about
+  25x cheaper than `isfinite().all()` and cheaper than a copy; an overflow from the cast to the run's
+  dtype is named as such.
+
+Pickle files are never loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
+import math
 import os
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from moe_lightning.config import ModelSpec
+from moe_lightning.engine.hf_config import (
+    list_folder,
+    one_line,
+    os_reason,
+    read_json,
+    shown,
+    spec_from_hf_config,
+)
 from moe_lightning.engine.model import LayerWeights
 from moe_lightning.errors import CheckpointError
+
+__all__ = ["CheckpointWeights", "RandomWeights", "WeightSource", "expected_shapes", "resolve_model",
+           "spec_from_hf_config", "torch_dtype"]
 
 log = logging.getLogger("moe_lightning.weights")
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-SUPPORTED_MODEL_TYPES = ("mixtral",)
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
                 "num_experts", "top_k", "vocab_size")
+INDEX_NAME = "model.safetensors.index.json"
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -38,23 +65,29 @@ def _layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
-def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Hugging Face tensor names of a Mixtral checkpoint (per-expert layout) and their shapes."""
+def _expected(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Hugging Face tensor names of a Mixtral checkpoint (per-expert layout) and their shapes, layer by
+    layer (a checkpoint is checked against them lazily: a config.json claiming 10^9 layers fails at the
+    first missing one, not after building a dict of 10^10 names)."""
     H, F, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    yield from {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}.items()
     for i in range(spec.num_layers):
         p = _layer_prefix(i)
-        shapes |= {
+        yield from {
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
             p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
             p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
             p + "block_sparse_moe.gate.weight": (spec.num_experts, H),
-        }
+        }.items()
         for e in range(spec.num_experts):
             pe = f"{p}block_sparse_moe.experts.{e}."
-            shapes |= {pe + "w1.weight": (F, H), pe + "w3.weight": (F, H), pe + "w2.weight": (H, F)}
-    return shapes
+            yield from {pe + "w1.weight": (F, H), pe + "w3.weight": (F, H), pe + "w2.weight": (H, F)}.items()
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor names of a Mixtral checkpoint (per-expert layout) and their shapes."""
+    return dict(_expected(spec))
 
 
 class WeightSource:
@@ -114,97 +147,145 @@ class RandomWeights(WeightSource):
         return (torch.randn(shape, generator=gen) * self.std).to(self.dtype)
 
 
-def _read_json(path: Path) -> dict:
+# ---- the shard files ----
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where a checkpoint's files may live once symlinks are resolved: the folder, and for a Hugging Face
+    hub cache snapshot (<repo>/snapshots/<rev>/, whose files link to ../../blobs/) its repo's blobs/."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _confine(folder: Path, file: Path, what: str) -> None:
+    real = file.resolve()
+    if not any(real.is_relative_to(root) for root in _allowed_roots(folder)):
+        raise CheckpointError(f"{what}: resolves to {real}, outside the checkpoint folder {folder}")
+
+
+def _readable_file(file: Path) -> None:
+    """A regular file we may open: a FIFO would block, and a folder or an unreadable file would get a
+    misleading 'corrupt' from the safetensors reader."""
+    if os.path.exists(file) and not os.path.isfile(file) and not os.path.isdir(file):
+        raise CheckpointError(f"{file}: not a regular file")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (a checkpoint folder needs config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        with open(file, "rb") as f:
+            f.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read the file ({os_reason(exc)})") from None
 
 
-def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpec:
-    """ModelSpec of a Hugging Face checkpoint folder, from its config.json."""
-    path = Path(folder) / "config.json"
-    if not Path(folder).is_dir():
-        raise CheckpointError(f"model.path {folder}: no such folder")
-    cfg = _read_json(path)
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{path}: unsupported model_type {model_type!r}; "
-                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if cfg.get("tie_word_embeddings"):
-        raise CheckpointError(f"{path}: tie_word_embeddings=true is not a Mixtral checkpoint")
-    rope = cfg.get("rope_parameters") or {}
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    try:
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        return ModelSpec(
-            name=name, architecture="mixtral", num_layers=cfg["num_hidden_layers"],
-            hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            num_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
-            vocab_size=cfg["vocab_size"],
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e6))),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            dtype=dtype if dtype in TORCH_DTYPES else "float32",
-            weights="checkpoint", path=str(folder),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        )
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: missing key {exc.args[0]!r}") from None
-    except Exception as exc:  # ConfigError from ModelSpec validation: name the file
-        raise CheckpointError(f"{path}: {exc}") from None
-
+# ---- the checkpoint ----
 
 class CheckpointWeights(WeightSource):
     """A local Hugging Face Mixtral folder: config.json plus model.safetensors or sharded
     model-XXXXX-of-YYYYY.safetensors with model.safetensors.index.json. Tensors are memory-mapped and
-    read one at a time."""
+    read one at a time. `checkpoint_layers`: the folder's own layer count when `spec` runs fewer (its
+    later layers are checked, never read)."""
 
-    def __init__(self, folder: str | os.PathLike, spec: ModelSpec, dtype: torch.dtype):
+    def __init__(self, folder: str | os.PathLike, spec: ModelSpec, dtype: torch.dtype,
+                 checkpoint_layers: int | None = None):
         super().__init__(spec, dtype)
+        self.folder = Path(folder)
+        self._handles, self._where = {}, {}
+        files, weight_map, stray = self._shard_files()
+        for file in files:
+            for name in self._open(file):
+                if name in self._where:
+                    raise CheckpointError(f"{self._where[name]}: tensor {name!r} is also in {file.name}; each "
+                                          "tensor must be in one shard (remove the stray or duplicate file)")
+                self._where[name] = file
+        for file in stray:
+            self._check_stray(file)
+        if weight_map is not None:
+            self._check_index(weight_map)
+        layers = checkpoint_layers or spec.num_layers
+        self._check(spec if layers == spec.num_layers else dataclasses.replace(spec, num_layers=layers))
+
+    def _shard_files(self) -> tuple[list[Path], dict[str, Path] | None, list[Path]]:
+        """-> (the shards to read, the index's weight_map or None, unlisted *.safetensors beside an index)."""
+        names = list_folder(self.folder)
+        on_disk = sorted(self.folder / n for n in names if n.endswith(".safetensors"))
+        if INDEX_NAME not in names:
+            if not on_disk:
+                pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+                hint = f" (found {', '.join(pickles)}: pickle checkpoints are refused)" if pickles else ""
+                raise CheckpointError(f"{self.folder}: no *.safetensors files{hint}")
+            for file in on_disk:
+                _confine(self.folder, file, str(file))
+            return on_disk, None, []
+        weight_map = self._weight_map(self.folder / INDEX_NAME)
+        listed = set(weight_map.values())
+        return sorted(listed), weight_map, [f for f in on_disk if f not in listed]
+
+    def _weight_map(self, index: Path) -> dict[str, Path]:
+        doc = read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: has no 'weight_map' object (tensor name -> shard file)")
+        out, checked = {}, {}
+        for name, entry in weight_map.items():
+            if entry not in checked:
+                parts = PurePosixPath(entry).parts if isinstance(entry, str) else ()
+                if not parts or PurePosixPath(entry).is_absolute() or ".." in parts:
+                    raise CheckpointError(f"{index}: weight_map[{name!r}] = {shown(entry)} must be a relative "
+                                          "file name inside the checkpoint folder (no absolute path, no '..')")
+                file = self.folder / entry
+                _confine(self.folder, file, f"{index}: weight_map[{name!r}] = {shown(entry)}")
+                if not file.exists():
+                    raise CheckpointError(f"{file}: shard listed in {INDEX_NAME} is missing")
+                checked[entry] = file
+            out[name] = checked[entry]
+        return out
+
+    def _open(self, file: Path) -> list[str]:
         from safetensors import safe_open
 
-        self.folder = Path(folder)
-        files = self._shard_files()
-        self._handles, self._where = {}, {}
-        for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt")
-                names = list(handle.keys())
-            except Exception as exc:
-                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
-            self._handles[file] = handle
-            for n in names:
-                self._where[n] = file
-        self._check()
+        _readable_file(file)
+        try:
+            handle = safe_open(str(file), framework="pt")
+            names = list(handle.keys())
+        except Exception as exc:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({one_line(exc)})") from None
+        self._handles[file] = handle
+        return names
 
-    def _shard_files(self) -> list[Path]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: has no 'weight_map'")
-            files = sorted({self.folder / f for f in weight_map.values()})
-            for f in files:
-                if not f.exists():
-                    raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
-            return files
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            pickles = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(
-                p.name for p in self.folder.glob("*.pt"))
-            hint = f" (found {', '.join(pickles)}: pickle checkpoints are refused)" if pickles else ""
-            raise CheckpointError(f"{self.folder}: no *.safetensors files{hint}")
-        return files
+    def _check_stray(self, file: Path) -> None:
+        """A *.safetensors the index does not list: ignored (as transformers does) unless it holds a tensor
+        the index serves, which makes the checkpoint ambiguous."""
+        from safetensors import safe_open
 
-    def _check(self) -> None:
-        for name, shape in expected_shapes(self.spec).items():
+        try:
+            _confine(self.folder, file, str(file))
+            _readable_file(file)
+            names = list(safe_open(str(file), framework="pt").keys())
+        except Exception as exc:  # noqa: BLE001 - an unlisted file is never read; say why it is skipped
+            log.warning("%s: not listed in %s and unreadable (%s); ignored", file, INDEX_NAME, one_line(exc))
+            return
+        clash = next((n for n in names if n in self._where), None)
+        if clash is not None:
+            raise CheckpointError(f"{file}: not listed in {INDEX_NAME} but holds tensor {clash!r}, which "
+                                  f"{self._where[clash].name} also holds; remove the stray file")
+        log.warning("%s: not listed in %s; ignored", file, INDEX_NAME)
+
+    def _check_index(self, weight_map: dict[str, Path]) -> None:
+        index = self.folder / INDEX_NAME
+        for name, file in weight_map.items():
+            if name not in self._where:
+                raise CheckpointError(f"{index}: lists tensor {name!r} in {file.name}, which does not hold it")
+            if self._where[name] != file:
+                raise CheckpointError(f"{index}: lists tensor {name!r} in {file.name}, but it is in "
+                                      f"{self._where[name].name}")
+        for name, file in self._where.items():
+            if name not in weight_map:
+                raise CheckpointError(f"{file}: holds tensor {name!r}, which {INDEX_NAME} does not list")
+
+    def _check(self, spec: ModelSpec) -> None:
+        """Every expected tensor present with its shape and dtype; nothing else in the files."""
+        seen = set()
+        for name, shape in _expected(spec):
             file = self._where.get(name)
             if file is None:
                 raise CheckpointError(f"{self.folder}: missing tensor {name!r}")
@@ -217,13 +298,36 @@ class CheckpointWeights(WeightSource):
             if dtype not in SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; "
                                       f"accepted: {', '.join(SAFETENSORS_DTYPES)}")
+            seen.add(name)
+        extra = sorted(set(self._where) - seen)
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CheckpointError(f"{self._where[extra[0]]}: unexpected tensor {extra[0]!r}{more}: the Mixtral path "
+                                  "would ignore it (a quantized checkpoint, or another family's?)")
 
     def tensor(self, name: str) -> torch.Tensor:
+        file = self._where.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.folder}: no tensor {name!r}")
         try:
-            t = self._handles[self._where[name]].get_tensor(name)
+            t = self._handles[file].get_tensor(name)
         except Exception as exc:
-            raise CheckpointError(f"{self._where.get(name)}: cannot read tensor {name!r} ({exc})") from None
-        return t.to(self.dtype)
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({one_line(exc)})") from None
+        out = t.to(self.dtype)
+        if not is_finite(out):
+            if is_finite(t):
+                raise CheckpointError(f"{file}: tensor {name!r} overflows {str(self.dtype).removeprefix('torch.')} "
+                                      "(values beyond its range); use model.dtype=auto or float32")
+            raise CheckpointError(f"{file}: tensor {name!r} holds NaN or Inf values (a corrupt checkpoint)")
+        return out
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t: one reduction pass, no allocation (aminmax propagates NaN)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def resolve_model(spec: ModelSpec) -> tuple[ModelSpec, WeightSource]:
@@ -241,6 +345,7 @@ def resolve_model(spec: ModelSpec) -> tuple[ModelSpec, WeightSource]:
         raise CheckpointError(f"model.path is required for model={spec.name} with model.weights=checkpoint "
                               "(or set model.weights=random)")
     found = spec_from_hf_config(path, name=spec.name)
+    checkpoint_layers = found.num_layers
     if spec.name != "hf":
         for key in SHAPE_FIELDS:
             if getattr(found, key) != getattr(spec, key):
@@ -251,4 +356,4 @@ def resolve_model(spec: ModelSpec) -> tuple[ModelSpec, WeightSource]:
         found.num_layers = spec.num_layers  # fewer layers: run a truncated model (benchmarks)
     if spec.dtype != "auto":
         found.dtype = spec.dtype
-    return found, CheckpointWeights(path, found, torch_dtype(found.dtype))
+    return found, CheckpointWeights(path, found, torch_dtype(found.dtype), checkpoint_layers=checkpoint_layers)

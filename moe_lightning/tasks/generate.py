@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -29,7 +28,7 @@ class Generation:
 
 
 def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0, repeats: int = 1,
-                   max_cv: float = 0.10, min_repeat_s: float = 0.0) -> Generation:
+                   max_cv: float = 0.10, min_repeat_s: float = 0.0, streamed=None) -> Generation:
     """Load, (warm up,) generate for every request `repeats` times, and measure.
 
     Weight loading is never timed. With `warmup_tokens`, one batch is generated that far first and its
@@ -38,7 +37,10 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     pass), as pyperf calibrates its loops: a 40 ms run on a shared host is mostly scheduler noise. The
     headline figures are medians over the repeats, with their spread beside them. The timed part holds
     the host-wide measurement lock and records the host's load; a run whose throughput varies by more
-    than `max_cv` (coefficient of variation), or beside other busy processes, is marked noisy."""
+    than `max_cv` (coefficient of variation), or beside other busy processes, is marked noisy.
+
+    With `streamed` (a `tasks.outputs.StreamedOutputs`; one repeat, no loops), each batch's outputs are
+    written as it finishes, and the batches an earlier, interrupted run finished are skipped."""
     from tqdm import tqdm
 
     from moe_lightning.engine.generation import GenerationParams, generate
@@ -51,6 +53,8 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
 
     if repeats < 1:
         raise ConfigError(f"repeats: must be >= 1, got {repeats}")
+    if streamed is not None and (repeats > 1 or min_repeat_s > 0):
+        raise ValueError("streamed outputs are written by a single pass: repeats=1, min_repeat_s=0")
     configure(cfg.threads)
     spec, source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(spec.path) if spec.path else None
@@ -72,6 +76,14 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
                               top_p=cfg.sampling.top_p, seed=cfg.sampling.seed,
                               eos_token_id=None if cfg.sampling.ignore_eos else spec.eos_token_id)
     prompts = [r.input_ids for r in requests]
+    start, on_batch = 0, None
+    if streamed is not None:
+        from moe_lightning.tasks.outputs import run_fields
+
+        start = streamed.begin(run_fields(cfg, spec, device), requests, cfg.policy.batch_size, tokenizer)
+        on_batch = streamed.write_batch
+        if start:
+            log.info("resuming: %d of %d outputs were written by an earlier run", start, len(requests))
     results = []
     loops = 1
     with measurement_lock() as lock_wait_s, HostLoad() as load:
@@ -83,11 +95,12 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
             loops = max(1, min(MAX_LOOPS, math.ceil(min_repeat_s / max(once.total_s, 1e-6))))
         if hasattr(runner, "reset_stats"):
             runner.reset_stats()
-        total = repeats * loops * len(requests) * params.max_new_tokens
+        total = repeats * loops * (len(requests) - start) * params.max_new_tokens
         with tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
                   leave=False) as bar:
             for _ in range(repeats):
-                passes = [generate(runner, prompts, params, cfg.policy.batch_size, on_tokens=bar.update)
+                passes = [generate(runner, prompts, params, cfg.policy.batch_size, on_tokens=bar.update,
+                                   on_batch=on_batch, start=start)
                           for _ in range(loops)]
                 results.append(merge_passes(passes))
     host = load.report
@@ -109,9 +122,10 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling),
                "outputs_identical_across_repeats": all(r.output_ids == results[0].output_ids for r in results),
                "loops_per_repeat": loops,
+               **({"resumed_outputs": start} if streamed is not None else {}),
                **stats.get("extra", {})},
     )
-    return Generation(report, requests, results[0].output_ids, tokenizer, runner)
+    return Generation(report, requests[start:], results[0].output_ids, tokenizer, runner)
 
 
 MAX_LOOPS = 100
@@ -162,13 +176,11 @@ def _detected(device) -> dict:
 
 def write_outputs(path: Path, gen: Generation) -> None:
     from moe_lightning.files import atomic_open
+    from moe_lightning.tasks.outputs import dumps, output_row
 
     with atomic_open(path, "w", encoding="utf-8") as f:
         for req, out in zip(gen.requests, gen.output_ids):
-            row = {"id": req.id, "output_ids": out}
-            if gen.tokenizer is not None:
-                row["text"] = gen.tokenizer.decode(out, skip_special_tokens=True)
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(output_row(req, out, gen.tokenizer)))
 
 
 def write_trace(gen: Generation, folder: Path, stem: str) -> None:
@@ -189,10 +201,13 @@ def summary_line(report: RunReport) -> str:
     where = report.hardware.get("detected", {}).get("gpu") or report.hardware.get("detected", {}).get("device", "")
     tput = m.spread.get("throughput_tok_s")
     shown = tput.show(".1f") if tput and tput.n > 1 else f"{m.throughput_tok_s:.1f}"
-    line = (f"{report.system}: {report.workload['actual']['num_requests']} requests, "
+    done = report.workload["actual"]["num_requests"] - report.extra.get("resumed_outputs", 0)
+    line = (f"{report.system}: {done} requests, "
             f"{m.generated_tokens} tokens in {m.prefill_s + m.decode_s:.2f} s -> "
             f"{shown} tok/s {m.kind} on {where or 'this host'} (prefill {m.prefill_s:.2f} s, "
             f"decode {m.decode_s:.2f} s, median step {m.decode_step_median_s * 1e3:.1f} ms)")
+    if report.extra.get("resumed_outputs"):
+        line += f"\n  resumed: {report.extra['resumed_outputs']} outputs came from an earlier run and are not timed"
     if m.noisy:
         line += "\n  NOISY: " + "; ".join(m.noise)
     return line
@@ -205,11 +220,24 @@ class GenerateTask:
     warmup_tokens: int = 2      # one batch this far first, untimed: first-run costs are not the engine's speed
 
     def run(self, cfg: RunConfig) -> RunReport:
-        gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens)
+        from moe_lightning.errors import Interrupted
+        from moe_lightning.tasks.outputs import StreamedOutputs
+
         run_dir = Path(cfg.run_dir or "runs/latest")
         outputs = Path(cfg.outputs) if cfg.outputs else run_dir / "outputs.jsonl"
         out = Path(cfg.out) if cfg.out else run_dir / "run.json"
-        write_outputs(outputs, gen)
+        streamed = StreamedOutputs(outputs, resume=cfg.resume)
+        try:
+            gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens, streamed=streamed)
+        except Interrupted as exc:
+            streamed.close()
+            if not streamed.total:
+                raise
+            raise Interrupted(f"{exc}: {len(streamed.rows)} of {streamed.total} outputs are kept in "
+                              f"{streamed.part}; run again with resume=true to finish", exc.exit_code) from None
+        finally:
+            streamed.close()
+        streamed.finish()
         gen.report.extra["outputs"] = str(outputs)
         if cfg.trace:
             write_trace(gen, out.parent, out.stem)

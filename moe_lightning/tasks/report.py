@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_lightning.config import RunConfig
+from moe_lightning.errors import ConfigError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.plots import save
 from moe_lightning.report import RunReport
@@ -23,17 +24,32 @@ COLUMNS = ("system", "task", "kind", "where", "model", "hardware", "workload", "
 OLD_KINDS = {"simulate": "simulated", "plan": "predicted"}   # schema 1 documents carry no kind
 
 
-def load_documents(patterns: list[str]) -> list[tuple[Path, RunReport]]:
-    docs = []
+def load_documents(patterns: list[str]) -> tuple[list[tuple[Path, RunReport]], list[str]]:
+    """-> (the run documents the patterns match, a reason for each matched file that was skipped).
+
+    JSON files that are not run documents (traces, plans of other tools) are skipped without a reason;
+    a file that looks like a run document but cannot be read is skipped with one."""
+    docs, skipped = [], []
     for pattern in patterns:
         for name in sorted(glob.glob(pattern, recursive=True)):
-            try:
-                data = json.loads(Path(name).read_text())
-            except (OSError, json.JSONDecodeError):
+            path = Path(name)
+            if not path.is_file():
                 continue
-            if isinstance(data, dict) and "schema_version" in data and "metrics" in data:
-                docs.append((Path(name), RunReport.from_dict(data)))
-    return docs
+            try:
+                data = json.loads(path.read_bytes())
+            except OSError as exc:
+                skipped.append(f"{path}: cannot read ({exc.strerror or exc})")
+                continue
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                skipped.append(f"{path}: not valid JSON (truncated or damaged)")
+                continue
+            if not (isinstance(data, dict) and "schema_version" in data and "metrics" in data):
+                continue
+            try:
+                docs.append((path, RunReport.from_dict(data)))
+            except (TypeError, ValueError, KeyError, AttributeError):
+                skipped.append(f"{path}: a run document with missing or malformed fields")
+    return docs, skipped
 
 
 def kind_of(r: RunReport) -> str:
@@ -141,7 +157,12 @@ class ReportTask:
     plot: bool = True
 
     def run(self, cfg: RunConfig) -> RunReport:
-        docs = load_documents(self.inputs)
+        docs, skipped = load_documents(self.inputs)
+        for reason in skipped:
+            log.warning("skipped %s", reason)
+        if not docs:
+            raise ConfigError(f"no run documents in task.inputs={self.inputs}"
+                              + (f" ({len(skipped)} skipped: {skipped[0]})" if skipped else ""))
         rows = [row_of(p, r) for p, r in docs]
         run_dir = Path(cfg.run_dir or "runs/latest")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +173,8 @@ class ReportTask:
             writer.writeheader()
             writer.writerows(rows)
         print(table)
-        print(f"{len(rows)} run documents; report: {run_dir / 'report.md'}, {run_dir / 'report.csv'}")
+        print(f"{len(rows)} run documents" + (f" ({len(skipped)} damaged files skipped)" if skipped else "")
+              + f"; report: {run_dir / 'report.md'}, {run_dir / 'report.csv'}")
         if self.plot and rows:
             print(f"plot: {plot_throughput(rows, run_dir / 'throughput.png')}")
         return RunReport(system=cfg.system.name, task="report", model={}, hardware={}, workload={}, policy={},

@@ -1,47 +1,185 @@
 """task=tune: the HRM plan, an Optuna study seeded with it whose trials run the engine (or the
-simulator), and the best policy measured beside the baselines."""
+simulator), and the best policy measured beside the baselines.
+
+The trials run in an ask-and-tell loop (`run_trials`), in this process and in `tuner.workers - 1` spawned
+worker processes that share the study:
+- `tuner.n_trials` counts every trial started (running, complete, pruned or failed; queued seeds do not
+  count until asked for), over all workers, and is exact: asking for a trial happens under the study's
+  gate (`processes.trial_gate`), after counting.
+- A trial that fails in an expected way (out of memory, timeout, crash, infeasible) is told FAIL with its
+  reason in the trial's `reason` attribute and one printed line; no exception reaches Optuna, so it
+  logs no traceback. A bug in the objective fails the trial with its reason, then goes on as a traceback.
+- Workers and trial processes die with their parent, SIGKILL included (`processes.tie_to_parent`). SIGINT
+  and SIGTERM (`moe_lightning.interrupt`) fail the running trials with the reason "interrupted by SIG...",
+  stop the workers, and exit 128 + the signal's number; a worker that dies is named in its trial's reason.
+- A tune that ends with no completed trial exits non-zero (`NoTrialCompleted`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import multiprocessing as mp
+import os
+import signal
 import sys
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_lightning.config import RunConfig
-from moe_lightning.errors import MemoryBudgetError, MoELightningError
+from moe_lightning.errors import Interrupted, MemoryBudgetError, MoELightningError
+from moe_lightning.interrupt import deferred, install
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment
 
 log = logging.getLogger("moe_lightning.tune")
 
 
-def _worker(cfg: RunConfig) -> None:
-    """An extra worker process: optimise the shared study until it holds n_trials."""
+class NoTrialCompleted(MoELightningError):
+    """Every trial of the study failed or was infeasible: there is no result to report."""
+
+    exit_code = 1
+
+
+def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | None = None,
+               say: Callable[[str], None] = print) -> None:
+    """Ask for, run and tell trials until the study holds `tuner.n_trials` started trials (all processes).
+
+    SIGINT/SIGTERM (`moe_lightning.interrupt`) are held while a trial is asked for or told, so that none
+    is left half asked or half told; one that interrupts a running trial fails it with the reason
+    "interrupted by SIG..." before going on."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from moe_lightning.tuner.processes import trial_gate
+    from moe_lightning.tuner.search import (
+        TrialFailed,
+        fail_orphaned_trials,
+        objective,
+        started_trials,
+        storage_url,
+    )
+
+    run = objective(cfg, spec, on_trial)
+    url = storage_url(cfg, study.study_name)
+    while True:
+        trial, state, values, reason = None, TrialState.FAIL, None, None
+        try:
+            with deferred(), trial_gate(url, study.study_name):
+                fail_orphaned_trials(study, grace_s=3 * cfg.tuner.heartbeat_s)
+                if started_trials(study) >= cfg.tuner.n_trials:
+                    break
+                with warnings.catch_warnings():  # "heartbeat is meant for optimize": _heartbeat beats for us
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    trial = study.ask()
+                trial.set_user_attr("pid", os.getpid())  # names the process whose death fails this trial
+            with _heartbeat(study, trial._trial_id):
+                values = run(trial)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except TrialFailed as exc:
+            reason = str(exc)
+        except BaseException as exc:  # interrupted, or a bug: the trial fails with its reason, then it goes on
+            if trial is not None:
+                reason = ((str(exc) or "interrupted") if isinstance(exc, KeyboardInterrupt)
+                          else f"{type(exc).__name__}: {exc}")
+                with deferred():
+                    _tell(study, trial, TrialState.FAIL, None, reason)
+            raise
+        with deferred():
+            _tell(study, trial, state, values, reason)
+        if reason:
+            say(f"trial {trial.number} failed: {reason}")
+
+
+def _tell(study, trial, state, values, reason: str | None) -> None:
+    if reason:
+        trial.set_user_attr("reason", reason.splitlines()[0] if reason.strip() else reason)
+    study.tell(trial, values, state=state, skip_if_finished=True)
+
+
+@contextlib.contextmanager
+def _heartbeat(study, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat every `tuner.heartbeat_s` while it runs (what Optuna's optimize loop
+    does), so that a trial whose process dies is seen as stale and failed."""
+    storage = study._storage
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval:
+        yield
+        return
+    done = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a busy database: the next beat will do
+                storage.record_heartbeat(trial_id)
+            if done.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
+
+
+def _worker(cfg: RunConfig, parent_pid: int) -> None:
+    """An extra worker process: run trials of the shared study until it holds n_trials. Dies with the
+    tune's main process."""
+    from moe_lightning.tuner.processes import tie_to_parent
+
+    tie_to_parent(parent_pid)
     import optuna
 
     from moe_lightning.engine.weights import resolve_model
     from moe_lightning.threads import set_thread_count, worker_process_threads
-    from moe_lightning.tuner.search import TrialFailed, objective, open_study
+    from moe_lightning.tuner.search import open_study
 
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Simulated trials run here, beside the other workers: share the cores. Measured trials run in child
-    # processes that take the measurement lock one at a time and use the full layout.
-    set_thread_count(worker_process_threads(cfg.tuner.workers, cfg.threads))
-    spec, _ = resolve_model(cfg.model)
-    study = open_study(cfg, spec)
-    study.optimize(objective(cfg, spec), n_trials=cfg.tuner.n_trials, catch=(TrialFailed,),
-                   callbacks=[_max_trials(cfg.tuner.n_trials)])
+    install()  # SIGTERM from the tune: fail the running trial, then exit
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the tune's to answer (it was ignored from the start)
+    try:
+        # Simulated trials run here, beside the other workers: share the cores. Measured trials run in child
+        # processes that take the measurement lock one at a time and use the full layout.
+        set_thread_count(worker_process_threads(cfg.tuner.workers, cfg.threads))
+        spec, _ = resolve_model(cfg.model)
+        study = open_study(cfg, spec)
+        run_trials(study, cfg, spec, say=lambda line: print(line, flush=True))
+    except KeyboardInterrupt as exc:
+        sys.exit(getattr(exc, "exit_code", 130))
+    except MoELightningError as exc:
+        print(f"moe-lightning: error: worker {os.getpid()}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
-def _max_trials(n: int):
-    import optuna
-    from optuna.trial import TrialState
+def _end_workers(study, workers: list) -> None:
+    """Stop the workers still running (SIGTERM: each fails its trial as interrupted), then fail, with the
+    reason, the trials still RUNNING in a worker that died."""
+    from moe_lightning.tuner.search import fail_trials_of
 
-    return optuna.study.MaxTrialsCallback(n, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    workers = [w for w in workers if w.pid is not None]  # those started
+    for w in workers:
+        if w.is_alive():
+            w.terminate()
+    for w in workers:
+        w.join(15)
+        if w.is_alive():
+            w.kill()
+            w.join(5)
+    for w in workers:
+        code = w.exitcode
+        if code:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            fail_trials_of(study, w.pid, f"its worker process (pid {w.pid}) {how}")
 
 
 def trial_records(study) -> list[dict]:
@@ -79,16 +217,17 @@ class TuneTask:
                                                           "accelerate"])
 
     def run(self, cfg: RunConfig) -> RunReport:
+        """Workers are spawned from the calling thread and die when it exits: call from the main thread."""
         import optuna
         from tqdm import tqdm
 
         from moe_lightning.engine.weights import resolve_model
+        from moe_lightning.tuner.processes import sigint_ignored_by_children
         from moe_lightning.tuner.search import (
-            TrialFailed,
             fail_orphaned_trials,
-            objective,
             open_study,
             seed_study,
+            started_trials,
             storage_url,
         )
 
@@ -97,7 +236,8 @@ class TuneTask:
         spec, _ = resolve_model(cfg.model)
         study = open_study(cfg, spec)
         fail_orphaned_trials(study, grace_s=3 * cfg.tuner.heartbeat_s)
-        finished = [t for t in study.trials if t.state.is_finished()]
+        started = started_trials(study)
+        finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         seeds = []
         if cfg.tuner.seed_with_hrm and not study.trials:
             try:
@@ -108,9 +248,9 @@ class TuneTask:
             s = seeds[0]
             print(f"HRM plan: N={s.batch_size} mu={s.micro_batch_size} attn_on_gpu={s.attn_on_gpu} "
                   f"r_w={s.expert_gpu_fraction:.3f} r_c={s.kv_gpu_fraction:.3f} (+{len(seeds) - 1} neighbours queued)")
-        remaining = max(0, cfg.tuner.n_trials - len(finished))
+        remaining = max(0, cfg.tuner.n_trials - started)
         if finished:
-            print(f"resuming study {study.study_name} (same fingerprint): {len(finished)} finished trials kept, "
+            print(f"resuming study {study.study_name} (same fingerprint): {finished} finished trials kept, "
                   f"{remaining} to go")
         cfg.logger.start(f"tune-{study.study_name}", _config_dict(cfg), str(run_dir))
         bar = tqdm(total=remaining, desc="tune", unit="trial", disable=not self.progress, file=sys.stderr)
@@ -124,16 +264,27 @@ class TuneTask:
             cfg.logger.log({"trial": event["number"], "throughput_tok_s": event.get("value"),
                             **{f"param/{k}": v for k, v in event["params"].items()}})
 
-        workers = [mp.get_context("spawn").Process(target=_worker, args=(cfg,), daemon=False)
-                   for _ in range(cfg.tuner.workers - 1)]
-        for w in workers:
-            w.start()
-        study.optimize(objective(cfg, spec, on_trial), n_trials=remaining, catch=(TrialFailed,),
-                       callbacks=[_max_trials(cfg.tuner.n_trials)])
-        for w in workers:
-            w.join()
-        bar.close()
-        return self._report(cfg, study, spec, run_dir, storage_url(cfg, study.study_name))
+        # Spawned from this (the main) thread: PR_SET_PDEATHSIG fires when the spawning thread exits.
+        workers = [mp.get_context("spawn").Process(target=_worker, args=(cfg, os.getpid()), daemon=False)
+                   for _ in range(cfg.tuner.workers - 1)] if remaining else []
+        try:
+            with sigint_ignored_by_children():
+                for w in workers:
+                    w.start()
+            run_trials(study, cfg, spec, on_trial, say=lambda line: tqdm.write(line, file=sys.stdout))
+            for w in workers:
+                w.join()
+        except Interrupted as exc:
+            raise Interrupted(f"{exc}: the running trials failed as interrupted; study {study.study_name} keeps "
+                              f"the others, and the same command resumes it", exc.exit_code) from None
+        finally:
+            with deferred():  # a second signal waits until every worker is stopped
+                _end_workers(study, workers)
+            bar.close()
+        report = self._report(cfg, study, spec, run_dir, storage_url(cfg, study.study_name))
+        if "best_trial" not in report.extra:
+            raise NoTrialCompleted(_no_trial_completed(study, run_dir))
+        return report
 
     def _report(self, cfg: RunConfig, study, spec, run_dir: Path, storage: str) -> RunReport:
         from moe_lightning.files import atomic_write
@@ -159,9 +310,7 @@ class TuneTask:
                            policy={}, environment=environment(),
                            extra={"study": study.study_name, "storage": storage, "trials": states,
                                   "objective": cfg.tuner.objective, "trials_file": str(run_dir / "trials.jsonl")})
-        if not best:
-            print("no trial completed: nothing to compare")
-        else:
+        if best:
             top = best[0]
             policy = policy_from_params(top.params, spec, cfg.policy)
             report.policy = as_dict(policy)
@@ -206,6 +355,21 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
         print(f"comparison failed: {exc}")
         return []
     return report.extra["comparison"]
+
+
+def _no_trial_completed(study, run_dir: Path) -> str:
+    """One line: how the trials ended and the commonest reason."""
+    from optuna.trial import TrialState
+
+    ended = {s: [t.user_attrs.get("reason") or "no reason recorded" for t in study.trials if t.state == s]
+             for s in (TrialState.FAIL, TrialState.PRUNED)}
+    failed, pruned = ended[TrialState.FAIL], ended[TrialState.PRUNED]
+    if not failed and not pruned:
+        return f"no trial of study {study.study_name} completed (none ran)"
+    reason, count = Counter(failed or pruned).most_common(1)[0]
+    return (f"no trial of study {study.study_name} completed ({len(failed)} failed, {len(pruned)} infeasible; "
+            f"reason of {count} of {len(failed or pruned)}: {reason.splitlines()[0][:200]}); every trial and its "
+            f"reason: {run_dir / 'trials.jsonl'}")
 
 
 def _config_dict(cfg: RunConfig) -> dict:

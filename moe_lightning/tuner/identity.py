@@ -63,10 +63,10 @@ def checkpoint_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
     else:
         out[prefix] = value
 
@@ -95,12 +95,15 @@ def study_fields(cfg: RunConfig, spec: ModelSpec, search_space: dict[str, Any]) 
         "measurement": {"device": cfg.device, "threads": as_dict(cfg.threads)} if measured else None,
     }
     flat: dict[str, Any] = {}
-    _flatten("", json.loads(json.dumps(tree, default=str)), flat)
+    flatten("", json.loads(json.dumps(tree, default=str)), flat)
     return flat
 
 
 def digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+_MISSING = object()
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -109,14 +112,18 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     nulls = {k for d in (stored, current) for k, v in d.items() if v is None}
     keys = sorted(set(stored) | set(current), key=lambda k: (k.count("."), k))
     keys = [k for k in keys if not any(k.startswith(n + ".") for n in nulls)]
-    missing = object()
     out = []
     for k in keys:
-        a, b = stored.get(k, missing), current.get(k, missing)
+        a, b = stored.get(k, _MISSING), current.get(k, _MISSING)
         if a != b:
-            show = lambda v: "(absent)" if v is missing else json.dumps(v)[:40]  # noqa: E731
-            out.append(f"{k}: {show(a)} -> {show(b)}")
+            out.append(f"{k}: {_show(k, a, stored)} -> {_show(k, b, current)}")
     return out
+
+
+def _show(key: str, value: Any, fields: dict[str, Any]) -> str:
+    if value is not _MISSING:
+        return json.dumps(value)[:40]
+    return "{...}" if any(f.startswith(key + ".") for f in fields) else "(absent)"  # a block: its fields
 
 
 def check_identity(study, fields: dict[str, Any]) -> None:

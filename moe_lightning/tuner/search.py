@@ -10,8 +10,10 @@
 - A measured trial runs the real engine in a spawned child process with a timeout and an optional
   memory cap: a crash, an out-of-memory or a hang fails that trial with its reason, never the study.
 - Studies live in an RDB storage (SQLite by default, any SQLAlchemy URL such as PostgreSQL), with
-  heartbeats so that a trial whose process was killed is failed on resume and every completed trial is
-  kept; several worker processes can share one study.
+  heartbeats so that a trial whose process was killed is failed on resume, with its reason, and every
+  completed trial is kept; several worker processes can share one study.
+- Worker and trial processes die with their parent, and asking for a trial is serialised so that
+  `n_trials` is exact (`moe_lightning.tuner.processes`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import dataclasses
 import logging
 import math
 import multiprocessing as mp
+import os
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from moe_lightning.config import ModelSpec, Policy, RunConfig
 from moe_lightning.errors import ConfigError, MoELightningError
+from moe_lightning.tuner.processes import sigint_ignored_by_children, tie_to_parent
 
 log = logging.getLogger("moe_lightning.search")
 STUDIES_DIR = Path("results") / "studies"
@@ -97,42 +102,88 @@ def open_study(cfg: RunConfig, spec: ModelSpec):
         study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                     load_if_exists=True)
     check_identity(study, fields)
+    if len(study.directions) != len(directions):
+        raise ConfigError(f"study {name!r} has {len(study.directions)} objective(s) but tuner.multi_objective="
+                          f"{str(cfg.tuner.multi_objective).lower()} needs {len(directions)}; choose another "
+                          f"tuner.study_name")
     return study
 
 
 def fail_orphaned_trials(study, grace_s: float) -> list[int]:
-    """Fail RUNNING trials whose process is gone, before a study resumes.
+    """Fail, with their reason, RUNNING trials whose process is gone. Returns the failed trial numbers.
 
-    Optuna fails trials whose heartbeat went stale, but skips a trial that never wrote one (its process
-    was killed between being handed the trial and its first heartbeat). Such a trial, older than the
-    grace period and without a heartbeat row, is failed here too. Returns the failed trial numbers.
+    A trial whose heartbeat went stale is failed here rather than by Optuna's `fail_stale_trials`, which
+    records no reason. A trial that never wrote a heartbeat (its process was killed between being handed
+    the trial and its first heartbeat), older than the grace period, is failed too.
     """
     import datetime as dt
 
-    import optuna
     from optuna.trial import TrialState
 
-    optuna.storages.fail_stale_trials(study)
     storage = study._storage
-    engine = getattr(getattr(storage, "_backend", storage), "engine", None)  # under optuna's cache layer
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if engine is None or not running:
+    if not running:
         return []
+    stale_ids = getattr(storage, "_get_stale_trial_ids", None)
+    stale = set(stale_ids(study._study_id)) if stale_ids and storage.get_heartbeat_interval() else set()
+    beating = _beating_trial_ids(storage)
+    now = dt.datetime.now()
+    failed = []
+    for t in running:
+        if t._trial_id in stale:
+            reason = "its process stopped sending heartbeats (killed, or its machine went down)"
+        elif (beating is not None and t._trial_id not in beating and t.datetime_start
+              and (now - t.datetime_start).total_seconds() > grace_s):
+            reason = "its process died before its first heartbeat"
+        else:
+            continue
+        if fail_trial(study, t.number, reason):
+            failed.append(t.number)
+    return failed
+
+
+def _beating_trial_ids(storage) -> set[int] | None:
+    """The trials with a heartbeat row (None: not an RDB storage, or unreadable)."""
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)  # under optuna's cache layer
+    if engine is None:
+        return None
     import sqlalchemy
 
     try:
         with engine.connect() as con:
-            beating = {row[0] for row in con.execute(sqlalchemy.text("select trial_id from trial_heartbeats"))}
+            return {row[0] for row in con.execute(sqlalchemy.text("select trial_id from trial_heartbeats"))}
     except sqlalchemy.exc.SQLAlchemyError:
-        return []
-    now = dt.datetime.now()
-    failed = []
-    for t in running:
-        if t._trial_id not in beating and t.datetime_start and (now - t.datetime_start).total_seconds() > grace_s:
-            storage.set_trial_user_attr(t._trial_id, "reason", "its process died before its first heartbeat")
-            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            failed.append(t.number)
-    return failed
+        return None
+
+
+def fail_trial(study, number: int, reason: str) -> bool:
+    """Record `reason` on a RUNNING trial and fail it; False if it finished meanwhile (another process)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        study._storage.set_trial_user_attr(trial_id, "reason", reason)
+        return study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+
+
+def fail_trials_of(study, pid: int, reason: str) -> list[int]:
+    """Fail the RUNNING trials that process `pid` asked for (a worker that died)."""
+    from optuna.trial import TrialState
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [t.number for t in running if t.user_attrs.get("pid") == pid and fail_trial(study, t.number, reason)]
+
+
+def started_trials(study) -> int:
+    """The trials that count towards `tuner.n_trials`: every trial started (running or finished), i.e.
+    all but the queued (WAITING) ones; Optuna's MaxTrialsCallback with those states."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
+                                                        TrialState.PRUNED, TrialState.FAIL)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,10 +358,16 @@ def simulate_objective(cfg: RunConfig, spec: ModelSpec) -> float:
 # the trial process
 
 
-def _trial_child(cfg: RunConfig, memory_gb: float, conn) -> None:
+def _trial_child(cfg: RunConfig, memory_gb: float, conn, parent_pid: int) -> None:
     """Runs in a spawned process: one warmed-up generation run, its report sent back."""
     import logging as _logging
 
+    tie_to_parent(parent_pid)
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore: a trial process killed (timeout, interrupt) would
+    # leave it to the resource tracker, whose "leaked semaphore" warning ends the tune. A thread lock will do.
+    tqdm.set_lock(threading.RLock())
     _logging.basicConfig(level=_logging.WARNING)
     try:
         if memory_gb > 0:
@@ -323,48 +380,83 @@ def _trial_child(cfg: RunConfig, memory_gb: float, conn) -> None:
         gen = run_generation(cfg, progress=False, warmup_tokens=1, repeats=cfg.tuner.repeats, max_cv=cfg.tuner.max_cv,
                              min_repeat_s=cfg.tuner.min_repeat_s)
         conn.send(("ok", gen.report.to_dict()))
-    except MemoryError as exc:
-        conn.send(("error", f"out of memory: {exc or 'MemoryError'}"))
     except MoELightningError as exc:
         conn.send(("error", str(exc)))
     except BaseException as exc:  # noqa: BLE001 - anything else is a failed trial, reported by name
-        name = type(exc).__name__
-        conn.send(("error", f"out of memory: {exc}" if "OutOfMemory" in name else f"{name}: {exc}"))
+        conn.send(("error", out_of_memory(exc, memory_gb) or f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
 
+_OOM_WORDS = ("failed to map segment", "cannot allocate memory", "can't allocate memory", "out of memory",
+              "std::bad_alloc")
+
+
+def out_of_memory(exc: BaseException, memory_gb: float) -> str | None:
+    """The one-line reason for an exception that means the trial ran out of memory, else None.
+
+    Under an address-space cap memory runs out in many guises: a MemoryError, a torch allocator error, an
+    OSError with ENOMEM, or an ImportError whose shared library could not be mapped (`failed to map
+    segment`). Each is reported as what it is: out of memory under the cap."""
+    import errno
+
+    first = str(exc).splitlines()[0] if str(exc).strip() else ""
+    detail = re.sub(r"(?<![\w.])/\S*/", "", f"{type(exc).__name__}: {first}").rstrip(": ")  # no folders
+    text = str(exc).lower()
+    oom = (isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+           or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+           or (isinstance(exc, (ImportError, OSError, RuntimeError)) and any(w in text for w in _OOM_WORDS))
+           or (memory_gb > 0 and isinstance(exc, (ImportError, OSError)) and "mmap" in text))
+    if not oom:
+        return None
+    if memory_gb > 0:
+        return f"out of memory under the trial's memory cap of {memory_gb:g} GB (tuner.trial_memory_gb; {detail})"
+    return f"out of memory ({detail})"
+
+
 def run_trial_process(cfg: RunConfig, timeout_s: float, memory_gb: float = 0.0) -> dict:
-    """Run one measured trial in a spawned child; -> its run document, or raise TrialFailed."""
+    """Run one measured trial in a spawned child; -> its run document, or raise TrialFailed. The child
+    dies with this process; interrupted here (SIGINT/SIGTERM), it is stopped before the signal goes on."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_trial_child, args=(cfg, memory_gb, child), daemon=True)
-    proc.start()
+    proc = ctx.Process(target=_trial_child, args=(cfg, memory_gb, child, os.getpid()), daemon=True)
+    with sigint_ignored_by_children():
+        proc.start()
     child.close()
     try:
-        if not parent.poll(timeout_s):
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-                raise TrialFailed(f"timeout: no result after {timeout_s:.0f} s (tuner.trial_timeout_s)")
-            raise TrialFailed(_death(proc))
-        status, payload = parent.recv()
-    except EOFError:
-        proc.join(5)
-        raise TrialFailed(_death(proc)) from None
+        if parent.poll(timeout_s):
+            status, payload = parent.recv()
+        else:
+            status, payload = "timeout", f"timeout: no result after {timeout_s:g} s (tuner.trial_timeout_s)"
+    except EOFError:  # the child died without a word
+        status, payload = "died", None
+    except BaseException:
+        _stop(proc, 0.0)
+        raise
     finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
+        parent.close()
+    _stop(proc, 0.0 if status == "timeout" else 10.0)
+    if status == "died":
+        raise TrialFailed(_death(proc, memory_gb))
     if status != "ok":
         raise TrialFailed(payload.splitlines()[0] if payload else "failed")
     return payload
 
 
-def _death(proc) -> str:
+def _stop(proc, wait_s: float) -> None:
+    """Let a child end by itself for `wait_s`, then SIGTERM it, then SIGKILL it."""
+    proc.join(wait_s)
+    for end in (proc.terminate, proc.kill):
+        if proc.is_alive():
+            end()
+            proc.join(2)
+
+
+def _death(proc, memory_gb: float = 0.0) -> str:
     proc.join(5)
     code = proc.exitcode
     if code is not None and code < 0:
-        hint = " (killed: out of memory?)" if code == -9 else ""
+        cap = f" under the trial's memory cap of {memory_gb:g} GB" if memory_gb > 0 else ""
+        hint = f" (killed: out of memory{cap}?)" if code == -9 or (cap and code in (-6, -7, -11)) else ""
         return f"trial process died from signal {-code}{hint}"
     return f"trial process exited with code {code} without a result"

@@ -1,0 +1,285 @@
+"""config.json of a Hugging Face Mixtral checkpoint, read into a ModelSpec with every field checked.
+
+Each failure is one `CheckpointError` line naming the file and the field: a file that is not a JSON
+object, unreadable, or not UTF-8; a size or count that is not a positive integer (2.5, "4096", true, 0);
+heads that do not divide; a token id outside the vocabulary; and any field set to a value that changes
+the math the Mixtral path does not implement (`hidden_act` other than silu, RoPE scaling, a binding
+`sliding_window`, tied embeddings, biases, quantization, ...: see `NEUTRAL_VALUES`). Such fields are
+refused, never ignored.
+
+A `sliding_window` is accepted only when it is >= `max_position_embeddings`: every run is refused a
+context longer than that (`workload_io.load_requests`), so such a window never binds, and the
+full-attention math is exact.
+
+The file helpers here (`read_json`, `list_folder`, `os_reason`) serve the shard checks in
+`moe_lightning.engine.weights` too.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from pathlib import Path
+
+from moe_lightning.config import DTYPES, ModelSpec
+from moe_lightning.errors import CheckpointError
+
+SUPPORTED_MODEL_TYPES = ("mixtral",)
+ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
+DEFAULT_ROPE_THETA = 1e6         # MixtralConfig.default_theta
+DEFAULT_MAX_POSITIONS = 32768
+
+# config.json fields that change the math where set (Mixtral variants, or other families' fields) and
+# the only values the Mixtral path implements; absent or null is always accepted. Fields that do not
+# change inference are ignored: training-only ones (attention_dropout, router_jitter_noise,
+# router_aux_loss_coef, initializer_range, output_router_logits) and generic ones (use_cache,
+# pad_token_id, architectures, transformers_version). hidden_act, sliding_window, rope_parameters,
+# rope_scaling and layer_types are checked on their own.
+NEUTRAL_VALUES: dict[str, tuple] = {
+    "tie_word_embeddings": (False,),
+    "attention_bias": (False,), "mlp_bias": (False,),
+    "partial_rotary_factor": (1.0,),
+    "norm_topk_prob": (True,),                      # Mixtral renormalises its top-k router weights
+    "qk_layernorm": (False,), "qk_norm": (False,), "use_qk_norm": (False,),
+    "attn_logit_softcapping": (), "final_logit_softcapping": (),
+    "logit_scale": (1.0,), "logits_scaling": (1.0,), "embedding_multiplier": (1.0,),
+    "residual_multiplier": (1.0,), "attention_multiplier": (),
+    "moe_intermediate_size": (), "shared_expert_intermediate_size": (0,), "n_shared_experts": (0,),
+    "num_shared_experts": (0,), "first_k_dense_replace": (0,), "decoder_sparse_step": (1,),
+    "mlp_only_layers": ([],), "routed_scaling_factor": (1.0,), "scoring_func": ("softmax",),
+    "topk_method": ("greedy",),
+    "quantization_config": (),
+}
+
+
+def os_reason(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EISDIR:
+        return "it is a folder, not a file"
+    if exc.errno == errno.ENOENT:
+        return "no such file (a dangling symlink?)"
+    return exc.strerror or type(exc).__name__
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def shown(value: object) -> str:
+    """A config value as JSON writes it (true, false, null, [..]; a string quoted as Python does, as
+    tensor names are), kept short."""
+    try:
+        text = repr(value) if isinstance(value, str) else json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def list_folder(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        raise CheckpointError(f"model.path {folder}: no such folder") from None
+    except NotADirectoryError:
+        raise CheckpointError(f"model.path {folder}: not a folder (give the checkpoint's folder)") from None
+    except OSError as exc:
+        raise CheckpointError(f"model.path {folder}: cannot list the folder ({os_reason(exc)})") from None
+
+
+def read_json(path: Path, missing: str = "") -> object:
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block the read
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found{missing}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the file ({os_reason(exc)})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer over Python's digit limit
+        raise CheckpointError(f"{path}: not valid JSON ({one_line(exc)})") from None
+
+
+_REQUIRED = object()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond a float
+        return False
+
+
+def _same(value: object, accepted: object) -> bool:
+    """JSON equality that keeps true apart from 1."""
+    if isinstance(value, bool) or isinstance(accepted, bool):
+        return value is accepted
+    return value == accepted
+
+
+class _Config:
+    """Typed access to config.json's fields: each failure names the file and the field."""
+
+    def __init__(self, cfg: dict, path: Path):
+        self.cfg, self.path = cfg, path
+
+    def fail(self, message: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {message}")
+
+    def get(self, key: str, default: object = _REQUIRED) -> object:
+        if key in self.cfg:
+            return self.cfg[key]
+        if default is _REQUIRED:
+            raise self.fail(f"missing key {key!r}")
+        return default
+
+    def positive_int(self, key: str, default: object = _REQUIRED, nullable: bool = False) -> int | None:
+        value = self.get(key, default)
+        if value is None and nullable:
+            return None
+        if not (_is_int(value) and value > 0):
+            kind = "a positive integer or null" if nullable else "a positive integer"
+            raise self.fail(f"{key} must be {kind}, got {shown(value)}")
+        return value
+
+    def positive_number(self, key: str, value: object) -> float:
+        if not (_is_number(value) and value > 0):
+            raise self.fail(f"{key} must be a positive number, got {shown(value)}")
+        return float(value)
+
+    def token_id(self, key: str, value: object, vocab: int) -> int | None:
+        if value is not None and not (_is_int(value) and 0 <= value < vocab):
+            raise self.fail(f"{key} must be a token id in [0, vocab_size={vocab}) or null, got {shown(value)}")
+        return value
+
+    def eos(self, vocab: int) -> int | None:
+        value = self.get("eos_token_id", None)
+        if not isinstance(value, list):
+            return self.token_id("eos_token_id", value, vocab)
+        ids = [self.token_id("eos_token_id", v, vocab) for v in value]
+        if len(set(ids)) != 1 or ids[0] is None:
+            raise self.fail(f"eos_token_id={shown(value)}: the engine stops on exactly one end-of-sequence "
+                            "id; give one integer")
+        return ids[0]
+
+    def rope_theta(self) -> float:
+        rope = self.get("rope_parameters", None)
+        if rope is None:
+            rope = {}
+        if not isinstance(rope, dict):
+            raise self.fail(f"rope_parameters must be an object or null, got {shown(rope)}")
+        for key, value in rope.items():
+            if isinstance(value, dict):
+                raise self.fail(f"rope_parameters.{key}: per-layer-type RoPE is not implemented by the "
+                                "Mixtral path")
+        for where, params in (("rope_parameters", rope), ("rope_scaling", self.get("rope_scaling", None))):
+            if params is None:
+                continue
+            if not isinstance(params, dict):
+                raise self.fail(f"{where} must be an object or null, got {shown(params)}")
+            kind = params.get("rope_type", params.get("type", "default"))
+            if kind != "default":
+                raise self.fail(f"{where} rope_type={shown(kind)} is not implemented by the Mixtral path "
+                                "(default RoPE only)")
+            factor = params.get("partial_rotary_factor")
+            if factor is not None and not _same(factor, 1.0):
+                raise self.fail(f"{where}.partial_rotary_factor={shown(factor)} is not implemented by the "
+                                "Mixtral path (1.0 only)")
+        nested, top = rope.get("rope_theta"), self.get("rope_theta", None)
+        if nested is not None and top is not None and nested != top:
+            raise self.fail(f"rope_theta={shown(top)} disagrees with rope_parameters.rope_theta="
+                            f"{shown(nested)}; keep one")
+        key = "rope_parameters.rope_theta" if nested is not None else "rope_theta"
+        return self.positive_number(key, nested if nested is not None else top if top is not None
+                                    else DEFAULT_ROPE_THETA)
+
+    def refuse_unimplemented(self, max_positions: int) -> None:
+        act = self.get("hidden_act", "silu")
+        if act not in ACTIVATIONS or not isinstance(act, str):
+            raise self.fail(f"hidden_act={shown(act)} is not implemented by the Mixtral path (silu only)")
+        window = self.get("sliding_window", None)
+        if window is not None:
+            if not (_is_int(window) and window > 0):
+                raise self.fail(f"sliding_window must be a positive integer or null, got {shown(window)}")
+            if window < max_positions:
+                raise self.fail(f"sliding_window={window} is smaller than max_position_embeddings="
+                                f"{max_positions}, and sliding-window attention is not implemented (null, or "
+                                ">= max_position_embeddings, is full attention)")
+        types = self.get("layer_types", None)
+        if types is not None and (not isinstance(types, list) or any(t != "full_attention" for t in types)):
+            raise self.fail(f"layer_types={shown(types)} is not implemented by the Mixtral path "
+                            "(full_attention only)")
+        for key, accepted in NEUTRAL_VALUES.items():
+            value = self.get(key, None)
+            if value is not None and not any(_same(value, a) for a in accepted):
+                allowed = ", ".join(["null", *(shown(a) for a in accepted)])
+                raise self.fail(f"{key}={shown(value)} changes the math and is not implemented by the "
+                                f"Mixtral path (accepted: {allowed})")
+
+
+def _mixtral_fields(cfg: _Config) -> dict:
+    """ModelSpec fields of a Mixtral config.json, each checked for type and range."""
+    model_type = cfg.get("model_type", None)
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+        raise cfg.fail(f"unsupported model_type {shown(model_type)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    layers, hidden = cfg.positive_int("num_hidden_layers"), cfg.positive_int("hidden_size")
+    intermediate, heads = cfg.positive_int("intermediate_size"), cfg.positive_int("num_attention_heads")
+    kv_heads = cfg.positive_int("num_key_value_heads", None, nullable=True) or heads
+    head_dim = cfg.positive_int("head_dim", None, nullable=True)
+    experts, top_k = cfg.positive_int("num_local_experts"), cfg.positive_int("num_experts_per_tok")
+    vocab = cfg.positive_int("vocab_size")
+    max_positions = cfg.positive_int("max_position_embeddings", DEFAULT_MAX_POSITIONS)
+    if heads % kv_heads:
+        raise cfg.fail(f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads}")
+    if head_dim is None:
+        if hidden % heads:
+            raise cfg.fail(f"hidden_size={hidden} must be a multiple of num_attention_heads={heads} "
+                           "(or give head_dim)")
+        head_dim = hidden // heads
+    if top_k > experts:
+        raise cfg.fail(f"num_experts_per_tok={top_k} must be <= num_local_experts={experts}")
+    eps = cfg.positive_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-5))
+    rope_theta = cfg.rope_theta()
+    bos = cfg.token_id("bos_token_id", cfg.get("bos_token_id", None), vocab)
+    eos = cfg.eos(vocab)
+    cfg.refuse_unimplemented(max_positions)
+    dtype = cfg.get("dtype", None) or cfg.get("torch_dtype", None)
+    return dict(
+        architecture="mixtral", num_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, num_experts=experts, top_k=top_k,
+        vocab_size=vocab, rope_theta=rope_theta, rms_norm_eps=eps, max_position_embeddings=max_positions,
+        dtype=dtype if isinstance(dtype, str) and dtype in DTYPES else "float32",
+        bos_token_id=bos, eos_token_id=eos,
+    )
+
+
+def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpec:
+    """ModelSpec of a Hugging Face checkpoint folder, from its config.json (type-checked)."""
+    folder = Path(folder)
+    list_folder(folder)
+    path = folder / "config.json"
+    cfg = read_json(path, " (a checkpoint folder needs config.json)")
+    if not isinstance(cfg, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(cfg), "a number")
+        raise CheckpointError(f"{path}: must be a JSON object {{...}}, got {kind} {shown(cfg)}")
+    fields = _mixtral_fields(_Config(cfg, path))
+    try:
+        return ModelSpec(name=name, weights="checkpoint", path=str(folder), **fields)
+    except Exception as exc:  # ConfigError from ModelSpec validation: name the file
+        raise CheckpointError(f"{path}: {one_line(exc)}") from None

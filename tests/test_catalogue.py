@@ -1,0 +1,333 @@
+"""The bad-input catalogue: the console script, in a subprocess, over bad overrides, config files, output
+paths, prompt files, checkpoints, reports and tunes. Each case must exit non-zero with exactly one line
+on stderr (`moe-lightning: error: ...`, naming what is wrong), no traceback, and leave every file that
+was there before byte-identical, with no new file beside them (Hydra's run folders aside)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+BASE = ("task.progress=false", "workload.num_requests=2", "workload.gen_len=2")
+
+
+@dataclass
+class Case:
+    id: str
+    args: tuple[str, ...]
+    expect: str                                   # a fragment of the one error line
+    setup: Callable[[Path, Path], None] | None = None   # (folder, tiny checkpoint) -> files the case needs
+    code: int = 2
+    task: str = "generate"
+    base: tuple[str, ...] = BASE
+    marks: tuple = ()
+
+
+# --------------------------------------------------------------------------------------------------
+# Files the cases read
+
+
+def write(name: str, data: str | bytes) -> Callable[[Path, Path], None]:
+    def setup(folder: Path, tiny: Path) -> None:
+        (folder / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return setup
+
+
+def prompts(data: str | bytes) -> Callable[[Path, Path], None]:
+    return write("p.jsonl", data)
+
+
+def both(*setups) -> Callable[[Path, Path], None]:
+    def setup(folder: Path, tiny: Path) -> None:
+        for s in setups:
+            s(folder, tiny)
+    return setup
+
+
+def config_dir(name: str, text: str) -> Callable[[Path, Path], None]:
+    def setup(folder: Path, tiny: Path) -> None:
+        (folder / "conf" / "hardware").mkdir(parents=True)
+        (folder / "conf" / "hardware" / name).write_text(text)
+    return setup
+
+
+PART_HEADER = {"format": "moe-lightning partial outputs", "version": 1, "batch_size": 2, "num_requests": 2,
+               "run": {"gen_len": 99}}
+
+
+def checkpoint(edit: Callable[[Path], None]) -> Callable[[Path, Path], None]:
+    def setup(folder: Path, tiny: Path) -> None:
+        shutil.copytree(tiny, folder / "ckpt")
+        edit(folder / "ckpt")
+    return setup
+
+
+def edit_config(**changes) -> Callable[[Path], None]:
+    def edit(ckpt: Path) -> None:
+        cfg = json.loads((ckpt / "config.json").read_text())
+        for k, v in changes.items():
+            if v is DELETE:
+                del cfg[k]
+            else:
+                cfg[k] = v
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+DELETE = object()
+
+
+def config_text(text: str | bytes) -> Callable[[Path], None]:
+    def edit(ckpt: Path) -> None:
+        (ckpt / "config.json").write_bytes(text.encode() if isinstance(text, str) else text)
+    return edit
+
+
+def edit_tensors(change: Callable[[dict], None], file: str = "model.safetensors") -> Callable[[Path], None]:
+    def edit(ckpt: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(ckpt / "model.safetensors")
+        change(tensors)
+        save_file(tensors, ckpt / file)
+    return edit
+
+
+def set_nan(t: dict) -> None:
+    t["model.layers.1.block_sparse_moe.experts.3.w2.weight"][0, 0] = float("nan")
+
+
+def add_scale(t: dict) -> None:
+    t["model.layers.0.block_sparse_moe.experts.0.w1.weight_scale"] = torch.ones(128)
+
+
+def stray_shard(ckpt: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}, ckpt / "model-fixed.safetensors")
+
+
+def index(entries: Callable[[list[str]], dict]) -> Callable[[Path], None]:
+    def edit(ckpt: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(ckpt / "model.safetensors", "pt") as f:
+            names = list(f.keys())
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": entries(names)}))
+    return edit
+
+
+def escaping(target: str) -> Callable[[list[str]], dict]:
+    return lambda names: {n: (target if i == 0 else "model.safetensors") for i, n in enumerate(names)}
+
+
+def truncate(ckpt: Path) -> None:
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4096])
+
+
+def run_document() -> Callable[[Path, Path], None]:
+    def setup(folder: Path, tiny: Path) -> None:
+        (folder / "docs").mkdir()
+        (folder / "docs" / "a.json").write_text('{"schema_version": 2, "metrics": {"bogus": 1}}')
+        (folder / "docs" / "b.json").write_text('{"schema_ver')
+    return setup
+
+
+TUNE = ("task.progress=false", "workload.num_requests=2", "workload.gen_len=2", "task.compare=false",
+        "tuner.storage=sqlite:///runs/s.db")   # the study file lives where the snapshot does not look
+
+
+def simulated_study(name: str) -> Callable[[Path, Path], None]:
+    def setup(folder: Path, tiny: Path) -> None:
+        r = subprocess.run([sys.executable, "-m", "moe_lightning", "task=tune", *TUNE, "tuner.objective=simulate",
+                            "tuner.n_trials=1", f"tuner.study_name={name}"], capture_output=True, text=True,
+                           timeout=300, cwd=folder)
+        assert r.returncode == 0, r.stderr
+    return setup
+
+
+# --------------------------------------------------------------------------------------------------
+# The catalogue
+
+JSONL = ("workload=jsonl", "workload.path=p.jsonl")
+HF = ("model=hf", "model.path=ckpt")
+ROOT = os.geteuid() == 0
+
+CASES = [
+    # Overrides and config files
+    Case("unknown-key", ("policy.nope=1",), "unknown key 'policy.nope'"),
+    Case("add-unknown-key", ("+policy.foo=1",), "unknown key 'policy.foo'"),
+    Case("force-add-misspelt-key", ("++workload.gen_lenn=4",), "unknown key 'workload.gen_lenn'"),
+    Case("add-existing-key", ("+workload.gen_len=3",), "drop the '+'"),
+    Case("delete-group", ("~policy",), "instead of deleting it"),
+    Case("unknown-group-option", ("hardware=t5",), "unknown hardware 't5'"),
+    Case("unknown-task", ("task=nope",), "unknown task 'nope'"),
+    Case("word-for-integer", ("policy.batch_size=many",), "expected an integer"),
+    Case("empty-integer", ("policy.batch_size=",), "expected an integer"),
+    Case("override-grammar", ("policy.batch_size=[1",), "no viable alternative"),
+    Case("fraction-above-one", ("policy.expert_gpu_fraction=2",), "must be in [0, 1]"),
+    Case("micro-batch-above-batch", ("policy.batch_size=2", "policy.micro_batch_size=4"), "policy.micro_batch_size"),
+    Case("zero-batch", ("policy.batch_size=0",), "policy.batch_size: must be > 0"),
+    Case("zero-gen-len", ("workload.gen_len=0",), "workload.gen_len: must be > 0"),
+    Case("zero-requests", ("workload.num_requests=0",), "workload.num_requests: must be > 0"),
+    Case("top-p-above-one", ("sampling.top_p=1.5",), "sampling.top_p"),
+    Case("negative-temperature", ("sampling.temperature=-1",), "sampling.temperature"),
+    Case("negative-cores", ("threads.cores=-1",), "threads.cores"),
+    Case("unknown-device", ("device=tpu",), "accepted: auto, cpu, cuda"),
+    Case("cuda-without-cuda", ("device=cuda",), "no CUDA device",
+         marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA"),)),
+    Case("unknown-dtype", ("model.dtype=int8",), "model.dtype"),
+    Case("config-dir-bad-yaml", ("--config-dir", "conf", "hardware=bad"), "bad.yaml",
+         setup=config_dir("bad.yaml", "name: bad\ngpu: [\n"), task="plan", base=()),
+    Case("config-dir-schema", ("--config-dir", "conf", "hardware=odd"), "hardware.gpu.count",
+         setup=config_dir("odd.yaml", "name: odd\ngpu: {name: x, count: one}\n"), task="plan", base=()),
+    Case("config-dir-missing", ("--config-dir", "nodir"), "no such folder", task="plan", base=()),
+    # Output paths: refused before any work, earlier files untouched
+    Case("outputs-is-a-folder", ("outputs=sub",), "is a folder", setup=lambda f, t: (f / "sub").mkdir()),
+    Case("outputs-exists", ("outputs=old.jsonl",), "exists; pass overwrite=true"),
+    Case("out-exists", ("out=old.json",), "exists; pass overwrite=true"),
+    Case("outputs-is-the-prompts", (*JSONL, "outputs=p.jsonl", "overwrite=true"), "is an input of this run",
+         setup=prompts('{"input_ids": [4, 5]}\n')),
+    Case("out-not-a-regular-file", ("out=/dev/full",), "not a regular file"),
+    Case("out-and-outputs-same", ("out=x.json", "outputs=x.json"), "name the same file"),
+    Case("outputs-under-a-file", ("outputs=old.jsonl/x.jsonl",), "cannot create its folder"),
+    Case("outputs-read-only-fs", ("outputs=/sys/out.jsonl",), "is not writable"),
+    Case("resume-without-outputs", ("resume=true",), "needs outputs=PATH"),
+    Case("resume-other-task", ("resume=true",), "applies to task=generate", task="plan", base=()),
+    Case("part-without-resume", ("outputs=new.jsonl",), "interrupted run",
+         setup=write("new.jsonl.part", json.dumps(PART_HEADER) + "\n")),
+    Case("resume-complete", ("outputs=old.jsonl", "resume=true"), "is complete"),
+    Case("resume-another-run", ("outputs=new.jsonl", "resume=true"), "written by another run",
+         setup=write("new.jsonl.part", json.dumps(PART_HEADER) + "\n")),
+    Case("resume-foreign-part", ("outputs=new.jsonl", "resume=true"), "not a moe-lightning part file",
+         setup=write("new.jsonl.part", "hello\n")),
+    # Prompt files: the file and line are named
+    Case("prompts-missing", (*JSONL,), "prompts file not found"),
+    Case("prompts-folder", ("workload=jsonl", "workload.path=sub"), "is a folder",
+         setup=lambda f, t: (f / "sub").mkdir()),
+    Case("prompts-empty", JSONL, "the file is empty", setup=prompts("")),
+    Case("prompts-bad-json", JSONL, "p.jsonl:2: not valid JSON", setup=prompts('{"input_ids": [4]}\n{oops\n')),
+    Case("prompts-bool-ids", JSONL, "p.jsonl:1:", setup=prompts('{"input_ids": [true, false]}\n')),
+    Case("prompts-not-utf8", JSONL, "p.jsonl:2: not UTF-8",
+         setup=prompts(b'{"input_ids": [4]}\n{"prompt": "caf\xe9"}\n')),
+    Case("prompts-lone-surrogate", JSONL, "lone surrogate", setup=prompts('{"prompt": "a\\ud800b"}\n')),
+    Case("prompts-deep-nesting", JSONL, "nested too deeply", setup=prompts("[" * 100_000 + "\n")),
+    Case("prompts-duplicate-ids", JSONL, "ids must be unique",
+         setup=prompts('{"id": "a", "input_ids": [4]}\n{"id": "a", "input_ids": [5]}\n')),
+    Case("prompts-nan-id", JSONL, "NaN is not a JSON value", setup=prompts('{"id": NaN, "input_ids": [4]}\n')),
+    Case("prompts-default-id-clash", JSONL, "its position",
+         setup=prompts('{"input_ids": [4]}\n{"id": 0, "input_ids": [5]}\n')),
+    Case("prompts-list-id", JSONL, '"id" must be a string or an integer',
+         setup=prompts('{"id": [1], "input_ids": [4]}\n')),
+    Case("prompts-id-out-of-vocab", JSONL, '"input_ids" must be a non-empty list',
+         setup=prompts('{"input_ids": [4, 99999999]}\n')),
+    Case("prompts-empty-ids", JSONL, '"input_ids" must be a non-empty list', setup=prompts('{"input_ids": []}\n')),
+    Case("prompts-both-fields", JSONL, "exactly one of", setup=prompts('{"prompt": "a", "input_ids": [4]}\n')),
+    Case("prompts-array-row", JSONL, "expected an object", setup=prompts("[1, 2]\n")),
+    Case("prompts-empty-text", JSONL, '"prompt" must be a non-empty string', setup=prompts('{"prompt": ""}\n')),
+    Case("prompts-too-long", (*JSONL, "workload.gen_len=4"), "exceeds model.max_position_embeddings",
+         setup=prompts(json.dumps({"input_ids": [4] * 5000}) + "\n")),
+    # Checkpoints: the file and the field or tensor are named
+    Case("ckpt-missing-folder", ("model=hf", "model.path=nockpt"), "nockpt"),
+    Case("ckpt-config-list", HF, "must be a JSON object", setup=checkpoint(config_text("[1, 2]"))),
+    Case("ckpt-config-not-utf8", HF, "not UTF-8", setup=checkpoint(config_text(b"\xff\xfe{}"))),
+    Case("ckpt-config-deep", HF, "nested too deeply", setup=checkpoint(config_text("[" * 100_000))),
+    Case("ckpt-layers-float", HF, "num_hidden_layers must be a positive integer, got 2.5",
+         setup=checkpoint(edit_config(num_hidden_layers=2.5))),
+    Case("ckpt-hidden-string", HF, "hidden_size must be a positive integer",
+         setup=checkpoint(edit_config(hidden_size="4096"))),
+    Case("ckpt-experts-bool", HF, "num_local_experts must be a positive integer",
+         setup=checkpoint(edit_config(num_local_experts=True))),
+    Case("ckpt-zero-heads", HF, "num_attention_heads must be a positive integer, got 0",
+         setup=checkpoint(edit_config(num_attention_heads=0))),
+    Case("ckpt-heads-not-multiple", HF, "must be a multiple of num_key_value_heads",
+         setup=checkpoint(edit_config(num_key_value_heads=3))),
+    Case("ckpt-topk-above-experts", HF, "num_experts_per_tok=9 must be <=",
+         setup=checkpoint(edit_config(num_experts_per_tok=9))),
+    Case("ckpt-bos-out-of-vocab", HF, "bos_token_id", setup=checkpoint(edit_config(bos_token_id=10**6))),
+    Case("ckpt-missing-vocab", HF, "missing key 'vocab_size'", setup=checkpoint(edit_config(vocab_size=DELETE))),
+    Case("ckpt-wrong-model-type", HF, "model_type", setup=checkpoint(edit_config(model_type="llama"))),
+    Case("ckpt-sliding-window", HF, "sliding_window=2", setup=checkpoint(edit_config(sliding_window=2))),
+    Case("ckpt-gelu", HF, "hidden_act='gelu' is not implemented", setup=checkpoint(edit_config(hidden_act="gelu"))),
+    Case("ckpt-rope-scaling", HF, "rope_scaling",
+         setup=checkpoint(edit_config(rope_scaling={"type": "dynamic", "factor": 2.0}))),
+    Case("ckpt-tied-embeddings", HF, "tie_word_embeddings", setup=checkpoint(edit_config(tie_word_embeddings=True))),
+    Case("ckpt-quantized", HF, "quantization_config",
+         setup=checkpoint(edit_config(quantization_config={"quant_method": "gptq"}))),
+    Case("ckpt-nan-weight", HF, "experts.3.w2.weight' holds NaN or Inf", setup=checkpoint(edit_tensors(set_nan))),
+    Case("ckpt-nan-weight-accelerate", (*HF, "system=accelerate"), "experts.down_proj' holds NaN or Inf",
+         setup=checkpoint(edit_tensors(set_nan))),
+    Case("ckpt-unknown-tensor", HF, "unexpected tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight_scale'",
+         setup=checkpoint(edit_tensors(add_scale))),
+    Case("ckpt-duplicate-shard", HF, "model-fixed.safetensors", setup=checkpoint(stray_shard)),
+    Case("ckpt-index-absolute", HF, "must be a relative file name inside the checkpoint folder",
+         setup=checkpoint(index(escaping("/etc/passwd")))),
+    Case("ckpt-index-dotdot", HF, "must be a relative file name inside the checkpoint folder",
+         setup=checkpoint(index(escaping("../outside.safetensors")))),
+    Case("ckpt-index-not-json", HF, "model.safetensors.index.json: not valid JSON",
+         setup=checkpoint(lambda c: (c / "model.safetensors.index.json").write_text("{not json"))),
+    Case("ckpt-index-missing-shard", HF, "is missing",
+         setup=checkpoint(index(escaping("model-00002-of-00002.safetensors")))),
+    Case("ckpt-truncated", HF, "corrupt or truncated", setup=checkpoint(truncate)),
+    Case("ckpt-missing-tensor", HF, "experts.2.w3.weight",
+         setup=checkpoint(edit_tensors(lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight")))),
+    Case("ckpt-wrong-shape", HF, "k_proj",
+         setup=checkpoint(edit_tensors(lambda t: t.update({"model.layers.0.self_attn.k_proj.weight":
+                                                           torch.zeros(8, 64)})))),
+    # Tunes: no completed trial is a failure, with the commonest reason; a study is not reused across kinds
+    Case("tune-every-trial-out-of-memory", ("tuner.objective=measure", "tuner.trial_memory_gb=0.4", "tuner.n_trials=2",
+                                            "tuner.seed_with_hrm=false", "tuner.study_name=capped"),
+         "out of memory under the trial's memory cap", code=1, task="tune", base=TUNE),
+    Case("tune-every-trial-times-out", ("tuner.objective=measure", "tuner.trial_timeout_s=0.5", "tuner.n_trials=2",
+                                        "tuner.seed_with_hrm=false", "tuner.study_name=slow"),
+         "no result after 0.5 s", code=1, task="tune", base=TUNE),
+    Case("tune-every-trial-infeasible", ("tuner.objective=simulate", "hardware.gpu.memory_gb=0.00001",
+                                         "tuner.n_trials=2", "tuner.seed_with_hrm=false", "tuner.study_name=tiny"),
+         "(0 failed, 2 infeasible", code=1, task="tune", base=TUNE),
+    Case("tune-study-of-another-objective", ("tuner.objective=measure", "tuner.n_trials=1", "tuner.study_name=kinds"),
+         'objective: "simulate" -> "measure"', setup=simulated_study("kinds"), task="tune", base=TUNE),
+    Case("tune-study-single-to-multi", ("tuner.objective=simulate", "tuner.multi_objective=true", "tuner.n_trials=1",
+                                        "tuner.study_name=kinds"),
+         "multi_objective: false -> true", setup=simulated_study("kinds"), task="tune", base=TUNE),
+    # Reports
+    Case("report-no-match", ("task.inputs=[nothing/*.json]",), "no run documents", task="report", base=()),
+    Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",
+         base=()),
+]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file, Hydra's run folders aside."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).parts[0] != "runs"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_is_one_line_and_changes_no_file(tmp_path, tiny_path, case: Case):
+    (tmp_path / "old.jsonl").write_text('{"id": 0, "output_ids": [1, 2]}\n')   # an earlier run's outputs
+    (tmp_path / "old.json").write_text('{"earlier": "run document"}\n')
+    if case.setup:
+        case.setup(tmp_path, tiny_path)
+    before = snapshot(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "moe_lightning", f"task={case.task}", *case.base, *case.args],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == case.code, r.stderr
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith("moe-lightning: error: ") and case.expect in lines[0], lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_the_catalogue_is_at_least_sixty_cases():
+    assert len(CASES) >= 60
