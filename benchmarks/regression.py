@@ -16,7 +16,8 @@ Throughput (and the CGOPipe / reference ratio) is printed with its spread but ne
 speed on a shared runner is noise. The host's load is recorded for every run; when the measurement is
 too noisy to judge the simulator's error (either engine's throughput CV, or the error's own stdev, above
 its limit, or other processes busy), the benchmark says so and measures again, up to `--attempts` times,
-and if it stays noisy it prints "INCONCLUSIVE" for that signal instead of passing it silently. Parity and overlap are always judged.
+and if it stays noisy it prints "INCONCLUSIVE" for that signal instead of passing it silently. Parity
+and overlap are always judged.
 
     python benchmarks/regression.py            # judge against the committed reference, exit 1 on regression
     python benchmarks/regression.py --update   # rewrite the reference (with its spread) from this machine
