@@ -43,9 +43,11 @@ class CGOPipeSystem:
 
     name: str = "cgopipe"
     policy_source: str = "given"    # given: cfg.policy as is; auto: the HRM optimizer's policy
+    kv_block_size: int = 16         # unpadded mode: CPU KV cache in blocks of this many tokens; 0: dense
 
     def __post_init__(self) -> None:
         _choice(self.policy_source, "system.policy_source", ("given", "auto"))
+        _check(self.kv_block_size >= 0, "system.kv_block_size", f"must be >= 0, got {self.kv_block_size}")
 
     def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy) -> Policy:
         if self.policy_source == "given":
@@ -58,7 +60,8 @@ class CGOPipeSystem:
               workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:
         from moe_lightning.engine.cgopipe import CGOPipeRunner
 
-        return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace)
+        return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace,
+                             kv_block_size=self.kv_block_size)
 
 
 SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem}

@@ -68,8 +68,9 @@ class _EngineBaseline(_Baseline):
 
         self._check_resolved(spec, hardware, workload, policy)
         self._check_policy(policy)
+        # The baselines keep their authors' dense KV cache (one tensor per micro-batch, padded as they pad).
         return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace,
-                              schedule=SCHEDULES[self.name])
+                             schedule=SCHEDULES[self.name], kv_block_size=0)
 
     def _check_policy(self, policy: Policy) -> None:
         pass

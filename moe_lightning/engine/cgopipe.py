@@ -17,6 +17,7 @@ import torch
 from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.engine.executor import Executor, TaskRecord
 from moe_lightning.engine.kernel_table import KernelChooser
+from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks
 from moe_lightning.engine.model import (
     LayerWeights,
     decode_attention,
@@ -28,6 +29,8 @@ from moe_lightning.engine.model import (
 from moe_lightning.engine.paged import DevicePools, ExpertCache
 from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import ConfigError, WorkloadError
+from moe_lightning.kernels.cpu_attention import backend as attention_backend
+from moe_lightning.kernels.cpu_attention import paged_decode_attention
 from moe_lightning.memory import memory_plan, resident_experts_per_layer
 from moe_lightning.schedule.cgopipe import (
     PipeShape,
@@ -81,9 +84,11 @@ class MicroBatch:
     lens: list[int]                 # cache slots used by each prompt (padding included)
     pads: list[int]                 # left padding per sequence (0 unless workload.padding)
     on_gpu: bool                    # KV cache on the GPU (r_c) or on the CPU
-    k: torch.Tensor                 # [L, mu_j, nkv, S_j, hd]
-    v: torch.Tensor
+    k: torch.Tensor | None          # [L, mu_j, nkv, S_j, hd] (dense), or None with `blocks`
+    v: torch.Tensor | None
     slots: torch.Tensor | None = None   # per sequence, the cache slot of the next token (CPU tensor)
+    blocks: SequenceBlocks | None = None   # the unpadded mode's CPU KV cache: blocks in the runner's pool
+    prompt_at: tuple[torch.Tensor, torch.Tensor] | None = None   # (block, row) of each prompt token
 
 
 class CGOPipeRunner:
@@ -91,7 +96,7 @@ class CGOPipeRunner:
 
     def __init__(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
                  workload: Workload, device: torch.device, trace: bool = False,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | None = None, kv_block_size: int = 16):
         if not policy.ffn_on_gpu:
             raise ConfigError("policy.ffn_on_gpu: the CGOPipe engine runs the MoE FFN on the GPU; "
                               "ffn_on_gpu=false can be planned (task=plan) but not executed")
@@ -122,6 +127,15 @@ class CGOPipeRunner:
         self.timeline = RunTimeline(keep_records=trace)
         self.link_bytes = {"h2d": 0, "d2h": 0}
         self.mbs: list[MicroBatch] = []
+        # Unpadded mode (kv_block_size > 0, workload.padding=false): CPU-resident KV in blocks of this many
+        # tokens, read in place by the CPU attention kernel. The GPU share (r_c) and attention on the GPU
+        # keep a dense cache per micro-batch.
+        self.kv_block_size = kv_block_size if not workload.padding else 0
+        self.kv_pool: KVBlockPool | None = None
+        self.attention_backend = "dense"
+        if self.kv_block_size and not policy.attn_on_gpu:
+            # Built (once per machine, ~30 s) or loaded here, before anything is timed.
+            self.attention_backend = "paged-" + attention_backend(spec.num_heads, spec.num_kv_heads, spec.head_dim)
         self._graphs: dict[tuple, TaskGraph] = {}
         self._state: dict[str, dict[int, object]] = {}
         log.info("cgopipe: %d resident + %d streamed experts per layer, %d pages per layer, %.2f GB pools",
@@ -148,6 +162,21 @@ class CGOPipeRunner:
         return (torch.zeros(shape, dtype=self.dtype, pin_memory=pin),
                 torch.zeros(shape, dtype=self.dtype, pin_memory=pin))
 
+    def _size_pool(self, tokens: list[int]) -> None:
+        """A pool with room for these sequences' prompt + new tokens (kept across batches; grown when a
+        batch needs more). Its size follows the real token counts, never the longest prompt."""
+        if not tokens:
+            return
+        need = sum(-(-n // self.kv_block_size) for n in tokens)
+        if self.kv_pool is None or self.kv_pool.num_blocks < need:
+            self.kv_pool = None   # the old pool is free (a new batch): drop it before taking the new one
+            self.kv_pool = KVBlockPool(self.spec, need, self.kv_block_size, self.dtype)
+
+    def _release_blocks(self) -> None:
+        for mb in self.mbs:
+            if mb.blocks is not None:
+                mb.blocks.release()
+
     # ----------------------------------------------------------------------------------------------
     # BatchRunner
 
@@ -162,14 +191,24 @@ class CGOPipeRunner:
             self.pools.used["kv_cache"] = 0
         groups = pack_micro_batches(lengths, self.policy.micro_batch_size)
         gpu_seqs = int(self.policy.kv_gpu_fraction * len(prompts) + 1e-9)
-        self.mbs, taken = [], 0
+        self._release_blocks()
+        placed, taken = [], 0
         for seqs in groups:
             on_gpu = taken + len(seqs) <= gpu_seqs and self.policy.kv_gpu_fraction > 0
             taken += len(seqs) if on_gpu else 0
+            placed.append((seqs, on_gpu, self.kv_block_size > 0 and not on_gpu and not self.policy.attn_on_gpu))
+        self._size_pool([lengths[b] + max_new_tokens for seqs, _, blocked in placed if blocked for b in seqs])
+        self.mbs = []
+        for seqs, on_gpu, blocked in placed:
             lens = [width if padded else lengths[b] for b in seqs]
             pads = [width - lengths[b] if padded else 0 for b in seqs]
-            k, v = self._alloc_kv(len(seqs), max(lens) + max_new_tokens, on_gpu)
-            self.mbs.append(MicroBatch(seqs, lens, pads, on_gpu, k, v))
+            if blocked:
+                blocks = SequenceBlocks(self.kv_pool, lens, max(lens) + max_new_tokens)
+                self.mbs.append(MicroBatch(seqs, lens, pads, on_gpu, None, None, blocks=blocks,
+                                           prompt_at=blocks.prompt_slots()))
+            else:
+                k, v = self._alloc_kv(len(seqs), max(lens) + max_new_tokens, on_gpu)
+                self.mbs.append(MicroBatch(seqs, lens, pads, on_gpu, k, v))
         st = self._state = {name: {} for name in ("x", "qkv", "kv", "attn", "logits")}
         self._tokens = {}
         self._positions = {}
@@ -186,8 +225,10 @@ class CGOPipeRunner:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device)
         self._state = {name: {} for name in ("x", "qkv", "kv", "attn", "logits")}
-        self._new_len, self._starts, self._slots_dev = {}, {}, {}
+        self._new_len, self._starts, self._slots_dev, self._append = {}, {}, {}, {}
         for j, mb in enumerate(self.mbs):
+            if mb.blocks is not None:
+                self._append[j] = mb.blocks.append_slots()
             self._tokens[j] = tokens[torch.tensor(mb.seqs, device=self.device)]
             pads = torch.tensor(mb.pads)
             self._positions[j] = (mb.slots - pads).to(self.device)
@@ -197,6 +238,8 @@ class CGOPipeRunner:
         self._run(self._graph("decode"), "decode")
         for mb in self.mbs:
             mb.slots = mb.slots + 1
+            if mb.blocks is not None:
+                mb.blocks.lens += 1
         return self._gather_logits(self._state["logits"], len(tokens))
 
     def synchronize(self) -> None:
@@ -292,8 +335,12 @@ class CGOPipeRunner:
         k, v = self._state["kv"].pop((t.layer, t.micro_batch))
         self._write_prompt_kv(mb, t.layer, self._to_cpu(k), self._to_cpu(v))
 
-    @staticmethod
-    def _write_prompt_kv(mb: MicroBatch, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write_prompt_kv(self, mb: MicroBatch, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if mb.blocks is not None:   # k, v [tokens, nkv, hd] -> each token's (block, row)
+            blk, row = mb.prompt_at
+            self.kv_pool.k[i][blk, :, row] = k
+            self.kv_pool.v[i][blk, :, row] = v
+            return
         start = 0
         for b, n in enumerate(mb.lens):
             mb.k[i, b, :, :n] = k[start:start + n].transpose(0, 1)
@@ -314,6 +361,14 @@ class CGOPipeRunner:
         self._state["qkv"][key] = tuple(self._to_cpu(a) for a in self._state["qkv"][key])
 
     def _attend(self, mb: MicroBatch, j: int, i: int, q, k, v, slots, new_len, starts) -> torch.Tensor:
+        if mb.blocks is not None:   # append in place, then the paged kernel over the blocks
+            blk, row = self._append[j]
+            pool = self.kv_pool
+            pool.k[i][blk, :, row] = k
+            pool.v[i][blk, :, row] = v
+            out = paged_decode_attention(q, pool.k[i], pool.v[i], mb.blocks.table, mb.blocks.lens + 1,
+                                         self.spec.head_dim ** -0.5)
+            return out.reshape(len(mb.seqs), -1)
         b = torch.arange(len(mb.seqs), device=slots.device)
         mb.k[i, b, :, slots] = k
         mb.v[i, b, :, slots] = v
@@ -395,6 +450,9 @@ class CGOPipeRunner:
             "utilisation": self.timeline.utilisation("decode"),
             "threads": {**self.threads.to_dict(), "serial": self.executor.serial},
             "extra": {"memory_plan": {"gpu": self.plan.gpu, "cpu": self.plan.cpu},
+                      "cpu_attention": self.attention_backend,
+                      "kv_blocks": ({"block_size": self.kv_pool.block_size, "blocks": self.kv_pool.num_blocks,
+                                     "bytes": self.kv_pool.nbytes} if self.kv_pool is not None else None),
                       "gpu_pools_bytes": self.pools.allocated_bytes,
                       "prefill_utilisation": self.timeline.utilisation("prefill"),
                       "expert_kernels_used": self.kernels.used},

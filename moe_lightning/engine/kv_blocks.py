@@ -1,0 +1,82 @@
+"""A token-granular KV cache: a pool of fixed-size blocks for every layer, and a block table per sequence.
+
+The engine's unpadded mode keeps the CPU-resident KV cache here. A sequence holds ceil(tokens /
+block_size) blocks, so memory follows its real length (no micro-batch is padded to its longest prompt),
+and CPU attention reads the blocks in place (`moe_lightning.kernels.cpu_attention`), with no per-step
+gather of the cache. Layout [layer, block, kv head, slot, head_dim]: one (block, kv head) is a
+contiguous run of block_size x head_dim values, which the attention kernel streams.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_lightning.config import ModelSpec
+from moe_lightning.errors import MemoryBudgetError
+
+
+class KVBlockPool:
+    """The blocks of every layer on one device; blocks are taken and given back by sequence."""
+
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", pin: bool = False):
+        shape = (spec.num_layers, num_blocks, spec.num_kv_heads, block_size, spec.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low block ids first
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryBudgetError(f"KV block pool: {n} blocks asked for, {len(self._free)} of "
+                                    f"{self.num_blocks} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def give_back(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class SequenceBlocks:
+    """The block tables and context lengths of a group of sequences (one micro-batch) in a pool."""
+
+    def __init__(self, pool: KVBlockPool, lengths: list[int], capacity: int):
+        """Blocks for each sequence's `lengths` tokens; the table has room for `capacity` tokens each."""
+        self.pool = pool
+        self.blocks = [pool.take(pool.blocks_for(n)) for n in lengths]
+        self.lens = torch.tensor(lengths, dtype=torch.int32)
+        self.table = torch.zeros(len(lengths), pool.blocks_for(capacity), dtype=torch.int32)
+        for b, ids in enumerate(self.blocks):
+            self.table[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+
+    def prompt_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, row) of every prompt token, sequences in order: where prefill writes its K/V."""
+        bs = self.pool.block_size
+        tokens = [torch.arange(int(n)) for n in self.lens]
+        blocks = torch.cat([self.table[b, t // bs] for b, t in enumerate(tokens)]).long()
+        return blocks, torch.cat(tokens) % bs
+
+    def append_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, row) of each sequence's next token, taking a block where one is full."""
+        bs = self.pool.block_size
+        for b, n in enumerate(self.lens.tolist()):
+            if n // bs == len(self.blocks[b]):
+                (new,) = self.pool.take(1)
+                self.table[b, len(self.blocks[b])] = new
+                self.blocks[b].append(new)
+        return self.table[torch.arange(len(self.blocks)), self.lens.long() // bs].long(), self.lens.long() % bs
+
+    def release(self) -> None:
+        for ids in self.blocks:
+            self.pool.give_back(ids)
+        self.blocks = [[] for _ in self.blocks]

@@ -1,0 +1,1 @@
+"""Native kernels with pure-PyTorch fallbacks (built on first use; see each module)."""
