@@ -138,8 +138,8 @@ class CGOPipeRunner:
             self.attention_backend = "paged-" + attention_backend(spec.num_heads, spec.num_kv_heads, spec.head_dim)
         self._graphs: dict[tuple, TaskGraph] = {}
         self._state: dict[str, dict[int, object]] = {}
-        log.info("cgopipe: %d resident + %d streamed experts per layer, %d pages per layer, %.2f GB pools",
-                 n_res, spec.num_experts - n_res, self.experts.num_pages, self.pools.allocated_bytes / 1e9)
+        log.info("cgopipe: %d resident + %d streamed experts per layer, %d pages per layer, %.3f GiB of GPU pools",
+                 n_res, spec.num_experts - n_res, self.experts.num_pages, self.pools.allocated_bytes / 2**30)
 
     # ----------------------------------------------------------------------------------------------
     # placement

@@ -174,8 +174,8 @@ def load_extension(required: bool = False) -> Any:
                 if ext is None:
                     log.warning("CPU paged attention: the C++ extension did not build (%s); using the PyTorch "
                                 "fallback (slower)", error)
-                else:
-                    log.info("CPU paged attention extension ready in %.1f s", _state["build_s"])
+                elif _state["build_s"] > 1:   # built now, not loaded from the cache: say why start-up took long
+                    log.info("CPU paged attention kernel built in %.1f s (once per machine)", _state["build_s"])
     if _state["ext"] is None and required:
         raise RuntimeError(f"the CPU attention extension did not build: {_state['error']}")
     return _state["ext"]   # type: ignore[return-value]
