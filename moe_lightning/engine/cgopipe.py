@@ -227,8 +227,8 @@ class CGOPipeRunner:
         self._state = {name: {} for name in ("x", "qkv", "kv", "attn", "logits")}
         self._new_len, self._starts, self._slots_dev, self._append = {}, {}, {}, {}
         for j, mb in enumerate(self.mbs):
-            if mb.blocks is not None:
-                self._append[j] = mb.blocks.append_slots()
+            if mb.blocks is not None:   # where each new token goes, and the lengths attended: once per step
+                self._append[j] = (*mb.blocks.append_slots(), mb.blocks.lens + 1)
             self._tokens[j] = tokens[torch.tensor(mb.seqs, device=self.device)]
             pads = torch.tensor(mb.pads)
             self._positions[j] = (mb.slots - pads).to(self.device)
@@ -362,12 +362,11 @@ class CGOPipeRunner:
 
     def _attend(self, mb: MicroBatch, j: int, i: int, q, k, v, slots, new_len, starts) -> torch.Tensor:
         if mb.blocks is not None:   # append in place, then the paged kernel over the blocks
-            blk, row = self._append[j]
+            blk, row, lens = self._append[j]
             pool = self.kv_pool
             pool.k[i][blk, :, row] = k
             pool.v[i][blk, :, row] = v
-            out = paged_decode_attention(q, pool.k[i], pool.v[i], mb.blocks.table, mb.blocks.lens + 1,
-                                         self.spec.head_dim ** -0.5)
+            out = paged_decode_attention(q, pool.k[i], pool.v[i], mb.blocks.table, lens, self.spec.head_dim ** -0.5)
             return out.reshape(len(mb.seqs), -1)
         b = torch.arange(len(mb.seqs), device=slots.device)
         mb.k[i, b, :, slots] = k
