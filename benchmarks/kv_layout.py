@@ -4,11 +4,12 @@
   attention kernel (`moe_lightning/kernels/cpu_attention.py`);
 - dense: one tensor per micro-batch, as wide as that micro-batch's longest prompt (the engine before
   the block pool, and the engine baselines today);
-- padded: `workload.padding=true`, every prompt padded to the batch's longest (MoE-Lightning(p)).
+- padded: `workload.padding=true`, every prompt padded to the workload's longest (MoE-Lightning(p)).
 
 One batch of every request, the same seeded prompts, round-robin over the layouts so that machine noise
 hits each alike; prints median throughput and decode step with their spread, and the KV bytes each
-layout allocated (GiB). Outputs must be identical across layouts (greedy, fp32), and are checked.
+layout used (GiB: for blocks, the most held at once). Outputs must be identical across layouts
+(greedy, fp32), and are checked.
 
     python benchmarks/kv_layout.py [--model mid-mixtral] [--layers 4] [--requests 16] [--repeats 3] [--save]
 """
@@ -30,9 +31,10 @@ LAYOUTS = {"blocks": (16, False), "dense": (0, False), "padded": (0, True)}
 
 
 def kv_bytes(runner) -> int:
-    """KV bytes allocated for the batch: the block pool, or the dense tensors of every micro-batch."""
+    """KV bytes the batch used: the most blocks held at once (the pool itself is the plan's budget), or
+    the dense tensors of every micro-batch."""
     if runner.kv_pool is not None:
-        return runner.kv_pool.nbytes
+        return runner.kv_pool.peak_held * runner.kv_pool.block_nbytes
     return sum(2 * mb.k.numel() * mb.k.element_size() for mb in runner.mbs if mb.k is not None)
 
 

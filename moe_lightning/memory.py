@@ -47,12 +47,31 @@ def _ceil(x: Any) -> Any:
     return np.ceil(x)
 
 
+def kv_cache_tokens(policy: Policy, workload: Workload, paged: bool, block_size: int = 1) -> int:
+    """The KV cache's size in tokens that a run reserves: N x (longest prompt + gen_len), what the memory
+    plan charges and the optimizer sized N for. Paged (the engine's block pool, which Algorithm 2
+    admits against): an equal share per micro-batch, rounded up to whole blocks.
+
+    Unpadded, the paged cache holds only real tokens, so the same budget admits more than N x the
+    average request would need; planning N itself at the average prompt (the paper's cache_size, N x
+    (average prompt + gen_len)) is the performance models' change, not this one's. `system.
+    kv_cache_tokens` sets the budget explicitly."""
+    longest = workload.prompt_len_max + workload.gen_len
+    if not paged:
+        return policy.batch_size * longest
+    m = policy.num_micro_batches
+    share = -(-policy.batch_size * longest // m)
+    return m * -(-share // block_size) * block_size
+
+
 def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
                  num_pages: Any, n_res: int, kv_gpu_fraction: Any, attn_on_gpu: bool,
-                 prefetch_depth: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                 prefetch_depth: int, kv_tokens: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Bytes per pool (GPU, CPU). Works elementwise on numpy arrays for the optimizer's search.
 
     `batch_size`, `micro_batch_size`, `num_pages` and `kv_gpu_fraction` may be arrays of one shape.
+    `kv_tokens`: the KV cache's size in tokens (`kv_cache_tokens`); by default N x (longest prompt +
+    gen_len).
     """
     d = spec.dtype_bytes
     E, L, H = spec.num_experts, spec.num_layers, spec.hidden_size
@@ -61,7 +80,7 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     N, mu = batch_size, micro_batch_size
     n_str = E - n_res
     ctx = workload.prompt_len_max + workload.gen_len
-    kv_total = N * ctx * spec.kv_bytes_per_token
+    kv_total = (N * ctx if kv_tokens is None else kv_tokens) * spec.kv_bytes_per_token
     kv_gpu = _ceil(kv_gpu_fraction * kv_total)
     kv_stream_buffer = 2 * mu * ctx * 2 * nkv * hd * d if attn_on_gpu else 0 * mu
     decode_ws = N * H * d + mu * (nq * hd + 2 * nkv * hd + H) * d + mu * k * (3 * F + H) * 4 + mu * V * 4
@@ -126,11 +145,12 @@ class MemoryPlan:
                 + side("CPU", self.cpu, self.cpu_total_bytes, hw.cpu_budget_bytes))
 
 
-def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload) -> MemoryPlan:
-    """Bytes per pool that the engine allocates for `policy` on `workload`."""
+def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload, kv_tokens: int | None = None) -> MemoryPlan:
+    """Bytes per pool that the engine allocates for `policy` on `workload` (`kv_tokens`: the KV
+    cache's size in tokens, see `kv_cache_tokens`; by default N x (longest prompt + gen_len))."""
     gpu, cpu = memory_pools(
         spec, workload, batch_size=policy.batch_size, micro_batch_size=policy.micro_batch_size,
         num_pages=policy.num_pages, n_res=resident_experts_per_layer(spec, policy.expert_gpu_fraction),
         kv_gpu_fraction=policy.kv_gpu_fraction, attn_on_gpu=policy.attn_on_gpu,
-        prefetch_depth=policy.prefetch_depth)
+        prefetch_depth=policy.prefetch_depth, kv_tokens=kv_tokens)
     return MemoryPlan(gpu={k: int(v) for k, v in gpu.items()}, cpu={k: int(v) for k, v in cpu.items()})

@@ -43,11 +43,14 @@ class CGOPipeSystem:
 
     name: str = "cgopipe"
     policy_source: str = "given"    # given: cfg.policy as is; auto: the HRM optimizer's policy
-    kv_block_size: int = 16         # unpadded mode: CPU KV cache in blocks of this many tokens; 0: dense
+    kv_block_size: int = 16         # unpadded mode: the KV cache in blocks of this many tokens; 0: dense
+    kv_cache_tokens: int = 0        # the KV cache's size in tokens; 0: the plan's (N x (avg prompt + gen_len))
+    refill: bool = True             # unpadded mode: admit waiting requests as soon as others finish
 
     def __post_init__(self) -> None:
         _choice(self.policy_source, "system.policy_source", ("given", "auto"))
         _check(self.kv_block_size >= 0, "system.kv_block_size", f"must be >= 0, got {self.kv_block_size}")
+        _check(self.kv_cache_tokens >= 0, "system.kv_cache_tokens", f"must be >= 0, got {self.kv_cache_tokens}")
 
     def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy) -> Policy:
         if self.policy_source == "given":
@@ -61,7 +64,7 @@ class CGOPipeSystem:
         from moe_lightning.engine.cgopipe import CGOPipeRunner
 
         return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace,
-                             kv_block_size=self.kv_block_size)
+                             kv_block_size=self.kv_block_size, kv_tokens=self.kv_cache_tokens or None)
 
 
 SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem}

@@ -17,6 +17,7 @@ class Request:
     id: object
     input_ids: list[int]
     prompt: str | None = None
+    max_new_tokens: int | None = None   # its own generation budget (at most workload.gen_len); None: gen_len
 
 
 def synthetic_lengths(workload: Workload) -> list[int]:
@@ -48,7 +49,8 @@ def synthetic_requests(workload: Workload, spec: ModelSpec) -> list[Request]:
 
 def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Request]:
     """Lines of {"prompt": "..."} or {"input_ids": [...]}, each with an optional "id" (a string or an
-    integer, unique; a row without one is given its position, which must not clash with a given id)."""
+    integer, unique; a row without one is given its position, which must not clash with a given id) and
+    an optional "max_new_tokens" (a positive integer: that request's own generation budget)."""
     path = Path(path)
     if path.is_dir():
         raise WorkloadError(f"{path}: is a folder; workload.path names a JSONL file")
@@ -78,13 +80,16 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
             raise WorkloadError(f"{where}: id {rid!r} ({how(given)}) is also line {line}'s id ({how(was_given)}); "
                                 'ids must be unique: give every row a distinct "id"')
         seen[rid] = (lineno, given)
+        own = row.get("max_new_tokens")
+        if own is not None and (isinstance(own, bool) or not isinstance(own, int) or own < 1):
+            raise WorkloadError(f'{where}: "max_new_tokens" must be a positive integer, got {json.dumps(own)[:40]}')
         if "input_ids" in row:
             ids = row["input_ids"]
             if (not isinstance(ids, list) or not ids or not all(
                     isinstance(t, int) and not isinstance(t, bool) and 0 <= t < spec.vocab_size for t in ids)):
                 raise WorkloadError(f'{where}: "input_ids" must be a non-empty list of integers in '
                                     f"[0, {spec.vocab_size})")
-            requests.append(Request(rid, ids))
+            requests.append(Request(rid, ids, max_new_tokens=own))
         else:
             text = row["prompt"]
             if not isinstance(text, str) or not text:
@@ -99,7 +104,7 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
                                     'tokenizer.json; give "input_ids" instead')
             bos = [spec.bos_token_id] if spec.bos_token_id is not None else []
             # The BOS is ours to add (a tokenizer.json post-processor may add one too: never twice).
-            requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text))
+            requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text, own))
     if not requests:
         raise WorkloadError(f"{path}: no prompts (the file is empty)")
     return requests
@@ -126,6 +131,11 @@ def _parse_line(raw: bytes, where: str):
 def load_requests(workload: Workload, spec: ModelSpec, tokenizer=None) -> list[Request]:
     requests = read_jsonl(workload.path, spec, tokenizer) if workload.path else synthetic_requests(workload, spec)
     longest = max(len(r.input_ids) for r in requests)
+    over = next((r for r in requests if (r.max_new_tokens or 0) > workload.gen_len), None)
+    if over is not None:
+        raise WorkloadError(f"request {over.id!r} asks for max_new_tokens={over.max_new_tokens}, more than "
+                            f"workload.gen_len={workload.gen_len} (the most any request generates; the memory "
+                            "plan is made for it); raise workload.gen_len")
     if longest + workload.gen_len > spec.max_position_embeddings:
         raise WorkloadError(f"a prompt of {longest} tokens plus workload.gen_len={workload.gen_len} exceeds "
                             f"model.max_position_embeddings={spec.max_position_embeddings}")

@@ -6,7 +6,7 @@ import pytest
 
 from moe_lightning.config import ModelSpec, Workload
 from moe_lightning.errors import WorkloadError
-from moe_lightning.workload_io import read_jsonl, synthetic_lengths
+from moe_lightning.workload_io import load_requests, read_jsonl, synthetic_lengths
 
 SPEC = ModelSpec()
 
@@ -31,7 +31,9 @@ def test_malformed_line_names_its_number(tmp_path):
     assert f"{f}:3:" in str(exc.value) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("row", [{"text": "x"}, {"input_ids": []}, {"input_ids": [9999]}, {"prompt": ""}, [1, 2]])
+@pytest.mark.parametrize("row", [{"text": "x"}, {"input_ids": []}, {"input_ids": [9999]}, {"prompt": ""}, [1, 2],
+                                 {"input_ids": [5], "max_new_tokens": 0}, {"input_ids": [5], "max_new_tokens": 2.5},
+                                 {"input_ids": [5], "max_new_tokens": True}, {"input_ids": [5], "max_new_tokens": "4"}])
 def test_bad_rows(tmp_path, row):
     f = tmp_path / "rows.jsonl"
     f.write_text(json.dumps(row) + "\n")
@@ -76,3 +78,12 @@ def test_one_bos_even_when_the_tokenizer_adds_its_own(tmp_path, tiny_path):
     f.write_text('{"prompt": "hello there"}\n')
     ids = read_jsonl(f, SPEC, tok)[0].input_ids
     assert ids[0] == 1 and ids[1] != 1
+
+
+def test_per_request_generation_budgets(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"input_ids": [5, 6], "max_new_tokens": 3}\n{"input_ids": [7]}\n')
+    reqs = load_requests(Workload(path=str(f), gen_len=8), SPEC)
+    assert [r.max_new_tokens for r in reqs] == [3, None]
+    with pytest.raises(WorkloadError, match="max_new_tokens=3, more than workload.gen_len=2"):
+        load_requests(Workload(path=str(f), gen_len=2), SPEC)

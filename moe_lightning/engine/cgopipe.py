@@ -31,7 +31,8 @@ from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import ConfigError, WorkloadError
 from moe_lightning.kernels.cpu_attention import backend as attention_backend
 from moe_lightning.kernels.cpu_attention import paged_decode_attention
-from moe_lightning.memory import memory_plan, resident_experts_per_layer
+from moe_lightning.memory import kv_cache_tokens, memory_plan, resident_experts_per_layer
+from moe_lightning.schedule.batching import gpu_partitions, kv_budget, padded_batch_size
 from moe_lightning.schedule.cgopipe import (
     PipeShape,
     decode_graph,
@@ -87,8 +88,12 @@ class MicroBatch:
     k: torch.Tensor | None          # [L, mu_j, nkv, S_j, hd] (dense), or None with `blocks`
     v: torch.Tensor | None
     slots: torch.Tensor | None = None   # per sequence, the cache slot of the next token (CPU tensor)
-    blocks: SequenceBlocks | None = None   # the unpadded mode's CPU KV cache: blocks in the runner's pool
+    blocks: SequenceBlocks | None = None   # the unpadded mode's KV cache: blocks in a `KVBlockPool`
     prompt_at: tuple[torch.Tensor, torch.Tensor] | None = None   # (block, row) of each prompt token
+    rows: list[int] | None = None   # its sequences' rows in the runner's input and logits (None: seqs)
+
+    def at(self) -> list[int]:
+        return self.seqs if self.rows is None else self.rows
 
 
 class CGOPipeRunner:
@@ -96,7 +101,7 @@ class CGOPipeRunner:
 
     def __init__(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
                  workload: Workload, device: torch.device, trace: bool = False,
-                 schedule: Schedule | None = None, kv_block_size: int = 16):
+                 schedule: Schedule | None = None, kv_block_size: int = 16, kv_tokens: int | None = None):
         if not policy.ffn_on_gpu:
             raise ConfigError("policy.ffn_on_gpu: the CGOPipe engine runs the MoE FFN on the GPU; "
                               "ffn_on_gpu=false can be planned (task=plan) but not executed")
@@ -104,8 +109,21 @@ class CGOPipeRunner:
         self.schedule = schedule or CGOPIPE
         self.dtype = source.dtype
         self.cuda = device.type == "cuda"
+        # Unpadded mode (kv_block_size > 0, workload.padding=false): the KV cache is a pool of blocks of
+        # this many tokens, sized in tokens (`kv_cache_tokens`), and requests are admitted against it
+        # (Algorithm 2, `open_partitions`/`admit`). Otherwise a dense tensor per micro-batch.
+        self.kv_block_size = kv_block_size if not workload.padding else 0
+        paged = self.kv_block_size > 0
+        self.kv_tokens = kv_tokens or kv_cache_tokens(policy, workload, paged, max(1, self.kv_block_size))
+        self.budget = kv_budget(policy.batch_size, policy.micro_batch_size, self.kv_tokens,
+                                max(1, self.kv_block_size))
+        longest = workload.prompt_len_max + workload.gen_len
+        if kv_tokens and self.budget.blocks_per_partition < self.budget.blocks_for(longest):
+            raise ConfigError(f"system.kv_cache_tokens={kv_tokens}: each of the {self.budget.partitions} micro-batches "
+                              f"must hold the longest request ({longest} tokens), so at least "
+                              f"{self.budget.partitions * self.budget.blocks_for(longest) * self.budget.block_size}")
         # The budget is checked before anything is allocated or read.
-        self.plan = memory_plan(spec, policy, workload)
+        self.plan = memory_plan(spec, policy, workload, kv_tokens=self.kv_tokens)
         self.plan.check(hardware)
         if self.cuda:
             total = torch.cuda.get_device_properties(device).total_memory
@@ -127,11 +145,12 @@ class CGOPipeRunner:
         self.timeline = RunTimeline(keep_records=trace)
         self.link_bytes = {"h2d": 0, "d2h": 0}
         self.mbs: list[MicroBatch] = []
-        # Unpadded mode (kv_block_size > 0, workload.padding=false): CPU-resident KV in blocks of this many
-        # tokens, read in place by the CPU attention kernel. The GPU share (r_c) and attention on the GPU
-        # keep a dense cache per micro-batch.
-        self.kv_block_size = kv_block_size if not workload.padding else 0
         self.kv_pool: KVBlockPool | None = None
+        self.admits = self.kv_block_size > 0   # engine.generation.generate drives it in admission mode
+        # Padded or dense: static batches, as many requests as the KV budget holds at the longest prompt.
+        self.batch_size = (policy.batch_size if self.admits else padded_batch_size(
+            policy.batch_size, policy.micro_batch_size, self.kv_tokens, longest))
+        self.parts: list[MicroBatch] = []   # admission mode: one per partition of the budget
         self.attention_backend = "dense"
         if self.kv_block_size and not policy.attn_on_gpu:
             # Built (once per machine, ~30 s) or loaded here, before anything is timed.
@@ -162,20 +181,89 @@ class CGOPipeRunner:
         return (torch.zeros(shape, dtype=self.dtype, pin_memory=pin),
                 torch.zeros(shape, dtype=self.dtype, pin_memory=pin))
 
-    def _size_pool(self, tokens: list[int]) -> None:
-        """A pool with room for these sequences' prompt + new tokens (kept across batches; grown when a
-        batch needs more). Its size follows the real token counts, never the longest prompt."""
-        if not tokens:
-            return
-        need = sum(-(-n // self.kv_block_size) for n in tokens)
-        if self.kv_pool is None or self.kv_pool.num_blocks < need:
-            self.kv_pool = None   # the old pool is free (a new batch): drop it before taking the new one
-            self.kv_pool = KVBlockPool(self.spec, need, self.kv_block_size, self.dtype)
+    # ----------------------------------------------------------------------------------------------
+    # Admission mode (unpadded, paged): the continuous driver's runner API. The KV budget's partitions
+    # are the micro-batches; requests join one at a prefill round (`admit`) and leave when finished
+    # (`retire`), so membership changes between decode steps, never within one.
 
-    def _release_blocks(self) -> None:
-        for mb in self.mbs:
-            if mb.blocks is not None:
-                mb.blocks.release()
+    def open_partitions(self) -> None:
+        """Empty micro-batches, one per partition of the KV budget, with their block pools: the first
+        floor(r_c x N / mu) on the GPU (the r_c share, its pool from the planned GPU budget), the rest
+        on the CPU."""
+        if not self.kv_block_size:
+            raise ConfigError("admission needs the paged KV cache (system.kv_block_size > 0, workload.padding=false)")
+        b = self.budget
+        n_gpu = gpu_partitions(self.policy.kv_gpu_fraction, self.policy.batch_size, b)
+        self.kv_pool = KVBlockPool(self.spec, (b.partitions - n_gpu) * b.blocks_per_partition, b.block_size,
+                                   self.dtype, pin=self.cuda and self.policy.attn_on_gpu)
+        gpu_pool = None
+        if n_gpu:
+            self.pools.used["kv_cache"] = 0
+            gpu_pool = KVBlockPool(self.spec, n_gpu * b.blocks_per_partition, b.block_size, self.dtype,
+                                   alloc=lambda shape, dtype: self.pools.take("kv_cache", shape, dtype))
+        self.parts = []
+        for j in range(b.partitions):
+            pool = gpu_pool if j < n_gpu else self.kv_pool
+            self.parts.append(MicroBatch([], [], [], j < n_gpu, None, None, slots=torch.zeros(0, dtype=torch.long),
+                                         blocks=SequenceBlocks(pool, [], 0)))
+        self.mbs = []
+
+    def active(self) -> list[int]:
+        """The running requests, in the row order of `decode`'s tokens and logits."""
+        return [r for mb in self.parts for r in mb.seqs]
+
+    def admit(self, admitted: dict[int, list[int]], prompts: Sequence[Sequence[int]],
+              max_new: Sequence[int]) -> torch.Tensor:
+        """Prefill the requests admitted to each partition (`{partition: request ids}`; `prompts[r]`,
+        `max_new[r]` by request id) and add them to their micro-batches -> their next-token logits
+        [n, V], rows in the order of `admitted`'s values."""
+        self.mbs, row = [], 0
+        for j, reqs in admitted.items():
+            lens = [len(prompts[r]) for r in reqs]
+            blocks = SequenceBlocks(self.parts[j].blocks.pool, lens, [n + max_new[r] for n, r in zip(lens, reqs)])
+            self.mbs.append(MicroBatch(list(reqs), lens, [0] * len(reqs), self.parts[j].on_gpu, None, None,
+                                       blocks=blocks, prompt_at=blocks.prompt_slots(),
+                                       rows=list(range(row, row + len(reqs)))))
+            row += len(reqs)
+        self._state = {name: {} for name in ("x", "qkv", "kv", "attn", "logits")}
+        self._tokens, self._positions = {}, {}
+        for j, mb in enumerate(self.mbs):
+            self._tokens[j] = torch.tensor([t for r in mb.seqs for t in prompts[r]], device=self.device)
+            self._positions[j] = torch.cat([torch.arange(n, device=self.device) for n in mb.lens])
+        self._run(self._graph("prefill"), "prefill")
+        logits = self._gather_logits(self._state["logits"], row)
+        for j, mb in zip(admitted, self.mbs):
+            part = self.parts[j]
+            part.seqs += mb.seqs
+            part.lens += mb.lens
+            part.pads += mb.pads
+            part.slots = torch.cat([part.slots, torch.tensor(mb.lens, dtype=torch.long)])
+            part.blocks.extend(mb.blocks)
+        self._use_partitions()
+        return logits
+
+    def retire(self, finished: set[int]) -> None:
+        """Drop finished requests from their micro-batches and give their blocks back."""
+        for part in self.parts:
+            gone = [b for b, r in enumerate(part.seqs) if r in finished]
+            if not gone:
+                continue
+            keep = [b for b in range(len(part.seqs)) if b not in set(gone)]
+            part.blocks.remove(gone)
+            part.seqs = [part.seqs[b] for b in keep]
+            part.lens = [part.lens[b] for b in keep]
+            part.pads = [part.pads[b] for b in keep]
+            part.slots = part.slots[keep]
+        self._use_partitions()
+
+    def _use_partitions(self) -> None:
+        """The decode step runs the non-empty partitions, rows in `active()` order."""
+        self.mbs, row = [], 0
+        for part in self.parts:
+            if part.seqs:
+                part.rows = list(range(row, row + len(part.seqs)))
+                row += len(part.seqs)
+                self.mbs.append(part)
 
     # ----------------------------------------------------------------------------------------------
     # BatchRunner
@@ -185,30 +273,24 @@ class CGOPipeRunner:
         if max(lengths) > self.workload.prompt_len_max or max_new_tokens > self.workload.gen_len:
             raise WorkloadError(f"a batch needs {max(lengths)} prompt + {max_new_tokens} new tokens but the "
                                 f"memory plan was made for {self.workload.prompt_len_max} + {self.workload.gen_len}")
+        if self.admits:
+            raise RuntimeError("the paged KV cache admits requests against its budget: drive this runner with "
+                               "engine.generation.generate (admission mode), not prefill/decode batches")
         padded = self.workload.padding
-        width = max(lengths)
+        # Padded (MoE-Lightning(p), as FlexGen): every prompt to the workload's longest.
+        width = self.workload.prompt_len_max if padded else max(lengths)
         if "kv_cache" in self.pools.used:  # a new batch: its GPU-resident KV cache starts the pool afresh
             self.pools.used["kv_cache"] = 0
         groups = pack_micro_batches(lengths, self.policy.micro_batch_size)
         gpu_seqs = int(self.policy.kv_gpu_fraction * len(prompts) + 1e-9)
-        self._release_blocks()
-        placed, taken = [], 0
+        self.mbs, taken = [], 0
         for seqs in groups:
             on_gpu = taken + len(seqs) <= gpu_seqs and self.policy.kv_gpu_fraction > 0
             taken += len(seqs) if on_gpu else 0
-            placed.append((seqs, on_gpu, self.kv_block_size > 0 and not on_gpu and not self.policy.attn_on_gpu))
-        self._size_pool([lengths[b] + max_new_tokens for seqs, _, blocked in placed if blocked for b in seqs])
-        self.mbs = []
-        for seqs, on_gpu, blocked in placed:
             lens = [width if padded else lengths[b] for b in seqs]
             pads = [width - lengths[b] if padded else 0 for b in seqs]
-            if blocked:
-                blocks = SequenceBlocks(self.kv_pool, lens, max(lens) + max_new_tokens)
-                self.mbs.append(MicroBatch(seqs, lens, pads, on_gpu, None, None, blocks=blocks,
-                                           prompt_at=blocks.prompt_slots()))
-            else:
-                k, v = self._alloc_kv(len(seqs), max(lens) + max_new_tokens, on_gpu)
-                self.mbs.append(MicroBatch(seqs, lens, pads, on_gpu, k, v))
+            k, v = self._alloc_kv(len(seqs), max(lens) + max_new_tokens, on_gpu)
+            self.mbs.append(MicroBatch(seqs, lens, pads, on_gpu, k, v))
         st = self._state = {name: {} for name in ("x", "qkv", "kv", "attn", "logits")}
         self._tokens = {}
         self._positions = {}
@@ -229,7 +311,7 @@ class CGOPipeRunner:
         for j, mb in enumerate(self.mbs):
             if mb.blocks is not None:   # where each new token goes, and the lengths attended: once per step
                 self._append[j] = (*mb.blocks.append_slots(), mb.blocks.lens + 1)
-            self._tokens[j] = tokens[torch.tensor(mb.seqs, device=self.device)]
+            self._tokens[j] = tokens[torch.tensor(mb.at(), device=self.device)]
             pads = torch.tensor(mb.pads)
             self._positions[j] = (mb.slots - pads).to(self.device)
             self._slots_dev[j] = mb.slots.to(self.device)
@@ -270,7 +352,7 @@ class CGOPipeRunner:
     def _gather_logits(self, per_mb: dict, batch: int) -> torch.Tensor:
         out = torch.empty(batch, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         for j, mb in enumerate(self.mbs):
-            out[torch.tensor(mb.seqs, device=self.device)] = per_mb[j].float()
+            out[torch.tensor(mb.at(), device=self.device)] = per_mb[j].float()
         return out
 
     # ----------------------------------------------------------------------------------------------
@@ -338,8 +420,8 @@ class CGOPipeRunner:
     def _write_prompt_kv(self, mb: MicroBatch, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if mb.blocks is not None:   # k, v [tokens, nkv, hd] -> each token's (block, row)
             blk, row = mb.prompt_at
-            self.kv_pool.k[i][blk, :, row] = k
-            self.kv_pool.v[i][blk, :, row] = v
+            mb.blocks.pool.k[i][blk, :, row] = k
+            mb.blocks.pool.v[i][blk, :, row] = v
             return
         start = 0
         for b, n in enumerate(mb.lens):
@@ -363,7 +445,7 @@ class CGOPipeRunner:
     def _attend(self, mb: MicroBatch, j: int, i: int, q, k, v, slots, new_len, starts) -> torch.Tensor:
         if mb.blocks is not None:   # append in place, then the paged kernel over the blocks
             blk, row, lens = self._append[j]
-            pool = self.kv_pool
+            pool = mb.blocks.pool
             pool.k[i][blk, :, row] = k
             pool.v[i][blk, :, row] = v
             out = paged_decode_attention(q, pool.k[i], pool.v[i], mb.blocks.table, lens, self.spec.head_dim ** -0.5)
@@ -405,6 +487,9 @@ class CGOPipeRunner:
 
     def _op_LoadKV(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
+        if mb.blocks is not None:   # only the blocks the micro-batch holds cross the link
+            self._state["kv"][i, j] = self._load_blocks(mb, i, j)
+            return
         s = int(self._new_len[j].max())
         self._state["kv"][i, j] = (self._to_device(mb.k[i, :, :, :s]), self._to_device(mb.v[i, :, :, :s]))
 
@@ -415,6 +500,14 @@ class CGOPipeRunner:
         new_len, starts = self._new_len[j].to(self.device), self._starts[j].to(self.device)
         if mb.on_gpu:
             attn = self._attend(mb, j, i, q, k, v, self._slots_dev[j], new_len, starts)
+        elif mb.blocks is not None:   # the loaded copy of its blocks, renumbered
+            k_blocks, v_blocks, table, new_block = self._state["kv"].pop((i, j))
+            _, row, lens = self._append[j]
+            k_blocks[new_block, :, row] = k
+            v_blocks[new_block, :, row] = v
+            attn = paged_decode_attention(q, k_blocks, v_blocks, table, lens,
+                                          self.spec.head_dim ** -0.5).reshape(len(mb.seqs), -1)
+            self._state["qkv"][i, j] = (k, v)
         else:
             k_cache, v_cache = self._state["kv"].pop((i, j))
             b = torch.arange(len(mb.seqs), device=self.device)
@@ -425,9 +518,26 @@ class CGOPipeRunner:
         x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         self._finish(i, j, x)
 
+    def _load_blocks(self, mb: MicroBatch, i: int, j: int):
+        """Layer i's blocks of a CPU-resident micro-batch, gathered and copied to the GPU, with its block
+        table and its new tokens' blocks renumbered into the copy."""
+        pool = mb.blocks.pool
+        held = sorted({b for ids in mb.blocks.blocks for b in ids})
+        ids = torch.tensor(held, dtype=torch.long)
+        number = torch.zeros(pool.num_blocks, dtype=torch.int32)
+        number[ids] = torch.arange(len(held), dtype=torch.int32)
+        blk, _, _ = self._append[j]
+        table = number[mb.blocks.table.long()]
+        return (self._to_device(pool.k[i][ids]), self._to_device(pool.v[i][ids]), table, number[blk].long())
+
     def _op_StoreKV(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
         k, v = (self._to_cpu(a) for a in self._state["qkv"].pop((i, j)))
+        if mb.blocks is not None:
+            blk, row, _ = self._append[j]
+            mb.blocks.pool.k[i][blk, :, row] = k
+            mb.blocks.pool.v[i][blk, :, row] = v
+            return
         b = torch.arange(len(mb.seqs))
         mb.k[i, b, :, mb.slots] = k
         mb.v[i, b, :, mb.slots] = v
@@ -440,6 +550,16 @@ class CGOPipeRunner:
         self.link_bytes = {"h2d": 0, "d2h": 0}
         self.kernels.used = {}
 
+    def _kv_blocks(self) -> dict | None:
+        """The paged KV cache: its budget and each pool (CPU, and the GPU's r_c share)."""
+        if not self.admits or not self.parts:
+            return None
+        pools = {("gpu" if p.on_gpu else "cpu"): p.blocks.pool for p in self.parts}
+        return {"block_size": self.budget.block_size, "budget_tokens": self.budget.tokens,
+                "blocks": sum(p.num_blocks for p in pools.values()),
+                **{f"{side}_pool": {"blocks": p.num_blocks, "bytes": p.nbytes, "peak_blocks_held": p.peak_held,
+                                    "peak_bytes_held": p.peak_held * p.block_nbytes} for side, p in pools.items()}}
+
     def stats(self) -> dict:
         peak_gpu = (int(torch.cuda.max_memory_allocated(self.device)) if self.cuda
                     else self.pools.allocated_bytes)
@@ -450,8 +570,7 @@ class CGOPipeRunner:
             "threads": {**self.threads.to_dict(), "serial": self.executor.serial},
             "extra": {"memory_plan": {"gpu": self.plan.gpu, "cpu": self.plan.cpu},
                       "cpu_attention": self.attention_backend,
-                      "kv_blocks": ({"block_size": self.kv_pool.block_size, "blocks": self.kv_pool.num_blocks,
-                                     "bytes": self.kv_pool.nbytes} if self.kv_pool is not None else None),
+                      "kv_blocks": self._kv_blocks(),
                       "gpu_pools_bytes": self.pools.allocated_bytes,
                       "prefill_utilisation": self.timeline.utilisation("prefill"),
                       "expert_kernels_used": self.kernels.used},

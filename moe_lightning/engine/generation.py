@@ -33,6 +33,7 @@ class GenerationResult:
     decode_s: float = 0.0
     decode_step_s: list[float] = field(default_factory=list)
     passes: int = 1
+    admission: AdmissionStats | None = None   # admission mode (`generate_admitted`) only
 
     @property
     def generated_tokens(self) -> int:
@@ -50,7 +51,7 @@ class GenerationResult:
     @property
     def decode_tok_s(self) -> float:
         """Tokens after each sequence's first / decode time."""
-        n_seq = len(self.output_ids)
+        n_seq = sum(1 for o in self.output_ids if o)
         return self.passes * (self.generated_tokens - n_seq) / self.decode_s if self.decode_s else 0.0
 
 
@@ -88,9 +89,22 @@ def batch_generator(seed: int, batch_index: int) -> torch.Generator:
 
 def generate(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: GenerationParams,
              batch_size: int, on_tokens: Callable[[int], None] | None = None,
-             on_batch: Callable[[int, list[list[int]]], None] | None = None, start: int = 0) -> GenerationResult:
+             on_batch: Callable[[int, list[list[int]]], None] | None = None, start: int = 0,
+             max_new: Sequence[int] | None = None, **admission) -> GenerationResult:
     """Generate for every prompt from index `start` (a multiple of `batch_size`), `batch_size` sequences at
-    a time; outputs in input order. `on_batch(first index, outputs)` is called as each batch finishes."""
+    a time; outputs in input order. `on_batch(first index, outputs)` is called as each batch finishes.
+    `max_new[r]`: request r's own budget (at most `params.max_new_tokens`); a static batch still runs
+    until its last sequence is done, as FlexGen's do.
+
+    A runner that admits requests against its KV budget (`runner.admits`: the engine's unpadded, paged
+    mode) is driven by `generate_admitted` instead, which takes `admission` (refill, skip, on_finished);
+    there `batch_size`, `on_batch` and `start` do not apply."""
+    if getattr(runner, "admits", False):
+        if on_batch is not None or start:
+            raise ValueError("an admitting runner reports finished requests by on_finished, and skips by skip")
+        return generate_admitted(runner, prompts, params, max_new=max_new, on_tokens=on_tokens, **admission)
+    if admission:
+        raise ValueError(f"{sorted(admission)}: for admitting runners only")
     if start % batch_size:
         raise ValueError(f"start={start} is not a multiple of batch_size={batch_size}")
     result = GenerationResult(output_ids=[])
@@ -101,13 +115,16 @@ def generate(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: Gene
         done = torch.zeros(len(batch), dtype=torch.bool)
 
         n = len(batch)
+        own = torch.tensor([params.max_new_tokens if max_new is None else min(params.max_new_tokens, max_new[r])
+                            for r in range(first, first + n)])
 
-        def take(logits: torch.Tensor, outputs=outputs, done=done, n=n, generator=generator) -> torch.Tensor:
+        def take(logits: torch.Tensor, outputs=outputs, done=done, n=n, generator=generator, own=own) -> torch.Tensor:
             tokens = sample(logits, params.temperature, params.top_p, generator)
             for b in torch.nonzero(~done).flatten().tolist():
                 outputs[b].append(int(tokens[b]))
             if params.eos_token_id is not None:
                 done.logical_or_(tokens == params.eos_token_id)
+            done.logical_or_(torch.tensor([len(o) for o in outputs]) >= own)
             if on_tokens:
                 on_tokens(n)
             return tokens
@@ -129,4 +146,126 @@ def generate(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: Gene
         result.output_ids.extend(outputs)
         if on_batch:
             on_batch(first, outputs)
+    return result
+
+
+def request_generator(seed: int, request: int) -> torch.Generator:
+    """The sampling generator of one request (admission mode): seeded by (seed, request index), so a
+    request draws the same tokens whichever requests share its micro-batch, and when it runs again in a
+    resumed run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + 7_919 * request + 1) % 2**63)
+
+
+@dataclass
+class AdmissionStats:
+    prefill_rounds: int = 0
+    decode_steps: int = 0
+    deferred: int = 0              # admission rounds' deferrals, summed (a request can wait several)
+    max_active: int = 0
+
+
+class AdmittingRunner(Protocol):
+    budget: object
+
+    def open_partitions(self) -> None: ...
+    def active(self) -> list[int]: ...
+    def admit(self, admitted: dict[int, list[int]], prompts: Sequence[Sequence[int]],
+              max_new: Sequence[int]) -> torch.Tensor: ...
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor: ...
+    def retire(self, finished: set[int]) -> None: ...
+    def synchronize(self) -> None: ...
+
+
+def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]], params: GenerationParams,
+                      max_new: Sequence[int] | None = None, refill: bool = True,
+                      skip: frozenset[int] = frozenset(),
+                      on_tokens: Callable[[int], None] | None = None,
+                      on_finished: Callable[[list[tuple[int, list[int]]]], None] | None = None) -> GenerationResult:
+    """Generate for every prompt not in `skip`, admitted against the runner's KV budget by Algorithm 2
+    (`schedule.batching`). A request leaves its micro-batch as soon as it finishes (EOS or its own
+    `max_new[r]`, at most `params.max_new_tokens`) and its blocks go back to the pool;
+    `on_finished([(r, outputs), ...])` is called then, once per step. With `refill`, waiting requests
+    are admitted into the freed room before the next decode step (a prefill round); without, only once
+    every running request has finished (the paper's batches). Outputs by request index (skipped ones
+    empty); counts in `result.admission`."""
+    from moe_lightning.errors import WorkloadError
+    from moe_lightning.schedule.batching import Partition, admit, too_large
+
+    n = len(prompts)
+    max_new = [min(params.max_new_tokens, g) for g in (max_new or [params.max_new_tokens] * n)]
+    lengths = [len(p) for p in prompts]
+    budget = runner.budget
+    big = too_large(lengths, max_new, budget)
+    if big is not None:
+        raise WorkloadError(f"request {big} needs {lengths[big]} prompt + {max_new[big]} new tokens, more than a "
+                            f"micro-batch's share of the KV cache ({budget.blocks_per_partition * budget.block_size} "
+                            f"tokens); raise system.kv_cache_tokens")
+    runner.open_partitions()
+    parts = [Partition() for _ in range(budget.partitions)]
+    part_of: dict[int, int] = {}
+    waiting = [r for r in range(n) if r not in skip]
+    outputs: list[list[int]] = [[] for _ in range(n)]
+    gens = {r: request_generator(params.seed, r) for r in waiting}
+    stats = AdmissionStats()
+    result = GenerationResult(output_ids=outputs, admission=stats)
+    next_token: dict[int, int] = {}
+
+    def take(rows: list[int], logits: torch.Tensor) -> set[int]:
+        """Sample each row's next token with its request's generator; -> the requests that finished."""
+        if params.temperature == 0:
+            tokens = logits.float().argmax(dim=-1).tolist()
+        else:
+            tokens = [int(sample(logits[b:b + 1], params.temperature, params.top_p, gens[r])[0])
+                      for b, r in enumerate(rows)]
+        done = set()
+        for r, tok in zip(rows, tokens):
+            outputs[r].append(tok)
+            next_token[r] = tok
+            if len(outputs[r]) >= max_new[r] or tok == params.eos_token_id:
+                done.add(r)
+        if on_tokens:
+            on_tokens(len(rows))
+        return done
+
+    def finish(done: set[int]) -> None:
+        if not done:
+            return
+        runner.retire(done)
+        for r in sorted(done):
+            part = parts[part_of.pop(r)]
+            part.requests.remove(r)
+            part.reserved_blocks -= budget.blocks_for(lengths[r] + max_new[r])
+            next_token.pop(r)
+        if on_finished:
+            on_finished([(r, outputs[r]) for r in sorted(done)])
+
+    while waiting or part_of:
+        if waiting and (refill or not part_of):
+            admitted, waiting_next = admit(waiting, lengths, max_new, budget, parts)
+            stats.deferred += len(waiting_next)
+            waiting = waiting_next
+            if admitted:
+                for j, reqs in admitted.items():
+                    part_of.update(dict.fromkeys(reqs, j))
+                rows = [r for reqs in admitted.values() for r in reqs]
+                runner.synchronize()
+                t0 = time.perf_counter()
+                logits = runner.admit(admitted, prompts, max_new)
+                runner.synchronize()
+                result.prefill_s += time.perf_counter() - t0
+                stats.prefill_rounds += 1
+                stats.max_active = max(stats.max_active, len(part_of))
+                finish(take(rows, logits))
+                continue   # a refill may admit more into what the first tokens freed
+            if not part_of:   # nothing runs and nothing fits: cannot happen after too_large's check
+                raise WorkloadError(f"{len(waiting)} requests wait and none fits the empty KV cache")
+        rows = runner.active()
+        t0 = time.perf_counter()
+        logits = runner.decode(torch.tensor([next_token[r] for r in rows]))
+        runner.synchronize()
+        step = time.perf_counter() - t0
+        result.decode_step_s.append(step)
+        result.decode_s += step
+        stats.decode_steps += 1
+        finish(take(rows, logits))
     return result

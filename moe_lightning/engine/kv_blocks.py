@@ -9,6 +9,8 @@ contiguous run of block_size x head_dim values, which the attention kernel strea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moe_lightning.config import ModelSpec
@@ -19,12 +21,19 @@ class KVBlockPool:
     """The blocks of every layer on one device; blocks are taken and given back by sequence."""
 
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", pin: bool = False):
+                 device: torch.device | str = "cpu", pin: bool = False,
+                 alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None):
+        """`alloc(shape, dtype)`, when given, supplies the two tensors (the GPU pool takes them from the
+        engine's budgeted `DevicePools`); they are zeroed here."""
         shape = (spec.num_layers, num_blocks, spec.num_kv_heads, block_size, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
-        self.v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+        if alloc is not None:
+            self.k, self.v = alloc(shape, dtype).zero_(), alloc(shape, dtype).zero_()
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+            self.v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
         self.block_size, self.num_blocks = block_size, num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low block ids first
+        self.peak_held = 0   # the most blocks held at once
 
     @property
     def free_blocks(self) -> int:
@@ -34,6 +43,11 @@ class KVBlockPool:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    @property
+    def block_nbytes(self) -> int:
+        """K and V of one block, every layer."""
+        return self.nbytes // max(1, self.num_blocks)
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
@@ -41,23 +55,59 @@ class KVBlockPool:
         if n > len(self._free):
             raise MemoryBudgetError(f"KV block pool: {n} blocks asked for, {len(self._free)} of "
                                     f"{self.num_blocks} free")
-        return [self._free.pop() for _ in range(n)]
+        taken = [self._free.pop() for _ in range(n)]
+        self.peak_held = max(self.peak_held, self.num_blocks - len(self._free))
+        return taken
 
     def give_back(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
 
 
 class SequenceBlocks:
-    """The block tables and context lengths of a group of sequences (one micro-batch) in a pool."""
+    """The block tables and context lengths of a group of sequences (one micro-batch) in a pool.
 
-    def __init__(self, pool: KVBlockPool, lengths: list[int], capacity: int):
-        """Blocks for each sequence's `lengths` tokens; the table has room for `capacity` tokens each."""
+    The group changes between steps, never within one: `extend` takes over another group's sequences
+    (the requests a refill admitted, after their prefill), `remove` gives finished sequences' blocks
+    back to the pool."""
+
+    def __init__(self, pool: KVBlockPool, lengths: list[int], capacity: int | list[int]):
+        """Blocks for each sequence's `lengths` tokens; room in the table for `capacity` tokens each
+        (one number for all, or one per sequence)."""
         self.pool = pool
+        caps = capacity if isinstance(capacity, list) else [capacity] * len(lengths)
+        self.caps = [pool.blocks_for(c) for c in caps]
         self.blocks = [pool.take(pool.blocks_for(n)) for n in lengths]
         self.lens = torch.tensor(lengths, dtype=torch.int32)
-        self.table = torch.zeros(len(lengths), pool.blocks_for(capacity), dtype=torch.int32)
+        self._build_table()
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _build_table(self) -> None:
+        self.table = torch.zeros(len(self.blocks), max(self.caps, default=1), dtype=torch.int32)
         for b, ids in enumerate(self.blocks):
             self.table[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+
+    def extend(self, other: SequenceBlocks) -> None:
+        """Append `other`'s sequences (same pool), which gives up its hold on them."""
+        if other.pool is not self.pool:
+            raise ValueError("sequences of another pool")
+        self.blocks += other.blocks
+        self.caps += other.caps
+        self.lens = torch.cat([self.lens, other.lens])
+        other.blocks, other.caps, other.lens = [], [], other.lens[:0]
+        self._build_table()
+
+    def remove(self, rows: list[int]) -> None:
+        """Give back the blocks of the sequences at `rows` and drop them from the group."""
+        gone = set(rows)
+        for b in sorted(gone):
+            self.pool.give_back(self.blocks[b])
+        keep = [b for b in range(len(self.blocks)) if b not in gone]
+        self.blocks = [self.blocks[b] for b in keep]
+        self.caps = [self.caps[b] for b in keep]
+        self.lens = self.lens[keep] if keep else self.lens[:0]
+        self._build_table()
 
     def prompt_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block, row) of every prompt token, sequences in order: where prefill writes its K/V."""

@@ -76,31 +76,39 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
                               top_p=cfg.sampling.top_p, seed=cfg.sampling.seed,
                               eos_token_id=None if cfg.sampling.ignore_eos else spec.eos_token_id)
     prompts = [r.input_ids for r in requests]
-    start, on_batch = 0, None
+    max_new = [r.max_new_tokens or params.max_new_tokens for r in requests]
+    admits = getattr(runner, "admits", False)   # the engine's unpadded mode: Algorithm 2 admission
+    batch_size = getattr(runner, "batch_size", cfg.policy.batch_size)   # padded: what the KV budget holds
+    refill = getattr(cfg.system, "refill", True)
+    done: list[int] = []
+    start, callbacks = 0, {}
     if streamed is not None:
         from moe_lightning.tasks.outputs import run_fields
 
-        start = streamed.begin(run_fields(cfg, spec, device), requests, cfg.policy.batch_size, tokenizer)
-        on_batch = streamed.write_batch
+        done = streamed.begin(run_fields(cfg, spec, device), requests, None if admits else batch_size, tokenizer)
+        callbacks = ({"on_finished": streamed.write_finished, "skip": frozenset(done)} if admits
+                     else {"on_batch": streamed.write_batch, "start": len(done)})
+        start = len(done)
         if start:
             log.info("resuming: %d of %d outputs were written by an earlier run", start, len(requests))
+    run_args = {"max_new": max_new, **({"refill": refill} if admits else {})}
     results = []
     loops = 1
     with measurement_lock() as lock_wait_s, HostLoad() as load:
         if warmup_tokens:
             warm = dataclasses.replace(params, max_new_tokens=min(warmup_tokens, params.max_new_tokens))
-            generate(runner, prompts[:cfg.policy.batch_size], warm, cfg.policy.batch_size)
+            generate(runner, prompts[:batch_size], warm, batch_size)
         if min_repeat_s > 0:  # one untimed pass sizes the loops (and finishes the warm-up)
-            once = generate(runner, prompts, params, cfg.policy.batch_size)
+            once = generate(runner, prompts, params, batch_size, **run_args)
             loops = max(1, min(MAX_LOOPS, math.ceil(min_repeat_s / max(once.total_s, 1e-6))))
         if hasattr(runner, "reset_stats"):
             runner.reset_stats()
-        total = repeats * loops * (len(requests) - start) * params.max_new_tokens
+        total = repeats * loops * sum(g for r, g in enumerate(max_new) if r not in set(done))
         with tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
                   leave=False) as bar:
             for _ in range(repeats):
-                passes = [generate(runner, prompts, params, cfg.policy.batch_size, on_tokens=bar.update,
-                                   on_batch=on_batch, start=start)
+                passes = [generate(runner, prompts, params, batch_size, on_tokens=bar.update, **run_args,
+                                   **callbacks)
                           for _ in range(loops)]
                 results.append(merge_passes(passes))
     host = load.report
@@ -123,9 +131,27 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
                "outputs_identical_across_repeats": all(r.output_ids == results[0].output_ids for r in results),
                "loops_per_repeat": loops,
                **({"resumed_outputs": start} if streamed is not None else {}),
+               "batching": _batching(runner, results[0], batch_size, refill),
                **stats.get("extra", {})},
     )
-    return Generation(report, requests[start:], results[0].output_ids, tokenizer, runner)
+    kept = [r for r in range(len(requests)) if r not in set(done)]
+    outputs = ([results[0].output_ids[r] for r in kept] if admits else results[0].output_ids)
+    return Generation(report, [requests[r] for r in kept], outputs, tokenizer, runner)
+
+
+def _batching(runner, result, batch_size: int, refill: bool) -> dict:
+    """How requests were batched: Algorithm 2 admission (with or without refill) or static batches."""
+    stats = result.admission
+    if stats is None:
+        workload = getattr(runner, "workload", None)
+        padded = workload is not None and workload.padding
+        return {"mode": "static batches", "batch_size": batch_size,
+                "padded_to": workload.prompt_len_max if padded else None,
+                "decode_steps": len(result.decode_step_s) // max(1, result.passes)}
+    b = runner.budget
+    return {"mode": "admission, refill" if refill else "admission, batches", "kv_budget_tokens": b.tokens,
+            "block_size": b.block_size, "micro_batches": b.partitions, "prefill_rounds": stats.prefill_rounds,
+            "decode_steps": stats.decode_steps, "max_running": stats.max_active, "deferrals": stats.deferred}
 
 
 MAX_LOOPS = 100

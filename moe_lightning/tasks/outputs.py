@@ -1,13 +1,19 @@
-"""Generate's outputs, streamed: each finished batch is appended to `<outputs>.part` and fsynced, so an
-interrupted or killed run keeps every batch it finished, and `resume=true` goes on from there.
+"""Generate's outputs, streamed: each finished batch (static batches) or each step's finished requests
+(admission mode) are appended to `<outputs>.part` and fsynced, so an interrupted or killed run keeps
+every output it finished, and `resume=true` goes on from there.
 
 The part file's first line says which run wrote it (the fields its outputs depend on: model and
 checkpoint content, prompts, sampling, system, policy, device); a resume under any other run is refused
-with the fields that differ. Rows follow in input order, whole batches only: a batch half-written when
-the process was killed is dropped and generated again, with the same sampling seed (see
-`engine.generation.batch_generator`), so a resumed run's outputs are identical to an uninterrupted
-one's. When the last batch is done the rows are written to `<outputs>` atomically and the part file is
-removed.
+with the fields that differ.
+- Static batches: rows in input order, whole batches only: a batch half-written when the process was
+  killed is dropped and generated again, with the same sampling seed (`engine.generation.
+  batch_generator`), so a resumed run's outputs are identical to an uninterrupted one's.
+- Admission mode: rows in the order requests finished, each complete row kept; the resumed run admits
+  the others. A request samples with its own seed (`engine.generation.request_generator`), so its
+  tokens do not depend on which requests share its micro-batch (greedy, and sampling alike, up to
+  floating-point differences between batch shapes).
+When the last output is in, the rows are written to `<outputs>` in input order, atomically, and the part
+file is removed.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from moe_lightning.files import WriteError, atomic_write
 from moe_lightning.interrupt import deferred
 
 PART_FORMAT = "moe-lightning partial outputs"
-PART_VERSION = 1
+PART_VERSION = 2
 
 
 def part_path(outputs: str | os.PathLike) -> Path:
@@ -67,16 +73,17 @@ class StreamedOutputs:
         self.path = Path(outputs)
         self.part = part_path(self.path)
         self.resume = resume
-        self.rows: list[str] = []        # serialized rows, in input order
+        self.rows: dict[int, str] = {}   # serialized rows by request index
         self.resumed = 0                 # rows kept from an earlier run
         self.total = 0
         self._file = None
         self._requests: list = []
         self._tokenizer = None
 
-    def begin(self, fields: dict, requests: list, batch_size: int, tokenizer) -> int:
-        """Open the part file (a new one, or the earlier run's with `resume`); -> the number of requests
-        already done, a multiple of `batch_size` (or all of them)."""
+    def begin(self, fields: dict, requests: list, batch_size: int | None, tokenizer) -> list[int]:
+        """Open the part file (a new one, or the earlier run's with `resume`); -> the indices of the
+        requests already done: a prefix of whole batches of `batch_size`, or (admission mode, batch_size
+        None) any of them."""
         self._requests, self._tokenizer, self.total = requests, tokenizer, len(requests)
         header = {"format": PART_FORMAT, "version": PART_VERSION, "batch_size": batch_size,
                   "num_requests": len(requests), "run": fields}
@@ -84,14 +91,14 @@ class StreamedOutputs:
             self.rows = self._read_part(header, requests, batch_size)
             self.resumed = len(self.rows)
         with deferred():
-            atomic_write(self.part, dumps(header) + "".join(self.rows))
+            atomic_write(self.part, dumps(header) + "".join(self.rows.values()))
             try:
                 self._file = self.part.open("a", encoding="utf-8")
             except OSError as exc:
                 raise WriteError(f"cannot append to {self.part}: {exc.strerror or exc}") from None
-        return self.resumed
+        return sorted(self.rows)
 
-    def _read_part(self, header: dict, requests: list, batch_size: int) -> list[str]:
+    def _read_part(self, header: dict, requests: list, batch_size: int | None) -> dict[int, str]:
         where = str(self.part)
         try:
             lines = self.part.read_bytes().split(b"\n")
@@ -114,7 +121,8 @@ class StreamedOutputs:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             raise ConfigError(f"{where} was written by another run ({shown}); resume with the same settings, or "
                               f"pass overwrite=true (without resume) to start over")
-        rows: list[str] = []
+        rows: dict[int, str] = {}
+        index = {json.dumps(r.id): i for i, r in enumerate(requests)}
         # The last element is what follows the final newline: empty, or a row cut short by a kill.
         for lineno, raw in enumerate(lines[1:-1], start=2):
             if len(rows) == len(requests):
@@ -123,27 +131,39 @@ class StreamedOutputs:
                 row = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise ConfigError(f"{where}:{lineno}: damaged row; remove the file to start over") from None
-            expected = json.loads(json.dumps(requests[len(rows)].id))
-            if not isinstance(row, dict) or row.get("id") != expected:
-                raise ConfigError(f"{where}:{lineno}: row for id {row.get('id') if isinstance(row, dict) else row!r}, "
-                                  f"expected id {expected!r}; the file is damaged")
-            rows.append(raw.decode() + "\n")
-        if len(rows) < len(requests):
-            rows = rows[:len(rows) - len(rows) % batch_size]   # whole batches only
+            got = row.get("id") if isinstance(row, dict) else row
+            if batch_size is not None:   # static batches: input order
+                i = len(rows)
+                if not isinstance(row, dict) or got != json.loads(json.dumps(requests[i].id)):
+                    raise ConfigError(f"{where}:{lineno}: row for id {got!r}, expected id "
+                                      f"{json.loads(json.dumps(requests[i].id))!r}; the file is damaged")
+            else:
+                i = index.get(json.dumps(got)) if isinstance(row, dict) else None
+                if i is None or i in rows:
+                    why = "a second row for" if i is not None else "a row for no prompt:"
+                    raise ConfigError(f"{where}:{lineno}: {why} id {got!r}; the file is damaged")
+            rows[i] = raw.decode() + "\n"
+        if batch_size is not None and len(rows) < len(requests):
+            keep = len(rows) - len(rows) % batch_size   # whole batches only
+            rows = {i: r for i, r in rows.items() if i < keep}
         return rows
 
     def write_batch(self, first: int, outputs: list[list[int]]) -> None:
         """Append one finished batch (rows `first`...), flushed and fsynced before returning."""
-        batch = [dumps(output_row(self._requests[first + i], out, self._tokenizer)) for i, out in enumerate(outputs)]
+        self.write_finished([(first + i, out) for i, out in enumerate(outputs)])
+
+    def write_finished(self, finished: list[tuple[int, list[int]]]) -> None:
+        """Append the rows of these (request index, outputs), flushed and fsynced before returning."""
+        batch = {i: dumps(output_row(self._requests[i], out, self._tokenizer)) for i, out in finished}
         with deferred():
             try:
-                self._file.write("".join(batch))
+                self._file.write("".join(batch.values()))
                 self._file.flush()
                 os.fsync(self._file.fileno())
             except OSError as exc:
                 raise WriteError(f"cannot append to {self.part}: {exc.strerror or exc} ({len(self.rows)} rows "
                                  f"kept there; resume=true goes on from them)") from None
-            self.rows.extend(batch)
+            self.rows.update(batch)
 
     def finish(self) -> Path:
         """All rows are in: write `<outputs>` atomically, then remove the part file."""
@@ -151,7 +171,7 @@ class StreamedOutputs:
         if len(self.rows) != self.total:
             raise WriteError(f"{self.part}: {len(self.rows)} of {self.total} rows; not finishing")
         with deferred():
-            atomic_write(self.path, "".join(self.rows))
+            atomic_write(self.path, "".join(self.rows[i] for i in range(self.total)))
             self.part.unlink(missing_ok=True)
         return self.path
 

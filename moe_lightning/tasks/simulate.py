@@ -66,7 +66,9 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
     if not fits:
         log.warning("policy does not fit %s's memory budget; simulating it anyway", cfg.hardware.name)
     sim = simulate_run(spec, cfg.hardware, workload, policy, lengths, schedule=schedule_of(schedule),
-                       max_decode_steps=default_max_decode_steps(workload, policy, spec))
+                       max_decode_steps=default_max_decode_steps(workload, policy, spec),
+                       kv_block_size=getattr(cfg.system, "kv_block_size", 0),
+                       kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None)
     batches = sim.num_batches
     metrics = sim.metrics()
     metrics.peak_gpu_bytes, metrics.peak_cpu_bytes = plan.gpu_total_bytes, plan.cpu_total_bytes  # as planned

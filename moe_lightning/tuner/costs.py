@@ -57,7 +57,8 @@ class MicroBatchShape:
     seqs: int            # sequences in the micro-batch
     tokens: int          # prompt tokens in its cache, padding included (prefill rows)
     sum_sq: int          # sum over sequences of (unpadded prompt length)^2 (causal prefill attention)
-    slots: int = 0       # decode: cache slots attended this step (longest sequence, new token included)
+    slots: float = 0     # decode: cache slots attended per sequence this step, new token included (dense:
+                         # the longest sequence's; paged: the mean, as each sequence reads its own)
 
 
 def curve_rate(points: Sequence[float], rates: Sequence[float], x: float) -> float:

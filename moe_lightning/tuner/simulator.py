@@ -8,10 +8,15 @@ order with dependencies pointing backwards, one pass over the list is exact for 
 `simulate_run` rebuilds exactly the graphs the CGOPipe engine (`moe_lightning.engine.cgopipe`) runs for
 a workload and a policy, and times them with `TaskCosts` (`moe_lightning.tuner.costs`, per-op roofline
 durations):
-- requests in batches of `policy.batch_size` (prompt lengths from `synthetic_lengths(workload)` unless
-  given), packed into micro-batches by `pack_micro_batches`, left-padded to the longest prompt with
-  `workload.padding`; micro-batches whose KV cache lives on the GPU chosen as the engine does
-  (in packing order, while their sequences fit `int(r_c * batch)`);
+- prompt lengths from `synthetic_lengths(workload)` unless given;
+- CGOPipe unpadded (the engine's paged KV cache): the batches are Algorithm 2's admission rounds
+  against the KV budget in tokens (`schedule.batching.admission_rounds`), micro-batches = the
+  partitions, the first `gpu_partitions` with their KV cache on the GPU, attention charged at each
+  sequence's own context;
+- otherwise (padded, baselines): static batches of `policy.batch_size` (padded: as many as the KV
+  budget holds), packed into micro-batches by `pack_micro_batches`, left-padded to the workload's
+  longest prompt with `workload.padding`; micro-batches whose KV cache lives on the GPU chosen as the
+  engine does (in packing order, while their sequences fit `int(r_c * batch)`);
 - `PipeShape(num_pages = policy.num_pages if experts stream else 0, prefetch = policy.prefetch_depth)`;
 - per batch one prefill graph and one decode graph per generated token after the first, the context
   of each micro-batch growing by one slot per step (every step is simulated unless `max_decode_steps`
@@ -43,6 +48,7 @@ import numpy as np
 from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.engine.executor import TaskRecord
 from moe_lightning.report import Metrics
+from moe_lightning.schedule.batching import padded_batch_size
 from moe_lightning.schedule.cgopipe import PipeShape, decode_graph, decode_graph_gpu_attention, prefill_graph
 from moe_lightning.schedule.graph import Resource, Task, TaskGraph
 from moe_lightning.trace import RunTimeline
@@ -213,13 +219,40 @@ class SimResult:
                 "tasks_simulated": self.tasks_simulated, "sim_wall_s": self.sim_wall_s, "notes": self.notes}
 
 
-def batch_shapes(lengths: Sequence[int], policy: Policy, padding: bool) -> tuple[list[MicroBatchShape],
-                                                                                  frozenset[int]]:
-    """Micro-batches of one batch as `CGOPipeRunner.prefill` builds them, and those with KV on the GPU."""
+def admitted_shapes(lengths: Sequence[int], policy: Policy, workload: Workload, block_size: int,
+                    kv_tokens: int | None) -> list[tuple[list[MicroBatchShape], frozenset[int]]]:
+    """The engine's admission rounds (`schedule.batching.admission_rounds`), as micro-batch shapes: the
+    non-empty partitions in order, the first `gpu_partitions` on the GPU. A paged micro-batch's attention
+    reads each sequence's own context, so `slots` is the mean context, not the longest."""
+    from moe_lightning.memory import kv_cache_tokens
+    from moe_lightning.schedule.batching import admission_rounds, gpu_partitions, kv_budget
+
+    wl = replace(workload, prompt_len_max=max(lengths), num_requests=len(lengths),
+                 prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))))
+    tokens = kv_tokens or kv_cache_tokens(policy, wl, True, block_size)
+    budget = kv_budget(policy.batch_size, policy.micro_batch_size, tokens, block_size)
+    n_gpu = gpu_partitions(policy.kv_gpu_fraction, policy.batch_size, budget)
+    out = []
+    for parts in admission_rounds(lengths, workload.gen_len, budget):
+        shapes, gpu_kv = [], set()
+        for j, reqs in parts.items():
+            if j < n_gpu:
+                gpu_kv.add(len(shapes))
+            tokens_j = sum(lengths[r] for r in reqs)
+            shapes.append(MicroBatchShape(seqs=len(reqs), tokens=tokens_j, sum_sq=sum(lengths[r] ** 2 for r in reqs),
+                                          slots=tokens_j / len(reqs)))
+        out.append((shapes, frozenset(gpu_kv)))
+    return out
+
+
+def batch_shapes(lengths: Sequence[int], policy: Policy, padding: bool,
+                 width: int | None = None) -> tuple[list[MicroBatchShape], frozenset[int]]:
+    """Micro-batches of one static batch as `CGOPipeRunner.prefill` builds them, and those with KV on the
+    GPU; padded to `width` (the workload's longest prompt; by default the batch's)."""
     from moe_lightning.engine.cgopipe import pack_micro_batches  # imports torch
 
     groups = pack_micro_batches(list(lengths), policy.micro_batch_size)
-    width = max(lengths)
+    width = width or max(lengths)
     gpu_seqs = int(policy.kv_gpu_fraction * len(lengths) + 1e-9)
     shapes, gpu_kv, taken = [], set(), 0
     for j, seqs in enumerate(groups):
@@ -280,11 +313,14 @@ def _decode_steps(total: int, max_steps: int | None) -> list[int]:
 def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy,
                  prompt_lengths: Sequence[int] | None = None, *, costs: TaskCosts | None = None,
                  keep_graphs: int = 4, max_decode_steps: int | None = None,
-                 schedule: GraphBuilder | None = None) -> SimResult:
+                 schedule: GraphBuilder | None = None, admission: bool | None = None, kv_block_size: int = 16,
+                 kv_tokens: int | None = None) -> SimResult:
     """Simulate the engine generating `workload` with `policy` on `hw` (see module docstring).
 
     `schedule` builds the graphs (`.build(phase, shape, policy)`, as the engine's `Schedule`); by
-    default CGOPipe's. `keep_graphs` graphs keep their records in the timeline (for plots and traces).
+    default CGOPipe's. `admission` (default: CGOPipe unpadded with `kv_block_size` > 0, as the engine):
+    batches are Algorithm 2's rounds against the KV budget (`kv_tokens`, default the plan's), not
+    static batches of N. `keep_graphs` graphs keep their records in the timeline (for plots and traces).
     """
     from moe_lightning.workload_io import synthetic_lengths
 
@@ -313,9 +349,16 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
     step_walls: list[float] = []
     n_steps = workload.gen_len - 1
     simulated_steps = 0
-    batches = [lengths[a:a + policy.batch_size] for a in range(0, len(lengths), policy.batch_size)]
-    for batch in batches:
-        mbs, gpu_kv = batch_shapes(batch, policy, workload.padding)
+    if admission is None:   # CGOPipe's unpadded mode admits against its paged KV budget, as the engine does
+        admission = getattr(builder, "name", "cgopipe") == "cgopipe" and not workload.padding and kv_block_size > 0
+    if admission:
+        batches = admitted_shapes(lengths, policy, workload, kv_block_size, kv_tokens)
+    else:   # static batches; padded: every prompt to the longest, as many as the KV budget holds
+        width = max(lengths) if workload.padding else None
+        n = policy.batch_size if not (workload.padding and kv_tokens) else padded_batch_size(
+            policy.batch_size, policy.micro_batch_size, kv_tokens, max(lengths) + workload.gen_len)
+        batches = [batch_shapes(lengths[a:a + n], policy, workload.padding, width) for a in range(0, len(lengths), n)]
+    for mbs, gpu_kv in batches:
         shape = PipeShape(num_layers=L, num_micro_batches=len(mbs), num_pages=costs.num_pages,
                           prefetch=policy.prefetch_depth, gpu_kv=gpu_kv)
         g, c = graph_for("prefill", shape)

@@ -58,22 +58,6 @@ def test_tokens_identical_to_transformers(tiny, prompts, hf_outputs, policy, pad
         assert runner.executor.streams and (not runner.experts.ring or runner.experts.ring[0].is_pinned())
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 64])
-@pytest.mark.parametrize("micro_batch_size", [10, 3])
-def test_kv_blocks_of_any_size_are_token_identical(tiny, prompts, hf_outputs, block_size, micro_batch_size):
-    """The unpadded mode's block pool: blocks smaller than a prompt, not dividing it, or larger than it."""
-    spec, source = tiny
-    policy = Policy(batch_size=10, micro_batch_size=micro_batch_size, expert_kernel="loop")
-    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, prompt_workload(prompts), CPU,
-                           kv_block_size=block_size)
-    result = generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW, eos_token_id=2), 10)
-    assert result.output_ids == hf_outputs
-    assert all(mb.blocks is not None and mb.k is None for mb in runner.mbs)
-    pool = runner.stats()["extra"]["kv_blocks"]
-    lengths = [len(p) for p in prompts]
-    assert pool["blocks"] == sum(-(-(n + MAX_NEW) // block_size) for n in lengths)   # real lengths, no padding
-
-
 def test_policies_cover_the_acceptance_space():
     ps = [p for p, _ in POLICIES]
     assert {p.expert_gpu_fraction for p in ps} >= {0.0, 0.5, 1.0}

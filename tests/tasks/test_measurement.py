@@ -31,7 +31,8 @@ def test_repeats_give_medians_with_their_spread_and_the_host_in_the_document(tin
     m = gen.report.metrics
     assert m.kind == "measured" and m.repeats == 3
     assert m.spread["throughput_tok_s"].n == 3 and m.spread["prefill_s"].n == 3
-    assert m.spread["decode_step_s"].n == 3 * (5 - 1)  # every decode step of every repeat
+    steps = gen.report.extra["batching"]["decode_steps"]   # admission may run several rounds
+    assert steps >= 5 - 1 and m.spread["decode_step_s"].n == 3 * steps  # every decode step of every repeat
     sp = m.spread["throughput_tok_s"]
     assert sp.min <= m.throughput_tok_s <= sp.max and m.throughput_tok_s == sp.median
     assert gen.report.extra["outputs_identical_across_repeats"] is True

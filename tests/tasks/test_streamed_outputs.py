@@ -1,6 +1,6 @@
 """Generate survives interruption: batches are streamed to a part file, SIGINT/SIGTERM keep them and
 exit 130/143 with one line, and after a SIGKILL `resume=true` finishes with outputs identical to an
-uninterrupted run (sampled, so that the per-batch seeds are exercised too)."""
+uninterrupted run (sampled, so that the per-request seeds are exercised too)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_sigkill_then_resume_gives_the_outputs_of_an_uninterrupted_run(tmp_path,
     assert killed.returncode == -signal.SIGKILL
     kept = rows_in(part)
     assert 12 <= kept < 240 and not (tmp_path / "out.jsonl").exists()
-    # A kill in the middle of a write leaves a row cut short: resume drops it with its batch.
+    # A kill in the middle of a write leaves a row cut short: resume drops it and runs that request again.
     with part.open("ab") as f:
         f.write(b'{"id": 999, "output_ids": [1, 2')
     refused = run(tmp_path, "outputs=out.jsonl")       # without resume=true the part file is not touched
@@ -69,20 +69,28 @@ def test_sigkill_then_resume_gives_the_outputs_of_an_uninterrupted_run(tmp_path,
     assert (tmp_path / "out.jsonl").read_bytes() == uninterrupted
     assert not part.exists()
     doc = json.loads(next((tmp_path / "runs").rglob("run.json")).read_text())
-    assert doc["extra"]["resumed_outputs"] == kept - kept % 4
+    assert doc["extra"]["resumed_outputs"] == kept   # admission mode: every whole row is kept
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_sigint_keep_the_finished_batches(tmp_path, tiny_path, sig, code):
+@pytest.mark.parametrize("padded", [False, True], ids=["admission", "static-batches"])
+def test_sigterm_and_sigint_keep_the_finished_outputs(tmp_path, tiny_path, sig, code, padded):
+    """Admission mode keeps each finished request (in the order they finished); static batches (the
+    padded mode, as the baselines) keep whole batches in input order."""
     part = tmp_path / "out.jsonl.part"
-    r = interrupt_after(start(tmp_path, "outputs=out.jsonl"), part, 8, sig)
+    extra = ("workload.padding=true",) if padded else ()
+    r = interrupt_after(start(tmp_path, "outputs=out.jsonl", *extra), part, 8, sig)
     assert r.returncode == code, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     lines = part.read_text().splitlines()
     rows = [json.loads(line) for line in lines[1:]]          # every kept row is whole
     assert f"{len(rows)} of 240 outputs are kept in" in r.stderr
-    assert len(rows) % 4 == 0 and [row["id"] for row in rows] == list(range(len(rows)))
+    ids = [row["id"] for row in rows]
+    if padded:
+        assert len(rows) % 4 == 0 and ids == list(range(len(rows)))
+    else:
+        assert len(rows) >= 8 and len(set(ids)) == len(ids) and set(ids) <= set(range(240))
 
 
 def test_a_part_file_of_another_run_is_refused_and_left_alone(tmp_path, tiny_path):

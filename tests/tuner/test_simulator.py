@@ -84,7 +84,7 @@ CPU_HW = load_preset("hardware", "cpu")
 def test_simulate_run_numbers_are_consistent():
     wl = Workload(prompt_len_avg=20, prompt_len_max=40, gen_len=4, num_requests=10)
     policy = Policy(batch_size=4, micro_batch_size=2)
-    sim = simulate_run(SMALL, CPU_HW, wl, policy)
+    sim = simulate_run(SMALL, CPU_HW, wl, policy, admission=False)   # static batches of N
     assert sim.num_batches == 3 and sim.generated_tokens == 10 * 4
     assert len(sim.decode_step_s) == 3 * 3 and sim.decode_steps_simulated == 9
     assert sim.decode_s == pytest.approx(sum(sim.decode_step_s))
