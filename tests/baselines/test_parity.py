@@ -75,6 +75,24 @@ def test_given_policy_tokens_identical_to_transformers(tiny, prompts, hf_outputs
         assert runner.stats()["link_bytes"]["h2d"] > 0
 
 
+OWN_MAX = [3, 16, 1, 9, 16, 5, 2, 16, 7, 12]
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+def test_requests_that_finish_early_are_token_identical(tiny, prompts, hf_tiny, name):
+    """Per-request budgets in static batches: a finished sequence stops growing its output while its
+    batch runs on (as FlexGen's batches do)."""
+    from tests.conftest import hf_greedy
+
+    spec, source = tiny
+    system = SYSTEMS[name](policy_source="given")
+    deepspeed = name == "deepspeed"   # ZeRO-Inference: one micro-batch, attention on the GPU
+    policy = Policy(batch_size=4, micro_batch_size=4 if deepspeed else 2, attn_on_gpu=deepspeed, **G)
+    runner = system.build(spec, source, HardwareSpec(), policy, prompt_workload(prompts), CPU)
+    result = generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW, eos_token_id=2), 4, max_new=OWN_MAX)
+    assert result.output_ids == [hf_greedy(hf_tiny, p, n) for p, n in zip(prompts, OWN_MAX)]
+
+
 def test_auto_system_refuses_an_unresolved_policy(tiny, prompts):
     spec, source = tiny
     with pytest.raises(Exception, match="chooses its own policy"):
