@@ -47,21 +47,43 @@ def _ceil(x: Any) -> Any:
     return np.ceil(x)
 
 
-def kv_cache_tokens(policy: Policy, workload: Workload, paged: bool, block_size: int = 1) -> int:
-    """The KV cache's size in tokens that a run reserves: N x (longest prompt + gen_len), what the memory
-    plan charges and the optimizer sized N for. Paged (the engine's block pool, which Algorithm 2
-    admits against): an equal share per micro-batch, rounded up to whole blocks.
+PLAN_BLOCK_SIZE = 16   # the engine's default `system.kv_block_size`, for plans made without a system
 
-    Unpadded, the paged cache holds only real tokens, so the same budget admits more than N x the
-    average request would need; planning N itself at the average prompt (the paper's cache_size, N x
-    (average prompt + gen_len)) is the performance models' change, not this one's. `system.
-    kv_cache_tokens` sets the budget explicitly."""
+
+def kv_tokens_for(batch_size: Any, micro_batch_size: Any, workload: Workload, paged: bool,
+                  block_size: int = PLAN_BLOCK_SIZE, at_longest: bool = False) -> Any:
+    """The KV cache's size in tokens (array-safe over N and mu), see `kv_cache_tokens`; `at_longest`:
+    the paged pool with room for N longest requests."""
     longest = workload.prompt_len_max + workload.gen_len
-    if not paged:
-        return policy.batch_size * longest
-    m = policy.num_micro_batches
-    share = -(-policy.batch_size * longest // m)
-    return m * -(-share // block_size) * block_size
+    if not paged or workload.padding:
+        return batch_size * longest
+    m = -(-batch_size // micro_batch_size)
+    prompt = workload.prompt_len_max if at_longest else workload.prompt_len_avg
+    share = -(-(batch_size * (prompt + workload.gen_len)) // m)
+    blocks, floor = -(-share // block_size), -(-longest // block_size)
+    return m * (blocks + (floor - blocks) * (floor > blocks)) * block_size   # max, array-safe
+
+
+def kv_cache_tokens(policy: Policy, workload: Workload, paged: bool, block_size: int = PLAN_BLOCK_SIZE) -> int:
+    """The KV cache's size in tokens that a run plans for.
+
+    Dense (one tensor per micro-batch, as the baselines keep it) or padded: N x (longest prompt +
+    gen_len). Paged and unpadded (the engine's block pool; Algorithm 2 admits against it): N x
+    (average prompt + gen_len), the paper's `cache_size`, in an equal share per micro-batch rounded up
+    to whole blocks and never less than one longest request, so that every request can be admitted;
+    requests beyond it wait for room."""
+    return int(kv_tokens_for(policy.batch_size, policy.micro_batch_size, workload, paged, block_size))
+
+
+def engine_kv_tokens(spec: ModelSpec, policy: Policy, workload: Workload, hw: HardwareSpec,
+                     block_size: int = PLAN_BLOCK_SIZE) -> int:
+    """The engine's paged KV cache when no size is given: room for N requests at the longest prompt when
+    the memory budget holds it (a batch of N is then never split), else the paper's cache_size, N x
+    (average prompt + gen_len), which the plans reserve and Algorithm 2 admits against."""
+    roomy = int(kv_tokens_for(policy.batch_size, policy.micro_batch_size, workload, True, block_size, True))
+    if memory_plan(spec, policy, workload, kv_tokens=roomy).fits(hw):
+        return roomy
+    return kv_cache_tokens(policy, workload, True, block_size)
 
 
 def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
@@ -145,9 +167,13 @@ class MemoryPlan:
                 + side("CPU", self.cpu, self.cpu_total_bytes, hw.cpu_budget_bytes))
 
 
-def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload, kv_tokens: int | None = None) -> MemoryPlan:
-    """Bytes per pool that the engine allocates for `policy` on `workload` (`kv_tokens`: the KV
-    cache's size in tokens, see `kv_cache_tokens`; by default N x (longest prompt + gen_len))."""
+def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload, kv_tokens: int | None = None,
+                paged: bool = False) -> MemoryPlan:
+    """Bytes per pool that the engine allocates for `policy` on `workload`. The KV cache holds
+    `kv_tokens` tokens; by default `kv_cache_tokens(policy, workload, paged)`: with `paged` (CGOPipe's
+    unpadded block pool) N x (average prompt + gen_len), else N x (longest prompt + gen_len)."""
+    if kv_tokens is None:
+        kv_tokens = kv_cache_tokens(policy, workload, paged)
     gpu, cpu = memory_pools(
         spec, workload, batch_size=policy.batch_size, micro_batch_size=policy.micro_batch_size,
         num_pages=policy.num_pages, n_res=resident_experts_per_layer(spec, policy.expert_gpu_fraction),

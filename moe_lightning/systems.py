@@ -70,6 +70,12 @@ class CGOPipeSystem:
 SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem}
 
 
+def paged_kv(system) -> bool:
+    """Whether a system keeps the paged, admitted KV cache (CGOPipe's unpadded mode), which plans
+    reserve at the average prompt (`memory.kv_cache_tokens`); every other system is planned dense."""
+    return getattr(system, "name", "") == "cgopipe" and getattr(system, "kv_block_size", 0) > 0
+
+
 def resolve_device(name: str) -> torch.device:
     import torch
 

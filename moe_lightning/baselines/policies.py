@@ -40,7 +40,8 @@ def cgopipe_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Pol
 def fastdecode_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
     from moe_lightning.tuner.optimizer import optimize
 
-    return optimize(spec, hw, workload, placements=((False, True),), pages_per_layer=1, prefetch_depth=1).policy
+    return optimize(spec, hw, workload, placements=((False, True),), pages_per_layer=1, prefetch_depth=1,
+                    paged_kv=False).policy
 
 
 def flexgen_s4_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:

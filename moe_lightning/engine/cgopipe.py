@@ -31,7 +31,7 @@ from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import ConfigError, WorkloadError
 from moe_lightning.kernels.cpu_attention import backend as attention_backend
 from moe_lightning.kernels.cpu_attention import paged_decode_attention
-from moe_lightning.memory import kv_cache_tokens, memory_plan, resident_experts_per_layer
+from moe_lightning.memory import engine_kv_tokens, kv_cache_tokens, memory_plan, resident_experts_per_layer
 from moe_lightning.schedule.batching import gpu_partitions, kv_budget, padded_batch_size
 from moe_lightning.schedule.cgopipe import (
     PipeShape,
@@ -114,7 +114,8 @@ class CGOPipeRunner:
         # (Algorithm 2, `open_partitions`/`admit`). Otherwise a dense tensor per micro-batch.
         self.kv_block_size = kv_block_size if not workload.padding else 0
         paged = self.kv_block_size > 0
-        self.kv_tokens = kv_tokens or kv_cache_tokens(policy, workload, paged, max(1, self.kv_block_size))
+        self.kv_tokens = kv_tokens or (engine_kv_tokens(spec, policy, workload, hardware, self.kv_block_size) if paged
+                                       else kv_cache_tokens(policy, workload, False))
         self.budget = kv_budget(policy.batch_size, policy.micro_batch_size, self.kv_tokens,
                                 max(1, self.kv_block_size))
         longest = workload.prompt_len_max + workload.gen_len
@@ -123,7 +124,7 @@ class CGOPipeRunner:
                               f"must hold the longest request ({longest} tokens), so at least "
                               f"{self.budget.partitions * self.budget.blocks_for(longest) * self.budget.block_size}")
         # The budget is checked before anything is allocated or read.
-        self.plan = memory_plan(spec, policy, workload, kv_tokens=self.kv_tokens)
+        self.plan = memory_plan(spec, policy, workload, kv_tokens=self.kv_tokens)   # dense: N x longest
         self.plan.check(hardware)
         if self.cuda:
             total = torch.cuda.get_device_properties(device).total_memory

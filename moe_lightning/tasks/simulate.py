@@ -40,6 +40,7 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
     The policy: `given` (e.g. a tuned one); else the system's own rule (`policy_source=auto`); else the
     HRM plan (`use_plan`); else cfg.policy. Nothing is allocated: no model weights, no device."""
     from moe_lightning.memory import memory_plan
+    from moe_lightning.systems import paged_kv
     from moe_lightning.tuner.hrm import predict
     from moe_lightning.tuner.optimizer import optimize
     from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
@@ -49,6 +50,7 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
         raise ConfigError(f"system {system} has no schedule to simulate; measure it with task=compare (simulated: "
                           f"{', '.join(SIMULATED_SCHEDULES)})")
     schedule = SIMULATED_SCHEDULES[system]
+    paged = paged_kv(cfg.system)
     spec = planning_model(cfg.model)
     workload, lengths = planning_workload(cfg.workload, spec)
     if given is not None:
@@ -57,11 +59,13 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
         policy = cfg.system.resolve_policy(spec, cfg.hardware, workload, cfg.policy)
         source = f"{system} policy rule"
     elif use_plan:  # HRM's plan (for a baseline with policy_source=given: the paper's ablation)
-        policy, source = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU).policy, "hrm plan"
+        policy, source = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU,
+                                  paged_kv=paged).policy, "hrm plan"
     else:
         policy, source = cfg.policy, "cfg.policy"
-    hrm = predict(spec, cfg.hardware, workload, policy)
-    plan = memory_plan(spec, policy, workload)
+    hrm = predict(spec, cfg.hardware, workload, policy, paged_kv=paged)
+    plan = memory_plan(spec, policy, workload, kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None,
+                       paged=paged)
     fits = plan.fits(cfg.hardware)
     if not fits:
         log.warning("policy does not fit %s's memory budget; simulating it anyway", cfg.hardware.name)

@@ -249,8 +249,10 @@ def bottleneck_of(t_link: float, t_cpu: float, t_gpu: float) -> str:
     return max((("link", t_link), ("cpu", t_cpu), ("gpu", t_gpu)), key=lambda kv: kv[1])[0]
 
 
-def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy) -> Prediction:
-    """HRM prediction (decode and end-to-end tokens/s, per-layer times, bottleneck, memory) of a policy."""
+def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy,
+            paged_kv: bool = True) -> Prediction:
+    """HRM prediction (decode and end-to-end tokens/s, per-layer times, bottleneck, memory) of a policy;
+    its memory plan with CGOPipe's paged KV cache (`paged_kv`), planned at the average prompt."""
     n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
     n_mb = policy.num_micro_batches
     t = decode_layer_times(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
@@ -265,4 +267,4 @@ def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Polic
         decode_tok_s=float(decode), e2e_tok_s=float(e2e), prefill_s=t_pre,
         decode_s=workload.gen_len * spec.num_layers * t_layer,
         t_link=t_link, t_cpu=t_cpu, t_gpu=t_gpu, t_link_d2h=float(t["t_link_d2h"]),
-        bottleneck=bottleneck_of(t_link, t_cpu, t_gpu), memory=memory_plan(spec, policy, workload))
+        bottleneck=bottleneck_of(t_link, t_cpu, t_gpu), memory=memory_plan(spec, policy, workload, paged=paged_kv))

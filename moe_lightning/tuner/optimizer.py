@@ -37,7 +37,7 @@ import numpy as np
 
 from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.errors import MemoryBudgetError
-from moe_lightning.memory import CPU_POOLS, GPU_POOLS, MemoryPlan, memory_plan, memory_pools
+from moe_lightning.memory import CPU_POOLS, GPU_POOLS, MemoryPlan, kv_tokens_for, memory_plan, memory_pools
 from moe_lightning.tuner.hrm import Prediction, decode_layer_times, predict, prefill_time, throughput
 
 ALL_PLACEMENTS = ((False, True), (True, True), (False, False), (True, False))  # (attn_on_gpu, ffn_on_gpu)
@@ -69,9 +69,10 @@ class Plan:
 
 
 def batch_size_cap(spec: ModelSpec, hw: HardwareSpec, workload: Workload,
-                   max_batch_size: int | None = None) -> int:
+                   max_batch_size: int | None = None, paged_kv: bool = False) -> int:
     """Largest N worth searching: asked for, and whose KV cache fits GPU + CPU memory together."""
-    ctx = workload.prompt_len_max + workload.gen_len
+    prompt = workload.prompt_len_avg if paged_kv and not workload.padding else workload.prompt_len_max
+    ctx = prompt + workload.gen_len
     kv_seq = ctx * spec.kv_bytes_per_token
     cap = min(workload.num_requests, (hw.gpu_budget_bytes + hw.cpu_budget_bytes) // kv_seq)
     if max_batch_size is not None:
@@ -114,20 +115,24 @@ def _better(e2e: float, n: int, mu: int, best_e2e: float, best_n: int, best_mu: 
 def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
              max_batch_size: int | None = None,
              placements: tuple[tuple[bool, bool], ...] = ALL_PLACEMENTS,
-             kv_fraction_step: float = 0.001, prefetch_depth: int = 2, pages_per_layer: int = 0) -> Plan:
+             kv_fraction_step: float = 0.001, prefetch_depth: int = 2, pages_per_layer: int = 0,
+             paged_kv: bool = True) -> Plan:
     """Best feasible policy by predicted end-to-end tokens/s (see the module docstring for the space).
+
+    `paged_kv` (CGOPipe's unpadded block pool): the KV cache is planned at the average prompt
+    (`memory.kv_cache_tokens`), as the engine admits against it; False: at the longest (dense caches).
 
     Raises MemoryBudgetError when no batch of even one sequence fits.
     """
     start = time.perf_counter()
-    n_cap = batch_size_cap(spec, hw, workload, max_batch_size)
+    n_cap = batch_size_cap(spec, hw, workload, max_batch_size, paged_kv)
     if n_cap < 1:
         raise _impossible(spec, hw, workload)
     N, mu = candidate_pairs(n_cap)
     n_mb = -(-N // mu)
     num_pages = np.full(N.shape, pages_per_layer, dtype=np.int64) if pages_per_layer else n_mb
-    ctx = workload.prompt_len_max + workload.gen_len
-    kv_total = N * ctx * spec.kv_bytes_per_token
+    kv_tokens = kv_tokens_for(N, mu, workload, paged_kv)
+    kv_total = kv_tokens * spec.kv_bytes_per_token
     gpu_budget, cpu_budget = hw.gpu_budget_bytes, hw.cpu_budget_bytes
 
     best: tuple[float, dict[str, Any]] | None = None
@@ -136,7 +141,7 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
         for n_res in range(spec.num_experts + 1) if ffn_on_gpu else (0,):
             gpu, cpu = memory_pools(spec, workload, batch_size=N, micro_batch_size=mu, num_pages=num_pages,
                                     n_res=n_res, kv_gpu_fraction=0.0 * N, attn_on_gpu=attn_on_gpu,
-                                    prefetch_depth=prefetch_depth)
+                                    prefetch_depth=prefetch_depth, kv_tokens=kv_tokens)
             gpu_other = sum(gpu.values())  # kv GPU share is 0 here; the KV stream buffer is included
             evaluated += N.size
             if attn_on_gpu:
@@ -175,7 +180,7 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
     if best is None:
         raise _impossible(spec, hw, workload)
     policy = Policy(**best[1])
-    prediction = predict(spec, hw, workload, policy)
+    prediction = predict(spec, hw, workload, policy, paged_kv=paged_kv)
     prediction.memory.check(hw)  # the vectorised search and memory_plan must agree
     return Plan(policy=policy, prediction=prediction, hardware=hw, model_name=spec.name,
                 workload_name=workload.name, points_evaluated=evaluated,

@@ -241,7 +241,9 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
     from moe_lightning.tuner.optimizer import optimize
 
     workload = dataclasses.replace(cfg.workload, num_requests=max_batch(cfg))
-    plan = optimize(spec, cfg.hardware, workload)
+    from moe_lightning.systems import paged_kv
+
+    plan = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system))
     best = dataclasses.replace(cfg.policy, **{f.name: getattr(plan.policy, f.name)
                                               for f in dataclasses.fields(Policy)
                                               if f.name in ("batch_size", "micro_batch_size", "attn_on_gpu",
@@ -259,7 +261,7 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
             continue
         p = dataclasses.replace(best, batch_size=n2, micro_batch_size=math.ceil(n2 / m2),
                                 expert_gpu_fraction=r2 / E, attn_on_gpu=attn)
-        if memory_plan(spec, p, cfg.workload).fits(cfg.hardware) and p not in candidates:
+        if memory_plan(spec, p, cfg.workload, paged=paged_kv(cfg.system)).fits(cfg.hardware) and p not in candidates:
             candidates.append(p)
     return candidates[: 1 + cfg.tuner.neighbours]
 
@@ -282,6 +284,7 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
     import optuna
 
     from moe_lightning.memory import memory_plan
+    from moe_lightning.systems import paged_kv
 
     def run(trial) -> float | tuple[float, float]:
         params = suggest(trial, cfg, spec)
@@ -291,7 +294,7 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
             trial.set_user_attr("reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
         trial.set_user_attr("policy", dataclasses.asdict(policy))
-        plan = memory_plan(spec, policy, cfg.workload)
+        plan = memory_plan(spec, policy, cfg.workload, paged=paged_kv(cfg.system))
         if not plan.fits(cfg.hardware):
             reason = plan.describe(cfg.hardware)
             trial.set_user_attr("reason", reason)

@@ -219,18 +219,24 @@ class SimResult:
                 "tasks_simulated": self.tasks_simulated, "sim_wall_s": self.sim_wall_s, "notes": self.notes}
 
 
-def admitted_shapes(lengths: Sequence[int], policy: Policy, workload: Workload, block_size: int,
-                    kv_tokens: int | None) -> list[tuple[list[MicroBatchShape], frozenset[int]]]:
+def admitted_shapes(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], policy: Policy, workload: Workload,
+                    block_size: int, kv_tokens: int | None) -> list[tuple[list[MicroBatchShape], frozenset[int]]]:
     """The engine's admission rounds (`schedule.batching.admission_rounds`), as micro-batch shapes: the
     non-empty partitions in order, the first `gpu_partitions` on the GPU. A paged micro-batch's attention
     reads each sequence's own context, so `slots` is the mean context, not the longest."""
-    from moe_lightning.memory import kv_cache_tokens
+    from moe_lightning.memory import engine_kv_tokens
     from moe_lightning.schedule.batching import admission_rounds, gpu_partitions, kv_budget
 
     wl = replace(workload, prompt_len_max=max(lengths), num_requests=len(lengths),
                  prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))))
-    tokens = kv_tokens or kv_cache_tokens(policy, wl, True, block_size)
+    tokens = kv_tokens or engine_kv_tokens(spec, policy, wl, hw, block_size)
     budget = kv_budget(policy.batch_size, policy.micro_batch_size, tokens, block_size)
+    longest = max(lengths) + workload.gen_len
+    if budget.blocks_per_partition < budget.blocks_for(longest):
+        from moe_lightning.errors import ConfigError
+
+        raise ConfigError(f"system.kv_cache_tokens={tokens}: each of the {budget.partitions} micro-batches must hold "
+                          f"the longest request ({longest} tokens)")
     n_gpu = gpu_partitions(policy.kv_gpu_fraction, policy.batch_size, budget)
     out = []
     for parts in admission_rounds(lengths, workload.gen_len, budget):
@@ -352,7 +358,7 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
     if admission is None:   # CGOPipe's unpadded mode admits against its paged KV budget, as the engine does
         admission = getattr(builder, "name", "cgopipe") == "cgopipe" and not workload.padding and kv_block_size > 0
     if admission:
-        batches = admitted_shapes(lengths, policy, workload, kv_block_size, kv_tokens)
+        batches = admitted_shapes(spec, hw, lengths, policy, workload, kv_block_size, kv_tokens)
     else:   # static batches; padded: every prompt to the longest, as many as the KV budget holds
         width = max(lengths) if workload.padding else None
         n = policy.batch_size if not (workload.padding and kv_tokens) else padded_batch_size(
