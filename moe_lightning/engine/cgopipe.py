@@ -249,7 +249,7 @@ class CGOPipeRunner:
             gone = [b for b, r in enumerate(part.seqs) if r in finished]
             if not gone:
                 continue
-            keep = [b for b in range(len(part.seqs)) if b not in set(gone)]
+            keep = [b for b, r in enumerate(part.seqs) if r not in finished]
             part.blocks.remove(gone)
             part.seqs = [part.seqs[b] for b in keep]
             part.lens = [part.lens[b] for b in keep]

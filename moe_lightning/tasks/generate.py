@@ -91,6 +91,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         start = len(done)
         if start:
             log.info("resuming: %d of %d outputs were written by an earlier run", start, len(requests))
+    done_set = set(done)
     run_args = {"max_new": max_new, **({"refill": refill} if admits else {})}
     results = []
     loops = 1
@@ -103,7 +104,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
             loops = max(1, min(MAX_LOOPS, math.ceil(min_repeat_s / max(once.total_s, 1e-6))))
         if hasattr(runner, "reset_stats"):
             runner.reset_stats()
-        total = repeats * loops * sum(g for r, g in enumerate(max_new) if r not in set(done))
+        total = repeats * loops * sum(g for r, g in enumerate(max_new) if r not in done_set)
         with tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
                   leave=False) as bar:
             for _ in range(repeats):
@@ -134,7 +135,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
                "batching": _batching(runner, results[0], batch_size, refill),
                **stats.get("extra", {})},
     )
-    kept = [r for r in range(len(requests)) if r not in set(done)]
+    kept = [r for r in range(len(requests)) if r not in done_set]
     outputs = ([results[0].output_ids[r] for r in kept] if admits else results[0].output_ids)
     return Generation(report, [requests[r] for r in kept], outputs, tokenizer, runner)
 
