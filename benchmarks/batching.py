@@ -64,6 +64,7 @@ def main() -> None:
                    help="the KV budget in tokens (default: N x (mean prompt + mean generation), rounded to blocks)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the MoE FFN's device; attention stays on the CPU)")
     p.add_argument("--save", action="store_true")
     args = p.parse_args()
 
@@ -72,7 +73,7 @@ def main() -> None:
     from moe_lightning.tasks.generate import GenerateTask, run_generation
 
     spec = dataclasses.replace(load_preset("model", args.model), num_layers=args.layers, dtype="float32")
-    hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gb=64, shares_host=True))
+    hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gb=64, shares_host=args.device == "cpu"))
     folder = Path(tempfile.mkdtemp(prefix="moe-lightning-batching-"))
     prompts = folder / "prompts.jsonl"
     rows = write_prompts(prompts, args.requests, args.prompt_max, args.gen_max, spec.vocab_size, args.seed)
@@ -91,7 +92,7 @@ def main() -> None:
             workload = Workload(name="mixed", path=str(prompts), gen_len=args.gen_max, padding=padded)
             cfg = RunConfig(task=GenerateTask(progress=False),
                             system=CGOPipeSystem(kv_cache_tokens=kv_tokens, refill=refill),
-                            model=spec, hardware=hardware, workload=workload, device="cpu", policy=policy,
+                            model=spec, hardware=hardware, workload=workload, device=args.device, policy=policy,
                             sampling=Sampling(ignore_eos=True))
             gen = run_generation(cfg, progress=False, warmup_tokens=2)
             mt = gen.report.metrics
@@ -106,7 +107,7 @@ def main() -> None:
     print(f"{spec.name} ({spec.num_layers} layers, fp32, 1/4 of experts resident), {args.requests} requests: prompts "
           f"{min(plens)}-{max(plens)} tokens (mean {sum(plens) / len(plens):.0f}), "
           f"max_new_tokens 2-{args.gen_max} (mean {sum(b for _, b in rows) / len(rows):.0f}); N={args.batch}, "
-          f"mu={args.micro_batch}, KV budget {kv_tokens} tokens for all; measured on this host (cpu), "
+          f"mu={args.micro_batch}, KV budget {kv_tokens} tokens for all; measured on this host ({args.device}), "
           f"{args.repeats} round-robin repeats")
     print(f"{'configuration':<17}{'decode steps':>13}{'prefills':>9}{'running':>9}  {'time s (median ± stdev)':<34}"
           f"{'time / refill':>13}")
@@ -124,7 +125,8 @@ def main() -> None:
     if args.save:
         path = RESULTS / f"batching_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
         atomic_write(path, json.dumps({
-            "benchmark": "batching", "kind": "measured", "where": "this host (cpu)", "model": dataclasses.asdict(spec),
+            "benchmark": "batching", "kind": "measured", "where": f"this host ({args.device})",
+            "model": dataclasses.asdict(spec),
             "args": vars(args), "kv_budget_tokens": kv_tokens, "policy": dataclasses.asdict(policy),
             "requests": [{"prompt_len": a, "max_new_tokens": b} for a, b in rows], "runs": runs, "batching": counts,
             "spread": {k: {m: s.to_dict() for m, s in v.items()} for k, v in spreads.items()},

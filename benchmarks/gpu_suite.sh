@@ -7,11 +7,11 @@
 #              .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_suite.sh STAGE
 #            (name .whl in the run's carry list)
 #
-# Stages: parity | bench | predict | compare | tune. Run documents go to results/gpu/ and are copied to
+# Stages: parity | bench | predict | compare | tune | attention. Run documents go to results/gpu/ and are copied to
 # $OUT when set (the device tool brings $OUT back); commit them with the device recorded (it is, in
 # each document's environment block).
 set -euo pipefail
-stage=${1:?usage: gpu_suite.sh parity|bench|predict|compare|tune}
+stage=${1:?usage: gpu_suite.sh parity|bench|predict|compare|tune|attention}
 dest=results/gpu
 mkdir -p "$dest"
 export MOE_LIGHTNING_CACHE=${MOE_LIGHTNING_CACHE:-/tmp/moe-lightning-cache} PYTHONUNBUFFERED=1
@@ -51,6 +51,11 @@ case "$stage" in
     ml task=tune "${MODEL[@]}" model.num_layers=${TUNE_LAYERS:-4} "${BUDGET[@]}" "${MTBENCH[@]}" \
        tuner.n_trials=${TRIALS:-10} tuner.trial_timeout_s=240 tuner.storage="sqlite:///$dest/tune.db" \
        run_dir="$dest/tune-mixtral8x7b" ;;
+  attention) # issue 11: the paged CPU attention kernel against memcpy on this host's CPU (16 cores),
+            # bf16/fp16/fp32, contexts 512 and 4096, batches 8 and 64; then admission and refill
+    python3 benchmarks/cpu_attention.py --repeats ${ATT_REPEATS:-9} --out "$dest/cpu_attention-gpu-host.json"
+    python3 benchmarks/batching.py --repeats 1 --device cuda --save
+    cp "$(ls -t results/batching_*.json | head -1)" "$dest/" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then cp -r "$dest"/. "$OUT"/ 2>/dev/null || true; fi
