@@ -66,11 +66,12 @@ def admit(waiting: Sequence[int], prompt_len: Sequence[int], max_new: Sequence[i
     in input order)."""
     admitted: dict[int, list[int]] = {}
     deferred: list[int] = []
-    for r in sorted(waiting, key=lambda r: (-prompt_len[r], r)):
+    order = sorted(waiting, key=lambda r: (-prompt_len[r], r))
+    for n, r in enumerate(order):
         open_ = [j for j, p in enumerate(partitions) if len(p.requests) < budget.micro_batch_size]
-        if not open_:
-            deferred.append(r)
-            continue
+        if not open_:   # every micro-batch is full: the rest wait, without a pass over each
+            deferred += order[n:]
+            break
         j = min(open_, key=lambda j: (partitions[j].reserved_blocks, j))
         need = budget.blocks_for(prompt_len[r] + max_new[r])
         if partitions[j].reserved_blocks + need > budget.blocks_per_partition:
