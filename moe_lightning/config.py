@@ -185,6 +185,10 @@ class HardwareSpec:
     # threads started and joined around one prefill or decode step); 0: simulator defaults.
     task_overhead_us: float = 0.0
     step_overhead_us: float = 0.0
+    # The issuing thread's measured cost per task issued and per host barrier (FlexGen's sync(): thread
+    # wake-ups, on CUDA a device-wide synchronize); 0: simulator defaults (tuner/costs.py).
+    issue_overhead_us: float = 0.0
+    sync_overhead_us: float = 0.0
 
     def __post_init__(self) -> None:
         self.gpu = self.gpu if self.gpu is not None else GpuSpec()
@@ -196,7 +200,7 @@ class HardwareSpec:
         _fraction(self.gpu, "hardware.gpu", "usable_fraction")
         _fraction(self.cpu, "hardware.cpu", "usable_fraction")
         _check(self.cpu.attn_gbps >= 0, "hardware.cpu.attn_gbps", f"must be >= 0, got {self.cpu.attn_gbps}")
-        for name in ("task_overhead_us", "step_overhead_us"):
+        for name in ("task_overhead_us", "step_overhead_us", "issue_overhead_us", "sync_overhead_us"):
             _check(getattr(self, name) >= 0, f"hardware.{name}", f"must be >= 0, got {getattr(self, name)}")
         _curve(self.gpu.gemm_rows, self.gpu.gemm_tflops, "hardware.gpu.gemm")
         _curve(self.gpu.expert_loads, self.gpu.expert_tflops, "hardware.gpu.expert")
@@ -205,7 +209,8 @@ class HardwareSpec:
     def from_dict(cls, d: dict) -> HardwareSpec:
         """A hardware profile as conf/hardware/*.yaml writes it (raises KeyError / TypeError if not one)."""
         return cls(name=d["name"], gpu=GpuSpec(**d["gpu"]), cpu=CpuSpec(**d["cpu"]), link=LinkSpec(**d["link"]),
-                   task_overhead_us=d.get("task_overhead_us", 0.0), step_overhead_us=d.get("step_overhead_us", 0.0))
+                   **{k: d.get(k, 0.0) for k in ("task_overhead_us", "step_overhead_us", "issue_overhead_us",
+                                                 "sync_overhead_us")})
 
     @property
     def gpu_budget_bytes(self) -> int:

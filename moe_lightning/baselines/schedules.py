@@ -7,20 +7,42 @@ these schedules pages its weights: a layer's streamed experts are issued as one 
 in the policies they choose; with more pages, every page of the layer is issued back to back at the
 same point, which is the same transfer cut into pieces).
 
-FlexGen (S4, attention on the GPU, KV cache streamed), one decode step, zig-zag over (i, j):
-    prologue: W(0); LoadKV(0)
+FlexGen (S4, attention on the GPU, KV cache streamed), one decode step, zig-zag over (i, j), as
+`flex_opt.py`'s `generation_loop_overlap_multi_batch` runs it:
+    prologue: W(0); LoadKV(0); sync
     for i in layers:
       for j in GPU batches:                     # step k = (i, j)
-        W(i+1)          if j == 0               # next layer's weights, whole layer
+        W(i+1)          if j == 0               # next layer's weights, whole layer (own stream)
         LoadKV(k+1)                             # next batch's KV cache -> GPU
         GPULayer(i, j)                          # attention + MoE FFN on the GPU
         StoreKV(k-1)                            # previous batch's new K/V -> CPU
-        sync                                    # every task of step k waits for all of step k-1
+        sync                                    # host barrier: waits for everything issued in step k
 FlexGen(c) (S3, attention on the CPU): the same loop with GPULayer replaced by the CPU-attention chain
     PreAttn -> OffloadQKV -> CPUAttn -> LoadHidden -> PostAttn, every one of these tasks depending on the
     one issued before it (no look-ahead: CPU attention of batch j+1 starts after PostAttn of batch j);
-    only the weight stream (a separate stream in FlexGen too) overlaps them.
-FlexGen prefill: the zig-zag with PrefillLayer(k) and OffloadKV(k-1) per step, synchronised.
+    only the weight load of the step (a separate stream in FlexGen too) overlaps them, and only within
+    its step.
+FlexGen prefill: the zig-zag with PrefillLayer(k) and OffloadKV(k-1) per step, synchronised the same way.
+
+Synchronisation, per system (what each real runtime waits on, and how the graph says it):
+- FlexGen and FlexGen(c): `sync()` after every step is `copy_queue.join()` (its copy threads) followed by
+  a device-wide `torch.cuda.synchronize()`. It waits for everything issued in the step, the next layer's
+  weight load issued at j == 0 included, so step k+1 starts only once that load has landed: the weights
+  of layer i+1 must arrive within step (i, 0) (FlexGen's cost model charges ctog + max(...) for this
+  reason). In the graph each step ends with `TaskGraph.sync()`: a host barrier that the executor
+  performs (the issuing thread waits for every task of the step, on CUDA with a device-wide synchronise)
+  and the simulator charges (the profile's sync cost per barrier, the next step issued only after it);
+  every task of step k+1 also depends on every task of step k, weights included.
+- DeepSpeed-ZeRO-Inference: no barrier. ZeRO-3's parameter coordinator (`fetch_sub_module`) makes the
+  compute stream wait on the prefetch stream (`current_stream().wait_stream(...)`, an event wait on the
+  device) for the parameters of the module about to run, and throttles prefetches by synchronising on the
+  oldest outstanding fetch event (back-pressure, not a device-wide sync): the dependencies W(i) ->
+  GPULayer(i) and the double buffer (W(i) after GPULayer(i-2)) say both. The host syncs once per decode
+  step (HF `generate` reads the finished flags), which is the per-graph step cost.
+- FastDecode-like: no barrier. The GPU side waits per layer and micro-batch for the CPU workers'
+  attention output (LoadHidden -> PostAttn), a data dependency; nothing else is synchronised.
+- CGOPipe: no barrier; dependencies only (CUDA events between streams).
+
 DeepSpeed-ZeRO-Inference: per layer W(i+1) (one layer of prefetch), then per micro-batch (one, under
     its policy) LoadKV, GPULayer, StoreKV; prefill PrefillLayer + OffloadKV per layer.
 FastDecode-like (S2): CGOPipe's decode order (CPU attention two micro-batches ahead, LoadHidden before
@@ -65,76 +87,60 @@ def _prologue(w: _WeightStream) -> None:
 
 # ---- FlexGen (S4 / S3) ------------------------------------------------------------------------------
 
-class _ZigZag:
-    """Steps of the zig-zag block schedule with FlexGen's `sync()` after each step: every task of step k
-    depends on every (non-weight) task of step k-1."""
-
-    def __init__(self, g: TaskGraph):
-        self.g, self.prev_step, self.step = g, [], []
-
-    def add(self, resource: Resource, op: str, i: int, j: int, deps=()) -> int:
-        tid = self.g.add(resource, op, i, j, [*deps, *self.prev_step])
-        self.step.append(tid)
-        return tid
-
-    def sync(self) -> None:
-        self.prev_step, self.step = self.step, []
-
-
 def flexgen_prefill(s: PipeShape) -> TaskGraph:
     g = TaskGraph("flexgen-prefill")
     L, m = s.num_layers, s.num_micro_batches
     w = _WeightStream(g, s, "PrefillLayer")
-    z = _ZigZag(g)
     _prologue(w)
+    g.sync()
     for k in range(L * m):
         i, j = divmod(k, m)
         if j == 0:
             _load_layer(w, i + 1)
-        z.add(GPU, "PrefillLayer", i, j, w.layer_ready(i))
+        g.add(GPU, "PrefillLayer", i, j, w.layer_ready(i))
         if k >= 1 and (k - 1) % m not in s.gpu_kv:
-            z.add(D2H, "OffloadKV", *divmod(k - 1, m), [g.get("PrefillLayer", *divmod(k - 1, m))])
-        z.sync()
+            g.add(D2H, "OffloadKV", *divmod(k - 1, m), [g.get("PrefillLayer", *divmod(k - 1, m))])
+        g.sync()
     if (L * m - 1) % m not in s.gpu_kv:
-        z.add(D2H, "OffloadKV", L - 1, m - 1, [g.get("PrefillLayer", L - 1, m - 1)])
+        g.add(D2H, "OffloadKV", L - 1, m - 1, [g.get("PrefillLayer", L - 1, m - 1)])
     g.validate()
     return g
 
 
 def flexgen_decode_gpu_attention(s: PipeShape) -> TaskGraph:
     """S4: one decode step, attention on the GPU, the KV cache of CPU-resident batches streamed in one
-    batch ahead and the new token's K/V stored back one batch behind."""
+    batch ahead and the new token's K/V stored back one batch behind; a barrier after every step."""
     g = TaskGraph("flexgen-decode")
     L, m = s.num_layers, s.num_micro_batches
     w = _WeightStream(g, s, "GPULayer")
-    z = _ZigZag(g)
 
     def streamed(k: int) -> bool:
         return 0 <= k < L * m and k % m not in s.gpu_kv
 
     _prologue(w)
     if streamed(0):
-        z.add(H2D, "LoadKV", 0, 0)
-    z.sync()
+        g.add(H2D, "LoadKV", 0, 0)
+    g.sync()
     for k in range(L * m):
         i, j = divmod(k, m)
         if j == 0:
             _load_layer(w, i + 1)
         if streamed(k + 1):
-            z.add(H2D, "LoadKV", *divmod(k + 1, m))
-        z.add(GPU, "GPULayer", i, j, [g.get("LoadKV", i, j), *w.layer_ready(i)])
+            g.add(H2D, "LoadKV", *divmod(k + 1, m))
+        g.add(GPU, "GPULayer", i, j, [g.get("LoadKV", i, j), *w.layer_ready(i)])
         if streamed(k - 1):
-            z.add(D2H, "StoreKV", *divmod(k - 1, m), [g.get("GPULayer", *divmod(k - 1, m))])
-        z.sync()
+            g.add(D2H, "StoreKV", *divmod(k - 1, m), [g.get("GPULayer", *divmod(k - 1, m))])
+        g.sync()
     if streamed(L * m - 1):
-        z.add(D2H, "StoreKV", L - 1, m - 1, [g.get("GPULayer", L - 1, m - 1)])
+        g.add(D2H, "StoreKV", L - 1, m - 1, [g.get("GPULayer", L - 1, m - 1)])
     g.validate()
     return g
 
 
 def flexgen_decode_cpu_attention(s: PipeShape) -> TaskGraph:
     """S3 (FlexGen(c)): attention on the CPU beside the KV cache, every compute/activation task after the
-    one issued before it; only the whole-layer weight stream overlaps."""
+    one issued before it; only the step's whole-layer weight load overlaps, and the barrier after the
+    step waits for it."""
     g = TaskGraph("flexgen-c-decode")
     L, m = s.num_layers, s.num_micro_batches
     w = _WeightStream(g, s, "PostAttn")
@@ -145,6 +151,7 @@ def flexgen_decode_cpu_attention(s: PipeShape) -> TaskGraph:
         return last[0]
 
     _prologue(w)
+    g.sync()
     for k in range(L * m):
         i, j = divmod(k, m)
         if j == 0:
@@ -157,6 +164,7 @@ def flexgen_decode_cpu_attention(s: PipeShape) -> TaskGraph:
             chain(CPU, "CPUAttn", i, j)
             chain(H2D, "LoadHidden", i, j)
         chain(GPU, "PostAttn", i, j, w.layer_ready(i))
+        g.sync()
     g.validate()
     return g
 

@@ -10,6 +10,10 @@ Workers are OS threads started once per executor and kept across graphs (a fresh
 paid thread start-up and a fresh OpenMP team every decode step). Each sizes its intra-op team from the
 `ThreadLayout` when it starts (`moe_lightning.threads`), so workers never oversubscribe the cores.
 
+A graph's host barriers (`TaskGraph.syncs`, FlexGen's `sync()`) stop the issuing thread until every
+task issued so far has finished (their workers done with them and, on CUDA, a device-wide
+`torch.cuda.synchronize`, as FlexGen's runtime does) before it issues the next task.
+
 `serial=True` is a debug mode: every task runs on the issuing thread, one at a time in issue order
 (CUDA: synchronised after each), so each stage is timed alone and nothing overlaps. A CPU-only graph that
 is a chain (each task waits for the one before it) runs that way too: it has nothing to overlap.
@@ -182,17 +186,25 @@ class Executor:
             self._run_serial(run)
         elif graph.tasks:
             self._start_workers()
-            for task in graph.tasks:  # one host thread issues in order
-                run.issued[task.id] = time.perf_counter() - run.t0
-                self._queues[task.resource].put((run, task))
+            barriers, issued, waited = set(graph.syncs), 0, 0
             try:
+                for task in graph.tasks:  # one host thread issues in order
+                    run.issued[task.id] = time.perf_counter() - run.t0
+                    self._queues[task.resource].put((run, task))
+                    issued = task.id + 1
+                    if issued in barriers and issued < len(graph.tasks):
+                        self._barrier(run, waited, issued)
+                        waited = issued
                 run.finished.wait()
             except BaseException as exc:
                 # Interrupted (SIGINT/SIGTERM): the workers skip what they have not started, and the
-                # issuing thread waits for the ops under way, so that no torch op is still running on a
-                # worker while the process exits (that aborts it).
+                # issuing thread waits for the ops under way (of the tasks it issued), so that no torch
+                # op is still running on a worker while the process exits (that aborts it).
                 run.errors.append(exc)
-                run.finished.wait(timeout=30)
+                deadline = time.monotonic() + 30
+                for d in run.done[:issued]:
+                    if not d.flag.wait(max(0.0, deadline - time.monotonic())):
+                        break
                 raise
         if run.errors:
             raise run.errors[0]
@@ -203,6 +215,15 @@ class Executor:
                     rec.start_s = origin.elapsed_time(d.cuda_start) / 1e3
                     rec.end_s = origin.elapsed_time(d.cuda_end) / 1e3
         return [r for r in run.records if r is not None]
+
+    def _barrier(self, run: _Run, start: int, stop: int) -> None:
+        """Wait until tasks [start, stop) are done (earlier ones were waited for at the last barrier):
+        their workers finished with them (stream tasks: launched), then on CUDA the device-wide
+        synchronise. A failed run skips its remaining tasks, so the wait always ends."""
+        for d in run.done[start:stop]:
+            d.flag.wait()
+        if self.cuda and not run.errors:
+            torch.cuda.synchronize(self.device)
 
     def _run_serial(self, run: _Run) -> None:
         """Debug mode: issue order, one task at a time, on this thread (deps always point backwards)."""

@@ -5,6 +5,14 @@ host thread launches them); each resource runs its tasks in that order, one at a
 starts only when its dependencies have finished. `layer` is the model layer (prefill and decode alike;
 -1 for tasks before the first layer); `micro_batch` is the micro-batch, or the page index for weight
 transfers.
+
+A graph may also hold host barriers (`TaskGraph.sync`, FlexGen's `sync()` after each step): at a
+barrier the issuing thread waits until every task issued so far has finished (on CUDA with a
+device-wide synchronise) before it issues the next. The tasks issued after a barrier also depend on
+every task issued since the barrier before it, so the dependencies alone say the same order; the
+barrier adds what dependencies cannot: the host stall (its round trip, and the issue of the next
+tasks only after it), which the executor performs and the simulator charges. A barrier after the last
+task is the graph's own end (the executor waits for every task then anyway): it costs nothing more.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ class TaskGraph:
     name: str
     tasks: list[Task] = field(default_factory=list)
     index: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    # Host barriers: `n` in `syncs` means the issuing thread waits for tasks[:n] to finish before it
+    # issues tasks[n] (increasing; see `sync`).
+    syncs: list[int] = field(default_factory=list)
+    fence: tuple[int, ...] = ()   # the tasks every later task depends on: those of the last synced step
 
     def add(self, resource: Resource, op: str, layer: int, micro_batch: int,
             deps: Iterable[int | None] = ()) -> int:
@@ -50,10 +62,22 @@ class TaskGraph:
         if key in self.index:
             raise ValueError(f"duplicate task {op}({layer},{micro_batch}) in {self.name}")
         task = Task(len(self.tasks), resource, op, layer, micro_batch,
-                    tuple(sorted({d for d in deps if d is not None})))
+                    tuple(sorted({d for d in (*deps, *self.fence) if d is not None})))
         self.tasks.append(task)
         self.index[key] = task.id
         return task.id
+
+    def sync(self) -> None:
+        """A host barrier after the tasks issued so far: the issuing thread waits until all of them
+        have finished before it issues the next one. Every task issued later depends on each task
+        issued since the previous barrier (the step just closed; earlier steps are covered through
+        it). A barrier with nothing issued since the last one is a no-op."""
+        start = self.syncs[-1] if self.syncs else 0
+        n = len(self.tasks)
+        if n == start:
+            return
+        self.syncs.append(n)
+        self.fence = tuple(range(start, n))
 
     def get(self, op: str, layer: int, micro_batch: int) -> int | None:
         return self.index.get((op, layer, micro_batch))
@@ -67,6 +91,8 @@ class TaskGraph:
             for d in t.deps:
                 if d >= t.id:
                     raise ValueError(f"{t.label} depends on a later task {self.tasks[d].label}")
+        if any(not 0 < n <= len(self.tasks) for n in self.syncs) or self.syncs != sorted(set(self.syncs)):
+            raise ValueError(f"{self.name}: barriers {self.syncs} are not increasing positions in the graph")
 
     def is_chain(self) -> bool:
         """Every task depends on the one issued before it: nothing in the graph can overlap. (Asked once

@@ -87,6 +87,7 @@ def table(m) -> str:
         ("  experts by tokens/expert", format_curve(m.expert_loads, m.expert_tflops)),
         ("executor overhead", f"{m.task_overhead_s * 1e6:.0f} us per task, "
                               f"{m.step_overhead_s * 1e6:.0f} us per graph"),
+        ("host", f"{m.issue_overhead_s * 1e6:.1f} us per task issued, {m.sync_overhead_s * 1e6:.0f} us per barrier"),
     ]
     title = f"calibration{' (quick)' if m.quick else ''}: {m.seconds:.1f} s"
     return "\n".join([title] + [f"  {k:<32}{v}" for k, v in rows])

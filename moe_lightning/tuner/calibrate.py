@@ -14,7 +14,11 @@ a copy of X bytes moves 2X, as STREAM does):
   CPU). A decode step's GEMMs have a few rows and run far below the square-GEMM peak;
 - the engine executor's overheads while its compute resource is busy: per task (small torch tasks
   hopping between the other resources), `task_overhead_us`, and per graph (threads started and
-  joined), `step_overhead_us`.
+  joined), `step_overhead_us`;
+- its issuing thread's host costs (`measure_host`): per task issued, `issue_overhead_us`, and per host
+  barrier (FlexGen's `sync()`: on CUDA the device-wide `torch.cuda.synchronize` round trip plus the
+  thread wake-ups, on the CPU the executor's barrier), beyond a dependency hand-off,
+  `sync_overhead_us` (in the report's measurements as `issue_overhead_s` / `sync_overhead_s`).
 The simulator (`tuner.costs.TaskCosts`) uses all of them; the HRM keeps the paper's peaks.
 Without CUDA the CPU plays the GPU's role (the `cpu` profile convention): the "GPU" numbers are the
 CPU's, its memory is a third of RAM (the rest is the CPU's, so they do not count the same bytes
@@ -92,6 +96,8 @@ class Measurements:
     task_overhead_s: float           # executor seconds per task (dependency hand-off)
     step_overhead_s: float           # executor seconds per graph (threads started and joined)
     quick: bool
+    issue_overhead_s: float = 0.0    # issuing thread's seconds per task issued
+    sync_overhead_s: float = 0.0     # seconds per host barrier (wake-ups; CUDA: device-wide synchronize)
     gemm_rows: list[int] = field(default_factory=list)        # GPU role: GEMM rows measured ...
     gemm_tflops: list[float] = field(default_factory=list)    # ... and their achieved TFLOP/s
     expert_loads: list[int] = field(default_factory=list)     # tokens per expert measured ...
@@ -227,6 +233,57 @@ def measure_dispatch(device: str, side_tasks: int = 60) -> tuple[float, float]:
     return max(statistics.median(per_task), 1e-6), max(statistics.median(per_graph), 0.0)
 
 
+def measure_host(device: str, tasks: int = 120, repeats: int = 5) -> tuple[float, float]:
+    """The issuing thread's costs, measured on the engine executor: seconds per task issued, and
+    seconds per host barrier (`TaskGraph.sync`) beyond a dependency hand-off.
+
+    A chain of `tasks` tiny ops (a small add: the op itself is negligible) alternating between the
+    compute resource and a copy resource, each waiting for the one before (a hand-off between workers
+    every task), run twice: free, and with a barrier after every task. Per task issued: the spacing of
+    the free run's issue times (the host's clock while the workers compete with it, as in a real run).
+    Per barrier: the extra wall time per barrier of the synchronised run, less one issue: the issuing
+    thread woken once the step is done (on CUDA after a device-wide `torch.cuda.synchronize`) instead
+    of the next worker picking the hand-off up by itself. Medians of `repeats` runs after a warm-up.
+    The simulator's `TaskCosts.issue_s` / `sync_s`; the hand-off itself is charged to no schedule."""
+    import torch
+
+    from moe_lightning.engine.executor import Executor
+    from moe_lightning.schedule.graph import Resource, TaskGraph
+    from moe_lightning.threads import plan_threads
+
+    x = torch.ones(64, device=device)
+    free, synced = TaskGraph("issue"), TaskGraph("barriers")
+    for g in (free, synced):
+        g.add(Resource.COPY, "tiny", -1, 0)  # independent: the graph is no chain (which runs on the host)
+        prev = None
+        for n in range(tasks):
+            prev = g.add((Resource.GPU, Resource.H2D)[n % 2], "tiny", n, 0, [prev])
+            if g is synced:
+                g.sync()
+    handlers = {"tiny": lambda task: x + 1.0}
+    layout = plan_threads(None, cuda=device == "cuda", micro_batches=2, attn_on_cpu=True, op_elements=x.numel())
+    executor = Executor(torch.device(device), threads=layout)
+
+    def wall(graph: TaskGraph) -> tuple[float, list]:
+        start = time.perf_counter()
+        records = executor.run(graph, handlers)
+        return time.perf_counter() - start, records
+
+    try:
+        wall(free), wall(synced)  # warm-up: workers started, first touch
+        issue, barrier = [], []
+        for _ in range(repeats):
+            free_s, records = wall(free)
+            synced_s, _ = wall(synced)
+            issued = sorted(r.issued_s for r in records)
+            issue.append((issued[-1] - issued[0]) / (len(issued) - 1))
+            barrier.append((synced_s - free_s) / len(synced.syncs))
+    finally:
+        executor.close()
+    issue_s = max(statistics.median(issue), 1e-7)
+    return issue_s, max(statistics.median(barrier) - issue_s, 0.0)
+
+
 def measure_kernel_curves(sizes: Sizes, device: str) -> dict[str, list]:
     """Achieved TFLOP/s of `[M, H] x [H, N]` GEMMs at `sizes.gemm_rows` and of the engine's fastest expert
     kernel at `sizes.expert_loads` tokens per expert, on the reference shape of `device`."""
@@ -316,13 +373,16 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
                  format_curve(curves["gemm_rows"], curves["gemm_tflops"]),
                  format_curve(curves["expert_loads"], curves["expert_tflops"]))
         overhead, step = measure_dispatch("cuda" if use_cuda else "cpu")
-        log.info("executor: %.0f us per task, %.0f us per graph", overhead * 1e6, step * 1e6)
+        issue, sync = measure_host("cuda" if use_cuda else "cpu")
+        log.info("executor: %.0f us per task, %.0f us per graph; host: %.1f us per task issued, %.0f us per "
+                 "barrier", overhead * 1e6, step * 1e6, issue * 1e6, sync * 1e6)
     return Measurements(
         device="cuda" if use_cuda else "cpu", gpu_name=gpu_name, gpu_count=gpu_count,
         gpu_memory_gb=gpu_mem, gpu_peak_tflops=gpu["peak_tflops"], gpu_bandwidth_gbps=gpu["bandwidth_gbps"],
         h2d_gbps=h2d, d2h_gbps=d2h, cpu_name=cpu_name(), cpu_cores=cpu_cores(), cpu_memory_gb=cpu_mem,
         cpu_peak_tflops=cpu["peak_tflops"], cpu_bandwidth_gbps=cpu["bandwidth_gbps"],
-        cpu_attn_gbps=cpu["attn_gbps"], task_overhead_s=overhead, step_overhead_s=step, quick=quick, **curves,
+        cpu_attn_gbps=cpu["attn_gbps"], task_overhead_s=overhead, step_overhead_s=step, quick=quick,
+        issue_overhead_s=issue, sync_overhead_s=sync, **curves,
         seconds=time.perf_counter() - start)
 
 
@@ -333,6 +393,11 @@ def format_curve(points: list, rates: list) -> str:
 def _r(x: float, digits: int = 4) -> float:
     """Round to `digits` significant digits (profiles are measurements, not exact values)."""
     return float(f"{x:.{digits}g}")
+
+
+def _profile_fields() -> tuple[str, ...]:
+    """The top-level scalar fields of a hardware profile, in the YAML's order."""
+    return ("task_overhead_us", "step_overhead_us", "issue_overhead_us", "sync_overhead_us")
 
 
 def hardware_spec(m: Measurements, name: str = "calibrated", gpu_usable_fraction: float = 0.86,
@@ -348,7 +413,8 @@ def hardware_spec(m: Measurements, name: str = "calibrated", gpu_usable_fraction
                     bandwidth_gbps=_r(m.cpu_bandwidth_gbps), peak_tflops=_r(m.cpu_peak_tflops),
                     usable_fraction=cpu_usable_fraction, attn_gbps=_r(m.cpu_attn_gbps)),
         link=LinkSpec(h2d_gbps=_r(m.h2d_gbps), d2h_gbps=_r(m.d2h_gbps)),
-        task_overhead_us=_r(m.task_overhead_s * 1e6, 3), step_overhead_us=_r(m.step_overhead_s * 1e6, 3))
+        task_overhead_us=_r(m.task_overhead_s * 1e6, 3), step_overhead_us=_r(m.step_overhead_s * 1e6, 3),
+        issue_overhead_us=_r(m.issue_overhead_s * 1e6, 3), sync_overhead_us=_r(m.sync_overhead_s * 1e6, 3))
 
 
 def hardware_yaml(hw: HardwareSpec, m: Measurements) -> str:
@@ -359,13 +425,14 @@ def hardware_yaml(hw: HardwareSpec, m: Measurements) -> str:
             "# Bandwidths count bytes read + written (a copy of X bytes moves 2X); link: bytes moved.",
             "# gpu.gemm_*: achieved TFLOP/s of [rows, H] x [H, N]; gpu.expert_*: of the fastest expert kernel",
             "# at that many tokens per expert; cpu.attn_gbps: decode attention, GB/s of K/V read;",
-            "# task_ / step_overhead_us: the engine executor's cost per task and per graph (one step).",
+            "# task_ / step_overhead_us: the engine executor's cost per task and per graph (one step);",
+            "# issue_ / sync_overhead_us: its issuing thread's cost per task issued and per host barrier.",
             "# The simulator uses all of these; the HRM does not."]
     body = [f"name: {d['name']}"]
     for group in ("gpu", "cpu", "link"):
         fields = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in d[group].items())
         body.append(f"{group}: {{{fields}}}")
-    body += [f"{k}: {_yaml_scalar(d[k])}" for k in ("task_overhead_us", "step_overhead_us")]
+    body += [f"{k}: {_yaml_scalar(d[k])}" for k in _profile_fields()]
     return "\n".join(head + body) + "\n"
 
 
@@ -387,8 +454,7 @@ def load_hardware_yaml(path: str | os.PathLike) -> HardwareSpec:
 
 def override_args(hw: HardwareSpec) -> list[str]:
     """The same profile as command-line overrides on top of hardware=cpu (works with no file at all)."""
-    items = [("hardware.name", hw.name), ("hardware.task_overhead_us", hw.task_overhead_us),
-             ("hardware.step_overhead_us", hw.step_overhead_us)]
+    items = [("hardware.name", hw.name)] + [(f"hardware.{k}", getattr(hw, k)) for k in _profile_fields()]
     for group in ("gpu", "cpu", "link"):
         items += [(f"hardware.{group}.{k}", v) for k, v in asdict(getattr(hw, group)).items()]
     return ["hardware=cpu"] + [_override(k, v) for k, v in items]

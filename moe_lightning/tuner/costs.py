@@ -19,17 +19,27 @@ roofline, `max(FLOPs / rate, bytes / bandwidth)`, the kernel times of one task s
   LM head (last rows only in prefill); PreAttn is RMSNorm + QKV projection (+ the embedding gather at
   layer 0); decode attention reads the micro-batch's cache up to its longest sequence (the engine
   attends over `[B, nkv, max_len, hd]` with a mask), prefill attention is causal per sequence;
-- a fixed overhead per task: the profile's measured `task_overhead_us` when it has one, else
-  `launch_s` for GPU and copy-stream tasks (kernel launch, events), `thread_s` for CPU and COPY tasks
-  (worker dispatch); and per graph, `step_s` (the profile's `step_overhead_us`: the executor's
-  worker threads started and joined around each prefill or decode step);
+- a fixed overhead per task on its resource: the profile's measured `task_overhead_us` when it has
+  one, else `launch_s` for GPU and copy-stream tasks (kernel launch, events), `thread_s` for CPU and
+  COPY tasks (worker dispatch);
+- host costs, the same for every schedule (the engine and the baselines run on one executor, issued
+  by one Python thread), charged by the simulator: `issue_s` per task on the issuing thread (a task
+  starts no earlier than it is issued), `sync_s` per host barrier of the schedules that have them
+  (FlexGen's `sync()` after each step: the issuing thread woken when the step is done, and on CUDA a
+  device-wide synchronise), and per graph `step_s` (the profile's `step_overhead_us`: the executor's
+  worker threads started and joined around each prefill or decode step). Measured by `task=calibrate`
+  (`issue_overhead_us`, `sync_overhead_us`); otherwise the defaults below, with their sources;
 - optional per-op multipliers (`op_scale`), fitted from measured records by `fit_op_scales`.
 
 Not modelled: RoPE, softmax, SiLU and residual adds beyond their bytes (folded into the activations),
 contention between resources that share a GPU (on a CPU-only machine, `gpu.shares_host`, the
 simulator makes concurrent tasks share the host instead), caches (every byte read once from memory),
-expert load imbalance beyond the uniform-routing expectation, and the host-side work of the
-generation driver (sampling, logits gathering), which happens between graphs.
+expert load imbalance beyond the uniform-routing expectation, the host-side work of the generation
+driver (sampling, logits gathering), which happens between graphs, and the latency of a dependency
+hand-off between two workers (a thread woken; about 30 us on the 2-core CI runner), charged to no
+schedule. A stream task's launch (`launch_s`, on its worker) is added to its device time, though on
+CUDA a worker running ahead launches while the device still runs the previous task: pessimistic by
+`launch_s` per task for a pipeline that runs ahead, exact for the first task after a barrier.
 """
 
 from __future__ import annotations
@@ -46,6 +56,19 @@ from moe_lightning.tuner.hrm import Levels, levels
 
 GPU_LAUNCH_S = 20e-6
 THREAD_DISPATCH_S = 5e-6
+# Host costs of the issuing thread, for profiles without measured ones (`task=calibrate` measures both
+# with `calibrate.measure_host` on the engine executor). Defaults, and where they come from:
+# - ISSUE_S: one task issued by the executor's loop (a clock read and a queue put): 0.5-1.5 us measured
+#   on the 2-core CI runner (CPython 3, torch CPU), under load; rounded up to 1 us.
+# - BARRIER_S: one host barrier beyond a dependency hand-off (the issuing thread woken when the step
+#   is done, then the next step's worker woken from its queue): 100-130 us measured on the same runner
+#   (a VM: its thread wake-ups are slow; a bare-metal GPU host is likely faster; calibrate to know).
+# - CUDA_SYNC_S: a device-wide `torch.cuda.synchronize` round trip on an idle GPU, added on CUDA
+#   profiles: 10 us, the usual order of magnitude of a cudaDeviceSynchronize call; not measured here
+#   (no GPU at hand when this was written), so an estimate until the profile is calibrated.
+ISSUE_S = 1e-6
+BARRIER_S = 120e-6
+CUDA_SYNC_S = 10e-6
 # Ops whose cost grows with the decode context (recomputed every decode step).
 CONTEXT_OPS = frozenset({"CPUAttn", "GPUAttn", "LoadKV", "GPULayer"})
 
@@ -87,6 +110,12 @@ class TaskCosts:
     cpu_attn_gbps: float | None = None   # measured CPU decode attention, GB/s of K/V read
     step_s: float = 0.0                  # per graph (one prefill or decode step): executor start/join
     op_scale: Mapping[str, float] = field(default_factory=dict)
+    issue_s: float = ISSUE_S             # issuing thread, per task: a task starts no earlier than issued
+    sync_s: float | None = None          # issuing thread, per host barrier; None: default_sync_s(hw)
+
+    def __post_init__(self) -> None:
+        if self.sync_s is None:
+            object.__setattr__(self, "sync_s", default_sync_s(self.hw))
 
     @classmethod
     def for_policy(cls, spec: ModelSpec, hw: HardwareSpec, policy: Policy, **kwargs) -> TaskCosts:
@@ -96,6 +125,10 @@ class TaskCosts:
         measured = {"step_s": hw.step_overhead_us * 1e-6}
         if hw.task_overhead_us > 0:
             measured |= {"launch_s": hw.task_overhead_us * 1e-6, "thread_s": hw.task_overhead_us * 1e-6}
+        if hw.issue_overhead_us > 0:
+            measured["issue_s"] = hw.issue_overhead_us * 1e-6
+        if hw.sync_overhead_us > 0:
+            measured["sync_s"] = hw.sync_overhead_us * 1e-6
         if hw.cpu.attn_gbps > 0:
             measured["cpu_attn_gbps"] = hw.cpu.attn_gbps
         return cls(spec, hw, n_res=n_res, num_pages=pages, **{**measured, **kwargs})
@@ -255,6 +288,12 @@ class TaskCosts:
         seconds, _ = self.cost(task, mbs)
         overhead = self.thread_s if task.resource in (Resource.CPU, Resource.COPY) else self.launch_s
         return seconds * self.op_scale.get(task.op, 1.0) + overhead
+
+
+def default_sync_s(hw: HardwareSpec) -> float:
+    """A host barrier's cost on a profile that did not measure one: the executor's barrier, plus on a
+    GPU profile the device-wide synchronise (see ISSUE_S / BARRIER_S / CUDA_SYNC_S)."""
+    return BARRIER_S + (0.0 if hw.gpu.shares_host else CUDA_SYNC_S)
 
 
 def fit_op_scales(records: Sequence, model_seconds: Sequence[float]) -> dict[str, float]:

@@ -2,8 +2,13 @@
 
 `simulate_graph` is a discrete-event model of the executor (`moe_lightning.engine.executor`): each
 resource (GPU, CPU, H2D, D2H, COPY) runs its tasks one at a time in issue order, and a task starts at
-`max(its resource is free, every dependency has finished)`. Because the graph lists tasks in issue
-order with dependencies pointing backwards, one pass over the list is exact for that model.
+`max(its resource is free, every dependency has finished, it has been issued)`. One host thread issues
+the tasks, one every `issue_s`; at a host barrier of the graph (`TaskGraph.sync`: FlexGen's `sync()`
+after every step) it waits until every task issued so far has finished, then pays `sync_s` before it
+issues the next. Both host costs are charged the same way to every schedule (the engine and the
+baselines run on the same executor); only the schedules whose real systems synchronise have barriers
+(see `moe_lightning.baselines.schedules`). Because the graph lists tasks in issue order with
+dependencies pointing backwards, one pass over the list is exact for that model.
 
 `simulate_run` rebuilds exactly the graphs the CGOPipe engine (`moe_lightning.engine.cgopipe`) runs for
 a workload and a policy, and times them with `TaskCosts` (`moe_lightning.tuner.costs`, per-op roofline
@@ -18,7 +23,8 @@ durations):
   longest prompt with `workload.padding`; micro-batches whose KV cache lives on the GPU chosen as the
   engine does (in packing order, while their sequences fit `int(r_c * batch)`);
 - `PipeShape(num_pages = policy.num_pages if experts stream else 0, prefetch = policy.prefetch_depth)`;
-- per batch one prefill graph and one decode graph per generated token after the first, the context
+- per batch one prefill graph and one decode graph per generated token after the first, each from
+  its first issue to its last task's end (or the host's last barrier), plus `step_s`; the context
   of each micro-batch growing by one slot per step (every step is simulated unless `max_decode_steps`
   asks for a subset, in which case the steps in between are interpolated linearly and
   `SimResult.decode_steps_simulated` says how many were simulated);
@@ -26,12 +32,19 @@ durations):
 
 On a CPU-only machine (`hardware.gpu.shares_host`) every resource runs on the same cores and memory
 bus; there the tasks that run at the same time share it equally (processor sharing) instead of
-overlapping for free.
+overlapping for free. The issuing thread is not one of the sharers (its work is microseconds).
 
-Not modelled: what `TaskCosts` leaves out (contention between resources that share a GPU, caches),
-the host-side work between graphs beyond the profile's `step_overhead_us` (sampling, logits gathering,
-Python dispatch of the issuing thread: tasks are issued instantly), the OS scheduling of more busy
-threads than cores on a shared host, memory allocation, and warm-up.
+Host costs (`TaskCosts`): `issue_s` per task, `sync_s` per barrier followed by more tasks (a barrier at
+a graph's end is the end of the graph, charged as `step_s`), `step_s` per graph; measured by
+`task=calibrate` on the engine's executor (a barrier there: the issuing thread woken once the step is
+done, on CUDA after a device-wide synchronise), otherwise documented defaults (`tuner.costs`).
+
+Not modelled: what `TaskCosts` leaves out (contention between resources that share a GPU, caches,
+the latency of a dependency hand-off between workers), the host-side work between graphs beyond the
+profile's `step_overhead_us` (sampling, logits gathering), the Python of a real FlexGen step beyond
+our executor's barrier (FlexGen's own bookkeeping around its six calls; the simulator times the
+FlexGen schedule as our engine runs it), the OS scheduling of more busy threads than cores on a
+shared host, memory allocation, and warm-up.
 """
 
 from __future__ import annotations
@@ -66,46 +79,75 @@ _H2D, _D2H = _RES_INDEX[Resource.H2D], _RES_INDEX[Resource.D2H]
 
 @dataclass(frozen=True)
 class _Compiled:
-    """A graph flattened for the event loop: resource index and dependencies of each task."""
+    """A graph flattened for the event loop: resource index and dependencies of each task, and the
+    host barriers (`TaskGraph.syncs`)."""
 
     resource: np.ndarray            # [n] index into RESOURCES
     res_list: list[int]
     deps: list[tuple[int, ...]]
+    syncs: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, graph: TaskGraph) -> _Compiled:
         res = [_RES_INDEX[t.resource] for t in graph.tasks]
-        return cls(np.array(res, dtype=np.int64), res, [t.deps for t in graph.tasks])
+        return cls(np.array(res, dtype=np.int64), res, [t.deps for t in graph.tasks],
+                   frozenset(n for n in graph.syncs if n < len(graph.tasks)))
 
 
-def _schedule(c: _Compiled, durations: Sequence[float]) -> tuple[list[float], list[float]]:
-    """Start and end of every task: FIFO per resource in issue order, after all dependencies."""
+@dataclass(frozen=True)
+class _Timed:
+    """The simulated times of one graph run, seconds from the moment its first task is issued."""
+
+    issued: list[float]
+    starts: list[float]
+    ends: list[float]
+    host_s: float                   # when the issuing thread is done (last issue, or last barrier)
+
+    @property
+    def wall_s(self) -> float:
+        return max(max(self.ends, default=0.0), self.host_s)
+
+
+def _schedule(c: _Compiled, durations: Sequence[float], issue_s: float = 0.0, sync_s: float = 0.0) -> _Timed:
+    """FIFO per resource in issue order, after all dependencies and after the task is issued: the host
+    issues one task every `issue_s`; at a barrier it waits for every task issued so far, then pays
+    `sync_s` before it issues the next."""
     n = len(durations)
-    starts, ends = [0.0] * n, [0.0] * n
+    issued, starts, ends = [0.0] * n, [0.0] * n, [0.0] * n
     free = [0.0] * len(RESOURCES)
-    res, deps = c.res_list, c.deps
+    res, deps, syncs = c.res_list, c.deps, c.syncs
+    host = last = 0.0
     for i in range(n):
+        if i in syncs:
+            host = max(host, last) + sync_s
+        host += issue_s
         r = res[i]
-        s = free[r]
+        s = free[r] if free[r] > host else host
         for d in deps[i]:
             e = ends[d]
             if e > s:
                 s = e
         e = s + durations[i]
+        issued[i] = host
         starts[i] = s
         ends[i] = e
         free[r] = e
-    return starts, ends
+        if e > last:
+            last = e
+    return _Timed(issued, starts, ends, host)
 
 
-def _schedule_shared(c: _Compiled, durations: Sequence[float]) -> tuple[list[float], list[float]]:
+def _schedule_shared(c: _Compiled, durations: Sequence[float], issue_s: float = 0.0,
+                     sync_s: float = 0.0) -> _Timed:
     """As `_schedule`, but every resource lives on one host (a CPU-only machine, where the CPU plays the
     GPU and copies are memcpy threads): tasks running at the same time share it equally (processor
-    sharing), so k concurrent tasks each progress at 1/k of their own speed."""
+    sharing), so k concurrent tasks each progress at 1/k of their own speed. The issuing thread is not
+    one of the sharers (its work per task is a few microseconds)."""
     from collections import deque
 
     n = len(durations)
-    starts, ends = [0.0] * n, [0.0] * n
+    inf = float("inf")
+    issued, starts, ends = [inf] * n, [0.0] * n, [0.0] * n
     waiting = [len(d) for d in c.deps]
     children: list[list[int]] = [[] for _ in range(n)]
     for i, ds in enumerate(c.deps):
@@ -115,35 +157,60 @@ def _schedule_shared(c: _Compiled, durations: Sequence[float]) -> tuple[list[flo
     remaining = [float(x) for x in durations]
     active: dict[int, int] = {}  # resource -> task
     t, done = 0.0, 0
+    host, last, nxt, outstanding = 0.0, 0.0, 0, 0   # the issuing thread: clock, next task, tasks in flight
     while done < n:
+        while nxt < n:  # issue what the host can: up to a barrier whose tasks are not all finished
+            if nxt in c.syncs:
+                if outstanding:
+                    break
+                host = max(host, last) + sync_s
+            host += issue_s
+            issued[nxt] = host
+            nxt += 1
+            outstanding += 1
         for r, q in enumerate(queues):
-            if r not in active and q and waiting[q[0]] == 0:
+            if r not in active and q and waiting[q[0]] == 0 and issued[q[0]] <= t:
                 active[r] = q.popleft()
                 starts[active[r]] = t
+        # The next issue that frees a queue's head (its dependencies already met).
+        upcoming = min((issued[q[0]] for r, q in enumerate(queues)
+                        if r not in active and q and waiting[q[0]] == 0 and issued[q[0]] > t), default=inf)
         if not active:
-            raise ValueError("the task graph deadlocks: a resource's next task waits on a later one")
+            if upcoming == inf:
+                raise ValueError("the task graph deadlocks: a resource's next task waits on a later one")
+            t = upcoming
+            continue
         share = len(active)
         step = min(remaining[i] for i in active.values()) * share
+        if t + step > upcoming:  # a task is issued before the next one finishes: share from then on
+            for i in active.values():
+                remaining[i] -= (upcoming - t) / share
+            t = upcoming
+            continue
         t += step
         for r, i in list(active.items()):
             remaining[i] -= step / share
             if remaining[i] <= 1e-12:
-                ends[i] = t
+                ends[i] = last = t
                 del active[r]
                 done += 1
+                outstanding -= 1
                 for ch in children[i]:
                     waiting[ch] -= 1
-    return starts, ends
+    return _Timed(issued, starts, ends, host)
 
 
-def simulate_graph(graph: TaskGraph, duration: Callable[[Task], float], shared: bool = False) -> list[TaskRecord]:
-    """Time any task graph given each task's duration; records in issue order, seconds from 0. With
-    `shared`, all resources share one host (processor sharing, see `_schedule_shared`)."""
+def simulate_graph(graph: TaskGraph, duration: Callable[[Task], float], shared: bool = False, *,
+                   issue_s: float = 0.0, sync_s: float = 0.0) -> list[TaskRecord]:
+    """Time any task graph given each task's duration; records in issue order, seconds from the first
+    issue. With `shared`, all resources share one host (processor sharing, see `_schedule_shared`).
+    `issue_s`: the issuing thread's time per task (a task starts no earlier than its issue); `sync_s`:
+    its time per host barrier (`TaskGraph.sync`), after every task issued before it has finished."""
     durations = [float(duration(t)) for t in graph.tasks]
-    if any(d < 0 for d in durations):
-        raise ValueError("task durations must be >= 0")
-    starts, ends = (_schedule_shared if shared else _schedule)(_Compiled.of(graph), durations)
-    return [TaskRecord(t, s, e, s) for t, s, e in zip(graph.tasks, starts, ends)]
+    if any(d < 0 for d in durations) or issue_s < 0 or sync_s < 0:
+        raise ValueError("task durations and host costs must be >= 0")
+    timed = (_schedule_shared if shared else _schedule)(_Compiled.of(graph), durations, issue_s, sync_s)
+    return [TaskRecord(t, s, e, h) for t, s, e, h in zip(graph.tasks, timed.starts, timed.ends, timed.issued)]
 
 
 # ---- a whole run ----------------------------------------------------------------------------------
@@ -282,12 +349,13 @@ class _Accumulator:
         self.tasks = 0
 
     def add(self, phase: str, graph: TaskGraph, c: _Compiled, durations: np.ndarray, nbytes: np.ndarray,
-            starts: list[float], ends: list[float]) -> float:
-        wall = max(ends) - min(starts) if ends else 0.0
+            timed: _Timed) -> float:
+        wall = timed.wall_s
         self.link += np.bincount(c.resource, weights=nbytes, minlength=len(RESOURCES))
         self.tasks += len(durations)
         if len(self.timeline.graphs) < self.keep:
-            self.timeline.add(phase, [TaskRecord(t, s, e, s) for t, s, e in zip(graph.tasks, starts, ends)])
+            self.timeline.add(phase, [TaskRecord(t, s, e, h) for t, s, e, h
+                                      in zip(graph.tasks, timed.starts, timed.ends, timed.issued)])
         else:
             busy = np.bincount(c.resource, weights=durations, minlength=len(RESOURCES))
             self.add_sums(phase, wall, busy)
@@ -369,8 +437,8 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
                           prefetch=policy.prefetch_depth, gpu_kv=gpu_kv)
         g, c = graph_for("prefill", shape)
         dur, nbytes = _costs_of(g, costs, mbs)
-        starts, ends = timed(c, dur.tolist())
-        prefill_s += acc.add("prefill", g, c, dur, nbytes, starts, ends) + costs.step_s
+        prefill_s += acc.add("prefill", g, c, dur, nbytes, timed(c, dur.tolist(), costs.issue_s, costs.sync_s)) \
+            + costs.step_s
         if n_steps <= 0:
             continue
         g, c = graph_for("decode", shape)
@@ -389,8 +457,8 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
                 per_key = {k: (costs.duration(t, step_mbs), costs.cost(t, step_mbs)[1]) for k, t in reps.items()}
                 dur[ctx_idx] = [per_key[k][0] for k in keys]
                 nbytes[ctx_idx] = [per_key[k][1] for k in keys]
-            starts, ends = timed(c, dur.tolist())
-            wall = acc.add("decode", g, c, dur, nbytes, starts, ends) + costs.step_s
+            wall = acc.add("decode", g, c, dur, nbytes, timed(c, dur.tolist(), costs.issue_s, costs.sync_s)) \
+                + costs.step_s
             walls[step] = (wall, np.bincount(c.resource, weights=dur, minlength=len(RESOURCES)),
                            np.bincount(c.resource, weights=nbytes, minlength=len(RESOURCES)))
             simulated_steps += 1

@@ -115,7 +115,7 @@ def test_flexgen_c_s3_has_serial_dependencies(gpu_kv):
 
 
 def test_flexgen_c_weights_still_overlap_in_the_simulator():
-    """S3 serialises compute, not FlexGen's weight stream: layer i+1's load runs during layer i."""
+    """S3 serialises compute, not FlexGen's weight stream: layer i+1's load runs during step (i, 0)."""
     g = flexgen_decode_cpu_attention(shape(L=3, m=2))
     recs = {r.task.label: r for r in simulate_graph(g, lambda t: 5.0 if t.op == "W_PinToGPU" else 1.0)}
     assert recs["W_PinToGPU(1,0)"].start_s < recs["PostAttn(0,1)"].end_s
@@ -201,3 +201,85 @@ def test_every_baseline_graph_is_valid_for_many_shapes():
                     computes = {(t.layer, t.micro_batch) for t in g.tasks
                                 if t.op in ("GPULayer", "PostAttn", "PrefillLayer")}
                     assert computes == {(i, j) for i in range(L) for j in range(m)}
+
+
+# ---- synchronisation: FlexGen's sync() after every step, nothing else synchronises -----------------
+
+FLEXGEN_GRAPHS = [flexgen_decode_gpu_attention, flexgen_decode_cpu_attention, flexgen_prefill]
+
+
+def steps(g: TaskGraph) -> list[range]:
+    """The task ids of each synchronised step (between consecutive barriers, the tail after the last)."""
+    bounds = [0, *g.syncs, len(g)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
+
+
+@pytest.mark.parametrize("build", FLEXGEN_GRAPHS)
+@pytest.mark.parametrize("L, m, gpu_kv", [(3, 3, ()), (2, 2, (1,)), (3, 1, ())])
+def test_flexgen_barrier_after_every_step_waits_for_the_weight_load(build, L, m, gpu_kv):
+    """A barrier after the prologue and after every (i, j) step; every task of a step depends on every task
+    of the step before, the whole-layer weight load issued at j == 0 included (FlexGen's `sync()` joins
+    its copy threads and synchronises the device)."""
+    g = build(shape(L=L, m=m, gpu_kv=gpu_kv))
+    assert len(g.syncs) == L * m + 1
+    parts = steps(g)
+    for before, after in zip(parts, parts[1:]):
+        for t in after:
+            assert set(before) <= set(g.tasks[t].deps), f"{g.tasks[t].label} skips part of the step before it"
+    compute = "PrefillLayer" if build is flexgen_prefill else ("PostAttn" if build is flexgen_decode_cpu_attention
+                                                                else "GPULayer")
+    for i in range(L - 1):
+        w = pos(g, "W_PinToGPU", i + 1, 0)
+        step = next(p for p in parts if pos(g, compute, i, 0) in p)
+        assert w in step                                       # issued in step (i, 0) ...
+        if m > 1:
+            assert w in closure(g, pos(g, compute, i, 1))      # ... and waited for before step (i, 1)
+
+
+@pytest.mark.parametrize("build, first_op", [(flexgen_decode_gpu_attention, "GPULayer"),
+                                             (flexgen_decode_cpu_attention, "GPUAttn"),
+                                             (flexgen_prefill, "PrefillLayer")])
+def test_flexgen_step_after_a_slow_weight_load_waits_for_it(build, first_op):
+    """Weight load 10 s, every other task 1 s: step (i, 1) starts only once layer i+1's weights, issued in
+    step (i, 0), have landed, while step (i, 0) itself overlaps the load. (The old `_ZigZag` left the
+    weight loads out of the sync: step (i, 1) started at once.) KV caches on the GPU, so that no KV or
+    hidden-state copy queues behind the weights on the link and hides the sync."""
+    L, m = 3, 2
+    g = build(shape(L=L, m=m, gpu_kv=(0, 1)))
+    recs = {r.task.label: r for r in simulate_graph(g, lambda t: 10.0 if t.op == "W_PinToGPU" else 1.0)}
+    for i in range(L - 1):
+        w = recs[f"W_PinToGPU({i + 1},0)"]
+        assert recs[f"{first_op}({i},0)"].start_s < w.end_s
+        assert recs[f"{first_op}({i},1)"].start_s >= w.end_s
+
+
+def test_only_flexgen_synchronises():
+    s = shape(L=3, m=3, gpu_kv=(1,))
+    for name, sched in SCHEDULES.items():
+        builders = [sched.prefill, sched.decode_gpu_attention]
+        if name != "deepspeed":
+            builders.append(sched.decode_cpu_attention)
+        for build in builders:
+            assert bool(build(s).syncs) == name.startswith("flexgen"), (name, build.__name__)
+    assert not decode_graph(s).syncs
+
+
+def test_the_executor_holds_each_flexgen_step_until_the_previous_one_is_done():
+    """The engine's executor honours the barriers: nothing of step k+1 is even issued before every task
+    of step k (the slow weight load included) has finished."""
+    import time
+
+    import torch
+
+    from moe_lightning.engine.executor import Executor
+
+    g = flexgen_decode_gpu_attention(shape(L=2, m=2))
+
+    def handler(task):
+        time.sleep(0.03 if task.op == "W_PinToGPU" else 0.002)
+
+    recs = {r.task.id: r for r in Executor(torch.device("cpu")).run(g, {t.op: handler for t in g.tasks})}
+    parts = steps(g)
+    for before, after in zip(parts, parts[1:]):
+        done = max(recs[t].end_s for t in before)
+        assert all(recs[t].issued_s >= done for t in after)

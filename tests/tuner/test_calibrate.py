@@ -48,8 +48,26 @@ def test_calibration_report_holds_the_measurements(calibrated):
     m = doc["extra"]["measurements"]
     assert doc["task"] == "calibrate" and m["device"] == "cpu" and m["quick"] is True
     assert m["cpu_attn_gbps"] > 0 and m["seconds"] < 30
+    # The host costs: a task issued in microseconds at most; a barrier (two thread wake-ups) costs more.
+    assert 0 < m["issue_overhead_s"] < 1e-4 and m["sync_overhead_s"] > m["issue_overhead_s"]
     assert doc["hardware"]["profile"]["name"] == "mybox"
     assert report.extra["hardware_yaml"] == str(tmp / "mybox.yaml")
+
+
+def test_calibration_writes_the_host_costs(calibrated):
+    """Into the profile (`hardware.issue_overhead_us` / `sync_overhead_us`); the simulator's costs
+    then read them."""
+    from moe_lightning.config import Policy
+    from moe_lightning.tuner.costs import TaskCosts
+
+    tmp, report = calibrated
+    m = json.loads((tmp / "run.json").read_text())["extra"]["measurements"]
+    keys = {line.split(":")[0] for line in (tmp / "mybox.yaml").read_text().splitlines() if not line.startswith("#")}
+    assert {"issue_overhead_us", "sync_overhead_us"} <= keys
+    hw = load_hardware_yaml(tmp / "mybox.yaml")
+    costs = TaskCosts.for_policy(presets.load_preset("model", "tiny-mixtral"), hw, Policy())
+    assert costs.sync_s == pytest.approx(m["sync_overhead_s"], rel=0.01)
+    assert costs.issue_s == pytest.approx(m["issue_overhead_s"], rel=0.01)
 
 
 def test_override_args_spell_the_profile():

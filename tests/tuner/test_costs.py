@@ -73,6 +73,26 @@ def test_a_calibrated_profile_sets_attention_throughput_and_overheads():
     assert (explicit.cpu_attn_gbps, explicit.launch_s) == (3.0, 1e-6)
 
 
+@dataclasses.dataclass
+class HostHardware(HardwareSpec):
+    """A profile with the measured host costs (the fields `task=calibrate` writes where the config has them)."""
+
+    issue_overhead_us: float = 0.0
+    sync_overhead_us: float = 0.0
+
+
+def test_host_costs_come_from_the_profile_or_documented_defaults():
+    from moe_lightning.tuner.costs import BARRIER_S, CUDA_SYNC_S, ISSUE_S
+
+    gpu_box, cpu_box = HardwareSpec(), HardwareSpec(gpu=GpuSpec(shares_host=True))
+    assert TaskCosts(SPEC, gpu_box).issue_s == ISSUE_S
+    assert TaskCosts(SPEC, gpu_box).sync_s == pytest.approx(BARRIER_S + CUDA_SYNC_S)   # + device-wide sync
+    assert TaskCosts.for_policy(SPEC, cpu_box, Policy()).sync_s == pytest.approx(BARRIER_S)
+    measured = TaskCosts.for_policy(SPEC, HostHardware(issue_overhead_us=3.0, sync_overhead_us=70.0), Policy())
+    assert (measured.issue_s, measured.sync_s) == pytest.approx((3e-6, 70e-6))
+    assert TaskCosts.for_policy(SPEC, HostHardware(sync_overhead_us=70.0), Policy(), sync_s=0.0).sync_s == 0.0
+
+
 def test_step_overhead_is_charged_once_per_graph():
     wl = Workload(prompt_len_avg=8, prompt_len_max=8, gen_len=5, num_requests=6)
     policy = Policy(batch_size=3, micro_batch_size=3)

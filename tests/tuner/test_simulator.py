@@ -198,3 +198,74 @@ def test_processor_sharing_on_a_cpu_only_host():
     shared = simulate_graph(g, lambda t: cost[t.op], shared=True)
     # both run at 1/2 until the copy finishes at 2 s (1 s of work); the GPU task then has 1 s left alone
     assert [(r.start_s, r.end_s) for r in shared] == [(0.0, 3.0), (0.0, 2.0), (3.0, 3.5)]
+
+
+# ---- host costs: the issuing thread's clock and the barriers ------------------------------------------
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_issue_clock_delays_a_chain_of_tiny_tasks(shared):
+    """One task issued every `issue_s`: a chain of n instant tasks ends at n * issue_s; with real work the
+    clock runs ahead and costs only the first issue."""
+    g, prev = TaskGraph("tiny"), None
+    for n in range(8):
+        prev = g.add((GPU, H2D)[n % 2], "t", n, 0, [prev])
+    recs = simulate_graph(g, lambda t: 0.0, shared, issue_s=1e-3)
+    assert [r.start_s for r in recs] == pytest.approx([(n + 1) * 1e-3 for n in range(8)])
+    assert [r.issued_s for r in recs] == pytest.approx([(n + 1) * 1e-3 for n in range(8)])
+    assert recs[-1].end_s == pytest.approx(8e-3)
+    recs = simulate_graph(g, lambda t: 1.0, shared, issue_s=1e-3)
+    assert recs[-1].end_s == pytest.approx(8 + 1e-3)
+    assert simulate_graph(g, lambda t: 0.0, shared)[-1].end_s == 0.0   # instant issue: the old model
+
+
+def test_a_barrier_waits_for_everything_issued_then_pays_its_cost():
+    """A (GPU, 2 s) and B (H2D, 5 s), a barrier, then C (GPU, 1 s); issue 0.5 s per task, 0.25 s per
+    barrier. Separate devices: A 0.5-2.5, B 1-6, host 6 + 0.25, C issued 6.75, ends 7.75. One shared host:
+    A alone 0.5-1 (0.5 s done), then A and B at half speed until A ends at 4 (B 1.5 s done), B alone
+    until 7.5; C issued 8.25, ends 9.25."""
+    g = TaskGraph("barrier")
+    g.add(GPU, "A", 0, 0)
+    g.add(H2D, "B", 0, 0)
+    g.sync()
+    g.add(GPU, "C", 0, 0)
+    dur = {"A": 2.0, "B": 5.0, "C": 1.0}
+    free = simulate_graph(g, by_op(dur), issue_s=0.5, sync_s=0.25)
+    assert [(r.issued_s, r.start_s, r.end_s) for r in free] == pytest.approx(
+        [(0.5, 0.5, 2.5), (1.0, 1.0, 6.0), (6.75, 6.75, 7.75)])
+    shared = simulate_graph(g, by_op(dur), True, issue_s=0.5, sync_s=0.25)
+    assert [(r.start_s, r.end_s) for r in shared] == pytest.approx([(0.5, 4.0), (1.0, 7.5), (8.25, 9.25)])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sync_cost_is_charged_per_gpu_batch_for_flexgen_not_for_cgopipe(shared):
+    """FlexGen's graph pays the barrier after its prologue and after every step (L*m) but the last when
+    nothing follows it (FlexGen(c): the graph's end is that wait, charged per graph); CGOPipe's decode
+    graph has no barrier and pays nothing."""
+    from moe_lightning.baselines.schedules import flexgen_decode_cpu_attention, flexgen_decode_gpu_attention
+
+    s = PipeShape(num_layers=3, num_micro_batches=2, num_pages=2, prefetch=1)
+    def wall(g, sync_s):
+        return max(r.end_s for r in simulate_graph(g, lambda t: 1.0 + 0.1 * t.id, shared, sync_s=sync_s))
+
+    barriers = {decode_graph: 0, flexgen_decode_gpu_attention: 3 * 2 + 1, flexgen_decode_cpu_attention: 3 * 2}
+    for build, expected in barriers.items():
+        g = build(s)
+        assert wall(g, 0.01) - wall(g, 0.0) == pytest.approx(expected * 0.01), build.__name__
+
+
+def test_simulated_runs_charge_barriers_to_flexgen_only():
+    from moe_lightning.baselines.schedules import FLEXGEN
+
+    wl = Workload(prompt_len_avg=20, prompt_len_max=40, gen_len=4, num_requests=4)
+    policy = Policy(batch_size=4, micro_batch_size=2, attn_on_gpu=True, pages_per_layer=1, prefetch_depth=1)
+    hw = HardwareSpec()
+    L, m = SMALL.num_layers, 2
+
+    def run(schedule, sync_s):
+        costs = TaskCosts.for_policy(SMALL, hw, policy, sync_s=sync_s)
+        return simulate_run(SMALL, hw, wl, policy, costs=costs, schedule=schedule, admission=False)
+
+    slow, fast = run(FLEXGEN, 1e-3), run(FLEXGEN, 0.0)
+    assert slow.decode_s - fast.decode_s == pytest.approx(3 * (L * m + 1) * 1e-3)    # 3 decode steps
+    assert slow.prefill_s - fast.prefill_s == pytest.approx((L * m + 1) * 1e-3)
+    assert run(None, 1e-3).total_s == pytest.approx(run(None, 0.0).total_s)      # CGOPipe: no barrier
