@@ -1,263 +1,314 @@
-"""FlexGen's policy search: its cost model and linear program, over this project's memory plan.
+"""FlexGen's policy search as FlexGen does it, for this project's MoE models; what `flexgen` and
+`flexgen_c` run.
 
-As in FlexGen (Sheng et al. 2023, section 4.2 and `cost_model.py`): for each (GPU batch size, number of
-GPU batches) in an enumeration, a linear program over the placement percentages of the weights
-(`w_g`), the KV cache (`c_g`) and the activations (`h_g`) on the GPU (the rest on the CPU; this runtime
-has no disk tier) minimises the modelled latency of generating `gen_len` tokens,
-`L * T_pre + (gen_len - 1) * L * T_gen`, with `T_pre`, `T_gen` >= every per-layer term below (FlexGen
-overlaps I/O and compute, so a layer costs its slowest term); the pair with the best throughput
-`N * gen_len / latency` wins.
+A port of `FMInference/FlexGen@19753bc:experimental/cost_model.py` (`solve_lp`, `get_nb_ub`, `solve`)
+with MoE-Lightning's Mixtral adaptation (`caoshiyi/artifacts@0e2dd65:benchmarks/flexgen/cost_models/`);
+the terms are in `flexgen_cost`, the fitted constants in `flexgen_constants`.
 
-Per layer and step, `N = gbs * num_gb` sequences, prompt `s` (the longest with padding, else the
-average), decode context `ctx = s + gen_len / 2`, `W` the layer's expert bytes, `a = N * h1 * d` the
-hidden states:
-- decode, attention on the GPU (S4): H2D `(1-w_g) W + (1-c_g) N ctx kv + (1-h_g) a`; D2H
-  `(1-c_g) N kv_new + (1-h_g) a`; compute `T_ffn + T_proj + T_attn^gpu`;
-- decode, attention on the CPU (FlexGen(c), `cpu_cache_compute`): the CPU-resident KV is attended by
-  the CPU, so q/k/v go down and attention outputs come up instead of the cache; compute
-  `T_ffn + T_proj + c_g T_attn^gpu + (1-c_g) T_attn^cpu` (FlexGen adds CPU and GPU compute: serial);
-- prefill: H2D `(1-w_g) W + (1-h_g) N s h1 d`; D2H `(1-c_g) N s kv_new + (1-h_g) N s h1 d`; compute
-  at the GPU roofline;
-- every compute term is `max(FLOPs / peak, bytes / bandwidth)`, expert weights read once per GPU batch;
-- memory: the GPU and CPU totals of `moe_lightning.memory` (the pools the engine allocates), which are
-  affine in `(w_g, c_g, h_g)` between the corners evaluated exactly.
+- The LP, for one GPU batch size `gbs` and block size `bls = gbs * num_gb`: variables the placement
+  percentages and `T_pre`, `T_gen`; minimise `T = l T_pre + (n - 1) l T_gen` (FlexGen minimises `T / bls`,
+  the same optimum at fixed `bls`) under FlexGen's term, combination and memory constraints. With no disk
+  tier `wn = cn = hn = 0` (MoE-Lightning's port sets `nmem = 0`, which forces the same), so `wc = 1 - wg`,
+  `cc = 1 - cg`, `hc = 1 - hg` and the free variables are `(wg, cg, hg, T_pre, T_gen)`; the disk
+  constraint is then `0 <= 0` and is left out. Each term is affine in the percentages, so its row is read
+  off the term function at the corners: the LP and the tests use the same functions.
+- The search: `gbs` = 1, 2, 3, 4, 8, 16, ...; for each, `get_nb_ub` doubles `num_gb` until the LP is
+  infeasible and binary-searches the last feasible one; `num_gb` = 1, 2, ..., that bound (every integer),
+  stopping at the first drop in throughput `bls n / T`; the search ends at the first `gbs` with no
+  feasible `num_gb`. The best throughput wins (ties: the first found).
+- Solver: a simplex (`baselines.lp`) instead of PuLP's CBC; an LP optimum is an LP optimum.
 
-Mapped onto this runtime, and what that changes:
-- the weight percentage applies to expert weights at expert granularity (`r_w = n_res / E`); the
-  non-expert weights always live on the GPU (as the engine keeps them). The LP's `w_g` is snapped to
-  the two neighbouring expert counts, the LP re-solved with `w_g` fixed, and the better one kept;
-- `c_g` is snapped down to whole GPU batches (the engine places KV per micro-batch);
-- activations: the engine keeps a batch's hidden states on the GPU, so `h_g` is bounded to 1 by
-  default (`act_gpu_min`); the LP supports any bound, but a policy with `h_g < 1` could not run;
-- weights are streamed one whole layer at a time (`pages_per_layer = 1`, `prefetch_depth = 1`).
-Not modelled (as in FlexGen's model): kernel launch overheads, the CPU -> pinned staging copy, the
-growth of the context during decode beyond its average, imbalance between experts.
+Deviations, each because this runtime or an MoE needs it:
+- `bls <= max_batch_size` (default: the workload's number of requests) counts as a feasibility limit:
+  FlexGen's search is bounded only by memory, but a block larger than the requests cannot run here;
+- the constants: MoE-Lightning's Mixtral refits on the `t4`/`l4` profiles (FlexGen's own T4 set is OPT's),
+  else a set derived from the profile (`flexgen_constants.derive_constants`); the plan names the set;
+- mapping the LP's placement onto this runtime's `Policy`: the engine places weights per expert and keeps
+  attention, router, norms and embeddings on the GPU, so `wg` becomes `n_res = floor(wg E)` resident
+  experts per layer (MoE-Lightning's own convention); KV is placed per micro-batch, so `cg` becomes
+  `floor(cg num_gb) / num_gb`; the engine keeps hidden states on the GPU, so `hg` becomes 1; weights are
+  streamed a whole layer at a time, one layer ahead (`pages_per_layer = prefetch_depth = 1`);
+  `attn_on_gpu` says whether CPU-resident KV is streamed to the GPU (`flexgen`, S4) or attended by the CPU
+  (`flexgen_c`, FlexGen's `cpu_cache_compute`). FlexGen's model charges CPU-resident KV as CPU attention
+  either way, so both get the same LP optimum;
+- "manually adjusted" (FlexGen's paper, for policies that ran out of memory): when the mapped policy does
+  not fit this engine's pools (`moe_lightning.memory.memory_plan(...).fits`, which counts what FlexGen's
+  formulas leave out: embeddings, the pinned staging ring, float32 router/expert intermediates and
+  logits, the dense KV of the longest prompt, the link's KV stream buffer), it is shrunk: the largest
+  `num_gb` at the same `gbs` (then at smaller `gbs`) for which some placement at or below FlexGen's
+  (resident experts, GPU batches of KV) fits, with the fitting placement FlexGen's model rates fastest.
+  The plan records that and why (`adjusted`, `adjustment`) and FlexGen's prediction for both;
+- throughputs within a relative 1e-9 are ties (first found wins, as in exact arithmetic): where the model
+  is flat in the batch (all on the GPU), rounding would otherwise pick it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from moe_lightning.baselines.flexgen_constants import constants_for
+from moe_lightning.baselines.flexgen_cost import (
+    DECODE_LOAD,
+    DECODE_REST,
+    PREFILL_GROUPS,
+    Constants,
+    Percents,
+    Shape,
+    capacities,
+    cpu_peak_g,
+    cpu_peak_p,
+    gpu_peak_g,
+    gpu_peak_p,
+    latency_s,
+    shape_of,
+    t_gen,
+    t_pre,
+)
 from moe_lightning.baselines.lp import solve_lp
-from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.errors import MemoryBudgetError
-from moe_lightning.memory import memory_plan, memory_pools
+from moe_lightning.memory import MemoryPlan, memory_plan
 
-VARS = ("w_g", "c_g", "h_g")   # placement percentages on the GPU (fractions)
-T_MAX_S = 1e7                  # an upper bound on the per-layer latency variables (keeps the LP bounded)
-PAGES, PREFETCH = 1, 1         # FlexGen streams a whole layer, one layer ahead
-
-
-@dataclass(frozen=True)
-class Affine:
-    """`const + coef . (w_g, c_g, h_g)`."""
-
-    const: float
-    coef: tuple[float, float, float]
-
-    def at(self, v) -> float:
-        return self.const + float(np.dot(self.coef, v))
-
-
-def _on_cpu(amount: float, var: int) -> Affine:
-    """`amount * (1 - v[var])`: the part of `amount` that is not on the GPU."""
-    coef = [0.0, 0.0, 0.0]
-    coef[var] = -amount
-    return Affine(amount, tuple(coef))
-
-
-def _sum(*terms: Affine) -> Affine:
-    return Affine(sum(t.const for t in terms), tuple(np.sum([t.coef for t in terms], axis=0).tolist()))
-
-
-def _scale(t: Affine, k: float) -> Affine:
-    return Affine(t.const * k, tuple(c * k for c in t.coef))
-
-
-def _roofline(flops: float, nbytes: float, peak: float, bw: float) -> float:
-    return max(flops / peak, nbytes / bw)
+PAGES, PREFETCH = 1, 1        # FlexGen streams a whole layer, one layer ahead
+# Throughputs within this relative distance are equal: where FlexGen's model is flat (everything on the
+# GPU, no fixed cost per batch) rounding must not pick the batch; exact arithmetic keeps the first found.
+TIE = 1e-9
+MEMORY_ROWS = ((gpu_peak_p, 0), (gpu_peak_g, 0), (cpu_peak_p, 1), (cpu_peak_g, 1))  # (peak, device)
 
 
 @dataclass(frozen=True)
-class CostModel:
-    """FlexGen's per-layer latency terms for one (gbs, num_gb, attention placement)."""
+class LPSolution:
+    """FlexGen's LP optimum for one (gbs, bls)."""
 
-    prefill: tuple[Affine, ...]
-    decode: tuple[Affine, ...]
-    num_layers: int
-    gen_len: int
-
-    def latency_s(self, v) -> float:
-        t_pre = max(t.at(v) for t in self.prefill)
-        t_gen = max(t.at(v) for t in self.decode)
-        return self.num_layers * (t_pre + (self.gen_len - 1) * t_gen)
+    percents: Percents
+    t_pre_s: float             # per layer
+    t_gen_s: float             # per layer and generated token
+    throughput_tok_s: float    # bls * n / T
 
 
-def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, num_gb: int,
-               attn_on_gpu: bool) -> CostModel:
-    g = hw.gpu.count
-    p_g, b_g = hw.gpu.peak_tflops * 1e12 * g, hw.gpu.bandwidth_gbps * GB * g
-    p_c, b_c = hw.cpu.peak_tflops * 1e12, hw.cpu.bandwidth_gbps * GB
-    h2d, d2h = hw.link.h2d_gbps * GB * g, hw.link.d2h_gbps * GB * g
-    d, H, F, k = spec.dtype_bytes, spec.hidden_size, spec.intermediate_size, spec.top_k
-    nq, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    N = gbs * num_gb
-    W = spec.num_experts * spec.expert_bytes
-    s = workload.prompt_len_max if workload.padding else workload.prompt_len_avg
-    ctx = s + workload.gen_len / 2
-    kv_new = 2 * nkv * hd * d
-    attn_w = spec.attention_params * d
-    act = N * H * d
-    W_, C_, A_ = 0, 1, 2
-
-    # decode
-    t_ffn = _roofline(2 * N * H * F * 3 * k, num_gb * W + 2 * act, p_g, b_g)
-    t_proj = _roofline(2 * N * spec.attention_params, num_gb * attn_w, p_g, b_g)
-    attn_flops, attn_bytes = 4 * N * ctx * nq * hd, N * ctx * kv_new
-    t_attn_g = _roofline(attn_flops, attn_bytes, p_g, b_g)
-    t_attn_c = _roofline(attn_flops, attn_bytes, p_c, b_c)
-    if attn_on_gpu:
-        up = _sum(_on_cpu(W, W_), _on_cpu(N * ctx * kv_new, C_), _on_cpu(act, A_))
-        down = _sum(_on_cpu(N * kv_new, C_), _on_cpu(act, A_))
-        comp = Affine(t_ffn + t_proj + t_attn_g, (0.0, 0.0, 0.0))
-    else:
-        up = _sum(_on_cpu(W, W_), _on_cpu(N * nq * hd * d, C_), _on_cpu(act, A_))
-        down = _sum(_on_cpu(N * (nq + 2 * nkv) * hd * d, C_), _on_cpu(act, A_))
-        comp = _sum(Affine(t_ffn + t_proj + t_attn_g, (0.0, 0.0, 0.0)), _on_cpu(t_attn_c - t_attn_g, C_))
-    decode = (_scale(up, 1 / h2d), _scale(down, 1 / d2h), comp)
-
-    # prefill
-    tokens = N * s
-    up_p = _sum(_on_cpu(W, W_), _on_cpu(tokens * H * d, A_))
-    down_p = _sum(_on_cpu(tokens * kv_new, C_), _on_cpu(tokens * H * d, A_))
-    flops_p = 2 * tokens * (H * F * 3 * k + spec.attention_params) + 2 * N * s * s * nq * hd
-    comp_p = Affine(_roofline(flops_p, num_gb * (W + attn_w), p_g, b_g), (0.0, 0.0, 0.0))
-    prefill = (_scale(up_p, 1 / h2d), _scale(down_p, 1 / d2h), comp_p)
-    return CostModel(prefill, decode, spec.num_layers, workload.gen_len)
+ORIGIN = Percents.gpu_cpu(0.0, 0.0, 0.0)
+CORNERS = (Percents.gpu_cpu(1.0, 0.0, 0.0), Percents.gpu_cpu(0.0, 1.0, 0.0), Percents.gpu_cpu(0.0, 0.0, 1.0))
 
 
-def memory_model(spec: ModelSpec, workload: Workload, gbs: int, num_gb: int,
-                 attn_on_gpu: bool) -> tuple[Affine, Affine]:
-    """GPU and CPU bytes of the engine's memory plan as affine functions of (w_g, c_g, h_g)."""
-    E = spec.num_experts
-
-    def totals(n_res: int, r_c: float) -> tuple[float, float, float]:
-        gpu, cpu = memory_pools(spec, workload, batch_size=gbs * num_gb, micro_batch_size=gbs,
-                                num_pages=PAGES, n_res=n_res, kv_gpu_fraction=r_c, attn_on_gpu=attn_on_gpu,
-                                prefetch_depth=PREFETCH)
-        return float(sum(gpu.values())), float(sum(cpu.values())), float(gpu["activations"])
-
-    g0, c0, act = totals(0, 0.0)
-    gw, cw, _ = totals(E, 0.0)
-    gc, cc, _ = totals(0, 1.0)
-    gpu = Affine(g0 - act, (gw - g0, gc - g0, act))
-    cpu = Affine(c0 + act, (cw - c0, cc - c0, -act))
-    return gpu, cpu
+def _affine(f: Callable[[Percents], float]) -> tuple[float, np.ndarray]:
+    """`f` (affine in wg, cg, hg with the rest on the CPU) as its value at 0 and its slopes."""
+    at0 = f(ORIGIN)
+    return at0, np.array([f(p) - at0 for p in CORNERS])
 
 
-def solve_placement(cost: CostModel, gpu: Affine, cpu: Affine, hw: HardwareSpec,
-                    bounds: list[tuple[float, float]]):
-    """FlexGen's LP: x = (w_g, c_g, h_g, T_pre, T_gen); min L T_pre + (n-1) L T_gen."""
-    L, n = cost.num_layers, cost.gen_len
-    c = [0.0, 0.0, 0.0, L, (n - 1) * L]
+def solve_placement(x: Shape, k: Constants, gmem: float, cmem: float) -> LPSolution | None:
+    """FlexGen's `solve_lp` for `x.gbs`, `x.bls`; None where FlexGen's status is -1 (infeasible)."""
     rows, rhs = [], []
-    for t in cost.prefill:
-        rows.append([*t.coef, -1.0, 0.0])
-        rhs.append(-t.const)
-    for t in cost.decode:
-        rows.append([*t.coef, 0.0, -1.0])
-        rhs.append(-t.const)
-    rows += [[*gpu.coef, 0.0, 0.0], [*cpu.coef, 0.0, 0.0]]
-    rhs += [hw.gpu_budget_bytes - gpu.const, hw.cpu_budget_bytes - cpu.const]
-    return solve_lp(c, rows, rhs, [*bounds, (0.0, T_MAX_S), (0.0, T_MAX_S)])
+
+    def add(const: float, coef: np.ndarray, t_pre_coef: float, t_gen_coef: float, bound: float) -> None:
+        rows.append([*coef, t_pre_coef, t_gen_coef])
+        rhs.append(bound - const)
+
+    for group in PREFILL_GROUPS:                    # T_pre >= sum of the group
+        parts = [_affine(lambda p, f=f: f(x, k, p)) for f in group]
+        add(sum(c for c, _ in parts), sum(a for _, a in parts), -1.0, 0.0, 0.0)
+    load_c, load_a = _affine(lambda p: DECODE_LOAD(x, k, p))
+    for f in DECODE_REST:                           # T_gen >= ctog_g + each of the rest
+        c, a = _affine(lambda p, f=f: f(x, k, p))
+        add(load_c + c, load_a + a, 0.0, -1.0, 0.0)
+    for peak, device in MEMORY_ROWS:
+        c, a = _affine(lambda p, peak=peak: peak(x, p))
+        add(c, a, 0.0, 0.0, (gmem, cmem)[device])
+    cost = [0.0, 0.0, 0.0, x.l, (x.n - 1) * x.l]
+    r = solve_lp(cost, rows, rhs, [(0.0, 1.0)] * 3 + [(0.0, math.inf)] * 2)
+    if r is None:
+        return None
+    p = Percents.gpu_cpu(*(float(v) for v in np.clip(r.x[:3], 0.0, 1.0)))
+    return LPSolution(percents=p, t_pre_s=t_pre(x, k, p), t_gen_s=t_gen(x, k, p),
+                      throughput_tok_s=float(x.bls * x.n / latency_s(x, k, p)))
+
+
+def gbs_candidates(start: int = 1):
+    """FlexGen's GPU batch sizes: 1, 2, 3, 4, then doubling."""
+    gbs = start
+    while True:
+        yield gbs
+        gbs = gbs + 1 if gbs < 4 else gbs * 2
+
+
+def nb_upper_bound(feasible: Callable[[int], bool]) -> int:
+    """FlexGen's `get_nb_ub`: double until infeasible, binary-search the boundary; 0 if nb = 1 fails."""
+    nb = 1
+    while feasible(nb):
+        nb *= 2
+    left, right = max(nb // 2, 1), nb
+    while left < right:
+        mid = (left + right) // 2
+        if feasible(mid):
+            left = mid + 1
+        else:
+            right = mid
+    return left - 1
+
+
+def search(throughput: Callable[[int, int], float | None],
+           gbs: int | None = None) -> tuple[tuple[int, int] | None, float]:
+    """FlexGen's `solve`: the (gbs, num_gb) with the best throughput (None: infeasible). A fixed `gbs`
+    searches only its num_gb (FlexGen's `--gbs`)."""
+    best, best_tok_s = None, 0.0
+    for size in ([gbs] if gbs is not None else gbs_candidates()):
+        nb_ub = nb_upper_bound(lambda nb, size=size: throughput(size, nb) is not None)
+        if nb_ub == 0:
+            break
+        prev = 0.0
+        for nb in range(1, nb_ub + 1):
+            tok_s = throughput(size, nb) or 0.0
+            if tok_s < prev * (1 - TIE):            # FlexGen stops at the first drop
+                break
+            prev = tok_s
+            if tok_s > best_tok_s * (1 + TIE):
+                best, best_tok_s = (size, nb), tok_s
+    return best, float(best_tok_s)
 
 
 @dataclass(frozen=True)
 class FlexGenPlan:
-    policy: Policy
-    predicted_tok_s: float
-    gpu_batch_size: int
+    policy: Policy                       # what runs (mapped and, if needed, adjusted)
+    predicted_tok_s: float               # FlexGen's model at the policy that runs
+    lp_tok_s: float                      # FlexGen's LP optimum (its script's max_throughput)
+    gpu_batch_size: int                  # the LP's choice
     num_gpu_batches: int
-    placement_lp: dict[str, float]        # the LP's continuous optimum for the chosen (gbs, num_gb)
-    placement: dict[str, float]           # what runs (expert / micro-batch granularity)
-    pairs_evaluated: int
+    percents: dict[str, float]           # the LP's wg, wc, cg, cc, hg, hc
+    placement: dict[str, float]          # the policy's wg, cg, hg in FlexGen's terms
+    t_pre_s: float                       # per layer, at the LP optimum
+    t_gen_s: float
+    flexgen_peaks_gb: dict[str, float]   # FlexGen's peak-memory formulas at the LP optimum (decimal GB)
+    constants: str                       # which constant set
+    adjusted: bool
+    adjustment: str
     lp_solves: int
     search_s: float
-    infeasible_pairs: list[tuple[int, int]] = field(default_factory=list)
-
-
-def batch_pairs(max_batch: int) -> list[tuple[int, int]]:
-    """(gbs, num_gb) as FlexGen enumerates them: powers of two (and the cap itself) with gbs * num_gb <= cap."""
-    pows = [2 ** e for e in range(int(math.log2(max(1, max_batch))) + 1)]
-    sizes = sorted({*pows, max_batch})
-    return [(gbs, nb) for gbs in sizes for nb in pows if gbs * nb <= max_batch]
 
 
 def flexgen_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, attn_on_gpu: bool = True,
-                   act_gpu_min: float = 1.0, max_batch_size: int | None = None) -> FlexGenPlan:
-    """FlexGen's choice: the (gbs, num_gb, placement) with the best modelled throughput whose memory plan
-    fits `hw`. Raises MemoryBudgetError when no pair fits."""
+                   constants: Constants | None = None, gbs: int | None = None,
+                   max_batch_size: int | None = None) -> FlexGenPlan:
+    """FlexGen's choice for `spec` on `hw` running `workload`, mapped onto a runnable `Policy`.
+    Raises MemoryBudgetError when FlexGen's LP is infeasible for every batch or nothing fits the engine."""
     start = time.perf_counter()
-    E = spec.num_experts
-    cap = min(workload.num_requests, max_batch_size or workload.num_requests)
-    best: tuple[float, FlexGenPlan] | None = None
-    solves, infeasible = 0, []
-    pairs = batch_pairs(cap)
-    for gbs, num_gb in pairs:
-        cost = cost_model(spec, hw, workload, gbs, num_gb, attn_on_gpu)
-        gpu, cpu = memory_model(spec, workload, gbs, num_gb, attn_on_gpu)
-        h_bounds = (act_gpu_min, 1.0)
-        lp = solve_placement(cost, gpu, cpu, hw, [(0.0, 1.0), (0.0, 1.0), h_bounds])
-        solves += 1
-        if lp is None:
-            infeasible.append((gbs, num_gb))
-            continue
-        w_lp = float(lp.x[0])
-        found = None
-        for n_res in sorted({math.floor(w_lp * E + 1e-6), math.ceil(w_lp * E - 1e-6)}):
-            fixed = solve_placement(cost, gpu, cpu, hw, [(n_res / E, n_res / E), (0.0, 1.0), h_bounds])
-            solves += 1
-            if fixed is None:
-                continue
-            policy = _fit(spec, hw, workload, gbs, num_gb, attn_on_gpu, n_res, float(fixed.x[1]))
-            if policy is None:
-                continue
-            v = (policy.expert_gpu_fraction, policy.kv_gpu_fraction, 1.0)
-            tok_s = gbs * num_gb * workload.gen_len / cost.latency_s(v)
-            if found is None or tok_s > found[0]:
-                found = (tok_s, policy, v)
-        if found is None:
-            infeasible.append((gbs, num_gb))
-            continue
-        tok_s, policy, v = found
-        if best is None or tok_s > best[0] * (1 + 1e-9) or (
-                tok_s >= best[0] * (1 - 1e-9) and policy.batch_size > best[1].policy.batch_size):
-            best = (tok_s, FlexGenPlan(
-                policy=policy, predicted_tok_s=tok_s, gpu_batch_size=gbs, num_gpu_batches=num_gb,
-                placement_lp=dict(zip(VARS, map(float, lp.x[:3]))), placement=dict(zip(VARS, v)),
-                pairs_evaluated=0, lp_solves=0, search_s=0.0))
+    k = constants or constants_for(hw, spec)
+    gmem, cmem = capacities(hw)
+    cap = max_batch_size or workload.num_requests
+    solved: dict[tuple[int, int], LPSolution | None] = {}
+
+    def lp(size: int, nb: int) -> LPSolution | None:
+        if (size, nb) not in solved:
+            fits_cap = size * nb <= cap
+            solved[size, nb] = solve_placement(shape_of(spec, workload, size, size * nb), k, gmem, cmem) \
+                if fits_cap else None
+        return solved[size, nb]
+
+    best, lp_tok_s = search(lambda size, nb: getattr(lp(size, nb), "throughput_tok_s", None), gbs)
     if best is None:
-        smallest = Policy(batch_size=1, micro_batch_size=1, attn_on_gpu=attn_on_gpu, pages_per_layer=PAGES,
-                          prefetch_depth=PREFETCH)
-        raise MemoryBudgetError(f"FlexGen's LP: no (gpu batch size, number of gpu batches) fits {spec.name} on "
-                                f"{hw.name}; the smallest: {memory_plan(spec, smallest, workload).describe(hw)}")
-    plan = best[1]
-    return FlexGenPlan(**{**plan.__dict__, "pairs_evaluated": len(pairs), "lp_solves": solves,
-                          "search_s": time.perf_counter() - start, "infeasible_pairs": infeasible})
+        raise MemoryBudgetError(f"FlexGen's LP: no (gpu batch size, number of gpu batches) is feasible for "
+                                f"{spec.name} on {hw.name} under FlexGen's memory constraints "
+                                f"(GPU {gmem / 1e9:.1f} GB, CPU {cmem / 1e9:.1f} GB after alpha)")
+    size, nb = best
+    sol = solved[best]
+    x = shape_of(spec, workload, size, size * nb)
+    mapped = _mapped(spec, size, nb, sol.percents, attn_on_gpu)
+    policy, adjustment = mapped, ""
+    if not memory_plan(spec, mapped, workload).fits(hw):
+        policy = _adjust(spec, hw, workload, k, size, nb, sol.percents, attn_on_gpu)
+        adjustment = (f"FlexGen's choice {_brief(mapped)} does not fit the engine's pools "
+                      f"({memory_plan(spec, mapped, workload).describe(hw)}); shrunk to {_brief(policy)}")
+    run = _placement(spec, policy)
+    run_shape = replace(x, gbs=policy.micro_batch_size, bls=policy.batch_size)
+    p = sol.percents
+    return FlexGenPlan(
+        policy=policy, predicted_tok_s=float(run_shape.bls * run_shape.n / latency_s(run_shape, k, run)),
+        lp_tok_s=lp_tok_s, gpu_batch_size=size, num_gpu_batches=nb,
+        percents={"wg": p.wg, "wc": p.wc, "cg": p.cg, "cc": p.cc, "hg": p.hg, "hc": p.hc},
+        placement={"wg": run.wg, "cg": run.cg, "hg": run.hg}, t_pre_s=sol.t_pre_s, t_gen_s=sol.t_gen_s,
+        flexgen_peaks_gb={f.__name__: float(f(x, p)) / 1e9 for f, _ in MEMORY_ROWS}, constants=k.name,
+        adjusted=bool(adjustment), adjustment=adjustment, lp_solves=len(solved),
+        search_s=time.perf_counter() - start)
 
 
-def _fit(spec, hw, workload, gbs, num_gb, attn_on_gpu, n_res, c_g) -> Policy | None:
-    """The runnable policy nearest below the LP's (n_res, c_g): c_g down to whole GPU batches, lowered
-    further until the exact memory plan fits."""
-    batches = math.floor(c_g * num_gb + 1e-9)
-    for b in range(batches, -1, -1):
-        policy = Policy(batch_size=gbs * num_gb, micro_batch_size=gbs, attn_on_gpu=attn_on_gpu, ffn_on_gpu=True,
-                        expert_gpu_fraction=n_res / spec.num_experts, kv_gpu_fraction=b / num_gb,
-                        pages_per_layer=PAGES, prefetch_depth=PREFETCH)
-        if memory_plan(spec, policy, workload).fits(hw):
-            return policy
-    return None
+def _mapped(spec: ModelSpec, gbs: int, nb: int, p: Percents, attn_on_gpu: bool, n_res: int | None = None,
+            kv_batches: int | None = None) -> Policy:
+    """The runtime's policy for FlexGen's placement: whole experts, whole GPU batches of KV."""
+    E = spec.num_experts
+    n_res = math.floor(p.wg * E + 1e-6) if n_res is None else n_res
+    kv_batches = math.floor(p.cg * nb + 1e-6) if kv_batches is None else kv_batches
+    return Policy(batch_size=gbs * nb, micro_batch_size=gbs, attn_on_gpu=attn_on_gpu, ffn_on_gpu=True,
+                  expert_gpu_fraction=n_res / E, kv_gpu_fraction=kv_batches / nb, pages_per_layer=PAGES,
+                  prefetch_depth=PREFETCH)
+
+
+def _placement(spec: ModelSpec, policy: Policy) -> Percents:
+    """A runtime policy in FlexGen's percentages (hidden states on the GPU)."""
+    n_res = math.floor(policy.expert_gpu_fraction * spec.num_experts + 1e-6)
+    return Percents.gpu_cpu(n_res / spec.num_experts, policy.kv_gpu_fraction, 1.0)
+
+
+def _adjust(spec: ModelSpec, hw: HardwareSpec, workload: Workload, k: Constants, gbs: int, nb: int,
+            p: Percents, attn_on_gpu: bool) -> Policy:
+    """Shrink FlexGen's choice until the engine's pools hold it: at the largest num_gb that has a fitting
+    placement (a prefix: fewer sequences never need more memory), then at smaller GPU batch sizes."""
+    for size in _sizes_below(gbs):
+        top = nb if size == gbs else (gbs * nb) // size
+        best_nb = _last(1, top, lambda b, size=size: _best_fit(spec, hw, workload, k, size, b, p, attn_on_gpu)
+                        is not None)
+        if best_nb >= 1:
+            return _best_fit(spec, hw, workload, k, size, best_nb, p, attn_on_gpu)
+    raise MemoryBudgetError(f"FlexGen's policy cannot be shrunk to fit {spec.name} on {hw.name}: the smallest, "
+                            f"{memory_plan(spec, _mapped(spec, 1, 1, p, attn_on_gpu, 0, 0), workload).describe(hw)}")
+
+
+def _best_fit(spec: ModelSpec, hw: HardwareSpec, workload: Workload, k: Constants, gbs: int, nb: int,
+              p: Percents, attn_on_gpu: bool) -> Policy | None:
+    """At (gbs, nb), the placement at or below FlexGen's (resident experts, GPU batches of KV) that fits
+    the engine and that FlexGen's model rates fastest. For a fixed expert count the engine's GPU bytes
+    rise and its CPU bytes fall with the KV moved to the GPU, so the fitting KV counts form an interval,
+    and FlexGen's latency is linear in `cg`: only the interval's ends can be best."""
+    x = shape_of(spec, workload, gbs, gbs * nb)
+    kv_top = math.floor(p.cg * nb + 1e-6)
+    best: tuple[float, Policy] | None = None
+    for n_res in range(math.floor(p.wg * spec.num_experts + 1e-6), -1, -1):
+        def plan(kv: int, n_res: int = n_res) -> MemoryPlan:
+            return memory_plan(spec, _mapped(spec, gbs, nb, p, attn_on_gpu, n_res, kv), workload)
+
+        hi = _last(0, kv_top, lambda kv, plan=plan: plan(kv).gpu_total_bytes <= hw.gpu_budget_bytes)
+        # the CPU side fits from some kv upward: count down from kv_top
+        lo = kv_top - _last(0, kv_top, lambda i, plan=plan: plan(kv_top - i).cpu_total_bytes <= hw.cpu_budget_bytes)
+        for kv in sorted({lo, hi}) if 0 <= lo <= hi else ():
+            cand = _mapped(spec, gbs, nb, p, attn_on_gpu, n_res, kv)
+            t = latency_s(x, k, _placement(spec, cand))
+            if best is None or t < best[0] * (1 - TIE):
+                best = (t, cand)
+    return None if best is None else best[1]
+
+
+def _last(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The largest v in [lo, hi] with ok(v), for ok true then false; lo - 1 if none."""
+    if hi < lo or not ok(lo):
+        return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _sizes_below(gbs: int) -> list[int]:
+    """FlexGen's GPU batch sizes below `gbs`, largest first, after `gbs` itself."""
+    return [gbs, *reversed(list(itertools.takewhile(lambda g: g < gbs, gbs_candidates())))]
+
+
+def _brief(p: Policy) -> str:
+    return (f"N={p.batch_size} mu={p.micro_batch_size} r_w={p.expert_gpu_fraction:.3g} "
+            f"r_c={p.kv_gpu_fraction:.3g}")
