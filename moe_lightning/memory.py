@@ -3,26 +3,36 @@
 The engine allocates exactly these pools, so the tuner and the engine agree on what fits.
 
 Modelled (dtype bytes `d = spec.dtype_bytes`, `E` experts, `L` layers, `N` batch, `mu` micro-batch,
-`ctx = prompt_len_max + gen_len`, `kv_total = N * ctx * spec.kv_bytes_per_token`):
+`ctx = prompt_len_max + gen_len`; the KV cache holds `kv_tokens` tokens, `kv_cache_tokens`: the paper's
+cache_size N x (average prompt + gen_len) for CGOPipe's paged pool, N x ctx for dense caches):
 
 - resident experts per layer `n_res = floor(r_w * E + 1e-6)`, streamed per layer `n_str = E - n_res`;
 - GPU: non-expert weights; resident experts of every layer; a double buffer holding the streamed
   experts of one layer (even layers use buffer 0, odd layers buffer 1); the GPU share of the KV cache
   (`ceil(r_c * kv_total)`) plus, with attention on the GPU, a double buffer for one layer's streamed KV
-  of one micro-batch; the larger of the decode and the prefill activation workspaces (router/expert
-  intermediates and logits in float32; prefill also holds the hidden states of the whole batch);
+  of one micro-batch; the activations, `activation_bytes`: the GPU role's tensors at their peak, from
+  the engine's own buffers in their own dtypes (the experts' intermediates in `d`), for the prompts the
+  run sees (a prefill round holds its prompts' hidden states: padded N x P, else at most the N longest
+  prompts, and with admission what the KV budget can admit, `prefill_tokens`);
 - CPU: the streamed experts of every layer, the CPU share of the KV cache, the pinned staging ring
   (`prefetch_depth + 1` pages of one layer's streamed experts) and the hidden states (q, k, v and the
   attention output) of the whole batch.
 
+Checked against the engine (`tests/engine/test_memtrack.py`): the GPU role's live bytes, counted by
+`engine.memtrack` on CPU (`torch.cuda.max_memory_allocated` on CUDA), plus the pools stay under the
+plan, and the plan is within 15% of them when the prompts realise its worst case.
+
 Not modelled: allocator fragmentation and caching slack, the CUDA context, the tokenizer and Python
-objects, kernel workspaces of the attention/GEMM libraries, the checkpoint read buffers. The usable
-fraction of each device in the hardware profile is the headroom for all of these.
+objects, kernel workspaces of the attention/GEMM libraries, the checkpoint read buffers, and sampling's
+temporaries over the [N, V] logits. The usable fraction of each device in the hardware profile is the
+headroom for all of these.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,19 +86,158 @@ def kv_cache_tokens(policy: Policy, workload: Workload, paged: bool, block_size:
 
 
 def engine_kv_tokens(spec: ModelSpec, policy: Policy, workload: Workload, hw: HardwareSpec,
-                     block_size: int = PLAN_BLOCK_SIZE) -> int:
+                     block_size: int = PLAN_BLOCK_SIZE, lengths: Sequence[int] | None = None) -> int:
     """The engine's paged KV cache when no size is given: room for N requests at the longest prompt when
     the memory budget holds it (a batch of N is then never split), else the paper's cache_size, N x
     (average prompt + gen_len), which the plans reserve and Algorithm 2 admits against."""
     roomy = int(kv_tokens_for(policy.batch_size, policy.micro_batch_size, workload, True, block_size, True))
-    if memory_plan(spec, policy, workload, kv_tokens=roomy).fits(hw):
+    if memory_plan(spec, policy, workload, kv_tokens=roomy, paged=True, block_size=block_size,
+                   lengths=lengths).fits(hw):
         return roomy
     return kv_cache_tokens(policy, workload, True, block_size)
 
 
+def _min(a: Any, b: Any) -> Any:
+    return a + (b - a) * (b < a)   # array-safe
+
+
+def _max(a: Any, b: Any) -> Any:
+    return a + (b - a) * (b > a)
+
+
+# Per (token, expert) assignment: the router's ids (int64) and weights (fp32), and the kernels' sort and
+# gather indices (seven int64 more, `engine.experts._by_region`).
+ROUTING_BYTES = 8 * 8 + 4
+
+
+def expert_workspace(kernel: str, spec: ModelSpec, tokens: Any, bound: Any = None) -> Any:
+    """Bytes of the expert kernel's intermediates for a micro-batch of `tokens` tokens, at their peak
+    (`engine.experts`, in the model's dtype): gate|up, SiLU(gate) and its product with up, `4F` per row,
+    for every (token, expert) assignment at once in the grouped kernel. The loop, padded and dense
+    kernels also keep their input rows (`H` more per row); loop runs one expert at a time (at most every
+    token), padded pads every expert to the busiest one and dense runs every expert on every token, so
+    those two are charged their worst case (every token on one expert). `auto` picks among the kernels
+    whose workspace stays within `bound` (the plan's, enforced by `KernelChooser`) and is charged it;
+    by default the grouped kernel's."""
+    d, H, F = spec.dtype_bytes, spec.hidden_size, spec.intermediate_size
+    grouped = tokens * spec.top_k * 4 * F * d
+    if kernel == "loop":
+        return tokens * (H + 4 * F) * d
+    if kernel in ("padded", "dense"):
+        return tokens * spec.num_experts * (H + 4 * F) * d
+    if kernel == "auto":
+        return grouped if bound is None else _max(grouped, bound)
+    return grouped
+
+
+@functools.lru_cache(maxsize=32)
+def _synthetic_lengths(num_requests: int, avg: int, longest: int, seed: int) -> tuple[int, ...]:
+    from moe_lightning.workload_io import synthetic_lengths  # torch: imported when first needed
+
+    w = Workload(prompt_len_avg=avg, prompt_len_max=longest, num_requests=num_requests, seed=seed)
+    return tuple(synthetic_lengths(w))
+
+
+def prompt_lengths(workload: Workload) -> tuple[int, ...] | None:
+    """The prompt lengths a run of `workload` sees when they are known without reading a file: its
+    synthetic prompts (seeded). None for a prompts file (its caller passes the file's lengths)."""
+    if workload.path:
+        return None
+    return _synthetic_lengths(workload.num_requests, workload.prompt_len_avg, workload.prompt_len_max,
+                              workload.seed)
+
+
+def _longest_sum(lengths: Sequence[int], n: Any) -> Any:
+    """Tokens of the n longest prompts (array-safe over n)."""
+    import numpy as np
+
+    prefix = np.concatenate(([0], np.cumsum(sorted(lengths, reverse=True))))
+    out = prefix[np.minimum(n, len(lengths))]
+    return int(out) if np.ndim(out) == 0 else out
+
+
+def prefill_tokens(workload: Workload, batch_size: Any, micro_batch_size: Any, kv_tokens: Any, paged: bool,
+                   lengths: Sequence[int] | None = None, block_size: int = PLAN_BLOCK_SIZE) -> tuple[Any, Any]:
+    """(Prompt tokens of one prefill round, of its largest micro-batch): the hidden states and the
+    micro-batch working set the prefill holds.
+
+    Padded: N and mu prompts at the longest, P. Unpadded: at most the N (mu) longest prompts of the
+    workload (`lengths`, by default `prompt_lengths(workload)`; unknown: every prompt at P). Paged
+    (admission, Algorithm 2): a request of p tokens also reserves gen_len, in whole blocks, out of its
+    micro-batch's share of the K tokens (`schedule.batching.kv_budget`), so a share holds at most
+    share x max(p / reserved(p)) prompt tokens (the maximum is within one block of P)."""
+    P, g = workload.prompt_len_max, workload.gen_len
+    batch, micro = batch_size * P, micro_batch_size * P
+    if workload.padding:
+        return batch, micro
+    lengths = prompt_lengths(workload) if lengths is None else lengths
+    if lengths:
+        batch = _min(batch, _longest_sum(lengths, batch_size))
+        micro = _min(micro, _longest_sum(lengths, micro_batch_size))
+    if not paged:
+        return batch, micro
+    m = -(-batch_size // micro_batch_size)
+    share = kv_tokens // m // block_size * block_size
+
+    def reserved(p: int) -> int:
+        return -(-(p + g) // block_size) * block_size
+
+    # Prompt tokens per reserved token are highest within one block of the longest prompt, or among the
+    # workload's own lengths when known; a share holds at most share // (least reserved) requests.
+    sizes = sorted(set(lengths)) if lengths else range(max(1, P - block_size + 1), P + 1)
+    p, r = max(((p, reserved(p)) for p in sizes), key=lambda pr: pr[0] / pr[1])
+    per_share = share * p // r
+    if lengths:
+        per_share = _min(per_share, _longest_sum(lengths, _min(micro_batch_size, share // reserved(sizes[0]))))
+    return _min(batch, m * per_share), _min(micro, per_share)
+
+
+def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
+                     kv_tokens: Any, paged: bool, attention_on_gpu: Any, expert_kernel: str = "auto",
+                     lengths: Sequence[int] | None = None, block_size: int = PLAN_BLOCK_SIZE) -> Any:
+    """The GPU role's transient memory at its peak: the larger of a prefill round and a decode step,
+    from the engine's own tensors (`engine.cgopipe`, `engine.model`, `engine.experts`), in the model's
+    dtype `d` except where the kernels use fp32. Array-safe over N and mu.
+
+    Both phases hold the hidden states of every micro-batch (prefill: every prompt token of the round,
+    `prefill_tokens`; decode: N rows) and, from the last layer on, each micro-batch's logits in `d`;
+    the gathered [N, V] fp32 logits come after the layers. During a layer, one micro-batch of T tokens
+    is in its task at the expert kernel's peak:
+    - q, k, v and the attention output, `T (2 nq + 2 nkv) hd d`; the residual after the O projection,
+      the experts' normed input and the kernel's output, `3 T H d`; routing, `T k ROUTING_BYTES`;
+    - the expert kernel's intermediates, `expert_workspace`;
+    - prefill with more than one micro-batch: the previous one's K/V waiting for its offload,
+      `2 T nkv hd d`;
+    - decode: two more micro-batches in flight (q, k, v issued ahead; attention outputs loaded back),
+      and with attention on the GPU the scores, their fp32 softmax and weights over the longest
+      context S, `mu nq S (3 d + 4)`.
+    """
+    d, H, V = spec.dtype_bytes, spec.hidden_size, spec.vocab_size
+    nq, nkv, hd, k = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.top_k
+    N, mu = batch_size, micro_batch_size
+    t_batch, t_micro = prefill_tokens(workload, N, mu, kv_tokens, paged, lengths, block_size)
+    bound = expert_workspace("grouped", spec, t_micro)   # auto's workspace: the prefill's grouped kernel
+
+    def layer_task(tokens: Any) -> Any:
+        return (tokens * ((2 * nq + 2 * nkv) * hd * d + 3 * H * d + k * ROUTING_BYTES)
+                + expert_workspace(expert_kernel, spec, tokens, bound))
+
+    several = -(-N // mu) > 1
+    gathered = N * V * 4 + mu * V * 4   # [N, V] fp32, and one micro-batch's logits cast to fp32
+    prefill = t_batch * H * d + N * V * d + _max(layer_task(t_micro) + several * 2 * t_micro * nkv * hd * d,
+                                                 gathered)
+    context = workload.prompt_len_max + workload.gen_len
+    step = (layer_task(mu) + 2 * mu * (2 * nq + 2 * nkv) * hd * d
+            + attention_on_gpu * mu * nq * context * (3 * d + 4))
+    decode = N * H * d + N * V * d + _max(step, gathered)
+    return _max(prefill, decode)
+
+
 def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
                  num_pages: Any, n_res: int, kv_gpu_fraction: Any, attn_on_gpu: bool,
-                 prefetch_depth: int, kv_tokens: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 prefetch_depth: int, kv_tokens: Any = None, paged: bool = False,
+                 expert_kernel: str = "auto", lengths: Sequence[int] | None = None,
+                 block_size: int = PLAN_BLOCK_SIZE) -> tuple[dict[str, Any], dict[str, Any]]:
     """Bytes per pool (GPU, CPU). Works elementwise on numpy arrays for the optimizer's search.
 
     `batch_size`, `micro_batch_size`, `num_pages` and `kv_gpu_fraction` may be arrays of one shape.
@@ -96,22 +245,18 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     gen_len).
     """
     d = spec.dtype_bytes
-    E, L, H = spec.num_experts, spec.num_layers, spec.hidden_size
-    F, V, k = spec.intermediate_size, spec.vocab_size, spec.top_k
-    nq, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    E, L = spec.num_experts, spec.num_layers
+    nkv, hd = spec.num_kv_heads, spec.head_dim
     N, mu = batch_size, micro_batch_size
     n_str = E - n_res
     ctx = workload.prompt_len_max + workload.gen_len
     kv_total = (N * ctx if kv_tokens is None else kv_tokens) * spec.kv_bytes_per_token
     kv_gpu = _ceil(kv_gpu_fraction * kv_total)
     kv_stream_buffer = 2 * mu * ctx * 2 * nkv * hd * d if attn_on_gpu else 0 * mu
-    decode_ws = N * H * d + mu * (nq * hd + 2 * nkv * hd + H) * d + mu * k * (3 * F + H) * 4 + mu * V * 4
-    tokens = mu * workload.prompt_len_max
-    # Prefill walks the whole batch through one layer at a time, so every micro-batch's hidden states
-    # (N * prompt_len_max * H) live on the GPU beside one micro-batch's intermediates.
-    prefill_ws = (N * workload.prompt_len_max * H * d + tokens * (nq * hd + 2 * nkv * hd + 3 * H) * d
-                  + tokens * k * (3 * F + H) * 4 + mu * V * 4)
-    activations = decode_ws + (prefill_ws - decode_ws) * (prefill_ws > decode_ws)  # max, array-safe
+    activations = activation_bytes(spec, workload, batch_size=N, micro_batch_size=mu,
+                                   kv_tokens=N * ctx if kv_tokens is None else kv_tokens, paged=paged,
+                                   attention_on_gpu=attn_on_gpu or (kv_gpu_fraction > 0), expert_kernel=expert_kernel,
+                                   lengths=lengths, block_size=block_size)
     gpu = {
         "non_expert_weights": spec.non_expert_params * d,
         "resident_experts": L * n_res * spec.expert_bytes,
@@ -124,7 +269,7 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
         "streamed_experts": L * n_str * spec.expert_bytes,
         "kv_cache": kv_total - kv_gpu,
         "pinned_ring": (prefetch_depth + 1) * page_bytes,
-        "hidden_states": N * (nq * hd + 2 * nkv * hd + H) * d,
+        "hidden_states": N * (spec.num_heads * hd + 2 * nkv * hd + spec.hidden_size) * d,
     }
     return gpu, cpu
 
@@ -168,7 +313,8 @@ class MemoryPlan:
 
 
 def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload, kv_tokens: int | None = None,
-                paged: bool = False) -> MemoryPlan:
+                paged: bool = False, lengths: Sequence[int] | None = None,
+                block_size: int = PLAN_BLOCK_SIZE) -> MemoryPlan:
     """Bytes per pool that the engine allocates for `policy` on `workload`. The KV cache holds
     `kv_tokens` tokens; by default `kv_cache_tokens(policy, workload, paged)`: with `paged` (CGOPipe's
     unpadded block pool) N x (average prompt + gen_len), else N x (longest prompt + gen_len)."""
@@ -178,5 +324,6 @@ def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload, kv_tokens: 
         spec, workload, batch_size=policy.batch_size, micro_batch_size=policy.micro_batch_size,
         num_pages=policy.num_pages, n_res=resident_experts_per_layer(spec, policy.expert_gpu_fraction),
         kv_gpu_fraction=policy.kv_gpu_fraction, attn_on_gpu=policy.attn_on_gpu,
-        prefetch_depth=policy.prefetch_depth, kv_tokens=kv_tokens)
+        prefetch_depth=policy.prefetch_depth, kv_tokens=kv_tokens, paged=paged,
+        expert_kernel=policy.expert_kernel, lengths=lengths, block_size=block_size)
     return MemoryPlan(gpu={k: int(v) for k, v in gpu.items()}, cpu={k: int(v) for k, v in cpu.items()})

@@ -6,6 +6,7 @@ Each system's implementation lives in its own module and is imported only when i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,8 @@ class ReferenceSystem:
         _choice(self.expert_kernel, "system.expert_kernel", EXPERT_KERNELS[1:])
 
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
-              workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:
+              workload: Workload, device: torch.device, trace: bool = False,
+              prompt_lengths: Sequence[int] | None = None) -> BatchRunner:
         from moe_lightning.engine.experts import KERNELS
         from moe_lightning.engine.reference import ReferenceRunner
 
@@ -60,11 +62,13 @@ class CGOPipeSystem:
         return choose_policy(self.name, spec, hardware, workload)
 
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
-              workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:
+              workload: Workload, device: torch.device, trace: bool = False,
+              prompt_lengths: Sequence[int] | None = None) -> BatchRunner:
         from moe_lightning.engine.cgopipe import CGOPipeRunner
 
         return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace,
-                             kv_block_size=self.kv_block_size, kv_tokens=self.kv_cache_tokens or None)
+                             kv_block_size=self.kv_block_size, kv_tokens=self.kv_cache_tokens or None,
+                             prompt_lengths=prompt_lengths)
 
 
 SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem}

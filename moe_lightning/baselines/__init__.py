@@ -14,6 +14,7 @@ This module imports no torch; the heavy modules load in `build`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,7 +63,8 @@ class _Baseline:
 @dataclass
 class _EngineBaseline(_Baseline):
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
-              workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:
+              workload: Workload, device: torch.device, trace: bool = False,
+              prompt_lengths: Sequence[int] | None = None) -> BatchRunner:
         from moe_lightning.baselines.schedules import SCHEDULES
         from moe_lightning.engine.cgopipe import CGOPipeRunner
 
@@ -70,7 +72,7 @@ class _EngineBaseline(_Baseline):
         self._check_policy(policy)
         # The baselines keep their authors' dense KV cache (one tensor per micro-batch, padded as they pad).
         return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace,
-                             schedule=SCHEDULES[self.name], kv_block_size=0)
+                             schedule=SCHEDULES[self.name], kv_block_size=0, prompt_lengths=prompt_lengths)
 
     def _check_policy(self, policy: Policy) -> None:
         pass
@@ -125,7 +127,8 @@ class AccelerateSystem(_Baseline):
     policy_source: str = "auto"
 
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
-              workload: Workload, device: torch.device, trace: bool = False) -> BatchRunner:
+              workload: Workload, device: torch.device, trace: bool = False,
+              prompt_lengths: Sequence[int] | None = None) -> BatchRunner:
         try:
             import accelerate  # noqa: F401
         except ImportError:

@@ -18,6 +18,7 @@ from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.engine.executor import Executor, TaskRecord
 from moe_lightning.engine.kernel_table import KernelChooser
 from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks
+from moe_lightning.engine.memtrack import ActivationTracker
 from moe_lightning.engine.model import (
     LayerWeights,
     decode_attention,
@@ -31,7 +32,14 @@ from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import ConfigError, WorkloadError
 from moe_lightning.kernels.cpu_attention import backend as attention_backend
 from moe_lightning.kernels.cpu_attention import paged_decode_attention
-from moe_lightning.memory import engine_kv_tokens, kv_cache_tokens, memory_plan, resident_experts_per_layer
+from moe_lightning.memory import (
+    engine_kv_tokens,
+    expert_workspace,
+    kv_cache_tokens,
+    memory_plan,
+    prefill_tokens,
+    resident_experts_per_layer,
+)
 from moe_lightning.schedule.batching import gpu_partitions, kv_budget, padded_batch_size
 from moe_lightning.schedule.cgopipe import (
     PipeShape,
@@ -101,7 +109,8 @@ class CGOPipeRunner:
 
     def __init__(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
                  workload: Workload, device: torch.device, trace: bool = False,
-                 schedule: Schedule | None = None, kv_block_size: int = 16, kv_tokens: int | None = None):
+                 schedule: Schedule | None = None, kv_block_size: int = 16, kv_tokens: int | None = None,
+                 track_activations: bool = False, prompt_lengths: Sequence[int] | None = None):
         if not policy.ffn_on_gpu:
             raise ConfigError("policy.ffn_on_gpu: the CGOPipe engine runs the MoE FFN on the GPU; "
                               "ffn_on_gpu=false can be planned (task=plan) but not executed")
@@ -114,7 +123,8 @@ class CGOPipeRunner:
         # (Algorithm 2, `open_partitions`/`admit`). Otherwise a dense tensor per micro-batch.
         self.kv_block_size = kv_block_size if not workload.padding else 0
         paged = self.kv_block_size > 0
-        self.kv_tokens = kv_tokens or (engine_kv_tokens(spec, policy, workload, hardware, self.kv_block_size) if paged
+        self.kv_tokens = kv_tokens or (engine_kv_tokens(spec, policy, workload, hardware, self.kv_block_size,
+                                                        prompt_lengths) if paged
                                        else kv_cache_tokens(policy, workload, False))
         self.budget = kv_budget(policy.batch_size, policy.micro_batch_size, self.kv_tokens,
                                 max(1, self.kv_block_size))
@@ -124,14 +134,20 @@ class CGOPipeRunner:
                               f"must hold the longest request ({longest} tokens), so at least "
                               f"{self.budget.partitions * self.budget.blocks_for(longest) * self.budget.block_size}")
         # The budget is checked before anything is allocated or read.
-        self.plan = memory_plan(spec, policy, workload, kv_tokens=self.kv_tokens)   # dense: N x longest
+        # `prompt_lengths`: the run's prompts, when known (a synthetic workload's are): prefill
+        # activations are planned for its longest prompts rather than every prompt at the longest.
+        self.plan = memory_plan(spec, policy, workload, kv_tokens=self.kv_tokens, paged=paged, lengths=prompt_lengths,
+                                block_size=max(1, self.kv_block_size))
         self.plan.check(hardware)
         if self.cuda:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, hardware.gpu_budget_bytes / total), device)
             torch.cuda.reset_peak_memory_stats(device)
         # Profile the expert kernels (when asked) before the pools take the budget; its scratch is freed.
-        self.kernels = KernelChooser(policy.expert_kernel, spec, self.dtype, device)
+        _, micro_tokens = prefill_tokens(workload, policy.batch_size, policy.micro_batch_size, self.kv_tokens, paged,
+                                         prompt_lengths, max(1, self.kv_block_size))
+        self.kernels = KernelChooser(policy.expert_kernel, spec, self.dtype, device,
+                                     max_bytes=int(expert_workspace("grouped", spec, micro_tokens)))
         if self.cuda:
             torch.cuda.empty_cache()
         persistent = {k: v for k, v in self.plan.gpu.items() if k != "activations"}
@@ -158,6 +174,8 @@ class CGOPipeRunner:
             self.attention_backend = "paged-" + attention_backend(spec.num_heads, spec.num_kv_heads, spec.head_dim)
         self._graphs: dict[tuple, TaskGraph] = {}
         self._state: dict[str, dict[int, object]] = {}
+        # Without CUDA's allocator statistics, the GPU role's live bytes are counted when asked (slow).
+        self.activations = ActivationTracker() if track_activations and not self.cuda else None
         log.info("cgopipe: %d resident + %d streamed experts per layer, %d pages per layer, %.3f GiB of GPU pools",
                  n_res, spec.num_experts - n_res, self.experts.num_pages, self.pools.allocated_bytes / 2**30)
 
@@ -346,11 +364,28 @@ class CGOPipeRunner:
 
     def _run(self, graph: TaskGraph, phase: str) -> list[TaskRecord]:
         handlers = {op: getattr(self, f"_op_{op}") for op in {t.op for t in graph.tasks}}
+        if self.activations is not None:
+            handlers = {op: self._counted(h) for op, h in handlers.items()}
         records = self.executor.run(graph, handlers)
         self.timeline.add(phase, records)
         return records
 
+    def _counted(self, handler: Callable[[Task], None]) -> Callable[[Task], None]:
+        """`handler`, with what it allocates counted when its task runs on the GPU or lands there (H2D)."""
+        def run(t: Task) -> None:
+            if t.resource not in (Resource.GPU, Resource.H2D):
+                return handler(t)
+            with self.activations.tracking():
+                return handler(t)
+        return run
+
     def _gather_logits(self, per_mb: dict, batch: int) -> torch.Tensor:
+        if self.activations is not None:
+            with self.activations.tracking():
+                return self._gather_logits_into(per_mb, batch)
+        return self._gather_logits_into(per_mb, batch)
+
+    def _gather_logits_into(self, per_mb: dict, batch: int) -> torch.Tensor:
         out = torch.empty(batch, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         for j, mb in enumerate(self.mbs):
             out[torch.tensor(mb.at(), device=self.device)] = per_mb[j].float()
@@ -563,7 +598,7 @@ class CGOPipeRunner:
 
     def stats(self) -> dict:
         peak_gpu = (int(torch.cuda.max_memory_allocated(self.device)) if self.cuda
-                    else self.pools.allocated_bytes)
+                    else self.pools.allocated_bytes + (self.activations.peak if self.activations else 0))
         return {
             "peak_gpu_bytes": peak_gpu,
             "link_bytes": dict(self.link_bytes),
@@ -573,6 +608,7 @@ class CGOPipeRunner:
                       "cpu_attention": self.attention_backend,
                       "kv_blocks": self._kv_blocks(),
                       "gpu_pools_bytes": self.pools.allocated_bytes,
+                      "gpu_activations_peak_bytes": self.activations.peak if self.activations else None,
                       "prefill_utilisation": self.timeline.utilisation("prefill"),
                       "expert_kernels_used": self.kernels.used},
         }

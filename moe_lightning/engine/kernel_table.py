@@ -108,14 +108,29 @@ def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device) ->
     return times
 
 
+def workspace_bytes(kernel: str, counts: list[int], spec: ModelSpec, dtype_bytes: int) -> int:
+    """Bytes of `kernel`'s intermediates for `counts[e]` tokens routed to expert e (`engine.experts`;
+    the per-row widths of `memory.expert_workspace`): padded pads every expert to the busiest one,
+    dense runs every expert on all T = sum / top_k tokens."""
+    H, F = spec.hidden_size, spec.intermediate_size
+    if kernel == "grouped":
+        return sum(counts) * 4 * F * dtype_bytes
+    rows = {"padded": len(counts) * max(counts, default=0), "dense": len(counts) * sum(counts) // spec.top_k,
+            "loop": max(counts, default=0)}[kernel]
+    return rows * (H + 4 * F) * dtype_bytes
+
+
 class KernelChooser:
     """The expert kernel for the policy: a fixed one, or with `auto` the one whose estimated time on the
     call's actual routing is lowest. A call is itself an `MoEKernel`: it sees the expert ids, so routing
     imbalance counts (the padded kernel pads every expert to the busiest one's tokens; the loop and
-    grouped kernels pay each expert at its own load; dense runs every expert on every token)."""
+    grouped kernels pay each expert at its own load; dense runs every expert on every token). With
+    `max_bytes`, `auto` only picks kernels whose intermediates take at most that (`workspace_bytes`;
+    the memory plan's bound, `memory.expert_workspace`), so padded and dense run only where their
+    workspace is within the plan."""
 
     def __init__(self, choice: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 times: KernelTimes | None = None):
+                 times: KernelTimes | None = None, max_bytes: int | None = None):
         if choice != "auto" and choice not in KERNELS:
             raise ConfigError(f"policy.expert_kernel={choice} is not available with torch {torch.__version__} "
                               "(grouped needs torch.nn.functional.grouped_mm); "
@@ -123,6 +138,8 @@ class KernelChooser:
         self.spec, self.choice = spec, choice
         self.times = (times or cached_profile(spec, dtype, device)) if choice == "auto" else {}
         self.used: dict[str, int] = {}
+        self.max_bytes = max_bytes
+        self.dtype_bytes = torch.empty((), dtype=dtype).element_size()
 
     def estimated_s(self, kernel: str, counts: list[int]) -> float:
         """Seconds `kernel` takes for `counts[e]` tokens routed to expert e, from the profile (measured
@@ -143,6 +160,9 @@ class KernelChooser:
         if self.choice != "auto":
             return self.choice
         kernels = sorted({k for by_kernel in self.times.values() for k in by_kernel})
+        if self.max_bytes is not None:
+            fits = [k for k in kernels if workspace_bytes(k, counts, self.spec, self.dtype_bytes) <= self.max_bytes]
+            kernels = fits or [k for k in ("grouped", "loop") if k in kernels][:1] or kernels
         return min(kernels, key=lambda k: self.estimated_s(k, counts))
 
     def __call__(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

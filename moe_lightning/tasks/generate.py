@@ -71,7 +71,8 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     resolve = getattr(cfg.system, "resolve_policy", None)  # baselines pick their policy as their authors do
     if resolve is not None:
         cfg = dataclasses.replace(cfg, policy=resolve(spec, cfg.hardware, workload, cfg.policy))
-    runner = cfg.system.build(spec, source, cfg.hardware, cfg.policy, workload, device, trace=cfg.trace)
+    runner = cfg.system.build(spec, source, cfg.hardware, cfg.policy, workload, device, trace=cfg.trace,
+                              prompt_lengths=lengths)
     params = GenerationParams(max_new_tokens=cfg.workload.gen_len, temperature=cfg.sampling.temperature,
                               top_p=cfg.sampling.top_p, seed=cfg.sampling.seed,
                               eos_token_id=None if cfg.sampling.ignore_eos else spec.eos_token_id)

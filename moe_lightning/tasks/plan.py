@@ -66,14 +66,21 @@ def beside(out: Path, suffix: str) -> Path:
 class PlanTask:
     name: str = "plan"
     plot: bool = False
+    last_batch: str = "full"   # the objective's charge for a last partial batch: full | prorated (hrm.throughput)
+
+    def __post_init__(self) -> None:
+        from moe_lightning.tuner.hrm import LAST_BATCH
+
+        if self.last_batch not in LAST_BATCH:
+            raise ConfigError(f"task.last_batch={self.last_batch}: expected one of {', '.join(LAST_BATCH)}")
 
     def run(self, cfg: RunConfig) -> RunReport:
         from moe_lightning.tuner.optimizer import optimize, plan_document, plan_table
 
         spec = planning_model(cfg.model)
-        workload, _ = planning_workload(cfg.workload, spec)
-        plan = optimize(spec, cfg.hardware, workload)
-        doc = plan_document(plan)
+        workload, lengths = planning_workload(cfg.workload, spec)
+        plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch)
+        doc = plan_document(plan) | {"last_batch": self.last_batch}
         pred = plan.prediction
         out = out_path(cfg)
         report = RunReport(

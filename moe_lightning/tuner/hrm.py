@@ -7,7 +7,8 @@ data from level `j` (CPU) to level `i` (GPU). `I^i_x` is FLOPs of task `x` per b
 (below it, compute where the data lives) and P2 is `min(P^i, B^i I^i_x) / B^{j,i}` (below it, `x` is
 bound by the link); the balance point is where `B^i I^i_x = B^{j,i} I^j_x`.
 
-Modelled, per decoder layer and decode step (all N sequences, `ctx = prompt + gen_len / 2` on average):
+Modelled, per decoder layer and decode step (all N sequences, `ctx = prompt + (gen_len + 1) / 2` on
+average, `decode_context`; prompts at their real lengths, `prompt_moments`):
 - attention: `2 b kv nq hd + 2 b kv nq` FLOPs; `(2 b nq hd + 2 b kv nkv hd) * d` bytes (q, output, KV);
 - MoE FFN: `2 b h1 h2 3 k` FLOPs; `b (h1 + h2) d + n_mb * E * expert_bytes` bytes: every expert's weights
   are read from the memory of the device running the FFN once per micro-batch (`n_mb = ceil(N / mu)`);
@@ -22,30 +23,32 @@ Modelled, per decoder layer and decode step (all N sequences, `ctx = prompt + ge
 - per-layer time `T = max(T_link, T_cpu, T_gpu)`: CGOPipe overlaps the three resources perfectly;
 - prefill on the GPU, layer by layer: the streamed experts of each layer cross the link once per batch,
   weights are read from GPU memory once per micro-batch, compute at GPU peak (linear layers for the
-  top-k experts plus causal attention, `sum p^2 ~ N p^2`), the non-GPU share of the KV cache goes down
+  top-k experts plus causal attention, `sum p^2 = N E[p^2]`), the non-GPU share of the KV cache goes down
   (D2H); link, D2H and GPU overlap layer by layer;
 - end-to-end throughput `R gen_len / (ceil(R / N) (prefill + gen_len L T))` over R = num_requests
-  requests; with `padding` every prompt is
-  `prompt_len_max` long (prefill and decode attention);
+  requests (`last_batch="prorated"`: R / N batches); with `padding` every prompt is `prompt_len_max`
+  long (prefill and decode attention);
 - tensor parallelism: GPU FLOPs, bandwidth and the link scale with `hw.gpu.count`.
 
 Deliberately not modelled: the QKV/O projections, router and norms in decode (about 3% of a layer's
 bytes for Mixtral), embedding and LM head, kernel launch and synchronisation overheads, all-to-all
 traffic between tensor-parallel GPUs, expert load imbalance (all experts are counted as read even when a
 micro-batch routes to fewer), CPU-side copies into the pinned ring (assumed hidden behind the link),
-the growth of the context during decode beyond its average, and the savings of a last partial batch
-(it is charged as a full one).
+the growth of the context during decode beyond its average, and Algorithm 2's admission (a batch of N
+is assumed to run whole; the memory plan bounds what a round can hold, `memory.prefill_tokens`). A
+last partial batch is charged as `throughput`'s `last_batch` says.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
-from moe_lightning.memory import MemoryPlan, memory_plan, resident_experts_per_layer
+from moe_lightning.memory import MemoryPlan, memory_plan, prompt_lengths, resident_experts_per_layer
 
 TFLOPS = 1e12
 
@@ -137,23 +140,38 @@ def _roof_time(cost: TaskCost, level: Level) -> Any:
     return np.maximum(cost.bytes / level.bandwidth_bytes_s, cost.flops / level.peak_flops)
 
 
-def effective_prompt_len(workload: Workload) -> int:
-    return workload.prompt_len_max if workload.padding else workload.prompt_len_avg
+def prompt_moments(workload: Workload, lengths: Sequence[int] | None = None) -> tuple[float, float]:
+    """(Mean prompt, mean squared prompt) as the engine processes them: padded, every prompt at the
+    longest; else the real lengths (`lengths`, a prompts file's; by default a synthetic workload's own,
+    `memory.prompt_lengths`), or the average when they are unknown."""
+    if workload.padding:
+        return float(workload.prompt_len_max), float(workload.prompt_len_max) ** 2
+    lengths = prompt_lengths(workload) if lengths is None else lengths
+    if not lengths:
+        return float(workload.prompt_len_avg), float(workload.prompt_len_avg) ** 2
+    a = np.asarray(lengths, dtype=np.float64)
+    return float(a.mean()), float((a * a).mean())
 
 
-def decode_context(workload: Workload) -> float:
-    """Average tokens attended per decode step: prompt plus half the generation."""
-    return effective_prompt_len(workload) + workload.gen_len / 2
+def effective_prompt_len(workload: Workload, lengths: Sequence[int] | None = None) -> float:
+    return prompt_moments(workload, lengths)[0]
+
+
+def decode_context(workload: Workload, lengths: Sequence[int] | None = None) -> float:
+    """Tokens attended per sequence per decode step, averaged over the generation: step t = 1..n attends
+    its prompt and t tokens (the engine reads each sequence's own blocks; padded, every prompt at the
+    longest), so prompt + (n + 1) / 2."""
+    return effective_prompt_len(workload, lengths) + (workload.gen_len + 1) / 2
 
 
 def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                        num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int,
-                       kv_gpu_fraction: Any) -> dict[str, Any]:
+                       kv_gpu_fraction: Any, lengths: Sequence[int] | None = None) -> dict[str, Any]:
     """Seconds per layer per decode step, by resource. Elementwise over numpy arrays."""
     lv = levels(hw)
     N, d = batch_size, spec.dtype_bytes
     nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
-    ctx = decode_context(workload)
+    ctx = decode_context(workload, lengths)
     attn = attention_cost(spec, N, ctx)
     ffn = ffn_cost(spec, N, num_micro_batches)
     zero = 0.0 * N
@@ -190,14 +208,16 @@ def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
 
 
 def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
-                 num_micro_batches: Any, n_res: int, kv_gpu_fraction: Any) -> Any:
+                 num_micro_batches: Any, n_res: int, kv_gpu_fraction: Any,
+                 lengths: Sequence[int] | None = None) -> Any:
     """Seconds to prefill a batch of `batch_size` prompts, layer by layer on the GPU."""
     lv = levels(hw)
-    N, d, p = batch_size, spec.dtype_bytes, effective_prompt_len(workload)
+    p, p_sq = prompt_moments(workload, lengths)
+    N, d = batch_size, spec.dtype_bytes
     nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     tokens = N * p
     linear_params = spec.attention_params + spec.num_experts * H + spec.top_k * spec.expert_params
-    flops = 2 * tokens * linear_params + 2 * N * p * p * nq * hd  # causal attention: QK^T and PV halved
+    flops = 2 * tokens * linear_params + 2 * N * p_sq * nq * hd  # causal attention: QK^T and PV halved
     layer_weight_bytes = ((spec.attention_params + spec.num_experts * H) * d
                           + spec.num_experts * spec.expert_bytes)
     kv_bytes = tokens * 2 * nkv * hd * d
@@ -208,15 +228,23 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     return spec.num_layers * np.maximum(np.maximum(t_gpu, t_h2d), t_d2h)
 
 
+LAST_BATCH = ("full", "prorated")
+
+
 def throughput(spec: ModelSpec, workload: Workload, batch_size: Any, t_layer: Any,
-               t_prefill: Any) -> tuple[Any, Any]:
+               t_prefill: Any, last_batch: str = "full") -> tuple[Any, Any]:
     """(decode tokens/s of a full batch, end-to-end tokens/s over all `num_requests`).
 
-    The requests run in ceil(num_requests / N) batches; a last partial batch is charged as a full one
-    (its decode streams the same expert weights, so a link-bound step costs the same)."""
+    The requests run in num_requests / N batches. `last_batch` says how a last partial batch is
+    charged, an explicit part of the objective: `full` (the default, the paper's static batches) as a
+    full one, since its decode streams the same expert weights and a link-bound step costs the same;
+    so the objective prefers N that divide num_requests (1024 requests: N = 342 over N = 320).
+    `prorated`: in proportion to its size, as when refill keeps the batch full until the queue drains."""
     step_s = spec.num_layers * t_layer
     decode = batch_size / step_s
-    batches = np.ceil(workload.num_requests / batch_size)
+    batches = workload.num_requests / batch_size
+    if last_batch == "full":
+        batches = np.ceil(batches)
     e2e = workload.num_requests * workload.gen_len / (batches * (t_prefill + workload.gen_len * step_s))
     return decode, e2e
 
@@ -250,21 +278,22 @@ def bottleneck_of(t_link: float, t_cpu: float, t_gpu: float) -> str:
 
 
 def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy,
-            paged_kv: bool = True) -> Prediction:
+            paged_kv: bool = True, lengths: Sequence[int] | None = None, last_batch: str = "full") -> Prediction:
     """HRM prediction (decode and end-to-end tokens/s, per-layer times, bottleneck, memory) of a policy;
     its memory plan with CGOPipe's paged KV cache (`paged_kv`), planned at the average prompt."""
     n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
     n_mb = policy.num_micro_batches
     t = decode_layer_times(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
                            attn_on_gpu=policy.attn_on_gpu, ffn_on_gpu=policy.ffn_on_gpu, n_res=n_res,
-                           kv_gpu_fraction=policy.kv_gpu_fraction)
+                           kv_gpu_fraction=policy.kv_gpu_fraction, lengths=lengths)
     t_pre = float(prefill_time(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
-                               n_res=n_res, kv_gpu_fraction=policy.kv_gpu_fraction))
+                               n_res=n_res, kv_gpu_fraction=policy.kv_gpu_fraction, lengths=lengths))
     t_layer = float(t["t_layer"])
-    decode, e2e = throughput(spec, workload, policy.batch_size, t_layer, t_pre)
+    decode, e2e = throughput(spec, workload, policy.batch_size, t_layer, t_pre, last_batch)
     t_link, t_cpu, t_gpu = float(t["t_link"]), float(t["t_cpu"]), float(t["t_gpu"])
     return Prediction(
         decode_tok_s=float(decode), e2e_tok_s=float(e2e), prefill_s=t_pre,
         decode_s=workload.gen_len * spec.num_layers * t_layer,
         t_link=t_link, t_cpu=t_cpu, t_gpu=t_gpu, t_link_d2h=float(t["t_link_d2h"]),
-        bottleneck=bottleneck_of(t_link, t_cpu, t_gpu), memory=memory_plan(spec, policy, workload, paged=paged_kv))
+        bottleneck=bottleneck_of(t_link, t_cpu, t_gpu),
+        memory=memory_plan(spec, policy, workload, paged=paged_kv, lengths=lengths))

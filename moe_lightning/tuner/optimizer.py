@@ -30,6 +30,7 @@ few million for `N_cap` in the low thousands; numpy evaluates them in well under
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,11 +117,13 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
              max_batch_size: int | None = None,
              placements: tuple[tuple[bool, bool], ...] = ALL_PLACEMENTS,
              kv_fraction_step: float = 0.001, prefetch_depth: int = 2, pages_per_layer: int = 0,
-             paged_kv: bool = True) -> Plan:
+             paged_kv: bool = True, lengths: Sequence[int] | None = None, last_batch: str = "full") -> Plan:
     """Best feasible policy by predicted end-to-end tokens/s (see the module docstring for the space).
 
     `paged_kv` (CGOPipe's unpadded block pool): the KV cache is planned at the average prompt
     (`memory.kv_cache_tokens`), as the engine admits against it; False: at the longest (dense caches).
+    `lengths`: a prompts file's real prompt lengths (a synthetic workload's are known); `last_batch`:
+    how the objective charges a last partial batch (`hrm.throughput`).
 
     Raises MemoryBudgetError when no batch of even one sequence fits.
     """
@@ -141,7 +144,8 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
         for n_res in range(spec.num_experts + 1) if ffn_on_gpu else (0,):
             gpu, cpu = memory_pools(spec, workload, batch_size=N, micro_batch_size=mu, num_pages=num_pages,
                                     n_res=n_res, kv_gpu_fraction=0.0 * N, attn_on_gpu=attn_on_gpu,
-                                    prefetch_depth=prefetch_depth, kv_tokens=kv_tokens)
+                                    prefetch_depth=prefetch_depth, kv_tokens=kv_tokens, paged=paged_kv,
+                                    lengths=lengths)
             gpu_other = sum(gpu.values())  # kv GPU share is 0 here; the KV stream buffer is included
             evaluated += N.size
             if attn_on_gpu:
@@ -163,10 +167,10 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
             idx = np.flatnonzero(ok)
             t = decode_layer_times(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
                                    attn_on_gpu=attn_on_gpu, ffn_on_gpu=ffn_on_gpu, n_res=n_res,
-                                   kv_gpu_fraction=r_c[idx])
+                                   kv_gpu_fraction=r_c[idx], lengths=lengths)
             t_pre = prefill_time(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
-                                 n_res=n_res, kv_gpu_fraction=r_c[idx])
-            _, e2e = throughput(spec, workload, N[idx], t["t_layer"], t_pre)
+                                 n_res=n_res, kv_gpu_fraction=r_c[idx], lengths=lengths)
+            _, e2e = throughput(spec, workload, N[idx], t["t_layer"], t_pre, last_batch)
             top = float(e2e.max())
             near = idx[e2e >= top * (1 - TIE_RTOL)]
             i = int(near[np.lexsort((mu[near], N[near]))[-1]])  # ties: largest N, then fewest micro-batches
@@ -180,7 +184,7 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
     if best is None:
         raise _impossible(spec, hw, workload)
     policy = Policy(**best[1])
-    prediction = predict(spec, hw, workload, policy, paged_kv=paged_kv)
+    prediction = predict(spec, hw, workload, policy, paged_kv=paged_kv, lengths=lengths, last_batch=last_batch)
     prediction.memory.check(hw)  # the vectorised search and memory_plan must agree
     return Plan(policy=policy, prediction=prediction, hardware=hw, model_name=spec.name,
                 workload_name=workload.name, points_evaluated=evaluated,

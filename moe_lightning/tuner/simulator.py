@@ -296,7 +296,7 @@ def admitted_shapes(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], p
 
     wl = replace(workload, prompt_len_max=max(lengths), num_requests=len(lengths),
                  prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))))
-    tokens = kv_tokens or engine_kv_tokens(spec, policy, wl, hw, block_size)
+    tokens = kv_tokens or engine_kv_tokens(spec, policy, wl, hw, block_size, lengths)
     budget = kv_budget(policy.batch_size, policy.micro_batch_size, tokens, block_size)
     longest = max(lengths) + workload.gen_len
     if budget.blocks_per_partition < budget.blocks_for(longest):

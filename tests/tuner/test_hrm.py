@@ -1,6 +1,7 @@
 """HRM formulas against values computed by hand, on small numbers."""
 
 import math
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -17,6 +18,7 @@ from moe_lightning.tuner.hrm import (
     turning_point_p2,
 )
 from moe_lightning.tuner.presets import load_preset
+from moe_lightning.workload_io import synthetic_lengths
 
 SPEC = ModelSpec(name="hand", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1,
                  head_dim=4, num_experts=4, top_k=2, vocab_size=32, dtype="float16", weights="random")
@@ -26,6 +28,7 @@ HW = HardwareSpec(name="hand",
                   cpu=CpuSpec(memory_gb=1, bandwidth_gbps=10, peak_tflops=0.1, usable_fraction=1),
                   link=LinkSpec(h2d_gbps=1, d2h_gbps=1))
 WORKLOAD = Workload(prompt_len_avg=4, prompt_len_max=5, gen_len=4, num_requests=4)
+LENGTHS = [3, 5, 4, 4]   # the prompts' real lengths: mean 4, mean square 16.5
 POLICY = Policy(batch_size=4, micro_batch_size=2, attn_on_gpu=False, ffn_on_gpu=True, expert_gpu_fraction=0.5)
 
 
@@ -63,9 +66,10 @@ def test_levels_scale_with_gpu_count():
 
 
 def test_layer_time_and_throughput_by_hand():
-    pred = predict(SPEC, HW, WORKLOAD, POLICY)
-    # context = 4 + 4/2 = 6. Attention on CPU: 480 FLOPs, 512 B -> max(512/10e9, 480/1e11) = 5.12e-8 s.
-    assert pred.t_cpu == pytest.approx(512 / 10e9)
+    pred = predict(SPEC, HW, WORKLOAD, POLICY, lengths=LENGTHS)
+    # context = 4 + (4 + 1)/2 = 6.5 (steps 1..4 attend the prompt and 1..4 tokens). Attention on CPU:
+    # 2*4*6.5*2*4 + 2*4*6.5*2 = 520 FLOPs, (2*4*2*4 + 2*4*6.5*1*4)*2 = 544 B -> max(544/10e9, 520/1e11).
+    assert pred.t_cpu == pytest.approx(544 / 10e9)
     # FFN on GPU, 2 micro-batches: 6144 FLOPs, (32+64)*2 + 2*4*768 = 6336 B -> 6.336e-8 s.
     assert pred.t_gpu == pytest.approx(6336 / 100e9)
     # link H2D: 2 streamed experts (1536 B) + attention outputs 4*2*4*2 = 64 B; D2H: q,k,v 4*4*4*2 = 128 B.
@@ -73,7 +77,7 @@ def test_layer_time_and_throughput_by_hand():
     assert pred.t_link_d2h == pytest.approx(128 / 1e9)
     assert pred.bottleneck == "link"
     assert pred.decode_tok_s == pytest.approx(4 / (2 * 1.6e-6))
-    # prefill per layer: 16 tokens; FLOPs 2*16*(192+32+2*384) + 2*4*16*2*4 = 32768 -> 3.3e-8 s;
+    # prefill per layer: 16 tokens; FLOPs 2*16*(192+32+2*384) + 2*4*16.5*2*4 = 32800 -> 3.3e-8 s;
     # GPU bytes 2*((192+32)*2 + 4*768) + 16*2*4*2 = 7296 -> 7.3e-8 s; H2D 1536 B -> 1.536e-6 s (max).
     assert pred.prefill_s == pytest.approx(2 * 1536 / 1e9)
     assert pred.e2e_tok_s == pytest.approx(4 * 4 / (2 * 1.536e-6 + 4 * 2 * 1.6e-6))
@@ -82,19 +86,19 @@ def test_layer_time_and_throughput_by_hand():
 
 def test_attention_on_gpu_streams_cpu_share_of_kv():
     policy = replace(POLICY, attn_on_gpu=True, kv_gpu_fraction=0.25)
-    pred = predict(SPEC, HW, WORKLOAD, policy)
-    kv_layer = 4 * 6 * 2 * 1 * 4 * 2  # N * ctx * (K,V) * nkv * hd * 2 B = 384
+    pred = predict(SPEC, HW, WORKLOAD, policy, lengths=LENGTHS)
+    kv_layer = 4 * 6.5 * 2 * 1 * 4 * 2  # N * ctx * (K,V) * nkv * hd * 2 B = 416
     assert pred.t_link == pytest.approx((1536 + 0.75 * kv_layer) / 1e9)
     assert pred.t_cpu == 0.0
-    attn_g = max(512 / 100e9, 480 / 1e12)
+    attn_g = max(544 / 100e9, 520 / 1e12)
     assert pred.t_gpu == pytest.approx(attn_g + 6336 / 100e9)
 
 
 def test_ffn_on_cpu_reads_experts_from_cpu_memory():
     policy = replace(POLICY, ffn_on_gpu=False, expert_gpu_fraction=0.0)
-    pred = predict(SPEC, HW, WORKLOAD, policy)
+    pred = predict(SPEC, HW, WORKLOAD, policy, lengths=LENGTHS)
     assert pred.t_link == 0.0 and pred.t_gpu == 0.0
-    assert pred.t_cpu == pytest.approx(512 / 10e9 + 6336 / 10e9)
+    assert pred.t_cpu == pytest.approx(544 / 10e9 + 6336 / 10e9)
     assert pred.bottleneck == "cpu"
 
 
@@ -124,7 +128,7 @@ def test_mixtral_t4_per_layer_numbers():
     assert pred.t_link == pytest.approx(link)
     gpu = (256 * (4096 + 14336) * 2 + 16 * 8 * expert_b) / 300e9
     assert pred.t_gpu == pytest.approx(max(gpu, 2 * 256 * 4096 * 14336 * 6 / 65e12))
-    ctx = 77 + 64
+    ctx = statistics.mean(synthetic_lengths(wl)) + (128 + 1) / 2   # its synthetic prompts, as generated
     attn_bytes = (2 * 256 * 32 * 128 + 2 * 256 * ctx * 8 * 128) * 2
     assert pred.t_cpu == pytest.approx(attn_bytes / 100e9)
     assert pred.bottleneck == "link"

@@ -1,0 +1,103 @@
+"""The GPU role's memory: what the engine really holds against what the memory plan reserves.
+
+On CPU the engine counts the live bytes its GPU-role tasks allocate (`engine.memtrack`); on CUDA the
+allocator's peak answers. The plan must cover the peak (pools plus activations), and be at most 15% over
+it when the workload realises the plan's worst case: one micro-batch holding the longest prompts, or
+every prompt at the longest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_lightning.config import HardwareSpec, Policy, Workload
+from moe_lightning.engine.cgopipe import CGOPipeRunner
+from moe_lightning.engine.generation import GenerationParams, generate
+from moe_lightning.engine.memtrack import ActivationTracker
+
+GEN = 16
+
+
+def test_tracker_counts_new_storage_once_until_it_is_freed():
+    tracker = ActivationTracker()
+    base = torch.ones(1000)
+    with tracker.tracking():
+        a = base * 2                 # new: 4000 B
+        view = a[10:].view(-1, 10)   # a view: nothing new
+        a.add_(1)                    # in place: nothing new
+        b = torch.cat([a, a])        # new: 8000 B
+    assert tracker.current == 12000 and tracker.peak == 12000
+    del a
+    assert tracker.current == 12000          # the view keeps a's storage alive
+    del view, b
+    assert tracker.current == 0 and tracker.peak == 12000
+    c = base * 3                             # outside the block: not counted
+    assert tracker.current == 0 and c.sum() > 0
+
+
+def _prompts(lengths: list[int], seed: int = 5) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+MIXED = [9, 16, 18, 20, 28, 30, 31, 38, 47, 49, 50, 51, 53, 57, 63, 68, 70, 73, 75, 76, 78, 79, 84, 85, 85, 86,
+         88, 94, 95, 95, 98, 100]
+LONGEST = [100] * 16
+
+# (policy, prompt lengths, padded): each realises the plan's worst case.
+TIGHT = [
+    (Policy(batch_size=32, micro_batch_size=32, expert_kernel="grouped"), MIXED, False),   # one micro-batch
+    (Policy(batch_size=16, micro_batch_size=4, expert_kernel="grouped"), LONGEST, False),  # every prompt longest
+    (Policy(batch_size=16, micro_batch_size=4, attn_on_gpu=True, expert_kernel="grouped"), LONGEST, False),
+    (Policy(batch_size=16, micro_batch_size=4, kv_gpu_fraction=0.5, expert_kernel="grouped"), LONGEST, False),
+    (Policy(batch_size=16, micro_batch_size=4, expert_gpu_fraction=0.5, expert_kernel="grouped"), MIXED[:16], True),
+]
+
+
+def _measure(tiny, policy: Policy, lengths: list[int], padded: bool, device: torch.device):
+    spec, source = tiny
+    prompts = _prompts(lengths)
+    wl = Workload(prompt_len_avg=sum(lengths) // len(lengths), prompt_len_max=max(lengths), gen_len=GEN,
+                  num_requests=len(lengths), padding=padded)
+    before = 0
+    if device.type == "cuda":   # the CUDA context and cuBLAS workspace are not the plan's (see memory.py)
+        torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, wl, device, track_activations=True,
+                           prompt_lengths=lengths)
+    generate(runner, prompts, GenerationParams(max_new_tokens=GEN, eos_token_id=None), policy.batch_size)
+    return runner.stats()["peak_gpu_bytes"] - before, runner.plan
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_path):
+    from moe_lightning.config import ModelSpec
+    from moe_lightning.engine.weights import resolve_model
+
+    return resolve_model(ModelSpec(dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("policy,lengths,padded", TIGHT, ids=[
+    "mu=N", "longest", "attn-gpu", "kv-gpu-half", "padded-resident-half"])
+def test_plan_covers_the_peak_and_is_at_most_15_percent_over(tiny, tiny_bf16, policy, lengths, padded, dtype,
+                                                             device):
+    """In bf16 the experts' intermediates are bf16 too (the plan once charged them in fp32)."""
+    peak, plan = _measure(tiny if dtype == "float32" else tiny_bf16, policy, lengths, padded, device)
+    assert peak <= plan.gpu_total_bytes, f"the engine held {peak} B, the plan reserves {plan.gpu_total_bytes} B"
+    assert plan.gpu_total_bytes <= 1.15 * peak, (plan.gpu, peak)
+    assert plan.gpu["activations"] > 0.3 * plan.gpu_total_bytes   # activations matter in these cases
+
+
+@pytest.mark.parametrize("policy", [Policy(batch_size=32, micro_batch_size=8, expert_kernel="auto"),
+                                    Policy(batch_size=32, micro_batch_size=32, expert_kernel="auto"),
+                                    Policy(batch_size=32, micro_batch_size=32, expert_kernel="loop"),
+                                    Policy(batch_size=32, micro_batch_size=4, attn_on_gpu=True, expert_kernel="loop")],
+                         ids=["paged-auto", "one-micro-batch-auto", "one-micro-batch-loop", "paged-attn-gpu"])
+def test_plan_covers_the_peak_of_mixed_prompts(tiny, policy):
+    """Below the plan's worst case: admission balances tokens across micro-batches (a refill round may
+    still give one micro-batch the longest prompts), `auto` may pick a kernel lighter than the grouped
+    one it is planned for, and the loop kernel is planned for every token on one expert."""
+    peak, plan = _measure(tiny, policy, MIXED, False, torch.device("cpu"))
+    assert peak <= plan.gpu_total_bytes
