@@ -73,7 +73,7 @@ def main() -> None:
     from moe_lightning.tasks.generate import GenerateTask, run_generation
 
     spec = dataclasses.replace(load_preset("model", args.model), num_layers=args.layers, dtype="float32")
-    hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gb=64, shares_host=args.device == "cpu"))
+    hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gib=64, shares_host=args.device == "cpu"))
     folder = Path(tempfile.mkdtemp(prefix="moe-lightning-batching-"))
     prompts = folder / "prompts.jsonl"
     rows = write_prompts(prompts, args.requests, args.prompt_max, args.gen_max, spec.vocab_size, args.seed)

@@ -18,7 +18,7 @@ export MOE_LIGHTNING_CACHE=${MOE_LIGHTNING_CACHE:-/tmp/moe-lightning-cache} PYTH
 ml() { python3 -m moe_lightning.cli overwrite=true "$@"; }   # a rerun of a stage replaces its documents
 # Mixtral-8x7B shapes with random weights under a 15 GB GPU budget (the paper's T4 setting).
 LAYERS=${LAYERS:-16}
-BUDGET=(hardware=h100 hardware.gpu.memory_gb=15 hardware.gpu.usable_fraction=1.0)
+BUDGET=(hardware=h100 hardware.gpu.memory_gib=15 hardware.gpu.usable_fraction=1.0)
 MODEL=(model=mixtral-8x7b "model.num_layers=$LAYERS")
 MTBENCH=(workload=mtbench workload.num_requests=${REQUESTS:-512} workload.gen_len=${GEN:-32} sampling.ignore_eos=true)
 
@@ -34,15 +34,15 @@ case "$stage" in
   predict)  # issue 4: calibrate this machine, plan, run the planned policy, simulate it: errors
     ml task=calibrate task.out_yaml="$dest/conf/hardware/calibrated.yaml" out="$dest/calibrate.json"
     ml --config-dir "$dest/conf" task=bench system=cgopipe task.plan=true hardware=calibrated \
-       hardware.gpu.memory_gb=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
+       hardware.gpu.memory_gib=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
        out="$dest/bench-planned-calibrated.json"
     ml --config-dir "$dest/conf" task=simulate task.use_plan=true hardware=calibrated \
-       hardware.gpu.memory_gb=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
+       hardware.gpu.memory_gib=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
        out="$dest/simulate-calibrated.json"
     ml task=plan "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" out="$dest/plan-mixtral8x7b-${LAYERS}l.json"
     # measured vs simulated vs HRM in one process (the acceptance benchmark, as on the CPU)
     python3 benchmarks/sim_vs_measured.py --device cuda --model mixtral-8x7b --layers "${SIM_LAYERS:-8}" \
-       --gpu-memory-gb 15 --usable-fraction 1.0 --requests "${SIM_REQUESTS:-256}" --gen-len 32 \
+       --gpu-memory-gib 15 --usable-fraction 1.0 --requests "${SIM_REQUESTS:-256}" --gen-len 32 \
        --max-batch 256 --save --out-dir "$dest" ;;
   compare)  # issue 5: every system side by side on the same model, hardware and workload
     ml task=compare "${MODEL[@]}" model.num_layers=${COMPARE_LAYERS:-4} "${BUDGET[@]}" "${MTBENCH[@]}" \

@@ -43,7 +43,7 @@ def main() -> None:
     spec = dataclasses.replace(load_preset("model", args.model), num_layers=args.layers)
     workload = Workload(name="synthetic", prompt_len_avg=64, prompt_len_max=128, gen_len=8,
                         num_requests=args.requests)
-    hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gb=64, shares_host=args.device == "cpu"))
+    hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gib=64, shares_host=args.device == "cpu"))
     choices = ["auto"] + [k for k in KERNELS if k in EXPERT_KERNELS]
     times: dict[str, dict[str, list[float]]] = {c: {"prefill_s": [], "decode_s": []} for c in choices}
     used: dict[str, dict] = {}

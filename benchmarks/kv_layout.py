@@ -56,7 +56,7 @@ def main() -> None:
     from moe_lightning.tasks.generate import GenerateTask, run_generation
 
     spec = dataclasses.replace(load_preset("model", args.model), num_layers=args.layers, dtype="float32")
-    hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gb=64, shares_host=True))
+    hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gib=64, shares_host=True))
     runs: dict[str, dict[str, list[float]]] = {k: {"tok_s": [], "decode_step_s": []} for k in LAYOUTS}
     allocated, outputs = {}, {}
     for _ in range(args.repeats):

@@ -17,7 +17,7 @@ thread (CPU attention, activation copies) take many times their isolated time.
 
     python benchmarks/sim_vs_measured.py [--layers 4] [--requests 16] [--gen-len 12] [--save]
     python benchmarks/sim_vs_measured.py --device cuda --model mixtral-8x7b --layers 8 \
-        --gpu-memory-gb 15 --requests 256 --gen-len 32 --max-batch 256 --save    # on a GPU
+        --gpu-memory-gib 15 --requests 256 --gen-len 32 --max-batch 256 --save    # on a GPU
 
 With CUDA the calibration is the full one (bf16 GEMM curves at Mixtral's shapes, pinned link) and the
 budget is the GPU's (the paper's T4 setting: 15 GB).
@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-max", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=12)
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--gpu-memory-gb", type=float, default=1.5,
+    p.add_argument("--gpu-memory-gib", type=float, default=1.5,
                    help="the 'GPU' budget of the calibrated profile (small, so experts stream)")
     p.add_argument("--usable-fraction", type=float, default=None, help="of the 'GPU' budget (default: calibrated)")
     p.add_argument("--policy", default=None, help="override the plan, e.g. 'batch_size=8,micro_batch_size=4'")
@@ -93,7 +93,7 @@ def main() -> None:
     t0 = time.perf_counter()
     m = measure(quick=args.device == "cpu", device=args.device)
     hw = hardware_spec(m, name="calibrated-local")
-    hw.gpu.memory_gb = args.gpu_memory_gb
+    hw.gpu.memory_gib = args.gpu_memory_gib
     if args.usable_fraction is not None:
         hw.gpu.usable_fraction = args.usable_fraction
     print(f"calibrated in {m.seconds:.1f} s: peak {m.gpu_peak_tflops:.3f} TFLOP/s, copy {m.gpu_bandwidth_gbps:.1f} "

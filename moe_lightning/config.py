@@ -5,8 +5,9 @@ These dataclasses are the single source of truth for every concept. Hydra's Conf
 them directly. Validation happens once, in `__post_init__`, with messages that name the key and the
 accepted values.
 
-Units: sizes in `_gb` are decimal gigabytes (1e9 bytes), bandwidths in `_gbps` are GB/s (bytes, not
-bits), compute peaks in `_tflops` are 1e12 FLOP/s.
+Units: memory capacities in `_gib` are GiB (2^30 bytes, as `torch.cuda.mem_get_info` and nvidia-smi
+count them), bandwidths in `_gbps` are decimal GB/s (1e9 bytes, not bits), compute peaks in `_tflops`
+are 1e12 FLOP/s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from moe_lightning.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_KERNELS = ("auto", "loop", "grouped", "padded", "dense")
-GB = 1e9
+GB = 1e9        # bandwidths and byte counts moved (decimal)
+GiB = 2**30     # memory capacities
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -139,7 +141,7 @@ class ModelSpec:
 class GpuSpec:
     name: str = "cpu-as-gpu"
     count: int = 1
-    memory_gb: float = 8.0
+    memory_gib: float = 8.0
     bandwidth_gbps: float = 10.0
     peak_tflops: float = 0.1
     usable_fraction: float = 0.86
@@ -160,7 +162,7 @@ class GpuSpec:
 class CpuSpec:
     name: str = "cpu"
     cores: int = 2
-    memory_gb: float = 24.0
+    memory_gib: float = 24.0
     bandwidth_gbps: float = 10.0
     peak_tflops: float = 0.1
     usable_fraction: float = 0.8
@@ -194,8 +196,8 @@ class HardwareSpec:
         self.gpu = self.gpu if self.gpu is not None else GpuSpec()
         self.cpu = self.cpu if self.cpu is not None else CpuSpec()
         self.link = self.link if self.link is not None else LinkSpec()
-        _positive(self.gpu, "hardware.gpu", "count", "memory_gb", "bandwidth_gbps", "peak_tflops")
-        _positive(self.cpu, "hardware.cpu", "cores", "memory_gb", "bandwidth_gbps", "peak_tflops")
+        _positive(self.gpu, "hardware.gpu", "count", "memory_gib", "bandwidth_gbps", "peak_tflops")
+        _positive(self.cpu, "hardware.cpu", "cores", "memory_gib", "bandwidth_gbps", "peak_tflops")
         _positive(self.link, "hardware.link", "h2d_gbps", "d2h_gbps")
         _fraction(self.gpu, "hardware.gpu", "usable_fraction")
         _fraction(self.cpu, "hardware.cpu", "usable_fraction")
@@ -215,11 +217,11 @@ class HardwareSpec:
     @property
     def gpu_budget_bytes(self) -> int:
         """Usable GPU memory over all GPUs (tensor parallelism scales it)."""
-        return int(self.gpu.memory_gb * GB * self.gpu.usable_fraction * self.gpu.count)
+        return int(self.gpu.memory_gib * GiB * self.gpu.usable_fraction) * self.gpu.count
 
     @property
     def cpu_budget_bytes(self) -> int:
-        return int(self.cpu.memory_gb * GB * self.cpu.usable_fraction)
+        return int(self.cpu.memory_gib * GiB * self.cpu.usable_fraction)
 
 
 @dataclass
@@ -316,7 +318,7 @@ class TunerConfig:
     remeasure: int = 1                 # ... and is measured again this many times (the steadiest is kept)
     min_repeat_s: float = 0.25         # a shorter workload is run several times per repeat (pyperf's loops)
     trial_timeout_s: float = 300.0     # a measured trial running longer is killed and recorded as failed
-    trial_memory_gb: float = 0.0       # 0: no limit; else the child's address-space cap (a trial OOM fails)
+    trial_memory_gib: float = 0.0       # 0: no limit; else the child's address-space cap (a trial OOM fails)
     storage: str | None = None         # SQLAlchemy URL; None: SQLite under results/studies/
     study_name: str | None = None      # None: system, model, hardware, workload and the config's fingerprint
     workers: int = 1                   # processes sharing the study
@@ -331,7 +333,7 @@ class TunerConfig:
     def __post_init__(self) -> None:
         _choice(self.objective, "tuner.objective", ("measure", "simulate"))
         _positive(self, "tuner", "n_trials", "trial_timeout_s", "workers", "max_micro_batches")
-        _check(self.trial_memory_gb >= 0, "tuner.trial_memory_gb", f"must be >= 0, got {self.trial_memory_gb}")
+        _check(self.trial_memory_gib >= 0, "tuner.trial_memory_gib", f"must be >= 0, got {self.trial_memory_gib}")
         check_repeats(self.repeats, self.max_cv, "tuner", self.min_repeat_s)
         _check(self.remeasure >= 0, "tuner.remeasure", f"must be >= 0, got {self.remeasure}")
 

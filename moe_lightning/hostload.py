@@ -137,4 +137,4 @@ def check_fits_host(spec, hardware, device, weight_bytes: int | None = None) -> 
             raise MemoryBudgetError(
                 f"hardware={hardware.name} budgets {hardware.gpu_budget_bytes / GiB:.1f} GiB of GPU memory but "
                 f"{torch.cuda.get_device_name(device)} has {total / GiB:.1f} GiB: pick a profile for this GPU "
-                f"(task=calibrate writes one) or lower hardware.gpu.memory_gb")
+                f"(task=calibrate writes one) or lower hardware.gpu.memory_gib")

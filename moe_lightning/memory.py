@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import GiB, HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.errors import MemoryBudgetError
 
 GPU_POOLS = ("non_expert_weights", "resident_experts", "streamed_experts", "kv_cache", "activations")
@@ -61,28 +61,41 @@ PLAN_BLOCK_SIZE = 16   # the engine's default `system.kv_block_size`, for plans 
 
 
 def kv_tokens_for(batch_size: Any, micro_batch_size: Any, workload: Workload, paged: bool,
-                  block_size: int = PLAN_BLOCK_SIZE, at_longest: bool = False) -> Any:
+                  block_size: int = PLAN_BLOCK_SIZE, at_longest: bool = False,
+                  lengths: Sequence[int] | None = None) -> Any:
     """The KV cache's size in tokens (array-safe over N and mu), see `kv_cache_tokens`; `at_longest`:
     the paged pool with room for N longest requests."""
-    longest = workload.prompt_len_max + workload.gen_len
+    P, g = workload.prompt_len_max, workload.gen_len
+    longest = P + g
     if not paged or workload.padding:
         return batch_size * longest
     m = -(-batch_size // micro_batch_size)
-    prompt = workload.prompt_len_max if at_longest else workload.prompt_len_avg
-    share = -(-(batch_size * (prompt + workload.gen_len)) // m)
-    blocks, floor = -(-share // block_size), -(-longest // block_size)
-    return m * (blocks + (floor - blocks) * (floor > blocks)) * block_size   # max, array-safe
+    longest_blocks = -(-longest // block_size)
+    if at_longest:
+        return m * longest_blocks * -(-batch_size // m) * block_size
+    lengths = prompt_lengths(workload) if lengths is None else lengths
+    if lengths:   # what the N longest requests reserve, each in whole blocks
+        total = _longest_sum([-(-(p + g) // block_size) * block_size for p in lengths], batch_size)
+    else:
+        total = batch_size * (workload.prompt_len_avg + g)
+    # Algorithm 2 puts each request in the least-loaded micro-batch: a share of total / m plus one longest
+    # request admits all N at once.
+    share_blocks = -(-total // (m * block_size)) + longest_blocks
+    return m * share_blocks * block_size
 
 
-def kv_cache_tokens(policy: Policy, workload: Workload, paged: bool, block_size: int = PLAN_BLOCK_SIZE) -> int:
+def kv_cache_tokens(policy: Policy, workload: Workload, paged: bool, block_size: int = PLAN_BLOCK_SIZE,
+                    lengths: Sequence[int] | None = None) -> int:
     """The KV cache's size in tokens that a run plans for.
 
     Dense (one tensor per micro-batch, as the baselines keep it) or padded: N x (longest prompt +
-    gen_len). Paged and unpadded (the engine's block pool; Algorithm 2 admits against it): N x
-    (average prompt + gen_len), the paper's `cache_size`, in an equal share per micro-batch rounded up
-    to whole blocks and never less than one longest request, so that every request can be admitted;
-    requests beyond it wait for room."""
-    return int(kv_tokens_for(policy.batch_size, policy.micro_batch_size, workload, paged, block_size))
+    gen_len). Paged and unpadded (the engine's block pool; Algorithm 2 admits against it): the paper's
+    `cache_size`, N x (average prompt + gen_len), taken at the real lengths so that a round admits all
+    N: what the N longest requests reserve in whole blocks (`lengths`, by default the workload's own;
+    unknown: N x (average + gen_len)), in an equal share per micro-batch plus one longest request (the
+    most Algorithm 2's least-loaded placement can leave unused in a share)."""
+    return int(kv_tokens_for(policy.batch_size, policy.micro_batch_size, workload, paged, block_size,
+                             lengths=lengths))
 
 
 def engine_kv_tokens(spec: ModelSpec, policy: Policy, workload: Workload, hw: HardwareSpec,
@@ -90,11 +103,11 @@ def engine_kv_tokens(spec: ModelSpec, policy: Policy, workload: Workload, hw: Ha
     """The engine's paged KV cache when no size is given: room for N requests at the longest prompt when
     the memory budget holds it (a batch of N is then never split), else the paper's cache_size, N x
     (average prompt + gen_len), which the plans reserve and Algorithm 2 admits against."""
-    roomy = int(kv_tokens_for(policy.batch_size, policy.micro_batch_size, workload, True, block_size, True))
+    roomy = int(kv_tokens_for(policy.batch_size, policy.micro_batch_size, workload, True, block_size, True, lengths))
     if memory_plan(spec, policy, workload, kv_tokens=roomy, paged=True, block_size=block_size,
                    lengths=lengths).fits(hw):
         return roomy
-    return kv_cache_tokens(policy, workload, True, block_size)
+    return kv_cache_tokens(policy, workload, True, block_size, lengths)
 
 
 def _min(a: Any, b: Any) -> Any:
@@ -304,8 +317,8 @@ class MemoryPlan:
         def side(name: str, pools: dict[str, int], total: int, budget: int) -> str:
             mark = "OVER" if total > budget else "ok"
             parts = ", ".join(f"{k}={v}" for k, v in pools.items())
-            return (f"{name} needs {total} B ({total / GB:.2f} GB: {parts}) of {budget} B "
-                    f"({budget / GB:.2f} GB) available [{mark}]")
+            return (f"{name} needs {total} B ({total / GiB:.2f} GiB: {parts}) of {budget} B "
+                    f"({budget / GiB:.2f} GiB) available [{mark}]")
 
         return ("policy does not fit the memory budget: "
                 + side("GPU", self.gpu, self.gpu_total_bytes, hw.gpu_budget_bytes) + "; "
@@ -319,7 +332,7 @@ def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload, kv_tokens: 
     `kv_tokens` tokens; by default `kv_cache_tokens(policy, workload, paged)`: with `paged` (CGOPipe's
     unpadded block pool) N x (average prompt + gen_len), else N x (longest prompt + gen_len)."""
     if kv_tokens is None:
-        kv_tokens = kv_cache_tokens(policy, workload, paged)
+        kv_tokens = kv_cache_tokens(policy, workload, paged, block_size, lengths)
     gpu, cpu = memory_pools(
         spec, workload, batch_size=policy.batch_size, micro_batch_size=policy.micro_batch_size,
         num_pages=policy.num_pages, n_res=resident_experts_per_layer(spec, policy.expert_gpu_fraction),

@@ -294,13 +294,13 @@ CASES = [
          setup=checkpoint(edit_tensors(lambda t: t.update({"model.layers.0.self_attn.k_proj.weight":
                                                            torch.zeros(8, 64)})))),
     # Tunes: no completed trial is a failure, with the commonest reason; a study is not reused across kinds
-    Case("tune-every-trial-out-of-memory", ("tuner.objective=measure", "tuner.trial_memory_gb=0.4", "tuner.n_trials=2",
+    Case("tune-every-trial-out-of-memory", ("tuner.objective=measure", "tuner.trial_memory_gib=0.4", "tuner.n_trials=2",
                                             "tuner.seed_with_hrm=false", "tuner.study_name=capped"),
          "out of memory under the trial's memory cap", code=1, task="tune", base=TUNE),
     Case("tune-every-trial-times-out", ("tuner.objective=measure", "tuner.trial_timeout_s=0.5", "tuner.n_trials=2",
                                         "tuner.seed_with_hrm=false", "tuner.study_name=slow"),
          "no result after 0.5 s", code=1, task="tune", base=TUNE),
-    Case("tune-every-trial-infeasible", ("tuner.objective=simulate", "hardware.gpu.memory_gb=0.00001",
+    Case("tune-every-trial-infeasible", ("tuner.objective=simulate", "hardware.gpu.memory_gib=0.00001",
                                          "tuner.n_trials=2", "tuner.seed_with_hrm=false", "tuner.study_name=tiny"),
          "(0 failed, 2 infeasible", code=1, task="tune", base=TUNE),
     Case("tune-study-of-another-objective", ("tuner.objective=measure", "tuner.n_trials=1", "tuner.study_name=kinds"),

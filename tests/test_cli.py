@@ -82,8 +82,8 @@ def test_a_user_hardware_profile_from_config_dir(tmp_path):
     """A calibrated profile kept outside the package is selectable with --config-dir."""
     (tmp_path / "conf" / "hardware").mkdir(parents=True)
     (tmp_path / "conf" / "hardware" / "mybox.yaml").write_text(
-        "name: mybox\ngpu: {name: x, count: 1, memory_gb: 16, bandwidth_gbps: 300, peak_tflops: 65}\n"
-        "cpu: {name: y, cores: 8, memory_gb: 256, bandwidth_gbps: 50, peak_tflops: 0.5}\n"
+        "name: mybox\ngpu: {name: x, count: 1, memory_gib: 16, bandwidth_gbps: 300, peak_tflops: 65}\n"
+        "cpu: {name: y, cores: 8, memory_gib: 256, bandwidth_gbps: 50, peak_tflops: 0.5}\n"
         "link: {h2d_gbps: 12, d2h_gbps: 12}\n")
     out = tmp_path / "plan.json"
     r = cli("--config-dir", str(tmp_path / "conf"), "task=plan", "hardware=mybox", "model=mixtral-8x7b",

@@ -26,7 +26,7 @@ Modelled, as the sources write it (MoE-Lightning's version where it differs from
 Deliberate differences from the sources:
 - every byte count carries `B = dtype_bytes / 2` (FlexGen writes fp16's 2 bytes into its literals), so
   a float32 model is sized as float32; at fp16/bf16 `B = 1` and the terms are the sources' exactly;
-- capacities are the hardware profile's (decimal GB) times `alpha`, not FlexGen's `GB = 2**30` CLI sizes.
+- capacities are the hardware profile's (GiB, as FlexGen's own `GB = 2**30` CLI sizes) times `alpha`.
 Not modelled (as in FlexGen's model): kernel launches and per-task overheads, the CPU->pinned staging
 copy, router and norm weights, embeddings and the LM head, expert load imbalance, KV growth beyond
 its average `s + n / 2`, and (for attention on the GPU) streaming CPU-resident KV to the GPU.
@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from moe_lightning.config import GB, HardwareSpec, ModelSpec, Workload
+from moe_lightning.config import GiB, HardwareSpec, ModelSpec, Workload
 
 FLEXGEN_GB = 2 ** 30   # FlexGen's `flexgen.utils.GB`: its fitted bandwidths are in GiB/s
 FLEXGEN_T = 1e12       # `flexgen.utils.T`
@@ -273,4 +273,4 @@ def disk_peak(x: Shape, p: Percents) -> float:
 
 def capacities(hw: HardwareSpec) -> tuple[float, float]:
     """(GPU, CPU) bytes FlexGen's constraints allow: `alpha` of the profile's memory (over all GPUs)."""
-    return ALPHA * hw.gpu.memory_gb * GB * hw.gpu.count, ALPHA * hw.cpu.memory_gb * GB
+    return ALPHA * hw.gpu.memory_gib * GiB * hw.gpu.count, ALPHA * hw.cpu.memory_gib * GiB

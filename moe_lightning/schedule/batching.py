@@ -5,7 +5,8 @@ Algorithm 2 (MoE-Lightning, App. A.2): requests are sorted by prompt length, lon
 to the partition (micro-batch) holding the fewest tokens, and is admitted only if that partition's
 tokens plus its prompt plus (1 + its requests) x gen_len still fit the partition's share of the KV
 cache; otherwise it waits for the next batch (no other partition is tried). A partition holds at most
-`micro_batch_size` requests.
+`micro_batch_size` requests, and all of them together at most the batch size N (ceil(N / mu) x mu can
+exceed N).
 
 Generalised here in two ways, both reducing to the paper's rule in its setting:
 - each request reserves its own prompt + its own generation budget (`max_new_tokens`, `gen_len` when
@@ -27,12 +28,13 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class KVBudget:
     """The KV cache's room: `partitions` micro-batches of at most `micro_batch_size` requests, each with
-    `blocks_per_partition` blocks of `block_size` tokens."""
+    `blocks_per_partition` blocks of `block_size` tokens, and at most `batch_size` requests in all."""
 
     partitions: int
     micro_batch_size: int
     blocks_per_partition: int
     block_size: int
+    batch_size: int = 0   # 0: partitions x micro_batch_size
 
     @property
     def tokens(self) -> int:
@@ -46,7 +48,7 @@ def kv_budget(batch_size: int, micro_batch_size: int, tokens: int, block_size: i
     """`tokens` of KV cache (the memory plan's, `memory.kv_cache_tokens`) split evenly over the
     ceil(N / mu) micro-batches, each share floored to whole blocks."""
     partitions = -(-batch_size // micro_batch_size)
-    return KVBudget(partitions, micro_batch_size, tokens // partitions // block_size, block_size)
+    return KVBudget(partitions, micro_batch_size, tokens // partitions // block_size, block_size, batch_size)
 
 
 @dataclass
@@ -67,9 +69,10 @@ def admit(waiting: Sequence[int], prompt_len: Sequence[int], max_new: Sequence[i
     admitted: dict[int, list[int]] = {}
     deferred: list[int] = []
     order = sorted(waiting, key=lambda r: (-prompt_len[r], r))
+    room = (budget.batch_size or budget.partitions * budget.micro_batch_size) - sum(len(p.requests) for p in partitions)
     for n, r in enumerate(order):
-        open_ = [j for j, p in enumerate(partitions) if len(p.requests) < budget.micro_batch_size]
-        if not open_:   # every micro-batch is full: the rest wait, without a pass over each
+        open_ = [j for j, p in enumerate(partitions) if len(p.requests) < budget.micro_batch_size] if room else []
+        if not open_:   # every micro-batch is full, or N are running: the rest wait, without a pass over each
             deferred += order[n:]
             break
         j = min(open_, key=lambda j: (partitions[j].reserved_blocks, j))
@@ -80,6 +83,7 @@ def admit(waiting: Sequence[int], prompt_len: Sequence[int], max_new: Sequence[i
         partitions[j].requests.append(r)
         partitions[j].reserved_blocks += need
         admitted.setdefault(j, []).append(r)
+        room -= 1
     return dict(sorted(admitted.items())), sorted(deferred)
 
 

@@ -76,10 +76,10 @@ def table(m) -> str:
         (f"{role}", m.gpu_name),
         ("  peak", f"{m.gpu_peak_tflops:.3f} TFLOP/s ({'bf16' if m.device == 'cuda' else 'fp32'} matmul)"),
         ("  memory bandwidth", f"{m.gpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
-        ("  memory", f"{m.gpu_memory_gb:.1f} GB"),
+        ("  memory", f"{m.gpu_memory_gib:.1f} GiB"),
         ("link H2D / D2H", f"{m.h2d_gbps:.1f} / {m.d2h_gbps:.1f} GB/s"
          + (" (pinned)" if m.device == "cuda" else " (thread memcpy)")),
-        ("CPU", f"{m.cpu_name}, {m.cpu_cores} cores, {m.cpu_memory_gb:.1f} GB"),
+        ("CPU", f"{m.cpu_name}, {m.cpu_cores} cores, {m.cpu_memory_gib:.1f} GiB"),
         ("  peak", f"{m.cpu_peak_tflops:.3f} TFLOP/s (fp32 matmul)"),
         ("  memory bandwidth", f"{m.cpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
         ("  decode attention", f"{m.cpu_attn_gbps:.1f} GB/s of K/V read"),

@@ -82,14 +82,14 @@ class Measurements:
     device: str                      # "cuda" or "cpu" (the CPU played the GPU)
     gpu_name: str
     gpu_count: int
-    gpu_memory_gb: float
+    gpu_memory_gib: float
     gpu_peak_tflops: float
     gpu_bandwidth_gbps: float
     h2d_gbps: float
     d2h_gbps: float
     cpu_name: str
     cpu_cores: int
-    cpu_memory_gb: float
+    cpu_memory_gib: float
     cpu_peak_tflops: float
     cpu_bandwidth_gbps: float
     cpu_attn_gbps: float
@@ -150,9 +150,9 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def ram_gb() -> float:
+def ram_gib() -> float:
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30   # GiB
     except (ValueError, OSError, AttributeError):
         return 8.0
 
@@ -358,15 +358,15 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
             gpu = measure_gpu(sizes)
             torch.cuda.empty_cache()
             props = torch.cuda.get_device_properties(0)
-            gpu_name, gpu_count, gpu_mem = props.name, torch.cuda.device_count(), props.total_memory / GB
+            gpu_name, gpu_count, gpu_mem = props.name, torch.cuda.device_count(), props.total_memory / 2**30
             h2d, d2h = gpu["h2d_gbps"], gpu["d2h_gbps"]
             log.info("gpu: %.1f TFLOP/s bf16, %.1f GB/s copy; link %.1f / %.1f GB/s", gpu["peak_tflops"],
                      gpu["bandwidth_gbps"], h2d, d2h)
-            cpu_mem = ram_gb()
+            cpu_mem = ram_gib()
         else:
             gpu = {"peak_tflops": cpu["peak_tflops"], "bandwidth_gbps": cpu["bandwidth_gbps"]}
             gpu_name, gpu_count = "cpu-as-gpu", 1
-            gpu_mem, cpu_mem = ram_gb() / 3, ram_gb() * 2 / 3
+            gpu_mem, cpu_mem = ram_gib() / 3, ram_gib() * 2 / 3
             h2d = d2h = cpu["thread_copy_gbps"]  # a thread's memcpy: bytes copied per second
         curves = measure_kernel_curves(sizes, "cuda" if use_cuda else "cpu")
         log.info("GEMM by rows: %s; experts by tokens per expert: %s",
@@ -378,8 +378,8 @@ def measure(quick: bool = False, device: str = "auto") -> Measurements:
                  "barrier", overhead * 1e6, step * 1e6, issue * 1e6, sync * 1e6)
     return Measurements(
         device="cuda" if use_cuda else "cpu", gpu_name=gpu_name, gpu_count=gpu_count,
-        gpu_memory_gb=gpu_mem, gpu_peak_tflops=gpu["peak_tflops"], gpu_bandwidth_gbps=gpu["bandwidth_gbps"],
-        h2d_gbps=h2d, d2h_gbps=d2h, cpu_name=cpu_name(), cpu_cores=cpu_cores(), cpu_memory_gb=cpu_mem,
+        gpu_memory_gib=gpu_mem, gpu_peak_tflops=gpu["peak_tflops"], gpu_bandwidth_gbps=gpu["bandwidth_gbps"],
+        h2d_gbps=h2d, d2h_gbps=d2h, cpu_name=cpu_name(), cpu_cores=cpu_cores(), cpu_memory_gib=cpu_mem,
         cpu_peak_tflops=cpu["peak_tflops"], cpu_bandwidth_gbps=cpu["bandwidth_gbps"],
         cpu_attn_gbps=cpu["attn_gbps"], task_overhead_s=overhead, step_overhead_s=step, quick=quick,
         issue_overhead_s=issue, sync_overhead_s=sync, **curves,
@@ -404,12 +404,12 @@ def hardware_spec(m: Measurements, name: str = "calibrated", gpu_usable_fraction
                   cpu_usable_fraction: float = 0.8) -> HardwareSpec:
     return HardwareSpec(
         name=name,
-        gpu=GpuSpec(name=m.gpu_name, count=m.gpu_count, memory_gb=_r(m.gpu_memory_gb, 3),
+        gpu=GpuSpec(name=m.gpu_name, count=m.gpu_count, memory_gib=_r(m.gpu_memory_gib, 3),
                     bandwidth_gbps=_r(m.gpu_bandwidth_gbps), peak_tflops=_r(m.gpu_peak_tflops),
                     usable_fraction=gpu_usable_fraction, shares_host=m.device != "cuda",
                     gemm_rows=list(m.gemm_rows), gemm_tflops=[_r(x) for x in m.gemm_tflops],
                     expert_loads=list(m.expert_loads), expert_tflops=[_r(x) for x in m.expert_tflops]),
-        cpu=CpuSpec(name=m.cpu_name, cores=m.cpu_cores, memory_gb=_r(m.cpu_memory_gb, 3),
+        cpu=CpuSpec(name=m.cpu_name, cores=m.cpu_cores, memory_gib=_r(m.cpu_memory_gib, 3),
                     bandwidth_gbps=_r(m.cpu_bandwidth_gbps), peak_tflops=_r(m.cpu_peak_tflops),
                     usable_fraction=cpu_usable_fraction, attn_gbps=_r(m.cpu_attn_gbps)),
         link=LinkSpec(h2d_gbps=_r(m.h2d_gbps), d2h_gbps=_r(m.d2h_gbps)),

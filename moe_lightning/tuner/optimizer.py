@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import GiB, HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.errors import MemoryBudgetError
 from moe_lightning.memory import CPU_POOLS, GPU_POOLS, MemoryPlan, kv_tokens_for, memory_plan, memory_pools
 from moe_lightning.tuner.hrm import Prediction, decode_layer_times, predict, prefill_time, throughput
@@ -134,7 +134,7 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
     N, mu = candidate_pairs(n_cap)
     n_mb = -(-N // mu)
     num_pages = np.full(N.shape, pages_per_layer, dtype=np.int64) if pages_per_layer else n_mb
-    kv_tokens = kv_tokens_for(N, mu, workload, paged_kv)
+    kv_tokens = kv_tokens_for(N, mu, workload, paged_kv, lengths=lengths)
     kv_total = kv_tokens * spec.kv_bytes_per_token
     gpu_budget, cpu_budget = hw.gpu_budget_bytes, hw.cpu_budget_bytes
 
@@ -214,8 +214,8 @@ def plan_document(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _fmt_gb(nbytes: float) -> str:
-    return f"{nbytes / GB:8.2f}"
+def _fmt_gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:8.2f}"
 
 
 def plan_table(plan: Plan) -> str:
@@ -241,16 +241,16 @@ def plan_table(plan: Plan) -> str:
               f"  {'per layer link/cpu/gpu ms':<28}{pred.t_link * 1e3:.3f} / {pred.t_cpu * 1e3:.3f} / "
               f"{pred.t_gpu * 1e3:.3f}",
               f"  {'bottleneck':<28}{pred.bottleneck}",
-              "", f"memory (GB; GPU per device over {g} GPU{'s' if g > 1 else ''})",
+              "", f"memory (GiB; GPU per device over {g} GPU{'s' if g > 1 else ''})",
               f"  {'pool':<22}{'GPU':>9}{'CPU':>9}"]
     for pool in dict.fromkeys(GPU_POOLS + CPU_POOLS):
         gpu_b = plan.memory.gpu.get(pool)
         cpu_b = plan.memory.cpu.get(pool)
-        lines.append(f"  {pool:<22}{_fmt_gb(gpu_b / g) if gpu_b is not None else '       -':>9}"
-                     f"{_fmt_gb(cpu_b) if cpu_b is not None else '       -':>9}")
-    lines.append(f"  {'total':<22}{_fmt_gb(plan.memory.gpu_total_bytes / g):>9}"
-                 f"{_fmt_gb(plan.memory.cpu_total_bytes):>9}")
-    lines.append(f"  {'budget':<22}{_fmt_gb(hw.gpu_budget_bytes / g):>9}{_fmt_gb(hw.cpu_budget_bytes):>9}")
+        lines.append(f"  {pool:<22}{_fmt_gib(gpu_b / g) if gpu_b is not None else '       -':>9}"
+                     f"{_fmt_gib(cpu_b) if cpu_b is not None else '       -':>9}")
+    lines.append(f"  {'total':<22}{_fmt_gib(plan.memory.gpu_total_bytes / g):>9}"
+                 f"{_fmt_gib(plan.memory.cpu_total_bytes):>9}")
+    lines.append(f"  {'budget':<22}{_fmt_gib(hw.gpu_budget_bytes / g):>9}{_fmt_gib(hw.cpu_budget_bytes):>9}")
     lines.append("")
     lines.append(f"search: {plan.points_evaluated} points in {plan.search_s:.2f} s")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -344,7 +345,7 @@ def measure_trial(cfg: RunConfig) -> tuple[dict, int]:
     t = cfg.tuner
     docs = []
     for _ in range(1 + t.remeasure):
-        docs.append(run_trial_process(cfg, t.trial_timeout_s, t.trial_memory_gb))
+        docs.append(run_trial_process(cfg, t.trial_timeout_s, t.trial_memory_gib))
         if not docs[-1]["metrics"]["noisy"]:
             break
     best = min(docs, key=lambda d: d["metrics"]["spread"]["throughput_tok_s"]["cv"])
@@ -361,10 +362,15 @@ def simulate_objective(cfg: RunConfig, spec: ModelSpec) -> float:
 # the trial process
 
 
-def _trial_child(cfg: RunConfig, memory_gb: float, conn, parent_pid: int) -> None:
-    """Runs in a spawned process: one warmed-up generation run, its report sent back."""
+def _trial_child(cfg: RunConfig, memory_gib: float, conn, parent_pid: int, stderr_path: str) -> None:
+    """Runs in a spawned process: one warmed-up generation run, its report sent back. Its stderr goes to
+    `stderr_path`, so that what a dying process prints (a C++ `terminate called ...` under a memory cap)
+    reaches the user only as the parent's one-line reason."""
     import logging as _logging
 
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 2)
+    os.close(fd)
     tie_to_parent(parent_pid)
     from tqdm import tqdm
 
@@ -373,10 +379,10 @@ def _trial_child(cfg: RunConfig, memory_gb: float, conn, parent_pid: int) -> Non
     tqdm.set_lock(threading.RLock())
     _logging.basicConfig(level=_logging.WARNING)
     try:
-        if memory_gb > 0:
+        if memory_gib > 0:
             import resource
 
-            limit = int(memory_gb * 1e9)
+            limit = int(memory_gib * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         from moe_lightning.tasks.generate import run_generation
 
@@ -386,7 +392,7 @@ def _trial_child(cfg: RunConfig, memory_gb: float, conn, parent_pid: int) -> Non
     except MoELightningError as exc:
         conn.send(("error", str(exc)))
     except BaseException as exc:  # noqa: BLE001 - anything else is a failed trial, reported by name
-        conn.send(("error", out_of_memory(exc, memory_gb) or f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", out_of_memory(exc, memory_gib) or f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
@@ -395,7 +401,7 @@ _OOM_WORDS = ("failed to map segment", "cannot allocate memory", "can't allocate
               "std::bad_alloc")
 
 
-def out_of_memory(exc: BaseException, memory_gb: float) -> str | None:
+def out_of_memory(exc: BaseException, memory_gib: float) -> str | None:
     """The one-line reason for an exception that means the trial ran out of memory, else None.
 
     Under an address-space cap memory runs out in many guises: a MemoryError, a torch allocator error, an
@@ -409,23 +415,34 @@ def out_of_memory(exc: BaseException, memory_gb: float) -> str | None:
     oom = (isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
            or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
            or (isinstance(exc, (ImportError, OSError, RuntimeError)) and any(w in text for w in _OOM_WORDS))
-           or (memory_gb > 0 and isinstance(exc, (ImportError, OSError)) and "mmap" in text))
+           or (memory_gib > 0 and isinstance(exc, (ImportError, OSError)) and "mmap" in text))
     if not oom:
         return None
-    if memory_gb > 0:
-        return f"out of memory under the trial's memory cap of {memory_gb:g} GB (tuner.trial_memory_gb; {detail})"
+    if memory_gib > 0:
+        return f"out of memory under the trial's memory cap of {memory_gib:g} GiB (tuner.trial_memory_gib; {detail})"
     return f"out of memory ({detail})"
 
 
-def run_trial_process(cfg: RunConfig, timeout_s: float, memory_gb: float = 0.0) -> dict:
+def run_trial_process(cfg: RunConfig, timeout_s: float, memory_gib: float = 0.0) -> dict:
     """Run one measured trial in a spawned child; -> its run document, or raise TrialFailed. The child
     dies with this process; interrupted here (SIGINT/SIGTERM), it is stopped before the signal goes on."""
+    import tempfile
+
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_trial_child, args=(cfg, memory_gb, child, os.getpid()), daemon=True)
+    err_fd, err_path = tempfile.mkstemp(prefix="moe-lightning-trial-", suffix=".stderr")
+    os.close(err_fd)
+    proc = ctx.Process(target=_trial_child, args=(cfg, memory_gib, child, os.getpid(), err_path), daemon=True)
     with sigint_ignored_by_children():
         proc.start()
     child.close()
+    try:
+        return _trial_result(proc, parent, timeout_s, memory_gib, err_path)
+    finally:
+        Path(err_path).unlink(missing_ok=True)
+
+
+def _trial_result(proc, parent, timeout_s: float, memory_gib: float, err_path: str) -> dict:
     try:
         if parent.poll(timeout_s):
             status, payload = parent.recv()
@@ -439,8 +456,16 @@ def run_trial_process(cfg: RunConfig, timeout_s: float, memory_gb: float = 0.0) 
     finally:
         parent.close()
     _stop(proc, 0.0 if status == "timeout" else 10.0)
+    printed = Path(err_path).read_text(errors="replace")
     if status == "died":
-        raise TrialFailed(_death(proc, memory_gb))
+        last = next((line.strip() for line in reversed(printed.splitlines()) if line.strip()), "")[:200]
+        if any(w in last.lower() for w in _OOM_WORDS):   # e.g. a C++ std::bad_alloc that aborted it
+            cap = (f" under the trial's memory cap of {memory_gib:g} GiB (tuner.trial_memory_gib;" if memory_gib
+                   else " (")
+            raise TrialFailed(f"out of memory{cap} the process aborted: {last})")
+        raise TrialFailed(_death(proc, memory_gib) + (f"; it last printed: {last}" if last else ""))
+    if printed:   # a trial that reported: its warnings and log lines, as it printed them
+        sys.stderr.write(printed)
     if status != "ok":
         raise TrialFailed(payload.splitlines()[0] if payload else "failed")
     return payload
@@ -455,11 +480,11 @@ def _stop(proc, wait_s: float) -> None:
             proc.join(2)
 
 
-def _death(proc, memory_gb: float = 0.0) -> str:
+def _death(proc, memory_gib: float = 0.0) -> str:
     proc.join(5)
     code = proc.exitcode
     if code is not None and code < 0:
-        cap = f" under the trial's memory cap of {memory_gb:g} GB" if memory_gb > 0 else ""
+        cap = f" under the trial's memory cap of {memory_gib:g} GiB" if memory_gib > 0 else ""
         hint = f" (killed: out of memory{cap}?)" if code == -9 or (cap and code in (-6, -7, -11)) else ""
         return f"trial process died from signal {-code}{hint}"
     return f"trial process exited with code {code} without a result"

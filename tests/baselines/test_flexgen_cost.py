@@ -193,8 +193,8 @@ def test_shape_of_mixtral_and_the_prompt_length_by_padding():
 
 
 def test_capacities_are_alpha_of_the_profile():
-    hw = HardwareSpec(name="x", gpu=GpuSpec(memory_gb=15, count=2), cpu=CpuSpec(memory_gb=192))
-    assert fc.capacities(hw) == pytest.approx((0.8 * 30e9, 0.8 * 192e9))
+    hw = HardwareSpec(name="x", gpu=GpuSpec(memory_gib=15, count=2), cpu=CpuSpec(memory_gib=192))
+    assert fc.capacities(hw) == pytest.approx((0.8 * 30 * 2**30, 0.8 * 192 * 2**30))   # GiB
 
 
 def test_fitted_constants_are_in_gib_per_s():

@@ -142,7 +142,7 @@ def test_deepspeed_policy_is_one_micro_batch_largest_batch(tiny):
 
     spec, _ = tiny
     wl = Workload(prompt_len_avg=200, prompt_len_max=400, gen_len=64, num_requests=4096)
-    hw = HardwareSpec(name="small", gpu=GpuSpec(memory_gb=0.02, usable_fraction=1.0))
+    hw = HardwareSpec(name="small", gpu=GpuSpec(memory_gib=0.02, usable_fraction=1.0))
     p = deepspeed_policy(spec, hw, wl)
     assert p.num_micro_batches == 1 and p.expert_gpu_fraction == 0 and p.attn_on_gpu and p.num_pages == 1
     assert 1 <= p.batch_size < 4096 and memory_plan(spec, p, wl).fits(hw)

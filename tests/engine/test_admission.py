@@ -88,8 +88,8 @@ def test_kv_blocks_of_any_size_are_token_identical(tiny, prompts, hf_outputs, bl
     assert all(mb.blocks is not None and mb.k is None for mb in runner.parts)
     pool = runner.stats()["extra"]["kv_blocks"]
     m = policy.num_micro_batches
-    share = math.ceil(10 * (40 + MAX_NEW) / m)                                   # the plan's N x (40 + 16)
-    assert pool["blocks"] == m * math.ceil(share / block_size)
+    # Room for the N longest requests (40 + 16 tokens, in whole blocks), ceil(N / m) in each share.
+    assert pool["blocks"] == m * math.ceil(10 / m) * math.ceil((40 + MAX_NEW) / block_size)
     # Before the first decode step every running request holds its prompt's blocks, nothing more.
     blocks, running = held[0]
     assert len(running) >= 9 and blocks == sum(-(-len(prompts[r]) // block_size) for r in running)

@@ -143,13 +143,13 @@ class CountingSource:
 def test_over_budget_policy_refused_before_any_allocation(tiny, prompts):
     spec, source = tiny
     counting = CountingSource(source)
-    small = HardwareSpec(name="small", gpu=GpuSpec(memory_gb=0.0002, usable_fraction=1.0),
+    small = HardwareSpec(name="small", gpu=GpuSpec(memory_gib=2**-12, usable_fraction=1.0),
                          cpu=CpuSpec(), link=LinkSpec())
     with pytest.raises(MemoryBudgetError) as exc:
         CGOPipeRunner(spec, counting, small, Policy(batch_size=10, micro_batch_size=5),
                       prompt_workload(prompts), CPU)
     msg = str(exc.value)
-    assert "\n" not in msg and "non_expert_weights=" in msg and "200000 B" in msg and "OVER" in msg
+    assert "\n" not in msg and "non_expert_weights=" in msg and "262144 B" in msg and "OVER" in msg
     assert counting.reads == 0
 
 

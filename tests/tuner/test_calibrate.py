@@ -25,8 +25,8 @@ def test_quick_calibration_writes_a_loadable_profile(calibrated, tmp_path, monke
     tmp, report = calibrated
     hw = load_hardware_yaml(tmp / "mybox.yaml")
     assert isinstance(hw, HardwareSpec) and hw.name == "mybox"
-    for value in (hw.gpu.peak_tflops, hw.gpu.bandwidth_gbps, hw.gpu.memory_gb, hw.cpu.peak_tflops,
-                  hw.cpu.bandwidth_gbps, hw.cpu.memory_gb, hw.link.h2d_gbps, hw.link.d2h_gbps):
+    for value in (hw.gpu.peak_tflops, hw.gpu.bandwidth_gbps, hw.gpu.memory_gib, hw.cpu.peak_tflops,
+                  hw.cpu.bandwidth_gbps, hw.cpu.memory_gib, hw.link.h2d_gbps, hw.link.d2h_gbps):
         assert value > 0
     assert hw.gpu.name == "cpu-as-gpu" and hw.gpu.peak_tflops == hw.cpu.peak_tflops  # the CPU plays the GPU
     # The simulator's measured rates: a one-row GEMM streams its weight and cannot reach the rate of a

@@ -24,8 +24,8 @@ SPEC = ModelSpec(name="hand", num_layers=2, hidden_size=8, intermediate_size=16,
                  head_dim=4, num_experts=4, top_k=2, vocab_size=32, dtype="float16", weights="random")
 # GPU 1 TFLOP/s and 100 GB/s, CPU 0.1 TFLOP/s and 10 GB/s, link 1 GB/s each way.
 HW = HardwareSpec(name="hand",
-                  gpu=GpuSpec(memory_gb=1, bandwidth_gbps=100, peak_tflops=1.0, usable_fraction=1),
-                  cpu=CpuSpec(memory_gb=1, bandwidth_gbps=10, peak_tflops=0.1, usable_fraction=1),
+                  gpu=GpuSpec(memory_gib=1, bandwidth_gbps=100, peak_tflops=1.0, usable_fraction=1),
+                  cpu=CpuSpec(memory_gib=1, bandwidth_gbps=10, peak_tflops=0.1, usable_fraction=1),
                   link=LinkSpec(h2d_gbps=1, d2h_gbps=1))
 WORKLOAD = Workload(prompt_len_avg=4, prompt_len_max=5, gen_len=4, num_requests=4)
 LENGTHS = [3, 5, 4, 4]   # the prompts' real lengths: mean 4, mean square 16.5

@@ -13,8 +13,8 @@ WORKLOAD = Workload(prompt_len_avg=3, prompt_len_max=5, gen_len=3, num_requests=
 
 
 def hw_with(gpu_bytes: float, cpu_bytes: float) -> HardwareSpec:
-    return HardwareSpec(name="hand", gpu=GpuSpec(memory_gb=gpu_bytes / 1e9, usable_fraction=1.0),
-                        cpu=CpuSpec(memory_gb=cpu_bytes / 1e9, usable_fraction=1.0), link=LinkSpec())
+    return HardwareSpec(name="hand", gpu=GpuSpec(memory_gib=gpu_bytes / 2**30, usable_fraction=1.0),
+                        cpu=CpuSpec(memory_gib=cpu_bytes / 2**30, usable_fraction=1.0), link=LinkSpec())
 
 
 def test_pools_by_hand_attention_on_cpu():

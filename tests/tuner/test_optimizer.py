@@ -24,9 +24,9 @@ WORKLOAD = Workload(name="small", prompt_len_avg=40, prompt_len_max=64, gen_len=
 def small_hw(gpu_bytes: int, cpu_gbps: float = 20.0) -> HardwareSpec:
     # Slow link and modest CPU so that the placement and residency trade-offs are live.
     return HardwareSpec(name="small",
-                        gpu=GpuSpec(memory_gb=gpu_bytes / 1e9, bandwidth_gbps=50, peak_tflops=2.0,
+                        gpu=GpuSpec(memory_gib=gpu_bytes / 2**30, bandwidth_gbps=50, peak_tflops=2.0,
                                     usable_fraction=1.0),
-                        cpu=CpuSpec(memory_gb=0.01, bandwidth_gbps=cpu_gbps, peak_tflops=0.05,
+                        cpu=CpuSpec(memory_gib=0.01, bandwidth_gbps=cpu_gbps, peak_tflops=0.05,
                                     usable_fraction=1.0),
                         link=LinkSpec(h2d_gbps=2, d2h_gbps=2))
 
@@ -74,7 +74,7 @@ def _e2e(hw, model="mixtral-8x7b", workload="mtbench"):
 @pytest.mark.parametrize("wl_name", ["mtbench", "helm-synthetic-reasoning", "helm-summarization"])
 def test_more_gpu_memory_or_faster_link_never_hurts(hw_name, wl_name):
     hw = load_preset("hardware", hw_name)
-    mem = [_e2e(replace(hw, gpu=replace(hw.gpu, memory_gb=hw.gpu.memory_gb * s)), workload=wl_name)
+    mem = [_e2e(replace(hw, gpu=replace(hw.gpu, memory_gib=hw.gpu.memory_gib * s)), workload=wl_name)
            for s in (1.0, 1.1, 1.25, 1.5, 2.0, 4.0)]
     assert all(b >= a * (1 - 1e-9) for a, b in zip(mem, mem[1:], strict=False)), mem
     assert mem[-1] > mem[0]
@@ -120,7 +120,7 @@ def test_reports():
     assert doc["bottleneck"] in ("link", "cpu", "gpu")
     table = plan_table(plan)
     assert "end-to-end tokens/s" in table and "kv_cache" in table and "budget" in table
-    assert f"{hw.gpu_budget_bytes / 2 / 1e9:8.2f}" in table  # per-device GPU budget
+    assert f"{hw.gpu_budget_bytes / 2 / 2**30:8.2f}" in table  # per-device GPU budget
 
 
 def test_every_shipped_case_is_fast():

@@ -58,7 +58,7 @@ def test_first_trial_is_the_hrm_policy(tmp_path, tiny_path):
 
 
 def test_infeasible_points_are_pruned_without_running(tmp_path, tiny_path):
-    tiny_gpu = HardwareSpec(name="tiny-gpu", gpu=GpuSpec(memory_gb=1e-5, usable_fraction=1.0), cpu=CpuSpec(),
+    tiny_gpu = HardwareSpec(name="tiny-gpu", gpu=GpuSpec(memory_gib=1e-5, usable_fraction=1.0), cpu=CpuSpec(),
                             link=LinkSpec())
     cfg = dataclasses.replace(make_cfg(tmp_path, "pruned", objective="measure", seed_with_hrm=False),
                               hardware=tiny_gpu)
@@ -71,10 +71,10 @@ def test_infeasible_points_are_pruned_without_running(tmp_path, tiny_path):
 
 def test_crashing_trials_fail_and_the_study_goes_on(tmp_path, tiny_path):
     # An address-space cap the child cannot live with: every measured run dies of memory.
-    cfg = make_cfg(tmp_path, "crash", objective="measure", trial_memory_gb=0.4, seed_with_hrm=False)
+    cfg = make_cfg(tmp_path, "crash", objective="measure", trial_memory_gib=0.4, seed_with_hrm=False)
     study = run_study(cfg, 2)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
-    assert all(t.user_attrs["reason"].startswith("out of memory under the trial's memory cap of 0.4 GB")
+    assert all(t.user_attrs["reason"].startswith("out of memory under the trial's memory cap of 0.4 GiB")
                for t in study.trials)  # not "ImportError: failed to map segment"
     # ... and a trial that overruns its timeout is killed and failed the same way.
     cfg = make_cfg(tmp_path, "timeout", objective="measure", trial_timeout_s=0.5, seed_with_hrm=False)

@@ -281,17 +281,17 @@ def test_processes_racing_for_trials_start_exactly_n(tmp_path, tiny_path):
 @pytest.mark.slow
 def test_a_tune_whose_every_trial_fails_exits_1_with_one_line(tmp_path, tiny_path):
     # An address-space cap no trial process can live with: each runs out of memory importing torch.
-    r = subprocess.run(tune_args(tmp_path, "capped", "tuner.objective=measure", "tuner.trial_memory_gb=0.4",
+    r = subprocess.run(tune_args(tmp_path, "capped", "tuner.objective=measure", "tuner.trial_memory_gib=0.4",
                                  "tuner.n_trials=3", "tuner.seed_with_hrm=false"),
                        capture_output=True, text=True, timeout=300, env=cli_env(tmp_path))
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("moe-lightning: error: no trial of study capped completed (3 failed, 0 infeasible; "
                                "reason of 3 of 3: out of memory")
-    assert "out of memory under the trial's memory cap of 0.4 GB" in r.stderr
+    assert "out of memory under the trial's memory cap of 0.4 GiB" in r.stderr
     study = load(tmp_path, "capped")
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
-    assert all(t.user_attrs["reason"].startswith("out of memory under the trial's memory cap of 0.4 GB")
+    assert all(t.user_attrs["reason"].startswith("out of memory under the trial's memory cap of 0.4 GiB")
                for t in study.trials)
     printed = [line for line in r.stdout.splitlines() if line.startswith("trial ")]
     assert len(printed) == 3 and all(" failed: out of memory under" in line for line in printed[:3])
@@ -299,7 +299,7 @@ def test_a_tune_whose_every_trial_fails_exits_1_with_one_line(tmp_path, tiny_pat
 
 def test_memory_errors_under_a_cap_read_as_out_of_memory():
     segment = ImportError("libtorch_cpu.so: failed to map segment from shared object")
-    assert out_of_memory(segment, 0.4).startswith("out of memory under the trial's memory cap of 0.4 GB")
+    assert out_of_memory(segment, 0.4).startswith("out of memory under the trial's memory cap of 0.4 GiB")
     assert out_of_memory(OSError(12, "Cannot allocate memory"), 2).startswith("out of memory under")
     assert out_of_memory(MemoryError(), 0).startswith("out of memory")
     assert out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"), 0)
