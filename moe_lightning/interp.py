@@ -6,6 +6,14 @@ import math
 from collections.abc import Sequence
 
 
+def curve_rate(points: Sequence[float], rates: Sequence[float], x: float) -> float:
+    """A measured rate at `x`: log-log between points, flat above the last; below the first point the
+    time stays that of the first (a kernel cannot get faster with less work), so the rate shrinks."""
+    if x < points[0]:
+        return rates[0] * x / points[0]
+    return loglog(points, rates, x)
+
+
 def loglog(points: Sequence[float], values: Sequence[float], x: float) -> float:
     """`values` at `x`, linear in log-log between the measured `points` (increasing) around it; the end
     values outside them."""

@@ -67,20 +67,24 @@ class PlanTask:
     name: str = "plan"
     plot: bool = False
     last_batch: str = "full"   # the objective's charge for a last partial batch: full | prorated (hrm.throughput)
+    kernel_rates: str = "peak"   # peak (the paper's HRM) | calibrated (the profile's measured curves, task=calibrate)
 
     def __post_init__(self) -> None:
         from moe_lightning.tuner.hrm import LAST_BATCH
 
         if self.last_batch not in LAST_BATCH:
             raise ConfigError(f"task.last_batch={self.last_batch}: expected one of {', '.join(LAST_BATCH)}")
+        if self.kernel_rates not in ("peak", "calibrated"):
+            raise ConfigError(f"task.kernel_rates={self.kernel_rates}: expected one of peak, calibrated")
 
     def run(self, cfg: RunConfig) -> RunReport:
         from moe_lightning.tuner.optimizer import optimize, plan_document, plan_table
 
         spec = planning_model(cfg.model)
         workload, lengths = planning_workload(cfg.workload, spec)
-        plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch)
-        doc = plan_document(plan) | {"last_batch": self.last_batch}
+        plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch,
+                        calibrated=self.kernel_rates == "calibrated")
+        doc = plan_document(plan) | {"last_batch": self.last_batch, "kernel_rates": self.kernel_rates}
         pred = plan.prediction
         out = out_path(cfg)
         report = RunReport(
@@ -96,6 +100,10 @@ class PlanTask:
                         "bottleneck": pred.bottleneck},
             extra=doc)
         print(plan_table(plan))
+        print(f"kernel rates: {self.kernel_rates}" + (" (profile peaks, as the paper's HRM; task.kernel_rates="
+                                                       "calibrated uses the profile's measured curves)"
+                                                       if self.kernel_rates == "peak" else
+                                                       " (the profile's measured curves, where it has them)"))
         if self.plot:
             from moe_lightning.tuner.roofline_plot import plot_roofline
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from moe_lightning.config import HardwareSpec, ModelSpec, Policy
-from moe_lightning.interp import loglog
+from moe_lightning.interp import curve_rate
 from moe_lightning.memory import resident_experts_per_layer
 from moe_lightning.schedule.graph import Resource, Task
 from moe_lightning.tuner.hrm import Levels, levels
@@ -82,14 +82,6 @@ class MicroBatchShape:
     sum_sq: int          # sum over sequences of (unpadded prompt length)^2 (causal prefill attention)
     slots: float = 0     # decode: cache slots attended per sequence this step, new token included (dense:
                          # the longest sequence's; paged: the mean, as each sequence reads its own)
-
-
-def curve_rate(points: Sequence[float], rates: Sequence[float], x: float) -> float:
-    """A measured rate at `x`: log-log between points, flat above the last; below the first point the
-    time stays that of the first (a kernel cannot get faster with less work), so the rate shrinks."""
-    if x < points[0]:
-        return rates[0] * x / points[0]
-    return loglog(points, rates, x)
 
 
 def experts_hit(num_experts: int, routings: float) -> float:

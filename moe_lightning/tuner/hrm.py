@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.interp import curve_rate
 from moe_lightning.memory import MemoryPlan, memory_plan, prompt_lengths, resident_experts_per_layer
 
 TFLOPS = 1e12
@@ -164,10 +165,18 @@ def decode_context(workload: Workload, lengths: Sequence[int] | None = None) -> 
     return effective_prompt_len(workload, lengths) + (workload.gen_len + 1) / 2
 
 
+def _curve(points: Sequence[float], tflops: Sequence[float], x: Any, count: int = 1) -> Any:
+    """FLOP/s at `x` (array-safe) on a calibrated curve (`interp.curve_rate`)."""
+    return np.vectorize(lambda v: curve_rate(points, tflops, float(v)))(x) * TFLOPS * count
+
+
 def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                        num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int,
-                       kv_gpu_fraction: Any, lengths: Sequence[int] | None = None) -> dict[str, Any]:
-    """Seconds per layer per decode step, by resource. Elementwise over numpy arrays."""
+                       kv_gpu_fraction: Any, lengths: Sequence[int] | None = None,
+                       calibrated: bool = False) -> dict[str, Any]:
+    """Seconds per layer per decode step, by resource. Elementwise over numpy arrays. `calibrated`: the
+    MoE FFN on the GPU at the profile's measured expert-kernel rate for its tokens per expert, and CPU
+    attention at its measured GB/s (`task=calibrate`), where the profile has them; else at the peaks."""
     lv = levels(hw)
     N, d = batch_size, spec.dtype_bytes
     nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
@@ -179,6 +188,12 @@ def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
     t_attn_c = zero if attn_on_gpu else _roof_time(attn, lv.cpu)
     t_ffn_g = _roof_time(ffn, lv.gpu) if ffn_on_gpu else zero
     t_ffn_c = zero if ffn_on_gpu else _roof_time(ffn, lv.cpu)
+    if calibrated and ffn_on_gpu and hw.gpu.expert_loads:
+        load = N / num_micro_batches * spec.top_k / spec.num_experts   # tokens per expert per micro-batch
+        rate = _curve(hw.gpu.expert_loads, hw.gpu.expert_tflops, load, hw.gpu.count)
+        t_ffn_g = np.maximum(ffn.flops / rate, ffn.bytes / lv.gpu.bandwidth_bytes_s)
+    if calibrated and not attn_on_gpu and hw.cpu.attn_gbps > 0:
+        t_attn_c = np.maximum(attn.flops / lv.cpu.peak_flops, attn.bytes / (hw.cpu.attn_gbps * GB))
 
     kv_layer_bytes = N * ctx * 2 * nkv * hd * d  # the whole batch's K and V of one layer
     h2d = zero + (spec.num_experts - n_res) * spec.expert_bytes if ffn_on_gpu else zero
@@ -209,8 +224,9 @@ def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
 
 def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                  num_micro_batches: Any, n_res: int, kv_gpu_fraction: Any,
-                 lengths: Sequence[int] | None = None) -> Any:
-    """Seconds to prefill a batch of `batch_size` prompts, layer by layer on the GPU."""
+                 lengths: Sequence[int] | None = None, calibrated: bool = False) -> Any:
+    """Seconds to prefill a batch of `batch_size` prompts, layer by layer on the GPU; `calibrated`: its
+    GEMMs at the profile's measured rate for a micro-batch's rows, where the profile has the curve."""
     lv = levels(hw)
     p, p_sq = prompt_moments(workload, lengths)
     N, d = batch_size, spec.dtype_bytes
@@ -222,7 +238,10 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
                           + spec.num_experts * spec.expert_bytes)
     kv_bytes = tokens * 2 * nkv * hd * d
     gpu_bytes = num_micro_batches * layer_weight_bytes + kv_bytes
-    t_gpu = np.maximum(flops / lv.gpu.peak_flops, gpu_bytes / lv.gpu.bandwidth_bytes_s)
+    peak = lv.gpu.peak_flops
+    if calibrated and hw.gpu.gemm_rows:
+        peak = _curve(hw.gpu.gemm_rows, hw.gpu.gemm_tflops, tokens / num_micro_batches, hw.gpu.count)
+    t_gpu = np.maximum(flops / peak, gpu_bytes / lv.gpu.bandwidth_bytes_s)
     t_h2d = (spec.num_experts - n_res) * spec.expert_bytes / lv.link_h2d_bytes_s
     t_d2h = (1 - kv_gpu_fraction) * kv_bytes / lv.link_d2h_bytes_s
     return spec.num_layers * np.maximum(np.maximum(t_gpu, t_h2d), t_d2h)
@@ -278,16 +297,18 @@ def bottleneck_of(t_link: float, t_cpu: float, t_gpu: float) -> str:
 
 
 def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy,
-            paged_kv: bool = True, lengths: Sequence[int] | None = None, last_batch: str = "full") -> Prediction:
+            paged_kv: bool = True, lengths: Sequence[int] | None = None, last_batch: str = "full",
+            calibrated: bool = False) -> Prediction:
     """HRM prediction (decode and end-to-end tokens/s, per-layer times, bottleneck, memory) of a policy;
     its memory plan with CGOPipe's paged KV cache (`paged_kv`), planned at the average prompt."""
     n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
     n_mb = policy.num_micro_batches
     t = decode_layer_times(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
                            attn_on_gpu=policy.attn_on_gpu, ffn_on_gpu=policy.ffn_on_gpu, n_res=n_res,
-                           kv_gpu_fraction=policy.kv_gpu_fraction, lengths=lengths)
+                           kv_gpu_fraction=policy.kv_gpu_fraction, lengths=lengths, calibrated=calibrated)
     t_pre = float(prefill_time(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
-                               n_res=n_res, kv_gpu_fraction=policy.kv_gpu_fraction, lengths=lengths))
+                               n_res=n_res, kv_gpu_fraction=policy.kv_gpu_fraction, lengths=lengths,
+                               calibrated=calibrated))
     t_layer = float(t["t_layer"])
     decode, e2e = throughput(spec, workload, policy.batch_size, t_layer, t_pre, last_batch)
     t_link, t_cpu, t_gpu = float(t["t_link"]), float(t["t_cpu"]), float(t["t_gpu"])

@@ -117,13 +117,15 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
              max_batch_size: int | None = None,
              placements: tuple[tuple[bool, bool], ...] = ALL_PLACEMENTS,
              kv_fraction_step: float = 0.001, prefetch_depth: int = 2, pages_per_layer: int = 0,
-             paged_kv: bool = True, lengths: Sequence[int] | None = None, last_batch: str = "full") -> Plan:
+             paged_kv: bool = True, lengths: Sequence[int] | None = None, last_batch: str = "full",
+             calibrated: bool = False) -> Plan:
     """Best feasible policy by predicted end-to-end tokens/s (see the module docstring for the space).
 
     `paged_kv` (CGOPipe's unpadded block pool): the KV cache is planned at the average prompt
     (`memory.kv_cache_tokens`), as the engine admits against it; False: at the longest (dense caches).
     `lengths`: a prompts file's real prompt lengths (a synthetic workload's are known); `last_batch`:
-    how the objective charges a last partial batch (`hrm.throughput`).
+    how the objective charges a last partial batch (`hrm.throughput`); `calibrated`: kernels at the
+    profile's measured rates instead of the peaks (`hrm.decode_layer_times`).
 
     Raises MemoryBudgetError when no batch of even one sequence fits.
     """
@@ -167,9 +169,9 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
             idx = np.flatnonzero(ok)
             t = decode_layer_times(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
                                    attn_on_gpu=attn_on_gpu, ffn_on_gpu=ffn_on_gpu, n_res=n_res,
-                                   kv_gpu_fraction=r_c[idx], lengths=lengths)
+                                   kv_gpu_fraction=r_c[idx], lengths=lengths, calibrated=calibrated)
             t_pre = prefill_time(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
-                                 n_res=n_res, kv_gpu_fraction=r_c[idx], lengths=lengths)
+                                 n_res=n_res, kv_gpu_fraction=r_c[idx], lengths=lengths, calibrated=calibrated)
             _, e2e = throughput(spec, workload, N[idx], t["t_layer"], t_pre, last_batch)
             top = float(e2e.max())
             near = idx[e2e >= top * (1 - TIE_RTOL)]
@@ -184,7 +186,8 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
     if best is None:
         raise _impossible(spec, hw, workload)
     policy = Policy(**best[1])
-    prediction = predict(spec, hw, workload, policy, paged_kv=paged_kv, lengths=lengths, last_batch=last_batch)
+    prediction = predict(spec, hw, workload, policy, paged_kv=paged_kv, lengths=lengths, last_batch=last_batch,
+                         calibrated=calibrated)
     prediction.memory.check(hw)  # the vectorised search and memory_plan must agree
     return Plan(policy=policy, prediction=prediction, hardware=hw, model_name=spec.name,
                 workload_name=workload.name, points_evaluated=evaluated,

@@ -155,3 +155,19 @@ def test_roofline_points_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     out = plot_roofline(spec, hw, wl, policy, tmp_path / "hrm.png")
     assert out.exists() and out.stat().st_size > 10_000
+
+
+def test_calibrated_rates_replace_the_peaks_where_the_profile_has_them():
+    """The MoE FFN at the measured expert-kernel rate for its tokens per expert, CPU attention at the
+    measured GB/s; by default (the paper's HRM) the peaks."""
+    hw = replace(HW, gpu=replace(HW.gpu, expert_loads=[1, 4], expert_tflops=[0.01, 0.04]),
+                 cpu=replace(HW.cpu, attn_gbps=5.0))
+    peak = predict(SPEC, hw, WORKLOAD, POLICY, lengths=LENGTHS)
+    cal = predict(SPEC, hw, WORKLOAD, POLICY, lengths=LENGTHS, calibrated=True)
+    assert peak.t_gpu == pytest.approx(6336 / 100e9) and peak.t_cpu == pytest.approx(544 / 10e9)
+    # 4 sequences in 2 micro-batches, top-2 of 4 experts: 1 token per expert -> 0.01 TFLOP/s;
+    # 6144 FLOPs / 1e10 = 6.144e-7 s (above the 6.336e-8 s of bytes).
+    assert cal.t_gpu == pytest.approx(6144 / 1e10)
+    # attention: 544 B at the measured 5 GB/s.
+    assert cal.t_cpu == pytest.approx(544 / 5e9)
+    assert predict(SPEC, HW, WORKLOAD, POLICY, lengths=LENGTHS, calibrated=True).t_gpu == peak.t_gpu  # no curve
