@@ -308,11 +308,22 @@ def measure_kernel_curves(sizes: Sizes, device: str) -> dict[str, list]:
         w = torch.full((n, H), 0.01, device=device, dtype=dtype)
         return 2 * rows * H * n / _median(lambda: timer(lambda: F.linear(x, w)), sizes.repeats) / 1e12
 
-    gemm = [gemm_tflops(rows) for rows in sizes.gemm_rows]
-    # Two experts, top-2: every token goes to both, so each expert sees exactly `load` tokens.
-    spec = ModelSpec(hidden_size=H, intermediate_size=F_dim, num_experts=2, top_k=2)
-    times = time_kernels(spec, dtype, torch.device(device), reps=max(2, sizes.repeats // 2), experts=2,
-                         loads=sizes.expert_loads)
+    # On a CPU host the thread that plays the GPU runs with the GPU role's share of the cores while CPU
+    # attention overlaps it (the thread budget's split, `moe_lightning.threads`): measure at that share.
+    threads = torch.get_num_threads()
+    if not cuda:
+        from moe_lightning.threads import plan_threads
+
+        torch.set_num_threads(plan_threads(None, cuda=False, micro_batches=2, attn_on_cpu=True,
+                                           op_elements=H * F_dim).gpu)
+    try:
+        gemm = [gemm_tflops(rows) for rows in sizes.gemm_rows]
+        # Two experts, top-2: every token goes to both, so each expert sees exactly `load` tokens.
+        spec = ModelSpec(hidden_size=H, intermediate_size=F_dim, num_experts=2, top_k=2)
+        times = time_kernels(spec, dtype, torch.device(device), reps=max(2, sizes.repeats // 2), experts=2,
+                             loads=sizes.expert_loads)
+    finally:
+        torch.set_num_threads(threads)
     experts = [2 * load * 2 * 3 * H * F_dim / min(times[load].values()) / 1e12 for load in sizes.expert_loads]
     return {"gemm_rows": list(sizes.gemm_rows), "gemm_tflops": gemm,
             "expert_loads": list(sizes.expert_loads), "expert_tflops": experts}
