@@ -60,12 +60,12 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
         source = f"{system} policy rule"
     elif use_plan:  # HRM's plan (for a baseline with policy_source=given: the paper's ablation)
         policy, source = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU,
-                                  paged_kv=paged).policy, "hrm plan"
+                                  paged_kv=paged, lengths=lengths).policy, "hrm plan"
     else:
         policy, source = cfg.policy, "cfg.policy"
-    hrm = predict(spec, cfg.hardware, workload, policy, paged_kv=paged)
+    hrm = predict(spec, cfg.hardware, workload, policy, paged_kv=paged, lengths=lengths)
     plan = memory_plan(spec, policy, workload, kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None,
-                       paged=paged)
+                       paged=paged, lengths=lengths)
     fits = plan.fits(cfg.hardware)
     if not fits:
         log.warning("policy does not fit %s's memory budget; simulating it anyway", cfg.hardware.name)
