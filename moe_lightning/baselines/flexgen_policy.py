@@ -259,7 +259,7 @@ def _adjust(spec: ModelSpec, hw: HardwareSpec, workload: Workload, k: Constants,
     placement (a prefix: fewer sequences never need more memory), then at smaller GPU batch sizes."""
     for size in _sizes_below(gbs):
         top = nb if size == gbs else (gbs * nb) // size
-        best_nb = _last(1, top, lambda b, size=size: _best_fit(spec, hw, workload, k, size, b, p, attn_on_gpu)
+        best_nb = last_true(1, top, lambda b, size=size: _best_fit(spec, hw, workload, k, size, b, p, attn_on_gpu)
                         is not None)
         if best_nb >= 1:
             return _best_fit(spec, hw, workload, k, size, best_nb, p, attn_on_gpu)
@@ -280,9 +280,9 @@ def _best_fit(spec: ModelSpec, hw: HardwareSpec, workload: Workload, k: Constant
         def plan(kv: int, n_res: int = n_res) -> MemoryPlan:
             return memory_plan(spec, _mapped(spec, gbs, nb, p, attn_on_gpu, n_res, kv), workload)
 
-        hi = _last(0, kv_top, lambda kv, plan=plan: plan(kv).gpu_total_bytes <= hw.gpu_budget_bytes)
+        hi = last_true(0, kv_top, lambda kv, plan=plan: plan(kv).gpu_total_bytes <= hw.gpu_budget_bytes)
         # the CPU side fits from some kv upward: count down from kv_top
-        lo = kv_top - _last(0, kv_top, lambda i, plan=plan: plan(kv_top - i).cpu_total_bytes <= hw.cpu_budget_bytes)
+        lo = kv_top - last_true(0, kv_top, lambda i, plan=plan: plan(kv_top - i).cpu_total_bytes <= hw.cpu_budget_bytes)
         for kv in sorted({lo, hi}) if 0 <= lo <= hi else ():
             cand = _mapped(spec, gbs, nb, p, attn_on_gpu, n_res, kv)
             t = latency_s(x, k, _placement(spec, cand))
@@ -291,7 +291,7 @@ def _best_fit(spec: ModelSpec, hw: HardwareSpec, workload: Workload, k: Constant
     return None if best is None else best[1]
 
 
-def _last(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+def last_true(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     """The largest v in [lo, hi] with ok(v), for ok true then false; lo - 1 if none."""
     if hi < lo or not ok(lo):
         return lo - 1

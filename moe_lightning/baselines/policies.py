@@ -24,6 +24,7 @@ once per run, so their results are memoised on the inputs' values.
 
 from __future__ import annotations
 
+from moe_lightning.baselines.flexgen_policy import last_true
 from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.errors import ConfigError, MemoryBudgetError
 from moe_lightning.memory import memory_plan
@@ -95,7 +96,7 @@ def deepspeed_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> P
                 return p
         return None
 
-    best = _largest(workload.num_requests, lambda n: fits(n) is not None)
+    best = last_true(1, workload.num_requests, lambda n: fits(n) is not None)
     if best == 0:
         raise MemoryBudgetError("deepspeed: not even one sequence fits: "
                                 + memory_plan(spec, policy(1, 0.0), workload).describe(hw))
@@ -113,7 +114,7 @@ def accelerate_reserve_bytes(spec: ModelSpec, workload: Workload, n: int) -> int
 
 def accelerate_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
     room = hw.gpu_budget_bytes - spec.non_expert_params * spec.dtype_bytes
-    best = _largest(workload.num_requests, lambda n: accelerate_reserve_bytes(spec, workload, n) <= room)
+    best = last_true(1, workload.num_requests, lambda n: accelerate_reserve_bytes(spec, workload, n) <= room)
     if best == 0:
         raise MemoryBudgetError(f"accelerate: the KV cache and activations of one sequence "
                                 f"({accelerate_reserve_bytes(spec, workload, 1)} B) and the non-expert weights "
@@ -121,18 +122,6 @@ def accelerate_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> 
     return Policy(batch_size=best, micro_batch_size=best, attn_on_gpu=True, kv_gpu_fraction=1.0)
 
 
-def _largest(cap: int, ok) -> int:
-    """Largest n in 1..cap with ok(n), for ok monotone (true then false); 0 if none."""
-    if cap < 1 or not ok(1):
-        return 0
-    lo, hi = 1, cap
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 CHOOSERS = {"cgopipe": cgopipe_policy, "flexgen": flexgen_s4_policy, "flexgen_c": flexgen_c_policy,
