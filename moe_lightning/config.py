@@ -61,12 +61,19 @@ def _curve(xs: list, ys: list, key: str) -> None:
     _check(all(y > 0 for y in ys), where, f"values must be > 0, got {list(ys)}")
 
 
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx")
+QK_NORMS = ("none", "head", "full")
+
+
 @dataclass
 class ModelSpec:
-    """Architecture of a Mixtral-style MoE decoder (also used for DBRX shapes in planning)."""
+    """Architecture of an MoE decoder: the shapes every family shares, and the few features that tell the
+    families apart (`attention_bias` .. `clip_qkv`). Each family (`moe_lightning.models`) implements some
+    values of those features and refuses the rest; the memory plan and the HRM count them here.
+    `intermediate_size` is one routed expert's FFN dim (Qwen's and DeepSeek's `moe_intermediate_size`)."""
 
     name: str = "tiny-mixtral"
-    architecture: str = "mixtral"
+    architecture: str = "mixtral"   # the layer math: one module per family in moe_lightning.models
     num_layers: int = 2
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -86,9 +93,20 @@ class ModelSpec:
     seed: int = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    # Features some families have (each family says which values it implements):
+    attention_bias: bool = False    # biases on the Q/K/V projections (Qwen2-MoE's qkv_bias)
+    qk_norm: str = "none"           # RMSNorm of q and k: per head (Qwen3-MoE) or over all heads (OLMoE)
+    norm_topk_prob: bool = True     # renormalise the top-k routing weights to sum to 1
+    shared_expert_size: int = 0     # FFN dim of an always-resident shared expert with a sigmoid gate (Qwen2-MoE)
+    clip_qkv: float | None = None   # clamp Q, K, V to [-c, c] (OLMoE, DBRX)
 
     def __post_init__(self) -> None:
-        _choice(self.architecture, "model.architecture", ("mixtral", "dbrx"))
+        _choice(self.architecture, "model.architecture", ARCHITECTURES)
+        _choice(self.qk_norm, "model.qk_norm", QK_NORMS)
+        _check(isinstance(self.shared_expert_size, int) and self.shared_expert_size >= 0,
+               "model.shared_expert_size", f"must be an integer >= 0, got {self.shared_expert_size!r}")
+        _check(self.clip_qkv is None or self.clip_qkv > 0, "model.clip_qkv",
+               f"must be > 0 or null, got {self.clip_qkv!r}")
         _choice(self.dtype, "model.dtype", ("auto", *DTYPES))
         _choice(self.weights, "model.weights", ("checkpoint", "random"))
         _positive(self, "model", "num_layers", "hidden_size", "intermediate_size", "num_heads",
@@ -114,13 +132,36 @@ class ModelSpec:
 
     @property
     def attention_params(self) -> int:
+        """Q, K, V and O projections, with their biases and q/k norms where the model has them."""
         q_out = self.num_heads * self.head_dim
         kv_out = self.num_kv_heads * self.head_dim
-        return self.hidden_size * (2 * q_out + 2 * kv_out)
+        extra = (q_out + 2 * kv_out) * self.attention_bias
+        extra += {"none": 0, "head": 2 * self.head_dim, "full": q_out + kv_out}[self.qk_norm]
+        return self.hidden_size * (2 * q_out + 2 * kv_out) + extra
+
+    @property
+    def shared_expert_params(self) -> int:
+        """The shared expert (SwiGLU) and its sigmoid gate: resident, run on every token."""
+        return 3 * self.hidden_size * self.shared_expert_size + self.hidden_size if self.shared_expert_size else 0
 
     @property
     def layer_non_expert_params(self) -> int:
-        return self.attention_params + 2 * self.hidden_size + self.num_experts * self.hidden_size
+        """Everything of a layer but its routed experts: attention, two norms, router, shared expert."""
+        return (self.attention_params + 2 * self.hidden_size + self.num_experts * self.hidden_size
+                + self.shared_expert_params)
+
+    @property
+    def non_expert_tensor_sizes(self) -> list[int]:
+        """Elements of each non-expert tensor (embedding, final norm, LM head, then every layer's), the
+        projections counted apart (a family that fuses them holds fewer, larger tensors): each is carved
+        from a pool at an aligned offset, so the plan rounds each one up."""
+        H, hd, S = self.hidden_size, self.head_dim, self.shared_expert_size
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
+        layer = [H, H, q * H, kv * H, kv * H, H * q, self.num_experts * H]
+        layer += [q, kv, kv] if self.attention_bias else []
+        layer += {"none": [], "head": [hd, hd], "full": [q, kv]}[self.qk_norm]
+        layer += [S * H, S * H, H * S, H] if S else []
+        return [self.vocab_size * H, H, self.vocab_size * H] + layer * self.num_layers
 
     @property
     def non_expert_params(self) -> int:

@@ -39,6 +39,8 @@ from typing import Any
 from moe_lightning.config import GiB, HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.errors import MemoryBudgetError
 
+# Tensors are carved from the GPU pools at offsets aligned to this many bytes (`engine.paged`).
+TENSOR_ALIGN = 256
 GPU_POOLS = ("non_expert_weights", "resident_experts", "streamed_experts", "kv_cache", "activations")
 CPU_POOLS = ("streamed_experts", "kv_cache", "pinned_ring", "hidden_states")
 
@@ -271,7 +273,8 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
                                    attention_on_gpu=attn_on_gpu or (kv_gpu_fraction > 0), expert_kernel=expert_kernel,
                                    lengths=lengths, block_size=block_size)
     gpu = {
-        "non_expert_weights": spec.non_expert_params * d,
+        # Each tensor at an aligned offset: small tensors (norms, biases) take a whole aligned slot.
+        "non_expert_weights": sum(-(-n * d // TENSOR_ALIGN) * TENSOR_ALIGN for n in spec.non_expert_tensor_sizes),
         "resident_experts": L * n_res * spec.expert_bytes,
         "streamed_experts": 2 * n_str * spec.expert_bytes if n_str > 0 else 0,
         "kv_cache": kv_gpu + kv_stream_buffer,

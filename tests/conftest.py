@@ -74,6 +74,25 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = 2
 
 
 PARITY_NEW_TOKENS = 16
+BF16_REL_ERR = 3e-2     # bf16 against transformers' bf16: relative L2 error of the logits, teacher-forced
+BF16_AGREE = 0.95       # and the share of positions whose argmax agrees
+
+
+def check_bf16_teacher_forced(runner, hf, prompts, new_tokens: int) -> None:
+    """Our bf16 prefill logits over transformers' own bf16 greedy continuation of each prompt (teacher-
+    forced, so one near-tie cannot derail the rest) against transformers' logits of the same tokens."""
+    seqs = [p + hf_greedy(hf, p, new_tokens, eos=None) for p in prompts]
+    ours = runner.forward_prefill(seqs, max_new_tokens=1)
+    start, agree, total = 0, 0, 0
+    for s in seqs:
+        with torch.no_grad():
+            ref = hf(torch.tensor([s])).logits[0]
+        mine = ours[start:start + len(s)]
+        assert float((mine.float() - ref.float()).norm() / ref.float().norm()) < BF16_REL_ERR
+        agree += int((mine.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(s)
+        start += len(s)
+    assert agree / total >= BF16_AGREE
 
 
 @pytest.fixture(scope="session")

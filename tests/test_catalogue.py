@@ -136,6 +136,38 @@ def truncate(ckpt: Path) -> None:
     f.write_bytes(f.read_bytes()[:-4096])
 
 
+def family_checkpoint(arch: str, edit: Callable[[Path], None]) -> Callable[[Path, Path], None]:
+    """The tiny sharded checkpoint of another family (tests/models/test_families.py), copied and edited."""
+    def setup(folder: Path, tiny: Path) -> None:
+        from moe_lightning.engine.tiny import ensure_tiny
+        from tests.models.test_families import FAMILIES
+
+        shutil.copytree(ensure_tiny(FAMILIES[arch], seed=11, max_shard_size="60KB", perturb=True), folder / "ckpt")
+        edit(folder / "ckpt")
+    return setup
+
+
+def listed_shard(tensors: dict) -> Callable[[Path], None]:
+    """A new shard holding `tensors`, listed in the index."""
+    def edit(ckpt: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, ckpt / "model-extra.safetensors")
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        index["weight_map"] |= dict.fromkeys(tensors, "model-extra.safetensors")
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    return edit
+
+
+def unlisted_copy(name: str) -> Callable[[Path], None]:
+    """A stray shard beside the index holding a tensor another shard holds."""
+    def edit(ckpt: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({name: torch.zeros(8, 64)}, ckpt / "model-stray.safetensors")
+    return edit
+
+
 def run_document() -> Callable[[Path, Path], None]:
     def setup(folder: Path, tiny: Path) -> None:
         (folder / "docs").mkdir()
@@ -293,6 +325,40 @@ CASES = [
     Case("ckpt-wrong-shape", HF, "k_proj",
          setup=checkpoint(edit_tensors(lambda t: t.update({"model.layers.0.self_attn.k_proj.weight":
                                                            torch.zeros(8, 64)})))),
+    # Other model families: fields and layouts they do not implement
+    Case("family-qwen2-dense-layers", HF, "mlp_only_layers=[0]: dense layers are not implemented",
+         setup=family_checkpoint("qwen2_moe", edit_config(mlp_only_layers=[0]))),
+    Case("family-qwen2-sparse-step", HF, "decoder_sparse_step=2",
+         setup=family_checkpoint("qwen2_moe", edit_config(decoder_sparse_step=2))),
+    Case("family-qwen2-bias-not-bool", HF, "qkv_bias must be true or false",
+         setup=family_checkpoint("qwen2_moe", edit_config(qkv_bias="yes"))),
+    Case("family-qwen3-sliding-window", HF, "sliding_window=4",
+         setup=family_checkpoint("qwen3_moe", edit_config(use_sliding_window=True, sliding_window=4))),
+    Case("family-qwen3-rope-yarn", HF, "rope_type='yarn' is not implemented by the Qwen3-MoE path",
+         setup=family_checkpoint("qwen3_moe", edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}))),
+    Case("family-qwen3-unknown-tensor", HF,
+         "unexpected tensor 'model.layers.0.mlp.experts.0.gate_proj.weight_scale'",
+         setup=family_checkpoint("qwen3_moe", listed_shard({"model.layers.0.mlp.experts.0.gate_proj.weight_scale":
+                                                             torch.ones(32)}))),
+    Case("family-qwen3-tensor-in-two-files", HF, "holds tensor 'model.layers.0.mlp.gate.weight'",
+         setup=family_checkpoint("qwen3_moe", unlisted_copy("model.layers.0.mlp.gate.weight"))),
+    Case("family-olmoe-clip-negative", HF, "clip_qkv must be a positive number",
+         setup=family_checkpoint("olmoe", edit_config(clip_qkv=-1))),
+    Case("family-olmoe-gelu", HF, "hidden_act='gelu' is not implemented by the OLMoE path",
+         setup=family_checkpoint("olmoe", edit_config(hidden_act="gelu"))),
+    Case("family-feature-not-in-mixtral", ("model.weights=random", "model.qk_norm=head"),
+         "model.qk_norm=head: the mixtral layer math does not implement it"),
+    Case("family-dbrx-activation", HF, "ffn_config.ffn_act_fn={\"name\": \"gelu\"} is not implemented",
+         setup=family_checkpoint("dbrx", edit_config(ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8,
+                                                                 "moe_top_k": 2, "ffn_act_fn": {"name": "gelu"}}))),
+    Case("family-dbrx-router-norm", HF, "ffn_config.moe_normalize_expert_weights=2 is not implemented",
+         setup=family_checkpoint("dbrx", edit_config(ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8,
+                                                                 "moe_top_k": 2, "moe_normalize_expert_weights": 2}))),
+    Case("family-dbrx-rope-disagrees", HF, "attn_config.rope_theta=500000.0 disagrees",
+         setup=family_checkpoint("dbrx", edit_config(attn_config={"kv_n_heads": 2, "clip_qkv": 0.5,
+                                                                  "rope_theta": 500000.0}))),
+    Case("family-deepseek-not-yet", HF, "unsupported model_type 'deepseek_v2'",
+         setup=family_checkpoint("qwen3_moe", edit_config(model_type="deepseek_v2"))),
     # Tunes: no completed trial is a failure, with the commonest reason; a study is not reused across kinds
     Case("tune-every-trial-out-of-memory", ("tuner.objective=measure", "tuner.trial_memory_gib=0.4", "tuner.n_trials=2",
                                             "tuner.seed_with_hrm=false", "tuner.study_name=capped"),

@@ -1,4 +1,5 @@
-"""Hugging Face `transformers` + `accelerate` as a real peer: `MixtralForCausalLM.from_pretrained` with
+"""Hugging Face `transformers` + `accelerate` as a real peer: the family's causal LM (`MixtralForCausalLM`,
+`Qwen3MoeForCausalLM`, ...) `.from_pretrained` with
 `device_map="auto"` and `max_memory` from the same budget as every other system, driven through the
 shared generation driver (`BatchRunner`), so sampling, stopping and timing are identical.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import weakref
@@ -38,21 +40,20 @@ log = logging.getLogger("moe_lightning.accelerate")
 
 
 def write_random_checkpoint(spec: ModelSpec, source: WeightSource, folder: Path) -> Path:
-    """Write `source`'s tensors as a Hugging Face Mixtral folder (one safetensors shard per layer)."""
+    """Write `source`'s tensors as a Hugging Face folder of its family (one safetensors shard per layer)."""
     from safetensors.torch import save_file
-    from transformers import MixtralConfig
 
-    from moe_lightning.engine.tiny import hf_config_kwargs
+    from moe_lightning.engine.tiny import hf_classes, hf_config_kwargs
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = MixtralConfig(**hf_config_kwargs(spec))
+    cfg = hf_classes(spec)[0](**hf_config_kwargs(spec))
     cfg.dtype = spec.dtype
     cfg.save_pretrained(folder)
     names = list(expected_shapes(spec))
     groups: dict[str, list[str]] = {}
     for n in names:
-        key = n.split(".")[2] if n.startswith("model.layers.") else "other"
-        groups.setdefault(key, []).append(n)
+        layer = re.search(r"\.(?:layers|blocks)\.(\d+)\.", n)
+        groups.setdefault(layer.group(1) if layer else "other", []).append(n)
     weight_map = {}
     for s, group in enumerate(groups.values()):
         file = f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -78,10 +79,10 @@ class AccelerateRunner:
 
     def __init__(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
                  workload: Workload, device: torch.device, trace: bool = False):
-        from transformers import MixtralConfig, MixtralForCausalLM
         from transformers.utils import logging as hf_logging
 
         from moe_lightning.baselines.policies import accelerate_reserve_bytes
+        from moe_lightning.engine.tiny import hf_classes
 
         self.spec, self.policy, self.device = spec, policy, device
         self.cuda = device.type == "cuda"
@@ -102,9 +103,10 @@ class AccelerateRunner:
                 reserve = accelerate_reserve_bytes(spec, workload, policy.batch_size)
                 self.max_memory = {device.index or 0: max(0, hardware.gpu_budget_bytes - reserve), **self.max_memory}
             hf_logging.disable_progress_bar()   # the run's own progress bar (task.progress) is the one shown
-            config = MixtralConfig.from_pretrained(folder)
+            config_cls, model_cls = hf_classes(spec)
+            config = config_cls.from_pretrained(folder)
             config.num_hidden_layers = spec.num_layers  # a truncated model reads the first layers only
-            self.model = MixtralForCausalLM.from_pretrained(
+            self.model = model_cls.from_pretrained(
                 folder, config=config, dtype=torch_dtype(spec.dtype), device_map="auto",
                 max_memory=self.max_memory, offload_folder=str(self.offload_dir)).eval()
         finally:

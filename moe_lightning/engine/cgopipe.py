@@ -19,14 +19,6 @@ from moe_lightning.engine.executor import Executor, TaskRecord
 from moe_lightning.engine.kernel_table import KernelChooser
 from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks
 from moe_lightning.engine.memtrack import ActivationTracker
-from moe_lightning.engine.model import (
-    LayerWeights,
-    decode_attention,
-    final_logits,
-    post_attention,
-    pre_attention,
-    prefill_attention,
-)
 from moe_lightning.engine.paged import DevicePools, ExpertCache
 from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import ConfigError, WorkloadError
@@ -40,6 +32,8 @@ from moe_lightning.memory import (
     prefill_tokens,
     resident_experts_per_layer,
 )
+from moe_lightning.models import family
+from moe_lightning.models.layers import decode_attention, prefill_attention
 from moe_lightning.schedule.batching import gpu_partitions, kv_budget, padded_batch_size
 from moe_lightning.schedule.cgopipe import (
     PipeShape,
@@ -115,6 +109,7 @@ class CGOPipeRunner:
             raise ConfigError("policy.ffn_on_gpu: the CGOPipe engine runs the MoE FFN on the GPU; "
                               "ffn_on_gpu=false can be planned (task=plan) but not executed")
         self.spec, self.policy, self.workload, self.device = spec, policy, workload, device
+        self.family = family(spec)   # the layer math: the runtime knows nothing else of the model
         self.schedule = schedule or CGOPIPE
         self.dtype = source.dtype
         self.cuda = device.type == "cuda"
@@ -186,8 +181,7 @@ class CGOPipeRunner:
         def place(t: torch.Tensor) -> torch.Tensor:
             return self.pools.take("non_expert_weights", tuple(t.shape), t.dtype).copy_(t)
 
-        layers = [LayerWeights(**{k: place(v) for k, v in vars(source.layer(i)).items()})
-                  for i in range(self.spec.num_layers)]
+        layers = [source.layer(i).map(place) for i in range(self.spec.num_layers)]
         return place(source.embedding()), place(source.final_norm()), place(source.lm_head()), layers
 
     def _alloc_kv(self, mu: int, slots: int, on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,18 +427,18 @@ class CGOPipeRunner:
         self._state["x"][j] = x
         if i == self.spec.num_layers - 1:
             rows = x if last_rows is None else x[last_rows]
-            self._state["logits"][j] = final_logits(rows, self.norm, self.lm_head, self.spec.rms_norm_eps)
+            self._state["logits"][j] = self.family.final_logits(rows, self.norm, self.lm_head, self.spec)
 
     def _op_PrefillLayer(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
         x = self._input(i, j)
-        q, k, v = pre_attention(self.layers[i], x, self._positions[j], self.spec)
+        q, k, v = self.family.pre_attention(self.layers[i], x, self._positions[j], self.spec)
         attn = prefill_attention(q, k, v, mb.lens, mb.pads if any(mb.pads) else None)
         if mb.on_gpu:
             self._write_prompt_kv(mb, i, k, v)
         else:
             self._state["kv"][i, j] = (k, v)
-        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         last = torch.cumsum(torch.tensor(mb.lens, device=self.device), 0) - 1
         self._finish(i, j, x, last)
 
@@ -472,7 +466,7 @@ class CGOPipeRunner:
         i, j = t.layer, t.micro_batch
         x = self._input(i, j)
         self._state["x"][j] = x
-        self._state["qkv"][i, j] = pre_attention(self.layers[i], x, self._positions[j], self.spec)
+        self._state["qkv"][i, j] = self.family.pre_attention(self.layers[i], x, self._positions[j], self.spec)
 
     def _op_OffloadQKV(self, t: Task) -> None:
         key = (t.layer, t.micro_batch)
@@ -507,7 +501,7 @@ class CGOPipeRunner:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
         x = self._input(i, j)
         self._state["x"][j] = x
-        q, k, v = pre_attention(self.layers[i], x, self._positions[j], self.spec)
+        q, k, v = self.family.pre_attention(self.layers[i], x, self._positions[j], self.spec)
         self._state["attn"][i, j] = self._attend(mb, j, i, q, k, v, self._slots_dev[j],
                                               self._new_len[j].to(self.device), self._starts[j].to(self.device))
 
@@ -515,7 +509,7 @@ class CGOPipeRunner:
         i, j = t.layer, t.micro_batch
         x = self._state["x"][j]
         attn = self._state["attn"].pop((i, j))
-        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         self._finish(i, j, x)
 
     # ----------------------------------------------------------------------------------------------
@@ -532,7 +526,7 @@ class CGOPipeRunner:
     def _op_GPULayer(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
         x = self._input(i, j)
-        q, k, v = pre_attention(self.layers[i], x, self._positions[j], self.spec)
+        q, k, v = self.family.pre_attention(self.layers[i], x, self._positions[j], self.spec)
         new_len, starts = self._new_len[j].to(self.device), self._starts[j].to(self.device)
         if mb.on_gpu:
             attn = self._attend(mb, j, i, q, k, v, self._slots_dev[j], new_len, starts)
@@ -551,7 +545,7 @@ class CGOPipeRunner:
             v_cache[b, :, self._slots_dev[j]] = v
             attn = decode_attention(q, k_cache, v_cache, new_len, starts)
             self._state["qkv"][i, j] = (k, v)
-        x = post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         self._finish(i, j, x)
 
     def _load_blocks(self, mb: MicroBatch, i: int, j: int):

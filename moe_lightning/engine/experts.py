@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_lightning.engine.model import ExpertStack, MoEKernel, expert_ffn
+from moe_lightning.models.layers import ExpertStack, MoEKernel, expert_ffn
 
 
 def moe_loop(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertStack) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""config.json of a Hugging Face Mixtral checkpoint, read into a ModelSpec with every field checked.
+"""config.json of a Hugging Face checkpoint, read into a ModelSpec with every field checked: the fields
+every family shares here (`common_fields`), each family's own in its module (`moe_lightning.models`),
+chosen by `model_type`.
 
 Each failure is one `CheckpointError` line naming the file and the field: a file that is not a JSON
 object, unreadable, or not UTF-8; a size or count that is not a positive integer (2.5, "4096", true, 0);
 heads that do not divide; a token id outside the vocabulary; and any field set to a value that changes
-the math the Mixtral path does not implement (`hidden_act` other than silu, RoPE scaling, a binding
+the math the family does not implement (`hidden_act` other than silu, RoPE scaling, a binding
 `sliding_window`, tied embeddings, biases, quantization, ...: see `NEUTRAL_VALUES`). Such fields are
 refused, never ignored.
 
@@ -26,20 +28,19 @@ from pathlib import Path
 from moe_lightning.config import DTYPES, ModelSpec
 from moe_lightning.errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("mixtral",)
 ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
 DEFAULT_ROPE_THETA = 1e6         # MixtralConfig.default_theta
 DEFAULT_MAX_POSITIONS = 32768
 
-# config.json fields that change the math where set (Mixtral variants, or other families' fields) and
-# the only values the Mixtral path implements; absent or null is always accepted. Fields that do not
-# change inference are ignored: training-only ones (attention_dropout, router_jitter_noise,
+# config.json fields that change the math where set (variants, or other families' fields) and the only
+# values a family implements unless it reads the field itself (`implements`); absent or null is always
+# accepted. Fields that do not change inference are ignored: training-only ones (attention_dropout, router_jitter_noise,
 # router_aux_loss_coef, initializer_range, output_router_logits) and generic ones (use_cache,
 # pad_token_id, architectures, transformers_version). hidden_act, sliding_window, rope_parameters,
 # rope_scaling and layer_types are checked on their own.
 NEUTRAL_VALUES: dict[str, tuple] = {
     "tie_word_embeddings": (False,),
-    "attention_bias": (False,), "mlp_bias": (False,),
+    "attention_bias": (False,), "qkv_bias": (False,), "mlp_bias": (False,), "clip_qkv": (),
     "partial_rotary_factor": (1.0,),
     "norm_topk_prob": (True,),                      # Mixtral renormalises its top-k router weights
     "qk_layernorm": (False,), "qk_norm": (False,), "use_qk_norm": (False,),
@@ -178,7 +179,7 @@ class _Config:
                             "id; give one integer")
         return ids[0]
 
-    def rope_theta(self) -> float:
+    def rope_theta(self, family: str = "Mixtral", default: float = DEFAULT_ROPE_THETA) -> float:
         rope = self.get("rope_parameters", None)
         if rope is None:
             rope = {}
@@ -187,7 +188,7 @@ class _Config:
         for key, value in rope.items():
             if isinstance(value, dict):
                 raise self.fail(f"rope_parameters.{key}: per-layer-type RoPE is not implemented by the "
-                                "Mixtral path")
+                                f"{family} path")
         for where, params in (("rope_parameters", rope), ("rope_scaling", self.get("rope_scaling", None))):
             if params is None:
                 continue
@@ -195,25 +196,31 @@ class _Config:
                 raise self.fail(f"{where} must be an object or null, got {shown(params)}")
             kind = params.get("rope_type", params.get("type", "default"))
             if kind != "default":
-                raise self.fail(f"{where} rope_type={shown(kind)} is not implemented by the Mixtral path "
+                raise self.fail(f"{where} rope_type={shown(kind)} is not implemented by the {family} path "
                                 "(default RoPE only)")
             factor = params.get("partial_rotary_factor")
             if factor is not None and not _same(factor, 1.0):
                 raise self.fail(f"{where}.partial_rotary_factor={shown(factor)} is not implemented by the "
-                                "Mixtral path (1.0 only)")
+                                f"{family} path (1.0 only)")
         nested, top = rope.get("rope_theta"), self.get("rope_theta", None)
         if nested is not None and top is not None and nested != top:
             raise self.fail(f"rope_theta={shown(top)} disagrees with rope_parameters.rope_theta="
                             f"{shown(nested)}; keep one")
         key = "rope_parameters.rope_theta" if nested is not None else "rope_theta"
         return self.positive_number(key, nested if nested is not None else top if top is not None
-                                    else DEFAULT_ROPE_THETA)
+                                    else default)
 
-    def refuse_unimplemented(self, max_positions: int) -> None:
+    def refuse_unimplemented(self, max_positions: int, family: str = "Mixtral",
+                             implements: tuple[str, ...] = ()) -> None:
         act = self.get("hidden_act", "silu")
         if act not in ACTIVATIONS or not isinstance(act, str):
-            raise self.fail(f"hidden_act={shown(act)} is not implemented by the Mixtral path (silu only)")
+            raise self.fail(f"hidden_act={shown(act)} is not implemented by the {family} path (silu only)")
+        use_window = self.get("use_sliding_window", None)
+        if use_window is not None and not isinstance(use_window, bool):
+            raise self.fail(f"use_sliding_window must be true, false or null, got {shown(use_window)}")
         window = self.get("sliding_window", None)
+        if use_window is False:   # Qwen's switch: the window is not applied at all
+            window = None
         if window is not None:
             if not (_is_int(window) and window > 0):
                 raise self.fail(f"sliding_window must be a positive integer or null, got {shown(window)}")
@@ -223,26 +230,32 @@ class _Config:
                                 ">= max_position_embeddings, is full attention)")
         types = self.get("layer_types", None)
         if types is not None and (not isinstance(types, list) or any(t != "full_attention" for t in types)):
-            raise self.fail(f"layer_types={shown(types)} is not implemented by the Mixtral path "
+            raise self.fail(f"layer_types={shown(types)} is not implemented by the {family} path "
                             "(full_attention only)")
         for key, accepted in NEUTRAL_VALUES.items():
+            if key in implements:
+                continue
             value = self.get(key, None)
             if value is not None and not any(_same(value, a) for a in accepted):
                 allowed = ", ".join(["null", *(shown(a) for a in accepted)])
                 raise self.fail(f"{key}={shown(value)} changes the math and is not implemented by the "
-                                f"Mixtral path (accepted: {allowed})")
+                                f"{family} path (accepted: {allowed})")
 
 
-def _mixtral_fields(cfg: _Config) -> dict:
-    """ModelSpec fields of a Mixtral config.json, each checked for type and range."""
-    model_type = cfg.get("model_type", None)
-    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
-        raise cfg.fail(f"unsupported model_type {shown(model_type)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[str, ...], expert_size_key: str,
+                  family_name: str, implements: tuple[str, ...] = (), head_dim_key: bool = True,
+                  default_rope_theta: float = DEFAULT_ROPE_THETA) -> dict:
+    """ModelSpec fields every family's config.json gives, each checked for type and range, after refusing
+    the fields that change the math which this family does not implement (`NEUTRAL_VALUES` less
+    `implements`, which the family reads itself). `experts_key`: the routed-expert count's key (or keys,
+    the first present wins); `expert_size_key`: one routed expert's FFN dim."""
     layers, hidden = cfg.positive_int("num_hidden_layers"), cfg.positive_int("hidden_size")
-    intermediate, heads = cfg.positive_int("intermediate_size"), cfg.positive_int("num_attention_heads")
+    intermediate, heads = cfg.positive_int(expert_size_key), cfg.positive_int("num_attention_heads")
     kv_heads = cfg.positive_int("num_key_value_heads", None, nullable=True) or heads
-    head_dim = cfg.positive_int("head_dim", None, nullable=True)
-    experts, top_k = cfg.positive_int("num_local_experts"), cfg.positive_int("num_experts_per_tok")
+    head_dim = cfg.positive_int("head_dim", None, nullable=True) if head_dim_key else None
+    keys = (experts_key,) if isinstance(experts_key, str) else experts_key
+    key = next((k for k in keys if cfg.get(k, None) is not None), keys[0])
+    experts, top_k = cfg.positive_int(key), cfg.positive_int("num_experts_per_tok")
     vocab = cfg.positive_int("vocab_size")
     max_positions = cfg.positive_int("max_position_embeddings", DEFAULT_MAX_POSITIONS)
     if heads % kv_heads:
@@ -253,15 +266,15 @@ def _mixtral_fields(cfg: _Config) -> dict:
                            "(or give head_dim)")
         head_dim = hidden // heads
     if top_k > experts:
-        raise cfg.fail(f"num_experts_per_tok={top_k} must be <= num_local_experts={experts}")
+        raise cfg.fail(f"num_experts_per_tok={top_k} must be <= {key}={experts}")
     eps = cfg.positive_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-5))
-    rope_theta = cfg.rope_theta()
+    rope_theta = cfg.rope_theta(family_name, default_rope_theta)
     bos = cfg.token_id("bos_token_id", cfg.get("bos_token_id", None), vocab)
     eos = cfg.eos(vocab)
-    cfg.refuse_unimplemented(max_positions)
+    cfg.refuse_unimplemented(max_positions, family_name, implements)
     dtype = cfg.get("dtype", None) or cfg.get("torch_dtype", None)
     return dict(
-        architecture="mixtral", num_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
+        architecture=architecture, num_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, num_experts=experts, top_k=top_k,
         vocab_size=vocab, rope_theta=rope_theta, rms_norm_eps=eps, max_position_embeddings=max_positions,
         dtype=dtype if isinstance(dtype, str) and dtype in DTYPES else "float32",
@@ -278,7 +291,14 @@ def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpe
     if not isinstance(cfg, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(cfg), "a number")
         raise CheckpointError(f"{path}: must be a JSON object {{...}}, got {kind} {shown(cfg)}")
-    fields = _mixtral_fields(_Config(cfg, path))
+    from moe_lightning.models import families, family_for_model_type
+
+    model_type = cfg.get("model_type", None)
+    fam = family_for_model_type(model_type) if isinstance(model_type, str) else None
+    if fam is None:
+        supported = ", ".join(t for f in families().values() for t in f.model_types)
+        raise CheckpointError(f"{path}: unsupported model_type {shown(model_type)}; supported: {supported}")
+    fields = fam.spec_fields(_Config(cfg, path))
     try:
         return ModelSpec(name=name, weights="checkpoint", path=str(folder), **fields)
     except Exception as exc:  # ConfigError from ModelSpec validation: name the file

@@ -19,9 +19,9 @@ import torch
 
 from moe_lightning.config import ModelSpec
 from moe_lightning.engine.experts import KERNELS
-from moe_lightning.engine.model import ExpertStack, route
 from moe_lightning.errors import ConfigError
 from moe_lightning.interp import loglog
+from moe_lightning.models.layers import ExpertStack, route
 
 log = logging.getLogger("moe_lightning.kernels")
 LOADS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # tokens per expert profiled

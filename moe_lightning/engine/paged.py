@@ -17,11 +17,12 @@ import math
 import torch
 
 from moe_lightning.config import ModelSpec
-from moe_lightning.engine.model import ExpertStack
 from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.memory import TENSOR_ALIGN
+from moe_lightning.models.layers import ExpertStack
 
-ALIGN = 256
+ALIGN = TENSOR_ALIGN
 SLACK = 4096  # per pool: room for the alignment of the few tensors carved from it
 
 

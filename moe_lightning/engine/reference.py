@@ -14,17 +14,9 @@ import torch
 
 from moe_lightning.config import ModelSpec
 from moe_lightning.engine.experts import moe_loop
-from moe_lightning.engine.model import (
-    ExpertStack,
-    LayerWeights,
-    MoEKernel,
-    decode_attention,
-    final_logits,
-    post_attention,
-    pre_attention,
-    prefill_attention,
-)
 from moe_lightning.engine.weights import WeightSource
+from moe_lightning.models import family
+from moe_lightning.models.layers import ExpertStack, MoEKernel, decode_attention, prefill_attention
 
 
 @dataclass
@@ -32,7 +24,7 @@ class DenseWeights:
     embedding: torch.Tensor
     norm: torch.Tensor
     lm_head: torch.Tensor
-    layers: list[LayerWeights]
+    layers: list          # the family's LayerWeights
     experts: list[ExpertStack]
 
 
@@ -81,6 +73,7 @@ class ReferenceRunner:
     def __init__(self, spec: ModelSpec, source: WeightSource, device: torch.device | str = "cpu",
                  moe_kernel: MoEKernel = moe_loop):
         self.spec, self.device, self.moe_kernel = spec, torch.device(device), moe_kernel
+        self.family = family(spec)
         self.weights = load_dense(source, self.device)
         self.dtype = source.dtype
         self.cache: KVCache | None = None
@@ -89,7 +82,7 @@ class ReferenceRunner:
     @torch.inference_mode()
     def forward_prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
         """-> logits of every prompt token, packed [T, V]."""
-        spec, w, dev = self.spec, self.weights, self.device
+        spec, w, dev, fam = self.spec, self.weights, self.device, self.family
         seq_lens = [len(p) for p in prompts]
         self.cache = KVCache(spec, len(prompts), max(seq_lens) + max_new_tokens, self.dtype, dev)
         self.lengths = torch.tensor(seq_lens, device=dev)
@@ -97,11 +90,11 @@ class ReferenceRunner:
         positions = packed_positions(seq_lens, dev)
         x = w.embedding[tokens]                                              # [T, H]
         for i, lw in enumerate(w.layers):
-            q, k, v = pre_attention(lw, x, positions, spec)
+            q, k, v = fam.pre_attention(lw, x, positions, spec)
             self.cache.write_prefill(i, k, v, seq_lens)
-            x = post_attention(lw, x, prefill_attention(q, k, v, seq_lens), spec, w.experts[i],
+            x = fam.post_attention(lw, x, prefill_attention(q, k, v, seq_lens), spec, w.experts[i],
                                self.moe_kernel)
-        return final_logits(x, w.norm, w.lm_head, spec.rms_norm_eps)
+        return fam.final_logits(x, w.norm, w.lm_head, spec)
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
         logits = self.forward_prefill(prompts, max_new_tokens)
@@ -109,17 +102,17 @@ class ReferenceRunner:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        spec, w, cache = self.spec, self.weights, self.cache
+        spec, w, cache, fam = self.spec, self.weights, self.cache, self.family
         positions = self.lengths                                             # new token's position
         self.lengths = self.lengths + 1
         x = w.embedding[tokens.to(self.device)]                              # [B, H]
         for i, lw in enumerate(w.layers):
-            q, k, v = pre_attention(lw, x, positions, spec)
+            q, k, v = fam.pre_attention(lw, x, positions, spec)
             cache.write_decode(i, k, v, positions)
             s = int(self.lengths.max())
             attn = decode_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], self.lengths)
-            x = post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
-        return final_logits(x, w.norm, w.lm_head, spec.rms_norm_eps)
+            x = fam.post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
+        return fam.final_logits(x, w.norm, w.lm_head, spec)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -1,4 +1,4 @@
-"""The tiny test model: a two-layer Mixtral checkpoint written by `transformers` itself (random init)
+"""The tiny test models: two-layer checkpoints written by `transformers` itself (random init)
 with a byte-level BPE tokenizer trained on `assets/corpus.txt`, built once and cached outside git.
 
 Cache: $MOE_LIGHTNING_CACHE (default ~/.cache/moe-lightning)/tiny-mixtral-<hash>; the hash covers the
@@ -38,38 +38,63 @@ def build_tokenizer(vocab_size: int):
 
 
 def hf_config_kwargs(spec: ModelSpec) -> dict:
-    return dict(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim, num_local_experts=spec.num_experts,
-        num_experts_per_tok=spec.top_k, max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    """transformers config kwargs of `spec` in its family's config class."""
+    from moe_lightning.models import family
+
+    return family(spec).hf_config(spec)
 
 
-def write_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, max_shard_size: str | None = None) -> None:
-    """Initialise a MixtralForCausalLM with `transformers` and save it (safetensors) to `folder`."""
+def hf_classes(spec: ModelSpec):
+    """(config class, causal-LM class) of `spec`'s family in transformers."""
+    import transformers
+
+    from moe_lightning.models import family
+
+    fam = family(spec)
+    return getattr(transformers, fam.hf_config_class), getattr(transformers, fam.hf_class)
+
+
+def write_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, max_shard_size: str | None = None,
+                        perturb: bool = False) -> None:
+    """Initialise the family's transformers model at `spec`'s shapes (random init, seeded) and save it
+    (safetensors) to `folder`. `perturb`: norm weights and biases random too (transformers starts them
+    at one and zero), so that a norm or bias a loader dropped changes the tokens."""
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
 
+    config_cls, model_cls = hf_classes(spec)
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(MixtralConfig(**hf_config_kwargs(spec))).eval()
+    model = model_cls(config_cls(**hf_config_kwargs(spec))).eval()
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name.split(".")[-2]:
+                    p.normal_(1.0, 0.2)
+                elif name.endswith(".bias"):
+                    p.normal_(0.0, 0.2)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
 
 
 def ensure_tiny_mixtral(spec: ModelSpec | None = None, seed: int = 0) -> Path:
     """Path of the cached tiny-mixtral folder (config.json, safetensors, tokenizer.json), built if absent."""
-    spec = spec or ModelSpec()
-    key = json.dumps([hf_config_kwargs(spec), seed, hashlib.sha256(CORPUS.read_bytes()).hexdigest()])
-    folder = cache_dir() / f"tiny-mixtral-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return ensure_tiny(spec or ModelSpec(), seed)
+
+
+def ensure_tiny(spec: ModelSpec, seed: int = 0, max_shard_size: str | None = None, perturb: bool = False) -> Path:
+    """Path of a cached tiny checkpoint of `spec`'s family and shapes (config.json, safetensors shards,
+    tokenizer.json), written by transformers and built if absent."""
+    key = [hf_config_kwargs(spec), seed, hashlib.sha256(CORPUS.read_bytes()).hexdigest()]
+    if max_shard_size or perturb:
+        key += [max_shard_size, perturb]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    name = f"tiny-{spec.architecture.replace('_', '-')}"
+    folder = cache_dir() / f"{name}-{digest}"
     if (folder / "tokenizer.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-mixtral-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
     try:
-        write_hf_checkpoint(spec, tmp, seed)
+        write_hf_checkpoint(spec, tmp, seed, max_shard_size, perturb)
         build_tokenizer(spec.vocab_size).save(str(tmp / "tokenizer.json"))  # written last: marks completion
         with contextlib.suppress(OSError):  # another process finished first
             tmp.rename(folder)

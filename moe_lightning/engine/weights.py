@@ -12,7 +12,7 @@ names the file and the field or tensor:
   name held by two files is refused, naming both; so is a stray unlisted file beside an index that holds
   a listed tensor (other unlisted files are ignored with a warning, as transformers ignores them), and
   an index that disagrees with its files.
-- Every expected tensor is present with the shape and dtype config.json implies; a tensor the Mixtral
+- Every expected tensor is present with the shape and dtype config.json implies; a tensor the family's
   path would not read (a quantization scale, another family's weight) is refused by name.
 - Each tensor is checked for NaN and Inf as it is read: one `aminmax` pass (which propagates NaN), about
   25x cheaper than `isfinite().all()` and cheaper than a copy; an overflow from the cast to the run's
@@ -42,8 +42,8 @@ from moe_lightning.engine.hf_config import (
     shown,
     spec_from_hf_config,
 )
-from moe_lightning.engine.model import LayerWeights
 from moe_lightning.errors import CheckpointError
+from moe_lightning.models import family
 
 __all__ = ["CheckpointWeights", "RandomWeights", "WeightSource", "expected_shapes", "resolve_model",
            "spec_from_hf_config", "torch_dtype"]
@@ -52,8 +52,9 @@ log = logging.getLogger("moe_lightning.weights")
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
-                "num_experts", "top_k", "vocab_size")
+SHAPE_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                "num_experts", "top_k", "vocab_size", "attention_bias", "qk_norm", "norm_topk_prob",
+                "shared_expert_size", "clip_qkv")
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -61,32 +62,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def _layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
-
-
 def _expected(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Hugging Face tensor names of a Mixtral checkpoint (per-expert layout) and their shapes, layer by
-    layer (a checkpoint is checked against them lazily: a config.json claiming 10^9 layers fails at the
-    first missing one, not after building a dict of 10^10 names)."""
-    H, F, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
-    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    yield from {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}.items()
-    for i in range(spec.num_layers):
-        p = _layer_prefix(i)
-        yield from {
-            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
-            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
-            p + "block_sparse_moe.gate.weight": (spec.num_experts, H),
-        }.items()
-        for e in range(spec.num_experts):
-            pe = f"{p}block_sparse_moe.experts.{e}."
-            yield from {pe + "w1.weight": (F, H), pe + "w3.weight": (F, H), pe + "w2.weight": (H, F)}.items()
+    """Hugging Face tensor names of the family's checkpoint and their shapes, layer by layer (lazily)."""
+    return family(spec).tensors(spec)
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Hugging Face tensor names of a Mixtral checkpoint (per-expert layout) and their shapes."""
+    """Hugging Face tensor names of a checkpoint of `spec`'s family (per-expert layout) and their shapes."""
     return dict(_expected(spec))
 
 
@@ -95,34 +77,29 @@ class WeightSource:
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype):
         self.spec, self.dtype = spec, dtype
+        self.family = family(spec)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A tensor by its checkpoint name; `rows`: only rows [start, stop) of it (one expert of a
+        tensor that fuses a layer's experts, as DBRX stores them), read without the rest."""
         raise NotImplementedError
 
     def embedding(self) -> torch.Tensor:
-        return self.tensor("model.embed_tokens.weight")
+        return self.tensor(self.family.names()[0])
 
     def final_norm(self) -> torch.Tensor:
-        return self.tensor("model.norm.weight")
+        return self.tensor(self.family.names()[1])
 
     def lm_head(self) -> torch.Tensor:
-        return self.tensor("lm_head.weight")
+        return self.tensor(self.family.names()[2])
 
-    def layer(self, i: int) -> LayerWeights:
-        p = _layer_prefix(i)
-        return LayerWeights(
-            attn_norm=self.tensor(p + "input_layernorm.weight"),
-            wq=self.tensor(p + "self_attn.q_proj.weight"), wk=self.tensor(p + "self_attn.k_proj.weight"),
-            wv=self.tensor(p + "self_attn.v_proj.weight"), wo=self.tensor(p + "self_attn.o_proj.weight"),
-            ffn_norm=self.tensor(p + "post_attention_layernorm.weight"),
-            router=self.tensor(p + "block_sparse_moe.gate.weight"),
-        )
+    def layer(self, i: int):
+        """Layer i's non-expert weights, as its family's LayerWeights dataclass."""
+        return self.family.layer(self.tensor, i, self.spec)
 
     def expert(self, i: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (w13 [2F, H] = gate and up projections fused, w2 [H, F])."""
-        p = f"{_layer_prefix(i)}block_sparse_moe.experts.{e}."
-        w13 = torch.cat([self.tensor(p + "w1.weight"), self.tensor(p + "w3.weight")], dim=0)
-        return w13, self.tensor(p + "w2.weight")
+        return self.family.expert(self.tensor, i, e, self.spec)
 
     def experts(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All experts of layer i stacked: -> (w13 [E, 2F, H], w2 [E, H, F])."""
@@ -137,10 +114,15 @@ class RandomWeights(WeightSource):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, seed: int = 0, std: float = 0.02):
         super().__init__(spec, dtype)
         self.shapes, self.seed, self.std = expected_shapes(spec), seed, std
+        self._fused: tuple[str | None, torch.Tensor | None] = (None, None)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        if rows is not None:   # one expert of a fused tensor: the whole is drawn once, its slices reused
+            if self._fused[0] != name:
+                self._fused = (name, self.tensor(name))
+            return self._fused[1][rows[0]:rows[1]]
         shape = self.shapes[name]
-        if name.endswith("norm.weight"):
+        if "norm" in name.split(".")[-2]:   # norm weights (q/k norms too) start at one, as transformers does
             return torch.ones(shape, dtype=self.dtype)
         digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
@@ -180,7 +162,7 @@ def _readable_file(file: Path) -> None:
 # ---- the checkpoint ----
 
 class CheckpointWeights(WeightSource):
-    """A local Hugging Face Mixtral folder: config.json plus model.safetensors or sharded
+    """A local Hugging Face folder of a supported family: config.json plus model.safetensors or sharded
     model-XXXXX-of-YYYYY.safetensors with model.safetensors.index.json. Tensors are memory-mapped and
     read one at a time. `checkpoint_layers`: the folder's own layer count when `spec` runs fewer (its
     later layers are checked, never read)."""
@@ -302,15 +284,17 @@ class CheckpointWeights(WeightSource):
         extra = sorted(set(self._where) - seen)
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise CheckpointError(f"{self._where[extra[0]]}: unexpected tensor {extra[0]!r}{more}: the Mixtral path "
-                                  "would ignore it (a quantized checkpoint, or another family's?)")
+            raise CheckpointError(f"{self._where[extra[0]]}: unexpected tensor {extra[0]!r}{more}: the "
+                                  f"{spec.architecture} path would ignore it (a quantized checkpoint, or another "
+                                  "family's?)")
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         file = self._where.get(name)
         if file is None:
             raise CheckpointError(f"{self.folder}: no tensor {name!r}")
         try:
-            t = self._handles[file].get_tensor(name)
+            handle = self._handles[file]
+            t = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows[0]:rows[1]]
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({one_line(exc)})") from None
         out = t.to(self.dtype)

@@ -162,7 +162,7 @@ def measure_cpu(sizes: Sizes) -> dict[str, float]:
     thread's memcpy (GB/s copied)."""
     import torch
 
-    from moe_lightning.engine.model import decode_attention
+    from moe_lightning.models.layers import decode_attention
 
     n = sizes.cpu_matmul
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -202,7 +202,7 @@ def measure_dispatch(device: str, side_tasks: int = 60) -> tuple[float, float]:
     import torch
 
     from moe_lightning.engine.executor import Executor
-    from moe_lightning.engine.model import decode_attention
+    from moe_lightning.models.layers import decode_attention
     from moe_lightning.schedule.graph import Resource, TaskGraph
 
     a = torch.randn(1024, 1024, device=device)

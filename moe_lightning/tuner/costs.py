@@ -204,6 +204,9 @@ class TaskCosts:
         hit = experts_hit(E, t * k)
         time += self._experts(t * k / hit, 2 * t * k * 3 * H * F,
                               hit * s.expert_bytes + t * k * (2 * H + 3 * F) * d)
+        if s.shared_expert_size:   # Qwen2-MoE's shared expert and its gate, on every token
+            time += self._gemm(t, 2 * t * s.shared_expert_params,
+                               (s.shared_expert_params + t * (2 * H + 3 * s.shared_expert_size)) * d)
         if layer == s.num_layers - 1:
             time += self._gemm(out_rows, 2 * out_rows * H * s.vocab_size,
                               (s.vocab_size * H + out_rows * H) * d + out_rows * s.vocab_size * 4)

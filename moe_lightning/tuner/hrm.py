@@ -130,10 +130,12 @@ def attention_cost(spec: ModelSpec, batch: Any, context: Any) -> TaskCost:
 
 
 def ffn_cost(spec: ModelSpec, batch: Any, num_micro_batches: Any = 1) -> TaskCost:
-    """Decode MoE FFN of one layer: top-k experts' FLOPs; all experts' weights read once per micro-batch."""
+    """Decode MoE FFN of one layer: top-k experts' FLOPs; all experts' weights read once per micro-batch.
+    A shared expert (Qwen2-MoE) runs on every token and is read once per micro-batch too."""
     b, h1, h2 = batch, spec.hidden_size, spec.intermediate_size
-    flops = 2 * b * h1 * h2 * 3 * spec.top_k
-    nbytes = (b * h1 + b * h2) * spec.dtype_bytes + num_micro_batches * spec.num_experts * spec.expert_bytes
+    flops = 2 * b * h1 * h2 * 3 * spec.top_k + 2 * b * spec.shared_expert_params
+    nbytes = ((b * h1 + b * h2) * spec.dtype_bytes + num_micro_batches * spec.num_experts * spec.expert_bytes
+              + num_micro_batches * spec.shared_expert_params * spec.dtype_bytes)
     return TaskCost(flops, nbytes)
 
 
@@ -232,10 +234,10 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     N, d = batch_size, spec.dtype_bytes
     nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     tokens = N * p
-    linear_params = spec.attention_params + spec.num_experts * H + spec.top_k * spec.expert_params
+    dense_params = spec.attention_params + spec.num_experts * H + spec.shared_expert_params   # run on every token
+    linear_params = dense_params + spec.top_k * spec.expert_params
     flops = 2 * tokens * linear_params + 2 * N * p_sq * nq * hd  # causal attention: QK^T and PV halved
-    layer_weight_bytes = ((spec.attention_params + spec.num_experts * H) * d
-                          + spec.num_experts * spec.expert_bytes)
+    layer_weight_bytes = dense_params * d + spec.num_experts * spec.expert_bytes
     kv_bytes = tokens * 2 * nkv * hd * d
     gpu_bytes = num_micro_batches * layer_weight_bytes + kv_bytes
     peak = lv.gpu.peak_flops

@@ -168,9 +168,12 @@ def test_pools_hold_the_weights_the_engine_placed(tiny, prompts):
     expert = 3 * 64 * 128 * 4
     expected = {"non_expert_weights": non_expert, "resident_experts": 2 * 4 * expert,
                 "streamed_experts": 2 * 4 * expert}
+    assert spec.non_expert_params * 4 == non_expert                       # the plan counts the parameters right
+    tensors = len(from_source)                                            # each carved at a 256-byte offset
     for pool, nbytes in expected.items():
-        assert runner.plan.gpu[pool] == nbytes, pool                       # the plan counts them right
-        assert nbytes <= runner.pools.used[pool] <= nbytes + 4096, pool     # and the engine holds them
+        slack = 256 * tensors if pool == "non_expert_weights" else 0
+        assert nbytes <= runner.plan.gpu[pool] <= nbytes + slack, pool      # the plan counts them right
+        assert nbytes <= runner.pools.used[pool] <= runner.plan.gpu[pool] + 4096, pool   # and the engine holds them
         assert runner.pools.buffers[pool].numel() == runner.plan.gpu[pool] + 4096  # allocated as planned
 
 

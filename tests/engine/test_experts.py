@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_lightning.engine.experts import KERNELS, moe_loop
-from moe_lightning.engine.model import ExpertStack, route
+from moe_lightning.models.layers import ExpertStack, route
 
 
 @pytest.mark.parametrize("kernel", ["grouped", "padded", "dense"])

@@ -12,8 +12,8 @@ import torch
 from moe_lightning.config import ModelSpec
 from moe_lightning.engine.experts import KERNELS
 from moe_lightning.engine.kernel_table import KernelChooser, cached_profile, fastest, interpolated_time
-from moe_lightning.engine.model import ExpertStack
 from moe_lightning.errors import ConfigError
+from moe_lightning.models.layers import ExpertStack
 
 SPEC = ModelSpec(hidden_size=64, intermediate_size=128, num_experts=8, top_k=2, dtype="float32")
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ from moe_lightning.config import ModelSpec
 from moe_lightning.engine.generation import GenerationParams, generate
 from moe_lightning.engine.reference import ReferenceRunner
 from moe_lightning.engine.weights import resolve_model
-from tests.conftest import hf_greedy
+from tests.conftest import check_bf16_teacher_forced, hf_greedy
 
 MAX_NEW = 24
 
@@ -61,20 +61,7 @@ def test_bf16_within_tolerance(tiny_path, prompts):
 
     spec, source = resolve_model(ModelSpec(dtype="bfloat16"))
     hf = MixtralForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16).eval()
-    runner = ReferenceRunner(spec, source)
-    # Teacher-forced on transformers' own bf16 continuation, so one near-tie cannot derail the rest.
-    seqs = [p + hf_greedy(hf, p, 16, eos=None) for p in prompts]
-    ours = runner.forward_prefill(seqs, max_new_tokens=1)
-    start, agree, total = 0, 0, 0
-    for s in seqs:
-        with torch.no_grad():
-            ref = hf(torch.tensor([s])).logits[0]
-        mine = ours[start:start + len(s)]
-        assert rel_err(mine, ref) < 3e-2
-        agree += int((mine.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(s)
-        start += len(s)
-    assert agree / total >= 0.95
+    check_bf16_teacher_forced(ReferenceRunner(spec, source), hf, prompts, 16)
 
 
 def test_sharded_checkpoint_parity(tmp_path, prompts):

@@ -91,3 +91,17 @@ def test_a_system_without_a_schedule_is_refused(tmp_path):
     cfg = RunConfig(task=SimulateTask(), system=Other(), out=str(tmp_path / "x.json"))
     with pytest.raises(ConfigError, match="system accelerate has no schedule to simulate"):
         cfg.task.run(cfg)
+
+
+# DBRX's 263 GB of bf16 weights do not fit one T4's host (task=plan says so in one line); the paper runs it
+# on several T4s.
+@pytest.mark.parametrize("model, hardware", [("qwen3-30b-a3b", "t4"), ("qwen1.5-moe-a2.7b", "t4"),
+                                             ("olmoe-1b-7b", "t4"), ("dbrx", "2xt4")])
+def test_plan_runs_on_every_family_preset(tmp_path, model, hardware):
+    out = tmp_path / "plan.json"
+    r = cli("task=plan", f"hardware={hardware}", f"model={model}", "workload=mtbench", f"out={out}",
+            f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["policy"]["batch_size"] >= 1 and doc["prediction"]["hrm_tok_s"] > 0
+    assert doc["extra"]["memory"]["gpu_total_bytes"] <= doc["extra"]["memory"]["gpu_budget_bytes"]

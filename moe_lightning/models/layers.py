@@ -1,10 +1,11 @@
-"""Mixtral layer math as pure functions of tensors (gpt-fast style).
+"""Layer math the model families share, as pure functions of tensors (gpt-fast style).
 
-Placement lives elsewhere: these functions run on whatever device their tensors are on. A decoder layer
-is split where CGOPipe splits it:
-    pre_attention   (RMSNorm, Q/K/V projections, RoPE)            -> q, k, v
-    attention       (prefill: causal per sequence; decode: over the KV cache)
-    post_attention  (O projection, residual, RMSNorm, router, MoE FFN, residual)
+Placement lives elsewhere: these functions run on whatever device their tensors are on. Each family
+(`moe_lightning.models.<family>`) splits its decoder layer where CGOPipe splits it:
+    pre_attention   (norm, Q/K/V projections, the family's extras, RoPE)   -> q, k, v
+    attention       (prefill: causal per sequence; decode: over the KV cache; shared, here)
+    post_attention  (O projection, residual, norm, router, MoE FFN, residual)
+and reads its experts through an `ExpertStack` with one of the shared MoE kernels.
 Shapes: T tokens (packed over sequences, no padding), H hidden, E experts, F expert FFN dim,
 nq / nkv query / KV heads, hd head dim, S cache length.
 """
@@ -12,28 +13,12 @@ nq / nkv query / KV heads, hd head dim, S cache length.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from moe_lightning.config import ModelSpec
-
-
-@dataclass
-class LayerWeights:
-    """Non-expert weights of one decoder layer (row-major, as nn.Linear stores them)."""
-
-    attn_norm: torch.Tensor  # [H]
-    wq: torch.Tensor         # [nq*hd, H]
-    wk: torch.Tensor         # [nkv*hd, H]
-    wv: torch.Tensor         # [nkv*hd, H]
-    wo: torch.Tensor         # [H, nq*hd]
-    ffn_norm: torch.Tensor   # [H]
-    router: torch.Tensor     # [E, H]
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LayerWeights:
-        return LayerWeights(**{k: v.to(device=device, dtype=dtype) for k, v in vars(self).items()})
 
 
 @dataclass
@@ -62,6 +47,17 @@ class ExpertStack:
 MoEKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertStack], torch.Tensor]
 
 
+class Weights:
+    """Mixin of a family's per-layer weights dataclass: move every tensor (absent ones stay None)."""
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
+        return self.map(lambda t: t.to(device=device, dtype=dtype))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        return type(self)(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                             for f in fields(self)})
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 and cast back before the scale, as transformers does (bit-for-bit in fp32).
     x32 = x.float()
@@ -83,18 +79,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
-
-
-def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
-                  spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, H], positions [T] -> q [T, nq, hd], k [T, nkv, hd], v [T, nkv, hd]."""
-    T = x.shape[0]
-    h = rms_norm(x, lw.attn_norm, spec.rms_norm_eps)
-    q = F.linear(h, lw.wq).view(T, spec.num_heads, spec.head_dim)
-    k = F.linear(h, lw.wk).view(T, spec.num_kv_heads, spec.head_dim)
-    v = F.linear(h, lw.wv).view(T, spec.num_kv_heads, spec.head_dim)
-    cos, sin = rope_cos_sin(positions, spec, x.dtype)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
@@ -137,27 +121,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.matmul(probs, v_cache).reshape(B, nq * hd)                  # [B, nkv, g, hd]
 
 
-def route(h: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax-then-top-k routing with renormalised weights (Mixtral): -> weights [T, k] fp32, ids [T, k]."""
+def route(h: torch.Tensor, router: torch.Tensor, top_k: int,
+          normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (fp32) then top-k routing, the top-k weights renormalised to sum to 1 when `normalize`
+    (Mixtral; `norm_topk_prob` in Qwen-MoE and OLMoE): -> weights [T, k] fp32, ids [T, k]."""
     probs = torch.softmax(F.linear(h, router).float(), dim=-1)               # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), ids
+    return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), ids
 
 
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """SwiGLU expert: x [t, H], w13 [2F, H], w2 [H, F] -> [t, H]."""
     gate, up = F.linear(x, w13).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, w2)
-
-
-def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: ModelSpec,
-                   experts: ExpertStack, moe_kernel: MoEKernel) -> torch.Tensor:
-    """x [T, H] residual stream, attn [T, nq*hd] attention output -> next layer's input [T, H]."""
-    x = x + F.linear(attn, lw.wo)
-    h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
-    weights, ids = route(h, lw.router, spec.top_k)
-    return x + moe_kernel(h, weights, ids, experts)
-
-
-def final_logits(x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.linear(rms_norm(x, norm, eps), lm_head)

@@ -1,0 +1,223 @@
+"""Qwen2-MoE (Qwen1.5-MoE) and Qwen3-MoE: Mixtral's layer with
+- Qwen2-MoE: biases on Q/K/V (`qkv_bias`), and a shared expert beside the routed ones, always run,
+  scaled by a sigmoid gate: moe(h) + sigmoid(h . g) * SwiGLU_shared(h);
+- Qwen3-MoE: RMSNorm of q and k per head, before RoPE (`q_norm`, `k_norm` of size head_dim);
+- both: `norm_topk_prob` (renormalise the top-k routing weights, or not).
+Routed experts are `mlp.experts.{e}.gate_proj/up_proj/down_proj` in the checkpoint, streamed fused.
+
+Dense layers (`mlp_only_layers`, `decoder_sparse_step` > 1) and sliding windows are refused: every
+published Qwen1.5-MoE / Qwen2-MoE / Qwen3-MoE checkpoint is sparse in every layer with full attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_lightning.config import ModelSpec
+from moe_lightning.models import Family, Getter
+from moe_lightning.models.layers import (
+    ExpertStack,
+    MoEKernel,
+    Weights,
+    apply_rope,
+    rms_norm,
+    rope_cos_sin,
+    route,
+)
+from moe_lightning.models.mixtral import final_logits, global_tensors  # the same final norm, head and names
+
+QWEN_ROPE_THETA = 10000.0   # Qwen2MoeConfig / Qwen3MoeConfig default
+
+
+@dataclass
+class LayerWeights(Weights):
+    attn_norm: torch.Tensor               # [H]
+    wq: torch.Tensor                      # [nq*hd, H]
+    wk: torch.Tensor                      # [nkv*hd, H]
+    wv: torch.Tensor                      # [nkv*hd, H]
+    wo: torch.Tensor                      # [H, nq*hd]
+    ffn_norm: torch.Tensor                # [H]
+    router: torch.Tensor                  # [E, H]
+    bq: torch.Tensor | None = None        # [nq*hd]   attention_bias
+    bk: torch.Tensor | None = None        # [nkv*hd]
+    bv: torch.Tensor | None = None        # [nkv*hd]
+    q_norm: torch.Tensor | None = None    # [hd]      Qwen3-MoE
+    k_norm: torch.Tensor | None = None    # [hd]
+    shared_gate_proj: torch.Tensor | None = None   # [S, H]   Qwen2-MoE's shared expert
+    shared_up_proj: torch.Tensor | None = None     # [S, H]
+    shared_down_proj: torch.Tensor | None = None   # [H, S]
+    shared_gate: torch.Tensor | None = None        # [1, H]   its sigmoid gate
+
+
+def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
+                  spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H], positions [T] -> q [T, nq, hd], k [T, nkv, hd], v [T, nkv, hd]."""
+    T, eps = x.shape[0], spec.rms_norm_eps
+    h = rms_norm(x, lw.attn_norm, eps)
+    q = F.linear(h, lw.wq, lw.bq).view(T, spec.num_heads, spec.head_dim)
+    k = F.linear(h, lw.wk, lw.bk).view(T, spec.num_kv_heads, spec.head_dim)
+    v = F.linear(h, lw.wv, lw.bv).view(T, spec.num_kv_heads, spec.head_dim)
+    if lw.q_norm is not None:   # per head, over head_dim
+        q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
+    cos, sin = rope_cos_sin(positions, spec, x.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: ModelSpec,
+                   experts: ExpertStack, moe_kernel: MoEKernel) -> torch.Tensor:
+    """x [T, H] residual stream, attn [T, nq*hd] -> next layer's input [T, H]."""
+    x = x + F.linear(attn, lw.wo)
+    h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
+    weights, ids = route(h, lw.router, spec.top_k, normalize=spec.norm_topk_prob)
+    out = moe_kernel(h, weights, ids, experts)
+    if lw.shared_gate is not None:
+        shared = F.linear(F.silu(F.linear(h, lw.shared_gate_proj)) * F.linear(h, lw.shared_up_proj),
+                          lw.shared_down_proj)
+        out = out + torch.sigmoid(F.linear(h, lw.shared_gate)) * shared
+    return x + out
+
+
+# ---- checkpoint layout (shared with OLMoE, which names its tensors the same way) ----
+
+def layer_tensors(i: int, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    H, S = spec.hidden_size, spec.shared_expert_size
+    q, kv, p = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, f"model.layers.{i}."
+    out = {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+           p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
+           p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
+           p + "mlp.gate.weight": (spec.num_experts, H)}
+    if spec.attention_bias:
+        out |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,)}
+    if spec.qk_norm != "none":
+        per_head = spec.qk_norm == "head"
+        out |= {p + "self_attn.q_norm.weight": (spec.head_dim if per_head else q,),
+                p + "self_attn.k_norm.weight": (spec.head_dim if per_head else kv,)}
+    if S:
+        out |= {p + "mlp.shared_expert.gate_proj.weight": (S, H), p + "mlp.shared_expert.up_proj.weight": (S, H),
+                p + "mlp.shared_expert.down_proj.weight": (H, S), p + "mlp.shared_expert_gate.weight": (1, H)}
+    return out
+
+
+def expert_tensors(i: int, e: int, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    H, Fd, p = spec.hidden_size, spec.intermediate_size, f"model.layers.{i}.mlp.experts.{e}."
+    return {p + "gate_proj.weight": (Fd, H), p + "up_proj.weight": (Fd, H), p + "down_proj.weight": (H, Fd)}
+
+
+def layer(get: Getter, i: int, spec: ModelSpec) -> LayerWeights:
+    p = f"model.layers.{i}."
+    a, m = p + "self_attn.", p + "mlp."
+    optional = {}
+    if spec.attention_bias:
+        optional |= dict(bq=get(a + "q_proj.bias"), bk=get(a + "k_proj.bias"), bv=get(a + "v_proj.bias"))
+    if spec.qk_norm != "none":
+        optional |= dict(q_norm=get(a + "q_norm.weight"), k_norm=get(a + "k_norm.weight"))
+    if spec.shared_expert_size:
+        optional |= dict(shared_gate_proj=get(m + "shared_expert.gate_proj.weight"),
+                         shared_up_proj=get(m + "shared_expert.up_proj.weight"),
+                         shared_down_proj=get(m + "shared_expert.down_proj.weight"),
+                         shared_gate=get(m + "shared_expert_gate.weight"))
+    return LayerWeights(
+        attn_norm=get(p + "input_layernorm.weight"), wq=get(a + "q_proj.weight"), wk=get(a + "k_proj.weight"),
+        wv=get(a + "v_proj.weight"), wo=get(a + "o_proj.weight"), ffn_norm=get(p + "post_attention_layernorm.weight"),
+        router=get(m + "gate.weight"), **optional)
+
+
+def expert(get: Getter, i: int, e: int, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (w13 [2F, H] = gate_proj and up_proj fused, w2 [H, F] = down_proj)."""
+    p = f"model.layers.{i}.mlp.experts.{e}."
+    return torch.cat([get(p + "gate_proj.weight"), get(p + "up_proj.weight")], dim=0), get(p + "down_proj.weight")
+
+
+# ---- config.json ----
+
+def _sparse_every_layer(cfg, family: str) -> None:
+    """Dense (MLP-only) layers are not implemented: refuse the fields that ask for them."""
+    only = cfg.get("mlp_only_layers", None)
+    if only not in (None, []):
+        raise cfg.fail(f"mlp_only_layers={only!r}: dense layers are not implemented by the {family} path ([] only)")
+    step = cfg.get("decoder_sparse_step", None)
+    if step not in (None, 1) or isinstance(step, bool):
+        raise cfg.fail(f"decoder_sparse_step={step!r}: dense layers are not implemented by the {family} path "
+                       "(1: every layer sparse)")
+
+
+def _flag(cfg, key: str, default: bool) -> bool:
+    value = cfg.get(key, None)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise cfg.fail(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def qwen2_spec_fields(cfg) -> dict:
+    from moe_lightning.engine.hf_config import common_fields
+
+    _sparse_every_layer(cfg, "Qwen2-MoE")
+    out = common_fields(cfg, "qwen2_moe", experts_key=("num_experts", "num_local_experts"),
+                        expert_size_key="moe_intermediate_size", family_name="Qwen2-MoE",
+                        implements=("norm_topk_prob", "qkv_bias", "moe_intermediate_size",
+                                    "shared_expert_intermediate_size", "mlp_only_layers", "decoder_sparse_step"),
+                        default_rope_theta=QWEN_ROPE_THETA)
+    shared = cfg.get("shared_expert_intermediate_size", None)
+    shared = 0 if shared is None else shared
+    if not (isinstance(shared, int) and not isinstance(shared, bool) and shared >= 0):
+        raise cfg.fail(f"shared_expert_intermediate_size must be an integer >= 0, got {shared!r}")
+    # Qwen2MoeAttention's Q/K/V biases: `qkv_bias` (transformers >= 5), always on before it.
+    return out | dict(attention_bias=_flag(cfg, "qkv_bias", True), shared_expert_size=shared,
+                      norm_topk_prob=_flag(cfg, "norm_topk_prob", False))
+
+
+def qwen3_spec_fields(cfg) -> dict:
+    from moe_lightning.engine.hf_config import common_fields
+
+    _sparse_every_layer(cfg, "Qwen3-MoE")
+    out = common_fields(cfg, "qwen3_moe", experts_key=("num_experts", "num_local_experts"),
+                        expert_size_key="moe_intermediate_size", family_name="Qwen3-MoE",
+                        implements=("norm_topk_prob", "attention_bias", "moe_intermediate_size",
+                                    "mlp_only_layers", "decoder_sparse_step"),
+                        default_rope_theta=QWEN_ROPE_THETA)
+    return out | dict(attention_bias=_flag(cfg, "attention_bias", False), qk_norm="head",
+                      norm_topk_prob=_flag(cfg, "norm_topk_prob", False))
+
+
+def _hf_common(spec: ModelSpec) -> dict:
+    return dict(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, moe_intermediate_size=spec.intermediate_size,
+        intermediate_size=4 * spec.intermediate_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, num_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k, max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, bos_token_id=spec.bos_token_id,
+        eos_token_id=spec.eos_token_id, tie_word_embeddings=False, norm_topk_prob=spec.norm_topk_prob,
+        decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
+    )
+
+
+def qwen2_hf_config(spec: ModelSpec) -> dict:
+    return _hf_common(spec) | dict(qkv_bias=spec.attention_bias,
+                                   shared_expert_intermediate_size=spec.shared_expert_size)
+
+
+def qwen3_hf_config(spec: ModelSpec) -> dict:
+    return _hf_common(spec) | dict(head_dim=spec.head_dim, attention_bias=spec.attention_bias)
+
+
+_LAYOUT = dict(pre_attention=pre_attention, post_attention=post_attention, final_logits=final_logits,
+               global_tensors=global_tensors, layer_tensors=layer_tensors, expert_tensors=expert_tensors,
+               layer=layer, expert=expert)
+
+QWEN2_MOE = Family(
+    architecture="qwen2_moe", model_types=("qwen2_moe",), hf_class="Qwen2MoeForCausalLM",
+    hf_config_class="Qwen2MoeConfig", spec_fields=qwen2_spec_fields, hf_config=qwen2_hf_config,
+    implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "shared_expert_size": "any"},
+    **_LAYOUT)
+
+QWEN3_MOE = Family(
+    architecture="qwen3_moe", model_types=("qwen3_moe",), hf_class="Qwen3MoeForCausalLM",
+    hf_config_class="Qwen3MoeConfig", spec_fields=qwen3_spec_fields, hf_config=qwen3_hf_config,
+    implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "qk_norm": ("head",)},
+    **_LAYOUT)

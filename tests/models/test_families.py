@@ -1,0 +1,138 @@
+"""Every model family beside Mixtral (whose tests live in tests/engine and tests/baselines) is
+token-identical in fp32 to transformers' own greedy generate, on a tiny sharded checkpoint written by
+transformers with every parameter random (norm weights and biases too): through the reference engine,
+CGOPipe under three policies and every baseline schedule, on prompts of mixed lengths. bf16 agrees
+within a stated tolerance."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moe_lightning.baselines import (
+    AccelerateSystem,
+    DeepSpeedSystem,
+    FastDecodeSystem,
+    FlexGenCSystem,
+    FlexGenSystem,
+)
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy
+from moe_lightning.engine.cgopipe import CGOPipeRunner
+from moe_lightning.engine.generation import GenerationParams, generate
+from moe_lightning.engine.reference import ReferenceRunner
+from moe_lightning.engine.weights import resolve_model
+from tests.conftest import PARITY_NEW_TOKENS, check_bf16_teacher_forced, hf_greedy, prompt_workload
+
+CPU = torch.device("cpu")
+SHAPES = dict(hidden_size=64, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=16, num_experts=8,
+              top_k=2, vocab_size=512, rope_theta=1e4, rms_norm_eps=1e-6, max_position_embeddings=4096)
+# Each family with the features that tell it apart switched on (a shared expert, Q/K/V biases, q/k norms,
+# a clamp that binds, routing weights left unnormalised).
+FAMILIES = {
+    "qwen2_moe": ModelSpec(name="hf", architecture="qwen2_moe", attention_bias=True, shared_expert_size=48,
+                           norm_topk_prob=False, **SHAPES),
+    "qwen3_moe": ModelSpec(name="hf", architecture="qwen3_moe", qk_norm="head", norm_topk_prob=True, **SHAPES),
+    "olmoe": ModelSpec(name="hf", architecture="olmoe", qk_norm="full", clip_qkv=1.0, norm_topk_prob=False,
+                       **SHAPES),
+    "dbrx": ModelSpec(name="hf", architecture="dbrx", clip_qkv=0.5, norm_topk_prob=True,
+                      **(SHAPES | dict(rms_norm_eps=1e-5))),
+}
+CGOPIPE_POLICIES = {
+    "all-resident": Policy(batch_size=10, micro_batch_size=5, expert_gpu_fraction=1.0),
+    "all-streamed": Policy(batch_size=10, micro_batch_size=3, expert_gpu_fraction=0.0, pages_per_layer=2),
+    "mixed-cpu-attention": Policy(batch_size=10, micro_batch_size=2, expert_gpu_fraction=0.5, kv_gpu_fraction=0.4),
+}
+G = dict(pages_per_layer=1, prefetch_depth=1, expert_kernel="loop")
+BASELINES = {
+    "flexgen": (FlexGenSystem, Policy(batch_size=10, micro_batch_size=3, attn_on_gpu=True, **G)),
+    "flexgen_c": (FlexGenCSystem, Policy(batch_size=10, micro_batch_size=3, expert_gpu_fraction=0.25, **G)),
+    "deepspeed": (DeepSpeedSystem, Policy(batch_size=10, micro_batch_size=10, attn_on_gpu=True, **G)),
+    "fastdecode": (FastDecodeSystem, Policy(batch_size=10, micro_batch_size=2, **G)),
+    "accelerate": (AccelerateSystem, Policy(batch_size=10, micro_batch_size=10, attn_on_gpu=True,
+                                            kv_gpu_fraction=1.0)),
+}
+
+
+class Tiny:
+    """One family's tiny checkpoint, its transformers model and transformers' greedy outputs."""
+
+    def __init__(self, arch: str, prompts: list[list[int]]):
+        from moe_lightning.engine.tiny import ensure_tiny, hf_classes
+
+        self.path = ensure_tiny(FAMILIES[arch], seed=11, max_shard_size="60KB", perturb=True)
+        self.spec, self.source = resolve_model(ModelSpec(name="hf", path=str(self.path), dtype="float32"))
+        self.hf = hf_classes(self.spec)[1].from_pretrained(self.path, dtype=torch.float32).eval()
+        self.outputs = [hf_greedy(self.hf, p, PARITY_NEW_TOKENS) for p in prompts]
+
+
+_BUILT: dict[str, Tiny] = {}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def fam(request, prompts) -> Tiny:
+    if request.param not in _BUILT:
+        _BUILT[request.param] = Tiny(request.param, prompts)
+    return _BUILT[request.param]
+
+
+def test_the_checkpoint_is_read_as_its_family(fam):
+    want = FAMILIES[fam.spec.architecture]
+    for key in ("architecture", "attention_bias", "qk_norm", "norm_topk_prob", "shared_expert_size", "clip_qkv",
+                "intermediate_size", "num_experts"):
+        assert getattr(fam.spec, key) == getattr(want, key), key
+    assert len(list(fam.path.glob("*.safetensors"))) > 1   # sharded
+
+
+def test_reference_engine_tokens_identical(fam, prompts):
+    runner = ReferenceRunner(fam.spec, fam.source)
+    result = generate(runner, prompts, GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), 8)
+    assert result.output_ids == fam.outputs
+
+
+@pytest.mark.parametrize("policy", list(CGOPIPE_POLICIES))
+def test_cgopipe_tokens_identical(fam, prompts, policy, device):
+    p = CGOPIPE_POLICIES[policy]
+    runner = CGOPipeRunner(fam.spec, fam.source, HardwareSpec(), p, prompt_workload(prompts), device)
+    result = generate(runner, prompts, GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2),
+                      p.batch_size)
+    assert result.output_ids == fam.outputs
+    if p.expert_gpu_fraction < 1:
+        assert runner.stats()["link_bytes"]["h2d"] > 0   # experts really streamed
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_baseline_tokens_identical(fam, prompts, name, device):
+    system, policy = BASELINES[name]
+    runner = system(policy_source="given").build(fam.spec, fam.source, HardwareSpec(), policy,
+                                                 prompt_workload(prompts), device)
+    result = generate(runner, prompts, GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2),
+                      policy.batch_size)
+    assert result.output_ids == fam.outputs
+
+
+def test_a_dropped_feature_changes_the_tokens(fam, prompts):
+    """The parity above is not vacuous: the same weights through the family's math without its feature
+    (biases and the shared expert zeroed, q/k norm weights at one, no clamp) give other tokens."""
+    def drop(t: torch.Tensor, name: str) -> torch.Tensor:
+        return torch.ones_like(t) if "norm" in name else torch.zeros_like(t)
+
+    runner = ReferenceRunner(fam.spec, fam.source)
+    for lw in runner.weights.layers:
+        for f in ("bq", "bk", "bv", "q_norm", "k_norm", "shared_down_proj"):
+            if getattr(lw, f, None) is not None:
+                setattr(lw, f, drop(getattr(lw, f), f))
+    spec = dataclasses.replace(fam.spec, clip_qkv=None, norm_topk_prob=not fam.spec.norm_topk_prob)
+    runner.spec = spec
+    result = generate(runner, prompts, GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), 8)
+    assert result.output_ids != fam.outputs
+
+
+def test_bf16_within_tolerance(fam, prompts):
+    """bf16: conftest's BF16_REL_ERR and BF16_AGREE, teacher-forced on transformers' own continuation."""
+    from moe_lightning.engine.tiny import hf_classes
+
+    spec, source = resolve_model(ModelSpec(name="hf", path=str(fam.path), dtype="bfloat16"))
+    hf = hf_classes(spec)[1].from_pretrained(fam.path, dtype=torch.bfloat16).eval()
+    check_bf16_teacher_forced(ReferenceRunner(spec, source), hf, prompts, 8)
