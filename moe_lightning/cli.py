@@ -73,12 +73,39 @@ def split_args(args: list[str]) -> tuple[list[str], tuple[Path, ...]]:
     return overrides, tuple(dirs)
 
 
-def default_choices() -> dict[str, str]:
-    """The group options config.yaml selects when the command line does not."""
-    import yaml
+def config_name(args: list[str]) -> str:
+    """--config-name / -cn, else config."""
+    for i, a in enumerate(args):
+        flag, _, value = a.partition("=")
+        if flag in ("--config-name", "-cn"):
+            return value or (args[i + 1] if i + 1 < len(args) else "config")
+    return "config"
 
-    defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text()).get("defaults", [])
-    return {k: str(v) for d in defaults if isinstance(d, dict) for k, v in d.items()}
+
+def default_choices(args: list[str]) -> dict[str, str]:
+    """The group options the config (--config-name, under --config-dir too) selects when the command line
+    does not, as Hydra's own composition resolves them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from moe_lightning.conf.store import register
+    from moe_lightning.errors import ConfigError
+
+    register()
+    _, dirs = split_args(args)
+    missing = [d for d in dirs if not d.is_dir()]
+    if missing:
+        raise ConfigError(f"--config-dir {missing[0]}: no such folder")
+    searchpath = [f"hydra.searchpath=[{','.join(f'file://{d.resolve()}' for d in dirs)}]"] if dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe-lightning"):
+            cfg = compose(config_name=config_name(args), overrides=searchpath, return_hydra_config=True)
+            return {k: str(v) for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
+    except Exception as exc:  # a config file Hydra cannot compose: its message, on one line
+        raise ConfigError(_one_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def _schema_for(path: list[str], choices: dict[str, str]):
@@ -111,7 +138,7 @@ def check_overrides(args: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(plain)
     except Exception as exc:  # Hydra's grammar errors
         raise ConfigError(str(exc).splitlines()[0]) from None
-    choices = default_choices()
+    choices = default_choices(args)
     ours = [o for o in overrides if not o.key_or_group.startswith("hydra")]
     for o in ours:
         if o.is_delete():
@@ -120,15 +147,23 @@ def check_overrides(args: list[str]) -> None:
     checked = ours
 
     def values_of(o) -> list:
-        return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        """The values an override takes, typed as Hydra parses them (4 is an int, 0.5 a float, true a
+        bool), each point of a choice or range sweep; an interval sweep (for sweeper plugins) has no
+        points to check here."""
+        if not o.is_sweep_override():
+            return [o.value()]
+        if o.is_interval_sweep():
+            return []
+        return list(o.sweep_iterator())
 
     for o in checked:  # group choices first: a key is checked against the option finally chosen
         if o.key_or_group in GROUPS:
             options = group_options(o.key_or_group, extra_dirs)
-            for v in values_of(o):
-                if str(v) not in options:
+            names = list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(o.value())]
+            for v in names:
+                if v not in options:
                     raise ConfigError(f"unknown {o.key_or_group} {v!r}; accepted: {', '.join(options)}")
-            choices[o.key_or_group] = str(values_of(o)[-1])
+            choices[o.key_or_group] = names[-1]
     for o in checked:
         key, values = o.key_or_group, values_of(o)
         if key in GROUPS:
@@ -155,23 +190,46 @@ def check_overrides(args: list[str]) -> None:
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,)}
 
 
+MAX_COMPOSED_POINTS = 64   # a sweep's values are each composed once; beyond this many, Hydra's jobs check them
+
+
+def sweep_points(plain: list[str]) -> list[list[str]]:
+    """The override lists to compose for a multirun: every value of every swept key once, the others at
+    their first value (not the whole product: each value is checked, each combination is Hydra's job)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(plain)
+    first, swept = [], []
+    for o, text in zip(overrides, plain):
+        if o.is_interval_sweep():   # a sweeper plugin's search space: no points to compose
+            continue
+        if o.is_sweep_override():
+            values, prefix = list(o.sweep_string_iterator()), text.split("=", 1)[0] + "="
+            first.append(prefix + values[0])
+            swept.append((len(first) - 1, prefix, values[1:]))
+        else:
+            first.append(text)
+    points = [first]
+    for i, prefix, rest in swept:
+        for v in rest[:MAX_COMPOSED_POINTS]:
+            points.append([*first[:i], prefix + v, *first[i + 1:]])
+    return points[:MAX_COMPOSED_POINTS]
+
+
 def check_composes(args: list[str]) -> None:
     """Compose the config with Hydra's own compose API, as the app is about to, so that an error in a
     config file (bad YAML under --config-dir, a value its schema refuses) is one line, not Hydra's
-    multi-line report. Multirun sweeps are composed per job by Hydra itself."""
+    multi-line report. A multirun is composed at each value of each swept key."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from moe_lightning.errors import ConfigError
 
-    if any(a in ("-m", "--multirun") for a in args) or any(a in ("--help", "-h", "--hydra-help") for a in args):
+    if any(a in ("--help", "-h", "--hydra-help") for a in args):
         return
     plain, dirs = split_args(args)
-    name = "config"
-    for i, a in enumerate(args):
-        flag, _, value = a.partition("=")
-        if flag in ("--config-name", "-cn"):
-            name = value or (args[i + 1] if i + 1 < len(args) else name)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    name = config_name(args)
     missing = [d for d in dirs if not d.is_dir()]
     if missing:
         raise ConfigError(f"--config-dir {missing[0]}: no such folder")
@@ -179,7 +237,8 @@ def check_composes(args: list[str]) -> None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe-lightning"):
-            compose(config_name=name, overrides=[*plain, *searchpath])
+            for point in sweep_points(plain) if multirun else [plain]:
+                compose(config_name=name, overrides=[*point, *searchpath])
     except Exception as exc:  # Hydra's and OmegaConf's composition errors: their text, on one line
         raise ConfigError(_one_line(exc)) from None
     finally:
@@ -278,8 +337,27 @@ def check_outputs(cfg) -> None:
         check_output_path(value, key=key, overwrite=cfg.overwrite, inputs=(cfg.workload.path,))
 
 
+MODES = {"-m": "--multirun", "--multirun": "--multirun", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info",
+         "-i": "--info", "--shell-completion": "--shell-completion", "-sc": "--shell-completion"}
+
+
+def check_modes(args: list[str]) -> None:
+    """Hydra runs one mode at a time; it says so with a traceback, this with one line."""
+    from moe_lightning.errors import ConfigError
+
+    given = list(dict.fromkeys(MODES[a.partition("=")[0]] for a in args if a.partition("=")[0] in MODES))
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} cannot be combined: give one of --multirun, --cfg, --info, "
+                          "--shell-completion")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if "--version" in sys.argv[1:]:
+        from moe_lightning import __version__
+
+        print(f"moe-lightning {__version__}")
+        return
     try:
         import hydra
     except ImportError:
@@ -288,6 +366,7 @@ def main() -> None:
     from moe_lightning.errors import ConfigError
 
     try:
+        check_modes(sys.argv[1:])
         check_overrides(sys.argv[1:])
         register()
         check_composes(sys.argv[1:])

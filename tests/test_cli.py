@@ -126,3 +126,58 @@ def test_hydra_flags_pass_through(tmp_path):
     r = cli("--cfg", "job", "task=plan", "hardware=t4", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "name: plan" in r.stdout and "name: t4" in r.stdout
+
+
+def _sweep_docs(tmp_path, *overrides: str) -> list[dict]:
+    r = cli("-m", "task=simulate", "task.use_plan=false", "workload.num_requests=8", "workload.gen_len=2",
+            *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/run.json"))]
+
+
+def test_multirun_sweeps_ints_floats_and_bools(tmp_path):
+    """Hydra parses a sweep's values with their types: one run document per point of the product."""
+    docs = _sweep_docs(tmp_path, "policy.micro_batch_size=2", "policy.batch_size=4,8",
+                       "policy.expert_gpu_fraction=0.25,0.5", "policy.attn_on_gpu=true,false")
+    points = {(d["policy"]["batch_size"], d["policy"]["expert_gpu_fraction"], d["policy"]["attn_on_gpu"])
+              for d in docs}
+    assert len(docs) == 8
+    assert points == {(n, f, a) for n in (4, 8) for f in (0.25, 0.5) for a in (True, False)}
+
+
+def test_multirun_sweeps_a_range(tmp_path):
+    docs = _sweep_docs(tmp_path, "policy.micro_batch_size=4", "policy.batch_size=range(4,9,4)")
+    assert sorted(d["policy"]["batch_size"] for d in docs) == [4, 8]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["-m", "task=simulate", "policy.batch_size=4,abc"], "policy.batch_size: expected an integer, got 'abc'"),
+    (["-m", "task=simulate", "policy.attn_on_gpu=true,2"], "policy.attn_on_gpu: expected true or false, got 2"),
+    (["-m", "task=plan", "--cfg", "job"], "--multirun and --cfg cannot be combined"),
+    (["+policy.fooo=1"], "unknown key 'policy.fooo'"),
+    (["++workload.gen_lenn=4"], "unknown key 'workload.gen_lenn'"),
+])
+def test_bad_sweeps_and_typos_are_one_line(tmp_path, args, expect):
+    r = cli(*args, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert expect in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_names_every_task_and_group_option(tmp_path):
+    from moe_lightning.tasks import TASK_CONFIGS
+
+    r = cli("--help", cwd=tmp_path)
+    assert r.returncode == 0
+    assert "powered by Hydra" not in r.stdout and "qwen3-30b-a3b" in r.stdout
+    for task in TASK_CONFIGS:
+        assert task in r.stdout
+    assert len(r.stdout.splitlines()) < 60
+
+
+def test_version_is_the_packages(tmp_path):
+    from moe_lightning import __version__
+
+    r = cli("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"moe-lightning {__version__}"

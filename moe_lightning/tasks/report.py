@@ -107,49 +107,6 @@ def plot_throughput(rows: list[dict], path: Path) -> Path:
     return save(fig, path)
 
 
-def plot_tuning_progress(trials: list[dict], path: Path) -> Path:
-    """Each completed trial's tokens/s and the best so far, by trial number."""
-    from moe_lightning.plots import pyplot
-
-    plt = pyplot()
-
-    done = sorted((t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None),
-                  key=lambda t: t["number"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if done:
-        xs, ys = [t["number"] for t in done], [t["value"] for t in done]
-        best, running = [], float("-inf")
-        for y in ys:
-            running = max(running, y)
-            best.append(running)
-        ax.scatter(xs, ys, s=14, label="trial")
-        ax.step(xs, best, where="post", color="tab:red", label="best so far")
-        ax.legend()
-    ax.set_xlabel("trial")
-    kinds = "/".join(sorted({t.get("kind") or "?" for t in done})) or "no trial"
-    ax.set_ylabel(f"tokens/s ({kinds}, median of repeats)" if "measured" in kinds else f"tokens/s ({kinds})")
-    return save(fig, path)
-
-
-def plot_pareto(trials: list[dict], path: Path) -> Path:
-    """Throughput vs peak GPU memory of completed trials, the non-dominated ones joined."""
-    from moe_lightning.plots import pyplot
-
-    plt = pyplot()
-
-    pts = [(t["peak_gpu_bytes"] / 2**30, t["value"]) for t in trials
-           if t["state"] == "COMPLETE" and t["value"] is not None and t["peak_gpu_bytes"]]
-    front = sorted(p for p in pts if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in pts))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if pts:
-        ax.scatter(*zip(*pts), s=14, alpha=0.6, label="trial")
-        ax.plot(*zip(*front), "o-", color="tab:red", label="Pareto front")
-        ax.legend()
-    ax.set_xlabel("peak GPU memory (GiB)")
-    ax.set_ylabel("tokens/s")
-    return save(fig, path)
-
-
 @dataclass
 class ReportTask:
     name: str = "report"

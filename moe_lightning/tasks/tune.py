@@ -199,6 +199,47 @@ def trial_records(study) -> list[dict]:
     return rows
 
 
+def study_plots(study, multi: bool, kind: str, run_dir: Path) -> dict[str, Path]:
+    """Optuna's own matplotlib plots of the study: the optimization history, the Pareto front (two
+    objectives) and the parameter importances (Optuna's default evaluator; it needs two completed trials
+    with different parameters), each with a title saying what the numbers are."""
+    import warnings
+
+    import optuna.visualization.matplotlib as ovm
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.trial import TrialState
+
+    from moe_lightning.plots import save
+
+    tok_s = f"tokens/s ({kind})"
+    throughput = {"target": (lambda t: t.values[0]), "target_name": tok_s} if multi else {"target_name": tok_s}
+    plots = {"tuning_progress": (lambda: ovm.plot_optimization_history(study, **throughput),
+                                 f"{study.study_name}: {tok_s} by trial")}
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if multi:   # memory in GiB, or MiB for a model that small (numbers that read naturally)
+        unit, scale = ("GiB", 2**30) if max((t.values[1] for t in done), default=0) >= 2**30 else ("MiB", 2**20)
+        plots["pareto"] = (lambda: ovm.plot_pareto_front(
+            study, targets=lambda t: (t.values[1] / scale, t.values[0]),
+            target_names=[f"peak GPU memory ({unit})", tok_s]), f"{study.study_name}: throughput against GPU memory")
+    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+        plots["param_importances"] = (lambda: ovm.plot_param_importances(study, **throughput),
+                                      f"{study.study_name}: what moves {tok_s}")
+    out = {}
+    for name, (draw, title) in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            try:
+                ax = draw()
+            except (ValueError, RuntimeError) as exc:   # too few distinct trials for the plot
+                log.warning("no %s plot: %s", name, exc)
+                continue
+        fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
+        fig.set_size_inches(7, 4)
+        fig.suptitle(title, fontsize=10)
+        out[name] = save(fig, run_dir / f"{name}.png")
+    return out
+
+
 def best_trials(study, multi: bool):
     from optuna.trial import TrialState
 
@@ -288,7 +329,6 @@ class TuneTask:
 
     def _report(self, cfg: RunConfig, study, spec, run_dir: Path, storage: str) -> RunReport:
         from moe_lightning.files import atomic_write
-        from moe_lightning.tasks.report import plot_pareto, plot_tuning_progress
         from moe_lightning.tuner.search import policy_from_params
 
         rows = trial_records(study)
@@ -301,15 +341,16 @@ class TuneTask:
         for r in rows:
             if r["state"] != "COMPLETE" and r["reason"]:
                 print(f"  trial {r['number']} {r['state'].lower()}: {r['reason'][:140]}")
-        progress_png = plot_tuning_progress(rows, run_dir / "tuning_progress.png")
-        cfg.logger.log_image("tuning_progress", progress_png)
-        if cfg.tuner.multi_objective:
-            cfg.logger.log_image("pareto", plot_pareto(rows, run_dir / "pareto.png"))
+        study.trials_dataframe().to_csv(run_dir / "trials.csv", index=False)
+        kind = "simulated" if cfg.tuner.objective == "simulate" else "measured, median of repeats"
+        for name, png in study_plots(study, cfg.tuner.multi_objective, kind, run_dir).items():
+            cfg.logger.log_image(name, png)
         report = RunReport(system=cfg.system.name, task="tune", model=as_dict(spec),
                            hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(cfg.workload),
                            policy={}, environment=environment(),
                            extra={"study": study.study_name, "storage": storage, "trials": states,
-                                  "objective": cfg.tuner.objective, "trials_file": str(run_dir / "trials.jsonl")})
+                                  "objective": cfg.tuner.objective, "trials_file": str(run_dir / "trials.jsonl"),
+                                  "trials_csv": str(run_dir / "trials.csv")})
         if best:
             top = best[0]
             policy = policy_from_params(top.params, spec, cfg.policy)

@@ -107,7 +107,13 @@ def open_study(cfg: RunConfig, spec: ModelSpec):
         raise ConfigError(f"study {name!r} has {len(study.directions)} objective(s) but tuner.multi_objective="
                           f"{str(cfg.tuner.multi_objective).lower()} needs {len(directions)}; choose another "
                           f"tuner.study_name")
+    names = METRIC_NAMES[:len(directions)]
+    if study.metric_names != names:   # what optuna-dashboard and Optuna's plots call the objectives
+        study.set_metric_names(names)
     return study
+
+
+METRIC_NAMES = ["throughput_tok_s", "peak_gpu_bytes"]
 
 
 def fail_orphaned_trials(study, grace_s: float) -> list[int]:
