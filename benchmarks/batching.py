@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from moe_lightning.config import GpuSpec, HardwareSpec, Policy, RunConfig, Sampling, Workload
+from moe_lightning.config import GpuSpec, HardwareSpec, Policy, Sampling, Workload
 from moe_lightning.report import Spread, environment
+from moe_lightning.run_config import RunConfig
 from moe_lightning.tuner.presets import load_preset
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"

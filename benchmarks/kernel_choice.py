@@ -18,8 +18,9 @@ import json
 import statistics
 from pathlib import Path
 
-from moe_lightning.config import EXPERT_KERNELS, GpuSpec, HardwareSpec, Policy, RunConfig, Sampling, Workload
+from moe_lightning.config import EXPERT_KERNELS, GpuSpec, HardwareSpec, Policy, Sampling, Workload
 from moe_lightning.report import environment
+from moe_lightning.run_config import RunConfig
 from moe_lightning.tuner.presets import load_preset
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"

@@ -75,7 +75,8 @@ def repeatability(k: int, tmp: Path) -> dict:
 
 
 def layouts(rounds: int, confirm_rounds: int) -> dict:
-    from moe_lightning.config import Policy, RunConfig, Sampling, ThreadsConfig, Workload
+    from moe_lightning.config import Policy, Sampling, ThreadsConfig, Workload
+    from moe_lightning.run_config import RunConfig
     from moe_lightning.systems import CGOPipeSystem
     from moe_lightning.tasks.generate import run_generation
     from moe_lightning.tuner.presets import load_preset
@@ -153,7 +154,8 @@ def make_run_twice(tmp: Path) -> dict:
 
 
 def executor_overhead(rounds: int) -> dict:
-    from moe_lightning.config import Policy, RunConfig, Sampling, Workload
+    from moe_lightning.config import Policy, Sampling, Workload
+    from moe_lightning.run_config import RunConfig
     from moe_lightning.systems import CGOPipeSystem, ReferenceSystem
     from moe_lightning.tasks.generate import run_generation
     from moe_lightning.tuner.presets import load_preset

@@ -40,8 +40,9 @@ SIM_ERROR_SLACK = 0.15      # the simulator's error may grow by this much (absol
 
 
 def measure(rounds: int, serial: bool) -> dict:
-    from moe_lightning.config import Policy, RunConfig, Sampling, ThreadsConfig, Workload
+    from moe_lightning.config import Policy, Sampling, ThreadsConfig, Workload
     from moe_lightning.report import Spread
+    from moe_lightning.run_config import RunConfig
     from moe_lightning.systems import CGOPipeSystem, ReferenceSystem
     from moe_lightning.tasks.generate import run_generation
     from moe_lightning.tuner.calibrate import hardware_spec

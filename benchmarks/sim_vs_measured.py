@@ -32,8 +32,9 @@ import json
 import time
 from pathlib import Path
 
-from moe_lightning.config import Policy, RunConfig, Sampling, Workload
+from moe_lightning.config import Policy, Sampling, Workload
 from moe_lightning.report import environment
+from moe_lightning.run_config import RunConfig
 from moe_lightning.tuner.calibrate import hardware_spec, measure
 from moe_lightning.tuner.costs import TaskCosts, fit_op_scales
 from moe_lightning.tuner.hrm import predict

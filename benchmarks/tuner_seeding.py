@@ -32,8 +32,9 @@ def main() -> None:
 
     import optuna
 
-    from moe_lightning.config import Policy, RunConfig, TunerConfig
+    from moe_lightning.config import Policy, TunerConfig
     from moe_lightning.memory import memory_plan
+    from moe_lightning.run_config import RunConfig
     from moe_lightning.systems import CGOPipeSystem
     from moe_lightning.tuner.presets import load_preset
     from moe_lightning.tuner.search import TrialFailed, objective, open_study, seed_study

@@ -109,7 +109,7 @@ def default_choices(args: list[str]) -> dict[str, str]:
 
 
 def _schema_for(path: list[str], choices: dict[str, str]):
-    from moe_lightning.config import RunConfig
+    from moe_lightning.run_config import RunConfig
     from moe_lightning.systems import SYSTEM_CONFIGS
     from moe_lightning.tasks import TASK_CONFIGS
 
@@ -130,8 +130,9 @@ def check_overrides(args: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from moe_lightning.conf.store import GROUPS
-    from moe_lightning.config import RunConfig, field_names
+    from moe_lightning.config import field_names
     from moe_lightning.errors import ConfigError
+    from moe_lightning.run_config import RunConfig
 
     plain, extra_dirs = split_args(args)
     try:
@@ -298,7 +299,11 @@ def _run(cfg) -> None:
         import torch
 
         try:
-            run_cfg.task.run(run_cfg)
+            start_logger(run_cfg)
+            try:
+                finish_logger(run_cfg, run_cfg.task.run(run_cfg))
+            finally:
+                run_cfg.logger.finish()   # a failed or interrupted task's run is closed too (no-op if done)
         except torch.OutOfMemoryError as exc:
             fail(f"out of memory: {str(exc).splitlines()[0]} (lower policy.batch_size or "
                  "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
@@ -306,6 +311,32 @@ def _run(cfg) -> None:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+
+
+def start_logger(cfg) -> None:
+    """One logger run per task; the jobs of a multirun in one group, named by the sweep folder."""
+    import dataclasses
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = Path(hc.sweep.dir).name if multirun else None
+    name = f"{cfg.task.name}-{hc.job.num}" if multirun else f"{cfg.task.name}-{Path(cfg.run_dir).name}"
+    config = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in vars(cfg).items()}
+    cfg.logger.start(name, config, cfg.run_dir, group=group, job_type=cfg.task.name)
+
+
+def finish_logger(cfg, report) -> None:
+    """The run document's numbers as the run's summary, the plots the task wrote, then close the run."""
+    from moe_lightning.report import flatten_numbers
+
+    if report is not None:
+        cfg.logger.log_summary(flatten_numbers({"metrics": report.metrics, "prediction": report.prediction}))
+    for png in sorted(Path(cfg.run_dir).glob("*.png")):
+        cfg.logger.log_image(png.stem, png)
+    cfg.logger.finish()
 
 
 def check_outputs(cfg) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 from moe_lightning.errors import ConfigError
 
@@ -400,38 +399,3 @@ class ThreadsConfig:
                 continue
             _check(isinstance(value, int) and value >= 0, f"threads.{f.name}",
                    f"must be an integer >= 0 (0 = planned), got {value!r}")
-
-
-@dataclass
-class RunConfig:
-    """The root of a run: one option per group. `task` and `system` hold their own dataclasses
-    (`moe_lightning.tasks.TASK_CONFIGS`, `moe_lightning.systems.SYSTEM_CONFIGS`); they are typed `Any`
-    because Hydra cannot pick a subclass of a typed field. Hydra registers this class as the schema."""
-
-    task: Any = None                # None: generate
-    system: Any = None              # None: reference
-    model: ModelSpec = field(default_factory=ModelSpec)
-    hardware: HardwareSpec = field(default_factory=HardwareSpec)
-    workload: Workload = field(default_factory=Workload)
-    policy: Policy = field(default_factory=Policy)
-    sampling: Sampling = field(default_factory=Sampling)
-    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
-    tuner: TunerConfig = field(default_factory=TunerConfig)
-    logger: Any = None              # None: no logger; see moe_lightning.loggers.LOGGER_CONFIGS
-    out: str | None = None          # run document (JSON) path
-    outputs: str | None = None   # generate: outputs JSONL path
-    overwrite: bool = False         # replace an existing out= / outputs= file (else the run refuses to start)
-    resume: bool = False            # generate: go on from outputs=PATH's part file, left by an interrupted run
-    trace: bool = False             # write a Chrome trace and a Gantt plot of the run
-    device: str = "auto"            # auto: cuda when available, else the CPU plays the GPU's role
-    run_dir: str | None = None   # where unnamed artefacts go (the CLI sets Hydra's output dir)
-
-    def __post_init__(self) -> None:
-        from moe_lightning.loggers import LOGGER_CONFIGS
-        from moe_lightning.systems import SYSTEM_CONFIGS
-        from moe_lightning.tasks import TASK_CONFIGS
-
-        self.task = self.task if self.task is not None else TASK_CONFIGS["generate"]()
-        self.system = self.system if self.system is not None else SYSTEM_CONFIGS["reference"]()
-        self.logger = self.logger if self.logger is not None else LOGGER_CONFIGS["none"]()
-        _choice(self.device, "device", ("auto", "cpu", "cuda"))

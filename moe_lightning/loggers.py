@@ -1,5 +1,9 @@
 """Experiment loggers: `logger=none` (default) or `logger=wandb` (offline by default: no account, no
-network; `wandb sync <dir>` uploads later). wandb is imported only when used."""
+network; `wandb sync <dir>` uploads later). wandb is imported only when used.
+
+The CLI starts one run per task (`cli._run`): its config, the run document's metrics as the summary,
+and the plots the task wrote; the jobs of a Hydra multirun share one wandb group (the sweep folder's
+name). Tasks log what only they know (a tune: every trial of the study, from every worker)."""
 
 from __future__ import annotations
 
@@ -16,10 +20,14 @@ log = logging.getLogger("moe_lightning.loggers")
 class NoLogger:
     name: str = "none"
 
-    def start(self, run_name: str, config: dict[str, Any], run_dir: str) -> None:
+    def start(self, run_name: str, config: dict[str, Any], run_dir: str, group: str | None = None,
+              job_type: str | None = None) -> None:
         pass
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def log_summary(self, metrics: dict[str, Any]) -> None:
         pass
 
     def log_image(self, key: str, path: str | Path) -> None:
@@ -43,7 +51,12 @@ class WandbLogger(NoLogger):
     def __post_init__(self) -> None:
         self._run = None
 
-    def start(self, run_name: str, config: dict[str, Any], run_dir: str) -> None:
+    def __getstate__(self) -> dict:
+        """A copy in another process (a tune's worker) does not hold this process's run."""
+        return {**self.__dict__, "_run": None}
+
+    def start(self, run_name: str, config: dict[str, Any], run_dir: str, group: str | None = None,
+              job_type: str | None = None) -> None:
         try:
             import wandb
         except ImportError:
@@ -53,12 +66,17 @@ class WandbLogger(NoLogger):
         folder = Path(self.dir or run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(project=self.project, entity=self.entity, name=run_name, config=config,
+                               group=group, job_type=job_type,
                                dir=str(folder), mode=self.mode, reinit="finish_previous",
                                settings=wandb.Settings(x_disable_stats=True, console="off"))
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self._run is not None:
             self._run.log(metrics, step=step)
+
+    def log_summary(self, metrics: dict[str, Any]) -> None:
+        if self._run is not None:
+            self._run.summary.update(metrics)
 
     def log_image(self, key: str, path: str | Path) -> None:
         if self._run is not None:

@@ -168,3 +168,18 @@ def peak_cpu_bytes() -> int:
 
 def as_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+
+
+def flatten_numbers(value: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested document (dataclasses, dicts) under dotted keys, e.g. a logger's summary:
+    {"metrics.throughput_tok_s": 812.5, "metrics.spread.throughput_tok_s.stdev": 3.1, ...}."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        out: dict[str, float] = {}
+        for k, v in value.items():
+            out |= flatten_numbers(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {prefix: value}
+    return {}

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+# The baselines (FlexGen, FlexGen(c), DeepSpeed, FastDecode, accelerate): their configs live beside their
+# schedules in moe_lightning.baselines, which imports only the ground floor.
+from moe_lightning.baselines import BASELINE_SYSTEMS
 from moe_lightning.config import EXPERT_KERNELS, HardwareSpec, ModelSpec, Policy, Workload, _check, _choice
 
 if TYPE_CHECKING:   # torch is imported by what runs, not by the config schema (the CLI checks it first)
@@ -71,7 +74,7 @@ class CGOPipeSystem:
                              prompt_lengths=prompt_lengths)
 
 
-SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem}
+SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem, **BASELINE_SYSTEMS}
 
 
 def paged_kv(system) -> bool:
@@ -88,9 +91,3 @@ def resolve_device(name: str) -> torch.device:
     _check(name != "cuda" or torch.cuda.is_available(), "device", "cuda asked for but no CUDA device is visible")
     return torch.device(name)
 
-
-# The baselines (FlexGen, FlexGen(c), DeepSpeed, FastDecode, accelerate): configs defined in
-# moe_lightning.baselines, which imports only moe_lightning.config at module level (no cycle).
-from moe_lightning.baselines import BASELINE_SYSTEMS  # noqa: E402
-
-SYSTEM_CONFIGS.update(BASELINE_SYSTEMS)

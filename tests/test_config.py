@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from moe_lightning.config import HardwareSpec, ModelSpec, Policy, RunConfig, Workload
+from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.errors import ConfigError
+from moe_lightning.run_config import RunConfig
 
 
 @pytest.mark.parametrize("build, key", [

@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from moe_lightning.loggers import NoLogger, WandbLogger
@@ -23,3 +29,71 @@ def test_no_logger_accepts_everything(tmp_path):
     logger.start("x", {}, str(tmp_path))
     logger.log({"a": 1})
     logger.finish()
+
+
+def wandb_records(path: Path):
+    """The records of an offline run's .wandb file, decoded with wandb's own protobuf schema (the file
+    is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records with 7-byte headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:       # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):                # a full record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def offline_run(folder: Path) -> dict:
+    """What wandb recorded of one offline run: its group, job type, name and summary keys."""
+    run, summary = {}, set()
+    for r in wandb_records(next(folder.glob("run-*.wandb"))):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run = {"group": r.run.run_group, "job_type": r.run.job_type, "name": r.run.display_name}
+        elif kind == "summary":
+            summary |= {item.key or ".".join(item.nested_key) for item in r.summary.update}
+    return {**run, "summary": summary}
+
+
+def test_a_multirun_is_one_wandb_group_with_one_run_per_job(tmp_path):
+    pytest.importorskip("wandb")
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "-m", "task=simulate", "task.use_plan=false",
+                        "logger=wandb", "policy.batch_size=4,8", "policy.micro_batch_size=2",
+                        "workload.num_requests=8", "workload.gen_len=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    runs = [offline_run(f) for f in sorted((tmp_path / "sweep").glob("*/wandb/offline-run-*"))]
+    assert len(runs) == 2
+    assert {run["group"] for run in runs} == {"sweep"} and {run["job_type"] for run in runs} == {"simulate"}
+    assert {run["name"] for run in runs} == {"simulate-0", "simulate-1"}
+    assert all("metrics.throughput_tok_s" in run["summary"] for run in runs)
+
+
+def test_a_two_worker_tune_logs_every_trial(tmp_path, tiny_path):
+    pytest.importorskip("wandb")
+    from tests.tuner.test_tune_processes import load, tune_args
+
+    r = subprocess.run(tune_args(tmp_path, "logged", "tuner.objective=simulate", "tuner.n_trials=6",
+                                 "tuner.workers=2", "tuner.multi_objective=true", "logger=wandb"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    study = load(tmp_path, "logged")
+    run = next((tmp_path / "h" / "wandb").glob("offline-run-*"))
+    tables = list(run.rglob("trials_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted(row["number"] for row in rows) == [t.number for t in study.trials]   # both workers' trials
+    assert all(row["peak_gpu_bytes"] for row in rows if row["state"] == "COMPLETE")   # the second objective
+    summary = offline_run(run)["summary"]
+    assert "metrics.throughput_tok_s" in summary

@@ -1,6 +1,6 @@
 """Registers every config dataclass with Hydra's ConfigStore (the only module that does).
 
-The schema of the root is `moe_lightning.config.RunConfig` itself; group options fill its fields.
+The schema of the root is `moe_lightning.run_config.RunConfig` itself; group options fill its fields.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from moe_lightning.config import RunConfig
 from moe_lightning.loggers import LOGGER_CONFIGS
+from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import SYSTEM_CONFIGS
 from moe_lightning.tasks import TASK_CONFIGS
 

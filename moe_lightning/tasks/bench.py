@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_lightning.config import GB, RunConfig, check_repeats
+from moe_lightning.config import GB, check_repeats
 from moe_lightning.report import RunReport
 from moe_lightning.tasks.generate import run_generation, summary_line, write_trace
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.bench")
 

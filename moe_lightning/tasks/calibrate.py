@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_lightning.config import RunConfig
 from moe_lightning.files import atomic_write
 from moe_lightning.report import Metrics, RunReport, as_dict, environment
 from moe_lightning.tasks.plan import out_path
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 PACKAGE_HARDWARE_DIR = Path(__file__).resolve().parent.parent / "conf" / "hardware"
 

@@ -31,12 +31,15 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moe_lightning.config import GB, Policy, RunConfig, check_repeats
+from moe_lightning.config import GB, Policy, check_repeats
 from moe_lightning.errors import ConfigError, MoELightningError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.report import RunReport
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.compare")
 GiB = 1 << 30

@@ -8,10 +8,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_lightning.config import RunConfig
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment, peak_cpu_bytes
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.generate")
 

@@ -10,10 +10,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_lightning.config import ModelSpec, RunConfig, Workload
+from moe_lightning.config import ModelSpec, Workload
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import Metrics, RunReport, as_dict, environment
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 
 def planning_model(model: ModelSpec) -> ModelSpec:

@@ -9,12 +9,15 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_lightning.config import RunConfig
 from moe_lightning.errors import ConfigError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.plots import save
 from moe_lightning.report import RunReport
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.report")
 

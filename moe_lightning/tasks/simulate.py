@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from moe_lightning.config import RunConfig
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import RunReport, as_dict, environment
 from moe_lightning.tasks.plan import beside, out_path, planning_model, planning_workload
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.simulate")
 

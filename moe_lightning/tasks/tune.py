@@ -31,11 +31,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_lightning.config import RunConfig
 from moe_lightning.errors import Interrupted, MemoryBudgetError, MoELightningError
 from moe_lightning.interrupt import deferred, install
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.tune")
 
@@ -206,7 +209,6 @@ def study_plots(study, multi: bool, kind: str, run_dir: Path) -> dict[str, Path]
     import warnings
 
     import optuna.visualization.matplotlib as ovm
-    from optuna.exceptions import ExperimentalWarning
     from optuna.trial import TrialState
 
     from moe_lightning.plots import save
@@ -222,12 +224,16 @@ def study_plots(study, multi: bool, kind: str, run_dir: Path) -> dict[str, Path]
             study, targets=lambda t: (t.values[1] / scale, t.values[0]),
             target_names=[f"peak GPU memory ({unit})", tok_s]), f"{study.study_name}: throughput against GPU memory")
     if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
-        plots["param_importances"] = (lambda: ovm.plot_param_importances(study, **throughput),
+        # With a target, Optuna's evaluator ranks what makes it low: give it minus the throughput.
+        higher = {"target": (lambda t: -t.values[0]), "target_name": tok_s} if multi else {"target_name": tok_s}
+        plots["param_importances"] = (lambda: ovm.plot_param_importances(study, **higher),
                                       f"{study.study_name}: what moves {tok_s}")
     out = {}
+    if not done:   # nothing to draw (Optuna would warn on stderr, beside the run's one-line error)
+        return out
     for name, (draw, title) in plots.items():
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.simplefilter("ignore")   # experimental APIs; matplotlib's legend notes
             try:
                 ax = draw()
             except (ValueError, RuntimeError) as exc:   # too few distinct trials for the plot
@@ -293,7 +299,6 @@ class TuneTask:
         if finished:
             print(f"resuming study {study.study_name} (same fingerprint): {finished} finished trials kept, "
                   f"{remaining} to go")
-        cfg.logger.start(f"tune-{study.study_name}", _config_dict(cfg), str(run_dir))
         bar = tqdm(total=remaining, desc="tune", unit="trial", disable=not self.progress, file=sys.stderr)
 
         def on_trial(event: dict) -> None:
@@ -303,7 +308,7 @@ class TuneTask:
             shown = f"{value:.1f} tok/s {kind}" if isinstance(value, (int, float)) else ""
             bar.set_postfix_str(f"#{event['number']} {event['state']} {shown}")
             cfg.logger.log({"trial": event["number"], "throughput_tok_s": event.get("value"),
-                            **{f"param/{k}": v for k, v in event["params"].items()}})
+                            **{f"param/{k}": v for k, v in event["params"].items()}})   # live, this worker's
 
         # Spawned from this (the main) thread: PR_SET_PDEATHSIG fires when the spawning thread exits.
         workers = [mp.get_context("spawn").Process(target=_worker, args=(cfg, os.getpid()), daemon=False)
@@ -343,8 +348,9 @@ class TuneTask:
                 print(f"  trial {r['number']} {r['state'].lower()}: {r['reason'][:140]}")
         study.trials_dataframe().to_csv(run_dir / "trials.csv", index=False)
         kind = "simulated" if cfg.tuner.objective == "simulate" else "measured, median of repeats"
-        for name, png in study_plots(study, cfg.tuner.multi_objective, kind, run_dir).items():
-            cfg.logger.log_image(name, png)
+        study_plots(study, cfg.tuner.multi_objective, kind, run_dir)   # logged with the run's other plots
+        # Every trial of the study, from every worker, both objectives, each failure with its reason.
+        cfg.logger.log_table("trials", rows)
         report = RunReport(system=cfg.system.name, task="tune", model=as_dict(spec),
                            hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(cfg.workload),
                            policy={}, environment=environment(),
@@ -375,7 +381,6 @@ class TuneTask:
                 cfg.logger.log_table("comparison", table)
         out = Path(cfg.out) if cfg.out else run_dir / "run.json"
         report.to_json(out)
-        cfg.logger.finish()
         print(f"trials: {run_dir / 'trials.jsonl'}\nrun document: {out}")
         return report
 
@@ -411,7 +416,3 @@ def _no_trial_completed(study, run_dir: Path) -> str:
     return (f"no trial of study {study.study_name} completed ({len(failed)} failed, {len(pruned)} infeasible; "
             f"reason of {count} of {len(failed or pruned)}: {reason.splitlines()[0][:200]}); every trial and its "
             f"reason: {run_dir / 'trials.jsonl'}")
-
-
-def _config_dict(cfg: RunConfig) -> dict:
-    return {k: as_dict(v) if dataclasses.is_dataclass(v) else v for k, v in vars(cfg).items()}

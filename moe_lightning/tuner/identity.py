@@ -24,10 +24,13 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moe_lightning.config import ModelSpec, RunConfig
+from moe_lightning.config import ModelSpec
 from moe_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 SAMPLE_BYTES = 1 << 20
 SEARCHED = ("batch_size", "micro_batch_size", "attn_on_gpu", "expert_gpu_fraction", "kv_gpu_fraction",

@@ -28,11 +28,14 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moe_lightning.config import ModelSpec, Policy, RunConfig
+from moe_lightning.config import ModelSpec, Policy
 from moe_lightning.errors import ConfigError, MoELightningError
 from moe_lightning.tuner.processes import sigint_ignored_by_children, tie_to_parent
+
+if TYPE_CHECKING:
+    from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.search")
 STUDIES_DIR = Path("results") / "studies"

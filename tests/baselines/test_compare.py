@@ -8,7 +8,8 @@ import json
 import subprocess
 import sys
 
-from moe_lightning.config import Policy, RunConfig, Workload
+from moe_lightning.config import Policy, Workload
+from moe_lightning.run_config import RunConfig
 from moe_lightning.tasks.compare import CompareTask
 
 

@@ -7,10 +7,11 @@ import math
 
 import pytest
 
-from moe_lightning.config import Policy, RunConfig, Sampling, Workload
+from moe_lightning.config import Policy, Sampling, Workload
 from moe_lightning.engine.generation import GenerationResult
 from moe_lightning.hostload import HostLoadReport
 from moe_lightning.report import RunReport, Spread
+from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
 from moe_lightning.tasks.generate import measured_metrics, run_generation
 from tests.conftest import cli_with_peak_rss

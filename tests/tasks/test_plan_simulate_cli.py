@@ -80,8 +80,8 @@ def test_bad_combinations_give_one_line(tmp_path, args, expect):
 def test_a_system_without_a_schedule_is_refused(tmp_path):
     from dataclasses import dataclass
 
-    from moe_lightning.config import RunConfig
     from moe_lightning.errors import ConfigError
+    from moe_lightning.run_config import RunConfig
     from moe_lightning.tasks.simulate import SimulateTask
 
     @dataclass

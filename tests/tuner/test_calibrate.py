@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from moe_lightning.config import GpuSpec, HardwareSpec, RunConfig
+from moe_lightning.config import GpuSpec, HardwareSpec
+from moe_lightning.run_config import RunConfig
 from moe_lightning.tasks.calibrate import CalibrateTask
 from moe_lightning.tuner import presets
 from moe_lightning.tuner.calibrate import load_hardware_yaml, override_args

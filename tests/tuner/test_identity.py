@@ -8,8 +8,9 @@ import json
 import optuna
 import pytest
 
-from moe_lightning.config import ModelSpec, RunConfig, TunerConfig, Workload
+from moe_lightning.config import ModelSpec, TunerConfig, Workload
 from moe_lightning.errors import ConfigError
+from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
 from moe_lightning.tuner.search import TrialFailed, objective, open_study, study_identity
 from tests.conftest import cli_with_peak_rss

@@ -15,7 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, RunConfig, TunerConfig
+from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, TunerConfig
+from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
 from moe_lightning.tuner.search import (
     TrialFailed,

@@ -20,8 +20,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from moe_lightning.config import ModelSpec, RunConfig, TunerConfig
+from moe_lightning.config import ModelSpec, TunerConfig
 from moe_lightning.errors import ConfigError
+from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
 from moe_lightning.tuner.search import fail_orphaned_trials, open_study, out_of_memory
 
