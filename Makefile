@@ -13,8 +13,16 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU build on disk, so nothing below can pull a CUDA build
-	$(PY) -m pip install -q -c constraints.txt torch
+	# torch first, the CPU build, so nothing below can pull a CUDA build: the torch pip finds when it is a
+	# CPU build (this kind of machine's wheel on disk), else the same version from PyTorch's CPU wheel index
+	$(PY) -m pip install -q --dry-run --no-deps --ignore-installed --report $(VENV)/torch.json -c constraints.txt torch
+	if $(PY) -c "import json, sys; m = json.load(open('$(VENV)/torch.json'))['install'][0]['metadata']; \
+	             sys.exit(any('nvidia' in d for d in m.get('requires_dist') or []))"; then \
+	  $(PY) -m pip install -q -c constraints.txt torch; \
+	else \
+	  $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu \
+	    "torch==$$(sed -n 's/^torch==//p' constraints.txt)"; \
+	fi
 	$(PY) -m pip install -q -c constraints.txt -e ".[cli,tune,plot,peers,wandb,dev]"
 	touch $(STAMP)
 
@@ -32,5 +40,8 @@ regression: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moe_lightning tests benchmarks
 
+# Everything the main job and the tests leave: the environment, run folders, the default study databases
+# (results/studies/, tuner.storage's home when unset), the tiny models' cache when it lives here, caches.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs outputs multirun wandb results/studies .cache .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -82,9 +82,10 @@ def config_name(args: list[str]) -> str:
     return "config"
 
 
-def default_choices(args: list[str]) -> dict[str, str]:
-    """The group options the config (--config-name, under --config-dir too) selects when the command line
-    does not, as Hydra's own composition resolves them."""
+def compose_each(args: list[str], override_lists: list[list[str]], hydra_config: bool = False) -> list:
+    """Compose the config (--config-name, with --config-dir on the search path) once per override list,
+    with Hydra's own compose API, as the app is about to; a composition error is one ConfigError line
+    (Hydra's and OmegaConf's text, not their multi-line report)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -100,12 +101,18 @@ def default_choices(args: list[str]) -> dict[str, str]:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe-lightning"):
-            cfg = compose(config_name=config_name(args), overrides=searchpath, return_hydra_config=True)
-            return {k: str(v) for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
-    except Exception as exc:  # a config file Hydra cannot compose: its message, on one line
+            return [compose(config_name=config_name(args), overrides=[*overrides, *searchpath],
+                            return_hydra_config=hydra_config) for overrides in override_lists]
+    except Exception as exc:  # noqa: BLE001 - whatever Hydra raises, one line
         raise ConfigError(_one_line(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def default_choices(args: list[str]) -> dict[str, str]:
+    """The group options the config selects when the command line does not, as Hydra resolves them."""
+    cfg = compose_each(args, [[]], hydra_config=True)[0]
+    return {k: str(v) for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
 
 
 def _schema_for(path: list[str], choices: dict[str, str]):
@@ -218,32 +225,14 @@ def sweep_points(plain: list[str]) -> list[list[str]]:
 
 
 def check_composes(args: list[str]) -> None:
-    """Compose the config with Hydra's own compose API, as the app is about to, so that an error in a
-    config file (bad YAML under --config-dir, a value its schema refuses) is one line, not Hydra's
-    multi-line report. A multirun is composed at each value of each swept key."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from moe_lightning.errors import ConfigError
-
+    """Compose the config as the app is about to, so that an error in a config file (bad YAML under
+    --config-dir, a value its schema refuses) is one line. A multirun is composed at each value of each
+    swept key."""
     if any(a in ("--help", "-h", "--hydra-help") for a in args):
         return
-    plain, dirs = split_args(args)
+    plain, _ = split_args(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
-    name = config_name(args)
-    missing = [d for d in dirs if not d.is_dir()]
-    if missing:
-        raise ConfigError(f"--config-dir {missing[0]}: no such folder")
-    searchpath = [f"hydra.searchpath=[{','.join(f'file://{d.resolve()}' for d in dirs)}]"] if dirs else []
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe-lightning"):
-            for point in sweep_points(plain) if multirun else [plain]:
-                compose(config_name=name, overrides=[*point, *searchpath])
-    except Exception as exc:  # Hydra's and OmegaConf's composition errors: their text, on one line
-        raise ConfigError(_one_line(exc)) from None
-    finally:
-        GlobalHydra.instance().clear()
+    compose_each(args, sweep_points(plain) if multirun else [plain])
 
 
 def _one_line(exc: BaseException) -> str:

@@ -80,6 +80,9 @@ def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | N
                 with warnings.catch_warnings():  # "heartbeat is meant for optimize": _heartbeat beats for us
                     warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
                     trial = study.ask()
+                storage = study._storage
+                if getattr(storage, "get_heartbeat_interval", lambda: None)():
+                    storage.record_heartbeat(trial._trial_id)   # its first beat, before it names its process
                 trial.set_user_attr("pid", os.getpid())  # names the process whose death fails this trial
             with _heartbeat(study, trial._trial_id):
                 values = run(trial)
@@ -187,6 +190,8 @@ def _end_workers(study, workers: list) -> None:
 
 def trial_records(study) -> list[dict]:
     """One flat record per trial (sweeps write records, not logs)."""
+    from moe_lightning.tuner.search import trial_reason
+
     rows = []
     for t in study.trials:
         spread = (t.user_attrs.get("spread") or {}).get("throughput_tok_s") or {}
@@ -196,7 +201,7 @@ def trial_records(study) -> list[dict]:
                      "repeats": spread.get("n"), "noisy": t.user_attrs.get("noisy"),
                      "measurements": t.user_attrs.get("measurements"),
                      "peak_gpu_bytes": t.user_attrs.get("peak_gpu_bytes"),
-                     "seed": t.user_attrs.get("seed", ""), "reason": t.user_attrs.get("reason", ""),
+                     "seed": t.user_attrs.get("seed", ""), "reason": trial_reason(t),
                      "duration_s": t.duration.total_seconds() if t.duration else None,
                      **{f"param.{k}": v for k, v in t.params.items()}})
     return rows
@@ -407,7 +412,9 @@ def _no_trial_completed(study, run_dir: Path) -> str:
     """One line: how the trials ended and the commonest reason."""
     from optuna.trial import TrialState
 
-    ended = {s: [t.user_attrs.get("reason") or "no reason recorded" for t in study.trials if t.state == s]
+    from moe_lightning.tuner.search import trial_reason
+
+    ended = {s: [trial_reason(t) or "no reason recorded" for t in study.trials if t.state == s]
              for s in (TrialState.FAIL, TrialState.PRUNED)}
     failed, pruned = ended[TrialState.FAIL], ended[TrialState.PRUNED]
     if not failed and not pruned:

@@ -119,51 +119,43 @@ def open_study(cfg: RunConfig, spec: ModelSpec):
 METRIC_NAMES = ["throughput_tok_s", "peak_gpu_bytes"]
 
 
-def fail_orphaned_trials(study, grace_s: float) -> list[int]:
-    """Fail, with their reason, RUNNING trials whose process is gone. Returns the failed trial numbers.
+# What Optuna's heartbeat check leaves a trial it fails: no reason of its own, so this one is shown.
+STALE_REASON = "its process stopped sending heartbeats (killed, or its machine went down)"
 
-    A trial whose heartbeat went stale is failed here rather than by Optuna's `fail_stale_trials`, which
-    records no reason. A trial that never wrote a heartbeat (its process was killed between being handed
-    the trial and its first heartbeat), older than the grace period, is failed too.
+
+def trial_reason(trial) -> str:
+    """Why a trial did not complete: its own `reason`, or, failed without one, Optuna's heartbeat check
+    (every failure this package records carries a reason)."""
+    from optuna.trial import TrialState
+
+    return trial.user_attrs.get("reason") or (STALE_REASON if trial.state == TrialState.FAIL else "")
+
+
+def fail_orphaned_trials(study, grace_s: float) -> list[int]:
+    """Fail the RUNNING trials whose process is gone. Returns the failed trial numbers.
+
+    Optuna's own `fail_stale_trials` fails the trials whose heartbeat went stale (their reason is then
+    `STALE_REASON`). A trial records its first heartbeat as it starts, before it names its process
+    (`pid`): one that has not named it after the grace period died before its first heartbeat, which
+    Optuna cannot see (it has no heartbeat to go stale), and is failed here with that reason.
     """
     import datetime as dt
 
+    import optuna
     from optuna.trial import TrialState
 
-    storage = study._storage
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if not running:
         return []
-    stale_ids = getattr(storage, "_get_stale_trial_ids", None)
-    stale = set(stale_ids(study._study_id)) if stale_ids and storage.get_heartbeat_interval() else set()
-    beating = _beating_trial_ids(storage)
+    optuna.storages.fail_stale_trials(study)
+    failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+              if t.number in running and "reason" not in t.user_attrs]
     now = dt.datetime.now()
-    failed = []
-    for t in running:
-        if t._trial_id in stale:
-            reason = "its process stopped sending heartbeats (killed, or its machine went down)"
-        elif (beating is not None and t._trial_id not in beating and t.datetime_start
-              and (now - t.datetime_start).total_seconds() > grace_s):
-            reason = "its process died before its first heartbeat"
-        else:
-            continue
-        if fail_trial(study, t.number, reason):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if ("pid" not in t.user_attrs and t.datetime_start and (now - t.datetime_start).total_seconds() > grace_s
+                and fail_trial(study, t.number, "its process died before its first heartbeat")):
             failed.append(t.number)
-    return failed
-
-
-def _beating_trial_ids(storage) -> set[int] | None:
-    """The trials with a heartbeat row (None: not an RDB storage, or unreadable)."""
-    engine = getattr(getattr(storage, "_backend", storage), "engine", None)  # under optuna's cache layer
-    if engine is None:
-        return None
-    import sqlalchemy
-
-    try:
-        with engine.connect() as con:
-            return {row[0] for row in con.execute(sqlalchemy.text("select trial_id from trial_heartbeats"))}
-    except sqlalchemy.exc.SQLAlchemyError:
-        return None
+    return sorted(failed)
 
 
 def fail_trial(study, number: int, reason: str) -> bool:

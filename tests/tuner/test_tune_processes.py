@@ -24,7 +24,7 @@ from moe_lightning.config import ModelSpec, TunerConfig
 from moe_lightning.errors import ConfigError
 from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
-from moe_lightning.tuner.search import fail_orphaned_trials, open_study, out_of_memory
+from moe_lightning.tuner.search import fail_orphaned_trials, open_study, out_of_memory, trial_reason
 
 
 def tune_args(tmp_path, name: str, *extra: str) -> list[str]:
@@ -156,7 +156,7 @@ def test_sigkill_of_the_tune_leaves_no_process_and_no_new_trial(tmp_path, tiny_p
                        env=cli_env(tmp_path))
     study = load(tmp_path, "orphans")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]  # both counted, none run again
-    assert all("heartbeat" in t.user_attrs["reason"] for t in study.trials)
+    assert all("heartbeat" in trial_reason(t) for t in study.trials)   # failed by Optuna's heartbeat check
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "no trial of study orphans completed (2 failed" in r.stderr
 
@@ -350,7 +350,7 @@ def test_a_stale_trial_is_failed_with_its_reason(tmp_path, tiny_path):
     time.sleep(4.2)  # the database clock counts whole seconds
     assert fail_orphaned_trials(study, grace_s=3) == [trial.number]
     frozen = study.trials[0]
-    assert frozen.state == TrialState.FAIL and "stopped sending heartbeats" in frozen.user_attrs["reason"]
+    assert frozen.state == TrialState.FAIL and "stopped sending heartbeats" in trial_reason(frozen)
 
 
 def test_single_then_multi_objective_under_one_name_is_refused(tmp_path, tiny_path):
