@@ -292,7 +292,7 @@ def _run(cfg) -> None:
             try:
                 finish_logger(run_cfg, run_cfg.task.run(run_cfg))
             finally:
-                run_cfg.logger.finish()   # a failed or interrupted task's run is closed too (no-op if done)
+                run_cfg.logger.finish()   # a failed or interrupted task's run is closed too
         except torch.OutOfMemoryError as exc:
             fail(f"out of memory: {str(exc).splitlines()[0]} (lower policy.batch_size or "
                  "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
@@ -318,14 +318,14 @@ def start_logger(cfg) -> None:
 
 
 def finish_logger(cfg, report) -> None:
-    """The run document's numbers as the run's summary, the plots the task wrote, then close the run."""
+    """The run document's numbers as the run's summary and the plots the task wrote (the caller closes
+    the run)."""
     from moe_lightning.report import flatten_numbers
 
     if report is not None:
         cfg.logger.log_summary(flatten_numbers({"metrics": report.metrics, "prediction": report.prediction}))
     for png in sorted(Path(cfg.run_dir).glob("*.png")):
         cfg.logger.log_image(png.stem, png)
-    cfg.logger.finish()
 
 
 def check_outputs(cfg) -> None:

@@ -78,6 +78,7 @@ class WeightSource:
     def __init__(self, spec: ModelSpec, dtype: torch.dtype):
         self.spec, self.dtype = spec, dtype
         self.family = family(spec)
+        self._embedding, self._norm, self._lm_head = self.family.global_tensors(spec)   # their names
 
     def tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A tensor by its checkpoint name; `rows`: only rows [start, stop) of it (one expert of a
@@ -85,13 +86,13 @@ class WeightSource:
         raise NotImplementedError
 
     def embedding(self) -> torch.Tensor:
-        return self.tensor(self.family.names()[0])
+        return self.tensor(self._embedding)
 
     def final_norm(self) -> torch.Tensor:
-        return self.tensor(self.family.names()[1])
+        return self.tensor(self._norm)
 
     def lm_head(self) -> torch.Tensor:
-        return self.tensor(self.family.names()[2])
+        return self.tensor(self._lm_head)
 
     def layer(self, i: int):
         """Layer i's non-expert weights, as its family's LayerWeights dataclass."""

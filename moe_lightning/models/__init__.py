@@ -56,10 +56,6 @@ class Family:
             for e in range(spec.num_experts):
                 yield from self.expert_tensors(i, e, spec).items()
 
-    def names(self) -> tuple[str, str, str]:
-        """(embedding, final norm, LM head) tensor names."""
-        return tuple(self.global_tensors(ModelSpec()))  # type: ignore[return-value]
-
 
 # The features a family may implement, and their defaults (ModelSpec's).
 FEATURES = {"attention_bias": False, "qk_norm": "none", "norm_topk_prob": True, "shared_expert_size": 0,

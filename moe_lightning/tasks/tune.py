@@ -352,8 +352,8 @@ class TuneTask:
             if r["state"] != "COMPLETE" and r["reason"]:
                 print(f"  trial {r['number']} {r['state'].lower()}: {r['reason'][:140]}")
         study.trials_dataframe().to_csv(run_dir / "trials.csv", index=False)
-        kind = "simulated" if cfg.tuner.objective == "simulate" else "measured, median of repeats"
-        study_plots(study, cfg.tuner.multi_objective, kind, run_dir)   # logged with the run's other plots
+        label = "simulated" if cfg.tuner.objective == "simulate" else "measured, median of repeats"
+        study_plots(study, cfg.tuner.multi_objective, label, run_dir)   # logged with the run's other plots
         # Every trial of the study, from every worker, both objectives, each failure with its reason.
         cfg.logger.log_table("trials", rows)
         report = RunReport(system=cfg.system.name, task="tune", model=as_dict(spec),
