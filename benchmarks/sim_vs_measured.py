@@ -15,7 +15,7 @@ and memory bus; the simulator shares the host equally between the tasks running 
 sharing), which misses the OS scheduling of oversubscribed threads: small tasks beside a busy "GPU"
 thread (CPU attention, activation copies) take many times their isolated time.
 
-    python benchmarks/sim_vs_measured.py [--layers 4] [--requests 16] [--gen-len 12] [--save]
+    python benchmarks/sim_vs_measured.py [--layers 4] [--requests 16] [--gen-len 12] [--repeats 3] [--save]
     python benchmarks/sim_vs_measured.py --device cuda --model mixtral-8x7b --layers 8 \
         --gpu-memory-gib 15 --requests 256 --gen-len 32 --max-batch 256 --save    # on a GPU
 
@@ -60,15 +60,16 @@ def parse_args() -> argparse.Namespace:
                    help="the 'GPU' budget of the calibrated profile (small, so experts stream)")
     p.add_argument("--usable-fraction", type=float, default=None, help="of the 'GPU' budget (default: calibrated)")
     p.add_argument("--policy", default=None, help="override the plan, e.g. 'batch_size=8,micro_batch_size=4'")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs (the median is compared)")
     p.add_argument("--save", action="store_true", help="write a JSON record under --out-dir")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     return p.parse_args()
 
 
-def measured_op_scales(gen, spec, hw, workload: Workload, policy: Policy, lengths: list[int]) -> dict:
+def measured_op_scales(timeline, spec, hw, workload: Workload, policy: Policy, lengths: list[int]) -> dict:
     """Per-op scales making the cost model's totals match the measured task records of this run."""
     costs = TaskCosts.for_policy(spec, hw, policy)
-    graphs = gen.runner.timeline.graphs  # (phase, offset, records), in run order
+    graphs = timeline.graphs  # (phase, offset, records), in run order
     pairs, g = [], 0
     for a in range(0, len(lengths), policy.batch_size):
         mbs, _ = batch_shapes(lengths[a:a + policy.batch_size], policy, workload.padding)
@@ -118,13 +119,22 @@ def main() -> None:
     cfg = RunConfig(task=GenerateTask(progress=False), system=CGOPipeSystem(), model=spec, hardware=hw,
                     workload=workload, policy=policy, sampling=Sampling(ignore_eos=True), device=args.device,
                     trace=True)
-    gen = run_generation(cfg, progress=False, warmup_tokens=2)
-    meas = gen.report.metrics
+    # Repeats in this process, each a fresh engine: the host's speed drifts by 5-15% from one minute to
+    # the next, so the median run is compared and the spread is reported beside it.
+    runs = []
+    for _ in range(max(1, args.repeats)):
+        gen = run_generation(cfg, progress=False, warmup_tokens=2)
+        meas = gen.report.metrics
+        runs.append((meas.prefill_s + meas.decode_s, meas, gen.runner.timeline))
+        del gen   # the model and its pools: one alive at a time
+        print(f"measured run {len(runs)}: {runs[-1][0]:.3f} s", flush=True)
+    totals = sorted(t for t, _, _ in runs)
+    _, meas, timeline = sorted(runs, key=lambda r: r[0])[len(runs) // 2]   # the median run (upper of two)
 
     hrm = predict(spec, hw, workload, policy)
     costs = TaskCosts.for_policy(spec, hw, policy)  # the calibrated profile's curves and overheads
     sim = simulate_run(spec, hw, workload, policy, lengths, costs=costs)
-    scales = measured_op_scales(gen, spec, hw, workload, policy, lengths)
+    scales = measured_op_scales(timeline, spec, hw, workload, policy, lengths)
     # The fitted costs are measured under contention already: time them without sharing the host again.
     unshared = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, shares_host=False))
     fitted = simulate_run(spec, unshared, workload, policy, lengths,
@@ -138,13 +148,16 @@ def main() -> None:
             ("sim, fitted ops", fitted.prefill_s, fitted.decode_s, fitted.throughput_tok_s),
             ("HRM", hrm_prefill, hrm_decode, meas.generated_tokens / (hrm_prefill + hrm_decode))]
     ref = meas.prefill_s + meas.decode_s
-    print(f"\n{spec.name} ({spec.num_layers} layers) x {len(lengths)} requests, gen {workload.gen_len}, "
+    curves = "on every core" if costs.gpu_all_cores else "at its split share"
+    print(f"\nmeasured: median of {len(totals)} runs, e2e {ref:.3f} s (min {totals[0]:.3f}, max {totals[-1]:.3f}); "
+          f"simulated on the calibrated profile (GPU-role curves {curves})")
+    print(f"{spec.name} ({spec.num_layers} layers) x {len(lengths)} requests, gen {workload.gen_len}, "
           f"{n_batches} batch(es), on {hw.name}")
     print(f"{'':18}{'prefill s':>11}{'decode s':>11}{'e2e s':>11}{'tok/s':>9}{'e2e error':>11}")
     for name, pre, dec, tok_s in rows:
         print(f"{name:<18}{pre:>11.3f}{dec:>11.3f}{pre + dec:>11.3f}{tok_s:>9.2f}"
               f"{rel(pre + dec, ref) if name != 'measured' else '':>11}")
-    print(f"\nutilisation (decode)  measured {gen.report.metrics.utilisation}\n"
+    print(f"\nutilisation (decode)  measured {meas.utilisation}\n"
           f"                      simulated {sim.utilisation}")
     print("fitted per-op scales (measured / modelled): "
           + ", ".join(f"{op} {s:.2f}" for op, s in sorted(scales.items())))
@@ -153,9 +166,11 @@ def main() -> None:
         "model": dataclasses.asdict(spec), "workload": dataclasses.asdict(workload),
         "hardware": dataclasses.asdict(hw), "calibration": m.as_dict(), "policy": dataclasses.asdict(policy),
         "measured": {"prefill_s": meas.prefill_s, "decode_s": meas.decode_s, "tok_s": meas.throughput_tok_s,
-                     "utilisation": meas.utilisation},
+                     "utilisation": meas.utilisation, "repeats": len(totals), "e2e_s_runs": totals,
+                     "what": "the median run of the repeats (this host, CPU playing the GPU)"},
         "simulated": {"prefill_s": sim.prefill_s, "decode_s": sim.decode_s, "tok_s": sim.throughput_tok_s,
-                      "utilisation": sim.utilisation},
+                      "utilisation": sim.utilisation, "gpu_role_curves": "all cores" if costs.gpu_all_cores
+                      else "split share"},
         "simulated_fitted": {"prefill_s": fitted.prefill_s, "decode_s": fitted.decode_s,
                              "tok_s": fitted.throughput_tok_s, "op_scale": scales},
         "hrm": {"prefill_s": hrm_prefill, "decode_s": hrm_decode, "tok_s": hrm.e2e_tok_s},

@@ -196,6 +196,12 @@ class GpuSpec:
     gemm_tflops: list[float] = field(default_factory=list)
     expert_loads: list[int] = field(default_factory=list)
     expert_tflops: list[float] = field(default_factory=list)
+    # A CPU-only host (shares_host): the curves above are at the GPU role's share of the cores while CPU
+    # attention overlaps it (the thread budget's split, `moe_lightning.threads`); these are the same
+    # curves with the GPU role on every core, its layout when nothing overlaps it (one micro-batch, or
+    # attention on the "GPU"). Empty: the split curves serve both layouts.
+    gemm_tflops_all_cores: list[float] = field(default_factory=list)
+    expert_tflops_all_cores: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -246,6 +252,10 @@ class HardwareSpec:
             _check(getattr(self, name) >= 0, f"hardware.{name}", f"must be >= 0, got {getattr(self, name)}")
         _curve(self.gpu.gemm_rows, self.gpu.gemm_tflops, "hardware.gpu.gemm")
         _curve(self.gpu.expert_loads, self.gpu.expert_tflops, "hardware.gpu.expert")
+        for rows, name in ((self.gpu.gemm_rows, "gemm_tflops_all_cores"),
+                           (self.gpu.expert_loads, "expert_tflops_all_cores")):
+            if getattr(self.gpu, name):
+                _curve(rows, getattr(self.gpu, name), f"hardware.gpu.{name.removesuffix('_tflops_all_cores')}")
 
     @classmethod
     def from_dict(cls, d: dict) -> HardwareSpec:

@@ -63,6 +63,9 @@ class WandbLogger(NoLogger):
             log.warning("logger=wandb but wandb is not installed (pip install 'moe-lightning[wandb]'): not logging")
             return
         os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")   # no error reports sent home (telemetry)
+        if self.mode == "offline":   # wandb's own threads read the global mode, not the run's (a DNS probe)
+            os.environ.setdefault("WANDB_MODE", "offline")
         folder = Path(self.dir or run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(project=self.project, entity=self.entity, name=run_name, config=config,

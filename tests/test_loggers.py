@@ -97,3 +97,63 @@ def test_a_two_worker_tune_logs_every_trial(tmp_path, tiny_path):
     assert all(row["peak_gpu_bytes"] for row in rows if row["state"] == "COMPLETE")   # the second objective
     summary = offline_run(run)["summary"]
     assert "metrics.throughput_tok_s" in summary
+
+
+GUARD = '''
+import os, socket
+
+_log = os.environ["MOE_LIGHTNING_NET_GUARD"]
+_getaddrinfo, _connect, _connect_ex = socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex
+
+
+def _local(host):
+    host = host.decode() if isinstance(host, bytes) else host
+    return host in (None, "", "localhost", "::1") or str(host).startswith("127.")
+
+
+def _refuse(what):
+    with open(_log, "a") as f:
+        f.write(what + "\\n")
+    raise OSError("non-loopback network access blocked by the test")
+
+
+def getaddrinfo(host, *args, **kwargs):
+    return _getaddrinfo(host, *args, **kwargs) if _local(host) else _refuse(f"getaddrinfo {host}")
+
+
+def _inet(sock, address):
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0])
+
+
+def connect(self, address):
+    return _refuse(f"connect {address}") if _inet(self, address) else _connect(self, address)
+
+
+def connect_ex(self, address):
+    return _refuse(f"connect {address}") if _inet(self, address) else _connect_ex(self, address)
+
+
+socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = getaddrinfo, connect, connect_ex
+'''
+
+
+def test_logger_wandb_attempts_no_connection_beyond_loopback(tmp_path):
+    """A run with `logger=wandb` and no WANDB_* variables of the user's: every Python process of it (the
+    CLI and wandb's own threads; wandb-core talks to it over a local socket) resolves and connects to
+    loopback only. A guard in `sitecustomize` records and refuses any other attempt."""
+    pytest.importorskip("wandb")
+    import os
+
+    (tmp_path / "guard").mkdir()
+    (tmp_path / "guard" / "sitecustomize.py").write_text(GUARD)
+    attempts = tmp_path / "attempts.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "guard"), env.get("PYTHONPATH")])),
+            "MOE_LIGHTNING_NET_GUARD": str(attempts), "HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=simulate", "task.use_plan=false",
+                        "logger=wandb", "policy.batch_size=4", "policy.micro_batch_size=2", "workload.num_requests=8",
+                        "workload.gen_len=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert any((tmp_path / "run" / "wandb").glob("offline-run-*"))   # it did log
+    assert not attempts.exists(), attempts.read_text()

@@ -141,8 +141,12 @@ class CGOPipeRunner:
         # Profile the expert kernels (when asked) before the pools take the budget; its scratch is freed.
         _, micro_tokens = prefill_tokens(workload, policy.batch_size, policy.micro_batch_size, self.kv_tokens, paged,
                                          prompt_lengths, max(1, self.kv_block_size))
+        self.threads = plan_threads(None, cuda=self.cuda, micro_batches=policy.num_micro_batches,
+                                    attn_on_cpu=not policy.attn_on_gpu, op_elements=op_elements(spec))
+        # Profiled (once per machine) with the threads of the worker that runs the kernels: the GPU role.
         self.kernels = KernelChooser(policy.expert_kernel, spec, self.dtype, device,
-                                     max_bytes=int(expert_workspace("grouped", spec, micro_tokens)))
+                                     max_bytes=int(expert_workspace("grouped", spec, micro_tokens)),
+                                     threads=None if self.cuda else self.threads.gpu)
         if self.cuda:
             torch.cuda.empty_cache()
         persistent = {k: v for k, v in self.plan.gpu.items() if k != "activations"}
@@ -151,8 +155,6 @@ class CGOPipeRunner:
         n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
         self.experts = ExpertCache(spec, source, n_res, policy.num_pages, policy.prefetch_depth,
                                    self.pools, device, pin=self.cuda)
-        self.threads = plan_threads(None, cuda=self.cuda, micro_batches=policy.num_micro_batches,
-                                    attn_on_cpu=not policy.attn_on_gpu, op_elements=op_elements(spec))
         self.executor = Executor(device, threads=self.threads, serial=configured().serial)
         self.timeline = RunTimeline(keep_records=trace)
         self.link_bytes = {"h2d": 0, "d2h": 0}

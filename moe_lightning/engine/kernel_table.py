@@ -3,8 +3,12 @@ holds every kernel's time at a ladder of loads (tokens per expert); a call runs 
 estimated on the call's own routing (interpolated between rungs), is lowest. Which kernel wins changes
 within a factor of two of load (a CPU's skinny GEMMs change code path between 1 and 2 rows), and with
 the routing's imbalance (the padded kernel pays every expert at the busiest one's load), so the ladder
-is dense and the choice looks at the actual expert counts. Profiles are cached per device and shape under
-the cache folder, so the profiling step runs once per machine.
+is dense and the choice looks at the actual expert counts. The padded and dense kernels also compute
+every expert of a weight region that has any token (a `bmm` over the region's stack), hit or not: with
+a streamed layer's eight experts in one region and five of them hit, they read all eight; the estimate
+charges that. Profiles are cached per device, thread count and shape under the cache folder, so the
+profiling step runs once per machine; on a CPU they are measured with the thread count of the worker
+that will run the kernels (the GPU role's, `moe_lightning.threads`), not the calling thread's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ log = logging.getLogger("moe_lightning.kernels")
 LOADS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # tokens per expert profiled
 KernelTimes = dict[int, dict[str, float]]    # load -> kernel -> seconds
 PROFILED_EXPERTS = 4                         # experts in each profiled call
+
+
+PROFILE_REPS = 5                             # timed calls per kernel and load (the median is kept)
+PROFILE_VERSION = 2                          # in the cache key: tables of an older profiling are not read
 
 
 def _device_name(device: torch.device) -> str:
@@ -88,10 +96,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> KernelTimes:
+def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device, threads: int | None = None
+                   ) -> KernelTimes:
+    """The kernel table for this device and shape, profiled once and cached. `threads` (CPU): the
+    intra-op threads of the worker that runs the kernels; default: the calling thread's."""
+    if device.type != "cuda" and threads and threads != torch.get_num_threads():
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return cached_profile(spec, dtype, device)
+        finally:
+            torch.set_num_threads(previous)
     from moe_lightning.engine.tiny import cache_dir
 
-    key = f"{_device_name(device)}-H{spec.hidden_size}-F{spec.intermediate_size}-k{spec.top_k}-{dtype}-times"
+    key = (f"{_device_name(device)}-H{spec.hidden_size}-F{spec.intermediate_size}-k{spec.top_k}-{dtype}-times"
+           f"-v{PROFILE_VERSION}")
     path = cache_dir() / "kernel-tables" / (key.replace(" ", "_").replace("/", "_") + ".json")
     if path.exists():
         try:
@@ -100,7 +119,7 @@ def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device) ->
                 return cached
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("expert-kernel cache %s is unreadable (%s): profiling again", path, exc)
-    times = time_kernels(spec, dtype, device)
+    times = time_kernels(spec, dtype, device, reps=PROFILE_REPS)
     from moe_lightning.files import atomic_write
 
     atomic_write(path, json.dumps(times))
@@ -130,45 +149,56 @@ class KernelChooser:
     workspace is within the plan."""
 
     def __init__(self, choice: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 times: KernelTimes | None = None, max_bytes: int | None = None):
+                 times: KernelTimes | None = None, max_bytes: int | None = None, threads: int | None = None):
         if choice != "auto" and choice not in KERNELS:
             raise ConfigError(f"policy.expert_kernel={choice} is not available with torch {torch.__version__} "
                               "(grouped needs torch.nn.functional.grouped_mm); "
                               f"accepted here: auto, {', '.join(KERNELS)}")
         self.spec, self.choice = spec, choice
-        self.times = (times or cached_profile(spec, dtype, device)) if choice == "auto" else {}
+        self.times = (times or cached_profile(spec, dtype, device, threads)) if choice == "auto" else {}
         self.used: dict[str, int] = {}
         self.max_bytes = max_bytes
         self.dtype_bytes = torch.empty((), dtype=dtype).element_size()
 
-    def estimated_s(self, kernel: str, counts: list[int]) -> float:
+    def estimated_s(self, kernel: str, counts: list[int], regions: list[list[int]] | None = None) -> float:
         """Seconds `kernel` takes for `counts[e]` tokens routed to expert e, from the profile (measured
-        on `PROFILED_EXPERTS` experts at uniform loads)."""
+        on `PROFILED_EXPERTS` experts at uniform loads). `regions`: the expert ids of each weight region
+        (`ExpertStack`; default one region of every expert). Padded and dense compute every expert of a
+        region with any token: padded at the region's busiest load, dense on all T tokens (a profiled
+        load of T k / P has T tokens); loop and grouped each hit expert at its own load."""
         def per_expert(load: float) -> float:
             return interpolated_time(self.times, kernel, load) / PROFILED_EXPERTS
 
         hit = [c for c in counts if c > 0]
         if not hit:
             return 0.0
-        if kernel == "padded":
-            return len(hit) * per_expert(max(hit))
-        if kernel == "dense":  # every expert on every token: a profiled load of T k / P has T tokens
-            return len(counts) * per_expert(sum(hit) / PROFILED_EXPERTS)
+        if kernel in ("padded", "dense"):
+            regions = regions if regions is not None else [list(range(len(counts)))]
+            total = 0.0
+            for members in regions:
+                busiest = max((counts[e] for e in members), default=0)
+                if busiest:
+                    load = busiest if kernel == "padded" else sum(hit) / PROFILED_EXPERTS
+                    total += len(members) * per_expert(load)
+            return total
         return sum(per_expert(c) for c in hit)
 
-    def name_for(self, counts: list[int]) -> str:
+    def name_for(self, counts: list[int], regions: list[list[int]] | None = None) -> str:
         if self.choice != "auto":
             return self.choice
         kernels = sorted({k for by_kernel in self.times.values() for k in by_kernel})
         if self.max_bytes is not None:
             fits = [k for k in kernels if workspace_bytes(k, counts, self.spec, self.dtype_bytes) <= self.max_bytes]
             kernels = fits or [k for k in ("grouped", "loop") if k in kernels][:1] or kernels
-        return min(kernels, key=lambda k: self.estimated_s(k, counts))
+        return min(kernels, key=lambda k: self.estimated_s(k, counts, regions))
 
     def __call__(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                  experts: ExpertStack) -> torch.Tensor:
         counts = torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist() \
             if self.choice == "auto" else []
-        name = self.name_for(counts)
+        regions: list[list[int]] = [[] for _ in experts.w13]
+        for e, (r, _) in enumerate(experts.slot_of):
+            regions[r].append(e)
+        name = self.name_for(counts, regions)
         self.used[name] = self.used.get(name, 0) + 1
         return KERNELS[name](h, weights, ids, experts)

@@ -68,7 +68,12 @@ def expert_kernel_crossover(cfg: RunConfig) -> dict[int, str]:
     device = resolve_device(cfg.device)
     if device.type != "cuda" and dtype != "float32":
         dtype = "float32"  # the CPU plays the GPU in fp32
-    return fastest(cached_profile(dataclasses.replace(spec, dtype=dtype), torch_dtype(dtype), device))
+    threads = None
+    if device.type != "cuda":   # the GPU role's threads beside CPU attention (the common layout)
+        from moe_lightning.threads import op_elements, plan_threads
+
+        threads = plan_threads(None, cuda=False, micro_batches=2, attn_on_cpu=True, op_elements=op_elements(spec)).gpu
+    return fastest(cached_profile(dataclasses.replace(spec, dtype=dtype), torch_dtype(dtype), device, threads))
 
 
 def table(m) -> str:

@@ -24,6 +24,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
@@ -83,6 +84,7 @@ def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | N
                 storage = study._storage
                 if getattr(storage, "get_heartbeat_interval", lambda: None)():
                     storage.record_heartbeat(trial._trial_id)   # its first beat, before it names its process
+                trial.set_user_attr("host", socket.gethostname())
                 trial.set_user_attr("pid", os.getpid())  # names the process whose death fails this trial
             with _heartbeat(study, trial._trial_id):
                 values = run(trial)
@@ -279,6 +281,7 @@ class TuneTask:
             fail_orphaned_trials,
             open_study,
             seed_study,
+            shown_url,
             started_trials,
             storage_url,
         )
@@ -332,7 +335,7 @@ class TuneTask:
             with deferred():  # a second signal waits until every worker is stopped
                 _end_workers(study, workers)
             bar.close()
-        report = self._report(cfg, study, spec, run_dir, storage_url(cfg, study.study_name))
+        report = self._report(cfg, study, spec, run_dir, shown_url(storage_url(cfg, study.study_name)))
         if "best_trial" not in report.extra:
             raise NoTrialCompleted(_no_trial_completed(study, run_dir))
         return report

@@ -12,6 +12,8 @@ a copy of X bytes moves 2X, as STREAM does):
   fastest expert kernel (`engine.kernel_table.time_kernels`, every kernel, the best one kept) at 1 to
   256 tokens per expert, on a reference expert shape (Mixtral-8x7B's with CUDA, mid-mixtral's on the
   CPU). A decode step's GEMMs have a few rows and run far below the square-GEMM peak;
+- on a CPU-only host, both curves at the GPU role's two thread counts (`moe_lightning.threads`): its
+  share when CPU attention overlaps it, and every core (`gpu.*_all_cores`), its layout otherwise;
 - the engine executor's overheads while its compute resource is busy: per task (small torch tasks
   hopping between the other resources), `task_overhead_us`, and per graph (threads started and
   joined), `step_overhead_us`;
@@ -102,6 +104,10 @@ class Measurements:
     gemm_tflops: list[float] = field(default_factory=list)    # ... and their achieved TFLOP/s
     expert_loads: list[int] = field(default_factory=list)     # tokens per expert measured ...
     expert_tflops: list[float] = field(default_factory=list)  # ... and the fastest kernel's TFLOP/s
+    # A CPU-only host whose GPU role gets more cores alone than beside CPU attention: the curves on
+    # every core (empty otherwise, and with CUDA).
+    gemm_tflops_all_cores: list[float] = field(default_factory=list)
+    expert_tflops_all_cores: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -309,24 +315,38 @@ def measure_kernel_curves(sizes: Sizes, device: str) -> dict[str, list]:
         return 2 * rows * H * n / _median(lambda: timer(lambda: F.linear(x, w)), sizes.repeats) / 1e12
 
     # On a CPU host the thread that plays the GPU runs with the GPU role's share of the cores while CPU
-    # attention overlaps it (the thread budget's split, `moe_lightning.threads`): measure at that share.
+    # attention overlaps it (the thread budget's split, `moe_lightning.threads`): measure at that share,
+    # and again on every core (its layout when nothing overlaps it) if that is more threads.
+    split, every = _gpu_role_threads(H * F_dim)
+    counts = [split] if cuda or every == split else [split, every]
     threads = torch.get_num_threads()
-    if not cuda:
-        from moe_lightning.threads import plan_threads
-
-        torch.set_num_threads(plan_threads(None, cuda=False, micro_batches=2, attn_on_cpu=True,
-                                           op_elements=H * F_dim).gpu)
+    # Two experts, top-2: every token goes to both, so each expert sees exactly `load` tokens.
+    spec = ModelSpec(hidden_size=H, intermediate_size=F_dim, num_experts=2, top_k=2)
+    curves: dict[str, list] = {"gemm_rows": list(sizes.gemm_rows), "expert_loads": list(sizes.expert_loads)}
     try:
-        gemm = [gemm_tflops(rows) for rows in sizes.gemm_rows]
-        # Two experts, top-2: every token goes to both, so each expert sees exactly `load` tokens.
-        spec = ModelSpec(hidden_size=H, intermediate_size=F_dim, num_experts=2, top_k=2)
-        times = time_kernels(spec, dtype, torch.device(device), reps=max(2, sizes.repeats // 2), experts=2,
-                             loads=sizes.expert_loads)
+        for n, suffix in zip(counts, ("", "_all_cores")):
+            if not cuda:
+                torch.set_num_threads(n)
+            curves["gemm_tflops" + suffix] = [gemm_tflops(rows) for rows in sizes.gemm_rows]
+            times = time_kernels(spec, dtype, torch.device(device), reps=max(2, sizes.repeats // 2), experts=2,
+                                 loads=sizes.expert_loads)
+            curves["expert_tflops" + suffix] = [2 * load * 2 * 3 * H * F_dim / min(times[load].values()) / 1e12
+                                                for load in sizes.expert_loads]
     finally:
         torch.set_num_threads(threads)
-    experts = [2 * load * 2 * 3 * H * F_dim / min(times[load].values()) / 1e12 for load in sizes.expert_loads]
-    return {"gemm_rows": list(sizes.gemm_rows), "gemm_tflops": gemm,
-            "expert_loads": list(sizes.expert_loads), "expert_tflops": experts}
+    return curves
+
+
+def _gpu_role_threads(op_elements: int) -> tuple[int, int]:
+    """The CPU-played GPU role's threads (split with CPU attention, alone), as `plan_threads` sets them."""
+    from moe_lightning.threads import plan_threads
+
+    split = plan_threads(None, cuda=False, micro_batches=2, attn_on_cpu=True, op_elements=op_elements).gpu
+    alone = plan_threads(None, cuda=False, micro_batches=1, attn_on_cpu=True, op_elements=op_elements).gpu
+    return split, alone
+
+
+ALL_CORES_FIELDS = ("gemm_tflops_all_cores", "expert_tflops_all_cores")
 
 
 def measure_gpu(sizes: Sizes) -> dict[str, float]:
@@ -419,7 +439,8 @@ def hardware_spec(m: Measurements, name: str = "calibrated", gpu_usable_fraction
                     bandwidth_gbps=_r(m.gpu_bandwidth_gbps), peak_tflops=_r(m.gpu_peak_tflops),
                     usable_fraction=gpu_usable_fraction, shares_host=m.device != "cuda",
                     gemm_rows=list(m.gemm_rows), gemm_tflops=[_r(x) for x in m.gemm_tflops],
-                    expert_loads=list(m.expert_loads), expert_tflops=[_r(x) for x in m.expert_tflops]),
+                    expert_loads=list(m.expert_loads), expert_tflops=[_r(x) for x in m.expert_tflops],
+                    **{k: [_r(x) for x in getattr(m, k)] for k in ALL_CORES_FIELDS}),
         cpu=CpuSpec(name=m.cpu_name, cores=m.cpu_cores, memory_gib=_r(m.cpu_memory_gib, 3),
                     bandwidth_gbps=_r(m.cpu_bandwidth_gbps), peak_tflops=_r(m.cpu_peak_tflops),
                     usable_fraction=cpu_usable_fraction, attn_gbps=_r(m.cpu_attn_gbps)),
@@ -435,7 +456,8 @@ def hardware_yaml(hw: HardwareSpec, m: Measurements) -> str:
             f"({'CUDA' if m.device == 'cuda' else 'CPU only: the CPU plays the GPU'}) in {m.seconds:.1f} s.",
             "# Bandwidths count bytes read + written (a copy of X bytes moves 2X); link: bytes moved.",
             "# gpu.gemm_*: achieved TFLOP/s of [rows, H] x [H, N]; gpu.expert_*: of the fastest expert kernel",
-            "# at that many tokens per expert; cpu.attn_gbps: decode attention, GB/s of K/V read;",
+            "# at that many tokens per expert (*_all_cores: the GPU role on every core, not its split share);",
+            "# cpu.attn_gbps: decode attention, GB/s of K/V read;",
             "# task_ / step_overhead_us: the engine executor's cost per task and per graph (one step);",
             "# issue_ / sync_overhead_us: its issuing thread's cost per task issued and per host barrier.",
             "# The simulator uses all of these; the HRM does not."]

@@ -8,7 +8,9 @@ roofline, `max(FLOPs / rate, bytes / bandwidth)`, the kernel times of one task s
   measured curves (`task=calibrate`): a GEMM of `t` rows runs at `gpu.gemm_tflops` interpolated at `t`,
   and the MoE FFN at `gpu.expert_tflops` interpolated at its tokens per expert (the engine's fastest
   kernel at that load, as EPS-MoE picks it). Small GEMMs reach a fraction of the peak, which the peak
-  alone cannot show. Rates scale with `hw.gpu.count`, as in `hrm.levels`.
+  alone cannot show. Rates scale with `hw.gpu.count`, as in `hrm.levels`. On a CPU-only host the
+  curves are those of the GPU role's thread count for the policy (`gpu_role_on_every_core`: every core
+  when no CPU attention overlaps it, the `*_all_cores` curves; its split share otherwise).
 - CPU tasks (decode attention) at `hw.cpu`, or at the measured attention throughput
   (`hw.cpu.attn_gbps`, GB/s of K/V read) when the profile has one;
 - H2D / D2H copies at `hw.link`; the COPY worker's pageable -> pinned memcpy at `hw.cpu.bandwidth_gbps
@@ -104,6 +106,7 @@ class TaskCosts:
     op_scale: Mapping[str, float] = field(default_factory=dict)
     issue_s: float = ISSUE_S             # issuing thread, per task: a task starts no earlier than issued
     sync_s: float | None = None          # issuing thread, per host barrier; None: default_sync_s(hw)
+    gpu_all_cores: bool = False          # a CPU-played GPU role on every core (no CPU attention beside it)
 
     def __post_init__(self) -> None:
         if self.sync_s is None:
@@ -123,6 +126,8 @@ class TaskCosts:
             measured["sync_s"] = hw.sync_overhead_us * 1e-6
         if hw.cpu.attn_gbps > 0:
             measured["cpu_attn_gbps"] = hw.cpu.attn_gbps
+        if hw.gpu.shares_host:
+            measured["gpu_all_cores"] = gpu_role_on_every_core(spec, hw, policy)
         return cls(spec, hw, n_res=n_res, num_pages=pages, **{**measured, **kwargs})
 
     def with_scales(self, op_scale: Mapping[str, float]) -> TaskCosts:
@@ -140,11 +145,15 @@ class TaskCosts:
 
     def _gemm(self, rows: float, flops: float, nbytes: float) -> float:
         """A GEMM of `rows` rows (tokens) on the GPU: at the measured rate for that many rows, if any."""
-        return self._measured(self.hw.gpu.gemm_rows, self.hw.gpu.gemm_tflops, rows, flops, nbytes)
+        g = self.hw.gpu
+        rates = g.gemm_tflops_all_cores if self.gpu_all_cores and g.gemm_tflops_all_cores else g.gemm_tflops
+        return self._measured(g.gemm_rows, rates, rows, flops, nbytes)
 
     def _experts(self, load: float, flops: float, nbytes: float) -> float:
         """The MoE FFN at `load` tokens per expert hit: at the measured rate of the engine's kernel, if any."""
-        return self._measured(self.hw.gpu.expert_loads, self.hw.gpu.expert_tflops, load, flops, nbytes)
+        g = self.hw.gpu
+        rates = g.expert_tflops_all_cores if self.gpu_all_cores and g.expert_tflops_all_cores else g.expert_tflops
+        return self._measured(g.expert_loads, rates, load, flops, nbytes)
 
     def _measured(self, points: Sequence[float], rates: Sequence[float], x: float, flops: float,
                   nbytes: float) -> float:
@@ -283,6 +292,20 @@ class TaskCosts:
         seconds, _ = self.cost(task, mbs)
         overhead = self.thread_s if task.resource in (Resource.CPU, Resource.COPY) else self.launch_s
         return seconds * self.op_scale.get(task.op, 1.0) + overhead
+
+
+def gpu_role_on_every_core(spec: ModelSpec, hw: HardwareSpec, policy: Policy) -> bool:
+    """Whether the thread budget (`moe_lightning.threads.plan_threads`, at the profile's cores) gives a
+    CPU-played GPU role more threads for `policy` than its split share beside CPU attention, i.e. the
+    profile's `*_all_cores` measurements apply."""
+    from moe_lightning.config import ThreadsConfig
+    from moe_lightning.threads import plan_threads
+
+    config, elements = ThreadsConfig(cores=hw.cpu.cores), spec.hidden_size * spec.intermediate_size
+    layout = plan_threads(config, cuda=False, micro_batches=policy.num_micro_batches,
+                          attn_on_cpu=not policy.attn_on_gpu, op_elements=elements)
+    split = plan_threads(config, cuda=False, micro_batches=2, attn_on_cpu=True, op_elements=elements)
+    return layout.gpu > split.gpu
 
 
 def default_sync_s(hw: HardwareSpec) -> float:

@@ -3,10 +3,13 @@
 - A worker or trial process asks Linux for SIGKILL when its parent dies (`prctl(PR_SET_PDEATHSIG)`;
   elsewhere a thread watches the parent), so a `kill -9` of the tune leaves nothing running that could
   add a trial.
-- `trial_gate` serialises "count the started trials, then ask for one" across the processes of this host
-  (an flock beside the SQLite file, or in the temp folder for a server URL), which makes `n_trials` exact.
-  Processes on other hosts sharing a server database are not serialised with these: each may start one
-  trial too many as the count is reached.
+- `trial_gate` serialises "count the started trials, then ask for one", which makes `n_trials` exact:
+  on PostgreSQL across every process and host sharing the study (a session advisory lock keyed by the
+  study name, released by the server when its connection drops, so also when the holder is killed);
+  with a journal file across the hosts sharing its file system (Optuna's symlink lock beside it);
+  elsewhere across the processes of this host (an flock beside the SQLite file, or in the temp folder
+  for another server URL). Processes on other hosts sharing a MySQL study are not serialised with
+  these: each may start one trial too many as the count is reached.
 """
 
 from __future__ import annotations
@@ -68,21 +71,77 @@ def gate_path(url: str, name: str) -> Path:
     """The lock file that serialises asking for trials: beside a SQLite file, else in the temp folder."""
     import sqlalchemy
 
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-        db = parsed.database if parsed.get_backend_name() == "sqlite" else None
-    except Exception:  # noqa: BLE001 - open_study has already refused a URL it cannot use
-        db = None
+    db = sqlalchemy.engine.make_url(url).database if _backend(url) == "sqlite" else None
     if db and db != ":memory:" and os.access(Path(db).resolve().parent, os.W_OK):
         return Path(db).resolve().with_name(Path(db).name + ".lock")  # one gate for the file's studies
     digest_ = hashlib.sha256(f"{url}\0{name}".encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"moe-lightning-study-{digest_}.lock"
 
 
+def _backend(url: str) -> str:
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).get_backend_name()
+    except Exception:  # noqa: BLE001 - open_study has already refused a URL it cannot use
+        return ""
+
+
+def advisory_key(name: str) -> int:
+    """The study's advisory-lock key: a signed 64-bit integer (PostgreSQL's bigint) from its name."""
+    return int.from_bytes(hashlib.sha256(f"moe-lightning-study\0{name}".encode()).digest()[:8], "big", signed=True)
+
+
+_engines: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str, name: str) -> Iterator[None]:
+    """PostgreSQL's session advisory lock on the study's key, on a connection of this process's own."""
+    import sqlalchemy
+
+    engine = _engines.get(url)
+    if engine is None:
+        engine = _engines[url] = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0)
+    key = {"key": advisory_key(name)}
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
+            conn.commit()
+
+
+@contextlib.contextmanager
+def _journal_lock(url: str) -> Iterator[None]:
+    """Optuna's own symlink lock (NFSv2 and later) beside the journal file, so hosts sharing the file
+    system are serialised too; a holder killed mid-ask is overridden after its grace period."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from moe_lightning.tuner.search import journal_path
+
+    lock = JournalFileSymlinkLock(str(journal_path(url)) + ".gate", grace_period=30)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @contextlib.contextmanager
 def trial_gate(url: str, name: str) -> Iterator[None]:
     """Hold the study's gate: between counting the started trials and asking for one, no other process
-    of this host asks. Released when the holder dies, even by SIGKILL (an flock)."""
+    asks (PostgreSQL: on any host; otherwise: of this host). Released when the holder dies, even by
+    SIGKILL (the server ends a dropped connection's locks; an flock dies with its process)."""
+    if _backend(url) == "postgresql":
+        with _advisory_lock(url, name):
+            yield
+        return
+    if url.startswith("journal:"):
+        with _journal_lock(url):
+            yield
+        return
     try:
         import fcntl
 

@@ -24,6 +24,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -79,6 +80,40 @@ def storage_url(cfg: RunConfig, name: str) -> str:
     return f"sqlite:///{(STUDIES_DIR / name).resolve()}.db"
 
 
+JOURNAL_PREFIX = "journal:"
+
+
+def journal_path(url: str) -> Path:
+    """The file of a `journal:PATH` storage (relative paths from the working directory)."""
+    return Path(url[len(JOURNAL_PREFIX):]).expanduser().resolve()
+
+
+def journal_storage(url: str):
+    """Optuna's JournalStorage on a file (`tuner.storage=journal:PATH`): for hosts that share a file
+    system and no database server. Its default lock is a symlink (NFSv2 and later). It has no
+    heartbeat: a trial whose process died is failed on resume by the host that ran it (its pid is gone)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = journal_path(url)
+    if not url[len(JOURNAL_PREFIX):]:
+        raise ValueError("journal: needs a file, e.g. journal:results/studies/my-study.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as messages and reports show it: without its password."""
+    import sqlalchemy
+
+    if url.startswith(JOURNAL_PREFIX):
+        return url
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: nothing to hide
+        return url
+
+
 def open_study(cfg: RunConfig, spec: ModelSpec):
     """Create the study, or resume it if its fingerprint equals this config's (else one-line refusal)."""
     import warnings
@@ -92,11 +127,17 @@ def open_study(cfg: RunConfig, spec: ModelSpec):
     url = storage_url(cfg, name)
     heartbeat = max(1, int(cfg.tuner.heartbeat_s))
     try:
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                                             engine_kwargs={"connect_args": {"timeout": 60}}
-                                             if url.startswith("sqlite") else None)
+        if url.startswith(JOURNAL_PREFIX):
+            storage = journal_storage(url)
+        else:
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                                                 engine_kwargs={"connect_args": {"timeout": 60}}
+                                                 if url.startswith("sqlite") else None)
+    except ModuleNotFoundError as exc:   # the URL's database driver
+        hint = " (pip install 'moe-lightning[postgres]')" if exc.name and exc.name.startswith("psycopg") else ""
+        raise ConfigError(f"tuner.storage={shown_url(url)!r}: its driver {exc.name!r} is not installed{hint}") from None
     except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database
-        raise ConfigError(f"tuner.storage={url!r}: cannot open ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"tuner.storage={shown_url(url)!r}: cannot open ({str(exc).splitlines()[0]})") from None
     directions = ["maximize", "minimize"] if cfg.tuner.multi_objective else ["maximize"]
     sampler = optuna.samplers.TPESampler(seed=cfg.tuner.seed, multivariate=True)
     exists = name in {s.study_name for s in storage.get_all_studies()}
@@ -150,12 +191,30 @@ def fail_orphaned_trials(study, grace_s: float) -> list[int]:
     optuna.storages.fail_stale_trials(study)
     failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
               if t.number in running and "reason" not in t.user_attrs]
+    if not getattr(study._storage, "get_heartbeat_interval", lambda: None)():
+        # No heartbeat (JournalStorage): a trial of this host whose process is gone is failed here.
+        host = socket.gethostname()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            pid = t.user_attrs.get("pid")
+            if (pid and t.user_attrs.get("host") == host and not _alive(pid)
+                    and fail_trial(study, t.number, "its process died (no heartbeat storage: seen on its host)")):
+                failed.append(t.number)
     now = dt.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if ("pid" not in t.user_attrs and t.datetime_start and (now - t.datetime_start).total_seconds() > grace_s
                 and fail_trial(study, t.number, "its process died before its first heartbeat")):
             failed.append(t.number)
     return sorted(failed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    return True
 
 
 def fail_trial(study, number: int, reason: str) -> bool:

@@ -32,7 +32,14 @@ durations):
 
 On a CPU-only machine (`hardware.gpu.shares_host`) every resource runs on the same cores and memory
 bus; there the tasks that run at the same time share it equally (processor sharing) instead of
-overlapping for free. The issuing thread is not one of the sharers (its work is microseconds).
+overlapping for free. The issuing thread is not one of the sharers (its work is microseconds). The
+"GPU" kernels are priced at the thread count the engine's thread budget gives the GPU role for the
+policy (`TaskCosts.gpu_all_cores`: the profile's `*_all_cores` curves when no CPU attention overlaps
+it). A measured co-run slowdown table (a kernel's and a copy's time beside 1-4 busy workers, measured
+in calibration) was tried in place of equal sharing and predicted worse on the five policies of
+`benchmarks/sim_vs_measured.py` (13-27% fast, where equal sharing was within 10%): beside the copies it models, a real
+run slows the "GPU" thread in ways a pairwise table does not capture (thread wake-ups, the Python
+between ops), which equal sharing happens to absorb. Not kept.
 
 Host costs (`TaskCosts`): `issue_s` per task, `sync_s` per barrier followed by more tasks (a barrier at
 a graph's end is the end of the graph, charged as `step_s`), `step_s` per graph; measured by

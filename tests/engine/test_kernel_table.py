@@ -77,3 +77,38 @@ def test_the_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
     (cached,) = (tmp_path / "kernel-tables").iterdir()
     assert cached_profile(SPEC, torch.float32, CPU) == times  # read back, not measured again
     assert KernelChooser("auto", SPEC, torch.float32, CPU).times == times
+
+
+def test_padded_and_dense_pay_every_expert_of_a_region_they_touch():
+    """`moe_padded` and `moe_dense` run a bmm over a region's whole stack: with one busy expert of eight in
+    one region they compute all eight (padded: 8 x 0.5 s at load 4, the loop's 2.0 s wins); with that
+    expert alone in its own region (CGOPipe's resident region beside the streamed one) only one (0.5 s)."""
+    chooser = KernelChooser("auto", SPEC, torch.float32, CPU, times=TIMES)
+    no_dense = KernelChooser("auto", SPEC, torch.float32, CPU,
+                             times={load: {k: t for k, t in by.items() if k != "dense"} for load, by in TIMES.items()})
+    one_busy = [4, 0, 0, 0, 0, 0, 0, 0]
+    assert chooser.estimated_s("padded", one_busy) == pytest.approx(8 * 2.0 / 4)
+    assert chooser.estimated_s("loop", one_busy) == pytest.approx(8.0 / 4)
+    assert no_dense.name_for(one_busy) == "loop"
+    split = [[0], [1, 2, 3, 4, 5, 6, 7]]
+    assert chooser.estimated_s("padded", one_busy, split) == pytest.approx(2.0 / 4)
+    assert no_dense.name_for(one_busy, split) == "padded"
+    # dense: every expert of each region with a token, on all T = 4 / 2 = 2 tokens (profiled load 1)
+    assert chooser.estimated_s("dense", one_busy, split) == pytest.approx(1 * TIMES[1]["dense"] / 4)
+    # A call reads the regions from the stack it is given.
+    g = torch.Generator().manual_seed(0)
+    resident = (torch.randn(1, 256, 64, generator=g) * 0.1, torch.randn(1, 64, 128, generator=g) * 0.1)
+    streamed = (torch.randn(7, 256, 64, generator=g) * 0.1, torch.randn(7, 64, 128, generator=g) * 0.1)
+    stack = ExpertStack([resident[0], streamed[0]], [resident[1], streamed[1]],
+                        [(0, 0)] + [(1, i) for i in range(7)])
+    h = torch.randn(2, 64, generator=g)
+    no_dense(h, torch.full((2, 2), 0.5), torch.tensor([[0, 0], [0, 0]]), stack)
+    assert no_dense.used == {"padded": 1}
+
+
+def test_the_profile_uses_the_kernel_workers_thread_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LIGHTNING_CACHE", str(tmp_path))
+    before = torch.get_num_threads()
+    cached_profile(SPEC, torch.float32, CPU, threads=1)
+    (cached,) = (tmp_path / "kernel-tables").iterdir()
+    assert cached.name.startswith("cpu1-") and torch.get_num_threads() == before

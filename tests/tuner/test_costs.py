@@ -118,3 +118,39 @@ def test_slower_measured_kernels_never_speed_the_simulation_up():
 def test_malformed_curves_are_refused(gpu, message):
     with pytest.raises(ConfigError, match=message):
         HardwareSpec(gpu=gpu)
+
+
+def test_a_cpu_host_prices_the_gpu_role_at_its_thread_count():
+    """On a CPU-only host the thread budget gives the GPU role every core when no CPU attention overlaps
+    it (one micro-batch, or attention on the "GPU"), its split share otherwise: the costs read the curves
+    measured at that thread count. Compute-bound here (huge bandwidth), so the time follows the rate."""
+    big = dataclasses.replace(SPEC, hidden_size=1024, intermediate_size=1024, num_heads=16)  # not "small ops"
+    split = calibrated(0.1, 0.1)
+    gpu = dataclasses.replace(split.gpu, shares_host=True, gemm_tflops_all_cores=[0.2, 0.2],
+                              expert_tflops_all_cores=[0.4, 0.4])
+    hw = dataclasses.replace(split, gpu=gpu, cpu=CpuSpec(cores=2))
+    one_mb, two_mb = Policy(batch_size=8, micro_batch_size=8), Policy(batch_size=8, micro_batch_size=4)
+    on_gpu = Policy(batch_size=8, micro_batch_size=4, attn_on_gpu=True)
+    got = {name: TaskCosts.for_policy(big, hw, p) for name, p in (("one", one_mb), ("two", two_mb), ("gpu", on_gpu))}
+    assert {n: c.gpu_all_cores for n, c in got.items()} == {"one": True, "two": False, "gpu": True}
+    t = 16
+    gemms = 2 * t * 1024 * 1024 + 2 * t * 1024 * 8          # O-projection and router
+    experts = 2 * t * 2 * 3 * 1024 * 1024
+    assert got["one"].post_attn_s(t, 0, t) == pytest.approx(gemms / 0.2e12 + experts / 0.4e12, rel=1e-9)
+    assert got["two"].post_attn_s(t, 0, t) == pytest.approx((gemms + experts) / 0.1e12, rel=1e-9)
+    # A profile without the every-core curves, a one-core host, or small ops: the split curves throughout.
+    bare = dataclasses.replace(hw, gpu=dataclasses.replace(gpu, gemm_tflops_all_cores=[], expert_tflops_all_cores=[]))
+    one_core = dataclasses.replace(hw, cpu=CpuSpec(cores=1))
+    for costs in (TaskCosts.for_policy(big, bare, one_mb), TaskCosts.for_policy(big, one_core, one_mb),
+                  TaskCosts.for_policy(SPEC, hw, one_mb)):
+        spec = costs.spec
+        assert costs.post_attn_s(t, 0, t) == pytest.approx(
+            TaskCosts.for_policy(spec, split, one_mb).post_attn_s(t, 0, t), rel=1e-9)
+
+
+def test_every_core_curves_must_match_their_points():
+    gpu = calibrated(0.1, 0.1).gpu
+    with pytest.raises(ConfigError, match="gemm"):
+        HardwareSpec(gpu=dataclasses.replace(gpu, gemm_tflops_all_cores=[0.2]))
+    with pytest.raises(ConfigError, match="expert"):
+        HardwareSpec(gpu=dataclasses.replace(gpu, expert_tflops_all_cores=[0.2, -1.0]))

@@ -123,10 +123,17 @@ def test_reports():
     assert f"{hw.gpu_budget_bytes / 2 / 2**30:8.2f}" in table  # per-device GPU budget
 
 
-def test_every_shipped_case_is_fast():
+def test_every_shipped_preset_plans_quickly():
+    """Every preset at least once, each beside Mixtral-8x7B / T4 / MT-Bench: every model on T4 and on
+    L4, every hardware profile, every workload. The plan fits its budget where one exists, and no case
+    takes the optimizer long. (The full product of the presets, about 700 cases, took 90 s of CI for
+    little more coverage.)"""
+    models, hardware, workloads = preset_names("model"), preset_names("hardware"), preset_names("workload")
+    cases = sorted({(m, h, "mtbench") for m in models for h in ("t4", "l4")}
+                   | {("mixtral-8x7b", h, "mtbench") for h in hardware}
+                   | {("mixtral-8x7b", "t4", w) for w in workloads})
     worst, worst_case, planned = 0.0, None, 0
-    names = (preset_names("model"), preset_names("hardware"), preset_names("workload"))
-    for m, h, w in itertools.product(*names):
+    for m, h, w in cases:
         spec, hw, wl = load_preset("model", m), load_preset("hardware", h), load_preset("workload", w)
         start = time.perf_counter()
         try:
@@ -138,8 +145,8 @@ def test_every_shipped_case_is_fast():
         elapsed = time.perf_counter() - start
         if elapsed > worst:
             worst, worst_case = elapsed, (m, h, w)
-    print(f"\nslowest optimize(): {worst:.3f} s for {worst_case}; {planned} cases planned")
-    assert planned > 50
+    print(f"\nslowest optimize(): {worst:.3f} s for {worst_case}; {planned} of {len(cases)} cases planned")
+    assert planned > 0.6 * len(cases)
     assert worst < 10.0
 
 
