@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu \
 	    "torch==$$(sed -n 's/^torch==//p' constraints.txt)"; \
 	fi
-	$(PY) -m pip install -q -c constraints.txt -e ".[cli,tune,postgres,launchers,plot,peers,wandb,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[cli,tune,postgres,launchers,mistral,plot,peers,wandb,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -47,11 +47,11 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     from tqdm import tqdm
 
     from moe_lightning.engine.generation import GenerationParams, generate
-    from moe_lightning.engine.tiny import load_tokenizer
     from moe_lightning.engine.weights import resolve_model
     from moe_lightning.hostload import HostLoad, check_fits_host, measurement_lock
     from moe_lightning.systems import resolve_device
     from moe_lightning.threads import configure, main_threads, op_elements, set_thread_count
+    from moe_lightning.tokenizer import tokenizer_for
     from moe_lightning.workload_io import describe, load_requests
 
     if repeats < 1:
@@ -60,7 +60,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         raise ValueError("streamed outputs are written by a single pass: repeats=1, min_repeat_s=0")
     configure(cfg.threads)
     spec, source = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(spec.path) if spec.path else None
+    tokenizer = tokenizer_for(spec)
     requests = load_requests(cfg.workload, spec, tokenizer)
     device = resolve_device(cfg.device)
     main = main_threads(op_elements(spec), device.type == "cuda")

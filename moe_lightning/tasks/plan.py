@@ -44,13 +44,10 @@ def planning_workload(workload: Workload, spec: ModelSpec) -> tuple[Workload, li
             raise ConfigError("workload=jsonl takes its prompt lengths from a prompts file: give "
                               "workload.path=<file.jsonl>, or plan a preset such as workload=mtbench")
         return workload, None
+    from moe_lightning.tokenizer import tokenizer_for
     from moe_lightning.workload_io import read_jsonl
 
-    tokenizer = None
-    if spec.path:
-        from moe_lightning.engine.tiny import load_tokenizer
-
-        tokenizer = load_tokenizer(spec.path)
+    tokenizer = tokenizer_for(spec)
     lengths = [len(r.input_ids) for r in read_jsonl(workload.path, spec, tokenizer)]
     planned = dataclasses.replace(workload, prompt_len_avg=math.ceil(sum(lengths) / len(lengths)),
                                   prompt_len_max=max(lengths), num_requests=len(lengths))
