@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.errors import ConfigError, MemoryBudgetError
 
 OTHERS_BUSY_CORES = 0.25   # other processes using more than this many cores makes a measurement noisy
 GiB = 1 << 30
@@ -119,9 +119,15 @@ def available_host_bytes() -> int | None:
 
 
 def check_fits_host(spec, hardware, device, weight_bytes: int | None = None) -> None:
-    """Refuse (one line) a measured run whose model cannot be held by this host or whose GPU budget is
-    larger than the detected GPU. `spec` is a ModelSpec, `hardware` a HardwareSpec, `device` a torch
-    device. On a CPU-only host every pool, the GPU role's included, lives in host memory."""
+    """Refuse (one line) a measured run on a profile of several GPUs (one device runs it), or whose model
+    cannot be held by this host, or whose GPU budget is larger than the detected GPU. `spec` is a
+    ModelSpec, `hardware` a HardwareSpec, `device` a torch device. On a CPU-only host every pool, the
+    GPU role's included, lives in host memory."""
+    if hardware.gpu.count > 1:
+        raise ConfigError(
+            f"hardware={hardware.name} has {hardware.gpu.count} GPUs, but a measured run uses one device (tensor "
+            f"and expert parallelism are not built yet): measure with a one-GPU profile (e.g. hardware=t4), or "
+            f"plan or simulate {hardware.name} as one pooled GPU (task=plan / task=simulate)")
     need = weight_bytes if weight_bytes is not None else spec.total_params * spec.dtype_bytes
     avail = available_host_bytes()
     if avail is not None and need > avail:

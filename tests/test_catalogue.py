@@ -204,6 +204,8 @@ CASES = [
     Case("add-existing-key", ("+workload.gen_len=3",), "drop the '+'"),
     Case("delete-group", ("~policy",), "instead of deleting it"),
     Case("unknown-group-option", ("hardware=t5",), "unknown hardware 't5'"),
+    # Several GPUs: no parallelism yet, so a measured run would silently use one device with their pooled budget.
+    Case("measure-on-several-gpus", ("hardware=2xt4",), "measure with a one-GPU profile"),
     Case("unknown-task", ("task=nope",), "unknown task 'nope'"),
     Case("word-for-integer", ("policy.batch_size=many",), "expected an integer"),
     Case("empty-integer", ("policy.batch_size=",), "expected an integer"),

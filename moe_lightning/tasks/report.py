@@ -4,6 +4,7 @@ table and CSV of every run document found, throughput bars, and the tuning plots
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 import logging
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 from moe_lightning.errors import ConfigError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.plots import save
-from moe_lightning.report import RunReport
+from moe_lightning.report import SCHEMA_VERSION, RunReport
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -48,6 +49,11 @@ def load_documents(patterns: list[str]) -> tuple[list[tuple[Path, RunReport]], l
                 continue
             if not (isinstance(data, dict) and "schema_version" in data and "metrics" in data):
                 continue
+            unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RunReport)})
+            newer = isinstance(data["schema_version"], int) and data["schema_version"] > SCHEMA_VERSION
+            if unknown or newer:
+                log.warning("%s: schema version %s (this reader: %d); ignored fields: %s", path,
+                            data["schema_version"], SCHEMA_VERSION, ", ".join(unknown) or "none")
             try:
                 docs.append((path, RunReport.from_dict(data)))
             except (TypeError, ValueError, KeyError, AttributeError):
@@ -96,18 +102,41 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def plot_throughput(rows: list[dict], path: Path) -> Path:
+KIND_COLORS = {"measured": "tab:blue", "simulated": "tab:orange", "predicted": "tab:green"}
+
+
+def run_label(r: dict) -> str:
+    """One bar's label: what ran, on what, with which batch."""
+    policy = f"N={r['batch_size']}, mu={r['micro_batch_size']}" if r.get("batch_size") else ""
+    return " · ".join(x for x in (r["system"], r.get("model") or "", f"{r['hardware']}/{r['workload']}", policy) if x)
+
+
+def throughput_figure(rows: list[dict]):
+    """Horizontal bars (one per run document, readable at any count), grouped by hardware and workload,
+    coloured by kind (measured / simulated / predicted) with a legend, measured bars with their spread."""
     from moe_lightning.plots import pyplot
 
     plt = pyplot()
+    rows = sorted((r for r in rows if r.get("tok_s")),
+                  key=lambda r: (str(r["hardware"]), str(r["workload"]), str(r["system"]), r["tok_s"]))
+    fig, ax = plt.subplots(figsize=(9, min(40.0, 1.2 + 0.28 * len(rows))))
+    y = range(len(rows))
+    ax.barh(y, [r["tok_s"] for r in rows], xerr=[r.get("tok_s_stdev") or 0 for r in rows],
+            color=[KIND_COLORS.get(r["kind"], "tab:gray") for r in rows])
+    ax.set_yticks(y, [run_label(r) for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s, end to end (measured: median of repeats ± stdev)")
+    kinds = sorted({r["kind"] for r in rows})
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS.get(k, "tab:gray")) for k in kinds],
+              labels=kinds, loc="lower right", fontsize=8)
+    ax.set_title(f"Throughput of {len(rows)} runs ({', '.join(kinds)}; simulated and predicted on the named "
+                 "profile, measured on the detected device)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
-    rows = [r for r in rows if r.get("tok_s")]
-    labels = [f"{r['system']}\n{r['hardware']}/{r['workload']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["tok_s"] for r in rows], color="tab:blue")
-    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("tokens/s, end to end (" + "/".join(sorted({r["kind"] for r in rows})) + ")")
-    return save(fig, path)
+
+def plot_throughput(rows: list[dict], path: Path) -> Path:
+    return save(throughput_figure(rows), path)
 
 
 @dataclass

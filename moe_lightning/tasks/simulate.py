@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import RunReport, as_dict, environment
 from moe_lightning.tasks.plan import beside, out_path, planning_model, planning_workload
+from moe_lightning.tuner.optimizer import POOLED_NOTE
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -132,7 +133,9 @@ def summary(report: RunReport, sim, hrm) -> str:
     pre_util = "  ".join(f"{k} {v:.0%}" for k, v in sim.prefill_utilisation.items())
     profile = report.hardware["profile"]["name"]
     head = f"  {'':26}{'simulated':>12}{'predicted (HRM)':>17}"
-    lines = [
+    count = (report.hardware["profile"].get("gpu") or {}).get("count", 1)
+    lines = [POOLED_NOTE.format(g=count)] if count > 1 else []
+    lines += [
         f"simulated {report.system}{note}: {report.model['name']} on profile {profile} (no device used), "
         f"workload {report.workload['name']} ({sim.num_requests} requests = {b} batch{'es' if b != 1 else ''} of "
         f"N={p['batch_size']}, gen {report.workload['gen_len']})",

@@ -221,12 +221,20 @@ def _fmt_gib(nbytes: float) -> str:
     return f"{nbytes / GiB:8.2f}"
 
 
+# Until tensor and expert parallelism exist (issue 13), several GPUs are planned as one: memory, bandwidth
+# and FLOPs pooled, no all-reduce or all-to-all priced. Every plan and simulation of such a profile says so.
+POOLED_NOTE = ("note: {g} GPUs planned as one pooled GPU (memory, link and FLOP/s added up; no all-reduce or "
+               "all-to-all priced): optimistic")
+
+
 def plan_table(plan: Plan) -> str:
     """A readable terminal table: policy, predicted throughput, bottleneck, memory per pool vs budget."""
     p, pred, hw = plan.policy, plan.prediction, plan.hardware
     g = hw.gpu.count
     lines = [f"HRM plan: {plan.model_name} on {hw.name} ({g}x {hw.gpu.name}), workload {plan.workload_name}",
              "", "policy"]
+    if g > 1:
+        lines[1:1] = [POOLED_NOTE.format(g=g)]
     rows = [
         ("batch_size (N)", p.batch_size), ("micro_batch_size (mu)", p.micro_batch_size),
         ("micro-batches per step", p.num_micro_batches),

@@ -105,3 +105,5 @@ def test_plan_runs_on_every_family_preset(tmp_path, model, hardware):
     doc = json.loads(out.read_text())
     assert doc["policy"]["batch_size"] >= 1 and doc["prediction"]["hrm_tok_s"] > 0
     assert doc["extra"]["memory"]["gpu_total_bytes"] <= doc["extra"]["memory"]["gpu_budget_bytes"]
+    # Several GPUs are planned as one pooled GPU until parallelism exists: the plan says so.
+    assert ("planned as one pooled GPU" in r.stdout) == (hardware == "2xt4")

@@ -1,0 +1,48 @@
+"""task=report's reading and plotting: documents of a newer schema are read with a warning naming the
+fields it ignores, and the plot tells measured from simulated runs (colour and legend), with a title
+and one readable label per run."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from moe_lightning.report import SCHEMA_VERSION, Metrics, RunReport
+from moe_lightning.tasks.report import KIND_COLORS, load_documents, row_of, throughput_figure
+
+
+def document(kind: str, tok_s: float, hardware: str) -> RunReport:
+    return RunReport(system="cgopipe", task="bench" if kind == "measured" else "simulate",
+                     model={"name": "mixtral-8x7b"}, hardware={"profile": {"name": hardware}},
+                     workload={"name": "mtbench"}, policy={"batch_size": 64, "micro_batch_size": 8},
+                     metrics=Metrics(throughput_tok_s=tok_s, kind=kind), environment={"cpu": "x86_64"})
+
+
+def test_a_newer_document_is_read_with_a_warning(tmp_path, caplog):
+    newer = document("simulated", 12.0, "t4").to_dict() | {"schema_version": SCHEMA_VERSION + 1, "energy_j": 3.0}
+    (tmp_path / "new.json").write_text(json.dumps(newer))
+    document("measured", 10.0, "cpu").to_json(tmp_path / "old.json")
+    with caplog.at_level(logging.WARNING, logger="moe_lightning.report"):
+        docs, skipped = load_documents([str(tmp_path / "*.json")])
+    assert len(docs) == 2 and skipped == []
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "new.json" in warned[0] and "energy_j" in warned[0]
+
+
+def test_the_plot_tells_measured_from_simulated(tmp_path):
+    pytest.importorskip("matplotlib")
+    reports = [document("measured", 10.0, "cpu"), document("simulated", 900.0, "t4"),
+               document("simulated", 700.0, "l4")]
+    rows = [row_of(tmp_path / f"{n}.json", r) for n, r in enumerate(reports)]
+    assert [r["where"] for r in rows] == ["x86_64", "profile t4", "profile l4"]   # never the host for a profile
+    fig = throughput_figure(rows)
+    ax = fig.axes[0]
+    assert "3 runs" in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["measured", "simulated"]
+    colours = {tuple(bar.get_facecolor()) for bar in ax.patches}
+    assert len(colours) == 2
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == 3 and all("N=64, mu=8" in label for label in labels)
+    assert set(KIND_COLORS) == {"measured", "simulated", "predicted"}
