@@ -43,7 +43,7 @@ case "$stage" in
     # measured vs simulated vs HRM in one process (the acceptance benchmark, as on the CPU)
     python3 benchmarks/sim_vs_measured.py --device cuda --model mixtral-8x7b --layers "${SIM_LAYERS:-8}" \
        --gpu-memory-gib 15 --usable-fraction 1.0 --requests "${SIM_REQUESTS:-256}" --gen-len 32 \
-       --max-batch 256 --save --out-dir "$dest" ;;
+       --max-batch 256 --repeats "${SIM_REPEATS:-2}" --save --out-dir "$dest" ;;
   compare)  # issue 5: every system side by side on the same model, hardware and workload
     ml task=compare "${MODEL[@]}" model.num_layers=${COMPARE_LAYERS:-4} "${BUDGET[@]}" "${MTBENCH[@]}" \
        run_dir="$dest/compare-mixtral8x7b" ;;

@@ -276,7 +276,7 @@ class TuneTask:
         from tqdm import tqdm
 
         from moe_lightning.engine.weights import resolve_model
-        from moe_lightning.tuner.processes import sigint_ignored_by_children
+        from moe_lightning.tuner.processes import sigint_ignored_by_children, trial_gate
         from moe_lightning.tuner.search import (
             fail_orphaned_trials,
             open_study,
@@ -294,11 +294,15 @@ class TuneTask:
         started = started_trials(study)
         finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         seeds = []
-        if cfg.tuner.seed_with_hrm and not study.trials:
-            try:
-                seeds = seed_study(study, cfg, spec)
-            except MemoryBudgetError as exc:
-                print(f"HRM finds no feasible policy ({str(exc)[:200]}...): searching unseeded")
+        if cfg.tuner.seed_with_hrm:
+            # Under the study's gate: two commands opening a new study at once seed it once, not twice
+            # (Optuna's skip_if_exists looks, then enqueues: not atomic across processes).
+            with trial_gate(storage_url(cfg, study.study_name), study.study_name):
+                if not study.get_trials(deepcopy=False):
+                    try:
+                        seeds = seed_study(study, cfg, spec)
+                    except MemoryBudgetError as exc:
+                        print(f"HRM finds no feasible policy ({str(exc)[:200]}...): searching unseeded")
         if seeds:
             s = seeds[0]
             print(f"HRM plan: N={s.batch_size} mu={s.micro_batch_size} attn_on_gpu={s.attn_on_gpu} "

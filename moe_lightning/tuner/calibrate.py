@@ -228,14 +228,17 @@ def measure_dispatch(device: str, side_tasks: int = 60) -> tuple[float, float]:
     executor = Executor(torch.device(device), threads=layout)
     alone = _median(lambda: _wall(lambda: decode_attention(q, k, v, lengths)), 9)
     per_task, per_graph = [], []
-    for _ in range(3):
-        start = time.perf_counter()
-        records = executor.run(g, handlers)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-        per_graph.append(wall - (max(r.end_s for r in records) - min(r.start_s for r in records)))
-        per_task.append(statistics.mean(r.end_s - r.start_s for r in records if r.task.op == "attend") - alone)
+    try:
+        for _ in range(3):
+            start = time.perf_counter()
+            records = executor.run(g, handlers)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+            per_graph.append(wall - (max(r.end_s for r in records) - min(r.start_s for r in records)))
+            per_task.append(statistics.mean(r.end_s - r.start_s for r in records if r.task.op == "attend") - alone)
+    finally:
+        executor.close()
     return max(statistics.median(per_task), 1e-6), max(statistics.median(per_graph), 0.0)
 
 

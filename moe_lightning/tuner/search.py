@@ -130,9 +130,14 @@ def open_study(cfg: RunConfig, spec: ModelSpec):
         if url.startswith(JOURNAL_PREFIX):
             storage = journal_storage(url)
         else:
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                                                 engine_kwargs={"connect_args": {"timeout": 60}}
-                                                 if url.startswith("sqlite") else None)
+            # Under the study's gate: machines started together on a fresh database would otherwise race to
+            # create Optuna's tables (PostgreSQL: a unique violation in pg_type for all but one).
+            from moe_lightning.tuner.processes import trial_gate
+
+            with trial_gate(url, name):
+                storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                                                     engine_kwargs={"connect_args": {"timeout": 60}}
+                                                     if url.startswith("sqlite") else None)
     except ModuleNotFoundError as exc:   # the URL's database driver
         hint = " (pip install 'moe-lightning[postgres]')" if exc.name and exc.name.startswith("psycopg") else ""
         raise ConfigError(f"tuner.storage={shown_url(url)!r}: its driver {exc.name!r} is not installed{hint}") from None
