@@ -136,6 +136,14 @@ def plan_threads(config: ThreadsConfig | None, *, cuda: bool, micro_batches: int
     return ThreadLayout(cores=c, cores_source=cores.source, rule=rule, **chosen)
 
 
+def gpu_role_threads(config: ThreadsConfig | None, op_elements: int) -> tuple[int, int]:
+    """A CPU-played GPU role's threads: (its split share beside CPU attention, alone), as `plan_threads`
+    lays them out. Calibration measures at both; the simulator prices a policy at the one it gets."""
+    split = plan_threads(config, cuda=False, micro_batches=2, attn_on_cpu=True, op_elements=op_elements).gpu
+    alone = plan_threads(config, cuda=False, micro_batches=1, attn_on_cpu=True, op_elements=op_elements).gpu
+    return split, alone
+
+
 _configured = ThreadsConfig()
 
 

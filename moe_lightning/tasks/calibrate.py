@@ -70,9 +70,9 @@ def expert_kernel_crossover(cfg: RunConfig) -> dict[int, str]:
         dtype = "float32"  # the CPU plays the GPU in fp32
     threads = None
     if device.type != "cuda":   # the GPU role's threads beside CPU attention (the common layout)
-        from moe_lightning.threads import op_elements, plan_threads
+        from moe_lightning.threads import gpu_role_threads, op_elements
 
-        threads = plan_threads(None, cuda=False, micro_batches=2, attn_on_cpu=True, op_elements=op_elements(spec)).gpu
+        threads = gpu_role_threads(None, op_elements(spec))[0]
     return fastest(cached_profile(dataclasses.replace(spec, dtype=dtype), torch_dtype(dtype), device, threads))
 
 

@@ -341,12 +341,10 @@ def measure_kernel_curves(sizes: Sizes, device: str) -> dict[str, list]:
 
 
 def _gpu_role_threads(op_elements: int) -> tuple[int, int]:
-    """The CPU-played GPU role's threads (split with CPU attention, alone), as `plan_threads` sets them."""
-    from moe_lightning.threads import plan_threads
+    """This host's GPU-role threads (split, alone): `threads.gpu_role_threads` at the detected cores."""
+    from moe_lightning.threads import gpu_role_threads
 
-    split = plan_threads(None, cuda=False, micro_batches=2, attn_on_cpu=True, op_elements=op_elements).gpu
-    alone = plan_threads(None, cuda=False, micro_batches=1, attn_on_cpu=True, op_elements=op_elements).gpu
-    return split, alone
+    return gpu_role_threads(None, op_elements)
 
 
 ALL_CORES_FIELDS = ("gemm_tflops_all_cores", "expert_tflops_all_cores")

@@ -299,13 +299,12 @@ def gpu_role_on_every_core(spec: ModelSpec, hw: HardwareSpec, policy: Policy) ->
     CPU-played GPU role more threads for `policy` than its split share beside CPU attention, i.e. the
     profile's `*_all_cores` measurements apply."""
     from moe_lightning.config import ThreadsConfig
-    from moe_lightning.threads import plan_threads
+    from moe_lightning.threads import gpu_role_threads, plan_threads
 
     config, elements = ThreadsConfig(cores=hw.cpu.cores), spec.hidden_size * spec.intermediate_size
     layout = plan_threads(config, cuda=False, micro_batches=policy.num_micro_batches,
                           attn_on_cpu=not policy.attn_on_gpu, op_elements=elements)
-    split = plan_threads(config, cuda=False, micro_batches=2, attn_on_cpu=True, op_elements=elements)
-    return layout.gpu > split.gpu
+    return layout.gpu > gpu_role_threads(config, elements)[0]
 
 
 def default_sync_s(hw: HardwareSpec) -> float:
