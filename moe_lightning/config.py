@@ -98,6 +98,11 @@ class ModelSpec:
     norm_topk_prob: bool = True     # renormalise the top-k routing weights to sum to 1
     shared_expert_size: int = 0     # FFN dim of an always-resident shared expert with a sigmoid gate (Qwen2-MoE)
     clip_qkv: float | None = None   # clamp Q, K, V to [-c, c] (OLMoE, DBRX)
+    # Dense layers: their FFN is one SwiGLU MLP of FFN dim `dense_intermediate_size`, resident, with no
+    # router and no routed experts (Qwen-MoE's mlp_only_layers / decoder_sparse_step, DeepSeek's
+    # first_k_dense_replace). Nothing of theirs streams.
+    dense_layers: list[int] = field(default_factory=list)
+    dense_intermediate_size: int = 0
 
     def __post_init__(self) -> None:
         _choice(self.architecture, "model.architecture", ARCHITECTURES)
@@ -115,6 +120,17 @@ class ModelSpec:
                f"must be a multiple of model.num_kv_heads ({self.num_heads} vs {self.num_kv_heads})")
         _check(self.top_k <= self.num_experts, "model.top_k",
                f"must be <= model.num_experts ({self.top_k} > {self.num_experts})")
+        dense = list(self.dense_layers)
+        _check(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in dense)
+               and dense == sorted(set(dense)), "model.dense_layers",
+               f"must be distinct layer indices in [0, {self.num_layers}) in increasing order, got {dense}")
+        _check(len(dense) < self.num_layers, "model.dense_layers",
+               f"every one of the {self.num_layers} layers is dense: no routed experts for an MoE engine to run "
+               "(keep more layers, e.g. a larger model.num_layers)")
+        _check(isinstance(self.dense_intermediate_size, int) and (self.dense_intermediate_size > 0 or not dense)
+               and self.dense_intermediate_size >= 0, "model.dense_intermediate_size",
+               f"must be an integer > 0 when model.dense_layers is set, got {self.dense_intermediate_size!r}")
+        self.dense_layers = dense
 
     # Derived sizes, in elements unless the name says bytes.
     @property
@@ -143,11 +159,33 @@ class ModelSpec:
         """The shared expert (SwiGLU) and its sigmoid gate: resident, run on every token."""
         return 3 * self.hidden_size * self.shared_expert_size + self.hidden_size if self.shared_expert_size else 0
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Layers with a router and routed experts (the others are `dense_layers`)."""
+        return self.num_layers - len(self.dense_layers)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    @property
+    def dense_mlp_params(self) -> int:
+        """A dense layer's SwiGLU MLP (gate, up, down)."""
+        return 3 * self.hidden_size * self.dense_intermediate_size
+
     @property
     def layer_non_expert_params(self) -> int:
-        """Everything of a layer but its routed experts: attention, two norms, router, shared expert."""
+        """Everything of an MoE layer but its routed experts: attention, two norms, router, shared expert."""
         return (self.attention_params + 2 * self.hidden_size + self.num_experts * self.hidden_size
                 + self.shared_expert_params)
+
+    @property
+    def dense_layer_params(self) -> int:
+        """Everything of a dense layer: attention, two norms, its MLP."""
+        return self.attention_params + 2 * self.hidden_size + self.dense_mlp_params
 
     @property
     def non_expert_tensor_sizes(self) -> list[int]:
@@ -159,17 +197,22 @@ class ModelSpec:
         layer = [H, H, q * H, kv * H, kv * H, H * q, self.num_experts * H]
         layer += [q, kv, kv] if self.attention_bias else []
         layer += {"none": [], "head": [hd, hd], "full": [q, kv]}[self.qk_norm]
+        attention = layer[2:6] + layer[7:]   # projections, biases, q/k norms
         layer += [S * H, S * H, H * S, H] if S else []
-        return [self.vocab_size * H, H, self.vocab_size * H] + layer * self.num_layers
+        Fd = self.dense_intermediate_size
+        dense = [H, H, *attention, Fd * H, Fd * H, H * Fd]
+        return [self.vocab_size * H, H, self.vocab_size * H] + [
+            n for i in range(self.num_layers) for n in (layer if self.is_moe_layer(i) else dense)]
 
     @property
     def non_expert_params(self) -> int:
         embeddings = 2 * self.vocab_size * self.hidden_size  # untied embedding and LM head
-        return self.num_layers * self.layer_non_expert_params + embeddings + self.hidden_size
+        return (self.num_moe_layers * self.layer_non_expert_params + len(self.dense_layers) * self.dense_layer_params
+                + embeddings + self.hidden_size)
 
     @property
     def total_params(self) -> int:
-        return self.non_expert_params + self.num_layers * self.num_experts * self.expert_params
+        return self.non_expert_params + self.num_moe_layers * self.num_experts * self.expert_params
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -234,8 +234,10 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     bound = expert_workspace("grouped", spec, t_micro)   # auto's workspace: the prefill's grouped kernel
 
     def layer_task(tokens: Any) -> Any:
-        return (tokens * ((2 * nq + 2 * nkv) * hd * d + 3 * H * d + k * ROUTING_BYTES)
-                + expert_workspace(expert_kernel, spec, tokens, bound))
+        ffn = expert_workspace(expert_kernel, spec, tokens, bound)
+        if spec.dense_layers:   # a dense layer's MLP intermediates (gate, up, their product)
+            ffn = _max(ffn, tokens * 3 * spec.dense_intermediate_size * d)
+        return tokens * ((2 * nq + 2 * nkv) * hd * d + 3 * H * d + k * ROUTING_BYTES) + ffn
 
     several = -(-N // mu) > 1
     gathered = N * V * 4 + mu * V * 4   # [N, V] fp32, and one micro-batch's logits cast to fp32
@@ -260,7 +262,7 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     gen_len).
     """
     d = spec.dtype_bytes
-    E, L = spec.num_experts, spec.num_layers
+    E, L = spec.num_experts, spec.num_moe_layers   # dense layers hold no experts
     nkv, hd = spec.num_kv_heads, spec.head_dim
     N, mu = batch_size, micro_batch_size
     n_str = E - n_res

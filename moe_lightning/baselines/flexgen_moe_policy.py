@@ -118,7 +118,10 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     d, H, F, k = spec.dtype_bytes, spec.hidden_size, spec.intermediate_size, spec.top_k
     nq, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     N = gbs * num_gb
-    W = spec.num_experts * spec.expert_bytes
+    # Per-layer terms averaged over the layers: dense layers stream no experts and run their MLP instead.
+    f = spec.num_moe_layers / spec.num_layers
+    W = f * spec.num_experts * spec.expert_bytes
+    mlp_flops = (1 - f) * 2 * spec.dense_mlp_params   # per token
     s = workload.prompt_len_max if workload.padding else workload.prompt_len_avg
     ctx = s + workload.gen_len / 2
     kv_new = 2 * nkv * hd * d
@@ -127,7 +130,7 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     W_, C_, A_ = 0, 1, 2
 
     # decode
-    t_ffn = _roofline(2 * N * H * F * 3 * k, num_gb * W + 2 * act, p_g, b_g)
+    t_ffn = _roofline(f * 2 * N * H * F * 3 * k + N * mlp_flops, num_gb * W + 2 * act, p_g, b_g)
     t_proj = _roofline(2 * N * spec.attention_params, num_gb * attn_w, p_g, b_g)
     attn_flops, attn_bytes = 4 * N * ctx * nq * hd, N * ctx * kv_new
     t_attn_g = _roofline(attn_flops, attn_bytes, p_g, b_g)
@@ -146,7 +149,7 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     tokens = N * s
     up_p = _sum(_on_cpu(W, W_), _on_cpu(tokens * H * d, A_))
     down_p = _sum(_on_cpu(tokens * kv_new, C_), _on_cpu(tokens * H * d, A_))
-    flops_p = 2 * tokens * (H * F * 3 * k + spec.attention_params) + 2 * N * s * s * nq * hd
+    flops_p = 2 * tokens * (f * H * F * 3 * k + spec.attention_params) + tokens * mlp_flops + 2 * N * s * s * nq * hd
     comp_p = Affine(_roofline(flops_p, num_gb * (W + attn_w), p_g, b_g), (0.0, 0.0, 0.0))
     prefill = (_scale(up_p, 1 / h2d), _scale(down_p, 1 / d2h), comp_p)
     return CostModel(prefill, decode, spec.num_layers, workload.gen_len)

@@ -73,10 +73,10 @@ def _load_layer(w: _WeightStream, i: int) -> list[int | None]:
     """Issue every page of layer i's streamed experts as one block (CPU -> pinned -> GPU); returns the
     W_PinToGPU task ids. The copy worker is kept `prefetch` pages ahead of the H2D copies."""
     s = w.s
-    if i >= s.num_layers or s.num_pages == 0:
+    if not s.streams(i):
         return []
     w.to_gpu(i, range(s.num_pages))
-    w.copy_ahead((i + 1) * s.num_pages + s.prefetch)
+    w.copy_ahead(w.start(i) + s.num_pages + s.prefetch)
     return w.layer_ready(i)
 
 

@@ -349,7 +349,8 @@ class CGOPipeRunner:
     def shape(self) -> PipeShape:
         return PipeShape(num_layers=self.spec.num_layers, num_micro_batches=len(self.mbs),
                          num_pages=self.experts.num_pages, prefetch=self.policy.prefetch_depth,
-                         gpu_kv=frozenset(j for j, mb in enumerate(self.mbs) if mb.on_gpu))
+                         gpu_kv=frozenset(j for j, mb in enumerate(self.mbs) if mb.on_gpu),
+                         dense_layers=frozenset(self.spec.dense_layers))
 
     def _graph(self, phase: str) -> TaskGraph:
         shape = self.shape()

@@ -8,6 +8,9 @@
 
 A layer's streamed weights are one contiguous byte range, `[w13 of its streamed experts | w2 of its
 streamed experts]`, both in CPU memory and in each GPU buffer, so a page is a plain byte slice.
+Dense layers (`ModelSpec.dense_layers`) have no experts: the cache holds, streams and double-buffers
+the MoE layers only, counted by their ordinal `o` among them (buffer `o % 2`; stream position
+`o * P + p`, as `schedule.cgopipe` counts it).
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ class ExpertCache:
 
     def __init__(self, spec: ModelSpec, source: WeightSource, n_resident: int, num_pages: int,
                  prefetch: int, pools: DevicePools, device: torch.device, pin: bool):
-        E, H, F, L = spec.num_experts, spec.hidden_size, spec.intermediate_size, spec.num_layers
+        E, H, F = spec.num_experts, spec.hidden_size, spec.intermediate_size
+        L = spec.num_moe_layers
+        self.ordinal = {layer: o for o, layer in enumerate(spec.moe_layers)}   # MoE layer -> its ordinal
         dt = source.dtype
         self.n_res, self.n_str, self.num_pages = n_resident, E - n_resident, num_pages if n_resident < E else 0
         # Device: resident experts of every layer.
@@ -69,13 +74,13 @@ class ExpertCache:
         self.buf_w13 = [b[: split * _size(dt)].view(dt).view(self.n_str, 2 * F, H) for b in self.buffers]
         self.buf_w2 = [b[split * _size(dt):].view(dt).view(self.n_str, H, F) for b in self.buffers]
         # CPU: the streamed experts of every layer (pageable) in the same layout, and the pinned ring.
-        self.cpu_layers: list[torch.Tensor] = []
-        for i in range(L):
+        self.cpu_layers: list[torch.Tensor] = []   # by ordinal
+        for i, o in self.ordinal.items():
             if self.n_res:
                 for e in range(self.n_res):
                     w13, w2 = source.expert(i, e)
-                    self.res_w13[i * self.n_res + e].copy_(w13)
-                    self.res_w2[i * self.n_res + e].copy_(w2)
+                    self.res_w13[o * self.n_res + e].copy_(w13)
+                    self.res_w2[o * self.n_res + e].copy_(w2)
             if self.n_str:
                 blob = torch.empty(self.layer_bytes, dtype=torch.uint8)
                 w13_view = blob[: split * _size(dt)].view(dt).view(self.n_str, 2 * F, H)
@@ -96,28 +101,34 @@ class ExpertCache:
     def copy_to_pinned(self, layer: int, page: int) -> int:
         """W_CtoPin: pageable CPU -> pinned ring slot. Returns bytes copied."""
         a, b = self.page_range(page)
-        slot = self.ring[(layer * self.num_pages + page) % len(self.ring)]
-        slot[: b - a].copy_(self.cpu_layers[layer][a:b])
+        o = self.ordinal[layer]
+        slot = self.ring[(o * self.num_pages + page) % len(self.ring)]
+        slot[: b - a].copy_(self.cpu_layers[o][a:b])
         return b - a
 
     def copy_to_device(self, layer: int, page: int) -> int:
-        """W_PinToGPU: pinned ring slot -> device buffer `layer % 2` (async on the current stream)."""
+        """W_PinToGPU: pinned ring slot -> device buffer `ordinal % 2` (async on the current stream)."""
         a, b = self.page_range(page)
-        slot = self.ring[(layer * self.num_pages + page) % len(self.ring)]
-        self.buffers[layer % 2][a:b].copy_(slot[: b - a], non_blocking=True)
+        o = self.ordinal[layer]
+        slot = self.ring[(o * self.num_pages + page) % len(self.ring)]
+        self.buffers[o % 2][a:b].copy_(slot[: b - a], non_blocking=True)
         return b - a
 
-    def stack(self, layer: int) -> ExpertStack:
-        """Layer `layer`'s page table: resident experts first (region 0), then the streamed buffer."""
+    def stack(self, layer: int) -> ExpertStack | None:
+        """Layer `layer`'s page table: resident experts first (region 0), then the streamed buffer; None
+        for a dense layer."""
+        o = self.ordinal.get(layer)
+        if o is None:
+            return None
         w13, w2, slot_of = [], [], []
         if self.n_res:
-            rows = slice(layer * self.n_res, (layer + 1) * self.n_res)
+            rows = slice(o * self.n_res, (o + 1) * self.n_res)
             w13.append(self.res_w13[rows])
             w2.append(self.res_w2[rows])
             slot_of += [(0, e) for e in range(self.n_res)]
         if self.n_str:
-            w13.append(self.buf_w13[layer % 2])
-            w2.append(self.buf_w2[layer % 2])
+            w13.append(self.buf_w13[o % 2])
+            w2.append(self.buf_w2[o % 2])
             slot_of += [(len(w13) - 1, s) for s in range(self.n_str)]
         return ExpertStack(w13, w2, slot_of)
 

@@ -25,13 +25,16 @@ class DenseWeights:
     norm: torch.Tensor
     lm_head: torch.Tensor
     layers: list          # the family's LayerWeights
-    experts: list[ExpertStack]
+    experts: list[ExpertStack | None]   # None for a dense layer
 
 
 def load_dense(source: WeightSource, device: torch.device) -> DenseWeights:
     layers, experts = [], []
     for i in range(source.spec.num_layers):
         layers.append(source.layer(i).to(device))
+        if not source.spec.is_moe_layer(i):
+            experts.append(None)
+            continue
         w13, w2 = source.experts(i)
         experts.append(ExpertStack.single(w13.to(device), w2.to(device)))
     return DenseWeights(source.embedding().to(device), source.final_norm().to(device),

@@ -54,7 +54,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 SHAPE_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
                 "num_experts", "top_k", "vocab_size", "attention_bias", "qk_norm", "norm_topk_prob",
-                "shared_expert_size", "clip_qkv")
+                "shared_expert_size", "clip_qkv", "dense_layers", "dense_intermediate_size")
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -103,7 +103,7 @@ class WeightSource:
         return self.family.expert(self.tensor, i, e, self.spec)
 
     def experts(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All experts of layer i stacked: -> (w13 [E, 2F, H], w2 [E, H, F])."""
+        """All experts of MoE layer i stacked: -> (w13 [E, 2F, H], w2 [E, H, F])."""
         pairs = [self.expert(i, e) for e in range(self.spec.num_experts)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
@@ -165,11 +165,11 @@ def _readable_file(file: Path) -> None:
 class CheckpointWeights(WeightSource):
     """A local Hugging Face folder of a supported family: config.json plus model.safetensors or sharded
     model-XXXXX-of-YYYYY.safetensors with model.safetensors.index.json. Tensors are memory-mapped and
-    read one at a time. `checkpoint_layers`: the folder's own layer count when `spec` runs fewer (its
-    later layers are checked, never read)."""
+    read one at a time. `checkpoint`: the folder's own spec when `spec` runs fewer layers (its later
+    layers are checked, never read)."""
 
     def __init__(self, folder: str | os.PathLike, spec: ModelSpec, dtype: torch.dtype,
-                 checkpoint_layers: int | None = None):
+                 checkpoint: ModelSpec | None = None):
         super().__init__(spec, dtype)
         self.folder = Path(folder)
         self._handles, self._where = {}, {}
@@ -184,8 +184,7 @@ class CheckpointWeights(WeightSource):
             self._check_stray(file)
         if weight_map is not None:
             self._check_index(weight_map)
-        layers = checkpoint_layers or spec.num_layers
-        self._check(spec if layers == spec.num_layers else dataclasses.replace(spec, num_layers=layers))
+        self._check(checkpoint or spec)
 
     def _shard_files(self) -> tuple[list[Path], dict[str, Path] | None, list[Path]]:
         """-> (the shards to read, the index's weight_map or None, unlisted *.safetensors beside an index)."""
@@ -330,7 +329,7 @@ def resolve_model(spec: ModelSpec) -> tuple[ModelSpec, WeightSource]:
         raise CheckpointError(f"model.path is required for model={spec.name} with model.weights=checkpoint "
                               "(or set model.weights=random)")
     found = spec_from_hf_config(path, name=spec.name)
-    checkpoint_layers = found.num_layers
+    checkpoint = found
     if spec.name != "hf":
         for key in SHAPE_FIELDS:
             if getattr(found, key) != getattr(spec, key):
@@ -338,7 +337,9 @@ def resolve_model(spec: ModelSpec) -> tuple[ModelSpec, WeightSource]:
                                       f"says {getattr(spec, key)}; use model=hf to take the folder's shapes")
         if spec.num_layers > found.num_layers:
             raise CheckpointError(f"model.num_layers={spec.num_layers} but {path} has {found.num_layers} layers")
-        found.num_layers = spec.num_layers  # fewer layers: run a truncated model (benchmarks)
+        # fewer layers: run a truncated model (benchmarks)
+        found = dataclasses.replace(found, num_layers=spec.num_layers,
+                                    dense_layers=[i for i in found.dense_layers if i < spec.num_layers])
     if spec.dtype != "auto":
         found.dtype = spec.dtype
-    return found, CheckpointWeights(path, found, torch_dtype(found.dtype), checkpoint_layers=checkpoint_layers)
+    return found, CheckpointWeights(path, found, torch_dtype(found.dtype), checkpoint=checkpoint)

@@ -53,13 +53,13 @@ class Family:
         yield from self.global_tensors(spec).items()
         for i in range(spec.num_layers):
             yield from self.layer_tensors(i, spec).items()
-            for e in range(spec.num_experts):
+            for e in range(spec.num_experts if spec.is_moe_layer(i) else 0):
                 yield from self.expert_tensors(i, e, spec).items()
 
 
 # The features a family may implement, and their defaults (ModelSpec's).
 FEATURES = {"attention_bias": False, "qk_norm": "none", "norm_topk_prob": True, "shared_expert_size": 0,
-            "clip_qkv": None}
+            "clip_qkv": None, "dense_layers": []}
 
 
 def _registry() -> dict[str, Family]:
@@ -94,6 +94,9 @@ def family(spec: ModelSpec) -> Family:
         value = getattr(spec, name)
         accepted = fam.implements.get(name, (default,))
         if accepted != "any" and value not in accepted:
+            if name == "dense_layers":
+                raise ConfigError(f"model.dense_layers={value}: the {fam.architecture} layer math has no dense "
+                                  "layers (every layer routes to experts; accepted: [])")
             shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in accepted)
             raise ConfigError(f"model.{name}={value}: the {fam.architecture} layer math does not implement it "
                               f"(accepted: {shown})")

@@ -130,6 +130,11 @@ def route(h: torch.Tensor, router: torch.Tensor, top_k: int,
     return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), ids
 
 
+def swiglu_mlp(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A dense SwiGLU MLP with separate gate and up projections (a dense layer's FFN, a shared expert)."""
+    return F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
+
+
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """SwiGLU expert: x [t, H], w13 [2F, H], w2 [H, F] -> [t, H]."""
     gate, up = F.linear(x, w13).chunk(2, dim=-1)

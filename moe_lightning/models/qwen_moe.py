@@ -5,8 +5,9 @@
 - both: `norm_topk_prob` (renormalise the top-k routing weights, or not).
 Routed experts are `mlp.experts.{e}.gate_proj/up_proj/down_proj` in the checkpoint, streamed fused.
 
-Dense layers (`mlp_only_layers`, `decoder_sparse_step` > 1) and sliding windows are refused: every
-published Qwen1.5-MoE / Qwen2-MoE / Qwen3-MoE checkpoint is sparse in every layer with full attention.
+Dense layers (`mlp_only_layers`, `decoder_sparse_step` > 1) run one SwiGLU MLP of `intermediate_size`
+(`mlp.gate_proj/up_proj/down_proj`) with no router. Sliding windows are refused: every published
+Qwen1.5-MoE / Qwen2-MoE / Qwen3-MoE checkpoint has full attention.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moe_lightning.models.layers import (
     rms_norm,
     rope_cos_sin,
     route,
+    swiglu_mlp,
 )
 from moe_lightning.models.mixtral import final_logits, global_tensors  # the same final norm, head and names
 
@@ -40,7 +42,7 @@ class LayerWeights(Weights):
     wv: torch.Tensor                      # [nkv*hd, H]
     wo: torch.Tensor                      # [H, nq*hd]
     ffn_norm: torch.Tensor                # [H]
-    router: torch.Tensor                  # [E, H]
+    router: torch.Tensor | None = None    # [E, H]    None in a dense layer
     bq: torch.Tensor | None = None        # [nq*hd]   attention_bias
     bk: torch.Tensor | None = None        # [nkv*hd]
     bv: torch.Tensor | None = None        # [nkv*hd]
@@ -50,6 +52,9 @@ class LayerWeights(Weights):
     shared_up_proj: torch.Tensor | None = None     # [S, H]
     shared_down_proj: torch.Tensor | None = None   # [H, S]
     shared_gate: torch.Tensor | None = None        # [1, H]   its sigmoid gate
+    mlp_gate: torch.Tensor | None = None  # [Fd, H]   a dense layer's MLP
+    mlp_up: torch.Tensor | None = None    # [Fd, H]
+    mlp_down: torch.Tensor | None = None  # [H, Fd]
 
 
 def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
@@ -71,11 +76,12 @@ def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: 
     """x [T, H] residual stream, attn [T, nq*hd] -> next layer's input [T, H]."""
     x = x + F.linear(attn, lw.wo)
     h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
+    if lw.router is None:   # a dense layer (`experts` is None)
+        return x + swiglu_mlp(h, lw.mlp_gate, lw.mlp_up, lw.mlp_down)
     weights, ids = route(h, lw.router, spec.top_k, normalize=spec.norm_topk_prob)
     out = moe_kernel(h, weights, ids, experts)
     if lw.shared_gate is not None:
-        shared = F.linear(F.silu(F.linear(h, lw.shared_gate_proj)) * F.linear(h, lw.shared_up_proj),
-                          lw.shared_down_proj)
+        shared = swiglu_mlp(h, lw.shared_gate_proj, lw.shared_up_proj, lw.shared_down_proj)
         out = out + torch.sigmoid(F.linear(h, lw.shared_gate)) * shared
     return x + out
 
@@ -87,8 +93,7 @@ def layer_tensors(i: int, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     q, kv, p = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, f"model.layers.{i}."
     out = {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
            p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
-           p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
-           p + "mlp.gate.weight": (spec.num_experts, H)}
+           p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q)}
     if spec.attention_bias:
         out |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                 p + "self_attn.v_proj.bias": (kv,)}
@@ -96,6 +101,11 @@ def layer_tensors(i: int, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         per_head = spec.qk_norm == "head"
         out |= {p + "self_attn.q_norm.weight": (spec.head_dim if per_head else q,),
                 p + "self_attn.k_norm.weight": (spec.head_dim if per_head else kv,)}
+    if not spec.is_moe_layer(i):
+        Fd = spec.dense_intermediate_size
+        return out | {p + "mlp.gate_proj.weight": (Fd, H), p + "mlp.up_proj.weight": (Fd, H),
+                      p + "mlp.down_proj.weight": (H, Fd)}
+    out[p + "mlp.gate.weight"] = (spec.num_experts, H)
     if S:
         out |= {p + "mlp.shared_expert.gate_proj.weight": (S, H), p + "mlp.shared_expert.up_proj.weight": (S, H),
                 p + "mlp.shared_expert.down_proj.weight": (H, S), p + "mlp.shared_expert_gate.weight": (1, H)}
@@ -115,7 +125,12 @@ def layer(get: Getter, i: int, spec: ModelSpec) -> LayerWeights:
         optional |= dict(bq=get(a + "q_proj.bias"), bk=get(a + "k_proj.bias"), bv=get(a + "v_proj.bias"))
     if spec.qk_norm != "none":
         optional |= dict(q_norm=get(a + "q_norm.weight"), k_norm=get(a + "k_norm.weight"))
-    if spec.shared_expert_size:
+    if not spec.is_moe_layer(i):
+        optional |= dict(mlp_gate=get(m + "gate_proj.weight"), mlp_up=get(m + "up_proj.weight"),
+                         mlp_down=get(m + "down_proj.weight"))
+    else:
+        optional["router"] = get(m + "gate.weight")
+    if spec.shared_expert_size and spec.is_moe_layer(i):
         optional |= dict(shared_gate_proj=get(m + "shared_expert.gate_proj.weight"),
                          shared_up_proj=get(m + "shared_expert.up_proj.weight"),
                          shared_down_proj=get(m + "shared_expert.down_proj.weight"),
@@ -123,7 +138,7 @@ def layer(get: Getter, i: int, spec: ModelSpec) -> LayerWeights:
     return LayerWeights(
         attn_norm=get(p + "input_layernorm.weight"), wq=get(a + "q_proj.weight"), wk=get(a + "k_proj.weight"),
         wv=get(a + "v_proj.weight"), wo=get(a + "o_proj.weight"), ffn_norm=get(p + "post_attention_layernorm.weight"),
-        router=get(m + "gate.weight"), **optional)
+        **optional)
 
 
 def expert(get: Getter, i: int, e: int, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,15 +149,21 @@ def expert(get: Getter, i: int, e: int, spec: ModelSpec) -> tuple[torch.Tensor, 
 
 # ---- config.json ----
 
-def _sparse_every_layer(cfg, family: str) -> None:
-    """Dense (MLP-only) layers are not implemented: refuse the fields that ask for them."""
+def _dense_layers(cfg, layers: int) -> tuple[list[int], int]:
+    """Which layers are dense, as transformers builds them (layer i is sparse iff it is not in
+    `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0), and their MLP's FFN dim."""
     only = cfg.get("mlp_only_layers", None)
-    if only not in (None, []):
-        raise cfg.fail(f"mlp_only_layers={only!r}: dense layers are not implemented by the {family} path ([] only)")
+    only = [] if only is None else only
+    if not (isinstance(only, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in only)):
+        raise cfg.fail(f"mlp_only_layers must be a list of layer indices, got {only!r}")
     step = cfg.get("decoder_sparse_step", None)
-    if step not in (None, 1) or isinstance(step, bool):
-        raise cfg.fail(f"decoder_sparse_step={step!r}: dense layers are not implemented by the {family} path "
-                       "(1: every layer sparse)")
+    step = 1 if step is None else step
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 1):
+        raise cfg.fail(f"decoder_sparse_step must be an integer >= 1, got {step!r}")
+    dense = [i for i in range(layers) if i in only or (i + 1) % step]
+    if not dense:
+        return [], 0
+    return dense, cfg.positive_int("intermediate_size")
 
 
 def _flag(cfg, key: str, default: bool) -> bool:
@@ -157,7 +178,6 @@ def _flag(cfg, key: str, default: bool) -> bool:
 def qwen2_spec_fields(cfg) -> dict:
     from moe_lightning.engine.hf_config import common_fields
 
-    _sparse_every_layer(cfg, "Qwen2-MoE")
     out = common_fields(cfg, "qwen2_moe", experts_key=("num_experts", "num_local_experts"),
                         expert_size_key="moe_intermediate_size", family_name="Qwen2-MoE",
                         implements=("norm_topk_prob", "qkv_bias", "moe_intermediate_size",
@@ -168,32 +188,36 @@ def qwen2_spec_fields(cfg) -> dict:
     if not (isinstance(shared, int) and not isinstance(shared, bool) and shared >= 0):
         raise cfg.fail(f"shared_expert_intermediate_size must be an integer >= 0, got {shared!r}")
     # Qwen2MoeAttention's Q/K/V biases: `qkv_bias` (transformers >= 5), always on before it.
+    dense, dense_size = _dense_layers(cfg, out["num_layers"])
     return out | dict(attention_bias=_flag(cfg, "qkv_bias", True), shared_expert_size=shared,
+                      dense_layers=dense, dense_intermediate_size=dense_size,
                       norm_topk_prob=_flag(cfg, "norm_topk_prob", False))
 
 
 def qwen3_spec_fields(cfg) -> dict:
     from moe_lightning.engine.hf_config import common_fields
 
-    _sparse_every_layer(cfg, "Qwen3-MoE")
     out = common_fields(cfg, "qwen3_moe", experts_key=("num_experts", "num_local_experts"),
                         expert_size_key="moe_intermediate_size", family_name="Qwen3-MoE",
                         implements=("norm_topk_prob", "attention_bias", "moe_intermediate_size",
                                     "mlp_only_layers", "decoder_sparse_step"),
                         default_rope_theta=QWEN_ROPE_THETA)
+    dense, dense_size = _dense_layers(cfg, out["num_layers"])
     return out | dict(attention_bias=_flag(cfg, "attention_bias", False), qk_norm="head",
+                      dense_layers=dense, dense_intermediate_size=dense_size,
                       norm_topk_prob=_flag(cfg, "norm_topk_prob", False))
 
 
 def _hf_common(spec: ModelSpec) -> dict:
     return dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, moe_intermediate_size=spec.intermediate_size,
-        intermediate_size=4 * spec.intermediate_size, num_hidden_layers=spec.num_layers,
+        intermediate_size=spec.dense_intermediate_size or 4 * spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, num_experts=spec.num_experts,
         num_experts_per_tok=spec.top_k, max_position_embeddings=spec.max_position_embeddings,
         rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, bos_token_id=spec.bos_token_id,
         eos_token_id=spec.eos_token_id, tie_word_embeddings=False, norm_topk_prob=spec.norm_topk_prob,
-        decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
+        decoder_sparse_step=1, mlp_only_layers=list(spec.dense_layers), use_sliding_window=False,
     )
 
 
@@ -213,11 +237,13 @@ _LAYOUT = dict(pre_attention=pre_attention, post_attention=post_attention, final
 QWEN2_MOE = Family(
     architecture="qwen2_moe", model_types=("qwen2_moe",), hf_class="Qwen2MoeForCausalLM",
     hf_config_class="Qwen2MoeConfig", spec_fields=qwen2_spec_fields, hf_config=qwen2_hf_config,
-    implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "shared_expert_size": "any"},
+    implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "shared_expert_size": "any",
+                "dense_layers": "any"},
     **_LAYOUT)
 
 QWEN3_MOE = Family(
     architecture="qwen3_moe", model_types=("qwen3_moe",), hf_class="Qwen3MoeForCausalLM",
     hf_config_class="Qwen3MoeConfig", spec_fields=qwen3_spec_fields, hf_config=qwen3_hf_config,
-    implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "qk_norm": ("head",)},
+    implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "qk_norm": ("head",),
+                "dense_layers": "any"},
     **_LAYOUT)

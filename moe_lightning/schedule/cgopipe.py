@@ -17,6 +17,11 @@ Decode, per the paper (A_g=0):
         W_CtoPin(pages 2 ahead)                    # pageable -> pinned, copy worker
 Micro-batches whose KV cache is on the GPU (r_c) replace PreAttn..LoadHidden by one GPUAttn task.
 
+Dense layers (no routed experts) stream nothing: the stream holds the MoE layers' pages only, at
+positions `q = o*P + p` by the layer's ordinal `o` among the MoE layers, buffer `o % 2`; a layer
+before a dense one loads nothing beside its micro-batches, and the dense layer loads the MoE layer
+after it.
+
 Known simplification: each graph loads its own first layer in a prologue (no prefetch across decode
 steps), so 1/L of each step's weight traffic is not overlapped with GPU compute.
 """
@@ -40,14 +45,20 @@ class PipeShape:
     prefetch: int = 2                 # pages the copy worker runs ahead
     gpu_kv: frozenset[int] = frozenset()  # micro-batches whose KV cache lives on the GPU
     lookahead: int = 2                # CPU attention runs this many micro-batches ahead
+    dense_layers: frozenset[int] = frozenset()   # layers without routed experts: nothing streams
+
+    def streams(self, layer: int) -> bool:
+        return self.num_pages > 0 and 0 <= layer < self.num_layers and layer not in self.dense_layers
 
 
 class _WeightStream:
-    """Issues W_CtoPin / W_PinToGPU tasks for the pages of every layer, in stream order."""
+    """Issues W_CtoPin / W_PinToGPU tasks for the pages of every MoE layer, in stream order."""
 
     def __init__(self, g: TaskGraph, s: PipeShape, compute_op: str):
         self.g, self.s, self.compute_op = g, s, compute_op
-        self.pages = [(i, p) for i in range(s.num_layers) for p in range(s.num_pages)]
+        self.streamed = [i for i in range(s.num_layers) if s.streams(i)]
+        self.ordinal = {i: o for o, i in enumerate(self.streamed)}
+        self.pages = [(i, p) for i in self.streamed for p in range(s.num_pages)]
         self.ring = s.prefetch + 1
         self.next_ctop = 0
 
@@ -62,27 +73,37 @@ class _WeightStream:
             self.g.add(COPY, "W_CtoPin", i, p, [freed])
             self.next_ctop += 1
 
+    def start(self, i: int) -> int:
+        """Stream position of layer i's first page (of the next MoE layer's, for a dense layer)."""
+        return sum(1 for layer in self.streamed if layer < i) * self.s.num_pages
+
     def to_gpu(self, i: int, pages: range) -> None:
-        m = self.s.num_micro_batches
-        # Buffer i % 2 was last read by layer i-2: its last micro-batch must be done.
-        freed = self.g.get(self.compute_op, i - 2, m - 1) if i >= 2 else None
+        if i not in self.ordinal:
+            return
+        m, o = self.s.num_micro_batches, self.ordinal[i]
+        # Buffer o % 2 was last read by the MoE layer two before: its last micro-batch must be done.
+        freed = self.g.get(self.compute_op, self.streamed[o - 2], m - 1) if o >= 2 else None
         for p in pages:
-            self.copy_ahead(i * self.s.num_pages + p + 1)  # its W_CtoPin must be issued first
+            self.copy_ahead(self.start(i) + p + 1)  # its W_CtoPin must be issued first
             self.g.add(H2D, "W_PinToGPU", i, p, [self.g.get("W_CtoPin", i, p), freed])
 
     def layer_ready(self, i: int) -> list[int | None]:
-        return [self.g.get("W_PinToGPU", i, p) for p in range(self.s.num_pages)]
+        return [self.g.get("W_PinToGPU", i, p) for p in range(self.s.num_pages)] if i in self.ordinal else []
 
     def pages_for(self, j: int) -> range:
         P, m = self.s.num_pages, self.s.num_micro_batches
         return range(j * P // m, (j + 1) * P // m)
 
     def position_after(self, i: int, pages: range) -> int:
-        return i * self.s.num_pages + (pages.stop if len(pages) else pages.start)
+        if i not in self.ordinal:
+            return self.start(i)
+        return self.start(i) + (pages.stop if len(pages) else pages.start)
 
 
 def _prologue_weights(w: _WeightStream) -> None:
     w.copy_ahead(w.s.prefetch)
+    if not w.s.streams(0):   # a dense first layer: the next MoE layer streams beside it
+        return
     for p in range(w.s.num_pages):
         w.to_gpu(0, range(p, p + 1))
         w.copy_ahead(p + 1 + w.s.prefetch)

@@ -26,7 +26,7 @@ def link_bound_tok_s(cfg: RunConfig, spec) -> float | None:
     streamed = n_str * spec.expert_bytes
     if streamed == 0:
         return None
-    return cfg.policy.batch_size * cfg.hardware.link.h2d_gbps * GB / (spec.num_layers * streamed)
+    return cfg.policy.batch_size * cfg.hardware.link.h2d_gbps * GB / (spec.num_moe_layers * streamed)
 
 
 def with_planned_policy(cfg: RunConfig) -> RunConfig:

@@ -209,6 +209,10 @@ class TaskCosts:
         s, d = self.spec, self.spec.dtype_bytes
         H, F, E, k, q = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.num_heads * s.head_dim
         time = self._gemm(t, 2 * t * q * H, (q * H + t * q + 2 * t * H) * d)                # O-proj
+        if not s.is_moe_layer(layer):   # a dense layer: its MLP on every token, no router, no experts
+            Fd = s.dense_intermediate_size
+            time += self._gemm(t, 2 * t * s.dense_mlp_params, (s.dense_mlp_params + t * (2 * H + 3 * Fd)) * d)
+            return time + self._lm_head_s(out_rows, layer)
         time += self._gemm(t, 2 * t * H * E, (E * H + t * H) * d + t * E * 4)               # router
         hit = experts_hit(E, t * k)
         time += self._experts(t * k / hit, 2 * t * k * 3 * H * F,
@@ -216,10 +220,14 @@ class TaskCosts:
         if s.shared_expert_size:   # Qwen2-MoE's shared expert and its gate, on every token
             time += self._gemm(t, 2 * t * s.shared_expert_params,
                                (s.shared_expert_params + t * (2 * H + 3 * s.shared_expert_size)) * d)
-        if layer == s.num_layers - 1:
-            time += self._gemm(out_rows, 2 * out_rows * H * s.vocab_size,
-                              (s.vocab_size * H + out_rows * H) * d + out_rows * s.vocab_size * 4)
-        return time
+        return time + self._lm_head_s(out_rows, layer)
+
+    def _lm_head_s(self, out_rows: float, layer: int) -> float:
+        s, d, H = self.spec, self.spec.dtype_bytes, self.spec.hidden_size
+        if layer != s.num_layers - 1:
+            return 0.0
+        return self._gemm(out_rows, 2 * out_rows * H * s.vocab_size,
+                          (s.vocab_size * H + out_rows * H) * d + out_rows * s.vocab_size * 4)
 
     def attention_kv_bytes(self, seqs: float, slots: float) -> float:
         s = self.spec

@@ -21,6 +21,9 @@ average, `decode_context`; prompts at their real lengths, `prompt_moments`):
   directions overlap, so `T_link = max(H2D bytes / h2d bandwidth, D2H bytes / d2h bandwidth)` (the H2D
   term in every sensible policy; D2H is reported separately);
 - per-layer time `T = max(T_link, T_cpu, T_gpu)`: CGOPipe overlaps the three resources perfectly;
+- dense layers (`ModelSpec.dense_layers`): their MLP, `2 b P_mlp` FLOPs and `n_mb P_mlp d` bytes of
+  resident weights, in place of the router and experts, and nothing streamed; `T` is the mean over the
+  layers of each kind's own max (so `L T` sums them);
 - prefill on the GPU, layer by layer: the streamed experts of each layer cross the link once per batch,
   weights are read from GPU memory once per micro-batch, compute at GPU peak (linear layers for the
   top-k experts plus causal attention, `sum p^2 = N E[p^2]`), the non-GPU share of the KV cache goes down
@@ -129,10 +132,15 @@ def attention_cost(spec: ModelSpec, batch: Any, context: Any) -> TaskCost:
     return TaskCost(flops, nbytes)
 
 
-def ffn_cost(spec: ModelSpec, batch: Any, num_micro_batches: Any = 1) -> TaskCost:
+def ffn_cost(spec: ModelSpec, batch: Any, num_micro_batches: Any = 1, dense: bool = False) -> TaskCost:
     """Decode MoE FFN of one layer: top-k experts' FLOPs; all experts' weights read once per micro-batch.
-    A shared expert (Qwen2-MoE) runs on every token and is read once per micro-batch too."""
+    A shared expert (Qwen2-MoE) runs on every token and is read once per micro-batch too. `dense`: a
+    dense layer's MLP instead (`dense_layers`)."""
     b, h1, h2 = batch, spec.hidden_size, spec.intermediate_size
+    if dense:
+        p = spec.dense_mlp_params
+        return TaskCost(2 * b * p, (b * h1 + b * spec.dense_intermediate_size) * spec.dtype_bytes
+                        + num_micro_batches * p * spec.dtype_bytes)
     flops = 2 * b * h1 * h2 * 3 * spec.top_k + 2 * b * spec.shared_expert_params
     nbytes = ((b * h1 + b * h2) * spec.dtype_bytes + num_micro_batches * spec.num_experts * spec.expert_bytes
               + num_micro_batches * spec.shared_expert_params * spec.dtype_bytes)
@@ -176,21 +184,36 @@ def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
                        num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int,
                        kv_gpu_fraction: Any, lengths: Sequence[int] | None = None,
                        calibrated: bool = False) -> dict[str, Any]:
-    """Seconds per layer per decode step, by resource. Elementwise over numpy arrays. `calibrated`: the
+    """Seconds per layer per decode step, by resource, averaged over the layers (each kind, MoE and
+    dense, at its own max: `L * t_layer` is the step). Elementwise over numpy arrays. `calibrated`: the
     MoE FFN on the GPU at the profile's measured expert-kernel rate for its tokens per expert, and CPU
     attention at its measured GB/s (`task=calibrate`), where the profile has them; else at the peaks."""
+    args = dict(batch_size=batch_size, num_micro_batches=num_micro_batches, attn_on_gpu=attn_on_gpu,
+                ffn_on_gpu=ffn_on_gpu, n_res=n_res, kv_gpu_fraction=kv_gpu_fraction, lengths=lengths,
+                calibrated=calibrated)
+    moe = _layer_times(spec, hw, workload, dense=False, **args)
+    if not spec.dense_layers:
+        return moe
+    dense = _layer_times(spec, hw, workload, dense=True, **args)
+    f = spec.num_moe_layers / spec.num_layers
+    return {key: f * moe[key] + (1 - f) * dense[key] for key in moe}
+
+
+def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
+                 num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int, kv_gpu_fraction: Any,
+                 lengths: Sequence[int] | None, calibrated: bool, dense: bool) -> dict[str, Any]:
     lv = levels(hw)
     N, d = batch_size, spec.dtype_bytes
     nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     ctx = decode_context(workload, lengths)
     attn = attention_cost(spec, N, ctx)
-    ffn = ffn_cost(spec, N, num_micro_batches)
+    ffn = ffn_cost(spec, N, num_micro_batches, dense)
     zero = 0.0 * N
     t_attn_g = _roof_time(attn, lv.gpu) if attn_on_gpu else zero
     t_attn_c = zero if attn_on_gpu else _roof_time(attn, lv.cpu)
     t_ffn_g = _roof_time(ffn, lv.gpu) if ffn_on_gpu else zero
     t_ffn_c = zero if ffn_on_gpu else _roof_time(ffn, lv.cpu)
-    if calibrated and ffn_on_gpu and hw.gpu.expert_loads:
+    if calibrated and ffn_on_gpu and hw.gpu.expert_loads and not dense:
         load = N / num_micro_batches * spec.top_k / spec.num_experts   # tokens per expert per micro-batch
         rate = _curve(hw.gpu.expert_loads, hw.gpu.expert_tflops, load, hw.gpu.count)
         t_ffn_g = np.maximum(ffn.flops / rate, ffn.bytes / lv.gpu.bandwidth_bytes_s)
@@ -198,7 +221,7 @@ def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
         t_attn_c = np.maximum(attn.flops / lv.cpu.peak_flops, attn.bytes / (hw.cpu.attn_gbps * GB))
 
     kv_layer_bytes = N * ctx * 2 * nkv * hd * d  # the whole batch's K and V of one layer
-    h2d = zero + (spec.num_experts - n_res) * spec.expert_bytes if ffn_on_gpu else zero
+    h2d = zero + (spec.num_experts - n_res) * spec.expert_bytes if ffn_on_gpu and not dense else zero
     d2h = zero
     if attn_on_gpu:
         h2d = h2d + (1 - kv_gpu_fraction) * kv_layer_bytes
@@ -234,19 +257,26 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     N, d = batch_size, spec.dtype_bytes
     nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     tokens = N * p
-    dense_params = spec.attention_params + spec.num_experts * H + spec.shared_expert_params   # run on every token
-    linear_params = dense_params + spec.top_k * spec.expert_params
-    flops = 2 * tokens * linear_params + 2 * N * p_sq * nq * hd  # causal attention: QK^T and PV halved
-    layer_weight_bytes = dense_params * d + spec.num_experts * spec.expert_bytes
     kv_bytes = tokens * 2 * nkv * hd * d
-    gpu_bytes = num_micro_batches * layer_weight_bytes + kv_bytes
     peak = lv.gpu.peak_flops
     if calibrated and hw.gpu.gemm_rows:
         peak = _curve(hw.gpu.gemm_rows, hw.gpu.gemm_tflops, tokens / num_micro_batches, hw.gpu.count)
-    t_gpu = np.maximum(flops / peak, gpu_bytes / lv.gpu.bandwidth_bytes_s)
-    t_h2d = (spec.num_experts - n_res) * spec.expert_bytes / lv.link_h2d_bytes_s
     t_d2h = (1 - kv_gpu_fraction) * kv_bytes / lv.link_d2h_bytes_s
-    return spec.num_layers * np.maximum(np.maximum(t_gpu, t_h2d), t_d2h)
+
+    def layer_s(dense: bool) -> Any:
+        if dense:   # attention, norms and the MLP, all resident; nothing streams
+            every_token, weight_bytes, streamed = spec.dense_layer_params, spec.dense_layer_params * d, 0
+        else:
+            every_token = spec.attention_params + spec.num_experts * H + spec.shared_expert_params
+            weight_bytes = every_token * d + spec.num_experts * spec.expert_bytes
+            every_token += spec.top_k * spec.expert_params
+            streamed = (spec.num_experts - n_res) * spec.expert_bytes
+        flops = 2 * tokens * every_token + 2 * N * p_sq * nq * hd  # causal attention: QK^T and PV halved
+        t_gpu = np.maximum(flops / peak, (num_micro_batches * weight_bytes + kv_bytes) / lv.gpu.bandwidth_bytes_s)
+        return np.maximum(np.maximum(t_gpu, streamed / lv.link_h2d_bytes_s), t_d2h)
+
+    total = spec.num_moe_layers * layer_s(False)
+    return total + len(spec.dense_layers) * layer_s(True) if spec.dense_layers else total
 
 
 LAST_BATCH = ("full", "prorated")

@@ -441,7 +441,7 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
         batches = [batch_shapes(lengths[a:a + n], policy, workload.padding, width) for a in range(0, len(lengths), n)]
     for mbs, gpu_kv in batches:
         shape = PipeShape(num_layers=L, num_micro_batches=len(mbs), num_pages=costs.num_pages,
-                          prefetch=policy.prefetch_depth, gpu_kv=gpu_kv)
+                          prefetch=policy.prefetch_depth, gpu_kv=gpu_kv, dense_layers=frozenset(spec.dense_layers))
         g, c = graph_for("prefill", shape)
         dur, nbytes = _costs_of(g, costs, mbs)
         prefill_s += acc.add("prefill", g, c, dur, nbytes, timed(c, dur.tolist(), costs.issue_s, costs.sync_s)) \

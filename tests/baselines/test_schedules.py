@@ -283,3 +283,35 @@ def test_the_executor_holds_each_flexgen_step_until_the_previous_one_is_done():
     for before, after in zip(parts, parts[1:]):
         done = max(recs[t].end_s for t in before)
         assert all(recs[t].issued_s >= done for t in after)
+
+
+@pytest.mark.parametrize("dense", [(0,), (1,), (0, 2), (1, 3), (0, 1)])
+def test_dense_layers_stream_nothing_and_every_graph_stays_valid(dense):
+    """Dense layers (no routed experts) have no weight tasks; the MoE layers around them still stream
+    every page, each into the buffer of its ordinal among the MoE layers, and the simulator runs every
+    graph to the end."""
+    L, m, P = 4, 3, 2
+    moe = [i for i in range(L) if i not in dense]
+    s = PipeShape(num_layers=L, num_micro_batches=m, num_pages=P, prefetch=1, dense_layers=frozenset(dense))
+    builders = [decode_graph] + [b for sched in SCHEDULES.values()
+                                 for b in (sched.prefill, sched.decode_gpu_attention, sched.decode_cpu_attention)
+                                 if not (sched.name == "deepspeed" and b == sched.decode_cpu_attention)]
+    for build in builders:
+        g = build(s)
+        g.validate()
+        loads = [(t.layer, t.micro_batch) for t in g.tasks if t.op == "W_PinToGPU"]
+        assert sorted(loads) == [(i, p) for i in moe for p in range(P)], g.name
+        copies = [(t.layer, t.micro_batch) for t in g.tasks if t.op == "W_CtoPin"]
+        assert copies == [(i, p) for i in moe for p in range(P)], g.name   # in stream order
+        for tid, t in enumerate(g.tasks):
+            if t.op in ("PostAttn", "GPULayer", "PrefillLayer"):
+                waits = {g.tasks[d].layer for d in t.deps if d is not None and g.tasks[d].op == "W_PinToGPU"}
+                # a layer waits for its own pages only, none if dense (FlexGen's barriers aside)
+                assert g.syncs or waits <= {t.layer}, g.name
+                if t.layer in moe:   # ... and for every one of them
+                    assert all(pos(g, "W_PinToGPU", t.layer, p) in closure(g, tid) for p in range(P))
+        # MoE layer o+2 reuses the buffer of MoE layer o: its loads wait for o's last micro-batch.
+        compute = next(op for op in ("PostAttn", "GPULayer", "PrefillLayer") if g.get(op, 0, 0) is not None)
+        for a, b in zip(moe, moe[2:]):
+            assert pos(g, compute, a, m - 1) in closure(g, pos(g, "W_PinToGPU", b, 0)), g.name
+        assert max(r.end_s for r in simulate_graph(g, lambda t: 1.0)) > 0

@@ -29,11 +29,14 @@ CPU = torch.device("cpu")
 SHAPES = dict(hidden_size=64, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=16, num_experts=8,
               top_k=2, vocab_size=512, rope_theta=1e4, rms_norm_eps=1e-6, max_position_embeddings=4096)
 # Each family with the features that tell it apart switched on (a shared expert, Q/K/V biases, q/k norms,
-# a clamp that binds, routing weights left unnormalised).
+# a clamp that binds, routing weights left unnormalised, dense layers: between two MoE layers, and first
+# and third of four, so that the expert stream skips them and starts after one).
 FAMILIES = {
     "qwen2_moe": ModelSpec(name="hf", architecture="qwen2_moe", attention_bias=True, shared_expert_size=48,
-                           norm_topk_prob=False, **SHAPES),
-    "qwen3_moe": ModelSpec(name="hf", architecture="qwen3_moe", qk_norm="head", norm_topk_prob=True, **SHAPES),
+                           norm_topk_prob=False, num_layers=3, dense_layers=[1], dense_intermediate_size=40,
+                           **SHAPES),
+    "qwen3_moe": ModelSpec(name="hf", architecture="qwen3_moe", qk_norm="head", norm_topk_prob=True, num_layers=4,
+                           dense_layers=[0, 2], dense_intermediate_size=24, **SHAPES),
     "olmoe": ModelSpec(name="hf", architecture="olmoe", qk_norm="full", clip_qkv=1.0, norm_topk_prob=False,
                        **SHAPES),
     "dbrx": ModelSpec(name="hf", architecture="dbrx", clip_qkv=0.5, norm_topk_prob=True,
@@ -80,7 +83,7 @@ def fam(request, prompts) -> Tiny:
 def test_the_checkpoint_is_read_as_its_family(fam):
     want = FAMILIES[fam.spec.architecture]
     for key in ("architecture", "attention_bias", "qk_norm", "norm_topk_prob", "shared_expert_size", "clip_qkv",
-                "intermediate_size", "num_experts"):
+                "intermediate_size", "num_experts", "num_layers", "dense_layers", "dense_intermediate_size"):
         assert getattr(fam.spec, key) == getattr(want, key), key
     assert len(list(fam.path.glob("*.safetensors"))) > 1   # sharded
 
@@ -120,7 +123,7 @@ def test_a_dropped_feature_changes_the_tokens(fam, prompts):
 
     runner = ReferenceRunner(fam.spec, fam.source)
     for lw in runner.weights.layers:
-        for f in ("bq", "bk", "bv", "q_norm", "k_norm", "shared_down_proj"):
+        for f in ("bq", "bk", "bv", "q_norm", "k_norm", "shared_down_proj", "mlp_down"):
             if getattr(lw, f, None) is not None:
                 setattr(lw, f, drop(getattr(lw, f), f))
     spec = dataclasses.replace(fam.spec, clip_qkv=None, norm_topk_prob=not fam.spec.norm_topk_prob)

@@ -171,3 +171,20 @@ def test_calibrated_rates_replace_the_peaks_where_the_profile_has_them():
     # attention: 544 B at the measured 5 GB/s.
     assert cal.t_cpu == pytest.approx(544 / 5e9)
     assert predict(SPEC, HW, WORKLOAD, POLICY, lengths=LENGTHS, calibrated=True).t_gpu == peak.t_gpu  # no curve
+
+
+def test_a_dense_layer_streams_nothing_and_runs_its_mlp_by_hand():
+    """SPEC with layer 0 dense (an MLP of FFN dim 16): each kind of layer at its own bound, then summed."""
+    spec = replace(SPEC, dense_layers=[0], dense_intermediate_size=16)
+    pred = predict(spec, HW, WORKLOAD, POLICY, lengths=LENGTHS)
+    # The MoE layer as in test_layer_time_and_throughput_by_hand: link-bound, 1.6e-6 s.
+    # The dense layer: MLP 2*4*384 = 3072 FLOPs, (4*8 + 4*16)*2 + 2 micro-batches * 384*2 = 1728 B
+    # -> 1.728e-8 s on the GPU; CPU attention 5.44e-8 s; link: H2D the attention outputs (64 B), D2H
+    # q/k/v (128 B) -> 1.28e-7 s, its bound. Mean over the two layers: 8.64e-7 s.
+    assert pred.t_link == pytest.approx((1.6e-6 + 1.28e-7) / 2)
+    assert pred.t_gpu == pytest.approx((6336 / 100e9 + 1.728e-8) / 2)
+    assert pred.decode_s == pytest.approx(4 * (1.6e-6 + 1.28e-7))
+    # Prefill: the MoE layer 1.536e-6 s (its streamed experts); the dense layer: FLOPs 2*16*(192 + 16 +
+    # 384) + 1056 = 20000 -> 2e-8 s; GPU bytes 2*592*2 + 256 -> 2.6e-8 s; its KV offload, 16 tokens *
+    # 16 B = 256 B over D2H -> 2.56e-7 s, its bound.
+    assert pred.prefill_s == pytest.approx(1.536e-6 + 2.56e-7)

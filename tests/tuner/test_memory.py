@@ -1,5 +1,7 @@
 """memory_plan pool values for a tiny case worked out by hand, and the budget check."""
 
+from dataclasses import replace
+
 import pytest
 
 from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ModelSpec, Policy, Workload
@@ -82,3 +84,21 @@ def test_fits_and_check_message():
     msg = str(err.value)
     assert "\n" not in msg
     assert "16248" in msg and "16247" in msg and "activations=4984" in msg and "OVER" in msg
+
+
+def test_a_dense_layer_holds_its_mlp_and_no_experts():
+    """The same model with layer 0 dense (an MLP of FFN dim 16 in place of router and experts)."""
+    spec = replace(SPEC, dense_layers=[0], dense_intermediate_size=16)
+    policy = Policy(batch_size=4, micro_batch_size=2, attn_on_gpu=False, ffn_on_gpu=True,
+                    expert_gpu_fraction=0.5, kv_gpu_fraction=0.25, prefetch_depth=2)
+    plan = memory_plan(spec, policy, WORKLOAD, lengths=[5, 1, 4, 2])
+    # Layer 0: 2 norms, 4 projections, 3 MLP tensors (3*8*16*2 = 768 B: 256 each) -> 9 aligned slots of
+    # 256 B, in place of 7: 4864 + 2*256 = 5376. Experts of one layer only: resident 2 and streamed 2.
+    assert plan.gpu["non_expert_weights"] == 5376
+    assert plan.gpu["resident_experts"] == 2 * 768
+    assert plan.gpu["streamed_experts"] == 2 * 2 * 768      # the double buffer is one layer's, either way
+    assert plan.cpu["streamed_experts"] == 2 * 768
+    # The MLP's intermediates (gate, up, their product: 3*16*2 = 96 B a token) are below the experts'
+    # workspace here, so activations are unchanged.
+    assert plan.gpu["activations"] == 4984
+    assert spec.total_params == SPEC.total_params - 4 * 384 - 4 * 8 + 384
