@@ -60,16 +60,25 @@ def _curve(xs: list, ys: list, key: str) -> None:
     _check(all(y > 0 for y in ys), where, f"values must be > 0, got {list(ys)}")
 
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx")
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "deepseek_v2", "deepseek_v3")
 QK_NORMS = ("none", "head", "full")
+SCORING_FUNCS = ("softmax", "sigmoid")
+ROPE_TYPES = ("default", "yarn")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 mscale ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclass
 class ModelSpec:
-    """Architecture of an MoE decoder: the shapes every family shares, and the few features that tell the
-    families apart (`attention_bias` .. `clip_qkv`). Each family (`moe_lightning.models`) implements some
+    """Architecture of an MoE decoder: the shapes every family shares, and the features that tell the
+    families apart (`attention_bias` onwards). Each family (`moe_lightning.models`) implements some
     values of those features and refuses the rest; the memory plan and the HRM count them here.
-    `intermediate_size` is one routed expert's FFN dim (Qwen's and DeepSeek's `moe_intermediate_size`)."""
+    `intermediate_size` is one routed expert's FFN dim (Qwen's and DeepSeek's `moe_intermediate_size`);
+    under multi-head latent attention `head_dim` is the RoPE dim (`qk_rope_head_dim`) and the attention
+    kernels see the `attn_*` dims below."""
 
     name: str = "tiny-mixtral"
     architecture: str = "mixtral"   # the layer math: one module per family in moe_lightning.models
@@ -103,6 +112,27 @@ class ModelSpec:
     # first_k_dense_replace). Nothing of theirs streams.
     dense_layers: list[int] = field(default_factory=list)
     dense_intermediate_size: int = 0
+    shared_expert_gate: bool = True  # the shared expert behind a sigmoid gate (Qwen2-MoE); DeepSeek's has none
+    # Multi-head latent attention (DeepSeek-V2/V3), when kv_lora_rank > 0: each token caches one latent of
+    # kv_lora_rank and one RoPE key of head_dim (the RoPE dim, `qk_rope_head_dim`) for all heads.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0            # 0: q_proj straight from the hidden state
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False   # RoPE turns interleaved pairs (x0, x1), .. instead of halves
+    # Routing beyond softmax top-k (DeepSeek): sigmoid scores with a correction bias, expert groups.
+    scoring_func: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # RoPE scaling: YaRN (DeepSeek's published configs); mscale 0 means absent.
+    rope_type: str = "default"
+    yarn_factor: float = 1.0
+    yarn_original_max_positions: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 0.0
+    yarn_mscale_all_dim: float = 0.0
 
     def __post_init__(self) -> None:
         _choice(self.architecture, "model.architecture", ARCHITECTURES)
@@ -131,11 +161,81 @@ class ModelSpec:
                and self.dense_intermediate_size >= 0, "model.dense_intermediate_size",
                f"must be an integer > 0 when model.dense_layers is set, got {self.dense_intermediate_size!r}")
         self.dense_layers = dense
+        _choice(self.scoring_func, "model.scoring_func", SCORING_FUNCS)
+        _choice(self.rope_type, "model.rope_type", ROPE_TYPES)
+        for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"model.{name}",
+                   f"must be an integer >= 0, got {value!r}")
+        if self.mla:
+            _check(self.qk_nope_head_dim > 0 and self.v_head_dim > 0 and self.head_dim % 2 == 0,
+                   "model.kv_lora_rank", "multi-head latent attention needs qk_nope_head_dim > 0, v_head_dim > 0 "
+                   f"and an even head_dim (the RoPE dim), got {self.qk_nope_head_dim}, {self.v_head_dim}, "
+                   f"{self.head_dim}")
+        _check(self.n_group >= 1 and self.num_experts % self.n_group == 0, "model.n_group",
+               f"must divide model.num_experts ({self.n_group} vs {self.num_experts})")
+        _check(1 <= self.topk_group <= self.n_group, "model.topk_group",
+               f"must be in [1, model.n_group={self.n_group}], got {self.topk_group}")
+        _positive(self, "model", "routed_scaling_factor")
+        if self.rope_type == "yarn":
+            _positive(self, "model", "yarn_factor", "yarn_original_max_positions", "yarn_beta_fast",
+                      "yarn_beta_slow")
 
     # Derived sizes, in elements unless the name says bytes.
     @property
     def dtype_bytes(self) -> int:
         return 4 if self.dtype == "float32" else 2  # "auto" (checkpoint dtype) plans as 16-bit
+
+    # Attention as the kernels and caches see it. MLA runs absorbed (`models.deepseek`): one KV head whose
+    # K is [latent | RoPE key] and whose V is the latent, K's first kv_lora_rank values (a view: the
+    # cache stores K only).
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def cache_kv_heads(self) -> int:
+        return 1 if self.mla else self.num_kv_heads
+
+    @property
+    def attn_k_dim(self) -> int:
+        """Per head, the dim of q and k as attention multiplies them."""
+        return self.kv_lora_rank + self.head_dim if self.mla else self.head_dim
+
+    @property
+    def attn_v_dim(self) -> int:
+        """Per head, the dim of v and of attention's output."""
+        return self.kv_lora_rank if self.mla else self.head_dim
+
+    @property
+    def v_in_k(self) -> bool:
+        return self.mla
+
+    @property
+    def attn_scale(self) -> float:
+        """The softmax scale: 1/sqrt(q.k dim), MLA's over its unabsorbed (nope + rope) dims, with YaRN's
+        temperature squared where `yarn_mscale_all_dim` is set (DeepSeek)."""
+        if not self.mla:
+            return self.head_dim ** -0.5
+        scale = (self.qk_nope_head_dim + self.head_dim) ** -0.5
+        if self.rope_type == "yarn" and self.yarn_mscale_all_dim:
+            scale *= yarn_mscale(self.yarn_factor, self.yarn_mscale_all_dim) ** 2
+        return scale
+
+    @property
+    def kv_token_layer_elements(self) -> int:
+        """Cached values of one token in one layer: K and V (K only when V is a view of it)."""
+        return self.cache_kv_heads * (self.attn_k_dim + (0 if self.v_in_k else self.attn_v_dim))
+
+    @property
+    def qkv_elements(self) -> int:
+        """q, k and v of one token as attention takes them (v not counted apart when a view of k)."""
+        return self.num_heads * self.attn_k_dim + self.kv_token_layer_elements
+
+    @property
+    def attn_out_elements(self) -> int:
+        """Attention's output of one token (the latent-space head outputs under MLA)."""
+        return self.num_heads * self.attn_v_dim
 
     @property
     def expert_params(self) -> int:
@@ -148,16 +248,46 @@ class ModelSpec:
     @property
     def attention_params(self) -> int:
         """Q, K, V and O projections, with their biases and q/k norms where the model has them."""
-        q_out = self.num_heads * self.head_dim
-        kv_out = self.num_kv_heads * self.head_dim
-        extra = (q_out + 2 * kv_out) * self.attention_bias
-        extra += {"none": 0, "head": 2 * self.head_dim, "full": q_out + kv_out}[self.qk_norm]
-        return self.hidden_size * (2 * q_out + 2 * kv_out) + extra
+        return sum(self.attention_tensor_sizes)
+
+    @property
+    def attention_tensor_sizes(self) -> list[int]:
+        """Elements of each attention tensor: projections, then biases and norms (MLA: q (or q_a, its norm,
+        q_b), kv_a, its norm, kv_b split into its key and value rows, o)."""
+        H, nh = self.hidden_size, self.num_heads
+        if self.mla:
+            r, dr, dn, dv, rq = (self.kv_lora_rank, self.head_dim, self.qk_nope_head_dim, self.v_head_dim,
+                                 self.q_lora_rank)
+            q = [rq * H, rq, nh * (dn + dr) * rq] if rq else [nh * (dn + dr) * H]
+            return q + [(r + dr) * H, r, nh * dn * r, nh * dv * r, H * nh * dv]
+        hd = self.head_dim
+        q, kv = nh * hd, self.num_kv_heads * hd
+        out = [q * H, kv * H, kv * H, H * q]
+        out += [q, kv, kv] if self.attention_bias else []
+        return out + {"none": [], "head": [hd, hd], "full": [q, kv]}[self.qk_norm]
+
+    @property
+    def attention_in_params(self) -> int:
+        """Projection weights applied before attention (MLA: with kv_b's key rows, absorbed into q)."""
+        if self.mla:
+            return self.attention_params - self.attention_tensor_sizes[-2] - self.attention_tensor_sizes[-1]
+        return self.attention_params - self.attention_tensor_sizes[3]
+
+    @property
+    def attention_out_params(self) -> int:
+        return self.attention_params - self.attention_in_params
 
     @property
     def shared_expert_params(self) -> int:
-        """The shared expert (SwiGLU) and its sigmoid gate: resident, run on every token."""
-        return 3 * self.hidden_size * self.shared_expert_size + self.hidden_size if self.shared_expert_size else 0
+        """The shared expert (SwiGLU) and its sigmoid gate where it has one: resident, run on every token."""
+        if not self.shared_expert_size:
+            return 0
+        return 3 * self.hidden_size * self.shared_expert_size + self.hidden_size * self.shared_expert_gate
+
+    @property
+    def router_params(self) -> int:
+        """The router, and its per-expert score-correction bias under sigmoid scoring (DeepSeek-V3)."""
+        return self.num_experts * self.hidden_size + self.num_experts * (self.scoring_func == "sigmoid")
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -179,8 +309,7 @@ class ModelSpec:
     @property
     def layer_non_expert_params(self) -> int:
         """Everything of an MoE layer but its routed experts: attention, two norms, router, shared expert."""
-        return (self.attention_params + 2 * self.hidden_size + self.num_experts * self.hidden_size
-                + self.shared_expert_params)
+        return self.attention_params + 2 * self.hidden_size + self.router_params + self.shared_expert_params
 
     @property
     def dense_layer_params(self) -> int:
@@ -192,14 +321,10 @@ class ModelSpec:
         """Elements of each non-expert tensor (embedding, final norm, LM head, then every layer's), the
         projections counted apart (a family that fuses them holds fewer, larger tensors): each is carved
         from a pool at an aligned offset, so the plan rounds each one up."""
-        H, hd, S = self.hidden_size, self.head_dim, self.shared_expert_size
-        q, kv = self.num_heads * hd, self.num_kv_heads * hd
-        layer = [H, H, q * H, kv * H, kv * H, H * q, self.num_experts * H]
-        layer += [q, kv, kv] if self.attention_bias else []
-        layer += {"none": [], "head": [hd, hd], "full": [q, kv]}[self.qk_norm]
-        attention = layer[2:6] + layer[7:]   # projections, biases, q/k norms
-        layer += [S * H, S * H, H * S, H] if S else []
-        Fd = self.dense_intermediate_size
+        H, S, Fd, E = self.hidden_size, self.shared_expert_size, self.dense_intermediate_size, self.num_experts
+        attention = self.attention_tensor_sizes
+        layer = [H, H, *attention, E * H] + ([E] if self.scoring_func == "sigmoid" else [])
+        layer += [S * H, S * H, H * S] + ([H] if self.shared_expert_gate else []) if S else []
         dense = [H, H, *attention, Fd * H, Fd * H, H * Fd]
         return [self.vocab_size * H, H, self.vocab_size * H] + [
             n for i in range(self.num_layers) for n in (layer if self.is_moe_layer(i) else dense)]
@@ -216,8 +341,8 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V for one token across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """Bytes of the KV cache for one token across all layers (MLA: its latent and RoPE key)."""
+        return self.num_layers * self.kv_token_layer_elements * self.dtype_bytes
 
 
 @dataclass

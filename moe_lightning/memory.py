@@ -218,17 +218,24 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     `prefill_tokens`; decode: N rows) and, from the last layer on, each micro-batch's logits in `d`;
     the gathered [N, V] fp32 logits come after the layers. During a layer, one micro-batch of T tokens
     is in its task at the expert kernel's peak:
-    - q, k, v and the attention output, `T (2 nq + 2 nkv) hd d`; the residual after the O projection,
+    - q, k, v and the attention output, `T (2 nq + 2 nkv) hd d` (`qkv_elements`, `attn_out_elements`;
+      under MLA also its unabsorbed q, kv_a's output and the heads' outputs before o_proj); the
+      residual after the O projection,
       the experts' normed input and the kernel's output, `3 T H d`; routing, `T k ROUTING_BYTES`;
     - the expert kernel's intermediates, `expert_workspace`;
     - prefill with more than one micro-batch: the previous one's K/V waiting for its offload,
-      `2 T nkv hd d`;
+      `2 T nkv hd d` (`kv_token_layer_elements`);
     - decode: two more micro-batches in flight (q, k, v issued ahead; attention outputs loaded back),
       and with attention on the GPU the scores, their fp32 softmax and weights over the longest
       context S, `mu nq S (3 d + 4)`.
     """
     d, H, V = spec.dtype_bytes, spec.hidden_size, spec.vocab_size
-    nq, nkv, hd, k = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.top_k
+    k = spec.top_k
+    qkv_out = spec.qkv_elements + spec.attn_out_elements   # q, k, v and attention's output, a token
+    if spec.mla:   # the unabsorbed q, kv_a's output, and the heads' outputs before o_proj
+        qkv_out += (spec.num_heads * (spec.qk_nope_head_dim + spec.head_dim) + spec.kv_lora_rank + spec.head_dim
+                    + spec.num_heads * spec.v_head_dim)
+    kv_token = spec.kv_token_layer_elements
     N, mu = batch_size, micro_batch_size
     t_batch, t_micro = prefill_tokens(workload, N, mu, kv_tokens, paged, lengths, block_size)
     bound = expert_workspace("grouped", spec, t_micro)   # auto's workspace: the prefill's grouped kernel
@@ -237,15 +244,15 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
         ffn = expert_workspace(expert_kernel, spec, tokens, bound)
         if spec.dense_layers:   # a dense layer's MLP intermediates (gate, up, their product)
             ffn = _max(ffn, tokens * 3 * spec.dense_intermediate_size * d)
-        return tokens * ((2 * nq + 2 * nkv) * hd * d + 3 * H * d + k * ROUTING_BYTES) + ffn
+        return tokens * (qkv_out * d + 3 * H * d + k * ROUTING_BYTES) + ffn
 
     several = -(-N // mu) > 1
     gathered = N * V * 4 + mu * V * 4   # [N, V] fp32, and one micro-batch's logits cast to fp32
-    prefill = t_batch * H * d + N * V * d + _max(layer_task(t_micro) + several * 2 * t_micro * nkv * hd * d,
+    prefill = t_batch * H * d + N * V * d + _max(layer_task(t_micro) + several * t_micro * kv_token * d,
                                                  gathered)
     context = workload.prompt_len_max + workload.gen_len
-    step = (layer_task(mu) + 2 * mu * (2 * nq + 2 * nkv) * hd * d
-            + attention_on_gpu * mu * nq * context * (3 * d + 4))
+    step = (layer_task(mu) + 2 * mu * qkv_out * d
+            + attention_on_gpu * mu * spec.num_heads * context * (3 * d + 4))
     decode = N * H * d + N * V * d + _max(step, gathered)
     return _max(prefill, decode)
 
@@ -263,13 +270,12 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     """
     d = spec.dtype_bytes
     E, L = spec.num_experts, spec.num_moe_layers   # dense layers hold no experts
-    nkv, hd = spec.num_kv_heads, spec.head_dim
     N, mu = batch_size, micro_batch_size
     n_str = E - n_res
     ctx = workload.prompt_len_max + workload.gen_len
     kv_total = (N * ctx if kv_tokens is None else kv_tokens) * spec.kv_bytes_per_token
     kv_gpu = _ceil(kv_gpu_fraction * kv_total)
-    kv_stream_buffer = 2 * mu * ctx * 2 * nkv * hd * d if attn_on_gpu else 0 * mu
+    kv_stream_buffer = 2 * mu * ctx * spec.kv_token_layer_elements * d if attn_on_gpu else 0 * mu
     activations = activation_bytes(spec, workload, batch_size=N, micro_batch_size=mu,
                                    kv_tokens=N * ctx if kv_tokens is None else kv_tokens, paged=paged,
                                    attention_on_gpu=attn_on_gpu or (kv_gpu_fraction > 0), expert_kernel=expert_kernel,
@@ -287,7 +293,7 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
         "streamed_experts": L * n_str * spec.expert_bytes,
         "kv_cache": kv_total - kv_gpu,
         "pinned_ring": (prefetch_depth + 1) * page_bytes,
-        "hidden_states": N * (spec.num_heads * hd + 2 * nkv * hd + spec.hidden_size) * d,
+        "hidden_states": N * (spec.qkv_elements + spec.hidden_size) * d,
     }
     return gpu, cpu
 

@@ -3,8 +3,10 @@ documents only."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -148,12 +150,8 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "cuda": torch.version.cuda, "cpu": platform.processor() or platform.machine(),
                            "cpu_count": os.cpu_count(), "gpu": None}
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):   # not imported: 0.8 s on every run
+        env["transformers"] = importlib.metadata.version("transformers")
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

@@ -76,7 +76,7 @@ def derive_constants(hw: HardwareSpec, spec: ModelSpec) -> Constants:
       the CPU's bandwidth is the calibrated `cpu.attn_gbps` where measured.
     The executor's `task_overhead_us` has no place in FlexGen's model (it has no per-task term)."""
     count, d = hw.gpu.count, spec.dtype_bytes
-    flop_per_byte = (spec.num_heads // spec.num_kv_heads) / (d / 2)
+    flop_per_byte = (spec.num_heads // spec.cache_kv_heads) / (d / 2)
     peak, bw = hw.gpu.peak_tflops * 1e12 * count, hw.gpu.bandwidth_gbps * GB * count
     curve = bool(hw.gpu.gemm_tflops)
 

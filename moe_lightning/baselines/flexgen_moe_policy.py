@@ -116,7 +116,7 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     p_c, b_c = hw.cpu.peak_tflops * 1e12, hw.cpu.bandwidth_gbps * GB
     h2d, d2h = hw.link.h2d_gbps * GB * g, hw.link.d2h_gbps * GB * g
     d, H, F, k = spec.dtype_bytes, spec.hidden_size, spec.intermediate_size, spec.top_k
-    nq, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    nq = spec.num_heads
     N = gbs * num_gb
     # Per-layer terms averaged over the layers: dense layers stream no experts and run their MLP instead.
     f = spec.num_moe_layers / spec.num_layers
@@ -124,7 +124,7 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     mlp_flops = (1 - f) * 2 * spec.dense_mlp_params   # per token
     s = workload.prompt_len_max if workload.padding else workload.prompt_len_avg
     ctx = s + workload.gen_len / 2
-    kv_new = 2 * nkv * hd * d
+    kv_new = spec.kv_token_layer_elements * d
     attn_w = spec.attention_params * d
     act = N * H * d
     W_, C_, A_ = 0, 1, 2
@@ -132,7 +132,7 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     # decode
     t_ffn = _roofline(f * 2 * N * H * F * 3 * k + N * mlp_flops, num_gb * W + 2 * act, p_g, b_g)
     t_proj = _roofline(2 * N * spec.attention_params, num_gb * attn_w, p_g, b_g)
-    attn_flops, attn_bytes = 4 * N * ctx * nq * hd, N * ctx * kv_new
+    attn_flops, attn_bytes = 2 * N * ctx * nq * (spec.attn_k_dim + spec.attn_v_dim), N * ctx * kv_new
     t_attn_g = _roofline(attn_flops, attn_bytes, p_g, b_g)
     t_attn_c = _roofline(attn_flops, attn_bytes, p_c, b_c)
     if attn_on_gpu:
@@ -140,8 +140,8 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
         down = _sum(_on_cpu(N * kv_new, C_), _on_cpu(act, A_))
         comp = Affine(t_ffn + t_proj + t_attn_g, (0.0, 0.0, 0.0))
     else:
-        up = _sum(_on_cpu(W, W_), _on_cpu(N * nq * hd * d, C_), _on_cpu(act, A_))
-        down = _sum(_on_cpu(N * (nq + 2 * nkv) * hd * d, C_), _on_cpu(act, A_))
+        up = _sum(_on_cpu(W, W_), _on_cpu(N * spec.attn_out_elements * d, C_), _on_cpu(act, A_))
+        down = _sum(_on_cpu(N * spec.qkv_elements * d, C_), _on_cpu(act, A_))
         comp = _sum(Affine(t_ffn + t_proj + t_attn_g, (0.0, 0.0, 0.0)), _on_cpu(t_attn_c - t_attn_g, C_))
     decode = (_scale(up, 1 / h2d), _scale(down, 1 / d2h), comp)
 
@@ -149,7 +149,8 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     tokens = N * s
     up_p = _sum(_on_cpu(W, W_), _on_cpu(tokens * H * d, A_))
     down_p = _sum(_on_cpu(tokens * kv_new, C_), _on_cpu(tokens * H * d, A_))
-    flops_p = 2 * tokens * (f * H * F * 3 * k + spec.attention_params) + tokens * mlp_flops + 2 * N * s * s * nq * hd
+    flops_p = (2 * tokens * (f * H * F * 3 * k + spec.attention_params) + tokens * mlp_flops
+               + N * s * s * nq * (spec.attn_k_dim + spec.attn_v_dim))
     comp_p = Affine(_roofline(flops_p, num_gb * (W + attn_w), p_g, b_g), (0.0, 0.0, 0.0))
     prefill = (_scale(up_p, 1 / h2d), _scale(down_p, 1 / d2h), comp_p)
     return CostModel(prefill, decode, spec.num_layers, workload.gen_len)

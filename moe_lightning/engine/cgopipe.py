@@ -17,7 +17,7 @@ import torch
 from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.engine.executor import Executor, TaskRecord
 from moe_lightning.engine.kernel_table import KernelChooser
-from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks
+from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks, kv_tensors
 from moe_lightning.engine.memtrack import ActivationTracker
 from moe_lightning.engine.paged import DevicePools, ExpertCache
 from moe_lightning.engine.weights import WeightSource
@@ -168,7 +168,8 @@ class CGOPipeRunner:
         self.attention_backend = "dense"
         if self.kv_block_size and not policy.attn_on_gpu:
             # Built (once per machine, ~30 s) or loaded here, before anything is timed.
-            self.attention_backend = "paged-" + attention_backend(spec.num_heads, spec.num_kv_heads, spec.head_dim)
+            self.attention_backend = "paged-" + attention_backend(spec.num_heads, spec.cache_kv_heads, spec.attn_k_dim,
+                                                                  spec.attn_v_dim)
         self._graphs: dict[tuple, TaskGraph] = {}
         self._state: dict[str, dict[int, object]] = {}
         # Without CUDA's allocator statistics, the GPU role's live bytes are counted when asked (slow).
@@ -188,13 +189,11 @@ class CGOPipeRunner:
 
     def _alloc_kv(self, mu: int, slots: int, on_gpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        shape = (s.num_layers, mu, s.num_kv_heads, slots, s.head_dim)
+        lead = (s.num_layers, mu, s.cache_kv_heads, slots)
         if on_gpu:  # zeroed: masked slots still meet the attention matmul, and 0 * NaN is NaN
-            return (self.pools.take("kv_cache", shape, self.dtype).zero_(),
-                    self.pools.take("kv_cache", shape, self.dtype).zero_())
+            return kv_tensors(s, lead, lambda shape: self.pools.take("kv_cache", shape, self.dtype).zero_())
         pin = self.cuda and self.policy.attn_on_gpu  # streamed KV copies want pinned memory
-        return (torch.zeros(shape, dtype=self.dtype, pin_memory=pin),
-                torch.zeros(shape, dtype=self.dtype, pin_memory=pin))
+        return kv_tensors(s, lead, lambda shape: torch.zeros(shape, dtype=self.dtype, pin_memory=pin))
 
     # ----------------------------------------------------------------------------------------------
     # Admission mode (unpadded, paged): the continuous driver's runner API. The KV budget's partitions
@@ -436,7 +435,7 @@ class CGOPipeRunner:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
         x = self._input(i, j)
         q, k, v = self.family.pre_attention(self.layers[i], x, self._positions[j], self.spec)
-        attn = prefill_attention(q, k, v, mb.lens, mb.pads if any(mb.pads) else None)
+        attn = prefill_attention(q, k, v, mb.lens, mb.pads if any(mb.pads) else None, self.spec.attn_scale)
         if mb.on_gpu:
             self._write_prompt_kv(mb, i, k, v)
         else:
@@ -481,13 +480,13 @@ class CGOPipeRunner:
             pool = mb.blocks.pool
             pool.k[i][blk, :, row] = k
             pool.v[i][blk, :, row] = v
-            out = paged_decode_attention(q, pool.k[i], pool.v[i], mb.blocks.table, lens, self.spec.head_dim ** -0.5)
+            out = paged_decode_attention(q, pool.k[i], pool.v[i], mb.blocks.table, lens, self.spec.attn_scale)
             return out.reshape(len(mb.seqs), -1)
         b = torch.arange(len(mb.seqs), device=slots.device)
         mb.k[i, b, :, slots] = k
         mb.v[i, b, :, slots] = v
         s = int(new_len.max())
-        return decode_attention(q, mb.k[i, :, :, :s], mb.v[i, :, :, :s], new_len, starts)
+        return decode_attention(q, mb.k[i, :, :, :s], mb.v[i, :, :, :s], new_len, starts, self.spec.attn_scale)
 
     def _op_CPUAttn(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
@@ -524,7 +523,9 @@ class CGOPipeRunner:
             self._state["kv"][i, j] = self._load_blocks(mb, i, j)
             return
         s = int(self._new_len[j].max())
-        self._state["kv"][i, j] = (self._to_device(mb.k[i, :, :, :s]), self._to_device(mb.v[i, :, :, :s]))
+        k = self._to_device(mb.k[i, :, :, :s])   # V a view of K (MLA): only K crosses the link
+        self._state["kv"][i, j] = (k, k[..., :self.spec.attn_v_dim]) if self.spec.v_in_k else (
+            k, self._to_device(mb.v[i, :, :, :s]))
 
     def _op_GPULayer(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
@@ -539,14 +540,14 @@ class CGOPipeRunner:
             k_blocks[new_block, :, row] = k
             v_blocks[new_block, :, row] = v
             attn = paged_decode_attention(q, k_blocks, v_blocks, table, lens,
-                                          self.spec.head_dim ** -0.5).reshape(len(mb.seqs), -1)
+                                          self.spec.attn_scale).reshape(len(mb.seqs), -1)
             self._state["qkv"][i, j] = (k, v)
         else:
             k_cache, v_cache = self._state["kv"].pop((i, j))
             b = torch.arange(len(mb.seqs), device=self.device)
             k_cache[b, :, self._slots_dev[j]] = k
             v_cache[b, :, self._slots_dev[j]] = v
-            attn = decode_attention(q, k_cache, v_cache, new_len, starts)
+            attn = decode_attention(q, k_cache, v_cache, new_len, starts, self.spec.attn_scale)
             self._state["qkv"][i, j] = (k, v)
         x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         self._finish(i, j, x)
@@ -561,7 +562,9 @@ class CGOPipeRunner:
         number[ids] = torch.arange(len(held), dtype=torch.int32)
         blk, _, _ = self._append[j]
         table = number[mb.blocks.table.long()]
-        return (self._to_device(pool.k[i][ids]), self._to_device(pool.v[i][ids]), table, number[blk].long())
+        k = self._to_device(pool.k[i][ids])
+        v = k[..., :self.spec.attn_v_dim] if self.spec.v_in_k else self._to_device(pool.v[i][ids])
+        return k, v, table, number[blk].long()
 
     def _op_StoreKV(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]

@@ -179,7 +179,8 @@ class _Config:
                             "id; give one integer")
         return ids[0]
 
-    def rope_theta(self, family: str = "Mixtral", default: float = DEFAULT_ROPE_THETA) -> float:
+    def rope_theta(self, family: str = "Mixtral", default: float = DEFAULT_ROPE_THETA,
+                   types: tuple[str, ...] = ("default",)) -> float:
         rope = self.get("rope_parameters", None)
         if rope is None:
             rope = {}
@@ -195,9 +196,9 @@ class _Config:
             if not isinstance(params, dict):
                 raise self.fail(f"{where} must be an object or null, got {shown(params)}")
             kind = params.get("rope_type", params.get("type", "default"))
-            if kind != "default":
+            if kind not in types:
                 raise self.fail(f"{where} rope_type={shown(kind)} is not implemented by the {family} path "
-                                "(default RoPE only)")
+                                f"({', '.join(types)} RoPE only)")
             factor = params.get("partial_rotary_factor")
             if factor is not None and not _same(factor, 1.0):
                 raise self.fail(f"{where}.partial_rotary_factor={shown(factor)} is not implemented by the "
@@ -209,6 +210,39 @@ class _Config:
         key = "rope_parameters.rope_theta" if nested is not None else "rope_theta"
         return self.positive_number(key, nested if nested is not None else top if top is not None
                                     else default)
+
+    def yarn(self, family: str) -> dict:
+        """ModelSpec's RoPE-scaling fields: YaRN's parameters from `rope_parameters` or `rope_scaling`
+        (the older key) where their type is yarn, else the default RoPE's."""
+        found = [(where, p) for where in ("rope_parameters", "rope_scaling")
+                 if isinstance(p := self.get(where, None), dict) and p.get("rope_type", p.get("type")) == "yarn"]
+        if not found:
+            return {"rope_type": "default"}
+        where, p = found[0]
+        for key, accepted in (("attention_factor", ()), ("truncate", (True,)), ("extrapolation_factor", (1.0,)),
+                              ("attn_factor", (1.0,))):
+            value = p.get(key)
+            if value is not None and not any(_same(value, a) for a in accepted):
+                raise self.fail(f"{where}.{key}={shown(value)} is not implemented by the {family} path")
+
+        def number(key: str, default: object) -> float:
+            value = p.get(key, default)
+            if value is None:
+                value = default
+            if not (_is_number(value) and value >= 0):
+                raise self.fail(f"{where}.{key} must be a number >= 0, got {shown(value)}")
+            return float(value)
+
+        original = p.get("original_max_position_embeddings")
+        if not (_is_int(original) and original > 0):
+            raise self.fail(f"{where}.original_max_position_embeddings must be a positive integer, got "
+                            f"{shown(original)}")
+        factor = p.get("factor")
+        if not (_is_number(factor) and factor > 0):
+            raise self.fail(f"{where}.factor must be a positive number, got {shown(factor)}")
+        return dict(rope_type="yarn", yarn_factor=float(factor), yarn_original_max_positions=original,
+                    yarn_beta_fast=number("beta_fast", 32.0) or 32.0, yarn_beta_slow=number("beta_slow", 1.0) or 1.0,
+                    yarn_mscale=number("mscale", 0.0), yarn_mscale_all_dim=number("mscale_all_dim", 0.0))
 
     def refuse_unimplemented(self, max_positions: int, family: str = "Mixtral",
                              implements: tuple[str, ...] = ()) -> None:
@@ -244,7 +278,7 @@ class _Config:
 
 def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[str, ...], expert_size_key: str,
                   family_name: str, implements: tuple[str, ...] = (), head_dim_key: bool = True,
-                  default_rope_theta: float = DEFAULT_ROPE_THETA) -> dict:
+                  default_rope_theta: float = DEFAULT_ROPE_THETA, rope_types: tuple[str, ...] = ("default",)) -> dict:
     """ModelSpec fields every family's config.json gives, each checked for type and range, after refusing
     the fields that change the math which this family does not implement (`NEUTRAL_VALUES` less
     `implements`, which the family reads itself). `experts_key`: the routed-expert count's key (or keys,
@@ -268,7 +302,7 @@ def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[s
     if top_k > experts:
         raise cfg.fail(f"num_experts_per_tok={top_k} must be <= {key}={experts}")
     eps = cfg.positive_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-5))
-    rope_theta = cfg.rope_theta(family_name, default_rope_theta)
+    rope_theta = cfg.rope_theta(family_name, default_rope_theta, rope_types)
     bos = cfg.token_id("bos_token_id", cfg.get("bos_token_id", None), vocab)
     eos = cfg.eos(vocab)
     cfg.refuse_unimplemented(max_positions, family_name, implements)

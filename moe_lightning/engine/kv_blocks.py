@@ -4,17 +4,27 @@ The engine's unpadded mode keeps the CPU-resident KV cache here. A sequence hold
 block_size) blocks, so memory follows its real length (no micro-batch is padded to its longest prompt),
 and CPU attention reads the blocks in place (`moe_lightning.kernels.cpu_attention`), with no per-step
 gather of the cache. Layout [layer, block, kv head, slot, head_dim]: one (block, kv head) is a
-contiguous run of block_size x head_dim values, which the attention kernel streams.
+contiguous run of block_size x head_dim values, which the attention kernel streams. Under multi-head
+latent attention the one "KV head" holds a token's latent and RoPE key, and V is a view of K's first
+values (`kv_tensors`), so the pool stores K only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from moe_lightning.config import ModelSpec
 from moe_lightning.errors import MemoryBudgetError
+
+
+def kv_tensors(spec: ModelSpec, lead: Sequence[int],
+               make: Callable[[tuple[int, ...]], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache's K [*lead, attn_k_dim] and V [*lead, attn_v_dim], each from `make(shape)` (zeroed), V a
+    view of K where the model's V is part of its K (MLA)."""
+    k = make((*lead, spec.attn_k_dim))
+    return k, k[..., :spec.attn_v_dim] if spec.v_in_k else make((*lead, spec.attn_v_dim))
 
 
 class KVBlockPool:
@@ -25,12 +35,13 @@ class KVBlockPool:
                  alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None):
         """`alloc(shape, dtype)`, when given, supplies the two tensors (the GPU pool takes them from the
         engine's budgeted `DevicePools`); they are zeroed here."""
-        shape = (spec.num_layers, num_blocks, spec.num_kv_heads, block_size, spec.head_dim)
+        lead = (spec.num_layers, num_blocks, spec.cache_kv_heads, block_size)
         if alloc is not None:
-            self.k, self.v = alloc(shape, dtype).zero_(), alloc(shape, dtype).zero_()
+            self.k, self.v = kv_tensors(spec, lead, lambda shape: alloc(shape, dtype).zero_())
         else:
-            self.k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
-            self.v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+            self.k, self.v = kv_tensors(spec, lead, lambda shape: torch.zeros(shape, dtype=dtype, device=device,
+                                                                               pin_memory=pin))
+        self.v_in_k = spec.v_in_k
         self.block_size, self.num_blocks = block_size, num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low block ids first
         self.peak_held = 0   # the most blocks held at once
@@ -41,7 +52,7 @@ class KVBlockPool:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return (self.k.numel() + (0 if self.v_in_k else self.v.numel())) * self.k.element_size()
 
     @property
     def block_nbytes(self) -> int:

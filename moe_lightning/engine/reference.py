@@ -14,6 +14,7 @@ import torch
 
 from moe_lightning.config import ModelSpec
 from moe_lightning.engine.experts import moe_loop
+from moe_lightning.engine.kv_blocks import kv_tensors
 from moe_lightning.engine.weights import WeightSource
 from moe_lightning.models import family
 from moe_lightning.models.layers import ExpertStack, MoEKernel, decode_attention, prefill_attention
@@ -45,9 +46,11 @@ class KVCache:
     """K and V per layer as [B, nkv, S, hd] (contiguous per head: attention is one batched matmul)."""
 
     def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, spec.num_kv_heads, max_len, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        def zeros(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        pairs = [kv_tensors(spec, (batch, spec.cache_kv_heads, max_len), zeros) for _ in range(spec.num_layers)]
+        self.k, self.v = [k for k, _ in pairs], [v for _, v in pairs]
 
     def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int]) -> None:
         start = 0
@@ -95,8 +98,8 @@ class ReferenceRunner:
         for i, lw in enumerate(w.layers):
             q, k, v = fam.pre_attention(lw, x, positions, spec)
             self.cache.write_prefill(i, k, v, seq_lens)
-            x = fam.post_attention(lw, x, prefill_attention(q, k, v, seq_lens), spec, w.experts[i],
-                               self.moe_kernel)
+            attn = prefill_attention(q, k, v, seq_lens, scale=spec.attn_scale)
+            x = fam.post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
         return fam.final_logits(x, w.norm, w.lm_head, spec)
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
@@ -113,7 +116,7 @@ class ReferenceRunner:
             q, k, v = fam.pre_attention(lw, x, positions, spec)
             cache.write_decode(i, k, v, positions)
             s = int(self.lengths.max())
-            attn = decode_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], self.lengths)
+            attn = decode_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], self.lengths, scale=spec.attn_scale)
             x = fam.post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
         return fam.final_logits(x, w.norm, w.lm_head, spec)
 

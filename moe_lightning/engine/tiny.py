@@ -19,6 +19,7 @@ from moe_lightning.config import ModelSpec
 
 CORPUS = Path(__file__).resolve().parent.parent / "assets" / "corpus.txt"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Mixtral
+MLA_GAIN = 4.0   # perturbed tiny MLA checkpoints: attention projections and routed experts x4
 
 
 def cache_dir() -> Path:
@@ -71,6 +72,13 @@ def write_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, max_shard_
                     p.normal_(1.0, 0.2)
                 elif name.endswith(".bias"):
                     p.normal_(0.0, 0.2)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):   # DeepSeek-V3's router, zero at init
+                    b.normal_(0.0, 0.05)
+            if spec.mla:   # sharper attention and louder experts, so that RoPE, YaRN, the softmax scale and
+                for name, p in model.named_parameters():   # each routing choice show in the tokens
+                    if any(k in name for k in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "experts.")):
+                        p.mul_(MLA_GAIN)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
 
@@ -86,6 +94,8 @@ def ensure_tiny(spec: ModelSpec, seed: int = 0, max_shard_size: str | None = Non
     key = [hf_config_kwargs(spec), seed, hashlib.sha256(CORPUS.read_bytes()).hexdigest()]
     if max_shard_size or perturb:
         key += [max_shard_size, perturb]
+    if perturb and spec.mla:
+        key += ["experts", MLA_GAIN]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     name = f"tiny-{spec.architecture.replace('_', '-')}"
     folder = cache_dir() / f"{name}-{digest}"

@@ -2,8 +2,10 @@
 
     out = paged_decode_attention(q, k_pool, v_pool, block_table, context_lens, scale)
 
-- q [B, n_heads, head_dim] fp32/bf16/fp16 -> out, same shape and dtype.
-- k_pool, v_pool [num_blocks, n_kv_heads, block_size, head_dim], fp32/bf16/fp16, contiguous.
+- q [B, n_heads, head_dim] fp32/bf16/fp16 -> out [B, n_heads, v_dim], q's dtype.
+- k_pool [num_blocks, n_kv_heads, block_size, head_dim], v_pool the same with v_dim (= head_dim but
+  under multi-head latent attention, whose V is a view of K's first v_dim values), fp32/bf16/fp16.
+  The compiled kernel takes v_dim = head_dim and contiguous pools; the rest runs the fallback.
 - block_table int32 [B, max_blocks_per_seq]: token t of sequence b is row t % block_size of block
   block_table[b, t // block_size]. context_lens int32 [B], each >= 1: the query attends to all of its
   sequence's tokens, the new token's K/V already appended. Entries past a sequence's last block are
@@ -181,10 +183,10 @@ def load_extension(required: bool = False) -> Any:
     return _state["ext"]   # type: ignore[return-value]
 
 
-def backend(n_heads: int = 32, n_kv_heads: int = 8, head_dim: int = 128) -> str:
+def backend(n_heads: int = 32, n_kv_heads: int = 8, head_dim: int = 128, v_dim: int | None = None) -> str:
     """'cpp' or 'torch': what `paged_decode_attention` runs for these heads in this process."""
     mode = _mode()
-    if mode == "torch":
+    if mode == "torch" or (v_dim is not None and v_dim != head_dim):
         return "torch"
     ext = load_extension(required=mode == "cpp")
     return "cpp" if ext is not None and ext.supported(n_heads, n_kv_heads, head_dim) else "torch"
@@ -199,15 +201,17 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     output then differs from exact by at most 2^-8 * max|V| more (measured on N(0, 1) data: about a
     tenth of that bound beyond the output's own bf16 rounding). In exchange, 15-20% more GB/s when
     measured side by side on 2 Zen 4 vCPUs."""
-    if backend(q.shape[1], k_pool.shape[1], q.shape[2]) == "cpp" and q.device.type == "cpu":
+    if (backend(q.shape[1], k_pool.shape[1], q.shape[2], v_pool.shape[3]) == "cpp" and q.device.type == "cpu"
+            and k_pool.is_contiguous() and v_pool.is_contiguous()):
         return load_extension().paged_decode_attention(q, k_pool, v_pool, block_table, context_lens, float(scale),
                                                        p_bf16)
     return paged_decode_attention_torch(q, k_pool, v_pool, block_table, context_lens, scale)
 
 
 def _check(q, k_pool, v_pool, block_table, context_lens) -> list[int]:
-    if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
-        raise ValueError("q [B, Hq, D]; k_pool, v_pool [num_blocks, Hkv, block_size, D] of one shape and dtype")
+    if (q.dim() != 3 or k_pool.dim() != 4 or v_pool.dim() != 4 or k_pool.shape[:3] != v_pool.shape[:3]
+            or k_pool.dtype != v_pool.dtype):
+        raise ValueError("q [B, Hq, D]; k_pool [num_blocks, Hkv, block_size, D] and v_pool [.., Dv] of one dtype")
     B, Hq, D = q.shape
     NB, Hkv, BS, _ = k_pool.shape
     if k_pool.shape[3] != D or Hq % Hkv:
@@ -233,13 +237,13 @@ def paged_decode_attention_torch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: 
     lens = _check(q, k_pool, v_pool, block_table, context_lens)
     B, Hq, D = q.shape
     _, Hkv, BS, _ = k_pool.shape
-    G = Hq // Hkv
-    out = torch.empty_like(q)
+    G, Dv = Hq // Hkv, v_pool.shape[3]
+    out = q.new_empty(B, Hq, Dv)
     for b, n in enumerate(lens):
         ids = block_table[b, : -(-n // BS)].long()
         k = k_pool[ids].transpose(0, 1).reshape(Hkv, -1, D)[:, :n].float()      # [Hkv, n, D]
-        v = v_pool[ids].transpose(0, 1).reshape(Hkv, -1, D)[:, :n].float()
+        v = v_pool[ids].transpose(0, 1).reshape(Hkv, -1, Dv)[:, :n].float()
         qb = q[b].float().view(Hkv, G, D) * scale                                 # [Hkv, G, D]
         p = torch.softmax(torch.bmm(qb, k.transpose(1, 2)), dim=-1)              # [Hkv, G, n]
-        out[b] = torch.bmm(p, v).reshape(Hq, D).to(q.dtype)
+        out[b] = torch.bmm(p, v).reshape(Hq, Dv).to(q.dtype)
     return out

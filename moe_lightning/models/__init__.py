@@ -46,6 +46,8 @@ class Family:
     hf_config: Callable[[ModelSpec], dict]
     # ModelSpec features this family implements: field -> accepted values (absent: the default only).
     implements: dict[str, tuple] = field(default_factory=dict)
+    # What the family needs of a spec beyond single values (one ConfigError line), if anything.
+    check: Callable[[ModelSpec], None] | None = None
 
     def tensors(self, spec: ModelSpec) -> TensorShapes:
         """Every tensor of a checkpoint, layer by layer (lazily: a config.json claiming 10^9 layers
@@ -59,14 +61,16 @@ class Family:
 
 # The features a family may implement, and their defaults (ModelSpec's).
 FEATURES = {"attention_bias": False, "qk_norm": "none", "norm_topk_prob": True, "shared_expert_size": 0,
-            "clip_qkv": None, "dense_layers": []}
+            "clip_qkv": None, "dense_layers": [], "shared_expert_gate": True, "kv_lora_rank": 0, "q_lora_rank": 0,
+            "qk_nope_head_dim": 0, "v_head_dim": 0, "rope_interleave": False, "scoring_func": "softmax",
+            "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "rope_type": "default"}
 
 
 def _registry() -> dict[str, Family]:
-    from moe_lightning.models import dbrx, mixtral, olmoe, qwen_moe
+    from moe_lightning.models import dbrx, deepseek, mixtral, olmoe, qwen_moe
 
     return {f.architecture: f for f in (mixtral.FAMILY, qwen_moe.QWEN2_MOE, qwen_moe.QWEN3_MOE, olmoe.FAMILY,
-                                        dbrx.FAMILY)}
+                                        dbrx.FAMILY, deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3)}
 
 
 def families() -> dict[str, Family]:
@@ -100,4 +104,6 @@ def family(spec: ModelSpec) -> Family:
             shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in accepted)
             raise ConfigError(f"model.{name}={value}: the {fam.architecture} layer math does not implement it "
                               f"(accepted: {shown})")
+    if fam.check is not None:
+        fam.check(spec)
     return fam

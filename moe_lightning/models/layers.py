@@ -12,13 +12,14 @@ nq / nkv query / KV heads, hd head dim, S cache length.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from moe_lightning.config import ModelSpec
+from moe_lightning.config import ModelSpec, yarn_mscale
 
 
 @dataclass
@@ -65,12 +66,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def rope_inv_freq(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies over head_dim, and the gain on cos/sin (1 but for YaRN).
+
+    YaRN (`rope_type=yarn`): dims that turn fewer than `beta_slow` times over the original context are
+    interpolated (frequency / factor), those turning more than `beta_fast` times kept, a linear ramp
+    between (the dim bounds floored and ceiled); the gain is mscale(factor, mscale) / mscale(factor,
+    mscale_all_dim) when both are set, else mscale(factor)."""
     hd = spec.head_dim
-    idx = torch.arange(0, hd, 2, dtype=torch.int64, device=positions.device).float()
-    inv_freq = 1.0 / (spec.rope_theta ** (idx / hd))
+    idx = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float()
+    pos_freq = spec.rope_theta ** (idx / hd)
+    if spec.rope_type != "yarn":
+        return 1.0 / pos_freq, 1.0
+    f, original = spec.yarn_factor, spec.yarn_original_max_positions
+
+    def dim_of(turns: float) -> float:
+        return hd * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(spec.rope_theta))
+
+    low, high = max(math.floor(dim_of(spec.yarn_beta_fast)), 0), min(math.ceil(dim_of(spec.yarn_beta_slow)), hd - 1)
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device=device) - low)
+            / ((high - low) or 0.001)).clamp(0, 1)
+    kept = 1 - ramp
+    inv_freq = 1.0 / (f * pos_freq) * (1 - kept) + 1.0 / pos_freq * kept
+    if spec.yarn_mscale and spec.yarn_mscale_all_dim:
+        gain = yarn_mscale(f, spec.yarn_mscale) / yarn_mscale(f, spec.yarn_mscale_all_dim)
+    else:
+        gain = yarn_mscale(f)
+    return inv_freq, gain
+
+
+def rope_cos_sin(positions: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    inv_freq, gain = rope_inv_freq(spec, positions.device)
     freqs = positions[:, None].float() * inv_freq                    # [T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)                          # [T, hd]
+    if gain != 1.0:
+        return (emb.cos() * gain).to(dtype), (emb.sin() * gain).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -82,43 +112,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
-                      pads: list[int] | None = None) -> torch.Tensor:
-    """Causal attention over packed sequences: q [T, nq, hd], k/v [T, nkv, hd] -> [T, nq*hd].
+                      pads: list[int] | None = None, scale: float | None = None) -> torch.Tensor:
+    """Causal attention over packed sequences: q [T, nq, hd], k [T, nkv, hd], v [T, nkv, dv] ->
+    [T, nq*dv]; `scale` (default hd^-0.5) multiplies q.k.
 
     With `pads`, sequence b begins with pads[b] padding tokens that attend to nothing and are
     attended by nothing (their output is zero).
     """
-    out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+    out = torch.zeros(q.shape[0], q.shape[1] * v.shape[2], dtype=q.dtype, device=q.device)
     start = 0
     for b, n in enumerate(seq_lens):
         pad = pads[b] if pads else 0
         start, n = start + pad, n - pad
         sl = slice(start, start + n)
         o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
-                                           v[sl].transpose(0, 1), is_causal=True, enable_gqa=True)
+                                           v[sl].transpose(0, 1), is_causal=True, enable_gqa=True, scale=scale)
         out[sl] = o.transpose(0, 1).reshape(n, -1)
         start += n
     return out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lengths: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+                     lengths: torch.Tensor, starts: torch.Tensor | None = None,
+                     scale: float | None = None) -> torch.Tensor:
     """One new token per sequence over its cached context.
 
-    q [B, nq, hd]; k_cache/v_cache [B, nkv, S, hd] already holding the new token's K/V; cache slots
-    [starts, lengths) are valid per sequence (starts > 0 skips left padding) -> [B, nq*hd].
+    q [B, nq, hd]; k_cache [B, nkv, S, hd], v_cache [B, nkv, S, dv] already holding the new token's K/V;
+    cache slots [starts, lengths) are valid per sequence (starts > 0 skips left padding) -> [B, nq*dv].
     """
     B, nq, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
     qg = q.view(B, nkv, nq // nkv, hd)
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * hd**-0.5          # [B, nkv, g, S]
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * (hd**-0.5 if scale is None else scale)  # [B, nkv, g, S]
     slot = torch.arange(S, device=q.device)[None, :]
     invalid = slot >= lengths[:, None]                                        # [B, S]
     if starts is not None:
         invalid |= slot < starts[:, None]
     scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v_cache).reshape(B, nq * hd)                  # [B, nkv, g, hd]
+    return torch.matmul(probs, v_cache).reshape(B, -1)                       # [B, nkv, g, dv]
 
 
 def route(h: torch.Tensor, router: torch.Tensor, top_k: int,

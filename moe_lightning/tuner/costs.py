@@ -197,8 +197,8 @@ class TaskCosts:
     def pre_attn_s(self, t: float, layer: int) -> float:
         """RMSNorm + QKV projection (+ embedding gather at layer 0) of `t` tokens."""
         s, d = self.spec, self.spec.dtype_bytes
-        qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
-        time = self._gemm(t, 2 * t * s.hidden_size * qkv, (s.hidden_size * qkv + t * s.hidden_size + t * qkv) * d)
+        w, qkv = s.attention_in_params, s.qkv_elements
+        time = self._gemm(t, 2 * t * w, (w + t * s.hidden_size + t * qkv) * d)
         time += self._gpu(4 * t * s.hidden_size, 2 * t * s.hidden_size * d)  # norm
         if layer == 0:
             time += self._gpu(0, 2 * t * s.hidden_size * d)
@@ -207,8 +207,9 @@ class TaskCosts:
     def post_attn_s(self, t: float, layer: int, out_rows: float) -> float:
         """O-projection, router, MoE FFN over the experts hit (+ LM head of `out_rows` at the last layer)."""
         s, d = self.spec, self.spec.dtype_bytes
-        H, F, E, k, q = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.num_heads * s.head_dim
-        time = self._gemm(t, 2 * t * q * H, (q * H + t * q + 2 * t * H) * d)                # O-proj
+        H, F, E, k, q = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.attn_out_elements
+        w = s.attention_out_params
+        time = self._gemm(t, 2 * t * w, (w + t * q + 2 * t * H) * d)                       # O-proj (MLA: W_uv too)
         if not s.is_moe_layer(layer):   # a dense layer: its MLP on every token, no router, no experts
             Fd = s.dense_intermediate_size
             time += self._gemm(t, 2 * t * s.dense_mlp_params, (s.dense_mlp_params + t * (2 * H + 3 * Fd)) * d)
@@ -231,14 +232,14 @@ class TaskCosts:
 
     def attention_kv_bytes(self, seqs: float, slots: float) -> float:
         s = self.spec
-        return 2 * seqs * slots * s.num_kv_heads * s.head_dim * s.dtype_bytes
+        return seqs * slots * s.kv_token_layer_elements * s.dtype_bytes
 
     def decode_attn_s(self, seqs: float, slots: float, on_gpu: bool) -> float:
         """One new token per sequence over `slots` cached tokens (the micro-batch's longest)."""
         s, d = self.spec, self.spec.dtype_bytes
-        flops = 4 * seqs * slots * s.num_heads * s.head_dim + 4 * seqs * slots * s.num_heads
+        flops = 2 * seqs * slots * s.num_heads * (s.attn_k_dim + s.attn_v_dim) + 4 * seqs * slots * s.num_heads
         kv = self.attention_kv_bytes(seqs, slots)
-        nbytes = kv + 2 * seqs * (s.num_heads + s.num_kv_heads) * s.head_dim * d
+        nbytes = kv + seqs * (s.qkv_elements + s.attn_out_elements) * d
         if on_gpu:
             return self._gpu(flops, nbytes)
         if self.cpu_attn_gbps:
@@ -247,8 +248,8 @@ class TaskCosts:
 
     def prefill_attn_s(self, mb: MicroBatchShape) -> float:
         s, d = self.spec, self.spec.dtype_bytes
-        flops = 2 * mb.sum_sq * s.num_heads * s.head_dim  # causal: QK^T and PV over half the square
-        nbytes = mb.tokens * 2 * (s.num_heads + s.num_kv_heads) * s.head_dim * d
+        flops = mb.sum_sq * s.num_heads * (s.attn_k_dim + s.attn_v_dim)  # causal: QK^T and PV, half the square
+        nbytes = mb.tokens * (s.qkv_elements + s.attn_out_elements) * d
         return self._gemm(mb.tokens / max(mb.seqs, 1), flops, nbytes)  # one attention per sequence
 
     # ---- tasks -----------------------------------------------------------------------------------
@@ -263,16 +264,16 @@ class TaskCosts:
             n = self.page_size(task.micro_batch)
             return self._h2d(n), float(n)
         mb = mbs[task.micro_batch]
-        b, qd, kvd = mb.seqs, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        b, kvd = mb.seqs, s.kv_token_layer_elements
         if op == "PreAttn":
             return self.pre_attn_s(b, i), 0.0
         if op == "OffloadQKV":
-            n = b * (qd + 2 * kvd) * d
+            n = b * s.qkv_elements * d
             return self._d2h(n), float(n)
         if op == "CPUAttn":
             return self.decode_attn_s(b, mb.slots, on_gpu=False), 0.0
         if op == "LoadHidden":
-            n = b * qd * d
+            n = b * s.attn_out_elements * d
             return self._h2d(n), float(n)
         if op == "PostAttn":
             return self.post_attn_s(b, i, b), 0.0
@@ -285,13 +286,13 @@ class TaskCosts:
             return (self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.slots, on_gpu=True)
                     + self.post_attn_s(b, i, b)), 0.0
         if op == "StoreKV":
-            n = 2 * b * kvd * d
+            n = b * kvd * d
             return self._d2h(n), float(n)
         if op == "PrefillLayer":
             return (self.pre_attn_s(mb.tokens, i) + self.prefill_attn_s(mb)
                     + self.post_attn_s(mb.tokens, i, b)), 0.0
         if op == "OffloadKV":
-            n = 2 * mb.tokens * kvd * d
+            n = mb.tokens * kvd * d
             return self._d2h(n), float(n)
         raise ValueError(f"no cost model for op {op!r}")
 

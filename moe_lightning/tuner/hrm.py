@@ -10,6 +10,9 @@ bound by the link); the balance point is where `B^i I^i_x = B^{j,i} I^j_x`.
 Modelled, per decoder layer and decode step (all N sequences, `ctx = prompt + (gen_len + 1) / 2` on
 average, `decode_context`; prompts at their real lengths, `prompt_moments`):
 - attention: `2 b kv nq hd + 2 b kv nq` FLOPs; `(2 b nq hd + 2 b kv nkv hd) * d` bytes (q, output, KV);
+  under multi-head latent attention (DeepSeek) `hd` is the absorbed q.k dim `r + dr` for QK^T and `r`
+  for PV, and the KV read is the cached latent and RoPE key, `b kv (r + dr) d`: nq / 2 times fewer bytes
+  than the same heads' expanded K and V (`ModelSpec.kv_token_layer_elements`);
 - MoE FFN: `2 b h1 h2 3 k` FLOPs; `b (h1 + h2) d + n_mb * E * expert_bytes` bytes: every expert's weights
   are read from the memory of the device running the FFN once per micro-batch (`n_mb = ceil(N / mu)`);
 - each task on the device the policy puts it on, `T_x = max(bytes / bandwidth, flops / peak)`;
@@ -126,9 +129,9 @@ class TaskCost:
 
 def attention_cost(spec: ModelSpec, batch: Any, context: Any) -> TaskCost:
     """Decode attention of one layer for `batch` sequences over `context` cached tokens (DESIGN 2.2)."""
-    b, kv, nq, nkv, hd = batch, context, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    flops = 2 * b * kv * nq * hd + 2 * b * kv * nq
-    nbytes = (b * nq * hd + 2 * b * kv * nkv * hd + b * nq * hd) * spec.dtype_bytes
+    b, kv, nq, kd, vd = batch, context, spec.num_heads, spec.attn_k_dim, spec.attn_v_dim
+    flops = b * kv * nq * (kd + vd) + 2 * b * kv * nq
+    nbytes = (b * nq * kd + b * kv * spec.kv_token_layer_elements + b * nq * vd) * spec.dtype_bytes
     return TaskCost(flops, nbytes)
 
 
@@ -204,7 +207,7 @@ def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
                  lengths: Sequence[int] | None, calibrated: bool, dense: bool) -> dict[str, Any]:
     lv = levels(hw)
     N, d = batch_size, spec.dtype_bytes
-    nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    H = spec.hidden_size
     ctx = decode_context(workload, lengths)
     attn = attention_cost(spec, N, ctx)
     ffn = ffn_cost(spec, N, num_micro_batches, dense)
@@ -220,20 +223,21 @@ def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     if calibrated and not attn_on_gpu and hw.cpu.attn_gbps > 0:
         t_attn_c = np.maximum(attn.flops / lv.cpu.peak_flops, attn.bytes / (hw.cpu.attn_gbps * GB))
 
-    kv_layer_bytes = N * ctx * 2 * nkv * hd * d  # the whole batch's K and V of one layer
+    kv_token = spec.kv_token_layer_elements
+    kv_layer_bytes = N * ctx * kv_token * d  # the whole batch's K and V of one layer
     h2d = zero + (spec.num_experts - n_res) * spec.expert_bytes if ffn_on_gpu and not dense else zero
     d2h = zero
     if attn_on_gpu:
         h2d = h2d + (1 - kv_gpu_fraction) * kv_layer_bytes
-        d2h = d2h + (1 - kv_gpu_fraction) * N * 2 * nkv * hd * d
+        d2h = d2h + (1 - kv_gpu_fraction) * N * kv_token * d
         if not ffn_on_gpu:
             d2h = d2h + N * H * d
             h2d = h2d + N * H * d
     else:
         d2h = d2h + kv_gpu_fraction * kv_layer_bytes  # a GPU share of KV must come down to the CPU
         if ffn_on_gpu:
-            d2h = d2h + N * (nq + 2 * nkv) * hd * d
-            h2d = h2d + N * nq * hd * d
+            d2h = d2h + N * spec.qkv_elements * d
+            h2d = h2d + N * spec.attn_out_elements * d
     t_h2d = h2d / lv.link_h2d_bytes_s
     t_d2h = d2h / lv.link_d2h_bytes_s
     t_link = np.maximum(t_h2d, t_d2h)
@@ -255,9 +259,9 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     lv = levels(hw)
     p, p_sq = prompt_moments(workload, lengths)
     N, d = batch_size, spec.dtype_bytes
-    nq, nkv, hd, H = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    nq = spec.num_heads
     tokens = N * p
-    kv_bytes = tokens * 2 * nkv * hd * d
+    kv_bytes = tokens * spec.kv_token_layer_elements * d
     peak = lv.gpu.peak_flops
     if calibrated and hw.gpu.gemm_rows:
         peak = _curve(hw.gpu.gemm_rows, hw.gpu.gemm_tflops, tokens / num_micro_batches, hw.gpu.count)
@@ -267,11 +271,12 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
         if dense:   # attention, norms and the MLP, all resident; nothing streams
             every_token, weight_bytes, streamed = spec.dense_layer_params, spec.dense_layer_params * d, 0
         else:
-            every_token = spec.attention_params + spec.num_experts * H + spec.shared_expert_params
+            every_token = spec.attention_params + spec.router_params + spec.shared_expert_params
             weight_bytes = every_token * d + spec.num_experts * spec.expert_bytes
             every_token += spec.top_k * spec.expert_params
             streamed = (spec.num_experts - n_res) * spec.expert_bytes
-        flops = 2 * tokens * every_token + 2 * N * p_sq * nq * hd  # causal attention: QK^T and PV halved
+        # causal attention: QK^T and PV over half the square
+        flops = 2 * tokens * every_token + N * p_sq * nq * (spec.attn_k_dim + spec.attn_v_dim)
         t_gpu = np.maximum(flops / peak, (num_micro_batches * weight_bytes + kv_bytes) / lv.gpu.bandwidth_bytes_s)
         return np.maximum(np.maximum(t_gpu, streamed / lv.link_h2d_bytes_s), t_d2h)
 

@@ -28,6 +28,7 @@ from tests.conftest import PARITY_NEW_TOKENS, check_bf16_teacher_forced, hf_gree
 CPU = torch.device("cpu")
 SHAPES = dict(hidden_size=64, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=16, num_experts=8,
               top_k=2, vocab_size=512, rope_theta=1e4, rms_norm_eps=1e-6, max_position_embeddings=4096)
+MLA_SHAPES = SHAPES | dict(num_kv_heads=4, head_dim=8, max_position_embeddings=256)   # head_dim: the RoPE dim
 # Each family with the features that tell it apart switched on (a shared expert, Q/K/V biases, q/k norms,
 # a clamp that binds, routing weights left unnormalised, dense layers: between two MoE layers, and first
 # and third of four, so that the expert stream skips them and starts after one).
@@ -41,6 +42,22 @@ FAMILIES = {
                        **SHAPES),
     "dbrx": ModelSpec(name="hf", architecture="dbrx", clip_qkv=0.5, norm_topk_prob=True,
                       **(SHAPES | dict(rms_norm_eps=1e-5))),
+    # MLA (no q LoRA in V2, q LoRA in V3), a dense first layer, shared experts, group-limited routing
+    # (V2: softmax, groups by their best; V3: sigmoid with a correction bias, groups by their best two),
+    # the routed weights scaled, YaRN with its attention temperature.
+    "deepseek_v2": ModelSpec(name="hf", architecture="deepseek_v2", kv_lora_rank=32, qk_nope_head_dim=16,
+                             v_head_dim=12, rope_interleave=True, num_layers=3, dense_layers=[0],
+                             dense_intermediate_size=48, shared_expert_size=64, shared_expert_gate=False,
+                             norm_topk_prob=False, n_group=4, topk_group=1, routed_scaling_factor=1.5,
+                             rope_type="yarn", yarn_factor=4.0, yarn_original_max_positions=64, yarn_mscale=0.707,
+                             yarn_mscale_all_dim=0.707, **MLA_SHAPES),
+    "deepseek_v3": ModelSpec(name="hf", architecture="deepseek_v3", kv_lora_rank=32, q_lora_rank=24,
+                             qk_nope_head_dim=16, v_head_dim=12, rope_interleave=True, num_layers=3,
+                             dense_layers=[0], dense_intermediate_size=48, shared_expert_size=32,
+                             shared_expert_gate=False, norm_topk_prob=True, scoring_func="sigmoid", n_group=4,
+                             topk_group=2, routed_scaling_factor=2.5, rope_type="yarn", yarn_factor=4.0,
+                             yarn_original_max_positions=64, yarn_mscale=1.0, yarn_mscale_all_dim=0.8,
+                             **MLA_SHAPES),
 }
 CGOPIPE_POLICIES = {
     "all-resident": Policy(batch_size=10, micro_batch_size=5, expert_gpu_fraction=1.0),
@@ -82,9 +99,9 @@ def fam(request, prompts) -> Tiny:
 
 def test_the_checkpoint_is_read_as_its_family(fam):
     want = FAMILIES[fam.spec.architecture]
-    for key in ("architecture", "attention_bias", "qk_norm", "norm_topk_prob", "shared_expert_size", "clip_qkv",
-                "intermediate_size", "num_experts", "num_layers", "dense_layers", "dense_intermediate_size"):
-        assert getattr(fam.spec, key) == getattr(want, key), key
+    for f in dataclasses.fields(ModelSpec):
+        if f.name not in ("name", "path", "dtype", "weights", "seed", "bos_token_id", "eos_token_id"):
+            assert getattr(fam.spec, f.name) == getattr(want, f.name), f.name
     assert len(list(fam.path.glob("*.safetensors"))) > 1   # sharded
 
 
@@ -123,10 +140,11 @@ def test_a_dropped_feature_changes_the_tokens(fam, prompts):
 
     runner = ReferenceRunner(fam.spec, fam.source)
     for lw in runner.weights.layers:
-        for f in ("bq", "bk", "bv", "q_norm", "k_norm", "shared_down_proj", "mlp_down"):
+        for f in ("bq", "bk", "bv", "q_norm", "k_norm", "shared_down_proj", "mlp_down", "router_bias", "kv_norm"):
             if getattr(lw, f, None) is not None:
                 setattr(lw, f, drop(getattr(lw, f), f))
-    spec = dataclasses.replace(fam.spec, clip_qkv=None, norm_topk_prob=not fam.spec.norm_topk_prob)
+    spec = dataclasses.replace(fam.spec, clip_qkv=None, norm_topk_prob=not fam.spec.norm_topk_prob, rope_type="default",
+                               routed_scaling_factor=1.0, n_group=1, topk_group=1)
     runner.spec = spec
     result = generate(runner, prompts, GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), 8)
     assert result.output_ids != fam.outputs

@@ -44,14 +44,19 @@ def test_every_preset_names_a_known_architecture():
 @pytest.mark.parametrize("arch", sorted(families()))
 def test_a_family_refuses_the_features_it_does_not_implement(arch):
     fam = families()[arch]
-    other = {"attention_bias": True, "qk_norm": "full", "norm_topk_prob": False, "shared_expert_size": 8,
-             "clip_qkv": 2.0, "dense_layers": [0]}
+    other = {"attention_bias": True, "qk_norm": "full", "norm_topk_prob": False, "shared_expert_size": 128,
+             "clip_qkv": 2.0, "dense_layers": [0], "kv_lora_rank": 32, "scoring_func": "sigmoid", "n_group": 2,
+             "routed_scaling_factor": 2.5, "rope_type": "yarn", "shared_expert_gate": False}
     accepted_of = {name: fam.implements.get(name, (default,)) for name, default in FEATURES.items()}
     base = {name: FEATURES[name] if a == "any" else a[0] for name, a in accepted_of.items()}
+    if arch.startswith("deepseek"):   # multi-head latent attention is what the family is
+        base |= dict(kv_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16)
     assert family(ModelSpec(architecture=arch, **base)) is fam
     for name, value in other.items():
         accepted = accepted_of[name]
-        spec = ModelSpec(architecture=arch, dense_intermediate_size=8, **(base | {name: value}))
+        mla = dict(qk_nope_head_dim=16, v_head_dim=16) if name == "kv_lora_rank" else {}
+        spec = ModelSpec(architecture=arch, dense_intermediate_size=8, yarn_original_max_positions=64,
+                         **(base | mla | {name: value}))
         if accepted == "any" or value in accepted:
             assert family(spec) is fam
         else:
@@ -80,3 +85,28 @@ def test_qwen_dense_layers_are_the_ones_transformers_builds(arch, fields, dense)
     got = fam.spec_fields(_Config(cfg | {"model_type": arch}, Path("config.json")))
     assert got["dense_layers"] == dense
     assert got["dense_intermediate_size"] == (96 if dense else 0)
+
+
+def test_mla_presets_cache_the_latent_and_scale_attention_as_deepseek_does():
+    """Against figures computed outside this code (../shared/briefs/model-families.md, from the published
+    configs): the cache holds the normed latent (512) and the RoPE key (64) a token and a layer, 1152 B in
+    bf16; the softmax scale is 192^-0.5 times YaRN's temperature squared."""
+    v2, v3 = SPECS["deepseek-v2-lite"], SPECS["deepseek-v3"]
+    assert v2.kv_bytes_per_token == 31_104 and v3.kv_bytes_per_token == 70_272
+    assert v2.attn_scale == pytest.approx(0.114721, abs=1e-6)
+    assert v3.attn_scale == pytest.approx(0.135234, abs=1e-6)
+    # Against the same heads' K and V expanded (nh (dn + dr) + nh dv values, bf16): 8.9x and 71x fewer bytes.
+    assert 2 * 16 * (128 + 64 + 128) * 27 / v2.kv_bytes_per_token == pytest.approx(8.89, abs=0.01)
+    assert 2 * 128 * (128 + 64 + 128) * 61 / v3.kv_bytes_per_token == pytest.approx(71.1, abs=0.1)
+
+
+def test_an_mla_kv_pool_stores_k_only():
+    import torch
+
+    from moe_lightning.engine.kv_blocks import KVBlockPool
+
+    spec = FAMILIES["deepseek_v2"]
+    pool = KVBlockPool(spec, num_blocks=5, block_size=4, dtype=torch.bfloat16)
+    assert pool.k.shape == (3, 5, 1, 4, 32 + 8) and pool.v.shape == (3, 5, 1, 4, 32)
+    assert pool.v.data_ptr() == pool.k.data_ptr()          # V is K's first kv_lora_rank values
+    assert pool.nbytes == 3 * 5 * 4 * 40 * 2

@@ -96,7 +96,7 @@ def test_a_system_without_a_schedule_is_refused(tmp_path):
 # DBRX's 263 GB of bf16 weights do not fit one T4's host (task=plan says so in one line); the paper runs it
 # on several T4s.
 @pytest.mark.parametrize("model, hardware", [("qwen3-30b-a3b", "t4"), ("qwen1.5-moe-a2.7b", "t4"),
-                                             ("olmoe-1b-7b", "t4"), ("dbrx", "2xt4")])
+                                             ("olmoe-1b-7b", "t4"), ("dbrx", "2xt4"), ("deepseek-v2-lite", "t4")])
 def test_plan_runs_on_every_family_preset(tmp_path, model, hardware):
     out = tmp_path / "plan.json"
     r = cli("task=plan", f"hardware={hardware}", f"model={model}", "workload=mtbench", f"out={out}",
@@ -107,3 +107,12 @@ def test_plan_runs_on_every_family_preset(tmp_path, model, hardware):
     assert doc["extra"]["memory"]["gpu_total_bytes"] <= doc["extra"]["memory"]["gpu_budget_bytes"]
     # Several GPUs are planned as one pooled GPU until parallelism exists: the plan says so.
     assert ("planned as one pooled GPU" in r.stdout) == (hardware == "2xt4")
+
+
+def test_deepseek_v3_does_not_fit_and_says_why_in_one_line(tmp_path):
+    """DeepSeek-V3's non-expert weights alone (MLA projections of 61 layers, 3 dense MLPs, shared experts,
+    embeddings: 34 GB in bf16) exceed a T4, and its 1.3 TB of weights any profile's host."""
+    r = cli("task=plan", "hardware=t4", "model=deepseek-v3", "workload=mtbench", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "no policy fits deepseek-v3 on t4" in r.stderr
+    assert "non_expert_weights=34" in r.stderr

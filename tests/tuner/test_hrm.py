@@ -188,3 +188,14 @@ def test_a_dense_layer_streams_nothing_and_runs_its_mlp_by_hand():
     # 384) + 1056 = 20000 -> 2e-8 s; GPU bytes 2*592*2 + 256 -> 2.6e-8 s; its KV offload, 16 tokens *
     # 16 B = 256 B over D2H -> 2.56e-7 s, its bound.
     assert pred.prefill_s == pytest.approx(1.536e-6 + 2.56e-7)
+
+
+def test_mla_attention_reads_the_latent_cache_by_hand():
+    """Multi-head latent attention, absorbed: 2 heads, latent r = 4, RoPE dim 2 (q.k over 6 dims, p.v over
+    4), one cached (latent | RoPE key) of 6 values a token, read once for both heads."""
+    spec = replace(SPEC, kv_lora_rank=4, head_dim=2, qk_nope_head_dim=4, v_head_dim=4)
+    cost = attention_cost(spec, 4, 10)
+    # FLOPs: 4*10*2*(6 + 4) + 2*4*10*2 = 960; bytes (fp16): (4*2*6 + 4*10*6 + 4*2*4) * 2 = 640.
+    assert cost.flops == 960 and cost.bytes == 640
+    dense = attention_cost(replace(SPEC, num_kv_heads=2, head_dim=6), 4, 10)   # the same heads, K and V kept
+    assert dense.bytes - (4 * 2 * 6 * 2) * 2 == 4 * 10 * 2 * 2 * 6 * 2   # its cache: 2 heads of K and V

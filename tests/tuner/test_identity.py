@@ -118,7 +118,8 @@ def test_a_simulated_tune_for_absent_hardware_never_measures(tmp_path):
     """Mixtral-8x7B on a T4 profile, simulated: a simulated comparison, in minutes, and the model's 90+ GB
     never allocated on this CPU machine."""
     r, peak_kib = cli_with_peak_rss("task=tune", "tuner.objective=simulate", "hardware=t4", "model=mixtral-8x7b",
-                                    "workload=mtbench", "tuner.n_trials=4", "task.progress=false",
+                                    "workload=mtbench", "workload.num_requests=128", "tuner.n_trials=4",
+                                    "task.progress=false",
                                     f"tuner.storage=sqlite:///{tmp_path}/s.db", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 0, r.stderr
     assert 0 < peak_kib < 3 * 1024 * 1024  # KiB peak RSS of the tune
