@@ -159,6 +159,32 @@ def ep_moe(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: E
     return out
 
 
+class ExpertParallelKernel:
+    """An `MoEKernel` for ranks that all hold the same tokens (attention replicated, as the reference
+    engine runs under expert parallelism): each rank routes its contiguous share of the tokens through
+    `ep_moe`, and the shares are all-gathered, so every rank ends with every token's output. Its
+    `experts` argument is this rank's (`local_experts`)."""
+
+    def __init__(self, num_experts: int, group=None, chunks: int = 1, kernel: str | MoEKernel | None = None):
+        self.num_experts, self.group, self.chunks, self.kernel = num_experts, group, chunks, kernel
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def __call__(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 experts: ExpertStack) -> torch.Tensor:
+        T, share = h.shape[0], -(-h.shape[0] // self.world)
+        a, b = min(self.rank * share, T), min((self.rank + 1) * share, T)
+        mine = ep_moe(h[a:b], weights[a:b], ids[a:b], experts, self.num_experts, chunks=self.chunks,
+                      group=self.group, kernel=self.kernel)
+        padded = h.new_zeros(share, h.shape[1])
+        padded[:b - a] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts)[:T]
+
+    def local_experts(self, w13: torch.Tensor, w2: torch.Tensor) -> ExpertStack:
+        return expert_slice(w13, w2, self.rank, self.world)
+
+
 def expert_slice(w13: torch.Tensor, w2: torch.Tensor, rank: int, world: int) -> ExpertStack:
     """This rank's experts of a layer's stacked (w13 [E, 2F, H], w2 [E, H, F]), as an ExpertStack."""
     per_rank = w13.shape[0] // world

@@ -29,7 +29,9 @@ class DenseWeights:
     experts: list[ExpertStack | None]   # None for a dense layer
 
 
-def load_dense(source: WeightSource, device: torch.device) -> DenseWeights:
+def load_dense(source: WeightSource, device: torch.device, experts_of=None) -> DenseWeights:
+    """Every weight on `device`; `experts_of(w13, w2)`, when given, keeps only this rank's experts of a
+    layer (expert parallelism)."""
     layers, experts = [], []
     for i in range(source.spec.num_layers):
         layers.append(source.layer(i).to(device))
@@ -37,7 +39,8 @@ def load_dense(source: WeightSource, device: torch.device) -> DenseWeights:
             experts.append(None)
             continue
         w13, w2 = source.experts(i)
-        experts.append(ExpertStack.single(w13.to(device), w2.to(device)))
+        experts.append(experts_of(w13.to(device), w2.to(device)) if experts_of else
+                       ExpertStack.single(w13.to(device), w2.to(device)))
     return DenseWeights(source.embedding().to(device), source.final_norm().to(device),
                         source.lm_head().to(device), layers, experts)
 
@@ -74,13 +77,15 @@ def last_token_index(seq_lens: Sequence[int], device: torch.device) -> torch.Ten
 
 
 class ReferenceRunner:
-    """All weights resident on `device`; implements the generation driver's `BatchRunner`."""
+    """All weights resident on `device`; implements the generation driver's `BatchRunner`. With an
+    `ExpertParallelKernel` as `moe_kernel`, this rank holds its share of each layer's experts only and
+    the MoE layers run across the kernel's process group (every rank runs the same batch)."""
 
     def __init__(self, spec: ModelSpec, source: WeightSource, device: torch.device | str = "cpu",
                  moe_kernel: MoEKernel = moe_loop):
         self.spec, self.device, self.moe_kernel = spec, torch.device(device), moe_kernel
         self.family = family(spec)
-        self.weights = load_dense(source, self.device)
+        self.weights = load_dense(source, self.device, getattr(moe_kernel, "local_experts", None))
         self.dtype = source.dtype
         self.cache: KVCache | None = None
         self.lengths: torch.Tensor | None = None

@@ -233,16 +233,20 @@ def _check(q, k_pool, v_pool, block_table, context_lens) -> list[int]:
 
 def paged_decode_attention_torch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                  block_table: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same semantics in plain PyTorch: per sequence, its blocks gathered, fp32 softmax attention."""
+    """The same semantics in plain PyTorch: per sequence, its blocks gathered, fp32 softmax attention.
+    Where V is a view of K's first values (multi-head latent attention), K is gathered once for both.
+    (Gathering a whole group of sequences at once and masking the padding was 1.3x faster for
+    DeepSeek-V2-Lite's one KV head and 2.9x slower for Mixtral's eight, measured side by side here.)"""
     lens = _check(q, k_pool, v_pool, block_table, context_lens)
     B, Hq, D = q.shape
     _, Hkv, BS, _ = k_pool.shape
     G, Dv = Hq // Hkv, v_pool.shape[3]
+    v_in_k = v_pool.data_ptr() == k_pool.data_ptr() and v_pool.stride() == k_pool.stride() and Dv <= D
     out = q.new_empty(B, Hq, Dv)
     for b, n in enumerate(lens):
         ids = block_table[b, : -(-n // BS)].long()
         k = k_pool[ids].transpose(0, 1).reshape(Hkv, -1, D)[:, :n].float()      # [Hkv, n, D]
-        v = v_pool[ids].transpose(0, 1).reshape(Hkv, -1, Dv)[:, :n].float()
+        v = k[..., :Dv] if v_in_k else v_pool[ids].transpose(0, 1).reshape(Hkv, -1, Dv)[:, :n].float()
         qb = q[b].float().view(Hkv, G, D) * scale                                 # [Hkv, G, D]
         p = torch.softmax(torch.bmm(qb, k.transpose(1, 2)), dim=-1)              # [Hkv, G, n]
         out[b] = torch.bmm(p, v).reshape(Hq, Dv).to(q.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,42 @@ def test_the_chunk_count_grows_with_what_communication_can_hide():
     balanced = pipeline_chunks(1e8, 1e11, **link)
     assert balanced > 1
     assert pipeline_chunks(1e8, 1e11, **(link | dict(latency_s=5e-3, launch_s=2e-3))) < balanced
+
+
+def _reference_rank(rank: int, world: int, port: int, folder: str, path: str, chunks: int) -> None:
+    from moe_lightning.config import ModelSpec
+    from moe_lightning.engine.expert_parallel import ExpertParallelKernel
+    from moe_lightning.engine.generation import GenerationParams, generate
+    from moe_lightning.engine.reference import ReferenceRunner
+    from moe_lightning.engine.weights import resolve_model
+    from tests.conftest import PARITY_NEW_TOKENS
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        spec, source = resolve_model(ModelSpec(name="hf", path=path, dtype="float32"))
+        kernel = ExpertParallelKernel(spec.num_experts, chunks=chunks)
+        runner = ReferenceRunner(spec, source, moe_kernel=kernel)
+        held = {len(s.slot_of) for s in runner.weights.experts if s is not None}
+        prompts = json.loads((Path(folder) / "prompts.json").read_text())
+        result = generate(runner, prompts, GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), 8)
+        (Path(folder) / f"ref{rank}.json").write_text(json.dumps({"outputs": result.output_ids, "held": sorted(held)}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world, chunks", [(2, 1), (4, 3)])
+def test_reference_engine_under_expert_parallelism_is_token_identical_to_transformers(tmp_path, prompts, world,
+                                                                                      chunks):
+    """A Hugging Face checkpoint folder (a family with dense and MoE layers), every rank holding 8 / R
+    experts of each MoE layer: every rank's greedy tokens are transformers' own."""
+    from tests.models.test_families import Tiny
+
+    tiny = Tiny("qwen2_moe", prompts)
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    mp.spawn(_reference_rank, args=(world, _free_port(), str(tmp_path), str(tiny.path), chunks), nprocs=world,
+             join=True)
+    for rank in range(world):
+        doc = json.loads((tmp_path / f"ref{rank}.json").read_text())
+        assert doc["held"] == [8 // world]
+        assert doc["outputs"] == tiny.outputs, rank

@@ -28,7 +28,7 @@ ROUNDING = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-1
 def reference(q, k_pool, v_pool, block_table, context_lens, scale) -> torch.Tensor:
     B, Hq, D = q.shape
     _, Hkv, BS, _ = k_pool.shape
-    out = torch.empty(B, Hq, D, dtype=torch.float64)
+    out = torch.empty(B, Hq, v_pool.shape[3], dtype=torch.float64)
     for b in range(B):
         t = torch.arange(int(context_lens[b]))
         blocks, rows = block_table[b, t // BS].long(), t % BS
@@ -36,7 +36,7 @@ def reference(q, k_pool, v_pool, block_table, context_lens, scale) -> torch.Tens
         v = v_pool[blocks, :, rows].double().transpose(0, 1)
         qb = q[b].double().view(Hkv, Hq // Hkv, D)
         p = torch.softmax(qb @ k.transpose(1, 2) * scale, dim=-1)      # [Hkv, G, n]
-        out[b] = (p @ v).reshape(Hq, D)
+        out[b] = (p @ v).reshape(Hq, -1)
     return out
 
 
@@ -264,3 +264,17 @@ def test_built_once_per_process_under_concurrent_first_use(monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(got) == 4 and all(m is got[0] for m in got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_latent_attention_reads_v_from_k(dtype):
+    """Multi-head latent attention's shape: one KV head serving every query head, K = [latent | RoPE key]
+    and V a view of K's latent (`ModelSpec.v_in_k`): the fallback runs it (the compiled kernel takes V's dim
+    equal to K's), gathering K once."""
+    q, k_pool, _, table, lens = make_case(len(MIXED), 1, 16, 40, 16, dtype, dtype, MIXED, seed=7)
+    v_pool = k_pool[..., :32]
+    assert ca.backend(16, 1, 40, 32) == "torch"
+    out = ca.paged_decode_attention(q, k_pool, v_pool, table, lens, 0.2)
+    assert out.shape == (len(MIXED), 16, 32)
+    torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, table, lens, 0.2),
+                               rtol=ROUNDING[dtype] * 1.01, atol=1e-5)
