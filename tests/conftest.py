@@ -4,6 +4,7 @@ model for parity checks, and CUDA-aware markers."""
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -124,3 +125,10 @@ def cli_with_peak_rss(*args: str, timeout: int = 300):
                        capture_output=True, text=True, timeout=timeout)
     lines = r.stdout.strip().splitlines()
     return r, int(lines[-1]) if lines and lines[-1].isdigit() else -1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (a test server's, a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -159,6 +159,24 @@ class _Config:
             raise self.fail(f"{key} must be {kind}, got {shown(value)}")
         return value
 
+    def count(self, key: str, default: int, minimum: int = 0) -> int:
+        """An integer >= `minimum`; absent or null is `default`."""
+        value = self.get(key, None)
+        if value is None:
+            return default
+        if not (_is_int(value) and value >= minimum):
+            raise self.fail(f"{key} must be an integer >= {minimum}, got {shown(value)}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        """true or false; absent or null is `default`."""
+        value = self.get(key, None)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(f"{key} must be true or false, got {shown(value)}")
+        return value
+
     def positive_number(self, key: str, value: object) -> float:
         if not (_is_number(value) and value > 0):
             raise self.fail(f"{key} must be a positive number, got {shown(value)}")

@@ -208,11 +208,6 @@ def expert(get: Getter, i: int, e: int, spec: ModelSpec) -> tuple[torch.Tensor, 
 
 # ---- config.json ----
 
-def _int(cfg, key: str, default: int | None) -> int:
-    value = cfg.positive_int(key, default, nullable=default is None)
-    return 0 if value is None else value
-
-
 def _spec_fields(cfg, version: int) -> dict:
     from moe_lightning.engine.hf_config import common_fields
 
@@ -223,7 +218,7 @@ def _spec_fields(cfg, version: int) -> dict:
                         expert_size_key="moe_intermediate_size", family_name=family_name, implements=reads,
                         head_dim_key=False, default_rope_theta=DEEPSEEK_ROPE_THETA, rope_types=("default", "yarn"))
     layers, experts = out["num_layers"], out["num_experts"]
-    r, rq = cfg.positive_int("kv_lora_rank"), _int(cfg, "q_lora_rank", None)
+    r, rq = cfg.positive_int("kv_lora_rank"), cfg.count("q_lora_rank", 0, minimum=1)
     dn, dr, dv = (cfg.positive_int(k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
     if dr % 2:
         raise cfg.fail(f"qk_rope_head_dim={dr} must be even (RoPE turns pairs)")
@@ -231,16 +226,12 @@ def _spec_fields(cfg, version: int) -> dict:
     if freq != 1:
         raise cfg.fail(f"moe_layer_freq={freq!r} is not implemented by the {family_name} path (1 only: every "
                        "layer from first_k_dense_replace on is an MoE layer)")
-    first = cfg.get("first_k_dense_replace", 0)
-    first = 0 if first is None else first
-    if not (isinstance(first, int) and not isinstance(first, bool) and 0 <= first < layers):
-        raise cfg.fail(f"first_k_dense_replace must be an integer in [0, num_hidden_layers={layers}), got {first!r}")
-    shared = cfg.get("n_shared_experts", 0)
-    shared = 0 if shared is None else shared
-    if not (isinstance(shared, int) and not isinstance(shared, bool) and shared >= 0):
-        raise cfg.fail(f"n_shared_experts must be an integer >= 0, got {shared!r}")
+    first = cfg.count("first_k_dense_replace", 0)
+    if first >= layers:
+        raise cfg.fail(f"first_k_dense_replace={first} must be below num_hidden_layers={layers}")
+    shared = cfg.count("n_shared_experts", 0)
     scale = cfg.positive_number("routed_scaling_factor", cfg.get("routed_scaling_factor", 1.0))
-    n_group, topk_group = _int(cfg, "n_group", 1) or 1, _int(cfg, "topk_group", 1) or 1
+    n_group, topk_group = cfg.count("n_group", 1, minimum=1), cfg.count("topk_group", 1, minimum=1)
     norm = cfg.get("norm_topk_prob", False)
     if version == 2:
         scoring, method = cfg.get("scoring_func", "softmax"), cfg.get("topk_method", "greedy")
@@ -260,11 +251,7 @@ def _spec_fields(cfg, version: int) -> dict:
         if scoring not in ("sigmoid", None) or method not in ("noaux_tc", None):
             raise cfg.fail(f"scoring_func={scoring!r}, topk_method={method!r}: the DeepSeek-V3 path implements "
                            "sigmoid scoring with noaux_tc routing only")
-        if not isinstance(norm, bool):
-            raise cfg.fail(f"norm_topk_prob must be true or false, got {norm!r}")
-        interleave = cfg.get("rope_interleave", True)
-        if not isinstance(interleave, bool):
-            raise cfg.fail(f"rope_interleave must be true or false, got {interleave!r}")
+        norm, interleave = cfg.flag("norm_topk_prob", False), cfg.flag("rope_interleave", True)
         scoring = "sigmoid"
     if experts % n_group or not 1 <= topk_group <= n_group:
         raise cfg.fail(f"n_group={n_group} must divide n_routed_experts={experts}, with topk_group={topk_group} "

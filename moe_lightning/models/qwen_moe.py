@@ -156,23 +156,11 @@ def _dense_layers(cfg, layers: int) -> tuple[list[int], int]:
     only = [] if only is None else only
     if not (isinstance(only, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in only)):
         raise cfg.fail(f"mlp_only_layers must be a list of layer indices, got {only!r}")
-    step = cfg.get("decoder_sparse_step", None)
-    step = 1 if step is None else step
-    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 1):
-        raise cfg.fail(f"decoder_sparse_step must be an integer >= 1, got {step!r}")
+    step = cfg.count("decoder_sparse_step", 1, minimum=1)
     dense = [i for i in range(layers) if i in only or (i + 1) % step]
     if not dense:
         return [], 0
     return dense, cfg.positive_int("intermediate_size")
-
-
-def _flag(cfg, key: str, default: bool) -> bool:
-    value = cfg.get(key, None)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise cfg.fail(f"{key} must be true or false, got {value!r}")
-    return value
 
 
 def qwen2_spec_fields(cfg) -> dict:
@@ -183,15 +171,12 @@ def qwen2_spec_fields(cfg) -> dict:
                         implements=("norm_topk_prob", "qkv_bias", "moe_intermediate_size",
                                     "shared_expert_intermediate_size", "mlp_only_layers", "decoder_sparse_step"),
                         default_rope_theta=QWEN_ROPE_THETA)
-    shared = cfg.get("shared_expert_intermediate_size", None)
-    shared = 0 if shared is None else shared
-    if not (isinstance(shared, int) and not isinstance(shared, bool) and shared >= 0):
-        raise cfg.fail(f"shared_expert_intermediate_size must be an integer >= 0, got {shared!r}")
+    shared = cfg.count("shared_expert_intermediate_size", 0)
     # Qwen2MoeAttention's Q/K/V biases: `qkv_bias` (transformers >= 5), always on before it.
     dense, dense_size = _dense_layers(cfg, out["num_layers"])
-    return out | dict(attention_bias=_flag(cfg, "qkv_bias", True), shared_expert_size=shared,
+    return out | dict(attention_bias=cfg.flag("qkv_bias", True), shared_expert_size=shared,
                       dense_layers=dense, dense_intermediate_size=dense_size,
-                      norm_topk_prob=_flag(cfg, "norm_topk_prob", False))
+                      norm_topk_prob=cfg.flag("norm_topk_prob", False))
 
 
 def qwen3_spec_fields(cfg) -> dict:
@@ -203,9 +188,9 @@ def qwen3_spec_fields(cfg) -> dict:
                                     "mlp_only_layers", "decoder_sparse_step"),
                         default_rope_theta=QWEN_ROPE_THETA)
     dense, dense_size = _dense_layers(cfg, out["num_layers"])
-    return out | dict(attention_bias=_flag(cfg, "attention_bias", False), qk_norm="head",
+    return out | dict(attention_bias=cfg.flag("attention_bias", False), qk_norm="head",
                       dense_layers=dense, dense_intermediate_size=dense_size,
-                      norm_topk_prob=_flag(cfg, "norm_topk_prob", False))
+                      norm_topk_prob=cfg.flag("norm_topk_prob", False))
 
 
 def _hf_common(spec: ModelSpec) -> dict:

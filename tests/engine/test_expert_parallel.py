@@ -5,7 +5,6 @@ trace shows chunk c+1's dispatch in flight across chunk c's expert GEMMs."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,9 @@ import torch.multiprocessing as mp
 from moe_lightning.engine.expert_parallel import Trace, ep_moe, expert_slice, pipeline_chunks
 from moe_lightning.engine.experts import moe_loop
 from moe_lightning.models.layers import ExpertStack
+from tests.conftest import free_port
 
 E, H, F, K = 8, 32, 24, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layer(rank: int, tokens: int):
@@ -58,7 +52,7 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_layer_matches_one_process_and_pipelines(tmp_path, world):
-    mp.spawn(_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         doc = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case, err in doc["errors"].items():
@@ -114,7 +108,7 @@ def test_reference_engine_under_expert_parallelism_is_token_identical_to_transfo
 
     tiny = Tiny("qwen2_moe", prompts)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    mp.spawn(_reference_rank, args=(world, _free_port(), str(tmp_path), str(tiny.path), chunks), nprocs=world,
+    mp.spawn(_reference_rank, args=(world, free_port(), str(tmp_path), str(tiny.path), chunks), nprocs=world,
              join=True)
     for rank in range(world):
         doc = json.loads((tmp_path / f"ref{rank}.json").read_text())

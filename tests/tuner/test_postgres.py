@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+
+from tests.conftest import free_port
 
 pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
 
@@ -28,12 +29,6 @@ def _server_bin() -> Path | None:
         return Path(found[-1]).parent
     pg_ctl = shutil.which("pg_ctl")
     return Path(pg_ctl).resolve().parent if pg_ctl else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +44,7 @@ def pg_url():
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_user:
         shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def run(*args: str) -> None:
         r = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
@@ -108,7 +103,7 @@ def test_a_resumed_study_on_the_server_keeps_its_trials(pg_url, tmp_path, tiny_p
 
 
 def test_an_unreachable_server_is_one_line(tmp_path, tiny_path):
-    url = f"postgresql+psycopg://postgres:secret@127.0.0.1:{_free_port()}/postgres"
+    url = f"postgresql+psycopg://postgres:secret@127.0.0.1:{free_port()}/postgres"
     r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=tune", "tuner.objective=simulate",
                         f"tuner.storage={url}", f"hydra.run.dir={tmp_path / 'h'}"],
                        capture_output=True, text=True, timeout=120)
