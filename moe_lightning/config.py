@@ -60,10 +60,12 @@ def _curve(xs: list, ys: list, key: str) -> None:
     _check(all(y > 0 for y in ys), where, f"values must be > 0, got {list(ys)}")
 
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "deepseek_v2", "deepseek_v3")
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "deepseek_v2", "deepseek_v3", "gpt_oss")
 QK_NORMS = ("none", "head", "full")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "yarn")
+EXPERT_ACTS = ("silu", "clamped_swiglu")
+EXPERT_FORMATS = ("dense", "mxfp4")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -133,6 +135,24 @@ class ModelSpec:
     yarn_beta_slow: float = 1.0
     yarn_mscale: float = 0.0
     yarn_mscale_all_dim: float = 0.0
+    yarn_truncate: bool = True      # the interpolation ramp's dim bounds floored and ceiled (gpt-oss: false)
+    # gpt-oss: attention sinks (a learned logit per query head, an extra key column in the softmax that
+    # takes probability mass and gives no value), sliding-window attention on `sliding_layers` (a token
+    # attends to itself and the sliding_window - 1 before it), a bias on o_proj (beside Q/K/V's
+    # attention_bias), on the router and on each expert's two projections, and its clamped SwiGLU:
+    # (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+    attention_sinks: bool = False
+    sliding_window: int = 0         # 0: no window
+    sliding_layers: list[int] = field(default_factory=list)
+    attention_out_bias: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    expert_act: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    # How the checkpoint stores the routed experts: "mxfp4" (gpt-oss's published checkpoints: 4-bit e2m1
+    # values in blocks of 32 sharing one power-of-two scale), dequantized to the run's dtype as they load.
+    expert_format: str = "dense"
 
     def __post_init__(self) -> None:
         _choice(self.architecture, "model.architecture", ARCHITECTURES)
@@ -180,6 +200,20 @@ class ModelSpec:
         if self.rope_type == "yarn":
             _positive(self, "model", "yarn_factor", "yarn_original_max_positions", "yarn_beta_fast",
                       "yarn_beta_slow")
+        _check(isinstance(self.sliding_window, int) and not isinstance(self.sliding_window, bool)
+               and self.sliding_window >= 0, "model.sliding_window",
+               f"must be an integer >= 0 (0: no window), got {self.sliding_window!r}")
+        sliding = list(self.sliding_layers)
+        _check(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in sliding)
+               and sliding == sorted(set(sliding)), "model.sliding_layers",
+               f"must be distinct layer indices in [0, {self.num_layers}) in increasing order, got {sliding}")
+        _check(bool(sliding) == bool(self.sliding_window), "model.sliding_layers",
+               f"set both or neither of model.sliding_window ({self.sliding_window}) and model.sliding_layers "
+               f"({sliding})")
+        self.sliding_layers = sliding
+        _choice(self.expert_act, "model.expert_act", EXPERT_ACTS)
+        _choice(self.expert_format, "model.expert_format", EXPERT_FORMATS)
+        _positive(self, "model", "swiglu_alpha", "swiglu_limit")
 
     # Derived sizes, in elements unless the name says bytes.
     @property
@@ -264,6 +298,8 @@ class ModelSpec:
         q, kv = nh * hd, self.num_kv_heads * hd
         out = [q * H, kv * H, kv * H, H * q]
         out += [q, kv, kv] if self.attention_bias else []
+        out += [H] if self.attention_out_bias else []
+        out += [nh] if self.attention_sinks else []
         return out + {"none": [], "head": [hd, hd], "full": [q, kv]}[self.qk_norm]
 
     @property
@@ -286,8 +322,17 @@ class ModelSpec:
 
     @property
     def router_params(self) -> int:
-        """The router, and its per-expert score-correction bias under sigmoid scoring (DeepSeek-V3)."""
-        return self.num_experts * self.hidden_size + self.num_experts * (self.scoring_func == "sigmoid")
+        """The router, and its per-expert bias: DeepSeek-V3's score correction, gpt-oss's logit bias."""
+        return self.num_experts * (self.hidden_size + (self.scoring_func == "sigmoid") + self.router_bias)
+
+    @property
+    def expert_bias_params(self) -> int:
+        """Every routed expert's biases of one layer (gpt-oss), held with the layer, not paged."""
+        return self.num_experts * (2 * self.intermediate_size + self.hidden_size) if self.expert_bias else 0
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window in tokens, None for full attention."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -308,8 +353,10 @@ class ModelSpec:
 
     @property
     def layer_non_expert_params(self) -> int:
-        """Everything of an MoE layer but its routed experts: attention, two norms, router, shared expert."""
-        return self.attention_params + 2 * self.hidden_size + self.router_params + self.shared_expert_params
+        """Everything of an MoE layer but its routed experts: attention, two norms, router, shared expert, and
+        the routed experts' biases where the model has them."""
+        return (self.attention_params + 2 * self.hidden_size + self.router_params + self.shared_expert_params
+                + self.expert_bias_params)
 
     @property
     def dense_layer_params(self) -> int:
@@ -324,6 +371,8 @@ class ModelSpec:
         H, S, Fd, E = self.hidden_size, self.shared_expert_size, self.dense_intermediate_size, self.num_experts
         attention = self.attention_tensor_sizes
         layer = [H, H, *attention, E * H] + ([E] if self.scoring_func == "sigmoid" else [])
+        layer += [E] if self.router_bias else []
+        layer += [E * 2 * self.intermediate_size, E * H] if self.expert_bias else []
         layer += [S * H, S * H, H * S] + ([H] if self.shared_expert_gate else []) if S else []
         dense = [H, H, *attention, Fd * H, Fd * H, H * Fd]
         return [self.vocab_size * H, H, self.vocab_size * H] + [

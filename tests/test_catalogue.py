@@ -147,6 +147,18 @@ def family_checkpoint(arch: str, edit: Callable[[Path], None]) -> Callable[[Path
     return setup
 
 
+def edit_shard_tensor(name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
+    """Tensor `name` of a sharded checkpoint replaced by change(it), in the shard the index lists it in."""
+    def edit(ckpt: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        shard = ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][name]
+        tensors = load_file(shard)
+        tensors[name] = change(tensors[name])
+        save_file(tensors, shard)
+    return edit
+
+
 def listed_shard(tensors: dict) -> Callable[[Path], None]:
     """A new shard holding `tensors`, listed in the index."""
     def edit(ckpt: Path) -> None:
@@ -364,10 +376,22 @@ CASES = [
     Case("family-deepseek-v3-rope-dynamic", HF, "rope_type='dynamic' is not implemented by the DeepSeek-V3 path",
          setup=family_checkpoint("deepseek_v3", edit_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                              "rope_theta": 10000.0}))),
-    Case("family-deepseek-v3-yarn-untruncated", HF, "rope_parameters.truncate=false is not implemented",
+    Case("family-deepseek-v3-yarn-truncate-string", HF, "rope_parameters.truncate must be true or false, got 'no'",
          setup=family_checkpoint("deepseek_v3", edit_config(rope_parameters={
              "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
-             "truncate": False}))),
+             "truncate": "no"}))),
+    Case("family-gpt-oss-quant-method", HF, 'quantization_config={"quant_method": "fp8"} is not implemented by the '
+         "gpt-oss path", setup=family_checkpoint("gpt_oss", edit_config(quantization_config={"quant_method": "fp8"}))),
+    Case("family-gpt-oss-layer-types", HF, 'layer_types=["sliding_attention"] must list 3 entries',
+         setup=family_checkpoint("gpt_oss", edit_config(layer_types=["sliding_attention"]))),
+    Case("family-gpt-oss-mxfp4-without-blocks", HF, "missing tensor 'model.layers.0.mlp.experts.gate_up_proj_blocks'",
+         setup=family_checkpoint("gpt_oss", edit_config(quantization_config={"quant_method": "mxfp4"}))),
+    Case("family-gpt-oss-mxfp4-float-scales", HF, "'model.layers.1.mlp.experts.down_proj_scales' has dtype F32; "
+         "accepted: U8", setup=family_checkpoint("gpt_oss_mxfp4", edit_shard_tensor(
+             "model.layers.1.mlp.experts.down_proj_scales", lambda t: t.float()))),
+    Case("family-gpt-oss-mxfp4-nan-scale", HF, "'model.layers.2.mlp.experts.gate_up_proj_scales': expert 0's scales "
+         "make values beyond float32", setup=family_checkpoint("gpt_oss_mxfp4", edit_shard_tensor(
+             "model.layers.2.mlp.experts.gate_up_proj_scales", lambda t: t.index_fill(2, torch.tensor([0]), 255)))),
     Case("family-deepseek-v3-dense-without-mlp", HF, "missing tensor 'model.layers.1.mlp.gate_proj.weight'",
          setup=family_checkpoint("deepseek_v3", edit_config(first_k_dense_replace=2))),
     Case("family-feature-not-in-mixtral", ("model.weights=random", "model.qk_norm=head"),
@@ -381,8 +405,8 @@ CASES = [
     Case("family-dbrx-rope-disagrees", HF, "attn_config.rope_theta=500000.0 disagrees",
          setup=family_checkpoint("dbrx", edit_config(attn_config={"kv_n_heads": 2, "clip_qkv": 0.5,
                                                                   "rope_theta": 500000.0}))),
-    Case("family-gpt-oss-not-yet", HF, "unsupported model_type 'gpt_oss'",
-         setup=family_checkpoint("qwen3_moe", edit_config(model_type="gpt_oss"))),
+    Case("family-qwen3-relabelled-gpt-oss", HF, "moe_intermediate_size=32 changes the math and is not implemented by "
+         "the gpt-oss path", setup=family_checkpoint("qwen3_moe", edit_config(model_type="gpt_oss"))),
     # Tunes: no completed trial is a failure, with the commonest reason; a study is not reused across kinds
     Case("tune-every-trial-out-of-memory", ("tuner.objective=measure", "tuner.trial_memory_gib=0.4", "tuner.n_trials=2",
                                             "tuner.seed_with_hrm=false", "tuner.study_name=capped"),

@@ -152,6 +152,10 @@ class CGOPipeRunner:
         persistent = {k: v for k, v in self.plan.gpu.items() if k != "activations"}
         self.pools = DevicePools(persistent, device)
         self.embedding, self.norm, self.lm_head, self.layers = self._load_non_experts(source)
+        # Each layer's attention arguments (scale, sinks, window) where attention runs: beside the device's
+        # weights, and on the CPU for CPU attention.
+        self._attn_dev = [self.family.attention_args(lw, i, spec) for i, lw in enumerate(self.layers)]
+        self._attn_cpu = [self.family.attention_args(lw, i, spec, "cpu") for i, lw in enumerate(self.layers)]
         n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
         self.experts = ExpertCache(spec, source, n_res, policy.num_pages, policy.prefetch_depth,
                                    self.pools, device, pin=self.cuda)
@@ -435,7 +439,7 @@ class CGOPipeRunner:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
         x = self._input(i, j)
         q, k, v = self.family.pre_attention(self.layers[i], x, self._positions[j], self.spec)
-        attn = prefill_attention(q, k, v, mb.lens, mb.pads if any(mb.pads) else None, self.spec.attn_scale)
+        attn = prefill_attention(q, k, v, mb.lens, mb.pads if any(mb.pads) else None, **self._attn_dev[i])
         if mb.on_gpu:
             self._write_prompt_kv(mb, i, k, v)
         else:
@@ -475,18 +479,19 @@ class CGOPipeRunner:
         self._state["qkv"][key] = tuple(self._to_cpu(a) for a in self._state["qkv"][key])
 
     def _attend(self, mb: MicroBatch, j: int, i: int, q, k, v, slots, new_len, starts) -> torch.Tensor:
+        args = self._attn_cpu[i] if q.device.type == "cpu" else self._attn_dev[i]
         if mb.blocks is not None:   # append in place, then the paged kernel over the blocks
             blk, row, lens = self._append[j]
             pool = mb.blocks.pool
             pool.k[i][blk, :, row] = k
             pool.v[i][blk, :, row] = v
-            out = paged_decode_attention(q, pool.k[i], pool.v[i], mb.blocks.table, lens, self.spec.attn_scale)
+            out = paged_decode_attention(q, pool.k[i], pool.v[i], mb.blocks.table, lens, **args)
             return out.reshape(len(mb.seqs), -1)
         b = torch.arange(len(mb.seqs), device=slots.device)
         mb.k[i, b, :, slots] = k
         mb.v[i, b, :, slots] = v
         s = int(new_len.max())
-        return decode_attention(q, mb.k[i, :, :, :s], mb.v[i, :, :, :s], new_len, starts, self.spec.attn_scale)
+        return decode_attention(q, mb.k[i, :, :, :s], mb.v[i, :, :, :s], new_len, starts, **args)
 
     def _op_CPUAttn(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]
@@ -540,14 +545,14 @@ class CGOPipeRunner:
             k_blocks[new_block, :, row] = k
             v_blocks[new_block, :, row] = v
             attn = paged_decode_attention(q, k_blocks, v_blocks, table, lens,
-                                          self.spec.attn_scale).reshape(len(mb.seqs), -1)
+                                          **self._attn_dev[i]).reshape(len(mb.seqs), -1)
             self._state["qkv"][i, j] = (k, v)
         else:
             k_cache, v_cache = self._state["kv"].pop((i, j))
             b = torch.arange(len(mb.seqs), device=self.device)
             k_cache[b, :, self._slots_dev[j]] = k
             v_cache[b, :, self._slots_dev[j]] = v
-            attn = decode_attention(q, k_cache, v_cache, new_len, starts, self.spec.attn_scale)
+            attn = decode_attention(q, k_cache, v_cache, new_len, starts, **self._attn_dev[i])
             self._state["qkv"][i, j] = (k, v)
         x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
         self._finish(i, j, x)

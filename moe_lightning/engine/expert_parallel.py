@@ -17,6 +17,7 @@ Placement-free like the kernels: the tensors' device is the process group's (glo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -90,6 +91,10 @@ def ep_moe(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: E
     if per_rank * R != num_experts or len(experts.slot_of) != per_rank:
         raise ValueError(f"{num_experts} experts over {R} ranks: each rank holds {num_experts / R}, "
                          f"this one {len(experts.slot_of)}")
+    if experts.b13 is not None and experts.b13.shape[0] == num_experts:   # biases of every expert (by global
+        mine = slice(dist.get_rank(group) * per_rank, (dist.get_rank(group) + 1) * per_rank)   # id): this rank's
+        experts = dataclasses.replace(experts, b13=experts.b13[mine],
+                                      b2=None if experts.b2 is None else experts.b2[mine])
     T, k = ids.shape
     bounds = [round(c * T / chunks) for c in range(chunks + 1)]
     # Each chunk's (token, k) pairs sorted by expert (so by owning rank), and its counts per rank.

@@ -14,17 +14,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_lightning.models.layers import ExpertStack, MoEKernel, expert_ffn
+from moe_lightning.models.layers import ExpertStack, MoEKernel, stack_expert_ffn
 
 
 def moe_loop(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertStack) -> torch.Tensor:
     out = torch.zeros_like(h)
     for e in torch.unique(ids).tolist():
         tok, pos = torch.where(ids == e)
-        w13, w2 = experts.weights(e)
-        y = expert_ffn(h[tok], w13, w2) * weights[tok, pos, None]
+        y = stack_expert_ffn(h[tok], experts, e) * weights[tok, pos, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
+
+
+def _biased(x: torch.Tensor, b: torch.Tensor | None, ids: torch.Tensor, tok: torch.Tensor,
+            pos: torch.Tensor) -> torch.Tensor:
+    """x plus each row's expert's bias (row r: expert ids[tok[r], pos[r]]); x itself, with nothing allocated,
+    when the experts have none."""
+    return x if b is None else x + b[ids[tok, pos]]
 
 
 def _by_region(ids: torch.Tensor, experts: ExpertStack):
@@ -45,8 +51,9 @@ def moe_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, exper
     for r, tok, pos, idx in _by_region(ids, experts):
         w13, w2 = experts.w13[r], experts.w2[r]
         offs = torch.cumsum(torch.bincount(idx, minlength=w13.shape[0]), 0).to(torch.int32)
-        gate, up = F.grouped_mm(h[tok], w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        y = F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs) * weights[tok, pos, None]
+        gate_up = _biased(F.grouped_mm(h[tok], w13.transpose(1, 2), offs=offs), experts.b13, ids, tok, pos)
+        y = _biased(F.grouped_mm(experts.activate(gate_up), w2.transpose(1, 2), offs=offs), experts.b2, ids, tok, pos)
+        y = y * weights[tok, pos, None]
         out.index_add_(0, tok, y.to(h.dtype))
     return out
 
@@ -59,8 +66,11 @@ def moe_padded(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert
         row = torch.arange(idx.numel(), device=h.device) - (torch.cumsum(counts, 0) - counts)[idx]
         x = h.new_zeros(w13.shape[0], int(counts.max()), h.shape[1])                  # [n_r, C, H]
         x[idx, row] = h[tok]
-        gate, up = torch.bmm(x, w13.transpose(1, 2)).chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))[idx, row] * weights[tok, pos, None]
+        gate_up = torch.bmm(x, w13.transpose(1, 2))
+        if experts.b13 is not None:
+            gate_up = gate_up + experts.b13[experts.region_experts(r)][:, None]
+        y = _biased(torch.bmm(experts.activate(gate_up), w2.transpose(1, 2))[idx, row], experts.b2, ids, tok, pos)
+        y = y * weights[tok, pos, None]
         out.index_add_(0, tok, y.to(h.dtype))
     return out
 
@@ -69,8 +79,12 @@ def moe_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts
     out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     for r, tok, pos, idx in _by_region(ids, experts):
         w13, w2 = experts.w13[r], experts.w2[r]
-        gate, up = torch.matmul(h[None], w13.transpose(1, 2)).chunk(2, dim=-1)
-        y = torch.matmul(F.silu(gate) * up, w2.transpose(1, 2))                        # [n_r, T, H]
+        gate_up = torch.matmul(h[None], w13.transpose(1, 2))
+        if experts.b13 is not None:
+            gate_up = gate_up + experts.b13[experts.region_experts(r)][:, None]
+        y = torch.matmul(experts.activate(gate_up), w2.transpose(1, 2))               # [n_r, T, H]
+        if experts.b2 is not None:
+            y = y + experts.b2[experts.region_experts(r)][:, None]
         combine = torch.zeros(w13.shape[0], h.shape[0], dtype=torch.float32, device=h.device)
         combine[idx, tok] = weights[tok, pos]
         out += (y.float() * combine[..., None]).sum(0)

@@ -237,8 +237,7 @@ class _Config:
         if not found:
             return {"rope_type": "default"}
         where, p = found[0]
-        for key, accepted in (("attention_factor", ()), ("truncate", (True,)), ("extrapolation_factor", (1.0,)),
-                              ("attn_factor", (1.0,))):
+        for key, accepted in (("attention_factor", ()), ("extrapolation_factor", (1.0,)), ("attn_factor", (1.0,))):
             value = p.get(key)
             if value is not None and not any(_same(value, a) for a in accepted):
                 raise self.fail(f"{where}.{key}={shown(value)} is not implemented by the {family} path")
@@ -258,15 +257,31 @@ class _Config:
         factor = p.get("factor")
         if not (_is_number(factor) and factor > 0):
             raise self.fail(f"{where}.factor must be a positive number, got {shown(factor)}")
-        return dict(rope_type="yarn", yarn_factor=float(factor), yarn_original_max_positions=original,
+        truncate = p.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise self.fail(f"{where}.truncate must be true or false, got {shown(truncate)}")
+        out = {} if truncate else {"yarn_truncate": False}
+        return out | dict(rope_type="yarn", yarn_factor=float(factor), yarn_original_max_positions=original,
                     yarn_beta_fast=number("beta_fast", 32.0) or 32.0, yarn_beta_slow=number("beta_slow", 1.0) or 1.0,
                     yarn_mscale=number("mscale", 0.0), yarn_mscale_all_dim=number("mscale_all_dim", 0.0))
 
     def refuse_unimplemented(self, max_positions: int, family: str = "Mixtral",
                              implements: tuple[str, ...] = ()) -> None:
         act = self.get("hidden_act", "silu")
-        if act not in ACTIVATIONS or not isinstance(act, str):
+        if "hidden_act" not in implements and (act not in ACTIVATIONS or not isinstance(act, str)):
             raise self.fail(f"hidden_act={shown(act)} is not implemented by the {family} path (silu only)")
+        if "sliding_window" not in implements:
+            self._refuse_window(max_positions, family)
+        for key, accepted in NEUTRAL_VALUES.items():
+            if key in implements:
+                continue
+            value = self.get(key, None)
+            if value is not None and not any(_same(value, a) for a in accepted):
+                allowed = ", ".join(["null", *(shown(a) for a in accepted)])
+                raise self.fail(f"{key}={shown(value)} changes the math and is not implemented by the "
+                                f"{family} path (accepted: {allowed})")
+
+    def _refuse_window(self, max_positions: int, family: str) -> None:
         use_window = self.get("use_sliding_window", None)
         if use_window is not None and not isinstance(use_window, bool):
             raise self.fail(f"use_sliding_window must be true, false or null, got {shown(use_window)}")
@@ -284,14 +299,6 @@ class _Config:
         if types is not None and (not isinstance(types, list) or any(t != "full_attention" for t in types)):
             raise self.fail(f"layer_types={shown(types)} is not implemented by the {family} path "
                             "(full_attention only)")
-        for key, accepted in NEUTRAL_VALUES.items():
-            if key in implements:
-                continue
-            value = self.get(key, None)
-            if value is not None and not any(_same(value, a) for a in accepted):
-                allowed = ", ".join(["null", *(shown(a) for a in accepted)])
-                raise self.fail(f"{key}={shown(value)} changes the math and is not implemented by the "
-                                f"{family} path (accepted: {allowed})")
 
 
 def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[str, ...], expert_size_key: str,

@@ -103,7 +103,7 @@ class ReferenceRunner:
         for i, lw in enumerate(w.layers):
             q, k, v = fam.pre_attention(lw, x, positions, spec)
             self.cache.write_prefill(i, k, v, seq_lens)
-            attn = prefill_attention(q, k, v, seq_lens, scale=spec.attn_scale)
+            attn = prefill_attention(q, k, v, seq_lens, **fam.attention_args(lw, i, spec))
             x = fam.post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
         return fam.final_logits(x, w.norm, w.lm_head, spec)
 
@@ -121,7 +121,8 @@ class ReferenceRunner:
             q, k, v = fam.pre_attention(lw, x, positions, spec)
             cache.write_decode(i, k, v, positions)
             s = int(self.lengths.max())
-            attn = decode_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], self.lengths, scale=spec.attn_scale)
+            attn = decode_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], self.lengths,
+                                    **fam.attention_args(lw, i, spec))
             x = fam.post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
         return fam.final_logits(x, w.norm, w.lm_head, spec)
 

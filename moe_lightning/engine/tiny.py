@@ -70,17 +70,52 @@ def write_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, max_shard_
             for name, p in model.named_parameters():
                 if "norm" in name.split(".")[-2]:
                     p.normal_(1.0, 0.2)
-                elif name.endswith(".bias"):
-                    p.normal_(0.0, 0.2)
+                elif name.endswith((".bias", "_bias")):   # gpt-oss's expert biases too (smaller: every layer
+                    p.normal_(0.0, 0.05 if spec.attention_sinks else 0.2)   # adds two to the residual)
+                elif name.endswith(".sinks"):
+                    p.normal_(0.0, 1.0)
             for name, b in model.named_buffers():
                 if name.endswith("e_score_correction_bias"):   # DeepSeek-V3's router, zero at init
                     b.normal_(0.0, 0.05)
-            if spec.mla:   # sharper attention and louder experts, so that RoPE, YaRN, the softmax scale and
-                for name, p in model.named_parameters():   # each routing choice show in the tokens
-                    if any(k in name for k in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "experts.")):
+            if spec.mla or spec.attention_sinks:   # sharper attention and louder experts, so that RoPE, YaRN,
+                for name, p in model.named_parameters():   # the softmax scale, a window, a sink and each
+                    if any(k in name for k in ("q_proj", "k_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                                               "experts.")):   # routing choice show in the tokens
                         p.mul_(MLA_GAIN)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
+    if spec.expert_format == "mxfp4":
+        pack_experts_mxfp4(folder, seed)
+
+
+def pack_experts_mxfp4(folder: Path, seed: int) -> None:
+    """Replace each fused expert tensor of a saved gpt-oss checkpoint (`mlp.experts.gate_up_proj`
+    [E, H, 2F], `down_proj` [E, F, H]) by MXFP4 blocks and scales of the same matrices as the published
+    checkpoints store them ([E, 2F, H/32, 16] and [E, 2F, H/32] of x W^T's weight, ...), with seeded random
+    4-bit values and scales (transformers cannot quantize on a CPU; it dequantizes them as it loads)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names = f.keys()
+            tensors, metadata = {k: f.get_tensor(k) for k in names}, f.metadata()
+        for name in [n for n in tensors if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+            E, cols, rows = tensors.pop(name).shape   # stored [E, in, out]; MXFP4 packs [E, out, in]
+            tensors[name + "_blocks"] = torch.randint(0, 256, (E, rows, cols // 32, 16), generator=gen,
+                                                      dtype=torch.uint8)
+            tensors[name + "_scales"] = torch.randint(120, 124, (E, rows, cols // 32), generator=gen,
+                                                      dtype=torch.uint8)
+            if index is not None:
+                shard = index["weight_map"].pop(name)
+                index["weight_map"] |= {name + "_blocks": shard, name + "_scales": shard}
+        save_file(tensors, str(file), metadata=metadata)
+    if index is not None:
+        index_path.write_text(json.dumps(index, indent=2))
 
 
 def ensure_tiny_mixtral(spec: ModelSpec | None = None, seed: int = 0) -> Path:
@@ -96,6 +131,8 @@ def ensure_tiny(spec: ModelSpec, seed: int = 0, max_shard_size: str | None = Non
         key += [max_shard_size, perturb]
     if perturb and spec.mla:
         key += ["experts", MLA_GAIN]
+    elif perturb and spec.attention_sinks:
+        key += ["k_proj", "experts", MLA_GAIN, "bias 0.05"]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     name = f"tiny-{spec.architecture.replace('_', '-')}"
     folder = cache_dir() / f"{name}-{digest}"

@@ -56,6 +56,12 @@ SHAPE_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_heads",
                 "num_experts", "top_k", "vocab_size", "attention_bias", "qk_norm", "norm_topk_prob",
                 "shared_expert_size", "clip_qkv", "dense_layers", "dense_intermediate_size")
 INDEX_NAME = "model.safetensors.index.json"
+# Quantized tensors (MXFP4's 4-bit blocks and their scales): bytes, read as stored, never cast.
+PACKED_SUFFIXES = ("_blocks", "_scales")
+
+
+def is_packed(name: str) -> bool:
+    return name.endswith(PACKED_SUFFIXES)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -123,10 +129,13 @@ class RandomWeights(WeightSource):
                 self._fused = (name, self.tensor(name))
             return self._fused[1][rows[0]:rows[1]]
         shape = self.shapes[name]
-        if "norm" in name.split(".")[-2]:   # norm weights (q/k norms too) start at one, as transformers does
-            return torch.ones(shape, dtype=self.dtype)
         digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        if is_packed(name):   # MXFP4: any 4-bit values; scales 2^-7 .. 2^-5 (values of the order of std)
+            lo, hi = (120, 123) if name.endswith("_scales") else (0, 256)
+            return torch.randint(lo, hi, shape, generator=gen, dtype=torch.uint8)
+        if "norm" in name.split(".")[-2]:   # norm weights (q/k norms too) start at one, as transformers does
+            return torch.ones(shape, dtype=self.dtype)
         return (torch.randn(shape, generator=gen) * self.std).to(self.dtype)
 
 
@@ -277,9 +286,10 @@ class CheckpointWeights(WeightSource):
                 raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(got)}, "
                                       f"config.json implies {list(shape)}")
             dtype = sl.get_dtype()
-            if dtype not in SAFETENSORS_DTYPES:
+            accepted = ("U8",) if is_packed(name) else tuple(SAFETENSORS_DTYPES)
+            if dtype not in accepted:
                 raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; "
-                                      f"accepted: {', '.join(SAFETENSORS_DTYPES)}")
+                                      f"accepted: {', '.join(accepted)}")
             seen.add(name)
         extra = sorted(set(self._where) - seen)
         if extra:
@@ -297,6 +307,8 @@ class CheckpointWeights(WeightSource):
             t = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows[0]:rows[1]]
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({one_line(exc)})") from None
+        if is_packed(name):
+            return t
         out = t.to(self.dtype)
         if not is_finite(out):
             if is_finite(t):

@@ -193,19 +193,24 @@ def backend(n_heads: int = 32, n_kv_heads: int = 8, head_dim: int = 128, v_dim: 
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, *, p_bf16: bool = False) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, *, p_bf16: bool = False,
+                           sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Decode attention of one new token per sequence over its paged context (see the module docstring).
 
     `p_bf16` (opt-in, bf16 q and pools on a CPU with AVX512-BF16, else ignored): the softmax weights are
     rounded to bf16 for P @ V (as FlashAttention does on GPUs), halving that product's instructions; the
     output then differs from exact by at most 2^-8 * max|V| more (measured on N(0, 1) data: about a
     tenth of that bound beyond the output's own bf16 rounding). In exchange, 15-20% more GB/s when
-    measured side by side on 2 Zen 4 vCPUs."""
-    if (backend(q.shape[1], k_pool.shape[1], q.shape[2], v_pool.shape[3]) == "cpp" and q.device.type == "cpu"
+    measured side by side on 2 Zen 4 vCPUs.
+
+    `sinks` [Hq] (attention-sink logits, an extra key column per head) and `window` (attend only the last
+    `window` tokens) run on the PyTorch fallback: the compiled kernel implements neither yet."""
+    if (sinks is None and window is None and q.device.type == "cpu"
+            and backend(q.shape[1], k_pool.shape[1], q.shape[2], v_pool.shape[3]) == "cpp"
             and k_pool.is_contiguous() and v_pool.is_contiguous()):
         return load_extension().paged_decode_attention(q, k_pool, v_pool, block_table, context_lens, float(scale),
                                                        p_bf16)
-    return paged_decode_attention_torch(q, k_pool, v_pool, block_table, context_lens, scale)
+    return paged_decode_attention_torch(q, k_pool, v_pool, block_table, context_lens, scale, sinks, window)
 
 
 def _check(q, k_pool, v_pool, block_table, context_lens) -> list[int]:
@@ -232,7 +237,8 @@ def _check(q, k_pool, v_pool, block_table, context_lens) -> list[int]:
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                                 block_table: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                                 block_table: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                 sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """The same semantics in plain PyTorch: per sequence, its blocks gathered, fp32 softmax attention.
     Where V is a view of K's first values (multi-head latent attention), K is gathered once for both.
     (Gathering a whole group of sequences at once and masking the padding was 1.3x faster for
@@ -243,11 +249,18 @@ def paged_decode_attention_torch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: 
     G, Dv = Hq // Hkv, v_pool.shape[3]
     v_in_k = v_pool.data_ptr() == k_pool.data_ptr() and v_pool.stride() == k_pool.stride() and Dv <= D
     out = q.new_empty(B, Hq, Dv)
+    sink = None if sinks is None else sinks.float().view(Hkv, G, 1)
     for b, n in enumerate(lens):
-        ids = block_table[b, : -(-n // BS)].long()
-        k = k_pool[ids].transpose(0, 1).reshape(Hkv, -1, D)[:, :n].float()      # [Hkv, n, D]
-        v = k[..., :Dv] if v_in_k else v_pool[ids].transpose(0, 1).reshape(Hkv, -1, Dv)[:, :n].float()
+        first = 0 if window is None else max(0, n - window)                     # the window's first token
+        ids = block_table[b, first // BS: -(-n // BS)].long()
+        lo, hi = first % BS, first % BS + n - first
+        k = k_pool[ids].transpose(0, 1).reshape(Hkv, -1, D)[:, lo:hi].float()   # [Hkv, n, D]
+        v = k[..., :Dv] if v_in_k else v_pool[ids].transpose(0, 1).reshape(Hkv, -1, Dv)[:, lo:hi].float()
         qb = q[b].float().view(Hkv, G, D) * scale                                 # [Hkv, G, D]
-        p = torch.softmax(torch.bmm(qb, k.transpose(1, 2)), dim=-1)              # [Hkv, G, n]
+        scores = torch.bmm(qb, k.transpose(1, 2))                                 # [Hkv, G, n]
+        if sink is None:
+            p = torch.softmax(scores, dim=-1)
+        else:
+            p = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         out[b] = torch.bmm(p, v).reshape(Hq, Dv).to(q.dtype)
     return out

@@ -48,6 +48,17 @@ class Family:
     implements: dict[str, tuple] = field(default_factory=dict)
     # What the family needs of a spec beyond single values (one ConfigError line), if anything.
     check: Callable[[ModelSpec], None] | None = None
+    # A layer's attention-sink logits [nq] (an extra key column of each head's softmax), if it has them.
+    attention_sinks: Callable[[object], torch.Tensor | None] = lambda lw: None
+
+    def attention_args(self, lw: object, layer: int, spec: ModelSpec, device: torch.device | str | None = None
+                       ) -> dict:
+        """Keyword arguments of the shared attention functions for layer `layer`: its softmax scale, its
+        attention sinks (on `device` when given) and its sliding window."""
+        sinks = self.attention_sinks(lw)
+        if sinks is not None and device is not None:
+            sinks = sinks.to(device)
+        return dict(scale=spec.attn_scale, sinks=sinks, window=spec.window(layer))
 
     def tensors(self, spec: ModelSpec) -> TensorShapes:
         """Every tensor of a checkpoint, layer by layer (lazily: a config.json claiming 10^9 layers
@@ -63,14 +74,17 @@ class Family:
 FEATURES = {"attention_bias": False, "qk_norm": "none", "norm_topk_prob": True, "shared_expert_size": 0,
             "clip_qkv": None, "dense_layers": [], "shared_expert_gate": True, "kv_lora_rank": 0, "q_lora_rank": 0,
             "qk_nope_head_dim": 0, "v_head_dim": 0, "rope_interleave": False, "scoring_func": "softmax",
-            "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "rope_type": "default"}
+            "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "rope_type": "default",
+            "yarn_truncate": True, "attention_sinks": False, "sliding_window": 0, "sliding_layers": [],
+            "attention_out_bias": False, "router_bias": False, "expert_bias": False, "expert_act": "silu",
+            "expert_format": "dense"}
 
 
 def _registry() -> dict[str, Family]:
-    from moe_lightning.models import dbrx, deepseek, mixtral, olmoe, qwen_moe
+    from moe_lightning.models import dbrx, deepseek, gpt_oss, mixtral, olmoe, qwen_moe
 
     return {f.architecture: f for f in (mixtral.FAMILY, qwen_moe.QWEN2_MOE, qwen_moe.QWEN3_MOE, olmoe.FAMILY,
-                                        dbrx.FAMILY, deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3)}
+                                        dbrx.FAMILY, deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3, gpt_oss.FAMILY)}
 
 
 def families() -> dict[str, Family]:

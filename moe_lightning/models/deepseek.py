@@ -284,6 +284,7 @@ def hf_config(spec: ModelSpec) -> dict:
                 "original_max_position_embeddings": spec.yarn_original_max_positions,
                 "beta_fast": spec.yarn_beta_fast, "beta_slow": spec.yarn_beta_slow,
                 "mscale": spec.yarn_mscale, "mscale_all_dim": spec.yarn_mscale_all_dim}
+        rope |= {} if spec.yarn_truncate else {"truncate": False}
     out = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, moe_intermediate_size=spec.intermediate_size,
         intermediate_size=spec.dense_intermediate_size or 4 * spec.intermediate_size,
@@ -324,7 +325,8 @@ _LAYOUT = dict(pre_attention=pre_attention, post_attention=post_attention, final
                layer=layer, expert=expert, hf_config=hf_config, check=check)
 _MLA = {"kv_lora_rank": "any", "q_lora_rank": "any", "qk_nope_head_dim": "any", "v_head_dim": "any",
         "rope_interleave": (True, False), "shared_expert_size": "any", "shared_expert_gate": (False,),
-        "rope_type": ("default", "yarn"), "routed_scaling_factor": "any", "dense_layers": "any"}
+        "rope_type": ("default", "yarn"), "yarn_truncate": (True, False), "routed_scaling_factor": "any",
+        "dense_layers": "any"}
 
 DEEPSEEK_V2 = Family(
     architecture="deepseek_v2", model_types=("deepseek_v2",), hf_class="DeepseekV2ForCausalLM",

@@ -35,6 +35,10 @@ class ExpertStack:
     w13: list[torch.Tensor]          # per region [n_r, 2F, H]: gate (w1) and up (w3), fused
     w2: list[torch.Tensor]           # per region [n_r, H, F]: down projection
     slot_of: list[tuple[int, int]]   # expert id -> (region, index in region)
+    # Per-expert biases by expert id (gpt-oss; small, held with the layer, not paged): [E, 2F], [E, H].
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None   # [.., 2F] -> [.., F]; None: SwiGLU
 
     @classmethod
     def single(cls, w13: torch.Tensor, w2: torch.Tensor) -> ExpertStack:
@@ -43,6 +47,21 @@ class ExpertStack:
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         r, idx = self.slot_of[e]
         return self.w13[r][idx], self.w2[r][idx]
+
+    def region_experts(self, r: int) -> list[int]:
+        """Expert ids of region r, by index in the region."""
+        ids = [-1] * self.w13[r].shape[0]
+        for e, (region, idx) in enumerate(self.slot_of):
+            if region == r:
+                ids[idx] = e
+        return ids
+
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The GLU between the two projections: [.., 2F] (gate | up) -> [.., F]."""
+        if self.act is not None:
+            return self.act(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 MoEKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertStack], torch.Tensor]
@@ -72,7 +91,8 @@ def rope_inv_freq(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[
     YaRN (`rope_type=yarn`): dims that turn fewer than `beta_slow` times over the original context are
     interpolated (frequency / factor), those turning more than `beta_fast` times kept, a linear ramp
     between (the dim bounds floored and ceiled); the gain is mscale(factor, mscale) / mscale(factor,
-    mscale_all_dim) when both are set, else mscale(factor)."""
+    mscale_all_dim) when both are set, else mscale(factor). `yarn_truncate` false (gpt-oss) keeps the dim
+    bounds unrounded."""
     hd = spec.head_dim
     idx = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float()
     pos_freq = spec.rope_theta ** (idx / hd)
@@ -83,7 +103,10 @@ def rope_inv_freq(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[
     def dim_of(turns: float) -> float:
         return hd * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(spec.rope_theta))
 
-    low, high = max(math.floor(dim_of(spec.yarn_beta_fast)), 0), min(math.ceil(dim_of(spec.yarn_beta_slow)), hd - 1)
+    low, high = dim_of(spec.yarn_beta_fast), dim_of(spec.yarn_beta_slow)
+    if spec.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
     ramp = ((torch.arange(hd // 2, dtype=torch.float32, device=device) - low)
             / ((high - low) or 0.001)).clamp(0, 1)
     kept = 1 - ramp
@@ -112,9 +135,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
-                      pads: list[int] | None = None, scale: float | None = None) -> torch.Tensor:
+                      pads: list[int] | None = None, scale: float | None = None, sinks: torch.Tensor | None = None,
+                      window: int | None = None) -> torch.Tensor:
     """Causal attention over packed sequences: q [T, nq, hd], k [T, nkv, hd], v [T, nkv, dv] ->
-    [T, nq*dv]; `scale` (default hd^-0.5) multiplies q.k.
+    [T, nq*dv]; `scale` (default hd^-0.5) multiplies q.k; `sinks` [nq]: attention-sink logits; `window`:
+    each token sees itself and the window - 1 tokens before it.
 
     With `pads`, sequence b begins with pads[b] padding tokens that attend to nothing and are
     attended by nothing (their output is zero).
@@ -125,20 +150,45 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len
         pad = pads[b] if pads else 0
         start, n = start + pad, n - pad
         sl = slice(start, start + n)
-        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
-                                           v[sl].transpose(0, 1), is_causal=True, enable_gqa=True, scale=scale)
+        qs, ks, vs = q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+        if sinks is None and window is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True, scale=scale)
+        else:
+            pos = torch.arange(n, device=q.device)
+            seen = pos[None, :] <= pos[:, None]                              # [query, key]: causal
+            if window is not None:
+                seen &= pos[None, :] > pos[:, None] - window
+            o = _attend(qs, ks, vs, seen, qs.shape[-1] ** -0.5 if scale is None else scale, sinks)
         out[sl] = o.transpose(0, 1).reshape(n, -1)
         start += n
     return out
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float,
+            sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention with a mask, and attention sinks where given, as transformers' eager path runs it:
+    q [nq, n, hd], k [nkv, s, hd], v [nkv, s, dv], seen [n, s] (True: attended), sinks [nq] -> [nq, n, dv].
+    A sink is one more logit per head in the softmax, dropped after it: the row's weights sum below 1."""
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    scores = torch.matmul(q, k.transpose(1, 2)) * scale
+    scores = scores.masked_fill(~seen, float("-inf"))
+    if sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    logits = torch.cat([scores, sinks.to(scores.dtype)[:, None, None].expand(-1, scores.shape[1], 1)], dim=-1)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      lengths: torch.Tensor, starts: torch.Tensor | None = None,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, sinks: torch.Tensor | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """One new token per sequence over its cached context.
 
     q [B, nq, hd]; k_cache [B, nkv, S, hd], v_cache [B, nkv, S, dv] already holding the new token's K/V;
-    cache slots [starts, lengths) are valid per sequence (starts > 0 skips left padding) -> [B, nq*dv].
+    cache slots [starts, lengths) are valid per sequence (starts > 0 skips left padding) -> [B, nq*dv];
+    with `window`, only the last `window` of them; `sinks` [nq] as in `prefill_attention`.
     """
     B, nq, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -148,8 +198,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     invalid = slot >= lengths[:, None]                                        # [B, S]
     if starts is not None:
         invalid |= slot < starts[:, None]
+    if window is not None:
+        invalid |= slot < lengths[:, None] - window
     scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, nkv, nq // nkv, 1).expand(B, -1, -1, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v_cache).reshape(B, -1)                       # [B, nkv, g, dv]
 
 
@@ -171,3 +227,25 @@ def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
     """SwiGLU expert: x [t, H], w13 [2F, H], w2 [H, F] -> [t, H]."""
     gate, up = F.linear(x, w13).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, w2)
+
+
+def stack_expert_ffn(x: torch.Tensor, experts: ExpertStack, e: int) -> torch.Tensor:
+    """Expert e of a stack on x [t, H], with its biases and the stack's GLU where it has them -> [t, H]."""
+    w13, w2 = experts.weights(e)
+    if experts.b13 is None and experts.act is None:
+        return expert_ffn(x, w13, w2)
+    gate_up = F.linear(x, w13)
+    if experts.b13 is not None:
+        gate_up = gate_up + experts.b13[e]
+    y = F.linear(experts.activate(gate_up), w2)
+    return y if experts.b2 is None else y + experts.b2[e]
+
+
+def clamped_swiglu(alpha: float, limit: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """gpt-oss's GLU over [gate | up]: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate,
+    limit)."""
+    def act(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
+    return act

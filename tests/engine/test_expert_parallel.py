@@ -99,14 +99,15 @@ def _reference_rank(rank: int, world: int, port: int, folder: str, path: str, ch
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, chunks", [(2, 1), (4, 3)])
+@pytest.mark.parametrize("world, chunks, family", [(2, 1, "qwen2_moe"), (4, 3, "qwen2_moe"), (2, 2, "gpt_oss")])
 def test_reference_engine_under_expert_parallelism_is_token_identical_to_transformers(tmp_path, prompts, world,
-                                                                                      chunks):
-    """A Hugging Face checkpoint folder (a family with dense and MoE layers), every rank holding 8 / R
-    experts of each MoE layer: every rank's greedy tokens are transformers' own."""
+                                                                                      chunks, family):
+    """A Hugging Face checkpoint folder (a family with dense and MoE layers; one whose experts have
+    biases), every rank holding 8 / R experts of each MoE layer: every rank's greedy tokens are
+    transformers' own."""
     from tests.models.test_families import Tiny
 
-    tiny = Tiny("qwen2_moe", prompts)
+    tiny = Tiny(family, prompts)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     mp.spawn(_reference_rank, args=(world, free_port(), str(tmp_path), str(tiny.path), chunks), nprocs=world,
              join=True)

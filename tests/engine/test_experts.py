@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from moe_lightning.engine.experts import KERNELS, moe_loop
-from moe_lightning.models.layers import ExpertStack, route
+from moe_lightning.models.layers import ExpertStack, clamped_swiglu, route
 
 
+@pytest.mark.parametrize("biased", [False, True], ids=["swiglu", "biased-clamped"])
 @pytest.mark.parametrize("kernel", ["grouped", "padded", "dense"])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
-def test_kernels_agree_with_loop(kernel, tokens):
+def test_kernels_agree_with_loop(kernel, tokens, biased):
+    """`biased`: per-expert biases on both projections and gpt-oss's clamped SwiGLU (the loop kernel's
+    own use of them is checked against transformers in tests/models)."""
     if kernel not in KERNELS:
         pytest.skip(f"{kernel} needs a newer torch")
     g = torch.Generator().manual_seed(tokens)
@@ -26,6 +29,9 @@ def test_kernels_agree_with_loop(kernel, tokens):
     w2 = [torch.randn(n, H, F, generator=g) for n in sizes]
     slots = [(r, i) for r, n in enumerate(sizes) for i in range(n)]
     stack = ExpertStack(w13, w2, [slots[i] for i in torch.randperm(E, generator=g).tolist()])
+    if biased:
+        stack.b13, stack.b2 = torch.randn(E, 2 * F, generator=g), torch.randn(E, H, generator=g)
+        stack.act = clamped_swiglu(1.702, 7.0)
     ref = moe_loop(h, weights, ids, stack)
     out = KERNELS[kernel](h, weights, ids, stack)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

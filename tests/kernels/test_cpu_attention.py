@@ -25,18 +25,24 @@ BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_COMPILER, reaso
 ROUNDING = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def reference(q, k_pool, v_pool, block_table, context_lens, scale) -> torch.Tensor:
+def reference(q, k_pool, v_pool, block_table, context_lens, scale, sinks=None, window=None) -> torch.Tensor:
+    """In float64, token by token: softmax(q.k * scale) over the last `window` tokens (all by default), with
+    exp(sink) added to each head's denominator where `sinks` are given."""
     B, Hq, D = q.shape
     _, Hkv, BS, _ = k_pool.shape
     out = torch.empty(B, Hq, v_pool.shape[3], dtype=torch.float64)
     for b in range(B):
-        t = torch.arange(int(context_lens[b]))
+        n = int(context_lens[b])
+        t = torch.arange(0 if window is None else max(0, n - window), n)
         blocks, rows = block_table[b, t // BS].long(), t % BS
         k = k_pool[blocks, :, rows].double().transpose(0, 1)            # [Hkv, n, D]
         v = v_pool[blocks, :, rows].double().transpose(0, 1)
         qb = q[b].double().view(Hkv, Hq // Hkv, D)
-        p = torch.softmax(qb @ k.transpose(1, 2) * scale, dim=-1)      # [Hkv, G, n]
-        out[b] = (p @ v).reshape(Hq, -1)
+        e = torch.exp(qb @ k.transpose(1, 2) * scale)                   # [Hkv, G, n]
+        denominator = e.sum(-1, keepdim=True)
+        if sinks is not None:
+            denominator = denominator + torch.exp(sinks.double()).view(Hkv, Hq // Hkv, 1)
+        out[b] = (e / denominator @ v).reshape(Hq, -1)
     return out
 
 
@@ -278,3 +284,18 @@ def test_latent_attention_reads_v_from_k(dtype):
     assert out.shape == (len(MIXED), 16, 32)
     torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, table, lens, 0.2),
                                rtol=ROUNDING[dtype] * 1.01, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("window", [None, 1, 20], ids=["full", "window1", "window20"])
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
+def test_sinks_and_sliding_window(block_size, window, sinks):
+    """gpt-oss: a sink logit per head in the softmax's denominator, and a window over the last tokens
+    (shorter contexts than the window see everything)."""
+    D, group, scale = 64, 4, 64**-0.5
+    q, k_pool, v_pool, table, lens = make_case(len(MIXED), 2, group, D, block_size, torch.float32, torch.float32,
+                                               MIXED, seed=block_size + 3)
+    s = torch.randn(2 * group, generator=torch.Generator().manual_seed(5)) * 2 if sinks else None
+    out = ca.paged_decode_attention(q, k_pool, v_pool, table, lens, scale, sinks=s, window=window)
+    torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, table, lens, scale, s, window),
+                               rtol=1e-5, atol=1e-5)
