@@ -277,7 +277,16 @@ class ModelSpec:
 
     @property
     def expert_bytes(self) -> int:
+        """One routed expert in the run's dtype, as the kernels read it (and as resident experts are held)."""
         return self.expert_params * self.dtype_bytes
+
+    @property
+    def expert_stream_bytes(self) -> int:
+        """One streamed expert as it is held on the CPU and crosses the link: MXFP4 experts as stored (4 bits
+        a weight and a byte of scale per 32: `models.mxfp4`), dequantized on the GPU; else expert_bytes."""
+        if self.expert_format == "mxfp4":
+            return 3 * self.hidden_size * self.intermediate_size * 17 // 32
+        return self.expert_bytes
 
     @property
     def attention_params(self) -> int:
@@ -383,6 +392,13 @@ class ModelSpec:
         embeddings = 2 * self.vocab_size * self.hidden_size  # untied embedding and LM head
         return (self.num_moe_layers * self.layer_non_expert_params + len(self.dense_layers) * self.dense_layer_params
                 + embeddings + self.hidden_size)
+
+    @property
+    def streamed_weight_bytes(self) -> int:
+        """Every weight as the engine holds it when every routed expert streams: the experts as they stream
+        (MXFP4: 4-bit pages), the rest in the run's dtype."""
+        return (self.non_expert_params * self.dtype_bytes
+                + self.num_moe_layers * self.num_experts * self.expert_stream_bytes)
 
     @property
     def total_params(self) -> int:

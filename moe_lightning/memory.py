@@ -257,6 +257,30 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     return _max(prefill, decode)
 
 
+MXFP4_BLOCK = 32                # values sharing one scale (`models.mxfp4`)
+MXFP4_CHUNK_BYTES = 8 << 20     # block bytes (two values each) the GPU dequantizes at a time: 3 chunks
+                                # (~27 kernels) an expert of gpt-oss, for a workspace of ~57 MB in bf16
+
+
+def mxfp4_chunk(hidden: int, ffn: int) -> tuple[int, int]:
+    """(block bytes, scales) one dequantization chunk holds: MXFP4_CHUNK_BYTES, or a whole matrix where
+    smaller, and at least one row."""
+    n = max(min(MXFP4_CHUNK_BYTES, ffn * hidden), max(hidden, ffn) // 2)
+    return n, -(-n // (MXFP4_BLOCK // 2))
+
+
+def dequant_bytes(spec: ModelSpec, n_str: int) -> int:
+    """GPU bytes to run `n_str` streamed experts a layer that cross the link quantized (MXFP4): a scratch of
+    one layer's streamed experts in the run's dtype, and the dequantizer's workspace (per chunk of n block
+    bytes: their nibbles as int32 indices and as values in the dtype; n / 16 scales in fp32 and the dtype).
+    0 when the experts stream as the kernels read them."""
+    if spec.expert_format != "mxfp4" or n_str <= 0:
+        return 0
+    d = spec.dtype_bytes
+    n, s = mxfp4_chunk(spec.hidden_size, spec.intermediate_size)
+    return n_str * spec.expert_bytes + n * (4 + d) + s * (4 + d)
+
+
 def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
                  num_pages: Any, n_res: int, kv_gpu_fraction: Any, attn_on_gpu: bool,
                  prefetch_depth: int, kv_tokens: Any = None, paged: bool = False,
@@ -284,13 +308,15 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
         # Each tensor at an aligned offset: small tensors (norms, biases) take a whole aligned slot.
         "non_expert_weights": sum(-(-n * d // TENSOR_ALIGN) * TENSOR_ALIGN for n in spec.non_expert_tensor_sizes),
         "resident_experts": L * n_res * spec.expert_bytes,
-        "streamed_experts": 2 * n_str * spec.expert_bytes if n_str > 0 else 0,
+        # a double buffer of one layer's streamed experts as they cross the link, and where that is 4-bit,
+        # the scratch they are dequantized into
+        "streamed_experts": 2 * n_str * spec.expert_stream_bytes + dequant_bytes(spec, n_str) if n_str > 0 else 0,
         "kv_cache": kv_gpu + kv_stream_buffer,
         "activations": activations,
     }
-    page_bytes = -(-(n_str * spec.expert_bytes) // num_pages)  # ceil division
+    page_bytes = -(-(n_str * spec.expert_stream_bytes) // num_pages)  # ceil division
     cpu = {
-        "streamed_experts": L * n_str * spec.expert_bytes,
+        "streamed_experts": L * n_str * spec.expert_stream_bytes,
         "kv_cache": kv_total - kv_gpu,
         "pinned_ring": (prefetch_depth + 1) * page_bytes,
         "hidden_states": N * (spec.qkv_elements + spec.hidden_size) * d,

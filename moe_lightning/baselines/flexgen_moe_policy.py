@@ -21,8 +21,8 @@ latency of generating `gen_len` tokens, `L * T_pre + (gen_len - 1) * L * T_gen`,
 the pair with the best throughput `N * gen_len / latency` wins.
 
 Per layer and step, `N = gbs * num_gb` sequences, prompt `s` (the longest with padding, else the
-average), decode context `ctx = s + gen_len / 2`, `W` the layer's expert bytes, `a = N * h1 * d` the
-hidden states:
+average), decode context `ctx = s + gen_len / 2`, `W` the layer's expert bytes (over the link: as they
+stream, MXFP4 experts 4-bit), `a = N * h1 * d` the hidden states:
 - decode, attention on the GPU (S4): H2D `(1-w_g) W + (1-c_g) N ctx kv + (1-h_g) a`; D2H
   `(1-c_g) N kv_new + (1-h_g) a`; compute `T_ffn + T_proj + T_attn^gpu`;
 - decode, attention on the CPU (FlexGen(c), `cpu_cache_compute`): the CPU-resident KV is attended by
@@ -121,6 +121,7 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     # Per-layer terms averaged over the layers: dense layers stream no experts and run their MLP instead.
     f = spec.num_moe_layers / spec.num_layers
     W = f * spec.num_experts * spec.expert_bytes
+    W_link = f * spec.num_experts * spec.expert_stream_bytes   # as they cross the link (MXFP4: 4-bit)
     mlp_flops = (1 - f) * 2 * spec.dense_mlp_params   # per token
     s = workload.prompt_len_max if workload.padding else workload.prompt_len_avg
     ctx = s + workload.gen_len / 2
@@ -136,18 +137,18 @@ def cost_model(spec: ModelSpec, hw: HardwareSpec, workload: Workload, gbs: int, 
     t_attn_g = _roofline(attn_flops, attn_bytes, p_g, b_g)
     t_attn_c = _roofline(attn_flops, attn_bytes, p_c, b_c)
     if attn_on_gpu:
-        up = _sum(_on_cpu(W, W_), _on_cpu(N * ctx * kv_new, C_), _on_cpu(act, A_))
+        up = _sum(_on_cpu(W_link, W_), _on_cpu(N * ctx * kv_new, C_), _on_cpu(act, A_))
         down = _sum(_on_cpu(N * kv_new, C_), _on_cpu(act, A_))
         comp = Affine(t_ffn + t_proj + t_attn_g, (0.0, 0.0, 0.0))
     else:
-        up = _sum(_on_cpu(W, W_), _on_cpu(N * spec.attn_out_elements * d, C_), _on_cpu(act, A_))
+        up = _sum(_on_cpu(W_link, W_), _on_cpu(N * spec.attn_out_elements * d, C_), _on_cpu(act, A_))
         down = _sum(_on_cpu(N * spec.qkv_elements * d, C_), _on_cpu(act, A_))
         comp = _sum(Affine(t_ffn + t_proj + t_attn_g, (0.0, 0.0, 0.0)), _on_cpu(t_attn_c - t_attn_g, C_))
     decode = (_scale(up, 1 / h2d), _scale(down, 1 / d2h), comp)
 
     # prefill
     tokens = N * s
-    up_p = _sum(_on_cpu(W, W_), _on_cpu(tokens * H * d, A_))
+    up_p = _sum(_on_cpu(W_link, W_), _on_cpu(tokens * H * d, A_))
     down_p = _sum(_on_cpu(tokens * kv_new, C_), _on_cpu(tokens * H * d, A_))
     flops_p = (2 * tokens * (f * H * F * 3 * k + spec.attention_params) + tokens * mlp_flops
                + N * s * s * nq * (spec.attn_k_dim + spec.attn_v_dim))

@@ -7,7 +7,10 @@
   the pageable CPU copy of the streamed experts, and the pinned staging ring between them.
 
 A layer's streamed weights are one contiguous byte range, `[w13 of its streamed experts | w2 of its
-streamed experts]`, both in CPU memory and in each GPU buffer, so a page is a plain byte slice.
+streamed experts]`, both in CPU memory and in each GPU buffer, so a page is a plain byte slice. Experts a
+checkpoint stores as MXFP4 (`ModelSpec.expert_format`) stream as stored instead, each expert's 4-bit page
+back to back (`models.mxfp4`): the link moves 4.25 bits a weight, and the device dequantizes a layer's
+pages into one scratch of its streamed experts before its first kernel.
 Dense layers (`ModelSpec.dense_layers`) have no experts: the cache holds, streams and double-buffers
 the MoE layers only, counted by their ordinal `o` among them (buffer `o % 2`; stream position
 `o * P + p`, as `schedule.cgopipe` counts it).
@@ -24,6 +27,7 @@ from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import MemoryBudgetError
 from moe_lightning.memory import TENSOR_ALIGN
 from moe_lightning.models.layers import ExpertStack
+from moe_lightning.models.mxfp4 import Dequantizer
 
 ALIGN = TENSOR_ALIGN
 SLACK = 4096  # per pool: room for the alignment of the few tensors carved from it
@@ -63,16 +67,26 @@ class ExpertCache:
         self.ordinal = {layer: o for o, layer in enumerate(spec.moe_layers)}   # MoE layer -> its ordinal
         dt = source.dtype
         self.n_res, self.n_str, self.num_pages = n_resident, E - n_resident, num_pages if n_resident < E else 0
+        # Streamed experts cross the link as the checkpoint stores them where that is MXFP4 (4-bit pages,
+        # dequantized on the device into a scratch the kernels read); resident ones are held dequantized.
+        self.quantized = spec.expert_format == "mxfp4" and self.n_str > 0
         # Device: resident experts of every layer.
         self.res_w13 = pools.take("resident_experts", (L * self.n_res, 2 * F, H), dt) if self.n_res else None
         self.res_w2 = pools.take("resident_experts", (L * self.n_res, H, F), dt) if self.n_res else None
         # Device: two buffers for one layer's streamed experts, each one contiguous byte range.
-        self.layer_bytes = self.n_str * 3 * H * F * _size(dt)
+        self.expert_page = spec.expert_stream_bytes if self.quantized else 3 * H * F * _size(dt)
+        self.layer_bytes = self.n_str * self.expert_page
         split = self.n_str * 2 * F * H  # elements of w13 in a streamed layer
         self.buffers = [pools.take("streamed_experts", (self.layer_bytes,), torch.uint8) for _ in range(2)] \
             if self.n_str else []
-        self.buf_w13 = [b[: split * _size(dt)].view(dt).view(self.n_str, 2 * F, H) for b in self.buffers]
-        self.buf_w2 = [b[split * _size(dt):].view(dt).view(self.n_str, H, F) for b in self.buffers]
+        if self.quantized:   # the kernels read the scratch; which MoE layer's experts it holds
+            self.buf_w13 = [pools.take("streamed_experts", (self.n_str, 2 * F, H), dt)]
+            self.buf_w2 = [pools.take("streamed_experts", (self.n_str, H, F), dt)]
+            self.dequantizer = Dequantizer(H, F, dt, device, lambda shape, d: pools.take("streamed_experts", shape, d))
+            self.scratch_holds: int | None = None
+        else:
+            self.buf_w13 = [b[: split * _size(dt)].view(dt).view(self.n_str, 2 * F, H) for b in self.buffers]
+            self.buf_w2 = [b[split * _size(dt):].view(dt).view(self.n_str, H, F) for b in self.buffers]
         # CPU: the streamed experts of every layer (pageable) in the same layout, and the pinned ring.
         self.cpu_layers: list[torch.Tensor] = []   # by ordinal
         for i, o in self.ordinal.items():
@@ -83,12 +97,18 @@ class ExpertCache:
                     self.res_w2[o * self.n_res + e].copy_(w2)
             if self.n_str:
                 blob = torch.empty(self.layer_bytes, dtype=torch.uint8)
-                w13_view = blob[: split * _size(dt)].view(dt).view(self.n_str, 2 * F, H)
-                w2_view = blob[split * _size(dt):].view(dt).view(self.n_str, H, F)
-                for s in range(self.n_str):
-                    w13, w2 = source.expert(i, self.n_res + s)
-                    w13_view[s].copy_(w13)
-                    w2_view[s].copy_(w2)
+                if self.quantized:   # each expert's page: its arrays' bytes back to back
+                    for s in range(self.n_str):
+                        parts = source.expert_packed(i, self.n_res + s)
+                        torch.cat([t.reshape(-1) for t in parts], out=blob[s * self.expert_page:
+                                                                         (s + 1) * self.expert_page])
+                else:
+                    w13_view = blob[: split * _size(dt)].view(dt).view(self.n_str, 2 * F, H)
+                    w2_view = blob[split * _size(dt):].view(dt).view(self.n_str, H, F)
+                    for s in range(self.n_str):
+                        w13, w2 = source.expert(i, self.n_res + s)
+                        w13_view[s].copy_(w13)
+                        w2_view[s].copy_(w2)
                 self.cpu_layers.append(blob)
         self.page_bytes = -(-self.layer_bytes // self.num_pages) if self.n_str else 0
         self.ring = [torch.empty(self.page_bytes, dtype=torch.uint8, pin_memory=pin)
@@ -127,10 +147,26 @@ class ExpertCache:
             w2.append(self.res_w2[rows])
             slot_of += [(0, e) for e in range(self.n_res)]
         if self.n_str:
-            w13.append(self.buf_w13[o % 2])
-            w2.append(self.buf_w2[o % 2])
+            if self.quantized:
+                self._dequantize(o)
+            w13.append(self.buf_w13[0 if self.quantized else o % 2])
+            w2.append(self.buf_w2[0 if self.quantized else o % 2])
             slot_of += [(len(w13) - 1, s) for s in range(self.n_str)]
         return ExpertStack(w13, w2, slot_of)
+
+    def _dequantize(self, o: int) -> None:
+        """MoE layer o's 4-bit pages (all arrived: its first kernel waits for them) into the scratch, once:
+        on its first use after another layer's, on the calling (compute) stream. The scratch is free by
+        then: layer o's pages reach buffer o % 2 only after layer o - 2's last kernel, and layer o - 1's
+        kernels ran before. A layer's pages hold the same experts every step, so a scratch that holds o
+        still holds its experts."""
+        if self.scratch_holds == o:
+            return
+        buffer = self.buffers[o % 2]
+        for s in range(self.n_str):
+            self.dequantizer.expert(buffer[s * self.expert_page:(s + 1) * self.expert_page],
+                                    self.buf_w13[0][s], self.buf_w2[0][s])
+        self.scratch_holds = o
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -108,6 +108,12 @@ class WeightSource:
         """-> (w13 [2F, H] = gate and up projections fused, w2 [H, F])."""
         return self.family.expert(self.tensor, i, e, self.spec)
 
+    def expert_packed(self, i: int, e: int) -> tuple[torch.Tensor, ...]:
+        """Expert e of MoE layer i as a quantized checkpoint stores it (`models.mxfp4`): uint8 arrays."""
+        if self.family.expert_packed is None:
+            raise CheckpointError(f"the {self.spec.architecture} path reads no quantized experts")
+        return self.family.expert_packed(self.tensor, i, e, self.spec, self.dtype)
+
     def experts(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All experts of MoE layer i stacked: -> (w13 [E, 2F, H], w2 [E, H, F])."""
         pairs = [self.expert(i, e) for e in range(self.spec.num_experts)]

@@ -50,6 +50,9 @@ class Family:
     check: Callable[[ModelSpec], None] | None = None
     # A layer's attention-sink logits [nq] (an extra key column of each head's softmax), if it has them.
     attention_sinks: Callable[[object], torch.Tensor | None] = lambda lw: None
+    # One expert as a quantized checkpoint stores it (model.expert_format, `models.mxfp4`), for the 4-bit
+    # pages the engine streams: (get, layer, expert, spec) -> its arrays, uint8, w13's first.
+    expert_packed: Callable | None = None
 
     def attention_args(self, lw: object, layer: int, spec: ModelSpec, device: torch.device | str | None = None
                        ) -> dict:

@@ -14,13 +14,9 @@ Checkpoint layout: a layer's experts fused, `mlp.experts.gate_up_proj` [E, H, 2F
 applied as x @ W, or in the published checkpoints as MXFP4 (`quantization_config.quant_method` mxfp4):
 `*_blocks` uint8 [E, R, C/32, 16] and `*_scales` uint8 [E, R, C/32] of the [R, C] = [2F, H] and [H, F]
 matrices applied as x W^T. The engine's canonical expert is w13 = [gate rows | up rows] [2F, H], w2 [H, F],
-so the interleaved gate/up rows (and their biases) are de-interleaved once, as they load.
-
-MXFP4 (OCP microscaling, FP4 e2m1): 32 values share one E8M0 scale 2^(s - 127); byte j of a block holds
-value 2j in its low nibble and 2j+1 in its high one; nibble bit 3 is the sign, bits 0-2 index
-0, .5, 1, 1.5, 2, 3, 4, 6. Every such value is exact in bf16 and fp32, so dequantizing loses nothing.
-Here the experts are dequantized as they load (what transformers does without its GPU kernels); the
-streamed pages then cross the link at the run's dtype.
+so the interleaved gate/up rows (and their biases, and MXFP4's rows of blocks and scales) are
+de-interleaved once, as they load. MXFP4 experts (`models.mxfp4`) stream as stored, 4-bit pages that the
+engine dequantizes on the GPU; resident experts and the reference engine's are dequantized as they load.
 """
 
 from __future__ import annotations
@@ -42,11 +38,9 @@ from moe_lightning.models.layers import (
     rope_cos_sin,
 )
 from moe_lightning.models.mixtral import global_tensors  # the same embedding, final norm and head names
+from moe_lightning.models.mxfp4 import BLOCK, dequantize, largest_scale, matrix_shapes
 
 GPT_OSS_ROPE_THETA = 150000.0   # GptOssConfig.default_theta
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-MXFP4_BLOCK = 32      # values sharing one scale
-SCALE_BIAS = 127      # E8M0
 
 
 @dataclass
@@ -111,22 +105,6 @@ def attention_sinks(lw: LayerWeights) -> torch.Tensor:
     return lw.sinks
 
 
-# ---- MXFP4 ----
-
-def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """blocks uint8 [.., R, G, 16], scales uint8 [.., R, G] -> [.., R, G * 32] in `dtype` (exact)."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)   # [.., G, 16, 2]
-    values = values.reshape(*blocks.shape[:-1], MXFP4_BLOCK)                                   # [.., R, G, 32]
-    out = torch.ldexp(values, (scales.to(torch.int32) - SCALE_BIAS)[..., None].float())
-    return out.reshape(*blocks.shape[:-2], -1).to(dtype)
-
-
-def mxfp4_shapes(rows: int, cols: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes (without the expert dim) of the blocks and scales of a [rows, cols] matrix."""
-    return (rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2), (rows, cols // MXFP4_BLOCK)
-
-
 # ---- checkpoint layout ----
 
 def _halves(t: torch.Tensor) -> torch.Tensor:
@@ -154,7 +132,7 @@ def expert_tensors(i: int, e: int, spec: ModelSpec) -> dict[str, tuple[int, ...]
         return {}
     H, Fd, E, p = spec.hidden_size, spec.intermediate_size, spec.num_experts, f"model.layers.{i}.mlp.experts."
     if spec.expert_format == "mxfp4":
-        (gu_b, gu_s), (d_b, d_s) = mxfp4_shapes(2 * Fd, H), mxfp4_shapes(H, Fd)
+        (gu_b, gu_s), (d_b, d_s) = matrix_shapes(2 * Fd, H), matrix_shapes(H, Fd)
         return {p + "gate_up_proj_blocks": (E, *gu_b), p + "gate_up_proj_scales": (E, *gu_s),
                 p + "down_proj_blocks": (E, *d_b), p + "down_proj_scales": (E, *d_s)}
     return {p + "gate_up_proj": (E, H, 2 * Fd), p + "down_proj": (E, Fd, H)}
@@ -175,22 +153,37 @@ def layer(get: Getter, i: int, spec: ModelSpec) -> LayerWeights:
 
 
 def expert(get: Getter, i: int, e: int, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert e's slices of the fused tensors -> (w13 [2F, H] = [gate | up], w2 [H, F])."""
+    """Expert e's slices of the fused tensors -> (w13 [2F, H] = [gate | up], w2 [H, F]), dequantized where
+    the checkpoint stores MXFP4."""
     p, rows = f"model.layers.{i}.mlp.experts.", (e, e + 1)
     if spec.expert_format == "mxfp4":
         dtype = get(p + "down_proj_bias", rows).dtype   # the run's dtype
-        gate_up = mxfp4_dequantize(get(p + "gate_up_proj_blocks", rows)[0], get(p + "gate_up_proj_scales", rows)[0],
-                                   dtype)                                                   # [2F, H] interleaved
-        down = mxfp4_dequantize(get(p + "down_proj_blocks", rows)[0], get(p + "down_proj_scales", rows)[0], dtype)
-        for name, t in (("gate_up_proj_scales", gate_up), ("down_proj_scales", down)):
-            if not bool(torch.isfinite(t).all()):   # E8M0's 255 is NaN; 2^128 overflows
-                from moe_lightning.errors import CheckpointError
-
-                raise CheckpointError(f"tensor {p + name!r}: expert {e}'s scales make values beyond "
-                                      f"{str(dtype).removeprefix('torch.')} (a corrupt checkpoint?)")
-        return torch.cat((gate_up[0::2], gate_up[1::2])), down                             # w2 = down [H, F]
+        gu_blocks, gu_scales, d_blocks, d_scales = expert_packed(get, i, e, spec, dtype)
+        return dequantize(gu_blocks, gu_scales, dtype), dequantize(d_blocks, d_scales, dtype)
     gate_up, down = get(p + "gate_up_proj", rows)[0], get(p + "down_proj", rows)[0]      # [H, 2F], [F, H]
     return _halves(gate_up).t().contiguous(), down.t().contiguous()
+
+
+def expert_packed(get: Getter, i: int, e: int, spec: ModelSpec, dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, ...]:
+    """Expert e of an MXFP4 checkpoint as stored, with gate/up's rows de-interleaved ([gate | up], as w13):
+    -> (w13 blocks [2F, H/32, 16], w13 scales [2F, H/32], w2 blocks [H, F/32, 16], w2 scales [H, F/32]),
+    uint8. A scale whose values would not be finite in `dtype` (the run's) is refused, naming it."""
+    p, rows = f"model.layers.{i}.mlp.experts.", (e, e + 1)
+    if dtype is None:
+        dtype = get(p + "down_proj_bias", rows).dtype
+    out = []
+    for name in ("gate_up_proj", "down_proj"):
+        blocks, scales = get(p + name + "_blocks", rows)[0], get(p + name + "_scales", rows)[0]
+        if int(scales.max()) > largest_scale(dtype):   # E8M0's 255 is NaN; above, 6 x 2^(s-127) overflows
+            from moe_lightning.errors import CheckpointError
+
+            raise CheckpointError(f"tensor {p + name + '_scales'!r}: expert {e}'s scales make values beyond "
+                                  f"{str(dtype).removeprefix('torch.')} (a corrupt checkpoint?)")
+        if name == "gate_up_proj":
+            blocks, scales = (torch.cat((t[0::2], t[1::2])) for t in (blocks, scales))
+        out += [blocks.contiguous(), scales.contiguous()]
+    return tuple(out)
 
 
 # ---- config.json ----
@@ -261,9 +254,9 @@ def check(spec: ModelSpec) -> None:
     if spec.attention_bias != spec.attention_out_bias:
         raise ConfigError(f"model.attention_out_bias={str(spec.attention_out_bias).lower()}: gpt-oss biases all four "
                           "attention projections or none (set it equal to model.attention_bias)")
-    if spec.expert_format == "mxfp4" and (spec.hidden_size % MXFP4_BLOCK or spec.intermediate_size % MXFP4_BLOCK):
+    if spec.expert_format == "mxfp4" and (spec.hidden_size % BLOCK or spec.intermediate_size % BLOCK):
         raise ConfigError(f"model.expert_format=mxfp4 needs hidden_size and intermediate_size multiples of "
-                          f"{MXFP4_BLOCK}, got {spec.hidden_size} and {spec.intermediate_size}")
+                          f"{BLOCK}, got {spec.hidden_size} and {spec.intermediate_size}")
 
 
 FAMILY = Family(
@@ -271,6 +264,7 @@ FAMILY = Family(
     pre_attention=pre_attention, post_attention=post_attention, final_logits=final_logits,
     global_tensors=global_tensors, layer_tensors=layer_tensors, expert_tensors=expert_tensors, layer=layer,
     expert=expert, spec_fields=spec_fields, hf_config=hf_config, check=check, attention_sinks=attention_sinks,
+    expert_packed=expert_packed,
     implements={"attention_bias": (False, True), "attention_out_bias": (False, True), "attention_sinks": (True,),
                 "sliding_window": "any", "sliding_layers": "any", "router_bias": (True,), "expert_bias": (True,),
                 "expert_act": ("clamped_swiglu",), "rope_type": ("default", "yarn"), "yarn_truncate": (True, False),

@@ -23,7 +23,7 @@ def link_bound_tok_s(cfg: RunConfig, spec) -> float | None:
     from moe_lightning.memory import resident_experts_per_layer
 
     n_str = spec.num_experts - resident_experts_per_layer(spec, cfg.policy.expert_gpu_fraction)
-    streamed = n_str * spec.expert_bytes
+    streamed = n_str * spec.expert_stream_bytes
     if streamed == 0:
         return None
     return cfg.policy.batch_size * cfg.hardware.link.h2d_gbps * GB / (spec.num_moe_layers * streamed)

@@ -188,7 +188,16 @@ class TaskCosts:
 
     @property
     def layer_stream_bytes(self) -> int:
-        return (self.spec.num_experts - self.n_res) * self.spec.expert_bytes
+        return (self.spec.num_experts - self.n_res) * self.spec.expert_stream_bytes
+
+    def dequant_s(self, task: Task) -> float:
+        """Streamed MXFP4 experts (`ExpertCache`): the layer's first micro-batch on the GPU first expands its
+        4-bit pages into the dtype scratch, a pass over both (0 for other formats and dense layers)."""
+        s = self.spec
+        if task.micro_batch or s.expert_stream_bytes == s.expert_bytes or not s.is_moe_layer(task.layer):
+            return 0.0
+        n_str = s.num_experts - self.n_res
+        return self._gpu(0.0, n_str * (s.expert_stream_bytes + s.expert_bytes))
 
     def page_size(self, page: int) -> int:
         start = page * self.page_bytes
@@ -276,7 +285,7 @@ class TaskCosts:
             n = b * s.attn_out_elements * d
             return self._h2d(n), float(n)
         if op == "PostAttn":
-            return self.post_attn_s(b, i, b), 0.0
+            return self.post_attn_s(b, i, b) + self.dequant_s(task), 0.0
         if op == "GPUAttn":
             return self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.slots, on_gpu=True), 0.0
         if op == "LoadKV":
@@ -284,13 +293,13 @@ class TaskCosts:
             return self._h2d(n), float(n)
         if op == "GPULayer":
             return (self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.slots, on_gpu=True)
-                    + self.post_attn_s(b, i, b)), 0.0
+                    + self.post_attn_s(b, i, b) + self.dequant_s(task)), 0.0
         if op == "StoreKV":
             n = b * kvd * d
             return self._d2h(n), float(n)
         if op == "PrefillLayer":
             return (self.pre_attn_s(mb.tokens, i) + self.prefill_attn_s(mb)
-                    + self.post_attn_s(mb.tokens, i, b)), 0.0
+                    + self.post_attn_s(mb.tokens, i, b) + self.dequant_s(task)), 0.0
         if op == "OffloadKV":
             n = mb.tokens * kvd * d
             return self._d2h(n), float(n)

@@ -18,11 +18,13 @@ average, `decode_context`; prompts at their real lengths, `prompt_moments`):
 - each task on the device the policy puts it on, `T_x = max(bytes / bandwidth, flops / peak)`;
   `T_gpu = T_attn^g + T_ffn^g`, `T_cpu = T_attn^c + T_ffn^c` (tasks on one device are serial);
 - the link: streamed experts (`E - n_res` per layer) cross CPU->GPU once per step when the FFN is on the
-  GPU; with attention on the CPU and FFN on the GPU, q/k/v go down and attention outputs come up; with
-  attention on the GPU the CPU share of the KV cache comes up and the new token's K/V go down; with the
-  FFN on the CPU and attention on the GPU, hidden states go down and FFN outputs come up. Opposite
-  directions overlap, so `T_link = max(H2D bytes / h2d bandwidth, D2H bytes / d2h bandwidth)` (the H2D
-  term in every sensible policy; D2H is reported separately);
+  GPU, at `expert_stream_bytes` each (MXFP4 experts: 4.25 bits a weight, and the GPU reads those pages
+  and writes their dtype scratch once a layer); with attention on the CPU and FFN on the GPU, q/k/v go
+  down and attention outputs come up; with attention on the GPU the CPU share of the KV cache comes up
+  and the new token's K/V go down; with the FFN on the CPU and attention on the GPU, hidden states go
+  down and FFN outputs come up. Opposite directions overlap, so
+  `T_link = max(H2D bytes / h2d bandwidth, D2H bytes / d2h bandwidth)` (the H2D term in every sensible
+  policy; D2H is reported separately);
 - per-layer time `T = max(T_link, T_cpu, T_gpu)`: CGOPipe overlaps the three resources perfectly;
 - dense layers (`ModelSpec.dense_layers`): their MLP, `2 b P_mlp` FLOPs and `n_mb P_mlp d` bytes of
   resident weights, in place of the router and experts, and nothing streamed; `T` is the mean over the
@@ -225,7 +227,12 @@ def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
 
     kv_token = spec.kv_token_layer_elements
     kv_layer_bytes = N * ctx * kv_token * d  # the whole batch's K and V of one layer
-    h2d = zero + (spec.num_experts - n_res) * spec.expert_bytes if ffn_on_gpu and not dense else zero
+    # the streamed experts as they cross the link: MXFP4 experts at 4.25 bits a weight (3.76x fewer bytes
+    # than bf16), dequantized on the GPU (its pass below)
+    h2d = zero + (spec.num_experts - n_res) * spec.expert_stream_bytes if ffn_on_gpu and not dense else zero
+    if ffn_on_gpu and not dense and spec.expert_stream_bytes != spec.expert_bytes:
+        n_str = spec.num_experts - n_res   # once a layer: read the pages, write the dtype scratch
+        t_ffn_g = t_ffn_g + n_str * (spec.expert_stream_bytes + spec.expert_bytes) / lv.gpu.bandwidth_bytes_s
     d2h = zero
     if attn_on_gpu:
         h2d = h2d + (1 - kv_gpu_fraction) * kv_layer_bytes
@@ -274,7 +281,10 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
             every_token = spec.attention_params + spec.router_params + spec.shared_expert_params
             weight_bytes = every_token * d + spec.num_experts * spec.expert_bytes
             every_token += spec.top_k * spec.expert_params
-            streamed = (spec.num_experts - n_res) * spec.expert_bytes
+            streamed = (spec.num_experts - n_res) * spec.expert_stream_bytes
+            if spec.expert_stream_bytes != spec.expert_bytes:   # MXFP4: dequantized once a layer on the GPU
+                weight_bytes = weight_bytes + (streamed + (spec.num_experts - n_res) * spec.expert_bytes
+                                               ) / num_micro_batches
         # causal attention: QK^T and PV over half the square
         flops = 2 * tokens * every_token + N * p_sq * nq * (spec.attn_k_dim + spec.attn_v_dim)
         t_gpu = np.maximum(flops / peak, (num_micro_batches * weight_bytes + kv_bytes) / lv.gpu.bandwidth_bytes_s)

@@ -98,8 +98,8 @@ def _impossible(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Memory
     smallest = Policy(batch_size=1, micro_batch_size=1, attn_on_gpu=False, ffn_on_gpu=True)
     smallest_needs = memory_plan(spec, smallest, workload).describe(hw)
     return MemoryBudgetError(
-        f"no policy fits {spec.name} on {hw.name} for workload {workload.name} (weights "
-        f"{spec.total_params * spec.dtype_bytes} B, KV cache of one sequence {kv_seq} B for {ctx} tokens, "
+        f"no policy fits {spec.name} on {hw.name} for workload {workload.name} (weights, every expert streamed, "
+        f"{spec.streamed_weight_bytes} B, KV cache of one sequence {kv_seq} B for {ctx} tokens, "
         f"GPU + CPU budget {hw.gpu_budget_bytes + hw.cpu_budget_bytes} B); the smallest policy "
         f"(batch_size=1, attention on CPU, all experts streamed): {smallest_needs}")
 

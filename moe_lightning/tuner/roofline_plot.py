@@ -52,7 +52,7 @@ def roofline_points(spec: ModelSpec, hw: HardwareSpec, workload: Workload, polic
     ffn = ffn_cost(spec, n, n_mb)
     n_str = spec.num_experts - resident_experts_per_layer(spec, policy.expert_gpu_fraction)
     if policy.ffn_on_gpu:
-        link_bytes = n_str * spec.expert_bytes  # the streamed experts the FFN needs from the CPU
+        link_bytes = n_str * spec.expert_stream_bytes  # the streamed experts the FFN needs from the CPU
         i_link = ffn.flops / link_bytes if link_bytes else float("inf")
         ffn_perf = attainable(lv.gpu.peak_flops, lv.gpu.bandwidth_bytes_s, ffn.intensity,
                               lv.link_h2d_bytes_s, i_link)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_lightning.engine.hf_config import spec_from_hf_config
-from moe_lightning.models.gpt_oss import mxfp4_dequantize
+from moe_lightning.models.mxfp4 import dequantize as mxfp4_dequantize
 from tests.models.test_specs import SPECS
 
 
@@ -46,3 +46,39 @@ def test_the_120b_preset_is_transformers_default_config(tmp_path):
                   "yarn_factor", "yarn_original_max_positions", "yarn_beta_fast", "yarn_beta_slow", "yarn_truncate"):
         assert getattr(read, field) == getattr(preset, field), field
     assert read.expert_format == "dense" and preset.expert_format == "mxfp4"   # the default config is unquantized
+
+
+def test_streamed_mxfp4_pages_cross_as_stored_and_dequantize_exactly(prompts):
+    """The expert cache of an MXFP4 checkpoint: the CPU copy, the pinned ring and the device's double
+    buffer hold 4-bit pages (3 H F x 17/32 B an expert: a quarter of bf16's bytes plus a byte of scale per
+    32 weights), carved from the memory plan's pools; once a layer's pages are on the device, its stack
+    serves the experts dequantized exactly as the load-time path (checked against transformers above)
+    does, and still does after another layer has used the scratch."""
+    from moe_lightning.config import Policy
+    from moe_lightning.engine.paged import DevicePools, ExpertCache
+    from moe_lightning.memory import memory_plan
+    from tests.conftest import prompt_workload
+    from tests.models.test_families import Tiny
+
+    tiny = Tiny("gpt_oss_mxfp4", prompts)
+    spec, source = tiny.spec, tiny.source
+    H, F, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
+    policy = Policy(batch_size=4, micro_batch_size=2, expert_gpu_fraction=0.25, pages_per_layer=3)
+    plan = memory_plan(spec, policy, prompt_workload(prompts))
+    n_res, cpu = 2, torch.device("cpu")
+    pools = DevicePools({k: v for k, v in plan.gpu.items() if k != "activations"}, cpu)
+    cache = ExpertCache(spec, source, n_res, 3, 1, pools, cpu, pin=False)
+    page = 3 * H * F * 17 // 32
+    assert cache.quantized and cache.layer_bytes == (E - n_res) * page
+    assert all(blob.numel() == (E - n_res) * page for blob in cache.cpu_layers)
+    assert plan.cpu["streamed_experts"] == spec.num_moe_layers * (E - n_res) * page
+    for layer in (0, 1):
+        for p in range(3):
+            cache.copy_to_pinned(layer, p)
+            cache.copy_to_device(layer, p)
+    for layer in (0, 1, 0):
+        stack = cache.stack(layer)
+        for e in range(E):
+            w13, w2 = stack.weights(e)
+            want13, want2 = source.expert(layer, e)
+            assert torch.equal(w13, want13) and torch.equal(w2, want2), (layer, e)

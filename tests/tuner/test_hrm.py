@@ -199,3 +199,15 @@ def test_mla_attention_reads_the_latent_cache_by_hand():
     assert cost.flops == 960 and cost.bytes == 640
     dense = attention_cost(replace(SPEC, num_kv_heads=2, head_dim=6), 4, 10)   # the same heads, K and V kept
     assert dense.bytes - (4 * 2 * 6 * 2) * 2 == 4 * 10 * 2 * 2 * 6 * 2   # its cache: 2 heads of K and V
+
+
+def test_mxfp4_experts_cross_the_link_at_4_bits_by_hand():
+    """gpt-oss's MXFP4 experts stream as stored: an expert of SPEC (3 * 8 * 16 = 384 weights) is 192 B of
+    4-bit values and 12 B of scales, 204 B against 768 B in fp16. The GPU then reads those pages and writes
+    the fp16 scratch once a layer."""
+    plain = predict(SPEC, HW, WORKLOAD, POLICY, lengths=LENGTHS)
+    quantized = predict(replace(SPEC, expert_format="mxfp4"), HW, WORKLOAD, POLICY, lengths=LENGTHS)
+    # 2 streamed experts a layer: 2 * 204 B, plus the attention outputs' 64 B, over the 1 GB/s link
+    assert plain.t_link == pytest.approx((2 * 768 + 64) / 1e9)
+    assert quantized.t_link == pytest.approx((2 * 204 + 64) / 1e9)
+    assert quantized.t_gpu - plain.t_gpu == pytest.approx(2 * (204 + 768) / 100e9)
