@@ -153,6 +153,10 @@ class ModelSpec:
     # How the checkpoint stores the routed experts: "mxfp4" (gpt-oss's published checkpoints: 4-bit e2m1
     # values in blocks of 32 sharing one power-of-two scale), dequantized to the run's dtype as they load.
     expert_format: str = "dense"
+    # Multi-token-prediction modules a checkpoint carries after its last layer (DeepSeek-V3's
+    # num_nextn_predict_layers): their tensors may be present and are not read, as transformers ignores
+    # them; greedy decoding predicts one token a step.
+    mtp_layers: int = 0
 
     def __post_init__(self) -> None:
         _choice(self.architecture, "model.architecture", ARCHITECTURES)
@@ -211,6 +215,8 @@ class ModelSpec:
                f"set both or neither of model.sliding_window ({self.sliding_window}) and model.sliding_layers "
                f"({sliding})")
         self.sliding_layers = sliding
+        _check(isinstance(self.mtp_layers, int) and not isinstance(self.mtp_layers, bool) and self.mtp_layers >= 0,
+               "model.mtp_layers", f"must be an integer >= 0, got {self.mtp_layers!r}")
         _choice(self.expert_act, "model.expert_act", EXPERT_ACTS)
         _choice(self.expert_format, "model.expert_format", EXPERT_FORMATS)
         _positive(self, "model", "swiglu_alpha", "swiglu_limit")

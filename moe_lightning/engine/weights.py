@@ -13,7 +13,8 @@ names the file and the field or tensor:
   a listed tensor (other unlisted files are ignored with a warning, as transformers ignores them), and
   an index that disagrees with its files.
 - Every expected tensor is present with the shape and dtype config.json implies; a tensor the family's
-  path would not read (a quantization scale, another family's weight) is refused by name.
+  path would not read (a quantization scale, another family's weight) is refused by name, but for the
+  multi-token-prediction layers config.json declares after the last one (`ModelSpec.mtp_layers`).
 - Each tensor is checked for NaN and Inf as it is read: one `aminmax` pass (which propagates NaN), about
   25x cheaper than `isfinite().all()` and cheaper than a copy; an overflow from the cast to the run's
   dtype is named as such.
@@ -297,7 +298,12 @@ class CheckpointWeights(WeightSource):
                 raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; "
                                       f"accepted: {', '.join(accepted)}")
             seen.add(name)
-        extra = sorted(set(self._where) - seen)
+        mtp = tuple(f"model.layers.{i}." for i in range(spec.num_layers, spec.num_layers + spec.mtp_layers))
+        unused = sorted(n for n in set(self._where) - seen if mtp and n.startswith(mtp))
+        if unused:   # multi-token-prediction modules: present, never read (transformers ignores them too)
+            log.info("%s: %d tensors of the multi-token-prediction layer(s) %s not read (one token a step)",
+                     self.folder, len(unused), ", ".join(p.rstrip(".") for p in mtp))
+        extra = sorted(set(self._where) - seen - set(unused))
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise CheckpointError(f"{self._where[extra[0]]}: unexpected tensor {extra[0]!r}{more}: the "

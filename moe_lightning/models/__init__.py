@@ -80,7 +80,7 @@ FEATURES = {"attention_bias": False, "qk_norm": "none", "norm_topk_prob": True, 
             "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "rope_type": "default",
             "yarn_truncate": True, "attention_sinks": False, "sliding_window": 0, "sliding_layers": [],
             "attention_out_bias": False, "router_bias": False, "expert_bias": False, "expert_act": "silu",
-            "expert_format": "dense"}
+            "expert_format": "dense", "mtp_layers": 0}
 
 
 def _registry() -> dict[str, Family]:

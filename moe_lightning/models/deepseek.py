@@ -245,7 +245,7 @@ def _spec_fields(cfg, version: int) -> dict:
                            "transformers (false only)")
         if method != "group_limited_greedy":
             n_group = topk_group = 1
-        norm, interleave = False, True
+        norm, interleave, mtp = False, True, 0
     else:
         scoring, method = cfg.get("scoring_func", "sigmoid"), cfg.get("topk_method", "noaux_tc")
         if scoring not in ("sigmoid", None) or method not in ("noaux_tc", None):
@@ -253,6 +253,7 @@ def _spec_fields(cfg, version: int) -> dict:
                            "sigmoid scoring with noaux_tc routing only")
         norm, interleave = cfg.flag("norm_topk_prob", False), cfg.flag("rope_interleave", True)
         scoring = "sigmoid"
+        mtp = cfg.count("num_nextn_predict_layers", cfg.count("num_mtp_layers", 0))
     if experts % n_group or not 1 <= topk_group <= n_group:
         raise cfg.fail(f"n_group={n_group} must divide n_routed_experts={experts}, with topk_group={topk_group} "
                        "in [1, n_group]")
@@ -264,7 +265,7 @@ def _spec_fields(cfg, version: int) -> dict:
         head_dim=dr, kv_lora_rank=r, q_lora_rank=rq, qk_nope_head_dim=dn, v_head_dim=dv,
         rope_interleave=interleave, scoring_func=scoring, n_group=n_group, topk_group=topk_group,
         routed_scaling_factor=scale, norm_topk_prob=norm, shared_expert_size=shared * out["intermediate_size"],
-        shared_expert_gate=False, dense_layers=dense,
+        shared_expert_gate=False, dense_layers=dense, mtp_layers=mtp,
         dense_intermediate_size=cfg.positive_int("intermediate_size") if dense else 0,
         **cfg.yarn(family_name))
 
@@ -300,7 +301,8 @@ def hf_config(spec: ModelSpec) -> dict:
         tie_word_embeddings=False, attention_bias=False)
     if spec.scoring_func == "softmax":
         return out | dict(topk_method="group_limited_greedy" if spec.n_group > 1 else "greedy", norm_topk_prob=False)
-    return out | dict(norm_topk_prob=spec.norm_topk_prob, rope_interleave=spec.rope_interleave)
+    return out | dict(norm_topk_prob=spec.norm_topk_prob, rope_interleave=spec.rope_interleave,
+                      num_nextn_predict_layers=spec.mtp_layers)
 
 
 def check(spec: ModelSpec) -> None:
@@ -339,5 +341,5 @@ DEEPSEEK_V3 = Family(
     architecture="deepseek_v3", model_types=("deepseek_v3",), hf_class="DeepseekV3ForCausalLM",
     hf_config_class="DeepseekV3Config", spec_fields=v3_spec_fields,
     implements=_MLA | {"norm_topk_prob": (False, True), "scoring_func": ("sigmoid",), "n_group": "any",
-                       "topk_group": "any"},
+                       "topk_group": "any", "mtp_layers": "any"},
     **_LAYOUT)

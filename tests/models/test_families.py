@@ -180,3 +180,35 @@ def test_bf16_within_tolerance(fam, prompts):
         check_bf16_against_fp32(ReferenceRunner(spec, source), hf, fam.hf, prompts, 8)
     else:
         check_bf16_teacher_forced(ReferenceRunner(spec, source), hf, prompts, 8)
+
+
+def test_deepseek_v3_multi_token_prediction_layers_are_present_and_not_read(tmp_path, prompts):
+    """DeepSeek-V3's checkpoints carry num_nextn_predict_layers MTP modules after the last layer (layer 61
+    of the published one); transformers ignores their tensors on load, and so does the engine: the same
+    tokens. Without that field they are tensors the family does not read, refused by name."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from moe_lightning.engine.tiny import ensure_tiny
+    from moe_lightning.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ensure_tiny(FAMILIES["deepseek_v3"], seed=11, max_shard_size="60KB", perturb=True), ckpt)
+    extra = {"model.layers.3.eh_proj.weight": torch.randn(64, 128), "model.layers.3.enorm.weight": torch.ones(64)}
+    save_file(extra, ckpt / "model-mtp.safetensors")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"] |= dict.fromkeys(extra, "model-mtp.safetensors")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    spec, source = resolve_model(ModelSpec(name="hf", path=str(ckpt), dtype="float32"))
+    assert spec.mtp_layers == 1 and spec.num_layers == 3
+    want = Tiny("deepseek_v3", prompts).outputs
+    result = generate(ReferenceRunner(spec, source), prompts,
+                      GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), 8)
+    assert result.output_ids == want
+    (ckpt / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.3.eh_proj.weight'"):
+        resolve_model(ModelSpec(name="hf", path=str(ckpt), dtype="float32"))
