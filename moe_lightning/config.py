@@ -219,6 +219,9 @@ class ModelSpec:
                "model.mtp_layers", f"must be an integer >= 0, got {self.mtp_layers!r}")
         _choice(self.expert_act, "model.expert_act", EXPERT_ACTS)
         _choice(self.expert_format, "model.expert_format", EXPERT_FORMATS)
+        _check(self.expert_format != "mxfp4" or (self.hidden_size % 32 == 0 and self.intermediate_size % 32 == 0),
+               "model.expert_format", "mxfp4 stores blocks of 32 values: hidden_size and intermediate_size must be "
+               f"multiples of 32, got {self.hidden_size} and {self.intermediate_size}")
         _positive(self, "model", "swiglu_alpha", "swiglu_limit")
 
     # Derived sizes, in elements unless the name says bytes.

@@ -38,7 +38,7 @@ from moe_lightning.models.layers import (
     rope_cos_sin,
 )
 from moe_lightning.models.mixtral import global_tensors  # the same embedding, final norm and head names
-from moe_lightning.models.mxfp4 import BLOCK, dequantize, largest_scale, matrix_shapes
+from moe_lightning.models.mxfp4 import dequantize, largest_scale, matrix_shapes
 
 GPT_OSS_ROPE_THETA = 150000.0   # GptOssConfig.default_theta
 
@@ -254,9 +254,6 @@ def check(spec: ModelSpec) -> None:
     if spec.attention_bias != spec.attention_out_bias:
         raise ConfigError(f"model.attention_out_bias={str(spec.attention_out_bias).lower()}: gpt-oss biases all four "
                           "attention projections or none (set it equal to model.attention_bias)")
-    if spec.expert_format == "mxfp4" and (spec.hidden_size % BLOCK or spec.intermediate_size % BLOCK):
-        raise ConfigError(f"model.expert_format=mxfp4 needs hidden_size and intermediate_size multiples of "
-                          f"{BLOCK}, got {spec.hidden_size} and {spec.intermediate_size}")
 
 
 FAMILY = Family(
