@@ -202,12 +202,13 @@ def test_mla_attention_reads_the_latent_cache_by_hand():
 
 
 def test_mxfp4_experts_cross_the_link_at_4_bits_by_hand():
-    """gpt-oss's MXFP4 experts stream as stored: an expert of SPEC (3 * 8 * 16 = 384 weights) is 192 B of
-    4-bit values and 12 B of scales, 204 B against 768 B in fp16. The GPU then reads those pages and writes
-    the fp16 scratch once a layer."""
-    plain = predict(SPEC, HW, WORKLOAD, POLICY, lengths=LENGTHS)
-    quantized = predict(replace(SPEC, expert_format="mxfp4"), HW, WORKLOAD, POLICY, lengths=LENGTHS)
-    # 2 streamed experts a layer: 2 * 204 B, plus the attention outputs' 64 B, over the 1 GB/s link
-    assert plain.t_link == pytest.approx((2 * 768 + 64) / 1e9)
-    assert quantized.t_link == pytest.approx((2 * 204 + 64) / 1e9)
-    assert quantized.t_gpu - plain.t_gpu == pytest.approx(2 * (204 + 768) / 100e9)
+    """gpt-oss's MXFP4 experts stream as stored: an expert of SPEC at H = F = 32 (3 * 32 * 32 = 3072 weights)
+    is 1536 B of 4-bit values and 96 B of scales, 1632 B against 6144 B in fp16. The GPU then reads those
+    pages and writes the fp16 scratch once a layer."""
+    spec = replace(SPEC, hidden_size=32, intermediate_size=32)
+    plain = predict(spec, HW, WORKLOAD, POLICY, lengths=LENGTHS)
+    quantized = predict(replace(spec, expert_format="mxfp4"), HW, WORKLOAD, POLICY, lengths=LENGTHS)
+    # 2 streamed experts a layer, plus the attention outputs' 4 * 8 * 2 = 64 B, over the 1 GB/s link
+    assert plain.t_link == pytest.approx((2 * 6144 + 64) / 1e9)
+    assert quantized.t_link == pytest.approx((2 * 1632 + 64) / 1e9)
+    assert quantized.t_gpu - plain.t_gpu == pytest.approx(2 * (1632 + 6144) / 100e9)
