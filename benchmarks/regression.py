@@ -9,8 +9,9 @@ attention, copies and "GPU" work can overlap). Three signals are judged against 
    steps, divided by their wall time. A serial executor scores at most 1.0 whatever the machine's
    speed; the pipelined one scores more, and a loaded runner stretches busy time and wall time alike;
 3. the simulator's error: the simulated end-to-end time of the same run against the measured median,
-   on a hardware profile calibrated on this machine at the start of the run (so the runner's speed
-   cancels out).
+   on hardware profiles calibrated on this machine before and after the rounds (so the runner's speed
+   cancels out; the mean of the two is simulated, and when they disagree the runner changed speed
+   while it was measured, which makes the error noise, not the simulator's).
 
 Throughput (and the CGOPipe / reference ratio) is printed with its spread but never judged: absolute
 speed on a shared runner is noise. The host's load is recorded for every run; when the measurement is
@@ -55,7 +56,7 @@ def measure(rounds: int, serial: bool) -> dict:
     policy = Policy(batch_size=8, micro_batch_size=2, expert_gpu_fraction=0.25, expert_kernel="loop")
     base = RunConfig(model=model, workload=workload, policy=policy, hardware=load_preset("hardware", "cpu"),
                      device="cpu", sampling=Sampling(ignore_eos=True), threads=ThreadsConfig(serial=serial))
-    here = hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")
+    before = hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")
     tok_s: dict[str, list[float]] = {"reference": [], "cgopipe": []}
     overlap, e2e_s, outputs, hosts, threads = [], [], {}, [], None
     systems = (("reference", ReferenceSystem()), ("cgopipe", CGOPipeSystem()))
@@ -73,8 +74,11 @@ def measure(rounds: int, serial: bool) -> dict:
                 overlap.append(sum(timeline.busy_s["decode"].values()) / timeline.wall_s["decode"])
                 e2e_s.append(m.prefill_s + m.decode_s)
                 threads = gen.report.environment["threads"]
-    sim = simulate_run(model, here, workload, policy)
-    sim_e2e = sim.prefill_s + sim.decode_s
+    after = hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")
+    sims = [simulate_run(model, here, workload, policy) for here in (before, after)]
+    sim_each = [s.prefill_s + s.decode_s for s in sims]
+    sim_e2e = sum(sim_each) / 2
+    drift = abs(sim_each[0] - sim_each[1]) / sim_e2e
     errors = [abs(sim_e2e - t) / t for t in e2e_s]
     ratio = [c / r for c, r in zip(tok_s["cgopipe"], tok_s["reference"])]
     spread = {k: Spread.of(v).to_dict() for k, v in (("reference_tok_s", tok_s["reference"]),
@@ -90,6 +94,9 @@ def measure(rounds: int, serial: bool) -> dict:
         # by more than half of that from round to round says more about the host than the simulator.
         noise.append(f"the simulator's error varies by {spread['sim_relative_error']['stdev']:.3f} (stdev) over "
                      f"{rounds} rounds (> {SIM_ERROR_SLACK / 2:.3f})")
+    if drift > SIM_ERROR_SLACK / 2:
+        noise.append(f"the calibrations before and after the rounds simulate {sim_each[0]:.3f} s and "
+                     f"{sim_each[1]:.3f} s ({drift:.1%} apart, > {SIM_ERROR_SLACK / 2:.1%}): the host changed speed")
     busy = [h["others_busy_cores"] for h in hosts if h.get("others_busy_cores") is not None]
     if busy and max(busy) > 0.25:
         noise.append(f"other processes kept up to {max(busy):.2f} cores busy")
@@ -98,9 +105,10 @@ def measure(rounds: int, serial: bool) -> dict:
         "rounds": rounds, "serial_executor": serial,
         "tok_s": {k: [round(x, 3) for x in v] for k, v in tok_s.items()},
         "overlap": [round(x, 4) for x in overlap], "sim_relative_error": [round(x, 4) for x in errors],
-        "simulated_e2e_s": round(sim_e2e, 4), "measured_e2e_s": [round(x, 4) for x in e2e_s],
+        "simulated_e2e_s": round(sim_e2e, 4), "simulated_e2e_s_each_calibration": [round(x, 4) for x in sim_each],
+        "measured_e2e_s": [round(x, 4) for x in e2e_s],
         "spread": spread, "noise": noise, "threads": threads,
-        "calibrated_here": dataclasses.asdict(here),
+        "calibrated_here": [dataclasses.asdict(here) for here in (before, after)],
         "host_load": hosts,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -138,8 +146,9 @@ def show(result: dict) -> str:
         f"  CGOPipe tok/s               {fmt('cgopipe_tok_s', 2)}",
         f"  CGOPipe / reference         {fmt('ratio_cgopipe_over_reference')}  (not judged)",
         f"  overlap (busy / wall)       {fmt('overlap')}",
-        f"  simulator error             {fmt('sim_relative_error')}  (simulated {result['simulated_e2e_s']:.3f} s "
-        f"on a profile calibrated here)",
+        f"  simulator error             {fmt('sim_relative_error')}  (simulated {result['simulated_e2e_s']:.3f} s, "
+        f"the mean over profiles calibrated here before and after: "
+        f"{', '.join(f'{x:.3f}' for x in result['simulated_e2e_s_each_calibration'])} s)",
         f"  tokens identical            {result['tokens_identical']}",
     ] + [f"  noise: {n}" for n in result["noise"]])
 

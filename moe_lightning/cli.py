@@ -260,6 +260,10 @@ def _resolve_type(tp):
     return getattr(config, tp, tp) if isinstance(tp, str) else tp
 
 
+# Tasks that read `parallel` as a plan's input instead of starting ranks.
+PLANNING_TASKS = ("plan", "simulate", "report", "tune")
+
+
 def _run(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -290,7 +294,12 @@ def _run(cfg) -> None:
         try:
             start_logger(run_cfg)
             try:
-                finish_logger(run_cfg, run_cfg.task.run(run_cfg))
+                if run_cfg.parallel.world_size > 1 and run_cfg.task.name not in PLANNING_TASKS:
+                    from moe_lightning.launch import run_ranks
+
+                    finish_logger(run_cfg, run_ranks(run_cfg))   # T x E ranks (moe_lightning.launch)
+                else:
+                    finish_logger(run_cfg, run_cfg.task.run(run_cfg))
             finally:
                 run_cfg.logger.finish()   # a failed or interrupted task's run is closed too
         except torch.OutOfMemoryError as exc:
@@ -396,6 +405,12 @@ def main() -> None:
 
     # Run folders carry the process id beside the time: two runs started in the same second never share one.
     OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True)
+    if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:
+        # A torchrun rank other than 0 writes nothing: no run folder of its own, no log file.
+        import tempfile
+
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                     f"hydra.run.dir={tempfile.gettempdir()}"]
     app = hydra.main(config_path="conf", config_name="config", version_base="1.3")(_run)
     app()
 

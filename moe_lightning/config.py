@@ -157,6 +157,9 @@ class ModelSpec:
     # num_nextn_predict_layers): their tensors may be present and are not read, as transformers ignores
     # them; greedy decoding predicts one token a step.
     mtp_layers: int = 0
+    # One rank's share of a model (`engine.parallel.rank_spec`) holds fewer experts than its router scores:
+    # the router's rows and the experts' biases stay every expert's. 0: num_experts (a whole model).
+    router_experts: int = 0
 
     def __post_init__(self) -> None:
         _choice(self.architecture, "model.architecture", ARCHITECTURES)
@@ -217,6 +220,8 @@ class ModelSpec:
         self.sliding_layers = sliding
         _check(isinstance(self.mtp_layers, int) and not isinstance(self.mtp_layers, bool) and self.mtp_layers >= 0,
                "model.mtp_layers", f"must be an integer >= 0, got {self.mtp_layers!r}")
+        _check(isinstance(self.router_experts, int) and self.router_experts >= 0, "model.router_experts",
+               f"must be an integer >= 0 (0: model.num_experts), got {self.router_experts!r}")
         _choice(self.expert_act, "model.expert_act", EXPERT_ACTS)
         _choice(self.expert_format, "model.expert_format", EXPERT_FORMATS)
         _check(self.expert_format != "mxfp4" or (self.hidden_size % 32 == 0 and self.intermediate_size % 32 == 0),
@@ -341,12 +346,14 @@ class ModelSpec:
     @property
     def router_params(self) -> int:
         """The router, and its per-expert bias: DeepSeek-V3's score correction, gpt-oss's logit bias."""
-        return self.num_experts * (self.hidden_size + (self.scoring_func == "sigmoid") + self.router_bias)
+        return (self.router_experts or self.num_experts) * (self.hidden_size + (self.scoring_func == "sigmoid")
+                                                             + self.router_bias)
 
     @property
     def expert_bias_params(self) -> int:
         """Every routed expert's biases of one layer (gpt-oss), held with the layer, not paged."""
-        return self.num_experts * (2 * self.intermediate_size + self.hidden_size) if self.expert_bias else 0
+        return (self.router_experts or self.num_experts) * (2 * self.intermediate_size + self.hidden_size) \
+            if self.expert_bias else 0
 
     def window(self, layer: int) -> int | None:
         """Layer `layer`'s sliding window in tokens, None for full attention."""
@@ -386,7 +393,8 @@ class ModelSpec:
         """Elements of each non-expert tensor (embedding, final norm, LM head, then every layer's), the
         projections counted apart (a family that fuses them holds fewer, larger tensors): each is carved
         from a pool at an aligned offset, so the plan rounds each one up."""
-        H, S, Fd, E = self.hidden_size, self.shared_expert_size, self.dense_intermediate_size, self.num_experts
+        H, S, Fd = self.hidden_size, self.shared_expert_size, self.dense_intermediate_size
+        E = self.router_experts or self.num_experts   # the router's rows and the expert biases: every expert's
         attention = self.attention_tensor_sizes
         layer = [H, H, *attention, E * H] + ([E] if self.scoring_func == "sigmoid" else [])
         layer += [E] if self.router_bias else []
@@ -465,12 +473,31 @@ class LinkSpec:
     d2h_gbps: float = 5.0
 
 
+INTERCONNECT_KINDS = ("none", "pcie", "nvlink")
+
+
+@dataclass
+class InterconnectSpec:
+    """GPU<->GPU link of a several-GPU machine, per GPU and per direction (decimal GB/s), as collectives
+    achieve it (NCCL's bus bandwidth), and its per-message latency. `kind`: none (one GPU), pcie (peer to
+    peer over PCIe, possibly through the host bridge) or nvlink. `shared_host_link`: the GPUs' host links
+    hang off one PCIe switch whose uplink is the `link` bandwidth, so the ranks' concurrent H2D streams
+    divide it; False: each GPU has its own host link at `link` bandwidth."""
+
+    kind: str = "none"
+    bandwidth_gbps: float = 0.0
+    latency_us: float = 0.0
+    shared_host_link: bool = False
+
+
 @dataclass
 class HardwareSpec:
     name: str = "cpu"
     gpu: GpuSpec = None  # type: ignore[assignment]  # filled in __post_init__ (mutable default)
     cpu: CpuSpec = None  # type: ignore[assignment]
     link: LinkSpec = None  # type: ignore[assignment]
+    # Between the GPUs (several-GPU profiles; absent or kind none on one GPU).
+    interconnect: InterconnectSpec = None  # type: ignore[assignment]
     # The engine executor's measured cost per task (dependency hand-off, launch) and per graph (worker
     # threads started and joined around one prefill or decode step); 0: simulator defaults.
     task_overhead_us: float = 0.0
@@ -484,6 +511,11 @@ class HardwareSpec:
         self.gpu = self.gpu if self.gpu is not None else GpuSpec()
         self.cpu = self.cpu if self.cpu is not None else CpuSpec()
         self.link = self.link if self.link is not None else LinkSpec()
+        self.interconnect = self.interconnect if self.interconnect is not None else InterconnectSpec()
+        _choice(self.interconnect.kind, "hardware.interconnect.kind", INTERCONNECT_KINDS)
+        for name in ("bandwidth_gbps", "latency_us"):
+            value = getattr(self.interconnect, name)
+            _check(value >= 0, f"hardware.interconnect.{name}", f"must be >= 0, got {value}")
         _positive(self.gpu, "hardware.gpu", "count", "memory_gib", "bandwidth_gbps", "peak_tflops")
         _positive(self.cpu, "hardware.cpu", "cores", "memory_gib", "bandwidth_gbps", "peak_tflops")
         _positive(self.link, "hardware.link", "h2d_gbps", "d2h_gbps")
@@ -502,14 +534,17 @@ class HardwareSpec:
     @classmethod
     def from_dict(cls, d: dict) -> HardwareSpec:
         """A hardware profile as conf/hardware/*.yaml writes it (raises KeyError / TypeError if not one)."""
+        link = d.get("interconnect")   # profiles written before several-GPU planning have none
         return cls(name=d["name"], gpu=GpuSpec(**d["gpu"]), cpu=CpuSpec(**d["cpu"]), link=LinkSpec(**d["link"]),
+                   interconnect=InterconnectSpec(**link) if link else None,
                    **{k: d.get(k, 0.0) for k in ("task_overhead_us", "step_overhead_us", "issue_overhead_us",
                                                  "sync_overhead_us")})
 
     @property
     def gpu_budget_bytes(self) -> int:
-        """Usable GPU memory over all GPUs (tensor parallelism scales it)."""
-        return int(self.gpu.memory_gib * GiB * self.gpu.usable_fraction) * self.gpu.count
+        """Usable memory of one GPU: what one rank plans against (several GPUs are several ranks, each with
+        its own budget, never one pooled GPU: `moe_lightning.tuner.parallel`)."""
+        return int(self.gpu.memory_gib * GiB * self.gpu.usable_fraction)
 
     @property
     def cpu_budget_bytes(self) -> int:
@@ -651,3 +686,27 @@ class ThreadsConfig:
                 continue
             _check(isinstance(value, int) and value >= 0, f"threads.{f.name}",
                    f"must be an integer >= 0 (0 = planned), got {value!r}")
+
+
+@dataclass
+class ParallelConfig:
+    """Several ranks (one per GPU; on a CPU-only host, processes sharing its cores) over torch.distributed:
+    `tensor` = T splits attention heads and each expert's intermediate dimension, `expert` = E splits
+    the experts; T x E ranks, rank = e T + t (a tensor group's ranks are adjacent). 1 x 1: one process."""
+
+    tensor: int = 1             # T
+    expert: int = 1             # E
+    chunks: int = 0             # EPS-MoE's pipelined all-to-all: chunks per MoE layer; 0: from the comm model
+    backend: str = "auto"       # auto: nccl on CUDA, gloo on the CPU
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "expert"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"parallel.{name}", f"must be an integer >= 1, got {value!r}")
+        _check(isinstance(self.chunks, int) and self.chunks >= 0, "parallel.chunks",
+               f"must be an integer >= 0 (0 = from the communication model), got {self.chunks!r}")
+        _choice(self.backend, "parallel.backend", ("auto", "gloo", "nccl"))
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.expert

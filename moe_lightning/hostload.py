@@ -78,10 +78,20 @@ class HostLoad:
     def __exit__(self, *exc) -> None:
         wall = time.perf_counter() - self.t0
         busy1, own = _host_busy_s(), _own_cpu_s() - self.own0
-        others = None if busy1 is None or self.busy0 is None else max(0.0, busy1 - self.busy0 - own)
+        self.own_s = own
+        self.host_busy_s = None if busy1 is None or self.busy0 is None else busy1 - self.busy0
+        others = None if self.host_busy_s is None else max(0.0, self.host_busy_s - own)
         self.report = HostLoadReport(wall_s=wall, loadavg_1m_start=self.load0, loadavg_1m_end=_loadavg(),
                                      others_cpu_s=others,
                                      others_busy_cores=None if others is None or wall <= 0 else others / wall)
+
+    def exclude(self, sibling_cpu_s: float) -> None:
+        """Count `sibling_cpu_s` (this run's other ranks on this host) as this run's, not others'."""
+        r = self.report
+        if r is None or r.others_cpu_s is None:
+            return
+        r.others_cpu_s = max(0.0, r.others_cpu_s - sibling_cpu_s)
+        r.others_busy_cores = r.others_cpu_s / r.wall_s if r.wall_s > 0 else None
 
 
 def lock_path() -> Path:
@@ -89,8 +99,12 @@ def lock_path() -> Path:
 
 
 @contextlib.contextmanager
-def measurement_lock() -> Iterator[float]:
-    """Hold the host-wide measurement lock; yields the seconds spent waiting for it."""
+def measurement_lock(enabled: bool = True) -> Iterator[float]:
+    """Hold the host-wide measurement lock; yields the seconds spent waiting for it. The ranks of one
+    several-rank run measure together: only its first rank on this host takes it (`enabled`)."""
+    if not enabled:
+        yield 0.0
+        return
     path = lock_path()
     t0 = time.perf_counter()
     try:
@@ -118,16 +132,17 @@ def available_host_bytes() -> int | None:
     return None
 
 
-def check_fits_host(spec, hardware, device, weight_bytes: int | None = None) -> None:
-    """Refuse (one line) a measured run on a profile of several GPUs (one device runs it), or whose model
+def check_fits_host(spec, hardware, device, weight_bytes: int | None = None, ranks: int = 1) -> None:
+    """Refuse (one line) a measured run on a profile of several GPUs but not one rank each, or whose model
     cannot be held by this host, or whose GPU budget is larger than the detected GPU. `spec` is a
     ModelSpec, `hardware` a HardwareSpec, `device` a torch device. On a CPU-only host every pool, the
     GPU role's included, lives in host memory."""
-    if hardware.gpu.count > 1:
+    if hardware.gpu.count > 1 and hardware.gpu.count != ranks:
         raise ConfigError(
-            f"hardware={hardware.name} has {hardware.gpu.count} GPUs, but a measured run uses one device (tensor "
-            f"and expert parallelism are not built yet): measure with a one-GPU profile (e.g. hardware=t4), or "
-            f"plan or simulate {hardware.name} as one pooled GPU (task=plan / task=simulate)")
+            f"hardware={hardware.name} has {hardware.gpu.count} GPUs, but this run has {ranks} rank(s), one device "
+            f"each: run parallel.tensor x parallel.expert = {hardware.gpu.count} ranks (system=reference), measure "
+            f"with a one-GPU profile (e.g. hardware=t4), or plan or simulate {hardware.name} (task=plan / "
+            "task=simulate)")
     need = weight_bytes if weight_bytes is not None else spec.total_params * spec.dtype_bytes
     avail = available_host_bytes()
     if avail is not None and need > avail:
@@ -139,8 +154,9 @@ def check_fits_host(spec, hardware, device, weight_bytes: int | None = None) -> 
         import torch
 
         total = torch.cuda.get_device_properties(device).total_memory
-        if hardware.gpu_budget_bytes > total:
+        budget = int(hardware.gpu.memory_gib * GiB * hardware.gpu.usable_fraction)   # one GPU's (each rank's)
+        if budget > total:
             raise MemoryBudgetError(
-                f"hardware={hardware.name} budgets {hardware.gpu_budget_bytes / GiB:.1f} GiB of GPU memory but "
+                f"hardware={hardware.name} budgets {budget / GiB:.1f} GiB of GPU memory per GPU but "
                 f"{torch.cuda.get_device_name(device)} has {total / GiB:.1f} GiB: pick a profile for this GPU "
                 f"(task=calibrate writes one) or lower hardware.gpu.memory_gib")

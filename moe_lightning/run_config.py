@@ -13,6 +13,7 @@ from typing import Any
 from moe_lightning.config import (
     HardwareSpec,
     ModelSpec,
+    ParallelConfig,
     Policy,
     Sampling,
     ThreadsConfig,
@@ -40,6 +41,7 @@ class RunConfig:
     sampling: Sampling = field(default_factory=Sampling)
     threads: ThreadsConfig = field(default_factory=ThreadsConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: Any = None              # None: no logger; see moe_lightning.loggers.LOGGER_CONFIGS
     out: str | None = None          # run document (JSON) path
     outputs: str | None = None   # generate: outputs JSONL path

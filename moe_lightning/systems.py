@@ -36,9 +36,12 @@ class ReferenceSystem:
               workload: Workload, device: torch.device, trace: bool = False,
               prompt_lengths: Sequence[int] | None = None) -> BatchRunner:
         from moe_lightning.engine.experts import KERNELS
+        from moe_lightning.engine.parallel import current, eps_chunks
         from moe_lightning.engine.reference import ReferenceRunner
 
-        return ReferenceRunner(spec, source, device, KERNELS[self.expert_kernel])
+        ranks = current()   # tensor / expert parallel ranks (moe_lightning.launch), or None
+        return ReferenceRunner(spec, source, device, KERNELS[self.expert_kernel], ranks=ranks,
+                               chunks=eps_chunks(spec, hardware, ranks) if ranks else 1)
 
 
 @dataclass
@@ -68,10 +71,13 @@ class CGOPipeSystem:
               workload: Workload, device: torch.device, trace: bool = False,
               prompt_lengths: Sequence[int] | None = None) -> BatchRunner:
         from moe_lightning.engine.cgopipe import CGOPipeRunner
+        from moe_lightning.engine.parallel import current, eps_chunks
 
+        ranks = current()   # tensor / expert parallel ranks (moe_lightning.launch), or None
         return CGOPipeRunner(spec, source, hardware, policy, workload, device, trace=trace,
                              kv_block_size=self.kv_block_size, kv_tokens=self.kv_cache_tokens or None,
-                             prompt_lengths=prompt_lengths)
+                             prompt_lengths=prompt_lengths, ranks=ranks,
+                             chunks=eps_chunks(spec, hardware, ranks) if ranks else 1)
 
 
 SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem, **BASELINE_SYSTEMS}

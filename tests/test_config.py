@@ -47,9 +47,10 @@ def test_mixtral_8x7b_sizes_match_the_paper():
     assert 46e9 < spec.total_params < 47.5e9
 
 
-def test_hardware_budget_scales_with_gpu_count():
+def test_a_several_gpu_profile_budgets_one_gpu_per_rank():
+    """Four T4s are four ranks with a T4's budget each, never one pooled GPU (issue 13)."""
     from moe_lightning.tuner.presets import load_preset
 
     t4, t4x4 = load_preset("hardware", "t4"), load_preset("hardware", "4xt4")
-    assert t4x4.gpu_budget_bytes == 4 * t4.gpu_budget_bytes
+    assert t4x4.gpu_budget_bytes == t4.gpu_budget_bytes and t4x4.gpu.count == 4
     assert isinstance(t4, HardwareSpec)

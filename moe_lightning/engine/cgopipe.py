@@ -16,10 +16,12 @@ import torch
 
 from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
 from moe_lightning.engine.executor import Executor, TaskRecord
+from moe_lightning.engine.expert_parallel import ExpertParallelKernel
 from moe_lightning.engine.kernel_table import KernelChooser
 from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks, kv_tensors
 from moe_lightning.engine.memtrack import ActivationTracker
 from moe_lightning.engine.paged import DevicePools, ExpertCache
+from moe_lightning.engine.parallel import Ranks, RankSource, local_spec
 from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import ConfigError, WorkloadError
 from moe_lightning.kernels.cpu_attention import backend as attention_backend
@@ -104,12 +106,21 @@ class CGOPipeRunner:
     def __init__(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
                  workload: Workload, device: torch.device, trace: bool = False,
                  schedule: Schedule | None = None, kv_block_size: int = 16, kv_tokens: int | None = None,
-                 track_activations: bool = False, prompt_lengths: Sequence[int] | None = None):
+                 track_activations: bool = False, prompt_lengths: Sequence[int] | None = None,
+                 ranks: Ranks | None = None, chunks=1):
         if not policy.ffn_on_gpu:
             raise ConfigError("policy.ffn_on_gpu: the CGOPipe engine runs the MoE FFN on the GPU; "
                               "ffn_on_gpu=false can be planned (task=plan) but not executed")
-        self.spec, self.policy, self.workload, self.device = spec, policy, workload, device
         self.family = family(spec)   # the layer math: the runtime knows nothing else of the model
+        # Tensor / expert parallel ranks (`engine.parallel`): this rank streams and holds its shards and
+        # its experts (`source` becomes its view, `spec` the sizes it holds), its layer math runs on its
+        # heads (`self.spec`), and the MoE layers dispatch across its expert group.
+        self.ranks = ranks if ranks is not None and ranks.world_size > 1 else None
+        math_spec = spec
+        if self.ranks is not None:
+            source = RankSource(source, spec, self.ranks)
+            spec, math_spec = source.spec, local_spec(spec, self.ranks)
+        self.spec, self.policy, self.workload, self.device = math_spec, policy, workload, device
         self.schedule = schedule or CGOPIPE
         self.dtype = source.dtype
         self.cuda = device.type == "cuda"
@@ -159,6 +170,10 @@ class CGOPipeRunner:
         n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
         self.experts = ExpertCache(spec, source, n_res, policy.num_pages, policy.prefetch_depth,
                                    self.pools, device, pin=self.cuda)
+        self.moe = self.kernels
+        if self.ranks is not None and self.ranks.expert > 1:
+            self.moe = ExpertParallelKernel(math_spec.num_experts, self.ranks.ep_group, chunks=chunks,
+                                            kernel=self.kernels)
         self.executor = Executor(device, threads=self.threads, serial=configured().serial)
         self.timeline = RunTimeline(keep_records=trace)
         self.link_bytes = {"h2d": 0, "d2h": 0}
@@ -444,7 +459,7 @@ class CGOPipeRunner:
             self._write_prompt_kv(mb, i, k, v)
         else:
             self._state["kv"][i, j] = (k, v)
-        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.moe)
         last = torch.cumsum(torch.tensor(mb.lens, device=self.device), 0) - 1
         self._finish(i, j, x, last)
 
@@ -516,7 +531,7 @@ class CGOPipeRunner:
         i, j = t.layer, t.micro_batch
         x = self._state["x"][j]
         attn = self._state["attn"].pop((i, j))
-        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.moe)
         self._finish(i, j, x)
 
     # ----------------------------------------------------------------------------------------------
@@ -554,7 +569,7 @@ class CGOPipeRunner:
             v_cache[b, :, self._slots_dev[j]] = v
             attn = decode_attention(q, k_cache, v_cache, new_len, starts, **self._attn_dev[i])
             self._state["qkv"][i, j] = (k, v)
-        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.kernels)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.moe)
         self._finish(i, j, x)
 
     def _load_blocks(self, mb: MicroBatch, i: int, j: int):

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from moe_lightning.comm import pipeline_chunks  # noqa: F401 - EPS-MoE's chunk count, re-exported
 from moe_lightning.engine.experts import KERNELS
 from moe_lightning.models.layers import ExpertStack, MoEKernel
 
@@ -54,24 +56,6 @@ def kernel_for_load(rows: int, local_experts: int) -> str:
     """The expert kernel for a chunk of `rows` dispatched rows over `local_experts` experts."""
     grouped = "grouped" in KERNELS and rows / max(1, local_experts) >= GROUPED_FROM_LOAD
     return "grouped" if grouped else "loop"
-
-
-def pipeline_chunks(comm_bytes: float, gemm_flops: float, *, latency_s: float, bytes_per_s: float,
-                    launch_s: float, flops_per_s: float, max_chunks: int = 16) -> int:
-    """EPS-MoE's chunk count: the C minimising the pipelined layer time
-
-        T(C) = d + g + m + (C - 1) max(d + m, g),   d = m = latency + comm_bytes / (C bandwidth),
-                                                    g = launch + gemm_flops / (C rate)
-
-    (a chunk's dispatch and combine share the link; the first chunk's dispatch and the last one's
-    combine are not hidden). C = 1 is the unpipelined layer; more chunks hide more communication until
-    each chunk's fixed costs (latency, kernel launch) outweigh it."""
-    def layer_s(c: int) -> float:
-        d = latency_s + comm_bytes / (c * bytes_per_s)
-        g = launch_s + gemm_flops / (c * flops_per_s)
-        return 2 * d + g + (c - 1) * max(2 * d, g)
-
-    return min(range(1, max_chunks + 1), key=layer_s)
 
 
 def _a2a(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
@@ -168,9 +152,11 @@ class ExpertParallelKernel:
     """An `MoEKernel` for ranks that all hold the same tokens (attention replicated, as the reference
     engine runs under expert parallelism): each rank routes its contiguous share of the tokens through
     `ep_moe`, and the shares are all-gathered, so every rank ends with every token's output. Its
-    `experts` argument is this rank's (`local_experts`)."""
+    `experts` argument is this rank's (`local_experts`). `chunks`: per layer, or a function of the
+    layer's token count (the same on every rank, so every rank pipelines alike)."""
 
-    def __init__(self, num_experts: int, group=None, chunks: int = 1, kernel: str | MoEKernel | None = None):
+    def __init__(self, num_experts: int, group=None, chunks: int | Callable[[int], int] = 1,
+                 kernel: str | MoEKernel | None = None):
         self.num_experts, self.group, self.chunks, self.kernel = num_experts, group, chunks, kernel
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
 
@@ -178,7 +164,8 @@ class ExpertParallelKernel:
                  experts: ExpertStack) -> torch.Tensor:
         T, share = h.shape[0], -(-h.shape[0] // self.world)
         a, b = min(self.rank * share, T), min((self.rank + 1) * share, T)
-        mine = ep_moe(h[a:b], weights[a:b], ids[a:b], experts, self.num_experts, chunks=self.chunks,
+        chunks = self.chunks(T) if callable(self.chunks) else self.chunks
+        mine = ep_moe(h[a:b], weights[a:b], ids[a:b], experts, self.num_experts, chunks=chunks,
                       group=self.group, kernel=self.kernel)
         padded = h.new_zeros(share, h.shape[1])
         padded[:b - a] = mine

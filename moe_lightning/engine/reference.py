@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from moe_lightning.config import ModelSpec
+from moe_lightning.engine.expert_parallel import ExpertParallelKernel
 from moe_lightning.engine.experts import moe_loop
 from moe_lightning.engine.kv_blocks import kv_tensors
+from moe_lightning.engine.parallel import Ranks, RankSource, local_spec
 from moe_lightning.engine.weights import WeightSource
 from moe_lightning.models import family
 from moe_lightning.models.layers import ExpertStack, MoEKernel, decode_attention, prefill_attention
@@ -31,7 +33,7 @@ class DenseWeights:
 
 def load_dense(source: WeightSource, device: torch.device, experts_of=None) -> DenseWeights:
     """Every weight on `device`; `experts_of(w13, w2)`, when given, keeps only this rank's experts of a
-    layer (expert parallelism)."""
+    layer (an `ExpertParallelKernel`'s)."""
     layers, experts = [], []
     for i in range(source.spec.num_layers):
         layers.append(source.layer(i).to(device))
@@ -77,15 +79,25 @@ def last_token_index(seq_lens: Sequence[int], device: torch.device) -> torch.Ten
 
 
 class ReferenceRunner:
-    """All weights resident on `device`; implements the generation driver's `BatchRunner`. With an
-    `ExpertParallelKernel` as `moe_kernel`, this rank holds its share of each layer's experts only and
-    the MoE layers run across the kernel's process group (every rank runs the same batch)."""
+    """All weights resident on `device`; implements the generation driver's `BatchRunner`.
+
+    With `ranks` (tensor and expert parallelism, `engine.parallel`), this rank holds its shards of each
+    layer and its share of the experts; every rank runs the same batch, attention on its heads, the
+    MoE layers through `ep_moe` across its expert group (`chunks` per layer) when E > 1. With an
+    `ExpertParallelKernel` as `moe_kernel` (and no `ranks`), the MoE layers alone run across the
+    kernel's process group."""
 
     def __init__(self, spec: ModelSpec, source: WeightSource, device: torch.device | str = "cpu",
-                 moe_kernel: MoEKernel = moe_loop):
-        self.spec, self.device, self.moe_kernel = spec, torch.device(device), moe_kernel
-        self.family = family(spec)
-        self.weights = load_dense(source, self.device, getattr(moe_kernel, "local_experts", None))
+                 moe_kernel: MoEKernel = moe_loop, ranks: Ranks | None = None, chunks=1):
+        self.device, self.family = torch.device(device), family(spec)
+        experts_of = getattr(moe_kernel, "local_experts", None)
+        if ranks is not None and ranks.world_size > 1:   # this rank's shards and experts (as CGOPipe's)
+            source, experts_of = RankSource(source, spec, ranks), None
+            if ranks.expert > 1:
+                moe_kernel = ExpertParallelKernel(spec.num_experts, ranks.ep_group, chunks=chunks, kernel=moe_kernel)
+            spec = local_spec(spec, ranks)
+        self.spec, self.moe_kernel = spec, moe_kernel
+        self.weights = load_dense(source, self.device, experts_of)
         self.dtype = source.dtype
         self.cache: KVCache | None = None
         self.lengths: torch.Tensor | None = None

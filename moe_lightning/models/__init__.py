@@ -53,6 +53,9 @@ class Family:
     # One expert as a quantized checkpoint stores it (model.expert_format, `models.mxfp4`), for the 4-bit
     # pages the engine streams: (get, layer, expert, spec) -> its arrays, uint8, w13's first.
     expert_packed: Callable | None = None
+    # Tensor parallelism (`engine.parallel`): spec -> {LayerWeights field: its shard rule} (see
+    # `layers.split`; fields without a rule are replicated); None: the family does not split.
+    tensor_parallel: Callable[[ModelSpec], dict] | None = None
 
     def attention_args(self, lw: object, layer: int, spec: ModelSpec, device: torch.device | str | None = None
                        ) -> dict:

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 
 from moe_lightning.config import ModelSpec
 from moe_lightning.models import Family, Getter
-from moe_lightning.models.layers import ExpertStack, MoEKernel, Weights, apply_rope, rope_cos_sin
+from moe_lightning.models.layers import (
+    ExpertStack,
+    MoEKernel,
+    Weights,
+    apply_rope,
+    rope_cos_sin,
+    split,
+    split_segments,
+)
 
 LAYER_NORM_EPS = 1e-5        # nn.LayerNorm's default, as DBRX builds it
 DBRX_ROPE_THETA = 10000.0    # transformers' default when config.json gives none
@@ -66,14 +74,20 @@ def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch
 
 def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: ModelSpec,
                    experts: ExpertStack, moe_kernel: MoEKernel) -> torch.Tensor:
-    x = x + F.linear(attn, lw.wo)
+    x = x + lw.reduce(F.linear(attn, lw.wo))
     h = layer_norm(x, lw.norm_2)
     weights, ids = route(h, lw.router, spec)
-    return x + moe_kernel(h, weights, ids, experts)
+    return x + lw.reduce(moe_kernel(h, weights, ids, experts))
 
 
 def final_logits(x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return F.linear(layer_norm(x, norm), lm_head)
+
+
+def tensor_parallel(spec: ModelSpec) -> dict:
+    """The fused Wqkv split within each of its q, k and v parts (heads column-parallel), Wo row-parallel."""
+    parts = [n * spec.head_dim for n in (spec.num_heads, spec.num_kv_heads, spec.num_kv_heads)]
+    return {"wqkv": split_segments(0, lambda t: parts), "wo": split(-1)}
 
 
 # ---- checkpoint layout ----
@@ -192,5 +206,5 @@ FAMILY = Family(
     pre_attention=pre_attention, post_attention=post_attention, final_logits=final_logits,
     global_tensors=global_tensors, layer_tensors=layer_tensors, expert_tensors=expert_tensors, layer=layer,
     expert=expert, spec_fields=spec_fields, hf_config=hf_config,
-    implements={"norm_topk_prob": (False, True), "clip_qkv": "any"},
+    implements={"norm_topk_prob": (False, True), "clip_qkv": "any"}, tensor_parallel=tensor_parallel,
 )

@@ -43,9 +43,11 @@ from moe_lightning.models.layers import (
     apply_rope,
     rms_norm,
     rope_cos_sin,
+    split,
     swiglu_mlp,
 )
 from moe_lightning.models.mixtral import final_logits, global_tensors  # the same final norm, head and names
+from moe_lightning.models.qwen_moe import MLP_SPLITS
 
 LATENT_EPS = 1e-6   # q_a_layernorm and kv_a_layernorm: transformers builds them with the default eps
 DEEPSEEK_ROPE_THETA = 10000.0
@@ -131,15 +133,23 @@ def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: 
     """x [T, H], attn [T, nh*r] (latent-space head outputs) -> next layer's input [T, H]."""
     T, nh, r = attn.shape[0], spec.num_heads, spec.kv_lora_rank
     heads = torch.bmm(attn.view(T, nh, r).transpose(0, 1), lw.w_uv.transpose(1, 2))   # [nh, T, dv]
-    x = x + F.linear(heads.transpose(0, 1).reshape(T, -1), lw.wo)
+    x = x + lw.reduce(F.linear(heads.transpose(0, 1).reshape(T, -1), lw.wo))
     h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
     if lw.router is None:   # a dense layer
-        return x + swiglu_mlp(h, lw.mlp_gate, lw.mlp_up, lw.mlp_down)
+        return x + lw.reduce(swiglu_mlp(h, lw.mlp_gate, lw.mlp_up, lw.mlp_down))
     weights, ids = route(h, lw, spec)
     out = moe_kernel(h, weights, ids, experts)
     if lw.shared_gate_proj is not None:
         out = out + swiglu_mlp(h, lw.shared_gate_proj, lw.shared_up_proj, lw.shared_down_proj)
-    return x + out
+    return x + lw.reduce(out)
+
+
+def tensor_parallel(spec: ModelSpec) -> dict:
+    """MLA's heads split: the query projections (head-major rows), each head's absorbed up-projections
+    and Wo's columns; the latent (kv_a, its norm) and q_a replicated, so every tensor rank keeps the
+    whole latent cache. Shared experts and dense MLPs split on their intermediate rows."""
+    return {"wq": split(0), "wq_b": split(0), "w_uk": split(0), "w_uv": split(0), "wo": split(-1),
+            **MLP_SPLITS}
 
 
 # ---- checkpoint layout ----
@@ -324,7 +334,8 @@ def check(spec: ModelSpec) -> None:
 
 _LAYOUT = dict(pre_attention=pre_attention, post_attention=post_attention, final_logits=final_logits,
                global_tensors=global_tensors, layer_tensors=layer_tensors, expert_tensors=expert_tensors,
-               layer=layer, expert=expert, hf_config=hf_config, check=check)
+               layer=layer, expert=expert, hf_config=hf_config, check=check,
+               tensor_parallel=tensor_parallel)
 _MLA = {"kv_lora_rank": "any", "q_lora_rank": "any", "qk_nope_head_dim": "any", "v_head_dim": "any",
         "rope_interleave": (True, False), "shared_expert_size": "any", "shared_expert_gate": (False,),
         "rope_type": ("default", "yarn"), "yarn_truncate": (True, False), "routed_scaling_factor": "any",

@@ -35,7 +35,10 @@ from moe_lightning.models.layers import (
     Weights,
     apply_rope,
     clamped_swiglu,
+    once,
     rope_cos_sin,
+    split,
+    split_halves,
 )
 from moe_lightning.models.mixtral import global_tensors  # the same embedding, final norm and head names
 from moe_lightning.models.mxfp4 import dequantize, largest_scale, matrix_shapes
@@ -89,12 +92,12 @@ def route(h: torch.Tensor, lw: LayerWeights, spec: ModelSpec) -> tuple[torch.Ten
 def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: ModelSpec,
                    experts: ExpertStack, moe_kernel: MoEKernel) -> torch.Tensor:
     """x [T, H] residual stream, attn [T, nq*hd] -> next layer's input [T, H]."""
-    x = x + F.linear(attn, lw.wo, lw.bo)
+    x = x + lw.reduce(F.linear(attn, lw.wo, lw.bo))
     h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
     weights, ids = route(h, lw, spec)
     stack = dataclasses.replace(experts, b13=lw.b13, b2=lw.b2,
                                 act=clamped_swiglu(spec.swiglu_alpha, spec.swiglu_limit))
-    return x + moe_kernel(h, weights, ids, stack)
+    return x + lw.reduce(moe_kernel(h, weights, ids, stack))
 
 
 def final_logits(x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -103,6 +106,13 @@ def final_logits(x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, spe
 
 def attention_sinks(lw: LayerWeights) -> torch.Tensor:
     return lw.sinks
+
+
+def tensor_parallel(spec: ModelSpec) -> dict:
+    """Heads with their biases and sinks column-parallel, Wo row-parallel (its bias added once); the
+    experts' gate/up biases split with their rows, their down bias added once."""
+    return {"wq": split(0), "wk": split(0), "wv": split(0), "bq": split(0), "bk": split(0), "bv": split(0),
+            "sinks": split(0), "wo": split(-1), "bo": once, "b13": split_halves(-1), "b2": once}
 
 
 # ---- checkpoint layout ----
@@ -261,7 +271,7 @@ FAMILY = Family(
     pre_attention=pre_attention, post_attention=post_attention, final_logits=final_logits,
     global_tensors=global_tensors, layer_tensors=layer_tensors, expert_tensors=expert_tensors, layer=layer,
     expert=expert, spec_fields=spec_fields, hf_config=hf_config, check=check, attention_sinks=attention_sinks,
-    expert_packed=expert_packed,
+    expert_packed=expert_packed, tensor_parallel=tensor_parallel,
     implements={"attention_bias": (False, True), "attention_out_bias": (False, True), "attention_sinks": (True,),
                 "sliding_window": "any", "sliding_layers": "any", "router_bias": (True,), "expert_bias": (True,),
                 "expert_act": ("clamped_swiglu",), "rope_type": ("default", "yarn"), "yarn_truncate": (True, False),

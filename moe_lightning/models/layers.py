@@ -68,14 +68,76 @@ MoEKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertStack], to
 
 
 class Weights:
-    """Mixin of a family's per-layer weights dataclass: move every tensor (absent ones stay None)."""
+    """Mixin of a family's per-layer weights dataclass: move every tensor (absent ones stay None), and sum
+    a row-parallel output over the tensor-parallel ranks holding this layer's shards (`reduce`)."""
+
+    # Tensor parallelism: the process group whose ranks hold this layer's shards (`engine.parallel`
+    # sets it); None: this process holds the whole layer.
+    tp_group = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
         return self.map(lambda t: t.to(device=device, dtype=dtype))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]):
-        return type(self)(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                             for f in fields(self)})
+        out = type(self)(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                            for f in fields(self)})
+        if self.tp_group is not None:   # a tensor rank's shards stay its shards
+            out.tp_group = self.tp_group
+        return out
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection's output summed over the tensor-parallel ranks (Megatron's all-reduce
+        after the attention output and after the MLP down projection); as is on one rank."""
+        if self.tp_group is None:
+            return partial
+        import torch.distributed as dist
+
+        dist.all_reduce(partial, group=self.tp_group)
+        return partial
+
+    def norm_width(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """`rms_norm` over the whole row of which this tensor rank holds x's 1/T (OLMoE's q/k norm over
+        every head): the sum of squares is all-reduced."""
+        if self.tp_group is None:
+            return rms_norm(x, weight, eps)
+        import torch.distributed as dist
+
+        x32 = x.float()
+        squares = self.reduce(x32.pow(2).sum(-1, keepdim=True))
+        width = x.shape[-1] * dist.get_world_size(self.tp_group)
+        return weight * (x32 * torch.rsqrt(squares / width + eps)).to(x.dtype)
+
+
+# Tensor-parallel shard rules (a family's `Family.tensor_parallel`, field -> rule): what of a weight rank
+# `rank` of `world` holds. Fields without a rule are replicated.
+ShardRule = Callable[[torch.Tensor, int, int], torch.Tensor]   # (weight, rank, world) -> its shard
+
+
+def split(dim: int) -> ShardRule:
+    """The rank's contiguous 1/world of `dim` (column-parallel: dim 0 of a [out, in] weight, head-major;
+    row-parallel: its last dim)."""
+    def rule(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        return t.chunk(world, dim)[rank].contiguous()
+    return rule
+
+
+def split_halves(dim: int) -> ShardRule:
+    """`dim` holds [gate | up]: the rank's 1/world of each half, still [gate | up]."""
+    def rule(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        return torch.cat([h.chunk(world, dim)[rank] for h in t.chunk(2, dim)], dim).contiguous()
+    return rule
+
+
+def split_segments(dim: int, sizes: Callable[[torch.Tensor], list[int]]) -> ShardRule:
+    """`dim` concatenates segments (a fused QKV): the rank's 1/world of each, concatenated again."""
+    def rule(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        return torch.cat([p.chunk(world, dim)[rank] for p in t.split(sizes(t), dim)], dim).contiguous()
+    return rule
+
+
+def once(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """A bias added after a row-parallel sum: rank 0 adds it, the others add zeros."""
+    return t.clone() if rank == 0 else torch.zeros_like(t)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

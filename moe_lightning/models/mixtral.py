@@ -19,6 +19,7 @@ from moe_lightning.models.layers import (
     rms_norm,
     rope_cos_sin,
     route,
+    split,
 )
 
 
@@ -50,14 +51,19 @@ def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
 def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: ModelSpec,
                    experts: ExpertStack, moe_kernel: MoEKernel) -> torch.Tensor:
     """x [T, H] residual stream, attn [T, nq*hd] attention output -> next layer's input [T, H]."""
-    x = x + F.linear(attn, lw.wo)
+    x = x + lw.reduce(F.linear(attn, lw.wo))
     h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
     weights, ids = route(h, lw.router, spec.top_k)
-    return x + moe_kernel(h, weights, ids, experts)
+    return x + lw.reduce(moe_kernel(h, weights, ids, experts))
 
 
 def final_logits(x: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return F.linear(rms_norm(x, norm, spec.rms_norm_eps), lm_head)
+
+
+def tensor_parallel(spec: ModelSpec) -> dict:
+    """Heads column-parallel into attention, row-parallel out of it."""
+    return {"wq": split(0), "wk": split(0), "wv": split(0), "wo": split(-1)}
 
 
 # ---- checkpoint layout ----
@@ -121,4 +127,5 @@ FAMILY = Family(
     hf_config_class="MixtralConfig", pre_attention=pre_attention, post_attention=post_attention,
     final_logits=final_logits, global_tensors=global_tensors, layer_tensors=layer_tensors,
     expert_tensors=expert_tensors, layer=layer, expert=expert, spec_fields=spec_fields, hf_config=hf_config,
+    tensor_parallel=tensor_parallel,
 )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moe_lightning.config import ModelSpec
 from moe_lightning.models import Family
-from moe_lightning.models.layers import apply_rope, rms_norm, rope_cos_sin
+from moe_lightning.models.layers import apply_rope, rms_norm, rope_cos_sin, split
 from moe_lightning.models.qwen_moe import (
     LayerWeights,
     expert,
@@ -21,6 +21,7 @@ from moe_lightning.models.qwen_moe import (
     layer_tensors,
     post_attention,
 )
+from moe_lightning.models.qwen_moe import tensor_parallel as qwen_tensor_parallel
 
 OLMOE_ROPE_THETA = 10000.0   # OlmoeConfig default
 
@@ -30,8 +31,8 @@ def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
     """x [T, H], positions [T] -> q [T, nq, hd], k [T, nkv, hd], v [T, nkv, hd]."""
     T, eps = x.shape[0], spec.rms_norm_eps
     h = rms_norm(x, lw.attn_norm, eps)
-    q = rms_norm(F.linear(h, lw.wq, lw.bq), lw.q_norm, eps)        # [T, nq*hd], normalised as a whole
-    k = rms_norm(F.linear(h, lw.wk, lw.bk), lw.k_norm, eps)
+    q = lw.norm_width(F.linear(h, lw.wq, lw.bq), lw.q_norm, eps)   # [T, nq*hd], normalised as a whole
+    k = lw.norm_width(F.linear(h, lw.wk, lw.bk), lw.k_norm, eps)
     v = F.linear(h, lw.wv, lw.bv)
     if spec.clip_qkv is not None:
         c = spec.clip_qkv
@@ -40,6 +41,12 @@ def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
     k = k.view(T, spec.num_kv_heads, spec.head_dim)
     cos, sin = rope_cos_sin(positions, spec, x.dtype)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(T, spec.num_kv_heads, spec.head_dim)
+
+
+def tensor_parallel(spec: ModelSpec) -> dict:
+    """Qwen-MoE's split, with the q and k norms (over every head) split beside their heads: the norm's sum of
+    squares is all-reduced (`Weights.norm_width`)."""
+    return qwen_tensor_parallel(spec) | {"q_norm": split(0), "k_norm": split(0)}
 
 
 def spec_fields(cfg) -> dict:
@@ -81,4 +88,5 @@ FAMILY = Family(
     expert=expert, spec_fields=spec_fields, hf_config=hf_config,
     implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "qk_norm": ("full",),
                 "clip_qkv": "any"},
+    tensor_parallel=tensor_parallel,
 )

@@ -27,6 +27,7 @@ from moe_lightning.models.layers import (
     rms_norm,
     rope_cos_sin,
     route,
+    split,
     swiglu_mlp,
 )
 from moe_lightning.models.mixtral import final_logits, global_tensors  # the same final norm, head and names
@@ -74,16 +75,28 @@ def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
 def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: ModelSpec,
                    experts: ExpertStack, moe_kernel: MoEKernel) -> torch.Tensor:
     """x [T, H] residual stream, attn [T, nq*hd] -> next layer's input [T, H]."""
-    x = x + F.linear(attn, lw.wo)
+    x = x + lw.reduce(F.linear(attn, lw.wo))
     h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
     if lw.router is None:   # a dense layer (`experts` is None)
-        return x + swiglu_mlp(h, lw.mlp_gate, lw.mlp_up, lw.mlp_down)
+        return x + lw.reduce(swiglu_mlp(h, lw.mlp_gate, lw.mlp_up, lw.mlp_down))
     weights, ids = route(h, lw.router, spec.top_k, normalize=spec.norm_topk_prob)
     out = moe_kernel(h, weights, ids, experts)
     if lw.shared_gate is not None:
         shared = swiglu_mlp(h, lw.shared_gate_proj, lw.shared_up_proj, lw.shared_down_proj)
         out = out + torch.sigmoid(F.linear(h, lw.shared_gate)) * shared
-    return x + out
+    return x + lw.reduce(out)
+
+
+# The shared expert's and a dense layer's MLP: column-parallel gate and up, row-parallel down.
+MLP_SPLITS = {"shared_gate_proj": split(0), "shared_up_proj": split(0), "shared_down_proj": split(-1),
+              "mlp_gate": split(0), "mlp_up": split(0), "mlp_down": split(-1)}
+
+
+def tensor_parallel(spec: ModelSpec) -> dict:
+    """Heads (and their biases) column-parallel into attention, row-parallel out; the shared expert and
+    dense MLPs split on their intermediate rows (its sigmoid gate and the per-head q/k norms replicated)."""
+    return {"wq": split(0), "wk": split(0), "wv": split(0), "wo": split(-1), "bq": split(0), "bk": split(0),
+            "bv": split(0), **MLP_SPLITS}
 
 
 # ---- checkpoint layout (shared with OLMoE, which names its tensors the same way) ----
@@ -217,7 +230,8 @@ def qwen3_hf_config(spec: ModelSpec) -> dict:
 
 _LAYOUT = dict(pre_attention=pre_attention, post_attention=post_attention, final_logits=final_logits,
                global_tensors=global_tensors, layer_tensors=layer_tensors, expert_tensors=expert_tensors,
-               layer=layer, expert=expert)
+               layer=layer, expert=expert,
+               tensor_parallel=tensor_parallel)
 
 QWEN2_MOE = Family(
     architecture="qwen2_moe", model_types=("qwen2_moe",), hf_class="Qwen2MoeForCausalLM",

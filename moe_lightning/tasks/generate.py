@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     from tqdm import tqdm
 
     from moe_lightning.engine.generation import GenerationParams, generate
+    from moe_lightning.engine.parallel import current
     from moe_lightning.engine.weights import resolve_model
     from moe_lightning.hostload import HostLoad, check_fits_host, measurement_lock
     from moe_lightning.systems import resolve_device
@@ -65,7 +67,8 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     device = resolve_device(cfg.device)
     main = main_threads(op_elements(spec), device.type == "cuda")
     set_thread_count(main)
-    check_fits_host(spec, cfg.hardware, device)
+    ranks = current()   # several ranks (moe_lightning.launch): each one measures, rank 0 reports them all
+    check_fits_host(spec, cfg.hardware, device, ranks=ranks.world_size if ranks else 1)
     # The memory plan is made for the prompts actually given (a JSONL file sets its own lengths).
     lengths = [len(r.input_ids) for r in requests]
     workload = dataclasses.replace(cfg.workload, prompt_len_max=max(lengths),
@@ -99,7 +102,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     run_args = {"max_new": max_new, **({"refill": refill} if admits else {})}
     results = []
     loops = 1
-    with measurement_lock() as lock_wait_s, HostLoad() as load:
+    with measurement_lock(enabled=ranks is None or ranks.local_rank == 0) as lock_wait_s, HostLoad() as load:
         if warmup_tokens:
             warm = dataclasses.replace(params, max_new_tokens=min(warmup_tokens, params.max_new_tokens))
             generate(runner, prompts[:batch_size], warm, batch_size)
@@ -116,6 +119,9 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
                                    **callbacks)
                           for _ in range(loops)]
                 results.append(merge_passes(passes))
+    if ranks is not None:   # this run's other ranks on this host are not "other processes"
+        cpu = ranks.gather((platform.node(), load.own_s))
+        load.exclude(sum(s for i, (node, s) in enumerate(cpu) if node == platform.node() and i != ranks.rank))
     host = load.report
     host.lock_wait_s = lock_wait_s
     stats = runner.stats() if hasattr(runner, "stats") else {}
@@ -137,11 +143,23 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
                "loops_per_repeat": loops,
                **({"resumed_outputs": start} if streamed is not None else {}),
                "batching": _batching(runner, results[0], batch_size, refill),
+               **({"parallel": _parallel(ranks, metrics, device)} if ranks is not None else {}),
                **stats.get("extra", {})},
     )
     kept = [r for r in range(len(requests)) if r not in done_set]
     outputs = ([results[0].output_ids[r] for r in kept] if admits else results[0].output_ids)
     return Generation(report, [requests[r] for r in kept], outputs, tokenizer, runner)
+
+
+def _parallel(ranks, metrics: Metrics, device) -> dict:
+    """The split and every rank's own measurement (each rank times the same batches in lockstep; the
+    headline figures are rank 0's)."""
+    mine = {"rank": ranks.rank, "tensor_rank": ranks.tp_rank, "expert_rank": ranks.ep_rank,
+            "host": platform.node(), "device": str(device), "throughput_tok_s": metrics.throughput_tok_s,
+            "prefill_s": metrics.prefill_s, "decode_s": metrics.decode_s,
+            "throughput_spread": metrics.spread["throughput_tok_s"].to_dict(),
+            "peak_gpu_bytes": metrics.peak_gpu_bytes, "peak_cpu_bytes": metrics.peak_cpu_bytes}
+    return {**ranks.describe(), "chunks": ranks.chunks, "ranks": ranks.gather(mine)}
 
 
 def _batching(runner, result, batch_size: int, refill: bool) -> dict:

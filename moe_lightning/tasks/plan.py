@@ -1,7 +1,9 @@
 """task=plan: the HRM policy optimizer for cfg.model on cfg.hardware for cfg.workload.
 
 Prints the plan table, writes the run document (policy, HRM prediction, the plan with its bottleneck
-and memory per pool in `extra`) and, with `plot=true`, the roofline figure beside it.
+and memory per pool in `extra`) and, with `plot=true`, the roofline figure beside it. Several GPUs: the
+plan is for `parallel.tensor` x `parallel.expert` when given (refused in one line if it cannot run),
+else for the best split the optimizer finds; the table and `extra.parallel` give T, E and the overrides.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class PlanTask:
         spec = planning_model(cfg.model)
         workload, lengths = planning_workload(cfg.workload, spec)
         plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch,
-                        calibrated=self.kernel_rates == "calibrated")
+                        calibrated=self.kernel_rates == "calibrated", parallel=cfg.parallel)
         doc = plan_document(plan) | {"last_batch": self.last_batch, "kernel_rates": self.kernel_rates}
         pred = plan.prediction
         out = out_path(cfg)
@@ -106,9 +108,12 @@ class PlanTask:
                                                        if self.kernel_rates == "peak" else
                                                        " (the profile's measured curves, where it has them)"))
         if self.plot:
+            from moe_lightning.tuner.parallel import rank_view
             from moe_lightning.tuner.roofline_plot import plot_roofline
 
-            png = plot_roofline(spec, cfg.hardware, workload, plan.policy, beside(out, "roofline.png"))
+            view = rank_view(spec, cfg.hardware, plan.parallel)   # several GPUs: one rank's roofline
+            png = plot_roofline(view.spec, view.hw, view.workload(workload), view.policy(plan.policy),
+                                beside(out, "roofline.png"))
             report.extra["roofline_png"] = str(png)
             print(f"roofline: {png}")
         report.to_json(out)

@@ -1,12 +1,15 @@
 """task=simulate: time cfg.system's schedule on cfg.hardware with the simulator, no device needed.
 
 The policy is the HRM plan's (`use_plan=true`, the FFN kept on the GPU as the CGOPipe schedule needs)
-or cfg.policy. Prints tokens/s, prefill and decode time and per-resource utilisation beside the HRM
-prediction; writes the run document and, with `plot=true`, a Gantt chart of the first graphs.
+or cfg.policy. Several GPUs: the layout is `parallel.tensor` x `parallel.expert` when given, else the
+plan's; one rank is simulated with its collectives (`tuner.simulator.simulate_run`). Prints tokens/s,
+prefill and decode time and per-resource utilisation beside the HRM prediction; writes the run
+document and, with `plot=true`, a Gantt chart of the first graphs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,7 +17,6 @@ from typing import TYPE_CHECKING
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import RunReport, as_dict, environment
 from moe_lightning.tasks.plan import beside, out_path, planning_model, planning_workload
-from moe_lightning.tuner.optimizer import POOLED_NOTE
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -57,26 +59,42 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
     paged = paged_kv(cfg.system)
     spec = planning_model(cfg.model)
     workload, lengths = planning_workload(cfg.workload, spec)
+    hw, asked = cfg.hardware, cfg.parallel
+    several = hw.gpu.count > 1 or asked.world_size > 1
+    if several and schedule != "cgopipe":
+        raise ConfigError(f"system={system} on hardware={hw.name}: the baselines' schedules run on one GPU; simulate "
+                          "them on a one-GPU profile (several GPUs: system=cgopipe)")
+    layout = asked if asked.world_size > 1 else None
     if given is not None:
         policy, source = given, "given"
     elif getattr(cfg.system, "policy_source", "given") == "auto":  # the system's own rule (baselines)
-        policy = cfg.system.resolve_policy(spec, cfg.hardware, workload, cfg.policy)
+        policy = cfg.system.resolve_policy(spec, hw, workload, cfg.policy)
         source = f"{system} policy rule"
     elif use_plan:  # HRM's plan (for a baseline with policy_source=given: the paper's ablation)
-        policy, source = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU,
-                                  paged_kv=paged, lengths=lengths).policy, "hrm plan"
+        planned = optimize(spec, hw, workload, placements=FFN_ON_GPU, paged_kv=paged, lengths=lengths,
+                           parallel=asked)
+        policy, source = planned.policy, "hrm plan"
+        if several:
+            layout = dataclasses.replace(asked, tensor=planned.parallel.tensor, expert=planned.parallel.expert)
     else:
         policy, source = cfg.policy, "cfg.policy"
-    hrm = predict(spec, cfg.hardware, workload, policy, paged_kv=paged, lengths=lengths)
-    plan = memory_plan(spec, policy, workload, kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None,
-                       paged=paged, lengths=lengths)
-    fits = plan.fits(cfg.hardware)
+    if several and layout is None:
+        raise ConfigError(f"hardware={hw.name} has {hw.gpu.count} GPUs: give parallel.tensor and parallel.expert "
+                          f"(T x E = {hw.gpu.count}) for this policy, or let the plan choose them (task.use_plan=true)")
+    from moe_lightning.tuner.parallel import rank_view
+
+    view = rank_view(spec, hw, layout)
+    hrm = predict(spec, hw, workload, policy, paged_kv=paged, lengths=lengths, parallel=layout)
+    plan = memory_plan(view.spec, view.policy(policy), view.workload(workload),
+                       kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None, paged=paged,
+                       lengths=view.lengths(workload, lengths))
+    fits = plan.fits(view.hw)
     if not fits:
-        log.warning("policy does not fit %s's memory budget; simulating it anyway", cfg.hardware.name)
-    sim = simulate_run(spec, cfg.hardware, workload, policy, lengths, schedule=schedule_of(schedule),
+        log.warning("policy does not fit %s's memory budget; simulating it anyway", hw.name)
+    sim = simulate_run(spec, hw, workload, policy, lengths, schedule=schedule_of(schedule),
                        max_decode_steps=default_max_decode_steps(workload, policy, spec),
                        kv_block_size=getattr(cfg.system, "kv_block_size", 0),
-                       kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None)
+                       kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None, parallel=layout)
     batches = sim.num_batches
     metrics = sim.metrics()
     metrics.peak_gpu_bytes, metrics.peak_cpu_bytes = plan.gpu_total_bytes, plan.cpu_total_bytes  # as planned
@@ -94,6 +112,12 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
                     "hrm_bottleneck": hrm.bottleneck},
         extra={"requested_system": system, "schedule": schedule, "policy_source": source, "memory_fits": fits,
                "simulation": sim.summary()})
+    if several:   # the layout simulated; memory (peak_*_bytes, memory_fits) is one rank's
+        report.extra["parallel"] = dataclasses.asdict(layout) | {"world_size": layout.world_size,
+                                                                 "memory_per": "rank"}
+        if hrm.parallel is not None:
+            report.prediction["hrm_chunks"] = hrm.parallel.chunks
+            report.prediction["hrm_t_comm_s"] = hrm.t_comm
     return report, sim, hrm
 
 
@@ -133,8 +157,9 @@ def summary(report: RunReport, sim, hrm) -> str:
     pre_util = "  ".join(f"{k} {v:.0%}" for k, v in sim.prefill_utilisation.items())
     profile = report.hardware["profile"]["name"]
     head = f"  {'':26}{'simulated':>12}{'predicted (HRM)':>17}"
-    count = (report.hardware["profile"].get("gpu") or {}).get("count", 1)
-    lines = [POOLED_NOTE.format(g=count)] if count > 1 else []
+    par = report.extra.get("parallel")
+    lines = [f"parallel: tensor={par['tensor']} x expert={par['expert']} ({par['world_size']} ranks, one simulated "
+             f"with its all-reduces and EPS-pipelined all-to-alls; memory per rank)"] if par else []
     lines += [
         f"simulated {report.system}{note}: {report.model['name']} on profile {profile} (no device used), "
         f"workload {report.workload['name']} ({sim.num_requests} requests = {b} batch{'es' if b != 1 else ''} of "

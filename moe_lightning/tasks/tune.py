@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning.errors import Interrupted, MemoryBudgetError, MoELightningError
+from moe_lightning.errors import ConfigError, Interrupted, MemoryBudgetError, MoELightningError
 from moe_lightning.interrupt import deferred, install
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment
 
@@ -286,6 +286,12 @@ class TuneTask:
             storage_url,
         )
 
+        several = cfg.hardware.gpu.count > 1 or cfg.parallel.world_size > 1
+        if several and cfg.tuner.objective == "measure":
+            raise ConfigError(f"tuner.objective=measure on hardware={cfg.hardware.name} ({cfg.hardware.gpu.count} "
+                              f"GPUs, parallel {cfg.parallel.tensor}x{cfg.parallel.expert}): measured several-rank "
+                              "CGOPipe runs are not built yet; tune with tuner.objective=simulate, or measure on a "
+                              "one-GPU profile")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         run_dir = Path(cfg.run_dir or "runs/latest")
         spec, _ = resolve_model(cfg.model)
@@ -372,6 +378,13 @@ class TuneTask:
         if best:
             top = best[0]
             policy = policy_from_params(top.params, spec, cfg.policy)
+            layout = top.user_attrs.get("parallel")   # several GPUs: the study's T x E (search.study_layout)
+            if layout:   # the trial's policy, in whole expert groups, under that layout
+                from moe_lightning.config import ParallelConfig, Policy
+
+                policy = Policy(**top.user_attrs["policy"])
+                cfg = dataclasses.replace(cfg, parallel=ParallelConfig(**layout))
+                report.extra["parallel"] = layout
             report.policy = as_dict(policy)
             kind = "simulated" if cfg.tuner.objective == "simulate" else "measured"
             spread = {k: Spread.from_dict(v) for k, v in (top.user_attrs.get("spread") or {}).items()}
@@ -386,7 +399,8 @@ class TuneTask:
                   f"{shown} tok/s {kind} on {top.user_attrs.get('where') or 'this host'} with N={policy.batch_size} "
                   f"mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
                   f"r_w={policy.expert_gpu_fraction:.3f} r_c={policy.kv_gpu_fraction:.3f} "
-                  f"kernel={policy.expert_kernel}")
+                  f"kernel={policy.expert_kernel}"
+                  + (f" parallel.tensor={layout['tensor']} parallel.expert={layout['expert']}" if layout else ""))
             if self.compare:
                 table = compare_best(cfg, policy, self.baselines, run_dir)
                 report.extra["comparison"] = table

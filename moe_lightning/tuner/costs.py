@@ -8,7 +8,7 @@ roofline, `max(FLOPs / rate, bytes / bandwidth)`, the kernel times of one task s
   measured curves (`task=calibrate`): a GEMM of `t` rows runs at `gpu.gemm_tflops` interpolated at `t`,
   and the MoE FFN at `gpu.expert_tflops` interpolated at its tokens per expert (the engine's fastest
   kernel at that load, as EPS-MoE picks it). Small GEMMs reach a fraction of the peak, which the peak
-  alone cannot show. Rates scale with `hw.gpu.count`, as in `hrm.levels`. On a CPU-only host the
+  alone cannot show. Rates are one GPU's (several GPUs: one rank's costs, `comm` below). On a CPU-only host the
   curves are those of the GPU role's thread count for the policy (`gpu_role_on_every_core`: every core
   when no CPU attention overlaps it, the `*_all_cores` curves; its split share otherwise).
 - CPU tasks (decode attention) at `hw.cpu`, or at the measured attention throughput
@@ -31,7 +31,13 @@ roofline, `max(FLOPs / rate, bytes / bandwidth)`, the kernel times of one task s
   device-wide synchronise), and per graph `step_s` (the profile's `step_overhead_us`: the executor's
   worker threads started and joined around each prefill or decode step). Measured by `task=calibrate`
   (`issue_overhead_us`, `sync_overhead_us`); otherwise the defaults below, with their sources;
-- optional per-op multipliers (`op_scale`), fitted from measured records by `fit_op_scales`.
+- optional per-op multipliers (`op_scale`), fitted from measured records by `fit_op_scales`;
+- one rank of several GPUs (`comm`, `moe_lightning.tuner.parallel.RankComm`; `spec` and `hw` the rank's
+  shard and share): each GPU task that runs a layer's O-projection and FFN (PostAttn, GPULayer,
+  PrefillLayer) also waits for its collectives, an all-reduce after the O-projection and one after the
+  down projection over the tensor group, and the expert all-to-alls EPS-pipelined against its expert
+  GEMMs (`comm.eps_moe_s`); they sit on the GPU's path of that micro-batch, so the schedule overlaps them
+  with other micro-batches' link and CPU tasks, not with its own GPU work.
 
 Not modelled: RoPE, softmax, SiLU and residual adds beyond their bytes (folded into the activations),
 contention between resources that share a GPU (on a CPU-only machine, `gpu.shares_host`, the
@@ -55,6 +61,7 @@ from moe_lightning.interp import curve_rate
 from moe_lightning.memory import resident_experts_per_layer
 from moe_lightning.schedule.graph import Resource, Task
 from moe_lightning.tuner.hrm import Levels, levels
+from moe_lightning.tuner.parallel import RankComm
 
 GPU_LAUNCH_S = 20e-6
 THREAD_DISPATCH_S = 5e-6
@@ -107,6 +114,7 @@ class TaskCosts:
     issue_s: float = ISSUE_S             # issuing thread, per task: a task starts no earlier than issued
     sync_s: float | None = None          # issuing thread, per host barrier; None: default_sync_s(hw)
     gpu_all_cores: bool = False          # a CPU-played GPU role on every core (no CPU attention beside it)
+    comm: RankComm | None = None         # one rank of several GPUs: its collectives (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.sync_s is None:
@@ -159,7 +167,7 @@ class TaskCosts:
                   nbytes: float) -> float:
         if not points:
             return self._gpu(flops, nbytes)
-        rate = curve_rate(points, rates, x) * 1e12 * self.hw.gpu.count
+        rate = curve_rate(points, rates, x) * 1e12
         return max(flops / rate, nbytes / self._lv.gpu.bandwidth_bytes_s)
 
     def _cpu(self, flops: float, nbytes: float) -> float:
@@ -219,14 +227,17 @@ class TaskCosts:
         H, F, E, k, q = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.attn_out_elements
         w = s.attention_out_params
         time = self._gemm(t, 2 * t * w, (w + t * q + 2 * t * H) * d)                       # O-proj (MLA: W_uv too)
+        c = self.comm
+        if c is not None:   # all-reduce after the O-projection and after the down projection (tensor group)
+            time += 2 * c.all_reduce_s(t)
         if not s.is_moe_layer(layer):   # a dense layer: its MLP on every token, no router, no experts
             Fd = s.dense_intermediate_size
             time += self._gemm(t, 2 * t * s.dense_mlp_params, (s.dense_mlp_params + t * (2 * H + 3 * Fd)) * d)
             return time + self._lm_head_s(out_rows, layer)
         time += self._gemm(t, 2 * t * H * E, (E * H + t * H) * d + t * E * 4)               # router
         hit = experts_hit(E, t * k)
-        time += self._experts(t * k / hit, 2 * t * k * 3 * H * F,
-                              hit * s.expert_bytes + t * k * (2 * H + 3 * F) * d)
+        experts = self._experts(t * k / hit, 2 * t * k * 3 * H * F, hit * s.expert_bytes + t * k * (2 * H + 3 * F) * d)
+        time += experts if c is None else float(c.moe_s(t, experts)[0])   # dispatch, GEMMs, combine (EPS)
         if s.shared_expert_size:   # Qwen2-MoE's shared expert and its gate, on every token
             time += self._gemm(t, 2 * t * s.shared_expert_params,
                                (s.shared_expert_params + t * (2 * H + 3 * s.shared_expert_size)) * d)

@@ -36,15 +36,19 @@ average, `decode_context`; prompts at their real lengths, `prompt_moments`):
 - end-to-end throughput `R gen_len / (ceil(R / N) (prefill + gen_len L T))` over R = num_requests
   requests (`last_batch="prorated"`: R / N batches); with `padding` every prompt is `prompt_len_max`
   long (prefill and decode attention);
-- tensor parallelism: GPU FLOPs, bandwidth and the link scale with `hw.gpu.count`.
+- several GPUs (`parallel`: T tensor x E expert ranks, `moe_lightning.tuner.parallel`): one rank is
+  modelled, never a pooled GPU: its shard of the shapes, one GPU, its share of the host, its share of the
+  batch (N / E per expert group), plus its collectives per micro-batch on the GPU's critical path (two
+  all-reduces a layer over the tensor group, the expert all-to-alls EPS-pipelined against the expert
+  GEMMs, `moe_lightning.comm`); the machine's tokens/s are the E groups' together.
 
 Deliberately not modelled: the QKV/O projections, router and norms in decode (about 3% of a layer's
-bytes for Mixtral), embedding and LM head, kernel launch and synchronisation overheads, all-to-all
-traffic between tensor-parallel GPUs, expert load imbalance (all experts are counted as read even when a
-micro-batch routes to fewer), CPU-side copies into the pinned ring (assumed hidden behind the link),
-the growth of the context during decode beyond its average, and Algorithm 2's admission (a batch of N
-is assumed to run whole; the memory plan bounds what a round can hold, `memory.prefill_tokens`). A
-last partial batch is charged as `throughput`'s `last_batch` says.
+bytes for Mixtral), embedding and LM head, kernel launch and synchronisation overheads (but for EPS-MoE's
+per-chunk launch), what `moe_lightning.comm` leaves out of communication, expert load imbalance (all
+experts are counted as read even when a micro-batch routes to fewer), CPU-side copies into the pinned
+ring (assumed hidden behind the link), the growth of the context during decode beyond its average, and
+Algorithm 2's admission (a batch of N is assumed to run whole; the memory plan bounds what a round can
+hold, `memory.prefill_tokens`). A last partial batch is charged as `throughput`'s `last_batch` says.
 """
 
 from __future__ import annotations
@@ -55,16 +59,17 @@ from typing import Any
 
 import numpy as np
 
-from moe_lightning.config import GB, HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import GB, HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.interp import curve_rate
 from moe_lightning.memory import MemoryPlan, memory_plan, prompt_lengths, resident_experts_per_layer
+from moe_lightning.tuner.parallel import RankComm, rank_view
 
 TFLOPS = 1e12
 
 
 @dataclass(frozen=True)
 class Level:
-    """One level of the hierarchy: compute peak and memory bandwidth (summed over its devices)."""
+    """One level of the hierarchy: compute peak and memory bandwidth (of one rank's device)."""
 
     name: str
     peak_flops: float
@@ -81,14 +86,12 @@ class Levels:
 
 
 def levels(hw: HardwareSpec) -> Levels:
-    """The HRM levels of a machine; tensor parallelism scales GPU FLOPs, bandwidth, memory and link."""
-    g = hw.gpu.count
+    """The HRM levels of one GPU of a machine with its host (a rank's share: `parallel.rank_view`)."""
     return Levels(
-        gpu=Level("gpu", hw.gpu.peak_tflops * TFLOPS * g, hw.gpu.bandwidth_gbps * GB * g,
-                  hw.gpu_budget_bytes),
+        gpu=Level("gpu", hw.gpu.peak_tflops * TFLOPS, hw.gpu.bandwidth_gbps * GB, hw.gpu_budget_bytes),
         cpu=Level("cpu", hw.cpu.peak_tflops * TFLOPS, hw.cpu.bandwidth_gbps * GB, hw.cpu_budget_bytes),
-        link_h2d_bytes_s=hw.link.h2d_gbps * GB * g,
-        link_d2h_bytes_s=hw.link.d2h_gbps * GB * g,
+        link_h2d_bytes_s=hw.link.h2d_gbps * GB,
+        link_d2h_bytes_s=hw.link.d2h_gbps * GB,
     )
 
 
@@ -180,22 +183,24 @@ def decode_context(workload: Workload, lengths: Sequence[int] | None = None) -> 
     return effective_prompt_len(workload, lengths) + (workload.gen_len + 1) / 2
 
 
-def _curve(points: Sequence[float], tflops: Sequence[float], x: Any, count: int = 1) -> Any:
+def _curve(points: Sequence[float], tflops: Sequence[float], x: Any) -> Any:
     """FLOP/s at `x` (array-safe) on a calibrated curve (`interp.curve_rate`)."""
-    return np.vectorize(lambda v: curve_rate(points, tflops, float(v)))(x) * TFLOPS * count
+    return np.vectorize(lambda v: curve_rate(points, tflops, float(v)))(x) * TFLOPS
 
 
 def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                        num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int,
                        kv_gpu_fraction: Any, lengths: Sequence[int] | None = None,
-                       calibrated: bool = False) -> dict[str, Any]:
+                       calibrated: bool = False, comm: RankComm | None = None) -> dict[str, Any]:
     """Seconds per layer per decode step, by resource, averaged over the layers (each kind, MoE and
     dense, at its own max: `L * t_layer` is the step). Elementwise over numpy arrays. `calibrated`: the
     MoE FFN on the GPU at the profile's measured expert-kernel rate for its tokens per expert, and CPU
-    attention at its measured GB/s (`task=calibrate`), where the profile has them; else at the peaks."""
+    attention at its measured GB/s (`task=calibrate`), where the profile has them; else at the peaks.
+    `comm`: one rank of several (`spec`, `hw`, the batch: the rank's), its collectives on the GPU's path
+    (`t_comm`: what they add to `t_gpu`)."""
     args = dict(batch_size=batch_size, num_micro_batches=num_micro_batches, attn_on_gpu=attn_on_gpu,
                 ffn_on_gpu=ffn_on_gpu, n_res=n_res, kv_gpu_fraction=kv_gpu_fraction, lengths=lengths,
-                calibrated=calibrated)
+                calibrated=calibrated, comm=comm)
     moe = _layer_times(spec, hw, workload, dense=False, **args)
     if not spec.dense_layers:
         return moe
@@ -206,7 +211,8 @@ def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
 
 def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                  num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int, kv_gpu_fraction: Any,
-                 lengths: Sequence[int] | None, calibrated: bool, dense: bool) -> dict[str, Any]:
+                 lengths: Sequence[int] | None, calibrated: bool, dense: bool,
+                 comm: RankComm | None = None) -> dict[str, Any]:
     lv = levels(hw)
     N, d = batch_size, spec.dtype_bytes
     H = spec.hidden_size
@@ -220,7 +226,7 @@ def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     t_ffn_c = zero if ffn_on_gpu else _roof_time(ffn, lv.cpu)
     if calibrated and ffn_on_gpu and hw.gpu.expert_loads and not dense:
         load = N / num_micro_batches * spec.top_k / spec.num_experts   # tokens per expert per micro-batch
-        rate = _curve(hw.gpu.expert_loads, hw.gpu.expert_tflops, load, hw.gpu.count)
+        rate = _curve(hw.gpu.expert_loads, hw.gpu.expert_tflops, load)
         t_ffn_g = np.maximum(ffn.flops / rate, ffn.bytes / lv.gpu.bandwidth_bytes_s)
     if calibrated and not attn_on_gpu and hw.cpu.attn_gbps > 0:
         t_attn_c = np.maximum(attn.flops / lv.cpu.peak_flops, attn.bytes / (hw.cpu.attn_gbps * GB))
@@ -248,21 +254,27 @@ def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     t_h2d = h2d / lv.link_h2d_bytes_s
     t_d2h = d2h / lv.link_d2h_bytes_s
     t_link = np.maximum(t_h2d, t_d2h)
-    t_gpu = t_attn_g + t_ffn_g
+    t_comm = zero
+    if comm is not None:   # each micro-batch's collectives, its expert GEMMs EPS-pipelined with the all-to-alls
+        t_comm = num_micro_batches * comm.layer_extra_s(N / num_micro_batches, t_ffn_g / num_micro_batches,
+                                                        moe=not dense and ffn_on_gpu)
+    t_gpu = t_attn_g + t_ffn_g + t_comm
     t_cpu = t_attn_c + t_ffn_c
     return {
         "t_attn_gpu": t_attn_g, "t_attn_cpu": t_attn_c, "t_ffn_gpu": t_ffn_g, "t_ffn_cpu": t_ffn_c,
         "t_link_h2d": t_h2d, "t_link_d2h": t_d2h, "h2d_bytes": h2d, "d2h_bytes": d2h,
-        "t_link": t_link, "t_gpu": t_gpu, "t_cpu": t_cpu,
+        "t_link": t_link, "t_gpu": t_gpu, "t_cpu": t_cpu, "t_comm": t_comm,
         "t_layer": np.maximum(t_link, np.maximum(t_gpu, t_cpu)),
     }
 
 
 def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                  num_micro_batches: Any, n_res: int, kv_gpu_fraction: Any,
-                 lengths: Sequence[int] | None = None, calibrated: bool = False) -> Any:
+                 lengths: Sequence[int] | None = None, calibrated: bool = False,
+                 comm: RankComm | None = None) -> Any:
     """Seconds to prefill a batch of `batch_size` prompts, layer by layer on the GPU; `calibrated`: its
-    GEMMs at the profile's measured rate for a micro-batch's rows, where the profile has the curve."""
+    GEMMs at the profile's measured rate for a micro-batch's rows, where the profile has the curve;
+    `comm`: one rank of several (as `decode_layer_times`)."""
     lv = levels(hw)
     p, p_sq = prompt_moments(workload, lengths)
     N, d = batch_size, spec.dtype_bytes
@@ -271,7 +283,7 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     kv_bytes = tokens * spec.kv_token_layer_elements * d
     peak = lv.gpu.peak_flops
     if calibrated and hw.gpu.gemm_rows:
-        peak = _curve(hw.gpu.gemm_rows, hw.gpu.gemm_tflops, tokens / num_micro_batches, hw.gpu.count)
+        peak = _curve(hw.gpu.gemm_rows, hw.gpu.gemm_tflops, tokens / num_micro_batches)
     t_d2h = (1 - kv_gpu_fraction) * kv_bytes / lv.link_d2h_bytes_s
 
     def layer_s(dense: bool) -> Any:
@@ -288,6 +300,9 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
         # causal attention: QK^T and PV over half the square
         flops = 2 * tokens * every_token + N * p_sq * nq * (spec.attn_k_dim + spec.attn_v_dim)
         t_gpu = np.maximum(flops / peak, (num_micro_batches * weight_bytes + kv_bytes) / lv.gpu.bandwidth_bytes_s)
+        if comm is not None:   # per micro-batch: two all-reduces, the expert all-to-alls EPS-pipelined
+            gemm = 0.0 if dense else 2 * tokens * spec.top_k * spec.expert_params / peak / num_micro_batches
+            t_gpu = t_gpu + num_micro_batches * comm.layer_extra_s(tokens / num_micro_batches, gemm, moe=not dense)
         return np.maximum(np.maximum(t_gpu, streamed / lv.link_h2d_bytes_s), t_d2h)
 
     total = spec.num_moe_layers * layer_s(False)
@@ -328,14 +343,20 @@ class Prediction:
     t_gpu: float
     t_link_d2h: float
     bottleneck: str
-    memory: MemoryPlan
+    memory: MemoryPlan     # one rank's (of several GPUs: each rank's, all alike)
+    t_comm: float = 0.0    # several GPUs: what a rank's collectives add to t_gpu, per layer per step
+    parallel: ParallelConfig | None = None   # several GPUs: the T x E layout (chunks: EPS-MoE's, decode)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "decode_tok_s": self.decode_tok_s, "e2e_tok_s": self.e2e_tok_s, "prefill_s": self.prefill_s,
             "decode_s": self.decode_s, "t_link_s": self.t_link, "t_cpu_s": self.t_cpu,
             "t_gpu_s": self.t_gpu, "t_link_d2h_s": self.t_link_d2h, "bottleneck": self.bottleneck,
         }
+        if self.parallel is not None and self.parallel.world_size > 1:
+            out |= {"t_comm_s": self.t_comm, "tensor": self.parallel.tensor, "expert": self.parallel.expert,
+                    "chunks": self.parallel.chunks}
+        return out
 
 
 def bottleneck_of(t_link: float, t_cpu: float, t_gpu: float) -> str:
@@ -345,23 +366,38 @@ def bottleneck_of(t_link: float, t_cpu: float, t_gpu: float) -> str:
 
 def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Policy,
             paged_kv: bool = True, lengths: Sequence[int] | None = None, last_batch: str = "full",
-            calibrated: bool = False) -> Prediction:
+            calibrated: bool = False, parallel: ParallelConfig | None = None) -> Prediction:
     """HRM prediction (decode and end-to-end tokens/s, per-layer times, bottleneck, memory) of a policy;
-    its memory plan with CGOPipe's paged KV cache (`paged_kv`), planned at the average prompt."""
-    n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
-    n_mb = policy.num_micro_batches
-    t = decode_layer_times(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
-                           attn_on_gpu=policy.attn_on_gpu, ffn_on_gpu=policy.ffn_on_gpu, n_res=n_res,
-                           kv_gpu_fraction=policy.kv_gpu_fraction, lengths=lengths, calibrated=calibrated)
-    t_pre = float(prefill_time(spec, hw, workload, batch_size=policy.batch_size, num_micro_batches=n_mb,
-                               n_res=n_res, kv_gpu_fraction=policy.kv_gpu_fraction, lengths=lengths,
-                               calibrated=calibrated))
+    its memory plan with CGOPipe's paged KV cache (`paged_kv`), planned at the average prompt.
+    `parallel`: T x E ranks over `hw`'s GPUs (the policy's N and mu the machine's; the memory plan one
+    rank's); default one GPU."""
+    view = rank_view(spec, hw, parallel)
+    spec_r, hw_r, comm = view.spec, view.hw, view.comm
+    policy_r, workload_r, lengths_r = view.policy(policy), view.workload(workload), view.lengths(workload, lengths)
+    n_res = resident_experts_per_layer(spec_r, policy_r.expert_gpu_fraction)
+    n_mb = policy_r.num_micro_batches
+    t = decode_layer_times(spec_r, hw_r, workload_r, batch_size=policy_r.batch_size, num_micro_batches=n_mb,
+                           attn_on_gpu=policy_r.attn_on_gpu, ffn_on_gpu=policy_r.ffn_on_gpu, n_res=n_res,
+                           kv_gpu_fraction=policy_r.kv_gpu_fraction, lengths=lengths_r, calibrated=calibrated,
+                           comm=comm)
+    t_pre = float(prefill_time(spec_r, hw_r, workload_r, batch_size=policy_r.batch_size, num_micro_batches=n_mb,
+                               n_res=n_res, kv_gpu_fraction=policy_r.kv_gpu_fraction, lengths=lengths_r,
+                               calibrated=calibrated, comm=comm))
     t_layer = float(t["t_layer"])
-    decode, e2e = throughput(spec, workload, policy.batch_size, t_layer, t_pre, last_batch)
+    decode, e2e = throughput(spec_r, workload_r, policy_r.batch_size, t_layer, t_pre, last_batch)
     t_link, t_cpu, t_gpu = float(t["t_link"]), float(t["t_cpu"]), float(t["t_gpu"])
+    layout = None
+    if comm is not None:   # the layout with the decode's EPS-MoE chunk count (one micro-batch's tokens)
+        ffn = ffn_cost(spec_r, policy_r.batch_size, n_mb)
+        gemm = max(ffn.flops / (hw_r.gpu.peak_tflops * TFLOPS), ffn.bytes / (hw_r.gpu.bandwidth_gbps * GB)) / n_mb
+        chunks = int(comm.moe_s(policy_r.batch_size / n_mb, gemm)[1])
+        layout = view.parallel if view.parallel.chunks else ParallelConfig(
+            tensor=view.parallel.tensor, expert=view.parallel.expert, chunks=chunks if comm.expert > 1 else 0,
+            backend=view.parallel.backend)
     return Prediction(
-        decode_tok_s=float(decode), e2e_tok_s=float(e2e), prefill_s=t_pre,
-        decode_s=workload.gen_len * spec.num_layers * t_layer,
+        decode_tok_s=float(decode) * view.groups, e2e_tok_s=float(e2e) * view.groups, prefill_s=t_pre,
+        decode_s=workload_r.gen_len * spec_r.num_layers * t_layer,
         t_link=t_link, t_cpu=t_cpu, t_gpu=t_gpu, t_link_d2h=float(t["t_link_d2h"]),
         bottleneck=bottleneck_of(t_link, t_cpu, t_gpu),
-        memory=memory_plan(spec, policy, workload, paged=paged_kv, lengths=lengths))
+        memory=memory_plan(spec_r, policy_r, workload_r, paged=paged_kv, lengths=lengths_r),
+        t_comm=float(t["t_comm"]), parallel=layout)

@@ -300,6 +300,39 @@ def suggest(trial, cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
     return params
 
 
+def study_layout(cfg: RunConfig, spec: ModelSpec):
+    """Several GPUs: the T x E layout a simulated study searches policies for, `parallel.tensor` x
+    `parallel.expert` when given, else the HRM plan's (its policy is searched, not its layout); None on one
+    GPU."""
+    if cfg.parallel.world_size > 1:
+        return cfg.parallel
+    if cfg.hardware.gpu.count == 1:
+        return None
+    from moe_lightning.systems import paged_kv
+    from moe_lightning.tuner.optimizer import optimize
+
+    workload = dataclasses.replace(cfg.workload, num_requests=max_batch(cfg))
+    chosen = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system), parallel=cfg.parallel).parallel
+    return dataclasses.replace(cfg.parallel, tensor=chosen.tensor, expert=chosen.expert)
+
+
+def fits_layout(spec: ModelSpec, cfg: RunConfig, policy: Policy, layout, paged: bool):
+    """(the policy rounded to whole expert groups, its memory plan: one rank's, the budget it is checked
+    against)."""
+    from moe_lightning.memory import memory_plan
+    from moe_lightning.tuner.parallel import rank_view
+
+    view = rank_view(spec, cfg.hardware, layout)
+    E = view.groups
+    if E > 1:   # each expert group holds an equal share: N and mu in whole multiples of E
+        n = -(-policy.batch_size // E) * E
+        mu = min(n, -(-policy.micro_batch_size // E) * E)
+        policy = dataclasses.replace(policy, batch_size=n, micro_batch_size=mu)
+    plan = memory_plan(view.spec, view.policy(policy), view.workload(cfg.workload), paged=paged,
+                       lengths=view.lengths(cfg.workload, None))
+    return policy, plan, view.hw
+
+
 def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
     """The HRM optimum first, then feasible neighbours (N halved/doubled, one micro-batch more or
     fewer, one resident expert more or fewer, attention moved)."""
@@ -309,7 +342,8 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
     workload = dataclasses.replace(cfg.workload, num_requests=max_batch(cfg))
     from moe_lightning.systems import paged_kv
 
-    plan = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system))
+    layout = study_layout(cfg, spec)
+    plan = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system), parallel=layout or cfg.parallel)
     best = dataclasses.replace(cfg.policy, **{f.name: getattr(plan.policy, f.name)
                                               for f in dataclasses.fields(Policy)
                                               if f.name in ("batch_size", "micro_batch_size", "attn_on_gpu",
@@ -327,7 +361,11 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
             continue
         p = dataclasses.replace(best, batch_size=n2, micro_batch_size=math.ceil(n2 / m2),
                                 expert_gpu_fraction=r2 / E, attn_on_gpu=attn)
-        if memory_plan(spec, p, cfg.workload, paged=paged_kv(cfg.system)).fits(cfg.hardware) and p not in candidates:
+        if layout is not None:
+            p, mem, budget = fits_layout(spec, cfg, p, layout, paged_kv(cfg.system))
+            if mem.fits(budget) and p not in candidates:
+                candidates.append(p)
+        elif memory_plan(spec, p, cfg.workload, paged=paged_kv(cfg.system)).fits(cfg.hardware) and p not in candidates:
             candidates.append(p)
     return candidates[: 1 + cfg.tuner.neighbours]
 
@@ -352,6 +390,8 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
     from moe_lightning.memory import memory_plan
     from moe_lightning.systems import paged_kv
 
+    layouts: list = []   # several GPUs: the study's layout, found once per worker
+
     def run(trial) -> float | tuple[float, float]:
         params = suggest(trial, cfg, spec)
         try:
@@ -359,16 +399,23 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
         except ConfigError as exc:
             trial.set_user_attr("reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
+        if not layouts:
+            layouts.append(study_layout(cfg, spec))
+        layout, budget = layouts[0], cfg.hardware
+        if layout is not None:
+            policy, plan, budget = fits_layout(spec, cfg, policy, layout, paged_kv(cfg.system))
+            trial.set_user_attr("parallel", dataclasses.asdict(layout))
+        else:
+            plan = memory_plan(spec, policy, cfg.workload, paged=paged_kv(cfg.system))
         trial.set_user_attr("policy", dataclasses.asdict(policy))
-        plan = memory_plan(spec, policy, cfg.workload, paged=paged_kv(cfg.system))
-        if not plan.fits(cfg.hardware):
-            reason = plan.describe(cfg.hardware)
+        if not plan.fits(budget):
+            reason = plan.describe(budget)
             trial.set_user_attr("reason", reason)
             _notify(on_trial, trial, "pruned", reason=reason)
             raise optuna.TrialPruned(reason)
         trial_cfg = dataclasses.replace(cfg, policy=policy)
         if cfg.tuner.objective == "simulate":
-            tok_s, peak = simulate_objective(trial_cfg, spec), plan.gpu_total_bytes
+            tok_s, peak = simulate_objective(trial_cfg, spec, layout), plan.gpu_total_bytes
             trial.set_user_attr("kind", "simulated")
             trial.set_user_attr("where", f"profile {cfg.hardware.name}")
         else:
@@ -417,10 +464,10 @@ def measure_trial(cfg: RunConfig) -> tuple[dict, int]:
     return best, len(docs)
 
 
-def simulate_objective(cfg: RunConfig, spec: ModelSpec) -> float:
+def simulate_objective(cfg: RunConfig, spec: ModelSpec, layout=None) -> float:
     from moe_lightning.tuner.simulator import simulate_run
 
-    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy).throughput_tok_s
+    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy, parallel=layout).throughput_tok_s
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,7 +28,11 @@ durations):
   of each micro-batch growing by one slot per step (every step is simulated unless `max_decode_steps`
   asks for a subset, in which case the steps in between are interpolated linearly and
   `SimResult.decode_steps_simulated` says how many were simulated);
-- no early stop at EOS: every sequence generates `workload.gen_len` tokens (as `sampling.ignore_eos`).
+- no early stop at EOS: every sequence generates `workload.gen_len` tokens (as `sampling.ignore_eos`);
+- several GPUs (`parallel`, T x E ranks): one rank of expert group 0 is simulated, with its shard of the
+  shapes, its share of the host, every E-th request, and its collectives in its GPU tasks
+  (`moe_lightning.tuner.parallel`, `TaskCosts.comm`); the E groups run in lockstep (their all-to-alls
+  pair up), so the machine generates every request's tokens in group 0's time.
 
 On a CPU-only machine (`hardware.gpu.shares_host`) every resource runs on the same cores and memory
 bus; there the tasks that run at the same time share it equally (processor sharing) instead of
@@ -65,7 +69,7 @@ from typing import Protocol
 
 import numpy as np
 
-from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.engine.executor import TaskRecord
 from moe_lightning.report import Metrics
 from moe_lightning.schedule.batching import padded_batch_size
@@ -395,16 +399,32 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
                  prompt_lengths: Sequence[int] | None = None, *, costs: TaskCosts | None = None,
                  keep_graphs: int = 4, max_decode_steps: int | None = None,
                  schedule: GraphBuilder | None = None, admission: bool | None = None, kv_block_size: int = 16,
-                 kv_tokens: int | None = None) -> SimResult:
+                 kv_tokens: int | None = None, parallel: ParallelConfig | None = None) -> SimResult:
     """Simulate the engine generating `workload` with `policy` on `hw` (see module docstring).
 
     `schedule` builds the graphs (`.build(phase, shape, policy)`, as the engine's `Schedule`); by
     default CGOPipe's. `admission` (default: CGOPipe unpadded with `kv_block_size` > 0, as the engine):
     batches are Algorithm 2's rounds against the KV budget (`kv_tokens`, default the plan's), not
     static batches of N. `keep_graphs` graphs keep their records in the timeline (for plots and traces).
+    `parallel`: T x E ranks over `hw`'s GPUs (one rank simulated, see the module docstring; `kv_tokens`
+    and `costs` then a rank's).
     """
     from moe_lightning.workload_io import synthetic_lengths
 
+    if parallel is not None and parallel.world_size > 1:
+        from moe_lightning.tuner.parallel import rank_view
+
+        view = rank_view(spec, hw, parallel)
+        full = list(prompt_lengths) if prompt_lengths is not None else synthetic_lengths(workload)
+        policy_r = view.policy(policy)
+        costs = costs or TaskCosts.for_policy(view.spec, view.hw, policy_r, comm=view.comm)
+        res = simulate_run(view.spec, view.hw, view.workload(workload), policy_r, full[::view.groups], costs=costs,
+                           keep_graphs=keep_graphs, max_decode_steps=max_decode_steps, schedule=schedule,
+                           admission=admission, kv_block_size=kv_block_size, kv_tokens=kv_tokens)
+        note = (f"one rank of tensor={parallel.tensor} x expert={parallel.expert} simulated (its collectives in its "
+                f"GPU tasks); the {view.groups} expert group{'s' if view.groups > 1 else ''} in lockstep")
+        return replace(res, generated_tokens=len(full) * workload.gen_len, num_requests=len(full),
+                       notes=[*res.notes, note])
     t0 = time.perf_counter()
     if not policy.ffn_on_gpu:
         from moe_lightning.errors import ConfigError

@@ -42,7 +42,8 @@ def plans_table(model: str, hardware: list[str], workloads: list[str], simulate:
                 if simulate:
                     from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
 
-                    run = simulate_run(spec, hw, wl, p, max_decode_steps=default_max_decode_steps(wl, p, spec))
+                    run = simulate_run(spec, hw, wl, p, max_decode_steps=default_max_decode_steps(wl, p, spec),
+                                       parallel=dataclasses.replace(plan.parallel, chunks=0))
                     sim = f"{run.throughput_tok_s:.1f}"
                 rows.append(f"| {hw_name} | {wl_name} (gen {wl.gen_len}) | {'yes' if padded else 'no'} | "
                             f"{p.batch_size} | {p.micro_batch_size} | {'GPU' if p.attn_on_gpu else 'CPU'} | "
@@ -144,10 +145,13 @@ def comparison_table(model: str, hardware: list[str], cases: list[tuple[str, int
             tok_s = {}
             for system in SYSTEMS:
                 try:
-                    policy = (optimize(spec, hw, wl, placements=FFN_ON_GPU).policy if system == "cgopipe"
-                              else choose_policy(system, spec, hw, wl))
+                    plan = optimize(spec, hw, wl, placements=FFN_ON_GPU) if system == "cgopipe" else None
+                    if plan is None and hw.gpu.count > 1:   # the baselines' schedules are one GPU's
+                        raise ValueError(f"{system} has no several-GPU schedule")
+                    policy = plan.policy if plan is not None else choose_policy(system, spec, hw, wl)
                     sim = simulate_run(spec, hw, wl, policy, schedule=schedule_of(system),
-                                       max_decode_steps=default_max_decode_steps(wl, policy, spec))
+                                       max_decode_steps=default_max_decode_steps(wl, policy, spec),
+                                       parallel=dataclasses.replace(plan.parallel, chunks=0) if plan else None)
                     tok_s[system] = sim.throughput_tok_s
                 except Exception:  # noqa: BLE001 - a system with no feasible policy is a blank cell
                     tok_s[system] = None

@@ -105,8 +105,11 @@ def test_plan_runs_on_every_family_preset(tmp_path, model, hardware):
     doc = json.loads(out.read_text())
     assert doc["policy"]["batch_size"] >= 1 and doc["prediction"]["hrm_tok_s"] > 0
     assert doc["extra"]["memory"]["gpu_total_bytes"] <= doc["extra"]["memory"]["gpu_budget_bytes"]
-    # Several GPUs are planned as one pooled GPU until parallelism exists: the plan says so.
-    assert ("planned as one pooled GPU" in r.stdout) == (hardware == "2xt4")
+    # Several GPUs are T x E ranks, each planned against one GPU's budget: the plan gives the split.
+    assert ("parallel (T x E)" in r.stdout) == (hardware == "2xt4")
+    if hardware == "2xt4":
+        par = doc["extra"]["parallel"]
+        assert par["tensor"] * par["expert"] == 2 and f"parallel.tensor={par['tensor']}" in r.stdout
 
 
 def test_deepseek_v3_does_not_fit_and_says_why_in_one_line(tmp_path):
@@ -116,3 +119,46 @@ def test_deepseek_v3_does_not_fit_and_says_why_in_one_line(tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and "no policy fits deepseek-v3 on t4" in r.stderr
     assert "non_expert_weights=34" in r.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["task=plan", "hardware=4xt4", "model=mixtral-8x22b", "parallel.tensor=3", "parallel.expert=1"],
+     "parallel.tensor=3 does not divide model.num_kv_heads=8"),
+    (["task=tune", "hardware=2xt4"], "measured several-rank CGOPipe runs are not built yet"),
+])
+def test_bad_parallel_layouts_exit_2_in_one_line(tmp_path, args, expect):
+    r = cli(*args, f"out={tmp_path / 'x.json'}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("moe-lightning: error:") and expect in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_simulating_several_gpus_needs_a_layout_or_the_plan(tmp_path):
+    """The same refusals through the API (the CLI prints any ConfigError as one line, exit 2, above)."""
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.simulate import SimulateTask
+    from moe_lightning.tuner.presets import load_preset
+
+    two = load_preset("hardware", "2xt4")
+    cfg = RunConfig(task=SimulateTask(use_plan=False), hardware=two, out=str(tmp_path / "x.json"))
+    with pytest.raises(ConfigError, match="give parallel.tensor and parallel.expert"):
+        cfg.task.run(cfg)
+    eight = RunConfig(task=SimulateTask(), hardware=load_preset("hardware", "8xh100"),
+                      model=load_preset("model", "qwen1.5-moe-a2.7b"), out=str(tmp_path / "x.json"))
+    eight.parallel.expert = 8
+    with pytest.raises(ConfigError, match="parallel.expert=8 does not divide model.num_experts=60"):
+        eight.task.run(eight)
+
+
+def test_plan_for_a_given_split_records_it_and_prints_the_overrides(tmp_path):
+    out = tmp_path / "plan.json"
+    r = cli("task=plan", "hardware=4xt4", "model=dbrx", "workload=mtbench", "parallel.tensor=2", "parallel.expert=2",
+            f"out={out}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    par, mem = doc["extra"]["parallel"], doc["extra"]["memory"]
+    assert (par["tensor"], par["expert"], par["world_size"]) == (2, 2, 4) and par["chunks"] >= 1
+    assert mem["per"] == "rank" and mem["gpu_total_bytes"] <= mem["gpu_budget_bytes"] < 15 * 2**30
+    assert doc["policy"]["batch_size"] % 2 == 0 and doc["extra"]["prediction"]["t_comm_s"] > 0
+    assert "parallel.tensor=2 parallel.expert=2" in r.stdout and "collectives" in r.stdout

@@ -6,7 +6,17 @@ from dataclasses import replace
 
 import pytest
 
-from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import (
+    CpuSpec,
+    GpuSpec,
+    HardwareSpec,
+    InterconnectSpec,
+    LinkSpec,
+    ModelSpec,
+    ParallelConfig,
+    Policy,
+    Workload,
+)
 from moe_lightning.tuner.hrm import (
     attainable,
     attention_cost,
@@ -56,13 +66,12 @@ def test_roofline_primitives():
     assert balance_point(300e9, 5.0, 16e9) == pytest.approx(93.75)
 
 
-def test_levels_scale_with_gpu_count():
+def test_levels_are_one_gpus_never_pooled():
+    """Several GPUs are several ranks (`tuner.parallel`), each with one GPU's peak, bandwidth, budget and link."""
     hw2 = replace(HW, gpu=replace(HW.gpu, count=2))
     one, two = levels(HW), levels(hw2)
-    assert two.gpu.peak_flops == 2 * one.gpu.peak_flops
-    assert two.gpu.bandwidth_bytes_s == 2 * one.gpu.bandwidth_bytes_s
-    assert two.link_h2d_bytes_s == 2 * one.link_h2d_bytes_s
-    assert two.cpu == one.cpu
+    assert two == one
+    assert hw2.gpu_budget_bytes == HW.gpu_budget_bytes == 2**30
 
 
 def test_layer_time_and_throughput_by_hand():
@@ -111,10 +120,18 @@ def test_more_micro_batches_cost_gpu_reads_and_padding_costs_prefill():
     assert padded.t_cpu > plain.t_cpu  # context 5 + 2 instead of 4 + 2
 
 
-def test_tensor_parallel_halves_link_time():
-    hw2 = replace(HW, gpu=replace(HW.gpu, count=2))
-    assert predict(SPEC, hw2, WORKLOAD, POLICY).t_link == pytest.approx(
-        predict(SPEC, HW, WORKLOAD, POLICY).t_link / 2)
+def test_two_expert_ranks_halve_each_host_link_unless_one_switch_carries_both():
+    """E = 2 over two GPUs: each rank streams 1 of its 2 experts (r_w = 0.5) instead of 2 of 4, and sends up
+    the attention outputs of its 2 sequences instead of 4: half the bytes on its own link. Behind one PCIe
+    switch the two streams share the link: the same time as one GPU."""
+    own = replace(HW, gpu=replace(HW.gpu, count=2),
+                  interconnect=InterconnectSpec(kind="pcie", bandwidth_gbps=8, latency_us=10))
+    shared = replace(own, interconnect=replace(own.interconnect, shared_host_link=True))
+    ep = ParallelConfig(tensor=1, expert=2)
+    single = predict(SPEC, HW, WORKLOAD, POLICY).t_link
+    assert single == pytest.approx((2 * 3 * 8 * 16 * 2 + 4 * 2 * 4 * 2) / 1e9)   # 2 experts + 4 x 8 outputs
+    assert predict(SPEC, own, WORKLOAD, POLICY, parallel=ep).t_link == pytest.approx(single / 2)
+    assert predict(SPEC, shared, WORKLOAD, POLICY, parallel=ep).t_link == pytest.approx(single)
 
 
 def test_mixtral_t4_per_layer_numbers():

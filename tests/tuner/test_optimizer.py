@@ -120,7 +120,10 @@ def test_reports():
     assert doc["bottleneck"] in ("link", "cpu", "gpu")
     table = plan_table(plan)
     assert "end-to-end tokens/s" in table and "kv_cache" in table and "budget" in table
-    assert f"{hw.gpu_budget_bytes / 2 / 2**30:8.2f}" in table  # per-device GPU budget
+    assert f"{hw.gpu_budget_bytes / 2**30:8.2f}" in table  # one rank's GPU budget: one T4's
+    assert hw.gpu_budget_bytes == load_preset("hardware", "t4").gpu_budget_bytes
+    assert doc["parallel"]["tensor"] * doc["parallel"]["expert"] == 2 and doc["memory"]["per"] == "rank"
+    assert f"parallel.tensor={plan.parallel.tensor} parallel.expert={plan.parallel.expert}" in table
 
 
 def test_every_shipped_preset_plans_quickly():

@@ -1,0 +1,183 @@
+"""Several ranks from one command (`parallel.tensor` x `parallel.expert` > 1).
+
+`moe-lightning task=generate parallel.tensor=2 ...` starts its ranks itself with torch.distributed's
+elastic launcher (one node, a local c10d rendezvous on a free port): each rank is a spawned process
+running the task with the same config. Under `torchrun` (WORLD_SIZE set) the CLI runs as the rank
+torchrun started, so several nodes work as torchrun makes them:
+
+    torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        -m moe_lightning task=generate parallel.tensor=4 parallel.expert=2 ...
+
+Rank 0 writes the outputs and the run document, with every rank's timings in it; the other ranks write
+nothing (their artefacts go to a private temporary folder, removed at the end) and print nothing but
+warnings. Threads: the ranks of one host share its cores, `cores // ranks` each (`threads.cores`
+divided when given), so T x E ranks never oversubscribe the host. Under torchrun, each rank takes
+`threads.cores` or what it detects (torchrun sets OMP_NUM_THREADS=1 unless you set it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from moe_lightning.errors import ConfigError, MoELightningError
+
+RANK_TASKS = ("generate", "bench")
+RANK_SYSTEMS = ("reference", "cgopipe")
+log = logging.getLogger("moe_lightning.launch")
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def check_parallel_run(cfg) -> None:
+    """Everything a several-rank run can be refused for, one line each, before any weight is loaded:
+    the task and system, the split against the model, the ranks against the devices and the profile."""
+    import torch
+
+    from moe_lightning.engine.parallel import check_parallel
+    from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.models import family
+    from moe_lightning.systems import resolve_device
+    from moe_lightning.threads import detect_cores
+
+    p, hw = cfg.parallel, cfg.hardware
+    W = p.world_size
+    split = f"parallel.tensor={p.tensor} x parallel.expert={p.expert}"
+    if cfg.task.name not in RANK_TASKS:
+        raise ConfigError(f"{split}: task={cfg.task.name} runs in one process; task=generate and task=bench run "
+                          "several ranks")
+    if cfg.system.name not in RANK_SYSTEMS:
+        raise ConfigError(f"{split}: system={cfg.system.name} runs on one rank (its several-rank schedule is not "
+                          "built yet); system=cgopipe and system=reference run tensor and expert parallel")
+    spec, _ = resolve_model(cfg.model)
+    check_parallel(spec, p, family(spec))
+    device = resolve_device(cfg.device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", W)) if under_torchrun() else W
+    if device.type == "cuda":
+        if local > torch.cuda.device_count():
+            raise ConfigError(f"{split} puts {local} ranks on this host but it has {torch.cuda.device_count()} "
+                              "CUDA devices: one rank per GPU")
+        if p.backend == "gloo":
+            raise ConfigError("parallel.backend=gloo with device=cuda: NCCL carries CUDA tensors (backend=auto)")
+    elif p.backend == "nccl":
+        raise ConfigError("parallel.backend=nccl needs device=cuda; the CPU's ranks talk over gloo (backend=auto)")
+    elif not under_torchrun() and detect_cores(cfg.threads.cores).count < W:
+        log.warning("%s = %d ranks share %d cores: each rank runs one thread, and they take turns; the timings "
+                    "are not the split's speed", split, W, detect_cores(cfg.threads.cores).count)
+    if hw.gpu.count > 1 and hw.gpu.count != W:
+        raise ConfigError(f"hardware={hw.name} has {hw.gpu.count} GPUs but {split} = {W} ranks: one rank per GPU "
+                          f"(task=plan hardware={hw.name} chooses T and E)")
+    if hw.gpu.count == 1 and device.type == "cuda":
+        raise ConfigError(f"hardware={hw.name} describes one GPU but {split} = {W} ranks: give a profile of {W} "
+                          "GPUs")
+
+
+def run_ranks(cfg):
+    """Run the task on T x E ranks: as this torchrun rank, or by launching them here. Returns rank 0's
+    report (read back from its run document when launched here; None in another rank)."""
+    check_parallel_run(cfg)
+    if under_torchrun():
+        return rank_main(cfg)
+    return _launch(cfg)
+
+
+def _launch(cfg):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from moe_lightning.threads import detect_cores
+
+    W = cfg.parallel.world_size
+    share = max(1, detect_cores(cfg.threads.cores).count // W)
+    cfg = dataclasses.replace(cfg, threads=dataclasses.replace(cfg.threads, cores=share))
+    with tempfile.TemporaryDirectory(prefix="moe-lightning-ranks-") as errors:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=W, run_id=uuid.uuid4().hex,
+                              rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                              monitor_interval=0.1, start_method="spawn")
+        log.info("starting %d ranks (tensor %d x expert %d), %d cores each", W, cfg.parallel.tensor,
+                 cfg.parallel.expert, share)
+        try:
+            with _quiet_agent():
+                elastic_launch(config, _rank_entry)(cfg, errors)
+        except ChildFailedError as exc:
+            said = sorted(Path(errors).glob("rank*.error"))
+            if said:
+                message, _, code = said[0].read_text().rpartition("\n")
+                raise _RankError(message, int(code)) from None
+            rank, failure = exc.get_first_failure()
+            raise MoELightningError(f"rank {rank} failed (exit code {failure.exitcode}); its error is printed "
+                                    "above") from None
+    from moe_lightning.report import RunReport
+
+    document = Path(cfg.out) if cfg.out else Path(cfg.run_dir or "runs/latest") / "run.json"   # rank 0's
+    return RunReport.from_json(document) if document.is_file() else None
+
+
+class _RankError(MoELightningError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def _quiet_agent():
+    """torchelastic's agent logs every rendezvous, worker state and failure: the CLI says what failed itself."""
+    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.distributed.launcher",
+                                              "torch.multiprocessing")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _rank_entry(cfg, errors: str) -> None:
+    """A launched rank: run the task; a refusal becomes one line in `errors` and a failed rank (the agent
+    then stops the others)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank {os.environ.get('RANK')} %(name)s: "
+                        "%(message)s")
+    try:
+        rank_main(cfg)
+    except MoELightningError as exc:
+        Path(errors, f"rank{os.environ['RANK']}.error").write_text(f"{exc}\n{exc.exit_code}")
+        sys.exit(exc.exit_code)
+
+
+def rank_main(cfg):
+    """This process as one rank: join the group, run the task (rank 0 writes, the others write into a
+    temporary folder), leave the group."""
+    from moe_lightning.engine.parallel import finish_ranks, init_ranks
+    from moe_lightning.systems import resolve_device
+
+    device = resolve_device(cfg.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        import torch
+
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    ranks = init_ranks(cfg.parallel, device)
+    try:
+        if ranks.rank == 0:
+            return cfg.task.run(cfg)
+        with tempfile.TemporaryDirectory(prefix=f"moe-lightning-rank{ranks.rank}-") as scratch, \
+                open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            logging.getLogger("moe_lightning").setLevel(logging.WARNING)
+            quiet = dataclasses.replace(cfg, run_dir=scratch, out=None, outputs=None, trace=False, overwrite=False,
+                                        resume=False)
+            quiet.task = dataclasses.replace(cfg.task, progress=False) if hasattr(cfg.task, "progress") else cfg.task
+            quiet.task.run(quiet)
+        return None
+    finally:
+        finish_ranks()

@@ -1,0 +1,66 @@
+"""Several ranks from the console script: `parallel.tensor` / `parallel.expert` start gloo ranks through
+torch.distributed's elastic launcher, on a checkpoint folder given as `model=hf model.path=...`; rank 0
+writes transformers' own tokens and one run document with every rank's timings. Bad splits: one line,
+exit 2, before anything is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import PARITY_NEW_TOKENS
+from tests.test_cli import cli
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tensor, expert, system", [(2, 1, "reference"), (1, 2, "cgopipe"), (2, 2, "cgopipe")])
+def test_ranks_started_by_the_cli_give_transformers_tokens(tmp_path, tiny_path, prompts, hf_outputs, tensor, expert,
+                                                           system):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "input_ids": p}) + "\n" for i, p in enumerate(prompts)))
+    out, outputs = tmp_path / "run.json", tmp_path / "out.jsonl"
+    r = cli("task=generate", f"system={system}", "model=hf", f"model.path={tiny_path}", "model.dtype=float32",
+            "workload=jsonl", f"workload.path={path}", f"workload.gen_len={PARITY_NEW_TOKENS}",
+            f"parallel.tensor={tensor}", f"parallel.expert={expert}", "parallel.chunks=2", f"out={out}",
+            f"outputs={outputs}", "task.progress=false", "task.warmup_tokens=0", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in outputs.read_text().splitlines()]
+    assert [row["output_ids"] for row in rows] == hf_outputs
+    doc = json.loads(out.read_text())["extra"]["parallel"]
+    assert (doc["tensor"], doc["expert"], doc["backend"]) == (tensor, expert, "gloo")
+    assert [(r["rank"], r["tensor_rank"], r["expert_rank"]) for r in doc["ranks"]] == [
+        (e * tensor + t, t, e) for e in range(expert) for t in range(tensor)]
+    assert all(r["throughput_tok_s"] > 0 for r in doc["ranks"])
+    assert r.stdout.count("run document:") == 1   # rank 0 alone reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h", "out.jsonl", "p.jsonl", "run.json"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel.tensor=3"], "parallel.tensor=3 does not divide model.num_heads"),
+    (["parallel.expert=3"], "parallel.expert=3 does not divide model.num_experts"),
+    (["system=flexgen", "parallel.expert=2"], "system=flexgen runs on one rank"),
+    (["task=calibrate", "parallel.tensor=2"], "task=calibrate runs in one process"),
+    (["hardware=2xt4", "parallel.expert=1"], "hardware=2xt4 has 2 GPUs, but this run has 1 rank"),
+    (["hardware=4xt4", "parallel.expert=2"], "hardware=4xt4 has 4 GPUs but parallel.tensor=1 x parallel.expert=2"),
+    (["parallel.backend=nccl", "parallel.expert=2"], "parallel.backend=nccl needs device=cuda"),
+    (["parallel.tensor=0"], "parallel.tensor: must be an integer >= 1"),
+])
+def test_a_bad_split_is_one_line_and_exit_2(tmp_path, args, message):
+    r = cli("task=generate", "system=reference", *args, "workload.num_requests=2", "workload.gen_len=2",
+            f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_refusal_inside_the_ranks_is_one_line_with_its_exit_code(tmp_path):
+    """What only a rank finds out (here: the policy does not fit its GPU budget) comes back as the rank
+    said it, once: the launcher's own reports of the failed ranks are not shown."""
+    r = cli("task=generate", "system=cgopipe", "parallel.expert=2", "hardware.gpu.memory_gib=0.0001",
+            "workload.num_requests=2", "workload.gen_len=2", f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "INFO" not in line]
+    assert len(lines) == 1 and "policy does not fit the memory budget" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
