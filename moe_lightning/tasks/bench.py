@@ -29,6 +29,11 @@ def link_bound_tok_s(cfg: RunConfig, spec) -> float | None:
     return cfg.policy.batch_size * cfg.hardware.link.h2d_gbps * GB / (spec.num_moe_layers * streamed)
 
 
+def _split(cfg: RunConfig):
+    """The run's T x E ranks for the HRM, or None for one rank."""
+    return cfg.parallel if cfg.parallel.world_size > 1 else None
+
+
 def with_planned_policy(cfg: RunConfig) -> RunConfig:
     """`cfg` with the HRM-optimal policy (engine knobs such as the expert kernel kept from cfg.policy)."""
     import dataclasses
@@ -37,7 +42,7 @@ def with_planned_policy(cfg: RunConfig) -> RunConfig:
     from moe_lightning.tuner.optimizer import optimize
 
     spec, _ = resolve_model(cfg.model)
-    planned = optimize(spec, cfg.hardware, cfg.workload).policy
+    planned = optimize(spec, cfg.hardware, cfg.workload, parallel=_split(cfg)).policy
     keep = ("pages_per_layer", "prefetch_depth", "expert_kernel", "kv_dtype", "weight_dtype")
     policy = dataclasses.replace(planned, **{k: getattr(cfg.policy, k) for k in keep})
     print(f"HRM plan: N={policy.batch_size} mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
@@ -70,7 +75,8 @@ class BenchTask:
         try:
             from moe_lightning.tuner.hrm import predict
 
-            report.prediction["hrm_tok_s"] = predict(spec, cfg.hardware, cfg.workload, cfg.policy).e2e_tok_s
+            report.prediction["hrm_tok_s"] = predict(spec, cfg.hardware, cfg.workload, cfg.policy,
+                                                       parallel=_split(cfg)).e2e_tok_s
         except Exception as exc:  # noqa: BLE001 - a prediction is a bonus, never a failure
             log.info("no HRM prediction: %s", exc)
         bound = link_bound_tok_s(cfg, spec)

@@ -2,8 +2,9 @@
 
 - The search space is the `Policy`: batch size N, the number of micro-batches (mu is the smallest
   micro-batch size giving that count, as HRM chooses it), attention placement, resident experts per
-  layer, the GPU share of the KV cache, the copy worker's prefetch depth and (measured runs) the
-  expert kernel.
+  layer, the GPU share of the KV cache, the copy worker's prefetch depth, (measured runs) the
+  expert kernel and (simulated, several GPUs, no `parallel` given) the tensor degree T of the T x E
+  split, E = GPUs / T (`searched_tensor`; each trial's memory plan is one rank's).
 - Points the memory plan rejects are pruned before anything runs, with the reason recorded.
 - The study is seeded with the HRM optimum and its feasible neighbours (`enqueue_trial`), so the first
   trial is what HRM predicts and the sampler corrects it with measurements.
@@ -297,7 +298,29 @@ def suggest(trial, cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
     }
     if t.objective == "measure":
         params["expert_kernel"] = trial.suggest_categorical("expert_kernel", list(KERNELS))
+    tensor = searched_tensor(cfg, spec)
+    if tensor:   # several GPUs, no split given: the layout is searched with the policy (E = GPUs / T)
+        params["tensor"] = trial.suggest_categorical("tensor", tensor)
     return params
+
+
+def searched_tensor(cfg: RunConfig, spec: ModelSpec) -> list[int] | None:
+    """Several GPUs and no `parallel` given: the tensor degrees T a study searches (each with E = GPUs / T),
+    every valid split's; None where the layout is fixed (one GPU, a given split, or no valid split: the
+    plan then says why)."""
+    if cfg.parallel.world_size > 1 or cfg.hardware.gpu.count == 1:
+        return None
+    from moe_lightning.tuner.parallel import layouts
+
+    return [p.tensor for p in layouts(spec, cfg.hardware)] or None
+
+
+def trial_layout(params: dict[str, Any], cfg: RunConfig):
+    """The T x E a trial's `tensor` parameter chose, or None (the study's layout)."""
+    if "tensor" not in params:
+        return None
+    T = int(params["tensor"])
+    return dataclasses.replace(cfg.parallel, tensor=T, expert=cfg.hardware.gpu.count // T)
 
 
 def study_layout(cfg: RunConfig, spec: ModelSpec):
@@ -333,7 +356,7 @@ def fits_layout(spec: ModelSpec, cfg: RunConfig, policy: Policy, layout, paged: 
     return policy, plan, view.hw
 
 
-def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
+def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None) -> list[Policy]:
     """The HRM optimum first, then feasible neighbours (N halved/doubled, one micro-batch more or
     fewer, one resident expert more or fewer, attention moved)."""
     from moe_lightning.memory import memory_plan
@@ -342,7 +365,7 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
     workload = dataclasses.replace(cfg.workload, num_requests=max_batch(cfg))
     from moe_lightning.systems import paged_kv
 
-    layout = study_layout(cfg, spec)
+    layout = layout or study_layout(cfg, spec)
     plan = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system), parallel=layout or cfg.parallel)
     best = dataclasses.replace(cfg.policy, **{f.name: getattr(plan.policy, f.name)
                                               for f in dataclasses.fields(Policy)
@@ -372,10 +395,12 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
 
 def seed_study(study, cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
     measured = cfg.tuner.objective == "measure"
-    seeds = seed_policies(cfg, spec)
+    layout = study_layout(cfg, spec)   # several GPUs: the HRM's T x E (or the given one)
+    seeds = seed_policies(cfg, spec, layout)
+    searched = {"tensor": layout.tensor} if searched_tensor(cfg, spec) else {}
     for i, p in enumerate(seeds):
-        study.enqueue_trial(policy_params(p, spec, measured), user_attrs={"seed": "hrm" if i == 0 else "hrm-neighbour"},
-                            skip_if_exists=True)
+        study.enqueue_trial(policy_params(p, spec, measured) | searched,
+                            user_attrs={"seed": "hrm" if i == 0 else "hrm-neighbour"}, skip_if_exists=True)
     return seeds
 
 
@@ -390,7 +415,7 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
     from moe_lightning.memory import memory_plan
     from moe_lightning.systems import paged_kv
 
-    layouts: list = []   # several GPUs: the study's layout, found once per worker
+    layouts: list = []   # several GPUs with no layout searched: the study's, found once per worker
 
     def run(trial) -> float | tuple[float, float]:
         params = suggest(trial, cfg, spec)
@@ -399,9 +424,12 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
         except ConfigError as exc:
             trial.set_user_attr("reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
-        if not layouts:
-            layouts.append(study_layout(cfg, spec))
-        layout, budget = layouts[0], cfg.hardware
+        layout = trial_layout(params, cfg)
+        if layout is None:
+            if not layouts:
+                layouts.append(study_layout(cfg, spec))
+            layout = layouts[0]
+        budget = cfg.hardware
         if layout is not None:
             policy, plan, budget = fits_layout(spec, cfg, policy, layout, paged_kv(cfg.system))
             trial.set_user_attr("parallel", dataclasses.asdict(layout))

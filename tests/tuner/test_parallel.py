@@ -167,3 +167,30 @@ def test_a_simulated_study_on_several_gpus_searches_the_plans_layout_in_whole_ex
     assert (policy.batch_size, policy.micro_batch_size) == (8, 4)   # rounded up to whole groups
     assert budget.gpu.count == 1 and plan.fits(budget)
     assert study_layout(dataclasses.replace(cfg, hardware=load_preset("hardware", "t4")), cfg.model) is None
+
+
+def test_a_simulated_study_on_several_gpus_searches_the_split_beside_the_policy(tmp_path):
+    """With no `parallel` given, T is a trial parameter (every valid split's, E = GPUs / T); the HRM's
+    split is the first trial's, and the trials try more than one split."""
+    import optuna
+
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.tune import run_trials
+    from moe_lightning.tuner.search import open_study, searched_tensor, seed_study, study_layout
+
+    cfg = RunConfig(model=load_preset("model", "mixtral-8x22b"), hardware=load_preset("hardware", "4xt4"),
+                    workload=dataclasses.replace(load_preset("workload", "mtbench"), num_requests=64, gen_len=8),
+                    tuner=dataclasses.replace(RunConfig().tuner, objective="simulate", n_trials=10, seed=1,
+                                              storage=f"sqlite:///{tmp_path / 's.db'}", study_name="split"),
+                    run_dir=str(tmp_path))
+    assert searched_tensor(cfg, cfg.model) == [1, 2, 4]
+    given = dataclasses.replace(cfg, parallel=ParallelConfig(tensor=2, expert=2))
+    assert searched_tensor(given, cfg.model) is None
+    study = open_study(cfg, cfg.model)
+    seed_study(study, cfg, cfg.model)
+    run_trials(study, cfg, cfg.model, say=lambda line: None)
+    trials = optuna.load_study(study_name="split", storage=cfg.tuner.storage).trials
+    assert trials[0].params["tensor"] == study_layout(cfg, cfg.model).tensor   # the HRM's split seeds it
+    assert len({t.params["tensor"] for t in trials}) > 1
+    tried = [t.user_attrs["parallel"] for t in trials if "parallel" in t.user_attrs]
+    assert tried and all(p["tensor"] * p["expert"] == 4 for p in tried)
