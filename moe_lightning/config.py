@@ -710,3 +710,20 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor * self.expert
+
+    def model_problems(self, spec: ModelSpec) -> list[str]:
+        """Why this split cannot run `spec` (empty: it can), one phrase each: T must divide the heads, the KV
+        heads (but MLA's, whose latent cache every tensor rank keeps whole) and every intermediate size, E
+        the experts; MXFP4 experts stream whole, as stored, so they split over experts only."""
+        T, E, out = self.tensor, self.expert, []
+        sizes = [("num_heads", spec.num_heads)] + ([] if spec.mla else [("num_kv_heads", spec.num_kv_heads)])
+        sizes += [("intermediate_size", spec.intermediate_size)]
+        sizes += [("shared_expert_size", spec.shared_expert_size)] if spec.shared_expert_size else []
+        sizes += [("dense_intermediate_size", spec.dense_intermediate_size)] if spec.dense_layers else []
+        out += [f"parallel.tensor={T} does not divide model.{name}={value}" for name, value in sizes if value % T]
+        if T > 1 and spec.expert_format != "dense":
+            out.append(f"parallel.tensor={T}: {spec.expert_format} experts stream as the checkpoint stores them, "
+                       "whole; split them over experts (parallel.expert) instead")
+        if spec.num_experts % E:
+            out.append(f"parallel.expert={E} does not divide model.num_experts={spec.num_experts}")
+        return out

@@ -120,25 +120,13 @@ def finish_ranks() -> None:
 
 def check_parallel(spec: ModelSpec, parallel: ParallelConfig, family: Family) -> None:
     """T and E against the model, one line each, before anything is loaded."""
-    T, E = parallel.tensor, parallel.expert
+    T = parallel.tensor
     if T > 1 and family.tensor_parallel is None:
         raise ConfigError(f"parallel.tensor={T}: the {spec.architecture} family has no tensor-parallel split; "
                           "use parallel.expert")
-    splits = [("model.num_heads", spec.num_heads, "attention heads")]
-    if not spec.mla:   # MLA's cache holds one latent per token, which every tensor rank keeps whole
-        splits.append(("model.num_kv_heads", spec.num_kv_heads, "KV heads"))
-    splits.append(("model.intermediate_size", spec.intermediate_size, "each expert's intermediate rows"))
-    if spec.shared_expert_size:
-        splits.append(("model.shared_expert_size", spec.shared_expert_size, "the shared expert's rows"))
-    if spec.dense_layers:
-        splits.append(("model.dense_intermediate_size", spec.dense_intermediate_size, "the dense MLP's rows"))
-    for key, size, what in splits:
-        if T > 1 and size % T:
-            raise ConfigError(f"parallel.tensor={T} does not divide {key}={size} ({what} split over the tensor "
-                              "ranks): choose a divisor")
-    if E > 1 and spec.num_experts % E:
-        raise ConfigError(f"parallel.expert={E} does not divide model.num_experts={spec.num_experts} (each rank "
-                          "holds an equal share of a layer's experts): choose a divisor")
+    problems = parallel.model_problems(spec)
+    if problems:
+        raise ConfigError("; ".join(problems) + ": choose a divisor")
 
 
 def local_spec(spec: ModelSpec, ranks: Ranks) -> ModelSpec:
@@ -207,9 +195,9 @@ class RankSource:
         self.base, self.whole, self.ranks = source, spec, ranks
         self.spec, self.dtype, self.family = rank_spec(spec, ranks), source.dtype, source.family
         self.offset = ranks.ep_rank * (spec.num_experts // ranks.expert)
-        if ranks.tensor > 1 and spec.expert_format != "dense":
-            raise ConfigError(f"parallel.tensor={ranks.tensor}: {spec.expert_format} experts stream as the "
-                              "checkpoint stores them, whole; split them over experts (parallel.expert) instead")
+        problems = ParallelConfig(tensor=ranks.tensor, expert=ranks.expert).model_problems(spec)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def embedding(self) -> torch.Tensor:
         return self.base.embedding()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_lightning.config import ModelSpec, yarn_mscale
@@ -90,8 +91,6 @@ class Weights:
         after the attention output and after the MLP down projection); as is on one rank."""
         if self.tp_group is None:
             return partial
-        import torch.distributed as dist
-
         dist.all_reduce(partial, group=self.tp_group)
         return partial
 
@@ -100,8 +99,6 @@ class Weights:
         every head): the sum of squares is all-reduced."""
         if self.tp_group is None:
             return rms_norm(x, weight, eps)
-        import torch.distributed as dist
-
         x32 = x.float()
         squares = self.reduce(x32.pow(2).sum(-1, keepdim=True))
         width = x.shape[-1] * dist.get_world_size(self.tp_group)

@@ -47,18 +47,7 @@ def parallel_problems(spec: ModelSpec, hw: HardwareSpec, tensor: int, expert: in
     if hw.gpu.count != T * E:
         out.append(f"parallel.tensor={T} x parallel.expert={E} = {T * E} ranks, but hardware={hw.name} has "
                    f"{hw.gpu.count} GPU{'s' if hw.gpu.count != 1 else ''} (one rank per GPU: T x E must equal it)")
-    sizes = [("num_heads", spec.num_heads)] + ([] if spec.mla else [("num_kv_heads", spec.num_kv_heads)])
-    sizes += [("intermediate_size", spec.intermediate_size)]
-    sizes += [("shared_expert_size", spec.shared_expert_size)] if spec.shared_expert_size else []
-    sizes += [("dense_intermediate_size", spec.dense_intermediate_size)] if spec.dense_layers else []
-    for name, value in sizes:
-        if value % T:
-            out.append(f"parallel.tensor={T} does not divide model.{name}={value}")
-    if T > 1 and spec.expert_format != "dense":   # as the engine's `RankSource` refuses it
-        out.append(f"parallel.tensor={T}: {spec.expert_format} experts stream as the checkpoint stores them, whole; "
-                   "split them over experts (parallel.expert) instead")
-    if spec.num_experts % E:
-        out.append(f"parallel.expert={E} does not divide model.num_experts={spec.num_experts}")
+    out += ParallelConfig(tensor=T, expert=E).model_problems(spec)   # the engine's own check
     if T * E > 1 and hw.interconnect.bandwidth_gbps <= 0:
         out.append(f"hardware={hw.name} has no inter-GPU link (hardware.interconnect.bandwidth_gbps=0): give its "
                    "bandwidth and latency to plan several ranks")
