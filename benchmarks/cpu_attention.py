@@ -25,6 +25,12 @@ one thread. Each point holds the host-wide measurement lock and records the host
 
     python benchmarks/cpu_attention.py                       # all points, writes results/cpu_attention_<ts>.json
     python benchmarks/cpu_attention.py --dtypes bfloat16 --contexts 4096 --batches 64 --repeats 21
+    # gpt-oss-20b's heads (64 / 8, head_dim 64) with its attention sinks, a sliding layer (window 128):
+    python benchmarks/cpu_attention.py --heads 64 --kv-heads 8 --head-dim 64 --sinks --window 128
+
+With `--window W` each sequence reads only its last W tokens (a sliding layer), and the bytes counted
+are those: min(context, W) tokens per sequence. `speedup` is the kernel against the PyTorch fallback in
+the same rounds (the fallback is what ran gpt-oss's layers before the kernel took sinks and windows).
 """
 
 from __future__ import annotations
@@ -105,11 +111,20 @@ class Point:
     heads: int
     kv_heads: int
     head_dim: int
+    window: int = 0       # 0: full attention
+    sinks: bool = False   # an attention-sink logit per query head (gpt-oss)
 
     @property
     def kv_bytes(self) -> int:
+        """K and V bytes read: each sequence's last `window` tokens (all of them without a window)."""
         size = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 2 * self.batch * self.context * self.kv_heads * self.head_dim * size
+        read = min(self.context, self.window) if self.window else self.context
+        return 2 * self.batch * read * self.kv_heads * self.head_dim * size
+
+    def extra(self, gen: torch.Generator) -> dict:
+        """The keyword arguments of `paged_decode_attention` beyond the pools: window and sinks."""
+        return {"window": self.window or None,
+                "sinks": torch.randn(self.heads, generator=gen) if self.sinks else None}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -148,13 +163,15 @@ def measure_point(p: Point, repeats: int, fallback_repeats: int, ext, rng: rando
     bufs = [(torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.zeros(nbytes, dtype=torch.uint8))
             for _ in range(sets)]
     scale = p.head_dim ** -0.5
-    calls = {"kernel": lambda i: ext.paged_decode_attention(*inputs[i], scale),
+    kw = p.extra(gen)
+    window, sinks = kw["window"] or 0, kw["sinks"]
+    calls = {"kernel": lambda i: ext.paged_decode_attention(*inputs[i], scale, False, window, sinks),
              "memcpy": lambda i: bufs[i][1].copy_(bufs[i][0]),
              "read": lambda i: bufs[i][0].view(torch.float32).sum()}
     if p.dtype == "bfloat16" and ext.has_dpbf16():   # the opt-in bf16 softmax weights for P @ V
-        calls["kernel_p_bf16"] = lambda i: ext.paged_decode_attention(*inputs[i], scale, True)
+        calls["kernel_p_bf16"] = lambda i: ext.paged_decode_attention(*inputs[i], scale, True, window, sinks)
     if with_fallback:
-        calls["fallback"] = lambda i: paged_decode_attention_torch(*inputs[i], scale)
+        calls["fallback"] = lambda i: paged_decode_attention_torch(*inputs[i], scale, **kw)
     times: dict[str, list[float]] = {k: [] for k in calls}
     paired = []
     with measurement_lock() as waited, HostLoad() as load:
@@ -185,6 +202,7 @@ def measure_point(p: Point, repeats: int, fallback_repeats: int, ext, rng: rando
            "ratio": round(s["kernel"]["median"] / s["memcpy"]["median"], 3),
            "ratio_paired": stats(paired), "ratio_to_read": round(s["kernel"]["median"] / s["read"]["median"], 3),
            "fallback_ratio": round(s["fallback"]["median"] / s["memcpy"]["median"], 3) if with_fallback else None,
+           "speedup": round(s["kernel"]["median"] / s["fallback"]["median"], 2) if with_fallback else None,
            "p_bf16_ratio": (round(s["kernel_p_bf16"]["median"] / s["memcpy"]["median"], 3)
                             if "kernel_p_bf16" in s else None),
            "host_load": {**load.report.to_dict(), "lock_wait_s": round(waited, 3)}}
@@ -196,7 +214,8 @@ def measure_point(p: Point, repeats: int, fallback_repeats: int, ext, rng: rando
 def compute_ceiling(p: Point, repeats: int, ext, gen: torch.Generator) -> dict:
     """The kernel on a one-block pool (cache-resident): the same arithmetic, no DRAM traffic."""
     inputs = make_inputs(p, gen, same_block=True)
-    fn = lambda: ext.paged_decode_attention(*inputs, p.head_dim ** -0.5)
+    kw = p.extra(gen)
+    fn = lambda: ext.paged_decode_attention(*inputs, p.head_dim ** -0.5, False, kw["window"] or 0, kw["sinks"])
     fn()
     v = [p.kv_bytes / timed(fn) / 1e9 for _ in range(repeats)]
     return {**dataclasses.asdict(p), "threads": torch.get_num_threads(), "cache_resident_gbps": stats(v)}
@@ -227,6 +246,8 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--window", type=int, default=0, help="a sliding layer: attend the last W tokens (0: all)")
+    ap.add_argument("--sinks", action="store_true", help="an attention-sink logit per query head (gpt-oss)")
     ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds per point")
     ap.add_argument("--fallback-repeats", type=int, default=3, help="rounds that also time the fallback")
     ap.add_argument("--threads", type=int, default=0, help="0: the detected cores (moe_lightning.threads)")
@@ -247,7 +268,7 @@ def main() -> int:
     build_s = time.perf_counter() - t0
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
     dtypes = args.dtypes.split(",")
-    points = [Point(dt, b, s, args.block_size, args.heads, args.kv_heads, args.head_dim)
+    points = [Point(dt, b, s, args.block_size, args.heads, args.kv_heads, args.head_dim, args.window, args.sinks)
               for dt in dtypes for s in map(int, args.contexts.split(",")) for b in map(int, args.batches.split(","))]
     record: dict = {
         "schema_version": 1, "kind": "measured", "benchmark": "cpu_attention", "where": "this host",
@@ -260,13 +281,17 @@ def main() -> int:
         "conventions": {"attention_gbps": "bytes of K and V read / time", "memcpy_gbps":
                         "2 x buffer bytes / time (read + write; the destination's write-allocate read is not counted)",
                         "read_gbps": "buffer bytes / time (torch.sum over a float32 view)",
-                        "ratio": "median attention_gbps / median memcpy_gbps", "units": "GB/s decimal, GiB binary"},
+                        "ratio": "median attention_gbps / median memcpy_gbps",
+                        "speedup": "median kernel GB/s / median fallback GB/s (same rounds)",
+                        "units": "GB/s decimal, GiB binary"},
         "records": [], "skipped": []}
     print(f"torch {torch.__version__}, {threads} threads, {record['host']['cpu_model']}, "
           f"{record['host']['memory_total_gib']} GiB; kernel {ext.capability()} (load/build {build_s:.1f} s); "
-          f"heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}, block {args.block_size}", flush=True)
+          f"heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}, block {args.block_size}"
+          + (f", window {args.window}" if args.window else "") + (", sinks" if args.sinks else ""), flush=True)
     head = (f"{'dtype':>8} {'B':>3} {'ctx':>5} {'KV GiB':>7} | {'kernel GB/s':>18} | {'fallback GB/s':>18} | "
-            f"{'memcpy GB/s':>18} | {'read GB/s':>18} | ratio (paired range) | p_bf16 GB/s (ratio) | others busy")
+            f"{'memcpy GB/s':>18} | {'read GB/s':>18} | ratio (paired range) | speedup | p_bf16 GB/s (ratio) | "
+            "others busy")
     print(head)
     for p in points:
         reason = fits(p)
@@ -281,6 +306,7 @@ def main() -> int:
         print(f"{p.dtype:>8} {p.batch:>3} {p.context:>5} {rec['kv_gib']:7.3f} | {fmt(rec['attention_gbps'])} | "
               f"{fmt(rec['fallback_gbps'])} | {fmt(rec['memcpy_gbps'])} | {fmt(rec['read_gbps'])} | "
               f"{rec['ratio']:.2f} ({pr['min']:.2f}-{pr['max']:.2f}){' UNSTABLE' if rec['unstable'] else ''} | "
+              f"{rec['speedup']:.2f}x | "
               + (f"{rec['attention_p_bf16_gbps']['median']:6.1f} ({rec['p_bf16_ratio']:.2f})"
                  if rec["p_bf16_ratio"] is not None else "-") +
               f" | {rec['host_load']['others_busy_cores']:.2f}", flush=True)

@@ -143,7 +143,9 @@ def check_fits_host(spec, hardware, device, weight_bytes: int | None = None, ran
             f"each: run parallel.tensor x parallel.expert = {hardware.gpu.count} ranks (system=reference), measure "
             f"with a one-GPU profile (e.g. hardware=t4), or plan or simulate {hardware.name} (task=plan / "
             "task=simulate)")
-    need = weight_bytes if weight_bytes is not None else spec.total_params * spec.dtype_bytes
+    # By default the weights as a streaming engine holds them: MXFP4 experts as stored (4.25 bits a weight);
+    # the reference engine dequantizes every expert as it loads and passes its own `weight_bytes`.
+    need = weight_bytes if weight_bytes is not None else spec.streamed_weight_bytes
     avail = available_host_bytes()
     if avail is not None and need > avail:
         raise MemoryBudgetError(

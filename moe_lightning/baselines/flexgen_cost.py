@@ -26,7 +26,11 @@ Modelled, as the sources write it (MoE-Lightning's version where it differs from
 Deliberate differences from the sources:
 - every byte count carries `B = dtype_bytes / 2` (FlexGen writes fp16's 2 bytes into its literals), so
   a float32 model is sized as float32; at fp16/bf16 `B = 1` and the terms are the sources' exactly;
-- capacities are the hardware profile's (GiB, as FlexGen's own `GB = 2**30` CLI sizes) times `alpha`.
+- capacities are the hardware profile's (GiB, as FlexGen's own `GB = 2**30` CLI sizes) times `alpha`;
+- experts stored as MXFP4 (gpt-oss) are counted at the bytes they are held in on the CPU and cross the
+  link at, 4.25 bits a weight (`ModelSpec.expert_stream_bytes`; `Shape.expert_b`): FlexGen has no
+  quantized weights of this kind. The GPU holds resident experts dequantized, which this undercounts;
+  the policy search then checks every placement against the engine's own pools.
 Not modelled (as in FlexGen's model): kernel launches and per-task overheads, the CPU->pinned staging
 copy, router and norm weights, embeddings and the LM head, expert load imbalance, KV growth beyond
 its average `s + n / 2`, and (for attention on the GPU) streaming CPU-resident KV to the GPU.
@@ -60,6 +64,7 @@ class Shape:
     gbs: int
     bls: int
     dtype_bytes: int = 2
+    expert_b: float | None = None   # an expert's bytes per weight over 2, where not the dtype's (MXFP4)
 
     @property
     def g(self) -> int:
@@ -77,7 +82,8 @@ class Shape:
     @cached_property
     def wi(self) -> float:
         """One layer's weights in bytes: attention and every expert."""
-        return self.b * (4 * self.h1 ** 2 + 4 * self.h1 ** 2 // self.g + 6 * self.h1 * self.h2 * self.ne)
+        expert_b = self.b if self.expert_b is None else self.expert_b
+        return self.b * (4 * self.h1 ** 2 + 4 * self.h1 ** 2 // self.g) + expert_b * 6 * self.h1 * self.h2 * self.ne
 
 
 def shape_of(spec: ModelSpec, workload: Workload, gbs: int, bls: int) -> Shape:
@@ -85,7 +91,9 @@ def shape_of(spec: ModelSpec, workload: Workload, gbs: int, bls: int) -> Shape:
     s = workload.prompt_len_max if workload.padding else workload.prompt_len_avg
     return Shape(s=s, n=workload.gen_len, l=spec.num_layers, h1=spec.hidden_size, h2=spec.intermediate_size,
                  nh=spec.num_heads, nkvh=spec.num_kv_heads, ne=spec.num_experts, gbs=gbs, bls=bls,
-                 dtype_bytes=spec.dtype_bytes)
+                 dtype_bytes=spec.dtype_bytes,
+                 expert_b=spec.expert_stream_bytes / (2 * spec.expert_params)
+                 if spec.expert_stream_bytes != spec.expert_bytes else None)
 
 
 @dataclass(frozen=True)

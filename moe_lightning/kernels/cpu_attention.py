@@ -1,6 +1,6 @@
 """CPU GQA decode attention over a token-granular paged KV cache, read in place.
 
-    out = paged_decode_attention(q, k_pool, v_pool, block_table, context_lens, scale)
+    out = paged_decode_attention(q, k_pool, v_pool, block_table, context_lens, scale, sinks=None, window=None)
 
 - q [B, n_heads, head_dim] fp32/bf16/fp16 -> out [B, n_heads, v_dim], q's dtype.
 - k_pool [num_blocks, n_kv_heads, block_size, head_dim], v_pool the same with v_dim (= head_dim but
@@ -10,6 +10,10 @@
   block_table[b, t // block_size]. context_lens int32 [B], each >= 1: the query attends to all of its
   sequence's tokens, the new token's K/V already appended. Entries past a sequence's last block are
   never read (any value).
+- gpt-oss: `window` (a sliding layer) reads only each sequence's last `window` tokens: the entries
+  before the window's first block are never read either; `sinks` [Hq] fp32 adds exp(sink - max) to each
+  head's softmax denominator (an extra key column with no value), once, after a split context's parts
+  merge.
 - GQA: n_heads = group * n_kv_heads; query head h*group + g reads kv head h.
 
 Layout. The pool keeps one (block, kv head) chunk contiguous: block_size rows of head_dim (4 KiB at
@@ -203,17 +207,20 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     tenth of that bound beyond the output's own bf16 rounding). In exchange, 15-20% more GB/s when
     measured side by side on 2 Zen 4 vCPUs.
 
-    `sinks` [Hq] (attention-sink logits, an extra key column per head) and `window` (attend only the last
-    `window` tokens) run on the PyTorch fallback: the compiled kernel implements neither yet."""
-    if (sinks is None and window is None and q.device.type == "cpu"
-            and backend(q.shape[1], k_pool.shape[1], q.shape[2], v_pool.shape[3]) == "cpp"
+    `sinks` [Hq] (attention-sink logits in the scaled scores' units: an extra key column per head that
+    takes probability mass and carries no value) and `window` (attend only the last `window` tokens; the
+    blocks before them are never read, so a sliding layer costs its window, not its context) run in both
+    the compiled kernel and the fallback."""
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 (None: no window), got {window}")
+    if (q.device.type == "cpu" and backend(q.shape[1], k_pool.shape[1], q.shape[2], v_pool.shape[3]) == "cpp"
             and k_pool.is_contiguous() and v_pool.is_contiguous()):
         return load_extension().paged_decode_attention(q, k_pool, v_pool, block_table, context_lens, float(scale),
-                                                       p_bf16)
+                                                       p_bf16, window or 0, sinks)
     return paged_decode_attention_torch(q, k_pool, v_pool, block_table, context_lens, scale, sinks, window)
 
 
-def _check(q, k_pool, v_pool, block_table, context_lens) -> list[int]:
+def _check(q, k_pool, v_pool, block_table, context_lens, window: int | None = None) -> list[int]:
     if (q.dim() != 3 or k_pool.dim() != 4 or v_pool.dim() != 4 or k_pool.shape[:3] != v_pool.shape[:3]
             or k_pool.dtype != v_pool.dtype):
         raise ValueError("q [B, Hq, D]; k_pool [num_blocks, Hkv, block_size, D] and v_pool [.., Dv] of one dtype")
@@ -230,7 +237,7 @@ def _check(q, k_pool, v_pool, block_table, context_lens) -> list[int]:
     for b, n in enumerate(lens):
         if not 1 <= n <= cap:
             raise ValueError(f"context_lens[{b}]={n} outside [1, {cap}]")
-        ids = block_table[b, : -(-n // BS)]
+        ids = block_table[b, (0 if window is None else max(0, n - window)) // BS: -(-n // BS)]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= NB):
             raise ValueError(f"block_table[{b}] names a block outside [0, {NB})")
     return lens
@@ -243,7 +250,7 @@ def paged_decode_attention_torch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: 
     Where V is a view of K's first values (multi-head latent attention), K is gathered once for both.
     (Gathering a whole group of sequences at once and masking the padding was 1.3x faster for
     DeepSeek-V2-Lite's one KV head and 2.9x slower for Mixtral's eight, measured side by side here.)"""
-    lens = _check(q, k_pool, v_pool, block_table, context_lens)
+    lens = _check(q, k_pool, v_pool, block_table, context_lens, window)
     B, Hq, D = q.shape
     _, Hkv, BS, _ = k_pool.shape
     G, Dv = Hq // Hkv, v_pool.shape[3]

@@ -68,7 +68,8 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     main = main_threads(op_elements(spec), device.type == "cuda")
     set_thread_count(main)
     ranks = current()   # several ranks (moe_lightning.launch): each one measures, rank 0 reports them all
-    check_fits_host(spec, cfg.hardware, device, ranks=ranks.world_size if ranks else 1)
+    dequantized = spec.total_params * spec.dtype_bytes if cfg.system.name == "reference" else None
+    check_fits_host(spec, cfg.hardware, device, weight_bytes=dequantized, ranks=ranks.world_size if ranks else 1)
     # The memory plan is made for the prompts actually given (a JSONL file sets its own lengths).
     lengths = [len(r.input_ids) for r in requests]
     workload = dataclasses.replace(cfg.workload, prompt_len_max=max(lengths),

@@ -20,7 +20,10 @@ roofline, `max(FLOPs / rate, bytes / bandwidth)`, the kernel times of one task s
   expected for `t` tokens routed uniformly top-`k`; O-projection, router and, at the last layer, the
   LM head (last rows only in prefill); PreAttn is RMSNorm + QKV projection (+ the embedding gather at
   layer 0); decode attention reads the micro-batch's cache up to its longest sequence (the engine
-  attends over `[B, nkv, max_len, hd]` with a mask), prefill attention is causal per sequence;
+  attends over `[B, nkv, max_len, hd]` with a mask), or in the paged (unpadded) mode each sequence's own
+  blocks, and on a sliding-window layer (gpt-oss) only each sequence's last `window` tokens of them
+  (`MicroBatchShape.attended`); KV crossing the link (LoadKV) is the whole cache either way; prefill
+  attention is causal per sequence;
 - a fixed overhead per task on its resource: the profile's measured `task_overhead_us` when it has
   one, else `launch_s` for GPU and copy-stream tasks (kernel launch, events), `thread_s` for CPU and
   COPY tasks (worker dispatch);
@@ -91,6 +94,17 @@ class MicroBatchShape:
     sum_sq: int          # sum over sequences of (unpadded prompt length)^2 (causal prefill attention)
     slots: float = 0     # decode: cache slots attended per sequence this step, new token included (dense:
                          # the longest sequence's; paged: the mean, as each sequence reads its own)
+    lens: tuple[int, ...] = ()   # paged: each sequence's prompt (its own blocks, so a sliding window cuts
+                                 # each one's read; dense micro-batches read every slot, window or not)
+
+    def attended(self, window: int | None) -> float:
+        """Cache slots a layer with this sliding window (None: full attention) reads per sequence this
+        step: a paged micro-batch's sequences read only their last `window` tokens each; a dense one
+        attends over all its slots with a mask."""
+        if window is None or not self.lens:
+            return self.slots
+        grown = self.slots - sum(self.lens) / len(self.lens)   # tokens decoded so far, new one included
+        return sum(min(n + grown, window) for n in self.lens) / len(self.lens)
 
 
 def experts_hit(num_experts: int, routings: float) -> float:
@@ -291,19 +305,19 @@ class TaskCosts:
             n = b * s.qkv_elements * d
             return self._d2h(n), float(n)
         if op == "CPUAttn":
-            return self.decode_attn_s(b, mb.slots, on_gpu=False), 0.0
+            return self.decode_attn_s(b, mb.attended(s.window(i)), on_gpu=False), 0.0
         if op == "LoadHidden":
             n = b * s.attn_out_elements * d
             return self._h2d(n), float(n)
         if op == "PostAttn":
             return self.post_attn_s(b, i, b) + self.dequant_s(task), 0.0
         if op == "GPUAttn":
-            return self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.slots, on_gpu=True), 0.0
+            return self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.attended(s.window(i)), on_gpu=True), 0.0
         if op == "LoadKV":
             n = self.attention_kv_bytes(b, mb.slots - 1)  # the cache before the new token
             return self._h2d(n), float(n)
         if op == "GPULayer":
-            return (self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.slots, on_gpu=True)
+            return (self.pre_attn_s(b, i) + self.decode_attn_s(b, mb.attended(s.window(i)), on_gpu=True)
                     + self.post_attn_s(b, i, b) + self.dequant_s(task)), 0.0
         if op == "StoreKV":
             n = b * kvd * d

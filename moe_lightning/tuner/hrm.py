@@ -29,6 +29,9 @@ average, `decode_context`; prompts at their real lengths, `prompt_moments`):
 - dense layers (`ModelSpec.dense_layers`): their MLP, `2 b P_mlp` FLOPs and `n_mb P_mlp d` bytes of
   resident weights, in place of the router and experts, and nothing streamed; `T` is the mean over the
   layers of each kind's own max (so `L T` sums them);
+- sliding-window layers (gpt-oss): in the unpadded mode attention reads each sequence's last `window`
+  tokens only (`attended_context`), so those layers are a kind of their own too; they still hold, and
+  move over the link, their whole cache (the engine keeps every layer's KV for the whole context);
 - prefill on the GPU, layer by layer: the streamed experts of each layer cross the link once per batch,
   weights are read from GPU memory once per micro-batch, compute at GPU peak (linear layers for the
   top-k experts plus causal attention, `sum p^2 = N E[p^2]`), the non-GPU share of the KV cache goes down
@@ -183,6 +186,29 @@ def decode_context(workload: Workload, lengths: Sequence[int] | None = None) -> 
     return effective_prompt_len(workload, lengths) + (workload.gen_len + 1) / 2
 
 
+def attended_context(workload: Workload, lengths: Sequence[int] | None = None, window: int | None = None) -> float:
+    """Tokens a decode step's attention reads per sequence on a layer with a sliding `window` (None: full
+    attention, `decode_context`), averaged over the generation: in the unpadded (paged) mode each sequence
+    reads only its last `window` tokens, `mean_t min(p + t, window)` over steps t = 1..n and its prompt p;
+    padded, the engine attends over the dense cache with a mask, so the whole context is read."""
+    if window is None or workload.padding:
+        return decode_context(workload, lengths)
+    lengths = prompt_lengths(workload) if lengths is None else lengths
+    p = np.asarray(lengths if lengths else [workload.prompt_len_avg], dtype=np.float64)
+    n = workload.gen_len
+    k = np.clip(window - p, 0, n)                  # steps whose context still fits the window
+    return float(((k * p + k * (k + 1) / 2 + (n - k) * window) / n).mean())
+
+
+def layer_kinds(spec: ModelSpec) -> dict[tuple[bool, int | None], float]:
+    """{(dense, sliding window or None): fraction of the layers}: the kinds whose per-layer times differ."""
+    kinds: dict[tuple[bool, int | None], float] = {}
+    for i in range(spec.num_layers):
+        key = (not spec.is_moe_layer(i), spec.window(i))
+        kinds[key] = kinds.get(key, 0.0) + 1 / spec.num_layers
+    return kinds
+
+
 def _curve(points: Sequence[float], tflops: Sequence[float], x: Any) -> Any:
     """FLOP/s at `x` (array-safe) on a calibrated curve (`interp.curve_rate`)."""
     return np.vectorize(lambda v: curve_rate(points, tflops, float(v)))(x) * TFLOPS
@@ -201,23 +227,22 @@ def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
     args = dict(batch_size=batch_size, num_micro_batches=num_micro_batches, attn_on_gpu=attn_on_gpu,
                 ffn_on_gpu=ffn_on_gpu, n_res=n_res, kv_gpu_fraction=kv_gpu_fraction, lengths=lengths,
                 calibrated=calibrated, comm=comm)
-    moe = _layer_times(spec, hw, workload, dense=False, **args)
-    if not spec.dense_layers:
-        return moe
-    dense = _layer_times(spec, hw, workload, dense=True, **args)
-    f = spec.num_moe_layers / spec.num_layers
-    return {key: f * moe[key] + (1 - f) * dense[key] for key in moe}
+    total: dict[str, Any] = {}
+    for (dense, window), f in layer_kinds(spec).items():
+        times = _layer_times(spec, hw, workload, dense=dense, window=window, **args)
+        total = {key: total.get(key, 0.0) + f * value for key, value in times.items()}
+    return total
 
 
 def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                  num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int, kv_gpu_fraction: Any,
-                 lengths: Sequence[int] | None, calibrated: bool, dense: bool,
+                 lengths: Sequence[int] | None, calibrated: bool, dense: bool, window: int | None = None,
                  comm: RankComm | None = None) -> dict[str, Any]:
     lv = levels(hw)
     N, d = batch_size, spec.dtype_bytes
     H = spec.hidden_size
-    ctx = decode_context(workload, lengths)
-    attn = attention_cost(spec, N, ctx)
+    ctx = decode_context(workload, lengths)   # the cache held (and moved over the link: the whole of it)
+    attn = attention_cost(spec, N, attended_context(workload, lengths, window))   # the part attention reads
     ffn = ffn_cost(spec, N, num_micro_batches, dense)
     zero = 0.0 * N
     t_attn_g = _roof_time(attn, lv.gpu) if attn_on_gpu else zero

@@ -324,7 +324,7 @@ def admitted_shapes(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], p
                 gpu_kv.add(len(shapes))
             tokens_j = sum(lengths[r] for r in reqs)
             shapes.append(MicroBatchShape(seqs=len(reqs), tokens=tokens_j, sum_sq=sum(lengths[r] ** 2 for r in reqs),
-                                          slots=tokens_j / len(reqs)))
+                                          slots=tokens_j / len(reqs), lens=tuple(lengths[r] for r in reqs)))
         out.append((shapes, frozenset(gpu_kv)))
     return out
 
@@ -471,10 +471,10 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
         g, c = graph_for("decode", shape)
         base_mbs = [replace(mb, slots=mb.slots + 1) for mb in mbs]
         dur, nbytes = _costs_of(g, costs, base_mbs)
-        # Tasks whose cost grows with the context, grouped by (op, micro-batch, first/last layer).
+        # Tasks whose cost grows with the context, grouped by (op, micro-batch, first/last layer, window).
         ctx = [n for n, t in enumerate(g.tasks) if t.op in CONTEXT_OPS]
-        keys = [(g.tasks[n].op, g.tasks[n].micro_batch, g.tasks[n].layer == 0, g.tasks[n].layer == L - 1)
-                for n in ctx]
+        keys = [(g.tasks[n].op, g.tasks[n].micro_batch, g.tasks[n].layer == 0, g.tasks[n].layer == L - 1,
+                 spec.window(g.tasks[n].layer)) for n in ctx]
         reps = {k: g.tasks[n] for k, n in zip(keys, ctx)}
         ctx_idx = np.array(ctx, dtype=np.int64)
         walls: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}

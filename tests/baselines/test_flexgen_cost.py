@@ -236,3 +236,14 @@ def test_derived_constants_by_hand():
     # the curve at 64 rows: 5 + (64 - 16) / (4096 - 16) * (60 - 5) TFLOP/s
     assert k.mm_flops_g == pytest.approx((5 + 48 / 4080 * 55) * 1e12)
     assert "cpu.attn_gbps" in k.name and "gpu.gemm_tflops" in k.name
+
+
+def test_mxfp4_experts_count_at_their_stored_bytes():
+    """gpt-oss's experts as stored: at H = F = 32 an expert is 3 * 32 * 32 = 3072 4-bit weights (1536 B)
+    and 96 one-byte scales, 1632 B, against 6144 B in bf16. A layer of 2 experts with bf16 attention
+    (4 h1^2 + 4 h1^2 / g = 4096 + 2048 at g = 2) weighs 6144 + 2 * 1632 = 9408 B, not 6144 + 12288."""
+    spec = ModelSpec(name="hand", num_layers=2, hidden_size=32, intermediate_size=32, num_heads=4, num_kv_heads=2,
+                     head_dim=8, num_experts=2, top_k=1, vocab_size=64, dtype="bfloat16")
+    wl = Workload(prompt_len_avg=4, prompt_len_max=4, gen_len=2, num_requests=4)
+    assert fc.shape_of(spec, wl, 2, 4).wi == 6144 + 12288
+    assert fc.shape_of(dataclasses.replace(spec, expert_format="mxfp4"), wl, 2, 4).wi == pytest.approx(9408)

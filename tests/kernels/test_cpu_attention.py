@@ -286,16 +286,60 @@ def test_latent_attention_reads_v_from_k(dtype):
                                rtol=ROUNDING[dtype] * 1.01, atol=1e-5)
 
 
+def run_gpt_oss(backend, q, k_pool, v_pool, table, lens, scale, sinks, window):
+    if backend == "cpp":
+        return ca.load_extension(required=True).paged_decode_attention(q, k_pool, v_pool, table, lens, scale, False,
+                                                                       window or 0, sinks)
+    return ca.paged_decode_attention_torch(q, k_pool, v_pool, table, lens, scale, sinks, window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("window", [None, 1, 20], ids=["full", "window1", "window20"])
 @pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
-def test_sinks_and_sliding_window(block_size, window, sinks):
+def test_sinks_and_sliding_window(backend, dtype, block_size, window, sinks):
     """gpt-oss: a sink logit per head in the softmax's denominator, and a window over the last tokens
     (shorter contexts than the window see everything)."""
     D, group, scale = 64, 4, 64**-0.5
-    q, k_pool, v_pool, table, lens = make_case(len(MIXED), 2, group, D, block_size, torch.float32, torch.float32,
-                                               MIXED, seed=block_size + 3)
+    q, k_pool, v_pool, table, lens = make_case(len(MIXED), 2, group, D, block_size, dtype, dtype, MIXED,
+                                               seed=block_size + 3)
     s = torch.randn(2 * group, generator=torch.Generator().manual_seed(5)) * 2 if sinks else None
-    out = ca.paged_decode_attention(q, k_pool, v_pool, table, lens, scale, sinks=s, window=window)
+    out = run_gpt_oss(backend, q, k_pool, v_pool, table, lens, scale, s, window)
     torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, table, lens, scale, s, window),
+                               rtol=ROUNDING[dtype] * 1.01, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_never_reads_blocks_before_it(backend):
+    """The blocks before a sequence's window may hold anything, even ids outside the pool: they are not
+    read (a sliding layer costs its window). Beside them, a sink larger than every score."""
+    D, group, BS = 64, 4, 16
+    q, k_pool, v_pool, table, lens = make_case(3, 2, group, D, BS, torch.float32, torch.float32, [200, 40, 70], seed=9)
+    window = 33
+    expected = reference(q, k_pool, v_pool, table, lens, 0.125, torch.full((2 * group,), 30.0), window)
+    for b, n in enumerate(lens.tolist()):
+        table[b, :max(0, n - window) // BS] = -1
+    out = run_gpt_oss(backend, q, k_pool, v_pool, table, lens, 0.125, torch.full((2 * group,), 30.0), window)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
+@pytest.mark.parametrize("window", [None, 1500], ids=["full", "window1500"])
+def test_sinks_with_a_split_context(window):
+    """A context long enough to be split over two threads (flash-decoding): the window's first token is
+    where the first part starts, and the sink joins the denominator once, after the parts merge."""
+    ext = ca.load_extension(required=True)
+    lens_list = [3000, 3]
+    q, k_pool, v_pool, table, lens = make_case(2, 1, 4, 64, 16, torch.float32, torch.float32, lens_list, seed=11)
+    s = torch.randn(4, generator=torch.Generator().manual_seed(2))
+    read = [min(n, window or n) for n in lens_list]
+    assert ext.split_tokens(read, 1, 2) > 0          # the long context is split at 2 threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = run_gpt_oss("cpp", q, k_pool, v_pool, table, lens, 0.125, s, window)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, table, lens, 0.125, s, window),
                                rtol=1e-5, atol=1e-5)

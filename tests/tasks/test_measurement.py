@@ -100,3 +100,19 @@ def test_compare_flags_ratios_within_noise(a, b, overlap):
              "throughput_max": a[1]}]
     _add_ratios(rows)
     assert rows[0]["ratio_within_noise"] is overlap and rows[1]["ratio_within_noise"] is False
+
+
+def test_the_host_check_counts_mxfp4_experts_as_stored(monkeypatch):
+    """gpt-oss-20b holds 12.8 GiB on the host with its experts as stored (MXFP4), 39 GiB dequantized (the
+    reference engine's): a host with 20 GiB free runs the first and refuses the second, in one line."""
+    import torch
+
+    from moe_lightning import hostload
+    from moe_lightning.errors import MemoryBudgetError
+    from moe_lightning.tuner.presets import load_preset
+
+    spec, hw = load_preset("model", "gpt-oss-20b"), load_preset("hardware", "cpu")
+    monkeypatch.setattr(hostload, "available_host_bytes", lambda: 20 << 30)
+    hostload.check_fits_host(spec, hw, torch.device("cpu"))
+    with pytest.raises(MemoryBudgetError, match=r"needs 39\.0 GiB of host memory"):
+        hostload.check_fits_host(spec, hw, torch.device("cpu"), weight_bytes=spec.total_params * spec.dtype_bytes)

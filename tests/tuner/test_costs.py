@@ -154,3 +154,26 @@ def test_every_core_curves_must_match_their_points():
         HardwareSpec(gpu=dataclasses.replace(gpu, gemm_tflops_all_cores=[0.2]))
     with pytest.raises(ConfigError, match="expert"):
         HardwareSpec(gpu=dataclasses.replace(gpu, expert_tflops_all_cores=[0.2, -1.0]))
+
+
+def test_a_paged_micro_batch_reads_each_sequences_window_by_hand():
+    """Two sequences with prompts of 10 and 100 tokens, 5 tokens decoded (the new one included): a layer
+    with a window of 32 reads 15 and 32 tokens, 23.5 on average, against 60 for a full layer; a dense
+    micro-batch reads every slot either way. At 12.5 GB/s of K/V read (2 KV heads of 64, fp32)."""
+    from moe_lightning.tuner.costs import MicroBatchShape
+
+    paged = MicroBatchShape(seqs=2, tokens=110, sum_sq=10_100, slots=55 + 5, lens=(10, 100))
+    dense = dataclasses.replace(paged, lens=())
+    assert paged.attended(32) == pytest.approx(23.5) and paged.attended(None) == pytest.approx(60)
+    assert dense.attended(32) == pytest.approx(60)
+    spec = dataclasses.replace(SPEC, sliding_window=32, sliding_layers=[0])
+    costs = TaskCosts.for_policy(spec, HardwareSpec(cpu=CpuSpec(attn_gbps=12.5)), Policy())
+    from moe_lightning.schedule.graph import Resource, Task
+
+    def attn_s(layer: int, mb: MicroBatchShape) -> float:
+        return costs.cost(Task(0, Resource.CPU, "CPUAttn", layer, 0), [mb])[0]
+
+    kv_token = 2 * 2 * 64 * 4   # K and V of 2 heads of 64, fp32
+    assert attn_s(0, paged) == pytest.approx(2 * 23.5 * kv_token / 12.5e9)
+    assert attn_s(1, paged) == pytest.approx(2 * 60 * kv_token / 12.5e9)
+    assert attn_s(0, dense) == pytest.approx(attn_s(1, dense))

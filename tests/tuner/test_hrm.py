@@ -19,6 +19,7 @@ from moe_lightning.config import (
 )
 from moe_lightning.tuner.hrm import (
     attainable,
+    attended_context,
     attention_cost,
     balance_point,
     ffn_cost,
@@ -229,3 +230,23 @@ def test_mxfp4_experts_cross_the_link_at_4_bits_by_hand():
     assert plain.t_link == pytest.approx((2 * 6144 + 64) / 1e9)
     assert quantized.t_link == pytest.approx((2 * 1632 + 64) / 1e9)
     assert quantized.t_gpu - plain.t_gpu == pytest.approx(2 * (1632 + 6144) / 100e9)
+
+
+def test_a_sliding_window_layer_reads_its_window_by_hand():
+    """gpt-oss's sliding layers, unpadded: each sequence reads its last `window` tokens. LENGTHS 3, 5, 4, 4
+    and 4 decode steps read contexts p + 1 .. p + 4; with a window of 6: (4+5+6+6)/4 = 5.25, 6, and
+    (5+6+6+6)/4 = 5.75 twice, so 22.75 / 4 on average; with a window of 3, always 3."""
+    assert attended_context(WORKLOAD, LENGTHS, 6) == pytest.approx(5.6875)
+    assert attended_context(WORKLOAD, LENGTHS, 3) == pytest.approx(3)
+    assert attended_context(WORKLOAD, LENGTHS, None) == pytest.approx(4 + 2.5)
+    # Layer 0 sliding (window 3), layer 1 full: CPU attention of 4 sequences, 2 heads of dim 4 over 1 KV
+    # head, fp16: (4*2*4 + 4*ctx*8 + 4*2*4) * 2 bytes at 10 GB/s (its bound): ctx 3 -> 3.2e-8 s, ctx 6.5 ->
+    # 5.44e-8 s; the mean over the two layers.
+    spec = replace(SPEC, sliding_window=3, sliding_layers=[0])
+    pred = predict(spec, HW, WORKLOAD, POLICY, lengths=LENGTHS)
+    assert pred.t_cpu == pytest.approx((3.2e-8 + 5.44e-8) / 2)
+    # The link still moves what the layer holds: the same as without the window.
+    assert pred.t_link == pytest.approx(predict(SPEC, HW, WORKLOAD, POLICY, lengths=LENGTHS).t_link)
+    # Padded, the engine attends over the dense cache with a mask: every layer reads 5 + 2.5 tokens.
+    padded = replace(WORKLOAD, padding=True)
+    assert predict(spec, HW, padded, POLICY).t_cpu == pytest.approx(predict(SPEC, HW, padded, POLICY).t_cpu)

@@ -271,3 +271,23 @@ def test_simulated_runs_charge_barriers_to_flexgen_only():
     assert slow.decode_s - fast.decode_s == pytest.approx(3 * (L * m + 1) * 1e-3)    # 3 decode steps
     assert slow.prefill_s - fast.prefill_s == pytest.approx((L * m + 1) * 1e-3)
     assert run(None, 1e-3).total_s == pytest.approx(run(None, 0.0).total_s)      # CGOPipe: no barrier
+
+
+def test_sliding_window_layers_read_their_window_in_the_paged_mode_only():
+    """A sliding layer's CPU attention reads each sequence's last `window` tokens when the cache is paged
+    (unpadded); padded, the engine attends over the dense cache with a mask. Which middle layer slides
+    does not matter (the context-dependent tasks are priced per layer kind, not by one representative)."""
+    spec = dataclasses.replace(SMALL, num_layers=4)
+    wl = Workload(prompt_len_avg=30, prompt_len_max=60, gen_len=6, num_requests=8)
+    policy = Policy(batch_size=8, micro_batch_size=4, attn_on_gpu=False)
+
+    def cpu_busy(workload: Workload, sliding: list[int]) -> float:
+        s = dataclasses.replace(spec, sliding_window=8 if sliding else 0, sliding_layers=sliding)
+        sim = simulate_run(s, CPU_HW, workload, policy)
+        return sim.utilisation["cpu"] * sim.decode_s
+
+    full, second, third = cpu_busy(wl, []), cpu_busy(wl, [1]), cpu_busy(wl, [2])
+    assert second == pytest.approx(third, rel=1e-9)
+    assert second < 0.95 * full
+    padded = dataclasses.replace(wl, padding=True)
+    assert cpu_busy(padded, [1]) == pytest.approx(cpu_busy(padded, []), rel=1e-9)

@@ -1,6 +1,10 @@
 // CPU GQA paged decode attention over a token-granular block pool, read in place.
 //
-//   out[b, h*G + g, :] = softmax_t(scale * q[b, h*G + g] . K[b, h, t]) @ V[b, h, t],  t < context_lens[b]
+//   out[b, h*G + g, :] = softmax_t(scale * q[b, h*G + g] . K[b, h, t]) @ V[b, h, t],  first_b <= t < context_lens[b]
+//
+// first_b = max(0, context_lens[b] - window) with a sliding window (window > 0), else 0. With attention
+// sinks (gpt-oss: one logit per query head, an extra key column that takes probability mass and has no
+// value), exp(sink - m) joins the softmax's denominator once, after the partials of a split context merge.
 //
 // K/V pools are [num_blocks, n_kv_heads, block_size, head_dim]; token t of sequence b lives in block
 // block_table[b, t / block_size] at row t % block_size. See moe_lightning/kernels/cpu_attention.py for
@@ -22,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -164,9 +169,16 @@ struct Args {
   const int32_t* table;  // [B, MB]
   void* out;             // [B, Hq, D], q's dtype
   float* partial;        // [slots, G, D + 2]: unnormalised acc, running max, running sum
+  const float* sinks;    // [Hq] attention-sink logits (in the scaled scores' units), or nullptr
   int64_t Hq, Hkv, G, BS, MB;
   float scale;
 };
+
+// The softmax denominator sum_t e^{s_t - m} plus a sink's e^{sink - m}. A sink far above every score
+// makes it +inf and the output 0, the limit of the exact result.
+inline float with_sink(float l, float m, const float* sinks, int64_t head) {
+  return sinks == nullptr ? l : l + std::exp(sinks[head] - m);
+}
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 #define HAVE_DPBF16 1
@@ -394,7 +406,7 @@ void attend_unit(const Unit& u, const Unit* next, bool head_prefetched, const Ar
   const int greal = (int)std::min<int64_t>(G, a.G);
   if (u.slot < 0) {
     for (int g = 0; g < greal; ++g) {
-      const float inv = 1.f / l[g];
+      const float inv = 1.f / with_sink(l[g], m[g], a.sinks, hq0 + g);
       const int64_t row = ((int64_t)u.b * a.Hq + hq0 + g) * D;
       for (int d = 0; d < D; ++d) write_scalar(a.out, a.q_type, row + d, acc[g][out_slot(d)] * inv);
     }
@@ -424,6 +436,7 @@ void combine(int64_t b, int64_t h, int32_t slot0, int32_t nslots, int64_t D, con
       L += w * src[D + 1];
       for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
     }
+    L = with_sink(L, M, a.sinks, h * a.G + g);
     const int64_t row = (b * a.Hq + h * a.G + g) * D;
     for (int64_t d = 0; d < D; ++d) write_scalar(a.out, a.q_type, row + d, o[d] / L);
   }
@@ -475,7 +488,7 @@ int64_t split_tokens(const std::vector<int64_t>& lens, int64_t Hkv, int64_t thre
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& block_table, const at::Tensor& context_lens, double scale,
-                                  bool p_bf16) {
+                                  bool p_bf16, int64_t window, const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.dim() == 4, "q [B, Hq, D], pools [NB, Hkv, BS, D]");
   TORCH_CHECK(k_pool.sizes() == v_pool.sizes() && k_pool.scalar_type() == v_pool.scalar_type(),
               "k_pool and v_pool must have the same shape and dtype");
@@ -499,17 +512,27 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   const int64_t MB = table.size(1);
   const int32_t* tab = table.data_ptr<int32_t>();
   const int32_t* lens_p = lens_t.data_ptr<int32_t>();
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: no window), got ", window);
+  at::Tensor sink_t;  // fp32 copy, alive for the call
+  if (sinks.has_value()) {
+    TORCH_CHECK(sinks->numel() == Hq && sinks->device().is_cpu(), "sinks: one logit per query head (", Hq,
+                "), on the CPU");
+    sink_t = sinks->to(at::kFloat).contiguous();
+  }
 
-  // Validate every block the kernel will read (one int per block: negligible next to the block).
-  std::vector<int64_t> lens(B);
+  // Each sequence's window [first, L), and every block the kernel will read validated (one int per
+  // block: negligible next to the block); blocks before a window are never read.
+  std::vector<int64_t> firsts(B), lens(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = lens_p[b];
     TORCH_CHECK(L >= 1 && L <= MB * BS, "context_lens[", b, "]=", L, " outside [1, ", MB * BS, "]");
-    for (int64_t i = 0, n = (L + BS - 1) / BS; i < n; ++i) {
+    const int64_t first = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+    for (int64_t i = first / BS, n = (L + BS - 1) / BS; i < n; ++i) {
       const int32_t id = tab[b * MB + i];
       TORCH_CHECK(id >= 0 && id < NB, "block_table[", b, ", ", i, "]=", id, " outside [0, ", NB, ")");
     }
-    lens[b] = L;
+    firsts[b] = first;
+    lens[b] = L - first;  // tokens read
   }
   auto out = at::empty_like(qc);
   if (B == 0) return out;
@@ -541,16 +564,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   int32_t slots = 0;
   for (int64_t b : order)
     for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t L = lens[b];
+      const int64_t L = lens[b], first = firsts[b];
       if (split == 0 || L <= split) {
-        units.push_back({(int32_t)b, (int32_t)h, 0, (int32_t)L, -1});
+        units.push_back({(int32_t)b, (int32_t)h, (int32_t)first, (int32_t)(first + L), -1});
         continue;
       }
       const int32_t n = (int32_t)((L + split - 1) / split);
       merges.push_back({(int32_t)b, (int32_t)h, slots, n});
       for (int32_t i = 0; i < n; ++i)
-        units.push_back({(int32_t)b, (int32_t)h, (int32_t)(i * split), (int32_t)std::min<int64_t>(L, (i + 1) * split),
-                         slots + i});
+        units.push_back({(int32_t)b, (int32_t)h, (int32_t)(first + i * split),
+                         (int32_t)(first + std::min<int64_t>(L, (i + 1) * split)), slots + i});
       slots += n;
     }
   if (!merges.empty())  // split units by size, longest first, so the tail of the schedule is short
@@ -559,7 +582,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   if (slots) partial = at::empty({slots, Gp, D + 2}, at::kFloat);
 
   Args a{qc.data_ptr(), qt, k_pool.data_ptr(), v_pool.data_ptr(), tab, out.data_ptr(),
-         slots ? partial.data_ptr<float>() : nullptr, Hq, Hkv, G, BS, MB, (float)scale};
+         slots ? partial.data_ptr<float>() : nullptr, sink_t.defined() ? sink_t.data_ptr<float>() : nullptr,
+         Hq, Hkv, G, BS, MB, (float)scale};
   std::atomic<int64_t> next{0};
   const int64_t nunits = (int64_t)units.size();
   at::parallel_for(0, std::min(threads, nunits), 1, [&](int64_t begin, int64_t end) {
@@ -610,7 +634,7 @@ std::string capability() {
 #define PA_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 PA_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor context_lens, "
-        "float scale, bool p_bf16=False) -> Tensor",
+        "float scale, bool p_bf16=False, int window=0, Tensor? sinks=None) -> Tensor",
         &paged_decode_attention);
   m.def("supported(int n_heads, int n_kv_heads, int head_dim) -> bool", &supported);
   m.def("split_tokens(int[] lens, int n_kv_heads, int threads) -> int",
