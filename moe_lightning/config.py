@@ -608,6 +608,10 @@ class Policy:
     expert_kernel: str = "auto"         # auto: chosen per call by tokens per expert
     kv_dtype: str = "auto"              # auto: the model dtype
     weight_dtype: str = "auto"
+    # MXFP4 experts (gpt-oss): streamed experts the GPU dequantizes at a time into its dtype scratch. 0: a
+    # whole layer's, once per layer; fewer: the layer's experts in groups of this many, each group that a
+    # micro-batch routes to dequantized again for it (a smaller scratch, more GPU passes).
+    dequant_experts: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "policy", "batch_size", "micro_batch_size")
@@ -617,6 +621,8 @@ class Policy:
         _check(self.pages_per_layer >= 0, "policy.pages_per_layer",
                f"must be >= 0 (0 = one page per micro-batch), got {self.pages_per_layer}")
         _check(self.prefetch_depth >= 1, "policy.prefetch_depth", f"must be >= 1, got {self.prefetch_depth}")
+        _check(isinstance(self.dequant_experts, int) and self.dequant_experts >= 0, "policy.dequant_experts",
+               f"must be an integer >= 0 (0: a whole layer's streamed experts), got {self.dequant_experts!r}")
         _choice(self.expert_kernel, "policy.expert_kernel", EXPERT_KERNELS)
         _choice(self.kv_dtype, "policy.kv_dtype", ("auto", *DTYPES))
         _choice(self.weight_dtype, "policy.weight_dtype", ("auto", *DTYPES))

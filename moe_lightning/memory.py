@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_lightning.config import GiB, HardwareSpec, ModelSpec, Policy, Workload
-from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.errors import ConfigError, MemoryBudgetError
 
 # Tensors are carved from the GPU pools at offsets aligned to this many bytes (`engine.paged`).
 TENSOR_ALIGN = 256
@@ -269,23 +269,37 @@ def mxfp4_chunk(hidden: int, ffn: int) -> tuple[int, int]:
     return n, -(-n // (MXFP4_BLOCK // 2))
 
 
-def dequant_bytes(spec: ModelSpec, n_str: int) -> int:
+def scratch_experts(n_str: int, dequant_experts: int) -> int:
+    """Streamed experts the MXFP4 scratch holds at a time (`Policy.dequant_experts`): a whole layer's
+    (0, or a group at least that large), else the group."""
+    return n_str if dequant_experts <= 0 else min(n_str, dequant_experts)
+
+
+def dequant_passes(n_str: int, dequant_experts: int, num_micro_batches: Any) -> Any:
+    """How many times a layer's streamed MXFP4 experts are dequantized per step: once while the scratch
+    holds the whole layer; in groups, once per micro-batch (each micro-batch's groups in expert order, so
+    the scratch never holds the same group twice in a row; every group counted as routed to, the bound
+    for micro-batches of more than a few tokens)."""
+    return num_micro_batches if scratch_experts(n_str, dequant_experts) < n_str else 1
+
+
+def dequant_bytes(spec: ModelSpec, n_str: int, dequant_experts: int = 0) -> int:
     """GPU bytes to run `n_str` streamed experts a layer that cross the link quantized (MXFP4): a scratch of
-    one layer's streamed experts in the run's dtype, and the dequantizer's workspace (per chunk of n block
-    bytes: their nibbles as int32 indices and as values in the dtype; n / 16 scales in fp32 and the dtype).
-    0 when the experts stream as the kernels read them."""
+    the streamed experts it holds at a time (`scratch_experts`) in the run's dtype, and the dequantizer's
+    workspace (per chunk of n block bytes: their nibbles as int32 indices and as values in the dtype; n / 16
+    scales in fp32 and the dtype). 0 when the experts stream as the kernels read them."""
     if spec.expert_format != "mxfp4" or n_str <= 0:
         return 0
     d = spec.dtype_bytes
     n, s = mxfp4_chunk(spec.hidden_size, spec.intermediate_size)
-    return n_str * spec.expert_bytes + n * (4 + d) + s * (4 + d)
+    return scratch_experts(n_str, dequant_experts) * spec.expert_bytes + n * (4 + d) + s * (4 + d)
 
 
 def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
                  num_pages: Any, n_res: int, kv_gpu_fraction: Any, attn_on_gpu: bool,
                  prefetch_depth: int, kv_tokens: Any = None, paged: bool = False,
                  expert_kernel: str = "auto", lengths: Sequence[int] | None = None,
-                 block_size: int = PLAN_BLOCK_SIZE) -> tuple[dict[str, Any], dict[str, Any]]:
+                 block_size: int = PLAN_BLOCK_SIZE, dequant_experts: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Bytes per pool (GPU, CPU). Works elementwise on numpy arrays for the optimizer's search.
 
     `batch_size`, `micro_batch_size`, `num_pages` and `kv_gpu_fraction` may be arrays of one shape.
@@ -310,7 +324,8 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
         "resident_experts": L * n_res * spec.expert_bytes,
         # a double buffer of one layer's streamed experts as they cross the link, and where that is 4-bit,
         # the scratch they are dequantized into
-        "streamed_experts": 2 * n_str * spec.expert_stream_bytes + dequant_bytes(spec, n_str) if n_str > 0 else 0,
+        "streamed_experts": (2 * n_str * spec.expert_stream_bytes + dequant_bytes(spec, n_str, dequant_experts)
+                             if n_str > 0 else 0),
         "kv_cache": kv_gpu + kv_stream_buffer,
         "activations": activations,
     }
@@ -368,6 +383,9 @@ def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload, kv_tokens: 
     """Bytes per pool that the engine allocates for `policy` on `workload`. The KV cache holds
     `kv_tokens` tokens; by default `kv_cache_tokens(policy, workload, paged)`: with `paged` (CGOPipe's
     unpadded block pool) N x (average prompt + gen_len), else N x (longest prompt + gen_len)."""
+    if policy.dequant_experts and spec.expert_format != "mxfp4":
+        raise ConfigError(f"policy.dequant_experts={policy.dequant_experts}: model {spec.name} stores its experts as "
+                          f"{spec.expert_format}, not MXFP4; nothing is dequantized (set it to 0)")
     if kv_tokens is None:
         kv_tokens = kv_cache_tokens(policy, workload, paged, block_size, lengths)
     gpu, cpu = memory_pools(
@@ -375,5 +393,6 @@ def memory_plan(spec: ModelSpec, policy: Policy, workload: Workload, kv_tokens: 
         num_pages=policy.num_pages, n_res=resident_experts_per_layer(spec, policy.expert_gpu_fraction),
         kv_gpu_fraction=policy.kv_gpu_fraction, attn_on_gpu=policy.attn_on_gpu,
         prefetch_depth=policy.prefetch_depth, kv_tokens=kv_tokens, paged=paged,
-        expert_kernel=policy.expert_kernel, lengths=lengths, block_size=block_size)
+        expert_kernel=policy.expert_kernel, lengths=lengths, block_size=block_size,
+        dequant_experts=policy.dequant_experts)
     return MemoryPlan(gpu={k: int(v) for k, v in gpu.items()}, cpu={k: int(v) for k, v in cpu.items()})

@@ -20,7 +20,7 @@ from moe_lightning.engine.expert_parallel import ExpertParallelKernel
 from moe_lightning.engine.kernel_table import KernelChooser
 from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks, kv_tensors
 from moe_lightning.engine.memtrack import ActivationTracker
-from moe_lightning.engine.paged import DevicePools, ExpertCache
+from moe_lightning.engine.paged import DevicePools, ExpertCache, GroupedMoE
 from moe_lightning.engine.parallel import Ranks, RankSource, local_spec
 from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import ConfigError, WorkloadError
@@ -116,6 +116,10 @@ class CGOPipeRunner:
         # its experts (`source` becomes its view, `spec` the sizes it holds), its layer math runs on its
         # heads (`self.spec`), and the MoE layers dispatch across its expert group.
         self.ranks = ranks if ranks is not None and ranks.world_size > 1 else None
+        if policy.dequant_experts and self.ranks is not None and self.ranks.expert > 1:
+            raise ConfigError(f"policy.dequant_experts={policy.dequant_experts} with parallel.expert="
+                              f"{self.ranks.expert}: a scratch of fewer experts runs on one expert group only "
+                              "(set policy.dequant_experts=0)")
         math_spec = spec
         if self.ranks is not None:
             source = RankSource(source, spec, self.ranks)
@@ -169,8 +173,9 @@ class CGOPipeRunner:
         self._attn_cpu = [self.family.attention_args(lw, i, spec, "cpu") for i, lw in enumerate(self.layers)]
         n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
         self.experts = ExpertCache(spec, source, n_res, policy.num_pages, policy.prefetch_depth,
-                                   self.pools, device, pin=self.cuda)
-        self.moe = self.kernels
+                                   self.pools, device, pin=self.cuda, dequant_experts=policy.dequant_experts)
+        # A scratch of fewer MXFP4 experts than a layer streams: each MoE runs group by group.
+        self.moe = GroupedMoE(self.kernels) if self.experts.grouped else self.kernels
         if self.ranks is not None and self.ranks.expert > 1:
             self.moe = ExpertParallelKernel(math_spec.num_experts, self.ranks.ep_group, chunks=chunks,
                                             kernel=self.kernels)

@@ -10,7 +10,9 @@ A layer's streamed weights are one contiguous byte range, `[w13 of its streamed 
 streamed experts]`, both in CPU memory and in each GPU buffer, so a page is a plain byte slice. Experts a
 checkpoint stores as MXFP4 (`ModelSpec.expert_format`) stream as stored instead, each expert's 4-bit page
 back to back (`models.mxfp4`): the link moves 4.25 bits a weight, and the device dequantizes a layer's
-pages into one scratch of its streamed experts before its first kernel.
+pages into one scratch of its streamed experts before its first kernel; or, with a scratch of fewer
+experts (`Policy.dequant_experts`), group by group inside each micro-batch's MoE (`GroupedMoE`), so a
+layer whose experts would not fit the GPU dequantized at once still runs.
 Dense layers (`ModelSpec.dense_layers`) have no experts: the cache holds, streams and double-buffers
 the MoE layers only, counted by their ordinal `o` among them (buffer `o % 2`; stream position
 `o * P + p`, as `schedule.cgopipe` counts it).
@@ -18,6 +20,8 @@ the MoE layers only, counted by their ordinal `o` among them (buffer `o % 2`; st
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -25,8 +29,8 @@ import torch
 from moe_lightning.config import ModelSpec
 from moe_lightning.engine.weights import WeightSource
 from moe_lightning.errors import MemoryBudgetError
-from moe_lightning.memory import TENSOR_ALIGN
-from moe_lightning.models.layers import ExpertStack
+from moe_lightning.memory import TENSOR_ALIGN, scratch_experts
+from moe_lightning.models.layers import ExpertStack, MoEKernel
 from moe_lightning.models.mxfp4 import Dequantizer
 
 ALIGN = TENSOR_ALIGN
@@ -61,7 +65,7 @@ class ExpertCache:
     """Resident + double-buffered streamed experts on the device, with pageable and pinned CPU copies."""
 
     def __init__(self, spec: ModelSpec, source: WeightSource, n_resident: int, num_pages: int,
-                 prefetch: int, pools: DevicePools, device: torch.device, pin: bool):
+                 prefetch: int, pools: DevicePools, device: torch.device, pin: bool, dequant_experts: int = 0):
         E, H, F = spec.num_experts, spec.hidden_size, spec.intermediate_size
         L = spec.num_moe_layers
         self.ordinal = {layer: o for o, layer in enumerate(spec.moe_layers)}   # MoE layer -> its ordinal
@@ -70,6 +74,9 @@ class ExpertCache:
         # Streamed experts cross the link as the checkpoint stores them where that is MXFP4 (4-bit pages,
         # dequantized on the device into a scratch the kernels read); resident ones are held dequantized.
         self.quantized = spec.expert_format == "mxfp4" and self.n_str > 0
+        # The scratch holds this many of them at a time: a whole layer's, or groups (`GroupedMoE`).
+        self.scratch_n = scratch_experts(self.n_str, dequant_experts) if self.quantized else self.n_str
+        self.grouped = self.quantized and self.scratch_n < self.n_str
         # Device: resident experts of every layer.
         self.res_w13 = pools.take("resident_experts", (L * self.n_res, 2 * F, H), dt) if self.n_res else None
         self.res_w2 = pools.take("resident_experts", (L * self.n_res, H, F), dt) if self.n_res else None
@@ -80,8 +87,8 @@ class ExpertCache:
         self.buffers = [pools.take("streamed_experts", (self.layer_bytes,), torch.uint8) for _ in range(2)] \
             if self.n_str else []
         if self.quantized:   # the kernels read the scratch; which MoE layer's experts it holds
-            self.buf_w13 = [pools.take("streamed_experts", (self.n_str, 2 * F, H), dt)]
-            self.buf_w2 = [pools.take("streamed_experts", (self.n_str, H, F), dt)]
+            self.buf_w13 = [pools.take("streamed_experts", (self.scratch_n, 2 * F, H), dt)]
+            self.buf_w2 = [pools.take("streamed_experts", (self.scratch_n, H, F), dt)]
             self.dequantizer = Dequantizer(H, F, dt, device, lambda shape, d: pools.take("streamed_experts", shape, d))
             self.scratch_holds: int | None = None
         else:
@@ -140,6 +147,8 @@ class ExpertCache:
         o = self.ordinal.get(layer)
         if o is None:
             return None
+        if self.grouped:
+            return self._grouped_stack(o)
         w13, w2, slot_of = [], [], []
         if self.n_res:
             rows = slice(o * self.n_res, (o + 1) * self.n_res)
@@ -167,6 +176,67 @@ class ExpertCache:
             self.dequantizer.expert(buffer[s * self.expert_page:(s + 1) * self.expert_page],
                                     self.buf_w13[0][s], self.buf_w2[0][s])
         self.scratch_holds = o
+
+    def _grouped_stack(self, o: int) -> ExpertStack:
+        """MoE layer o as groups of consecutive expert ids: its resident experts, then its streamed ones
+        `scratch_n` at a time, each dequantized into the scratch when its group runs (`GroupedMoE`)."""
+        groups: list = []
+        if self.n_res:
+            rows = slice(o * self.n_res, (o + 1) * self.n_res)
+            resident = ExpertStack.single(self.res_w13[rows], self.res_w2[rows])
+            groups.append((0, self.n_res, lambda: resident))
+        for first in range(0, self.n_str, self.scratch_n):
+            n = min(self.scratch_n, self.n_str - first)
+            materialise = functools.partial(self._materialise, o, first, n)
+            groups.append((self.n_res + first, self.n_res + first + n, materialise))
+        return ExpertStack([], [], [], groups=groups)
+
+    def _materialise(self, o: int, first: int, n: int) -> ExpertStack:
+        """Streamed experts first..first+n-1 of MoE layer o, dequantized into the scratch (on the calling,
+        compute, stream: the group before it on that stream has finished with the scratch) unless it holds
+        them already."""
+        if self.scratch_holds != (o, first):
+            buffer = self.buffers[o % 2]
+            for s in range(n):
+                page = (first + s) * self.expert_page
+                self.dequantizer.expert(buffer[page:page + self.expert_page], self.buf_w13[0][s], self.buf_w2[0][s])
+            self.scratch_holds = (o, first)
+        return ExpertStack.single(self.buf_w13[0][:n], self.buf_w2[0][:n])
+
+
+class GroupedMoE:
+    """A MoE kernel for layers the device holds a group of experts at a time (`ExpertStack.groups`): each
+    group that the tokens route to is put on the device, its routed rows run through `inner` (a kernel,
+    or the engine's per-call chooser, with the group's own load), and the outputs are summed into each
+    token weighted by the router, group by group in increasing expert id, so each token's terms add in
+    the order `moe_loop` adds them (as `ep_moe` does). Layers held whole go to `inner` unchanged."""
+
+    def __init__(self, inner: MoEKernel):
+        self.inner = inner
+
+    def __call__(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 experts: ExpertStack) -> torch.Tensor:
+        if experts.groups is None:
+            return self.inner(h, weights, ids, experts)
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        by_expert = flat[order]
+        starts = torch.tensor([g[0] for g in experts.groups] + [experts.groups[-1][1]], device=ids.device)
+        bounds = torch.searchsorted(by_expert, starts).tolist()
+        out = torch.zeros_like(h)
+        for g, (first, end, materialise) in enumerate(experts.groups):
+            a, b = bounds[g], bounds[g + 1]
+            if a == b:   # nothing routed to this group: not even dequantized
+                continue
+            tok, pos = order[a:b] // k, order[a:b] % k
+            stack = dataclasses.replace(materialise(), act=experts.act,
+                                        b13=None if experts.b13 is None else experts.b13[first:end],
+                                        b2=None if experts.b2 is None else experts.b2[first:end])
+            ones = torch.ones(b - a, 1, dtype=torch.float32, device=h.device)
+            y = self.inner(h[tok], ones, (by_expert[a:b] - first)[:, None], stack)
+            out.index_add_(0, tok, (y * weights[tok, pos, None]).to(out.dtype))
+        return out
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -40,6 +40,12 @@ class ExpertStack:
     b13: torch.Tensor | None = None
     b2: torch.Tensor | None = None
     act: Callable[[torch.Tensor], torch.Tensor] | None = None   # [.., 2F] -> [.., F]; None: SwiGLU
+    # Set where the device holds only part of the layer at a time (CGOPipe's MXFP4 scratch of fewer experts
+    # than it streams, `engine.paged.GroupedMoE`): (first expert id, end, materialise) per group of
+    # consecutive ids, in increasing order; materialise() puts the group on the device and returns its
+    # experts as a stack of local ids 0..end-first-1. The page table then lists no expert: a kernel given
+    # this stack directly fails on the first id instead of reading another group's weights.
+    groups: list[tuple[int, int, Callable[[], ExpertStack]]] | None = None
 
     @classmethod
     def single(cls, w13: torch.Tensor, w2: torch.Tensor) -> ExpertStack:

@@ -61,7 +61,7 @@ from functools import cached_property
 
 from moe_lightning.config import HardwareSpec, ModelSpec, Policy
 from moe_lightning.interp import curve_rate
-from moe_lightning.memory import resident_experts_per_layer
+from moe_lightning.memory import resident_experts_per_layer, scratch_experts
 from moe_lightning.schedule.graph import Resource, Task
 from moe_lightning.tuner.hrm import Levels, levels
 from moe_lightning.tuner.parallel import RankComm
@@ -129,6 +129,7 @@ class TaskCosts:
     sync_s: float | None = None          # issuing thread, per host barrier; None: default_sync_s(hw)
     gpu_all_cores: bool = False          # a CPU-played GPU role on every core (no CPU attention beside it)
     comm: RankComm | None = None         # one rank of several GPUs: its collectives (see the module docstring)
+    dequant_experts: int = 0             # `Policy.dequant_experts`: MXFP4 experts dequantized a group at a time
 
     def __post_init__(self) -> None:
         if self.sync_s is None:
@@ -150,7 +151,8 @@ class TaskCosts:
             measured["cpu_attn_gbps"] = hw.cpu.attn_gbps
         if hw.gpu.shares_host:
             measured["gpu_all_cores"] = gpu_role_on_every_core(spec, hw, policy)
-        return cls(spec, hw, n_res=n_res, num_pages=pages, **{**measured, **kwargs})
+        return cls(spec, hw, n_res=n_res, num_pages=pages, dequant_experts=policy.dequant_experts,
+                   **{**measured, **kwargs})
 
     def with_scales(self, op_scale: Mapping[str, float]) -> TaskCosts:
         return replace(self, op_scale=dict(op_scale))
@@ -214,11 +216,14 @@ class TaskCosts:
 
     def dequant_s(self, task: Task) -> float:
         """Streamed MXFP4 experts (`ExpertCache`): the layer's first micro-batch on the GPU first expands its
-        4-bit pages into the dtype scratch, a pass over both (0 for other formats and dense layers)."""
+        4-bit pages into the dtype scratch, a pass over both (0 for other formats and dense layers); with a
+        scratch of fewer experts (`dequant_experts`), every micro-batch expands them, group by group."""
         s = self.spec
-        if task.micro_batch or s.expert_stream_bytes == s.expert_bytes or not s.is_moe_layer(task.layer):
-            return 0.0
         n_str = s.num_experts - self.n_res
+        grouped = scratch_experts(n_str, self.dequant_experts) < n_str
+        if (task.micro_batch and not grouped) or s.expert_stream_bytes == s.expert_bytes \
+                or not s.is_moe_layer(task.layer):
+            return 0.0
         return self._gpu(0.0, n_str * (s.expert_stream_bytes + s.expert_bytes))
 
     def page_size(self, page: int) -> int:

@@ -64,7 +64,13 @@ import numpy as np
 
 from moe_lightning.config import GB, HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.interp import curve_rate
-from moe_lightning.memory import MemoryPlan, memory_plan, prompt_lengths, resident_experts_per_layer
+from moe_lightning.memory import (
+    MemoryPlan,
+    dequant_passes,
+    memory_plan,
+    prompt_lengths,
+    resident_experts_per_layer,
+)
 from moe_lightning.tuner.parallel import RankComm, rank_view
 
 TFLOPS = 1e12
@@ -217,16 +223,17 @@ def _curve(points: Sequence[float], tflops: Sequence[float], x: Any) -> Any:
 def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                        num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int,
                        kv_gpu_fraction: Any, lengths: Sequence[int] | None = None,
-                       calibrated: bool = False, comm: RankComm | None = None) -> dict[str, Any]:
+                       calibrated: bool = False, comm: RankComm | None = None,
+                       dequant_experts: int = 0) -> dict[str, Any]:
     """Seconds per layer per decode step, by resource, averaged over the layers (each kind, MoE and
     dense, at its own max: `L * t_layer` is the step). Elementwise over numpy arrays. `calibrated`: the
     MoE FFN on the GPU at the profile's measured expert-kernel rate for its tokens per expert, and CPU
     attention at its measured GB/s (`task=calibrate`), where the profile has them; else at the peaks.
     `comm`: one rank of several (`spec`, `hw`, the batch: the rank's), its collectives on the GPU's path
-    (`t_comm`: what they add to `t_gpu`)."""
+    (`t_comm`: what they add to `t_gpu`). `dequant_experts`: `Policy.dequant_experts` (MXFP4 experts)."""
     args = dict(batch_size=batch_size, num_micro_batches=num_micro_batches, attn_on_gpu=attn_on_gpu,
                 ffn_on_gpu=ffn_on_gpu, n_res=n_res, kv_gpu_fraction=kv_gpu_fraction, lengths=lengths,
-                calibrated=calibrated, comm=comm)
+                calibrated=calibrated, comm=comm, dequant_experts=dequant_experts)
     total: dict[str, Any] = {}
     for (dense, window), f in layer_kinds(spec).items():
         times = _layer_times(spec, hw, workload, dense=dense, window=window, **args)
@@ -237,7 +244,7 @@ def decode_layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
 def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                  num_micro_batches: Any, attn_on_gpu: bool, ffn_on_gpu: bool, n_res: int, kv_gpu_fraction: Any,
                  lengths: Sequence[int] | None, calibrated: bool, dense: bool, window: int | None = None,
-                 comm: RankComm | None = None) -> dict[str, Any]:
+                 comm: RankComm | None = None, dequant_experts: int = 0) -> dict[str, Any]:
     lv = levels(hw)
     N, d = batch_size, spec.dtype_bytes
     H = spec.hidden_size
@@ -262,8 +269,11 @@ def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
     # than bf16), dequantized on the GPU (its pass below)
     h2d = zero + (spec.num_experts - n_res) * spec.expert_stream_bytes if ffn_on_gpu and not dense else zero
     if ffn_on_gpu and not dense and spec.expert_stream_bytes != spec.expert_bytes:
-        n_str = spec.num_experts - n_res   # once a layer: read the pages, write the dtype scratch
-        t_ffn_g = t_ffn_g + n_str * (spec.expert_stream_bytes + spec.expert_bytes) / lv.gpu.bandwidth_bytes_s
+        # read the pages, write the dtype scratch: once a layer, or once per micro-batch with a scratch of
+        # fewer experts than stream (`memory.dequant_passes`)
+        n_str = spec.num_experts - n_res
+        passes = dequant_passes(n_str, dequant_experts, num_micro_batches)
+        t_ffn_g = t_ffn_g + passes * n_str * (spec.expert_stream_bytes + spec.expert_bytes) / lv.gpu.bandwidth_bytes_s
     d2h = zero
     if attn_on_gpu:
         h2d = h2d + (1 - kv_gpu_fraction) * kv_layer_bytes
@@ -296,10 +306,10 @@ def _layer_times(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
 def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch_size: Any,
                  num_micro_batches: Any, n_res: int, kv_gpu_fraction: Any,
                  lengths: Sequence[int] | None = None, calibrated: bool = False,
-                 comm: RankComm | None = None) -> Any:
+                 comm: RankComm | None = None, dequant_experts: int = 0) -> Any:
     """Seconds to prefill a batch of `batch_size` prompts, layer by layer on the GPU; `calibrated`: its
     GEMMs at the profile's measured rate for a micro-batch's rows, where the profile has the curve;
-    `comm`: one rank of several (as `decode_layer_times`)."""
+    `comm`: one rank of several (as `decode_layer_times`); `dequant_experts` as there."""
     lv = levels(hw)
     p, p_sq = prompt_moments(workload, lengths)
     N, d = batch_size, spec.dtype_bytes
@@ -319,9 +329,10 @@ def prefill_time(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *, batch
             weight_bytes = every_token * d + spec.num_experts * spec.expert_bytes
             every_token += spec.top_k * spec.expert_params
             streamed = (spec.num_experts - n_res) * spec.expert_stream_bytes
-            if spec.expert_stream_bytes != spec.expert_bytes:   # MXFP4: dequantized once a layer on the GPU
-                weight_bytes = weight_bytes + (streamed + (spec.num_experts - n_res) * spec.expert_bytes
-                                               ) / num_micro_batches
+            if spec.expert_stream_bytes != spec.expert_bytes:   # MXFP4: dequantized on the GPU, once a layer
+                n_str = spec.num_experts - n_res                  # (or once per micro-batch, in groups)
+                passes = dequant_passes(n_str, dequant_experts, num_micro_batches)
+                weight_bytes = weight_bytes + passes * (streamed + n_str * spec.expert_bytes) / num_micro_batches
         # causal attention: QK^T and PV over half the square
         flops = 2 * tokens * every_token + N * p_sq * nq * (spec.attn_k_dim + spec.attn_v_dim)
         t_gpu = np.maximum(flops / peak, (num_micro_batches * weight_bytes + kv_bytes) / lv.gpu.bandwidth_bytes_s)
@@ -404,10 +415,10 @@ def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Polic
     t = decode_layer_times(spec_r, hw_r, workload_r, batch_size=policy_r.batch_size, num_micro_batches=n_mb,
                            attn_on_gpu=policy_r.attn_on_gpu, ffn_on_gpu=policy_r.ffn_on_gpu, n_res=n_res,
                            kv_gpu_fraction=policy_r.kv_gpu_fraction, lengths=lengths_r, calibrated=calibrated,
-                           comm=comm)
+                           comm=comm, dequant_experts=policy_r.dequant_experts)
     t_pre = float(prefill_time(spec_r, hw_r, workload_r, batch_size=policy_r.batch_size, num_micro_batches=n_mb,
                                n_res=n_res, kv_gpu_fraction=policy_r.kv_gpu_fraction, lengths=lengths_r,
-                               calibrated=calibrated, comm=comm))
+                               calibrated=calibrated, comm=comm, dequant_experts=policy_r.dequant_experts))
     t_layer = float(t["t_layer"])
     decode, e2e = throughput(spec_r, workload_r, policy_r.batch_size, t_layer, t_pre, last_batch)
     t_link, t_cpu, t_gpu = float(t["t_link"]), float(t["t_cpu"]), float(t["t_gpu"])

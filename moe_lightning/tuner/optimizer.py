@@ -20,6 +20,9 @@ below is a dominance argument on those two models:
   (0.001 by default: it is a continuous knob, and a finer step changes throughput by < 0.1% of the KV
   link term).
 - `A_g`, `F_g`: all four placements (restrict with `placements=`).
+- MXFP4 experts: `dequant_experts` (the scratch a layer's streamed experts are dequantized into: whole, or
+  1/2, 1/4, 1/8 of it, each group again per micro-batch), tried where the whole scratch is what keeps a
+  batch size off the GPU.
 - Engine knobs `pages_per_layer` and `prefetch_depth` are fixed by the caller (they only size the pinned
   ring in this model). Ties (within `TIE_RTOL`) go to the larger N, then the larger micro-batch.
 
@@ -144,7 +147,8 @@ def planned_layouts(spec: ModelSpec, hw: HardwareSpec, parallel: ParallelConfig 
                                                        backend=parallel.backend) for p in layouts(spec, hw)]
     if not found:
         g = hw.gpu.count
-        why = "; ".join(q for t in range(1, g + 1) if g % t == 0 for q in parallel_problems(spec, hw, t, g // t))
+        why = "; ".join(dict.fromkeys(q for t in range(1, g + 1) if g % t == 0   # each reason once
+                                      for q in parallel_problems(spec, hw, t, g // t)))
         raise ConfigError(f"no tensor x expert split of hardware={hw.name}'s {g} GPUs runs {spec.name}: {why}")
     return found
 
@@ -176,7 +180,8 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
         best, n = _search(view.spec, view.hw, view.workload(workload), view.comm, max_batch_size=rank_cap,
                           placements=places, kv_fraction_step=kv_fraction_step, prefetch_depth=prefetch_depth,
                           pages_per_layer=pages_per_layer, paged_kv=paged_kv,
-                          lengths=view.lengths(workload, lengths), last_batch=last_batch, calibrated=calibrated)
+                          lengths=view.lengths(workload, lengths), last_batch=last_batch, calibrated=calibrated,
+                          expert_ranks=layout.expert)
         evaluated += n
         found.append((layout, view, best))
     feasible = [(layout, view, best) for layout, view, best in found if best is not None]
@@ -196,10 +201,24 @@ def optimize(spec: ModelSpec, hw: HardwareSpec, workload: Workload, *,
                 layouts_searched=searched if hw.gpu.count > 1 or layout.world_size > 1 else ())
 
 
+def _placements(spec: ModelSpec, placements: tuple[tuple[bool, bool], ...], scratch_groups: bool = True):
+    """(attn_on_gpu, ffn_on_gpu, n_res, dequant_experts) in search order: each resident-expert count, and
+    for MXFP4 experts streamed to the GPU (`scratch_groups`: one expert group), the whole layer's scratch
+    (0) then 1/2, 1/4, 1/8 of it."""
+    for attn_on_gpu, ffn_on_gpu in placements:
+        for n_res in range(spec.num_experts + 1) if ffn_on_gpu else (0,):
+            n_str = spec.num_experts - n_res
+            groups = sorted({n_str // f for f in (2, 4, 8) if n_str // f >= 1}, reverse=True) \
+                if scratch_groups and spec.expert_format == "mxfp4" and ffn_on_gpu and n_str > 1 else []
+            for dq in (0, *groups):
+                yield attn_on_gpu, ffn_on_gpu, n_res, dq
+
+
 def _search(spec: ModelSpec, hw: HardwareSpec, workload: Workload, comm: RankComm | None, *,
             max_batch_size: int | None, placements: tuple[tuple[bool, bool], ...], kv_fraction_step: float,
             prefetch_depth: int, pages_per_layer: int, paged_kv: bool, lengths: Sequence[int] | None,
-            last_batch: str, calibrated: bool) -> tuple[tuple[float, dict[str, Any]] | None, int]:
+            last_batch: str, calibrated: bool,
+            expert_ranks: int = 1) -> tuple[tuple[float, dict[str, Any]] | None, int]:
     """(best (e2e tok/s, policy fields) or None, points evaluated) of one rank (`spec`, `hw`, `workload`:
     its own; on one GPU the machine's)."""
     n_cap = batch_size_cap(spec, hw, workload, max_batch_size, paged_kv)
@@ -214,48 +233,57 @@ def _search(spec: ModelSpec, hw: HardwareSpec, workload: Workload, comm: RankCom
 
     best: tuple[float, dict[str, Any]] | None = None
     evaluated = 0
-    for attn_on_gpu, ffn_on_gpu in placements:
-        for n_res in range(spec.num_experts + 1) if ffn_on_gpu else (0,):
-            gpu, cpu = memory_pools(spec, workload, batch_size=N, micro_batch_size=mu, num_pages=num_pages,
-                                    n_res=n_res, kv_gpu_fraction=0.0 * N, attn_on_gpu=attn_on_gpu,
-                                    prefetch_depth=prefetch_depth, kv_tokens=kv_tokens, paged=paged_kv,
-                                    lengths=lengths)
-            gpu_other = sum(gpu.values())  # kv GPU share is 0 here; the KV stream buffer is included
-            evaluated += N.size
-            if attn_on_gpu:
-                room = np.clip((gpu_budget - gpu_other) / kv_total, 0.0, 1.0)
-                r_c = np.round(np.floor(room / kv_fraction_step + 1e-9) * kv_fraction_step, 9)
-                r_c = np.minimum(r_c, 1.0)
-                for _ in range(2):  # guard against float rounding at the GPU limit
-                    over = gpu_other + np.ceil(r_c * kv_total) > gpu_budget
-                    r_c = np.where(over & (r_c > 0), np.maximum(r_c - kv_fraction_step, 0.0), r_c)
-                kv_gpu = np.ceil(r_c * kv_total)
-            else:
-                r_c = 0.0 * N
-                kv_gpu = 0.0 * N
-            gpu_total = gpu_other + kv_gpu
-            cpu_total = sum(cpu.values()) - kv_gpu
-            ok = (gpu_total <= gpu_budget) & (cpu_total <= cpu_budget)
-            if not ok.any():
-                continue
-            idx = np.flatnonzero(ok)
-            t = decode_layer_times(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
-                                   attn_on_gpu=attn_on_gpu, ffn_on_gpu=ffn_on_gpu, n_res=n_res,
-                                   kv_gpu_fraction=r_c[idx], lengths=lengths, calibrated=calibrated, comm=comm)
-            t_pre = prefill_time(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
-                                 n_res=n_res, kv_gpu_fraction=r_c[idx], lengths=lengths, calibrated=calibrated,
-                                 comm=comm)
-            _, e2e = throughput(spec, workload, N[idx], t["t_layer"], t_pre, last_batch)
-            top = float(e2e.max())
-            near = idx[e2e >= top * (1 - TIE_RTOL)]
-            i = int(near[np.lexsort((mu[near], N[near]))[-1]])  # ties: largest N, then fewest micro-batches
-            if best is None or _better(top, int(N[i]), int(mu[i]), best[0], best[1]["batch_size"],
-                                       best[1]["micro_batch_size"]):
-                best = (top, dict(
-                    batch_size=int(N[i]), micro_batch_size=int(mu[i]), attn_on_gpu=attn_on_gpu,
-                    ffn_on_gpu=ffn_on_gpu, expert_gpu_fraction=n_res / spec.num_experts,
-                    kv_gpu_fraction=float(r_c[i]), pages_per_layer=pages_per_layer,
-                    prefetch_depth=prefetch_depth))
+    # MXFP4 experts: scratches of fewer experts (`Policy.dequant_experts`) are tried only where the whole
+    # layer's scratch left some batch size out for lack of GPU memory (otherwise they only cost passes).
+    memory_bound: dict[tuple[bool, int], bool] = {}
+    for attn_on_gpu, ffn_on_gpu, n_res, dq in _placements(spec, placements, scratch_groups=expert_ranks == 1):
+        if dq and not memory_bound.get((attn_on_gpu, n_res), False):
+            continue
+        gpu, cpu = memory_pools(spec, workload, batch_size=N, micro_batch_size=mu, num_pages=num_pages,
+                                n_res=n_res, kv_gpu_fraction=0.0 * N, attn_on_gpu=attn_on_gpu,
+                                prefetch_depth=prefetch_depth, kv_tokens=kv_tokens, paged=paged_kv,
+                                lengths=lengths, dequant_experts=dq)
+        gpu_other = sum(gpu.values())  # kv GPU share is 0 here; the KV stream buffer is included
+        evaluated += N.size
+        if attn_on_gpu:
+            room = np.clip((gpu_budget - gpu_other) / kv_total, 0.0, 1.0)
+            r_c = np.round(np.floor(room / kv_fraction_step + 1e-9) * kv_fraction_step, 9)
+            r_c = np.minimum(r_c, 1.0)
+            for _ in range(2):  # guard against float rounding at the GPU limit
+                over = gpu_other + np.ceil(r_c * kv_total) > gpu_budget
+                r_c = np.where(over & (r_c > 0), np.maximum(r_c - kv_fraction_step, 0.0), r_c)
+            kv_gpu = np.ceil(r_c * kv_total)
+        else:
+            r_c = 0.0 * N
+            kv_gpu = 0.0 * N
+        gpu_total = gpu_other + kv_gpu
+        cpu_total = sum(cpu.values()) - kv_gpu
+        ok = (gpu_total <= gpu_budget) & (cpu_total <= cpu_budget)
+        if not dq:   # some batch size over the GPU budget by less than the smallest scratch would free
+            freed = (spec.num_experts - n_res - max(1, (spec.num_experts - n_res) // 8)) * spec.expert_bytes
+            memory_bound[attn_on_gpu, n_res] = bool(((gpu_total > gpu_budget) & (gpu_total - freed <= gpu_budget)
+                                                     & (cpu_total <= cpu_budget)).any())
+        if not ok.any():
+            continue
+        idx = np.flatnonzero(ok)
+        t = decode_layer_times(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
+                               attn_on_gpu=attn_on_gpu, ffn_on_gpu=ffn_on_gpu, n_res=n_res,
+                               kv_gpu_fraction=r_c[idx], lengths=lengths, calibrated=calibrated, comm=comm,
+                               dequant_experts=dq)
+        t_pre = prefill_time(spec, hw, workload, batch_size=N[idx], num_micro_batches=n_mb[idx],
+                             n_res=n_res, kv_gpu_fraction=r_c[idx], lengths=lengths, calibrated=calibrated,
+                             comm=comm, dequant_experts=dq)
+        _, e2e = throughput(spec, workload, N[idx], t["t_layer"], t_pre, last_batch)
+        top = float(e2e.max())
+        near = idx[e2e >= top * (1 - TIE_RTOL)]
+        i = int(near[np.lexsort((mu[near], N[near]))[-1]])  # ties: largest N, then fewest micro-batches
+        if best is None or _better(top, int(N[i]), int(mu[i]), best[0], best[1]["batch_size"],
+                                   best[1]["micro_batch_size"]):
+            best = (top, dict(
+                batch_size=int(N[i]), micro_batch_size=int(mu[i]), attn_on_gpu=attn_on_gpu,
+                ffn_on_gpu=ffn_on_gpu, expert_gpu_fraction=n_res / spec.num_experts,
+                kv_gpu_fraction=float(r_c[i]), pages_per_layer=pages_per_layer,
+                prefetch_depth=prefetch_depth, dequant_experts=dq))
     return best, evaluated
 
 
@@ -297,6 +325,8 @@ def command_hint(plan: Plan) -> str:
     hint = (f"policy.batch_size={p.batch_size} policy.micro_batch_size={p.micro_batch_size} "
             f"policy.attn_on_gpu={str(p.attn_on_gpu).lower()} policy.ffn_on_gpu={str(p.ffn_on_gpu).lower()} "
             f"policy.expert_gpu_fraction={p.expert_gpu_fraction:.6g} policy.kv_gpu_fraction={p.kv_gpu_fraction:.6g}")
+    if p.dequant_experts:
+        hint += f" policy.dequant_experts={p.dequant_experts}"
     if plan.hardware.gpu.count > 1 or par.world_size > 1:
         hint += f" parallel.tensor={par.tensor} parallel.expert={par.expert}"
     return hint
@@ -318,6 +348,8 @@ def plan_table(plan: Plan) -> str:
         ("pages_per_layer", p.pages_per_layer or f"{p.num_pages} (one per micro-batch)"),
         ("prefetch_depth", p.prefetch_depth),
     ]
+    if p.dequant_experts:
+        rows.append(("dequant_experts", f"{p.dequant_experts} (MXFP4 experts dequantized per group, per micro-batch)"))
     if several:
         chunks = f", EPS-MoE chunks {par.chunks}" if par.expert > 1 else ""
         rows[:0] = [("parallel (T x E)", f"tensor={par.tensor} x expert={par.expert} ({par.world_size} ranks{chunks}; "

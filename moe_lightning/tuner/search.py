@@ -59,7 +59,14 @@ def search_space(cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
                              "kv_gpu_fraction": [0.0, 1.0], "prefetch_depth": [1, 3]}
     if cfg.tuner.objective == "measure":
         space["expert_kernel"] = list(KERNELS)
+    if searches_dequant(cfg, spec):
+        space["dequant_experts"] = [0, spec.num_experts]
     return space
+
+
+def searches_dequant(cfg: RunConfig, spec: ModelSpec) -> bool:
+    """MXFP4 experts on one GPU (one expert group): the scratch's size (`Policy.dequant_experts`) is searched."""
+    return spec.expert_format == "mxfp4" and cfg.hardware.gpu.count == 1 and cfg.parallel.expert == 1
 
 
 def study_identity(cfg: RunConfig, spec: ModelSpec) -> tuple[str, dict[str, Any]]:
@@ -261,8 +268,9 @@ def max_batch(cfg: RunConfig) -> int:
     return cfg.tuner.max_batch_size or cfg.workload.num_requests
 
 
-def policy_params(policy: Policy, spec: ModelSpec, measured: bool) -> dict[str, Any]:
-    """The trial parameters that reproduce `policy` (for enqueue_trial)."""
+def policy_params(policy: Policy, spec: ModelSpec, measured: bool, dequant: bool = False) -> dict[str, Any]:
+    """The trial parameters that reproduce `policy` (for enqueue_trial); `dequant`: the study searches
+    `dequant_experts` (`searches_dequant`)."""
     params = {
         "batch_size": policy.batch_size,
         "num_micro_batches": policy.num_micro_batches,
@@ -273,6 +281,8 @@ def policy_params(policy: Policy, spec: ModelSpec, measured: bool) -> dict[str, 
     }
     if measured:
         params["expert_kernel"] = policy.expert_kernel
+    if dequant:
+        params["dequant_experts"] = policy.dequant_experts
     return params
 
 
@@ -283,7 +293,8 @@ def policy_from_params(params: dict[str, Any], spec: ModelSpec, base: Policy) ->
         base, batch_size=n, micro_batch_size=math.ceil(n / m), attn_on_gpu=bool(params["attn_on_gpu"]),
         ffn_on_gpu=True, expert_gpu_fraction=int(params["resident_experts"]) / spec.num_experts,
         kv_gpu_fraction=float(params["kv_gpu_fraction"]), prefetch_depth=int(params["prefetch_depth"]),
-        expert_kernel=params.get("expert_kernel", base.expert_kernel))
+        expert_kernel=params.get("expert_kernel", base.expert_kernel),
+        dequant_experts=int(params.get("dequant_experts", base.dequant_experts)))
 
 
 def suggest(trial, cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
@@ -298,6 +309,8 @@ def suggest(trial, cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
     }
     if t.objective == "measure":
         params["expert_kernel"] = trial.suggest_categorical("expert_kernel", list(KERNELS))
+    if searches_dequant(cfg, spec):
+        params["dequant_experts"] = trial.suggest_int("dequant_experts", 0, spec.num_experts)
     tensor = searched_tensor(cfg, spec)
     if tensor:   # several GPUs, no split given: the layout is searched with the policy (E = GPUs / T)
         params["tensor"] = trial.suggest_categorical("tensor", tensor)
@@ -371,7 +384,7 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None) -> list[Policy]:
                                               for f in dataclasses.fields(Policy)
                                               if f.name in ("batch_size", "micro_batch_size", "attn_on_gpu",
                                                             "ffn_on_gpu", "expert_gpu_fraction",
-                                                            "kv_gpu_fraction")})
+                                                            "kv_gpu_fraction", "dequant_experts")})
     best = policy_from_params(policy_params(best, spec, True), spec, best)
     E, n, m = spec.num_experts, best.batch_size, best.num_micro_batches
     r = round(best.expert_gpu_fraction * E)
@@ -399,7 +412,7 @@ def seed_study(study, cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
     seeds = seed_policies(cfg, spec, layout)
     searched = {"tensor": layout.tensor} if searched_tensor(cfg, spec) else {}
     for i, p in enumerate(seeds):
-        study.enqueue_trial(policy_params(p, spec, measured) | searched,
+        study.enqueue_trial(policy_params(p, spec, measured, searches_dequant(cfg, spec)) | searched,
                             user_attrs={"seed": "hrm" if i == 0 else "hrm-neighbour"}, skip_if_exists=True)
     return seeds
 

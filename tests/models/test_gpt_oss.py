@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -82,3 +83,42 @@ def test_streamed_mxfp4_pages_cross_as_stored_and_dequantize_exactly(prompts):
             w13, w2 = stack.weights(e)
             want13, want2 = source.expert(layer, e)
             assert torch.equal(w13, want13) and torch.equal(w2, want2), (layer, e)
+
+
+@pytest.mark.parametrize(("resident", "group"), [(0.25, 1), (0.25, 3), (0.0, 5)],
+                         ids=["2-resident-groups-of-1", "2-resident-groups-of-3", "groups-of-5-and-3"])
+def test_a_scratch_of_fewer_experts_is_token_identical(prompts, device, resident, group):
+    """policy.dequant_experts: the GPU dequantizes a layer's streamed MXFP4 experts `group` at a time inside
+    each micro-batch's MoE (the last group shorter where they do not divide), with a scratch that much
+    smaller in the memory plan; the tokens are still transformers'."""
+    from moe_lightning.config import HardwareSpec, Policy
+    from moe_lightning.engine.cgopipe import CGOPipeRunner
+    from moe_lightning.engine.generation import GenerationParams, generate
+    from moe_lightning.memory import memory_plan
+    from tests.conftest import PARITY_NEW_TOKENS, prompt_workload
+    from tests.models.test_families import Tiny
+
+    tiny = Tiny("gpt_oss_mxfp4", prompts)
+    policy = Policy(batch_size=10, micro_batch_size=3, expert_gpu_fraction=resident, pages_per_layer=2,
+                    dequant_experts=group)
+    whole = memory_plan(tiny.spec, dataclasses.replace(policy, dequant_experts=0), prompt_workload(prompts))
+    grouped = memory_plan(tiny.spec, policy, prompt_workload(prompts))
+    n_str = round(tiny.spec.num_experts * (1 - resident))
+    assert whole.gpu["streamed_experts"] - grouped.gpu["streamed_experts"] == (n_str - group) * tiny.spec.expert_bytes
+    runner = CGOPipeRunner(tiny.spec, tiny.source, HardwareSpec(), policy, prompt_workload(prompts), device)
+    assert runner.experts.grouped and runner.experts.scratch_n == group
+    result = generate(runner, prompts, GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2),
+                      policy.batch_size)
+    assert result.output_ids == tiny.outputs
+
+
+def test_dequant_experts_is_refused_for_experts_stored_dense(prompts):
+    from moe_lightning.config import Policy
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.memory import memory_plan
+    from tests.conftest import prompt_workload
+    from tests.models.test_families import Tiny
+
+    tiny = Tiny("gpt_oss", prompts)
+    with pytest.raises(ConfigError, match="policy.dequant_experts=2: .* not MXFP4"):
+        memory_plan(tiny.spec, Policy(batch_size=4, micro_batch_size=2, dequant_experts=2), prompt_workload(prompts))

@@ -177,3 +177,19 @@ def test_a_paged_micro_batch_reads_each_sequences_window_by_hand():
     assert attn_s(0, paged) == pytest.approx(2 * 23.5 * kv_token / 12.5e9)
     assert attn_s(1, paged) == pytest.approx(2 * 60 * kv_token / 12.5e9)
     assert attn_s(0, dense) == pytest.approx(attn_s(1, dense))
+
+
+def test_a_scratch_of_fewer_mxfp4_experts_is_expanded_by_every_micro_batch():
+    """The simulator's dequantization pass (pages read, scratch written, at GPU bandwidth): the first
+    micro-batch of a layer only while the scratch holds the layer's streamed experts; every micro-batch
+    with a scratch of fewer (`Policy.dequant_experts`)."""
+    from moe_lightning.schedule.graph import Resource, Task
+
+    spec = dataclasses.replace(SPEC, expert_format="mxfp4")
+    hw = HardwareSpec(gpu=GpuSpec(bandwidth_gbps=100.0))
+    one_pass = 8 * (spec.expert_stream_bytes + spec.expert_bytes) / 100e9   # 8 streamed experts
+    whole = TaskCosts.for_policy(spec, hw, Policy())
+    grouped = TaskCosts.for_policy(spec, hw, Policy(dequant_experts=3))
+    post = [Task(0, Resource.GPU, "PostAttn", 1, j) for j in range(2)]
+    assert [whole.dequant_s(t) for t in post] == pytest.approx([one_pass, 0.0])
+    assert [grouped.dequant_s(t) for t in post] == pytest.approx([one_pass, one_pass])

@@ -250,3 +250,16 @@ def test_a_sliding_window_layer_reads_its_window_by_hand():
     # Padded, the engine attends over the dense cache with a mask: every layer reads 5 + 2.5 tokens.
     padded = replace(WORKLOAD, padding=True)
     assert predict(spec, HW, padded, POLICY).t_cpu == pytest.approx(predict(SPEC, HW, padded, POLICY).t_cpu)
+
+
+def test_a_scratch_of_fewer_mxfp4_experts_costs_a_pass_per_micro_batch_by_hand():
+    """policy.dequant_experts=1 with 2 streamed experts a layer (POLICY: r_w 0.5 of 4) and 2 micro-batches:
+    the scratch holds one expert (6144 B in fp16) instead of two, and the GPU reads the pages and writes
+    the scratch once per micro-batch, 2 * 2 * (1632 + 6144) B at 100 GB/s a layer, instead of once.
+    The link is unchanged: the pages cross once a step either way."""
+    spec = replace(SPEC, hidden_size=32, intermediate_size=32, expert_format="mxfp4")
+    whole = predict(spec, HW, WORKLOAD, POLICY, lengths=LENGTHS)
+    grouped = predict(spec, HW, WORKLOAD, replace(POLICY, dequant_experts=1), lengths=LENGTHS)
+    assert grouped.t_gpu - whole.t_gpu == pytest.approx(2 * (1632 + 6144) / 100e9)
+    assert grouped.t_link == pytest.approx(whole.t_link)
+    assert whole.memory.gpu["streamed_experts"] - grouped.memory.gpu["streamed_experts"] == 6144

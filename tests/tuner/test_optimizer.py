@@ -162,3 +162,16 @@ def test_large_batch_search_stays_fast():
     print(f"\nN up to the memory limit: {plan.points_evaluated} points in {elapsed:.2f} s -> {plan.policy}")
     assert plan.policy.batch_size > 256
     assert elapsed < 10.0
+
+
+def test_gpt_oss_120b_fits_a_t4_with_a_scratch_of_fewer_experts():
+    """A layer of gpt-oss-120b's 128 experts dequantized at once is 6.4 GB of bf16 scratch, more than a T4
+    can spare beside the rest: the plan dequantizes them a group at a time (`dequant_experts`), and the
+    same policy with the whole layer's scratch does not fit."""
+    spec, hw = load_preset("model", "gpt-oss-120b"), load_preset("hardware", "t4")
+    wl = load_preset("workload", "mtbench")
+    plan = optimize(spec, hw, wl)
+    n_str = spec.num_experts - round(plan.policy.expert_gpu_fraction * spec.num_experts)
+    assert 0 < plan.policy.dequant_experts < n_str
+    assert plan.memory.fits(hw)
+    assert not predict(spec, hw, wl, replace(plan.policy, dequant_experts=0)).memory.fits(hw)
