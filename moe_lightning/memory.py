@@ -125,21 +125,61 @@ def _max(a: Any, b: Any) -> Any:
 ROUTING_BYTES = 8 * 8 + 4
 
 
+def glu_elements(spec: ModelSpec) -> int:
+    """Per row, what an expert's GLU allocates beyond its [gate | up] input at its peak: SiLU(gate) and the
+    product (2F); gpt-oss's clamped SwiGLU: the clamped gate, the clamped up plus one, alpha g and its
+    sigmoid (4F)."""
+    return (4 if spec.expert_act == "clamped_swiglu" else 2) * spec.intermediate_size
+
+
+def expert_row_elements(spec: ModelSpec, kernel: str, dtype_bytes: int | None = None) -> int:
+    """Elements (of the model's dtype) an expert kernel holds per row at its peak, the largest of its
+    stages as `engine.experts` runs them; a row is a (token, expert) assignment for grouped and loop, a
+    row of the padded or dense grid for those. With H the hidden size, F the expert's FFN dim, G the GLU's
+    own (`glu_elements`):
+    - grouped, all assignments at once: the gathered input and gate|up (H + 2F); gate|up and the GLU
+      (2F + G); gate|up, the GLU's output and the down projection (3F + H); gate|up, the output and its
+      router-weighted copy (2F + 2H); with expert biases (gpt-oss) gate|up, its gathered bias and their
+      sum (6F) and the output, its gathered bias and their sum (2F + 3H);
+    - loop (one expert's rows, its input held through the call), padded (every expert padded to the
+      busiest) and dense: the input beside gate|up and the GLU (H + 2F + G), beside gate|up, the GLU's
+      output and the down projection (2H + 3F); biases add a copy of gate|up (H + 4F) and of the output
+      (3H + 2F); dense also weights the outputs in fp32 (two [rows, H] fp32 tensors beside the output).
+    The grid's rows and the assignments are counted by the caller (`expert_workspace`)."""
+    H, F, b = spec.hidden_size, spec.intermediate_size, spec.expert_bias
+    glu = glu_elements(spec)
+    if kernel == "grouped":
+        stages = [H + 2 * F, 2 * F + glu, 3 * F + H, 2 * F + 2 * H] + ([6 * F, 2 * F + 3 * H] if b else [])
+    else:
+        stages = [H + 2 * F + glu, 2 * H + 3 * F] + ([H + 4 * F, 3 * H + 2 * F] if b else [])
+        if kernel == "dense":
+            d = dtype_bytes or spec.dtype_bytes
+            stages.append(2 * F + H + -(-2 * H * 4 // d))
+    return max(stages)
+
+
+def mlp_elements(spec: ModelSpec, ffn: int, gated: bool = False) -> int:
+    """Elements per token a dense SwiGLU MLP (`models.layers.swiglu_mlp`: a dense layer's FFN, a shared
+    expert) holds at its peak beyond its input: SiLU(gate), up and their product (3 ffn), then the product
+    and the down projection (ffn + H); a shared expert's output beside the routed experts' (`gated`: its
+    sigmoid-gated copy and the sum too)."""
+    H = spec.hidden_size
+    return max(3 * ffn, ffn + H, (3 if gated else 2) * H)
+
+
 def expert_workspace(kernel: str, spec: ModelSpec, tokens: Any, bound: Any = None) -> Any:
     """Bytes of the expert kernel's intermediates for a micro-batch of `tokens` tokens, at their peak
-    (`engine.experts`, in the model's dtype): gate|up, SiLU(gate) and its product with up, `4F` per row,
-    for every (token, expert) assignment at once in the grouped kernel. The loop, padded and dense
-    kernels also keep their input rows (`H` more per row); loop runs one expert at a time (at most every
-    token), padded pads every expert to the busiest one and dense runs every expert on every token, so
-    those two are charged their worst case (every token on one expert). `auto` picks among the kernels
-    whose workspace stays within `bound` (the plan's, enforced by `KernelChooser`) and is charged it;
-    by default the grouped kernel's."""
-    d, H, F = spec.dtype_bytes, spec.hidden_size, spec.intermediate_size
-    grouped = tokens * spec.top_k * 4 * F * d
+    (`expert_row_elements` per row, in the model's dtype): grouped holds every (token, expert) assignment at
+    once; loop runs one expert at a time (at most every token); padded pads every expert to the busiest one
+    and dense runs every expert on every token, so those two are charged their worst case (every token on
+    one expert). `auto` picks among the kernels whose workspace stays within `bound` (the plan's, enforced
+    by `KernelChooser`) and is charged it; by default the grouped kernel's."""
+    d = spec.dtype_bytes
+    grouped = tokens * spec.top_k * expert_row_elements(spec, "grouped") * d
     if kernel == "loop":
-        return tokens * (H + 4 * F) * d
+        return tokens * expert_row_elements(spec, "loop") * d
     if kernel in ("padded", "dense"):
-        return tokens * spec.num_experts * (H + 4 * F) * d
+        return tokens * spec.num_experts * expert_row_elements(spec, kernel) * d
     if kernel == "auto":
         return grouped if bound is None else _max(grouped, bound)
     return grouped
@@ -242,8 +282,10 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
 
     def layer_task(tokens: Any) -> Any:
         ffn = expert_workspace(expert_kernel, spec, tokens, bound)
-        if spec.dense_layers:   # a dense layer's MLP intermediates (gate, up, their product)
-            ffn = _max(ffn, tokens * 3 * spec.dense_intermediate_size * d)
+        if spec.shared_expert_size:   # after the routed experts, beside their output
+            ffn = _max(ffn, tokens * mlp_elements(spec, spec.shared_expert_size, spec.shared_expert_gate) * d)
+        if spec.dense_layers:   # a dense layer's MLP instead
+            ffn = _max(ffn, tokens * mlp_elements(spec, spec.dense_intermediate_size) * d)
         return tokens * (qkv_out * d + 3 * H * d + k * ROUTING_BYTES) + ffn
 
     several = -(-N // mu) > 1

@@ -25,6 +25,7 @@ from moe_lightning.config import ModelSpec
 from moe_lightning.engine.experts import KERNELS
 from moe_lightning.errors import ConfigError
 from moe_lightning.interp import loglog
+from moe_lightning.memory import expert_row_elements
 from moe_lightning.models.layers import ExpertStack, route
 
 log = logging.getLogger("moe_lightning.kernels")
@@ -129,14 +130,11 @@ def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device, th
 
 def workspace_bytes(kernel: str, counts: list[int], spec: ModelSpec, dtype_bytes: int) -> int:
     """Bytes of `kernel`'s intermediates for `counts[e]` tokens routed to expert e (`engine.experts`;
-    the per-row widths of `memory.expert_workspace`): padded pads every expert to the busiest one,
+    the per-row widths of `memory.expert_row_elements`): padded pads every expert to the busiest one,
     dense runs every expert on all T = sum / top_k tokens."""
-    H, F = spec.hidden_size, spec.intermediate_size
-    if kernel == "grouped":
-        return sum(counts) * 4 * F * dtype_bytes
-    rows = {"padded": len(counts) * max(counts, default=0), "dense": len(counts) * sum(counts) // spec.top_k,
-            "loop": max(counts, default=0)}[kernel]
-    return rows * (H + 4 * F) * dtype_bytes
+    rows = {"grouped": sum(counts), "padded": len(counts) * max(counts, default=0),
+            "dense": len(counts) * sum(counts) // spec.top_k, "loop": max(counts, default=0)}[kernel]
+    return rows * expert_row_elements(spec, kernel, dtype_bytes) * dtype_bytes
 
 
 class KernelChooser:

@@ -60,7 +60,8 @@ def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
     q, k, v = qkv.split([spec.num_heads * hd, spec.num_kv_heads * hd, spec.num_kv_heads * hd], dim=-1)
     q, k, v = q.view(T, spec.num_heads, hd), k.view(T, spec.num_kv_heads, hd), v.view(T, spec.num_kv_heads, hd)
     cos, sin = rope_cos_sin(positions, spec, x.dtype)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    # v copied out of the fused projection, so that buffer (q's part too) is freed once RoPE has run
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
 
 
 def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
