@@ -167,6 +167,29 @@ def mlp_elements(spec: ModelSpec, ffn: int, gated: bool = False) -> int:
     return max(3 * ffn, ffn + H, (3 if gated else 2) * H)
 
 
+# Queries per step of prefill's eager attention (`models.layers.prefill_attention` with attention sinks or
+# a sliding window): it materialises its scores, so a step holds [nq, chunk, n] of them and their copies,
+# not [nq, n, n] (1 GiB per 1024-token prompt at gpt-oss-20b's 64 heads in fp32). Each query's row is
+# still computed whole.
+PREFILL_QUERY_CHUNK = 256
+
+
+def prefill_attention_bytes(spec: ModelSpec, longest: int) -> int:
+    """Transient bytes of prefill attention on a prompt of `longest` tokens where it runs eagerly
+    (`models.layers.prefill_attention` with attention sinks or a sliding window; 0 on SDPA's path): K and V
+    repeated over the query heads, `nq n (hd + dv) d`, and per step of C = PREFILL_QUERY_CHUNK queries the
+    larger of its scores with their scaled or masked copy (2d a score) and the scores beside the
+    sink-extended logits, their fp32 softmax and its cast back to the dtype (none in fp32), beside the
+    step's masks, `2 C n` bytes, and its output with its copy into the token-major layout, `2 nq C dv d`."""
+    if not (spec.attention_sinks or spec.sliding_window):
+        return 0
+    d, nq, n = spec.dtype_bytes, spec.num_heads, longest
+    c = min(n, PREFILL_QUERY_CHUNK)
+    scores = max(2 * d, (1 + int(spec.attention_sinks)) * d + 4 + (d if d != 4 else 0))
+    return (nq * n * (spec.attn_k_dim + spec.attn_v_dim) * d + nq * c * (n + 1) * scores + 2 * c * n
+            + 2 * nq * c * spec.attn_v_dim * d)
+
+
 def expert_workspace(kernel: str, spec: ModelSpec, tokens: Any, bound: Any = None) -> Any:
     """Bytes of the expert kernel's intermediates for a micro-batch of `tokens` tokens, at their peak
     (`expert_row_elements` per row, in the model's dtype): grouped holds every (token, expert) assignment at
@@ -280,17 +303,19 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     t_batch, t_micro = prefill_tokens(workload, N, mu, kv_tokens, paged, lengths, block_size)
     bound = expert_workspace("grouped", spec, t_micro)   # auto's workspace: the prefill's grouped kernel
 
-    def layer_task(tokens: Any) -> Any:
+    def layer_task(tokens: Any, attention: int = 0) -> Any:
         ffn = expert_workspace(expert_kernel, spec, tokens, bound)
         if spec.shared_expert_size:   # after the routed experts, beside their output
             ffn = _max(ffn, tokens * mlp_elements(spec, spec.shared_expert_size, spec.shared_expert_gate) * d)
         if spec.dense_layers:   # a dense layer's MLP instead
             ffn = _max(ffn, tokens * mlp_elements(spec, spec.dense_intermediate_size) * d)
-        return tokens * (qkv_out * d + 3 * H * d + k * ROUTING_BYTES) + ffn
+        # attention's transients (`prefill_attention_bytes`) are gone before the O projection
+        return tokens * qkv_out * d + _max(tokens * (3 * H * d + k * ROUTING_BYTES) + ffn, attention)
 
     several = -(-N // mu) > 1
     gathered = N * V * 4 + mu * V * 4   # [N, V] fp32, and one micro-batch's logits cast to fp32
-    prefill = t_batch * H * d + N * V * d + _max(layer_task(t_micro) + several * t_micro * kv_token * d,
+    attention = prefill_attention_bytes(spec, max(lengths) if lengths else workload.prompt_len_max)
+    prefill = t_batch * H * d + N * V * d + _max(layer_task(t_micro, attention) + several * t_micro * kv_token * d,
                                                  gathered)
     context = workload.prompt_len_max + workload.gen_len
     step = (layer_task(mu) + 2 * mu * qkv_out * d

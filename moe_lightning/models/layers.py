@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_lightning.config import ModelSpec, yarn_mscale
+from moe_lightning.memory import PREFILL_QUERY_CHUNK
 
 
 @dataclass
@@ -218,13 +219,19 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len
         qs, ks, vs = q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
         if sinks is None and window is None:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True, scale=scale)
-        else:
-            pos = torch.arange(n, device=q.device)
-            seen = pos[None, :] <= pos[:, None]                              # [query, key]: causal
-            if window is not None:
-                seen &= pos[None, :] > pos[:, None] - window
-            o = _attend(qs, ks, vs, seen, qs.shape[-1] ** -0.5 if scale is None else scale, sinks)
-        out[sl] = o.transpose(0, 1).reshape(n, -1)
+            out[sl] = o.transpose(0, 1).reshape(n, -1)
+        else:   # the eager path, PREFILL_QUERY_CHUNK queries at a time: its scores are [nq, chunk, n]
+            group = qs.shape[0] // ks.shape[0]
+            ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
+            keys = torch.arange(n, device=q.device)
+            for lo in range(0, n, PREFILL_QUERY_CHUNK):
+                hi = min(n, lo + PREFILL_QUERY_CHUNK)
+                rows = keys[lo:hi, None]
+                seen = keys[None, :] <= rows                                  # [query, key]: causal
+                if window is not None:
+                    seen &= keys[None, :] > rows - window
+                o = _attend(qs[:, lo:hi], ks, vs, seen, qs.shape[-1] ** -0.5 if scale is None else scale, sinks)
+                out[start + lo:start + hi] = o.transpose(0, 1).reshape(hi - lo, -1)
         start += n
     return out
 
@@ -232,10 +239,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float,
             sinks: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention with a mask, and attention sinks where given, as transformers' eager path runs it:
-    q [nq, n, hd], k [nkv, s, hd], v [nkv, s, dv], seen [n, s] (True: attended), sinks [nq] -> [nq, n, dv].
-    A sink is one more logit per head in the softmax, dropped after it: the row's weights sum below 1."""
-    group = q.shape[0] // k.shape[0]
-    k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    q [nq, n, hd], k [nq, s, hd] and v [nq, s, dv] (already repeated over the query heads of a group),
+    seen [n, s] (True: attended), sinks [nq] -> [nq, n, dv]. A sink is one more logit per head in the
+    softmax, dropped after it: the row's weights sum below 1."""
     scores = torch.matmul(q, k.transpose(1, 2)) * scale
     scores = scores.masked_fill(~seen, float("-inf"))
     if sinks is None:

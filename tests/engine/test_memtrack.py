@@ -135,3 +135,26 @@ def test_every_family_is_planned_at_its_peak(family_checkpoints, key, case):
     peak, plan = _measure(family_checkpoints(key), policy, lengths, padded, torch.device("cpu"))
     assert peak <= plan.gpu_total_bytes, f"the engine held {peak} B, the plan reserves {plan.gpu_total_bytes} B"
     assert plan.gpu_total_bytes <= 1.15 * peak, (plan.gpu, peak)
+
+
+def test_eager_prefill_attention_is_planned(family_checkpoints, monkeypatch):
+    """gpt-oss's prefill attention runs eagerly (sinks, windows) and materialises its scores: with long
+    prompts they, not the experts, are the prefill's peak. Run in steps of fewer queries they hold less;
+    the plan covers either, within 15%."""
+    from moe_lightning import memory
+    from moe_lightning.models import layers
+
+    spec, source = family_checkpoints("gpt_oss")
+    policy = Policy(batch_size=4, micro_batch_size=4, expert_kernel="grouped")
+    peaks, plans = [], []
+    for chunk in (256, 64):
+        monkeypatch.setattr(layers, "PREFILL_QUERY_CHUNK", chunk)
+        monkeypatch.setattr(memory, "PREFILL_QUERY_CHUNK", chunk)
+        peak, plan = _measure((spec, source), policy, [250] * 4, False, torch.device("cpu"))
+        assert peak <= plan.gpu_total_bytes, f"the engine held {peak} B, the plan reserves {plan.gpu_total_bytes} B"
+        assert plan.gpu_total_bytes <= 1.15 * peak, (chunk, plan.gpu, peak)
+        peaks.append(peak)
+        plans.append(plan.gpu_total_bytes)
+        if chunk == 256:   # the scores of one step, not the experts, are the prefill's peak
+            assert memory.prefill_attention_bytes(spec, 250) > 0.5 * plan.gpu["activations"]
+    assert peaks[1] < peaks[0] and plans[1] < plans[0]   # four steps: the experts' stage is the peak again

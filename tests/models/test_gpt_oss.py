@@ -122,3 +122,20 @@ def test_dequant_experts_is_refused_for_experts_stored_dense(prompts):
     tiny = Tiny("gpt_oss", prompts)
     with pytest.raises(ConfigError, match="policy.dequant_experts=2: .* not MXFP4"):
         memory_plan(tiny.spec, Policy(batch_size=4, micro_batch_size=2, dequant_experts=2), prompt_workload(prompts))
+
+
+def test_prefill_attention_a_few_queries_at_a_time_is_transformers(prompts, monkeypatch):
+    """The eager prefill path (attention sinks, sliding windows) in steps of 3 queries: the reference
+    engine on the tiny gpt-oss checkpoint is still token-identical to transformers."""
+    from moe_lightning.engine.generation import GenerationParams, generate
+    from moe_lightning.engine.reference import ReferenceRunner
+    from moe_lightning.models import layers
+    from tests.conftest import PARITY_NEW_TOKENS
+    from tests.models.test_families import Tiny
+
+    tiny = Tiny("gpt_oss", prompts)
+    monkeypatch.setattr(layers, "PREFILL_QUERY_CHUNK", 3)
+    assert max(len(p) for p in prompts) > 3 * 3
+    result = generate(ReferenceRunner(tiny.spec, tiny.source), prompts,
+                      GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), 8)
+    assert result.output_ids == tiny.outputs
