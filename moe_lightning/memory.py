@@ -120,9 +120,9 @@ def _max(a: Any, b: Any) -> Any:
     return a + (b - a) * (b > a)
 
 
-# Per (token, expert) assignment: the router's ids (int64) and weights (fp32), and the kernels' sort and
-# gather indices (seven int64 more, `engine.experts._by_region`).
-ROUTING_BYTES = 8 * 8 + 4
+# Per (token, expert) assignment: the router's ids (int64) and weights (fp32), the kernels' sort and
+# gather indices (seven int64 more, `engine.experts._by_region`) and each row's gathered weight (fp32).
+ROUTING_BYTES = 8 * 8 + 4 + 4
 
 
 def glu_elements(spec: ModelSpec) -> int:
@@ -139,21 +139,24 @@ def expert_row_elements(spec: ModelSpec, kernel: str, dtype_bytes: int | None = 
     own (`glu_elements`):
     - grouped, all assignments at once: the gathered input and gate|up (H + 2F); gate|up and the GLU
       (2F + G); gate|up, the GLU's output and the down projection (3F + H); gate|up, the output and its
-      router-weighted copy (2F + 2H); with expert biases (gpt-oss) gate|up, its gathered bias and their
-      sum (6F) and the output, its gathered bias and their sum (2F + 3H);
+      router-weighted copy, in fp32 where the router's weights are (then cast back for the sum: 2F + H +
+      4H / d); with expert biases (gpt-oss) gate|up, its gathered bias and their sum (6F) and the
+      output, its gathered bias and their sum (2F + 3H);
     - loop (one expert's rows, its input held through the call), padded (every expert padded to the
       busiest) and dense: the input beside gate|up and the GLU (H + 2F + G), beside gate|up, the GLU's
-      output and the down projection (2H + 3F); biases add a copy of gate|up (H + 4F) and of the output
-      (3H + 2F); dense also weights the outputs in fp32 (two [rows, H] fp32 tensors beside the output).
+      output and the down projection (2H + 3F), then the output beside its weighted copy (H + 4H / d);
+      biases add a copy of gate|up (H + 4F) and of the output (3H + 2F); dense also weights the outputs
+      in fp32 (two [rows, H] fp32 tensors beside the output).
     The grid's rows and the assignments are counted by the caller (`expert_workspace`)."""
     H, F, b = spec.hidden_size, spec.intermediate_size, spec.expert_bias
+    d = dtype_bytes or spec.dtype_bytes
     glu = glu_elements(spec)
+    weighted = H + -(-4 * H // d)   # the output and its copy weighted by the (fp32) router weights
     if kernel == "grouped":
-        stages = [H + 2 * F, 2 * F + glu, 3 * F + H, 2 * F + 2 * H] + ([6 * F, 2 * F + 3 * H] if b else [])
+        stages = [H + 2 * F, 2 * F + glu, 3 * F + H, 2 * F + weighted] + ([6 * F, 2 * F + 3 * H] if b else [])
     else:
-        stages = [H + 2 * F + glu, 2 * H + 3 * F] + ([H + 4 * F, 3 * H + 2 * F] if b else [])
+        stages = [H + 2 * F + glu, 2 * H + 3 * F, weighted] + ([H + 4 * F, 3 * H + 2 * F] if b else [])
         if kernel == "dense":
-            d = dtype_bytes or spec.dtype_bytes
             stages.append(2 * F + H + -(-2 * H * 4 // d))
     return max(stages)
 
@@ -281,13 +284,15 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     `prefill_tokens`; decode: N rows) and, from the last layer on, each micro-batch's logits in `d`;
     the gathered [N, V] fp32 logits come after the layers. During a layer, one micro-batch of T tokens
     is in its task at the expert kernel's peak:
-    - q, k, v and the attention output, `T (2 nq + 2 nkv) hd d` (`qkv_elements`, `attn_out_elements`;
-      under MLA also its unabsorbed q, kv_a's output and the heads' outputs before o_proj); the
-      residual after the O projection,
-      the experts' normed input and the kernel's output, `3 T H d`; routing, `T k ROUTING_BYTES`;
-    - the expert kernel's intermediates, `expert_workspace`;
-    - prefill with more than one micro-batch: the previous one's K/V waiting for its offload,
-      `2 T nkv hd d` (`kv_token_layer_elements`);
+    - q, k, v and the attention output, `T (2 nq + 2 nkv) hd d` (`qkv_elements`, `attn_out_elements`);
+    - then the larger of two stages: attention's transients (under MLA its unabsorbed q, kv_a's output
+      and the heads' outputs before o_proj; prefill's eager attention, `prefill_attention_bytes`), gone
+      before the O projection; and the residual after it, the experts' normed input and the kernel's
+      output, `3 T H d`, routing, `T k ROUTING_BYTES`, and the expert kernel's intermediates,
+      `expert_workspace` (or a shared expert's or a dense layer's MLP, `mlp_elements`);
+    - prefill: the K/V of the micro-batch before it (or, with one micro-batch, of the layer before)
+      waiting for its offload, `2 T nkv hd d` (`kv_token_layer_elements`): the schedule runs the next
+      task before the copy ends, more so on a loaded host;
     - decode: two more micro-batches in flight (q, k, v issued ahead; attention outputs loaded back),
       and with attention on the GPU the scores, their fp32 softmax and weights over the longest
       context S, `mu nq S (3 d + 4)`.
@@ -295,9 +300,10 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     d, H, V = spec.dtype_bytes, spec.hidden_size, spec.vocab_size
     k = spec.top_k
     qkv_out = spec.qkv_elements + spec.attn_out_elements   # q, k, v and attention's output, a token
-    if spec.mla:   # the unabsorbed q, kv_a's output, and the heads' outputs before o_proj
-        qkv_out += (spec.num_heads * (spec.qk_nope_head_dim + spec.head_dim) + spec.kv_lora_rank + spec.head_dim
-                    + spec.num_heads * spec.v_head_dim)
+    attn_only = 0   # a token's transients of the attention stage alone
+    if spec.mla:    # the unabsorbed q, kv_a's output, and the heads' outputs before o_proj
+        attn_only = (spec.num_heads * (spec.qk_nope_head_dim + spec.head_dim) + spec.kv_lora_rank + spec.head_dim
+                     + spec.num_heads * spec.v_head_dim)
     kv_token = spec.kv_token_layer_elements
     N, mu = batch_size, micro_batch_size
     t_batch, t_micro = prefill_tokens(workload, N, mu, kv_tokens, paged, lengths, block_size)
@@ -309,13 +315,13 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
             ffn = _max(ffn, tokens * mlp_elements(spec, spec.shared_expert_size, spec.shared_expert_gate) * d)
         if spec.dense_layers:   # a dense layer's MLP instead
             ffn = _max(ffn, tokens * mlp_elements(spec, spec.dense_intermediate_size) * d)
-        # attention's transients (`prefill_attention_bytes`) are gone before the O projection
-        return tokens * qkv_out * d + _max(tokens * (3 * H * d + k * ROUTING_BYTES) + ffn, attention)
+        # attention's transients are gone before the O projection
+        return tokens * qkv_out * d + _max(tokens * (3 * H * d + k * ROUTING_BYTES) + ffn,
+                                           tokens * attn_only * d + attention)
 
-    several = -(-N // mu) > 1
     gathered = N * V * 4 + mu * V * 4   # [N, V] fp32, and one micro-batch's logits cast to fp32
     attention = prefill_attention_bytes(spec, max(lengths) if lengths else workload.prompt_len_max)
-    prefill = t_batch * H * d + N * V * d + _max(layer_task(t_micro, attention) + several * t_micro * kv_token * d,
+    prefill = t_batch * H * d + N * V * d + _max(layer_task(t_micro, attention) + t_micro * kv_token * d,
                                                  gathered)
     context = workload.prompt_len_max + workload.gen_len
     step = (layer_task(mu) + 2 * mu * qkv_out * d

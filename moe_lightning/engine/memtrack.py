@@ -29,6 +29,11 @@ class ActivationTracker:
     """Counts the live bytes of storages allocated inside `tracking()` blocks (any thread), and the peak."""
 
     def __init__(self) -> None:
+        # torch imports torch._dynamo lazily, the first time a dispatch mode runs an op; that import
+        # leaves its caller's frames (the running task's tensors) in a reference cycle until the garbage
+        # collector happens to run, so the first task's peak would depend on the collector. Imported here.
+        import torch._dynamo  # noqa: F401
+
         self._lock = threading.Lock()
         self._live: dict[int, tuple[int, weakref.ref]] = {}
         self.current = 0

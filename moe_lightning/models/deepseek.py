@@ -134,6 +134,7 @@ def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: 
     T, nh, r = attn.shape[0], spec.num_heads, spec.kv_lora_rank
     heads = torch.bmm(attn.view(T, nh, r).transpose(0, 1), lw.w_uv.transpose(1, 2))   # [nh, T, dv]
     x = x + lw.reduce(F.linear(heads.transpose(0, 1).reshape(T, -1), lw.wo))
+    del heads   # not held through the MoE below
     h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
     if lw.router is None:   # a dense layer
         return x + lw.reduce(swiglu_mlp(h, lw.mlp_gate, lw.mlp_up, lw.mlp_down))

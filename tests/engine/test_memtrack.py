@@ -113,28 +113,33 @@ def family_checkpoints():
 
     built: dict[str, tuple] = {}
 
-    def get(key: str):
-        if key not in built:
+    def get(key: str, dtype: str = "float32"):
+        if (key, dtype) not in built:
             path = ensure_tiny(FAMILIES[key], seed=11, max_shard_size="60KB", perturb=True)
-            built[key] = resolve_model(ModelSpec(name="hf", path=str(path), dtype="float32"))
-        return built[key]
+            built[key, dtype] = resolve_model(ModelSpec(name="hf", path=str(path), dtype=dtype))
+        return built[key, dtype]
     return get
 
 
 FAMILY_KEYS = ["qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "deepseek_v2", "deepseek_v3", "gpt_oss", "gpt_oss_mxfp4"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", [0, 1], ids=["mu=N", "longest"])
 @pytest.mark.parametrize("key", FAMILY_KEYS)
-def test_every_family_is_planned_at_its_peak(family_checkpoints, key, case):
+def test_every_family_is_planned_at_its_peak(family_checkpoints, key, case, dtype):
     """Each family's own tensors (shared experts, expert biases and gpt-oss's clamped GLU, DBRX's fused
-    QKV, MLA's latent projections, dense layers) under the plan's worst cases: the plan covers the peak and
-    is at most 15% over it. Their tiny shapes have H > F, where the expert kernels' H-wide rows (gathered
-    input, output, its weighted copy) outweigh gate|up."""
+    QKV, MLA's latent projections, dense layers) under the plan's worst cases: the plan covers the peak,
+    and in fp32 is at most 15% over it. Their tiny shapes have H > F, where the expert kernels' H-wide rows
+    (gathered input, output, its weighted copy) outweigh gate|up. In bf16 the plan weights the outputs in
+    fp32, as Mixtral's, Qwen's, OLMoE's and DeepSeek's routers give them; DBRX's and gpt-oss's weights are
+    bf16, so there it is over by one bf16 row of H (up to 20% at these shapes; no difference at theirs,
+    where gate|up's stages are larger)."""
     policy, lengths, padded = TIGHT[case]
-    peak, plan = _measure(family_checkpoints(key), policy, lengths, padded, torch.device("cpu"))
+    peak, plan = _measure(family_checkpoints(key, dtype), policy, lengths, padded, torch.device("cpu"))
     assert peak <= plan.gpu_total_bytes, f"the engine held {peak} B, the plan reserves {plan.gpu_total_bytes} B"
-    assert plan.gpu_total_bytes <= 1.15 * peak, (plan.gpu, peak)
+    if dtype == "float32" or key not in ("dbrx", "gpt_oss", "gpt_oss_mxfp4"):
+        assert plan.gpu_total_bytes <= 1.15 * peak, (plan.gpu, peak)
 
 
 def test_eager_prefill_attention_is_planned(family_checkpoints, monkeypatch):
