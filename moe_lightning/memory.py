@@ -275,7 +275,8 @@ def prefill_tokens(workload: Workload, batch_size: Any, micro_batch_size: Any, k
 
 def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
                      kv_tokens: Any, paged: bool, attention_on_gpu: Any, expert_kernel: str = "auto",
-                     lengths: Sequence[int] | None = None, block_size: int = PLAN_BLOCK_SIZE) -> Any:
+                     lengths: Sequence[int] | None = None, block_size: int = PLAN_BLOCK_SIZE,
+                     expert_groups: bool = False) -> Any:
     """The GPU role's transient memory at its peak: the larger of a prefill round and a decode step,
     from the engine's own tensors (`engine.cgopipe`, `engine.model`, `engine.experts`), in the model's
     dtype `d` except where the kernels use fp32. Array-safe over N and mu.
@@ -311,6 +312,9 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
 
     def layer_task(tokens: Any, attention: int = 0) -> Any:
         ffn = expert_workspace(expert_kernel, spec, tokens, bound)
+        if expert_groups:   # `engine.paged.GroupedMoE` around the kernel, all of a micro-batch's rows in a
+            rows = tokens * k   # group at worst: their gathered input held through the kernel's call, then
+            ffn = _max(ffn + rows * H * d, rows * (2 * H * d + 4 * H))   # its output, weighted (fp32), cast
         if spec.shared_expert_size:   # after the routed experts, beside their output
             ffn = _max(ffn, tokens * mlp_elements(spec, spec.shared_expert_size, spec.shared_expert_gate) * d)
         if spec.dense_layers:   # a dense layer's MLP instead
@@ -390,7 +394,9 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     activations = activation_bytes(spec, workload, batch_size=N, micro_batch_size=mu,
                                    kv_tokens=N * ctx if kv_tokens is None else kv_tokens, paged=paged,
                                    attention_on_gpu=attn_on_gpu or (kv_gpu_fraction > 0), expert_kernel=expert_kernel,
-                                   lengths=lengths, block_size=block_size)
+                                   lengths=lengths, block_size=block_size,
+                                   expert_groups=spec.expert_format == "mxfp4" and n_str > 0
+                                   and scratch_experts(n_str, dequant_experts) < n_str)
     gpu = {
         # Each tensor at an aligned offset: small tensors (norms, biases) take a whole aligned slot.
         "non_expert_weights": sum(-(-n * d // TENSOR_ALIGN) * TENSOR_ALIGN for n in spec.non_expert_tensor_sizes),

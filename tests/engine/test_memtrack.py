@@ -163,3 +163,15 @@ def test_eager_prefill_attention_is_planned(family_checkpoints, monkeypatch):
         if chunk == 256:   # the scores of one step, not the experts, are the prefill's peak
             assert memory.prefill_attention_bytes(spec, 250) > 0.5 * plan.gpu["activations"]
     assert peaks[1] < peaks[0] and plans[1] < plans[0]   # four steps: the experts' stage is the peak again
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "loop"])
+def test_a_scratch_of_fewer_mxfp4_experts_is_planned(family_checkpoints, kernel):
+    """policy.dequant_experts: `GroupedMoE` holds each group's gathered rows through the kernel's call and
+    its weighted output after it; the plan charges them as if every routed row fell in one group, and
+    covers the peak whichever kernel runs inside."""
+    spec, source = family_checkpoints("gpt_oss_mxfp4")
+    policy = Policy(batch_size=32, micro_batch_size=32, expert_gpu_fraction=0.25, dequant_experts=3,
+                    expert_kernel=kernel)
+    peak, plan = _measure((spec, source), policy, MIXED, False, torch.device("cpu"))
+    assert peak <= plan.gpu_total_bytes, f"the engine held {peak} B, the plan reserves {plan.gpu_total_bytes} B"
