@@ -12,6 +12,7 @@ are 1e12 FLOP/s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 
@@ -733,3 +734,16 @@ class ParallelConfig:
         if spec.num_experts % E:
             out.append(f"parallel.expert={E} does not divide model.num_experts={spec.num_experts}")
         return out
+
+    def group_policy(self, policy: Policy) -> Policy:
+        """An expert group's share of the machine's `policy` (data-parallel attention: each of the E groups
+        runs its own 1/E of the requests): N / E sequences in micro-batches of mu / E."""
+        E = self.expert
+        if E == 1:
+            return policy
+        if policy.batch_size % E or policy.micro_batch_size % E:
+            raise ConfigError(f"policy.batch_size={policy.batch_size} and policy.micro_batch_size="
+                              f"{policy.micro_batch_size} must be multiples of parallel.expert={E} (each expert "
+                              "group holds an equal share of the batch)")
+        return dataclasses.replace(policy, batch_size=policy.batch_size // E,
+                                   micro_batch_size=policy.micro_batch_size // E)

@@ -153,3 +153,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+RANKS_TIMEOUT_S = 600
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int, timeout_s: float = RANKS_TIMEOUT_S) -> None:
+    """`torch.multiprocessing.spawn(fn, args, nprocs)`, failing the test (the ranks killed) if they have not
+    all finished after `timeout_s`: ranks whose collectives stop pairing up hang rather than fail."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"{nprocs} ranks still running after {timeout_s:.0f} s: their collectives hang")
+
+
+def join_test_ranks(rank: int, world: int, port: int, tensor: int, expert: int):
+    """A spawned test process as gloo rank `rank` of tensor x expert ranks on this host, one thread each."""
+    from moe_lightning.config import ParallelConfig
+    from moe_lightning.engine.parallel import init_ranks
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    return init_ranks(ParallelConfig(tensor=tensor, expert=expert), torch.device("cpu"))

@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
+from moe_lightning.engine.data_parallel import DataParallelMoE, Lockstep
 from moe_lightning.engine.executor import Executor, TaskRecord
-from moe_lightning.engine.expert_parallel import ExpertParallelKernel
 from moe_lightning.engine.kernel_table import KernelChooser
 from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks, kv_tensors
 from moe_lightning.engine.memtrack import ActivationTracker
@@ -124,6 +124,10 @@ class CGOPipeRunner:
         if self.ranks is not None:
             source = RankSource(source, spec, self.ranks)
             spec, math_spec = source.spec, local_spec(spec, self.ranks)
+            # Data-parallel attention: an expert group runs its own share of the machine's batch.
+            E = self.ranks.expert
+            policy = ParallelConfig(tensor=self.ranks.tensor, expert=E).group_policy(policy)
+            workload = dataclasses.replace(workload, num_requests=math.ceil(workload.num_requests / E))
         self.spec, self.policy, self.workload, self.device = math_spec, policy, workload, device
         self.schedule = schedule or CGOPIPE
         self.dtype = source.dtype
@@ -176,9 +180,11 @@ class CGOPipeRunner:
                                    self.pools, device, pin=self.cuda, dequant_experts=policy.dequant_experts)
         # A scratch of fewer MXFP4 experts than a layer streams: each MoE runs group by group.
         self.moe = GroupedMoE(self.kernels) if self.experts.grouped else self.kernels
+        self.lockstep: Lockstep | None = None   # in step with the other expert groups (`engine.data_parallel`)
         if self.ranks is not None and self.ranks.expert > 1:
-            self.moe = ExpertParallelKernel(math_spec.num_experts, self.ranks.ep_group, chunks=chunks,
-                                            kernel=self.kernels)
+            slots = max(self.budget.partitions, policy.num_micro_batches)
+            self.lockstep = Lockstep(self.ranks.ep_group, slots, chunks, self.ranks.collective_device(device))
+            self.moe = DataParallelMoE(math_spec.num_experts, self.lockstep, kernel=self.kernels)
         self.executor = Executor(device, threads=self.threads, serial=configured().serial)
         self.timeline = RunTimeline(keep_records=trace)
         self.link_bytes = {"h2d": 0, "d2h": 0}
@@ -367,6 +373,30 @@ class CGOPipeRunner:
             torch.cuda.synchronize(self.device)
 
     # ----------------------------------------------------------------------------------------------
+    # data-parallel attention (`engine.data_parallel`)
+
+    def _moe(self, j: int):
+        """Micro-batch j's MoE kernel."""
+        return self.moe if self.lockstep is None else self.moe.at(j)
+
+    def ghost_forward(self) -> None:
+        """A forward with none of this group's requests, while other groups still run theirs: the weights
+        stream as in any forward, and each MoE layer's experts serve the rows the other groups send."""
+        shape = PipeShape(num_layers=self.spec.num_layers, num_micro_batches=1, num_pages=self.experts.num_pages,
+                          prefetch=self.policy.prefetch_depth, gpu_kv=frozenset({0}),
+                          dense_layers=frozenset(self.spec.dense_layers))
+        key = ("ghost", shape)
+        if key not in self._graphs:
+            self._graphs[key] = self.schedule.prefill(shape)
+        like = self.embedding[:0]
+
+        def ghost_layer(t: Task) -> None:
+            stack = self.experts.stack(t.layer)
+            if stack is not None:
+                self.moe.ghost(like, stack)
+        self._run(self._graphs[key], "ghost", PrefillLayer=ghost_layer)   # workers run in inference mode
+
+    # ----------------------------------------------------------------------------------------------
     # graphs
 
     def shape(self) -> PipeShape:
@@ -382,8 +412,11 @@ class CGOPipeRunner:
             self._graphs[key] = self.schedule.build(phase, shape, self.policy)
         return self._graphs[key]
 
-    def _run(self, graph: TaskGraph, phase: str) -> list[TaskRecord]:
-        handlers = {op: getattr(self, f"_op_{op}") for op in {t.op for t in graph.tasks}}
+    def _run(self, graph: TaskGraph, phase: str, **handlers: Callable[[Task], None]) -> list[TaskRecord]:
+        """Execute a graph with the ops' handlers (`handlers` replaces some of them)."""
+        if self.lockstep is not None and phase != "ghost":   # a forward: in step with the other groups'
+            self.lockstep.begin([len(self._tokens[j]) for j in range(len(self.mbs))])
+        handlers = {op: handlers.get(op) or getattr(self, f"_op_{op}") for op in {t.op for t in graph.tasks}}
         if self.activations is not None:
             handlers = {op: self._counted(h) for op, h in handlers.items()}
         records = self.executor.run(graph, handlers)
@@ -464,7 +497,7 @@ class CGOPipeRunner:
             self._write_prompt_kv(mb, i, k, v)
         else:
             self._state["kv"][i, j] = (k, v)
-        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.moe)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self._moe(j))
         last = torch.cumsum(torch.tensor(mb.lens, device=self.device), 0) - 1
         self._finish(i, j, x, last)
 
@@ -536,7 +569,7 @@ class CGOPipeRunner:
         i, j = t.layer, t.micro_batch
         x = self._state["x"][j]
         attn = self._state["attn"].pop((i, j))
-        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.moe)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self._moe(j))
         self._finish(i, j, x)
 
     # ----------------------------------------------------------------------------------------------
@@ -574,7 +607,7 @@ class CGOPipeRunner:
             v_cache[b, :, self._slots_dev[j]] = v
             attn = decode_attention(q, k_cache, v_cache, new_len, starts, **self._attn_dev[i])
             self._state["qkv"][i, j] = (k, v)
-        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self.moe)
+        x = self.family.post_attention(self.layers[i], x, attn, self.spec, self.experts.stack(i), self._moe(j))
         self._finish(i, j, x)
 
     def _load_blocks(self, mb: MicroBatch, i: int, j: int):

@@ -34,6 +34,7 @@ class GenerationResult:
     decode_step_s: list[float] = field(default_factory=list)
     passes: int = 1
     admission: AdmissionStats | None = None   # admission mode (`generate_admitted`) only
+    groups: list[dict] | None = None          # data-parallel groups (`data_parallel`): each group's figures
 
     @property
     def generated_tokens(self) -> int:
@@ -98,7 +99,22 @@ def generate(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: Gene
 
     A runner that admits requests against its KV budget (`runner.admits`: the engine's unpadded, paged
     mode) is driven by `generate_admitted` instead, which takes `admission` (refill, skip, on_finished);
-    there `batch_size`, `on_batch` and `start` do not apply."""
+    there `batch_size`, `on_batch` and `start` do not apply. A runner of one expert group under
+    data-parallel attention (`runner.lockstep`) runs its group's share (`data_parallel.
+    generate_data_parallel`: `batch_size` is then a group's, and finished requests go to on_finished)."""
+    if getattr(runner, "lockstep", None) is not None:
+        from moe_lightning.engine.data_parallel import generate_data_parallel
+
+        return generate_data_parallel(runner, prompts, params, batch_size, on_tokens=on_tokens, on_batch=on_batch,
+                                      start=start, max_new=max_new, **admission)
+    return generate_batches(runner, prompts, params, batch_size, on_tokens, on_batch, start, max_new, **admission)
+
+
+def generate_batches(runner: BatchRunner, prompts: Sequence[Sequence[int]], params: GenerationParams,
+                     batch_size: int, on_tokens: Callable[[int], None] | None = None,
+                     on_batch: Callable[[int, list[list[int]]], None] | None = None, start: int = 0,
+                     max_new: Sequence[int] | None = None, **admission) -> GenerationResult:
+    """`generate` on one process's requests (or on one expert group's, for `generate_data_parallel`)."""
     if getattr(runner, "admits", False):
         if on_batch is not None or start:
             raise ValueError("an admitting runner reports finished requests by on_finished, and skips by skip")

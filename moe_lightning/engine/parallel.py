@@ -6,7 +6,8 @@ KV heads: its share of the KV cache) and 1/T of each expert's, shared expert's a
 intermediate dimension, column-parallel in and row-parallel out; the family's layer math sums the
 row-parallel outputs with one all-reduce after the attention output projection and one after the MLP
 (`Weights.reduce`). Under expert parallelism a rank holds E/num_experts of each layer's experts and
-the MoE layer dispatches tokens to them (`expert_parallel.ep_moe`, EPS-MoE's pipelined all-to-all).
+the MoE layer dispatches tokens to them (`expert_parallel.ep_moe`, EPS-MoE's pipelined all-to-all); each
+expert group runs its own share of the requests (data-parallel attention, `engine.data_parallel`).
 Embeddings, norms, routers and the LM head are replicated.
 
 `init_ranks` joins the process group torchrun's (or the CLI's elastic launcher's, `moe_lightning.launch`)
@@ -65,6 +66,16 @@ class Ranks:
     def describe(self) -> dict:
         return {"tensor": self.tensor, "expert": self.expert, "world_size": self.world_size,
                 "backend": self.backend, "layout": "rank = e * T + t"}
+
+    def collective_device(self, device: torch.device) -> torch.device:
+        """Where this backend's collectives take their tensors: the rank's GPU for NCCL, else the CPU."""
+        return device if self.backend == "nccl" else torch.device("cpu")
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's `obj`, on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather(self, obj: object) -> list:
         """Every rank's `obj`, in rank order, on every rank."""

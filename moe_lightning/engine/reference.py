@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_lightning.config import ModelSpec
-from moe_lightning.engine.expert_parallel import ExpertParallelKernel
+from moe_lightning.engine.data_parallel import DataParallelMoE, Lockstep
 from moe_lightning.engine.experts import moe_loop
 from moe_lightning.engine.kv_blocks import kv_tensors
 from moe_lightning.engine.parallel import Ranks, RankSource, local_spec
@@ -82,19 +82,21 @@ class ReferenceRunner:
     """All weights resident on `device`; implements the generation driver's `BatchRunner`.
 
     With `ranks` (tensor and expert parallelism, `engine.parallel`), this rank holds its shards of each
-    layer and its share of the experts; every rank runs the same batch, attention on its heads, the
-    MoE layers through `ep_moe` across its expert group (`chunks` per layer) when E > 1. With an
-    `ExpertParallelKernel` as `moe_kernel` (and no `ranks`), the MoE layers alone run across the
-    kernel's process group."""
+    layer and its share of the experts and runs attention on its heads; when E > 1 its expert group runs
+    its own requests (data-parallel attention, `engine.data_parallel`), the MoE layers through `ep_moe`
+    across the expert groups (`chunks` per layer). With an `ExpertParallelKernel` as `moe_kernel` (and no
+    `ranks`), the MoE layers alone run across the kernel's process group."""
 
     def __init__(self, spec: ModelSpec, source: WeightSource, device: torch.device | str = "cpu",
                  moe_kernel: MoEKernel = moe_loop, ranks: Ranks | None = None, chunks=1):
         self.device, self.family = torch.device(device), family(spec)
         experts_of = getattr(moe_kernel, "local_experts", None)
+        self.lockstep: Lockstep | None = None
         if ranks is not None and ranks.world_size > 1:   # this rank's shards and experts (as CGOPipe's)
             source, experts_of = RankSource(source, spec, ranks), None
-            if ranks.expert > 1:
-                moe_kernel = ExpertParallelKernel(spec.num_experts, ranks.ep_group, chunks=chunks, kernel=moe_kernel)
+            if ranks.expert > 1:   # data-parallel attention: this group's requests, one micro-batch a forward
+                self.lockstep = Lockstep(ranks.ep_group, 1, chunks, ranks.collective_device(device))
+                moe_kernel = DataParallelMoE(spec.num_experts, self.lockstep, kernel=moe_kernel)
             spec = local_spec(spec, ranks)
         self.spec, self.moe_kernel = spec, moe_kernel
         self.weights = load_dense(source, self.device, experts_of)
@@ -111,12 +113,13 @@ class ReferenceRunner:
         self.lengths = torch.tensor(seq_lens, device=dev)
         tokens = torch.tensor([t for p in prompts for t in p], device=dev)
         positions = packed_positions(seq_lens, dev)
+        moe = self._moe(len(tokens))
         x = w.embedding[tokens]                                              # [T, H]
         for i, lw in enumerate(w.layers):
             q, k, v = fam.pre_attention(lw, x, positions, spec)
             self.cache.write_prefill(i, k, v, seq_lens)
             attn = prefill_attention(q, k, v, seq_lens, **fam.attention_args(lw, i, spec))
-            x = fam.post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
+            x = fam.post_attention(lw, x, attn, spec, w.experts[i], moe)
         return fam.final_logits(x, w.norm, w.lm_head, spec)
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
@@ -128,6 +131,7 @@ class ReferenceRunner:
         spec, w, cache, fam = self.spec, self.weights, self.cache, self.family
         positions = self.lengths                                             # new token's position
         self.lengths = self.lengths + 1
+        moe = self._moe(len(tokens))
         x = w.embedding[tokens.to(self.device)]                              # [B, H]
         for i, lw in enumerate(w.layers):
             q, k, v = fam.pre_attention(lw, x, positions, spec)
@@ -135,8 +139,23 @@ class ReferenceRunner:
             s = int(self.lengths.max())
             attn = decode_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], self.lengths,
                                     **fam.attention_args(lw, i, spec))
-            x = fam.post_attention(lw, x, attn, spec, w.experts[i], self.moe_kernel)
+            x = fam.post_attention(lw, x, attn, spec, w.experts[i], moe)
         return fam.final_logits(x, w.norm, w.lm_head, spec)
+
+    def _moe(self, tokens: int) -> MoEKernel:
+        """The MoE kernel of a forward of `tokens` tokens (in step with the other expert groups')."""
+        if self.lockstep is None:
+            return self.moe_kernel
+        self.lockstep.begin([tokens])
+        return self.moe_kernel.at(0)
+
+    @torch.inference_mode()
+    def ghost_forward(self) -> None:
+        """A forward with no requests of this group's: each MoE layer's experts serve the others' rows."""
+        like = self.weights.embedding[:0]
+        for stack in self.weights.experts:
+            if stack is not None:
+                self.moe_kernel.ghost(like, stack)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

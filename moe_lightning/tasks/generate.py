@@ -86,6 +86,8 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     prompts = [r.input_ids for r in requests]
     max_new = [r.max_new_tokens or params.max_new_tokens for r in requests]
     admits = getattr(runner, "admits", False)   # the engine's unpadded mode: Algorithm 2 admission
+    # Data-parallel attention (expert groups with their own requests): requests finish out of input order.
+    any_order = admits or getattr(runner, "lockstep", None) is not None
     batch_size = getattr(runner, "batch_size", cfg.policy.batch_size)   # padded: what the KV budget holds
     refill = getattr(cfg.system, "refill", True)
     done: list[int] = []
@@ -93,8 +95,10 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     if streamed is not None:
         from moe_lightning.tasks.outputs import run_fields
 
-        done = streamed.begin(run_fields(cfg, spec, device), requests, None if admits else batch_size, tokenizer)
-        callbacks = ({"on_finished": streamed.write_finished, "skip": frozenset(done)} if admits
+        done = streamed.begin(run_fields(cfg, spec, device), requests, None if any_order else batch_size, tokenizer)
+        if ranks is not None:   # what rank 0's outputs hold is skipped by every rank
+            done = ranks.broadcast(done)
+        callbacks = ({"on_finished": streamed.write_finished, "skip": frozenset(done)} if any_order
                      else {"on_batch": streamed.write_batch, "start": len(done)})
         start = len(done)
         if start:
@@ -148,13 +152,14 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
                **stats.get("extra", {})},
     )
     kept = [r for r in range(len(requests)) if r not in done_set]
-    outputs = ([results[0].output_ids[r] for r in kept] if admits else results[0].output_ids)
+    outputs = ([results[0].output_ids[r] for r in kept] if any_order else results[0].output_ids)
     return Generation(report, [requests[r] for r in kept], outputs, tokenizer, runner)
 
 
 def _parallel(ranks, metrics: Metrics, device) -> dict:
-    """The split and every rank's own measurement (each rank times the same batches in lockstep; the
-    headline figures are rank 0's)."""
+    """The split and every rank's own measurement (the ranks step together: a tensor group's ranks time
+    the same requests, and under expert parallelism each rank reports the whole machine's figures, its
+    group's own in `batching.data_parallel_attention`; the headline figures are rank 0's)."""
     mine = {"rank": ranks.rank, "tensor_rank": ranks.tp_rank, "expert_rank": ranks.ep_rank,
             "host": platform.node(), "device": str(device), "throughput_tok_s": metrics.throughput_tok_s,
             "prefill_s": metrics.prefill_s, "decode_s": metrics.decode_s,
@@ -164,14 +169,26 @@ def _parallel(ranks, metrics: Metrics, device) -> dict:
 
 
 def _batching(runner, result, batch_size: int, refill: bool) -> dict:
-    """How requests were batched: Algorithm 2 admission (with or without refill) or static batches."""
+    """How requests were batched: Algorithm 2 admission (with or without refill) or static batches; with
+    data-parallel attention, each expert group's own batching of its share."""
+    out = _batching_of(runner, result, batch_size, refill)
+    if result.groups is not None:
+        out = {**out, "data_parallel_attention": {
+            "groups": result.groups, "layout": "each expert group runs every E-th request; a finished group "
+            "joins the others' forwards with ghost forwards (engine.data_parallel)",
+            "per_group": "batch_size, kv_budget_tokens and micro_batches above are each group's"}}
+    return out
+
+
+def _batching_of(runner, result, batch_size: int, refill: bool) -> dict:
     stats = result.admission
     if stats is None:
         workload = getattr(runner, "workload", None)
         padded = workload is not None and workload.padding
+        steps = (len(result.decode_step_s) // max(1, result.passes) if result.groups is None
+                 else max(g["decode_steps"] for g in result.groups))   # the groups' steps run side by side
         return {"mode": "static batches", "batch_size": batch_size,
-                "padded_to": workload.prompt_len_max if padded else None,
-                "decode_steps": len(result.decode_step_s) // max(1, result.passes)}
+                "padded_to": workload.prompt_len_max if padded else None, "decode_steps": steps}
     b = runner.budget
     return {"mode": "admission, refill" if refill else "admission, batches", "kv_budget_tokens": b.tokens,
             "block_size": b.block_size, "micro_batches": b.partitions, "prefill_rounds": stats.prefill_rounds,

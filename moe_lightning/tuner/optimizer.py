@@ -386,7 +386,6 @@ def plan_table(plan: Plan) -> str:
     if several:
         lines.append(f"run it: moe-lightning task=generate {command_hint(plan)}")
         if par.expert > 1:
-            lines.append(f"note: this plan gives each of the {par.expert} expert groups its own 1/{par.expert} of the "
-                         "sequences (data-parallel attention, as EPS-MoE serves); the engine's expert ranks still each "
-                         "run the whole batch's attention and KV cache, so its own memory check may refuse this policy")
+            lines.append(f"note: each of the {par.expert} expert groups runs its own 1/{par.expert} of the requests "
+                         "(data-parallel attention, as EPS-MoE serves), with N and mu its share of the machine's")
     return "\n".join(lines)

@@ -157,15 +157,7 @@ class RankView:
 
     def policy(self, policy: Policy) -> Policy:
         """A group's share of the machine's policy: N / E sequences, micro-batches of mu / E."""
-        E = self.groups
-        if E == 1:
-            return policy
-        if policy.batch_size % E or policy.micro_batch_size % E:
-            raise ConfigError(f"policy.batch_size={policy.batch_size} and policy.micro_batch_size="
-                              f"{policy.micro_batch_size} must be multiples of parallel.expert={E} (each expert "
-                              "group holds an equal share of the batch)")
-        return dataclasses.replace(policy, batch_size=policy.batch_size // E,
-                                   micro_batch_size=policy.micro_batch_size // E)
+        return self.parallel.group_policy(policy)
 
     def machine_policy(self, policy: Policy) -> Policy:
         """The machine's policy from a group's."""

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_lightning.engine.expert_parallel import Trace, ep_moe, expert_slice, pipeline_chunks
 from moe_lightning.engine.experts import moe_loop
 from moe_lightning.models.layers import ExpertStack
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_ranks
 
 E, H, F, K = 8, 32, 24, 2
 
@@ -52,7 +51,7 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_layer_matches_one_process_and_pipelines(tmp_path, world):
-    mp.spawn(_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_rank, (world, free_port(), str(tmp_path)), world)
     for rank in range(world):
         doc = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case, err in doc["errors"].items():
@@ -109,8 +108,7 @@ def test_reference_engine_under_expert_parallelism_is_token_identical_to_transfo
 
     tiny = Tiny(family, prompts)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    mp.spawn(_reference_rank, args=(world, free_port(), str(tmp_path), str(tiny.path), chunks), nprocs=world,
-             join=True)
+    spawn_ranks(_reference_rank, (world, free_port(), str(tmp_path), str(tiny.path), chunks), world)
     for rank in range(world):
         doc = json.loads((tmp_path / f"ref{rank}.json").read_text())
         assert doc["held"] == [8 // world]

@@ -5,17 +5,15 @@ greedy tokens on every rank; and the weights each rank holds are its share."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from moe_lightning.config import ModelSpec, ParallelConfig
 from moe_lightning.errors import ConfigError
 from moe_lightning.models import family
-from tests.conftest import free_port
+from tests.conftest import free_port, join_test_ranks, spawn_ranks
 
 FAMILY_KEYS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 
@@ -26,15 +24,12 @@ def _rank(rank: int, world: int, port: int, folder: str, tensor: int, expert: in
     from moe_lightning.config import HardwareSpec, Policy
     from moe_lightning.engine.cgopipe import CGOPipeRunner
     from moe_lightning.engine.generation import GenerationParams, generate
-    from moe_lightning.engine.parallel import finish_ranks, init_ranks
+    from moe_lightning.engine.parallel import finish_ranks
     from moe_lightning.engine.reference import ReferenceRunner
     from moe_lightning.engine.weights import resolve_model
     from tests.conftest import PARITY_NEW_TOKENS, prompt_workload
 
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    ranks = init_ranks(ParallelConfig(tensor=tensor, expert=expert), torch.device("cpu"))
+    ranks = join_test_ranks(rank, world, port, tensor, expert)
     try:
         job = json.loads((Path(folder) / "job.json").read_text())
         params, out = GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), {}
@@ -60,7 +55,7 @@ def _run_ranks(tmp_path, prompts, tinies: dict, tensor: int, expert: int, chunks
     world = tensor * expert
     (tmp_path / "job.json").write_text(json.dumps({"prompts": prompts, "policies": policies,
                                                    "paths": {k: str(t.path) for k, t in tinies.items()}}))
-    mp.spawn(_rank, args=(world, free_port(), str(tmp_path), tensor, expert, chunks), nprocs=world, join=True)
+    spawn_ranks(_rank, (world, free_port(), str(tmp_path), tensor, expert, chunks), world)
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
@@ -111,9 +106,10 @@ def test_a_split_that_does_not_divide_the_model_is_refused(change, message):
         check_parallel(spec, ParallelConfig(**change), family(spec))
 
 
-CGOPIPE_POLICIES = {   # as the families' tests run CGOPipe: experts all resident, all streamed, mixed
-    "all-resident": dict(batch_size=10, micro_batch_size=5, expert_gpu_fraction=1.0),
-    "all-streamed": dict(batch_size=10, micro_batch_size=3, expert_gpu_fraction=0.0, pages_per_layer=2),
+CGOPIPE_POLICIES = {   # as the families' tests run CGOPipe: experts all resident, all streamed, mixed (the
+    # machine's N and mu: each of E expert groups runs N / E sequences in micro-batches of mu / E)
+    "all-resident": dict(batch_size=10, micro_batch_size=6, expert_gpu_fraction=1.0),
+    "all-streamed": dict(batch_size=10, micro_batch_size=4, expert_gpu_fraction=0.0, pages_per_layer=2),
     "mixed-cpu-attention": dict(batch_size=10, micro_batch_size=2, expert_gpu_fraction=0.5, kv_gpu_fraction=0.4),
 }
 
