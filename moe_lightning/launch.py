@@ -29,6 +29,7 @@ from pathlib import Path
 from moe_lightning.errors import ConfigError, MoELightningError
 
 RANK_TASKS = ("generate", "bench")
+SHUTDOWN_S = 10   # after SIGINT/SIGTERM, how long the ranks have to stop before the agent kills them
 RANK_SYSTEMS = ("reference", "cgopipe")
 log = logging.getLogger("moe_lightning.launch")
 
@@ -90,6 +91,7 @@ def run_ranks(cfg):
 
 
 def _launch(cfg):
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -101,17 +103,19 @@ def _launch(cfg):
     with tempfile.TemporaryDirectory(prefix="moe-lightning-ranks-") as errors:
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=W, run_id=uuid.uuid4().hex,
                               rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                              monitor_interval=0.1, start_method="spawn")
+                              monitor_interval=0.1, start_method="spawn", shutdown_timeout=SHUTDOWN_S)
         log.info("starting %d ranks (tensor %d x expert %d), %d cores each", W, cfg.parallel.tensor,
                  cfg.parallel.expert, share)
         try:
             with _quiet_agent():
                 elastic_launch(config, _rank_entry)(cfg, errors)
-        except ChildFailedError as exc:
-            said = sorted(Path(errors).glob("rank*.error"))
+        except (ChildFailedError, SignalException) as exc:
+            said = sorted(Path(errors).glob("rank*.error"))   # rank 0's first: it says what it kept
             if said:
                 message, _, code = said[0].read_text().rpartition("\n")
                 raise _RankError(message, int(code)) from None
+            if isinstance(exc, SignalException):   # the agent stopped the ranks before rank 0 could say
+                raise _interrupted(cfg, exc.sigval) from None
             rank, failure = exc.get_first_failure()
             raise MoELightningError(f"rank {rank} failed (exit code {failure.exitcode}); its error is printed "
                                     "above") from None
@@ -119,6 +123,20 @@ def _launch(cfg):
 
     document = Path(cfg.out) if cfg.out else Path(cfg.run_dir or "runs/latest") / "run.json"   # rank 0's
     return RunReport.from_json(document) if document.is_file() else None
+
+
+def _interrupted(cfg, signum: int):
+    """SIGINT/SIGTERM reached the launcher: what rank 0's streamed outputs kept (each row is fsynced)."""
+    from moe_lightning.interrupt import interrupted
+    from moe_lightning.tasks.outputs import part_path
+
+    exc = interrupted(signum)
+    part = part_path(cfg.outputs or Path(cfg.run_dir or "runs/latest") / "outputs.jsonl")
+    if cfg.task.name == "generate" and part.is_file():
+        rows = max(0, part.read_bytes().count(b"\n") - 1)
+        exc = type(exc)(f"{exc}: {rows} outputs are kept in {part}; run again with resume=true to finish",
+                        exc.exit_code)
+    return exc
 
 
 class _RankError(MoELightningError):
@@ -129,29 +147,48 @@ class _RankError(MoELightningError):
 
 @contextlib.contextmanager
 def _quiet_agent():
-    """torchelastic's agent logs every rendezvous, worker state and failure: the CLI says what failed itself."""
-    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.distributed.launcher",
-                                              "torch.multiprocessing")]
+    """torchelastic's agent logs every rendezvous, worker state, failure and signal (each module's logger
+    at its own level): the CLI says what failed itself. Ranks stopped by a signal exit at once, so the
+    semaphores tqdm's lock holds in them are left to multiprocessing's resource tracker, which would warn
+    about them when the launcher exits."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(prefixes)]
+    loggers = [logging.getLogger(n) for n in {*prefixes, *names}]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
+    warnings = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (warnings, "ignore:resource_tracker:UserWarning")))
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        if warnings is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings
 
 
 def _rank_entry(cfg, errors: str) -> None:
     """A launched rank: run the task; a refusal becomes one line in `errors` and a failed rank (the agent
-    then stops the others)."""
+    then stops the others). SIGINT/SIGTERM (the agent passes the launcher's on) stop it as they stop a
+    one-process run: rank 0 keeps its finished outputs and says so, within the agent's `SHUTDOWN_S`."""
+    from moe_lightning.errors import Interrupted
+    from moe_lightning.interrupt import install
+
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank {os.environ.get('RANK')} %(name)s: "
                         "%(message)s")
+    install()
+    said = Path(errors, f"rank{os.environ['RANK']}.error")
     try:
         rank_main(cfg)
     except MoELightningError as exc:
-        Path(errors, f"rank{os.environ['RANK']}.error").write_text(f"{exc}\n{exc.exit_code}")
+        said.write_text(f"{exc}\n{exc.exit_code}")
         sys.exit(exc.exit_code)
+    except Interrupted as exc:   # no interpreter shutdown: it can abort inside a worker thread's torch op
+        said.write_text(f"{exc}\n{exc.exit_code}")
+        os._exit(exc.exit_code)
 
 
 def rank_main(cfg):

@@ -6,6 +6,9 @@ exit 2, before anything is loaded."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -64,3 +67,39 @@ def test_a_refusal_inside_the_ranks_is_one_line_with_its_exit_code(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip() and "INFO" not in line]
     assert len(lines) == 1 and "policy does not fit the memory budget" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+RANKS_RUN = ("task=generate", "system=cgopipe", "parallel.expert=2", "workload.num_requests=240", "workload.gen_len=6",
+             "policy.batch_size=4", "policy.micro_batch_size=2", "task.progress=false", "outputs=out.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_several_rank_run_keeps_its_outputs_and_resumes(tmp_path, tiny_path, sig, code):
+    """SIGTERM/SIGINT to the launcher reach the ranks: rank 0 keeps its group's finished outputs and says so
+    in one line (no agent logs, no traceback, no rank left running); `resume=true` then skips them on
+    every rank (each expert group runs its share of the rest) and ends with an uninterrupted run's file."""
+    from tests.tasks.test_streamed_outputs import interrupt_after, rows_in
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    done = subprocess.run([sys.executable, "-m", "moe_lightning", *RANKS_RUN], cwd=whole, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    part = tmp_path / "out.jsonl.part"
+    proc = subprocess.Popen([sys.executable, "-m", "moe_lightning", *RANKS_RUN], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r = interrupt_after(proc, part, 8, sig)
+    assert r.returncode == code, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "INFO" not in line]
+    assert len(lines) == 1 and f"of 240 outputs are kept in {part.name}" in lines[0], r.stderr
+    kept = rows_in(part)
+    assert 8 <= kept < 240
+    resumed = subprocess.run([sys.executable, "-m", "moe_lightning", *RANKS_RUN, "resume=true"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "out.jsonl").read_bytes() == (whole / "out.jsonl").read_bytes()
+    doc = json.loads(next((tmp_path / "runs").rglob("run.json")).read_text())
+    assert doc["extra"]["resumed_outputs"] == kept
+    groups = doc["extra"]["batching"]["data_parallel_attention"]["groups"]
+    assert sum(g["requests"] for g in groups) == 240 - kept

@@ -149,8 +149,8 @@ def ep_moe(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: E
 
 
 class ExpertParallelKernel:
-    """An `MoEKernel` for ranks that all hold the same tokens (attention replicated, as the reference
-    engine runs under expert parallelism): each rank routes its contiguous share of the tokens through
+    """An `MoEKernel` for ranks that all hold the same tokens (attention replicated; the engines' expert
+    groups hold their own, `engine.data_parallel`): each rank routes its contiguous share of the tokens through
     `ep_moe`, and the shares are all-gathered, so every rank ends with every token's output. Its
     `experts` argument is this rank's (`local_experts`). `chunks`: per layer, or a function of the
     layer's token count (the same on every rank, so every rank pipelines alike)."""

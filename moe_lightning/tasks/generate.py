@@ -287,13 +287,15 @@ class GenerateTask:
     warmup_tokens: int = 2      # one batch this far first, untimed: first-run costs are not the engine's speed
 
     def run(self, cfg: RunConfig) -> RunReport:
+        from moe_lightning.engine.parallel import current
         from moe_lightning.errors import Interrupted
         from moe_lightning.tasks.outputs import StreamedOutputs
 
         run_dir = Path(cfg.run_dir or "runs/latest")
         outputs = Path(cfg.outputs) if cfg.outputs else run_dir / "outputs.jsonl"
         out = Path(cfg.out) if cfg.out else run_dir / "run.json"
-        streamed = StreamedOutputs(outputs, resume=cfg.resume)
+        ranks = current()   # of several ranks, rank 0 writes the outputs
+        streamed = StreamedOutputs(outputs, resume=cfg.resume, writes=ranks is None or ranks.rank == 0)
         try:
             gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens, streamed=streamed)
         except Interrupted as exc:

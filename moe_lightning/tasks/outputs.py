@@ -67,12 +67,15 @@ def dumps(row: dict) -> str:
 
 
 class StreamedOutputs:
-    """The outputs of one generate run, as `<outputs>.part` while it runs and `<outputs>` when done."""
+    """The outputs of one generate run, as `<outputs>.part` while it runs and `<outputs>` when done. With
+    `writes=False` (a rank other than 0 of a several-rank run: rank 0 writes the outputs) it keeps and
+    writes nothing, and finds nothing done (the ranks skip what rank 0's `begin` found)."""
 
-    def __init__(self, outputs: str | os.PathLike, resume: bool):
+    def __init__(self, outputs: str | os.PathLike, resume: bool, writes: bool = True):
         self.path = Path(outputs)
         self.part = part_path(self.path)
         self.resume = resume
+        self.writes = writes
         self.rows: dict[int, str] = {}   # serialized rows by request index
         self.resumed = 0                 # rows kept from an earlier run
         self.total = 0
@@ -84,6 +87,8 @@ class StreamedOutputs:
         """Open the part file (a new one, or the earlier run's with `resume`); -> the indices of the
         requests already done: a prefix of whole batches of `batch_size`, or (admission mode, batch_size
         None) any of them."""
+        if not self.writes:
+            return []
         self._requests, self._tokenizer, self.total = requests, tokenizer, len(requests)
         header = {"format": PART_FORMAT, "version": PART_VERSION, "batch_size": batch_size,
                   "num_requests": len(requests), "run": fields}
@@ -154,6 +159,8 @@ class StreamedOutputs:
 
     def write_finished(self, finished: list[tuple[int, list[int]]]) -> None:
         """Append the rows of these (request index, outputs), flushed and fsynced before returning."""
+        if not self.writes:
+            return
         batch = {i: dumps(output_row(self._requests[i], out, self._tokenizer)) for i, out in finished}
         with deferred():
             try:
@@ -168,6 +175,8 @@ class StreamedOutputs:
     def finish(self) -> Path:
         """All rows are in: write `<outputs>` atomically, then remove the part file."""
         self.close()
+        if not self.writes:
+            return self.path
         if len(self.rows) != self.total:
             raise WriteError(f"{self.part}: {len(self.rows)} of {self.total} rows; not finishing")
         with deferred():
