@@ -30,6 +30,7 @@ headroom for all of these.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Sequence
@@ -193,6 +194,29 @@ def prefill_attention_bytes(spec: ModelSpec, longest: int) -> int:
             + 2 * nq * c * spec.attn_v_dim * d)
 
 
+def expert_rank(spec: ModelSpec) -> bool:
+    """`spec` is one expert rank's share (`engine.parallel.rank_spec`, `tuner.parallel.rank_view`): some of
+    the experts the router chooses among, its top_k the router's."""
+    return spec.router_experts > spec.num_experts
+
+
+def expert_parallel_workspace(kernel: str, spec: ModelSpec, tokens: Any, bound: Any = None) -> Any:
+    """An expert rank's MoE for a micro-batch of `tokens` of its own (`engine.expert_parallel.ep_moe`), at
+    its peak. Its tokens' R = tokens x top_k (token, expert) rows go out to the experts' ranks, and about as
+    many come in, routing being balanced over the groups (the plan assumes so; a skewed router sends one
+    rank more). The kernel runs on the rows that came in, each one assignment (the loop, padded and dense
+    kernels' worst case is then every row on one expert, k times a one-rank micro-batch's), beside them;
+    the rows sent and received are held together while they cross, the kernel's output and the rows
+    coming back likewise, and the rows that came back are then weighted by the router in fp32 (the
+    weighted sum into the tokens' output is the caller's, as for any kernel)."""
+    d, H, k = spec.dtype_bytes, spec.hidden_size, spec.top_k
+    rows = tokens * k
+    one = copy.copy(spec)   # the kernel's view: each received row is one token routed to one expert
+    one.top_k = 1
+    kernel_peak = expert_workspace(kernel, one, rows, bound) + rows * H * d
+    return _max(_max(kernel_peak, 2 * rows * H * d), rows * H * (d + 4))
+
+
 def expert_workspace(kernel: str, spec: ModelSpec, tokens: Any, bound: Any = None) -> Any:
     """Bytes of the expert kernel's intermediates for a micro-batch of `tokens` tokens, at their peak
     (`expert_row_elements` per row, in the model's dtype): grouped holds every (token, expert) assignment at
@@ -311,7 +335,8 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     bound = expert_workspace("grouped", spec, t_micro)   # auto's workspace: the prefill's grouped kernel
 
     def layer_task(tokens: Any, attention: int = 0) -> Any:
-        ffn = expert_workspace(expert_kernel, spec, tokens, bound)
+        ffn = (expert_workspace(expert_kernel, spec, tokens, bound) if not expert_rank(spec)
+               else expert_parallel_workspace(expert_kernel, spec, tokens, bound))
         if expert_groups:   # `engine.paged.GroupedMoE` around the kernel, all of a micro-batch's rows in a
             rows = tokens * k   # group at worst: their gathered input held through the kernel's call, then
             ffn = _max(ffn + rows * H * d, rows * (2 * H * d + 4 * H))   # its output, weighted (fp32), cast

@@ -111,8 +111,7 @@ def ep_moe(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: E
             trace.watch(works[1], "dispatch", c)
         pending[c] = (works, got_rows, got_ids, tok, order, t)
 
-    def issue_combine(c: int, done: torch.Tensor) -> tuple:
-        tok, order = pending[c][3], pending[c][4]
+    def issue_combine(c: int, done: torch.Tensor, tok: torch.Tensor, order: torch.Tensor) -> tuple:
         back = h.new_empty(len(tok), h.shape[1])
         t = trace.now() if trace else 0.0
         work = _a2a(back, done, send[c], recv[c], group)
@@ -125,26 +124,32 @@ def ep_moe(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: E
     for c in range(chunks):
         if c + 1 < chunks:
             issue_dispatch(c + 1)                       # in flight while chunk c computes
-        works, got_rows, got_ids, _, _, t_issue = pending[c]
+        works, got_rows, got_ids, tok, order, t_issue = pending.pop(c)   # the rows sent are freed here
         for w in works:
             w.wait()
+        del works
         if trace:
             trace.spans["dispatch", c] = (t_issue, trace.now())
         run = kernel if callable(kernel) else KERNELS[kernel or kernel_for_load(len(got_ids), per_rank)]
         t_gemm = trace.now() if trace else 0.0
         ones = torch.ones(len(got_ids), 1, dtype=torch.float32, device=h.device)
         done = run(got_rows, ones, got_ids[:, None], experts) if len(got_ids) else got_rows
+        del got_rows   # the rows received: the kernel's output alone goes back
         if trace:
             trace.spans["gemm", c] = (t_gemm, trace.now())
             trace.kernels.append(getattr(run, "__name__", type(run).__name__))
-        combines.append((c, *issue_combine(c, done)))
-    for c, work, back, tok, order, t_issue in combines:
+        combines.append((c, *issue_combine(c, done, tok, order)))
+        del done
+    while combines:   # each chunk's buffers are dropped once used (`memory.expert_parallel_workspace`)
+        c, work, back, tok, order, t_issue = combines.pop(0)
         work.wait()
+        del work   # and with it the output sent back
         if trace:
             trace.spans["combine", c] = (t_issue, trace.now())
         pos = order % k
         w = weights[tok, pos, None]
         out.index_add_(0, tok, (back * w).to(out.dtype))
+        del back
     return out
 
 

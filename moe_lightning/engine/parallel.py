@@ -187,15 +187,18 @@ def eps_chunks(spec: ModelSpec, hardware: HardwareSpec, ranks: Ranks):
 def rank_spec(spec: ModelSpec, ranks: Ranks) -> ModelSpec:
     """The sizes of what one rank holds, for its memory plan, pools and kernel profile (its layer math
     runs with `local_spec`): 1/T of the heads and of every intermediate dimension, 1/E of the experts.
-    Its routing fields are clipped to stay a valid spec (top_k <= its experts, one expert group): they
-    only size the expert kernels' scratch, never route."""
+    Its routing fields only size the expert kernels' scratch, never route: one expert group, and top_k
+    the router's even where it exceeds the rank's experts (the rows a rank's tokens send out, and about
+    what it receives: `memory.expert_parallel_workspace`), as the plans' rank view keeps it."""
     if ranks.world_size == 1:
         return spec
     T, n = ranks.tensor, spec.num_experts // ranks.expert
-    return dataclasses.replace(local_spec(spec, ranks), intermediate_size=spec.intermediate_size // T,
-                               shared_expert_size=spec.shared_expert_size // T,
-                               dense_intermediate_size=spec.dense_intermediate_size // T, num_experts=n,
-                               router_experts=spec.num_experts, top_k=min(spec.top_k, n), n_group=1, topk_group=1)
+    out = dataclasses.replace(local_spec(spec, ranks), intermediate_size=spec.intermediate_size // T,
+                              shared_expert_size=spec.shared_expert_size // T,
+                              dense_intermediate_size=spec.dense_intermediate_size // T, num_experts=n,
+                              router_experts=spec.num_experts, top_k=min(spec.top_k, n), n_group=1, topk_group=1)
+    out.top_k = spec.top_k   # past the spec's own check (top_k <= its experts), as `tuner.parallel` does
+    return out
 
 
 class RankSource:
