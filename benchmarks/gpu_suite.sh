@@ -24,6 +24,7 @@ MTBENCH=(workload=mtbench workload.num_requests=${REQUESTS:-512} workload.gen_le
 
 case "$stage" in
   parity)   # CUDA parity: reference engine (fp32 exact, bf16 tolerance), CGOPipe under every policy and
+            # the several-rank code on one NCCL rank (issue 13),
             # every baseline, each parametrized over cpu and cuda (streams, events, pinned staging)
     python3 -c "import torch; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" \
        | tee "$dest/parity.log"

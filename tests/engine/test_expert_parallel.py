@@ -113,3 +113,43 @@ def test_reference_engine_under_expert_parallelism_is_token_identical_to_transfo
         doc = json.loads((tmp_path / f"ref{rank}.json").read_text())
         assert doc["held"] == [8 // world]
         assert doc["outputs"] == tiny.outputs, rank
+
+
+def _one_rank(rank: int, world: int, port: int, folder: str, backend: str) -> None:
+    """One rank (NCCL on the GPU, or gloo on the CPU): `ep_moe`, and the data-parallel kernel in step
+    (`Lockstep`'s collectives on the backend's device), against one process running every expert."""
+    from moe_lightning.engine.data_parallel import DataParallelMoE, Lockstep
+
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        w13, w2, h, weights, ids = (t.to(device) for t in _layer(rank, tokens=21))
+        want = moe_loop(h, weights, ids, ExpertStack.single(w13, w2))
+        mine = expert_slice(w13, w2, rank, world)
+        errors = {f"ep_moe/{c}": float((ep_moe(h, weights, ids, mine, E, chunks=c) - want).abs().max()) for c in (1, 3)}
+        lock = Lockstep(None, 2, lambda tokens: 2, device)
+        moe = DataParallelMoE(E, lock)
+        lock.begin([13, 8])   # two micro-batches of this rank's tokens
+        halves = (slice(0, 13), slice(13, 21))
+        parts = [moe.at(j)(h[rows], weights[rows], ids[rows], mine) for j, rows in enumerate(halves)]
+        errors["data_parallel"] = float((torch.cat(parts) - want).abs().max())
+        per_slot = lock.per_slot
+        ghosts = lock.drain(lambda: None)   # the only rank: nothing to wait for
+        with open(f"{folder}/one.json", "w") as f:
+            json.dump({"errors": errors, "scale": float(want.abs().max()), "ghosts": ghosts, "per_slot": per_slot,
+                       "after": lock.per_slot}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+def test_one_rank_matches_one_process(tmp_path, backend):
+    """The several-rank code on one rank; with NCCL its CUDA path (all-to-all, all-reduce on CUDA tensors)."""
+    spawn_ranks(_one_rank, (1, free_port(), str(tmp_path), backend), 1)
+    doc = json.loads((tmp_path / "one.json").read_text())
+    for case, err in doc["errors"].items():
+        assert err <= 1e-5 * doc["scale"], (case, err)
+    assert doc["per_slot"] == [2, 2] and doc["ghosts"] == 0 and doc["after"] == []
