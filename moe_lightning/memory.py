@@ -125,6 +125,16 @@ def _max(a: Any, b: Any) -> Any:
 # gather indices (seven int64 more, `engine.experts._by_region`) and each row's gathered weight (fp32).
 ROUTING_BYTES = 8 * 8 + 4 + 4
 
+# Families whose routers give their top-k weights in the activations' dtype (`models.dbrx.route`,
+# `models.gpt_oss.route`, as transformers computes them); the others' routers give fp32 weights
+# (`models.layers.route`). The experts' outputs are weighted in that dtype before they are summed.
+ROUTER_WEIGHTS_IN_MODEL_DTYPE = frozenset({"dbrx", "gpt_oss"})
+
+
+def router_weight_bytes(spec: ModelSpec) -> int:
+    """Bytes of one router weight, and so of one element of the experts' weighted outputs."""
+    return spec.dtype_bytes if spec.architecture in ROUTER_WEIGHTS_IN_MODEL_DTYPE else 4
+
 
 def glu_elements(spec: ModelSpec) -> int:
     """Per row, what an expert's GLU allocates beyond its [gate | up] input at its peak: SiLU(gate) and the
@@ -140,19 +150,19 @@ def expert_row_elements(spec: ModelSpec, kernel: str, dtype_bytes: int | None = 
     own (`glu_elements`):
     - grouped, all assignments at once: the gathered input and gate|up (H + 2F); gate|up and the GLU
       (2F + G); gate|up, the GLU's output and the down projection (3F + H); gate|up, the output and its
-      router-weighted copy, in fp32 where the router's weights are (then cast back for the sum: 2F + H +
-      4H / d); with expert biases (gpt-oss) gate|up, its gathered bias and their sum (6F) and the
+      router-weighted copy, in the router weights' dtype (`router_weight_bytes` w, then cast back for the
+      sum: 2F + H + wH / d); with expert biases (gpt-oss) gate|up, its gathered bias and their sum (6F) and the
       output, its gathered bias and their sum (2F + 3H);
     - loop (one expert's rows, its input held through the call), padded (every expert padded to the
       busiest) and dense: the input beside gate|up and the GLU (H + 2F + G), beside gate|up, the GLU's
-      output and the down projection (2H + 3F), then the output beside its weighted copy (H + 4H / d);
+      output and the down projection (2H + 3F), then the output beside its weighted copy (H + wH / d);
       biases add a copy of gate|up (H + 4F) and of the output (3H + 2F); dense also weights the outputs
       in fp32 (two [rows, H] fp32 tensors beside the output).
     The grid's rows and the assignments are counted by the caller (`expert_workspace`)."""
     H, F, b = spec.hidden_size, spec.intermediate_size, spec.expert_bias
     d = dtype_bytes or spec.dtype_bytes
     glu = glu_elements(spec)
-    weighted = H + -(-4 * H // d)   # the output and its copy weighted by the (fp32) router weights
+    weighted = H + -(-router_weight_bytes(spec) * H // d)   # the output and its copy weighted by the router
     if kernel == "grouped":
         stages = [H + 2 * F, 2 * F + glu, 3 * F + H, 2 * F + weighted] + ([6 * F, 2 * F + 3 * H] if b else [])
     else:
@@ -207,14 +217,14 @@ def expert_parallel_workspace(kernel: str, spec: ModelSpec, tokens: Any, bound: 
     rank more). The kernel runs on the rows that came in, each one assignment (the loop, padded and dense
     kernels' worst case is then every row on one expert, k times a one-rank micro-batch's), beside them;
     the rows sent and received are held together while they cross, the kernel's output and the rows
-    coming back likewise, and the rows that came back are then weighted by the router in fp32 (the
-    weighted sum into the tokens' output is the caller's, as for any kernel)."""
+    coming back likewise, and the rows that came back are then weighted by the router (`router_weight_bytes`;
+    the weighted sum into the tokens' output is the caller's, as for any kernel)."""
     d, H, k = spec.dtype_bytes, spec.hidden_size, spec.top_k
     rows = tokens * k
     one = copy.copy(spec)   # the kernel's view: each received row is one token routed to one expert
     one.top_k = 1
     kernel_peak = expert_workspace(kernel, one, rows, bound) + rows * H * d
-    return _max(_max(kernel_peak, 2 * rows * H * d), rows * H * (d + 4))
+    return _max(_max(kernel_peak, 2 * rows * H * d), rows * H * (d + router_weight_bytes(spec)))
 
 
 def expert_workspace(kernel: str, spec: ModelSpec, tokens: Any, bound: Any = None) -> Any:
@@ -339,7 +349,8 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
                else expert_parallel_workspace(expert_kernel, spec, tokens, bound))
         if expert_groups:   # `engine.paged.GroupedMoE` around the kernel, all of a micro-batch's rows in a
             rows = tokens * k   # group at worst: their gathered input held through the kernel's call, then
-            ffn = _max(ffn + rows * H * d, rows * (2 * H * d + 4 * H))   # its output, weighted (fp32), cast
+            ffn = _max(ffn + rows * H * d, rows * H * (2 * d + router_weight_bytes(spec)))   # its output,
+            # weighted by the router (fp32 for most families), cast
         if spec.shared_expert_size:   # after the routed experts, beside their output
             ffn = _max(ffn, tokens * mlp_elements(spec, spec.shared_expert_size, spec.shared_expert_gate) * d)
         if spec.dense_layers:   # a dense layer's MLP instead
