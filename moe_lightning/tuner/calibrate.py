@@ -242,6 +242,9 @@ def measure_dispatch(device: str, side_tasks: int = 60) -> tuple[float, float]:
     return max(statistics.median(per_task), 1e-6), max(statistics.median(per_graph), 0.0)
 
 
+FLOOR_S = 1e-7   # the host costs' least measured value (a 0 in a profile means "not calibrated")
+
+
 def measure_host(device: str, tasks: int = 120, repeats: int = 5) -> tuple[float, float]:
     """The issuing thread's costs, measured on the engine executor: seconds per task issued, and
     seconds per host barrier (`TaskGraph.sync`) beyond a dependency hand-off.
@@ -252,8 +255,10 @@ def measure_host(device: str, tasks: int = 120, repeats: int = 5) -> tuple[float
     the free run's issue times (the host's clock while the workers compete with it, as in a real run).
     Per barrier: the extra wall time per barrier of the synchronised run, less one issue: the issuing
     thread woken once the step is done (on CUDA after a device-wide `torch.cuda.synchronize`) instead
-    of the next worker picking the hand-off up by itself. Medians of `repeats` runs after a warm-up.
-    The simulator's `TaskCosts.issue_s` / `sync_s`; the hand-off itself is charged to no schedule."""
+    of the next worker picking the hand-off up by itself. Medians of `repeats` runs after a warm-up, at
+    least `FLOOR_S` each: a profile's 0 means "not calibrated" (a barrier measured at 0 on a loaded host
+    was read back as the 120 us default). The simulator's `TaskCosts.issue_s` / `sync_s`; the hand-off
+    itself is charged to no schedule."""
     import torch
 
     from moe_lightning.engine.executor import Executor
@@ -289,8 +294,8 @@ def measure_host(device: str, tasks: int = 120, repeats: int = 5) -> tuple[float
             barrier.append((synced_s - free_s) / len(synced.syncs))
     finally:
         executor.close()
-    issue_s = max(statistics.median(issue), 1e-7)
-    return issue_s, max(statistics.median(barrier) - issue_s, 0.0)
+    issue_s = max(statistics.median(issue), FLOOR_S)
+    return issue_s, max(statistics.median(barrier) - issue_s, FLOOR_S)
 
 
 def measure_kernel_curves(sizes: Sizes, device: str) -> dict[str, list]:

@@ -84,3 +84,20 @@ def test_override_args_spell_the_profile():
     assert args[0] == "hardware=cpu" and "\"hardware.name='box'\"" in args
     assert "hardware.link.h2d_gbps=5.0" in args
     assert "'hardware.gpu.gemm_rows=[1,64]'" in args and "'hardware.gpu.gemm_tflops=[0.01,0.2]'" in args
+
+
+def test_a_barrier_too_cheap_to_measure_is_not_read_back_as_the_default(monkeypatch):
+    """A profile's sync_overhead_us of 0 means "not calibrated" (the simulator then takes its default): a
+    barrier that the host measures at nothing (a loaded host once gave 0) is kept at the floor instead."""
+    import statistics
+
+    from moe_lightning.config import Policy
+    from moe_lightning.tuner import calibrate
+    from moe_lightning.tuner.costs import TaskCosts
+
+    monkeypatch.setattr(statistics, "median", lambda values: 0.0)   # every difference measured as nothing
+    issue, sync = calibrate.measure_host("cpu", tasks=4, repeats=1)
+    assert issue == sync == calibrate.FLOOR_S
+    hw = HardwareSpec(sync_overhead_us=sync * 1e6, issue_overhead_us=issue * 1e6)
+    costs = TaskCosts.for_policy(presets.load_preset("model", "tiny-mixtral"), hw, Policy())
+    assert costs.sync_s == pytest.approx(calibrate.FLOOR_S) and costs.issue_s == pytest.approx(calibrate.FLOOR_S)
