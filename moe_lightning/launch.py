@@ -60,6 +60,12 @@ def check_parallel_run(cfg) -> None:
                           "built yet); system=cgopipe and system=reference run tensor and expert parallel")
     spec, _ = resolve_model(cfg.model)
     check_parallel(spec, p, family(spec))
+    if getattr(cfg.task, "plan", False) or getattr(cfg.system, "policy_source", "given") == "auto":
+        from moe_lightning.tuner.parallel import check_parallel as check_plannable
+
+        check_plannable(spec, cfg.hardware, p)   # the ranks will plan the machine's policy for T x E
+    elif cfg.system.name == "cgopipe":
+        p.group_policy(cfg.policy)   # each expert group's share of N and mu
     device = resolve_device(cfg.device)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", W)) if under_torchrun() else W
     if device.type == "cuda":

@@ -63,9 +63,14 @@ class CGOPipeSystem:
     def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy) -> Policy:
         if self.policy_source == "given":
             return given
-        from moe_lightning.baselines.policies import choose_policy
+        from moe_lightning.baselines.policies import cgopipe_policy
+        from moe_lightning.config import ParallelConfig
+        from moe_lightning.engine.parallel import current
 
-        return choose_policy(self.name, spec, hardware, workload)
+        # On several ranks the plan is the machine's for this run's T x E (each group runs its share of it)
+        ranks = current()
+        split = ParallelConfig(tensor=ranks.tensor, expert=ranks.expert) if ranks is not None else None
+        return cgopipe_policy(spec, hardware, workload, parallel=split)
 
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
               workload: Workload, device: torch.device, trace: bool = False,

@@ -25,7 +25,7 @@ once per run, so their results are memoised on the inputs' values.
 from __future__ import annotations
 
 from moe_lightning.baselines.flexgen_policy import last_true
-from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.errors import ConfigError, MemoryBudgetError
 from moe_lightning.memory import memory_plan
 
@@ -39,10 +39,13 @@ def choose_policy(system_name: str, spec: ModelSpec, hw: HardwareSpec, workload:
     return chooser(spec, hw, workload)
 
 
-def cgopipe_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
+def cgopipe_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload,
+                   parallel: ParallelConfig | None = None) -> Policy:
+    """The HRM plan on the placements CGOPipe runs; `parallel`: the T x E layout the run has (the
+    machine's policy for it), None: the best layout for `hw`."""
     from moe_lightning.tuner.optimizer import optimize
 
-    return optimize(spec, hw, workload, placements=FFN_ON_GPU).policy
+    return optimize(spec, hw, workload, placements=FFN_ON_GPU, parallel=parallel).policy
 
 
 def fastdecode_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:

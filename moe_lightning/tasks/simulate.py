@@ -65,12 +65,13 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
         raise ConfigError(f"system={system} on hardware={hw.name}: the baselines' schedules run on one GPU; simulate "
                           "them on a one-GPU profile (several GPUs: system=cgopipe)")
     layout = asked if asked.world_size > 1 else None
+    auto = getattr(cfg.system, "policy_source", "given") == "auto"
     if given is not None:
         policy, source = given, "given"
-    elif getattr(cfg.system, "policy_source", "given") == "auto":  # the system's own rule (baselines)
+    elif auto and system != "cgopipe":  # the system's own rule (baselines)
         policy = cfg.system.resolve_policy(spec, hw, workload, cfg.policy)
         source = f"{system} policy rule"
-    elif use_plan:  # HRM's plan (for a baseline with policy_source=given: the paper's ablation)
+    elif use_plan or auto:  # HRM's plan (CGOPipe's own rule; for a baseline with given: the paper's ablation)
         planned = optimize(spec, hw, workload, placements=FFN_ON_GPU, paged_kv=paged, lengths=lengths,
                            parallel=asked)
         policy, source = planned.policy, "hrm plan"

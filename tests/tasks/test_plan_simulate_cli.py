@@ -162,3 +162,22 @@ def test_plan_for_a_given_split_records_it_and_prints_the_overrides(tmp_path):
     assert mem["per"] == "rank" and mem["gpu_total_bytes"] <= mem["gpu_budget_bytes"] < 15 * 2**30
     assert doc["policy"]["batch_size"] % 2 == 0 and doc["extra"]["prediction"]["t_comm_s"] > 0
     assert "parallel.tensor=2 parallel.expert=2" in r.stdout and "collectives" in r.stdout
+
+
+def test_cgopipe_s_own_policy_rule_is_the_plan_for_the_run_s_layout(tmp_path):
+    """`system.policy_source=auto` is the HRM plan: on several GPUs it is planned for the layout given (or
+    the best one, recorded), not for one big GPU."""
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.systems import CGOPipeSystem
+    from moe_lightning.tasks.simulate import SimulateTask, simulate_system
+    from moe_lightning.tuner.presets import load_preset
+
+    two = load_preset("hardware", "2xt4")
+    planned, _, _ = simulate_system(RunConfig(task=SimulateTask(), hardware=two))
+    auto = RunConfig(task=SimulateTask(use_plan=False), hardware=two, system=CGOPipeSystem(policy_source="auto"))
+    own, _, _ = simulate_system(auto)
+    assert own.policy == planned.policy and own.extra["parallel"] == planned.extra["parallel"]
+    auto.parallel.expert = 2
+    split, _, _ = simulate_system(auto)
+    assert split.extra["parallel"]["expert"] == 2 and split.extra["parallel"]["tensor"] == 1
+    assert split.policy["batch_size"] % 2 == 0 and split.policy["micro_batch_size"] % 2 == 0
