@@ -67,30 +67,40 @@ class HostLoadReport:
 
 
 class HostLoad:
-    """Context manager: the host's load over the measured window."""
+    """Context manager: the host's load over the measured window. Entered again, it adds that window to
+    the earlier ones (an interleaved comparison times a system only in its turns: the other systems'
+    turns between them are not this run's noise)."""
+
+    def __init__(self) -> None:
+        self.report: HostLoadReport | None = None
+        self.own_s = 0.0
+        self._others: float | None = 0.0
 
     def __enter__(self) -> HostLoad:
         self.t0, self.load0 = time.perf_counter(), _loadavg()
         self.busy0, self.own0 = _host_busy_s(), _own_cpu_s()
-        self.report: HostLoadReport | None = None
         return self
 
     def __exit__(self, *exc) -> None:
         wall = time.perf_counter() - self.t0
         busy1, own = _host_busy_s(), _own_cpu_s() - self.own0
-        self.own_s = own
-        self.host_busy_s = None if busy1 is None or self.busy0 is None else busy1 - self.busy0
-        others = None if self.host_busy_s is None else max(0.0, self.host_busy_s - own)
-        self.report = HostLoadReport(wall_s=wall, loadavg_1m_start=self.load0, loadavg_1m_end=_loadavg(),
-                                     others_cpu_s=others,
-                                     others_busy_cores=None if others is None or wall <= 0 else others / wall)
+        self.own_s += own
+        others = None if busy1 is None or self.busy0 is None or self._others is None \
+            else self._others + max(0.0, busy1 - self.busy0 - own)
+        self._others = others
+        first = self.report
+        wall += first.wall_s if first is not None else 0.0
+        self.report = HostLoadReport(
+            wall_s=wall, loadavg_1m_start=first.loadavg_1m_start if first is not None else self.load0,
+            loadavg_1m_end=_loadavg(), others_cpu_s=others,
+            others_busy_cores=None if others is None or wall <= 0 else others / wall)
 
     def exclude(self, sibling_cpu_s: float) -> None:
         """Count `sibling_cpu_s` (this run's other ranks on this host) as this run's, not others'."""
         r = self.report
         if r is None or r.others_cpu_s is None:
             return
-        r.others_cpu_s = max(0.0, r.others_cpu_s - sibling_cpu_s)
+        r.others_cpu_s = self._others = max(0.0, r.others_cpu_s - sibling_cpu_s)
         r.others_busy_cores = r.others_cpu_s / r.wall_s if r.wall_s > 0 else None
 
 

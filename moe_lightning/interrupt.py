@@ -10,6 +10,7 @@ then runs the handler in the main thread at once.)
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -51,3 +52,19 @@ def deferred() -> Iterator[None]:
         if not _depth and _pending is not None:
             signum, _pending = _pending, None
             raise interrupted(signum)
+
+
+@contextlib.contextmanager
+def quiet_semaphore_warnings() -> Iterator[None]:
+    """Child processes started in this block (and multiprocessing's resource tracker, if it starts here)
+    do not warn about leaked semaphores: a child stopped by a signal exits at once and leaves the
+    semaphores tqdm's lock holds in it to the tracker, which would warn when the parent exits."""
+    warnings = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (warnings, "ignore:resource_tracker:UserWarning")))
+    try:
+        yield
+    finally:
+        if warnings is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings

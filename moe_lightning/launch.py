@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 
 from moe_lightning.errors import ConfigError, MoELightningError
+from moe_lightning.interrupt import quiet_semaphore_warnings
 
 RANK_TASKS = ("generate", "bench")
 SHUTDOWN_S = 10   # after SIGINT/SIGTERM, how long the ranks have to stop before the agent kills them
@@ -163,17 +164,12 @@ def _quiet_agent():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
-    warnings = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (warnings, "ignore:resource_tracker:UserWarning")))
     try:
-        yield
+        with quiet_semaphore_warnings():
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-        if warnings is None:
-            os.environ.pop("PYTHONWARNINGS", None)
-        else:
-            os.environ["PYTHONWARNINGS"] = warnings
 
 
 def _rank_entry(cfg, errors: str) -> None:

@@ -69,7 +69,7 @@ def test_a_refusal_inside_the_ranks_is_one_line_with_its_exit_code(tmp_path):
     r = cli("task=generate", "system=cgopipe", "parallel.expert=2", "hardware.gpu.memory_gib=0.0001",
             "workload.num_requests=2", "workload.gen_len=2", f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
     assert r.returncode == 3, (r.stdout, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip() and "INFO" not in line]
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "INFO" not in line and "it/s]" not in line]
     assert len(lines) == 1 and "policy does not fit the memory budget" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
 
@@ -96,7 +96,7 @@ def test_an_interrupted_several_rank_run_keeps_its_outputs_and_resumes(tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     r = interrupt_after(proc, part, 8, sig)
     assert r.returncode == code, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip() and "INFO" not in line]
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "INFO" not in line and "it/s]" not in line]
     assert len(lines) == 1 and f"of 240 outputs are kept in {part.name}" in lines[0], r.stderr
     kept = rows_in(part)
     assert 8 <= kept < 240

@@ -10,9 +10,15 @@ fails (its policy does not fit, a missing dependency, ...) gets a row with the r
 `cfg.system` is not used: each listed system runs its default config, with `task.policy_source`.
 
 Measured (`mode=measure`): each system warms up, then runs the workload `repeats` times; the table shows
-the median with its spread, and a ratio whose two runs' ranges (min..max) overlap is flagged: the
-difference is within this machine's noise. Simulated (`mode=simulate`, for hardware that is not here):
-each system's own task graphs timed by the simulator on the hardware profile; nothing is allocated.
+the median with its spread. With `interleave` (the default) the systems take turns: all are loaded and
+warmed up (one at a time, untimed), then each round times one repeat of each system, in an order that
+rotates by round, while the comparison holds the measurement lock. A host whose speed drifts (a shared
+VM's can step by 30-50% for seconds) then slows every system alike: each ratio is the geometric mean of
+the per-round ratios, flagged as within this machine's noise when its 95% interval holds 1.
+When the systems cannot all be resident (host memory, or the GPU's budgets together), they run one after
+another, and a ratio is flagged when the two runs' ranges (min..max) overlap. Simulated
+(`mode=simulate`, for hardware that is not here): each system's own task graphs timed by the simulator
+on the hardware profile; nothing is allocated.
 Every row says its kind.
 
 `task=bench system=a,b` would be a Hydra multirun (one process per system, no table); hence the list
@@ -25,7 +31,9 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import multiprocessing
+import statistics
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -36,13 +44,15 @@ from typing import TYPE_CHECKING, Any
 from moe_lightning.config import GB, Policy, check_repeats
 from moe_lightning.errors import ConfigError, MoELightningError
 from moe_lightning.files import atomic_open, atomic_write
-from moe_lightning.report import RunReport
+from moe_lightning.report import RunReport, Spread
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.compare")
 GiB = 1 << 30
+HOST_SHARE = 0.7    # of the available host memory, for every system's weights at once (interleaved)
+GPU_SHARE = 0.9     # of the device's memory, for every system's GPU budget at once (interleaved)
 
 DEFAULT_SYSTEMS = ("cgopipe", "flexgen", "flexgen_c", "deepspeed", "fastdecode", "accelerate")
 OURS = "cgopipe"
@@ -64,6 +74,7 @@ class CompareTask:
     progress: bool = True
     policy_source: str = "auto"     # auto: each system picks its own; given: cfg.policy for every system
     isolate: bool = True            # one spawned process per system
+    interleave: bool = True         # the systems take turns, one timed repeat each per round (all resident)
 
     def __post_init__(self) -> None:
         if self.policy_source not in ("auto", "given"):
@@ -84,18 +95,29 @@ class CompareTask:
                               f"{', '.join(n for n in SYSTEM_CONFIGS if n != 'reference')}")
         run_dir = Path(cfg.run_dir or "runs/latest")
         run_dir.mkdir(parents=True, exist_ok=True)
+        runs = {name: (dataclasses.replace(cfg, policy=given[name]) if name in given else cfg,
+                       "given" if name in given else self.policy_source, run_dir / f"{name}.json")
+                for name in systems}
+        errors = None
+        if self.mode == "measure" and self.isolate and self.interleave and len(systems) > 1:
+            why_not = _not_resident_together(cfg, len(systems))
+            if why_not is None:
+                errors = self._run_interleaved(runs)
+            else:
+                log.warning("the systems run one after another, not interleaved: %s", why_not)
         rows = []
         for name in systems:
-            out = run_dir / f"{name}.json"
-            print(f"[compare] {name} ...", flush=True)
-            sys_cfg = dataclasses.replace(cfg, policy=given[name]) if name in given else cfg
-            source = "given" if name in given else self.policy_source
-            if self.mode == "simulate":
-                error = self._simulate(sys_cfg, name, out, source, given.get(name))
-            elif self.isolate:
-                error = self._run_isolated(sys_cfg, name, out, source)
+            sys_cfg, source, out = runs[name]
+            if errors is not None:
+                error = errors[name]
             else:
-                error = self._run_here(sys_cfg, name, out, source)
+                print(f"[compare] {name} ...", flush=True)
+                if self.mode == "simulate":
+                    error = self._simulate(sys_cfg, name, out, source, given.get(name))
+                elif self.isolate:
+                    error = self._run_isolated(sys_cfg, name, out, source)
+                else:
+                    error = self._run_here(sys_cfg, name, out, source)
             rows.append(_row(name, out if error is None else None, error))
             print(f"[compare] {name}: " + (f"{rows[-1]['throughput_shown']} tok/s {rows[-1]['kind']}"
                                             if error is None else f"{rows[-1]['status'].upper()}: {error}"), flush=True)
@@ -143,6 +165,44 @@ class CompareTask:
             log.debug("%s failed:\n%s", name, traceback.format_exc())
             return _reason(exc)
 
+    def _run_interleaved(self, runs: dict[str, tuple]) -> dict[str, str | None]:
+        """Every system in its own spawned process, all resident; they take turns, one timed repeat each
+        per round. Returns each system's error (None: its run document is written)."""
+        from moe_lightning.hostload import measurement_lock
+        from moe_lightning.interrupt import quiet_semaphore_warnings
+
+        ctx = multiprocessing.get_context("spawn")
+        errors: dict[str, str | None] = {}
+        workers: dict[str, _TurnWorker] = {}
+        names = list(runs)
+        interleaved = {"rounds": self.repeats, "systems": names}
+        try:
+            with measurement_lock() as waited, quiet_semaphore_warnings():
+                if waited > 1.0:
+                    log.info("waited %.1f s for another measurement on this host to finish", waited)
+                for name in names:   # loaded and warmed up one at a time (untimed, but not side by side)
+                    print(f"[compare] {name}: loading and warming up ...", flush=True)
+                    cfg, source, out = runs[name]
+                    args = (cfg, name, str(out), source, self.warmup_tokens, self.repeats, self.max_cv,
+                            self.min_repeat_s, False, interleaved)
+                    workers[name] = _TurnWorker(ctx, args)
+                    errors[name] = workers[name].wait()
+                for r in range(self.repeats):
+                    alive = [n for n in names if errors[n] is None]
+                    order = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
+                    for name in order:
+                        errors[name] = workers[name].take_turn()
+                    print(f"[compare] round {r + 1}/{self.repeats}: " + ", ".join(
+                        f"{n} {workers[n].timed[-1]:.2f}" if errors[n] is None else f"{n} failed" for n in order)
+                        + " tok/s", flush=True)
+                for name in names:   # each writes its run document in turn
+                    if errors[name] is None:
+                        errors[name] = workers[name].finish()
+        finally:
+            for worker in workers.values():
+                worker.close()
+        return errors
+
     def _run_isolated(self, cfg: RunConfig, name: str, out: Path, source: str) -> str | None:
         ctx = multiprocessing.get_context("spawn")
         try:
@@ -153,6 +213,88 @@ class CompareTask:
             return "the process died (out of memory?)"
         except Exception as exc:  # noqa: BLE001 - recorded in the table
             return _reason(exc)
+
+
+class _TurnWorker:
+    """One system's process in an interleaved comparison, and the parent's end of its pipe: the system
+    times a repeat only when `take_turn` lets it (`run_generation`'s `turn`)."""
+
+    def __init__(self, ctx, args: tuple) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_turn_worker_main, args=(child, *args), daemon=True)
+        self.process.start()
+        child.close()
+        self.timed: list[float] = []
+
+    def _receive(self) -> tuple[str, Any]:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            return "error", f"the process died (exit code {self.process.exitcode}; out of memory?)"
+
+    def wait(self) -> str | None:
+        """Until the system is ready to time (loaded, warmed up, or its last repeat timed)."""
+        kind, value = self._receive()
+        if kind == "error":
+            return value
+        if value is not None:
+            self.timed.append(value)
+        return None
+
+    def take_turn(self) -> str | None:
+        self.conn.send("go")
+        return self.wait()
+
+    def finish(self) -> str | None:
+        self.conn.send("go")
+        kind, value = self._receive()
+        self.process.join()
+        return value if kind == "error" else None
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self.conn.close()
+
+
+def _turn_worker_main(conn, cfg: RunConfig, name: str, out: str, source: str, *measure_args) -> None:
+    def turn(previous) -> None:
+        conn.send(("ready", None if previous is None else previous.throughput_tok_s))
+        conn.recv()   # "go"
+
+    try:
+        run_system(cfg, name, out, source, *measure_args, turn=turn)
+        conn.send(("done", out))
+    except Exception as exc:  # noqa: BLE001 - recorded in the table
+        log.debug("%s failed:\n%s", name, traceback.format_exc())
+        conn.send(("error", _reason(exc)))
+
+
+def _not_resident_together(cfg: RunConfig, systems: int) -> str | None:
+    """Why `systems` runs of cfg's model cannot all be held at once here (None: they can): their weights
+    in host memory, and on a GPU their memory budgets."""
+    from moe_lightning.hostload import available_host_bytes
+    from moe_lightning.systems import resolve_device
+    from moe_lightning.tasks.simulate import planning_model
+
+    spec = planning_model(cfg.model)
+    need = systems * spec.total_params * spec.dtype_bytes   # as the reference engine and accelerate hold them
+    avail = available_host_bytes()
+    if avail is not None and need > HOST_SHARE * avail:
+        return (f"{systems} copies of {spec.name}'s weights need {need / GiB:.1f} GiB of host memory, "
+                f"{HOST_SHARE:.0%} of the {avail / GiB:.1f} GiB available is {HOST_SHARE * avail / GiB:.1f} GiB")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = systems * cfg.hardware.gpu.memory_gib * GiB * cfg.hardware.gpu.usable_fraction
+        if budget > GPU_SHARE * total:
+            return (f"{systems} GPU budgets of {cfg.hardware.gpu.memory_gib:g} GiB exceed {GPU_SHARE:.0%} of "
+                    f"{torch.cuda.get_device_name(device)}'s {total / GiB:.1f} GiB")
+    return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -171,15 +313,19 @@ def system_run_config(cfg: RunConfig, name: str, policy_source: str) -> RunConfi
 
 
 def run_system(cfg: RunConfig, name: str, out: str, policy_source: str, warmup_tokens: int, repeats: int,
-               max_cv: float, min_repeat_s: float, progress: bool) -> str:
-    """Run one system and write its run document (the body of each spawned process)."""
+               max_cv: float, min_repeat_s: float, progress: bool, interleaved: dict | None = None,
+               turn=None) -> str:
+    """Run one system and write its run document (the body of each spawned process); `turn` and
+    `interleaved` (the rounds and the systems taking turns): an interleaved comparison's."""
     from moe_lightning.tasks.generate import run_generation
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys_cfg = system_run_config(cfg, name, policy_source)
     sys_cfg = dataclasses.replace(sys_cfg, out=out, trace=False)
     gen = run_generation(sys_cfg, progress=progress, warmup_tokens=warmup_tokens, repeats=repeats, max_cv=max_cv,
-                         min_repeat_s=min_repeat_s)
+                         min_repeat_s=min_repeat_s, turn=turn)
+    if interleaved is not None:
+        gen.report.extra["interleaved"] = interleaved
     gen.report.extra["policy_source"] = policy_source
     if policy_source == "auto":
         gen.report.extra["policy_chosen_by"] = CHOSEN_BY.get(name, name)
@@ -203,7 +349,8 @@ def _row(name: str, doc_path: Path | None, error: str | None) -> dict[str, Any]:
         "system": name, "status": "ok", "error": None, "run_document": str(doc_path), "kind": m.kind,
         "where": _where(rep), "throughput_tok_s": m.throughput_tok_s,
         "throughput_shown": spread.show(".2f") if spread else f"{m.throughput_tok_s:.2f}",
-        "repeats": m.repeats, "throughput_stdev": spread.stdev if spread else None,
+        "repeats": m.repeats, "repeat_tok_s": rep.extra.get("repeat_throughput_tok_s"),
+        "interleaved": rep.extra.get("interleaved"), "throughput_stdev": spread.stdev if spread else None,
         "throughput_min": spread.min if spread else None, "throughput_max": spread.max if spread else None,
         "throughput_cv": spread.cv if spread else None, "noisy": m.noisy, "noise": "; ".join(m.noise),
         "decode_tok_s": m.decode_tok_s,
@@ -227,15 +374,65 @@ def _where(rep: RunReport) -> str:
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """Each system's tokens/s over the best baseline's, and whether their measured ranges overlap (the
-    ratio is then within this machine's noise)."""
+    """Each system's tokens/s over the best baseline's, and whether the difference is within this
+    machine's noise. Interleaved: the geometric mean of the per-round ratios, within noise when its 95%
+    interval holds 1; else the ratio of the medians, within noise when the two measured ranges overlap."""
     base = [r for r in rows if r["status"] == "ok" and r["system"] != OURS]
     best = max(base, key=lambda r: r["throughput_tok_s"]) if base else None
     for r in rows:
         ok = r["status"] == "ok" and best and best["throughput_tok_s"]
         r["ratio_to_best_baseline"] = r["throughput_tok_s"] / best["throughput_tok_s"] if ok else None
         r["best_baseline"] = best["system"] if best else None
-        r["ratio_within_noise"] = bool(ok and r is not best and _ranges_overlap(r, best))
+        r["ratio_rounds"] = None
+        paired = _paired_ratios(r, best) if ok and r is not best else None
+        if paired:
+            mean, lo, hi = paired_interval(paired)
+            r["ratio_rounds"] = {**Spread.of(paired).to_dict(), "geometric_mean": mean, "ci95": [lo, hi]}
+            r["ratio_to_best_baseline"] = mean
+        r["ratio_within_noise"] = bool(ok and r is not best and _within_noise(r, best))
+    # The fastest system, and those this machine cannot tell from it: a comparison names a winner only
+    # as far as its measurements can back one.
+    ok = [r for r in rows if r["status"] == "ok"]
+    fastest = max(ok, key=lambda r: r["throughput_tok_s"]) if ok else None
+    for r in rows:
+        r["fastest"] = r is fastest
+        r["ties_fastest"] = bool(r in ok and r is not fastest and _within_noise(r, fastest))
+
+
+def _within_noise(a: dict, b: dict) -> bool:
+    """Can this machine not tell a from b? Interleaved: the 95% interval of a's per-round ratio to b holds
+    1; else their measured ranges overlap."""
+    paired = _paired_ratios(a, b)
+    if paired and len(paired) > 1:
+        _, lo, hi = paired_interval(paired)
+        return lo <= 1.0 <= hi
+    return _ranges_overlap(a, b)
+
+
+# Student's t, two-sided 95%, by degrees of freedom 1..30 (beyond: 2.0, a little over the normal's 1.96)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """The geometric mean of per-round ratios and its 95% confidence interval (a t interval on their logs:
+    a ratio's noise is multiplicative). One ratio: no interval, (r, r, r)."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.exp(mean), math.exp(mean)
+    half = (T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 2.0) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def _paired_ratios(a: dict, b: dict) -> list[float] | None:
+    """a's tokens/s over b's round by round, when both were timed in the same interleaved rounds."""
+    if not a.get("interleaved") or a.get("interleaved") != b.get("interleaved"):
+        return None
+    x, y = a.get("repeat_tok_s") or [], b.get("repeat_tok_s") or []
+    if len(x) != len(y) or not x:
+        return None
+    return [p / q for p, q in zip(x, y) if q > 0] or None
 
 
 def _ranges_overlap(a: dict, b: dict) -> bool:
@@ -271,9 +468,19 @@ def markdown_table(rows: list[dict], title: str) -> str:
               + ("; measured: median ± stdev over the repeats (cv, n)" if "measured" in kinds else "")
               + ("; simulated: the simulator timing each system's own task graphs on the hardware profile "
                  "(no device used; peak memory as planned)" if "simulated" in kinds else "")
-              + ". vs best baseline = tokens/s over the best system other than cgopipe; "
-              "(within noise): the two systems' measured ranges (min..max) overlap. "
-              "Memory in GiB, link bytes in decimal GB."]
+              + ". vs best baseline = tokens/s over the best system other than cgopipe"
+              + ("; the systems took turns, one timed repeat each per round (interleaved): the ratio is the "
+                 "geometric mean of the per-round ratios, (within noise) when its 95% interval holds 1"
+                 if any(r.get("interleaved") for r in rows) else
+                 "; the systems ran one after another: (within noise) when the two systems' measured ranges "
+                 "(min..max) overlap")
+              + ". Memory in GiB, link bytes in decimal GB."]
+    fastest = next((r for r in rows if r.get("fastest")), None)
+    if fastest is not None and fastest["kind"] == "measured":
+        ties = [r["system"] for r in rows if r.get("ties_fastest")]
+        lines.append(f"Fastest here: {fastest['system']}" + (
+            f"; {', '.join(ties)} within this machine's noise of it (no winner among them)" if ties else
+            ", beyond this machine's noise"))
     noisy = [r for r in rows if r.get("noisy")]
     for r in noisy:
         lines.append(f"NOISY {r['system']}: {r['noise']}")
@@ -282,7 +489,7 @@ def markdown_table(rows: list[dict], title: str) -> str:
 
 CSV_FIELDS = ("system", "status", "kind", "where", "throughput_tok_s", "repeats", "throughput_stdev",
               "throughput_min", "throughput_max", "throughput_cv", "noisy", "noise", "ratio_to_best_baseline",
-              "best_baseline", "ratio_within_noise", "decode_tok_s", "prefill_s",
+              "best_baseline", "ratio_within_noise", "fastest", "ties_fastest", "decode_tok_s", "prefill_s",
               "decode_s", "generated_tokens", "policy", "policy_source", "batch_size", "micro_batch_size",
               "attn_on_gpu", "expert_gpu_fraction", "kv_gpu_fraction", "pages_per_layer", "peak_gpu_bytes",
               "peak_cpu_bytes", "link_h2d_bytes", "link_d2h_bytes", "link_bytes_estimated", "run_document", "error")

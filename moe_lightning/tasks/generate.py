@@ -7,6 +7,7 @@ import logging
 import math
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,9 @@ from moe_lightning.errors import ConfigError
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment, peak_cpu_bytes
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from moe_lightning.engine.generation import GenerationResult
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.generate")
@@ -32,7 +36,8 @@ class Generation:
 
 
 def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0, repeats: int = 1,
-                   max_cv: float = 0.10, min_repeat_s: float = 0.0, streamed=None) -> Generation:
+                   max_cv: float = 0.10, min_repeat_s: float = 0.0, streamed=None,
+                   turn: Callable[[GenerationResult | None], None] | None = None) -> Generation:
     """Load, (warm up,) generate for every request `repeats` times, and measure.
 
     Weight loading is never timed. With `warmup_tokens`, one batch is generated that far first and its
@@ -44,7 +49,12 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     than `max_cv` (coefficient of variation), or beside other busy processes, is marked noisy.
 
     With `streamed` (a `tasks.outputs.StreamedOutputs`; one repeat, no loops), each batch's outputs are
-    written as it finishes, and the batches an earlier, interrupted run finished are skipped."""
+    written as it finishes, and the batches an earlier, interrupted run finished are skipped.
+
+    With `turn` (an interleaved comparison, `tasks.compare`), `turn(previous)` is called before each
+    timed repeat and once after the last, with the repeat just timed (None the first time); it returns
+    when this run may time again. The caller then holds the measurement lock, and the host's load is
+    taken over this run's own repeats only."""
     from tqdm import tqdm
 
     from moe_lightning.engine.generation import GenerationParams, generate
@@ -107,7 +117,9 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     run_args = {"max_new": max_new, **({"refill": refill} if admits else {})}
     results = []
     loops = 1
-    with measurement_lock(enabled=ranks is None or ranks.local_rank == 0) as lock_wait_s, HostLoad() as load:
+    load = HostLoad()   # over the timed repeats only
+    started: list[float] = []   # each repeat's start (Unix time): when it was timed beside other runs
+    with measurement_lock(enabled=(ranks is None or ranks.local_rank == 0) and turn is None) as lock_wait_s:
         if warmup_tokens:
             warm = dataclasses.replace(params, max_new_tokens=min(warmup_tokens, params.max_new_tokens))
             generate(runner, prompts[:batch_size], warm, batch_size)
@@ -120,10 +132,16 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         with tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
                   leave=False) as bar:
             for _ in range(repeats):
-                passes = [generate(runner, prompts, params, batch_size, on_tokens=bar.update, **run_args,
-                                   **callbacks)
-                          for _ in range(loops)]
+                if turn is not None:
+                    turn(results[-1] if results else None)
+                started.append(time.time())
+                with load:
+                    passes = [generate(runner, prompts, params, batch_size, on_tokens=bar.update, **run_args,
+                                       **callbacks)
+                              for _ in range(loops)]
                 results.append(merge_passes(passes))
+        if turn is not None:
+            turn(results[-1])
     if ranks is not None:   # this run's other ranks on this host are not "other processes"
         cpu = ranks.gather((platform.node(), load.own_s))
         load.exclude(sum(s for i, (node, s) in enumerate(cpu) if node == platform.node() and i != ranks.rank))
@@ -146,6 +164,8 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling),
                "outputs_identical_across_repeats": all(r.output_ids == results[0].output_ids for r in results),
                "loops_per_repeat": loops,
+               "repeat_throughput_tok_s": [r.throughput_tok_s for r in results],   # in the order timed
+               "repeat_started_unix_s": started,
                **({"resumed_outputs": start} if streamed is not None else {}),
                "batching": _batching(runner, results[0], batch_size, refill),
                **({"parallel": _parallel(ranks, metrics, device)} if ranks is not None else {}),
