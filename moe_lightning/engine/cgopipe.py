@@ -187,6 +187,7 @@ class CGOPipeRunner:
             self.moe = DataParallelMoE(math_spec.num_experts, self.lockstep, kernel=self.kernels)
         self.executor = Executor(device, threads=self.threads, serial=configured().serial)
         self.timeline = RunTimeline(keep_records=trace)
+        self._indices: dict[tuple, torch.Tensor] = {}   # `_index`
         self.link_bytes = {"h2d": 0, "d2h": 0}
         self.mbs: list[MicroBatch] = []
         self.kv_pool: KVBlockPool | None = None
@@ -355,8 +356,8 @@ class CGOPipeRunner:
         for j, mb in enumerate(self.mbs):
             if mb.blocks is not None:   # where each new token goes, and the lengths attended: once per step
                 self._append[j] = (*mb.blocks.append_slots(), mb.blocks.lens + 1)
-            self._tokens[j] = tokens[torch.tensor(mb.at(), device=self.device)]
-            pads = torch.tensor(mb.pads)
+            self._tokens[j] = tokens[self._index(mb.at())]
+            pads = self._index(mb.pads, on_device=False)
             self._positions[j] = (mb.slots - pads).to(self.device)
             self._slots_dev[j] = mb.slots.to(self.device)
             self._new_len[j] = mb.slots + 1
@@ -441,8 +442,19 @@ class CGOPipeRunner:
     def _gather_logits_into(self, per_mb: dict, batch: int) -> torch.Tensor:
         out = torch.empty(batch, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         for j, mb in enumerate(self.mbs):
-            out[torch.tensor(mb.at(), device=self.device)] = per_mb[j].float()
+            out[self._index(mb.at())] = per_mb[j].float()
         return out
+
+    def _index(self, values: list[int], on_device: bool = True) -> torch.Tensor:
+        """`values` as a tensor, memoised: a micro-batch's rows and pads are the same every decode step of
+        a batch, and a tensor a step per micro-batch is host time that small models feel."""
+        key = (tuple(values), on_device)
+        t = self._indices.get(key)
+        if t is None:
+            if len(self._indices) > 4096:
+                self._indices.clear()
+            t = self._indices[key] = torch.tensor(values, device=self.device if on_device else None)
+        return t
 
     # ----------------------------------------------------------------------------------------------
     # transfers (byte-counted)

@@ -47,18 +47,21 @@ class TaskRecord:
 
 
 class _Done:
-    def __init__(self) -> None:
-        self.flag = threading.Event()     # set when launched (stream) or finished (thread)
+    __slots__ = ("flag", "cuda_end", "cuda_start")
+
+    def __init__(self, threaded: bool) -> None:
+        # set when launched (stream) or finished (thread); a graph run on the issuing thread waits on none
+        self.flag = threading.Event() if threaded else None
         self.cuda_end: torch.cuda.Event | None = None
         self.cuda_start: torch.cuda.Event | None = None
 
 
 class _Run:
-    """The state of one graph run, shared by the workers."""
+    """The state of one graph run, shared by the workers (`threaded`: run by them, not the issuing thread)."""
 
-    def __init__(self, graph: TaskGraph, handlers: dict[str, Callable[[Task], None]]):
+    def __init__(self, graph: TaskGraph, handlers: dict[str, Callable[[Task], None]], threaded: bool = True):
         self.graph, self.handlers = graph, handlers
-        self.done = [_Done() for _ in graph.tasks]
+        self.done = [_Done(threaded) for _ in graph.tasks]
         self.records: list[TaskRecord | None] = [None] * len(graph.tasks)
         self.issued = [0.0] * len(graph.tasks)
         self.errors: list[BaseException] = []
@@ -127,6 +130,8 @@ def _execute(run: _Run, task: Task, stream) -> None:
             d.cuda_start.record(stream)
             run.handlers[task.op](task)
             d.cuda_end.record(stream)
+    elif torch.is_inference_mode_enabled():   # a graph run on the issuing thread entered it once
+        run.handlers[task.op](task)
     else:
         with torch.inference_mode():
             run.handlers[task.op](task)
@@ -175,12 +180,13 @@ class Executor:
     # ----------------------------------------------------------------------------------------------
 
     def run(self, graph: TaskGraph, handlers: dict[str, Callable[[Task], None]]) -> list[TaskRecord]:
-        run = _Run(graph, handlers)
+        serial = self.serial or (not self.cuda and graph.is_chain())
+        run = _Run(graph, handlers, threaded=not serial)
         origin = None
         if self.cuda:
             origin = torch.cuda.Event(enable_timing=True)
             origin.record(self.streams[Resource.GPU])
-        if self.serial or (not self.cuda and graph.is_chain()):
+        if serial:
             # Nothing can overlap (or the debug mode asks for none): hand-offs between threads would
             # only add their latency, so the issuing thread runs the tasks itself.
             self._run_serial(run)
@@ -231,11 +237,12 @@ class Executor:
         if self.threads is not None:
             set_thread_count(self.threads.gpu)
         try:
-            for task in run.graph.tasks:
-                run.issued[task.id] = time.perf_counter() - run.t0
-                _execute(run, task, gpu_stream)
-                if self.cuda:
-                    torch.cuda.synchronize(self.device)
+            with torch.inference_mode():   # once for the graph, not per task
+                for task in run.graph.tasks:
+                    run.issued[task.id] = time.perf_counter() - run.t0
+                    _execute(run, task, gpu_stream)
+                    if self.cuda:
+                        torch.cuda.synchronize(self.device)
         finally:
             if self.threads is not None:
                 set_thread_count(self.threads.main)

@@ -135,7 +135,8 @@ class SequenceBlocks:
                 (new,) = self.pool.take(1)
                 self.table[b, len(self.blocks[b])] = new
                 self.blocks[b].append(new)
-        return self.table[torch.arange(len(self.blocks)), self.lens.long() // bs].long(), self.lens.long() % bs
+        lens = self.lens.long()
+        return self.table[torch.arange(len(self.blocks)), lens // bs].long(), lens % bs
 
     def release(self) -> None:
         for ids in self.blocks:
