@@ -141,6 +141,15 @@ def _ensure_ninja() -> None:
 
 
 def _build() -> Any:
+    """Load this machine's build of the kernel, building it first when there is none. torch's own build
+    guard (`cpp_extension.load`'s FileBaton) is a `lock` file that every loading process creates and
+    deletes, even with the library already built; a process killed in that window (Ctrl-C during start-up,
+    a killed trial) leaves the file behind, and every later process waits for it forever. So a built
+    library is loaded directly (its folder's name hashes the source, flags, torch and CPU), and a build
+    runs under an fcntl lock of ours, which the kernel releases when its holder dies; under it, any `lock`
+    file left in the folder is stale and removed."""
+    import fcntl
+
     from torch.utils import cpp_extension
 
     from moe_lightning.engine.tiny import cache_dir
@@ -150,18 +159,27 @@ def _build() -> Any:
                                     _cpu_flags()]).encode()).hexdigest()[:12]
     name = f"moe_lightning_paged_attention_{key}"
     folder = cache_dir() / "torch_extensions" / name
-    _ensure_ninja()
-    for attempt in (0, 1):
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                               build_directory=str(folder), is_python_module=False, verbose=False)
-            return getattr(torch.ops, name)   # the ops the library registered (torch.ops.<name>.<op>)
-        except OSError:   # a corrupt or half-written binary from an earlier run: build it again, once
-            if attempt:
-                raise
-            log.warning("CPU attention extension in %s would not load: rebuilding it", folder)
-            shutil.rmtree(folder, ignore_errors=True)
+    library = folder / f"{name}.so"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{name}.build-lock", "a+") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)   # released by close, or by the kernel if this process dies
+        for attempt in (0, 1):
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                if library.is_file():
+                    torch.ops.load_library(str(library))
+                else:
+                    (folder / "lock").unlink(missing_ok=True)   # torch's, from a process killed mid-load
+                    _ensure_ninja()
+                    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                                       extra_ldflags=["-fopenmp"], build_directory=str(folder),
+                                       is_python_module=False, verbose=False)
+                return getattr(torch.ops, name)   # the ops the library registered (torch.ops.<name>.<op>)
+            except OSError:   # a corrupt or half-written binary from an earlier run: build it again, once
+                if attempt:
+                    raise
+                log.warning("CPU attention extension in %s would not load: rebuilding it", folder)
+                shutil.rmtree(folder, ignore_errors=True)
     raise AssertionError("unreachable")
 
 

@@ -11,13 +11,17 @@ and runs an ordinary softmax attention. Tolerances:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
 
+from moe_lightning.engine.tiny import cache_dir
 from moe_lightning.kernels import cpu_attention as ca
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
@@ -270,6 +274,27 @@ def test_built_once_per_process_under_concurrent_first_use(monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(got) == 4 and all(m is got[0] for m in got)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
+def test_a_process_killed_while_loading_the_kernel_does_not_hang_the_next(tmp_path):
+    """torch's build guard is a `lock` file in the build folder; one left by a killed process made every
+    later process wait for it forever (seen: a test run's killed trial hung every run after it)."""
+    ca.load_extension(required=True)   # built, in this run's cache
+    folders = [f for f in (cache_dir() / "torch_extensions").glob("moe_lightning_paged_attention_*") if f.is_dir()]
+    assert folders
+    stale = [f / "lock" for f in folders]
+    for f in stale:
+        f.touch()
+    try:
+        code = ("from moe_lightning.kernels import cpu_attention as ca; "
+                "print(ca.backend(32, 8, 128), ca._state['ext'] is not None)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, ca.ENV: "cpp"})
+        assert r.returncode == 0 and r.stdout.split() == ["cpp", "True"], r.stderr
+    finally:
+        for f in stale:
+            f.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
