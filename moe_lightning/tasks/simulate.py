@@ -159,8 +159,9 @@ def summary(report: RunReport, sim, hrm) -> str:
     profile = report.hardware["profile"]["name"]
     head = f"  {'':26}{'simulated':>12}{'predicted (HRM)':>17}"
     par = report.extra.get("parallel")
-    lines = [f"parallel: tensor={par['tensor']} x expert={par['expert']} ({par['world_size']} ranks, one simulated "
-             f"with its all-reduces and EPS-pipelined all-to-alls; memory per rank)"] if par else []
+    lines = [f"parallel: tensor={par['tensor']} x expert={par['expert']} ({par['world_size']} ranks; one rank of each "
+             f"expert group simulated with its all-reduces and EPS-pipelined all-to-alls, the groups in lockstep; "
+             f"memory per rank)"] if par else []
     lines += [
         f"simulated {report.system}{note}: {report.model['name']} on profile {profile} (no device used), "
         f"workload {report.workload['name']} ({sim.num_requests} requests = {b} batch{'es' if b != 1 else ''} of "

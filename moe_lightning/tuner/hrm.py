@@ -43,7 +43,10 @@ average, `decode_context`; prompts at their real lengths, `prompt_moments`):
   modelled, never a pooled GPU: its shard of the shapes, one GPU, its share of the host, its share of the
   batch (N / E per expert group), plus its collectives per micro-batch on the GPU's critical path (two
   all-reduces a layer over the tensor group, the expert all-to-alls EPS-pipelined against the expert
-  GEMMs, `moe_lightning.comm`); the machine's tokens/s are the E groups' together.
+  GEMMs, `moe_lightning.comm`); the machine's tokens/s are the E groups' together, each group taken to
+  be group 0 (every E-th request): the groups' lockstep (the slowest group's forward sets each forward's
+  pace, a finished group's ghost forwards, the all-reduce that starts each forward) is the simulator's
+  to charge (`simulator.lockstep`).
 
 Deliberately not modelled: the QKV/O projections, router and norms in decode (about 3% of a layer's
 bytes for Mixtral), embedding and LM head, kernel launch and synchronisation overheads (but for EPS-MoE's

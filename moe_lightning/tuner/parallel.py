@@ -20,6 +20,10 @@ The shard is the engine's (`engine.parallel.rank_spec`: the router and expert bi
 and LM head replicated, DeepSeek MLA's latent cache whole on each of a group's T ranks), but for top_k,
 kept whole here: a rank's FLOPs are its group's tokens x top_k over its 1/E of the experts.
 
+The groups' requests differ (prompt lengths, how many each gets): the simulator times every group and
+paces them in lockstep, as the engine runs them (`simulator.lockstep`); the HRM takes every group to be
+group 0.
+
 Not modelled: expert load imbalance across ranks (every rank gets tokens x top_k / E routings), and what
 `moe_lightning.comm` leaves out.
 """

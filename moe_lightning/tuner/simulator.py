@@ -29,10 +29,17 @@ durations):
   asks for a subset, in which case the steps in between are interpolated linearly and
   `SimResult.decode_steps_simulated` says how many were simulated);
 - no early stop at EOS: every sequence generates `workload.gen_len` tokens (as `sampling.ignore_eos`);
-- several GPUs (`parallel`, T x E ranks): one rank of expert group 0 is simulated, with its shard of the
-  shapes, its share of the host, every E-th request, and its collectives in its GPU tasks
-  (`moe_lightning.tuner.parallel`, `TaskCosts.comm`); the E groups run in lockstep (their all-to-alls
-  pair up), so the machine generates every request's tokens in group 0's time.
+- several GPUs (`parallel`, T x E ranks): one rank of each expert group is simulated, with its shard of
+  the shapes, its share of the host, its requests (every E-th, `engine.data_parallel.shares`), and its
+  collectives in its GPU tasks (`moe_lightning.tuner.parallel`, `TaskCosts.comm`); groups whose requests
+  have the same lengths are simulated once. The groups then run in lockstep as the engine's `Lockstep`
+  keeps them (`lockstep`): forward i of every group (a prefill round or a decode step) pairs with
+  forward i of the others, so it lasts as long as the slowest of them, plus the one small all-reduce
+  that starts it; a group that has finished keeps joining with ghost forwards until the last group is
+  done. Prefill and decode are each group's own forwards at the machine's pace, the slowest group's
+  (as `generate_data_parallel` reports them). A forward's layers are paced as a whole, not layer by
+  layer (each MoE layer's all-to-alls pair up too, which can only add to this), and a ghost forward is
+  assumed never to be the slowest of its round.
 
 On a CPU-only machine (`hardware.gpu.shares_host`) every resource runs on the same cores and memory
 bus; there the tasks that run at the same time share it equally (processor sharing) instead of
@@ -69,6 +76,7 @@ from typing import Protocol
 
 import numpy as np
 
+from moe_lightning.comm import all_reduce_s
 from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.engine.executor import TaskRecord
 from moe_lightning.report import Metrics
@@ -262,6 +270,8 @@ class SimResult:
     tasks_simulated: int
     sim_wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    prefill_batch_s: list[float] = field(default_factory=list)   # each batch's (admission round's) prefill
+    groups: list[dict] = field(default_factory=list)              # several expert groups: each one's figures
 
     @property
     def total_s(self) -> float:
@@ -294,7 +304,17 @@ class SimResult:
                 "prefill_utilisation": self.prefill_utilisation, "link_bytes": self.link_bytes,
                 "num_batches": self.num_batches, "decode_steps_total": self.decode_steps_total,
                 "decode_steps_simulated": self.decode_steps_simulated,
-                "tasks_simulated": self.tasks_simulated, "sim_wall_s": self.sim_wall_s, "notes": self.notes}
+                "tasks_simulated": self.tasks_simulated, "sim_wall_s": self.sim_wall_s, "notes": self.notes,
+                **({"groups": self.groups} if self.groups else {})}
+
+    def forwards(self) -> list[tuple[str, float]]:
+        """(phase, seconds) of each forward in the order run: each batch's prefill, then its decode steps."""
+        steps = self.decode_steps_total // self.num_batches if self.num_batches else 0
+        out: list[tuple[str, float]] = []
+        for b, pre in enumerate(self.prefill_batch_s):
+            out.append(("prefill", pre))
+            out += [("decode", s) for s in self.decode_step_s[b * steps:(b + 1) * steps]]
+        return out
 
 
 def admitted_shapes(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], policy: Policy, workload: Workload,
@@ -418,11 +438,24 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
         full = list(prompt_lengths) if prompt_lengths is not None else synthetic_lengths(workload)
         policy_r = view.policy(policy)
         costs = costs or TaskCosts.for_policy(view.spec, view.hw, policy_r, comm=view.comm)
-        res = simulate_run(view.spec, view.hw, view.workload(workload), policy_r, full[::view.groups], costs=costs,
-                           keep_graphs=keep_graphs, max_decode_steps=max_decode_steps, schedule=schedule,
-                           admission=admission, kv_block_size=kv_block_size, kv_tokens=kv_tokens)
+        runs: dict[tuple[int, ...], SimResult] = {}
+        for share in (tuple(full[g::view.groups]) for g in range(view.groups)):
+            if share and share not in runs:
+                runs[share] = simulate_run(
+                    view.spec, view.hw, replace(workload, num_requests=len(share)), policy_r, share, costs=costs,
+                    keep_graphs=keep_graphs, max_decode_steps=max_decode_steps, schedule=schedule,
+                    admission=admission, kv_block_size=kv_block_size, kv_tokens=kv_tokens)
+        groups = [runs.get(tuple(full[g::view.groups])) for g in range(view.groups)]
+        # the all-reduce that starts each forward: running, and each micro-batch slot's tokens (int64)
+        sync_s = all_reduce_s(8 * (policy_r.num_micro_batches + 1), view.groups,
+                              latency_s=view.comm.latency_s, bytes_per_s=view.comm.bytes_per_s) if view.comm else 0.0
+        res = lockstep(groups, sync_s)
         note = (f"one rank of tensor={parallel.tensor} x expert={parallel.expert} simulated (its collectives in its "
-                f"GPU tasks); the {view.groups} expert group{'s' if view.groups > 1 else ''} in lockstep")
+                "GPU tasks)")
+        if view.groups > 1:
+            note = (f"one rank of each of the {view.groups} expert groups of tensor={parallel.tensor} x "
+                    f"expert={parallel.expert} simulated (its collectives in its GPU tasks), in lockstep: "
+                    f"{max(g['ghost_forwards'] for g in res.groups)} ghost forwards at most")
         return replace(res, generated_tokens=len(full) * workload.gen_len, num_requests=len(full),
                        notes=[*res.notes, note])
     t0 = time.perf_counter()
@@ -447,6 +480,7 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
         return graphs[phase, shape]
 
     prefill_s = decode_s = 0.0
+    prefill_walls: list[float] = []
     step_walls: list[float] = []
     n_steps = workload.gen_len - 1
     simulated_steps = 0
@@ -464,8 +498,9 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
                           prefetch=policy.prefetch_depth, gpu_kv=gpu_kv, dense_layers=frozenset(spec.dense_layers))
         g, c = graph_for("prefill", shape)
         dur, nbytes = _costs_of(g, costs, mbs)
-        prefill_s += acc.add("prefill", g, c, dur, nbytes, timed(c, dur.tolist(), costs.issue_s, costs.sync_s)) \
-            + costs.step_s
+        prefill_walls.append(acc.add("prefill", g, c, dur, nbytes, timed(c, dur.tolist(), costs.issue_s,
+                                                                         costs.sync_s)) + costs.step_s)
+        prefill_s += prefill_walls[-1]
         if n_steps <= 0:
             continue
         g, c = graph_for("decode", shape)
@@ -515,7 +550,33 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
         link_bytes={"h2d": int(acc.link[_H2D]), "d2h": int(acc.link[_D2H])}, timeline=tl,
         num_batches=len(batches), decode_steps_total=n_steps * len(batches),
         decode_steps_simulated=simulated_steps, tasks_simulated=acc.tasks,
-        sim_wall_s=time.perf_counter() - t0, notes=notes)
+        sim_wall_s=time.perf_counter() - t0, notes=notes, prefill_batch_s=prefill_walls)
+
+
+def lockstep(groups: Sequence[SimResult | None], sync_s: float = 0.0) -> SimResult:
+    """The machine's run from each expert group's own simulated run (None: a group with no requests),
+    paced as `engine.data_parallel.Lockstep` paces them (module docstring): forward i lasts the slowest
+    group's forward i plus `sync_s`; a finished group's ghost forwards keep pace. Utilisation, link bytes
+    and the timeline are the first group's rank's."""
+    seqs = [g.forwards() if g is not None else [] for g in groups]
+    pace = [max(s[i][1] for s in seqs if i < len(s)) + sync_s for i in range(max(map(len, seqs)))]
+    total = sum(pace)
+    rows = []
+    for n, s in enumerate(seqs):
+        pre = sum(pace[i] for i, (phase, _) in enumerate(s) if phase == "prefill")
+        rows.append({"group": n, "requests": groups[n].num_requests if groups[n] else 0, "forwards": len(s),
+                     "ghost_forwards": len(pace) - len(s), "prefill_s": pre, "decode_s": total - pre,
+                     "own_s": sum(t for _, t in s)})
+    first = next(g for g in groups if g is not None)
+    return replace(
+        first, prefill_s=max(r["prefill_s"] for r in rows), decode_s=max(r["decode_s"] for r in rows),
+        decode_step_s=[pace[i] for s in seqs for i, (phase, _) in enumerate(s) if phase == "decode"],
+        prefill_batch_s=[pace[i] for i, (phase, _) in enumerate(seqs[0]) if phase == "prefill"],
+        num_batches=max(g.num_batches for g in groups if g is not None),
+        decode_steps_total=sum(g.decode_steps_total for g in groups if g is not None),
+        decode_steps_simulated=sum(g.decode_steps_simulated for g in groups if g is not None),
+        tasks_simulated=sum(g.tasks_simulated for g in groups if g is not None),
+        sim_wall_s=sum(g.sim_wall_s for g in groups if g is not None), groups=rows)
 
 
 def default_max_decode_steps(workload: Workload, policy: Policy, spec: ModelSpec,

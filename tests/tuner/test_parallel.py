@@ -154,6 +154,46 @@ def test_the_simulator_charges_collectives(tensor, expert):
     assert view.hw.gpu.count == 1 and view.hw.cpu.cores == 2
 
 
+@pytest.mark.parametrize("admission", [False, True])
+def test_simulated_expert_groups_keep_in_step_so_the_slowest_group_sets_the_pace(admission):
+    """Each group runs every E-th request. Long prompts all in one group (either group) must be slower than
+    the same prompts spread over both: the machine waits for its slowest group every forward."""
+    from moe_lightning.tuner.simulator import simulate_run
+
+    wl = Workload(prompt_len_avg=21, prompt_len_max=40, gen_len=4, num_requests=16)
+    policy = Policy(batch_size=8, micro_batch_size=4, attn_on_gpu=False, ffn_on_gpu=True)
+    par = ParallelConfig(expert=2)
+
+    def run(lengths):
+        return simulate_run(SPEC, HW2, wl, policy, lengths, parallel=par, admission=admission)
+
+    spread = run([40, 40, 2, 2] * 4)        # each group: half long, half short
+    first = run([40, 2] * 8)                # group 0 every long prompt
+    second = run([2, 40] * 8)               # group 1 every long prompt
+    assert first.total_s == pytest.approx(second.total_s, rel=1e-9)
+    assert first.total_s > spread.total_s
+    assert first.generated_tokens == spread.generated_tokens == 16 * 4
+    assert [g["requests"] for g in first.groups] == [8, 8]
+    slow = max(first.groups, key=lambda g: g["own_s"])
+    assert slow["prefill_s"] + slow["decode_s"] == pytest.approx(first.total_s)   # the pace is the slowest's
+
+
+def test_a_simulated_group_that_runs_out_of_requests_keeps_pace_with_ghost_forwards():
+    """Three requests over two groups in static batches of one: group 0 runs two batches, group 1 one, then
+    joins group 0's second batch with ghost forwards (a prefill and gen_len - 1 decode steps), as the
+    engine's Lockstep does; the groups' forwards, own and ghost, are as many."""
+    from moe_lightning.tuner.simulator import simulate_run
+
+    wl = Workload(prompt_len_avg=8, prompt_len_max=8, gen_len=5, num_requests=3)
+    policy = Policy(batch_size=2, micro_batch_size=2, attn_on_gpu=False, ffn_on_gpu=True)
+    sim = simulate_run(SPEC, HW2, wl, policy, [8, 8, 8], parallel=ParallelConfig(expert=2), admission=False)
+    g0, g1 = sim.groups
+    assert (g0["forwards"], g0["ghost_forwards"]) == (2 * 5, 0)
+    assert (g1["forwards"], g1["ghost_forwards"]) == (5, 5)
+    assert g1["own_s"] < g0["own_s"] < sim.prefill_s + sim.decode_s   # + the all-reduce starting each forward
+    assert sim.generated_tokens == 3 * 5
+
+
 def test_a_simulated_study_on_several_gpus_searches_the_plans_layout_in_whole_expert_groups():
     from moe_lightning.run_config import RunConfig
     from moe_lightning.tuner.search import fits_layout, study_layout
