@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time: most tests
+# are one single-threaded process (a CLI subprocess, a tiny model), so two keep two cores busy. 1: in this
+# process, no xdist.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint regression clean
 
@@ -32,7 +36,7 @@ run: $(STAMP)
 	$(VENV)/bin/moe-lightning $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 regression: $(STAMP)
 	$(PY) benchmarks/regression.py

@@ -40,7 +40,9 @@ OVERLAP_KEEP = 0.5          # the overlap gain (overlap - 1) may shrink to this 
 SIM_ERROR_SLACK = 0.15      # the simulator's error may grow by this much (absolute) over the reference's
 
 
-def measure(rounds: int, serial: bool) -> dict:
+def measure(rounds: int, serial: bool, profiles: tuple | None = None) -> dict:
+    """`profiles`: the (before, after) hardware profiles to simulate on instead of calibrating this host
+    twice (the self-test of the overlap signal, which does not judge the simulator)."""
     from moe_lightning.config import Policy, Sampling, ThreadsConfig, Workload
     from moe_lightning.report import Spread
     from moe_lightning.run_config import RunConfig
@@ -56,7 +58,7 @@ def measure(rounds: int, serial: bool) -> dict:
     policy = Policy(batch_size=8, micro_batch_size=2, expert_gpu_fraction=0.25, expert_kernel="loop")
     base = RunConfig(model=model, workload=workload, policy=policy, hardware=load_preset("hardware", "cpu"),
                      device="cpu", sampling=Sampling(ignore_eos=True), threads=ThreadsConfig(serial=serial))
-    before = hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")
+    before = profiles[0] if profiles else hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")
     tok_s: dict[str, list[float]] = {"reference": [], "cgopipe": []}
     overlap, e2e_s, outputs, hosts, threads = [], [], {}, [], None
     systems = (("reference", ReferenceSystem()), ("cgopipe", CGOPipeSystem()))
@@ -74,7 +76,7 @@ def measure(rounds: int, serial: bool) -> dict:
                 overlap.append(sum(timeline.busy_s["decode"].values()) / timeline.wall_s["decode"])
                 e2e_s.append(m.prefill_s + m.decode_s)
                 threads = gen.report.environment["threads"]
-    after = hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")
+    after = profiles[1] if profiles else hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")
     sims = [simulate_run(model, here, workload, policy) for here in (before, after)]
     sim_each = [s.prefill_s + s.decode_s for s in sims]
     sim_e2e = sum(sim_each) / 2

@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,19 +79,24 @@ RANKS_RUN = ("task=generate", "system=cgopipe", "parallel.expert=2", "workload.n
              "policy.batch_size=4", "policy.micro_batch_size=2", "task.progress=false", "outputs=out.jsonl")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_ranks_run(tmp_path_factory, tiny_path) -> Path:
+    """The outputs file of RANKS_RUN run to the end (one run for both signals' tests)."""
+    whole = tmp_path_factory.mktemp("whole")
+    done = subprocess.run([sys.executable, "-m", "moe_lightning", *RANKS_RUN], cwd=whole, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return whole / "out.jsonl"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_an_interrupted_several_rank_run_keeps_its_outputs_and_resumes(tmp_path, tiny_path, sig, code):
+def test_an_interrupted_several_rank_run_keeps_its_outputs_and_resumes(tmp_path, uninterrupted_ranks_run, sig, code):
     """SIGTERM/SIGINT to the launcher reach the ranks: rank 0 keeps its group's finished outputs and says so
     in one line (no agent logs, no traceback, no rank left running); `resume=true` then skips them on
     every rank (each expert group runs its share of the rest) and ends with an uninterrupted run's file."""
     from tests.tasks.test_streamed_outputs import interrupt_after, rows_in
 
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    done = subprocess.run([sys.executable, "-m", "moe_lightning", *RANKS_RUN], cwd=whole, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
     part = tmp_path / "out.jsonl.part"
     proc = subprocess.Popen([sys.executable, "-m", "moe_lightning", *RANKS_RUN], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -103,7 +109,7 @@ def test_an_interrupted_several_rank_run_keeps_its_outputs_and_resumes(tmp_path,
     resumed = subprocess.run([sys.executable, "-m", "moe_lightning", *RANKS_RUN, "resume=true"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert (tmp_path / "out.jsonl").read_bytes() == (whole / "out.jsonl").read_bytes()
+    assert (tmp_path / "out.jsonl").read_bytes() == uninterrupted_ranks_run.read_bytes()
     doc = json.loads(next((tmp_path / "runs").rglob("run.json")).read_text())
     assert doc["extra"]["resumed_outputs"] == kept
     groups = doc["extra"]["batching"]["data_parallel_attention"]["groups"]
