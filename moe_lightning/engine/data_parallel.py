@@ -151,8 +151,8 @@ def generate_data_parallel(runner, prompts: Sequence[Sequence[int]], params, bat
     not in `skip` (nor before `start`), by admission (the unpadded mode) or in static batches of
     `batch_size` (the group's), then ghost forwards until every group is done. Every rank returns the
     whole machine's result: outputs by request index (skipped ones empty), prefill the slowest group's,
-    decode the slowest group's decode and ghost forwards together (the groups step together, so that is
-    the machine's time), `groups` each group's own figures. `on_finished` gets this group's requests as
+    decode the rest of the machine's time (the groups step together: a group's prefill, decode and ghost
+    forwards add up to it), `groups` each group's own figures. `on_finished` gets this group's requests as
     they finish, then the other groups' at the end."""
     from moe_lightning.engine.generation import AdmissionStats, GenerationResult, generate_admitted, generate_batches
 
@@ -189,8 +189,11 @@ def generate_data_parallel(runner, prompts: Sequence[Sequence[int]], params, bat
         for r, out in g.outputs.items():
             result.output_ids[r] = out
         result.decode_step_s += steps
+    # Every group takes part in every forward, so each group's own prefill, decode and ghost forwards add up
+    # to the machine's time: prefill is the slowest group's, decode the rest of the longest of those sums
+    # (so prefill + decode is the machine's time, not one group's prefill plus another's decode).
     result.prefill_s = max(g.prefill_s for g, _, _ in runs)
-    result.decode_s = max(g.decode_s + g.ghost_s for g, _, _ in runs)
+    result.decode_s = max(g.prefill_s + g.decode_s + g.ghost_s for g, _, _ in runs) - result.prefill_s
     stats = [s for _, _, s in runs if s is not None]
     if stats:
         result.admission = AdmissionStats(prefill_rounds=max(s.prefill_rounds for s in stats),

@@ -139,7 +139,7 @@ def _heartbeat(study, trial_id: int) -> Iterator[None]:
         thread.join(5)
 
 
-def _worker(cfg: RunConfig, parent_pid: int) -> None:
+def _worker(cfg: RunConfig, parent_pid: int, index: int) -> None:
     """An extra worker process: run trials of the shared study until it holds n_trials. Dies with the
     tune's main process."""
     from moe_lightning.tuner.processes import tie_to_parent
@@ -160,7 +160,7 @@ def _worker(cfg: RunConfig, parent_pid: int) -> None:
         # processes that take the measurement lock one at a time and use the full layout.
         set_thread_count(worker_process_threads(cfg.tuner.workers, cfg.threads))
         spec, _ = resolve_model(cfg.model)
-        study = open_study(cfg, spec)
+        study = open_study(cfg, spec, worker=index)
         run_trials(study, cfg, spec, say=lambda line: print(line, flush=True))
     except KeyboardInterrupt as exc:
         sys.exit(getattr(exc, "exit_code", 130))
@@ -329,8 +329,8 @@ class TuneTask:
                             **{f"param/{k}": v for k, v in event["params"].items()}})   # live, this worker's
 
         # Spawned from this (the main) thread: PR_SET_PDEATHSIG fires when the spawning thread exits.
-        workers = [mp.get_context("spawn").Process(target=_worker, args=(cfg, os.getpid()), daemon=False)
-                   for _ in range(cfg.tuner.workers - 1)] if remaining else []
+        workers = [mp.get_context("spawn").Process(target=_worker, args=(cfg, os.getpid(), k), daemon=False)
+                   for k in range(1, cfg.tuner.workers)] if remaining else []
         try:
             with sigint_ignored_by_children():
                 for w in workers:

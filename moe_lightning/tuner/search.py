@@ -122,8 +122,11 @@ def shown_url(url: str) -> str:
         return url
 
 
-def open_study(cfg: RunConfig, spec: ModelSpec):
-    """Create the study, or resume it if its fingerprint equals this config's (else one-line refusal)."""
+def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
+    """Create the study, or resume it if its fingerprint equals this config's (else one-line refusal).
+    `worker`: which of the tune's processes opens it (0 the main one). Each samples from its own seed,
+    `tuner.seed + worker`: samplers of one seed in several processes draw the same random start-up
+    trials, so parallel workers measured the same policies."""
     import warnings
 
     import optuna
@@ -152,7 +155,7 @@ def open_study(cfg: RunConfig, spec: ModelSpec):
     except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database
         raise ConfigError(f"tuner.storage={shown_url(url)!r}: cannot open ({str(exc).splitlines()[0]})") from None
     directions = ["maximize", "minimize"] if cfg.tuner.multi_objective else ["maximize"]
-    sampler = optuna.samplers.TPESampler(seed=cfg.tuner.seed, multivariate=True)
+    sampler = optuna.samplers.TPESampler(seed=cfg.tuner.seed + worker, multivariate=True)
     exists = name in {s.study_name for s in storage.get_all_studies()}
     if exists:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)

@@ -36,10 +36,10 @@ durations):
   keeps them (`lockstep`): forward i of every group (a prefill round or a decode step) pairs with
   forward i of the others, so it lasts as long as the slowest of them, plus the one small all-reduce
   that starts it; a group that has finished keeps joining with ghost forwards until the last group is
-  done. Prefill and decode are each group's own forwards at the machine's pace, the slowest group's
-  (as `generate_data_parallel` reports them). A forward's layers are paced as a whole, not layer by
-  layer (each MoE layer's all-to-alls pair up too, which can only add to this), and a ghost forward is
-  assumed never to be the slowest of its round.
+  done. Prefill is the group whose own prefill forwards took longest at the machine's pace, decode the
+  rest of the machine's time (as `generate_data_parallel` reports them). A forward's layers are paced
+  as a whole, not layer by layer (each MoE layer's all-to-alls pair up too, which can only add to
+  this), and a ghost forward is assumed never to be the slowest of its round.
 
 On a CPU-only machine (`hardware.gpu.shares_host`) every resource runs on the same cores and memory
 bus; there the tasks that run at the same time share it equally (processor sharing) instead of
@@ -568,8 +568,9 @@ def lockstep(groups: Sequence[SimResult | None], sync_s: float = 0.0) -> SimResu
                      "ghost_forwards": len(pace) - len(s), "prefill_s": pre, "decode_s": total - pre,
                      "own_s": sum(t for _, t in s)})
     first = next(g for g in groups if g is not None)
+    prefill_s = max(r["prefill_s"] for r in rows)
     return replace(
-        first, prefill_s=max(r["prefill_s"] for r in rows), decode_s=max(r["decode_s"] for r in rows),
+        first, prefill_s=prefill_s, decode_s=total - prefill_s,
         decode_step_s=[pace[i] for s in seqs for i, (phase, _) in enumerate(s) if phase == "decode"],
         prefill_batch_s=[pace[i] for i, (phase, _) in enumerate(seqs[0]) if phase == "prefill"],
         num_batches=max(g.num_batches for g in groups if g is not None),

@@ -139,6 +139,20 @@ def test_two_workers_share_one_study(tmp_path, tiny_path):
     assert {t.system_attrs.get("fixed_params") is not None for t in study.trials if t.user_attrs.get("seed")} == {True}
 
 
+def test_each_worker_of_a_tune_samples_from_its_own_seed(tmp_path, tiny_path):
+    """Workers open the study with tuner.seed + their index: with one seed for all, a tune's workers drew
+    the same random start-up trials (seen: both trials of a two-worker measured tune were one policy)."""
+    from moe_lightning.tuner.search import suggest
+
+    cfg = make_cfg(tmp_path, "seeds", objective="simulate", seed_with_hrm=False)
+    spec = spec_of(cfg)
+    firsts = []
+    for worker in (0, 1):
+        study = open_study(cfg, spec, worker=worker)
+        firsts.append(suggest(study.ask(), cfg, spec))
+    assert firsts[0] != firsts[1]
+
+
 def test_a_trial_killed_before_its_first_heartbeat_is_failed_on_resume(tmp_path, tiny_path):
     from moe_lightning.tuner.search import fail_orphaned_trials
 
