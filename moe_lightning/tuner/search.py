@@ -124,9 +124,10 @@ def shown_url(url: str) -> str:
 
 def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
     """Create the study, or resume it if its fingerprint equals this config's (else one-line refusal).
-    `worker`: which of the tune's processes opens it (0 the main one). Each samples from its own seed,
-    `tuner.seed + worker`: samplers of one seed in several processes draw the same random start-up
-    trials, so parallel workers measured the same policies."""
+    `worker`: which of the tune's processes opens it (0 the main one). Each process samples from its own
+    seed, `tuner.seed + worker`, and a resumed study from one offset by the trials it holds: samplers of
+    one seed draw the same random start-up trials, so parallel workers, and a resumed tune after its
+    first run, measured policies already measured."""
     import warnings
 
     import optuna
@@ -159,6 +160,10 @@ def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
     exists = name in {s.study_name for s in storage.get_all_studies()}
     if exists:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        held = len(study.get_trials(deepcopy=False))
+        if held:
+            study.sampler = optuna.samplers.TPESampler(seed=cfg.tuner.seed + worker + 1_000_003 * held,
+                                                       multivariate=True)
     else:
         study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                     load_if_exists=True)

@@ -153,6 +153,24 @@ def test_each_worker_of_a_tune_samples_from_its_own_seed(tmp_path, tiny_path):
     assert firsts[0] != firsts[1]
 
 
+def test_a_resumed_tune_does_not_sample_its_first_runs_trials_again(tmp_path, tiny_path):
+    """A resumed study's sampler is seeded apart from the first run's: with the same seed its random
+    start-up draws were the first run's again (TPE samples at random until 10 trials have finished)."""
+    from moe_lightning.tuner.search import suggest
+
+    cfg = make_cfg(tmp_path, "again", objective="simulate", seed_with_hrm=False)
+    spec = spec_of(cfg)
+    study = open_study(cfg, spec)
+    first = []
+    for value in (1.0, 2.0, 3.0):
+        trial = study.ask()
+        first.append(suggest(trial, cfg, spec))
+        study.tell(trial, value)
+    resumed = open_study(cfg, spec)
+    again = [suggest(resumed.ask(), cfg, spec) for _ in range(3)]
+    assert not [p for p in again if p in first], (first, again)
+
+
 def test_a_trial_killed_before_its_first_heartbeat_is_failed_on_resume(tmp_path, tiny_path):
     from moe_lightning.tuner.search import fail_orphaned_trials
 
