@@ -670,6 +670,7 @@ class TunerConfig:
         _check(self.trial_memory_gib >= 0, "tuner.trial_memory_gib", f"must be >= 0, got {self.trial_memory_gib}")
         check_repeats(self.repeats, self.max_cv, "tuner", self.min_repeat_s)
         _check(self.remeasure >= 0, "tuner.remeasure", f"must be >= 0, got {self.remeasure}")
+        _check(0 <= self.seed < 2**32, "tuner.seed", f"must be 0 to 2**32 - 1 (the sampler's seed), got {self.seed}")
 
 
 @dataclass

@@ -422,6 +422,8 @@ CASES = [
     Case("tune-study-single-to-multi", ("tuner.objective=simulate", "tuner.multi_objective=true", "tuner.n_trials=1",
                                         "tuner.study_name=kinds"),
          "multi_objective: false -> true", setup=simulated_study("kinds"), task="tune", base=TUNE),
+    Case("tune-negative-seed", ("tuner.objective=simulate", "tuner.seed=-3"), "tuner.seed: must be 0 to 2**32 - 1",
+         task="tune", base=TUNE),
     # Reports
     Case("report-no-match", ("task.inputs=[nothing/*.json]",), "no run documents", task="report", base=()),
     Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",
