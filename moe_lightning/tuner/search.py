@@ -156,16 +156,19 @@ def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
     except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database
         raise ConfigError(f"tuner.storage={shown_url(url)!r}: cannot open ({str(exc).splitlines()[0]})") from None
     directions = ["maximize", "minimize"] if cfg.tuner.multi_objective else ["maximize"]
-    sampler = optuna.samplers.TPESampler(seed=(cfg.tuner.seed + worker) % 2**32, multivariate=True)
+
+    def sampler(held: int = 0):
+        return optuna.samplers.TPESampler(seed=(cfg.tuner.seed + worker + 1_000_003 * held) % 2**32,
+                                          multivariate=True)
+
     exists = name in {s.study_name for s in storage.get_all_studies()}
     if exists:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler())
         held = len(study.get_trials(deepcopy=False))
         if held:
-            study.sampler = optuna.samplers.TPESampler(seed=(cfg.tuner.seed + worker + 1_000_003 * held) % 2**32,
-                                                       multivariate=True)
+            study.sampler = sampler(held)
     else:
-        study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler(),
                                     load_if_exists=True)
     check_identity(study, fields)
     if len(study.directions) != len(directions):

@@ -438,14 +438,15 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
         full = list(prompt_lengths) if prompt_lengths is not None else synthetic_lengths(workload)
         policy_r = view.policy(policy)
         costs = costs or TaskCosts.for_policy(view.spec, view.hw, policy_r, comm=view.comm)
+        shares = [tuple(full[g::view.groups]) for g in range(view.groups)]
         runs: dict[tuple[int, ...], SimResult] = {}
-        for share in (tuple(full[g::view.groups]) for g in range(view.groups)):
+        for share in shares:
             if share and share not in runs:
                 runs[share] = simulate_run(
                     view.spec, view.hw, replace(workload, num_requests=len(share)), policy_r, share, costs=costs,
                     keep_graphs=keep_graphs, max_decode_steps=max_decode_steps, schedule=schedule,
                     admission=admission, kv_block_size=kv_block_size, kv_tokens=kv_tokens)
-        groups = [runs.get(tuple(full[g::view.groups])) for g in range(view.groups)]
+        groups = [runs.get(share) for share in shares]
         # the all-reduce that starts each forward: running, and each micro-batch slot's tokens (int64)
         sync_s = all_reduce_s(8 * (policy_r.num_micro_batches + 1), view.groups,
                               latency_s=view.comm.latency_s, bytes_per_s=view.comm.bytes_per_s) if view.comm else 0.0
