@@ -637,6 +637,29 @@ class Policy:
         return self.pages_per_layer or self.num_micro_batches
 
 
+# The fields a policy rule decides (the HRM plan, a baseline's own chooser): batching, placement and the
+# page schedule. The others (kernel, KV and weight dtypes, dequantization) stay the user's under any rule.
+RULE_FIELDS = ("batch_size", "micro_batch_size", "attn_on_gpu", "ffn_on_gpu", "expert_gpu_fraction",
+               "kv_gpu_fraction", "pages_per_layer", "prefetch_depth")
+
+
+def set_policy_fields(policy: Policy, names: tuple[str, ...] = RULE_FIELDS) -> dict[str, object]:
+    """The fields among `names` that `policy` sets away from their defaults, e.g. from the command line."""
+    default = Policy()
+    return {n: getattr(policy, n) for n in names if getattr(policy, n) != getattr(default, n)}
+
+
+def ruled_policy(chosen: Policy, given: Policy, rule: str, instead: str) -> Policy:
+    """`given` with the fields `rule` decides taken from `chosen`. A field the user set that the rule
+    decides would be silently replaced: it is refused, and `instead` says how to run it."""
+    set_here = set_policy_fields(given)
+    if set_here:
+        name, value = next(iter(set_here.items()))
+        raise ConfigError(f"policy.{name}={value}: {rule} chooses the policy's batching and placement, so it would "
+                          f"be ignored; {instead}")
+    return dataclasses.replace(given, **{n: getattr(chosen, n) for n in RULE_FIELDS})
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 

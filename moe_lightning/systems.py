@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING
 # The baselines (FlexGen, FlexGen(c), DeepSpeed, FastDecode, accelerate): their configs live beside their
 # schedules in moe_lightning.baselines, which imports only the ground floor.
 from moe_lightning.baselines import BASELINE_SYSTEMS
-from moe_lightning.config import EXPERT_KERNELS, HardwareSpec, ModelSpec, Policy, Workload, _check, _choice
+from moe_lightning.config import (
+    EXPERT_KERNELS,
+    HardwareSpec,
+    ModelSpec,
+    Policy,
+    Workload,
+    _check,
+    _choice,
+    ruled_policy,
+)
 
 if TYPE_CHECKING:   # torch is imported by what runs, not by the config schema (the CLI checks it first)
     import torch
@@ -50,7 +59,7 @@ class CGOPipeSystem:
     CPU -> pinned -> GPU, under the hardware profile's GPU memory budget. Knobs are in `policy`."""
 
     name: str = "cgopipe"
-    policy_source: str = "given"    # given: cfg.policy as is; auto: the HRM optimizer's policy
+    policy_source: str = "given"    # given: cfg.policy as is; auto: batching and placement from the HRM plan
     kv_block_size: int = 16         # unpadded mode: the KV cache in blocks of this many tokens; 0: dense
     kv_cache_tokens: int = 0        # the KV cache's size in tokens; 0: the plan's (N x (avg prompt + gen_len))
     refill: bool = True             # unpadded mode: admit waiting requests as soon as others finish
@@ -70,7 +79,9 @@ class CGOPipeSystem:
         # On several ranks the plan is the machine's for this run's T x E (each group runs its share of it)
         ranks = current()
         split = ParallelConfig(tensor=ranks.tensor, expert=ranks.expert) if ranks is not None else None
-        return cgopipe_policy(spec, hardware, workload, parallel=split)
+        return ruled_policy(cgopipe_policy(spec, hardware, workload, parallel=split), given,
+                            "system.policy_source=auto (the HRM plan)",
+                            "set system.policy_source=given to run the given policy")
 
     def build(self, spec: ModelSpec, source: WeightSource, hardware: HardwareSpec, policy: Policy,
               workload: Workload, device: torch.device, trace: bool = False,

@@ -424,6 +424,17 @@ CASES = [
          "multi_objective: false -> true", setup=simulated_study("kinds"), task="tune", base=TUNE),
     Case("tune-negative-seed", ("tuner.objective=simulate", "tuner.seed=-3"), "tuner.seed: must be 0 to 2**32 - 1",
          task="tune", base=TUNE),
+    # A policy field that a rule or a search would replace is refused, not ignored
+    Case("simulate-plan-beside-a-given-batch", ("policy.batch_size=16",), "policy.batch_size=16: task.use_plan=true",
+         task="simulate", base=()),
+    Case("generate-own-rule-beside-a-given-batch", ("system=flexgen", "policy.micro_batch_size=2"),
+         "policy.micro_batch_size=2: system.policy_source=auto (flexgen's own rule)"),
+    Case("bench-plan-beside-a-given-page-schedule", ("task.plan=true", "policy.prefetch_depth=3"),
+         "policy.prefetch_depth=3: task.plan=true", task="bench"),
+    Case("compare-own-rules-beside-a-given-batch", ("policy.batch_size=4",),
+         "policy.batch_size=4: with task.policy_source=auto", task="compare"),
+    Case("tune-beside-a-searched-field", ("tuner.objective=simulate", "policy.kv_gpu_fraction=0.5"),
+         "policy.kv_gpu_fraction=0.5: task=tune searches it", task="tune", base=TUNE),
     # Reports
     Case("report-no-match", ("task.inputs=[nothing/*.json]",), "no run documents", task="report", base=()),
     Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",

@@ -2,8 +2,9 @@
 
 Each system is a config dataclass with the systems contract (`name`, `build(...) -> BatchRunner`, see
 `moe_lightning.systems`) and `resolve_policy(spec, hardware, workload, given) -> Policy`:
-with `policy_source=auto` (the default) the system picks its policy the way its authors do
-(`moe_lightning.baselines.policies`); with `given` it runs `cfg.policy` as is (the paper's ablation:
+with `policy_source=auto` (the default) the system picks its batching and placement the way its authors
+do (`moe_lightning.baselines.policies`; the kernel and dtypes stay `cfg.policy`'s, and a given batching or
+placement is refused rather than ignored); with `given` it runs `cfg.policy` as is (the paper's ablation:
 FlexGen's schedule with CGOPipe's policy).
 
 The engine baselines run `CGOPipeRunner` with another `Schedule`
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload, _choice
+from moe_lightning.config import RULE_FIELDS, HardwareSpec, ModelSpec, Policy, Workload, _choice, ruled_policy
 from moe_lightning.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,9 +41,15 @@ class _Baseline:
         _choice(self.policy_source, "system.policy_source", POLICY_SOURCES)
 
     def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy) -> Policy:
-        """The policy this system runs: its own choice (`auto`) or `given`."""
+        """The policy this system runs: `given` with its batching and placement chosen by the system's own
+        rule (`auto`; a given batching or placement is refused, not ignored), or `given` as is."""
         if self.policy_source == "given":
             return given
+        return ruled_policy(self._own_policy(spec, hardware, workload), given,
+                            f"system.policy_source=auto ({self.name}'s own rule)",
+                            "set system.policy_source=given to run the given policy")
+
+    def _own_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload) -> Policy:
         from moe_lightning.baselines.policies import choose_policy
 
         return choose_policy(self.name, spec, hardware, workload)
@@ -50,8 +57,8 @@ class _Baseline:
     def _check_resolved(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, policy: Policy) -> None:
         if self.policy_source != "auto":
             return
-        chosen = self.resolve_policy(spec, hardware, workload, policy)
-        if chosen != policy:
+        chosen = self._own_policy(spec, hardware, workload)
+        if any(getattr(chosen, n) != getattr(policy, n) for n in RULE_FIELDS):
             from moe_lightning.baselines.policies import policy_summary
 
             raise ConfigError(

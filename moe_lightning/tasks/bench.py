@@ -35,16 +35,17 @@ def _split(cfg: RunConfig):
 
 
 def with_planned_policy(cfg: RunConfig) -> RunConfig:
-    """`cfg` with the HRM-optimal policy (engine knobs such as the expert kernel kept from cfg.policy)."""
+    """`cfg` with the HRM-optimal batching and placement (the kernel and dtypes kept from cfg.policy)."""
     import dataclasses
 
+    from moe_lightning.config import ruled_policy
     from moe_lightning.engine.weights import resolve_model
     from moe_lightning.tuner.optimizer import optimize
 
     spec, _ = resolve_model(cfg.model)
     planned = optimize(spec, cfg.hardware, cfg.workload, parallel=_split(cfg)).policy
-    keep = ("pages_per_layer", "prefetch_depth", "expert_kernel", "kv_dtype", "weight_dtype")
-    policy = dataclasses.replace(planned, **{k: getattr(cfg.policy, k) for k in keep})
+    policy = ruled_policy(planned, cfg.policy, "task.plan=true (the HRM plan)",
+                          "drop task.plan to run the given policy")
     print(f"HRM plan: N={policy.batch_size} mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
           f"r_w={policy.expert_gpu_fraction:.3f} r_c={policy.kv_gpu_fraction:.3f}")
     return dataclasses.replace(cfg, policy=policy)

@@ -1,9 +1,10 @@
 """task=simulate: time cfg.system's schedule on cfg.hardware with the simulator, no device needed.
 
-The policy is the HRM plan's (`use_plan=true`, the FFN kept on the GPU as the CGOPipe schedule needs)
-or cfg.policy. Several GPUs: the layout is `parallel.tensor` x `parallel.expert` when given, else the
-plan's; one rank is simulated with its collectives (`tuner.simulator.simulate_run`). Prints tokens/s,
-prefill and decode time and per-resource utilisation beside the HRM prediction; writes the run
+The policy is the HRM plan's (`use_plan=true`, the FFN kept on the GPU as the CGOPipe schedule needs;
+policy.* batching and placement given beside it are refused, not ignored) or cfg.policy. Several GPUs:
+the layout is `parallel.tensor` x `parallel.expert` when given, else the plan's; one rank is simulated
+with its collectives (`tuner.simulator.simulate_run`). Prints tokens/s, prefill and decode time and
+per-resource utilisation beside the HRM prediction; writes the run
 document and, with `plot=true`, a Gantt chart of the first graphs.
 """
 
@@ -14,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from moe_lightning.config import ruled_policy
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import RunReport, as_dict, environment
 from moe_lightning.tasks.plan import beside, out_path, planning_model, planning_workload
@@ -40,11 +42,13 @@ def schedule_of(name: str):
 FFN_ON_GPU = ((False, True), (True, True))  # the placements the CGOPipe schedule can run
 
 
-def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
+def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     """Time cfg.system's schedule on cfg.hardware: -> (run document, SimResult, HRM Prediction).
 
     The policy: `given` (e.g. a tuned one); else the system's own rule (`policy_source=auto`); else the
-    HRM plan (`use_plan`); else cfg.policy. Nothing is allocated: no model weights, no device."""
+    HRM plan (`use_plan`); else cfg.policy. A rule or plan decides batching and placement (a given one
+    is refused, not ignored) and keeps cfg.policy's kernel and dtypes. Nothing is allocated: no model
+    weights, no device."""
     from moe_lightning.memory import memory_plan
     from moe_lightning.systems import paged_kv
     from moe_lightning.tuner.hrm import predict
@@ -74,7 +78,10 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = True):
     elif use_plan or auto:  # HRM's plan (CGOPipe's own rule; for a baseline with given: the paper's ablation)
         planned = optimize(spec, hw, workload, placements=FFN_ON_GPU, paged_kv=paged, lengths=lengths,
                            parallel=asked)
-        policy, source = planned.policy, "hrm plan"
+        rule, instead = (("system.policy_source=auto (the HRM plan)", "set system.policy_source=given")
+                         if auto else ("task.use_plan=true (the HRM plan)", "set task.use_plan=false"))
+        policy = ruled_policy(planned.policy, cfg.policy, rule, f"{instead} to simulate the given policy")
+        source = "hrm plan"
         if several:
             layout = dataclasses.replace(asked, tensor=planned.parallel.tensor, expert=planned.parallel.expert)
     else:

@@ -308,6 +308,17 @@ def policy_from_params(params: dict[str, Any], spec: ModelSpec, base: Policy) ->
         dequant_experts=int(params.get("dequant_experts", base.dequant_experts)))
 
 
+def searched_policy_fields(cfg: RunConfig, spec: ModelSpec) -> tuple[str, ...]:
+    """The Policy fields a trial sets (`suggest`, `policy_from_params`): a given value would be ignored."""
+    fields = ("batch_size", "micro_batch_size", "attn_on_gpu", "ffn_on_gpu", "expert_gpu_fraction",
+              "kv_gpu_fraction", "prefetch_depth")
+    if cfg.tuner.objective == "measure":
+        fields += ("expert_kernel",)
+    if searches_dequant(cfg, spec):
+        fields += ("dequant_experts",)
+    return fields
+
+
 def suggest(trial, cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
     t = cfg.tuner
     params = {

@@ -173,7 +173,7 @@ def test_cgopipe_s_own_policy_rule_is_the_plan_for_the_run_s_layout(tmp_path):
     from moe_lightning.tuner.presets import load_preset
 
     two = load_preset("hardware", "2xt4")
-    planned, _, _ = simulate_system(RunConfig(task=SimulateTask(), hardware=two))
+    planned, _, _ = simulate_system(RunConfig(task=SimulateTask(), hardware=two), use_plan=True)
     auto = RunConfig(task=SimulateTask(use_plan=False), hardware=two, system=CGOPipeSystem(policy_source="auto"))
     own, _, _ = simulate_system(auto)
     assert own.policy == planned.policy and own.extra["parallel"] == planned.extra["parallel"]
@@ -181,3 +181,22 @@ def test_cgopipe_s_own_policy_rule_is_the_plan_for_the_run_s_layout(tmp_path):
     split, _, _ = simulate_system(auto)
     assert split.extra["parallel"]["expert"] == 2 and split.extra["parallel"]["tensor"] == 1
     assert split.policy["batch_size"] % 2 == 0 and split.policy["micro_batch_size"] % 2 == 0
+
+
+def test_a_plan_keeps_the_given_kernel_and_dtypes_and_refuses_a_given_batch():
+    """The HRM plan decides batching and placement; the kernel and dtypes given stay (they were dropped),
+    and a given batch size, which the plan would replace, is refused rather than ignored."""
+    from moe_lightning.config import Policy
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.simulate import SimulateTask, simulate_system
+
+    knobs = Policy(expert_kernel="loop", kv_dtype="bfloat16")
+    doc, _, _ = simulate_system(RunConfig(task=SimulateTask(), policy=knobs), use_plan=True)
+    assert doc.extra["policy_source"] == "hrm plan"
+    assert doc.policy["expert_kernel"] == "loop" and doc.policy["kv_dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match=r"policy.batch_size=16: task.use_plan=true .* set task.use_plan=false"):
+        simulate_system(RunConfig(task=SimulateTask(), policy=Policy(batch_size=16)), use_plan=True)
+    given, _, _ = simulate_system(RunConfig(task=SimulateTask(), policy=Policy(batch_size=16, micro_batch_size=8)))
+    assert (given.policy["batch_size"], given.policy["micro_batch_size"]) == (16, 8)
+    assert given.extra["policy_source"] == "cfg.policy"

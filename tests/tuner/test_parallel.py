@@ -178,6 +178,23 @@ def test_simulated_expert_groups_keep_in_step_so_the_slowest_group_sets_the_pace
         assert g["prefill_s"] + g["decode_s"] == pytest.approx(first.total_s)
 
 
+def test_groups_with_equal_requests_are_simulated_once_and_counted_once():
+    """The simulator's work (tasks, wall time) is reported as done: two groups with equal requests share one
+    simulated run, which is counted once, not per group."""
+    from moe_lightning.tuner.simulator import simulate_run
+
+    wl = Workload(prompt_len_avg=8, prompt_len_max=8, gen_len=3, num_requests=4)
+    policy = Policy(batch_size=2, micro_batch_size=2, attn_on_gpu=False, ffn_on_gpu=True)
+    machine = simulate_run(SPEC, HW2, wl, policy, [8, 8, 8, 8], parallel=ParallelConfig(expert=2))
+    view_wl = dataclasses.replace(wl, num_requests=2)
+    from moe_lightning.tuner.parallel import rank_view
+
+    view = rank_view(SPEC, HW2, ParallelConfig(expert=2))
+    one = simulate_run(view.spec, view.hw, view_wl, view.policy(policy), [8, 8])
+    assert machine.tasks_simulated == one.tasks_simulated > 0
+    assert machine.decode_steps_total == 2 * one.decode_steps_total   # both groups decode, in step
+
+
 def test_a_simulated_group_that_runs_out_of_requests_keeps_pace_with_ghost_forwards():
     """Three requests over two groups in static batches of one: group 0 runs two batches, group 1 one, then
     joins group 0's second batch with ghost forwards (a prefill and gen_len - 1 decode steps), as the
