@@ -476,7 +476,8 @@ def markdown_table(rows: list[dict], title: str) -> str:
               + ("; simulated: the simulator timing each system's own task graphs on the hardware profile "
                  "(no device used; peak memory as planned)" if "simulated" in kinds else "")
               + ". vs best baseline = tokens/s over the best system other than cgopipe"
-              + ("; the systems took turns, one timed repeat each per round (interleaved): the ratio is the "
+              + ("" if "measured" not in kinds else
+                 "; the systems took turns, one timed repeat each per round (interleaved): the ratio is the "
                  "geometric mean of the per-round ratios, (within noise) when its 95% interval holds 1"
                  if any(r.get("interleaved") for r in rows) else
                  "; the systems ran one after another: (within noise) when the two systems' measured ranges "

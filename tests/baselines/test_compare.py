@@ -129,3 +129,22 @@ def test_the_paired_interval_is_a_t_interval_on_the_logs():
     mean, lo, hi = paired_interval([0.9, 1.0, 1.1])
     assert abs(mean - 0.99666) < 1e-4 and abs(lo - 0.7767) < 1e-3 and abs(hi - 1.2789) < 1e-3
     assert all(abs(x - 0.8) < 1e-12 for x in paired_interval([0.8]))   # one round: no interval
+
+
+def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(tmp_path):
+    """mode=simulate: nothing is measured, so the table says nothing about measured ranges or turns; with
+    policy_source=given every simulated system, CGOPipe included, runs cfg.policy (CGOPipe ran the HRM
+    plan instead), and accelerate, a real library, is skipped with its reason."""
+    policy = Policy(batch_size=4, micro_batch_size=2)
+    cfg = RunConfig(task=CompareTask(systems=["cgopipe", "flexgen_c", "accelerate"], mode="simulate",
+                                     policy_source="given", progress=False),
+                    workload=Workload(num_requests=8, gen_len=4), policy=policy, run_dir=str(tmp_path))
+    report = cfg.task.run(cfg)
+    rows = {r["system"]: r for r in report.extra["comparison"]}
+    assert rows["cgopipe"]["kind"] == rows["flexgen_c"]["kind"] == "simulated"
+    assert rows["accelerate"]["status"] == "skipped"
+    for name in ("cgopipe", "flexgen_c"):
+        doc = json.loads((tmp_path / f"{name}.json").read_text())
+        assert (doc["policy"]["batch_size"], doc["policy"]["micro_batch_size"]) == (4, 2)
+    table = (tmp_path / "comparison.md").read_text()
+    assert "measured" not in table.split("tokens/s = ")[1] and "took turns" not in table
