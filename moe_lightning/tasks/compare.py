@@ -346,7 +346,9 @@ def _row(name: str, doc_path: Path | None, error: str | None) -> dict[str, Any]:
     from moe_lightning.baselines.policies import policy_summary
 
     if doc_path is None:
-        return {"system": name, "status": "skipped" if error.startswith("skipped:") else "failed", "error": error}
+        skipped = error.startswith("skipped: ")
+        return {"system": name, "status": "skipped" if skipped else "failed",
+                "error": error.removeprefix("skipped: ")}
     rep = RunReport.from_json(doc_path)
     m = rep.metrics
     p = Policy(**rep.policy)

@@ -143,6 +143,7 @@ def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(
     rows = {r["system"]: r for r in report.extra["comparison"]}
     assert rows["cgopipe"]["kind"] == rows["flexgen_c"]["kind"] == "simulated"
     assert rows["accelerate"]["status"] == "skipped"
+    assert rows["accelerate"]["error"].startswith("accelerate is a real library")
     for name in ("cgopipe", "flexgen_c"):
         doc = json.loads((tmp_path / f"{name}.json").read_text())
         assert (doc["policy"]["batch_size"], doc["policy"]["micro_batch_size"]) == (4, 2)
