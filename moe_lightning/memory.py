@@ -479,13 +479,13 @@ class MemoryPlan:
         raise MemoryBudgetError(self.describe(hw))
 
     def describe(self, hw: HardwareSpec) -> str:
-        """One line: needed bytes per pool and in total vs the budget of each device."""
+        """One line: what each device needs, per pool and in total, against its budget (GiB)."""
 
         def side(name: str, pools: dict[str, int], total: int, budget: int) -> str:
             mark = "OVER" if total > budget else "ok"
-            parts = ", ".join(f"{k}={v}" for k, v in pools.items())
-            return (f"{name} needs {total} B ({total / GiB:.2f} GiB: {parts}) of {budget} B "
-                    f"({budget / GiB:.2f} GiB) available [{mark}]")
+            parts = ", ".join(f"{k} {v / GiB:.3g}" for k, v in pools.items() if v)
+            return (f"{name} needs {total / GiB:.4g} GiB ({total} B; GiB each: {parts}) of {budget / GiB:.4g} GiB "
+                    f"({budget} B) available [{mark}]")
 
         return ("policy does not fit the memory budget: "
                 + side("GPU", self.gpu, self.gpu_total_bytes, hw.gpu_budget_bytes) + "; "

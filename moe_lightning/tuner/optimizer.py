@@ -118,9 +118,9 @@ def _impossible(spec: ModelSpec, hw: HardwareSpec, workload: Workload, layout: s
     smallest_needs = memory_plan(spec, smallest, workload).describe(hw)
     return MemoryBudgetError(
         f"no policy fits {spec.name} on {hw.name}{layout} for workload {workload.name} (weights, every expert "
-        f"streamed, "
-        f"{spec.streamed_weight_bytes} B, KV cache of one sequence {kv_seq} B for {ctx} tokens, "
-        f"GPU + CPU budget {hw.gpu_budget_bytes + hw.cpu_budget_bytes} B); the smallest policy "
+        f"streamed, {spec.streamed_weight_bytes / GiB:.4g} GiB, KV cache of one sequence "
+        f"{kv_seq / GiB:.3g} GiB for {ctx} tokens, GPU + CPU budget "
+        f"{(hw.gpu_budget_bytes + hw.cpu_budget_bytes) / GiB:.4g} GiB); the smallest policy "
         f"(batch_size=1, attention on CPU, all experts streamed): {smallest_needs}")
 
 

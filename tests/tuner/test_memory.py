@@ -84,7 +84,7 @@ def test_fits_and_check_message():
         plan.check(tight)
     msg = str(err.value)
     assert "\n" not in msg
-    assert "16320" in msg and "16319" in msg and "activations=5056" in msg and "OVER" in msg
+    assert "(16320 B" in msg and "(16319 B)" in msg and f"activations {5056 / 2**30:.3g}" in msg and "OVER" in msg
 
 
 def test_a_dense_layer_holds_its_mlp_and_no_experts():
