@@ -607,8 +607,8 @@ class Policy:
     pages_per_layer: int = 0            # 0: as many pages as micro-batches (CGOPipe's choice)
     prefetch_depth: int = 2             # pages the CPU->pinned copy worker runs ahead
     expert_kernel: str = "auto"         # auto: chosen per call by tokens per expert
-    kv_dtype: str = "auto"              # auto: the model dtype
-    weight_dtype: str = "auto"
+    kv_dtype: str = "auto"              # auto: the model dtype (the only one implemented; others are refused)
+    weight_dtype: str = "auto"          # likewise
     # MXFP4 experts (gpt-oss): streamed experts the GPU dequantizes at a time into its dtype scratch. 0: a
     # whole layer's, once per layer; fewer: the layer's experts in groups of this many, each group that a
     # micro-batch routes to dequantized again for it (a smaller scratch, more GPU passes).
@@ -627,6 +627,12 @@ class Policy:
         _choice(self.expert_kernel, "policy.expert_kernel", EXPERT_KERNELS)
         _choice(self.kv_dtype, "policy.kv_dtype", ("auto", *DTYPES))
         _choice(self.weight_dtype, "policy.weight_dtype", ("auto", *DTYPES))
+        # Weights and the KV cache are held in the model's dtype; another dtype for either is not built yet,
+        # and a field that changes the math is refused rather than ignored.
+        for key, what in (("kv_dtype", "the KV cache"), ("weight_dtype", "the weights")):
+            value = getattr(self, key)
+            _check(value == "auto", f"policy.{key}", f"got {value!r}: {what} in a dtype other than the model's is "
+                   f"not implemented (auto: model.dtype); set model.dtype={value} to run the whole model in {value}")
 
     @property
     def num_micro_batches(self) -> int:
@@ -638,7 +644,7 @@ class Policy:
 
 
 # The fields a policy rule decides (the HRM plan, a baseline's own chooser): batching, placement and the
-# page schedule. The others (kernel, KV and weight dtypes, dequantization) stay the user's under any rule.
+# page schedule. The others (the expert kernel, MXFP4 dequantization) stay the user's under any rule.
 RULE_FIELDS = ("batch_size", "micro_batch_size", "attn_on_gpu", "ffn_on_gpu", "expert_gpu_fraction",
                "kv_gpu_fraction", "pages_per_layer", "prefetch_depth")
 

@@ -225,6 +225,8 @@ CASES = [
     Case("fraction-above-one", ("policy.expert_gpu_fraction=2",), "must be in [0, 1]"),
     Case("micro-batch-above-batch", ("policy.batch_size=2", "policy.micro_batch_size=4"), "policy.micro_batch_size"),
     Case("zero-batch", ("policy.batch_size=0",), "policy.batch_size: must be > 0"),
+    Case("kv-dtype-not-implemented", ("policy.kv_dtype=bfloat16",), "the KV cache in a dtype other than the model's "
+         "is not implemented"),
     Case("zero-gen-len", ("workload.gen_len=0",), "workload.gen_len: must be > 0"),
     Case("zero-requests", ("workload.num_requests=0",), "workload.num_requests: must be > 0"),
     Case("top-p-above-one", ("sampling.top_p=1.5",), "sampling.top_p"),

@@ -54,3 +54,12 @@ def test_a_several_gpu_profile_budgets_one_gpu_per_rank():
     t4, t4x4 = load_preset("hardware", "t4"), load_preset("hardware", "4xt4")
     assert t4x4.gpu_budget_bytes == t4.gpu_budget_bytes and t4x4.gpu.count == 4
     assert isinstance(t4, HardwareSpec)
+
+
+@pytest.mark.parametrize("key", ["kv_dtype", "weight_dtype"])
+def test_a_dtype_other_than_the_model_s_is_refused_not_ignored(key):
+    """Nothing reads policy.kv_dtype or policy.weight_dtype: a value other than auto would run in the
+    model's dtype while the run document said otherwise."""
+    assert getattr(Policy(**{key: "auto"}), key) == "auto"
+    with pytest.raises(ConfigError, match=rf"policy.{key}: got 'bfloat16': .* not implemented .* model.dtype=bfloat16"):
+        Policy(**{key: "bfloat16"})

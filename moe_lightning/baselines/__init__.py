@@ -3,7 +3,7 @@
 Each system is a config dataclass with the systems contract (`name`, `build(...) -> BatchRunner`, see
 `moe_lightning.systems`) and `resolve_policy(spec, hardware, workload, given) -> Policy`:
 with `policy_source=auto` (the default) the system picks its batching and placement the way its authors
-do (`moe_lightning.baselines.policies`; the kernel and dtypes stay `cfg.policy`'s, and a given batching or
+do (`moe_lightning.baselines.policies`; the expert kernel stays `cfg.policy`'s, and a given batching or
 placement is refused rather than ignored); with `given` it runs `cfg.policy` as is (the paper's ablation:
 FlexGen's schedule with CGOPipe's policy).
 

@@ -35,7 +35,7 @@ def _split(cfg: RunConfig):
 
 
 def with_planned_policy(cfg: RunConfig) -> RunConfig:
-    """`cfg` with the HRM-optimal batching and placement (the kernel and dtypes kept from cfg.policy)."""
+    """`cfg` with the HRM-optimal batching and placement (the expert kernel kept from cfg.policy)."""
     import dataclasses
 
     from moe_lightning.config import ruled_policy

@@ -47,7 +47,7 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
 
     The policy: `given` (e.g. a tuned one); else the system's own rule (`policy_source=auto`); else the
     HRM plan (`use_plan`); else cfg.policy. A rule or plan decides batching and placement (a given one
-    is refused, not ignored) and keeps cfg.policy's kernel and dtypes. Nothing is allocated: no model
+    is refused, not ignored) and keeps cfg.policy's expert kernel. Nothing is allocated: no model
     weights, no device."""
     from moe_lightning.memory import memory_plan
     from moe_lightning.systems import paged_kv

@@ -256,18 +256,17 @@ def test_policies_are_deterministic():
 
 
 @pytest.mark.parametrize("name", ["cgopipe", "flexgen", "flexgen_c", "deepspeed", "fastdecode", "accelerate"])
-def test_a_system_s_own_rule_keeps_the_given_kernel_and_dtypes_and_refuses_a_given_batch(name):
+def test_a_system_s_own_rule_keeps_the_given_kernel_and_refuses_a_given_batch(name):
     """`policy_source=auto`: the system's rule decides batching, placement and the page schedule; the
-    kernel and dtypes given are kept (the rule's defaults replaced them), and a given batch is refused."""
+    expert kernel given is kept (the rule's default replaced it), and a given batch is refused."""
     from moe_lightning.config import RULE_FIELDS
     from moe_lightning.systems import SYSTEM_CONFIGS
 
     system = SYSTEM_CONFIGS[name](policy_source="auto")
     spec, hw, wl = ModelSpec(), HardwareSpec(), TINY_WL
     own = system.resolve_policy(spec, hw, wl, Policy())
-    knobs = system.resolve_policy(spec, hw, wl, Policy(expert_kernel="loop", kv_dtype="bfloat16",
-                                                        weight_dtype="bfloat16"))
-    assert (knobs.expert_kernel, knobs.kv_dtype, knobs.weight_dtype) == ("loop", "bfloat16", "bfloat16")
+    knobs = system.resolve_policy(spec, hw, wl, Policy(expert_kernel="loop"))
+    assert knobs.expert_kernel == "loop"
     assert all(getattr(knobs, f) == getattr(own, f) for f in RULE_FIELDS)
     with pytest.raises(ConfigError, match=r"policy.micro_batch_size=1: system.policy_source=auto"):
         system.resolve_policy(spec, hw, wl, Policy(micro_batch_size=1))

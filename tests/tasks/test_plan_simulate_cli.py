@@ -183,18 +183,18 @@ def test_cgopipe_s_own_policy_rule_is_the_plan_for_the_run_s_layout(tmp_path):
     assert split.policy["batch_size"] % 2 == 0 and split.policy["micro_batch_size"] % 2 == 0
 
 
-def test_a_plan_keeps_the_given_kernel_and_dtypes_and_refuses_a_given_batch():
-    """The HRM plan decides batching and placement; the kernel and dtypes given stay (they were dropped),
+def test_a_plan_keeps_the_given_kernel_and_refuses_a_given_batch():
+    """The HRM plan decides batching and placement; the expert kernel given stays (it was dropped),
     and a given batch size, which the plan would replace, is refused rather than ignored."""
     from moe_lightning.config import Policy
     from moe_lightning.errors import ConfigError
     from moe_lightning.run_config import RunConfig
     from moe_lightning.tasks.simulate import SimulateTask, simulate_system
 
-    knobs = Policy(expert_kernel="loop", kv_dtype="bfloat16")
+    knobs = Policy(expert_kernel="loop")
     doc, _, _ = simulate_system(RunConfig(task=SimulateTask(), policy=knobs), use_plan=True)
     assert doc.extra["policy_source"] == "hrm plan"
-    assert doc.policy["expert_kernel"] == "loop" and doc.policy["kv_dtype"] == "bfloat16"
+    assert doc.policy["expert_kernel"] == "loop"
     with pytest.raises(ConfigError, match=r"policy.batch_size=16: task.use_plan=true .* set task.use_plan=false"):
         simulate_system(RunConfig(task=SimulateTask(), policy=Policy(batch_size=16)), use_plan=True)
     given, _, _ = simulate_system(RunConfig(task=SimulateTask(), policy=Policy(batch_size=16, micro_batch_size=8)))
