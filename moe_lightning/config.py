@@ -655,14 +655,18 @@ def set_policy_fields(policy: Policy, names: tuple[str, ...] = RULE_FIELDS) -> d
     return {n: getattr(policy, n) for n in names if getattr(policy, n) != getattr(default, n)}
 
 
+def refuse_ignored_fields(policy: Policy, why: str, instead: str, names: tuple[str, ...] = RULE_FIELDS) -> None:
+    """Raise ConfigError naming the first of `names` that `policy` sets, which `why` would replace."""
+    set_here = set_policy_fields(policy, names)
+    if set_here:
+        name, value = next(iter(set_here.items()))
+        raise ConfigError(f"policy.{name}={value}: {why}, so it would be ignored; {instead}")
+
+
 def ruled_policy(chosen: Policy, given: Policy, rule: str, instead: str) -> Policy:
     """`given` with the fields `rule` decides taken from `chosen`. A field the user set that the rule
     decides would be silently replaced: it is refused, and `instead` says how to run it."""
-    set_here = set_policy_fields(given)
-    if set_here:
-        name, value = next(iter(set_here.items()))
-        raise ConfigError(f"policy.{name}={value}: {rule} chooses the policy's batching and placement, so it would "
-                          f"be ignored; {instead}")
+    refuse_ignored_fields(given, f"{rule} chooses the policy's batching and placement", instead)
     return dataclasses.replace(given, **{n: getattr(chosen, n) for n in RULE_FIELDS})
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moe_lightning.config import GB, Policy, check_repeats, set_policy_fields
+from moe_lightning.config import GB, Policy, check_repeats, refuse_ignored_fields
 from moe_lightning.errors import ConfigError, MoELightningError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.report import RunReport, Spread
@@ -89,13 +89,10 @@ class CompareTask:
 
         given = given or {}
         systems = list(dict.fromkeys(self.systems))
-        chosen_here = [s for s in systems if s not in given]
-        set_here = set_policy_fields(cfg.policy)
-        if self.policy_source == "auto" and chosen_here and set_here:
-            name, value = next(iter(set_here.items()))
-            raise ConfigError(f"policy.{name}={value}: with task.policy_source=auto each system chooses its own "
-                              "batching and placement, so it would be ignored; set task.policy_source=given to "
-                              "run the given policy on every system")
+        if self.policy_source == "auto" and any(s not in given for s in systems):
+            refuse_ignored_fields(cfg.policy, "with task.policy_source=auto each system chooses its own batching "
+                                  "and placement",
+                                  "set task.policy_source=given to run the given policy on every system")
         unknown = [s for s in systems if s not in SYSTEM_CONFIGS]
         if unknown or not systems:
             raise ConfigError(f"task.systems: unknown {', '.join(unknown) or '(empty list)'}; accepted: "

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning.config import set_policy_fields
+from moe_lightning.config import refuse_ignored_fields
 from moe_lightning.errors import ConfigError, Interrupted, MemoryBudgetError, MoELightningError
 from moe_lightning.interrupt import deferred, install
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment
@@ -297,12 +297,9 @@ class TuneTask:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         run_dir = Path(cfg.run_dir or "runs/latest")
         spec, _ = resolve_model(cfg.model)
-        set_here = set_policy_fields(cfg.policy, searched_policy_fields(cfg, spec))
-        if set_here:
-            name, value = next(iter(set_here.items()))
-            raise ConfigError(f"policy.{name}={value}: task=tune searches it, so it would be ignored; bound the "
-                              "search with tuner.max_batch_size or tuner.max_micro_batches, or run the policy "
-                              "with task=bench")
+        refuse_ignored_fields(cfg.policy, "task=tune searches it", "bound the search with tuner.max_batch_size "
+                              "or tuner.max_micro_batches, or run the policy with task=bench",
+                              searched_policy_fields(cfg, spec))
         study = open_study(cfg, spec)
         fail_orphaned_trials(study, grace_s=3 * cfg.tuner.heartbeat_s)
         started = started_trials(study)
