@@ -124,15 +124,18 @@ def shown_url(url: str) -> str:
 
 def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
     """Create the study, or resume it if its fingerprint equals this config's (else one-line refusal).
-    `worker`: which of the tune's processes opens it (0 the main one). Each process samples from its own
-    seed, `tuner.seed + worker`, and a resumed study from one offset by the trials it holds: samplers of
-    one seed draw the same random start-up trials, so parallel workers, and a resumed tune after its
-    first run, measured policies already measured."""
+    `worker`: which of the tune's processes opens it (0 the main one). Samplers of one seed draw the same
+    random start-up trials, so parallel workers, a resumed tune after its first run, and two tune commands
+    started on one study (machines sharing a PostgreSQL study) measured policies already measured. Each
+    opening therefore samples from its own seed, drawn from `tuner.seed`, the worker, the trials the study
+    holds and the opening's number, which it claims under the study's gate (the study's `openings`)."""
     import warnings
 
+    import numpy
     import optuna
 
     from moe_lightning.tuner.identity import check_identity
+    from moe_lightning.tuner.processes import trial_gate
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     name, fields = study_identity(cfg, spec)
@@ -144,8 +147,6 @@ def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
         else:
             # Under the study's gate: machines started together on a fresh database would otherwise race to
             # create Optuna's tables (PostgreSQL: a unique violation in pg_type for all but one).
-            from moe_lightning.tuner.processes import trial_gate
-
             with trial_gate(url, name):
                 storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                                                      engine_kwargs={"connect_args": {"timeout": 60}}
@@ -157,19 +158,11 @@ def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
         raise ConfigError(f"tuner.storage={shown_url(url)!r}: cannot open ({str(exc).splitlines()[0]})") from None
     directions = ["maximize", "minimize"] if cfg.tuner.multi_objective else ["maximize"]
 
-    def sampler(held: int = 0):
-        return optuna.samplers.TPESampler(seed=(cfg.tuner.seed + worker + 1_000_003 * held) % 2**32,
-                                          multivariate=True)
-
     exists = name in {s.study_name for s in storage.get_all_studies()}
     if exists:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler())
-        held = len(study.get_trials(deepcopy=False))
-        if held:
-            study.sampler = sampler(held)
+        study = optuna.load_study(study_name=name, storage=storage)
     else:
-        study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler(),
-                                    load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
     check_identity(study, fields)
     if len(study.directions) != len(directions):
         raise ConfigError(f"study {name!r} has {len(study.directions)} objective(s) but tuner.multi_objective="
@@ -178,6 +171,13 @@ def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
     names = METRIC_NAMES[:len(directions)]
     if study.metric_names != names:   # what optuna-dashboard and Optuna's plots call the objectives
         study.set_metric_names(names)
+    with trial_gate(url, name):   # two processes opening at once must not claim one number
+        opening = int(study.user_attrs.get("openings", 0))
+        study.set_user_attr("openings", opening + 1)
+    held = len(study.get_trials(deepcopy=False))
+    entropy = [cfg.tuner.seed % 2**32, worker, opening, held]
+    study.sampler = optuna.samplers.TPESampler(seed=int(numpy.random.SeedSequence(entropy).generate_state(1)[0]),
+                                               multivariate=True)
     return study
 
 

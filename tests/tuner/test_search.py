@@ -155,6 +155,21 @@ def test_each_worker_of_a_tune_samples_from_its_own_seed(tmp_path, tiny_path):
     assert firsts[0] != firsts[1]
 
 
+def test_two_tune_commands_on_one_new_study_sample_apart(tmp_path, tiny_path):
+    """Two commands opening one study (two machines on a shared PostgreSQL study, both worker 0 of their
+    own tune, before either has a trial) draw different start-up trials: each opening claims its own
+    number under the study's gate. With `tuner.seed` alone both measured the same random policies."""
+    from moe_lightning.tuner.search import suggest
+
+    cfg = make_cfg(tmp_path, "two-commands", objective="simulate", seed_with_hrm=False)
+    spec = spec_of(cfg)
+    first, second = open_study(cfg, spec), open_study(cfg, spec)
+    assert first.user_attrs["openings"] == 2
+    a = [suggest(first.ask(), cfg, spec) for _ in range(3)]
+    b = [suggest(second.ask(), cfg, spec) for _ in range(3)]
+    assert a != b, a
+
+
 def test_a_resumed_tune_does_not_sample_its_first_runs_trials_again(tmp_path, tiny_path):
     """A resumed study's sampler is seeded apart from the first run's: with the same seed its random
     start-up draws were the first run's again (TPE samples at random until 10 trials have finished)."""
