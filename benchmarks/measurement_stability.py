@@ -5,9 +5,10 @@
    on the tiny model (microsecond ops: the executor's hand-offs dominate) and on a 2-layer
    mid-mixtral. The same for `task=generate` (one timed pass: what a generation job reports).
 2. Thread layout: the default layout against every explicit layout of {1, 2} threads for the GPU role,
-   CPU attention and the main thread, round-robin in one process (each point: warm-up, 3 repeats,
-   median), then the default against the screened winner head to head; the ratio of the two. On the
-   tiny model and on a 2-layer mid-mixtral with overlapping CPU attention.
+   CPU attention and the main thread, with the engine's threads bound to one core or not, round-robin in
+   one process (each point: warm-up, 3 repeats, median), then the default against the screened winner
+   head to head; the ratio of the two. On the tiny model and on a 2-layer mid-mixtral with overlapping
+   CPU attention.
 3. `make run` twice (the tune job: HRM plan, measured trials, comparison) with fresh studies: does it
    pick the same best policy and the same fastest system, or state the same tie (systems the comparison
    cannot tell apart on this machine)?
@@ -121,8 +122,9 @@ def layouts(rounds: int, confirm_rounds: int) -> dict:
             Workload(name="ci", prompt_len_avg=24, prompt_len_max=48, gen_len=8, num_requests=8, seed=3),
             Policy(batch_size=8, micro_batch_size=4, expert_gpu_fraction=0.25, expert_kernel="loop")),
     }
-    explicit = {f"gpu {g}, cpu {c}, main {m}": ThreadsConfig(gpu=g, cpu=c, main=m, copy=1, h2d=1, d2h=1)
-                for g, c, m in itertools.product((1, 2), repeat=3)}
+    explicit = {f"gpu {g}, cpu {c}, main {m}, {'one core' if pin == 'one' else 'unbound'}":
+                ThreadsConfig(gpu=g, cpu=c, main=m, copy=1, h2d=1, d2h=1, pin=pin)
+                for g, c, m, pin in itertools.product((1, 2), (1, 2), (1, 2), ("one", "none"))}
     configs = {"default": ThreadsConfig(), **explicit}
     out = {}
     for case, (model, workload, policy) in cases.items():
@@ -152,7 +154,7 @@ def layouts(rounds: int, confirm_rounds: int) -> dict:
                      "confirm_tok_s": confirm, "default_layout": layout_of["default"], "default_over_best": ratio}
         print(f"[layout] {case}: default = {layout_of['default']['rule']}", flush=True)
         for name in sorted(medians, key=medians.get, reverse=True):
-            print(f"    screen  {name:<22} {medians[name]:9.1f} tok/s  (rounds: "
+            print(f"    screen  {name:<34} {medians[name]:9.1f} tok/s  (rounds: "
                   + ", ".join(f"{v:.1f}" for v in screen[name]) + ")")
         print(f"    confirm default {statistics.median(confirm['default']):.1f} vs {best} "
               f"{statistics.median(confirm[best]):.1f} tok/s ({confirm_rounds} interleaved rounds) -> default/best "

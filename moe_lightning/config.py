@@ -706,6 +706,9 @@ class TunerConfig:
         _check(0 <= self.seed < 2**32, "tuner.seed", f"must be 0 to 2**32 - 1 (the sampler's seed), got {self.seed}")
 
 
+PIN_CHOICES = ("auto", "one", "none")
+
+
 @dataclass
 class ThreadsConfig:
     """Intra-op threads per engine worker (`moe_lightning.threads` plans them); 0: planned from the
@@ -719,11 +722,13 @@ class ThreadsConfig:
     d2h: int = 0
     main: int = 0               # the main thread (sampling, reference engine, accelerate)
     serial: bool = False        # debug: one thread runs every task in issue order, nothing overlaps
+    pin: str = "auto"           # bind the engine's threads to one core: auto (planned), one, none
 
     def __post_init__(self) -> None:
+        _check(self.pin in PIN_CHOICES, "threads.pin", f"must be one of {', '.join(PIN_CHOICES)}, got {self.pin!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "serial":
+            if f.name in ("serial", "pin"):
                 continue
             _check(isinstance(value, int) and value >= 0, f"threads.{f.name}",
                    f"must be an integer >= 0 (0 = planned), got {value!r}")

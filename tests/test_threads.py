@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import os
 import threading
 import time
 
@@ -38,6 +39,55 @@ def test_workers_that_never_overlap_each_get_every_core():
 def test_small_ops_get_one_thread_everywhere():
     t = plan_threads(ThreadsConfig(cores=8), cuda=False, micro_batches=1, attn_on_cpu=True, op_elements=64 * 128)
     assert (t.gpu, t.cpu, t.copy, t.main) == (1, 1, 1, 1)
+
+
+two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding to one core needs two to choose from")
+
+
+@two_cores
+def test_small_ops_bind_the_engine_to_one_core_unless_a_team_or_the_user_says_otherwise(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    allowed = sorted(os.sched_getaffinity(0))
+    small = {"cuda": False, "micro_batches": 2, "attn_on_cpu": True, "op_elements": 64 * 128}
+    pinned = plan_threads(ThreadsConfig(), **small).pin
+    assert len(pinned) == 1 and pinned[0] in allowed
+    assert plan_threads(ThreadsConfig(gpu=2), **small).pin == ()   # a team of two is not bound to one core
+    assert plan_threads(ThreadsConfig(pin="none"), **small).pin == ()
+    assert plan_threads(ThreadsConfig(), **{**small, "op_elements": BIG}).pin == ()
+    assert len(plan_threads(ThreadsConfig(pin="one"), **{**small, "op_elements": BIG}).pin) == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")   # ranks of one host take different cores
+    assert plan_threads(ThreadsConfig(), **small).pin == (allowed[0],)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert plan_threads(ThreadsConfig(), **small).pin == (allowed[1],)
+
+
+@two_cores
+def test_bound_workers_and_the_issuing_thread_run_on_the_layouts_core_and_the_caller_gets_its_cores_back():
+    layout = plan_threads(ThreadsConfig(pin="one"), cuda=False, micro_batches=2, attn_on_cpu=True,
+                          op_elements=64 * 128)
+    before = os.sched_getaffinity(0)
+    seen: dict[str, set] = {}
+
+    def handler(task):
+        seen.setdefault(task.resource.value, set()).update(os.sched_getaffinity(0))
+
+    g = TaskGraph("fan")
+    for n, r in enumerate((Resource.GPU, Resource.CPU, Resource.COPY)):  # independent tasks: run by workers
+        g.add(r, "op", 0, n)
+    chain = TaskGraph("chain")   # a chain runs on the issuing thread
+    chain.add(Resource.GPU, "main", 0, 0)
+    chain.add(Resource.CPU, "main", 0, 1, [0])
+    ex = Executor(CPU, threads=layout)
+    ex.run(g, {"op": handler})
+    ex.run(chain, {"main": lambda t: seen.setdefault("issuing", set()).update(os.sched_getaffinity(0))})
+    ex.close()
+    assert seen == {r: set(layout.pin) for r in ("gpu", "cpu", "copy", "issuing")}
+    assert os.sched_getaffinity(0) == before
+
+
+def test_an_unknown_pin_is_refused():
+    with pytest.raises(ConfigError, match="threads.pin"):
+        ThreadsConfig(pin="two")
 
 
 def test_cuda_launch_threads_get_one_and_attention_the_rest():

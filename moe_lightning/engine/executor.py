@@ -8,7 +8,8 @@ GPU's role, so the same graph and handlers run (and are tested) on any machine.
 
 Workers are OS threads started once per executor and kept across graphs (a fresh thread per graph
 paid thread start-up and a fresh OpenMP team every decode step). Each sizes its intra-op team from the
-`ThreadLayout` when it starts (`moe_lightning.threads`), so workers never oversubscribe the cores.
+`ThreadLayout` when it starts (`moe_lightning.threads`), so workers never oversubscribe the cores, and
+binds itself to the layout's cores where it names some (the issuing thread too, while a graph runs).
 
 A graph's host barriers (`TaskGraph.syncs`, FlexGen's `sync()`) stop the issuing thread until every
 task issued so far has finished (their workers done with them and, on CUDA, a device-wide
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_lightning.schedule.graph import Resource, Task, TaskGraph
-from moe_lightning.threads import ThreadLayout, set_thread_count
+from moe_lightning.threads import ThreadLayout, bind, set_thread_count, unbind
 
 STREAM_RESOURCES = (Resource.GPU, Resource.H2D, Resource.D2H)
 
@@ -87,6 +88,7 @@ def _worker(q: queue.SimpleQueue, resource: Resource, threads: ThreadLayout | No
             stream) -> None:
     if threads is not None:
         set_thread_count(threads.for_resource(resource.value))
+        bind(threads.pin)   # for the thread's life (it runs only this executor's tasks)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     while True:
@@ -181,6 +183,15 @@ class Executor:
 
     def run(self, graph: TaskGraph, handlers: dict[str, Callable[[Task], None]]) -> list[TaskRecord]:
         serial = self.serial or (not self.cuda and graph.is_chain())
+        # The issuing thread is bound with the workers while the graph runs (`ThreadLayout.pin`), and given
+        # its cores back after: it is the caller's thread.
+        before = bind(self.threads.pin) if self.threads is not None else None
+        try:
+            return self._run(graph, handlers, serial)
+        finally:
+            unbind(before)
+
+    def _run(self, graph: TaskGraph, handlers: dict[str, Callable[[Task], None]], serial: bool) -> list[TaskRecord]:
         run = _Run(graph, handlers, threaded=not serial)
         origin = None
         if self.cuda:
