@@ -732,6 +732,12 @@ class ThreadsConfig:
                 continue
             _check(isinstance(value, int) and value >= 0, f"threads.{f.name}",
                    f"must be an integer >= 0 (0 = planned), got {value!r}")
+        teams = [f"threads.{f.name}={getattr(self, f.name)}" for f in fields(self)
+                 if f.name not in ("cores", "serial", "pin") and getattr(self, f.name) > 1]
+        _check(self.pin != "one" or not teams, "threads.pin",
+               f"one with {', '.join(teams)}: bound to one core the engine runs one thread per team, and a team of "
+               "more takes turns through OpenMP's spin-waits (measured ~150x slower); set threads.pin=none, or "
+               "drop the team sizes")
 
 
 @dataclass

@@ -145,8 +145,11 @@ def plan_threads(config: ThreadsConfig | None, *, cuda: bool, micro_batches: int
     if named:
         chosen.update(given)
         rule = "explicit" if len(given) == len(chosen) else f"explicit {', '.join(named)}; " + rule
-    if config.pin != "auto":
-        pin = config.pin == "one"
+    if config.pin == "one":   # (ThreadsConfig refuses a team of more beside it)
+        pin = True
+        chosen = dict.fromkeys(chosen, 1)   # one core: a team of more would take turns with itself
+    elif config.pin == "none":
+        pin = False
     elif any(n > 1 for n in chosen.values()):
         pin = False   # a team of two bound to one core would take turns
     return ThreadLayout(cores=c, cores_source=cores.source, rule=rule, pin=one_core() if pin else (), **chosen)

@@ -232,6 +232,8 @@ CASES = [
     Case("top-p-above-one", ("sampling.top_p=1.5",), "sampling.top_p"),
     Case("negative-temperature", ("sampling.temperature=-1",), "sampling.temperature"),
     Case("negative-cores", ("threads.cores=-1",), "threads.cores"),
+    Case("team-bound-to-one-core", ("threads.pin=one", "threads.gpu=2"), "threads.pin: one with threads.gpu=2"),
+    Case("unknown-pin", ("threads.pin=two",), "threads.pin: must be one of auto, one, none"),
     Case("unknown-device", ("device=tpu",), "accepted: auto, cpu, cuda"),
     Case("cuda-without-cuda", ("device=cuda",), "no CUDA device",
          marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA"),)),

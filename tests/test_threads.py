@@ -90,6 +90,15 @@ def test_an_unknown_pin_is_refused():
         ThreadsConfig(pin="two")
 
 
+def test_one_core_runs_teams_of_one_and_refuses_a_bigger_team():
+    """A team of two bound to one core took turns through OpenMP's spin-waits: 5 tok/s against ~700."""
+    t = plan_threads(ThreadsConfig(cores=8, pin="one"), cuda=False, micro_batches=1, attn_on_cpu=True,
+                     op_elements=BIG)
+    assert (t.gpu, t.cpu, t.copy, t.h2d, t.d2h, t.main) == (1,) * 6
+    with pytest.raises(ConfigError, match="threads.pin: one with threads.gpu=2"):
+        ThreadsConfig(gpu=2, pin="one")
+
+
 def test_cuda_launch_threads_get_one_and_attention_the_rest():
     t = plan_threads(ThreadsConfig(cores=16), cuda=True, micro_batches=8, attn_on_cpu=True, op_elements=BIG)
     assert (t.gpu, t.h2d, t.d2h, t.copy) == (1, 1, 1, 1) and t.cpu == 14 and t.main == 16
