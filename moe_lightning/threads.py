@@ -15,8 +15,10 @@ Rules (C usable cores):
   microseconds and the Python around it holds the GIL, so the workers barely run at once, and every
   hand-off between them is a wake-up. Across cores that is an inter-processor interrupt, and on a VM
   whose idle vCPU halts, a trip through the hypervisor: a two-thread round trip measured 62-88 us
-  across this 2-vCPU VM's cores against 14 us on one, and the tiny model's decode ran about 1.4x
-  faster bound to one core. Ranks of one host (LOCAL_RANK) take different cores.
+  across this 2-vCPU VM's cores against 14 us on one, and the tiny model's decode ran 1.2-1.7x
+  faster bound to one core (`benchmarks/measurement_stability.py`). Bound, every team is one thread:
+  a team of two on one core takes turns through OpenMP's spin-waits (5 tok/s against ~700). Ranks of
+  one host (LOCAL_RANK) take different cores.
 - Workers that never run at the same time may each use every core. With one micro-batch the decode
   step is a chain (attention, then FFN, then the next layer's attention): the GPU role and CPU attention
   both get C.
@@ -107,7 +109,6 @@ class ThreadLayout:
     main: int
     rule: str            # which rule chose the split (or "explicit" / "explicit, partly")
     pin: tuple[int, ...] = ()   # the cores the workers and the issuing thread are bound to; () none
-
 
     def for_resource(self, resource: str) -> int:
         return getattr(self, resource)

@@ -32,6 +32,7 @@ scaling (one GPU is measured; `count` is the number visible), and sustained vs b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -43,8 +44,9 @@ from pathlib import Path
 
 import yaml
 
-from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec
+from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ThreadsConfig
 from moe_lightning.errors import ConfigError
+from moe_lightning.threads import configured, plan_threads
 
 log = logging.getLogger("moe_lightning.calibrate")
 GB = 1e9
@@ -196,6 +198,15 @@ def measure_cpu(sizes: Sizes) -> dict[str, float]:
     return {"peak_tflops": peak, "bandwidth_gbps": bandwidth, "attn_gbps": attn, "thread_copy_gbps": thread_copy}
 
 
+def _unbound() -> ThreadsConfig:
+    """The thread settings the host costs are measured under: the run's, but with the engine's threads
+    left unbound unless the user binds every run (`threads.pin=one`). The probes' ops are tiny, so the
+    small-ops rule would bind them to one core, and the profile prices the models that matter, whose
+    threads are unbound (a hand-off across cores: about 4x one on a core, on this VM)."""
+    config = configured()
+    return config if config.pin == "one" else dataclasses.replace(config, pin="none")
+
+
 def measure_dispatch(device: str, side_tasks: int = 60) -> tuple[float, float]:
     """The engine executor's overheads, measured as the engine runs: while the compute resource works
     through a chain of GEMMs, a chain of small decode attentions (a few torch ops each, like the
@@ -221,10 +232,8 @@ def measure_dispatch(device: str, side_tasks: int = 60) -> tuple[float, float]:
     for n in range(side_tasks):
         prev = g.add(hops[n % len(hops)], "attend", n, 1, [prev])
     handlers = {"matmul": lambda task: a @ a, "attend": lambda task: decode_attention(q, k, v, lengths)}
-    from moe_lightning.threads import plan_threads
-
     # The engine's own thread layout for a run whose CPU attention overlaps the GPU role.
-    layout = plan_threads(None, cuda=device == "cuda", micro_batches=2, attn_on_cpu=True, op_elements=a.numel())
+    layout = plan_threads(_unbound(), cuda=device == "cuda", micro_batches=2, attn_on_cpu=True, op_elements=a.numel())
     executor = Executor(torch.device(device), threads=layout)
     alone = _median(lambda: _wall(lambda: decode_attention(q, k, v, lengths)), 9)
     per_task, per_graph = [], []
@@ -263,8 +272,6 @@ def measure_host(device: str, tasks: int = 120, repeats: int = 5) -> tuple[float
 
     from moe_lightning.engine.executor import Executor
     from moe_lightning.schedule.graph import Resource, TaskGraph
-    from moe_lightning.threads import plan_threads
-
     x = torch.ones(64, device=device)
     free, synced = TaskGraph("issue"), TaskGraph("barriers")
     for g in (free, synced):
@@ -275,7 +282,7 @@ def measure_host(device: str, tasks: int = 120, repeats: int = 5) -> tuple[float
             if g is synced:
                 g.sync()
     handlers = {"tiny": lambda task: x + 1.0}
-    layout = plan_threads(None, cuda=device == "cuda", micro_batches=2, attn_on_cpu=True, op_elements=x.numel())
+    layout = plan_threads(_unbound(), cuda=device == "cuda", micro_batches=2, attn_on_cpu=True, op_elements=x.numel())
     executor = Executor(torch.device(device), threads=layout)
 
     def wall(graph: TaskGraph) -> tuple[float, list]:
