@@ -109,8 +109,14 @@ def format_bench(report: RunReport) -> str:
                      + (f" [{threads['rule']}]" if "rule" in threads else ""))
     if host:
         others = host.get("others_busy_cores")
+        idle, waits = report.environment.get("cpuidle") or {}, ""
+        if idle.get("driver"):
+            polls = idle.get("guest_halt_poll_ns")
+            waits = f"; idle CPUs: {idle['driver']}"
+            if polls is not None:
+                waits += f", halt after polling {polls / 1e3:g} us"
         lines.append(f"  host load: 1-min load average {host.get('loadavg_1m_start')}, other processes "
-                     f"{'?' if others is None else f'{others:.2f}'} cores busy while timed")
+                     f"{'?' if others is None else f'{others:.2f}'} cores busy while timed{waits}")
     if m.utilisation:
         lines.append("  utilisation (decode): " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items()))
     h2d, d2h = m.link_bytes.get("h2d", 0) / GB, m.link_bytes.get("d2h", 0) / GB

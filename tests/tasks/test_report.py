@@ -46,3 +46,19 @@ def test_the_plot_tells_measured_from_simulated(tmp_path):
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert len(labels) == 3 and all("N=64, mu=8" in label for label in labels)
     assert set(KIND_COLORS) == {"measured", "simulated", "predicted"}
+
+
+def test_the_environment_records_how_idle_cpus_wait():
+    """A VM whose idle vCPUs halt at once pays a hypervisor trip per cross-core wake-up: a run document
+    says so beside its numbers (the cpuidle driver, and haltpoll's polling time where it has one)."""
+    from pathlib import Path
+
+    from moe_lightning.report import environment
+
+    driver = Path("/sys/devices/system/cpu/cpuidle/current_driver")
+    if not driver.exists():
+        pytest.skip("no cpuidle on this host")
+    idle = environment()["cpuidle"]
+    assert idle["driver"] == driver.read_text().strip()
+    poll = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    assert idle.get("guest_halt_poll_ns") == (int(poll.read_text()) if poll.exists() else None)
