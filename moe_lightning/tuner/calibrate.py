@@ -202,7 +202,7 @@ def _unbound() -> ThreadsConfig:
     """The thread settings the host costs are measured under: the run's, but with the engine's threads
     left unbound unless the user binds every run (`threads.pin=one`). The probes' ops are tiny, so the
     small-ops rule would bind them to one core, and the profile prices the models that matter, whose
-    threads are unbound (a hand-off across cores: about 4x one on a core, on this VM)."""
+    threads are unbound (a hand-off across cores: 4-6x one on a core, on this VM)."""
     config = configured()
     return config if config.pin == "one" else dataclasses.replace(config, pin="none")
 
@@ -272,6 +272,7 @@ def measure_host(device: str, tasks: int = 120, repeats: int = 5) -> tuple[float
 
     from moe_lightning.engine.executor import Executor
     from moe_lightning.schedule.graph import Resource, TaskGraph
+
     x = torch.ones(64, device=device)
     free, synced = TaskGraph("issue"), TaskGraph("barriers")
     for g in (free, synced):

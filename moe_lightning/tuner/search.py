@@ -175,7 +175,7 @@ def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
         opening = int(study.user_attrs.get("openings", 0))
         study.set_user_attr("openings", opening + 1)
     held = len(study.get_trials(deepcopy=False))
-    entropy = [cfg.tuner.seed % 2**32, worker, opening, held]
+    entropy = [cfg.tuner.seed, worker, opening, held]
     study.sampler = optuna.samplers.TPESampler(seed=int(numpy.random.SeedSequence(entropy).generate_state(1)[0]),
                                                multivariate=True)
     return study
