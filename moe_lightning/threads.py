@@ -146,13 +146,12 @@ def plan_threads(config: ThreadsConfig | None, *, cuda: bool, micro_batches: int
     if named:
         chosen.update(given)
         rule = "explicit" if len(given) == len(chosen) else f"explicit {', '.join(named)}; " + rule
-    if config.pin == "one":   # (ThreadsConfig refuses a team of more beside it)
-        pin = True
-        chosen = dict.fromkeys(chosen, 1)   # one core: a team of more would take turns with itself
-    elif config.pin == "none":
+    # Bound to one core, a team of more would take turns with itself: pin=one runs teams of one (and
+    # ThreadsConfig refuses a larger one given beside it); auto binds only a layout of teams of one.
+    if config.pin == "one":
+        pin, chosen = True, dict.fromkeys(chosen, 1)
+    elif config.pin == "none" or any(n > 1 for n in chosen.values()):
         pin = False
-    elif any(n > 1 for n in chosen.values()):
-        pin = False   # a team of two bound to one core would take turns
     return ThreadLayout(cores=c, cores_source=cores.source, rule=rule, pin=one_core() if pin else (), **chosen)
 
 
