@@ -643,10 +643,12 @@ class Policy:
         return self.pages_per_layer or self.num_micro_batches
 
 
-# The fields a policy rule decides (the HRM plan, a baseline's own chooser): batching, placement and the
-# page schedule. The others (the expert kernel, MXFP4 dequantization) stay the user's under any rule.
+# The fields a policy rule decides (the HRM plan, a baseline's own chooser): batching, placement, the
+# page schedule and the MXFP4 scratch (the plan sizes it to fit its batch: a simulation or run that kept
+# the default whole-layer scratch would not fit the budget the plan was made for). The expert kernel
+# stays the user's under any rule.
 RULE_FIELDS = ("batch_size", "micro_batch_size", "attn_on_gpu", "ffn_on_gpu", "expert_gpu_fraction",
-               "kv_gpu_fraction", "pages_per_layer", "prefetch_depth")
+               "kv_gpu_fraction", "pages_per_layer", "prefetch_depth", "dequant_experts")
 
 
 def set_policy_fields(policy: Policy, names: tuple[str, ...] = RULE_FIELDS) -> dict[str, object]:

@@ -200,3 +200,22 @@ def test_a_plan_keeps_the_given_kernel_and_refuses_a_given_batch():
     given, _, _ = simulate_system(RunConfig(task=SimulateTask(), policy=Policy(batch_size=16, micro_batch_size=8)))
     assert (given.policy["batch_size"], given.policy["micro_batch_size"]) == (16, 8)
     assert given.extra["policy_source"] == "cfg.policy"
+
+
+def test_simulating_the_plan_of_an_mxfp4_model_keeps_its_scratch_and_fits():
+    """gpt-oss-120b on a T4 fits only with the MXFP4 scratch the plan sized (`dequant_experts`): simulating
+    the plan runs that policy, within the budget and at the plan's speed, not the whole-layer scratch's."""
+    from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.simulate import SimulateTask, simulate_system
+    from moe_lightning.tuner.optimizer import optimize
+    from moe_lightning.tuner.presets import load_preset
+
+    cfg = RunConfig(task=SimulateTask(), hardware=load_preset("hardware", "t4"),
+                    model=load_preset("model", "gpt-oss-120b"), workload=load_preset("workload", "mtbench"))
+    planned = optimize(resolve_model(cfg.model)[0], cfg.hardware, cfg.workload).policy
+    assert planned.dequant_experts > 0   # the case: the whole layer's scratch would not fit
+    doc, _, _ = simulate_system(cfg, use_plan=True)
+    assert doc.policy["dequant_experts"] == planned.dequant_experts
+    assert doc.extra["memory_fits"] is True
+    assert doc.metrics.throughput_tok_s == pytest.approx(doc.prediction["hrm_tok_s"], rel=0.1)
