@@ -294,6 +294,7 @@ def _run(cfg) -> None:
         try:
             start_logger(run_cfg)
             try:
+                check_torchrun_world(run_cfg)
                 if run_cfg.parallel.world_size > 1 and run_cfg.task.name not in PLANNING_TASKS:
                     from moe_lightning.launch import run_ranks
 
@@ -309,6 +310,25 @@ def _run(cfg) -> None:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+
+
+def check_torchrun_world(cfg) -> None:
+    """Under torchrun every process runs this command: unless they are the T x E ranks of one generate or
+    bench, each would run the whole job and write the same files."""
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.launch import RANK_TASKS, under_torchrun
+
+    if not under_torchrun() or os.environ["WORLD_SIZE"] == "1":
+        return
+    world, p = int(os.environ["WORLD_SIZE"]), cfg.parallel
+    if cfg.task.name not in RANK_TASKS:
+        raise ConfigError(f"torchrun started {world} processes, but task={cfg.task.name} runs in one: run it "
+                          "without torchrun")
+    if p.world_size != world:
+        ranks = f"{p.world_size} rank{'s' if p.world_size > 1 else ''}"
+        raise ConfigError(f"torchrun started {world} processes, but parallel.tensor={p.tensor} x parallel.expert="
+                          f"{p.expert} = {ranks}: set T x E = {world}, or start {p.world_size} (torchrun "
+                          "--nproc-per-node x --nnodes must equal T x E)")
 
 
 def start_logger(cfg) -> None:

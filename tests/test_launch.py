@@ -6,6 +6,7 @@ exit 2, before anything is loaded."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -114,3 +115,22 @@ def test_an_interrupted_several_rank_run_keeps_its_outputs_and_resumes(tmp_path,
     assert doc["extra"]["resumed_outputs"] == kept
     groups = doc["extra"]["batching"]["data_parallel_attention"]["groups"]
     assert sum(g["requests"] for g in groups) == 240 - kept
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task=generate", "outputs=o.jsonl"],
+     "torchrun started 2 processes, but parallel.tensor=1 x parallel.expert=1 = 1 rank:"),
+    (["task=simulate"], "torchrun started 2 processes, but task=simulate runs in one"),
+])
+def test_torchrun_starting_other_than_t_x_e_processes_is_refused(tmp_path, args, message):
+    """Under torchrun each process runs the command: with T x E = 1 each would run the whole job and write
+    the same outputs. torchrun's environment for rank 0 of 2 (what each process sees) is refused."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    out = tmp_path / "o.jsonl"
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", *args, "workload.num_requests=2",
+                        "workload.gen_len=2", f"hydra.run.dir={tmp_path / 'h'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not out.exists() and not out.with_name("o.jsonl.part").exists()
