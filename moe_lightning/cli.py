@@ -278,6 +278,10 @@ def _run(cfg) -> None:
         fail(str(cause).splitlines()[0])
     except MoELightningError as exc:
         fail(str(exc))
+    try:
+        check_checkpoint_overrides(run_cfg, HydraConfig.get().overrides.task)
+    except MoELightningError as exc:
+        fail(str(exc))
     if run_cfg.run_dir is None:
         run_cfg.run_dir = HydraConfig.get().runtime.output_dir
     from moe_lightning.interrupt import install
@@ -310,6 +314,20 @@ def _run(cfg) -> None:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+
+
+def check_checkpoint_overrides(cfg, overrides) -> None:
+    """model=hf takes its shapes and features from the folder's config.json: another model.* field given
+    beside it would be ignored."""
+    from moe_lightning.errors import ConfigError
+
+    if cfg.model.name != "hf":
+        return
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("model.") and key.split(".")[1] not in ("path", "dtype"):
+            raise ConfigError(f"{key}: model=hf takes it from the folder's config.json, so it would be ignored; "
+                              "drop it (model=hf accepts model.path and model.dtype)")
 
 
 def check_torchrun_world(cfg) -> None:

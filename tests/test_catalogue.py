@@ -298,6 +298,8 @@ CASES = [
          setup=prompts(json.dumps({"input_ids": [4] * 5000}) + "\n")),
     # Checkpoints: the file and the field or tensor are named
     Case("ckpt-missing-folder", ("model=hf", "model.path=nockpt"), "nockpt"),
+    Case("ckpt-field-beside-hf", (*HF, "model.rope_theta=5.0"),
+         "model.rope_theta: model=hf takes it from the folder's config.json"),
     Case("ckpt-config-list", HF, "must be a JSON object", setup=checkpoint(config_text("[1, 2]"))),
     Case("ckpt-config-not-utf8", HF, "not UTF-8", setup=checkpoint(config_text(b"\xff\xfe{}"))),
     Case("ckpt-config-deep", HF, "nested too deeply", setup=checkpoint(config_text("[" * 100_000))),
