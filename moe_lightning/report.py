@@ -76,7 +76,7 @@ class Metrics:
     decode_tok_s: float = 0.0           # generated tokens after the first / decode time
     peak_gpu_bytes: int = 0
     peak_cpu_bytes: int = 0
-    link_bytes: dict[str, int] = field(default_factory=lambda: {"h2d": 0, "d2h": 0})
+    link_bytes: dict[str, int] = field(default_factory=lambda: {"h2d": 0, "d2h": 0})   # one pass's, as the tokens
     utilisation: dict[str, float] = field(default_factory=dict)
     kind: str = "measured"
     repeats: int = 1

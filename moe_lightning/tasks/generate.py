@@ -151,7 +151,9 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     metrics = measured_metrics(results, max_cv, host)
     metrics.peak_gpu_bytes = stats.get("peak_gpu_bytes", _peak_gpu_bytes(device))
     metrics.peak_cpu_bytes = peak_cpu_bytes()
-    metrics.link_bytes = stats.get("link_bytes", {"h2d": 0, "d2h": 0})
+    # The runner counts every timed pass (repeats x loops); a pass's bytes go beside a pass's tokens.
+    passes = repeats * loops
+    metrics.link_bytes = {k: round(v / passes) for k, v in stats.get("link_bytes", {"h2d": 0, "d2h": 0}).items()}
     metrics.utilisation = stats.get("utilisation", {})
     threads = stats.get("threads", {"main": main, "engine": "runs on the main thread"})
     model = as_dict(spec)

@@ -51,6 +51,20 @@ def _result(total_s: float, tokens: int = 100) -> GenerationResult:
                             decode_step_s=[3 * total_s / 4 / (per - 1)] * (per - 1))
 
 
+def test_link_bytes_are_one_pass_s_whatever_the_repeats_and_loops(tiny_path):
+    """link_bytes sit beside generated_tokens (one pass over the workload): timing more passes, as repeats
+    or as loops per repeat, does not multiply them."""
+    cfg = RunConfig(system=CGOPipeSystem(), workload=Workload(num_requests=4, gen_len=3),
+                    policy=Policy(batch_size=4, micro_batch_size=2, expert_gpu_fraction=0.25),
+                    sampling=Sampling(ignore_eos=True), device="cpu")
+    once = run_generation(cfg, progress=False).report
+    many = run_generation(cfg, progress=False, repeats=3, min_repeat_s=0.05).report
+    assert many.extra["loops_per_repeat"] > 1   # the case: 3 repeats of several passes each
+    assert once.metrics.link_bytes["h2d"] > 0   # experts streamed
+    assert many.metrics.link_bytes == once.metrics.link_bytes
+    assert many.metrics.generated_tokens == once.metrics.generated_tokens
+
+
 def test_a_run_that_varies_beyond_max_cv_is_noisy_and_says_why():
     steady = measured_metrics([_result(1.0), _result(1.01), _result(0.99)], max_cv=0.05)
     assert not steady.noisy and steady.noise == []
