@@ -430,6 +430,8 @@ CASES = [
          "multi_objective: false -> true", setup=simulated_study("kinds"), task="tune", base=TUNE),
     Case("tune-negative-seed", ("tuner.objective=simulate", "tuner.seed=-3"), "tuner.seed: must be 0 to 2**32 - 1",
          task="tune", base=TUNE),
+    Case("plan-unknown-placements", ("task.placements=gpu",), "task.placements=gpu: expected one of engine, all",
+         task="plan", base=()),
     # A policy field that a rule or a search would replace is refused, not ignored
     Case("simulate-plan-beside-a-given-batch", ("policy.batch_size=16",), "policy.batch_size=16: task.use_plan=true",
          task="simulate", base=()),

@@ -71,6 +71,9 @@ class PlanTask:
     plot: bool = False
     last_batch: str = "full"   # the objective's charge for a last partial batch: full | prorated (hrm.throughput)
     kernel_rates: str = "peak"   # peak (the paper's HRM) | calibrated (the profile's measured curves, task=calibrate)
+    # engine: the placements the CGOPipe engine runs (the MoE FFN on the GPU, attention on either side);
+    # all: the paper's four (A_g, F_g), FFN on the CPU included, which is planned but not run
+    placements: str = "engine"
 
     def __post_init__(self) -> None:
         from moe_lightning.tuner.hrm import LAST_BATCH
@@ -79,15 +82,20 @@ class PlanTask:
             raise ConfigError(f"task.last_batch={self.last_batch}: expected one of {', '.join(LAST_BATCH)}")
         if self.kernel_rates not in ("peak", "calibrated"):
             raise ConfigError(f"task.kernel_rates={self.kernel_rates}: expected one of peak, calibrated")
+        if self.placements not in ("engine", "all"):
+            raise ConfigError(f"task.placements={self.placements}: expected one of engine, all")
 
     def run(self, cfg: RunConfig) -> RunReport:
-        from moe_lightning.tuner.optimizer import optimize, plan_document, plan_table
+        from moe_lightning.baselines.policies import FFN_ON_GPU
+        from moe_lightning.tuner.optimizer import ALL_PLACEMENTS, optimize, plan_document, plan_table
 
         spec = planning_model(cfg.model)
         workload, lengths = planning_workload(cfg.workload, spec)
         plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch,
-                        calibrated=self.kernel_rates == "calibrated", parallel=cfg.parallel)
-        doc = plan_document(plan) | {"last_batch": self.last_batch, "kernel_rates": self.kernel_rates}
+                        calibrated=self.kernel_rates == "calibrated", parallel=cfg.parallel,
+                        placements=FFN_ON_GPU if self.placements == "engine" else ALL_PLACEMENTS)
+        doc = plan_document(plan) | {"last_batch": self.last_batch, "kernel_rates": self.kernel_rates,
+                                     "placements": self.placements, "runnable": plan.policy.ffn_on_gpu}
         pred = plan.prediction
         out = out_path(cfg)
         report = RunReport(

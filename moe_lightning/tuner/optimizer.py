@@ -382,9 +382,12 @@ def plan_table(plan: Plan) -> str:
     if several and len(plan.layouts_searched) > 1:
         lines.append("layouts: " + ", ".join(f"T={t} x E={e}: " + (f"{v:.1f} tok/s" if v else "does not fit")
                                              for t, e, v in plan.layouts_searched))
+    if not p.ffn_on_gpu:
+        lines.append("note: ffn_on_gpu=false (the MoE FFN on the CPU) is the HRM's answer over the paper's four "
+                     "placements; the engine does not run it (task.placements=engine plans what it runs)")
     lines.append(f"search: {plan.points_evaluated} points in {plan.search_s:.2f} s")
     if several:
-        lines.append(f"run it: moe-lightning task=generate {command_hint(plan)}")
+        lines.append(f"run it: this command with task=generate (or task=bench) and {command_hint(plan)}")
         if par.expert > 1:
             lines.append(f"note: each of the {par.expert} expert groups runs its own 1/{par.expert} of the requests "
                          "(data-parallel attention, as EPS-MoE serves), with N and mu its share of the machine's")

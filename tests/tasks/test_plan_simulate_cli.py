@@ -219,3 +219,19 @@ def test_simulating_the_plan_of_an_mxfp4_model_keeps_its_scratch_and_fits():
     assert doc.policy["dequant_experts"] == planned.dequant_experts
     assert doc.extra["memory_fits"] is True
     assert doc.metrics.throughput_tok_s == pytest.approx(doc.prediction["hrm_tok_s"], rel=0.1)
+
+
+def test_plan_plans_what_the_engine_runs_and_the_paper_s_four_placements_on_request(tmp_path):
+    """Qwen3-30B-A3B on an L4: over the paper's four placements the HRM's pick runs the MoE FFN on the
+    CPU, which the engine does not run. task=plan plans what the engine runs by default (the policy
+    task=simulate then times); task.placements=all gives the HRM's answer, with a note saying so."""
+    args = ("task=plan", "hardware=l4", "model=qwen3-30b-a3b", "workload=mtbench", f"hydra.run.dir={tmp_path / 'h'}")
+    engine = cli(*args, f"out={tmp_path / 'engine.json'}")
+    paper = cli(*args, "task.placements=all", f"out={tmp_path / 'all.json'}")
+    sim = cli("task=simulate", *args[1:], f"out={tmp_path / 'sim.json'}")
+    assert engine.returncode == paper.returncode == sim.returncode == 0, (engine.stderr, paper.stderr, sim.stderr)
+    engine_doc, paper_doc = (json.loads((tmp_path / f).read_text()) for f in ("engine.json", "all.json"))
+    assert engine_doc["policy"]["ffn_on_gpu"] is True and engine_doc["extra"]["runnable"] is True
+    assert engine_doc["policy"] == json.loads((tmp_path / "sim.json").read_text())["policy"]
+    assert paper_doc["policy"]["ffn_on_gpu"] is False and paper_doc["extra"]["runnable"] is False
+    assert "the engine does not run it" in paper.stdout and "does not run" not in engine.stdout
