@@ -187,6 +187,10 @@ def summary(report: RunReport, sim, hrm) -> str:
         f"  HRM bottleneck: {hrm.bottleneck}; simulated {sim.tasks_simulated} tasks in {sim.sim_wall_s:.2f} s",
     ]
     lines += [f"  note: {n}" for n in sim.notes]
+    if p["batch_size"] > sim.num_requests:
+        lines.append(f"  note: N={p['batch_size']} exceeds the workload's {sim.num_requests} requests: the HRM "
+                     f"column prices a full batch of N (its decode tok/s counts N sequences), the simulator runs "
+                     f"the {sim.num_requests}; give workload.num_requests >= N to compare them")
     if not report.extra["memory_fits"]:
         lines.append("  warning: this policy does not fit the hardware's memory budget")
     return "\n".join(lines)

@@ -235,3 +235,17 @@ def test_plan_plans_what_the_engine_runs_and_the_paper_s_four_placements_on_requ
     assert engine_doc["policy"] == json.loads((tmp_path / "sim.json").read_text())["policy"]
     assert paper_doc["policy"]["ffn_on_gpu"] is False and paper_doc["extra"]["runnable"] is False
     assert "the engine does not run it" in paper.stdout and "does not run" not in engine.stdout
+
+
+@pytest.mark.parametrize("batch_size, noted", [(16, True), (8, False)])
+def test_a_batch_larger_than_the_workload_is_noted_beside_the_hrm_column(batch_size, noted):
+    """The HRM prices a full batch of N; the simulator runs the workload's requests: when N exceeds them,
+    the table says why the two columns' decode rates differ."""
+    from moe_lightning.config import Policy, Workload
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.simulate import SimulateTask, simulate_system, summary
+
+    cfg = RunConfig(task=SimulateTask(use_plan=False), workload=Workload(num_requests=8, gen_len=4),
+                    policy=Policy(batch_size=batch_size, micro_batch_size=4))
+    report, sim, hrm = simulate_system(cfg)
+    assert ("N=16 exceeds the workload's 8 requests" in summary(report, sim, hrm)) is noted
