@@ -76,8 +76,8 @@ class BenchTask:
         try:
             from moe_lightning.tuner.hrm import predict
 
-            report.prediction["hrm_tok_s"] = predict(spec, cfg.hardware, cfg.workload, cfg.policy,
-                                                       parallel=_split(cfg)).e2e_tok_s
+            hrm = predict(spec, cfg.hardware, cfg.workload, cfg.policy, parallel=_split(cfg))
+            report.prediction.update(kind="predicted", hrm_tok_s=hrm.e2e_tok_s)
         except Exception as exc:  # noqa: BLE001 - a prediction is a bonus, never a failure
             log.info("no HRM prediction: %s", exc)
         bound = link_bound_tok_s(cfg, spec)

@@ -130,3 +130,15 @@ def test_the_host_check_counts_mxfp4_experts_as_stored(monkeypatch):
     hostload.check_fits_host(spec, hw, torch.device("cpu"))
     with pytest.raises(MemoryBudgetError, match=r"needs 39\.0 GiB of host memory"):
         hostload.check_fits_host(spec, hw, torch.device("cpu"), weight_bytes=spec.total_params * spec.dtype_bytes)
+
+
+def test_bench_labels_its_prediction_beside_its_measurement(tiny_path, tmp_path):
+    from moe_lightning.tasks.bench import BenchTask
+
+    cfg = RunConfig(task=BenchTask(repeats=1, min_repeat_s=0, progress=False), system=CGOPipeSystem(),
+                    workload=Workload(num_requests=2, gen_len=2), policy=Policy(batch_size=2, micro_batch_size=1),
+                    device="cpu", out=str(tmp_path / "bench.json"))
+    cfg.task.run(cfg)
+    doc = RunReport.from_json(tmp_path / "bench.json")
+    assert doc.metrics.kind == "measured" and doc.hardware["detected"]
+    assert doc.prediction["kind"] == "predicted" and doc.prediction["hrm_tok_s"] > 0

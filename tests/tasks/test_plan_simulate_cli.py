@@ -25,6 +25,10 @@ def test_plan_writes_policy_and_prediction(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["task"] == "plan" and doc["policy"]["batch_size"] >= 1
     assert doc["prediction"]["hrm_tok_s"] > 0
+    m = doc["metrics"]   # one batch of N, as the HRM prices it: its tokens over its time are the decode rate
+    assert m["kind"] == "predicted" and m["generated_tokens"] == doc["policy"]["batch_size"] * 128   # mtbench
+    assert m["generated_tokens"] / m["decode_s"] == pytest.approx(m["decode_tok_s"])
+    assert m["decode_step_median_s"] * 128 == pytest.approx(m["decode_s"])
     assert doc["extra"]["bottleneck"] in ("link", "cpu", "gpu")
     assert doc["extra"]["memory"]["gpu_total_bytes"] <= doc["extra"]["memory"]["gpu_budget_bytes"]
 
