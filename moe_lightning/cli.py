@@ -442,7 +442,9 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     # Run folders carry the process id beside the time: two runs started in the same second never share one.
-    OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True)
+    # Cached, as Hydra's ${now:} is: a sweep's jobs in launcher worker processes get the command's pid from
+    # the sweep config's cache, so they all land under the sweep folder Hydra announced.
+    OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True, use_cache=True)
     if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:
         # A torchrun rank other than 0 writes nothing: no run folder of its own, no log file.
         import tempfile
