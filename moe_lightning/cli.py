@@ -264,7 +264,36 @@ def _resolve_type(tp):
 PLANNING_TASKS = ("plan", "simulate", "report", "tune")
 
 
+# A sweep run by Hydra's basic launcher runs its jobs in this process: a job that is refused or fails
+# is recorded, the sweep goes on, and the command exits with the worst job's code after the last job.
+_MAIN_PID: int | None = None
+_sweep_jobs: list[tuple[str, int]] = []   # (the job's overrides, its exit code), in the order run
+
+
 def _run(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN or os.getpid() != _MAIN_PID:
+        return _run_job(cfg)
+    try:
+        _run_job(cfg)
+        code = 0
+    except SystemExit as exc:   # fail(): its line is printed; interrupts end the whole sweep (os._exit)
+        code = exc.code if isinstance(exc.code, int) else 1
+    _sweep_jobs.append((" ".join(HydraConfig.get().overrides.task), code))
+
+
+def finish_sweep() -> None:
+    """After a sweep in this process: one line naming the jobs that failed, and the worst exit code."""
+    failed = [(job, code) for job, code in _sweep_jobs if code]
+    if failed:
+        named = "; ".join(f"{job} (exit {code})" for job, code in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        fail(f"{len(failed)} of {len(_sweep_jobs)} sweep jobs failed (the others ran and kept their run "
+             f"documents): {named}", max(code for _, code in failed))
+
+
+def _run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -451,8 +480,11 @@ def main() -> None:
 
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
                      f"hydra.run.dir={tempfile.gettempdir()}"]
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     app = hydra.main(config_path="conf", config_name="config", version_base="1.3")(_run)
     app()
+    finish_sweep()
 
 
 if __name__ == "__main__":

@@ -150,6 +150,20 @@ def test_multirun_sweeps_a_range(tmp_path):
     assert sorted(d["policy"]["batch_size"] for d in docs) == [4, 8]
 
 
+def test_a_sweep_goes_on_past_a_refused_job_and_exits_with_its_code(tmp_path):
+    """A sweep's refused point is its own line; the other points run and keep their documents, and the
+    command ends with one line naming the failed jobs and the worst job's exit code."""
+    r = cli("-m", "task=simulate", "task.use_plan=false", "workload.num_requests=8", "workload.gen_len=2",
+            "policy.batch_size=4", "policy.micro_batch_size=8,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
+    assert len(errors) == 2 and "policy.micro_batch_size" in errors[0]
+    assert "1 of 2 sweep jobs failed" in errors[1] and "policy.micro_batch_size=8 (exit 2)" in errors[1]
+    assert not (tmp_path / "sweep" / "0" / "run.json").exists()
+    assert json.loads((tmp_path / "sweep" / "1" / "run.json").read_text())["policy"]["micro_batch_size"] == 2
+
+
 @pytest.mark.parametrize("args, expect", [
     (["-m", "task=simulate", "policy.batch_size=4,abc"], "policy.batch_size: expected an integer, got 'abc'"),
     (["-m", "task=simulate", "policy.attn_on_gpu=true,2"], "policy.attn_on_gpu: expected true or false, got 2"),
