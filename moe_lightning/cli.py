@@ -308,7 +308,7 @@ def _run_job(cfg) -> None:
     except MoELightningError as exc:
         fail(str(exc))
     try:
-        check_checkpoint_overrides(run_cfg, HydraConfig.get().overrides.task)
+        check_ignored_overrides(run_cfg, HydraConfig.get().overrides.task)
     except MoELightningError as exc:
         fail(str(exc))
     if run_cfg.run_dir is None:
@@ -345,18 +345,22 @@ def _run_job(cfg) -> None:
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
 
 
-def check_checkpoint_overrides(cfg, overrides) -> None:
-    """model=hf takes its shapes and features from the folder's config.json: another model.* field given
-    beside it would be ignored."""
+def check_ignored_overrides(cfg, overrides) -> None:
+    """Overrides the task would ignore, refused: another model.* field beside model=hf (the folder's
+    config.json decides it), and the one-system settings beside task=compare (it runs task.systems)."""
     from moe_lightning.errors import ConfigError
 
-    if cfg.model.name != "hf":
-        return
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith("model.") and key.split(".")[1] not in ("path", "dtype"):
+        if cfg.model.name == "hf" and key.startswith("model.") and key.split(".")[1] not in ("path", "dtype"):
             raise ConfigError(f"{key}: model=hf takes it from the folder's config.json, so it would be ignored; "
                               "drop it (model=hf accepts model.path and model.dtype)")
+        if cfg.task.name == "compare" and (key == "system" or key.startswith("system.")):
+            raise ConfigError(f"{override}: task=compare runs the systems of task.systems with their own "
+                              "settings, so it would be ignored; list them there: 'task.systems=[cgopipe,flexgen]'")
+        if cfg.task.name == "compare" and key == "trace" and cfg.trace:
+            raise ConfigError("trace=true: task=compare does not trace its systems' runs; trace one with "
+                              "task=generate system=<name> trace=true")
 
 
 def check_torchrun_world(cfg) -> None:

@@ -441,6 +441,9 @@ CASES = [
          "policy.prefetch_depth=3: task.plan=true", task="bench"),
     Case("compare-own-rules-beside-a-given-batch", ("policy.batch_size=4",),
          "policy.batch_size=4: with task.policy_source=auto", task="compare"),
+    Case("compare-beside-a-system", ("system=flexgen",), "system=flexgen: task=compare runs the systems of "
+         "task.systems", task="compare"),
+    Case("compare-with-a-trace", ("trace=true",), "trace=true: task=compare does not trace", task="compare"),
     Case("tune-beside-a-searched-field", ("tuner.objective=simulate", "policy.kv_gpu_fraction=0.5"),
          "policy.kv_gpu_fraction=0.5: task=tune searches it", task="tune", base=TUNE),
     # Reports
