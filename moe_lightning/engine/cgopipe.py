@@ -175,7 +175,10 @@ class CGOPipeRunner:
         # weights, and on the CPU for CPU attention.
         self._attn_dev = [self.family.attention_args(lw, i, spec) for i, lw in enumerate(self.layers)]
         self._attn_cpu = [self.family.attention_args(lw, i, spec, "cpu") for i, lw in enumerate(self.layers)]
-        n_res = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
+        n_res = self.resident_experts = resident_experts_per_layer(spec, policy.expert_gpu_fraction)
+        if n_res == 0 and policy.expert_gpu_fraction > 0:
+            log.warning("policy.expert_gpu_fraction=%g keeps no expert resident: whole experts of %d per layer "
+                        "(r_w >= %g keeps one)", policy.expert_gpu_fraction, spec.num_experts, 1 / spec.num_experts)
         self.experts = ExpertCache(spec, source, n_res, policy.num_pages, policy.prefetch_depth,
                                    self.pools, device, pin=self.cuda, dequant_experts=policy.dequant_experts)
         # A scratch of fewer MXFP4 experts than a layer streams: each MoE runs group by group.
@@ -239,6 +242,10 @@ class CGOPipeRunner:
             raise ConfigError("admission needs the paged KV cache (system.kv_block_size > 0, workload.padding=false)")
         b = self.budget
         n_gpu = gpu_partitions(self.policy.kv_gpu_fraction, self.policy.batch_size, b)
+        if n_gpu == 0 and self.policy.kv_gpu_fraction > 0:
+            log.warning("policy.kv_gpu_fraction=%g keeps no KV cache on the GPU: whole micro-batches of mu=%d of "
+                        "N=%d (r_c >= %g keeps one)", self.policy.kv_gpu_fraction, b.micro_batch_size,
+                        self.policy.batch_size, b.micro_batch_size / self.policy.batch_size)
         self.kv_pool = KVBlockPool(self.spec, (b.partitions - n_gpu) * b.blocks_per_partition, b.block_size,
                                    self.dtype, pin=self.cuda and self.policy.attn_on_gpu)
         gpu_pool = None
@@ -675,6 +682,11 @@ class CGOPipeRunner:
             "utilisation": self.timeline.utilisation("decode"),
             "threads": {**self.threads.to_dict(), "serial": self.executor.serial},
             "extra": {"memory_plan": {"gpu": self.plan.gpu, "cpu": self.plan.cpu},
+                      # what the fractions came to (whole experts, whole micro-batches); the plan reserves
+                      # the fractions' bytes
+                      "effective_policy": {"resident_experts_per_layer": self.resident_experts,
+                                           "gpu_kv_micro_batches": sum(p.on_gpu for p in (self.parts or self.mbs)),
+                                           "micro_batches": len(self.parts or self.mbs)},
                       "cpu_attention": self.attention_backend,
                       "kv_blocks": self._kv_blocks(),
                       "gpu_pools_bytes": self.pools.allocated_bytes,

@@ -212,3 +212,23 @@ def test_every_page_copy_waits_for_its_staging(L, m, P, prefetch):
                 if q >= ring:
                     assert g.get("W_PinToGPU", *divmod(q - ring, P)) in t.deps
         assert sum(t.op == "W_PinToGPU" for t in g.tasks) == L * P
+
+
+@pytest.mark.parametrize("r_w, r_c, resident, gpu_kv", [(0.1, 0.4, 0, 0), (0.25, 0.5, 2, 1)])
+def test_the_run_document_says_what_the_fractions_came_to(tiny_path, caplog, r_w, r_c, resident, gpu_kv):
+    """r_w keeps whole experts and r_c whole micro-batches: a fraction too small for one is said (a warning)
+    and recorded (`extra.effective_policy`), not silently dropped."""
+    from moe_lightning.config import Policy, Sampling, Workload
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.systems import CGOPipeSystem
+    from moe_lightning.tasks.generate import run_generation
+
+    cfg = RunConfig(system=CGOPipeSystem(), workload=Workload(num_requests=4, gen_len=2), device="cpu",
+                    policy=Policy(batch_size=8, micro_batch_size=4, expert_gpu_fraction=r_w, kv_gpu_fraction=r_c),
+                    sampling=Sampling(ignore_eos=True))
+    with caplog.at_level("WARNING", logger="moe_lightning.cgopipe"):
+        eff = run_generation(cfg, progress=False).report.extra["effective_policy"]
+    assert eff == {"resident_experts_per_layer": resident, "gpu_kv_micro_batches": gpu_kv, "micro_batches": 2}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert ("keeps no expert resident" in warned) is (resident == 0)
+    assert ("keeps no KV cache on the GPU" in warned) is (gpu_kv == 0)
