@@ -32,17 +32,31 @@ class CalibrateTask:
         out = out_path(cfg)
         yaml_path = Path(self.out_yaml) if self.out_yaml else out.parent / "hardware.yaml"
         profile = yaml_path.stem if yaml_path.stem != "hardware" else "calibrated"
-        m = measure(quick=self.quick, device=cfg.device)
+        from moe_lightning.hostload import HostLoad, measurement_lock
+        from moe_lightning.systems import resolve_device
+        from moe_lightning.tasks.generate import _detected
+
+        load = HostLoad()   # the probes time the host: another process's load would be in the profile
+        with measurement_lock() as lock_wait_s, load:
+            m = measure(quick=self.quick, device=cfg.device)
+        host = load.report
+        host.lock_wait_s = lock_wait_s
+        noise = ([f"other processes kept {host.others_busy_cores:.2f} cores busy while it measured: calibrate "
+                  "again on a quiet host"] if host.busy else [])
         hw = hardware_spec(m, name=profile)
         atomic_write(yaml_path, hardware_yaml(hw, m))
         kernels = expert_kernel_crossover(cfg)
         report = RunReport(
-            system="none", task=self.name, model={}, hardware={"profile": as_dict(hw)}, workload={},
-            policy={}, metrics=Metrics(), environment=environment(),
+            system="none", task=self.name, model={},
+            hardware={"profile": as_dict(hw), "detected": _detected(resolve_device(cfg.device))}, workload={},
+            policy={}, metrics=Metrics(kind="measured", noisy=bool(noise), noise=noise),
+            environment={**environment(), "host_load": host.to_dict()},
             extra={"measurements": m.as_dict(), "hardware_yaml": str(yaml_path),
                    "expert_kernel_by_tokens_per_expert": kernels})
         report.to_json(out)
         print(table(m))
+        for reason in noise:
+            print(f"NOISY: {reason}")
         print(f"expert kernel by tokens per expert ({cfg.model.name} shapes): "
               + ", ".join(f"{load}: {name}" for load, name in kernels.items()))
         print(f"\nhardware profile: {yaml_path}\nrun document: {out}\n")

@@ -61,6 +61,10 @@ def test_calibration_report_holds_the_measurements(calibrated):
     assert 0 < m["issue_overhead_s"] < 1e-4 and m["sync_overhead_s"] > m["issue_overhead_s"]
     assert doc["hardware"]["profile"]["name"] == "mybox"
     assert report.extra["hardware_yaml"] == str(tmp / "mybox.yaml")
+    # Measured here, under the host's load: a busy host marks the profile's measurements noisy
+    assert doc["metrics"]["kind"] == "measured" and doc["hardware"]["detected"]["device"] == "cpu"
+    load = doc["environment"]["host_load"]
+    assert load["wall_s"] > 0 and doc["metrics"]["noisy"] is load["busy"]
 
 
 def test_calibration_writes_the_host_costs(calibrated):
