@@ -35,6 +35,7 @@ def test_quick_calibration_writes_a_loadable_profile(calibrated, tmp_path, monke
     assert len(hw.gpu.gemm_rows) == len(hw.gpu.gemm_tflops) >= 4 and hw.gpu.gemm_rows[-1] >= 1024
     assert hw.gpu.gemm_tflops[0] < hw.gpu.gemm_tflops[-1] / 4
     assert hw.gpu.expert_loads[0] == 1 and hw.gpu.expert_tflops[0] < hw.gpu.expert_tflops[-1] / 4
+    assert hw.gpu.peak_tflops >= max(hw.gpu.gemm_tflops + hw.gpu.expert_tflops) * 0.999   # a peak, not below
     assert hw.cpu.attn_gbps > 0 and hw.task_overhead_us > 0 and hw.step_overhead_us >= 0
     # Dropped into a conf/hardware folder, it loads like any shipped preset.
     (tmp_path / "hardware").mkdir()
