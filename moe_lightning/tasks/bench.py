@@ -115,7 +115,8 @@ def format_bench(report: RunReport) -> str:
             waits = f"; idle CPUs: {idle['driver']}"
             if polls is not None:
                 waits += f", halt after polling {polls / 1e3:g} us"
-        lines.append(f"  host load: 1-min load average {host.get('loadavg_1m_start')}, other processes "
+        avg = host.get("loadavg_1m_start")
+        lines.append(f"  host load: 1-min load average {'?' if avg is None else f'{avg:.2f}'}, other processes "
                      f"{'?' if others is None else f'{others:.2f}'} cores busy while timed{waits}")
     if m.utilisation:
         lines.append("  utilisation (decode): " + ", ".join(f"{k} {v:.0%}" for k, v in m.utilisation.items()))
