@@ -129,7 +129,8 @@ def test_reports():
 def test_every_shipped_preset_plans_quickly():
     """Every preset at least once, each beside Mixtral-8x7B / T4 / MT-Bench: every model on T4 and on
     L4, every hardware profile, every workload. The plan fits its budget where one exists, and no case
-    takes the optimizer long. (The full product of the presets, about 700 cases, took 90 s of CI for
+    takes the optimizer long: CPU seconds of this process, which other processes on a loaded runner do not
+    stretch as they stretch the wall clock. (The full product of the presets, about 700 cases, took 90 s of CI for
     little more coverage.)"""
     models, hardware, workloads = preset_names("model"), preset_names("hardware"), preset_names("workload")
     cases = sorted({(m, h, "mtbench") for m in models for h in ("t4", "l4")}
@@ -138,17 +139,17 @@ def test_every_shipped_preset_plans_quickly():
     worst, worst_case, planned = 0.0, None, 0
     for m, h, w in cases:
         spec, hw, wl = load_preset("model", m), load_preset("hardware", h), load_preset("workload", w)
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             plan = optimize(spec, hw, wl)
             planned += 1
             assert plan.memory.fits(hw)
         except MemoryBudgetError:
             pass
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         if elapsed > worst:
             worst, worst_case = elapsed, (m, h, w)
-    print(f"\nslowest optimize(): {worst:.3f} s for {worst_case}; {planned} of {len(cases)} cases planned")
+    print(f"\nslowest optimize(): {worst:.3f} CPU s for {worst_case}; {planned} of {len(cases)} cases planned")
     assert planned > 0.6 * len(cases)
     assert worst < 10.0
 
