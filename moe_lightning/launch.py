@@ -117,9 +117,12 @@ def _launch(cfg):
             with _quiet_agent():
                 elastic_launch(config, _rank_entry)(cfg, errors)
         except (ChildFailedError, SignalException) as exc:
-            said = sorted(Path(errors).glob("rank*.error"))   # rank 0's first: it says what it kept
+            # A rank's own failure first (the others were then stopped by the agent: interrupted), else
+            # rank 0's: it says what it kept.
+            said = [f.read_text().rpartition("\n") for f in sorted(Path(errors).glob("rank*.error"))]
+            said.sort(key=lambda s: int(s[2]) in (130, 143))
             if said:
-                message, _, code = said[0].read_text().rpartition("\n")
+                message, _, code = said[0]
                 raise _RankError(message, int(code)) from None
             if isinstance(exc, SignalException):   # the agent stopped the ranks before rank 0 could say
                 raise _interrupted(cfg, exc.sigval) from None

@@ -134,3 +134,26 @@ def test_torchrun_starting_other_than_t_x_e_processes_is_refused(tmp_path, args,
     lines = [line for line in r.stderr.splitlines() if line.strip() and "it/s]" not in line]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists() and not out.with_name("o.jsonl.part").exists()
+
+
+def test_a_corrupt_expert_only_another_rank_loads_is_its_line_and_leaves_no_part_file(tmp_path, tiny_path):
+    """Expert 7 is rank 1's under parallel.expert=2: its NaN/Inf refusal is what the run says (not rank
+    0's being stopped), and rank 0 opens no part file before every rank has its weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, ckpt)
+    name = "model.layers.0.block_sparse_moe.experts.7.w1.weight"
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "o.jsonl"
+    r = cli("task=generate", "system=cgopipe", "parallel.expert=2", "model=hf", f"model.path={ckpt}",
+            "workload.num_requests=2", "workload.gen_len=2", f"outputs={out}", f"hydra.run.dir={tmp_path / 'h'}",
+            cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
+    assert len(lines) == 1 and f"'{name}' holds NaN or Inf" in lines[0], r.stderr
+    assert not out.exists() and not out.with_name("o.jsonl.part").exists()

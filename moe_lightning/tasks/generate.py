@@ -105,6 +105,9 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     if streamed is not None:
         from moe_lightning.tasks.outputs import run_fields
 
+        if ranks is not None:   # every rank has loaded (and checked) its weights before rank 0 opens the part
+            ranks.broadcast(None)   # file: a refusal in another rank leaves no part file behind
+
         done = streamed.begin(run_fields(cfg, spec, device), requests, None if any_order else batch_size, tokenizer)
         if ranks is not None:   # what rank 0's outputs hold is skipped by every rank
             done = ranks.broadcast(done)
