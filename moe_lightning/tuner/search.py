@@ -61,6 +61,9 @@ def search_space(cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
         space["expert_kernel"] = list(KERNELS)
     if searches_dequant(cfg, spec):
         space["dequant_experts"] = [0, spec.num_experts]
+    tensor = searched_tensor(cfg, spec)
+    if tensor:   # several GPUs, no split given: the split is searched (`suggest`)
+        space["tensor"] = tensor
     return space
 
 
