@@ -13,6 +13,9 @@
 - Studies live in an RDB storage (SQLite by default, any SQLAlchemy URL such as PostgreSQL), with
   heartbeats so that a trial whose process was killed is failed on resume, with its reason, and every
   completed trial is kept; several worker processes can share one study.
+- A trial lost by its process (interrupted, or the process died) is queued again with its parameters and
+  seed label and does not count towards `n_trials` (`requeue_lost_trials`); one that failed on its own
+  merits (out of memory, a timeout) counts and stays failed.
 - Worker and trial processes die with their parent, and asking for a trial is serialised so that
   `n_trials` is exact (`moe_lightning.tuner.processes`).
 """
@@ -266,12 +269,82 @@ def fail_trials_of(study, pid: int, reason: str) -> list[int]:
 
 
 def started_trials(study) -> int:
-    """The trials that count towards `tuner.n_trials`: every trial started (running or finished), i.e.
-    all but the queued (WAITING) ones; Optuna's MaxTrialsCallback with those states."""
+    """The trials that count towards `tuner.n_trials`: every trial started (running or finished) but a
+    lost one queued again (`requeue_lost_trials`: its retry counts instead); queued (WAITING) trials do
+    not count until asked for."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
-                                                        TrialState.PRUNED, TrialState.FAIL)))
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    return sum(t.state != TrialState.WAITING and t.number not in retried for t in trials)
+
+
+# A trial lost by its process, not by its own doing: the process was interrupted (SIGINT/SIGTERM, the
+# reason `run_trials` records) or died (killed, its machine down: the reasons `fail_orphaned_trials`, Optuna's
+# heartbeat check and `tasks.tune._end_workers` record). A failure on the trial's own merits (out of memory,
+# a timeout, a crash of the trial process, infeasible) is a result, and stays.
+INTERRUPTED_PREFIX = "interrupted"
+DIED_PREFIXES = ("its process died", "its worker process ")
+MAX_DEATHS = 3    # parameters whose process died this often may be what kills it (the kernel's OOM killer)
+RETRIED_ATTRS = ("seed",)   # what a queued trial carries from the start (`seed_study`), given to its retry
+
+
+def lost_by_its_process(trial) -> str | None:
+    """"interrupted" or "died" for a failed trial whose process was interrupted or died, else None."""
+    from optuna.trial import TrialState
+
+    if trial.state != TrialState.FAIL:
+        return None
+    reason = trial_reason(trial)
+    if reason.startswith(INTERRUPTED_PREFIX):
+        return "interrupted"
+    return "died" if reason == STALE_REASON or reason.startswith(DIED_PREFIXES) else None
+
+
+def requeue_lost_trials(study) -> list[int]:
+    """Queue again (`enqueue_trial`) the parameters of each trial its process lost (`lost_by_its_process`)
+    and not yet queued again, with its seed label; the retry records `retry_of` (the lost trial's number)
+    and `deaths` (how often these parameters' process died). Returns the lost trials' numbers.
+
+    Call under the study's gate (`processes.trial_gate`), as every count and ask is: two processes then
+    never queue one trial twice, and the lost trial stops counting towards n_trials as its retry is queued.
+    Parameters whose process died `MAX_DEATHS` times are left failed (and count)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    lost = []
+    for t in trials:
+        how = lost_by_its_process(t)
+        if how is None or t.number in retried:
+            continue
+        deaths = int(t.user_attrs.get("deaths", 0)) + (how == "died")
+        if deaths >= MAX_DEATHS:
+            continue
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}   # a queued trial lost before it sampled
+        attrs = {k: t.user_attrs[k] for k in RETRIED_ATTRS if k in t.user_attrs}
+        study.enqueue_trial(params, user_attrs={**attrs, "retry_of": t.number, "deaths": deaths})
+        lost.append(t.number)
+    return lost
+
+
+def ask_trial(study):
+    """`study.ask()`, but a lost trial's retry (`requeue_lost_trials`) before the other queued trials: Optuna
+    asks the queue in trial order, and a study whose seeds outnumber the trials left would never run an
+    interrupted HRM seed again. Call under the study's gate."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if "retry_of" not in t.user_attrs:
+            continue
+        try:   # what Study.ask does with the first queued trial: claim it by setting it RUNNING
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        study._thread_local.cached_all_trials = None   # as ask does: the sampler sees the storage anew
+        return optuna.Trial(study, t._trial_id)
+    return study.ask()
 
 
 # ------------------------------------------------------------------------------------------------
