@@ -431,6 +431,8 @@ CASES = [
                                          "hardware=2xt4", "parallel.tensor=2", "parallel.expert=1"),
          'parallel.expert: "searched" -> 1; parallel.tensor: "searched" -> 2', task="tune", base=TUNE,
          setup=simulated_study("split", "hardware=2xt4")),
+    Case("tune-negative-max-batch", ("tuner.objective=simulate", "tuner.max_batch_size=-5"),
+         "tuner.max_batch_size: must be >= 0 (0: the workload's number of requests), got -5", task="tune", base=TUNE),
     Case("tune-negative-seed", ("tuner.objective=simulate", "tuner.seed=-3"), "tuner.seed: must be 0 to 2**32 - 1",
          task="tune", base=TUNE),
     # A policy field that a rule or a search would replace is refused, not ignored

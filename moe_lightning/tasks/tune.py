@@ -387,8 +387,8 @@ class TuneTask:
         # Every trial of the study, from every worker, both objectives, each failure with its reason.
         cfg.logger.log_table("trials", rows)
         report = RunReport(system=cfg.system.name, task="tune", model=as_dict(spec),
-                           hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(cfg.workload),
-                           policy={}, environment=environment(),
+                           hardware={"profile": as_dict(cfg.hardware), "detected": None},
+                           workload=as_dict(cfg.workload), policy={}, environment=environment(),
                            extra={"study": study.study_name, "storage": storage, "trials": states,
                                   "objective": cfg.tuner.objective, "trials_file": str(run_dir / "trials.jsonl"),
                                   "trials_csv": str(run_dir / "trials.csv")})
@@ -405,10 +405,14 @@ class TuneTask:
             report.policy = as_dict(policy)
             kind = "simulated" if cfg.tuner.objective == "simulate" else "measured"
             spread = {k: Spread.from_dict(v) for k, v in (top.user_attrs.get("spread") or {}).items()}
-            report.metrics = Metrics(throughput_tok_s=top.values[0], kind=kind, spread=spread,
-                                     repeats=spread["throughput_tok_s"].n if spread else 1,
-                                     noisy=bool(top.user_attrs.get("noisy")), noise=top.user_attrs.get("noise") or [],
-                                     peak_gpu_bytes=int(top.user_attrs.get("peak_gpu_bytes") or 0))
+            # A measured trial's own metrics (prefill, decode, tokens, link bytes ...), as its run measured them
+            report.metrics = dataclasses.replace(
+                Metrics.from_dict(top.user_attrs.get("metrics") or {}), throughput_tok_s=top.values[0], kind=kind,
+                spread=spread, repeats=spread["throughput_tok_s"].n if spread else 1,
+                noisy=bool(top.user_attrs.get("noisy")), noise=top.user_attrs.get("noise") or [],
+                peak_gpu_bytes=int(top.user_attrs.get("peak_gpu_bytes") or 0))
+            report.hardware["detected"] = top.user_attrs.get("detected")   # the device the best trial ran on
+            report.prediction = (top.user_attrs.get("run") or {}).get("prediction") or {}
             report.extra["best_trial"] = top.number
             report.extra["pareto"] = [{"number": t.number, "values": t.values, "params": t.params} for t in best]
             shown = spread["throughput_tok_s"].show(".2f") if spread else f"{top.values[0]:.2f}"
@@ -417,7 +421,8 @@ class TuneTask:
                   f"mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
                   f"r_w={policy.expert_gpu_fraction:.3f} r_c={policy.kv_gpu_fraction:.3f} "
                   f"kernel={policy.expert_kernel}"
-                  + (f" parallel.tensor={layout['tensor']} parallel.expert={layout['expert']}" if layout else ""))
+                  + (f" parallel.tensor={layout['tensor']} parallel.expert={layout['expert']}" if layout else "")
+                  + ("\n  NOISY: " + "; ".join(report.metrics.noise) if report.metrics.noisy else ""))
             if self.compare:
                 table = compare_best(cfg, policy, self.baselines, run_dir)
                 report.extra["comparison"] = table

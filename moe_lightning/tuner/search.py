@@ -569,6 +569,8 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
             detected = doc["hardware"].get("detected") or {}
             trial.set_user_attr("kind", "measured")
             trial.set_user_attr("where", detected.get("gpu") or f"this host ({detected.get('device')})")
+            trial.set_user_attr("detected", detected)   # the tune's run document names the device measured
+            trial.set_user_attr("metrics", {k: v for k, v in m.items() if k != "spread"})   # prefill, decode ...
             trial.set_user_attr("spread", m["spread"])
             trial.set_user_attr("noisy", m["noisy"])
             trial.set_user_attr("noise", m["noise"])
