@@ -2,9 +2,10 @@
 
 - The search space is the `Policy`: batch size N, the number of micro-batches (mu is the smallest
   micro-batch size giving that count, as HRM chooses it), attention placement, resident experts per
-  layer, the GPU share of the KV cache, the copy worker's prefetch depth, (measured runs) the
-  expert kernel and (simulated, several GPUs, no `parallel` given) the tensor degree T of the T x E
-  split, E = GPUs / T (`searched_tensor`; each trial's memory plan is one rank's).
+  layer (up to what the GPU budget can ever hold: `max_resident_experts`), the GPU share of the KV
+  cache, the copy worker's prefetch depth, (measured runs) the expert kernel and (simulated, several
+  GPUs, no `parallel` given) the tensor degree T of the T x E split, E = GPUs / T (`searched_tensor`;
+  each trial's memory plan is one rank's).
 - Points the memory plan rejects are pruned before anything runs, with the reason recorded.
 - The study is seeded with the HRM optimum and its feasible neighbours (`enqueue_trial`), so the first
   trial is what HRM predicts and the sampler corrects it with measurements.
@@ -58,7 +59,7 @@ class TrialFailed(Exception):
 def search_space(cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
     """The bounds `suggest` samples from (part of the study's identity)."""
     space: dict[str, Any] = {"batch_size": [1, max_batch(cfg)], "num_micro_batches": [1, cfg.tuner.max_micro_batches],
-                             "attn_on_gpu": [False, True], "resident_experts": [0, spec.num_experts],
+                             "attn_on_gpu": [False, True], "resident_experts": [0, max_resident_experts(cfg, spec)],
                              "kv_gpu_fraction": [0.0, 1.0], "prefetch_depth": [1, 3]}
     if cfg.tuner.objective == "measure":
         space["expert_kernel"] = list(KERNELS)
@@ -68,6 +69,45 @@ def search_space(cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
     if tensor:   # several GPUs, no split given: the split is searched (`suggest`)
         space["tensor"] = tensor
     return space
+
+
+def max_resident_experts(cfg: RunConfig, spec: ModelSpec) -> int:
+    """The most resident experts per layer that the GPU budget holds under the least GPU memory any trial
+    can ask for (one sequence, attention and the KV cache on the CPU, the smallest MXFP4 scratch, the
+    searched kernel that needs least): every trial above it would be pruned (on a T4, Mixtral-8x7B cannot
+    keep one expert a layer resident, and 22 of 30 trials were). Several GPUs: one rank's budget, under
+    the searched layout that holds the most. It depends only on what the study's fingerprint holds."""
+    from moe_lightning.memory import memory_plan
+    from moe_lightning.systems import paged_kv
+
+    E, paged = spec.num_experts, paged_kv(cfg.system)
+    tensor = searched_tensor(cfg, spec)
+    if tensor:
+        layouts = [trial_layout({"tensor": T}, cfg) for T in tensor]
+    elif cfg.parallel.world_size > 1:
+        layouts = [cfg.parallel]
+    elif cfg.hardware.gpu.count == 1:
+        layouts = [None]
+    else:   # several GPUs and no valid split: nothing fits, and the plan says why
+        return E
+    least = dataclasses.replace(cfg.policy, batch_size=1, micro_batch_size=1, attn_on_gpu=False, ffn_on_gpu=True,
+                                kv_gpu_fraction=0.0, prefetch_depth=1,
+                                dequant_experts=1 if searches_dequant(cfg, spec) else cfg.policy.dequant_experts)
+    kernels = KERNELS if cfg.tuner.objective == "measure" else (cfg.policy.expert_kernel,)
+
+    def gpu_holds(r: int) -> bool:
+        for layout in layouts:
+            for kernel in kernels:
+                p = dataclasses.replace(least, expert_gpu_fraction=r / E, expert_kernel=kernel)
+                if layout is None:
+                    plan, budget = memory_plan(spec, p, cfg.workload, paged=paged), cfg.hardware
+                else:
+                    _, plan, budget = fits_layout(spec, cfg, p, layout, paged)
+                if plan.gpu_total_bytes <= budget.gpu_budget_bytes:
+                    return True
+        return False
+
+    return next((r for r in range(E, -1, -1) if gpu_holds(r)), 0)
 
 
 def searches_dequant(cfg: RunConfig, spec: ModelSpec) -> bool:
@@ -395,13 +435,15 @@ def searched_policy_fields(cfg: RunConfig, spec: ModelSpec) -> tuple[str, ...]:
     return fields
 
 
-def suggest(trial, cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
+def suggest(trial, cfg: RunConfig, spec: ModelSpec, space: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A trial's parameters, from `space` (`search_space`; computed here when not given)."""
     t = cfg.tuner
+    space = space or search_space(cfg, spec)
     params = {
         "batch_size": trial.suggest_int("batch_size", 1, max_batch(cfg), log=True),
         "num_micro_batches": trial.suggest_int("num_micro_batches", 1, t.max_micro_batches),
         "attn_on_gpu": trial.suggest_categorical("attn_on_gpu", [False, True]),
-        "resident_experts": trial.suggest_int("resident_experts", 0, spec.num_experts),
+        "resident_experts": trial.suggest_int("resident_experts", *space["resident_experts"]),
         "kv_gpu_fraction": trial.suggest_float("kv_gpu_fraction", 0.0, 1.0),
         "prefetch_depth": trial.suggest_int("prefetch_depth", 1, 3),
     }
@@ -477,6 +519,7 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None) -> list[Policy]:
     from moe_lightning.systems import paged_kv
 
     layout = layout or study_layout(cfg, spec)
+    top = max_resident_experts(cfg, spec)   # the search space's bound: a neighbour above it is never sampled
     plan = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system), parallel=layout or cfg.parallel)
     best = dataclasses.replace(cfg.policy, **{f.name: getattr(plan.policy, f.name)
                                               for f in dataclasses.fields(Policy)
@@ -491,7 +534,7 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None) -> list[Policy]:
                              (n, m + 1, r, best.attn_on_gpu), (n, m - 1, r, best.attn_on_gpu),
                              (n, m, r + 1, best.attn_on_gpu), (n, m, r - 1, best.attn_on_gpu),
                              (n, m, r, not best.attn_on_gpu)):
-        if not (1 <= n2 <= max_batch(cfg) and 1 <= m2 <= min(n2, cfg.tuner.max_micro_batches) and 0 <= r2 <= E):
+        if not (1 <= n2 <= max_batch(cfg) and 1 <= m2 <= min(n2, cfg.tuner.max_micro_batches) and 0 <= r2 <= top):
             continue
         p = dataclasses.replace(best, batch_size=n2, micro_batch_size=math.ceil(n2 / m2),
                                 expert_gpu_fraction=r2 / E, attn_on_gpu=attn)
@@ -527,9 +570,10 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
     from moe_lightning.systems import paged_kv
 
     layouts: list = []   # several GPUs with no layout searched: the study's, found once per worker
+    space = search_space(cfg, spec)   # its bounds, computed once per worker
 
     def run(trial) -> float | tuple[float, float]:
-        params = suggest(trial, cfg, spec)
+        params = suggest(trial, cfg, spec, space)
         try:
             policy = policy_from_params(params, spec, cfg.policy)
         except ConfigError as exc:

@@ -256,3 +256,24 @@ def test_parameters_whose_process_died_three_times_stay_failed(tmp_path, tiny_pa
     assert requeue_lost_trials(study) == [interrupted]   # an interrupt is never the parameters' doing
     assert requeue_lost_trials(study) == []              # queued once
     assert started_trials(study) == 1 and study.trials[third].state == TrialState.FAIL
+
+
+def test_resident_experts_are_searched_only_as_far_as_the_gpu_can_ever_hold(tmp_path):
+    """Mixtral-8x7B on a T4 cannot keep one expert a layer resident (a layer's expert is 0.33 GiB, 32 layers:
+    10.5 GiB beside 1.5 GiB of other weights and the streaming buffers, of 12.9): the space stops at 0 and
+    no trial samples more. On an H100 some, not all, fit. The bound is in the study's fingerprint."""
+    from moe_lightning.tuner.presets import load_preset
+    from moe_lightning.tuner.search import max_resident_experts, search_space, study_identity, suggest
+
+    def cfg_on(hardware: str) -> RunConfig:
+        return RunConfig(system=CGOPipeSystem(), model=load_preset("model", "mixtral-8x7b"),
+                         hardware=load_preset("hardware", hardware), workload=load_preset("workload", "mtbench"),
+                         tuner=TunerConfig(objective="simulate", storage=f"sqlite:///{tmp_path / 's.db'}",
+                                           study_name=hardware, seed_with_hrm=False))
+
+    t4, h100 = cfg_on("t4"), cfg_on("h100")
+    assert search_space(t4, t4.model)["resident_experts"] == [0, 0]
+    assert study_identity(t4, t4.model)[1]["search_space.resident_experts"] == [0, 0]
+    assert 0 < max_resident_experts(h100, h100.model) < 8
+    study = open_study(t4, t4.model)
+    assert {suggest(study.ask(), t4, t4.model)["resident_experts"] for _ in range(20)} == {0}
