@@ -706,6 +706,8 @@ class TunerConfig:
         check_repeats(self.repeats, self.max_cv, "tuner", self.min_repeat_s)
         _check(self.remeasure >= 0, "tuner.remeasure", f"must be >= 0, got {self.remeasure}")
         _check(0 <= self.seed < 2**32, "tuner.seed", f"must be 0 to 2**32 - 1 (the sampler's seed), got {self.seed}")
+        _check(self.max_batch_size >= 0, "tuner.max_batch_size",
+               f"must be >= 0 (0: the workload's number of requests), got {self.max_batch_size}")
 
 
 PIN_CHOICES = ("auto", "one", "none")

@@ -192,10 +192,10 @@ TUNE = ("task.progress=false", "workload.num_requests=2", "workload.gen_len=2", 
         "tuner.storage=sqlite:///runs/s.db")   # the study file lives where the snapshot does not look
 
 
-def simulated_study(name: str) -> Callable[[Path, Path], None]:
+def simulated_study(name: str, *args: str) -> Callable[[Path, Path], None]:
     def setup(folder: Path, tiny: Path) -> None:
         r = subprocess.run([sys.executable, "-m", "moe_lightning", "task=tune", *TUNE, "tuner.objective=simulate",
-                            "tuner.n_trials=1", f"tuner.study_name={name}"], capture_output=True, text=True,
+                            "tuner.n_trials=1", f"tuner.study_name={name}", *args], capture_output=True, text=True,
                            timeout=300, cwd=folder)
         assert r.returncode == 0, r.stderr
     return setup
@@ -428,6 +428,13 @@ CASES = [
     Case("tune-study-single-to-multi", ("tuner.objective=simulate", "tuner.multi_objective=true", "tuner.n_trials=1",
                                         "tuner.study_name=kinds"),
          "multi_objective: false -> true", setup=simulated_study("kinds"), task="tune", base=TUNE),
+    # The study searched the T x E split (no `parallel` given): a fixed split would mix layouts in one study
+    Case("tune-study-of-another-split", ("tuner.objective=simulate", "tuner.n_trials=2", "tuner.study_name=split",
+                                         "hardware=2xt4", "parallel.tensor=2", "parallel.expert=1"),
+         'parallel.expert: "searched" -> 1; parallel.tensor: "searched" -> 2', task="tune", base=TUNE,
+         setup=simulated_study("split", "hardware=2xt4")),
+    Case("tune-negative-max-batch", ("tuner.objective=simulate", "tuner.max_batch_size=-5"),
+         "tuner.max_batch_size: must be >= 0 (0: the workload's number of requests), got -5", task="tune", base=TUNE),
     Case("tune-negative-seed", ("tuner.objective=simulate", "tuner.seed=-3"), "tuner.seed: must be 0 to 2**32 - 1",
          task="tune", base=TUNE),
     Case("plan-unknown-placements", ("task.placements=gpu",), "task.placements=gpu: expected one of engine, all",

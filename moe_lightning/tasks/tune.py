@@ -6,6 +6,9 @@ worker processes that share the study:
 - `tuner.n_trials` counts every trial started (running, complete, pruned or failed; queued seeds do not
   count until asked for), over all workers, and is exact: asking for a trial happens under the study's
   gate (`processes.trial_gate`), after counting.
+- A trial its process lost (interrupted, or the process died: SIGKILL, a machine down) is queued again with
+  the same parameters and seed label, under the same gate, and its retry runs before the other queued
+  trials; the lost trial no longer counts (`search.requeue_lost_trials`).
 - A trial that fails in an expected way (out of memory, timeout, crash, infeasible) is told FAIL with its
   reason in the trial's `reason` attribute and one printed line; no exception reaches Optuna, so it
   logs no traceback. A bug in the objective fails the trial with its reason, then goes on as a traceback.
@@ -64,8 +67,10 @@ def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | N
     from moe_lightning.tuner.processes import trial_gate
     from moe_lightning.tuner.search import (
         TrialFailed,
+        ask_trial,
         fail_orphaned_trials,
         objective,
+        requeue_lost_trials,
         started_trials,
         storage_url,
     )
@@ -77,11 +82,12 @@ def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | N
         try:
             with deferred(), trial_gate(url, study.study_name):
                 fail_orphaned_trials(study, grace_s=3 * cfg.tuner.heartbeat_s)
+                requeue_lost_trials(study)   # e.g. the trials of another host's tune that was stopped
                 if started_trials(study) >= cfg.tuner.n_trials:
                     break
                 with warnings.catch_warnings():  # "heartbeat is meant for optimize": _heartbeat beats for us
                     warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                    trial = study.ask()
+                    trial = ask_trial(study)
                 storage = study._storage
                 if getattr(storage, "get_heartbeat_interval", lambda: None)():
                     storage.record_heartbeat(trial._trial_id)   # its first beat, before it names its process
@@ -204,7 +210,8 @@ def trial_records(study) -> list[dict]:
                      "repeats": spread.get("n"), "noisy": t.user_attrs.get("noisy"),
                      "measurements": t.user_attrs.get("measurements"),
                      "peak_gpu_bytes": t.user_attrs.get("peak_gpu_bytes"),
-                     "seed": t.user_attrs.get("seed", ""), "reason": trial_reason(t),
+                     "seed": t.user_attrs.get("seed", ""), "retry_of": t.user_attrs.get("retry_of"),
+                     "reason": trial_reason(t),
                      "duration_s": t.duration.total_seconds() if t.duration else None,
                      **{f"param.{k}": v for k, v in t.params.items()}})
     return rows
@@ -274,6 +281,7 @@ class TuneTask:
     def run(self, cfg: RunConfig) -> RunReport:
         """Workers are spawned from the calling thread and die when it exits: call from the main thread."""
         import optuna
+        from optuna.trial import TrialState
         from tqdm import tqdm
 
         from moe_lightning.engine.weights import resolve_model
@@ -281,6 +289,7 @@ class TuneTask:
         from moe_lightning.tuner.search import (
             fail_orphaned_trials,
             open_study,
+            requeue_lost_trials,
             searched_policy_fields,
             seed_study,
             shown_url,
@@ -301,26 +310,27 @@ class TuneTask:
                               "or tuner.max_micro_batches, or run the policy with task=bench",
                               searched_policy_fields(cfg, spec))
         study = open_study(cfg, spec)
-        fail_orphaned_trials(study, grace_s=3 * cfg.tuner.heartbeat_s)
-        started = started_trials(study)
-        finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         seeds = []
-        if cfg.tuner.seed_with_hrm:
-            # Under the study's gate: two commands opening a new study at once seed it once, not twice
-            # (Optuna's skip_if_exists looks, then enqueues: not atomic across processes).
-            with trial_gate(storage_url(cfg, study.study_name), study.study_name):
-                if not study.get_trials(deepcopy=False):
-                    try:
-                        seeds = seed_study(study, cfg, spec)
-                    except MemoryBudgetError as exc:
-                        print(f"HRM finds no feasible policy ({str(exc)[:200]}...): searching unseeded")
+        # Under the study's gate, as every count and ask: two commands opening a new study at once seed it
+        # once, not twice (Optuna's skip_if_exists looks, then enqueues: not atomic across processes), and a
+        # lost trial is queued again once.
+        with trial_gate(storage_url(cfg, study.study_name), study.study_name):
+            fail_orphaned_trials(study, grace_s=3 * cfg.tuner.heartbeat_s)
+            requeue_lost_trials(study)
+            if cfg.tuner.seed_with_hrm and not study.get_trials(deepcopy=False):
+                try:
+                    seeds = seed_study(study, cfg, spec)
+                except MemoryBudgetError as exc:
+                    print(f"HRM finds no feasible policy ({str(exc)[:200]}...): searching unseeded")
+            started = started_trials(study)
+            trials = study.get_trials(deepcopy=False)
         if seeds:
             s = seeds[0]
             print(f"HRM plan: N={s.batch_size} mu={s.micro_batch_size} attn_on_gpu={s.attn_on_gpu} "
                   f"r_w={s.expert_gpu_fraction:.3f} r_c={s.kv_gpu_fraction:.3f} (+{len(seeds) - 1} neighbours queued)")
         remaining = max(0, cfg.tuner.n_trials - started)
-        if finished:
-            print(f"resuming study {study.study_name} (same fingerprint): {finished} finished trials kept, "
+        if any(t.state != TrialState.WAITING for t in trials):
+            print(f"resuming study {study.study_name} (same fingerprint): {_resumed(trials, started)}, "
                   f"{remaining} to go")
         bar = tqdm(total=remaining, desc="tune", unit="trial", disable=not self.progress, file=sys.stderr)
 
@@ -366,17 +376,19 @@ class TuneTask:
         states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
         print(f"study {study.study_name}: {states['COMPLETE']} complete, {states['PRUNED']} pruned "
               f"(infeasible), {states['FAIL']} failed; storage {storage}")
+        retries = {r["retry_of"]: r["number"] for r in rows if r["retry_of"] is not None}
         for r in rows:
             if r["state"] != "COMPLETE" and r["reason"]:
-                print(f"  trial {r['number']} {r['state'].lower()}: {r['reason'][:140]}")
+                again = f" (run again as trial {retries[r['number']]})" if r["number"] in retries else ""
+                print(f"  trial {r['number']} {r['state'].lower()}: {r['reason'][:140]}{again}")
         study.trials_dataframe().to_csv(run_dir / "trials.csv", index=False)
         label = "simulated" if cfg.tuner.objective == "simulate" else "measured, median of repeats"
         study_plots(study, cfg.tuner.multi_objective, label, run_dir)   # logged with the run's other plots
         # Every trial of the study, from every worker, both objectives, each failure with its reason.
         cfg.logger.log_table("trials", rows)
         report = RunReport(system=cfg.system.name, task="tune", model=as_dict(spec),
-                           hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(cfg.workload),
-                           policy={}, environment=environment(),
+                           hardware={"profile": as_dict(cfg.hardware), "detected": None},
+                           workload=as_dict(cfg.workload), policy={}, environment=environment(),
                            extra={"study": study.study_name, "storage": storage, "trials": states,
                                   "objective": cfg.tuner.objective, "trials_file": str(run_dir / "trials.jsonl"),
                                   "trials_csv": str(run_dir / "trials.csv")})
@@ -393,10 +405,14 @@ class TuneTask:
             report.policy = as_dict(policy)
             kind = "simulated" if cfg.tuner.objective == "simulate" else "measured"
             spread = {k: Spread.from_dict(v) for k, v in (top.user_attrs.get("spread") or {}).items()}
-            report.metrics = Metrics(throughput_tok_s=top.values[0], kind=kind, spread=spread,
-                                     repeats=spread["throughput_tok_s"].n if spread else 1,
-                                     noisy=bool(top.user_attrs.get("noisy")), noise=top.user_attrs.get("noise") or [],
-                                     peak_gpu_bytes=int(top.user_attrs.get("peak_gpu_bytes") or 0))
+            # A measured trial's own metrics (prefill, decode, tokens, link bytes ...), as its run measured them
+            report.metrics = dataclasses.replace(
+                Metrics.from_dict(top.user_attrs.get("metrics") or {}), throughput_tok_s=top.values[0], kind=kind,
+                spread=spread, repeats=spread["throughput_tok_s"].n if spread else 1,
+                noisy=bool(top.user_attrs.get("noisy")), noise=top.user_attrs.get("noise") or [],
+                peak_gpu_bytes=int(top.user_attrs.get("peak_gpu_bytes") or 0))
+            report.hardware["detected"] = top.user_attrs.get("detected")   # the device the best trial ran on
+            report.prediction = (top.user_attrs.get("run") or {}).get("prediction") or {}
             report.extra["best_trial"] = top.number
             report.extra["pareto"] = [{"number": t.number, "values": t.values, "params": t.params} for t in best]
             shown = spread["throughput_tok_s"].show(".2f") if spread else f"{top.values[0]:.2f}"
@@ -405,7 +421,8 @@ class TuneTask:
                   f"mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
                   f"r_w={policy.expert_gpu_fraction:.3f} r_c={policy.kv_gpu_fraction:.3f} "
                   f"kernel={policy.expert_kernel}"
-                  + (f" parallel.tensor={layout['tensor']} parallel.expert={layout['expert']}" if layout else ""))
+                  + (f" parallel.tensor={layout['tensor']} parallel.expert={layout['expert']}" if layout else "")
+                  + ("\n  NOISY: " + "; ".join(report.metrics.noise) if report.metrics.noisy else ""))
             if self.compare:
                 table = compare_best(cfg, policy, self.baselines, run_dir)
                 report.extra["comparison"] = table
@@ -432,6 +449,26 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
         print(f"comparison failed: {exc}")
         return []
     return report.extra["comparison"]
+
+
+def _resumed(trials: list, started: int) -> str:
+    """What a resumed study holds: the finished trials kept (complete or pruned), the failed ones that
+    count, the running ones, and the lost trials whose retries are queued."""
+    from optuna.trial import TrialState
+
+    kept = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    again = sorted(t.user_attrs["retry_of"] for t in trials
+                   if t.state == TrialState.WAITING and "retry_of" in t.user_attrs)
+    parts = [f"{kept} finished trials kept"]
+    if started - kept - running:
+        parts.append(f"{started - kept - running} failed")
+    if running:
+        parts.append(f"{running} running")
+    if again:
+        parts.append(f"{len(again)} lost to an interrupt or a dead process queued again "
+                     f"(trial {', '.join(map(str, again))})")
+    return ", ".join(parts)
 
 
 def _no_trial_completed(study, run_dir: Path) -> str:

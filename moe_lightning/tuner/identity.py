@@ -13,8 +13,12 @@ What is fingerprinted:
 - the workload's lengths, gen_len, request count, padding, seed and the prompt file's content (sha256);
   not its name or the file's path;
 - the hardware profile's values;
-- the search space (batch and micro-batch bounds, kernels searched), the policy fields that are not
-  searched, and the sampling settings;
+- the search space (batch and micro-batch bounds, kernels searched, the tensor degrees of a searched
+  split), the policy fields that are not searched, and the sampling settings;
+- on several GPUs (or a given split), the T x E split (`parallel.tensor` and `parallel.expert`, or
+  "searched" where the study searches it: the user's 1 x 1 then asks for the search, it fixes nothing)
+  and `parallel.chunks`, the EPS-MoE chunk count the simulator and HRM price; not `parallel.backend`,
+  which no simulated figure depends on (a measured tune runs one rank);
 - for measured studies, the device asked for and the thread settings, which change what is measured.
 """
 
@@ -85,6 +89,12 @@ def study_fields(cfg: RunConfig, spec: ModelSpec, search_space: dict[str, Any]) 
                 "num_requests": w.num_requests, "padding": w.padding, "seed": w.seed,
                 "prompts_sha256": file_sha256(w.path) if w.path and Path(w.path).is_file() else None}
     measured = cfg.tuner.objective == "measure"
+    p = cfg.parallel
+    parallel = None   # one GPU, no split: the objective never reads `parallel` (and older studies resume)
+    if cfg.hardware.gpu.count > 1 or p.world_size > 1:
+        searched = "tensor" in search_space   # search.searched_tensor: T is a trial parameter, E = GPUs / T
+        parallel = {"tensor": "searched" if searched else p.tensor, "expert": "searched" if searched else p.expert,
+                    "chunks": p.chunks}
     tree = {
         "system": as_dict(cfg.system),
         "objective": cfg.tuner.objective,
@@ -93,6 +103,7 @@ def study_fields(cfg: RunConfig, spec: ModelSpec, search_space: dict[str, Any]) 
         "workload": workload,
         "hardware": as_dict(cfg.hardware),
         "search_space": search_space,
+        **({"parallel": parallel} if parallel else {}),
         "policy": {k: v for k, v in as_dict(cfg.policy).items() if k not in SEARCHED},
         "sampling": as_dict(cfg.sampling),
         "measurement": {"device": cfg.device, "threads": as_dict(cfg.threads)} if measured else None,

@@ -2,9 +2,10 @@
 
 - The search space is the `Policy`: batch size N, the number of micro-batches (mu is the smallest
   micro-batch size giving that count, as HRM chooses it), attention placement, resident experts per
-  layer, the GPU share of the KV cache, the copy worker's prefetch depth, (measured runs) the
-  expert kernel and (simulated, several GPUs, no `parallel` given) the tensor degree T of the T x E
-  split, E = GPUs / T (`searched_tensor`; each trial's memory plan is one rank's).
+  layer (up to what the GPU budget can ever hold: `max_resident_experts`), the GPU share of the KV
+  cache, the copy worker's prefetch depth, (measured runs) the expert kernel and (simulated, several
+  GPUs, no `parallel` given) the tensor degree T of the T x E split, E = GPUs / T (`searched_tensor`;
+  each trial's memory plan is one rank's).
 - Points the memory plan rejects are pruned before anything runs, with the reason recorded.
 - The study is seeded with the HRM optimum and its feasible neighbours (`enqueue_trial`), so the first
   trial is what HRM predicts and the sampler corrects it with measurements.
@@ -13,6 +14,9 @@
 - Studies live in an RDB storage (SQLite by default, any SQLAlchemy URL such as PostgreSQL), with
   heartbeats so that a trial whose process was killed is failed on resume, with its reason, and every
   completed trial is kept; several worker processes can share one study.
+- A trial lost by its process (interrupted, or the process died) is queued again with its parameters and
+  seed label and does not count towards `n_trials` (`requeue_lost_trials`); one that failed on its own
+  merits (out of memory, a timeout) counts and stays failed.
 - Worker and trial processes die with their parent, and asking for a trial is serialised so that
   `n_trials` is exact (`moe_lightning.tuner.processes`).
 """
@@ -55,13 +59,55 @@ class TrialFailed(Exception):
 def search_space(cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
     """The bounds `suggest` samples from (part of the study's identity)."""
     space: dict[str, Any] = {"batch_size": [1, max_batch(cfg)], "num_micro_batches": [1, cfg.tuner.max_micro_batches],
-                             "attn_on_gpu": [False, True], "resident_experts": [0, spec.num_experts],
+                             "attn_on_gpu": [False, True], "resident_experts": [0, max_resident_experts(cfg, spec)],
                              "kv_gpu_fraction": [0.0, 1.0], "prefetch_depth": [1, 3]}
     if cfg.tuner.objective == "measure":
         space["expert_kernel"] = list(KERNELS)
     if searches_dequant(cfg, spec):
         space["dequant_experts"] = [0, spec.num_experts]
+    tensor = searched_tensor(cfg, spec)
+    if tensor:   # several GPUs, no split given: the split is searched (`suggest`)
+        space["tensor"] = tensor
     return space
+
+
+def max_resident_experts(cfg: RunConfig, spec: ModelSpec) -> int:
+    """The most resident experts per layer that the GPU budget holds under the least GPU memory any trial
+    can ask for (one sequence, attention and the KV cache on the CPU, the smallest MXFP4 scratch, the
+    searched kernel that needs least): every trial above it would be pruned (on a T4, Mixtral-8x7B cannot
+    keep one expert a layer resident, and 22 of 30 trials were). Several GPUs: one rank's budget, under
+    the searched layout that holds the most. It depends only on what the study's fingerprint holds."""
+    from moe_lightning.memory import memory_plan
+    from moe_lightning.systems import paged_kv
+
+    E, paged = spec.num_experts, paged_kv(cfg.system)
+    tensor = searched_tensor(cfg, spec)
+    if tensor:
+        layouts = [trial_layout({"tensor": T}, cfg) for T in tensor]
+    elif cfg.parallel.world_size > 1:
+        layouts = [cfg.parallel]
+    elif cfg.hardware.gpu.count == 1:
+        layouts = [None]
+    else:   # several GPUs and no valid split: nothing fits, and the plan says why
+        return E
+    least = dataclasses.replace(cfg.policy, batch_size=1, micro_batch_size=1, attn_on_gpu=False, ffn_on_gpu=True,
+                                kv_gpu_fraction=0.0, prefetch_depth=1,
+                                dequant_experts=1 if searches_dequant(cfg, spec) else cfg.policy.dequant_experts)
+    kernels = KERNELS if cfg.tuner.objective == "measure" else (cfg.policy.expert_kernel,)
+
+    def gpu_holds(r: int) -> bool:
+        for layout in layouts:
+            for kernel in kernels:
+                p = dataclasses.replace(least, expert_gpu_fraction=r / E, expert_kernel=kernel)
+                if layout is None:
+                    plan, budget = memory_plan(spec, p, cfg.workload, paged=paged), cfg.hardware
+                else:
+                    _, plan, budget = fits_layout(spec, cfg, p, layout, paged)
+                if plan.gpu_total_bytes <= budget.gpu_budget_bytes:
+                    return True
+        return False
+
+    return next((r for r in range(E, -1, -1) if gpu_holds(r)), 0)
 
 
 def searches_dequant(cfg: RunConfig, spec: ModelSpec) -> bool:
@@ -263,12 +309,82 @@ def fail_trials_of(study, pid: int, reason: str) -> list[int]:
 
 
 def started_trials(study) -> int:
-    """The trials that count towards `tuner.n_trials`: every trial started (running or finished), i.e.
-    all but the queued (WAITING) ones; Optuna's MaxTrialsCallback with those states."""
+    """The trials that count towards `tuner.n_trials`: every trial started (running or finished) but a
+    lost one queued again (`requeue_lost_trials`: its retry counts instead); queued (WAITING) trials do
+    not count until asked for."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
-                                                        TrialState.PRUNED, TrialState.FAIL)))
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    return sum(t.state != TrialState.WAITING and t.number not in retried for t in trials)
+
+
+# A trial lost by its process, not by its own doing: the process was interrupted (SIGINT/SIGTERM, the
+# reason `run_trials` records) or died (killed, its machine down: the reasons `fail_orphaned_trials`, Optuna's
+# heartbeat check and `tasks.tune._end_workers` record). A failure on the trial's own merits (out of memory,
+# a timeout, a crash of the trial process, infeasible) is a result, and stays.
+INTERRUPTED_PREFIX = "interrupted"
+DIED_PREFIXES = ("its process died", "its worker process ")
+MAX_DEATHS = 3    # parameters whose process died this often may be what kills it (the kernel's OOM killer)
+RETRIED_ATTRS = ("seed",)   # what a queued trial carries from the start (`seed_study`), given to its retry
+
+
+def lost_by_its_process(trial) -> str | None:
+    """"interrupted" or "died" for a failed trial whose process was interrupted or died, else None."""
+    from optuna.trial import TrialState
+
+    if trial.state != TrialState.FAIL:
+        return None
+    reason = trial_reason(trial)
+    if reason.startswith(INTERRUPTED_PREFIX):
+        return "interrupted"
+    return "died" if reason == STALE_REASON or reason.startswith(DIED_PREFIXES) else None
+
+
+def requeue_lost_trials(study) -> list[int]:
+    """Queue again (`enqueue_trial`) the parameters of each trial its process lost (`lost_by_its_process`)
+    and not yet queued again, with its seed label; the retry records `retry_of` (the lost trial's number)
+    and `deaths` (how often these parameters' process died). Returns the lost trials' numbers.
+
+    Call under the study's gate (`processes.trial_gate`), as every count and ask is: two processes then
+    never queue one trial twice, and the lost trial stops counting towards n_trials as its retry is queued.
+    Parameters whose process died `MAX_DEATHS` times are left failed (and count)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    lost = []
+    for t in trials:
+        how = lost_by_its_process(t)
+        if how is None or t.number in retried:
+            continue
+        deaths = int(t.user_attrs.get("deaths", 0)) + (how == "died")
+        if deaths >= MAX_DEATHS:
+            continue
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}   # a queued trial lost before it sampled
+        attrs = {k: t.user_attrs[k] for k in RETRIED_ATTRS if k in t.user_attrs}
+        study.enqueue_trial(params, user_attrs={**attrs, "retry_of": t.number, "deaths": deaths})
+        lost.append(t.number)
+    return lost
+
+
+def ask_trial(study):
+    """`study.ask()`, but a lost trial's retry (`requeue_lost_trials`) before the other queued trials: Optuna
+    asks the queue in trial order, and a study whose seeds outnumber the trials left would never run an
+    interrupted HRM seed again. Call under the study's gate."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if "retry_of" not in t.user_attrs:
+            continue
+        try:   # what Study.ask does with the first queued trial: claim it by setting it RUNNING
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        study._thread_local.cached_all_trials = None   # as ask does: the sampler sees the storage anew
+        return optuna.Trial(study, t._trial_id)
+    return study.ask()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,13 +435,15 @@ def searched_policy_fields(cfg: RunConfig, spec: ModelSpec) -> tuple[str, ...]:
     return fields
 
 
-def suggest(trial, cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
+def suggest(trial, cfg: RunConfig, spec: ModelSpec, space: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A trial's parameters, from `space` (`search_space`; computed here when not given)."""
     t = cfg.tuner
+    space = space or search_space(cfg, spec)
     params = {
         "batch_size": trial.suggest_int("batch_size", 1, max_batch(cfg), log=True),
         "num_micro_batches": trial.suggest_int("num_micro_batches", 1, t.max_micro_batches),
         "attn_on_gpu": trial.suggest_categorical("attn_on_gpu", [False, True]),
-        "resident_experts": trial.suggest_int("resident_experts", 0, spec.num_experts),
+        "resident_experts": trial.suggest_int("resident_experts", *space["resident_experts"]),
         "kv_gpu_fraction": trial.suggest_float("kv_gpu_fraction", 0.0, 1.0),
         "prefetch_depth": trial.suggest_int("prefetch_depth", 1, 3),
     }
@@ -401,6 +519,7 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None) -> list[Policy]:
     from moe_lightning.systems import paged_kv
 
     layout = layout or study_layout(cfg, spec)
+    top = max_resident_experts(cfg, spec)   # the search space's bound: a neighbour above it is never sampled
     plan = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system), parallel=layout or cfg.parallel)
     best = dataclasses.replace(cfg.policy, **{f.name: getattr(plan.policy, f.name)
                                               for f in dataclasses.fields(Policy)
@@ -415,7 +534,7 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None) -> list[Policy]:
                              (n, m + 1, r, best.attn_on_gpu), (n, m - 1, r, best.attn_on_gpu),
                              (n, m, r + 1, best.attn_on_gpu), (n, m, r - 1, best.attn_on_gpu),
                              (n, m, r, not best.attn_on_gpu)):
-        if not (1 <= n2 <= max_batch(cfg) and 1 <= m2 <= min(n2, cfg.tuner.max_micro_batches) and 0 <= r2 <= E):
+        if not (1 <= n2 <= max_batch(cfg) and 1 <= m2 <= min(n2, cfg.tuner.max_micro_batches) and 0 <= r2 <= top):
             continue
         p = dataclasses.replace(best, batch_size=n2, micro_batch_size=math.ceil(n2 / m2),
                                 expert_gpu_fraction=r2 / E, attn_on_gpu=attn)
@@ -451,9 +570,10 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
     from moe_lightning.systems import paged_kv
 
     layouts: list = []   # several GPUs with no layout searched: the study's, found once per worker
+    space = search_space(cfg, spec)   # its bounds, computed once per worker
 
     def run(trial) -> float | tuple[float, float]:
-        params = suggest(trial, cfg, spec)
+        params = suggest(trial, cfg, spec, space)
         try:
             policy = policy_from_params(params, spec, cfg.policy)
         except ConfigError as exc:
@@ -493,6 +613,8 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
             detected = doc["hardware"].get("detected") or {}
             trial.set_user_attr("kind", "measured")
             trial.set_user_attr("where", detected.get("gpu") or f"this host ({detected.get('device')})")
+            trial.set_user_attr("detected", detected)   # the tune's run document names the device measured
+            trial.set_user_attr("metrics", {k: v for k, v in m.items() if k != "spread"})   # prefill, decode ...
             trial.set_user_attr("spread", m["spread"])
             trial.set_user_attr("noisy", m["noisy"])
             trial.set_user_attr("noise", m["noise"])

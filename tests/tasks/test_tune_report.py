@@ -4,11 +4,12 @@ trials as `trials_dataframe()` CSV, and Optuna's matplotlib plots with titles.""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 
 import optuna
 
-from tests.tuner.test_tune_processes import load, tune_args
+from tests.tuner.test_tune_processes import cli_env, load, tune_args
 
 
 def test_a_study_is_reported_with_optunas_names_dataframe_and_plots(tmp_path, tiny_path):
@@ -25,3 +26,21 @@ def test_a_study_is_reported_with_optunas_names_dataframe_and_plots(tmp_path, ti
     assert {"values_throughput_tok_s", "values_peak_gpu_bytes"} <= set(rows[0])
     for png in ("tuning_progress", "pareto", "param_importances"):
         assert (run_dir / f"{png}.png").read_bytes()[:4] == b"\x89PNG", png
+
+
+def test_a_measured_tune_documents_its_best_trials_measurement(tmp_path, tiny_path):
+    """The run document of a measured tune names the device measured, and its metrics are the best trial's
+    measurement (prefill, decode, tokens: medians beside their spread); a noisy best trial says NOISY."""
+    r = subprocess.run(tune_args(tmp_path, "measured", "tuner.n_trials=1", "tuner.remeasure=0", "tuner.min_repeat_s=0",
+                                 "tuner.max_cv=0.0001"),   # a spread no 3 repeats stay within: noisy
+                       capture_output=True, text=True, timeout=300, env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "h" / "run.json").read_text())
+    assert doc["hardware"]["detected"] == {"device": "cpu", "gpu": None}
+    m = doc["metrics"]
+    assert m["kind"] == "measured" and m["repeats"] == 3 and m["noisy"]
+    assert m["throughput_tok_s"] == m["spread"]["throughput_tok_s"]["median"] > 0
+    assert m["prefill_s"] == m["spread"]["prefill_s"]["median"] > 0
+    assert m["decode_s"] > 0 and m["generated_tokens"] > 0 and m["decode_step_median_s"] > 0
+    best = r.stdout.splitlines().index(next(line for line in r.stdout.splitlines() if line.startswith("best: trial")))
+    assert r.stdout.splitlines()[best + 1].startswith("  NOISY: throughput varies"), r.stdout

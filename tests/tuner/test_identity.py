@@ -63,6 +63,38 @@ def test_simulate_then_measure_under_one_name_is_refused(tmp_path, tiny_path):
     assert len(optuna.load_study(study_name="X", storage=measured.tuner.storage).trials) == 1
 
 
+def test_the_split_is_part_of_a_several_gpu_study(tmp_path):
+    """On several GPUs the T x E split, searched or given, and the EPS-MoE chunk count are in the
+    fingerprint: a study never mixes layouts; on one GPU `parallel` is not (nothing reads it)."""
+    from moe_lightning.config import ParallelConfig
+    from moe_lightning.tuner.presets import load_preset
+
+    def fields(hardware, parallel=None, name="split"):
+        cfg = cfg_for(tmp_path, name=name, model=load_preset("model", "mixtral-8x22b"),
+                      hardware=load_preset("hardware", hardware),
+                      workload=dataclasses.replace(load_preset("workload", "mtbench"), num_requests=64),
+                      parallel=parallel or ParallelConfig())
+        return cfg, study_identity(cfg, cfg.model)[1]
+
+    searched_cfg, searched = fields("4xt4")
+    assert (searched["parallel.tensor"], searched["parallel.expert"]) == ("searched", "searched")
+    assert searched["search_space.tensor"] == [1, 2, 4]
+    given_cfg, given = fields("4xt4", ParallelConfig(tensor=4, expert=1))
+    assert (given["parallel.tensor"], given["parallel.expert"]) == (4, 1) and "search_space.tensor" not in given
+    assert fields("4xt4", ParallelConfig(tensor=2, expert=2, chunks=3))[1]["parallel.chunks"] == 3
+    assert not any(k.startswith("parallel") for k in fields("t4", name="one")[1])
+
+    open_study(searched_cfg, searched_cfg.model)
+    with pytest.raises(ConfigError) as exc:
+        open_study(given_cfg, given_cfg.model)
+    assert "\n" not in str(exc.value)
+    assert 'parallel.expert: "searched" -> 1; parallel.tensor: "searched" -> 4' in str(exc.value)
+    chunks_cfg = dataclasses.replace(searched_cfg, parallel=ParallelConfig(chunks=3))
+    with pytest.raises(ConfigError, match="parallel.chunks: 0 -> 3"):
+        open_study(chunks_cfg, chunks_cfg.model)
+    open_study(searched_cfg, searched_cfg.model)   # the same split resumes
+
+
 def _checkpoint(tmp_path, experts: int):
     from transformers import MixtralConfig, MixtralForCausalLM
 

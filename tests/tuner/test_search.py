@@ -198,3 +198,82 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_on_resume(tmp_path,
     time.sleep(1.2)
     assert fail_orphaned_trials(study, grace_s=1) == [orphan.number]
     assert study.trials[0].state == TrialState.FAIL and "heartbeat" in study.trials[0].user_attrs["reason"]
+
+
+def _lose(study, cfg, spec, reason: str | None, **attrs):
+    """Ask for a trial, sample it, and fail it as `reason` says (None: as Optuna's heartbeat check does)."""
+    from moe_lightning.tuner.search import suggest
+
+    trial = study.ask()
+    suggest(trial, cfg, spec)
+    for k, v in ({"reason": reason} if reason else {}).items() | attrs.items():
+        trial.set_user_attr(k, v)
+    study.tell(trial, state=TrialState.FAIL)
+    return trial.number
+
+
+def test_trials_lost_by_their_process_run_again_first_and_do_not_count(tmp_path, tiny_path):
+    """The HRM seed interrupted and a trial whose process died are queued again with their parameters (the
+    seed label kept) and run before the queued neighbours; an out-of-memory trial counts and stays failed;
+    the study ends with exactly n_trials counted trials."""
+    from moe_lightning.tasks.tune import run_trials
+    from moe_lightning.tuner.search import started_trials
+
+    cfg = make_cfg(tmp_path, "lost", objective="simulate", n_trials=4)
+    spec = spec_of(cfg)
+    study = open_study(cfg, spec)
+    seeds = seed_study(study, cfg, spec)
+    assert len(seeds) >= 3   # the HRM optimum and neighbours enough to run out of trials before them
+    hrm = _lose(study, cfg, spec, "interrupted by SIGINT")
+    oom = _lose(study, cfg, spec, "out of memory (MemoryError: )")
+    died = _lose(study, cfg, spec, None)   # its heartbeat went stale: killed
+    assert study.trials[hrm].user_attrs["seed"] == "hrm" and started_trials(study) == 3
+    run_trials(study, cfg, spec, say=lambda line: None)
+
+    trials = study.trials
+    retries = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    assert set(retries) == {hrm, died}   # the out-of-memory trial is a result, not run again
+    for lost, retry in retries.items():
+        assert retry.state == TrialState.COMPLETE and retry.params == trials[lost].params
+    assert retries[hrm].user_attrs["seed"] == "hrm" and retries[hrm].params == policy_params(seeds[0], spec, False)
+    assert (retries[hrm].user_attrs["deaths"], retries[died].user_attrs["deaths"]) == (0, 1)
+    counted = [t for t in trials if t.state.is_finished() and t.number not in retries]
+    assert len(counted) == started_trials(study) == 4 and trials[oom] in counted
+    # the retries went first: the one neighbour asked after them, the others still queued
+    asked = sorted((t for t in counted if t.number != oom), key=lambda t: t.datetime_start)
+    assert [t.user_attrs.get("retry_of") for t in asked] == [hrm, died, None]
+    assert sum(t.state == TrialState.WAITING for t in trials) == len(seeds) - 4   # three lost above, one asked
+
+
+def test_parameters_whose_process_died_three_times_stay_failed(tmp_path, tiny_path):
+    from moe_lightning.tuner.search import requeue_lost_trials, started_trials
+
+    cfg = make_cfg(tmp_path, "deaths", objective="simulate", seed_with_hrm=False)
+    spec = spec_of(cfg)
+    study = open_study(cfg, spec)
+    third = _lose(study, cfg, spec, "its process died before its first heartbeat", deaths=2, retry_of=7)
+    interrupted = _lose(study, cfg, spec, "interrupted by SIGTERM", deaths=2)
+    assert requeue_lost_trials(study) == [interrupted]   # an interrupt is never the parameters' doing
+    assert requeue_lost_trials(study) == []              # queued once
+    assert started_trials(study) == 1 and study.trials[third].state == TrialState.FAIL
+
+
+def test_resident_experts_are_searched_only_as_far_as_the_gpu_can_ever_hold(tmp_path):
+    """Mixtral-8x7B on a T4 cannot keep one expert a layer resident (a layer's expert is 0.33 GiB, 32 layers:
+    10.5 GiB beside 1.5 GiB of other weights and the streaming buffers, of 12.9): the space stops at 0 and
+    no trial samples more. On an H100 some, not all, fit. The bound is in the study's fingerprint."""
+    from moe_lightning.tuner.presets import load_preset
+    from moe_lightning.tuner.search import max_resident_experts, search_space, study_identity, suggest
+
+    def cfg_on(hardware: str) -> RunConfig:
+        return RunConfig(system=CGOPipeSystem(), model=load_preset("model", "mixtral-8x7b"),
+                         hardware=load_preset("hardware", hardware), workload=load_preset("workload", "mtbench"),
+                         tuner=TunerConfig(objective="simulate", storage=f"sqlite:///{tmp_path / 's.db'}",
+                                           study_name=hardware, seed_with_hrm=False))
+
+    t4, h100 = cfg_on("t4"), cfg_on("h100")
+    assert search_space(t4, t4.model)["resident_experts"] == [0, 0]
+    assert study_identity(t4, t4.model)[1]["search_space.resident_experts"] == [0, 0]
+    assert 0 < max_resident_experts(h100, h100.model) < 8
+    study = open_study(t4, t4.model)
+    assert {suggest(study.ask(), t4, t4.model)["resident_experts"] for _ in range(20)} == {0}

@@ -152,13 +152,15 @@ def test_sigkill_of_the_tune_leaves_no_process_and_no_new_trial(tmp_path, tiny_p
     assert all(t.datetime_start is None or t.datetime_start.timestamp() <= killed_at + 0.5 for t in study.trials)
     assert sum(t.state == TrialState.RUNNING for t in study.trials) == 2
 
-    r = subprocess.run(tune_args(tmp_path, "orphans", *LONG_TRIALS), capture_output=True, text=True, timeout=120,
-                       env=cli_env(tmp_path))
-    study = load(tmp_path, "orphans")
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]  # both counted, none run again
-    assert all("heartbeat" in trial_reason(t) for t in study.trials)   # failed by Optuna's heartbeat check
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "no trial of study orphans completed (2 failed" in r.stderr
+    # The same study resumed, its trials timed shorter (not part of the study's identity)
+    r = subprocess.run(tune_args(tmp_path, "orphans", *LONG_TRIALS, "tuner.min_repeat_s=0"), capture_output=True,
+                       text=True, timeout=300, env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "2 lost to an interrupt or a dead process queued again (trial 0, 1), 2 to go" in r.stdout, r.stdout
+    trials = load(tmp_path, "orphans").trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2   # none counted, both re-run
+    assert all("heartbeat" in trial_reason(t) for t in trials[:2])   # failed by Optuna's heartbeat check
+    assert {t.user_attrs["retry_of"]: t.params for t in trials[2:]} == {0: trials[0].params, 1: trials[1].params}
 
 
 @linux_only
@@ -185,6 +187,37 @@ def test_sigterm_or_ctrl_c_fails_the_running_trials_and_stops_every_process(tmp_
     reasons = {t.user_attrs["pid"]: t.user_attrs["reason"] for t in study.trials}
     assert reasons[proc.pid] == f"interrupted by {signum.name}"
     assert [r for pid, r in reasons.items() if pid != proc.pid] == ["interrupted by SIGTERM"]  # the worker's
+
+
+@linux_only
+@pytest.mark.slow
+def test_a_resumed_tune_runs_its_interrupted_hrm_seed_again(tmp_path, tiny_path):
+    """Ctrl-C fails the HRM seed and a neighbour as interrupted; the same command then runs both again with
+    the same parameters and seed labels, and the study ends with exactly n_trials counted trials."""
+    seeded = tuple(a for a in LONG_TRIALS if a != "tuner.seed_with_hrm=false" and not a.startswith("tuner.n_trials"))
+    proc, tree = start_long_tune(tmp_path, "again", (*seeded, "tuner.n_trials=3"))
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        assert survivors(tree, 5) == []
+    finally:
+        kill_all(tree)
+    assert proc.returncode == 130, (tmp_path / "stderr").read_text()
+    lost = {t.user_attrs["seed"]: t for t in load(tmp_path, "again").trials if t.state == TrialState.FAIL}
+    assert set(lost) == {"hrm", "hrm-neighbour"} and all("interrupted" in trial_reason(t) for t in lost.values())
+
+    r = subprocess.run(tune_args(tmp_path, "again", *seeded, "tuner.n_trials=3", "tuner.min_repeat_s=0"),
+                       capture_output=True, text=True, timeout=300, env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "0 finished trials kept, 2 lost to an interrupt or a dead process queued again" in r.stdout, r.stdout
+    trials = load(tmp_path, "again").trials
+    retries = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    assert {lost[s].number for s in lost} == set(retries)
+    for label, t in lost.items():
+        retry = retries[t.number]
+        assert retry.state == TrialState.COMPLETE and retry.params == t.params and retry.user_attrs["seed"] == label
+    counted = [t for t in trials if t.state.is_finished() and t.number not in retries]
+    assert len(counted) == 3 and all(t.state == TrialState.COMPLETE for t in counted)
 
 
 @linux_only
@@ -277,6 +310,44 @@ def test_processes_racing_for_trials_start_exactly_n(tmp_path, tiny_path):
     study = optuna.load_study(study_name="race", storage=storage)
     assert all(t.state.is_finished() for t in study.trials)
     assert len(Counter(t.user_attrs["pid"] for t in study.trials)) >= 2  # they did race
+
+
+@pytest.mark.slow
+def test_processes_racing_for_a_study_with_lost_trials_run_each_again_once(tmp_path, tiny_path):
+    """Three processes asking at once, the study holding three trials lost to interrupts: each is queued
+    again exactly once (under the study's gate), and the study ends with exactly n_trials counted."""
+    from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.tuner.search import suggest
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    spec = resolve_model(ModelSpec())[0]
+    cfg = _race_cfg(storage, 6)
+    study = open_study(cfg, spec)
+    for _ in range(3):
+        trial = study.ask()
+        suggest(trial, cfg, spec)
+        trial.set_user_attr("reason", "interrupted by SIGTERM")
+        study.tell(trial, state=TrialState.FAIL)
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(4, timeout=120)
+        procs = [ctx.Process(target=_race, args=(storage, (6,), barrier)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        try:
+            barrier.wait()  # go
+            barrier.wait()  # done
+        finally:
+            for p in procs:
+                p.join(30)
+                if p.is_alive():
+                    p.kill()
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+    trials = optuna.load_study(study_name="race", storage=storage).trials
+    retries = [t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs]
+    assert sorted(retries) == [0, 1, 2]
+    assert all(t.params == trials[t.user_attrs["retry_of"]].params for t in trials if "retry_of" in t.user_attrs)
+    assert len(trials) == 9 and all(t.state.is_finished() for t in trials)   # 3 lost, 6 counted
 
 
 @pytest.mark.slow
