@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +29,36 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """Create a new temporary file beside `path` (O_EXCL, as mkstemp), with the mode the artefact is to
+    have: the replaced file's, else 0o666 less the umask. mkstemp's 0600 would stick to the artefact."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)   # the kernel applies the umask (and a default ACL)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass   # a new file: the umask decided
+        except OSError:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd, tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
-    """Open a temporary file beside `path` for writing; on success it replaces `path` atomically."""
+    """Open a temporary file beside `path` for writing; on success it replaces `path` atomically, with
+    the replaced file's mode (a new file: 0o666 less the umask)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _temporary_beside(path)
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:

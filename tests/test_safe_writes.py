@@ -102,3 +102,41 @@ def test_two_runs_started_together_get_two_folders(tmp_path):
         assert p.wait(timeout=120) == 0, p.stderr.read()
     docs = list(tmp_path.glob("runs/*/*/run.json"))
     assert len(docs) == 2 and docs[0].parent != docs[1].parent
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_a_new_artefact_gets_the_umasks_mode(tmp_path, umask, mode):
+    import os
+
+    from moe_lightning.files import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "run.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == mode
+
+
+def test_a_replaced_artefact_keeps_its_mode(tmp_path):
+    import os
+
+    from moe_lightning.files import atomic_write
+
+    target = tmp_path / "outputs.jsonl"
+    target.write_text("earlier\n")
+    target.chmod(0o640)
+    old = os.umask(0o022)
+    try:
+        atomic_write(target, "later\n")
+    finally:
+        os.umask(old)
+    assert target.read_text() == "later\n" and target.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_cli_writes_its_documents_with_the_umasks_mode(tmp_path):
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=plan", f"out={out}",
+                        f"hydra.run.dir={tmp_path / 'h'}"], capture_output=True, text=True, timeout=300, umask=0o027)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_mode & 0o777 == 0o640
