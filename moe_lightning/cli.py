@@ -284,27 +284,31 @@ def _run(cfg) -> None:
 
     install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
     try:
-        check_outputs(run_cfg)
-        if run_cfg.task.name not in ("plan", "simulate", "report"):   # tasks that run on the device
-            from moe_lightning.systems import resolve_device
-
-            resolve_device(run_cfg.device)
-        import torch
-
+        lock = check_outputs(run_cfg)
         try:
-            start_logger(run_cfg)
-            try:
-                if run_cfg.parallel.world_size > 1 and run_cfg.task.name not in PLANNING_TASKS:
-                    from moe_lightning.launch import run_ranks
+            if run_cfg.task.name not in ("plan", "simulate", "report"):   # tasks that run on the device
+                from moe_lightning.systems import resolve_device
 
-                    finish_logger(run_cfg, run_ranks(run_cfg))   # T x E ranks (moe_lightning.launch)
-                else:
-                    finish_logger(run_cfg, run_cfg.task.run(run_cfg))
-            finally:
-                run_cfg.logger.finish()   # a failed or interrupted task's run is closed too
-        except torch.OutOfMemoryError as exc:
-            fail(f"out of memory: {str(exc).splitlines()[0]} (lower policy.batch_size or "
-                 "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
+                resolve_device(run_cfg.device)
+            import torch
+
+            try:
+                start_logger(run_cfg)
+                try:
+                    if run_cfg.parallel.world_size > 1 and run_cfg.task.name not in PLANNING_TASKS:
+                        from moe_lightning.launch import run_ranks
+
+                        finish_logger(run_cfg, run_ranks(run_cfg))   # T x E ranks (moe_lightning.launch)
+                    else:
+                        finish_logger(run_cfg, run_cfg.task.run(run_cfg))
+                finally:
+                    run_cfg.logger.finish()   # a failed or interrupted task's run is closed too
+            except torch.OutOfMemoryError as exc:
+                fail(f"out of memory: {str(exc).splitlines()[0]} (lower policy.batch_size or "
+                     "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
+        finally:
+            if lock is not None:   # after the outputs' final rename, or the part file's last row
+                lock.release()
     except MoELightningError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
@@ -337,19 +341,36 @@ def finish_logger(cfg, report) -> None:
         cfg.logger.log_image(png.stem, png)
 
 
-def check_outputs(cfg) -> None:
+def check_outputs(cfg):
     """Before any work: `out=` and `outputs=` must be writable files that are not inputs of the run and
     do not exist yet (unless overwrite=true); an interrupted run's part file is resumed or replaced only
-    when asked."""
+    when asked. -> generate's lock on `outputs=` (files.OutputLock; None without outputs=), taken first:
+    a second run writing the same outputs is refused before it reads or writes any of them."""
     from moe_lightning.errors import ConfigError
-    from moe_lightning.files import check_output_path
-    from moe_lightning.tasks.outputs import part_path
+    from moe_lightning.files import lock_output
 
     if cfg.resume and cfg.task.name != "generate":
         raise ConfigError(f"resume=true applies to task=generate (task={cfg.task.name} resumes by itself or not "
                           "at all)")
     if cfg.resume and not cfg.outputs:
         raise ConfigError("resume=true needs outputs=PATH, the outputs file of the run to resume")
+    # Of a torchrun job's ranks, rank 0 writes the outputs (the others would find its lock taken).
+    writer = cfg.outputs and cfg.task.name == "generate" and os.environ.get("RANK", "0") == "0"
+    lock = lock_output(cfg.outputs, key="outputs") if writer else None
+    try:
+        _check_output_paths(cfg)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def _check_output_paths(cfg) -> None:
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.files import check_output_path
+    from moe_lightning.tasks.outputs import part_path
+
     if cfg.outputs and cfg.task.name == "generate":
         part = part_path(cfg.outputs)
         if part.is_dir() or (part.exists() and not part.is_file()):

@@ -5,6 +5,7 @@ half-written one); and output paths are checked before any work, so a bad path c
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import stat
@@ -113,3 +114,56 @@ def check_output_path(path: str | os.PathLike, *, key: str, overwrite: bool,
     except OSError as exc:
         raise ConfigError(f"{key}={path}: folder {folder} is not writable ({exc.strerror or exc})") from None
     return path
+
+
+class OutputLock:
+    """An exclusive flock on `<path>.lock`, held by the one run that writes `path` (and its part file)
+    from its checks to its final rename. The kernel drops a dead process's flock, so a killed run's lock
+    file, left behind, takes no one out: resume=true takes it over."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):   # removed while held: a run that opened it finds it gone, retries
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+def lock_output(path: str | os.PathLike, *, key: str) -> OutputLock:
+    """Take `path`'s lock without waiting, or refuse: another run is writing the same output."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key}={path}: cannot create its folder ({exc.strerror or exc})") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise ConfigError(f"{key}={path}: folder {lock.parent} is not writable ({exc.strerror or exc})") \
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(f"{key}={path}: another run{f' (pid {holder})' if holder.isdigit() else ''} is "
+                              f"writing it; wait for it to finish, or choose another {key}=") from None
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"{key}={path}: cannot lock {lock} ({exc.strerror or exc})") from None
+        try:
+            held = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            held = False
+        if held:
+            break
+        os.close(fd)   # its holder finished and removed it as we opened it: lock the file there now
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return OutputLock(lock, fd)

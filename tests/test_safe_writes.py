@@ -140,3 +140,59 @@ def test_the_cli_writes_its_documents_with_the_umasks_mode(tmp_path):
                         f"hydra.run.dir={tmp_path / 'h'}"], capture_output=True, text=True, timeout=300, umask=0o027)
     assert r.returncode == 0, r.stderr
     assert out.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_second_run_writing_the_same_outputs_is_refused_and_touches_nothing(tmp_path, prompts, tiny_path):
+    """Another process holds outputs='s lock (as a running generate does from its checks to its final
+    rename): the CLI, even with overwrite=true or resume=true, refuses in one line and leaves the
+    outputs, the part file and the lock as they were."""
+    import os
+
+    from moe_lightning.files import lock_output
+
+    outputs = tmp_path / "out.jsonl"
+    outputs.write_text('{"id": 0, "output_ids": [1]}\n')
+    part = tmp_path / "out.jsonl.part"
+    part.write_text("the running run's rows\n")
+    lock = lock_output(outputs, key="outputs")
+    try:
+        for flag, folder in (("overwrite=true", "o"), ("resume=true", "r")):
+            r = cli("task=generate", "workload=jsonl", f"workload.path={prompts}", f"outputs={outputs}", flag,
+                    "task.progress=false", f"hydra.run.dir={tmp_path / folder}")
+            assert f"another run (pid {os.getpid()}) is writing it" in one_line_error(r)
+            assert outputs.read_text() == '{"id": 0, "output_ids": [1]}\n'
+            assert part.read_text() == "the running run's rows\n"
+            assert (tmp_path / "out.jsonl.lock").read_text() == f"{os.getpid()}\n"
+            assert not (tmp_path / folder / "run.json").exists()
+    finally:
+        lock.release()
+    assert not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_a_killed_runs_lock_file_takes_no_one_out(tmp_path, prompts, tiny_path):
+    """A lock file left by a dead process holds no flock: the next run takes it, and removes it when done."""
+    outputs = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.lock").write_text("999999\n")
+    r = cli("task=generate", "workload=jsonl", f"workload.path={prompts}", f"outputs={outputs}",
+            "task.progress=false", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr
+    assert len(outputs.read_text().splitlines()) == 2 and not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_the_lock_is_exclusive_between_processes(tmp_path):
+    """Two processes: the second is refused while the first holds the lock, and takes it once released."""
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.files import lock_output
+
+    script = ("import sys\nfrom moe_lightning.files import lock_output\n"
+              f"lock = lock_output({str(tmp_path / 'o.jsonl')!r}, key='outputs')\n"
+              "print('held', flush=True)\nsys.stdin.readline()\nlock.release()\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match=f"another run \\(pid {holder.pid}\\)"):
+            lock_output(tmp_path / "o.jsonl", key="outputs")
+    finally:
+        holder.communicate("\n", timeout=60)
+    lock_output(tmp_path / "o.jsonl", key="outputs").release()
