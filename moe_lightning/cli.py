@@ -348,12 +348,19 @@ def check_outputs(cfg):
     a second run writing the same outputs is refused before it reads or writes any of them."""
     from moe_lightning.errors import ConfigError
     from moe_lightning.files import lock_output
+    from moe_lightning.tasks.report import REPORT_SUFFIXES
 
     if cfg.resume and cfg.task.name != "generate":
         raise ConfigError(f"resume=true applies to task=generate (task={cfg.task.name} resumes by itself or not "
                           "at all)")
     if cfg.resume and not cfg.outputs:
         raise ConfigError("resume=true needs outputs=PATH, the outputs file of the run to resume")
+    if cfg.outputs and cfg.task.name != "generate":
+        raise ConfigError(f"outputs={cfg.outputs}: task={cfg.task.name} writes no outputs (outputs= belongs to "
+                          "task=generate); drop it, or give out= for the task's document")
+    if cfg.out and cfg.task.name == "report" and Path(cfg.out).suffix not in REPORT_SUFFIXES:
+        raise ConfigError(f"out={cfg.out}: task=report writes its table as markdown or CSV; give a path ending "
+                          f"in {' or '.join(REPORT_SUFFIXES)}")
     # Of a torchrun job's ranks, rank 0 writes the outputs (the others would find its lock taken).
     writer = cfg.outputs and cfg.task.name == "generate" and os.environ.get("RANK", "0") == "0"
     lock = lock_output(cfg.outputs, key="outputs") if writer else None
