@@ -12,6 +12,10 @@ import os
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_lightning.files import OutputLock
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("moe_lightning")
@@ -341,7 +345,7 @@ def finish_logger(cfg, report) -> None:
         cfg.logger.log_image(png.stem, png)
 
 
-def check_outputs(cfg):
+def check_outputs(cfg) -> OutputLock | None:
     """Before any work: `out=` and `outputs=` must be writable files that are not inputs of the run and
     do not exist yet (unless overwrite=true); an interrupted run's part file is resumed or replaced only
     when asked. -> generate's lock on `outputs=` (files.OutputLock; None without outputs=), taken first:
@@ -392,6 +396,42 @@ def _check_output_paths(cfg) -> None:
         raise ConfigError(f"out and outputs name the same file ({named['out']}); give two paths")
     for key, value in named.items():
         check_output_path(value, key=key, overwrite=cfg.overwrite, inputs=(cfg.workload.path,))
+    check_run_folder(cfg.run_dir, cfg)
+
+
+# The documents a task writes into its run folder beside run.json (unless out= names another file).
+RUN_FOLDER_DOCUMENTS = {"compare": ("comparison.json",), "report": ("report.md",), "tune": ("trials.jsonl",)}
+
+
+def check_run_folder(folder, cfg) -> None:
+    """A run folder that holds the documents this run would write there (a reused hydra.run.dir, or a
+    multirun's job folder under a reused hydra.sweep.dir) is refused unless overwrite=true: the earlier
+    run's would be replaced."""
+    from moe_lightning.errors import ConfigError
+
+    if cfg.overwrite or not folder or os.environ.get("RANK", "0") != "0":   # other ranks write nothing there
+        return
+    names = list(RUN_FOLDER_DOCUMENTS.get(cfg.task.name, ()))
+    if not cfg.out and cfg.task.name not in ("compare", "report"):
+        names.append("run.json")
+    if cfg.task.name == "generate" and not cfg.outputs:
+        names.append("outputs.jsonl")
+    for name in names:
+        if (Path(folder) / name).exists():
+            raise ConfigError(f"{Path(folder) / name} exists: the run folder holds an earlier run; pass "
+                              "overwrite=true to replace it, or give another hydra.run.dir (hydra.sweep.dir)")
+
+
+def check_reused_run_dir(args: list[str]) -> None:
+    """A single run's hydra.run.dir that holds an earlier run is refused before Hydra writes its own
+    record (.hydra/, the log) into it; a multirun's job folders are checked as each job starts."""
+    if any(a.partition("=")[0] in (*MODES, "--help", "-h", "--hydra-help") for a in args):
+        return   # a multirun, or a mode that runs nothing
+    plain, _ = split_args(args)
+    given = [a.split("=", 1)[1] for a in plain if a.split("=", 1)[0].lstrip("+") == "hydra.run.dir"]
+    if not given or "${" in given[-1]:
+        return   # the default folder carries the time and the process id: always a new one
+    check_run_folder(given[-1], compose_each(args, [plain])[0])
 
 
 MODES = {"-m": "--multirun", "--multirun": "--multirun", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info",
@@ -427,6 +467,7 @@ def main() -> None:
         check_overrides(sys.argv[1:])
         register()
         check_composes(sys.argv[1:])
+        check_reused_run_dir(sys.argv[1:])
     except ConfigError as exc:
         fail(str(exc))
     from omegaconf import OmegaConf

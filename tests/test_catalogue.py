@@ -39,6 +39,7 @@ class Case:
 
 def write(name: str, data: str | bytes) -> Callable[[Path, Path], None]:
     def setup(folder: Path, tiny: Path) -> None:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data.encode() if isinstance(data, str) else data)
     return setup
 
@@ -262,6 +263,9 @@ CASES = [
          setup=prompts('{"input_ids": [4, 5]}\n')),
     Case("out-not-a-regular-file", ("out=/dev/full",), "not a regular file"),
     Case("out-and-outputs-same", ("out=x.json", "outputs=x.json"), "name the same file"),
+    Case("reused-run-folder", ("hydra.run.dir=earlier",), "the run folder holds an earlier run", task="plan", base=(),
+         setup=both(write("earlier/run.json", '{"earlier": "run document"}\n'),
+                    write("earlier/.hydra/config.yaml", "task: plan\n"))),
     Case("outputs-with-bench", ("outputs=new.jsonl",), "outputs= belongs to task=generate", task="bench"),
     Case("outputs-with-report", ("outputs=new.jsonl",), "outputs= belongs to task=generate", task="report",
          base=()),

@@ -196,3 +196,28 @@ def test_the_lock_is_exclusive_between_processes(tmp_path):
     finally:
         holder.communicate("\n", timeout=60)
     lock_output(tmp_path / "o.jsonl", key="outputs").release()
+
+
+def test_a_reused_run_folder_is_refused_unless_overwrite(tmp_path):
+    """hydra.run.dir naming an earlier run's folder: refused in one line before Hydra writes its record
+    there, the earlier run document kept; overwrite=true replaces it."""
+    folder = tmp_path / "run"
+    assert cli("task=plan", f"hydra.run.dir={folder}").returncode == 0
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert folder / "run.json" in before and folder / ".hydra" / "config.yaml" in before
+    r = cli("task=plan", "workload.gen_len=7", f"hydra.run.dir={folder}")
+    assert "run.json exists: the run folder holds an earlier run" in one_line_error(r)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    r = cli("task=plan", "workload.gen_len=7", f"hydra.run.dir={folder}", "overwrite=true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((folder / "run.json").read_text())["workload"]["gen_len"] == 7
+
+
+def test_a_reused_sweep_folder_keeps_its_jobs_documents(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert cli("-m", "task=plan", "workload.gen_len=5,6", f"hydra.sweep.dir={sweep}").returncode == 0
+    before = {p: p.read_bytes() for p in sweep.glob("*/run.json")}
+    assert len(before) == 2
+    r = cli("-m", "task=plan", "workload.gen_len=7,8", f"hydra.sweep.dir={sweep}")
+    assert "0/run.json exists: the run folder holds an earlier run" in one_line_error(r)
+    assert {p: p.read_bytes() for p in sweep.glob("*/run.json")} == before
