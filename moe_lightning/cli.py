@@ -12,6 +12,10 @@ import os
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_lightning.files import OutputLock
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("moe_lightning")
@@ -317,28 +321,32 @@ def _run_job(cfg) -> None:
 
     install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
     try:
-        check_outputs(run_cfg)
-        if run_cfg.task.name not in ("plan", "simulate", "report"):   # tasks that run on the device
-            from moe_lightning.systems import resolve_device
-
-            resolve_device(run_cfg.device)
-        import torch
-
+        lock = check_outputs(run_cfg)
         try:
-            start_logger(run_cfg)
-            try:
-                check_torchrun_world(run_cfg)
-                if run_cfg.parallel.world_size > 1 and run_cfg.task.name not in PLANNING_TASKS:
-                    from moe_lightning.launch import run_ranks
+            if run_cfg.task.name not in ("plan", "simulate", "report"):   # tasks that run on the device
+                from moe_lightning.systems import resolve_device
 
-                    finish_logger(run_cfg, run_ranks(run_cfg))   # T x E ranks (moe_lightning.launch)
-                else:
-                    finish_logger(run_cfg, run_cfg.task.run(run_cfg))
-            finally:
-                run_cfg.logger.finish()   # a failed or interrupted task's run is closed too
-        except torch.OutOfMemoryError as exc:
-            fail(f"out of memory: {str(exc).splitlines()[0]} (lower policy.batch_size or "
-                 "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
+                resolve_device(run_cfg.device)
+            import torch
+
+            try:
+                start_logger(run_cfg)
+                try:
+                    check_torchrun_world(run_cfg)
+                    if run_cfg.parallel.world_size > 1 and run_cfg.task.name not in PLANNING_TASKS:
+                        from moe_lightning.launch import run_ranks
+
+                        finish_logger(run_cfg, run_ranks(run_cfg))   # T x E ranks (moe_lightning.launch)
+                    else:
+                        finish_logger(run_cfg, run_cfg.task.run(run_cfg))
+                finally:
+                    run_cfg.logger.finish()   # a failed or interrupted task's run is closed too
+            except torch.OutOfMemoryError as exc:
+                fail(f"out of memory: {str(exc).splitlines()[0]} (lower policy.batch_size or "
+                     "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
+        finally:
+            if lock is not None:   # after the outputs' final rename, or the part file's last row
+                lock.release()
     except MoELightningError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
@@ -408,19 +416,43 @@ def finish_logger(cfg, report) -> None:
         cfg.logger.log_image(png.stem, png)
 
 
-def check_outputs(cfg) -> None:
+def check_outputs(cfg) -> OutputLock | None:
     """Before any work: `out=` and `outputs=` must be writable files that are not inputs of the run and
     do not exist yet (unless overwrite=true); an interrupted run's part file is resumed or replaced only
-    when asked."""
+    when asked. -> generate's lock on `outputs=` (files.OutputLock; None without outputs=), taken first:
+    a second run writing the same outputs is refused before it reads or writes any of them."""
     from moe_lightning.errors import ConfigError
-    from moe_lightning.files import check_output_path
-    from moe_lightning.tasks.outputs import part_path
+    from moe_lightning.files import lock_output
+    from moe_lightning.tasks.report import REPORT_SUFFIXES
 
     if cfg.resume and cfg.task.name != "generate":
         raise ConfigError(f"resume=true applies to task=generate (task={cfg.task.name} resumes by itself or not "
                           "at all)")
     if cfg.resume and not cfg.outputs:
         raise ConfigError("resume=true needs outputs=PATH, the outputs file of the run to resume")
+    if cfg.outputs and cfg.task.name != "generate":
+        raise ConfigError(f"outputs={cfg.outputs}: task={cfg.task.name} writes no outputs (outputs= belongs to "
+                          "task=generate); drop it, or give out= for the task's document")
+    if cfg.out and cfg.task.name == "report" and Path(cfg.out).suffix not in REPORT_SUFFIXES:
+        raise ConfigError(f"out={cfg.out}: task=report writes its table as markdown or CSV; give a path ending "
+                          f"in {' or '.join(REPORT_SUFFIXES)}")
+    # Of a torchrun job's ranks, rank 0 writes the outputs (the others would find its lock taken).
+    writer = cfg.outputs and cfg.task.name == "generate" and os.environ.get("RANK", "0") == "0"
+    lock = lock_output(cfg.outputs, key="outputs") if writer else None
+    try:
+        _check_output_paths(cfg)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def _check_output_paths(cfg) -> None:
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.files import check_output_path
+    from moe_lightning.tasks.outputs import part_path
+
     if cfg.outputs and cfg.task.name == "generate":
         part = part_path(cfg.outputs)
         if part.is_dir() or (part.exists() and not part.is_file()):
@@ -435,6 +467,42 @@ def check_outputs(cfg) -> None:
         raise ConfigError(f"out and outputs name the same file ({named['out']}); give two paths")
     for key, value in named.items():
         check_output_path(value, key=key, overwrite=cfg.overwrite, inputs=(cfg.workload.path,))
+    check_run_folder(cfg.run_dir, cfg)
+
+
+# The documents a task writes into its run folder beside run.json (unless out= names another file).
+RUN_FOLDER_DOCUMENTS = {"compare": ("comparison.json",), "report": ("report.md",), "tune": ("trials.jsonl",)}
+
+
+def check_run_folder(folder, cfg) -> None:
+    """A run folder that holds the documents this run would write there (a reused hydra.run.dir, or a
+    multirun's job folder under a reused hydra.sweep.dir) is refused unless overwrite=true: the earlier
+    run's would be replaced."""
+    from moe_lightning.errors import ConfigError
+
+    if cfg.overwrite or not folder or os.environ.get("RANK", "0") != "0":   # other ranks write nothing there
+        return
+    names = list(RUN_FOLDER_DOCUMENTS.get(cfg.task.name, ()))
+    if not cfg.out and cfg.task.name not in ("compare", "report"):
+        names.append("run.json")
+    if cfg.task.name == "generate" and not cfg.outputs:
+        names.append("outputs.jsonl")
+    for name in names:
+        if (Path(folder) / name).exists():
+            raise ConfigError(f"{Path(folder) / name} exists: the run folder holds an earlier run; pass "
+                              "overwrite=true to replace it, or give another hydra.run.dir (hydra.sweep.dir)")
+
+
+def check_reused_run_dir(args: list[str]) -> None:
+    """A single run's hydra.run.dir that holds an earlier run is refused before Hydra writes its own
+    record (.hydra/, the log) into it; a multirun's job folders are checked as each job starts."""
+    if any(a.partition("=")[0] in (*MODES, "--help", "-h", "--hydra-help") for a in args):
+        return   # a multirun, or a mode that runs nothing
+    plain, _ = split_args(args)
+    given = [a.split("=", 1)[1] for a in plain if a.split("=", 1)[0].lstrip("+") == "hydra.run.dir"]
+    if not given or "${" in given[-1]:
+        return   # the default folder carries the time and the process id: always a new one
+    check_run_folder(given[-1], compose_each(args, [plain])[0])
 
 
 MODES = {"-m": "--multirun", "--multirun": "--multirun", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info",
@@ -470,6 +538,7 @@ def main() -> None:
         check_overrides(sys.argv[1:])
         register()
         check_composes(sys.argv[1:])
+        check_reused_run_dir(sys.argv[1:])
     except ConfigError as exc:
         fail(str(exc))
     from omegaconf import OmegaConf

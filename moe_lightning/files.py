@@ -5,7 +5,10 @@ half-written one); and output paths are checked before any work, so a bad path c
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import secrets
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +30,36 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """Create a new temporary file beside `path` (O_EXCL, as mkstemp), with the mode the artefact is to
+    have: the replaced file's, else 0o666 less the umask. mkstemp's 0600 would stick to the artefact."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)   # the kernel applies the umask (and a default ACL)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass   # a new file: the umask decided
+        except OSError:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd, tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
-    """Open a temporary file beside `path` for writing; on success it replaces `path` atomically."""
+    """Open a temporary file beside `path` for writing; on success it replaces `path` atomically, with
+    the replaced file's mode (a new file: 0o666 less the umask)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _temporary_beside(path)
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
@@ -88,3 +114,56 @@ def check_output_path(path: str | os.PathLike, *, key: str, overwrite: bool,
     except OSError as exc:
         raise ConfigError(f"{key}={path}: folder {folder} is not writable ({exc.strerror or exc})") from None
     return path
+
+
+class OutputLock:
+    """An exclusive flock on `<path>.lock`, held by the one run that writes `path` (and its part file)
+    from its checks to its final rename. The kernel drops a dead process's flock, so a killed run's lock
+    file, left behind, takes no one out: resume=true takes it over."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):   # removed while held: a run that opened it finds it gone, retries
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+def lock_output(path: str | os.PathLike, *, key: str) -> OutputLock:
+    """Take `path`'s lock without waiting, or refuse: another run is writing the same output."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key}={path}: cannot create its folder ({exc.strerror or exc})") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise ConfigError(f"{key}={path}: folder {lock.parent} is not writable ({exc.strerror or exc})") \
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(f"{key}={path}: another run{f' (pid {holder})' if holder.isdigit() else ''} is "
+                              f"writing it; wait for it to finish, or choose another {key}=") from None
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"{key}={path}: cannot lock {lock} ({exc.strerror or exc})") from None
+        try:
+            held = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            held = False
+        if held:
+            break
+        os.close(fd)   # its holder finished and removed it as we opened it: lock the file there now
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return OutputLock(lock, fd)

@@ -39,6 +39,7 @@ class Case:
 
 def write(name: str, data: str | bytes) -> Callable[[Path, Path], None]:
     def setup(folder: Path, tiny: Path) -> None:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data.encode() if isinstance(data, str) else data)
     return setup
 
@@ -63,6 +64,17 @@ def config_dir(name: str, text: str) -> Callable[[Path, Path], None]:
 
 PART_HEADER = {"format": "moe-lightning partial outputs", "version": 1, "batch_size": 2, "num_requests": 2,
                "run": {"gen_len": 99}}
+
+
+HELD: list = []   # locks this process holds for a case, as a run writing the same outputs would
+
+
+def held_lock(outputs: str) -> Callable[[Path, Path], None]:
+    def setup(folder: Path, tiny: Path) -> None:
+        from moe_lightning.files import lock_output
+
+        HELD.append(lock_output(folder / outputs, key="outputs"))
+    return setup
 
 
 def checkpoint(edit: Callable[[Path], None]) -> Callable[[Path, Path], None]:
@@ -251,6 +263,14 @@ CASES = [
          setup=prompts('{"input_ids": [4, 5]}\n')),
     Case("out-not-a-regular-file", ("out=/dev/full",), "not a regular file"),
     Case("out-and-outputs-same", ("out=x.json", "outputs=x.json"), "name the same file"),
+    Case("reused-run-folder", ("hydra.run.dir=earlier",), "the run folder holds an earlier run", task="plan", base=(),
+         setup=both(write("earlier/run.json", '{"earlier": "run document"}\n'),
+                    write("earlier/.hydra/config.yaml", "task: plan\n"))),
+    Case("outputs-with-bench", ("outputs=new.jsonl",), "outputs= belongs to task=generate", task="bench"),
+    Case("outputs-with-report", ("outputs=new.jsonl",), "outputs= belongs to task=generate", task="report",
+         base=()),
+    Case("report-out-of-no-table-format", ("task.inputs=[old.json]", "out=rep.json"), "ending in .md or .csv",
+         task="report", base=()),
     Case("outputs-under-a-file", ("outputs=old.jsonl/x.jsonl",), "cannot create its folder"),
     Case("outputs-read-only-fs", ("outputs=/sys/out.jsonl",), "is not writable"),
     Case("resume-without-outputs", ("resume=true",), "needs outputs=PATH"),
@@ -262,6 +282,8 @@ CASES = [
          setup=write("new.jsonl.part", json.dumps(PART_HEADER) + "\n")),
     Case("resume-foreign-part", ("outputs=new.jsonl", "resume=true"), "not a moe-lightning part file",
          setup=write("new.jsonl.part", "hello\n")),
+    Case("outputs-written-by-another-run", ("outputs=new.jsonl", "overwrite=true"), "another run (pid",
+         setup=both(write("new.jsonl.part", json.dumps(PART_HEADER) + "\n"), held_lock("new.jsonl"))),
     # Prompt files: the file and line are named
     Case("prompts-missing", (*JSONL,), "prompts file not found"),
     Case("prompts-folder", ("workload=jsonl", "workload.path=sub"), "is a folder",
@@ -473,13 +495,17 @@ def test_bad_input_is_one_line_and_changes_no_file(tmp_path, tiny_path, case: Ca
     if case.setup:
         case.setup(tmp_path, tiny_path)
     before = snapshot(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "moe_lightning", f"task={case.task}", *case.base, *case.args],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == case.code, r.stderr
-    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
-    assert lines[0].startswith("moe-lightning: error: ") and case.expect in lines[0], lines[0]
-    assert snapshot(tmp_path) == before
+    try:
+        r = subprocess.run([sys.executable, "-m", "moe_lightning", f"task={case.task}", *case.base, *case.args],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == case.code, r.stderr
+        assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+        assert lines[0].startswith("moe-lightning: error: ") and case.expect in lines[0], lines[0]
+        assert snapshot(tmp_path) == before
+    finally:
+        while HELD:
+            HELD.pop().release()
 
 
 def test_the_catalogue_is_at_least_sixty_cases():

@@ -102,3 +102,122 @@ def test_two_runs_started_together_get_two_folders(tmp_path):
         assert p.wait(timeout=120) == 0, p.stderr.read()
     docs = list(tmp_path.glob("runs/*/*/run.json"))
     assert len(docs) == 2 and docs[0].parent != docs[1].parent
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_a_new_artefact_gets_the_umasks_mode(tmp_path, umask, mode):
+    import os
+
+    from moe_lightning.files import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "run.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == mode
+
+
+def test_a_replaced_artefact_keeps_its_mode(tmp_path):
+    import os
+
+    from moe_lightning.files import atomic_write
+
+    target = tmp_path / "outputs.jsonl"
+    target.write_text("earlier\n")
+    target.chmod(0o640)
+    old = os.umask(0o022)
+    try:
+        atomic_write(target, "later\n")
+    finally:
+        os.umask(old)
+    assert target.read_text() == "later\n" and target.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_cli_writes_its_documents_with_the_umasks_mode(tmp_path):
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=plan", f"out={out}",
+                        f"hydra.run.dir={tmp_path / 'h'}"], capture_output=True, text=True, timeout=300, umask=0o027)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_second_run_writing_the_same_outputs_is_refused_and_touches_nothing(tmp_path, prompts, tiny_path):
+    """Another process holds outputs='s lock (as a running generate does from its checks to its final
+    rename): the CLI, even with overwrite=true or resume=true, refuses in one line and leaves the
+    outputs, the part file and the lock as they were."""
+    import os
+
+    from moe_lightning.files import lock_output
+
+    outputs = tmp_path / "out.jsonl"
+    outputs.write_text('{"id": 0, "output_ids": [1]}\n')
+    part = tmp_path / "out.jsonl.part"
+    part.write_text("the running run's rows\n")
+    lock = lock_output(outputs, key="outputs")
+    try:
+        for flag, folder in (("overwrite=true", "o"), ("resume=true", "r")):
+            r = cli("task=generate", "workload=jsonl", f"workload.path={prompts}", f"outputs={outputs}", flag,
+                    "task.progress=false", f"hydra.run.dir={tmp_path / folder}")
+            assert f"another run (pid {os.getpid()}) is writing it" in one_line_error(r)
+            assert outputs.read_text() == '{"id": 0, "output_ids": [1]}\n'
+            assert part.read_text() == "the running run's rows\n"
+            assert (tmp_path / "out.jsonl.lock").read_text() == f"{os.getpid()}\n"
+            assert not (tmp_path / folder / "run.json").exists()
+    finally:
+        lock.release()
+    assert not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_a_killed_runs_lock_file_takes_no_one_out(tmp_path, prompts, tiny_path):
+    """A lock file left by a dead process holds no flock: the next run takes it, and removes it when done."""
+    outputs = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.lock").write_text("999999\n")
+    r = cli("task=generate", "workload=jsonl", f"workload.path={prompts}", f"outputs={outputs}",
+            "task.progress=false", f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode == 0, r.stderr
+    assert len(outputs.read_text().splitlines()) == 2 and not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_the_lock_is_exclusive_between_processes(tmp_path):
+    """Two processes: the second is refused while the first holds the lock, and takes it once released."""
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.files import lock_output
+
+    script = ("import sys\nfrom moe_lightning.files import lock_output\n"
+              f"lock = lock_output({str(tmp_path / 'o.jsonl')!r}, key='outputs')\n"
+              "print('held', flush=True)\nsys.stdin.readline()\nlock.release()\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match=f"another run \\(pid {holder.pid}\\)"):
+            lock_output(tmp_path / "o.jsonl", key="outputs")
+    finally:
+        holder.communicate("\n", timeout=60)
+    lock_output(tmp_path / "o.jsonl", key="outputs").release()
+
+
+def test_a_reused_run_folder_is_refused_unless_overwrite(tmp_path):
+    """hydra.run.dir naming an earlier run's folder: refused in one line before Hydra writes its record
+    there, the earlier run document kept; overwrite=true replaces it."""
+    folder = tmp_path / "run"
+    assert cli("task=plan", f"hydra.run.dir={folder}").returncode == 0
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert folder / "run.json" in before and folder / ".hydra" / "config.yaml" in before
+    r = cli("task=plan", "workload.gen_len=7", f"hydra.run.dir={folder}")
+    assert "run.json exists: the run folder holds an earlier run" in one_line_error(r)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    r = cli("task=plan", "workload.gen_len=7", f"hydra.run.dir={folder}", "overwrite=true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((folder / "run.json").read_text())["workload"]["gen_len"] == 7
+
+
+def test_a_reused_sweep_folder_keeps_its_jobs_documents(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert cli("-m", "task=plan", "workload.gen_len=5,6", f"hydra.sweep.dir={sweep}").returncode == 0
+    before = {p: p.read_bytes() for p in sweep.glob("*/run.json")}
+    assert len(before) == 2
+    r = cli("-m", "task=plan", "workload.gen_len=7,8", f"hydra.sweep.dir={sweep}")
+    assert "0/run.json exists: the run folder holds an earlier run" in one_line_error(r)
+    assert {p: p.read_bytes() for p in sweep.glob("*/run.json")} == before

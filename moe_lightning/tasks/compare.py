@@ -5,7 +5,8 @@ Each system runs with its own policy (`policy_source=auto`: chosen the way its a
 (`run_generation`, warmed up, timed), each in a fresh spawned process (`isolate`) so that a crash or an
 out-of-memory kills one system's run, not the comparison, and peak CPU memory is per system. Writes
 `<run_dir>/<system>.json` (one run document per system), then, derived from those documents only,
-`comparison.md`, `comparison.csv`, `comparison.json` and a bar chart `comparison.png`. A system that
+`comparison.md`, `comparison.csv`, `comparison.json` (also to `cfg.out`, when given) and a bar chart
+`comparison.png`. A system that
 fails (its policy does not fit, a missing dependency, ...) gets a row with the reason.
 `cfg.system` is not used: each listed system runs its default config, with `task.policy_source`.
 
@@ -130,11 +131,14 @@ class CompareTask:
         table = markdown_table(rows, title)
         atomic_write(run_dir / "comparison.md", table + "\n")
         write_csv(run_dir / "comparison.csv", rows)
-        atomic_write(run_dir / "comparison.json", json.dumps(rows, indent=2) + "\n")
+        document = json.dumps(rows, indent=2) + "\n"
+        atomic_write(run_dir / "comparison.json", document)
+        if cfg.out:   # the comparison document, as comparison.json
+            atomic_write(cfg.out, document)
         png = write_bar_chart(run_dir / "comparison.png", rows, title)
         print(table)
         print(f"run documents: {run_dir}/<system>.json; table: {run_dir / 'comparison.md'}, "
-              f"{run_dir / 'comparison.csv'}; chart: {png}")
+              f"{run_dir / 'comparison.csv'}; chart: {png}" + (f"; comparison: {cfg.out}" if cfg.out else ""))
         ok = [r for r in rows if r["status"] == "ok"]
         if not ok:
             raise MoELightningError("task=compare: every system failed (reasons in comparison.md)")

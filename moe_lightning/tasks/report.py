@@ -1,5 +1,6 @@
 """task=report: tables and plots derived from run documents only (never typed by hand): a markdown
-table and CSV of every run document found, throughput bars, and the tuning plots used by task=tune."""
+table and CSV of every run document found (in the run folder; `out=` takes one of them too, by its suffix:
+`.md` or `.csv`), throughput bars, and the tuning plots used by task=tune."""
 
 from __future__ import annotations
 
@@ -139,6 +140,16 @@ def plot_throughput(rows: list[dict], path: Path) -> Path:
     return save(throughput_figure(rows), path)
 
 
+REPORT_SUFFIXES = (".md", ".csv")   # out=: the markdown table or the CSV
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 @dataclass
 class ReportTask:
     name: str = "report"
@@ -157,13 +168,15 @@ class ReportTask:
         run_dir.mkdir(parents=True, exist_ok=True)
         table = markdown_table(rows)
         atomic_write(run_dir / "report.md", table + "\n")
-        with atomic_open(run_dir / "report.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(run_dir / "report.csv", rows)
+        if cfg.out:   # its suffix picks the table (checked before the run: .md or .csv)
+            if Path(cfg.out).suffix == ".csv":
+                write_csv(cfg.out, rows)
+            else:
+                atomic_write(cfg.out, table + "\n")
         print(table)
         print(f"{len(rows)} run documents" + (f" ({len(skipped)} damaged files skipped)" if skipped else "")
-              + f"; report: {run_dir / 'report.md'}, {run_dir / 'report.csv'}")
+              + f"; report: {run_dir / 'report.md'}, {run_dir / 'report.csv'}" + (f", {cfg.out}" if cfg.out else ""))
         if self.plot and rows:
             print(f"plot: {plot_throughput(rows, run_dir / 'throughput.png')}")
         return RunReport(system=cfg.system.name, task="report", model={}, hardware={}, workload={}, policy={},

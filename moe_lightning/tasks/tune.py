@@ -443,7 +443,7 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
     mode = "simulate" if cfg.tuner.objective == "simulate" else "measure"
     compare = CompareTask(systems=systems, mode=mode, max_cv=cfg.tuner.max_cv, progress=False)
     try:
-        report = compare.run(dataclasses.replace(cfg, run_dir=str(run_dir / "compare")),
+        report = compare.run(dataclasses.replace(cfg, run_dir=str(run_dir / "compare"), out=None),   # out= is tune's
                              given={cfg.system.name: policy})
     except MoELightningError as exc:
         print(f"comparison failed: {exc}")

@@ -149,3 +149,12 @@ def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(
         assert (doc["policy"]["batch_size"], doc["policy"]["micro_batch_size"]) == (4, 2)
     table = (tmp_path / "comparison.md").read_text()
     assert "measured" not in table.split("tokens/s = ")[1] and "took turns" not in table
+
+
+def test_compare_writes_its_comparison_document_to_out(tmp_path):
+    out = tmp_path / "x" / "c.json"
+    r = cli("task=compare", "task.mode=simulate", "task.systems=[cgopipe,flexgen]", "hardware=t4",
+            "model=mixtral-8x7b", "workload=mtbench", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == (tmp_path / "run" / "comparison.json").read_bytes()
+    assert [row["system"] for row in json.loads(out.read_text())] == ["cgopipe", "flexgen"]

@@ -62,3 +62,19 @@ def test_the_environment_records_how_idle_cpus_wait():
     assert idle["driver"] == driver.read_text().strip()
     poll = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
     assert idle.get("guest_halt_poll_ns") == (int(poll.read_text()) if poll.exists() else None)
+
+
+@pytest.mark.parametrize("suffix", [".md", ".csv"])
+def test_report_writes_the_table_its_out_suffix_names(tmp_path, suffix):
+    import subprocess
+    import sys
+
+    document("measured", 10.0, "cpu").to_json(tmp_path / "docs" / "a.json")
+    document("simulated", 900.0, "t4").to_json(tmp_path / "docs" / "b.json")
+    out = tmp_path / f"rep{suffix}"
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=report", "task.plot=false",
+                        f"task.inputs=[{tmp_path / 'docs' / '*.json'}]", f"out={out}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == (tmp_path / "run" / f"report{suffix}").read_bytes()
+    assert out.read_text().count("cgopipe") == 2

@@ -67,7 +67,7 @@ def test_sigkill_then_resume_gives_the_outputs_of_an_uninterrupted_run(tmp_path,
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed:" in resumed.stdout
     assert (tmp_path / "out.jsonl").read_bytes() == uninterrupted
-    assert not part.exists()
+    assert not part.exists() and not (tmp_path / "out.jsonl.lock").exists()   # the dead run's lock, taken over
     doc = json.loads(next((tmp_path / "runs").rglob("run.json")).read_text())
     assert doc["extra"]["resumed_outputs"] == kept   # admission mode: every whole row is kept
 
@@ -83,6 +83,7 @@ def test_sigterm_and_sigint_keep_the_finished_outputs(tmp_path, tiny_path, sig, 
     r = interrupt_after(start(tmp_path, "outputs=out.jsonl", *extra), part, 8, sig)
     assert r.returncode == code, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out.jsonl.lock").exists()      # released on the way out
     lines = part.read_text().splitlines()
     rows = [json.loads(line) for line in lines[1:]]          # every kept row is whole
     assert f"{len(rows)} of 240 outputs are kept in" in r.stderr

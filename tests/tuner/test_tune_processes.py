@@ -252,9 +252,10 @@ def test_sixteen_trials_over_two_workers_are_sixteen(tmp_path, tiny_path):
     assert r.returncode == 0, r.stderr
     study = load(tmp_path, "exact")
     assert len(study.trials) == 16 and all(t.state.is_finished() for t in study.trials)
-    # ... and a second run of the same command has nothing left to do
+    # ... and a second run of the same command has nothing left to do (its run folder is the first's: it
+    # replaces the first's run document only when told to)
     r = subprocess.run(tune_args(tmp_path, "exact", "tuner.objective=simulate", "tuner.n_trials=16",
-                                 "tuner.workers=2"), capture_output=True, text=True, timeout=300)
+                                 "tuner.workers=2", "overwrite=true"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "16 finished trials kept, 0 to go" in r.stdout, r.stderr
     assert len(load(tmp_path, "exact").trials) == 16
 
