@@ -129,17 +129,31 @@ def _parse_line(raw: bytes, where: str):
 
 
 def load_requests(workload: Workload, spec: ModelSpec, tokenizer=None) -> list[Request]:
+    """The workload's requests, refused as `check_requests` refuses them."""
     requests = read_jsonl(workload.path, spec, tokenizer) if workload.path else synthetic_requests(workload, spec)
-    longest = max(len(r.input_ids) for r in requests)
+    check_requests(requests, workload, spec)
+    return requests
+
+
+def check_requests(requests: list[Request], workload: Workload, spec: ModelSpec) -> None:
+    """What every task that generates, plans or simulates a workload refuses: a request asking for more
+    tokens than workload.gen_len, a prompt that with gen_len does not fit the model's positions."""
     over = next((r for r in requests if (r.max_new_tokens or 0) > workload.gen_len), None)
     if over is not None:
         raise WorkloadError(f"request {over.id!r} asks for max_new_tokens={over.max_new_tokens}, more than "
                             f"workload.gen_len={workload.gen_len} (the most any request generates; the memory "
                             "plan is made for it); raise workload.gen_len")
-    if longest + workload.gen_len > spec.max_position_embeddings:
-        raise WorkloadError(f"a prompt of {longest} tokens plus workload.gen_len={workload.gen_len} exceeds "
+    longest = max(requests, key=lambda r: len(r.input_ids))
+    check_context(len(longest.input_ids), workload, spec)
+
+
+def check_context(prompt_len: int, workload: Workload, spec: ModelSpec) -> None:
+    """The longest prompt plus workload.gen_len must fit model.max_position_embeddings: the positions RoPE
+    was trained for (a longer sequence would generate past them, and a plan or a simulation for it
+    describes no run that could happen)."""
+    if prompt_len + workload.gen_len > spec.max_position_embeddings:
+        raise WorkloadError(f"a prompt of {prompt_len} tokens plus workload.gen_len={workload.gen_len} exceeds "
                             f"model.max_position_embeddings={spec.max_position_embeddings}")
-    return requests
 
 
 def describe(requests: list[Request]) -> dict:

@@ -307,6 +307,16 @@ CASES = [
     Case("prompts-empty-text", JSONL, '"prompt" must be a non-empty string', setup=prompts('{"prompt": ""}\n')),
     Case("prompts-too-long", (*JSONL, "workload.gen_len=4"), "exceeds model.max_position_embeddings",
          setup=prompts(json.dumps({"input_ids": [4] * 5000}) + "\n")),
+    # Every task that plans or simulates a workload refuses it as generate does
+    Case("plan-beyond-the-model-s-positions", ("hardware=t4", "model=mixtral-8x7b", "workload=mtbench",
+                                               "workload.gen_len=100000"),
+         "a prompt of 418 tokens plus workload.gen_len=100000 exceeds model.max_position_embeddings=32768",
+         task="plan", base=()),
+    Case("simulate-prompts-beyond-the-model-s-positions", (*JSONL, "workload.gen_len=4095"),
+         "a prompt of 2 tokens plus workload.gen_len=4095 exceeds model.max_position_embeddings=4096",
+         setup=prompts('{"input_ids": [4, 5]}\n'), task="simulate", base=()),
+    Case("tune-beyond-the-model-s-positions", ("tuner.objective=simulate", "workload.gen_len=5000"),
+         "exceeds model.max_position_embeddings=4096", task="tune", base=TUNE),
     # Checkpoints: the file and the field or tensor are named
     Case("ckpt-missing-folder", ("model=hf", "model.path=nockpt"), "nockpt"),
     Case("ckpt-config-list", HF, "must be a JSON object", setup=checkpoint(config_text("[1, 2]"))),

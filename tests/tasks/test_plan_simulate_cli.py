@@ -200,3 +200,28 @@ def test_a_plan_keeps_the_given_kernel_and_refuses_a_given_batch():
     given, _, _ = simulate_system(RunConfig(task=SimulateTask(), policy=Policy(batch_size=16, micro_batch_size=8)))
     assert (given.policy["batch_size"], given.policy["micro_batch_size"]) == (16, 8)
     assert given.extra["policy_source"] == "cfg.policy"
+
+
+@pytest.mark.parametrize("prompts, gen_len, ok", [(None, 4096 - 32, True), (None, 4096 - 31, False),
+                                                  ([5, 3000], 1096, True), ([5, 3000], 1097, False)])
+def test_plan_and_simulate_refuse_a_workload_beyond_the_model_s_positions(tmp_path, prompts, gen_len, ok):
+    """The longest prompt plus gen_len must fit max_position_embeddings (tiny-mixtral: 4096), as task=generate
+    requires: the synthetic prompts' longest (32 here, the seeded draw generate makes) or the file's."""
+    from moe_lightning.config import ModelSpec, Workload
+    from moe_lightning.errors import WorkloadError
+    from moe_lightning.tasks.plan import planning_workload
+
+    spec = ModelSpec()
+    if prompts is None:
+        workload = Workload(prompt_len_avg=24, prompt_len_max=32, num_requests=64, gen_len=gen_len)
+    else:
+        path = tmp_path / "p.jsonl"
+        path.write_text("".join(json.dumps({"input_ids": [4] * n}) + "\n" for n in prompts))
+        workload = Workload(name="jsonl", path=str(path), gen_len=gen_len)
+    if ok:
+        planning_workload(workload, spec)
+        return
+    longest = 32 if prompts is None else 3000
+    with pytest.raises(WorkloadError, match=rf"a prompt of {longest} tokens plus workload.gen_len={gen_len} exceeds "
+                                            "model.max_position_embeddings=4096"):
+        planning_workload(workload, spec)
