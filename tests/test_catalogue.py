@@ -452,6 +452,10 @@ CASES = [
     # A policy field that a rule or a search would replace is refused, not ignored
     Case("simulate-plan-beside-a-given-batch", ("policy.batch_size=16",), "policy.batch_size=16: task.use_plan=true",
          task="simulate", base=()),
+    Case("plan-beside-a-given-batch", ("hardware=t4", "model=mixtral-8x7b", "workload=mtbench", "policy.batch_size=64"),
+         "policy.batch_size=64: task=plan chooses the whole policy", task="plan", base=()),
+    Case("plan-beside-a-given-kernel", ("policy.expert_kernel=loop",),
+         "policy.expert_kernel=loop: task=plan chooses the whole policy", task="plan", base=()),
     Case("generate-own-rule-beside-a-given-batch", ("system=flexgen", "policy.micro_batch_size=2"),
          "policy.micro_batch_size=2: system.policy_source=auto (flexgen's own rule)"),
     Case("bench-plan-beside-a-given-page-schedule", ("task.plan=true", "policy.prefetch_depth=3"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning.config import ModelSpec, Workload
+from moe_lightning.config import ModelSpec, Policy, Workload, field_names, refuse_ignored_fields
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import Metrics, RunReport, as_dict, environment
 
@@ -89,6 +89,12 @@ class PlanTask:
     def run(self, cfg: RunConfig) -> RunReport:
         from moe_lightning.tuner.optimizer import optimize, plan_document, plan_table
 
+        # The plan is the whole policy, the expert kernel and the MXFP4 scratch included (the memory plan
+        # charges their workspaces): a field given beside it would be silently replaced, as under
+        # task=simulate's task.use_plan=true, and is refused likewise.
+        refuse_ignored_fields(cfg.policy, "task=plan chooses the whole policy (the HRM plan)",
+                              "to predict a given policy run task=simulate task.use_plan=false with it",
+                              tuple(field_names(Policy)))
         spec = planning_model(cfg.model)
         workload, lengths = planning_workload(cfg.workload, spec)
         plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch,

@@ -225,3 +225,23 @@ def test_plan_and_simulate_refuse_a_workload_beyond_the_model_s_positions(tmp_pa
     with pytest.raises(WorkloadError, match=rf"a prompt of {longest} tokens plus workload.gen_len={gen_len} exceeds "
                                             "model.max_position_embeddings=4096"):
         planning_workload(workload, spec)
+
+
+@pytest.mark.parametrize("given", [{"batch_size": 64}, {"micro_batch_size": 2}, {"expert_gpu_fraction": 0.5},
+                                   {"expert_kernel": "loop"}, {"dequant_experts": 2}])
+def test_a_plan_refuses_a_given_policy_field(tmp_path, given):
+    """task=plan chooses every policy field: one given beside it would be replaced by the plan's and the
+    document would not say so; it is refused, naming the field and the task that predicts a given policy."""
+    from moe_lightning.config import Policy
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.plan import PlanTask
+
+    (name, value), = given.items()
+    cfg = RunConfig(task=PlanTask(), policy=Policy(**given), run_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"^policy.{name}={value}: task=plan chooses the whole policy .* "
+                                          "task=simulate task.use_plan=false"):
+        cfg.task.run(cfg)
+    assert not list(tmp_path.iterdir())
+    PlanTask().run(RunConfig(task=PlanTask(), run_dir=str(tmp_path)))   # the defaults plan
+    assert (tmp_path / "run.json").is_file()
