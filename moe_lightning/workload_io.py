@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,16 @@ def synthetic_requests(workload: Workload, spec: ModelSpec) -> list[Request]:
             for i, n in enumerate(synthetic_lengths(workload))]
 
 
+# The keys a prompts file's row may hold: any other (a misspelt "max_new_token", an "extra") would be
+# silently ignored, so it is refused.
+ROW_KEYS = ("prompt", "input_ids", "id", "max_new_tokens")
+
+
 def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Request]:
     """Lines of {"prompt": "..."} or {"input_ids": [...]}, each with an optional "id" (a string or an
     integer, unique; a row without one is given its position, which must not clash with a given id) and
-    an optional "max_new_tokens" (a positive integer: that request's own generation budget)."""
+    an optional "max_new_tokens" (a positive integer: that request's own generation budget). Any other
+    key, or a key given twice, is refused."""
     path = Path(path)
     if path.is_dir():
         raise WorkloadError(f"{path}: is a folder; workload.path names a JSONL file")
@@ -67,6 +74,12 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
             continue
         where = f"{path}:{lineno}"
         row = _parse_line(raw, where)
+        unknown = [k for k in row if k not in ROW_KEYS] if isinstance(row, dict) else []
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], ROW_KEYS, n=1)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            raise WorkloadError(f"{where}: unknown key {json.dumps(unknown[0])[:60]}; {hint}a row holds "
+                                f"{', '.join(json.dumps(k) for k in ROW_KEYS)} only")
         if not isinstance(row, dict) or ("prompt" in row) == ("input_ids" in row):
             raise WorkloadError(f'{where}: expected an object with exactly one of "prompt" (text) '
                                 'or "input_ids" (list of token ids)')
@@ -120,8 +133,17 @@ def _parse_line(raw: bytes, where: str):
     def no_constant(name: str):
         raise WorkloadError(f"{where}: {name} is not a JSON value")
 
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        # json keeps the last of a key given twice: {"prompt": "a", "prompt": "b"} would run "b" unsaid.
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise WorkloadError(f"{where}: key {json.dumps(key)[:60]} is given twice; give each key once")
+            seen.add(key)
+        return dict(pairs)
+
     try:
-        return json.loads(line, parse_constant=no_constant)
+        return json.loads(line, parse_constant=no_constant, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise WorkloadError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:

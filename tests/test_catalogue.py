@@ -293,6 +293,12 @@ CASES = [
          setup=prompts('{"input_ids": [4], "max_new_tokens": -2}\n')),
     Case("prompts-max-new-tokens-over-gen-len", (*JSONL, "workload.gen_len=2"), "raise workload.gen_len",
          setup=prompts('{"input_ids": [4], "max_new_tokens": 5}\n')),
+    Case("prompts-misspelt-key", JSONL, 'p.jsonl:1: unknown key "max_new_token"; did you mean "max_new_tokens"?',
+         setup=prompts('{"prompt": "a", "max_new_token": 1}\n')),
+    Case("prompts-unknown-key", JSONL, 'p.jsonl:2: unknown key "extra"',
+         setup=prompts('{"input_ids": [4]}\n{"input_ids": [4], "extra": 1}\n')),
+    Case("prompts-duplicate-key", JSONL, 'p.jsonl:1: key "prompt" is given twice',
+         setup=prompts('{"prompt": "a", "prompt": "b"}\n')),
     # The KV budget in tokens
     Case("negative-kv-budget", ("system=cgopipe", "system.kv_cache_tokens=-1"), "system.kv_cache_tokens: must be >= 0"),
     Case("kv-budget-below-a-request", ("system=cgopipe", "system.kv_cache_tokens=8"),

@@ -87,3 +87,21 @@ def test_per_request_generation_budgets(tmp_path):
     assert [r.max_new_tokens for r in reqs] == [3, None]
     with pytest.raises(WorkloadError, match="max_new_tokens=3, more than workload.gen_len=2"):
         load_requests(Workload(path=str(f), gen_len=2), SPEC)
+
+
+@pytest.mark.parametrize("line, expect", [
+    ('{"input_ids": [5], "max_new_token": 1}', 'unknown key "max_new_token"; did you mean "max_new_tokens"?'),
+    ('{"input_ids": [5], "extra": 1}', 'unknown key "extra"; a row holds "prompt", "input_ids", "id", '
+                                       '"max_new_tokens" only'),
+    ('{"text": "a"}', 'unknown key "text"'),
+    ('{"input_ids": [5], "input_ids": [6]}', 'key "input_ids" is given twice'),
+    ('{"id": 1, "input_ids": [5], "id": 2}', 'key "id" is given twice'),
+])
+def test_unknown_and_duplicate_keys_are_refused_with_file_and_line(tmp_path, line, expect):
+    """A misspelt key would be ignored (the row generating gen_len tokens), and JSON keeps the last of a
+    key given twice: both are refused, naming the file and line."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": "ok", "input_ids": [4], "max_new_tokens": 1}\n' + line + "\n")
+    with pytest.raises(WorkloadError) as exc:
+        read_jsonl(f, SPEC)
+    assert str(exc.value).startswith(f"{f}:2: {expect}"), str(exc.value)
