@@ -19,6 +19,7 @@ class Request:
     input_ids: list[int]
     prompt: str | None = None
     max_new_tokens: int | None = None   # its own generation budget (at most workload.gen_len); None: gen_len
+    line: int | None = None             # its line in the prompts file (None: synthetic)
 
 
 def synthetic_lengths(workload: Workload) -> list[int]:
@@ -102,7 +103,7 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
                     isinstance(t, int) and not isinstance(t, bool) and 0 <= t < spec.vocab_size for t in ids)):
                 raise WorkloadError(f'{where}: "input_ids" must be a non-empty list of integers in '
                                     f"[0, {spec.vocab_size})")
-            requests.append(Request(rid, ids, max_new_tokens=own))
+            requests.append(Request(rid, ids, max_new_tokens=own, line=lineno))
         else:
             text = row["prompt"]
             if not isinstance(text, str) or not text:
@@ -117,7 +118,8 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
                                     'tokenizer.json; give "input_ids" instead')
             bos = [spec.bos_token_id] if spec.bos_token_id is not None else []
             # The BOS is ours to add (a tokenizer.json post-processor may add one too: never twice).
-            requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text, own))
+            requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text, own,
+                                    lineno))
     if not requests:
         raise WorkloadError(f"{path}: no prompts (the file is empty)")
     return requests
@@ -160,22 +162,26 @@ def load_requests(workload: Workload, spec: ModelSpec, tokenizer=None) -> list[R
 def check_requests(requests: list[Request], workload: Workload, spec: ModelSpec) -> None:
     """What every task that generates, plans or simulates a workload refuses: a request asking for more
     tokens than workload.gen_len, a prompt that with gen_len does not fit the model's positions."""
+    def where(r: Request) -> str:
+        return f"{workload.path}:{r.line}: " if r.line is not None else ""
+
     over = next((r for r in requests if (r.max_new_tokens or 0) > workload.gen_len), None)
     if over is not None:
-        raise WorkloadError(f"request {over.id!r} asks for max_new_tokens={over.max_new_tokens}, more than "
-                            f"workload.gen_len={workload.gen_len} (the most any request generates; the memory "
+        raise WorkloadError(f"{where(over)}request {over.id!r} asks for max_new_tokens={over.max_new_tokens}, more "
+                            f"than workload.gen_len={workload.gen_len} (the most any request generates; the memory "
                             "plan is made for it); raise workload.gen_len")
     longest = max(requests, key=lambda r: len(r.input_ids))
-    check_context(len(longest.input_ids), workload, spec)
+    named = f"{where(longest)}request {longest.id!r}: " if longest.line is not None else ""
+    check_context(len(longest.input_ids), workload, spec, named)
 
 
-def check_context(prompt_len: int, workload: Workload, spec: ModelSpec) -> None:
+def check_context(prompt_len: int, workload: Workload, spec: ModelSpec, where: str = "") -> None:
     """The longest prompt plus workload.gen_len must fit model.max_position_embeddings: the positions RoPE
     was trained for (a longer sequence would generate past them, and a plan or a simulation for it
-    describes no run that could happen)."""
+    describes no run that could happen). `where` leads the message (the file's line and the request)."""
     if prompt_len + workload.gen_len > spec.max_position_embeddings:
-        raise WorkloadError(f"a prompt of {prompt_len} tokens plus workload.gen_len={workload.gen_len} exceeds "
-                            f"model.max_position_embeddings={spec.max_position_embeddings}")
+        raise WorkloadError(f"{where}a prompt of {prompt_len} tokens plus workload.gen_len={workload.gen_len} "
+                            f"exceeds model.max_position_embeddings={spec.max_position_embeddings}")
 
 
 def describe(requests: list[Request]) -> dict:

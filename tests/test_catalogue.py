@@ -19,6 +19,7 @@ import pytest
 import torch
 
 BASE = ("task.progress=false", "workload.num_requests=2", "workload.gen_len=2")
+FILE_BASE = ("task.progress=false", "workload.gen_len=2")   # a prompts file decides the number of requests
 
 
 @dataclass
@@ -31,6 +32,10 @@ class Case:
     task: str = "generate"
     base: tuple[str, ...] = BASE
     marks: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.base is BASE and "workload=jsonl" in self.args:
+            self.base = FILE_BASE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,6 +304,13 @@ CASES = [
          setup=prompts('{"input_ids": [4]}\n{"input_ids": [4], "extra": 1}\n')),
     Case("prompts-duplicate-key", JSONL, 'p.jsonl:1: key "prompt" is given twice',
          setup=prompts('{"prompt": "a", "prompt": "b"}\n')),
+    # A prompts file decides the requests: the synthetic prompts' settings beside it would be ignored
+    Case("prompts-file-with-num-requests", (*JSONL, "workload.num_requests=2"),
+         "workload.num_requests=2: the prompts file workload.path=p.jsonl decides the requests",
+         setup=prompts('{"input_ids": [4]}\n{"input_ids": [5]}\n{"input_ids": [6]}\n')),
+    Case("prompts-file-with-prompt-len", (*JSONL, "workload.prompt_len_avg=100"),
+         "workload.prompt_len_avg=100: the prompts file", setup=prompts('{"input_ids": [4]}\n'), task="plan",
+         base=()),
     # The KV budget in tokens
     Case("negative-kv-budget", ("system=cgopipe", "system.kv_cache_tokens=-1"), "system.kv_cache_tokens: must be >= 0"),
     Case("kv-budget-below-a-request", ("system=cgopipe", "system.kv_cache_tokens=8"),
@@ -311,8 +323,9 @@ CASES = [
     Case("prompts-both-fields", JSONL, "exactly one of", setup=prompts('{"prompt": "a", "input_ids": [4]}\n')),
     Case("prompts-array-row", JSONL, "expected an object", setup=prompts("[1, 2]\n")),
     Case("prompts-empty-text", JSONL, '"prompt" must be a non-empty string', setup=prompts('{"prompt": ""}\n')),
-    Case("prompts-too-long", (*JSONL, "workload.gen_len=4"), "exceeds model.max_position_embeddings",
-         setup=prompts(json.dumps({"input_ids": [4] * 5000}) + "\n")),
+    Case("prompts-too-long", (*JSONL, "workload.gen_len=4"), "p.jsonl:2: request 'long': a prompt of 5000 tokens "
+         "plus workload.gen_len=4 exceeds model.max_position_embeddings",
+         setup=prompts('{"input_ids": [4]}\n' + json.dumps({"id": "long", "input_ids": [4] * 5000}) + "\n")),
     # Every task that plans or simulates a workload refuses it as generate does
     Case("plan-beyond-the-model-s-positions", ("hardware=t4", "model=mixtral-8x7b", "workload=mtbench",
                                                "workload.gen_len=100000"),

@@ -181,3 +181,23 @@ def test_version_is_the_packages(tmp_path):
 
     r = cli("--version", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == f"moe-lightning {__version__}"
+
+
+@pytest.mark.parametrize("setting", ["workload.num_requests=2", "workload.prompt_len_avg=100",
+                                     "workload.prompt_len_max=8", "workload.seed=3"])
+def test_a_synthetic_only_setting_beside_a_prompts_file_is_refused(tmp_path, setting):
+    """The file decides the requests and their lengths: num_requests=2 ran all 3 lines, prompt_len_avg=100
+    failed against workload=jsonl's placeholder max of 1."""
+    from moe_lightning.cli import check_composes
+    from moe_lightning.errors import ConfigError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"input_ids": [4]}\n{"input_ids": [5]}\n{"input_ids": [6]}\n')
+    given = ["workload=jsonl", f"workload.path={prompts}"]
+    check_composes([*given, "workload.gen_len=3"])
+    with pytest.raises(ConfigError, match=rf"^{setting}: the prompts file workload.path={prompts} decides the "
+                                          "requests and their prompt lengths, so it would be ignored"):
+        check_composes([*given, setting])
+    check_composes(["workload=synthetic", setting])   # synthetic prompts read it
+    with pytest.raises(ConfigError, match=rf"^{setting}: the prompts file"):
+        check_composes(["-m", *given, f"{setting},{setting.split('=')[1]}"])   # a sweep too

@@ -105,3 +105,16 @@ def test_unknown_and_duplicate_keys_are_refused_with_file_and_line(tmp_path, lin
     with pytest.raises(WorkloadError) as exc:
         read_jsonl(f, SPEC)
     assert str(exc.value).startswith(f"{f}:2: {expect}"), str(exc.value)
+
+
+def test_a_prompt_beyond_the_model_s_positions_names_its_line_and_id(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"input_ids": [4]}\n\n{"id": "long", "input_ids": [4, 5, 6]}\n{"input_ids": [7, 8], '
+                 '"max_new_tokens": 1}\n')
+    spec = ModelSpec(max_position_embeddings=8)
+    assert len(load_requests(Workload(path=str(f), gen_len=5), spec)) == 3
+    with pytest.raises(WorkloadError, match=rf"^{f}:3: request 'long': a prompt of 3 tokens plus workload.gen_len=6 "
+                                            "exceeds model.max_position_embeddings=8$"):
+        load_requests(Workload(path=str(f), gen_len=6), spec)
+    with pytest.raises(WorkloadError, match=r"^a prompt of \d+ tokens plus workload.gen_len=8 exceeds"):
+        load_requests(Workload(prompt_len_avg=1, prompt_len_max=2, gen_len=8), spec)   # synthetic: no line
