@@ -403,6 +403,18 @@ def check_modes(args: list[str]) -> None:
 
 
 def main() -> None:
+    # First of all: a SIGINT or SIGTERM while Hydra and the config load (seconds) is the same one line and
+    # exit 130 / 143 as one during the run, not a traceback through whatever was importing.
+    from moe_lightning.interrupt import install
+
+    install()
+    try:
+        _main()
+    except KeyboardInterrupt as exc:   # errors.Interrupted; a task's own says what was kept
+        exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+
+
+def _main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "--version" in sys.argv[1:]:
         from moe_lightning import __version__
