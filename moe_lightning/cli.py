@@ -236,7 +236,29 @@ def check_composes(args: list[str]) -> None:
         return
     plain, _ = split_args(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
-    compose_each(args, sweep_points(plain) if multirun else [plain])
+    points = sweep_points(plain) if multirun else [plain]
+    for overrides, cfg in zip(points, compose_each(args, points)):
+        check_prompts_file_settings(overrides, cfg)
+
+
+# Workload fields only synthetic prompts read: a prompts file decides its requests and their lengths.
+SYNTHETIC_ONLY = ("num_requests", "prompt_len_avg", "prompt_len_max", "seed")
+
+
+def check_prompts_file_settings(overrides: list[str], cfg) -> None:
+    """With a prompts file (workload.path), a synthetic-only workload field given on the command line
+    would be silently ignored (its preset's placeholders aside: workload=jsonl's are 1): refused."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from moe_lightning.errors import ConfigError
+
+    if not cfg.workload.path:
+        return
+    for o, text in zip(OverridesParser.create().parse_overrides(overrides), overrides):
+        if o.key_or_group in {f"workload.{name}" for name in SYNTHETIC_ONLY}:
+            raise ConfigError(f"{text.lstrip('+')}: the prompts file workload.path={cfg.workload.path} decides the "
+                              "requests and their prompt lengths, so it would be ignored; drop it (to run fewer "
+                              "requests, give a file of fewer lines)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -520,6 +542,18 @@ def check_modes(args: list[str]) -> None:
 
 
 def main() -> None:
+    # First of all: a SIGINT or SIGTERM while Hydra and the config load (seconds) is the same one line and
+    # exit 130 / 143 as one during the run, not a traceback through whatever was importing.
+    from moe_lightning.interrupt import install
+
+    install()
+    try:
+        _main()
+    except KeyboardInterrupt as exc:   # errors.Interrupted; a task's own says what was kept
+        exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+
+
+def _main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "--version" in sys.argv[1:]:
         from moe_lightning import __version__

@@ -52,6 +52,29 @@ def check_repeats(repeats: int, max_cv: float, prefix: str, min_repeat_s: float 
     _check(0 < max_cv < 10, f"{prefix}.max_cv", f"must be in (0, 10) (a coefficient of variation), got {max_cv!r}")
 
 
+def check_warmup(warmup_tokens: int, prefix: str) -> None:
+    """The untimed warm-up of a measured run: tokens generated first (0: none)."""
+    _check(isinstance(warmup_tokens, int) and not isinstance(warmup_tokens, bool) and warmup_tokens >= 0,
+           f"{prefix}.warmup_tokens", f"must be an integer >= 0 (0: no warm-up), got {warmup_tokens!r}")
+
+
+def check_finite(obj: object, prefix: str = "") -> None:
+    """Every float of a config dataclass is a finite number: its own fields, its nested dataclasses' and
+    the values of its lists. Each class's checks compare its fields with bounds, which NaN fails but
+    infinity passes (`inf > 0`), and an infinite setting then breaks whatever uses it: an integer
+    conversion (OverflowError), a JSON document (`Infinity` is not JSON). `RunConfig` calls this over the
+    whole config, so no float field of any group needs its own check."""
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_finite(value, key)
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        _check(not bad, key, f"must be a finite number, got {value}")
+
+
 def _curve(xs: list, ys: list, key: str) -> None:
     """A measured curve: as many values as points, points increasing, values positive."""
     where = f"{key}_*"

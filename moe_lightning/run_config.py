@@ -20,6 +20,7 @@ from moe_lightning.config import (
     TunerConfig,
     Workload,
     _choice,
+    check_finite,
 )
 from moe_lightning.loggers import LOGGER_CONFIGS
 from moe_lightning.systems import SYSTEM_CONFIGS
@@ -56,3 +57,4 @@ class RunConfig:
         self.system = self.system if self.system is not None else SYSTEM_CONFIGS["reference"]()
         self.logger = self.logger if self.logger is not None else LOGGER_CONFIGS["none"]()
         _choice(self.device, "device", ("auto", "cpu", "cuda"))
+        check_finite(self)   # every float of every group, the task's, system's and logger's included

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ class Request:
     input_ids: list[int]
     prompt: str | None = None
     max_new_tokens: int | None = None   # its own generation budget (at most workload.gen_len); None: gen_len
+    line: int | None = None             # its line in the prompts file (None: synthetic)
 
 
 def synthetic_lengths(workload: Workload) -> list[int]:
@@ -47,10 +49,16 @@ def synthetic_requests(workload: Workload, spec: ModelSpec) -> list[Request]:
             for i, n in enumerate(synthetic_lengths(workload))]
 
 
+# The keys a prompts file's row may hold: any other (a misspelt "max_new_token", an "extra") would be
+# silently ignored, so it is refused.
+ROW_KEYS = ("prompt", "input_ids", "id", "max_new_tokens")
+
+
 def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Request]:
     """Lines of {"prompt": "..."} or {"input_ids": [...]}, each with an optional "id" (a string or an
     integer, unique; a row without one is given its position, which must not clash with a given id) and
-    an optional "max_new_tokens" (a positive integer: that request's own generation budget)."""
+    an optional "max_new_tokens" (a positive integer: that request's own generation budget). Any other
+    key, or a key given twice, is refused."""
     path = Path(path)
     if path.is_dir():
         raise WorkloadError(f"{path}: is a folder; workload.path names a JSONL file")
@@ -67,6 +75,12 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
             continue
         where = f"{path}:{lineno}"
         row = _parse_line(raw, where)
+        unknown = [k for k in row if k not in ROW_KEYS] if isinstance(row, dict) else []
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], ROW_KEYS, n=1)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            raise WorkloadError(f"{where}: unknown key {json.dumps(unknown[0])[:60]}; {hint}a row holds "
+                                f"{', '.join(json.dumps(k) for k in ROW_KEYS)} only")
         if not isinstance(row, dict) or ("prompt" in row) == ("input_ids" in row):
             raise WorkloadError(f'{where}: expected an object with exactly one of "prompt" (text) '
                                 'or "input_ids" (list of token ids)')
@@ -89,7 +103,7 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
                     isinstance(t, int) and not isinstance(t, bool) and 0 <= t < spec.vocab_size for t in ids)):
                 raise WorkloadError(f'{where}: "input_ids" must be a non-empty list of integers in '
                                     f"[0, {spec.vocab_size})")
-            requests.append(Request(rid, ids, max_new_tokens=own))
+            requests.append(Request(rid, ids, max_new_tokens=own, line=lineno))
         else:
             text = row["prompt"]
             if not isinstance(text, str) or not text:
@@ -104,7 +118,8 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
                                     'tokenizer.json; give "input_ids" instead')
             bos = [spec.bos_token_id] if spec.bos_token_id is not None else []
             # The BOS is ours to add (a tokenizer.json post-processor may add one too: never twice).
-            requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text, own))
+            requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text, own,
+                                    lineno))
     if not requests:
         raise WorkloadError(f"{path}: no prompts (the file is empty)")
     return requests
@@ -120,8 +135,17 @@ def _parse_line(raw: bytes, where: str):
     def no_constant(name: str):
         raise WorkloadError(f"{where}: {name} is not a JSON value")
 
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        # json keeps the last of a key given twice: {"prompt": "a", "prompt": "b"} would run "b" unsaid.
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise WorkloadError(f"{where}: key {json.dumps(key)[:60]} is given twice; give each key once")
+            seen.add(key)
+        return dict(pairs)
+
     try:
-        return json.loads(line, parse_constant=no_constant)
+        return json.loads(line, parse_constant=no_constant, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise WorkloadError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
@@ -129,17 +153,35 @@ def _parse_line(raw: bytes, where: str):
 
 
 def load_requests(workload: Workload, spec: ModelSpec, tokenizer=None) -> list[Request]:
+    """The workload's requests, refused as `check_requests` refuses them."""
     requests = read_jsonl(workload.path, spec, tokenizer) if workload.path else synthetic_requests(workload, spec)
-    longest = max(len(r.input_ids) for r in requests)
+    check_requests(requests, workload, spec)
+    return requests
+
+
+def check_requests(requests: list[Request], workload: Workload, spec: ModelSpec) -> None:
+    """What every task that generates, plans or simulates a workload refuses: a request asking for more
+    tokens than workload.gen_len, a prompt that with gen_len does not fit the model's positions."""
+    def where(r: Request) -> str:
+        return f"{workload.path}:{r.line}: " if r.line is not None else ""
+
     over = next((r for r in requests if (r.max_new_tokens or 0) > workload.gen_len), None)
     if over is not None:
-        raise WorkloadError(f"request {over.id!r} asks for max_new_tokens={over.max_new_tokens}, more than "
-                            f"workload.gen_len={workload.gen_len} (the most any request generates; the memory "
+        raise WorkloadError(f"{where(over)}request {over.id!r} asks for max_new_tokens={over.max_new_tokens}, more "
+                            f"than workload.gen_len={workload.gen_len} (the most any request generates; the memory "
                             "plan is made for it); raise workload.gen_len")
-    if longest + workload.gen_len > spec.max_position_embeddings:
-        raise WorkloadError(f"a prompt of {longest} tokens plus workload.gen_len={workload.gen_len} exceeds "
-                            f"model.max_position_embeddings={spec.max_position_embeddings}")
-    return requests
+    longest = max(requests, key=lambda r: len(r.input_ids))
+    named = f"{where(longest)}request {longest.id!r}: " if longest.line is not None else ""
+    check_context(len(longest.input_ids), workload, spec, named)
+
+
+def check_context(prompt_len: int, workload: Workload, spec: ModelSpec, where: str = "") -> None:
+    """The longest prompt plus workload.gen_len must fit model.max_position_embeddings: the positions RoPE
+    was trained for (a longer sequence would generate past them, and a plan or a simulation for it
+    describes no run that could happen). `where` leads the message (the file's line and the request)."""
+    if prompt_len + workload.gen_len > spec.max_position_embeddings:
+        raise WorkloadError(f"{where}a prompt of {prompt_len} tokens plus workload.gen_len={workload.gen_len} "
+                            f"exceeds model.max_position_embeddings={spec.max_position_embeddings}")
 
 
 def describe(requests: list[Request]) -> dict:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 BASE = ("task.progress=false", "workload.num_requests=2", "workload.gen_len=2")
+FILE_BASE = ("task.progress=false", "workload.gen_len=2")   # a prompts file decides the number of requests
 
 
 @dataclass
@@ -31,6 +32,10 @@ class Case:
     task: str = "generate"
     base: tuple[str, ...] = BASE
     marks: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.base is BASE and "workload=jsonl" in self.args:
+            self.base = FILE_BASE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,6 +249,17 @@ CASES = [
     Case("top-p-above-one", ("sampling.top_p=1.5",), "sampling.top_p"),
     Case("negative-temperature", ("sampling.temperature=-1",), "sampling.temperature"),
     Case("negative-cores", ("threads.cores=-1",), "threads.cores"),
+    # Infinity passes every "> 0" bound: each float of every group must be finite
+    Case("infinite-temperature", ("sampling.temperature=inf",),
+         "sampling.temperature: must be a finite number, got inf"),
+    Case("bench-infinite-min-repeat", ("task.min_repeat_s=inf",), "task.min_repeat_s: must be a finite number",
+         task="bench"),
+    Case("plan-infinite-gpu-memory", ("hardware=t4", "model=mixtral-8x7b", "workload=mtbench",
+                                      "hardware.gpu.memory_gib=inf"),
+         "hardware.gpu.memory_gib: must be a finite number", task="plan", base=()),
+    Case("plan-infinite-link", ("hardware=t4", "model=mixtral-8x7b", "workload=mtbench", "hardware.link.h2d_gbps=inf"),
+         "hardware.link.h2d_gbps: must be a finite number", task="plan", base=()),
+    Case("negative-warmup", ("task.warmup_tokens=-1",), "task.warmup_tokens: must be an integer >= 0"),
     Case("team-bound-to-one-core", ("threads.pin=one", "threads.gpu=2"), "threads.pin: one with threads.gpu=2"),
     Case("unknown-pin", ("threads.pin=two",), "threads.pin: must be one of auto, one, none"),
     Case("unknown-device", ("device=tpu",), "accepted: auto, cpu, cuda"),
@@ -304,6 +320,19 @@ CASES = [
          setup=prompts('{"input_ids": [4], "max_new_tokens": -2}\n')),
     Case("prompts-max-new-tokens-over-gen-len", (*JSONL, "workload.gen_len=2"), "raise workload.gen_len",
          setup=prompts('{"input_ids": [4], "max_new_tokens": 5}\n')),
+    Case("prompts-misspelt-key", JSONL, 'p.jsonl:1: unknown key "max_new_token"; did you mean "max_new_tokens"?',
+         setup=prompts('{"prompt": "a", "max_new_token": 1}\n')),
+    Case("prompts-unknown-key", JSONL, 'p.jsonl:2: unknown key "extra"',
+         setup=prompts('{"input_ids": [4]}\n{"input_ids": [4], "extra": 1}\n')),
+    Case("prompts-duplicate-key", JSONL, 'p.jsonl:1: key "prompt" is given twice',
+         setup=prompts('{"prompt": "a", "prompt": "b"}\n')),
+    # A prompts file decides the requests: the synthetic prompts' settings beside it would be ignored
+    Case("prompts-file-with-num-requests", (*JSONL, "workload.num_requests=2"),
+         "workload.num_requests=2: the prompts file workload.path=p.jsonl decides the requests",
+         setup=prompts('{"input_ids": [4]}\n{"input_ids": [5]}\n{"input_ids": [6]}\n')),
+    Case("prompts-file-with-prompt-len", (*JSONL, "workload.prompt_len_avg=100"),
+         "workload.prompt_len_avg=100: the prompts file", setup=prompts('{"input_ids": [4]}\n'), task="plan",
+         base=()),
     # The KV budget in tokens
     Case("negative-kv-budget", ("system=cgopipe", "system.kv_cache_tokens=-1"), "system.kv_cache_tokens: must be >= 0"),
     Case("kv-budget-below-a-request", ("system=cgopipe", "system.kv_cache_tokens=8"),
@@ -316,8 +345,19 @@ CASES = [
     Case("prompts-both-fields", JSONL, "exactly one of", setup=prompts('{"prompt": "a", "input_ids": [4]}\n')),
     Case("prompts-array-row", JSONL, "expected an object", setup=prompts("[1, 2]\n")),
     Case("prompts-empty-text", JSONL, '"prompt" must be a non-empty string', setup=prompts('{"prompt": ""}\n')),
-    Case("prompts-too-long", (*JSONL, "workload.gen_len=4"), "exceeds model.max_position_embeddings",
-         setup=prompts(json.dumps({"input_ids": [4] * 5000}) + "\n")),
+    Case("prompts-too-long", (*JSONL, "workload.gen_len=4"), "p.jsonl:2: request 'long': a prompt of 5000 tokens "
+         "plus workload.gen_len=4 exceeds model.max_position_embeddings",
+         setup=prompts('{"input_ids": [4]}\n' + json.dumps({"id": "long", "input_ids": [4] * 5000}) + "\n")),
+    # Every task that plans or simulates a workload refuses it as generate does
+    Case("plan-beyond-the-model-s-positions", ("hardware=t4", "model=mixtral-8x7b", "workload=mtbench",
+                                               "workload.gen_len=100000"),
+         "a prompt of 418 tokens plus workload.gen_len=100000 exceeds model.max_position_embeddings=32768",
+         task="plan", base=()),
+    Case("simulate-prompts-beyond-the-model-s-positions", (*JSONL, "workload.gen_len=4095"),
+         "a prompt of 2 tokens plus workload.gen_len=4095 exceeds model.max_position_embeddings=4096",
+         setup=prompts('{"input_ids": [4, 5]}\n'), task="simulate", base=()),
+    Case("tune-beyond-the-model-s-positions", ("tuner.objective=simulate", "workload.gen_len=5000"),
+         "exceeds model.max_position_embeddings=4096", task="tune", base=TUNE),
     # Checkpoints: the file and the field or tensor are named
     Case("ckpt-missing-folder", ("model=hf", "model.path=nockpt"), "nockpt"),
     Case("ckpt-field-beside-hf", (*HF, "model.rope_theta=5.0"),
@@ -464,6 +504,10 @@ CASES = [
     # A policy field that a rule or a search would replace is refused, not ignored
     Case("simulate-plan-beside-a-given-batch", ("policy.batch_size=16",), "policy.batch_size=16: task.use_plan=true",
          task="simulate", base=()),
+    Case("plan-beside-a-given-batch", ("hardware=t4", "model=mixtral-8x7b", "workload=mtbench", "policy.batch_size=64"),
+         "policy.batch_size=64: task=plan chooses the whole policy", task="plan", base=()),
+    Case("plan-beside-a-given-kernel", ("policy.expert_kernel=loop",),
+         "policy.expert_kernel=loop: task=plan chooses the whole policy", task="plan", base=()),
     Case("generate-own-rule-beside-a-given-batch", ("system=flexgen", "policy.micro_batch_size=2"),
          "policy.micro_batch_size=2: system.policy_source=auto (flexgen's own rule)"),
     Case("bench-plan-beside-a-given-page-schedule", ("task.plan=true", "policy.prefetch_depth=3"),

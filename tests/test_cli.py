@@ -195,3 +195,52 @@ def test_version_is_the_packages(tmp_path):
 
     r = cli("--version", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == f"moe-lightning {__version__}"
+
+
+@pytest.mark.parametrize("setting", ["workload.num_requests=2", "workload.prompt_len_avg=100",
+                                     "workload.prompt_len_max=8", "workload.seed=3"])
+def test_a_synthetic_only_setting_beside_a_prompts_file_is_refused(tmp_path, setting):
+    """The file decides the requests and their lengths: num_requests=2 ran all 3 lines, prompt_len_avg=100
+    failed against workload=jsonl's placeholder max of 1."""
+    from moe_lightning.cli import check_composes
+    from moe_lightning.errors import ConfigError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"input_ids": [4]}\n{"input_ids": [5]}\n{"input_ids": [6]}\n')
+    given = ["workload=jsonl", f"workload.path={prompts}"]
+    check_composes([*given, "workload.gen_len=3"])
+    with pytest.raises(ConfigError, match=rf"^{setting}: the prompts file workload.path={prompts} decides the "
+                                          "requests and their prompt lengths, so it would be ignored"):
+        check_composes([*given, setting])
+    check_composes(["workload=synthetic", setting])   # synthetic prompts read it
+    with pytest.raises(ConfigError, match=rf"^{setting}: the prompts file"):
+        check_composes(["-m", *given, f"{setting},{setting.split('=')[1]}"])   # a sweep too
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (Linux: /proc's SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_during_start_up_is_one_line(tmp_path, signame, code):
+    """Ctrl-C while Hydra and the config load (before any task) gave an 83-line traceback. The signal
+    is sent as soon as the process catches SIGTERM (Python alone leaves it to the default action): the
+    CLI's handlers are in, and the imports and the config checks still have seconds to go."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "moe_lightning.cli", "task=generate", "workload.num_requests=2",
+                          "workload.gen_len=2", "task.progress=false"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _catches(p.pid, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    p.send_signal(getattr(signal, signame))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == code, err
+    assert err.strip() == f"moe-lightning: error: interrupted by {signame}", err
+    assert not (tmp_path / "runs").exists()   # before Hydra made the run folder: during start-up

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import math
+from dataclasses import fields
+
 import pytest
 
-from moe_lightning.config import HardwareSpec, ModelSpec, Policy, Workload
+from moe_lightning.config import GpuSpec, HardwareSpec, ModelSpec, Policy, Sampling, Workload, check_finite
 from moe_lightning.errors import ConfigError
 from moe_lightning.run_config import RunConfig
+from moe_lightning.systems import CGOPipeSystem
+from moe_lightning.tasks import BenchTask, CompareTask, GenerateTask
 
 
 @pytest.mark.parametrize("build, key", [
@@ -63,3 +68,45 @@ def test_a_dtype_other_than_the_model_s_is_refused_not_ignored(key):
     assert getattr(Policy(**{key: "auto"}), key) == "auto"
     with pytest.raises(ConfigError, match=rf"policy.{key}: got 'bfloat16': .* not implemented .* model.dtype=bfloat16"):
         Policy(**{key: "bfloat16"})
+
+
+def _runconfig_with(path: str, value: object) -> RunConfig:
+    """A RunConfig whose field at the dotted `path` holds `value` (set after the group is built, as a
+    caller of the Python API could, so that only the root's walk stands between it and the run)."""
+    cfg = RunConfig(task=BenchTask(), system=CGOPipeSystem())
+    *groups, name = path.split(".")
+    obj = cfg
+    for g in groups:
+        obj = getattr(obj, g)
+    object.__setattr__(obj, name, value)   # Policy is frozen
+    return cfg
+
+
+@pytest.mark.parametrize("path", ["sampling.temperature", "task.min_repeat_s", "hardware.gpu.memory_gib",
+                                  "hardware.link.h2d_gbps", "hardware.cpu.attn_gbps", "model.yarn_mscale",
+                                  "policy.kv_gpu_fraction", "tuner.trial_timeout_s"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_every_float_field_must_be_finite(path, value):
+    """inf passes every `> 0` bound and then breaks what uses it (an int conversion, a JSON document): the
+    root refuses a non-finite float in any group, nested ones and the task's included."""
+    cfg = _runconfig_with(path, value)
+    with pytest.raises(ConfigError, match=rf"^{path}: must be a finite number, got {value}$"):
+        RunConfig(**{f.name: getattr(cfg, f.name) for f in fields(RunConfig)})
+
+
+def test_a_non_finite_value_in_a_list_is_refused():
+    hw = HardwareSpec(gpu=GpuSpec(gemm_rows=[1, 2], gemm_tflops=[1.0, math.inf]))
+    with pytest.raises(ConfigError, match=r"^hardware.gpu.gemm_tflops: must be a finite number, got \[1.0, inf\]$"):
+        RunConfig(hardware=hw)
+
+
+def test_finite_floats_and_ints_pass():
+    check_finite(RunConfig(task=BenchTask(), system=CGOPipeSystem()))
+    check_finite(Sampling(temperature=1e300))
+
+
+@pytest.mark.parametrize("task", [GenerateTask, BenchTask, CompareTask])
+def test_negative_warmup_tokens_are_refused(task):
+    assert task(warmup_tokens=0).warmup_tokens == 0
+    with pytest.raises(ConfigError, match=r"^task.warmup_tokens: must be an integer >= 0"):
+        task(warmup_tokens=-1)

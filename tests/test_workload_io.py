@@ -87,3 +87,34 @@ def test_per_request_generation_budgets(tmp_path):
     assert [r.max_new_tokens for r in reqs] == [3, None]
     with pytest.raises(WorkloadError, match="max_new_tokens=3, more than workload.gen_len=2"):
         load_requests(Workload(path=str(f), gen_len=2), SPEC)
+
+
+@pytest.mark.parametrize("line, expect", [
+    ('{"input_ids": [5], "max_new_token": 1}', 'unknown key "max_new_token"; did you mean "max_new_tokens"?'),
+    ('{"input_ids": [5], "extra": 1}', 'unknown key "extra"; a row holds "prompt", "input_ids", "id", '
+                                       '"max_new_tokens" only'),
+    ('{"text": "a"}', 'unknown key "text"'),
+    ('{"input_ids": [5], "input_ids": [6]}', 'key "input_ids" is given twice'),
+    ('{"id": 1, "input_ids": [5], "id": 2}', 'key "id" is given twice'),
+])
+def test_unknown_and_duplicate_keys_are_refused_with_file_and_line(tmp_path, line, expect):
+    """A misspelt key would be ignored (the row generating gen_len tokens), and JSON keeps the last of a
+    key given twice: both are refused, naming the file and line."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": "ok", "input_ids": [4], "max_new_tokens": 1}\n' + line + "\n")
+    with pytest.raises(WorkloadError) as exc:
+        read_jsonl(f, SPEC)
+    assert str(exc.value).startswith(f"{f}:2: {expect}"), str(exc.value)
+
+
+def test_a_prompt_beyond_the_model_s_positions_names_its_line_and_id(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"input_ids": [4]}\n\n{"id": "long", "input_ids": [4, 5, 6]}\n{"input_ids": [7, 8], '
+                 '"max_new_tokens": 1}\n')
+    spec = ModelSpec(max_position_embeddings=8)
+    assert len(load_requests(Workload(path=str(f), gen_len=5), spec)) == 3
+    with pytest.raises(WorkloadError, match=rf"^{f}:3: request 'long': a prompt of 3 tokens plus workload.gen_len=6 "
+                                            "exceeds model.max_position_embeddings=8$"):
+        load_requests(Workload(path=str(f), gen_len=6), spec)
+    with pytest.raises(WorkloadError, match=r"^a prompt of \d+ tokens plus workload.gen_len=8 exceeds"):
+        load_requests(Workload(prompt_len_avg=1, prompt_len_max=2, gen_len=8), spec)   # synthetic: no line

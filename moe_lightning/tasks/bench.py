@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning.config import GB, check_repeats
+from moe_lightning.config import GB, check_repeats, check_warmup
 from moe_lightning.report import RunReport
 from moe_lightning.tasks.generate import run_generation, summary_line, write_trace
 
@@ -63,6 +63,7 @@ class BenchTask:
 
     def __post_init__(self) -> None:
         check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s)
+        check_warmup(self.warmup_tokens, "task")
 
     def run(self, cfg: RunConfig) -> RunReport:
         if self.plan:

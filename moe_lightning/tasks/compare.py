@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moe_lightning.config import GB, Policy, check_repeats, refuse_ignored_fields
+from moe_lightning.config import GB, Policy, check_repeats, check_warmup, refuse_ignored_fields
 from moe_lightning.errors import ConfigError, MoELightningError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.report import RunReport, Spread
@@ -83,6 +83,7 @@ class CompareTask:
         if self.mode not in ("measure", "simulate"):
             raise ConfigError(f"task.mode: got {self.mode!r}; accepted: measure, simulate")
         check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s)
+        check_warmup(self.warmup_tokens, "task")
 
     def run(self, cfg: RunConfig, given: dict[str, Policy] | None = None) -> RunReport:
         """Compare the systems; those named in `given` run that policy (task=tune: the tuned one)."""

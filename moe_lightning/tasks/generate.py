@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moe_lightning.config import check_warmup
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment, peak_cpu_bytes
 
@@ -310,6 +311,9 @@ class GenerateTask:
     name: str = "generate"
     progress: bool = True
     warmup_tokens: int = 2      # one batch this far first, untimed: first-run costs are not the engine's speed
+
+    def __post_init__(self) -> None:
+        check_warmup(self.warmup_tokens, "task")
 
     def run(self, cfg: RunConfig) -> RunReport:
         from moe_lightning.engine.parallel import current

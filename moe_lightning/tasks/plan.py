@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning.config import ModelSpec, Workload
+from moe_lightning.config import ModelSpec, Policy, Workload, field_names, refuse_ignored_fields
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import Metrics, RunReport, as_dict, environment
 
@@ -40,17 +40,23 @@ def planning_model(model: ModelSpec) -> ModelSpec:
 
 
 def planning_workload(workload: Workload, spec: ModelSpec) -> tuple[Workload, list[int] | None]:
-    """The workload to plan for and, for a prompts file, its real prompt lengths (else None)."""
+    """The workload to plan for and, for a prompts file, its real prompt lengths (else None). Refused as
+    task=generate refuses it (`workload_io.check_requests`): a plan or a simulation of a run that could
+    not happen is no answer."""
     if not workload.path:
         if workload.name == "jsonl":
             raise ConfigError("workload=jsonl takes its prompt lengths from a prompts file: give "
                               "workload.path=<file.jsonl>, or plan a preset such as workload=mtbench")
+        from moe_lightning.memory import prompt_lengths
+        from moe_lightning.workload_io import check_context
+
+        check_context(max(prompt_lengths(workload)), workload, spec)   # the synthetic prompts generate draws
         return workload, None
     from moe_lightning.tokenizer import tokenizer_for
-    from moe_lightning.workload_io import read_jsonl
+    from moe_lightning.workload_io import load_requests
 
     tokenizer = tokenizer_for(spec)
-    lengths = [len(r.input_ids) for r in read_jsonl(workload.path, spec, tokenizer)]
+    lengths = [len(r.input_ids) for r in load_requests(workload, spec, tokenizer)]
     planned = dataclasses.replace(workload, prompt_len_avg=math.ceil(sum(lengths) / len(lengths)),
                                   prompt_len_max=max(lengths), num_requests=len(lengths))
     return planned, lengths
@@ -89,6 +95,12 @@ class PlanTask:
         from moe_lightning.baselines.policies import FFN_ON_GPU
         from moe_lightning.tuner.optimizer import ALL_PLACEMENTS, optimize, plan_document, plan_table
 
+        # The plan is the whole policy, the expert kernel and the MXFP4 scratch included (the memory plan
+        # charges their workspaces): a field given beside it would be silently replaced, as under
+        # task=simulate's task.use_plan=true, and is refused likewise.
+        refuse_ignored_fields(cfg.policy, "task=plan chooses the whole policy (the HRM plan)",
+                              "to predict a given policy run task=simulate task.use_plan=false with it",
+                              tuple(field_names(Policy)))
         spec = planning_model(cfg.model)
         workload, lengths = planning_workload(cfg.workload, spec)
         plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch,

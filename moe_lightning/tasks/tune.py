@@ -41,6 +41,7 @@ from moe_lightning.config import refuse_ignored_fields
 from moe_lightning.errors import ConfigError, Interrupted, MemoryBudgetError, MoELightningError
 from moe_lightning.interrupt import deferred, install
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment
+from moe_lightning.tasks.plan import planning_workload
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -306,6 +307,7 @@ class TuneTask:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         run_dir = Path(cfg.run_dir or "runs/latest")
         spec, _ = resolve_model(cfg.model)
+        planning_workload(cfg.workload, spec)   # refused as task=generate refuses it, before any trial
         refuse_ignored_fields(cfg.policy, "task=tune searches it", "bound the search with tuner.max_batch_size "
                               "or tuner.max_micro_batches, or run the policy with task=bench",
                               searched_policy_fields(cfg, spec))

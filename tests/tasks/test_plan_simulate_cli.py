@@ -253,3 +253,48 @@ def test_a_batch_larger_than_the_workload_is_noted_beside_the_hrm_column(batch_s
                     policy=Policy(batch_size=batch_size, micro_batch_size=4))
     report, sim, hrm = simulate_system(cfg)
     assert ("N=16 exceeds the workload's 8 requests" in summary(report, sim, hrm)) is noted
+
+
+@pytest.mark.parametrize("prompts, gen_len, ok", [(None, 4096 - 32, True), (None, 4096 - 31, False),
+                                                  ([5, 3000], 1096, True), ([5, 3000], 1097, False)])
+def test_plan_and_simulate_refuse_a_workload_beyond_the_model_s_positions(tmp_path, prompts, gen_len, ok):
+    """The longest prompt plus gen_len must fit max_position_embeddings (tiny-mixtral: 4096), as task=generate
+    requires: the synthetic prompts' longest (32 here, the seeded draw generate makes) or the file's."""
+    from moe_lightning.config import ModelSpec, Workload
+    from moe_lightning.errors import WorkloadError
+    from moe_lightning.tasks.plan import planning_workload
+
+    spec = ModelSpec()
+    if prompts is None:
+        workload = Workload(prompt_len_avg=24, prompt_len_max=32, num_requests=64, gen_len=gen_len)
+    else:
+        path = tmp_path / "p.jsonl"
+        path.write_text("".join(json.dumps({"input_ids": [4] * n}) + "\n" for n in prompts))
+        workload = Workload(name="jsonl", path=str(path), gen_len=gen_len)
+    if ok:
+        planning_workload(workload, spec)
+        return
+    longest = 32 if prompts is None else 3000
+    with pytest.raises(WorkloadError, match=rf"a prompt of {longest} tokens plus workload.gen_len={gen_len} exceeds "
+                                            "model.max_position_embeddings=4096"):
+        planning_workload(workload, spec)
+
+
+@pytest.mark.parametrize("given", [{"batch_size": 64}, {"micro_batch_size": 2}, {"expert_gpu_fraction": 0.5},
+                                   {"expert_kernel": "loop"}, {"dequant_experts": 2}])
+def test_a_plan_refuses_a_given_policy_field(tmp_path, given):
+    """task=plan chooses every policy field: one given beside it would be replaced by the plan's and the
+    document would not say so; it is refused, naming the field and the task that predicts a given policy."""
+    from moe_lightning.config import Policy
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.plan import PlanTask
+
+    (name, value), = given.items()
+    cfg = RunConfig(task=PlanTask(), policy=Policy(**given), run_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"^policy.{name}={value}: task=plan chooses the whole policy .* "
+                                          "task=simulate task.use_plan=false"):
+        cfg.task.run(cfg)
+    assert not list(tmp_path.iterdir())
+    PlanTask().run(RunConfig(task=PlanTask(), run_dir=str(tmp_path)))   # the defaults plan
+    assert (tmp_path / "run.json").is_file()
