@@ -219,5 +219,9 @@ def test_a_reused_sweep_folder_keeps_its_jobs_documents(tmp_path):
     before = {p: p.read_bytes() for p in sweep.glob("*/run.json")}
     assert len(before) == 2
     r = cli("-m", "task=plan", "workload.gen_len=7,8", f"hydra.sweep.dir={sweep}")
-    assert "0/run.json exists: the run folder holds an earlier run" in one_line_error(r)
+    # each job is refused in its own line, the sweep goes on, and it ends naming the failed jobs (exit 2)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "0/run.json exists: the run folder holds an earlier run" in errors[0]
+    assert "1/run.json exists" in errors[1] and "2 of 2 sweep jobs failed" in errors[2]
     assert {p: p.read_bytes() for p in sweep.glob("*/run.json")} == before
