@@ -111,13 +111,22 @@ def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | N
         with deferred():
             _tell(study, trial, state, values, reason)
         if reason:
-            say(f"trial {trial.number} failed: {reason}")
+            say(f"trial {trial.number} failed: {shown_reason(reason)}")
 
 
 def _tell(study, trial, state, values, reason: str | None) -> None:
-    if reason:
-        trial.set_user_attr("reason", reason.splitlines()[0] if reason.strip() else reason)
+    if reason:   # whole: the summary shows its first line, trials.jsonl and the study keep all of it
+        trial.set_user_attr("reason", reason)
     study.tell(trial, values, state=state, skip_if_finished=True)
+
+
+def shown_reason(reason: str) -> str:
+    """A reason as one printed line: its first line whole (the actionable part, such as a memory plan's
+    "[OVER]", sits at its end), and how many lines more trials.jsonl holds. Reasons are one line but an
+    unexpected exception's (a bug in the objective), which may carry several."""
+    lines = reason.strip().splitlines() or [""]
+    more = len(lines) - 1
+    return lines[0] + (f" (+{more} more line{'s' if more > 1 else ''} in trials.jsonl)" if more else "")
 
 
 @contextlib.contextmanager
@@ -323,7 +332,7 @@ class TuneTask:
                 try:
                     seeds = seed_study(study, cfg, spec)
                 except MemoryBudgetError as exc:
-                    print(f"HRM finds no feasible policy ({str(exc)[:200]}...): searching unseeded")
+                    print(f"HRM finds no feasible policy ({str(exc).strip().splitlines()[0]}): searching unseeded")
             started = started_trials(study)
             trials = study.get_trials(deepcopy=False)
         if seeds:
@@ -382,7 +391,7 @@ class TuneTask:
         for r in rows:
             if r["state"] != "COMPLETE" and r["reason"]:
                 again = f" (run again as trial {retries[r['number']]})" if r["number"] in retries else ""
-                print(f"  trial {r['number']} {r['state'].lower()}: {r['reason'][:140]}{again}")
+                print(f"  trial {r['number']} {r['state'].lower()}: {shown_reason(r['reason'])}{again}")
         study.trials_dataframe().to_csv(run_dir / "trials.csv", index=False)
         label = "simulated" if cfg.tuner.objective == "simulate" else "measured, median of repeats"
         study_plots(study, cfg.tuner.multi_objective, label, run_dir)   # logged with the run's other plots
@@ -486,5 +495,5 @@ def _no_trial_completed(study, run_dir: Path) -> str:
         return f"no trial of study {study.study_name} completed (none ran)"
     reason, count = Counter(failed or pruned).most_common(1)[0]
     return (f"no trial of study {study.study_name} completed ({len(failed)} failed, {len(pruned)} infeasible; "
-            f"reason of {count} of {len(failed or pruned)}: {reason.splitlines()[0][:200]}); every trial and its "
+            f"reason of {count} of {len(failed or pruned)}: {shown_reason(reason)}); every trial and its "
             f"reason: {run_dir / 'trials.jsonl'}")

@@ -44,3 +44,32 @@ def test_a_measured_tune_documents_its_best_trials_measurement(tmp_path, tiny_pa
     assert m["decode_s"] > 0 and m["generated_tokens"] > 0 and m["decode_step_median_s"] > 0
     best = r.stdout.splitlines().index(next(line for line in r.stdout.splitlines() if line.startswith("best: trial")))
     assert r.stdout.splitlines()[best + 1].startswith("  NOISY: throughput varies"), r.stdout
+
+
+def test_a_pruned_trials_reason_is_printed_whole(tmp_path, tiny_path):
+    """A memory plan's reason ends with what the user acts on (the budget, "[OVER]"): the summary prints the
+    reason's line whole, as trials.jsonl records it."""
+    r = subprocess.run(tune_args(tmp_path, "pruned", "tuner.objective=simulate", "tuner.n_trials=6",
+                                 "tuner.seed_with_hrm=false", "workload.num_requests=512",
+                                 "hardware.gpu.memory_gib=0.003"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "h" / "trials.jsonl").read_text().splitlines()]
+    pruned = [row for row in rows if row["state"] == "PRUNED"]
+    assert pruned, r.stdout
+    for row in pruned:
+        assert len(row["reason"]) > 140 and row["reason"].endswith("[ok]") and "[OVER]" in row["reason"]
+        assert f"  trial {row['number']} pruned: {row['reason']}\n" in r.stdout
+
+
+def test_a_reason_of_several_lines_is_kept_whole_and_printed_as_its_first(tmp_path):
+    """A trial failed by an unexpected exception keeps its whole text in the study (and so in
+    trials.jsonl); the printed line is its first, saying that more is recorded."""
+    from moe_lightning.tasks.tune import _tell, shown_reason, trial_records
+
+    study = optuna.create_study()
+    trial = study.ask()
+    reason = "ValueError: the first line\nthe second\nthe third"
+    _tell(study, trial, optuna.trial.TrialState.FAIL, None, reason)
+    assert study.trials[0].user_attrs["reason"] == reason
+    assert trial_records(study)[0]["reason"] == reason
+    assert shown_reason(reason) == "ValueError: the first line (+2 more lines in trials.jsonl)"
