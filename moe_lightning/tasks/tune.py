@@ -277,7 +277,9 @@ def best_trials(study, multi: bool):
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not done:
         return []
-    return study.best_trials if multi else [max(done, key=lambda t: t.values[0])]
+    from moe_lightning.tasks.tune_front import ranked_front
+
+    return ranked_front(study.best_trials) if multi else [max(done, key=lambda t: t.values[0])]
 
 
 @dataclass
@@ -378,7 +380,6 @@ class TuneTask:
 
     def _report(self, cfg: RunConfig, study, spec, run_dir: Path, storage: str) -> RunReport:
         from moe_lightning.files import atomic_write
-        from moe_lightning.tuner.search import policy_from_params
 
         rows = trial_records(study)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -404,19 +405,28 @@ class TuneTask:
                                   "objective": cfg.tuner.objective, "trials_file": str(run_dir / "trials.jsonl"),
                                   "trials_csv": str(run_dir / "trials.csv")})
         if best:
-            top = best[0]
-            policy = policy_from_params(top.params, spec, cfg.policy)
+            from moe_lightning.tasks.tune_front import (
+                KINDS,
+                front_entry,
+                front_lines,
+                objectives,
+                policy_words,
+                throughput_words,
+                trial_policy,
+            )
+
+            top = best[0]   # the fastest (of the Pareto front, with two objectives)
+            policy = trial_policy(top, spec, cfg.policy)
             layout = top.user_attrs.get("parallel")   # several GPUs: the study's T x E (search.study_layout)
             if layout:   # the trial's policy, in whole expert groups, under that layout
-                from moe_lightning.config import ParallelConfig, Policy
+                from moe_lightning.config import ParallelConfig
 
-                policy = Policy(**top.user_attrs["policy"])
                 cfg = dataclasses.replace(cfg, parallel=ParallelConfig(**layout))
                 report.extra["parallel"] = layout
             report.policy = as_dict(policy)
-            kind = "simulated" if cfg.tuner.objective == "simulate" else "measured"
+            kind = KINDS[cfg.tuner.objective][0]
             spread = {k: Spread.from_dict(v) for k, v in (top.user_attrs.get("spread") or {}).items()}
-            # A measured trial's own metrics (prefill, decode, tokens, link bytes ...), as its run measured them
+            # The trial's own metrics (prefill, decode, tokens, link bytes ...), as its run measured or simulated them
             report.metrics = dataclasses.replace(
                 Metrics.from_dict(top.user_attrs.get("metrics") or {}), throughput_tok_s=top.values[0], kind=kind,
                 spread=spread, repeats=spread["throughput_tok_s"].n if spread else 1,
@@ -425,14 +435,15 @@ class TuneTask:
             report.hardware["detected"] = top.user_attrs.get("detected")   # the device the best trial ran on
             report.prediction = (top.user_attrs.get("run") or {}).get("prediction") or {}
             report.extra["best_trial"] = top.number
-            report.extra["pareto"] = [{"number": t.number, "values": t.values, "params": t.params} for t in best]
-            shown = spread["throughput_tok_s"].show(".2f") if spread else f"{top.values[0]:.2f}"
+            report.extra["objectives"] = objectives(cfg.tuner.objective, cfg.tuner.multi_objective)
+            report.extra["pareto"] = [front_entry(t, spec, cfg.policy, cfg.tuner.objective) for t in best]
+            if cfg.tuner.multi_objective:
+                print("\n".join(front_lines(best, spec, cfg.policy, cfg.tuner.objective)))
             print(f"best: trial {top.number} ({top.user_attrs.get('seed') or 'sampled'}) "
-                  f"{shown} tok/s {kind} on {top.user_attrs.get('where') or 'this host'} with N={policy.batch_size} "
-                  f"mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
-                  f"r_w={policy.expert_gpu_fraction:.3f} r_c={policy.kv_gpu_fraction:.3f} "
-                  f"kernel={policy.expert_kernel}"
-                  + (f" parallel.tensor={layout['tensor']} parallel.expert={layout['expert']}" if layout else "")
+                  f"{throughput_words(top, cfg.tuner.objective)} on {top.user_attrs.get('where') or 'this host'} "
+                  f"with {policy_words(policy, layout)}"
+                  + (" (the fastest on the Pareto front" + (", compared with the baselines below)" if self.compare
+                                                            else ")") if cfg.tuner.multi_objective else "")
                   + ("\n  NOISY: " + "; ".join(report.metrics.noise) if report.metrics.noisy else ""))
             if self.compare:
                 table = compare_best(cfg, policy, self.baselines, run_dir)

@@ -598,7 +598,13 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
             raise optuna.TrialPruned(reason)
         trial_cfg = dataclasses.replace(cfg, policy=policy)
         if cfg.tuner.objective == "simulate":
-            tok_s, peak = simulate_objective(trial_cfg, spec, layout), plan.gpu_total_bytes
+            sim = simulate_trial(trial_cfg, spec, layout)
+            tok_s, peak = sim.throughput_tok_s, plan.gpu_total_bytes
+            # the run document's metrics when this trial is the best: prefill, decode, tokens ... as simulated,
+            # the memory as planned (what task=simulate reports)
+            metrics = dataclasses.asdict(sim.metrics())
+            trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "spread"}
+                                | {"peak_cpu_bytes": plan.cpu_total_bytes})
             trial.set_user_attr("kind", "simulated")
             trial.set_user_attr("where", f"profile {cfg.hardware.name}")
         else:
@@ -649,10 +655,11 @@ def measure_trial(cfg: RunConfig) -> tuple[dict, int]:
     return best, len(docs)
 
 
-def simulate_objective(cfg: RunConfig, spec: ModelSpec, layout=None) -> float:
+def simulate_trial(cfg: RunConfig, spec: ModelSpec, layout=None):
+    """The simulator's run of the trial's policy (`SimResult`)."""
     from moe_lightning.tuner.simulator import simulate_run
 
-    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy, parallel=layout).throughput_tok_s
+    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy, parallel=layout)
 
 
 # ------------------------------------------------------------------------------------------------

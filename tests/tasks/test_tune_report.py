@@ -73,3 +73,30 @@ def test_a_reason_of_several_lines_is_kept_whole_and_printed_as_its_first(tmp_pa
     assert study.trials[0].user_attrs["reason"] == reason
     assert trial_records(study)[0]["reason"] == reason
     assert shown_reason(reason) == "ValueError: the first line (+2 more lines in trials.jsonl)"
+
+
+def test_a_multi_objective_tune_reports_every_pareto_optimal_trial(tmp_path, tiny_path):
+    """Throughput against peak GPU memory has a front, not one best: every trial on it is printed with its
+    policy and both objectives (unit and kind) and is in the run document; the best, compared with the
+    baselines, is the fastest of them. A simulated best trial's metrics are the simulator's, not zeros."""
+    r = subprocess.run(tune_args(tmp_path, "front", "tuner.objective=simulate", "tuner.n_trials=10",
+                                 "tuner.multi_objective=true"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    front = load(tmp_path, "front").best_trials
+    assert len(front) >= 2
+    doc = json.loads((tmp_path / "h" / "run.json").read_text())
+    entries = {e["number"]: e for e in doc["extra"]["pareto"]}
+    assert set(entries) == {t.number for t in front}
+    fastest = max(front, key=lambda t: t.values[0])
+    assert doc["extra"]["best_trial"] == fastest.number and doc["metrics"]["throughput_tok_s"] == fastest.values[0]
+    assert [o["kind"] for o in doc["extra"]["objectives"]] == ["simulated", "planned"]
+    for t in front:
+        e = entries[t.number]
+        assert e["values"] == t.values and e["params"] == t.params   # the keys the document always had
+        assert e["policy"]["batch_size"] == t.params["batch_size"] and e["peak_gpu_bytes"] == int(t.values[1])
+        line = next(line for line in r.stdout.splitlines() if line.startswith(f"  trial {t.number} ("))
+        assert f"{t.values[0]:.2f} tok/s simulated, peak GPU memory {t.values[1] / 2**30:.4g} GiB planned" in line
+        assert f"N={t.params['batch_size']} " in line
+    assert r.stdout.count("best: trial") == 1
+    m = doc["metrics"]
+    assert m["kind"] == "simulated" and m["prefill_s"] > 0 and m["decode_s"] > 0 and m["generated_tokens"] > 0
