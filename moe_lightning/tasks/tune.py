@@ -42,6 +42,7 @@ from moe_lightning.errors import ConfigError, Interrupted, MemoryBudgetError, Mo
 from moe_lightning.interrupt import deferred, install
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment
 from moe_lightning.tasks.plan import planning_workload
+from moe_lightning.tasks.tune_progress import TrialProgress
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -345,24 +346,22 @@ class TuneTask:
         if any(t.state != TrialState.WAITING for t in trials):
             print(f"resuming study {study.study_name} (same fingerprint): {_resumed(trials, started)}, "
                   f"{remaining} to go")
-        bar = tqdm(total=remaining, desc="tune", unit="trial", disable=not self.progress, file=sys.stderr)
-
-        def on_trial(event: dict) -> None:
-            bar.update(1)
-            value = event.get("value")
-            kind = "simulated" if cfg.tuner.objective == "simulate" else "measured, median"
-            shown = f"{value:.1f} tok/s {kind}" if isinstance(value, (int, float)) else ""
-            bar.set_postfix_str(f"#{event['number']} {event['state']} {shown}")
-            cfg.logger.log({"trial": event["number"], "throughput_tok_s": event.get("value"),
-                            **{f"param/{k}": v for k, v in event["params"].items()}})   # live, this worker's
-
         # Spawned from this (the main) thread: PR_SET_PDEATHSIG fires when the spawning thread exits.
         workers = [mp.get_context("spawn").Process(target=_worker, args=(cfg, os.getpid(), k), daemon=False)
                    for k in range(1, cfg.tuner.workers)] if remaining else []
+        kind = "simulated" if cfg.tuner.objective == "simulate" else "measured, median"
+        progress = TrialProgress(study, remaining, kind, self.progress,
+                                 pids=lambda: {os.getpid(), *(w.pid for w in workers if w.pid is not None)})
+
+        def on_trial(event: dict) -> None:   # the bar counts every process's trials: TrialProgress
+            cfg.logger.log({"trial": event["number"], "throughput_tok_s": event.get("value"),
+                            **{f"param/{k}": v for k, v in event["params"].items()}})   # live, this worker's
+
         try:
             with sigint_ignored_by_children():
                 for w in workers:
                     w.start()
+            progress.start()
             run_trials(study, cfg, spec, on_trial, say=lambda line: tqdm.write(line, file=sys.stdout))
             for w in workers:
                 w.join()
@@ -372,7 +371,7 @@ class TuneTask:
         finally:
             with deferred():  # a second signal waits until every worker is stopped
                 _end_workers(study, workers)
-            bar.close()
+            progress.close()
         report = self._report(cfg, study, spec, run_dir, shown_url(storage_url(cfg, study.study_name)))
         if "best_trial" not in report.extra:
             raise NoTrialCompleted(_no_trial_completed(study, run_dir))
