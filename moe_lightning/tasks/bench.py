@@ -34,16 +34,28 @@ def _split(cfg: RunConfig):
     return cfg.parallel if cfg.parallel.world_size > 1 else None
 
 
+def planned_workload(cfg: RunConfig, spec):
+    """(workload, prompt lengths) the HRM plans and predicts this run for: a prompts file's real lengths in
+    tokens (`planning_workload`, as task=plan plans; workload=jsonl's own lengths are placeholders)."""
+    from moe_lightning.tasks.plan import planning_workload
+
+    return planning_workload(cfg.workload, spec)
+
+
 def with_planned_policy(cfg: RunConfig) -> RunConfig:
-    """`cfg` with the HRM-optimal batching and placement (the expert kernel kept from cfg.policy)."""
+    """`cfg` with the HRM-optimal batching and placement (the expert kernel kept from cfg.policy), among
+    the placements the engine runs, for the prompts the run generates: task=plan's plan."""
     import dataclasses
 
     from moe_lightning.config import ruled_policy
     from moe_lightning.engine.weights import resolve_model
-    from moe_lightning.tuner.optimizer import optimize
+    from moe_lightning.systems import paged_kv
+    from moe_lightning.tuner.optimizer import FFN_ON_GPU, optimize
 
     spec, _ = resolve_model(cfg.model)
-    planned = optimize(spec, cfg.hardware, cfg.workload, parallel=_split(cfg)).policy
+    workload, lengths = planned_workload(cfg, spec)
+    planned = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU, paged_kv=paged_kv(cfg.system),
+                       lengths=lengths, parallel=_split(cfg)).policy
     policy = ruled_policy(planned, cfg.policy, "task.plan=true (the HRM plan)",
                           "drop task.plan to run the given policy")
     print(f"HRM plan: N={policy.batch_size} mu={policy.micro_batch_size} attn_on_gpu={policy.attn_on_gpu} "
@@ -75,9 +87,12 @@ class BenchTask:
 
         spec = ModelSpec(**report.model)
         try:
+            from moe_lightning.systems import paged_kv
             from moe_lightning.tuner.hrm import predict
 
-            hrm = predict(spec, cfg.hardware, cfg.workload, cfg.policy, parallel=_split(cfg))
+            workload, lengths = planned_workload(cfg, spec)
+            hrm = predict(spec, cfg.hardware, workload, cfg.policy, paged_kv=paged_kv(cfg.system), lengths=lengths,
+                          parallel=_split(cfg))
             report.prediction.update(kind="predicted", hrm_tok_s=hrm.e2e_tok_s)
         except Exception as exc:  # noqa: BLE001 - a prediction is a bonus, never a failure
             log.info("no HRM prediction: %s", exc)

@@ -32,7 +32,7 @@ import sys
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,8 +57,10 @@ class NoTrialCompleted(MoELightningError):
 
 
 def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | None = None,
-               say: Callable[[str], None] = print) -> None:
+               say: Callable[[str], None] = print, lengths: Sequence[int] | None = None) -> None:
     """Ask for, run and tell trials until the study holds `tuner.n_trials` started trials (all processes).
+    `lengths`: a prompts file's prompt lengths (`planning_workload`), which simulated trials run and every
+    memory plan is made for.
 
     SIGINT/SIGTERM (`moe_lightning.interrupt`) are held while a trial is asked for or told, so that none
     is left half asked or half told; one that interrupts a running trial fails it with the reason
@@ -77,7 +79,7 @@ def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | N
         storage_url,
     )
 
-    run = objective(cfg, spec, on_trial)
+    run = objective(cfg, spec, on_trial, lengths)
     url = storage_url(cfg, study.study_name)
     while True:
         trial, state, values, reason = None, TrialState.FAIL, None, None
@@ -157,7 +159,7 @@ def _heartbeat(study, trial_id: int) -> Iterator[None]:
         thread.join(5)
 
 
-def _worker(cfg: RunConfig, parent_pid: int, index: int) -> None:
+def _worker(cfg: RunConfig, parent_pid: int, index: int, lengths: list[int] | None = None) -> None:
     """An extra worker process: run trials of the shared study until it holds n_trials. Dies with the
     tune's main process."""
     from moe_lightning.tuner.processes import tie_to_parent
@@ -178,8 +180,8 @@ def _worker(cfg: RunConfig, parent_pid: int, index: int) -> None:
         # processes that take the measurement lock one at a time and use the full layout.
         set_thread_count(worker_process_threads(cfg.tuner.workers, cfg.threads))
         spec, _ = resolve_model(cfg.model)
-        study = open_study(cfg, spec, worker=index)
-        run_trials(study, cfg, spec, say=lambda line: print(line, flush=True))
+        study = open_study(cfg, spec, worker=index, lengths=lengths)
+        run_trials(study, cfg, spec, say=lambda line: print(line, flush=True), lengths=lengths)
     except KeyboardInterrupt as exc:
         sys.exit(getattr(exc, "exit_code", 130))
     except MoELightningError as exc:
@@ -319,11 +321,15 @@ class TuneTask:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         run_dir = Path(cfg.run_dir or "runs/latest")
         spec, _ = resolve_model(cfg.model)
-        planning_workload(cfg.workload, spec)   # refused as task=generate refuses it, before any trial
+        # Refused as task=generate refuses it, before any trial. A prompts file's real lengths in tokens (its
+        # workload=jsonl preset's lengths are placeholders): the HRM seeds, the search space, every memory plan
+        # and every simulated trial are for the prompts the measured trials run, as task=plan plans them.
+        workload, lengths = planning_workload(cfg.workload, spec)
+        cfg = dataclasses.replace(cfg, workload=workload)
         refuse_ignored_fields(cfg.policy, "task=tune searches it", "bound the search with tuner.max_batch_size "
                               "or tuner.max_micro_batches, or run the policy with task=bench",
                               searched_policy_fields(cfg, spec))
-        study = open_study(cfg, spec)
+        study = open_study(cfg, spec, lengths=lengths)
         seeds = []
         # Under the study's gate, as every count and ask: two commands opening a new study at once seed it
         # once, not twice (Optuna's skip_if_exists looks, then enqueues: not atomic across processes), and a
@@ -333,7 +339,7 @@ class TuneTask:
             requeue_lost_trials(study)
             if cfg.tuner.seed_with_hrm and not study.get_trials(deepcopy=False):
                 try:
-                    seeds = seed_study(study, cfg, spec)
+                    seeds = seed_study(study, cfg, spec, lengths)
                 except MemoryBudgetError as exc:
                     print(f"HRM finds no feasible policy ({str(exc).strip().splitlines()[0]}): searching unseeded")
             started = started_trials(study)
@@ -347,7 +353,8 @@ class TuneTask:
             print(f"resuming study {study.study_name} (same fingerprint): {_resumed(trials, started)}, "
                   f"{remaining} to go")
         # Spawned from this (the main) thread: PR_SET_PDEATHSIG fires when the spawning thread exits.
-        workers = [mp.get_context("spawn").Process(target=_worker, args=(cfg, os.getpid(), k), daemon=False)
+        spawn = mp.get_context("spawn")
+        workers = [spawn.Process(target=_worker, args=(cfg, os.getpid(), k, lengths), daemon=False)
                    for k in range(1, cfg.tuner.workers)] if remaining else []
         kind = "simulated" if cfg.tuner.objective == "simulate" else "measured, median"
         progress = TrialProgress(study, remaining, kind, self.progress,
@@ -362,7 +369,7 @@ class TuneTask:
                 for w in workers:
                     w.start()
             progress.start()
-            run_trials(study, cfg, spec, on_trial, say=lambda line: tqdm.write(line, file=sys.stdout))
+            run_trials(study, cfg, spec, on_trial, say=lambda line: tqdm.write(line, file=sys.stdout), lengths=lengths)
             for w in workers:
                 w.join()
         except Interrupted as exc:
@@ -403,6 +410,13 @@ class TuneTask:
                            extra={"study": study.study_name, "storage": storage, "trials": states,
                                   "objective": cfg.tuner.objective, "trials_file": str(run_dir / "trials.jsonl"),
                                   "trials_csv": str(run_dir / "trials.csv")})
+        hrm = next((t for t in study.trials if t.user_attrs.get("seed") == "hrm"), None)
+        if hrm is not None:   # the HRM plan the study was seeded with (task=plan's for this workload)
+            from moe_lightning.tuner.search import policy_from_params
+
+            params = {**hrm.system_attrs.get("fixed_params", {}), **hrm.params}   # a seed not yet run: queued
+            report.extra["hrm_plan"] = {"trial": hrm.number,
+                                        "policy": as_dict(policy_from_params(params, spec, cfg.policy))}
         if best:
             from moe_lightning.tasks.tune_front import (
                 KINDS,

@@ -52,6 +52,7 @@ from moe_lightning.tuner.hrm import Prediction, decode_layer_times, predict, pre
 from moe_lightning.tuner.parallel import SINGLE, RankComm, layouts, parallel_problems, rank_view
 
 ALL_PLACEMENTS = ((False, True), (True, True), (False, False), (True, False))  # (attn_on_gpu, ffn_on_gpu)
+FFN_ON_GPU = ALL_PLACEMENTS[:2]   # the placements the engine runs (task=plan's default task.placements=engine)
 # Predictions within this relative distance are ties; a pure roofline without fixed overheads plateaus
 # (e.g. a tiny model, every term linear in N), and then the larger batch and the larger micro-batch win:
 # they amortise the launch and synchronisation costs the model leaves out.

@@ -32,7 +32,7 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +56,13 @@ class TrialFailed(Exception):
 # study
 
 
-def search_space(cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
-    """The bounds `suggest` samples from (part of the study's identity)."""
+def search_space(cfg: RunConfig, spec: ModelSpec, lengths: Sequence[int] | None = None) -> dict[str, Any]:
+    """The bounds `suggest` samples from (part of the study's identity). `lengths`: a prompts file's prompt
+    lengths (`tasks.plan.planning_workload`; None: the workload's own), as every function of the study
+    takes them."""
     space: dict[str, Any] = {"batch_size": [1, max_batch(cfg)], "num_micro_batches": [1, cfg.tuner.max_micro_batches],
-                             "attn_on_gpu": [False, True], "resident_experts": [0, max_resident_experts(cfg, spec)],
+                             "attn_on_gpu": [False, True],
+                             "resident_experts": [0, max_resident_experts(cfg, spec, lengths)],
                              "kv_gpu_fraction": [0.0, 1.0], "prefetch_depth": [1, 3]}
     if cfg.tuner.objective == "measure":
         space["expert_kernel"] = list(KERNELS)
@@ -71,7 +74,7 @@ def search_space(cfg: RunConfig, spec: ModelSpec) -> dict[str, Any]:
     return space
 
 
-def max_resident_experts(cfg: RunConfig, spec: ModelSpec) -> int:
+def max_resident_experts(cfg: RunConfig, spec: ModelSpec, lengths: Sequence[int] | None = None) -> int:
     """The most resident experts per layer that the GPU budget holds under the least GPU memory any trial
     can ask for (one sequence, attention and the KV cache on the CPU, the smallest MXFP4 scratch, the
     searched kernel that needs least): every trial above it would be pruned (on a T4, Mixtral-8x7B cannot
@@ -100,9 +103,9 @@ def max_resident_experts(cfg: RunConfig, spec: ModelSpec) -> int:
             for kernel in kernels:
                 p = dataclasses.replace(least, expert_gpu_fraction=r / E, expert_kernel=kernel)
                 if layout is None:
-                    plan, budget = memory_plan(spec, p, cfg.workload, paged=paged), cfg.hardware
+                    plan, budget = memory_plan(spec, p, cfg.workload, paged=paged, lengths=lengths), cfg.hardware
                 else:
-                    _, plan, budget = fits_layout(spec, cfg, p, layout, paged)
+                    _, plan, budget = fits_layout(spec, cfg, p, layout, paged, lengths)
                 if plan.gpu_total_bytes <= budget.gpu_budget_bytes:
                     return True
         return False
@@ -115,11 +118,11 @@ def searches_dequant(cfg: RunConfig, spec: ModelSpec) -> bool:
     return spec.expert_format == "mxfp4" and cfg.hardware.gpu.count == 1 and cfg.parallel.expert == 1
 
 
-def study_identity(cfg: RunConfig, spec: ModelSpec) -> tuple[str, dict[str, Any]]:
+def study_identity(cfg: RunConfig, spec: ModelSpec, lengths: Sequence[int] | None = None) -> tuple[str, dict[str, Any]]:
     """(study name, fingerprint fields). The default name ends with the fingerprint's first 10 digits."""
     from moe_lightning.tuner.identity import digest, study_fields
 
-    fields = study_fields(cfg, spec, search_space(cfg, spec))
+    fields = study_fields(cfg, spec, search_space(cfg, spec, lengths))
     if cfg.tuner.study_name:
         return cfg.tuner.study_name, fields
     name = f"{cfg.system.name}-{cfg.model.name}-{cfg.hardware.name}-{cfg.workload.name}-{cfg.tuner.objective}"
@@ -168,7 +171,7 @@ def shown_url(url: str) -> str:
         return url
 
 
-def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
+def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0, lengths: Sequence[int] | None = None):
     """Create the study, or resume it if its fingerprint equals this config's (else one-line refusal).
     `worker`: which of the tune's processes opens it (0 the main one). Samplers of one seed draw the same
     random start-up trials, so parallel workers, a resumed tune after its first run, and two tune commands
@@ -184,7 +187,7 @@ def open_study(cfg: RunConfig, spec: ModelSpec, worker: int = 0):
     from moe_lightning.tuner.processes import trial_gate
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    name, fields = study_identity(cfg, spec)
+    name, fields = study_identity(cfg, spec, lengths)
     url = storage_url(cfg, name)
     heartbeat = max(1, int(cfg.tuner.heartbeat_s))
     try:
@@ -476,7 +479,7 @@ def trial_layout(params: dict[str, Any], cfg: RunConfig):
     return dataclasses.replace(cfg.parallel, tensor=T, expert=cfg.hardware.gpu.count // T)
 
 
-def study_layout(cfg: RunConfig, spec: ModelSpec):
+def study_layout(cfg: RunConfig, spec: ModelSpec, lengths: Sequence[int] | None = None):
     """Several GPUs: the T x E layout a simulated study searches policies for, `parallel.tensor` x
     `parallel.expert` when given, else the HRM plan's (its policy is searched, not its layout); None on one
     GPU."""
@@ -488,11 +491,13 @@ def study_layout(cfg: RunConfig, spec: ModelSpec):
     from moe_lightning.tuner.optimizer import optimize
 
     workload = dataclasses.replace(cfg.workload, num_requests=max_batch(cfg))
-    chosen = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system), parallel=cfg.parallel).parallel
+    chosen = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system), lengths=lengths,
+                      parallel=cfg.parallel).parallel
     return dataclasses.replace(cfg.parallel, tensor=chosen.tensor, expert=chosen.expert)
 
 
-def fits_layout(spec: ModelSpec, cfg: RunConfig, policy: Policy, layout, paged: bool):
+def fits_layout(spec: ModelSpec, cfg: RunConfig, policy: Policy, layout, paged: bool,
+                lengths: Sequence[int] | None = None):
     """(the policy rounded to whole expert groups, its memory plan: one rank's, the budget it is checked
     against)."""
     from moe_lightning.memory import memory_plan
@@ -505,22 +510,25 @@ def fits_layout(spec: ModelSpec, cfg: RunConfig, policy: Policy, layout, paged: 
         mu = min(n, -(-policy.micro_batch_size // E) * E)
         policy = dataclasses.replace(policy, batch_size=n, micro_batch_size=mu)
     plan = memory_plan(view.spec, view.policy(policy), view.workload(cfg.workload), paged=paged,
-                       lengths=view.lengths(cfg.workload, None))
+                       lengths=view.lengths(cfg.workload, lengths))
     return policy, plan, view.hw
 
 
-def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None) -> list[Policy]:
+def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None, lengths: Sequence[int] | None = None) -> list[Policy]:
     """The HRM optimum first, then feasible neighbours (N halved/doubled, one micro-batch more or
     fewer, one resident expert more or fewer, attention moved)."""
     from moe_lightning.memory import memory_plan
-    from moe_lightning.tuner.optimizer import optimize
+    from moe_lightning.systems import paged_kv
+    from moe_lightning.tuner.optimizer import FFN_ON_GPU, optimize
 
     workload = dataclasses.replace(cfg.workload, num_requests=max_batch(cfg))
-    from moe_lightning.systems import paged_kv
 
-    layout = layout or study_layout(cfg, spec)
-    top = max_resident_experts(cfg, spec)   # the search space's bound: a neighbour above it is never sampled
-    plan = optimize(spec, cfg.hardware, workload, paged_kv=paged_kv(cfg.system), parallel=layout or cfg.parallel)
+    layout = layout or study_layout(cfg, spec, lengths)
+    top = max_resident_experts(cfg, spec, lengths)   # the search space's bound: a neighbour above it is never sampled
+    # On the placements the engine runs (the MoE FFN on the GPU), as task=plan plans by default: every trial
+    # runs the FFN on the GPU, and the optimum over the others would be no trial's.
+    plan = optimize(spec, cfg.hardware, workload, placements=FFN_ON_GPU, paged_kv=paged_kv(cfg.system),
+                    lengths=lengths, parallel=layout or cfg.parallel)
     best = dataclasses.replace(cfg.policy, **{f.name: getattr(plan.policy, f.name)
                                               for f in dataclasses.fields(Policy)
                                               if f.name in ("batch_size", "micro_batch_size", "attn_on_gpu",
@@ -539,18 +547,19 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None) -> list[Policy]:
         p = dataclasses.replace(best, batch_size=n2, micro_batch_size=math.ceil(n2 / m2),
                                 expert_gpu_fraction=r2 / E, attn_on_gpu=attn)
         if layout is not None:
-            p, mem, budget = fits_layout(spec, cfg, p, layout, paged_kv(cfg.system))
+            p, mem, budget = fits_layout(spec, cfg, p, layout, paged_kv(cfg.system), lengths)
             if mem.fits(budget) and p not in candidates:
                 candidates.append(p)
-        elif memory_plan(spec, p, cfg.workload, paged=paged_kv(cfg.system)).fits(cfg.hardware) and p not in candidates:
+        elif (memory_plan(spec, p, cfg.workload, paged=paged_kv(cfg.system), lengths=lengths).fits(cfg.hardware)
+              and p not in candidates):
             candidates.append(p)
     return candidates[: 1 + cfg.tuner.neighbours]
 
 
-def seed_study(study, cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
+def seed_study(study, cfg: RunConfig, spec: ModelSpec, lengths: Sequence[int] | None = None) -> list[Policy]:
     measured = cfg.tuner.objective == "measure"
-    layout = study_layout(cfg, spec)   # several GPUs: the HRM's T x E (or the given one)
-    seeds = seed_policies(cfg, spec, layout)
+    layout = study_layout(cfg, spec, lengths)   # several GPUs: the HRM's T x E (or the given one)
+    seeds = seed_policies(cfg, spec, layout, lengths)
     searched = {"tensor": layout.tensor} if searched_tensor(cfg, spec) else {}
     for i, p in enumerate(seeds):
         study.enqueue_trial(policy_params(p, spec, measured, searches_dequant(cfg, spec)) | searched,
@@ -562,7 +571,8 @@ def seed_study(study, cfg: RunConfig, spec: ModelSpec) -> list[Policy]:
 # objective
 
 
-def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] | None = None):
+def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] | None = None,
+              lengths: Sequence[int] | None = None):
     """The function Optuna calls per trial: -> tokens/s (or tokens/s, peak GPU bytes)."""
     import optuna
 
@@ -570,7 +580,7 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
     from moe_lightning.systems import paged_kv
 
     layouts: list = []   # several GPUs with no layout searched: the study's, found once per worker
-    space = search_space(cfg, spec)   # its bounds, computed once per worker
+    space = search_space(cfg, spec, lengths)   # its bounds, computed once per worker
 
     def run(trial) -> float | tuple[float, float]:
         params = suggest(trial, cfg, spec, space)
@@ -582,14 +592,14 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
         layout = trial_layout(params, cfg)
         if layout is None:
             if not layouts:
-                layouts.append(study_layout(cfg, spec))
+                layouts.append(study_layout(cfg, spec, lengths))
             layout = layouts[0]
         budget = cfg.hardware
         if layout is not None:
-            policy, plan, budget = fits_layout(spec, cfg, policy, layout, paged_kv(cfg.system))
+            policy, plan, budget = fits_layout(spec, cfg, policy, layout, paged_kv(cfg.system), lengths)
             trial.set_user_attr("parallel", dataclasses.asdict(layout))
         else:
-            plan = memory_plan(spec, policy, cfg.workload, paged=paged_kv(cfg.system))
+            plan = memory_plan(spec, policy, cfg.workload, paged=paged_kv(cfg.system), lengths=lengths)
         trial.set_user_attr("policy", dataclasses.asdict(policy))
         if not plan.fits(budget):
             reason = plan.describe(budget)
@@ -598,7 +608,7 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
             raise optuna.TrialPruned(reason)
         trial_cfg = dataclasses.replace(cfg, policy=policy)
         if cfg.tuner.objective == "simulate":
-            sim = simulate_trial(trial_cfg, spec, layout)
+            sim = simulate_trial(trial_cfg, spec, layout, lengths)
             tok_s, peak = sim.throughput_tok_s, plan.gpu_total_bytes
             # the run document's metrics when this trial is the best: prefill, decode, tokens ... as simulated,
             # the memory as planned (what task=simulate reports)
@@ -655,11 +665,11 @@ def measure_trial(cfg: RunConfig) -> tuple[dict, int]:
     return best, len(docs)
 
 
-def simulate_trial(cfg: RunConfig, spec: ModelSpec, layout=None):
-    """The simulator's run of the trial's policy (`SimResult`)."""
+def simulate_trial(cfg: RunConfig, spec: ModelSpec, layout=None, lengths: Sequence[int] | None = None):
+    """The simulator's run of the trial's policy (`SimResult`) over the prompts' lengths."""
     from moe_lightning.tuner.simulator import simulate_run
 
-    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy, parallel=layout)
+    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy, lengths, parallel=layout)
 
 
 # ------------------------------------------------------------------------------------------------

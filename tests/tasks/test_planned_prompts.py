@@ -1,0 +1,56 @@
+"""Every planning entry point plans a prompts file's run at the file's real lengths in tokens (workload=jsonl's
+own lengths, 1 request of 1 token, are placeholders): task=plan, task=bench task.plan=true and task=tune's
+HRM seed give one plan, and the tune searches and simulates the file's requests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.tuner.test_tune_processes import cli_env, tune_args
+
+PLANNED = ("batch_size", "micro_batch_size", "attn_on_gpu", "ffn_on_gpu", "expert_gpu_fraction", "kv_gpu_fraction",
+           "prefetch_depth")
+LENGTHS = [300 + 20 * i for i in range(12)]   # far from the placeholders and from the synthetic defaults
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory, tiny_path) -> tuple[tuple[str, ...], dict]:
+    """(the workload overrides, task=plan's run document) for a prompts file of LENGTHS."""
+    folder = tmp_path_factory.mktemp("plan")
+    prompts = folder / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": [5 + i % 7] * n}) + "\n" for i, n in enumerate(LENGTHS)))
+    workload = ("workload=jsonl", f"workload.path={prompts}", "workload.gen_len=2")
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=plan", *workload,
+                        f"hydra.run.dir={folder / 'h'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((folder / "h" / "run.json").read_text())
+    assert plan["workload"]["num_requests"] == 12 and plan["policy"]["batch_size"] > 1   # not the placeholder's
+    return workload, plan
+
+
+def test_bench_runs_task_plans_plan_for_a_prompts_file(tmp_path, planned):
+    workload, plan = planned
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=bench", "system=cgopipe", "task.plan=true",
+                        "task.repeats=1", "task.warmup_tokens=1", "task.min_repeat_s=0", "task.progress=false",
+                        *workload, f"hydra.run.dir={tmp_path / 'h'}"], capture_output=True, text=True, timeout=300,
+                       env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    bench = json.loads((tmp_path / "h" / "run.json").read_text())
+    assert {k: bench["policy"][k] for k in PLANNED} == {k: plan["policy"][k] for k in PLANNED}
+    assert bench["prediction"]["hrm_tok_s"] == plan["prediction"]["hrm_tok_s"]   # predicted for the file too
+
+
+def test_tune_seeds_task_plans_plan_and_simulates_the_prompts_file(tmp_path, planned):
+    workload, plan = planned
+    r = subprocess.run(tune_args(tmp_path, "prompts", "tuner.objective=simulate", "tuner.n_trials=1", *workload),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tune = json.loads((tmp_path / "h" / "run.json").read_text())
+    assert tune["workload"]["num_requests"] == 12 and tune["workload"]["prompt_len_max"] == max(LENGTHS)
+    # the simulated trial ran the file's 12 requests of 2 tokens each, not the placeholder's one
+    assert tune["metrics"]["generated_tokens"] == 12 * 2
+    assert {k: tune["extra"]["hrm_plan"]["policy"][k] for k in PLANNED} == {k: plan["policy"][k] for k in PLANNED}
