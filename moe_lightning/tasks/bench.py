@@ -100,8 +100,9 @@ def format_bench(report: RunReport) -> str:
                                    ("decode_step_s", "decode step ms", 1e3, ".2f")):
         sp = m.spread.get(key)
         if sp and sp.n:
+            stdev = "-" if sp.stdev is None else f"{sp.stdev * scale:{fmt}}"   # one value: no spread
             lines.append(f"  {label:<15} median {sp.median * scale:{fmt}}  mean {sp.mean * scale:{fmt}}  "
-                         f"stdev {sp.stdev * scale:{fmt}}  min {sp.min * scale:{fmt}}  p90 {sp.p90 * scale:{fmt}}  "
+                         f"stdev {stdev}  min {sp.min * scale:{fmt}}  p90 {sp.p90 * scale:{fmt}}  "
                          f"(n {sp.n}, measured)")
     threads = report.environment.get("threads", {})
     host = report.environment.get("host_load", {})

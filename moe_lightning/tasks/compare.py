@@ -398,21 +398,24 @@ def _add_ratios(rows: list[dict]) -> None:
         paired = _paired_ratios(r, best) if ok and r is not best else None
         if paired:
             mean, lo, hi = paired_interval(paired)
-            r["ratio_rounds"] = {**Spread.of(paired).to_dict(), "geometric_mean": mean, "ci95": [lo, hi]}
+            r["ratio_rounds"] = {**Spread.of(paired).to_dict(), "geometric_mean": mean,
+                                 "ci95": [lo, hi] if len(paired) > 1 else None}   # one round: no interval
             r["ratio_to_best_baseline"] = mean
-        r["ratio_within_noise"] = bool(ok and r is not best and _within_noise(r, best))
+        # None: one repeat each, so this machine's noise is unknown (not: beyond it)
+        r["ratio_within_noise"] = _within_noise(r, best) if ok and r is not best else False
     # The fastest system, and those this machine cannot tell from it: a comparison names a winner only
     # as far as its measurements can back one.
     ok = [r for r in rows if r["status"] == "ok"]
     fastest = max(ok, key=lambda r: r["throughput_tok_s"]) if ok else None
     for r in rows:
         r["fastest"] = r is fastest
-        r["ties_fastest"] = bool(r in ok and r is not fastest and _within_noise(r, fastest))
+        r["ties_fastest"] = _within_noise(r, fastest) if r in ok and r is not fastest else False
 
 
-def _within_noise(a: dict, b: dict) -> bool:
+def _within_noise(a: dict, b: dict) -> bool | None:
     """Can this machine not tell a from b? Interleaved: the 95% interval of a's per-round ratio to b holds
-    1; else their measured ranges overlap."""
+    1; else their measured ranges overlap. None when it cannot say: a single repeat has no spread (a
+    range of one point is not a steady run)."""
     paired = _paired_ratios(a, b)
     if paired and len(paired) > 1:
         _, lo, hi = paired_interval(paired)
@@ -446,9 +449,9 @@ def _paired_ratios(a: dict, b: dict) -> list[float] | None:
     return [p / q for p, q in zip(x, y) if q > 0] or None
 
 
-def _ranges_overlap(a: dict, b: dict) -> bool:
+def _ranges_overlap(a: dict, b: dict) -> bool | None:
     if a.get("throughput_min") is None or b.get("throughput_min") is None:
-        return False
+        return None   # a system timed once (or simulated) has no range
     return a["throughput_min"] <= b["throughput_max"] and b["throughput_min"] <= a["throughput_max"]
 
 
@@ -469,6 +472,8 @@ def markdown_table(rows: list[dict], title: str) -> str:
         ratio = f"{r['ratio_to_best_baseline']:.2f}x" if r["ratio_to_best_baseline"] else "-"
         if r["ratio_within_noise"]:
             ratio += " (within noise)"
+        elif r["ratio_within_noise"] is None and r["kind"] == "measured":
+            ratio += " (noise unknown)"
         shown = r["throughput_shown"] + (" NOISY" if r["noisy"] else "")
         est = " (est.)" if r["link_bytes_estimated"] else ""
         lines.append(f"| {r['system']} | {r['kind']} | {r['where']} | {shown} | {ratio} | {r['decode_tok_s']:.2f} "
@@ -490,9 +495,12 @@ def markdown_table(rows: list[dict], title: str) -> str:
     fastest = next((r for r in rows if r.get("fastest")), None)
     if fastest is not None and fastest["kind"] == "measured":
         ties = [r["system"] for r in rows if r.get("ties_fastest")]
+        unknown = [r["system"] for r in rows if r["status"] == "ok" and r.get("ties_fastest") is None]
         lines.append(f"Fastest here: {fastest['system']}" + (
             f"; {', '.join(ties)} within this machine's noise of it (no winner among them)" if ties else
-            ", beyond this machine's noise"))
+            "" if unknown else ", beyond this machine's noise") + (
+            f"; against {', '.join(unknown)} this machine's noise is unknown (one timed repeat: no spread; "
+            "task.repeats=2 or more tells)" if unknown else ""))
     noisy = [r for r in rows if r.get("noisy")]
     for r in noisy:
         lines.append(f"NOISY {r['system']}: {r['noise']}")
