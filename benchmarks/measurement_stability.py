@@ -101,7 +101,8 @@ def repeatability(k: int, tmp: Path) -> dict:
                      "host_floor_calls_s": [round(v, 2) for v in floor], "host_floor_cv": cv(floor)}
         print(f"[repeatability] {case} x{k}: " + ", ".join(f"{v:.1f}" for v in values)
               + f" tok/s -> cv {out[case]['cv']:.1%} across runs (within runs: "
-              + ", ".join("-" if c is None else f"{c:.1%}" for c in inner) + f"); the host's floor, a fixed workload timed alike in a "
+              + ", ".join("-" if c is None else f"{c:.1%}" for c in inner)
+              + f"); the host's floor, a fixed workload timed alike in a "
               f"fresh process before each run: cv {cv(floor):.1%}", flush=True)
     return out
 

@@ -79,7 +79,7 @@ class Metrics:
     decode_s: float = 0.0
     generated_tokens: int = 0
     decode_step_median_s: float | None = 0.0   # None: no decode step (one token per request)
-    decode_tok_s: float = 0.0           # generated tokens after the first / decode time
+    decode_tok_s: float | None = 0.0    # generated tokens after the first / decode time; None: no decode step
     peak_gpu_bytes: int = 0
     peak_cpu_bytes: int = 0
     link_bytes: dict[str, int] = field(default_factory=lambda: {"h2d": 0, "d2h": 0})   # one pass's, as the tokens
@@ -122,10 +122,10 @@ class RunReport:
         return d
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=False, default=str)
-        if path is not None:
-            from moe_lightning.files import atomic_write
+        from moe_lightning.files import atomic_write, json_text
 
+        text = json_text(self.to_dict(), indent=2, sort_keys=False, default=str)
+        if path is not None:
             atomic_write(path, text + "\n")
         return text
 

@@ -517,6 +517,11 @@ CASES = [
     Case("compare-beside-a-system", ("system=flexgen",), "system=flexgen: task=compare runs the systems of "
          "task.systems", task="compare"),
     Case("compare-with-a-trace", ("trace=true",), "trace=true: task=compare does not trace", task="compare"),
+    # A comparison of one system is its ratio to itself: at least two, each listed once
+    Case("compare-one-system", ("task.systems=[reference]",), "task=compare needs at least two distinct systems",
+         task="compare"),
+    Case("compare-a-system-twice", ("task.systems=[cgopipe,flexgen,flexgen]",), "flexgen is listed twice",
+         task="compare"),
     Case("tune-beside-a-searched-field", ("tuner.objective=simulate", "policy.kv_gpu_fraction=0.5"),
          "policy.kv_gpu_fraction=0.5: task=tune searches it", task="tune", base=TUNE),
     # Reports

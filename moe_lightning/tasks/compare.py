@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from moe_lightning.config import GB, Policy, check_repeats, check_warmup, refuse_ignored_fields
 from moe_lightning.errors import ConfigError, MoELightningError
-from moe_lightning.files import atomic_open, atomic_write
+from moe_lightning.files import atomic_open, atomic_write, json_text
 from moe_lightning.report import RunReport, Spread
 
 if TYPE_CHECKING:
@@ -84,13 +83,20 @@ class CompareTask:
             raise ConfigError(f"task.mode: got {self.mode!r}; accepted: measure, simulate")
         check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s)
         check_warmup(self.warmup_tokens, "task")
+        listed = f"task.systems=[{','.join(map(str, self.systems))}]"
+        twice = [s for s in dict.fromkeys(self.systems) if self.systems.count(s) > 1]
+        if twice:
+            raise ConfigError(f"{listed}: {twice[0]} is listed twice; list each system once")
+        if len(self.systems) < 2:   # the table's ratios would be of a system to itself
+            raise ConfigError(f"{listed}: task=compare needs at least two distinct systems, e.g. "
+                              "'task.systems=[cgopipe,flexgen]' (task=bench system=NAME measures one)")
 
     def run(self, cfg: RunConfig, given: dict[str, Policy] | None = None) -> RunReport:
         """Compare the systems; those named in `given` run that policy (task=tune: the tuned one)."""
         from moe_lightning.systems import SYSTEM_CONFIGS
 
         given = given or {}
-        systems = list(dict.fromkeys(self.systems))
+        systems = list(self.systems)
         if self.policy_source == "auto" and any(s not in given for s in systems):
             refuse_ignored_fields(cfg.policy, "with task.policy_source=auto each system chooses its own batching "
                                   "and placement",
@@ -132,7 +138,7 @@ class CompareTask:
         table = markdown_table(rows, title)
         atomic_write(run_dir / "comparison.md", table + "\n")
         write_csv(run_dir / "comparison.csv", rows)
-        document = json.dumps(rows, indent=2) + "\n"
+        document = json_text(rows, indent=2) + "\n"
         atomic_write(run_dir / "comparison.json", document)
         if cfg.out:   # the comparison document, as comparison.json
             atomic_write(cfg.out, document)
@@ -476,7 +482,8 @@ def markdown_table(rows: list[dict], title: str) -> str:
             ratio += " (noise unknown)"
         shown = r["throughput_shown"] + (" NOISY" if r["noisy"] else "")
         est = " (est.)" if r["link_bytes_estimated"] else ""
-        lines.append(f"| {r['system']} | {r['kind']} | {r['where']} | {shown} | {ratio} | {r['decode_tok_s']:.2f} "
+        decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.2f}"
+        lines.append(f"| {r['system']} | {r['kind']} | {r['where']} | {shown} | {ratio} | {decode} "
                      f"| {r['policy']} | {r['peak_gpu_bytes'] / GiB:.3f} | {r['peak_cpu_bytes'] / GiB:.3f} "
                      f"| {r['link_h2d_bytes'] / GB:.3f} / {r['link_d2h_bytes'] / GB:.3f}{est} |")
     kinds = sorted({r["kind"] for r in rows if r["status"] == "ok"})

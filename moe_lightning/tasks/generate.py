@@ -251,7 +251,8 @@ def measured_metrics(results: list, max_cv: float, host=None) -> Metrics:
     return Metrics(
         throughput_tok_s=spread["throughput_tok_s"].median, prefill_s=spread["prefill_s"].median,
         decode_s=mid.decode_s / mid.passes, generated_tokens=mid.generated_tokens,
-        decode_step_median_s=spread["decode_step_s"].median, decode_tok_s=mid.decode_tok_s,
+        decode_step_median_s=spread["decode_step_s"].median,   # None: no decode step (one token each)
+        decode_tok_s=mid.decode_tok_s if mid.decode_s else None,   # nothing to divide by then either
         kind="measured", repeats=len(results), spread=spread, noisy=bool(noise), noise=noise)
 
 

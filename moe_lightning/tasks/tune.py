@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -368,12 +367,12 @@ class TuneTask:
         return report
 
     def _report(self, cfg: RunConfig, study, spec, run_dir: Path, storage: str) -> RunReport:
-        from moe_lightning.files import atomic_write
+        from moe_lightning.files import atomic_write, json_text
         from moe_lightning.tuner.search import policy_from_params
 
         rows = trial_records(study)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(run_dir / "trials.jsonl", "".join(json_text(r) + "\n" for r in rows))
         best = best_trials(study, cfg.tuner.multi_objective)
         states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
         print(f"study {study.study_name}: {states['COMPLETE']} complete, {states['PRUNED']} pruned "
@@ -440,7 +439,10 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
     with its own policy rule, each system in its own process): task=compare's table."""
     from moe_lightning.tasks.compare import CompareTask
 
-    systems = [cfg.system.name, *[b for b in baselines if b != cfg.system.name]]
+    systems = list(dict.fromkeys([cfg.system.name, *baselines]))
+    if len(systems) < 2:
+        print(f"no comparison: task.baselines names no system other than {cfg.system.name}")
+        return []
     # A simulated tune is for hardware that may not be here: its comparison is simulated too.
     mode = "simulate" if cfg.tuner.objective == "simulate" else "measure"
     compare = CompareTask(systems=systems, mode=mode, max_cv=cfg.tuner.max_cv, progress=False)
