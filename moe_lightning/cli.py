@@ -326,6 +326,7 @@ def _run_job(cfg) -> None:
 
     from moe_lightning.errors import MoELightningError
 
+    logging.captureWarnings(True)   # warnings.warn: to the log file too (conf/hydra/job_logging), on stderr
     try:
         run_cfg = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
