@@ -266,3 +266,15 @@ def test_a_non_finite_number_is_refused_by_name_and_writes_nothing(tmp_path):
         _report(throughput_tok_s=float("inf")).to_json()
     assert (tmp_path / "run.json").read_text() == '{"earlier": "run document"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_sweep_jobs_never_replace_each_others_document(tmp_path):
+    """out= resolving to one file for every job of a sweep (an interpolation that does not name the job):
+    the second job is refused before its work, even with overwrite=true, and the first's document kept."""
+    r = cli("-m", "task=plan", "out=${task.name}.json", "overwrite=true", "workload.gen_len=5,6",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "plan.json: an earlier job of this sweep wrote it" in errors[0] and "1 of 2 sweep jobs failed" in errors[1]
+    assert json.loads((tmp_path / "plan.json").read_text())["workload"]["gen_len"] == 5
+    assert not (tmp_path / "sweep" / "1" / "run.json").exists()
