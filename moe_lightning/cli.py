@@ -22,6 +22,10 @@ log = logging.getLogger("moe_lightning")
 
 
 def fail(message: str, code: int = 2) -> None:
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:   # a torchrun rank: the line once, not per rank
+        from moe_lightning.launch import fail_once
+
+        fail_once(f"moe-lightning: error: {message}", code)
     print(f"moe-lightning: error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -32,11 +36,18 @@ def exit_interrupted(message: str, code: int) -> None:
     here; the shutdown itself is what can fail: it stops the engine's daemon worker threads wherever
     they are, and one caught inside a torch op aborts the process ("terminate called without an active
     exception", exit -6) instead of exiting 130/143."""
-    print(f"moe-lightning: error: {message}", file=sys.stderr)
+    if "WORLD_SIZE" not in os.environ or _says_interrupted():
+        print(f"moe-lightning: error: {message}", file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _says_interrupted() -> bool:
+    from moe_lightning.launch import interrupted_is_said_here
+
+    return interrupted_is_said_here()
 
 
 def group_options(group: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
@@ -374,6 +385,13 @@ def _run_job(cfg) -> None:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+    except Exception:
+        from moe_lightning.launch import another_rank_failed
+
+        if another_rank_failed():   # torchrun: a collective broke as that rank exited; its line is shown
+            logging.shutdown()
+            os._exit(1)
+        raise
 
 
 def check_ignored_overrides(cfg, overrides) -> None:
