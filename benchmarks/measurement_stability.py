@@ -97,11 +97,12 @@ def repeatability(k: int, tmp: Path) -> dict:
             values.append(m["throughput_tok_s"])
             inner.append(m["spread"]["throughput_tok_s"]["cv"])
         out[case] = {"tok_s": [round(v, 2) for v in values], "median": statistics.median(values), "cv": cv(values),
-                     "cv_within_each_run": [round(c, 4) for c in inner],
+                     "cv_within_each_run": [None if c is None else round(c, 4) for c in inner],   # one repeat: None
                      "host_floor_calls_s": [round(v, 2) for v in floor], "host_floor_cv": cv(floor)}
         print(f"[repeatability] {case} x{k}: " + ", ".join(f"{v:.1f}" for v in values)
               + f" tok/s -> cv {out[case]['cv']:.1%} across runs (within runs: "
-              + ", ".join(f"{c:.1%}" for c in inner) + f"); the host's floor, a fixed workload timed alike in a "
+              + ", ".join("-" if c is None else f"{c:.1%}" for c in inner)
+              + f"); the host's floor, a fixed workload timed alike in a "
               f"fresh process before each run: cv {cv(floor):.1%}", flush=True)
     return out
 

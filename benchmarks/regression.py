@@ -91,9 +91,12 @@ def measure(rounds: int, serial: bool, profiles: tuple | None = None) -> dict:
                                                       ("overlap", overlap), ("sim_relative_error", errors))}
     noise = []
     for key, name in (("cgopipe_tok_s", "CGOPipe"), ("reference_tok_s", "the reference engine")):
-        if spread[key]["cv"] > MAX_CV:
+        if spread[key]["cv"] is None:   # one round: no spread, so no steadiness to vouch for
+            noise.append(f"{name}'s throughput has no spread over {rounds} round")
+        elif spread[key]["cv"] > MAX_CV:
             noise.append(f"{name}'s throughput varies {spread[key]['cv']:.1%} over {rounds} rounds (> {MAX_CV:.0%})")
-    if spread["sim_relative_error"]["stdev"] > SIM_ERROR_SLACK / 2:
+    error_stdev = spread["sim_relative_error"]["stdev"]   # None: one round
+    if error_stdev is not None and error_stdev > SIM_ERROR_SLACK / 2:
         # The error is judged against the reference's with SIM_ERROR_SLACK of room: one that itself varies
         # by more than half of that from round to round says more about the host than the simulator.
         noise.append(f"the simulator's error varies by {spread['sim_relative_error']['stdev']:.3f} (stdev) over "
@@ -133,7 +136,8 @@ def judge(result: dict, ref: dict) -> tuple[list[str], list[str]]:
         problems.append(f"overlap {ov:.3f} < {floor:.3f} (reference {ref_ov:.3f}: the executor lost more than "
                         f"{1 - OVERLAP_KEEP:.0%} of its overlap; 1.0 is a serial executor)")
     err, ref_err = result["spread"]["sim_relative_error"]["median"], ref["spread"]["sim_relative_error"]
-    ceiling = ref_err["median"] + max(SIM_ERROR_SLACK, 3 * ref_err["stdev"])
+    # (a reference of one round has no stdev: the slack alone)
+    ceiling = ref_err["median"] + max(SIM_ERROR_SLACK, 3 * (ref_err["stdev"] or 0.0))
     if result["noise"]:
         inconclusive.append(f"simulator error {err:.3f} not judged: {'; '.join(result['noise'])}")
     elif err > ceiling:

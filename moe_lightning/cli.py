@@ -22,6 +22,10 @@ log = logging.getLogger("moe_lightning")
 
 
 def fail(message: str, code: int = 2) -> None:
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:   # a torchrun rank: the line once, not per rank
+        from moe_lightning.launch import fail_once
+
+        fail_once(f"moe-lightning: error: {message}", code)
     print(f"moe-lightning: error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -32,11 +36,18 @@ def exit_interrupted(message: str, code: int) -> None:
     here; the shutdown itself is what can fail: it stops the engine's daemon worker threads wherever
     they are, and one caught inside a torch op aborts the process ("terminate called without an active
     exception", exit -6) instead of exiting 130/143."""
-    print(f"moe-lightning: error: {message}", file=sys.stderr)
+    if "WORLD_SIZE" not in os.environ or _says_interrupted():
+        print(f"moe-lightning: error: {message}", file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _says_interrupted() -> bool:
+    from moe_lightning.launch import interrupted_is_said_here
+
+    return interrupted_is_said_here()
 
 
 def group_options(group: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
@@ -326,6 +337,7 @@ def _run_job(cfg) -> None:
 
     from moe_lightning.errors import MoELightningError
 
+    logging.captureWarnings(True)   # warnings.warn: to the log file too (conf/hydra/job_logging), on stderr
     try:
         run_cfg = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
@@ -343,7 +355,7 @@ def _run_job(cfg) -> None:
 
     install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
     try:
-        lock = check_outputs(run_cfg)
+        locks = check_outputs(run_cfg)
         try:
             if run_cfg.task.name not in ("plan", "simulate", "report"):   # tasks that run on the device
                 from moe_lightning.systems import resolve_device
@@ -367,12 +379,19 @@ def _run_job(cfg) -> None:
                 fail(f"out of memory: {str(exc).splitlines()[0]} (lower policy.batch_size or "
                      "policy.micro_batch_size, or run task=plan for a policy that fits)", 3)
         finally:
-            if lock is not None:   # after the outputs' final rename, or the part file's last row
+            for lock in locks:   # after the documents' final rename, or the part file's last row
                 lock.release()
     except MoELightningError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+    except Exception:
+        from moe_lightning.launch import another_rank_failed
+
+        if another_rank_failed():   # torchrun: a collective broke as that rank exited; its line is shown
+            logging.shutdown()
+            os._exit(1)
+        raise
 
 
 def check_ignored_overrides(cfg, overrides) -> None:
@@ -438,11 +457,12 @@ def finish_logger(cfg, report) -> None:
         cfg.logger.log_image(png.stem, png)
 
 
-def check_outputs(cfg) -> OutputLock | None:
+def check_outputs(cfg) -> list[OutputLock]:
     """Before any work: `out=` and `outputs=` must be writable files that are not inputs of the run and
-    do not exist yet (unless overwrite=true); an interrupted run's part file is resumed or replaced only
-    when asked. -> generate's lock on `outputs=` (files.OutputLock; None without outputs=), taken first:
-    a second run writing the same outputs is refused before it reads or writes any of them."""
+    do not exist yet (unless overwrite=true), nor written by an earlier job of this sweep; an interrupted
+    run's part file is resumed or replaced only when asked. -> the locks on `outputs=` and `out=`
+    (files.OutputLock), taken first: a second run writing the same file is refused before it reads or
+    writes any of it, and cannot replace this run's document as it finishes."""
     from moe_lightning.errors import ConfigError
     from moe_lightning.files import lock_output
     from moe_lightning.tasks.report import REPORT_SUFFIXES
@@ -458,16 +478,48 @@ def check_outputs(cfg) -> OutputLock | None:
     if cfg.out and cfg.task.name == "report" and Path(cfg.out).suffix not in REPORT_SUFFIXES:
         raise ConfigError(f"out={cfg.out}: task=report writes its table as markdown or CSV; give a path ending "
                           f"in {' or '.join(REPORT_SUFFIXES)}")
-    # Of a torchrun job's ranks, rank 0 writes the outputs (the others would find its lock taken).
-    writer = cfg.outputs and cfg.task.name == "generate" and os.environ.get("RANK", "0") == "0"
-    lock = lock_output(cfg.outputs, key="outputs") if writer else None
+    # Of a torchrun job's ranks, rank 0 writes the outputs and the document (the others would find its locks).
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if cfg.out and cfg.outputs and Path(cfg.out).resolve() == Path(cfg.outputs).resolve():
+        raise ConfigError(f"out and outputs name the same file ({cfg.out}); give two paths")
+    named = {"outputs": cfg.outputs if cfg.task.name == "generate" else None, "out": cfg.out}
+    written = {key: Path(value).resolve() for key, value in named.items() if value and rank0}
+    locks: list[OutputLock] = []
     try:
+        for key, path in written.items():
+            if path in _sweep_written:
+                raise ConfigError(f"{key}={named[key]}: an earlier job of this sweep wrote it; give each job its "
+                                  "own path (one with ${hydra:job.num} in it, say)")
+            locks.append(lock_output(named[key], key=key))
         _check_output_paths(cfg)
     except BaseException:
-        if lock is not None:
+        for lock in locks:
             lock.release()
         raise
-    return lock
+    _sweep_written.update(written.values())
+    return locks
+
+
+# The files out= and outputs= name for the jobs this process ran so far: a sweep's jobs each write their own.
+_sweep_written: set[Path] = set()
+
+
+def check_sweep_outputs(args: list[str]) -> None:
+    """A multirun whose out= or outputs= is one fixed path: every job would write that file, each
+    replacing the one before (or, without overwrite=true, every job after the first refused after the
+    first one's work). Refused before any job runs; a path per job (an interpolation, a sweep) is not."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from moe_lightning.errors import ConfigError
+
+    if not any(a in ("-m", "--multirun") for a in args):
+        return
+    plain, _ = split_args(args)
+    for o, text in zip(OverridesParser.create().parse_overrides(plain), plain):
+        if o.key_or_group in ("out", "outputs") and o.value() and not o.is_sweep_override() and "${" not in text:
+            raise ConfigError(f"{text}: every job of this multirun would write it, each replacing the last; drop "
+                              f"it (each job writes its documents in its own folder), or give each job its own "
+                              f"path: {o.key_or_group}='runs/x-${{hydra:job.num}}{Path(str(o.value())).suffix}'")
 
 
 def _check_output_paths(cfg) -> None:
@@ -485,8 +537,6 @@ def _check_output_paths(cfg) -> None:
         if cfg.resume and not part.exists() and Path(cfg.outputs).is_file():
             raise ConfigError(f"outputs={cfg.outputs} is complete (no {part.name} to resume); nothing to do")
     named = {key: getattr(cfg, key) for key in ("out", "outputs") if getattr(cfg, key)}
-    if len(named) == 2 and Path(named["out"]).resolve() == Path(named["outputs"]).resolve():
-        raise ConfigError(f"out and outputs name the same file ({named['out']}); give two paths")
     for key, value in named.items():
         check_output_path(value, key=key, overwrite=cfg.overwrite, inputs=(cfg.workload.path,))
     check_run_folder(cfg.run_dir, cfg)
@@ -524,7 +574,12 @@ def check_reused_run_dir(args: list[str]) -> None:
     given = [a.split("=", 1)[1] for a in plain if a.split("=", 1)[0].lstrip("+") == "hydra.run.dir"]
     if not given or "${" in given[-1]:
         return   # the default folder carries the time and the process id: always a new one
-    check_run_folder(given[-1], compose_each(args, [plain])[0])
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        check_run_folder(given[-1], compose_each(args, [plain])[0])
+    except InterpolationResolutionError:   # out=...${hydra:...}: resolved in the job, which checks the folder
+        return
 
 
 MODES = {"-m": "--multirun", "--multirun": "--multirun", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info",
@@ -572,6 +627,7 @@ def _main() -> None:
         check_overrides(sys.argv[1:])
         register()
         check_composes(sys.argv[1:])
+        check_sweep_outputs(sys.argv[1:])
         check_reused_run_dir(sys.argv[1:])
     except ConfigError as exc:
         fail(str(exc))

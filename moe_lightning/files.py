@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import math
 import os
 import secrets
 import stat
@@ -85,6 +87,33 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, encoding: str = "ut
                      **({} if isinstance(data, bytes) else {"encoding": encoding})) as f:
         f.write(data)
     return Path(path)
+
+
+def json_text(obj: object, **kwargs) -> str:
+    """json.dumps for an artefact: strict JSON. Python would write NaN and Infinity as bare `NaN` /
+    `Infinity`, which most JSON readers (jq, JavaScript, Go, Rust's serde) refuse; a value that has no
+    number (a ratio over zero, the stdev of one value) is None upstream, with its reason. One that slips
+    through is refused here, by name, before anything is written."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        where = _non_finite(obj)
+        if where is None:
+            raise
+        raise WriteError(f"cannot write a JSON document: {where[0] or 'the value'} is {where[1]}, which JSON has no "
+                         "number for (a bug: it should be null, with the reason beside it)") from None
+
+
+def _non_finite(value: object, path: str = "") -> tuple[str, float] | None:
+    """(the dotted path, the value) of the first NaN or infinity in a JSON-able tree."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def check_output_path(path: str | os.PathLike, *, key: str, overwrite: bool,

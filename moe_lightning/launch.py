@@ -39,6 +39,90 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+# Under torchrun every rank is a whole CLI process: a refusal that every rank hits (a bad override, a
+# policy that fits no rank's budget) would be printed once per rank. Each failing rank posts its line in
+# torchrun's agent store (hosted by the agent, so it outlives the ranks) and prints it only if no lower
+# rank failed: rank 0 at once, another rank after waiting up to FAIL_GRACE_S for a lower one to post.
+FAIL_GRACE_S = 5.0
+
+
+def _agent_store():
+    """A client of torchrun's agent store, or None (not under torchrun, or the store cannot be reached)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
+        return None
+    try:
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        return TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]), is_master=False,
+                        timeout=timedelta(seconds=5))
+    except Exception:  # noqa: BLE001 - no store: every rank says its own line, as before
+        return None
+
+
+def _failed_key(rank: int) -> str:
+    return (f"moe_lightning/failed/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}")
+
+
+def _lower_rank_failed(store, rank: int) -> bool:
+    try:
+        return any(store.check([_failed_key(q)]) for q in range(rank))
+    except Exception:  # noqa: BLE001 - the agent is gone: nobody else will say it
+        return False
+
+
+def fail_once(line: str, code: int) -> None:
+    """Print a torchrun rank's error `line` unless a lower rank failed too (that one's line is shown), then
+    exit with `code`."""
+    rank = int(os.environ.get("RANK", "0"))
+    store = _agent_store() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(_failed_key(rank), line)
+    if store is None or rank == 0:
+        print(line, file=sys.stderr)
+        sys.exit(code)
+    import signal
+    import time
+
+    def finish(*_) -> None:   # also on the agent's SIGTERM: it stops the ranks once one has exited
+        if not _lower_rank_failed(store, rank):
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(code)
+
+    signal.signal(signal.SIGTERM, finish)
+    signal.signal(signal.SIGINT, finish)
+    deadline = time.monotonic() + FAIL_GRACE_S
+    while time.monotonic() < deadline and not _lower_rank_failed(store, rank):
+        time.sleep(0.1)
+    finish()
+
+
+def another_rank_failed() -> bool:
+    """Under torchrun: has another rank posted its error line? (Then this rank's own trouble, a collective
+    that broke as that rank exited or the agent's SIGTERM, is a consequence, not news.)"""
+    if not under_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False
+    store, rank = _agent_store(), int(os.environ["RANK"])
+    if store is None:
+        return False
+    try:
+        return any(store.check([_failed_key(q)]) for q in range(int(os.environ["WORLD_SIZE"])) if q != rank)
+    except Exception:  # noqa: BLE001 - the agent is gone
+        return False
+
+
+def interrupted_is_said_here() -> bool:
+    """Under torchrun, whether this rank says that the run was interrupted: rank 0 (it says what was kept),
+    unless another rank failed first (the agent then stopped rank 0: that rank's line is the one shown)."""
+    if not under_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return True
+    return os.environ["RANK"] == "0" and not another_rank_failed()
+
+
 def check_parallel_run(cfg) -> None:
     """Everything a several-rank run can be refused for, one line each, before any weight is loaded:
     the task and system, the split against the model, the ranks against the devices and the profile."""
@@ -119,7 +203,8 @@ def _launch(cfg):
         except (ChildFailedError, SignalException) as exc:
             # A rank's own failure first (the others were then stopped by the agent: interrupted), else
             # rank 0's: it says what it kept.
-            said = [f.read_text().rpartition("\n") for f in sorted(Path(errors).glob("rank*.error"))]
+            said = [f.read_text().rpartition("\n") for f in sorted(Path(errors).glob("rank*.error"),
+                                                                     key=lambda f: int(f.stem[4:]))]   # rank order
             said.sort(key=lambda s: int(s[2]) in (130, 143))
             if said:
                 message, _, code = said[0]

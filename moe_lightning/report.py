@@ -22,20 +22,23 @@ KINDS = ("measured", "simulated", "predicted")   # every figure is one: this mac
 
 @dataclass
 class Spread:
-    """A measured quantity over repeats: median first (what tables show), then the spread."""
+    """A measured quantity over repeats: median first (what tables show), then the spread. With one value
+    there is no spread: stdev and cv are None (null in JSON; `n` says why), never 0, which would read as a
+    perfectly steady run. With no values every statistic is None."""
 
     n: int = 0
-    median: float = 0.0
-    mean: float = 0.0
-    stdev: float = 0.0
-    min: float = 0.0
-    max: float = 0.0
-    p90: float = 0.0
+    median: float | None = None
+    mean: float | None = None
+    stdev: float | None = None
+    min: float | None = None
+    max: float | None = None
+    p90: float | None = None
 
     @property
-    def cv(self) -> float:
-        """Coefficient of variation (stdev / mean); 0 with fewer than two values."""
-        return self.stdev / self.mean if self.mean else 0.0
+    def cv(self) -> float | None:
+        """Coefficient of variation (stdev / mean); None without a stdev (fewer than two values) or a mean
+        of 0."""
+        return self.stdev / self.mean if self.stdev is not None and self.mean else None
 
     @classmethod
     def of(cls, values: list[float]) -> Spread:
@@ -46,9 +49,9 @@ class Spread:
             return cls()
         p90 = statistics.quantiles(v, n=10, method="inclusive")[8] if len(v) > 1 else v[0]
         return cls(n=len(v), median=statistics.median(v), mean=statistics.fmean(v),
-                   stdev=statistics.stdev(v) if len(v) > 1 else 0.0, min=min(v), max=max(v), p90=p90)
+                   stdev=statistics.stdev(v) if len(v) > 1 else None, min=min(v), max=max(v), p90=p90)
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | None]:
         return {**dataclasses.asdict(self), "cv": self.cv}
 
     @classmethod
@@ -57,10 +60,13 @@ class Spread:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def show(self, fmt: str = ".1f", scale: float = 1.0) -> str:
-        """`median ± stdev (cv x%, n k)`."""
-        if self.n <= 1:
-            return f"{self.median * scale:{fmt}} (n 1)"
-        return f"{self.median * scale:{fmt}} ± {self.stdev * scale:{fmt}} (cv {self.cv:.1%}, n {self.n})"
+        """`median ± stdev (cv x%, n k)`; `median (n 1)` without a spread."""
+        if self.median is None:
+            return "-"
+        if self.stdev is None or self.n < 2:   # (documents before null stdevs wrote 0 for one value)
+            return f"{self.median * scale:{fmt}} (n {self.n})"
+        cv = "cv -" if self.cv is None else f"cv {self.cv:.1%}"
+        return f"{self.median * scale:{fmt}} ± {self.stdev * scale:{fmt}} ({cv}, n {self.n})"
 
 
 @dataclass
@@ -72,8 +78,8 @@ class Metrics:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     generated_tokens: int = 0
-    decode_step_median_s: float = 0.0
-    decode_tok_s: float = 0.0           # generated tokens after the first / decode time
+    decode_step_median_s: float | None = 0.0   # None: no decode step (one token per request)
+    decode_tok_s: float | None = 0.0    # generated tokens after the first / decode time; None: no decode step
     peak_gpu_bytes: int = 0
     peak_cpu_bytes: int = 0
     link_bytes: dict[str, int] = field(default_factory=lambda: {"h2d": 0, "d2h": 0})   # one pass's, as the tokens
@@ -116,10 +122,10 @@ class RunReport:
         return d
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=False, default=str)
-        if path is not None:
-            from moe_lightning.files import atomic_write
+        from moe_lightning.files import atomic_write, json_text
 
+        text = json_text(self.to_dict(), indent=2, sort_keys=False, default=str)
+        if path is not None:
             atomic_write(path, text + "\n")
         return text
 

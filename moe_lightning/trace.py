@@ -4,7 +4,6 @@ so their timelines are drawn by the same code and can be laid side by side."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +59,9 @@ class RunTimeline:
         return out
 
     def write_chrome_trace(self, path: str | Path) -> Path:
-        from moe_lightning.files import atomic_write
+        from moe_lightning.files import atomic_write, json_text
 
-        return atomic_write(path, json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
+        return atomic_write(path, json_text({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
 
     def write_gantt(self, path: str | Path, title: str = "", max_graphs: int = 4) -> Path:
         """Gantt PNG of the first `max_graphs` graphs (a prefill and decode steps), one lane per resource."""

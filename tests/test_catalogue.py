@@ -282,6 +282,13 @@ CASES = [
     Case("reused-run-folder", ("hydra.run.dir=earlier",), "the run folder holds an earlier run", task="plan", base=(),
          setup=both(write("earlier/run.json", '{"earlier": "run document"}\n'),
                     write("earlier/.hydra/config.yaml", "task: plan\n"))),
+    # Never a replaced document: a run writing the same out= now, and a sweep whose jobs would share one file
+    Case("out-written-by-another-run", ("out=new.json",), "out=new.json: another run (pid", task="plan", base=(),
+         setup=held_lock("new.json")),
+    Case("multirun-one-out-for-every-job", ("-m", "workload.gen_len=2,3", "out=new.json"),
+         "out=new.json: every job of this multirun would write it", task="plan", base=()),
+    Case("multirun-one-outputs-for-every-job", ("-m", "sampling.seed=1,2", "outputs=new.jsonl", "overwrite=true"),
+         "outputs=new.jsonl: every job of this multirun would write it"),
     Case("outputs-with-bench", ("outputs=new.jsonl",), "outputs= belongs to task=generate", task="bench"),
     Case("outputs-with-report", ("outputs=new.jsonl",), "outputs= belongs to task=generate", task="report",
          base=()),
@@ -517,6 +524,11 @@ CASES = [
     Case("compare-beside-a-system", ("system=flexgen",), "system=flexgen: task=compare runs the systems of "
          "task.systems", task="compare"),
     Case("compare-with-a-trace", ("trace=true",), "trace=true: task=compare does not trace", task="compare"),
+    # A comparison of one system is its ratio to itself: at least two, each listed once
+    Case("compare-one-system", ("task.systems=[reference]",), "task=compare needs at least two distinct systems",
+         task="compare"),
+    Case("compare-a-system-twice", ("task.systems=[cgopipe,flexgen,flexgen]",), "flexgen is listed twice",
+         task="compare"),
     Case("tune-beside-a-searched-field", ("tuner.objective=simulate", "policy.kv_gpu_fraction=0.5"),
          "policy.kv_gpu_fraction=0.5: task=tune searches it", task="tune", base=TUNE),
     # Reports

@@ -244,3 +244,27 @@ def test_a_signal_during_start_up_is_one_line(tmp_path, signame, code):
     assert p.returncode == code, err
     assert err.strip() == f"moe-lightning: error: interrupted by {signame}", err
     assert not (tmp_path / "runs").exists()   # before Hydra made the run folder: during start-up
+
+
+def test_results_go_to_stdout_and_log_lines_and_warnings_to_stderr_and_the_log(tmp_path, tiny_path):
+    """A user pipes stdout: it holds the results only. The job's warnings, logged or Python's, are on
+    stderr and in the run folder's moe-lightning.log; INFO lines in the log only (a refusal after them is
+    still one line on stderr)."""
+    script = ("import logging, sys, warnings\nfrom moe_lightning.tasks.generate import GenerateTask\n"
+              "run = GenerateTask.run\n"
+              "def warned(self, cfg):\n    warnings.warn('a warning from the job')\n"
+              "    logging.getLogger('moe_lightning.generate').warning('a logged warning')\n"
+              "    return run(self, cfg)\n"
+              "GenerateTask.run = warned\nfrom moe_lightning.cli import main\nsys.argv[0] = 'moe-lightning'\nmain()\n")
+    folder = tmp_path / "h"
+    r = subprocess.run([sys.executable, "-c", script, "task=generate", "system=cgopipe", "workload.num_requests=2",
+                        "workload.gen_len=2", "task.progress=false", f"hydra.run.dir={folder}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-2:] == [f"outputs: {folder / 'outputs.jsonl'}",
+                                          f"run document: {folder / 'run.json'}"]
+    assert "[INFO]" not in r.stdout + r.stderr and "WARNING" not in r.stdout and "warning" not in r.stdout, r.stdout
+    log = (folder / "moe-lightning.log").read_text()
+    for said in ("a logged warning", "a warning from the job"):
+        assert said in r.stderr and said in log, (said, r.stderr, log)
+    assert "[moe_lightning.cgopipe][INFO] - cgopipe: 0 resident" in log

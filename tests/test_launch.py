@@ -157,3 +157,48 @@ def test_a_corrupt_expert_only_another_rank_loads_is_its_line_and_leaves_no_part
     lines = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
     assert len(lines) == 1 and f"'{name}' holds NaN or Inf" in lines[0], r.stderr
     assert not out.exists() and not out.with_name("o.jsonl.part").exists()
+
+
+def torchrun(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "moe_lightning", *args, "workload.num_requests=2", "workload.gen_len=2",
+                           f"hydra.run.dir={tmp_path / 'h'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+
+
+def errors_in(r: subprocess.CompletedProcess) -> list[str]:
+    """Our lines; torchrun's agent then reports the failed ranks its own way (its W/E lines, its summary)."""
+    return [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task=generate", "policy.nope=1"], "unknown key 'policy.nope'"),   # refused before Hydra, in each process
+    pytest.param(["task=generate", "system=cgopipe", "parallel.expert=2", "hardware.gpu.memory_gib=0.0001"],
+                 "policy does not fit the memory budget", marks=pytest.mark.slow),   # refused in each rank's task
+])
+def test_a_refusal_every_torchrun_rank_hits_is_said_once(tmp_path, args, message):
+    r = torchrun(tmp_path, *args)
+    assert r.returncode != 0
+    lines = errors_in(r)
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Error executing job" not in r.stderr
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_rank_s_own_error_is_the_line_shown(tmp_path, tiny_path):
+    """Expert 7 is rank 1's: its refusal is the line; rank 0, whose collective breaks as rank 1 exits,
+    adds neither a line nor a traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, ckpt)
+    name = "model.layers.0.block_sparse_moe.experts.7.w1.weight"
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    r = torchrun(tmp_path, "task=generate", "system=cgopipe", "parallel.expert=2", "model=hf", f"model.path={ckpt}")
+    lines = errors_in(r)
+    assert r.returncode != 0 and len(lines) == 1 and f"'{name}' holds NaN or Inf" in lines[0], r.stderr
+    assert "Error executing job" not in r.stderr

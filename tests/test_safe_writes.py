@@ -225,3 +225,56 @@ def test_a_reused_sweep_folder_keeps_its_jobs_documents(tmp_path):
     assert "0/run.json exists: the run folder holds an earlier run" in errors[0]
     assert "1/run.json exists" in errors[1] and "2 of 2 sweep jobs failed" in errors[2]
     assert {p: p.read_bytes() for p in sweep.glob("*/run.json")} == before
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _report(**metrics):
+    from moe_lightning.report import Metrics, RunReport, Spread
+
+    return RunReport(system="cgopipe", task="bench", model={}, hardware={}, workload={}, policy={},
+                     metrics=Metrics(spread={"throughput_tok_s": Spread.of([812.5]), "decode_step_s": Spread.of([])},
+                                     decode_step_median_s=None, **metrics), git_commit=None)
+
+
+def test_a_document_without_numbers_for_a_spread_is_strict_json_and_reads_back(tmp_path):
+    """A spread of one repeat (no stdev) and an empty one (no decode step) are null in the document, which
+    any strict JSON reader takes, and read back as None, not 0."""
+    from moe_lightning.report import RunReport
+
+    _report().to_json(tmp_path / "run.json")
+    doc = json.loads((tmp_path / "run.json").read_text(), parse_constant=_refuse_constant)
+    one, empty = doc["metrics"]["spread"]["throughput_tok_s"], doc["metrics"]["spread"]["decode_step_s"]
+    assert (one["n"], one["median"], one["stdev"], one["cv"]) == (1, 812.5, None, None)
+    assert empty["n"] == 0 and empty["median"] is None and doc["metrics"]["decode_step_median_s"] is None
+    back = RunReport.from_json(tmp_path / "run.json").metrics
+    assert back.spread["throughput_tok_s"].stdev is None and back.spread["throughput_tok_s"].cv is None
+    assert back.spread["decode_step_s"].median is None
+
+
+def test_a_non_finite_number_is_refused_by_name_and_writes_nothing(tmp_path):
+    """NaN or Infinity would be written as bare `NaN`/`Infinity` tokens (not JSON): the writer refuses,
+    naming the field, and the earlier document stays whole."""
+    from moe_lightning.files import WriteError
+
+    (tmp_path / "run.json").write_text('{"earlier": "run document"}\n')
+    with pytest.raises(WriteError, match=r"metrics\.utilisation\.gpu is nan"):
+        _report(utilisation={"gpu": float("nan")}).to_json(tmp_path / "run.json")
+    with pytest.raises(WriteError, match=r"metrics\.throughput_tok_s is inf"):
+        _report(throughput_tok_s=float("inf")).to_json()
+    assert (tmp_path / "run.json").read_text() == '{"earlier": "run document"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_sweep_jobs_never_replace_each_others_document(tmp_path):
+    """out= resolving to one file for every job of a sweep (an interpolation that does not name the job):
+    the second job is refused before its work, even with overwrite=true, and the first's document kept."""
+    r = cli("-m", "task=plan", "out=${task.name}.json", "overwrite=true", "workload.gen_len=5,6",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("moe-lightning: error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "plan.json: an earlier job of this sweep wrote it" in errors[0] and "1 of 2 sweep jobs failed" in errors[1]
+    assert json.loads((tmp_path / "plan.json").read_text())["workload"]["gen_len"] == 5
+    assert not (tmp_path / "sweep" / "1" / "run.json").exists()

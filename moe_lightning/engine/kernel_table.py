@@ -121,9 +121,9 @@ def cached_profile(spec: ModelSpec, dtype: torch.dtype, device: torch.device, th
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("expert-kernel cache %s is unreadable (%s): profiling again", path, exc)
     times = time_kernels(spec, dtype, device, reps=PROFILE_REPS)
-    from moe_lightning.files import atomic_write
+    from moe_lightning.files import atomic_write, json_text
 
-    atomic_write(path, json.dumps(times))
+    atomic_write(path, json_text(times))
     log.info("expert-kernel table for %s: %s", key, fastest(times))
     return times
 

@@ -110,13 +110,15 @@ class BenchTask:
 def format_bench(report: RunReport) -> str:
     m = report.metrics
     lines = [summary_line(report)]
-    lines.append(f"  decode: {m.decode_tok_s:.1f} tok/s; prefill {m.prefill_s:.3f} s, decode {m.decode_s:.3f} s")
+    decode = "no decode step" if m.decode_tok_s is None else f"{m.decode_tok_s:.1f} tok/s"
+    lines.append(f"  decode: {decode}; prefill {m.prefill_s:.3f} s, decode {m.decode_s:.3f} s")
     for key, label, scale, fmt in (("throughput_tok_s", "tokens/s", 1, ".2f"), ("prefill_s", "prefill ms", 1e3, ".1f"),
                                    ("decode_step_s", "decode step ms", 1e3, ".2f")):
         sp = m.spread.get(key)
         if sp and sp.n:
+            stdev = "-" if sp.stdev is None else f"{sp.stdev * scale:{fmt}}"   # one value: no spread
             lines.append(f"  {label:<15} median {sp.median * scale:{fmt}}  mean {sp.mean * scale:{fmt}}  "
-                         f"stdev {sp.stdev * scale:{fmt}}  min {sp.min * scale:{fmt}}  p90 {sp.p90 * scale:{fmt}}  "
+                         f"stdev {stdev}  min {sp.min * scale:{fmt}}  p90 {sp.p90 * scale:{fmt}}  "
                          f"(n {sp.n}, measured)")
     threads = report.environment.get("threads", {})
     host = report.environment.get("host_load", {})

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from moe_lightning.config import GB, Policy, check_repeats, check_warmup, refuse_ignored_fields
 from moe_lightning.errors import ConfigError, MoELightningError
-from moe_lightning.files import atomic_open, atomic_write
+from moe_lightning.files import atomic_open, atomic_write, json_text
 from moe_lightning.report import RunReport, Spread
 
 if TYPE_CHECKING:
@@ -84,13 +83,20 @@ class CompareTask:
             raise ConfigError(f"task.mode: got {self.mode!r}; accepted: measure, simulate")
         check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s)
         check_warmup(self.warmup_tokens, "task")
+        listed = f"task.systems=[{','.join(map(str, self.systems))}]"
+        twice = [s for s in dict.fromkeys(self.systems) if self.systems.count(s) > 1]
+        if twice:
+            raise ConfigError(f"{listed}: {twice[0]} is listed twice; list each system once")
+        if len(self.systems) < 2:   # the table's ratios would be of a system to itself
+            raise ConfigError(f"{listed}: task=compare needs at least two distinct systems, e.g. "
+                              "'task.systems=[cgopipe,flexgen]' (task=bench system=NAME measures one)")
 
     def run(self, cfg: RunConfig, given: dict[str, Policy] | None = None) -> RunReport:
         """Compare the systems; those named in `given` run that policy (task=tune: the tuned one)."""
         from moe_lightning.systems import SYSTEM_CONFIGS
 
         given = given or {}
-        systems = list(dict.fromkeys(self.systems))
+        systems = list(self.systems)
         if self.policy_source == "auto" and any(s not in given for s in systems):
             refuse_ignored_fields(cfg.policy, "with task.policy_source=auto each system chooses its own batching "
                                   "and placement",
@@ -132,7 +138,7 @@ class CompareTask:
         table = markdown_table(rows, title)
         atomic_write(run_dir / "comparison.md", table + "\n")
         write_csv(run_dir / "comparison.csv", rows)
-        document = json.dumps(rows, indent=2) + "\n"
+        document = json_text(rows, indent=2) + "\n"
         atomic_write(run_dir / "comparison.json", document)
         if cfg.out:   # the comparison document, as comparison.json
             atomic_write(cfg.out, document)
@@ -398,21 +404,24 @@ def _add_ratios(rows: list[dict]) -> None:
         paired = _paired_ratios(r, best) if ok and r is not best else None
         if paired:
             mean, lo, hi = paired_interval(paired)
-            r["ratio_rounds"] = {**Spread.of(paired).to_dict(), "geometric_mean": mean, "ci95": [lo, hi]}
+            r["ratio_rounds"] = {**Spread.of(paired).to_dict(), "geometric_mean": mean,
+                                 "ci95": [lo, hi] if len(paired) > 1 else None}   # one round: no interval
             r["ratio_to_best_baseline"] = mean
-        r["ratio_within_noise"] = bool(ok and r is not best and _within_noise(r, best))
+        # None: one repeat each, so this machine's noise is unknown (not: beyond it)
+        r["ratio_within_noise"] = _within_noise(r, best) if ok and r is not best else False
     # The fastest system, and those this machine cannot tell from it: a comparison names a winner only
     # as far as its measurements can back one.
     ok = [r for r in rows if r["status"] == "ok"]
     fastest = max(ok, key=lambda r: r["throughput_tok_s"]) if ok else None
     for r in rows:
         r["fastest"] = r is fastest
-        r["ties_fastest"] = bool(r in ok and r is not fastest and _within_noise(r, fastest))
+        r["ties_fastest"] = _within_noise(r, fastest) if r in ok and r is not fastest else False
 
 
-def _within_noise(a: dict, b: dict) -> bool:
+def _within_noise(a: dict, b: dict) -> bool | None:
     """Can this machine not tell a from b? Interleaved: the 95% interval of a's per-round ratio to b holds
-    1; else their measured ranges overlap."""
+    1; else their measured ranges overlap. None when it cannot say: a single repeat has no spread (a
+    range of one point is not a steady run)."""
     paired = _paired_ratios(a, b)
     if paired and len(paired) > 1:
         _, lo, hi = paired_interval(paired)
@@ -446,9 +455,9 @@ def _paired_ratios(a: dict, b: dict) -> list[float] | None:
     return [p / q for p, q in zip(x, y) if q > 0] or None
 
 
-def _ranges_overlap(a: dict, b: dict) -> bool:
+def _ranges_overlap(a: dict, b: dict) -> bool | None:
     if a.get("throughput_min") is None or b.get("throughput_min") is None:
-        return False
+        return None   # a system timed once (or simulated) has no range
     return a["throughput_min"] <= b["throughput_max"] and b["throughput_min"] <= a["throughput_max"]
 
 
@@ -469,9 +478,12 @@ def markdown_table(rows: list[dict], title: str) -> str:
         ratio = f"{r['ratio_to_best_baseline']:.2f}x" if r["ratio_to_best_baseline"] else "-"
         if r["ratio_within_noise"]:
             ratio += " (within noise)"
+        elif r["ratio_within_noise"] is None and r["kind"] == "measured":
+            ratio += " (noise unknown)"
         shown = r["throughput_shown"] + (" NOISY" if r["noisy"] else "")
         est = " (est.)" if r["link_bytes_estimated"] else ""
-        lines.append(f"| {r['system']} | {r['kind']} | {r['where']} | {shown} | {ratio} | {r['decode_tok_s']:.2f} "
+        decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.2f}"
+        lines.append(f"| {r['system']} | {r['kind']} | {r['where']} | {shown} | {ratio} | {decode} "
                      f"| {r['policy']} | {r['peak_gpu_bytes'] / GiB:.3f} | {r['peak_cpu_bytes'] / GiB:.3f} "
                      f"| {r['link_h2d_bytes'] / GB:.3f} / {r['link_d2h_bytes'] / GB:.3f}{est} |")
     kinds = sorted({r["kind"] for r in rows if r["status"] == "ok"})
@@ -490,9 +502,12 @@ def markdown_table(rows: list[dict], title: str) -> str:
     fastest = next((r for r in rows if r.get("fastest")), None)
     if fastest is not None and fastest["kind"] == "measured":
         ties = [r["system"] for r in rows if r.get("ties_fastest")]
+        unknown = [r["system"] for r in rows if r["status"] == "ok" and r.get("ties_fastest") is None]
         lines.append(f"Fastest here: {fastest['system']}" + (
             f"; {', '.join(ties)} within this machine's noise of it (no winner among them)" if ties else
-            ", beyond this machine's noise"))
+            "" if unknown else ", beyond this machine's noise") + (
+            f"; against {', '.join(unknown)} this machine's noise is unknown (one timed repeat: no spread; "
+            "task.repeats=2 or more tells)" if unknown else ""))
     noisy = [r for r in rows if r.get("noisy")]
     for r in noisy:
         lines.append(f"NOISY {r['system']}: {r['noise']}")

@@ -243,15 +243,16 @@ def measured_metrics(results: list, max_cv: float, host=None) -> Metrics:
               "decode_step_s": Spread.of([s for r in results for s in r.decode_step_s])}
     mid = results[tok_s.index(sorted(tok_s)[(len(tok_s) - 1) // 2])]   # the median repeat (lower for even k)
     noise = []
-    cv = spread["throughput_tok_s"].cv
-    if len(results) > 1 and cv > max_cv:
+    cv = spread["throughput_tok_s"].cv   # None with one repeat: no spread to judge
+    if cv is not None and cv > max_cv:
         noise.append(f"throughput varies {cv:.1%} over {len(results)} repeats (> {max_cv:.0%})")
     if host is not None and host.busy:
         noise.append(f"other processes kept {host.others_busy_cores:.2f} cores busy while it ran")
     return Metrics(
         throughput_tok_s=spread["throughput_tok_s"].median, prefill_s=spread["prefill_s"].median,
         decode_s=mid.decode_s / mid.passes, generated_tokens=mid.generated_tokens,
-        decode_step_median_s=spread["decode_step_s"].median, decode_tok_s=mid.decode_tok_s,
+        decode_step_median_s=spread["decode_step_s"].median,   # None: no decode step (one token each)
+        decode_tok_s=mid.decode_tok_s if mid.decode_s else None,   # nothing to divide by then either
         kind="measured", repeats=len(results), spread=spread, noisy=bool(noise), noise=noise)
 
 
@@ -298,7 +299,8 @@ def summary_line(report: RunReport) -> str:
     line = (f"{report.system}: {done} requests, "
             f"{m.generated_tokens} tokens in {m.prefill_s + m.decode_s:.2f} s -> "
             f"{shown} tok/s {m.kind} on {where or 'this host'} (prefill {m.prefill_s:.2f} s, "
-            f"decode {m.decode_s:.2f} s, median step {m.decode_step_median_s * 1e3:.1f} ms)")
+            f"decode {m.decode_s:.2f} s, " + ("no decode step)" if m.decode_step_median_s is None else
+                                               f"median step {m.decode_step_median_s * 1e3:.1f} ms)"))
     if report.extra.get("resumed_outputs"):
         line += f"\n  resumed: {report.extra['resumed_outputs']} outputs came from an earlier run and are not timed"
     if m.noisy:

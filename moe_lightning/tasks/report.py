@@ -158,11 +158,11 @@ class ReportTask:
 
     def run(self, cfg: RunConfig) -> RunReport:
         docs, skipped = load_documents(self.inputs)
-        for reason in skipped:
-            log.warning("skipped %s", reason)
-        if not docs:
+        if not docs:   # the refusal's one line names the first skipped file (warnings would precede it)
             raise ConfigError(f"no run documents in task.inputs={self.inputs}"
                               + (f" ({len(skipped)} skipped: {skipped[0]})" if skipped else ""))
+        for reason in skipped:
+            log.warning("skipped %s", reason)
         rows = [row_of(p, r) for p, r in docs]
         run_dir = Path(cfg.run_dir or "runs/latest")
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -385,11 +384,12 @@ class TuneTask:
         return report
 
     def _report(self, cfg: RunConfig, study, spec, run_dir: Path, storage: str) -> RunReport:
-        from moe_lightning.files import atomic_write
+        from moe_lightning.files import atomic_write, json_text
+        from moe_lightning.tuner.search import policy_from_params
 
         rows = trial_records(study)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(run_dir / "trials.jsonl", "".join(json_text(r) + "\n" for r in rows))
         best = best_trials(study, cfg.tuner.multi_objective)
         states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
         print(f"study {study.study_name}: {states['COMPLETE']} complete, {states['PRUNED']} pruned "
@@ -412,8 +412,6 @@ class TuneTask:
                                   "trials_csv": str(run_dir / "trials.csv")})
         hrm = next((t for t in study.trials if t.user_attrs.get("seed") == "hrm"), None)
         if hrm is not None:   # the HRM plan the study was seeded with (task=plan's for this workload)
-            from moe_lightning.tuner.search import policy_from_params
-
             params = {**hrm.system_attrs.get("fixed_params", {}), **hrm.params}   # a seed not yet run: queued
             report.extra["hrm_plan"] = {"trial": hrm.number,
                                         "policy": as_dict(policy_from_params(params, spec, cfg.policy))}
@@ -473,7 +471,10 @@ def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) ->
     with its own policy rule, each system in its own process): task=compare's table."""
     from moe_lightning.tasks.compare import CompareTask
 
-    systems = [cfg.system.name, *[b for b in baselines if b != cfg.system.name]]
+    systems = list(dict.fromkeys([cfg.system.name, *baselines]))
+    if len(systems) < 2:
+        print(f"no comparison: task.baselines names no system other than {cfg.system.name}")
+        return []
     # A simulated tune is for hardware that may not be here: its comparison is simulated too.
     mode = "simulate" if cfg.tuner.objective == "simulate" else "measure"
     compare = CompareTask(systems=systems, mode=mode, max_cv=cfg.tuner.max_cv, progress=False)

@@ -661,7 +661,11 @@ def measure_trial(cfg: RunConfig) -> tuple[dict, int]:
         docs.append(run_trial_process(cfg, t.trial_timeout_s, t.trial_memory_gib))
         if not docs[-1]["metrics"]["noisy"]:
             break
-    best = min(docs, key=lambda d: d["metrics"]["spread"]["throughput_tok_s"]["cv"])
+    def steadiness(doc: dict) -> tuple:   # a known CV first (None: one repeat), then the lowest, then not noisy
+        cv = doc["metrics"]["spread"]["throughput_tok_s"]["cv"]
+        return cv is None, cv or 0.0, doc["metrics"]["noisy"]
+
+    best = min(docs, key=steadiness)
     return best, len(docs)
 
 

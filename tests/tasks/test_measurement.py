@@ -3,6 +3,7 @@ run document, and a refusal before allocating a model this host cannot hold."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -22,7 +23,27 @@ def test_spread_by_hand():
     assert (s.n, s.median, s.mean, s.min, s.max) == (4, 2.5, 2.5, 1.0, 4.0)
     assert math.isclose(s.stdev, math.sqrt(5 / 3)) and math.isclose(s.cv, math.sqrt(5 / 3) / 2.5)
     assert math.isclose(s.p90, 3.7)  # inclusive: position 0.9 * 3 = 2.7 between 3 and 4
-    assert Spread.of([5.0]).stdev == 0 and Spread.of([5.0]).p90 == 5.0
+    assert Spread.of([5.0]).p90 == 5.0
+
+
+def test_one_value_has_no_spread_and_no_values_no_statistics():
+    """One repeat has no stdev: null (n says why), never 0, which would read as a perfectly steady run;
+    the coefficient of variation with it. No values: every statistic null."""
+    one = Spread.of([5.0])
+    assert (one.n, one.median, one.min, one.max, one.p90) == (1, 5.0, 5.0, 5.0, 5.0)
+    assert one.stdev is None and one.cv is None and one.to_dict()["cv"] is None
+    assert one.show(".1f") == "5.0 (n 1)"
+    none = Spread.of([])
+    assert none.n == 0 and none.median is None and none.stdev is None and none.cv is None
+    assert none.show() == "-"
+    assert Spread.of([0.0, 0.0]).cv is None   # stdev 0 over a mean of 0: no ratio
+
+
+def test_a_single_repeat_is_judged_by_the_host_alone():
+    """The noise guard cannot judge the spread of one repeat: it neither fails nor calls it steady by its
+    CV; the host's load still marks it."""
+    m = measured_metrics([_result(1.0)], max_cv=0.05)
+    assert not m.noisy and m.spread["throughput_tok_s"].cv is None
 
 
 def test_repeats_give_medians_with_their_spread_and_the_host_in_the_document(tiny_path, tmp_path):
@@ -104,6 +125,18 @@ def test_noisy_trials_are_measured_again_and_the_steadiest_kept(monkeypatch):
     assert n == 1 and doc["metrics"]["id"] == 3  # steady at once: no second measurement
 
 
+def test_remeasured_single_repeat_trials_keep_a_steady_one(monkeypatch):
+    """tuner.repeats=1: no CV to compare (null), so the measurement the host did not mark noisy is kept."""
+    from moe_lightning.config import TunerConfig
+    from moe_lightning.tuner import search
+
+    docs = iter([{"metrics": {"noisy": True, "spread": {"throughput_tok_s": {"cv": None}}, "id": 1}},
+                 {"metrics": {"noisy": False, "spread": {"throughput_tok_s": {"cv": None}}, "id": 2}}])
+    monkeypatch.setattr(search, "run_trial_process", lambda *a, **k: next(docs))
+    doc, n = search.measure_trial(RunConfig(tuner=TunerConfig(remeasure=2)))
+    assert n == 2 and doc["metrics"]["id"] == 2
+
+
 @pytest.mark.parametrize("a, b, overlap", [((10, 12), (11, 13), True), ((10, 11), (12, 13), False)])
 def test_compare_flags_ratios_within_noise(a, b, overlap):
     from moe_lightning.tasks.compare import _add_ratios
@@ -114,6 +147,27 @@ def test_compare_flags_ratios_within_noise(a, b, overlap):
              "throughput_max": a[1]}]
     _add_ratios(rows)
     assert rows[0]["ratio_within_noise"] is overlap and rows[1]["ratio_within_noise"] is False
+
+
+def test_compare_does_not_call_single_repeats_beyond_noise():
+    """Systems timed once have no range: whether they differ beyond this machine's noise is unknown
+    (None), not a point range that overlaps nothing; the table says so instead of naming a winner."""
+    from moe_lightning.tasks.compare import _add_ratios, markdown_table
+
+    def row(name, tok_s):
+        return {"system": name, "status": "ok", "kind": "measured", "where": "this host (cpu)",
+                "throughput_tok_s": tok_s, "throughput_shown": f"{tok_s:.2f}", "throughput_min": None,
+                "throughput_max": None, "repeat_tok_s": [tok_s], "interleaved": {"rounds": 1}, "noisy": False,
+                "noise": "", "decode_tok_s": tok_s, "policy": "N=2", "peak_gpu_bytes": 0, "peak_cpu_bytes": 0,
+                "link_h2d_bytes": 0, "link_d2h_bytes": 0, "link_bytes_estimated": False}
+
+    rows = [row("cgopipe", 90.0), row("flexgen", 100.0)]
+    _add_ratios(rows)
+    assert rows[0]["ratio_within_noise"] is None and rows[0]["ties_fastest"] is None
+    assert rows[0]["ratio_rounds"]["ci95"] is None and rows[0]["ratio_rounds"]["stdev"] is None
+    table = markdown_table(rows, "t")
+    assert "0.90x (noise unknown)" in table and "beyond this machine's noise" not in table
+    assert "against cgopipe this machine's noise is unknown" in table
 
 
 def test_the_host_check_counts_mxfp4_experts_as_stored(monkeypatch):
@@ -142,3 +196,6 @@ def test_bench_labels_its_prediction_beside_its_measurement(tiny_path, tmp_path)
     doc = RunReport.from_json(tmp_path / "bench.json")
     assert doc.metrics.kind == "measured" and doc.hardware["detected"]
     assert doc.prediction["kind"] == "predicted" and doc.prediction["hrm_tok_s"] > 0
+    # one repeat: its throughput has no spread, written as null, not 0
+    raw = json.loads((tmp_path / "bench.json").read_text())["metrics"]["spread"]["throughput_tok_s"]
+    assert raw["n"] == 1 and raw["stdev"] is None and raw["cv"] is None
