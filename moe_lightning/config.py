@@ -168,7 +168,7 @@ class ModelSpec:
     attention_sinks: bool = False
     sliding_window: int = 0         # 0: no window
     sliding_layers: list[int] = field(default_factory=list)
-    attention_out_bias: bool = False
+    attention_out_bias: bool = False   # a bias on o_proj too (gpt-oss; Qwen3-MoE's and OLMoE's attention_bias)
     router_bias: bool = False
     expert_bias: bool = False
     expert_act: str = "silu"
