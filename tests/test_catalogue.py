@@ -421,6 +421,10 @@ CASES = [
          "vocab_size=512)", setup=checkpoint(file_text("generation_config.json", '{"eos_token_id": [2, 1000000]}'))),
     Case("ckpt-generation-not-json", HF, "generation_config.json: not valid JSON",
          setup=checkpoint(file_text("generation_config.json", "{oops"))),
+    # Text prompts are encoded by transformers' tokenizer of the folder: one that does not load is one line
+    Case("prompts-tokenizer-unloadable", (*JSONL, *HF), "transformers' AutoTokenizer cannot load its tokenizer",
+         setup=both(prompts('{"prompt": "hello"}\n'),
+                    checkpoint(file_text("tokenizer_config.json", "{oops")))),
     # Other model families: fields and layouts they do not implement
     Case("family-qwen2-dense-layer-without-mlp", HF, "missing tensor 'model.layers.0.mlp.gate_proj.weight'",
          setup=family_checkpoint("qwen2_moe", edit_config(mlp_only_layers=[0, 1]))),
