@@ -415,8 +415,8 @@ CASES = [
                                                            torch.zeros(8, 64)})))),
     # generation_config.json: what generate would take from it, checked; what changes the tokens unimplemented, refused
     Case("ckpt-generation-no-repeat-ngram", HF, "generation_config.json: no_repeat_ngram_size=3 changes the generated "
-         "tokens and is not implemented", setup=checkpoint(file_text("generation_config.json",
-                                                                     '{"eos_token_id": 2, "no_repeat_ngram_size": 3}'))),
+         "tokens and is not implemented",
+         setup=checkpoint(file_text("generation_config.json", '{"eos_token_id": 2, "no_repeat_ngram_size": 3}'))),
     Case("ckpt-generation-eos-out-of-vocab", HF, "generation_config.json: eos_token_id must be a token id in [0, "
          "vocab_size=512)", setup=checkpoint(file_text("generation_config.json", '{"eos_token_id": [2, 1000000]}'))),
     Case("ckpt-generation-not-json", HF, "generation_config.json: not valid JSON",
