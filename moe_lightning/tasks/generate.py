@@ -20,7 +20,8 @@ from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environmen
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from moe_lightning.engine.generation import GenerationResult
+    from moe_lightning.config import ModelSpec, Sampling, Workload
+    from moe_lightning.engine.generation import GenerationParams, GenerationResult
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.generate")
@@ -182,7 +183,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     return Generation(report, [requests[r] for r in kept], outputs, tokenizer, runner)
 
 
-def generation_params(workload, sampling, spec):
+def generation_params(workload: Workload, sampling: Sampling, spec: ModelSpec) -> GenerationParams:
     """The run's `GenerationParams`: the workload's budget, `sampling.*`, and the model's stop ids and
     repetition penalty (its generation_config.json's, as transformers' generate takes them;
     sampling.repetition_penalty overrides the penalty, sampling.ignore_eos drops the stop ids)."""
@@ -194,7 +195,7 @@ def generation_params(workload, sampling, spec):
                             repetition_penalty=penalty)
 
 
-def decoding_note(params, spec, sampling) -> dict:
+def decoding_note(params: GenerationParams, spec: ModelSpec, sampling: Sampling) -> dict:
     """How tokens are picked, for the run document; a checkpoint whose generation_config.json asks for
     sampling (not applied: `engine.hf_generation`) is named in one warning line and here."""
     from moe_lightning.engine.hf_generation import sampling_not_applied
