@@ -127,6 +127,12 @@ class ModelSpec:
     seed: int = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    # How generation stops and penalises, as transformers' generate takes them from the checkpoint's
+    # generation_config.json (else config.json; `engine.hf_generation`): the ids a sequence stops on, any
+    # of them, when they are not just eos_token_id ([]: none); and RepetitionPenaltyLogitsProcessor's
+    # penalty (1.0: none; sampling.repetition_penalty overrides it).
+    eos_token_ids: list[int] | None = None
+    repetition_penalty: float = 1.0
     # Features some families have (each family says which values it implements):
     attention_bias: bool = False    # biases on the Q/K/V projections (Qwen2-MoE's qkv_bias)
     qk_norm: str = "none"           # RMSNorm of q and k: per head (Qwen3-MoE) or over all heads (OLMoE)
@@ -168,7 +174,7 @@ class ModelSpec:
     attention_sinks: bool = False
     sliding_window: int = 0         # 0: no window
     sliding_layers: list[int] = field(default_factory=list)
-    attention_out_bias: bool = False
+    attention_out_bias: bool = False   # a bias on o_proj too (gpt-oss; Qwen3-MoE's and OLMoE's attention_bias)
     router_bias: bool = False
     expert_bias: bool = False
     expert_act: str = "silu"
@@ -252,6 +258,20 @@ class ModelSpec:
                "model.expert_format", "mxfp4 stores blocks of 32 values: hidden_size and intermediate_size must be "
                f"multiples of 32, got {self.hidden_size} and {self.intermediate_size}")
         _positive(self, "model", "swiglu_alpha", "swiglu_limit")
+        if self.eos_token_ids is not None:
+            ids = list(self.eos_token_ids)
+            _check(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids),
+                   "model.eos_token_ids", f"must be token ids in [0, model.vocab_size={self.vocab_size}) or null, "
+                   f"got {ids}")
+            self.eos_token_ids = ids
+        _positive(self, "model", "repetition_penalty")
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The ids a generated sequence stops on (any of them)."""
+        if self.eos_token_ids is not None:
+            return tuple(self.eos_token_ids)
+        return () if self.eos_token_id is None else (self.eos_token_id,)
 
     # Derived sizes, in elements unless the name says bytes.
     @property
@@ -602,16 +622,22 @@ class Workload:
 
 @dataclass
 class Sampling:
-    """Token selection. temperature 0 is greedy; otherwise seeded temperature + top-p sampling."""
+    """Token selection. temperature 0 is greedy; otherwise seeded temperature + top-p sampling. A
+    checkpoint's generation_config.json never changes these (its sampling settings are not applied)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False
+    # transformers' repetition penalty over each sequence's prompt and output (1.0: none); null: the
+    # model's (its generation_config.json's repetition_penalty, else 1.0)
+    repetition_penalty: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "sampling.temperature", f"must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.repetition_penalty is None or self.repetition_penalty > 0, "sampling.repetition_penalty",
+               f"must be > 0 or null, got {self.repetition_penalty}")
 
 
 @dataclass(frozen=True)

@@ -116,10 +116,16 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
             if tokenizer is None:
                 raise WorkloadError(f'{where}: "prompt" needs a tokenizer, and model={spec.name} has no '
                                     'tokenizer.json; give "input_ids" instead')
-            bos = [spec.bos_token_id] if spec.bos_token_id is not None else []
-            # The BOS is ours to add (a tokenizer.json post-processor may add one too: never twice).
-            requests.append(Request(rid, bos + tokenizer.encode(text, add_special_tokens=False).ids, text, own,
-                                    lineno))
+            # As transformers' tokenizer encodes it by default: its own special tokens, a BOS only where the
+            # tokenizer adds one (`moe_lightning.tokenizer`).
+            ids = tokenizer.ids(text)
+            if not ids:
+                raise WorkloadError(f'{where}: "prompt" is no tokens at all for this tokenizer; give a longer prompt')
+            beyond = next((t for t in ids if not 0 <= t < spec.vocab_size), None)
+            if beyond is not None:
+                raise WorkloadError(f'{where}: "prompt" encodes to token id {beyond}, outside the model\'s vocabulary '
+                                    f"[0, {spec.vocab_size}); give \"input_ids\" instead")
+            requests.append(Request(rid, ids, text, own, lineno))
     if not requests:
         raise WorkloadError(f"{path}: no prompts (the file is empty)")
     return requests

@@ -110,6 +110,12 @@ def config_text(text: str | bytes) -> Callable[[Path], None]:
     return edit
 
 
+def file_text(name: str, text: str) -> Callable[[Path], None]:
+    def edit(ckpt: Path) -> None:
+        (ckpt / name).write_text(text)
+    return edit
+
+
 def edit_tensors(change: Callable[[dict], None], file: str = "model.safetensors") -> Callable[[Path], None]:
     def edit(ckpt: Path) -> None:
         from safetensors.torch import load_file, save_file
@@ -414,6 +420,18 @@ CASES = [
     Case("ckpt-wrong-shape", HF, "k_proj",
          setup=checkpoint(edit_tensors(lambda t: t.update({"model.layers.0.self_attn.k_proj.weight":
                                                            torch.zeros(8, 64)})))),
+    # generation_config.json: what generate would take from it, checked; what changes the tokens unimplemented, refused
+    Case("ckpt-generation-no-repeat-ngram", HF, "generation_config.json: no_repeat_ngram_size=3 changes the generated "
+         "tokens and is not implemented",
+         setup=checkpoint(file_text("generation_config.json", '{"eos_token_id": 2, "no_repeat_ngram_size": 3}'))),
+    Case("ckpt-generation-eos-out-of-vocab", HF, "generation_config.json: eos_token_id must be a token id in [0, "
+         "vocab_size=512)", setup=checkpoint(file_text("generation_config.json", '{"eos_token_id": [2, 1000000]}'))),
+    Case("ckpt-generation-not-json", HF, "generation_config.json: not valid JSON",
+         setup=checkpoint(file_text("generation_config.json", "{oops"))),
+    # Text prompts are encoded by transformers' tokenizer of the folder: one that does not load is one line
+    Case("prompts-tokenizer-unloadable", (*JSONL, *HF), "transformers' AutoTokenizer cannot load its tokenizer",
+         setup=both(prompts('{"prompt": "hello"}\n'),
+                    checkpoint(file_text("tokenizer_config.json", "{oops")))),
     # Other model families: fields and layouts they do not implement
     Case("family-qwen2-dense-layer-without-mlp", HF, "missing tensor 'model.layers.0.mlp.gate_proj.weight'",
          setup=family_checkpoint("qwen2_moe", edit_config(mlp_only_layers=[0, 1]))),

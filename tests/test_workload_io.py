@@ -50,12 +50,13 @@ def test_text_prompts_need_a_tokenizer(tmp_path):
 
 def test_ids_and_order_kept(tmp_path, tiny_path):
     from moe_lightning.engine.tiny import load_tokenizer
+    from moe_lightning.tokenizer import TextTokenizer
 
     f = tmp_path / "p.jsonl"
     f.write_text('{"id": "b", "prompt": "The router picks"}\n{"input_ids": [7, 8, 9]}\n')
-    reqs = read_jsonl(f, SPEC, load_tokenizer(tiny_path))
+    reqs = read_jsonl(f, SPEC, TextTokenizer(load_tokenizer(tiny_path), str(tiny_path)))
     assert [r.id for r in reqs] == ["b", 1]
-    assert reqs[0].input_ids[0] == 1 and len(reqs[0].input_ids) > 2  # BOS + text tokens
+    assert len(reqs[0].input_ids) > 2 and reqs[0].prompt == "The router picks"
     assert reqs[1].input_ids == [7, 8, 9]
 
 
@@ -66,18 +67,78 @@ def test_synthetic_lengths_follow_the_workload(avg, mx):
     assert abs(sum(lengths) / len(lengths) - avg) / avg < 0.05
 
 
-def test_one_bos_even_when_the_tokenizer_adds_its_own(tmp_path, tiny_path):
-    """Mixtral's tokenizer.json has a post-processor that prepends <s>: the prompt must not get two."""
+TEXTS = ["hello there", "The router picks two of eight experts.", " leading space", "é中🤖"]
+
+
+def tokenizer_folder(tmp_path, source, post_processor):
+    """A copy of checkpoint `source` whose tokenizer.json has `post_processor` ("keep": the file's own)."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(source, folder)
+    if post_processor != "keep":
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok.post_processor = post_processor
+        tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def bos_template():   # what a Mixtral or Llama tokenizer.json holds: <s> before every text
     from tokenizers import processors
 
-    from moe_lightning.engine.tiny import load_tokenizer
+    return processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)])
 
-    tok = load_tokenizer(tiny_path)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+
+def byte_level():     # what a Qwen tokenizer.json holds: no special token
+    from tokenizers import processors
+
+    return processors.ByteLevel(trim_offsets=False)
+
+
+@pytest.mark.parametrize("kind, post_processor, bos", [("mixtral", bos_template, True), ("mixtral", byte_level, False),
+                                                      ("mixtral", lambda: "keep", False),
+                                                      # transformers' OLMoE tokenizer class adds no special
+                                                      # token, whatever tokenizer.json's template says
+                                                      ("olmoe", bos_template, False)])
+def test_text_prompts_are_tokenized_as_transformers_autotokenizer_does(tmp_path, tiny_path, kind, post_processor,
+                                                                      bos):
+    """A prompt's ids are `AutoTokenizer.from_pretrained(folder)(text).input_ids`: its own BOS where the
+    tokenizer adds one (once), none where it does not."""
+    import transformers
+
+    from moe_lightning.engine.tiny import ensure_tiny
+    from moe_lightning.tokenizer import tokenizer_for
+
+    source = tiny_path
+    if kind == "olmoe":
+        from tests.models.test_families import FAMILIES
+
+        source = ensure_tiny(FAMILIES["olmoe"], seed=11, max_shard_size="60KB", perturb=True)
+    folder = tokenizer_folder(tmp_path, source, post_processor())
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "hello there"}\n')
-    ids = read_jsonl(f, SPEC, tok)[0].input_ids
-    assert ids[0] == 1 and ids[1] != 1
+    f.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS))
+    ids = [r.input_ids for r in read_jsonl(f, SPEC, tokenizer_for(ModelSpec(name="hf", path=str(folder))))]
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert ids == [auto(t).input_ids for t in TEXTS]
+    assert all((i[0] == 1) == bos and 1 not in i[1:] for i in ids)
+
+
+def test_a_prompt_of_no_tokens_or_past_the_vocabulary_is_refused(tmp_path):
+    class Fixed:   # a tokenizer that gives these ids for every text
+        def __init__(self, ids):
+            self.fixed = ids
+
+        def ids(self, text):
+            return self.fixed
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "x"}\n')
+    with pytest.raises(WorkloadError, match=':1: "prompt" is no tokens at all'):
+        read_jsonl(f, SPEC, Fixed([]))
+    with pytest.raises(WorkloadError, match=r':1: "prompt" encodes to token id 512, outside .* \[0, 512\)'):
+        read_jsonl(f, SPEC, Fixed([5, 512]))
 
 
 def test_per_request_generation_budgets(tmp_path):

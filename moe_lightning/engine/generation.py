@@ -1,5 +1,6 @@
-"""The generation driver shared by every engine and baseline: batches requests, samples, stops at EOS
-or `max_new_tokens`, and times prefill and each decode step.
+"""The generation driver shared by every engine and baseline: batches requests, picks each token (with
+transformers' repetition penalty where asked), stops at an EOS id or `max_new_tokens`, and times
+prefill and each decode step.
 
 An engine implements `BatchRunner` (prefill a batch of prompts, decode one token per sequence); the
 driver owns everything else, so all systems sample, stop and are timed identically.
@@ -21,7 +22,14 @@ class GenerationParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    eos_token_id: int | None = None   # None: never stop early (benchmarks)
+    eos_token_id: int | Sequence[int] | None = None   # a sequence stops on any of these; None: never early
+    repetition_penalty: float = 1.0   # transformers' RepetitionPenaltyLogitsProcessor (1.0: none)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
 
 
 @dataclass
@@ -82,6 +90,47 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor, op for op: logits [B, V] (fp32, as generate casts
+    them), seen [B, L] each row's ids so far (its prompt and its output; a repeated id changes nothing). A
+    seen id's logit is multiplied by `penalty` where < 0 and divided by it elsewhere."""
+    score = logits.gather(1, seen)
+    return logits.scatter(1, seen, torch.where(score < 0, score * penalty, score / penalty))
+
+
+class History:
+    """Each running sequence's ids so far, its prompt then its output, for the repetition penalty: a row
+    of `width` ids per sequence (by key), the unfilled tail repeating the prompt's first id."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.rows: dict[int, torch.Tensor] = {}
+        self.used: dict[int, int] = {}
+
+    def start(self, key: int, prompt: Sequence[int]) -> None:
+        row = torch.full((self.width,), prompt[0], dtype=torch.long)
+        row[:len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        self.rows[key], self.used[key] = row, len(prompt)
+
+    def add(self, key: int, token: int) -> None:
+        self.rows[key][self.used[key]] = token
+        self.used[key] += 1
+
+    def drop(self, key: int) -> None:
+        del self.rows[key], self.used[key]
+
+    def penalize(self, logits: torch.Tensor, keys: Sequence[int], penalty: float) -> torch.Tensor:
+        """logits [B, V] of the sequences `keys` -> fp32 CPU logits with the penalty applied."""
+        return penalize_repeats(logits.float().cpu(), torch.stack([self.rows[k] for k in keys]), penalty)
+
+
+def history_for(params: GenerationParams, prompts: Sequence[Sequence[int]], max_new: Sequence[int]) -> History | None:
+    """A `History` wide enough for `prompts` with their budgets, when the penalty applies; else None."""
+    if params.repetition_penalty == 1.0 or not prompts:
+        return None
+    return History(max(len(p) + m for p, m in zip(prompts, max_new)))
+
+
 def batch_generator(seed: int, batch_index: int) -> torch.Generator:
     """The sampling generator of one batch: seeded by (seed, batch index), so that a batch draws the same
     tokens whether or not the batches before it ran in this process (a resumed run is identical)."""
@@ -124,6 +173,7 @@ def generate_batches(runner: BatchRunner, prompts: Sequence[Sequence[int]], para
     if start % batch_size:
         raise ValueError(f"start={start} is not a multiple of batch_size={batch_size}")
     result = GenerationResult(output_ids=[])
+    eos = torch.tensor(params.eos_ids, dtype=torch.long)
     for first in range(start, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]
         generator = batch_generator(params.seed, first // batch_size)
@@ -133,13 +183,22 @@ def generate_batches(runner: BatchRunner, prompts: Sequence[Sequence[int]], para
         n = len(batch)
         own = torch.tensor([params.max_new_tokens if max_new is None else min(params.max_new_tokens, max_new[r])
                             for r in range(first, first + n)])
+        # Every row of a static batch runs the whole max_new_tokens steps (a finished one too).
+        history = history_for(params, batch, [params.max_new_tokens] * n)
+        for b in range(n if history is not None else 0):
+            history.start(b, batch[b])
 
-        def take(logits: torch.Tensor, outputs=outputs, done=done, n=n, generator=generator, own=own) -> torch.Tensor:
+        def take(logits: torch.Tensor, outputs=outputs, done=done, n=n, generator=generator, own=own,
+                 history=history) -> torch.Tensor:
+            if history is not None:
+                logits = history.penalize(logits, range(n), params.repetition_penalty)
             tokens = sample(logits, params.temperature, params.top_p, generator)
             for b in torch.nonzero(~done).flatten().tolist():
                 outputs[b].append(int(tokens[b]))
-            if params.eos_token_id is not None:
-                done.logical_or_(tokens == params.eos_token_id)
+            for b in range(n if history is not None else 0):
+                history.add(b, int(tokens[b]))
+            if eos.numel():
+                done.logical_or_(torch.isin(tokens, eos))
             done.logical_or_(torch.tensor([len(o) for o in outputs]) >= own)
             if on_tokens:
                 on_tokens(n)
@@ -225,9 +284,13 @@ def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]],
     stats = AdmissionStats()
     result = GenerationResult(output_ids=outputs, admission=stats)
     next_token: dict[int, int] = {}
+    eos = set(params.eos_ids)
+    history = history_for(params, [prompts[r] for r in waiting], [max_new[r] for r in waiting])
 
     def take(rows: list[int], logits: torch.Tensor) -> set[int]:
         """Sample each row's next token with its request's generator; -> the requests that finished."""
+        if history is not None:
+            logits = history.penalize(logits, rows, params.repetition_penalty)
         if params.temperature == 0:
             tokens = logits.float().argmax(dim=-1).tolist()
         else:
@@ -237,7 +300,9 @@ def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]],
         for r, tok in zip(rows, tokens):
             outputs[r].append(tok)
             next_token[r] = tok
-            if len(outputs[r]) >= max_new[r] or tok == params.eos_token_id:
+            if history is not None:
+                history.add(r, tok)
+            if len(outputs[r]) >= max_new[r] or tok in eos:
                 done.add(r)
         if on_tokens:
             on_tokens(len(rows))
@@ -252,6 +317,8 @@ def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]],
             part.requests.remove(r)
             part.reserved_blocks -= budget.blocks_for(lengths[r] + max_new[r])
             next_token.pop(r)
+            if history is not None:
+                history.drop(r)
         if on_finished:
             on_finished([(r, outputs[r]) for r in sorted(done)])
 
@@ -264,6 +331,8 @@ def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]],
                 for j, reqs in admitted.items():
                     part_of.update(dict.fromkeys(reqs, j))
                 rows = [r for reqs in admitted.values() for r in reqs]
+                for r in rows if history is not None else ():
+                    history.start(r, prompts[r])
                 runner.synchronize()
                 t0 = time.perf_counter()
                 logits = runner.admit(admitted, prompts, max_new)

@@ -187,15 +187,13 @@ class _Config:
             raise self.fail(f"{key} must be a token id in [0, vocab_size={vocab}) or null, got {shown(value)}")
         return value
 
-    def eos(self, vocab: int) -> int | None:
-        value = self.get("eos_token_id", None)
-        if not isinstance(value, list):
-            return self.token_id("eos_token_id", value, vocab)
-        ids = [self.token_id("eos_token_id", v, vocab) for v in value]
-        if len(set(ids)) != 1 or ids[0] is None:
-            raise self.fail(f"eos_token_id={shown(value)}: the engine stops on exactly one end-of-sequence "
-                            "id; give one integer")
-        return ids[0]
+    def eos(self, vocab: int) -> dict:
+        """ModelSpec's eos_token_id (the first id) and eos_token_ids (all, when there are several: a
+        sequence stops on any, as transformers' generate does with config.json's list)."""
+        from moe_lightning.engine.hf_generation import eos_ids
+
+        ids = eos_ids(self.get("eos_token_id", None), vocab, self.fail)
+        return {"eos_token_id": ids[0] if ids else None, "eos_token_ids": ids if len(ids) > 1 else None}
 
     def rope_theta(self, family: str = "Mixtral", default: float = DEFAULT_ROPE_THETA,
                    types: tuple[str, ...] = ("default",)) -> float:
@@ -337,7 +335,7 @@ def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[s
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, num_experts=experts, top_k=top_k,
         vocab_size=vocab, rope_theta=rope_theta, rms_norm_eps=eps, max_position_embeddings=max_positions,
         dtype=dtype if isinstance(dtype, str) and dtype in DTYPES else "float32",
-        bos_token_id=bos, eos_token_id=eos,
+        bos_token_id=bos, **eos,
     )
 
 
@@ -358,6 +356,10 @@ def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpe
         supported = ", ".join(t for f in families().values() for t in f.model_types)
         raise CheckpointError(f"{path}: unsupported model_type {shown(model_type)}; supported: {supported}")
     fields = fam.spec_fields(_Config(cfg, path))
+    from moe_lightning.engine.hf_generation import generation_fields
+
+    eos = fields["eos_token_ids"] or [i for i in [fields["eos_token_id"]] if i is not None]
+    fields |= generation_fields(folder, eos, fields["vocab_size"])
     try:
         return ModelSpec(name=name, weights="checkpoint", path=str(folder), **fields)
     except Exception as exc:  # ConfigError from ModelSpec validation: name the file

@@ -187,7 +187,7 @@ def spec_fields(cfg) -> dict:
                 num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads, num_experts=experts, top_k=top_k,
                 vocab_size=vocab, rope_theta=top, rms_norm_eps=LAYER_NORM_EPS, max_position_embeddings=max_positions,
                 dtype=dtype if isinstance(dtype, str) and dtype in DTYPES else "float32", bos_token_id=bos,
-                eos_token_id=cfg.eos(vocab), norm_topk_prob=p is not None,
+                **cfg.eos(vocab), norm_topk_prob=p is not None,
                 clip_qkv=None if clip is None else float(clip))
 
 

@@ -1,6 +1,7 @@
 """OLMoE: Mixtral's layer with an RMSNorm over all of q and over all of k (not per head: `q_norm` is of
 size nq*hd, `k_norm` of nkv*hd) right after the projections, an optional clamp of Q, K and V to
-[-clip_qkv, clip_qkv] after the norms, and `norm_topk_prob` (OLMoE-1B-7B does not renormalise).
+[-clip_qkv, clip_qkv] after the norms, `norm_topk_prob` (OLMoE-1B-7B does not renormalise), and with
+`attention_bias` biases on all four of Q/K/V/O (as transformers' OlmoeAttention builds them).
 The checkpoint names its tensors as Qwen-MoE does (`mlp.experts.{e}.gate_proj`, ...)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from moe_lightning.models import Family
 from moe_lightning.models.layers import apply_rope, rms_norm, rope_cos_sin, split
 from moe_lightning.models.qwen_moe import (
     LayerWeights,
+    check_all_four_biased,
     expert,
     expert_tensors,
     final_logits,
@@ -66,6 +68,7 @@ def spec_fields(cfg) -> dict:
         if value is not None and not isinstance(value, bool):
             raise cfg.fail(f"{key} must be true or false, got {value!r}")
         flags[key] = default if value is None else value
+    flags["attention_out_bias"] = flags["attention_bias"]   # OlmoeAttention: on q/k/v_proj and on o_proj
     return out | flags | dict(qk_norm="full", clip_qkv=None if clip is None else float(clip))
 
 
@@ -86,7 +89,8 @@ FAMILY = Family(
     pre_attention=pre_attention, post_attention=post_attention, final_logits=final_logits,
     global_tensors=global_tensors, layer_tensors=layer_tensors, expert_tensors=expert_tensors, layer=layer,
     expert=expert, spec_fields=spec_fields, hf_config=hf_config,
-    implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "qk_norm": ("full",),
-                "clip_qkv": "any"},
+    implements={"attention_bias": (False, True), "attention_out_bias": (False, True),
+                "norm_topk_prob": (False, True), "qk_norm": ("full",), "clip_qkv": "any"},
+    check=check_all_four_biased,
     tensor_parallel=tensor_parallel,
 )

@@ -1,7 +1,8 @@
 """Qwen2-MoE (Qwen1.5-MoE) and Qwen3-MoE: Mixtral's layer with
-- Qwen2-MoE: biases on Q/K/V (`qkv_bias`), and a shared expert beside the routed ones, always run,
-  scaled by a sigmoid gate: moe(h) + sigmoid(h . g) * SwiGLU_shared(h);
-- Qwen3-MoE: RMSNorm of q and k per head, before RoPE (`q_norm`, `k_norm` of size head_dim);
+- Qwen2-MoE: biases on Q/K/V (`qkv_bias`; never on O), and a shared expert beside the routed ones, always
+  run, scaled by a sigmoid gate: moe(h) + sigmoid(h . g) * SwiGLU_shared(h);
+- Qwen3-MoE: RMSNorm of q and k per head, before RoPE (`q_norm`, `k_norm` of size head_dim), and with
+  `attention_bias` biases on all four of Q/K/V/O (as transformers' Qwen3MoeAttention builds them);
 - both: `norm_topk_prob` (renormalise the top-k routing weights, or not).
 Routed experts are `mlp.experts.{e}.gate_proj/up_proj/down_proj` in the checkpoint, streamed fused.
 
@@ -24,6 +25,7 @@ from moe_lightning.models.layers import (
     MoEKernel,
     Weights,
     apply_rope,
+    once,
     rms_norm,
     rope_cos_sin,
     route,
@@ -47,6 +49,7 @@ class LayerWeights(Weights):
     bq: torch.Tensor | None = None        # [nq*hd]   attention_bias
     bk: torch.Tensor | None = None        # [nkv*hd]
     bv: torch.Tensor | None = None        # [nkv*hd]
+    bo: torch.Tensor | None = None        # [H]       attention_out_bias (Qwen3-MoE's, OLMoE's attention_bias)
     q_norm: torch.Tensor | None = None    # [hd]      Qwen3-MoE
     k_norm: torch.Tensor | None = None    # [hd]
     shared_gate_proj: torch.Tensor | None = None   # [S, H]   Qwen2-MoE's shared expert
@@ -75,7 +78,7 @@ def pre_attention(lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
 def post_attention(lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, spec: ModelSpec,
                    experts: ExpertStack, moe_kernel: MoEKernel) -> torch.Tensor:
     """x [T, H] residual stream, attn [T, nq*hd] -> next layer's input [T, H]."""
-    x = x + lw.reduce(F.linear(attn, lw.wo))
+    x = x + lw.reduce(F.linear(attn, lw.wo, lw.bo))
     h = rms_norm(x, lw.ffn_norm, spec.rms_norm_eps)
     if lw.router is None:   # a dense layer (`experts` is None)
         return x + lw.reduce(swiglu_mlp(h, lw.mlp_gate, lw.mlp_up, lw.mlp_down))
@@ -93,10 +96,11 @@ MLP_SPLITS = {"shared_gate_proj": split(0), "shared_up_proj": split(0), "shared_
 
 
 def tensor_parallel(spec: ModelSpec) -> dict:
-    """Heads (and their biases) column-parallel into attention, row-parallel out; the shared expert and
-    dense MLPs split on their intermediate rows (its sigmoid gate and the per-head q/k norms replicated)."""
+    """Heads (and their biases) column-parallel into attention, row-parallel out (its bias added once); the
+    shared expert and dense MLPs split on their intermediate rows (its sigmoid gate and the per-head q/k
+    norms replicated)."""
     return {"wq": split(0), "wk": split(0), "wv": split(0), "wo": split(-1), "bq": split(0), "bk": split(0),
-            "bv": split(0), **MLP_SPLITS}
+            "bv": split(0), "bo": once, **MLP_SPLITS}
 
 
 # ---- checkpoint layout (shared with OLMoE, which names its tensors the same way) ----
@@ -110,6 +114,8 @@ def layer_tensors(i: int, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     if spec.attention_bias:
         out |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                 p + "self_attn.v_proj.bias": (kv,)}
+    if spec.attention_out_bias:
+        out[p + "self_attn.o_proj.bias"] = (H,)
     if spec.qk_norm != "none":
         per_head = spec.qk_norm == "head"
         out |= {p + "self_attn.q_norm.weight": (spec.head_dim if per_head else q,),
@@ -136,6 +142,8 @@ def layer(get: Getter, i: int, spec: ModelSpec) -> LayerWeights:
     optional = {}
     if spec.attention_bias:
         optional |= dict(bq=get(a + "q_proj.bias"), bk=get(a + "k_proj.bias"), bv=get(a + "v_proj.bias"))
+    if spec.attention_out_bias:
+        optional["bo"] = get(a + "o_proj.bias")
     if spec.qk_norm != "none":
         optional |= dict(q_norm=get(a + "q_norm.weight"), k_norm=get(a + "k_norm.weight"))
     if not spec.is_moe_layer(i):
@@ -201,9 +209,20 @@ def qwen3_spec_fields(cfg) -> dict:
                                     "mlp_only_layers", "decoder_sparse_step"),
                         default_rope_theta=QWEN_ROPE_THETA)
     dense, dense_size = _dense_layers(cfg, out["num_layers"])
-    return out | dict(attention_bias=cfg.flag("attention_bias", False), qk_norm="head",
+    bias = cfg.flag("attention_bias", False)   # Qwen3MoeAttention: on q/k/v_proj and on o_proj
+    return out | dict(attention_bias=bias, attention_out_bias=bias, qk_norm="head",
                       dense_layers=dense, dense_intermediate_size=dense_size,
                       norm_topk_prob=cfg.flag("norm_topk_prob", False))
+
+
+def check_all_four_biased(spec: ModelSpec) -> None:
+    """Qwen3-MoE's and OLMoE's `attention_bias` biases Q, K, V and O together (transformers has one flag)."""
+    from moe_lightning.errors import ConfigError
+
+    if spec.attention_bias != spec.attention_out_bias:
+        raise ConfigError(f"model.attention_out_bias={str(spec.attention_out_bias).lower()}: {spec.architecture}'s "
+                          "attention_bias biases all four attention projections or none (set it equal to "
+                          "model.attention_bias)")
 
 
 def _hf_common(spec: ModelSpec) -> dict:
@@ -243,6 +262,7 @@ QWEN2_MOE = Family(
 QWEN3_MOE = Family(
     architecture="qwen3_moe", model_types=("qwen3_moe",), hf_class="Qwen3MoeForCausalLM",
     hf_config_class="Qwen3MoeConfig", spec_fields=qwen3_spec_fields, hf_config=qwen3_hf_config,
-    implements={"attention_bias": (False, True), "norm_topk_prob": (False, True), "qk_norm": ("head",),
-                "dense_layers": "any"},
+    implements={"attention_bias": (False, True), "attention_out_bias": (False, True),
+                "norm_topk_prob": (False, True), "qk_norm": ("head",), "dense_layers": "any"},
+    check=check_all_four_biased,
     **_LAYOUT)

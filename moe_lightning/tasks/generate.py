@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import platform
@@ -19,7 +20,8 @@ from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environmen
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from moe_lightning.engine.generation import GenerationResult
+    from moe_lightning.config import ModelSpec, Sampling, Workload
+    from moe_lightning.engine.generation import GenerationParams, GenerationResult
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
 
 log = logging.getLogger("moe_lightning.generate")
@@ -58,7 +60,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     taken over this run's own repeats only."""
     from tqdm import tqdm
 
-    from moe_lightning.engine.generation import GenerationParams, generate
+    from moe_lightning.engine.generation import generate
     from moe_lightning.engine.parallel import current
     from moe_lightning.engine.weights import resolve_model
     from moe_lightning.hostload import HostLoad, check_fits_host, measurement_lock
@@ -91,9 +93,8 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         cfg = dataclasses.replace(cfg, policy=resolve(spec, cfg.hardware, workload, cfg.policy))
     runner = cfg.system.build(spec, source, cfg.hardware, cfg.policy, workload, device, trace=cfg.trace,
                               prompt_lengths=lengths)
-    params = GenerationParams(max_new_tokens=cfg.workload.gen_len, temperature=cfg.sampling.temperature,
-                              top_p=cfg.sampling.top_p, seed=cfg.sampling.seed,
-                              eos_token_id=None if cfg.sampling.ignore_eos else spec.eos_token_id)
+    params = generation_params(cfg.workload, cfg.sampling, spec)
+    decoding = decoding_note(params, spec, cfg.sampling)
     prompts = [r.input_ids for r in requests]
     max_new = [r.max_new_tokens or params.max_new_tokens for r in requests]
     admits = getattr(runner, "admits", False)   # the engine's unpadded mode: Algorithm 2 admission
@@ -167,7 +168,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         workload={**as_dict(cfg.workload), "actual": describe(requests)},
         policy=as_dict(cfg.policy), metrics=metrics,
         environment={**environment(), "threads": threads, "host_load": host.to_dict()},
-        extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling),
+        extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling), "decoding": decoding,
                "outputs_identical_across_repeats": all(r.output_ids == results[0].output_ids for r in results),
                "loops_per_repeat": loops,
                "repeat_throughput_tok_s": [r.throughput_tok_s for r in results],   # in the order timed
@@ -180,6 +181,36 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     kept = [r for r in range(len(requests)) if r not in done_set]
     outputs = ([results[0].output_ids[r] for r in kept] if any_order else results[0].output_ids)
     return Generation(report, [requests[r] for r in kept], outputs, tokenizer, runner)
+
+
+def generation_params(workload: Workload, sampling: Sampling, spec: ModelSpec) -> GenerationParams:
+    """The run's `GenerationParams`: the workload's budget, `sampling.*`, and the model's stop ids and
+    repetition penalty (its generation_config.json's, as transformers' generate takes them;
+    sampling.repetition_penalty overrides the penalty, sampling.ignore_eos drops the stop ids)."""
+    from moe_lightning.engine.generation import GenerationParams
+
+    penalty = sampling.repetition_penalty if sampling.repetition_penalty is not None else spec.repetition_penalty
+    return GenerationParams(max_new_tokens=workload.gen_len, temperature=sampling.temperature, top_p=sampling.top_p,
+                            seed=sampling.seed, eos_token_id=None if sampling.ignore_eos else spec.stop_token_ids,
+                            repetition_penalty=penalty)
+
+
+def decoding_note(params: GenerationParams, spec: ModelSpec, sampling: Sampling) -> dict:
+    """How tokens are picked, for the run document; a checkpoint whose generation_config.json asks for
+    sampling (not applied: `engine.hf_generation`) is named in one warning line and here."""
+    from moe_lightning.engine.hf_generation import sampling_not_applied
+
+    note = {"mode": "greedy" if params.temperature == 0 else "sampled", "stop_token_ids": list(params.eos_ids),
+            "repetition_penalty": params.repetition_penalty}
+    ignored = sampling_not_applied(spec.path) if spec.weights == "checkpoint" else None
+    if ignored:
+        shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in ignored.items())
+        note["sampling_not_applied"] = ignored
+        log.warning("%s/generation_config.json asks for sampling (%s), which is not applied: tokens are picked as "
+                    "sampling.* says (%s)", spec.path, shown,
+                    "greedy" if params.temperature == 0 else f"temperature={sampling.temperature}, "
+                    f"top_p={sampling.top_p}")
+    return note
 
 
 def _parallel(ranks, metrics: Metrics, device) -> dict:

@@ -38,7 +38,7 @@ def part_path(outputs: str | os.PathLike) -> Path:
 
 def run_fields(cfg, spec, device) -> dict:
     """The flat {field: value} that a run's output tokens depend on."""
-    from moe_lightning.tuner.identity import checkpoint_fingerprint, file_sha256, flatten
+    from moe_lightning.tuner.identity import checkpoint_fingerprint, drop_later_defaults, file_sha256, flatten
 
     asdict = dataclasses.asdict
     model = {k: v for k, v in asdict(spec).items() if k != "path"}
@@ -52,7 +52,7 @@ def run_fields(cfg, spec, device) -> dict:
             "sampling": asdict(cfg.sampling), "policy": asdict(cfg.policy), "device": str(device)}
     flat: dict = {}
     flatten("", json.loads(json.dumps(tree, default=str)), flat)
-    return flat
+    return drop_later_defaults(flat)
 
 
 def output_row(request, output_ids: list[int], tokenizer) -> dict:

@@ -70,6 +70,18 @@ def checkpoint_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+# Fields added after fingerprints were first stored: left out while at their defaults (which mean what
+# running without them meant), so that a study or an interrupted run's outputs from before them resume.
+LATER_DEFAULTS = {"model.eos_token_ids": None, "model.repetition_penalty": 1.0, "sampling.repetition_penalty": None}
+
+
+def drop_later_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    for key, default in LATER_DEFAULTS.items():
+        if key in flat and flat[key] == default:
+            del flat[key]
+    return flat
+
+
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -110,7 +122,7 @@ def study_fields(cfg: RunConfig, spec: ModelSpec, search_space: dict[str, Any]) 
     }
     flat: dict[str, Any] = {}
     flatten("", json.loads(json.dumps(tree, default=str)), flat)
-    return flat
+    return drop_later_defaults(flat)
 
 
 def digest(fields: dict[str, Any]) -> str:

@@ -81,7 +81,8 @@ def test_tensor_and_expert_parallel_reference_is_token_identical_to_transformers
                                                                                   chunks, keys):
     """T = 2: each rank holds half of every layer's heads, of each expert's rows, of the shared expert's and
     dense MLP's rows (q/k norms over all heads, MLA's absorbed heads, gpt-oss's sinks and biases split
-    with them); T = 2 x E = 2: and half of the experts. Every rank's tokens are transformers'."""
+    with them; O's bias, gpt-oss's, Qwen3-MoE's and OLMoE's, added once); T = 2 x E = 2: and half of the
+    experts. Every rank's tokens are transformers'."""
     tinies = {key: _tiny(key, prompts) for key in keys}
     for rank, doc in enumerate(_run_ranks(tmp_path, prompts, tinies, tensor, expert, chunks, {})):
         for key, tiny in tinies.items():

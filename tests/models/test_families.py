@@ -39,17 +39,19 @@ GPT_OSS = ModelSpec(name="hf", architecture="gpt_oss", attention_bias=True, atte
                     attention_sinks=True, sliding_window=4, sliding_layers=[0, 2], num_layers=3, router_bias=True,
                     expert_bias=True, expert_act="clamped_swiglu", swiglu_limit=0.3, rope_type="yarn", yarn_factor=4.0,
                     yarn_original_max_positions=64, yarn_truncate=False, **SHAPES)
-# Each family with the features that tell it apart switched on (a shared expert, Q/K/V biases, q/k norms,
+# Each family with the features that tell it apart switched on (a shared expert, Q/K/V(/O) biases, q/k norms,
 # a clamp that binds, routing weights left unnormalised, dense layers: between two MoE layers, and first
 # and third of four, so that the expert stream skips them and starts after one).
 FAMILIES = {
     "qwen2_moe": ModelSpec(name="hf", architecture="qwen2_moe", attention_bias=True, shared_expert_size=48,
                            norm_topk_prob=False, num_layers=3, dense_layers=[1], dense_intermediate_size=40,
                            **SHAPES),
+    # Qwen3-MoE's and OLMoE's attention_bias: biases on Q/K/V and on O (transformers' o_proj has them too).
     "qwen3_moe": ModelSpec(name="hf", architecture="qwen3_moe", qk_norm="head", norm_topk_prob=True, num_layers=4,
-                           dense_layers=[0, 2], dense_intermediate_size=24, **SHAPES),
+                           dense_layers=[0, 2], dense_intermediate_size=24, attention_bias=True,
+                           attention_out_bias=True, **SHAPES),
     "olmoe": ModelSpec(name="hf", architecture="olmoe", qk_norm="full", clip_qkv=1.0, norm_topk_prob=False,
-                       **SHAPES),
+                       attention_bias=True, attention_out_bias=True, **SHAPES),
     "dbrx": ModelSpec(name="hf", architecture="dbrx", clip_qkv=0.5, norm_topk_prob=True,
                       **(SHAPES | dict(rms_norm_eps=1e-5))),
     # MLA (no q LoRA in V2, q LoRA in V3), a dense first layer, shared experts, group-limited routing

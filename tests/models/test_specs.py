@@ -57,7 +57,8 @@ def test_a_family_refuses_the_features_it_does_not_implement(arch):
     for name, value in other.items():
         accepted = accepted_of[name]
         mla = dict(qk_nope_head_dim=16, v_head_dim=16) if name == "kv_lora_rank" else {}
-        tied = {"attention_out_bias": value} if name == "attention_bias" and arch == "gpt_oss" else {}  # all four
+        tied = ({"attention_out_bias": value} if name == "attention_bias" and arch in ("gpt_oss", "qwen3_moe", "olmoe")
+                else {})  # these bias all four projections or none
         spec = ModelSpec(architecture=arch, dense_intermediate_size=8, yarn_original_max_positions=64,
                          **(base | mla | {name: value} | tied))
         if accepted == "any" or value in accepted:
@@ -65,6 +66,22 @@ def test_a_family_refuses_the_features_it_does_not_implement(arch):
         else:
             with pytest.raises(ConfigError, match=f"model.{name}="):
                 family(spec)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe", "gpt_oss"])
+def test_attention_bias_is_on_all_four_projections_or_none(arch):
+    """transformers' Qwen3-MoE, OLMoE and gpt-oss put `attention_bias` on q/k/v_proj and on o_proj alike;
+    Qwen2-MoE's `qkv_bias` never reaches o_proj."""
+    norms = {"qwen3_moe": "head", "olmoe": "full"}
+    extra = {"qk_norm": norms[arch]} if arch in norms else {}
+    if arch == "gpt_oss":
+        extra = dict(attention_sinks=True, router_bias=True, expert_bias=True, expert_act="clamped_swiglu")
+    assert family(ModelSpec(architecture=arch, attention_bias=True, attention_out_bias=True, **extra))
+    for q, o in ((True, False), (False, True)):
+        with pytest.raises(ConfigError, match="all four attention projections or none"):
+            family(ModelSpec(architecture=arch, attention_bias=q, attention_out_bias=o, **extra))
+    with pytest.raises(ConfigError, match="model.attention_out_bias=True"):
+        family(ModelSpec(architecture="qwen2_moe", attention_bias=True, attention_out_bias=True))
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
