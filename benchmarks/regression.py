@@ -41,9 +41,10 @@ OVERLAP_KEEP = 0.5          # the overlap gain (overlap - 1) may shrink to this 
 SIM_ERROR_SLACK = 0.15      # the simulator's error may grow by this much (absolute) over the reference's
 
 
-def measure(rounds: int, serial: bool, profiles: tuple | None = None) -> dict:
+def measure(rounds: int, serial: bool, profiles: tuple | None = None, warm: bool = True) -> dict:
     """`profiles`: the (before, after) hardware profiles to simulate on instead of calibrating this host
-    twice (the self-test of the overlap signal, which does not judge the simulator)."""
+    twice, and `warm=False`: no discarded round (the self-test of the overlap signal, which judges neither
+    the simulator nor the speeds: a serial executor overlaps nothing, warm or cold)."""
     from moe_lightning.config import Policy, Sampling, ThreadsConfig, Workload
     from moe_lightning.report import Spread
     from moe_lightning.run_config import RunConfig
@@ -62,7 +63,7 @@ def measure(rounds: int, serial: bool, profiles: tuple | None = None) -> dict:
     tok_s: dict[str, list[float]] = {"reference": [], "cgopipe": []}
     overlap, e2e_s, outputs, hosts, threads = [], [], {}, [], None
     systems = (("reference", ReferenceSystem()), ("cgopipe", CGOPipeSystem()))
-    for _, system in systems:  # a discarded round: the first runs of a process are slower (first touch)
+    for _, system in systems if warm else ():  # a discarded round: a process's first runs are slower
         run_generation(dataclasses.replace(base, system=system), progress=False, warmup_tokens=2)
     # Both calibrations follow engine runs, so neither is the process's (or the runner's) cold start.
     before = profiles[0] if profiles else hardware_spec(calibrate(quick=True, device="cpu"), name="calibrated-here")

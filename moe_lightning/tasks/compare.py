@@ -132,7 +132,7 @@ class CompareTask:
                     error = self._run_here(sys_cfg, name, out, source)
             rows.append(_row(name, out if error is None else None, error))
             print(f"[compare] {name}: " + (f"{rows[-1]['throughput_shown']} tok/s {rows[-1]['kind']}"
-                                            if error is None else f"{rows[-1]['status'].upper()}: {error}"), flush=True)
+                                            if error is None else f"{rows[-1]['status'].upper()}: {rows[-1]['error']}"), flush=True)
         _add_ratios(rows)
         title = _title(rows, cfg)
         table = markdown_table(rows, title)

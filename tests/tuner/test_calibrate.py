@@ -49,7 +49,9 @@ def test_calibration_report_holds_the_measurements(calibrated):
     doc = json.loads((tmp / "run.json").read_text())
     m = doc["extra"]["measurements"]
     assert doc["task"] == "calibrate" and m["device"] == "cpu" and m["quick"] is True
-    assert m["cpu_attn_gbps"] > 0 and m["seconds"] < 40
+    # (no bound on `seconds`: a wall-clock bound in a test judges the host's load, not the code; the quick
+    # sizes are what keep it short)
+    assert m["cpu_attn_gbps"] > 0 and m["seconds"] > 0
     # On a host where the GPU role gets more threads alone than beside CPU attention, both curves are
     # measured at both thread counts (the 2-core CI runner: one thread, then two).
     from moe_lightning.tuner.calibrate import CPU_EXPERT_SHAPE, _gpu_role_threads
