@@ -346,7 +346,9 @@ class TuneTask:
         if seeds:
             s = seeds[0]
             print(f"HRM plan: N={s.batch_size} mu={s.micro_batch_size} attn_on_gpu={s.attn_on_gpu} "
-                  f"r_w={s.expert_gpu_fraction:.3f} r_c={s.kv_gpu_fraction:.3f} (+{len(seeds) - 1} neighbours queued)")
+                  f"r_w={s.expert_gpu_fraction:.3f} r_c={s.kv_gpu_fraction:.3f} (+{len(seeds) - 1} neighbours queued"
+                  + (f"; tuner.n_trials={cfg.tuner.n_trials} runs the first {cfg.tuner.n_trials} of the "
+                     f"{len(seeds)} seeds" if cfg.tuner.n_trials < len(seeds) else "") + ")")
         remaining = max(0, cfg.tuner.n_trials - started)
         if any(t.state != TrialState.WAITING for t in trials):
             print(f"resuming study {study.study_name} (same fingerprint): {_resumed(trials, started)}, "

@@ -42,6 +42,8 @@ def test_a_measured_tune_documents_its_best_trials_measurement(tmp_path, tiny_pa
     assert m["throughput_tok_s"] == m["spread"]["throughput_tok_s"]["median"] > 0
     assert m["prefill_s"] == m["spread"]["prefill_s"]["median"] > 0
     assert m["decode_s"] > 0 and m["generated_tokens"] > 0 and m["decode_step_median_s"] > 0
+    hrm = next(line for line in r.stdout.splitlines() if line.startswith("HRM plan:"))
+    assert "neighbours queued; tuner.n_trials=1 runs the first 1 of the" in hrm, hrm   # not all the seeds
     best = r.stdout.splitlines().index(next(line for line in r.stdout.splitlines() if line.startswith("best: trial")))
     assert r.stdout.splitlines()[best + 1].startswith("  NOISY: throughput varies"), r.stdout
 
