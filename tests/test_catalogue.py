@@ -524,6 +524,14 @@ CASES = [
          "tuner.max_batch_size: must be >= 0 (0: the workload's number of requests), got -5", task="tune", base=TUNE),
     Case("tune-negative-seed", ("tuner.objective=simulate", "tuner.seed=-3"), "tuner.seed: must be 0 to 2**32 - 1",
          task="tune", base=TUNE),
+    # task=plan gives CGOPipe's plan: under another system's name it would be mislabelled
+    Case("plan-under-a-baseline", ("system=flexgen",), "system=flexgen: task=plan gives CGOPipe's HRM plan, not "
+         "flexgen's policy; for flexgen's own policy", task="plan", base=()),
+    # A simulated policy that does not fit the budget is refused as task=generate refuses it
+    Case("simulate-over-the-memory-budget", ("task.use_plan=false", "hardware=t4", "model=mixtral-8x7b",
+                                            "workload=mtbench", "policy.batch_size=1024",
+                                            "policy.micro_batch_size=200"),
+         "policy does not fit the memory budget: GPU needs", code=3, task="simulate", base=()),
     Case("plan-unknown-placements", ("task.placements=gpu",), "task.placements=gpu: expected one of engine, all",
          task="plan", base=()),
     # A policy field that a rule or a search would replace is refused, not ignored
