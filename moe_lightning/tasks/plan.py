@@ -129,7 +129,7 @@ class PlanTask:
             system="cgopipe", task=self.name, model=as_dict(spec),
             hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(workload),
             policy=as_dict(plan.policy), environment=environment(),
-            # throughput over the whole workload; times, tokens and the step of one batch of N (as HRM prices it)
+            # tokens/s over the whole workload; times, tokens and the step of one batch of N (as HRM prices it)
             metrics=Metrics(kind="predicted", throughput_tok_s=pred.e2e_tok_s, decode_tok_s=pred.decode_tok_s,
                             prefill_s=pred.prefill_s, decode_s=pred.decode_s,
                             generated_tokens=plan.policy.batch_size * workload.gen_len,

@@ -188,6 +188,6 @@ def summary(report: RunReport, sim, hrm) -> str:
     lines += [f"  note: {n}" for n in sim.notes]
     if p["batch_size"] > sim.num_requests:
         lines.append(f"  note: N={p['batch_size']} exceeds the workload's {sim.num_requests} requests: the HRM "
-                     f"column prices a full batch of N (its decode tok/s counts N sequences), the simulator runs "
-                     f"the {sim.num_requests}; give workload.num_requests >= N to compare them")
+                     f"column prices the steps of a full batch of N, the simulator runs the {sim.num_requests}; "
+                     f"give workload.num_requests >= N to compare them")
     return "\n".join(lines)

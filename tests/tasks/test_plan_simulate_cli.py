@@ -244,7 +244,7 @@ def test_plan_plans_what_the_engine_runs_and_the_paper_s_four_placements_on_requ
 @pytest.mark.parametrize("batch_size, noted", [(16, True), (8, False)])
 def test_a_batch_larger_than_the_workload_is_noted_beside_the_hrm_column(batch_size, noted):
     """The HRM prices a full batch of N; the simulator runs the workload's requests: when N exceeds them,
-    the table says why the two columns' decode rates differ."""
+    the table says why the two columns' step times differ."""
     from moe_lightning.config import Policy, Workload
     from moe_lightning.run_config import RunConfig
     from moe_lightning.tasks.simulate import SimulateTask, simulate_system, summary
