@@ -335,6 +335,7 @@ def _run_job(cfg) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from moe_lightning.config import mark_given
     from moe_lightning.errors import MoELightningError
 
     logging.captureWarnings(True)   # warnings.warn: to the log file too (conf/hydra/job_logging), on stderr
@@ -346,6 +347,7 @@ def _run_job(cfg) -> None:
     except MoELightningError as exc:
         fail(str(exc))
     try:
+        mark_given(run_cfg.policy, given_policy_fields(HydraConfig.get().overrides.task))
         check_ignored_overrides(run_cfg, HydraConfig.get().overrides.task)
     except MoELightningError as exc:
         fail(str(exc))
@@ -394,11 +396,23 @@ def _run_job(cfg) -> None:
         raise
 
 
+def given_policy_fields(overrides) -> list[str]:
+    """The policy fields the command line sets (`policy.micro_batch_size=4`, `+policy.x=...`; not a
+    deletion): a rule that would replace one refuses it even at its default value (`config.mark_given`)."""
+    keys = [o.split("=", 1)[0].lstrip("+") for o in overrides if "=" in o and not o.startswith("~")]
+    return [k.split(".", 1)[1] for k in keys if k.startswith("policy.")]
+
+
 def check_ignored_overrides(cfg, overrides) -> None:
     """Overrides the task would ignore, refused: another model.* field beside model=hf (the folder's
-    config.json decides it), and the one-system settings beside task=compare (it runs task.systems)."""
+    config.json decides it), a policy field the system's runner does not read (system=reference, accelerate),
+    and the one-system settings beside task=compare (it runs task.systems)."""
     from moe_lightning.errors import ConfigError
 
+    if cfg.task.name in ("generate", "bench"):   # the tasks that run cfg.system's own runner
+        from moe_lightning.systems import refuse_unread_policy_fields
+
+        refuse_unread_policy_fields(cfg.system.name, given_policy_fields(overrides))
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if cfg.model.name == "hf" and key.startswith("model.") and key.split(".")[1] not in ("path", "dtype"):

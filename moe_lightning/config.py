@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 from moe_lightning.errors import ConfigError
@@ -700,10 +701,18 @@ RULE_FIELDS = ("batch_size", "micro_batch_size", "attn_on_gpu", "ffn_on_gpu", "e
                "kv_gpu_fraction", "pages_per_layer", "prefetch_depth", "dequant_experts")
 
 
+def mark_given(policy: Policy, names: Iterable[str]) -> None:
+    """Record the fields the user gave `policy` explicitly (the command line's `policy.*` overrides): a rule
+    that would replace one must refuse it even when its value is the default, which comparing values
+    cannot see. Kept on the instance only: a policy derived by `dataclasses.replace` is the program's."""
+    object.__setattr__(policy, "_given", frozenset(names))
+
+
 def set_policy_fields(policy: Policy, names: tuple[str, ...] = RULE_FIELDS) -> dict[str, object]:
-    """The fields among `names` that `policy` sets away from their defaults, e.g. from the command line."""
-    default = Policy()
-    return {n: getattr(policy, n) for n in names if getattr(policy, n) != getattr(default, n)}
+    """The fields among `names` that `policy` sets: given explicitly (`mark_given`), whatever the value, or
+    away from their defaults (a config file, a policy built in code)."""
+    default, given = Policy(), getattr(policy, "_given", frozenset())
+    return {n: getattr(policy, n) for n in names if n in given or getattr(policy, n) != getattr(default, n)}
 
 
 def refuse_ignored_fields(policy: Policy, why: str, instead: str, names: tuple[str, ...] = RULE_FIELDS) -> None:
@@ -711,7 +720,8 @@ def refuse_ignored_fields(policy: Policy, why: str, instead: str, names: tuple[s
     set_here = set_policy_fields(policy, names)
     if set_here:
         name, value = next(iter(set_here.items()))
-        raise ConfigError(f"policy.{name}={value}: {why}, so it would be ignored; {instead}")
+        shown = str(value).lower() if isinstance(value, bool) else value   # as the command line spells it
+        raise ConfigError(f"policy.{name}={shown}: {why}, so it would be ignored; {instead}")
 
 
 def ruled_policy(chosen: Policy, given: Policy, rule: str, instead: str) -> Policy:

@@ -23,6 +23,7 @@ from moe_lightning.config import (
     _choice,
     ruled_policy,
 )
+from moe_lightning.errors import ConfigError
 
 if TYPE_CHECKING:   # torch is imported by what runs, not by the config schema (the CLI checks it first)
     import torch
@@ -97,6 +98,25 @@ class CGOPipeSystem:
 
 
 SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOPipeSystem, **BASELINE_SYSTEMS}
+
+
+# The policy fields a system's runner reads where it is not the engine's (CGOPipeRunner, which the engine
+# baselines run too, reads them all): the reference runs every weight on one device with system.expert_kernel,
+# accelerate places the model itself; both read only the batch size.
+POLICY_FIELDS_READ = {"reference": ("batch_size",), "accelerate": ("batch_size",)}
+
+
+def refuse_unread_policy_fields(system: str, given: list[str]) -> None:
+    """A `policy.*` field given for a run of `system` that its runner never reads would be recorded in the run
+    document as if it had run (r_w=0.5 beside the reference): refused in one line naming it."""
+    read = POLICY_FIELDS_READ.get(system)
+    unread = [f"policy.{name}" for name in given if read is not None and name not in read]
+    if unread:
+        kernel = "; its expert kernel is system.expert_kernel" if system == "reference" else ""
+        it, they = ("them", "they") if len(unread) > 1 else ("it", "it")
+        raise ConfigError(f"{', '.join(unread)}: system={system} does not read {it} (it reads policy."
+                          f"{', policy.'.join(read)}{kernel}), so {they} would be ignored; drop {it}, or run a "
+                          "placement of your own with system=cgopipe")
 
 
 def paged_kv(system) -> bool:

@@ -524,6 +524,14 @@ CASES = [
          "tuner.max_batch_size: must be >= 0 (0: the workload's number of requests), got -5", task="tune", base=TUNE),
     Case("tune-negative-seed", ("tuner.objective=simulate", "tuner.seed=-3"), "tuner.seed: must be 0 to 2**32 - 1",
          task="tune", base=TUNE),
+    # task=plan gives CGOPipe's plan: under another system's name it would be mislabelled
+    Case("plan-under-a-baseline", ("system=flexgen",), "system=flexgen: task=plan gives CGOPipe's HRM plan, not "
+         "flexgen's policy; for flexgen's own policy", task="plan", base=()),
+    # A simulated policy that does not fit the budget is refused as task=generate refuses it
+    Case("simulate-over-the-memory-budget", ("task.use_plan=false", "hardware=t4", "model=mixtral-8x7b",
+                                            "workload=mtbench", "policy.batch_size=1024",
+                                            "policy.micro_batch_size=200"),
+         "policy does not fit the memory budget: GPU needs", code=3, task="simulate", base=()),
     Case("plan-unknown-placements", ("task.placements=gpu",), "task.placements=gpu: expected one of engine, all",
          task="plan", base=()),
     # A policy field that a rule or a search would replace is refused, not ignored
@@ -533,6 +541,20 @@ CASES = [
          "policy.batch_size=64: task=plan chooses the whole policy", task="plan", base=()),
     Case("plan-beside-a-given-kernel", ("policy.expert_kernel=loop",),
          "policy.expert_kernel=loop: task=plan chooses the whole policy", task="plan", base=()),
+    # ... even when the value given is the field's default (the command line's overrides say it was given)
+    Case("plan-beside-a-default-valued-micro-batch", ("policy.micro_batch_size=4",),
+         "policy.micro_batch_size=4: task=plan chooses the whole policy", task="plan", base=()),
+    Case("simulate-plan-beside-a-default-valued-batch", ("policy.batch_size=8",),
+         "policy.batch_size=8: task.use_plan=true", task="simulate", base=()),
+    Case("generate-own-rule-beside-a-default-valued-placement", ("system=flexgen", "policy.attn_on_gpu=false"),
+         "policy.attn_on_gpu=false: system.policy_source=auto (flexgen's own rule)"),
+    # ... and a policy field the system's runner never reads (it would be recorded as if it had run)
+    Case("generate-reference-beside-a-placement", ("system=reference", "policy.expert_gpu_fraction=0.5",
+                                                  "policy.attn_on_gpu=true"),
+         "policy.expert_gpu_fraction, policy.attn_on_gpu: system=reference does not read them"),
+    Case("bench-accelerate-beside-a-micro-batch", ("system=accelerate", "system.policy_source=given",
+                                                  "policy.micro_batch_size=2"),
+         "policy.micro_batch_size: system=accelerate does not read it", task="bench"),
     Case("generate-own-rule-beside-a-given-batch", ("system=flexgen", "policy.micro_batch_size=2"),
          "policy.micro_batch_size=2: system.policy_source=auto (flexgen's own rule)"),
     Case("bench-plan-beside-a-given-page-schedule", ("task.plan=true", "policy.prefetch_depth=3"),

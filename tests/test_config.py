@@ -110,3 +110,37 @@ def test_negative_warmup_tokens_are_refused(task):
     assert task(warmup_tokens=0).warmup_tokens == 0
     with pytest.raises(ConfigError, match=r"^task.warmup_tokens: must be an integer >= 0"):
         task(warmup_tokens=-1)
+
+
+def test_a_policy_field_given_at_its_default_is_refused_where_a_rule_replaces_it():
+    """A field the command line gives is the user's even at its default value (policy.micro_batch_size=4):
+    a rule that replaces it refuses it, as it refuses any other value; one not given is the rule's."""
+    from moe_lightning.cli import given_policy_fields
+    from moe_lightning.config import Policy, mark_given, refuse_ignored_fields, ruled_policy
+    from moe_lightning.errors import ConfigError
+
+    given = Policy()
+    mark_given(given, given_policy_fields(["task=plan", "policy.micro_batch_size=4", "+policy.attn_on_gpu=false",
+                                           "~policy.batch_size", "hardware=t4"]))
+    with pytest.raises(ConfigError, match=r"^policy.micro_batch_size=4: the rule chooses it"):
+        refuse_ignored_fields(given, "the rule chooses it", "drop it")
+    with pytest.raises(ConfigError, match=r"^policy.attn_on_gpu=false: the rule chooses it"):
+        refuse_ignored_fields(given, "the rule chooses it", "drop it", ("batch_size", "attn_on_gpu"))
+    chosen = Policy(batch_size=64, micro_batch_size=16)
+    assert ruled_policy(chosen, Policy(), "the rule", "drop it") == chosen   # nothing given: the rule's
+
+
+def test_a_policy_field_the_system_does_not_read_is_refused():
+    """system=reference and accelerate read only policy.batch_size: a placement given for them would be
+    recorded in the run document as if it had run, so it is refused; the engine's runners read every field."""
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.systems import refuse_unread_policy_fields
+
+    refuse_unread_policy_fields("reference", ["batch_size"])
+    for system in ("cgopipe", "flexgen", "deepspeed"):
+        refuse_unread_policy_fields(system, ["attn_on_gpu", "kv_gpu_fraction", "expert_kernel"])
+    with pytest.raises(ConfigError, match=r"^policy.kv_gpu_fraction: system=reference does not read it .*"
+                                          "system.expert_kernel"):
+        refuse_unread_policy_fields("reference", ["batch_size", "kv_gpu_fraction"])
+    with pytest.raises(ConfigError, match=r"^policy.expert_kernel: system=accelerate does not read it"):
+        refuse_unread_policy_fields("accelerate", ["expert_kernel"])

@@ -62,6 +62,20 @@ def planning_workload(workload: Workload, spec: ModelSpec) -> tuple[Workload, li
     return planned, lengths
 
 
+def refuse_other_system(name: str) -> None:
+    """task=plan gives CGOPipe's HRM plan, and its document says cgopipe: `reference` (which has no
+    offloading policy) stands for the engine, as under task=simulate; a baseline is refused, since its
+    name on CGOPipe's plan would mislabel the plan and its prediction (task=report's rows included)."""
+    if name in ("cgopipe", "reference"):
+        return
+    from moe_lightning.tasks.simulate import SIMULATED_SCHEDULES
+
+    own = (f"for {name}'s own policy and its HRM prediction run task=simulate system={name}, or"
+           if name in SIMULATED_SCHEDULES else "")
+    raise ConfigError(f"system={name}: task=plan gives CGOPipe's HRM plan, not {name}'s policy; {own} plan with "
+                      "system=cgopipe")
+
+
 def out_path(cfg: RunConfig) -> Path:
     return Path(cfg.out) if cfg.out else Path(cfg.run_dir or "runs/latest") / "run.json"
 
@@ -95,6 +109,7 @@ class PlanTask:
         from moe_lightning.baselines.policies import FFN_ON_GPU
         from moe_lightning.tuner.optimizer import ALL_PLACEMENTS, optimize, plan_document, plan_table
 
+        refuse_other_system(cfg.system.name)
         # The plan is the whole policy, the expert kernel and the MXFP4 scratch included (the memory plan
         # charges their workspaces): a field given beside it would be silently replaced, as under
         # task=simulate's task.use_plan=true, and is refused likewise.
@@ -111,10 +126,10 @@ class PlanTask:
         pred = plan.prediction
         out = out_path(cfg)
         report = RunReport(
-            system=cfg.system.name, task=self.name, model=as_dict(spec),
+            system="cgopipe", task=self.name, model=as_dict(spec),
             hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(workload),
             policy=as_dict(plan.policy), environment=environment(),
-            # throughput over the whole workload; times, tokens and the step of one batch of N (as HRM prices it)
+            # tokens/s over the whole workload; times, tokens and the step of one batch of N (as HRM prices it)
             metrics=Metrics(kind="predicted", throughput_tok_s=pred.e2e_tok_s, decode_tok_s=pred.decode_tok_s,
                             prefill_s=pred.prefill_s, decode_s=pred.decode_s,
                             generated_tokens=plan.policy.batch_size * workload.gen_len,

@@ -353,18 +353,21 @@ LAST_BATCH = ("full", "prorated")
 
 def throughput(spec: ModelSpec, workload: Workload, batch_size: Any, t_layer: Any,
                t_prefill: Any, last_batch: str = "full") -> tuple[Any, Any]:
-    """(decode tokens/s of a full batch, end-to-end tokens/s over all `num_requests`).
+    """(decode tokens/s, end-to-end tokens/s), both over all `num_requests`.
 
     The requests run in num_requests / N batches. `last_batch` says how a last partial batch is
     charged, an explicit part of the objective: `full` (the default, the paper's static batches) as a
     full one, since its decode streams the same expert weights and a link-bound step costs the same;
     so the objective prefers N that divide num_requests (1024 requests: N = 342 over N = 320).
-    `prorated`: in proportion to its size, as when refill keeps the batch full until the queue drains."""
+    `prorated`: in proportion to its size, as when refill keeps the batch full until the queue drains.
+    Decode tokens/s is the engine's measured figure (`GenerationResult.decode_tok_s`, the simulator's
+    likewise): the tokens after each sequence's first over the decode steps' time, the first coming from
+    the prefill, so gen_len - 1 steps of `step_s` per batch, which make one token per request each."""
     step_s = spec.num_layers * t_layer
-    decode = batch_size / step_s
     batches = workload.num_requests / batch_size
     if last_batch == "full":
         batches = np.ceil(batches)
+    decode = workload.num_requests / (batches * step_s) * (workload.gen_len > 1)   # gen_len 1: no decode step
     e2e = workload.num_requests * workload.gen_len / (batches * (t_prefill + workload.gen_len * step_s))
     return decode, e2e
 

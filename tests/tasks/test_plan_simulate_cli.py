@@ -244,7 +244,7 @@ def test_plan_plans_what_the_engine_runs_and_the_paper_s_four_placements_on_requ
 @pytest.mark.parametrize("batch_size, noted", [(16, True), (8, False)])
 def test_a_batch_larger_than_the_workload_is_noted_beside_the_hrm_column(batch_size, noted):
     """The HRM prices a full batch of N; the simulator runs the workload's requests: when N exceeds them,
-    the table says why the two columns' decode rates differ."""
+    the table says why the two columns' step times differ."""
     from moe_lightning.config import Policy, Workload
     from moe_lightning.run_config import RunConfig
     from moe_lightning.tasks.simulate import SimulateTask, simulate_system, summary
@@ -298,3 +298,20 @@ def test_a_plan_refuses_a_given_policy_field(tmp_path, given):
     assert not list(tmp_path.iterdir())
     PlanTask().run(RunConfig(task=PlanTask(), run_dir=str(tmp_path)))   # the defaults plan
     assert (tmp_path / "run.json").is_file()
+
+
+def test_a_plan_is_cgopipe_s_and_says_so(tmp_path):
+    """task=plan gives CGOPipe's HRM plan: its document says cgopipe (reference stands for the engine, as
+    under task=simulate), and a baseline, whose name would mislabel the plan in task=report, is refused."""
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.systems import SYSTEM_CONFIGS
+    from moe_lightning.tasks.plan import PlanTask
+
+    doc = PlanTask().run(RunConfig(task=PlanTask(), run_dir=str(tmp_path)))   # RunConfig's default: reference
+    assert doc.system == "cgopipe"
+    for name in ("flexgen", "deepspeed", "accelerate"):
+        cfg = RunConfig(task=PlanTask(), system=SYSTEM_CONFIGS[name](), out=str(tmp_path / f"{name}.json"))
+        with pytest.raises(ConfigError, match=rf"^system={name}: task=plan gives CGOPipe's HRM plan"):
+            cfg.task.run(cfg)
+        assert not (tmp_path / f"{name}.json").exists()

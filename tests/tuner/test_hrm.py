@@ -263,3 +263,17 @@ def test_a_scratch_of_fewer_mxfp4_experts_costs_a_pass_per_micro_batch_by_hand()
     assert grouped.t_gpu - whole.t_gpu == pytest.approx(2 * (1632 + 6144) / 100e9)
     assert grouped.t_link == pytest.approx(whole.t_link)
     assert whole.memory.gpu["streamed_experts"] - grouped.memory.gpu["streamed_experts"] == 6144
+
+
+def test_decode_tok_s_is_the_engine_s_figure_over_the_whole_workload():
+    """Decode tok/s as the engine measures it: tokens after each sequence's first over the decode time of
+    the whole workload. 6 requests in batches of 4 run 2 batches of gen_len - 1 = 3 link-bound steps
+    (2 layers of 1.6 us) making one token per request each: 6 x 3 tokens in 2 x 3 steps, not a full
+    batch's 4 per step. gen_len 1 has no decode step."""
+    six = replace(WORKLOAD, num_requests=6)
+    pred = predict(SPEC, HW, six, POLICY)
+    assert pred.bottleneck == "link" and pred.t_link == pytest.approx(1.6e-6)
+    assert pred.decode_tok_s == pytest.approx(6 * 3 / (2 * 3 * 2 * 1.6e-6))
+    prorated = predict(SPEC, HW, six, POLICY, last_batch="prorated")   # the last batch charged by its size
+    assert prorated.decode_tok_s == pytest.approx(4 / (2 * 1.6e-6))
+    assert predict(SPEC, HW, replace(six, gen_len=1), POLICY).decode_tok_s == 0
