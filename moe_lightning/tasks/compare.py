@@ -131,8 +131,10 @@ class CompareTask:
                 else:
                     error = self._run_here(sys_cfg, name, out, source)
             rows.append(_row(name, out if error is None else None, error))
-            print(f"[compare] {name}: " + (f"{rows[-1]['throughput_shown']} tok/s {rows[-1]['kind']}"
-                                            if error is None else f"{rows[-1]['status'].upper()}: {rows[-1]['error']}"), flush=True)
+            row = rows[-1]
+            shown = (f"{row['throughput_shown']} tok/s {row['kind']}" if error is None
+                     else f"{row['status'].upper()}: {row['error']}")
+            print(f"[compare] {name}: {shown}", flush=True)
         _add_ratios(rows)
         title = _title(rows, cfg)
         table = markdown_table(rows, title)
