@@ -602,10 +602,16 @@ def main() -> None:
     from moe_lightning.interrupt import install
 
     install()
+    from moe_lightning import pipes
+
+    pipes.install()   # stdout's reader gone (| head): the run finishes its documents, then exits 141
     try:
         _main()
     except KeyboardInterrupt as exc:   # errors.Interrupted; a task's own says what was kept
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+    finally:
+        sys.stdout.flush()   # what is still buffered, while a closed pipe is still caught here
+    pipes.exit_if_broken()
 
 
 def _main() -> None:

@@ -268,3 +268,22 @@ def test_results_go_to_stdout_and_log_lines_and_warnings_to_stderr_and_the_log(t
     for said in ("a logged warning", "a warning from the job"):
         assert said in r.stderr and said in log, (said, r.stderr, log)
     assert "[moe_lightning.cgopipe][INFO] - cgopipe: 0 resident" in log
+
+
+@pytest.mark.parametrize("task", ["plan", "simulate"])
+def test_stdout_into_a_closed_pipe_finishes_the_run_quietly(tmp_path, task):
+    """`... | head -1`: the reader is gone before the first print. The run still writes its document, says
+    nothing on stderr (no BrokenPipeError traceback) and exits 141, as a CLI that SIGPIPE ended."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)   # the reader left before anything was printed: every write fails
+    try:
+        r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", f"task={task}", "hardware=t4",
+                            "model=mixtral-8x7b", "workload=mtbench", f"hydra.run.dir={tmp_path / 'run'}"],
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=300, cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert r.returncode == 141, r.stderr
+    assert r.stderr == ""
+    assert RunReport.from_json(tmp_path / "run" / "run.json").task == task
