@@ -492,6 +492,7 @@ def check_outputs(cfg) -> list[OutputLock]:
                                   "own path (one with ${hydra:job.num} in it, say)")
             locks.append(lock_output(named[key], key=key))
         _check_output_paths(cfg)
+        cfg.logger.check()   # logger.dir: written once the task is done, so checked before it starts
     except BaseException:
         for lock in locks:
             lock.release()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from moe_lightning.errors import ConfigError
 
 log = logging.getLogger("moe_lightning.loggers")
 
@@ -23,6 +26,9 @@ class NoLogger:
     def start(self, run_name: str, config: dict[str, Any], run_dir: str, group: str | None = None,
               job_type: str | None = None) -> None:
         pass
+
+    def check(self) -> None:
+        """Before the run: refuse what would fail only once the task is done (an unwritable folder)."""
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         pass
@@ -40,6 +46,9 @@ class NoLogger:
         pass
 
 
+WANDB_MODES = ("offline", "online", "disabled")   # wandb.init's modes this logger documents
+
+
 @dataclass
 class WandbLogger(NoLogger):
     name: str = "wandb"
@@ -50,6 +59,23 @@ class WandbLogger(NoLogger):
 
     def __post_init__(self) -> None:
         self._run = None
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"logger.mode={self.mode}: expected one of {', '.join(WANDB_MODES)} (offline keeps the "
+                              "run in its folder for `wandb sync`; disabled logs nothing)")
+
+    def check(self) -> None:
+        """logger.dir must be a folder this run can create and write in (probed, as out= is)."""
+        if self.dir is None or self.mode == "disabled":
+            return
+        folder = Path(self.dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".moe-lightning.", suffix=".probe")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"logger.dir={self.dir}: not a folder this run can write in "
+                              f"({exc.strerror or exc})") from None
 
     def __getstate__(self) -> dict:
         """A copy in another process (a tune's worker) does not hold this process's run."""

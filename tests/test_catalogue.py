@@ -549,6 +549,11 @@ CASES = [
          task="compare"),
     Case("tune-beside-a-searched-field", ("tuner.objective=simulate", "policy.kv_gpu_fraction=0.5"),
          "policy.kv_gpu_fraction=0.5: task=tune searches it", task="tune", base=TUNE),
+    # Logger settings: refused before the task runs, not by wandb after it
+    Case("logger-unknown-mode", ("logger=wandb", "logger.mode=bogus"),
+         "logger.mode=bogus: expected one of offline, online, disabled", task="plan", base=()),
+    Case("logger-dir-unwritable", ("logger=wandb", "logger.dir=/proc/x"),
+         "logger.dir=/proc/x: not a folder this run can write in", task="plan", base=()),
     # Reports
     Case("report-no-match", ("task.inputs=[nothing/*.json]",), "no run documents", task="report", base=()),
     Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",

@@ -157,3 +157,19 @@ def test_logger_wandb_attempts_no_connection_beyond_loopback(tmp_path):
     assert r.returncode == 0, r.stderr
     assert any((tmp_path / "run" / "wandb").glob("offline-run-*"))   # it did log
     assert not attempts.exists(), attempts.read_text()
+
+
+def test_a_wandb_mode_it_does_not_take_is_refused_by_name():
+    from moe_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="logger.mode=bogus: expected one of offline, online, disabled"):
+        WandbLogger(mode="bogus")
+
+
+def test_an_unwritable_logger_dir_is_refused_before_the_run(tmp_path):
+    from moe_lightning.errors import ConfigError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="not a folder this run can write in"):
+        WandbLogger(dir=str(tmp_path / "file" / "wandb")).check()
+    WandbLogger(dir=str(tmp_path / "new")).check()   # a folder it may create is fine
