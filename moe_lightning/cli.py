@@ -447,12 +447,19 @@ def start_logger(cfg) -> None:
 
 
 def finish_logger(cfg, report) -> None:
-    """The run document's numbers as the run's summary and the plots the task wrote (the caller closes
-    the run)."""
+    """The policy the task ran (a plan's or a system's rule, not the config's default) in place of the
+    config's, the run document's numbers as the run's summary, and the plots the task wrote (the caller
+    closes the run)."""
     from moe_lightning.report import flatten_numbers
 
+    if report is not None and report.policy:   # a report of reports ran none
+        ran = {"policy": report.policy}
+        if report.extra.get("policy_source"):
+            ran["policy_source"] = report.extra["policy_source"]
+        cfg.logger.log_config(ran)
     if report is not None:
-        cfg.logger.log_summary(flatten_numbers({"metrics": report.metrics, "prediction": report.prediction}))
+        cfg.logger.log_summary(flatten_numbers({"metrics": report.metrics, "prediction": report.prediction,
+                                                "policy": report.policy}))
     for png in sorted(Path(cfg.run_dir).glob("*.png")):
         cfg.logger.log_image(png.stem, png)
 

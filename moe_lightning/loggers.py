@@ -36,6 +36,9 @@ class NoLogger:
     def log_summary(self, metrics: dict[str, Any]) -> None:
         pass
 
+    def log_config(self, config: dict[str, Any]) -> None:
+        """Replace config entries once the task knows them (the policy it actually ran)."""
+
     def log_image(self, key: str, path: str | Path) -> None:
         pass
 
@@ -106,6 +109,10 @@ class WandbLogger(NoLogger):
     def log_summary(self, metrics: dict[str, Any]) -> None:
         if self._run is not None:
             self._run.summary.update(metrics)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        if self._run is not None:
+            self._run.config.update(config, allow_val_change=True)
 
     def log_image(self, key: str, path: str | Path) -> None:
         if self._run is not None:
