@@ -490,6 +490,10 @@ def check_outputs(cfg) -> list[OutputLock]:
     if cfg.out and cfg.outputs and Path(cfg.out).resolve() == Path(cfg.outputs).resolve():
         raise ConfigError(f"out and outputs name the same file ({cfg.out}); give two paths")
     named = {"outputs": cfg.outputs if cfg.task.name == "generate" else None, "out": cfg.out}
+    if cfg.task.name == "calibrate":   # the profile it writes: checked and locked as out= is, before measuring
+        named["task.out_yaml"] = str(cfg.task.yaml_path(cfg))
+        if cfg.out and Path(named["task.out_yaml"]).resolve() == Path(cfg.out).resolve():
+            raise ConfigError(f"out and task.out_yaml name the same file ({cfg.out}); give two paths")
     written = {key: Path(value).resolve() for key, value in named.items() if value and rank0}
     locks: list[OutputLock] = []
     try:
@@ -545,6 +549,8 @@ def _check_output_paths(cfg) -> None:
         if cfg.resume and not part.exists() and Path(cfg.outputs).is_file():
             raise ConfigError(f"outputs={cfg.outputs} is complete (no {part.name} to resume); nothing to do")
     named = {key: getattr(cfg, key) for key in ("out", "outputs") if getattr(cfg, key)}
+    if cfg.task.name == "calibrate":
+        named["task.out_yaml"] = str(cfg.task.yaml_path(cfg))
     for key, value in named.items():
         check_output_path(value, key=key, overwrite=cfg.overwrite, inputs=(cfg.workload.path,))
     check_run_folder(cfg.run_dir, cfg)

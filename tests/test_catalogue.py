@@ -554,6 +554,11 @@ CASES = [
          "logger.mode=bogus: expected one of offline, online, disabled", task="plan", base=()),
     Case("logger-dir-unwritable", ("logger=wandb", "logger.dir=/proc/x"),
          "logger.dir=/proc/x: not a folder this run can write in", task="plan", base=()),
+    # A calibration's profile is checked as out= is, before the measuring
+    Case("calibrate-profile-exists", ("task.out_yaml=old.json",), "task.out_yaml=old.json: exists; pass "
+         "overwrite=true", task="calibrate", base=("task.quick=true",)),
+    Case("calibrate-profile-is-a-folder", ("task.out_yaml=d",), "task.out_yaml=d: is a folder", task="calibrate",
+         base=("task.quick=true",), setup=write("d/keep.txt", "x")),
     # Reports
     Case("report-no-match", ("task.inputs=[nothing/*.json]",), "no run documents", task="report", base=()),
     Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",
