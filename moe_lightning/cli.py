@@ -245,11 +245,37 @@ def check_composes(args: list[str]) -> None:
     swept key."""
     if any(a in ("--help", "-h", "--hydra-help") for a in args):
         return
-    plain, _ = split_args(args)
+    plain, dirs = split_args(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
     points = sweep_points(plain) if multirun else [plain]
-    for overrides, cfg in zip(points, compose_each(args, points)):
+    for overrides, cfg in zip(points, compose_each(args, points, hydra_config=True)):
         check_prompts_file_settings(overrides, cfg)
+        check_hardware_file(cfg.hydra.runtime.choices.hardware, dirs)
+
+
+def check_hardware_file(name: str, dirs: tuple[Path, ...]) -> None:
+    """A hardware profile file must give every number (config.REQUIRED_HARDWARE_FIELDS), or inherit a
+    preset explicitly with Hydra's defaults list: the schema's defaults are the cpu preset's, which a
+    partial profile would otherwise silently take."""
+    import yaml
+
+    from moe_lightning.config import missing_hardware_fields
+    from moe_lightning.errors import ConfigError
+
+    for folder in (CONF_DIR, *dirs):   # Hydra's search order: the package's presets, then --config-dir
+        path = folder / "hardware" / f"{name}.yaml"
+        if path.is_file():
+            break
+    else:
+        return
+    profile = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(profile, dict) or "defaults" in profile:
+        return   # not a mapping: Hydra's own error; a defaults list: inherits what it names
+    missing = missing_hardware_fields(profile)
+    if missing:
+        raise ConfigError(f"hardware={name} ({path}) does not give {', '.join(missing)}: a profile gives every "
+                          "number (task=calibrate writes one), or inherits a preset's explicitly by starting "
+                          "with `defaults: [t4, _self_]`")
 
 
 # Workload fields only synthetic prompts read: a prompts file decides its requests and their lengths.

@@ -276,6 +276,10 @@ CASES = [
          setup=config_dir("bad.yaml", "name: bad\ngpu: [\n"), task="plan", base=()),
     Case("config-dir-schema", ("--config-dir", "conf", "hardware=odd"), "hardware.gpu.count",
          setup=config_dir("odd.yaml", "name: odd\ngpu: {name: x, count: one}\n"), task="plan", base=()),
+    # A partial profile would take the rest from the schema's defaults (the cpu preset's), silently
+    Case("config-dir-partial-profile", ("--config-dir", "conf", "hardware=part"),
+         "hardware=part (conf/hardware/part.yaml) does not give gpu.name, gpu.count, gpu.bandwidth_gbps",
+         setup=config_dir("part.yaml", "name: part\ngpu: {memory_gib: 40}\n"), task="plan", base=()),
     Case("config-dir-missing", ("--config-dir", "nodir"), "no such folder", task="plan", base=()),
     # Output paths: refused before any work, earlier files untouched
     Case("outputs-is-a-folder", ("outputs=sub",), "is a folder", setup=lambda f, t: (f / "sub").mkdir()),
