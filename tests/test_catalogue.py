@@ -549,6 +549,9 @@ CASES = [
     # A comparison of one system is its ratio to itself: at least two, each listed once
     Case("compare-one-system", ("task.systems=[reference]",), "task=compare needs at least two distinct systems",
          task="compare"),
+    # A model this host cannot hold: refused once, before any system is tried, with task=generate's line
+    Case("compare-model-beyond-the-host", ("model=deepseek-v3", "task.systems=[cgopipe,flexgen]"),
+         "of host memory for its weights but this host has", code=3, task="compare"),
     Case("compare-a-system-twice", ("task.systems=[cgopipe,flexgen,flexgen]",), "flexgen is listed twice",
          task="compare"),
     Case("tune-beside-a-searched-field", ("tuner.objective=simulate", "policy.kv_gpu_fraction=0.5"),
