@@ -205,6 +205,7 @@ def check_overrides(args: list[str]) -> None:
             schema = {f.name: f for f in fields(schema)}[part].type
             schema = _resolve_type(schema)
         for v in values:
+            _check_list(o, schema, v)
             _check_scalar(key, schema, v)
         if o.is_add():   # '+' adds a key that is not there; every key the schema accepts already is
             raise ConfigError(f"+{key}: {key} is already in the config; drop the '+'")
@@ -315,6 +316,18 @@ def _check_scalar(key: str, tp, value) -> None:
     if not isinstance(value, accepted) or (name != "bool" and isinstance(value, bool)):
         wanted = {"float": "a number", "int": "an integer", "bool": "true or false"}[name]
         raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
+
+
+def _check_list(o, tp, value) -> None:
+    """A list field given one plain value (task.inputs=a.json): OmegaConf's "str is not a ListConfig"
+    would not say how to write a list on the command line."""
+    from moe_lightning.errors import ConfigError
+
+    name = tp if isinstance(tp, str) else str(tp)
+    if name.startswith(("list", "tuple")) and value is not None and not isinstance(value, (list, tuple)):
+        key = o.key_or_group
+        raise ConfigError(f"{key}={value}: {key} is a list; write it in brackets, the whole override quoted for the "
+                          f"shell: '{key}=[{value}]' (several: '{key}=[a,b]')")
 
 
 def _resolve_type(tp):

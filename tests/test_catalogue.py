@@ -568,6 +568,9 @@ CASES = [
          base=("task.quick=true",), setup=write("d/keep.txt", "x")),
     # Reports
     Case("report-no-match", ("task.inputs=[nothing/*.json]",), "no run documents", task="report", base=()),
+    # A list field given one plain value: how to write the list, not OmegaConf's "str is not a ListConfig"
+    Case("report-inputs-without-brackets", ("task.inputs=old.json",), "'task.inputs=[old.json]'", task="report",
+         base=()),
     Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",
          base=()),
 ]

@@ -393,10 +393,9 @@ def _row(name: str, doc_path: Path | None, error: str | None) -> dict[str, Any]:
 
 def _where(rep: RunReport) -> str:
     """Where a figure comes from: the detected device (measured) or the hardware profile (simulated)."""
-    if rep.metrics.kind == "measured":
-        detected = rep.hardware.get("detected") or {}
-        return detected.get("gpu") or f"this host ({detected.get('device', 'cpu')})"
-    return f"profile {rep.hardware['profile']['name']}"
+    from moe_lightning.report import where_of
+
+    return where_of(rep)
 
 
 def _add_ratios(rows: list[dict]) -> None:
