@@ -542,6 +542,9 @@ def check_outputs(cfg) -> list[OutputLock]:
                                   "own path (one with ${hydra:job.num} in it, say)")
             locks.append(lock_output(named[key], key=key))
         _check_output_paths(cfg)
+        if cfg.out and cfg.task.name != "report" and Path(cfg.out).suffix != ".json":
+            raise ConfigError(f"out={cfg.out}: task={cfg.task.name} writes a JSON document there; give a path "
+                              "ending in .json")
         cfg.logger.check()   # logger.dir: written once the task is done, so checked before it starts
     except BaseException:
         for lock in locks:

@@ -288,6 +288,8 @@ CASES = [
     Case("outputs-is-the-prompts", (*JSONL, "outputs=p.jsonl", "overwrite=true"), "is an input of this run",
          setup=prompts('{"input_ids": [4, 5]}\n')),
     Case("out-not-a-regular-file", ("out=/dev/full",), "not a regular file"),
+    Case("out-of-another-format", ("out=plan.csv",), "out=plan.csv: task=plan writes a JSON document there",
+         task="plan", base=()),
     Case("out-and-outputs-same", ("out=x.json", "outputs=x.json"), "name the same file"),
     Case("reused-run-folder", ("hydra.run.dir=earlier",), "the run folder holds an earlier run", task="plan", base=(),
          setup=both(write("earlier/run.json", '{"earlier": "run document"}\n'),
