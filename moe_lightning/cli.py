@@ -390,6 +390,11 @@ def _run_job(cfg) -> None:
         fail(str(exc))
     if run_cfg.run_dir is None:
         run_cfg.run_dir = HydraConfig.get().runtime.output_dir
+    from moe_lightning import __version__
+
+    # The log file's first line, whatever the task logs after it (plan and simulate log nothing else).
+    log.info("moe-lightning %s: task=%s %s (run folder %s)", __version__, run_cfg.task.name,
+             " ".join(HydraConfig.get().overrides.task), run_cfg.run_dir)
     from moe_lightning.interrupt import install
 
     install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
@@ -412,6 +417,7 @@ def _run_job(cfg) -> None:
                         finish_logger(run_cfg, run_ranks(run_cfg))   # T x E ranks (moe_lightning.launch)
                     else:
                         finish_logger(run_cfg, run_cfg.task.run(run_cfg))
+                    log.info("task=%s done", run_cfg.task.name)
                 finally:
                     run_cfg.logger.finish()   # a failed or interrupted task's run is closed too
             except torch.OutOfMemoryError as exc:

@@ -316,3 +316,14 @@ def test_stdout_into_a_closed_pipe_finishes_the_run_quietly(tmp_path, task):
     assert r.returncode == 141, r.stderr
     assert r.stderr == ""
     assert RunReport.from_json(tmp_path / "run" / "run.json").task == task
+
+
+def test_the_log_file_says_what_ran_for_every_task(tmp_path):
+    """plan logs nothing of its own: the run folder's moe-lightning.log still names the command and its end."""
+    folder = tmp_path / "h"
+    r = cli("task=plan", "hardware=t4", "model=mixtral-8x7b", "workload=mtbench", f"hydra.run.dir={folder}",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = (folder / "moe-lightning.log").read_text()
+    assert "task=plan hardware=t4 model=mixtral-8x7b workload=mtbench" in log and "task=plan done" in log, log
+    assert "[INFO]" not in r.stderr   # the console still shows warnings only
