@@ -14,6 +14,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moe_lightning import pipes  # stdlib only: imported before the signal handlers go in
+
 if TYPE_CHECKING:
     from moe_lightning.files import OutputLock
 
@@ -664,10 +666,8 @@ def main() -> None:
     from moe_lightning.interrupt import install
 
     install()
-    from moe_lightning import pipes
-
-    pipes.install()   # stdout's reader gone (| head): the run finishes its documents, then exits 141
     try:
+        pipes.install()   # stdout's reader gone (| head): the run finishes its documents, then exits 141
         _main()
     except KeyboardInterrupt as exc:   # errors.Interrupted; a task's own says what was kept
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
