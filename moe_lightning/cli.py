@@ -14,6 +14,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moe_lightning import pipes  # stdlib only: imported before the signal handlers go in
+
 if TYPE_CHECKING:
     from moe_lightning.files import OutputLock
 
@@ -205,6 +207,7 @@ def check_overrides(args: list[str]) -> None:
             schema = {f.name: f for f in fields(schema)}[part].type
             schema = _resolve_type(schema)
         for v in values:
+            _check_list(o, schema, v)
             _check_scalar(key, schema, v)
         if o.is_add():   # '+' adds a key that is not there; every key the schema accepts already is
             raise ConfigError(f"+{key}: {key} is already in the config; drop the '+'")
@@ -245,11 +248,37 @@ def check_composes(args: list[str]) -> None:
     swept key."""
     if any(a in ("--help", "-h", "--hydra-help") for a in args):
         return
-    plain, _ = split_args(args)
+    plain, dirs = split_args(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
     points = sweep_points(plain) if multirun else [plain]
-    for overrides, cfg in zip(points, compose_each(args, points)):
+    for overrides, cfg in zip(points, compose_each(args, points, hydra_config=True)):
         check_prompts_file_settings(overrides, cfg)
+        check_hardware_file(cfg.hydra.runtime.choices.hardware, dirs)
+
+
+def check_hardware_file(name: str, dirs: tuple[Path, ...]) -> None:
+    """A hardware profile file must give every number (config.REQUIRED_HARDWARE_FIELDS), or inherit a
+    preset explicitly with Hydra's defaults list: the schema's defaults are the cpu preset's, which a
+    partial profile would otherwise silently take."""
+    import yaml
+
+    from moe_lightning.config import missing_hardware_fields
+    from moe_lightning.errors import ConfigError
+
+    for folder in (CONF_DIR, *dirs):   # Hydra's search order: the package's presets, then --config-dir
+        path = folder / "hardware" / f"{name}.yaml"
+        if path.is_file():
+            break
+    else:
+        return
+    profile = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(profile, dict) or "defaults" in profile:
+        return   # not a mapping: Hydra's own error; a defaults list: inherits what it names
+    missing = missing_hardware_fields(profile)
+    if missing:
+        raise ConfigError(f"hardware={name} ({path}) does not give {', '.join(missing)}: a profile gives every "
+                          "number (task=calibrate writes one), or inherits a preset's explicitly by starting "
+                          "with `defaults: [t4, _self_]`")
 
 
 # Workload fields only synthetic prompts read: a prompts file decides its requests and their lengths.
@@ -289,6 +318,18 @@ def _check_scalar(key: str, tp, value) -> None:
     if not isinstance(value, accepted) or (name != "bool" and isinstance(value, bool)):
         wanted = {"float": "a number", "int": "an integer", "bool": "true or false"}[name]
         raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
+
+
+def _check_list(o, tp, value) -> None:
+    """A list field given one plain value (task.inputs=a.json): OmegaConf's "str is not a ListConfig"
+    would not say how to write a list on the command line."""
+    from moe_lightning.errors import ConfigError
+
+    name = tp if isinstance(tp, str) else str(tp)
+    if name.startswith(("list", "tuple")) and value is not None and not isinstance(value, (list, tuple)):
+        key = o.key_or_group
+        raise ConfigError(f"{key}={value}: {key} is a list; write it in brackets, the whole override quoted for the "
+                          f"shell: '{key}=[{value}]' (several: '{key}=[a,b]')")
 
 
 def _resolve_type(tp):
@@ -353,6 +394,11 @@ def _run_job(cfg) -> None:
         fail(str(exc))
     if run_cfg.run_dir is None:
         run_cfg.run_dir = HydraConfig.get().runtime.output_dir
+    from moe_lightning import __version__
+
+    # The log file's first line, whatever the task logs after it (plan and simulate log nothing else).
+    log.info("moe-lightning %s: task=%s %s (run folder %s)", __version__, run_cfg.task.name,
+             " ".join(HydraConfig.get().overrides.task), run_cfg.run_dir)
     from moe_lightning.interrupt import install
 
     install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
@@ -375,6 +421,7 @@ def _run_job(cfg) -> None:
                         finish_logger(run_cfg, run_ranks(run_cfg))   # T x E ranks (moe_lightning.launch)
                     else:
                         finish_logger(run_cfg, run_cfg.task.run(run_cfg))
+                    log.info("task=%s done", run_cfg.task.name)
                 finally:
                     run_cfg.logger.finish()   # a failed or interrupted task's run is closed too
             except torch.OutOfMemoryError as exc:
@@ -461,12 +508,19 @@ def start_logger(cfg) -> None:
 
 
 def finish_logger(cfg, report) -> None:
-    """The run document's numbers as the run's summary and the plots the task wrote (the caller closes
-    the run)."""
+    """The policy the task ran (a plan's or a system's rule, not the config's default) in place of the
+    config's, the run document's numbers as the run's summary, and the plots the task wrote (the caller
+    closes the run)."""
     from moe_lightning.report import flatten_numbers
 
+    if report is not None and report.policy:   # a report of reports ran none
+        ran = {"policy": report.policy}
+        if report.extra.get("policy_source"):
+            ran["policy_source"] = report.extra["policy_source"]
+        cfg.logger.log_config(ran)
     if report is not None:
-        cfg.logger.log_summary(flatten_numbers({"metrics": report.metrics, "prediction": report.prediction}))
+        cfg.logger.log_summary(flatten_numbers({"metrics": report.metrics, "prediction": report.prediction,
+                                                "policy": report.policy}))
     for png in sorted(Path(cfg.run_dir).glob("*.png")):
         cfg.logger.log_image(png.stem, png)
 
@@ -497,6 +551,10 @@ def check_outputs(cfg) -> list[OutputLock]:
     if cfg.out and cfg.outputs and Path(cfg.out).resolve() == Path(cfg.outputs).resolve():
         raise ConfigError(f"out and outputs name the same file ({cfg.out}); give two paths")
     named = {"outputs": cfg.outputs if cfg.task.name == "generate" else None, "out": cfg.out}
+    if cfg.task.name == "calibrate":   # the profile it writes: checked and locked as out= is, before measuring
+        named["task.out_yaml"] = str(cfg.task.yaml_path(cfg))
+        if cfg.out and Path(named["task.out_yaml"]).resolve() == Path(cfg.out).resolve():
+            raise ConfigError(f"out and task.out_yaml name the same file ({cfg.out}); give two paths")
     written = {key: Path(value).resolve() for key, value in named.items() if value and rank0}
     locks: list[OutputLock] = []
     try:
@@ -506,6 +564,10 @@ def check_outputs(cfg) -> list[OutputLock]:
                                   "own path (one with ${hydra:job.num} in it, say)")
             locks.append(lock_output(named[key], key=key))
         _check_output_paths(cfg)
+        if cfg.out and cfg.task.name != "report" and Path(cfg.out).suffix != ".json":
+            raise ConfigError(f"out={cfg.out}: task={cfg.task.name} writes a JSON document there; give a path "
+                              "ending in .json")
+        cfg.logger.check()   # logger.dir: written once the task is done, so checked before it starts
     except BaseException:
         for lock in locks:
             lock.release()
@@ -551,6 +613,8 @@ def _check_output_paths(cfg) -> None:
         if cfg.resume and not part.exists() and Path(cfg.outputs).is_file():
             raise ConfigError(f"outputs={cfg.outputs} is complete (no {part.name} to resume); nothing to do")
     named = {key: getattr(cfg, key) for key in ("out", "outputs") if getattr(cfg, key)}
+    if cfg.task.name == "calibrate":
+        named["task.out_yaml"] = str(cfg.task.yaml_path(cfg))
     for key, value in named.items():
         check_output_path(value, key=key, overwrite=cfg.overwrite, inputs=(cfg.workload.path,))
     check_run_folder(cfg.run_dir, cfg)
@@ -617,9 +681,13 @@ def main() -> None:
 
     install()
     try:
+        pipes.install()   # stdout's reader gone (| head): the run finishes its documents, then exits 141
         _main()
     except KeyboardInterrupt as exc:   # errors.Interrupted; a task's own says what was kept
         exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+    finally:
+        sys.stdout.flush()   # what is still buffered, while a closed pipe is still caught here
+    pipes.exit_if_broken()
 
 
 def _main() -> None:

@@ -596,6 +596,27 @@ class HardwareSpec:
         return int(self.cpu.memory_gib * GiB * self.cpu.usable_fraction)
 
 
+# The numbers a hardware profile must give: the dataclasses' defaults are the CPU runner's (the `cpu`
+# preset), so a profile file missing one would silently describe part of another machine. The rest
+# (usable fractions, calibrated curves, overheads, interconnect) have documented neutral defaults.
+REQUIRED_HARDWARE_FIELDS = ("name", "gpu.name", "gpu.count", "gpu.memory_gib", "gpu.bandwidth_gbps", "gpu.peak_tflops",
+                            "cpu.name", "cpu.cores", "cpu.memory_gib", "cpu.bandwidth_gbps", "cpu.peak_tflops",
+                            "link.h2d_gbps", "link.d2h_gbps")
+
+
+def missing_hardware_fields(profile: dict) -> list[str]:
+    """The REQUIRED_HARDWARE_FIELDS a profile's YAML (as a dict) does not give."""
+    def given(key: str) -> bool:
+        node: object = profile
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return [key for key in REQUIRED_HARDWARE_FIELDS if not given(key)]
+
+
 @dataclass
 class Workload:
     """What is asked of the model: prompt lengths, generation length, how many requests.

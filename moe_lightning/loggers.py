@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from moe_lightning.errors import ConfigError
 
 log = logging.getLogger("moe_lightning.loggers")
 
@@ -24,11 +27,17 @@ class NoLogger:
               job_type: str | None = None) -> None:
         pass
 
+    def check(self) -> None:
+        """Before the run: refuse what would fail only once the task is done (an unwritable folder)."""
+
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         pass
 
     def log_summary(self, metrics: dict[str, Any]) -> None:
         pass
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        """Replace config entries once the task knows them (the policy it actually ran)."""
 
     def log_image(self, key: str, path: str | Path) -> None:
         pass
@@ -38,6 +47,9 @@ class NoLogger:
 
     def finish(self) -> None:
         pass
+
+
+WANDB_MODES = ("offline", "online", "disabled")   # wandb.init's modes this logger documents
 
 
 @dataclass
@@ -50,6 +62,23 @@ class WandbLogger(NoLogger):
 
     def __post_init__(self) -> None:
         self._run = None
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"logger.mode={self.mode}: expected one of {', '.join(WANDB_MODES)} (offline keeps the "
+                              "run in its folder for `wandb sync`; disabled logs nothing)")
+
+    def check(self) -> None:
+        """logger.dir must be a folder this run can create and write in (probed, as out= is)."""
+        if self.dir is None or self.mode == "disabled":
+            return
+        folder = Path(self.dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".moe-lightning.", suffix=".probe")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"logger.dir={self.dir}: not a folder this run can write in "
+                              f"({exc.strerror or exc})") from None
 
     def __getstate__(self) -> dict:
         """A copy in another process (a tune's worker) does not hold this process's run."""
@@ -80,6 +109,10 @@ class WandbLogger(NoLogger):
     def log_summary(self, metrics: dict[str, Any]) -> None:
         if self._run is not None:
             self._run.summary.update(metrics)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        if self._run is not None:
+            self._run.config.update(config, allow_val_change=True)
 
     def log_image(self, key: str, path: str | Path) -> None:
         if self._run is not None:

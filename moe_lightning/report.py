@@ -203,3 +203,13 @@ def flatten_numbers(value: Any, prefix: str = "") -> dict[str, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return {prefix: value}
     return {}
+
+
+def where_of(r: RunReport, kind: str | None = None) -> str:
+    """Where a figure comes from, one wording for every table: the detected GPU or "this host (cpu)"
+    (measured), else the hardware profile (simulated, predicted)."""
+    if (kind or r.metrics.kind) == "measured":
+        detected = r.hardware.get("detected") or {}
+        gpu = detected.get("gpu") or (r.environment or {}).get("gpu")
+        return gpu or f"this host ({detected.get('device') or 'cpu'})"
+    return f"profile {(r.hardware.get('profile') or {}).get('name')}"

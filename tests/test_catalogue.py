@@ -276,6 +276,10 @@ CASES = [
          setup=config_dir("bad.yaml", "name: bad\ngpu: [\n"), task="plan", base=()),
     Case("config-dir-schema", ("--config-dir", "conf", "hardware=odd"), "hardware.gpu.count",
          setup=config_dir("odd.yaml", "name: odd\ngpu: {name: x, count: one}\n"), task="plan", base=()),
+    # A partial profile would take the rest from the schema's defaults (the cpu preset's), silently
+    Case("config-dir-partial-profile", ("--config-dir", "conf", "hardware=part"),
+         "hardware=part (conf/hardware/part.yaml) does not give gpu.name, gpu.count, gpu.bandwidth_gbps",
+         setup=config_dir("part.yaml", "name: part\ngpu: {memory_gib: 40}\n"), task="plan", base=()),
     Case("config-dir-missing", ("--config-dir", "nodir"), "no such folder", task="plan", base=()),
     # Output paths: refused before any work, earlier files untouched
     Case("outputs-is-a-folder", ("outputs=sub",), "is a folder", setup=lambda f, t: (f / "sub").mkdir()),
@@ -284,6 +288,8 @@ CASES = [
     Case("outputs-is-the-prompts", (*JSONL, "outputs=p.jsonl", "overwrite=true"), "is an input of this run",
          setup=prompts('{"input_ids": [4, 5]}\n')),
     Case("out-not-a-regular-file", ("out=/dev/full",), "not a regular file"),
+    Case("out-of-another-format", ("out=plan.csv",), "out=plan.csv: task=plan writes a JSON document there",
+         task="plan", base=()),
     Case("out-and-outputs-same", ("out=x.json", "outputs=x.json"), "name the same file"),
     Case("reused-run-folder", ("hydra.run.dir=earlier",), "the run folder holds an earlier run", task="plan", base=(),
          setup=both(write("earlier/run.json", '{"earlier": "run document"}\n'),
@@ -567,12 +573,28 @@ CASES = [
     # A comparison of one system is its ratio to itself: at least two, each listed once
     Case("compare-one-system", ("task.systems=[reference]",), "task=compare needs at least two distinct systems",
          task="compare"),
+    # A model this host cannot hold: refused once, before any system is tried, with task=generate's line
+    Case("compare-model-beyond-the-host", ("model=deepseek-v3", "task.systems=[cgopipe,flexgen]"),
+         "of host memory for its weights but this host has", code=3, task="compare"),
     Case("compare-a-system-twice", ("task.systems=[cgopipe,flexgen,flexgen]",), "flexgen is listed twice",
          task="compare"),
     Case("tune-beside-a-searched-field", ("tuner.objective=simulate", "policy.kv_gpu_fraction=0.5"),
          "policy.kv_gpu_fraction=0.5: task=tune searches it", task="tune", base=TUNE),
+    # Logger settings: refused before the task runs, not by wandb after it
+    Case("logger-unknown-mode", ("logger=wandb", "logger.mode=bogus"),
+         "logger.mode=bogus: expected one of offline, online, disabled", task="plan", base=()),
+    Case("logger-dir-unwritable", ("logger=wandb", "logger.dir=/proc/x"),
+         "logger.dir=/proc/x: not a folder this run can write in", task="plan", base=()),
+    # A calibration's profile is checked as out= is, before the measuring
+    Case("calibrate-profile-exists", ("task.out_yaml=old.json",), "task.out_yaml=old.json: exists; pass "
+         "overwrite=true", task="calibrate", base=("task.quick=true",)),
+    Case("calibrate-profile-is-a-folder", ("task.out_yaml=d",), "task.out_yaml=d: is a folder", task="calibrate",
+         base=("task.quick=true",), setup=write("d/keep.txt", "x")),
     # Reports
     Case("report-no-match", ("task.inputs=[nothing/*.json]",), "no run documents", task="report", base=()),
+    # A list field given one plain value: how to write the list, not OmegaConf's "str is not a ListConfig"
+    Case("report-inputs-without-brackets", ("task.inputs=old.json",), "'task.inputs=[old.json]'", task="report",
+         base=()),
     Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",
          base=()),
 ]

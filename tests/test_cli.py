@@ -92,6 +92,35 @@ def test_a_user_hardware_profile_from_config_dir(tmp_path):
     assert json.loads(out.read_text())["hardware"]["profile"]["name"] == "mybox"
 
 
+def test_a_user_profile_inherits_a_preset_only_when_it_says_so(tmp_path):
+    """`defaults: [t4, _self_]` takes t4's numbers and replaces the ones given; without it, a profile that
+    leaves numbers out is refused, naming them (the schema's defaults are the cpu preset's)."""
+    (tmp_path / "conf" / "hardware").mkdir(parents=True)
+    (tmp_path / "conf" / "hardware" / "big.yaml").write_text("defaults: [t4, _self_]\nname: big\n"
+                                                             "gpu: {memory_gib: 40}\n")
+    (tmp_path / "conf" / "hardware" / "part.yaml").write_text("name: part\ngpu: {memory_gib: 40}\n")
+    out = tmp_path / "plan.json"
+    common = ("--config-dir", str(tmp_path / "conf"), "task=plan", "model=mixtral-8x7b", "workload=mtbench")
+    r = cli(*common, "hardware=big", f"out={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    profile = json.loads(out.read_text())["hardware"]["profile"]
+    assert profile["gpu"]["memory_gib"] == 40 and profile["gpu"]["name"] == "Tesla T4" and profile["cpu"]["cores"] == 24
+    r = cli(*common, "hardware=part", cwd=tmp_path)
+    assert r.returncode == 2 and "does not give gpu.name, gpu.count" in r.stderr, r.stderr
+
+
+def test_every_shipped_hardware_preset_gives_every_number():
+    import yaml
+
+    from moe_lightning.cli import CONF_DIR
+    from moe_lightning.config import missing_hardware_fields
+    from moe_lightning.tuner.calibrate import load_hardware_yaml
+
+    for path in sorted((CONF_DIR / "hardware").glob("*.yaml")):
+        assert missing_hardware_fields(yaml.safe_load(path.read_text())) == [], path
+        load_hardware_yaml(path)
+
+
 def _damaged_checkpoint(tiny_path, folder, damage: str):
     import shutil
 
@@ -268,3 +297,33 @@ def test_results_go_to_stdout_and_log_lines_and_warnings_to_stderr_and_the_log(t
     for said in ("a logged warning", "a warning from the job"):
         assert said in r.stderr and said in log, (said, r.stderr, log)
     assert "[moe_lightning.cgopipe][INFO] - cgopipe: 0 resident" in log
+
+
+@pytest.mark.parametrize("task", ["plan", "simulate"])
+def test_stdout_into_a_closed_pipe_finishes_the_run_quietly(tmp_path, task):
+    """`... | head -1`: the reader is gone before the first print. The run still writes its document, says
+    nothing on stderr (no BrokenPipeError traceback) and exits 141, as a CLI that SIGPIPE ended."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)   # the reader left before anything was printed: every write fails
+    try:
+        r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", f"task={task}", "hardware=t4",
+                            "model=mixtral-8x7b", "workload=mtbench", f"hydra.run.dir={tmp_path / 'run'}"],
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=300, cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert r.returncode == 141, r.stderr
+    assert r.stderr == ""
+    assert RunReport.from_json(tmp_path / "run" / "run.json").task == task
+
+
+def test_the_log_file_says_what_ran_for_every_task(tmp_path):
+    """plan logs nothing of its own: the run folder's moe-lightning.log still names the command and its end."""
+    folder = tmp_path / "h"
+    r = cli("task=plan", "hardware=t4", "model=mixtral-8x7b", "workload=mtbench", f"hydra.run.dir={folder}",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = (folder / "moe-lightning.log").read_text()
+    assert "task=plan hardware=t4 model=mixtral-8x7b workload=mtbench" in log and "task=plan done" in log, log
+    assert "[INFO]" not in r.stderr   # the console still shows warnings only

@@ -157,3 +157,45 @@ def test_logger_wandb_attempts_no_connection_beyond_loopback(tmp_path):
     assert r.returncode == 0, r.stderr
     assert any((tmp_path / "run" / "wandb").glob("offline-run-*"))   # it did log
     assert not attempts.exists(), attempts.read_text()
+
+
+def test_a_wandb_mode_it_does_not_take_is_refused_by_name():
+    from moe_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="logger.mode=bogus: expected one of offline, online, disabled"):
+        WandbLogger(mode="bogus")
+
+
+def test_an_unwritable_logger_dir_is_refused_before_the_run(tmp_path):
+    from moe_lightning.errors import ConfigError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="not a folder this run can write in"):
+        WandbLogger(dir=str(tmp_path / "file" / "wandb")).check()
+    WandbLogger(dir=str(tmp_path / "new")).check()   # a folder it may create is fine
+
+
+def offline_config(folder: Path) -> dict:
+    """The config an offline run ends with: each key's last value (later updates replace earlier ones)."""
+    config = {}
+    for r in wandb_records(next(folder.glob("run-*.wandb"))):
+        kind = r.WhichOneof("record_type")
+        if kind in ("run", "config"):   # the config given at start is in the run record
+            updates = r.run.config.update if kind == "run" else r.config.update
+            config |= {item.key: json.loads(item.value_json) for item in updates}
+    return config
+
+
+def test_wandb_records_the_policy_the_task_ran_not_the_configs_default(tmp_path):
+    """task=simulate runs HRM's plan (task.use_plan=true), not cfg.policy's default: the plan's policy is
+    what the run's config and summary hold, as the run document does."""
+    pytest.importorskip("wandb")
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=simulate", "logger=wandb",
+                        "hardware=t4", "model=mixtral-8x7b", "workload=mtbench", f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ran = json.loads((tmp_path / "run" / "run.json").read_text())["policy"]
+    run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    config = offline_config(run)
+    assert config["policy"] == ran and config["policy_source"] == "hrm plan"
+    assert "policy.batch_size" in offline_run(run)["summary"]

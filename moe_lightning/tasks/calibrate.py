@@ -26,11 +26,16 @@ class CalibrateTask:
     out_yaml: str | None = None
     quick: bool = False
 
+    def yaml_path(self, cfg: RunConfig) -> Path:
+        """Where the profile goes: out_yaml, else hardware.yaml beside the run document (the CLI checks it
+        before measuring, as it does out=)."""
+        return Path(self.out_yaml) if self.out_yaml else out_path(cfg).parent / "hardware.yaml"
+
     def run(self, cfg: RunConfig) -> RunReport:
         from moe_lightning.tuner.calibrate import hardware_spec, hardware_yaml, measure, override_args
 
         out = out_path(cfg)
-        yaml_path = Path(self.out_yaml) if self.out_yaml else out.parent / "hardware.yaml"
+        yaml_path = self.yaml_path(cfg)
         profile = yaml_path.stem if yaml_path.stem != "hardware" else "calibrated"
         from moe_lightning.hostload import HostLoad, measurement_lock
         from moe_lightning.systems import resolve_device

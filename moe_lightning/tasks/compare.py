@@ -105,6 +105,13 @@ class CompareTask:
         if unknown or not systems:
             raise ConfigError(f"task.systems: unknown {', '.join(unknown) or '(empty list)'}; accepted: "
                               f"{', '.join(n for n in SYSTEM_CONFIGS if n != 'reference')}")
+        if self.mode == "measure":   # a model this host cannot hold: the line task=generate gives, once
+            from moe_lightning.hostload import check_fits_host
+            from moe_lightning.systems import resolve_device
+            from moe_lightning.tasks.simulate import planning_model
+
+            check_fits_host(planning_model(cfg.model), cfg.hardware, resolve_device(cfg.device),
+                            ranks=cfg.parallel.world_size)
         run_dir = Path(cfg.run_dir or "runs/latest")
         run_dir.mkdir(parents=True, exist_ok=True)
         runs = {name: (dataclasses.replace(cfg, policy=given[name]) if name in given else cfg,
@@ -150,7 +157,9 @@ class CompareTask:
               f"{run_dir / 'comparison.csv'}; chart: {png}" + (f"; comparison: {cfg.out}" if cfg.out else ""))
         ok = [r for r in rows if r["status"] == "ok"]
         if not ok:
-            raise MoELightningError("task=compare: every system failed (reasons in comparison.md)")
+            first = rows[0]
+            raise MoELightningError(f"task=compare: every system failed; {first['system']}: {first['error']} "
+                                    f"(each system's reason in {run_dir / 'comparison.md'})")
         best = RunReport.from_json(max(ok, key=lambda r: r["throughput_tok_s"])["run_document"])
         best.extra["comparison"] = rows
         return best
@@ -386,10 +395,9 @@ def _row(name: str, doc_path: Path | None, error: str | None) -> dict[str, Any]:
 
 def _where(rep: RunReport) -> str:
     """Where a figure comes from: the detected device (measured) or the hardware profile (simulated)."""
-    if rep.metrics.kind == "measured":
-        detected = rep.hardware.get("detected") or {}
-        return detected.get("gpu") or f"this host ({detected.get('device', 'cpu')})"
-    return f"profile {rep.hardware['profile']['name']}"
+    from moe_lightning.report import where_of
+
+    return where_of(rep)
 
 
 def _add_ratios(rows: list[dict]) -> None:

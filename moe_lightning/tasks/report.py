@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from moe_lightning.errors import ConfigError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.plots import save
-from moe_lightning.report import SCHEMA_VERSION, RunReport
+from moe_lightning.report import SCHEMA_VERSION, RunReport, where_of
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -34,12 +34,13 @@ def load_documents(patterns: list[str]) -> tuple[list[tuple[Path, RunReport]], l
 
     JSON files that are not run documents (traces, plans of other tools) are skipped without a reason;
     a file that looks like a run document but cannot be read is skipped with one."""
-    docs, skipped = [], []
+    docs, skipped, seen = [], [], set()
     for pattern in patterns:
         for name in sorted(glob.glob(pattern, recursive=True)):
             path = Path(name)
-            if not path.is_file():
+            if not path.is_file() or path.resolve() in seen:   # listed twice, or matched by two patterns: once
                 continue
+            seen.add(path.resolve())
             try:
                 data = json.loads(path.read_bytes())
             except OSError as exc:
@@ -64,13 +65,6 @@ def load_documents(patterns: list[str]) -> tuple[list[tuple[Path, RunReport]], l
 
 def kind_of(r: RunReport) -> str:
     return r.metrics.kind if r.schema_version >= 2 else OLD_KINDS.get(r.task, "measured")
-
-
-def where_of(r: RunReport, kind: str) -> str | None:
-    if kind == "measured":
-        detected = r.hardware.get("detected") or {}
-        return detected.get("gpu") or (r.environment or {}).get("gpu") or (r.environment or {}).get("cpu")
-    return f"profile {(r.hardware.get('profile') or {}).get('name')}"
 
 
 def row_of(path: Path, r: RunReport) -> dict:
@@ -106,10 +100,26 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 KIND_COLORS = {"measured": "tab:blue", "simulated": "tab:orange", "predicted": "tab:green"}
 
 
-def run_label(r: dict) -> str:
-    """One bar's label: what ran, on what, with which batch."""
+# Fields a bar's label adds when they differ between the plotted rows (a sweep's axis): bars that read the
+# same would otherwise stand for different runs.
+LABEL_FIELDS = ("task", "kind", "where", "gen_len", "padding", "attn_on_gpu", "expert_gpu_fraction")
+
+
+def run_label(r: dict, varying: tuple[str, ...] = ()) -> str:
+    """One bar's label: what ran, on what, with which batch, and the `varying` fields' values."""
     policy = f"N={r['batch_size']}, mu={r['micro_batch_size']}" if r.get("batch_size") else ""
-    return " · ".join(x for x in (r["system"], r.get("model") or "", f"{r['hardware']}/{r['workload']}", policy) if x)
+    swept = ", ".join(f"{k}={r.get(k)}" for k in varying)
+    return " · ".join(x for x in (r["system"], r.get("model") or "", f"{r['hardware']}/{r['workload']}", policy,
+                                  swept) if x)
+
+
+def bar_labels(rows: list[dict]) -> list[str]:
+    """The rows' labels, each naming the LABEL_FIELDS that differ between rows; rows alike in all of them
+    are told apart by their file."""
+    varying = tuple(k for k in LABEL_FIELDS if len({str(r.get(k)) for r in rows}) > 1)
+    labels = [run_label(r, varying) for r in rows]
+    return [f"{label} ({Path(r['file']).name})" if labels.count(label) > 1 else label
+            for label, r in zip(labels, rows)]
 
 
 def throughput_figure(rows: list[dict]):
@@ -124,14 +134,14 @@ def throughput_figure(rows: list[dict]):
     y = range(len(rows))
     ax.barh(y, [r["tok_s"] for r in rows], xerr=[r.get("tok_s_stdev") or 0 for r in rows],
             color=[KIND_COLORS.get(r["kind"], "tab:gray") for r in rows])
-    ax.set_yticks(y, [run_label(r) for r in rows], fontsize=7)
+    ax.set_yticks(y, bar_labels(rows), fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("tokens/s, end to end (measured: median of repeats ± stdev)")
     kinds = sorted({r["kind"] for r in rows})
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS.get(k, "tab:gray")) for k in kinds],
               labels=kinds, loc="lower right", fontsize=8)
-    ax.set_title(f"Throughput of {len(rows)} runs ({', '.join(kinds)}; simulated and predicted on the named "
-                 "profile, measured on the detected device)", fontsize=9)
+    ax.set_title(f"Throughput of {len(rows)} runs ({', '.join(kinds)})\nsimulated and predicted on the named "
+                 "profile, measured on the detected device", fontsize=9)   # two lines: one would be clipped
     fig.tight_layout()
     return fig
 

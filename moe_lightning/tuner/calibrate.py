@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ThreadsConfig
+from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ThreadsConfig, missing_hardware_fields
 from moe_lightning.errors import ConfigError
 from moe_lightning.threads import configured, plan_threads
 
@@ -500,6 +500,9 @@ def load_hardware_yaml(path: str | os.PathLike) -> HardwareSpec:
     if not path.is_file():
         raise ConfigError(f"{path}: no such hardware profile")
     d = yaml.safe_load(path.read_text())
+    missing = missing_hardware_fields(d) if isinstance(d, dict) else []
+    if missing:   # the dataclasses' defaults would fill them with the cpu preset's numbers
+        raise ConfigError(f"{path}: not a complete hardware profile (no {', '.join(missing)})")
     try:
         return HardwareSpec.from_dict(d)
     except (KeyError, TypeError) as exc:

@@ -158,3 +158,21 @@ def test_compare_writes_its_comparison_document_to_out(tmp_path):
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == (tmp_path / "run" / "comparison.json").read_bytes()
     assert [row["system"] for row in json.loads(out.read_text())] == ["cgopipe", "flexgen"]
+
+
+def test_every_system_failing_names_the_first_reason_and_the_table(tmp_path):
+    """DeepSpeed refuses CPU attention, accelerate has no schedule to simulate: the one error line says
+    why the first failed and where the table with every reason is."""
+    import pytest
+
+    from moe_lightning.errors import MoELightningError
+
+    cfg = RunConfig(task=CompareTask(systems=["deepspeed", "accelerate"], mode="simulate", policy_source="given",
+                                     progress=False),
+                    workload=Workload(num_requests=4, gen_len=3),
+                    policy=Policy(batch_size=4, micro_batch_size=2), run_dir=str(tmp_path))
+    with pytest.raises(MoELightningError) as failed:
+        cfg.task.run(cfg)
+    assert str(failed.value).startswith("task=compare: every system failed; deepspeed: system=deepspeed runs "
+                                        "attention on the GPU")
+    assert str(tmp_path / "comparison.md") in str(failed.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,8 @@ def test_the_plot_tells_measured_from_simulated(tmp_path):
     reports = [document("measured", 10.0, "cpu"), document("simulated", 900.0, "t4"),
                document("simulated", 700.0, "l4")]
     rows = [row_of(tmp_path / f"{n}.json", r) for n, r in enumerate(reports)]
-    assert [r["where"] for r in rows] == ["x86_64", "profile t4", "profile l4"]   # never the host for a profile
+    # never the host for a profile; a measured run's host in task=compare's words
+    assert [r["where"] for r in rows] == ["this host (cpu)", "profile t4", "profile l4"]
     fig = throughput_figure(rows)
     ax = fig.axes[0]
     assert "3 runs" in ax.get_title()
@@ -78,3 +80,38 @@ def test_report_writes_the_table_its_out_suffix_names(tmp_path, suffix):
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == (tmp_path / "run" / f"report{suffix}").read_bytes()
     assert out.read_text().count("cgopipe") == 2
+
+
+def test_a_document_listed_twice_is_one_row(tmp_path):
+    document("measured", 10.0, "cpu").to_json(tmp_path / "a.json")
+    document("simulated", 900.0, "t4").to_json(tmp_path / "b.json")
+    a = str(tmp_path / "a.json")
+    docs, _ = load_documents([a, a, str(tmp_path / "*.json"), str(tmp_path / "." / "a.json")])
+    assert sorted(p.name for p, _ in docs) == ["a.json", "b.json"]
+
+
+def test_bars_name_the_fields_that_differ_and_fit_the_figure(tmp_path):
+    """Two runs that differ only in attn_on_gpu read differently; title and labels lie inside the image."""
+    pytest.importorskip("matplotlib")
+    reports = [document("simulated", 900.0, "t4"), document("simulated", 700.0, "t4")]
+    reports[0].policy["attn_on_gpu"], reports[1].policy["attn_on_gpu"] = True, False
+    rows = [row_of(tmp_path / f"{n}.json", r) for n, r in enumerate(reports)]
+    fig = throughput_figure(rows)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(set(labels)) == 2 and {"attn_on_gpu=True", "attn_on_gpu=False"} == {x.split(" · ")[-1] for x in labels}
+    fig.canvas.draw()
+    figure = fig.bbox
+    renderer = fig.canvas.get_renderer()
+    for text in [ax.title, *ax.get_yticklabels()]:
+        box = text.get_window_extent(renderer)
+        assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, \
+            text.get_text()
+
+
+def test_report_and_compare_say_where_alike():
+    from moe_lightning.tasks.compare import _where
+
+    measured = document("measured", 10.0, "cpu")
+    measured.hardware["detected"] = {"device": "cpu", "gpu": None}
+    assert row_of(Path("m.json"), measured)["where"] == _where(measured) == "this host (cpu)"
