@@ -104,14 +104,14 @@ def table(m) -> str:
         ("  peak", f"{m.gpu_peak_tflops:.3f} TFLOP/s ({'bf16' if m.device == 'cuda' else 'fp32'} matmul)"),
         ("  memory bandwidth", f"{m.gpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
         ("  memory", f"{m.gpu_memory_gib:.1f} GiB"),
+        ("  GEMM by rows", format_curve(m.gemm_rows, m.gemm_tflops)),
+        ("  experts by tokens/expert", format_curve(m.expert_loads, m.expert_tflops)),
         ("link H2D / D2H", f"{m.h2d_gbps:.1f} / {m.d2h_gbps:.1f} GB/s"
          + (" (pinned)" if m.device == "cuda" else " (thread memcpy)")),
         ("CPU", f"{m.cpu_name}, {m.cpu_cores} cores, {m.cpu_memory_gib:.1f} GiB"),
         ("  peak", f"{m.cpu_peak_tflops:.3f} TFLOP/s (fp32 matmul)"),
         ("  memory bandwidth", f"{m.cpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
         ("  decode attention", f"{m.cpu_attn_gbps:.1f} GB/s of K/V read"),
-        ("  GEMM by rows", format_curve(m.gemm_rows, m.gemm_tflops)),
-        ("  experts by tokens/expert", format_curve(m.expert_loads, m.expert_tflops)),
         ("executor overhead", f"{m.task_overhead_s * 1e6:.0f} us per task, "
                               f"{m.step_overhead_s * 1e6:.0f} us per graph"),
         ("host", f"{m.issue_overhead_s * 1e6:.1f} us per task issued, {m.sync_overhead_s * 1e6:.0f} us per barrier"),

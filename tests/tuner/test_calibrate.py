@@ -3,6 +3,7 @@ numbers, and the CPU plays the GPU's role."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -108,3 +109,21 @@ def test_a_barrier_too_cheap_to_measure_is_not_read_back_as_the_default(monkeypa
     hw = HardwareSpec(sync_overhead_us=sync * 1e6, issue_overhead_us=issue * 1e6)
     costs = TaskCosts.for_policy(presets.load_preset("model", "tiny-mixtral"), hw, Policy())
     assert costs.sync_s == pytest.approx(calibrate.FLOOR_S) and costs.issue_s == pytest.approx(calibrate.FLOOR_S)
+
+
+def test_the_table_lists_the_gpu_roles_curves_under_the_gpu_role():
+    """The GEMM and expert curves are measured on the GPU role (`gpu.*` in the profile): the table shows
+    them in its section, not under the CPU's."""
+    from moe_lightning.tasks.calibrate import table
+    from moe_lightning.tuner.calibrate import Measurements
+
+    given = {"device": "cpu", "gpu_name": "cpu-as-gpu", "cpu_name": "x86_64", "cpu_cores": 2, "quick": True,
+             "gemm_rows": [1, 4], "gemm_tflops": [0.01, 0.02], "expert_loads": [1], "expert_tflops": [0.01]}
+    required = [f.name for f in dataclasses.fields(Measurements)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    m = Measurements(**{name: 1.0 for name in required} | given)
+    lines = [line.strip() for line in table(m).splitlines()]
+    sections = [i for i, line in enumerate(lines) if line.startswith(("GPU", "link", "CPU"))]
+    gemm = next(i for i, line in enumerate(lines) if line.startswith("GEMM by rows"))
+    experts = next(i for i, line in enumerate(lines) if line.startswith("experts by tokens"))
+    assert lines[sections[0]].startswith("GPU") and sections[0] < gemm < experts < sections[1], lines
