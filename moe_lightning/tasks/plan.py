@@ -81,8 +81,8 @@ def out_path(cfg: RunConfig) -> Path:
 
 
 def beside(out: Path, suffix: str) -> Path:
-    """A file next to the run document: run.json -> run_<suffix>."""
-    return out.with_name(f"{out.stem}_{suffix}")
+    """A file next to the run document: run.json -> run.<suffix> (as task=generate names its trace)."""
+    return out.with_name(f"{out.stem}.{suffix}")
 
 
 @dataclass

@@ -37,7 +37,7 @@ def test_plan_plot_writes_the_roofline_png(tmp_path):
     out = tmp_path / "plan.json"
     r = cli("task=plan", "task.plot=true", *COMMON, f"out={out}", f"hydra.run.dir={tmp_path / 'h'}")
     assert r.returncode == 0, r.stderr
-    png = tmp_path / "plan_roofline.png"
+    png = tmp_path / "plan.roofline.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(out.read_text())["extra"]["roofline_png"] == str(png)
 
@@ -65,7 +65,7 @@ def test_simulate_plot_with_own_policy(tmp_path):
             "policy.batch_size=8", "policy.micro_batch_size=4", "workload.num_requests=8",
             "workload.gen_len=4", f"out={out}", f"hydra.run.dir={tmp_path / 'h'}")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "sim_gantt.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "sim.gantt.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads(out.read_text())["policy"]["batch_size"] == 8
 
 
