@@ -70,7 +70,9 @@ class CGOPipeSystem:
         _check(self.kv_block_size >= 0, "system.kv_block_size", f"must be >= 0, got {self.kv_block_size}")
         _check(self.kv_cache_tokens >= 0, "system.kv_cache_tokens", f"must be >= 0, got {self.kv_cache_tokens}")
 
-    def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy) -> Policy:
+    def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy,
+                       lengths: Sequence[int] | None = None) -> Policy:
+        """`lengths`: the prompts' lengths in tokens (a prompts file's), planned as task=plan plans them."""
         if self.policy_source == "given":
             return given
         from moe_lightning.baselines.policies import cgopipe_policy
@@ -80,7 +82,8 @@ class CGOPipeSystem:
         # On several ranks the plan is the machine's for this run's T x E (each group runs its share of it)
         ranks = current()
         split = ParallelConfig(tensor=ranks.tensor, expert=ranks.expert) if ranks is not None else None
-        return ruled_policy(cgopipe_policy(spec, hardware, workload, parallel=split), given,
+        return ruled_policy(cgopipe_policy(spec, hardware, workload, parallel=split, lengths=lengths,
+                                           paged_kv=paged_kv(self)), given,
                             "system.policy_source=auto (the HRM plan)",
                             "set system.policy_source=given to run the given policy")
 

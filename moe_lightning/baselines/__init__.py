@@ -40,9 +40,11 @@ class _Baseline:
     def __post_init__(self) -> None:
         _choice(self.policy_source, "system.policy_source", POLICY_SOURCES)
 
-    def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy) -> Policy:
+    def resolve_policy(self, spec: ModelSpec, hardware: HardwareSpec, workload: Workload, given: Policy,
+                       lengths: Sequence[int] | None = None) -> Policy:
         """The policy this system runs: `given` with its batching and placement chosen by the system's own
-        rule (`auto`; a given batching or placement is refused, not ignored), or `given` as is."""
+        rule (`auto`; a given batching or placement is refused, not ignored), or `given` as is. `lengths`
+        is not read: the baselines' rules plan every prompt at the workload's longest, as they pad."""
         if self.policy_source == "given":
             return given
         return ruled_policy(self._own_policy(spec, hardware, workload), given,

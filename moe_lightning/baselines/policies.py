@@ -24,6 +24,8 @@ once per run, so their results are memoised on the inputs' values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from moe_lightning.baselines.flexgen_policy import last_true
 from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.errors import ConfigError, MemoryBudgetError
@@ -40,12 +42,15 @@ def choose_policy(system_name: str, spec: ModelSpec, hw: HardwareSpec, workload:
 
 
 def cgopipe_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload,
-                   parallel: ParallelConfig | None = None) -> Policy:
+                   parallel: ParallelConfig | None = None, lengths: Sequence[int] | None = None,
+                   paged_kv: bool = True) -> Policy:
     """The HRM plan on the placements CGOPipe runs; `parallel`: the T x E layout the run has (the
-    machine's policy for it), None: the best layout for `hw`."""
+    machine's policy for it), None: the best layout for `hw`; `lengths`: the prompts' own lengths (a
+    prompts file's: its KV cache and prefill as task=plan plans them), None: the workload's synthetic ones."""
     from moe_lightning.tuner.optimizer import optimize
 
-    return optimize(spec, hw, workload, placements=FFN_ON_GPU, parallel=parallel).policy
+    return optimize(spec, hw, workload, placements=FFN_ON_GPU, parallel=parallel, lengths=lengths,
+                    paged_kv=paged_kv).policy
 
 
 def fastdecode_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:

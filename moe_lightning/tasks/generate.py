@@ -85,12 +85,10 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     check_fits_host(spec, cfg.hardware, device, weight_bytes=dequantized, ranks=ranks.world_size if ranks else 1)
     # The memory plan is made for the prompts actually given (a JSONL file sets its own lengths).
     lengths = [len(r.input_ids) for r in requests]
-    workload = dataclasses.replace(cfg.workload, prompt_len_max=max(lengths),
-                                   prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))),
-                                   num_requests=len(requests))
+    workload = requests_workload(cfg.workload, lengths)
     resolve = getattr(cfg.system, "resolve_policy", None)  # baselines pick their policy as their authors do
     if resolve is not None:
-        cfg = dataclasses.replace(cfg, policy=resolve(spec, cfg.hardware, workload, cfg.policy))
+        cfg = dataclasses.replace(cfg, policy=resolve(spec, cfg.hardware, workload, cfg.policy, lengths=lengths))
     runner = cfg.system.build(spec, source, cfg.hardware, cfg.policy, workload, device, trace=cfg.trace,
                               prompt_lengths=lengths)
     params = generation_params(cfg.workload, cfg.sampling, spec)
@@ -306,6 +304,12 @@ def write_outputs(path: Path, gen: Generation) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         for req, out in zip(gen.requests, gen.output_ids):
             f.write(dumps(output_row(req, out, gen.tokenizer)))
+
+
+def requests_workload(workload: Workload, lengths: list[int]) -> Workload:
+    """The workload the runner and the policy rules are given for these prompts' lengths in tokens."""
+    return dataclasses.replace(workload, prompt_len_max=max(lengths), num_requests=len(lengths),
+                               prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))))
 
 
 def write_trace(gen: Generation, folder: Path, stem: str) -> None:

@@ -54,3 +54,33 @@ def test_tune_seeds_task_plans_plan_and_simulates_the_prompts_file(tmp_path, pla
     # the simulated trial ran the file's 12 requests of 2 tokens each, not the placeholder's one
     assert tune["metrics"]["generated_tokens"] == 12 * 2
     assert {k: tune["extra"]["hrm_plan"]["policy"][k] for k in PLANNED} == {k: plan["policy"][k] for k in PLANNED}
+
+
+
+def test_the_engines_auto_policy_is_task_plans_plan_for_a_prompts_file(tmp_path):
+    """system.policy_source=auto (what generate, bench and compare run for CGOPipe) plans a prompts file at
+    its own lengths, as task=plan does. On Mixtral-8x7B and a T4 (planned only: no weights are loaded),
+    300 prompts of 20-2000 tokens plan mu=6; planned at the file's average and longest prompt alone, mu=7."""
+    import random
+
+    from moe_lightning.config import Policy, Workload
+    from moe_lightning.systems import CGOPipeSystem
+    from moe_lightning.tasks.generate import requests_workload
+    from moe_lightning.tuner.presets import load_preset
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 2000) for _ in range(300)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": [5 + i % 7] * n}) + "\n" for i, n in enumerate(lengths)))
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=plan", "model=mixtral-8x7b", "hardware=t4",
+                        "workload=jsonl", f"workload.path={prompts}", "workload.gen_len=32",
+                        f"hydra.run.dir={tmp_path / 'h'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "h" / "run.json").read_text())["policy"]
+
+    # what task=generate resolves for the same file: its workload for these lengths, and CGOPipe's rule
+    given = Workload(name="jsonl", prompt_len_avg=1, prompt_len_max=1, num_requests=1, path=str(prompts), gen_len=32)
+    workload = requests_workload(given, lengths)
+    spec, t4 = load_preset("model", "mixtral-8x7b"), load_preset("hardware", "t4")
+    auto = CGOPipeSystem(policy_source="auto").resolve_policy(spec, t4, workload, Policy(), lengths=lengths)
+    assert {k: getattr(auto, k) for k in PLANNED} == {k: plan[k] for k in PLANNED}
