@@ -136,9 +136,9 @@ def test_torchrun_starting_other_than_t_x_e_processes_is_refused(tmp_path, args,
     assert not out.exists() and not out.with_name("o.jsonl.part").exists()
 
 
-def test_a_corrupt_expert_only_another_rank_loads_is_its_line_and_leaves_no_part_file(tmp_path, tiny_path):
-    """Expert 7 is rank 1's under parallel.expert=2: its NaN/Inf refusal is what the run says (not rank
-    0's being stopped), and rank 0 opens no part file before every rank has its weights."""
+def corrupt_rank_1_expert(tmp_path: Path, tiny_path: Path) -> tuple[Path, str]:
+    """A copy of the tiny checkpoint whose expert 7 (rank 1's under parallel.expert=2) holds an Inf:
+    (the folder, the tensor's name)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -149,6 +149,13 @@ def test_a_corrupt_expert_only_another_rank_loads_is_its_line_and_leaves_no_part
     tensors = load_file(ckpt / "model.safetensors")
     tensors[name][0, 0] = float("inf")
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt, name
+
+
+def test_a_corrupt_expert_only_another_rank_loads_is_its_line_and_leaves_no_part_file(tmp_path, tiny_path):
+    """Expert 7 is rank 1's under parallel.expert=2: its NaN/Inf refusal is what the run says (not rank
+    0's being stopped), and rank 0 opens no part file before every rank has its weights."""
+    ckpt, name = corrupt_rank_1_expert(tmp_path, tiny_path)
     out = tmp_path / "o.jsonl"
     r = cli("task=generate", "system=cgopipe", "parallel.expert=2", "model=hf", f"model.path={ckpt}",
             "workload.num_requests=2", "workload.gen_len=2", f"outputs={out}", f"hydra.run.dir={tmp_path / 'h'}",
@@ -188,16 +195,7 @@ def test_a_refusal_every_torchrun_rank_hits_is_said_once(tmp_path, args, message
 def test_under_torchrun_a_rank_s_own_error_is_the_line_shown(tmp_path, tiny_path):
     """Expert 7 is rank 1's: its refusal is the line; rank 0, whose collective breaks as rank 1 exits,
     adds neither a line nor a traceback."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(tiny_path, ckpt)
-    name = "model.layers.0.block_sparse_moe.experts.7.w1.weight"
-    tensors = load_file(ckpt / "model.safetensors")
-    tensors[name][0, 0] = float("inf")
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    ckpt, name = corrupt_rank_1_expert(tmp_path, tiny_path)
     r = torchrun(tmp_path, "task=generate", "system=cgopipe", "parallel.expert=2", "model=hf", f"model.path={ckpt}")
     lines = errors_in(r)
     assert r.returncode != 0 and len(lines) == 1 and f"'{name}' holds NaN or Inf" in lines[0], r.stderr
