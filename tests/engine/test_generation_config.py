@@ -41,13 +41,6 @@ def hf_generate(model, prompt: list[int], **kwargs) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture
-def ckpt(tiny_path, tmp_path):
-    folder = tmp_path / "ckpt"
-    shutil.copytree(tiny_path, folder)
-    return folder
-
-
 # ---- what is read ----
 
 def test_without_the_file_config_json_eos_ids_stop_generation(ckpt):

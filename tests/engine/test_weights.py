@@ -23,14 +23,6 @@ Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 DELETE = object()
 
 
-@pytest.fixture
-def ckpt(tiny_path, tmp_path):
-    """A private copy of the tiny checkpoint that a test may damage."""
-    folder = tmp_path / "ckpt"
-    shutil.copytree(tiny_path, folder)
-    return folder
-
-
 def load(folder):
     return resolve_model(ModelSpec(name="hf", path=str(folder), dtype="auto"))
 

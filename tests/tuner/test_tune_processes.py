@@ -266,6 +266,13 @@ def _race_cfg(storage: str, n: int) -> RunConfig:
                                        seed_with_hrm=False))
 
 
+def _join_or_kill(procs) -> None:
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+
+
 def _race(storage: str, rounds: tuple[int, ...], barrier) -> None:
     """One of several processes racing through the same study (a worker, without the CLI): each round
     starts with all of them at once and runs the study up to that round's n_trials."""
@@ -302,10 +309,7 @@ def test_processes_racing_for_trials_start_exactly_n(tmp_path, tiny_path):
                 barrier.wait()  # done
                 counts.append(len(optuna.load_study(study_name="race", storage=storage).trials))
         finally:
-            for p in procs:
-                p.join(30)
-                if p.is_alive():
-                    p.kill()
+            _join_or_kill(procs)
         assert [p.exitcode for p in procs] == [0, 0, 0]
     assert counts == [2, 12]
     study = optuna.load_study(study_name="race", storage=storage)
@@ -339,10 +343,7 @@ def test_processes_racing_for_a_study_with_lost_trials_run_each_again_once(tmp_p
             barrier.wait()  # go
             barrier.wait()  # done
         finally:
-            for p in procs:
-                p.join(30)
-                if p.is_alive():
-                    p.kill()
+            _join_or_kill(procs)
         assert [p.exitcode for p in procs] == [0, 0, 0]
     trials = optuna.load_study(study_name="race", storage=storage).trials
     retries = [t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs]
