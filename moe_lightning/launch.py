@@ -73,14 +73,21 @@ def _lower_rank_failed(store, rank: int) -> bool:
         return False
 
 
+def post_failure(line: str):
+    """Under torchrun with several ranks: post this rank's error `line` in the agent store, so that the
+    other ranks take their broken collective for the consequence it is. Returns the store (None: none)."""
+    store = _agent_store() if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(_failed_key(int(os.environ["RANK"])), line)
+    return store
+
+
 def fail_once(line: str, code: int) -> None:
     """Print a torchrun rank's error `line` unless a lower rank failed too (that one's line is shown), then
     exit with `code`."""
     rank = int(os.environ.get("RANK", "0"))
-    store = _agent_store() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    if store is not None:
-        with contextlib.suppress(Exception):
-            store.set(_failed_key(rank), line)
+    store = post_failure(line)
     if store is None or rank == 0:
         print(line, file=sys.stderr)
         sys.exit(code)
@@ -306,5 +313,10 @@ def rank_main(cfg):
             quiet.task = dataclasses.replace(cfg.task, progress=False) if hasattr(cfg.task, "progress") else cfg.task
             quiet.task.run(quiet)
         return None
+    except MoELightningError as exc:
+        # Posted before leaving the group: leaving breaks the peers' collectives at once, and a peer that
+        # looked before this rank's line reached the store would print its own traceback beside it.
+        post_failure(f"moe-lightning: error: {exc}")
+        raise
     finally:
         finish_ranks()
