@@ -42,6 +42,10 @@ from moe_lightning.errors import ConfigError, MemoryBudgetError
 
 # Tensors are carved from the GPU pools at offsets aligned to this many bytes (`engine.paged`).
 TENSOR_ALIGN = 256
+# A pool of several tensors whose sizes are not multiples of TENSOR_ALIGN reserves this much for their
+# offsets' padding (resident and streamed experts, the KV cache, the dequantizer's buffers): the engine
+# allocates each pool at exactly its planned size, so the plan counts the padding.
+POOL_ALIGN_ROOM = 4096
 GPU_POOLS = ("non_expert_weights", "resident_experts", "streamed_experts", "kv_cache", "activations")
 CPU_POOLS = ("streamed_experts", "kv_cache", "pinned_ring", "hidden_states")
 
@@ -119,6 +123,11 @@ def _min(a: Any, b: Any) -> Any:
 
 def _max(a: Any, b: Any) -> Any:
     return a + (b - a) * (b > a)
+
+
+def _padded(pool_bytes: Any) -> Any:
+    """A pool of several tensors with its alignment room (`POOL_ALIGN_ROOM`); an empty pool stays 0."""
+    return pool_bytes + POOL_ALIGN_ROOM * (pool_bytes > 0)
 
 
 # Per (token, expert) assignment: the router's ids (int64) and weights (fp32), the kernels' sort and
@@ -436,12 +445,12 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     gpu = {
         # Each tensor at an aligned offset: small tensors (norms, biases) take a whole aligned slot.
         "non_expert_weights": sum(-(-n * d // TENSOR_ALIGN) * TENSOR_ALIGN for n in spec.non_expert_tensor_sizes),
-        "resident_experts": L * n_res * spec.expert_bytes,
+        "resident_experts": _padded(L * n_res * spec.expert_bytes),
         # a double buffer of one layer's streamed experts as they cross the link, and where that is 4-bit,
         # the scratch they are dequantized into
-        "streamed_experts": (2 * n_str * spec.expert_stream_bytes + dequant_bytes(spec, n_str, dequant_experts)
+        "streamed_experts": (_padded(2 * n_str * spec.expert_stream_bytes + dequant_bytes(spec, n_str, dequant_experts))
                              if n_str > 0 else 0),
-        "kv_cache": kv_gpu + kv_stream_buffer,
+        "kv_cache": _padded(kv_gpu + kv_stream_buffer),
         "activations": activations,
     }
     page_bytes = -(-(n_str * spec.expert_stream_bytes) // num_pages)  # ceil division

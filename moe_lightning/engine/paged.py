@@ -34,23 +34,23 @@ from moe_lightning.models.layers import ExpertStack, MoEKernel
 from moe_lightning.models.mxfp4 import Dequantizer
 
 ALIGN = TENSOR_ALIGN
-SLACK = 4096  # per pool: room for the alignment of the few tensors carved from it
 
 
 class DevicePools:
-    """Named byte pools on one device, allocated up front; tensors are views carved out of them."""
+    """Named byte pools on one device, allocated up front at the plan's sizes (alignment room included:
+    `memory.POOL_ALIGN_ROOM`); tensors are views carved out of them."""
 
     def __init__(self, sizes: dict[str, int], device: torch.device):
         self.device = device
         self.size = {name: int(n) for name, n in sizes.items()}
         self.used = dict.fromkeys(sizes, 0)
-        self.buffers = {name: torch.empty(n + SLACK, dtype=torch.uint8, device=device)
+        self.buffers = {name: torch.empty(n, dtype=torch.uint8, device=device)
                         for name, n in self.size.items() if n > 0}
 
     def take(self, pool: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         start = -(-self.used[pool] // ALIGN) * ALIGN
-        if start + nbytes > self.size[pool] + SLACK:
+        if start + nbytes > self.size[pool]:
             raise MemoryBudgetError(f"pool {pool!r} on {self.device}: {start + nbytes} B needed, "
                                     f"{self.size[pool]} B planned (memory plan and engine disagree)")
         self.used[pool] = start + nbytes

@@ -196,13 +196,17 @@ def prefill_graph(s: PipeShape, paged: bool = True) -> TaskGraph:
     L, m = s.num_layers, s.num_micro_batches
     w = _WeightStream(g, s, "PrefillLayer")
     _prologue_weights(w)
+    offloads: list[int] = []
     for i in range(L):
         for j in range(m):
             pages = _pages(w, i, j, paged)
             w.to_gpu(i + 1, pages)
-            layer = g.add(GPU, "PrefillLayer", i, j, [*w.layer_ready(i)])
+            # One K/V waits for its offload while a micro-batch computes (the memory plan holds one): the
+            # offload before the last must be done, or a slow copy engine would pile them up on the GPU.
+            waiting = offloads[-2] if len(offloads) >= 2 else None
+            layer = g.add(GPU, "PrefillLayer", i, j, [*w.layer_ready(i), waiting])
             if j not in s.gpu_kv:
-                g.add(D2H, "OffloadKV", i, j, [layer])
+                offloads.append(g.add(D2H, "OffloadKV", i, j, [layer]))
             if i + 1 < L:
                 w.copy_ahead(w.position_after(i + 1, pages) + s.prefetch)
     g.validate()

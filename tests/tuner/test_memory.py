@@ -6,6 +6,7 @@ import pytest
 
 from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, ModelSpec, Policy, Workload
 from moe_lightning.errors import MemoryBudgetError
+from moe_lightning.memory import POOL_ALIGN_ROOM as ROOM
 from moe_lightning.memory import memory_plan, resident_experts_per_layer
 
 # L=2, H=8, F=16, nq=2, nkv=1, hd=4, E=4, top-2, V=32, fp16 (2 bytes).
@@ -36,12 +37,13 @@ def test_pools_by_hand_attention_on_cpu():
     # micro-batch's K/V 2*9*1*4*2 = 144, gathered fp32 logits 4*32*4 + 2*32*4 = 768) = 4608 -> 5056.
     # decode: hidden 4*8*2 = 64, logits 256, task 240*2 + 2304 = 2784, two micro-batches in flight
     # 2*2*6*4*2 = 192, attention where the KV is on the GPU (r_c > 0) 2*2*8*(3*2 + 4) = 320 -> 3616.
-    assert plan.gpu == {"non_expert_weights": 4864, "resident_experts": 2 * 2 * 768,
-                        "streamed_experts": 2 * 2 * 768, "kv_cache": 256, "activations": 5056}
+    # The pools of several tensors (experts, KV) each reserve ROOM bytes for their offsets' padding.
+    assert plan.gpu == {"non_expert_weights": 4864, "resident_experts": 2 * 2 * 768 + ROOM,
+                        "streamed_experts": 2 * 2 * 768 + ROOM, "kv_cache": 256 + ROOM, "activations": 5056}
     # pinned ring: page = ceil(2*768 / 2 pages) = 768, times (2 + 1); hidden: 4*(8+8+8)*2 = 192.
     assert plan.cpu == {"streamed_experts": 2 * 2 * 768, "kv_cache": 768, "pinned_ring": 2304,
                         "hidden_states": 192}
-    assert plan.gpu_total_bytes == 16320
+    assert plan.gpu_total_bytes == 16320 + 3 * ROOM
     assert plan.cpu_total_bytes == 6336
 
 
@@ -58,7 +60,7 @@ def test_attention_on_gpu_adds_streamed_kv_double_buffer():
 def test_all_resident_has_no_stream_buffer_and_pages_round_up():
     full = memory_plan(SPEC, Policy(batch_size=4, micro_batch_size=2, expert_gpu_fraction=1.0), WORKLOAD)
     assert full.gpu["streamed_experts"] == 0 and full.cpu["streamed_experts"] == 0
-    assert full.gpu["resident_experts"] == 2 * 4 * 768
+    assert full.gpu["resident_experts"] == 2 * 4 * 768 + ROOM
     assert full.cpu["pinned_ring"] == 0
     odd = memory_plan(SPEC, Policy(batch_size=4, micro_batch_size=2, expert_gpu_fraction=0.25,
                                    pages_per_layer=5, prefetch_depth=1), WORKLOAD)
@@ -76,15 +78,16 @@ def test_resident_count_floors_with_tolerance():
 def test_fits_and_check_message():
     policy = Policy(batch_size=4, micro_batch_size=2, expert_gpu_fraction=0.5, kv_gpu_fraction=0.25)
     plan = memory_plan(SPEC, policy, WORKLOAD, lengths=[5, 1, 4, 2])   # the pools worked out above
-    assert plan.fits(hw_with(16320, 6336))
-    plan.check(hw_with(16320, 6336))
-    tight = hw_with(16319, 10**6)
+    gpu = 16320 + 3 * ROOM
+    assert plan.fits(hw_with(gpu, 6336))
+    plan.check(hw_with(gpu, 6336))
+    tight = hw_with(gpu - 1, 10**6)
     assert not plan.fits(tight)
     with pytest.raises(MemoryBudgetError) as err:
         plan.check(tight)
     msg = str(err.value)
     assert "\n" not in msg
-    assert "(16320 B" in msg and "(16319 B)" in msg and f"activations {5056 / 2**30:.3g}" in msg and "OVER" in msg
+    assert f"({gpu} B" in msg and f"({gpu - 1} B)" in msg and f"activations {5056 / 2**30:.3g}" in msg and "OVER" in msg
 
 
 def test_a_dense_layer_holds_its_mlp_and_no_experts():
@@ -96,8 +99,8 @@ def test_a_dense_layer_holds_its_mlp_and_no_experts():
     # Layer 0: 2 norms, 4 projections, 3 MLP tensors (3*8*16*2 = 768 B: 256 each) -> 9 aligned slots of
     # 256 B, in place of 7: 4864 + 2*256 = 5376. Experts of one layer only: resident 2 and streamed 2.
     assert plan.gpu["non_expert_weights"] == 5376
-    assert plan.gpu["resident_experts"] == 2 * 768
-    assert plan.gpu["streamed_experts"] == 2 * 2 * 768      # the double buffer is one layer's, either way
+    assert plan.gpu["resident_experts"] == 2 * 768 + ROOM
+    assert plan.gpu["streamed_experts"] == 2 * 2 * 768 + ROOM      # the double buffer is one layer's, either way
     assert plan.cpu["streamed_experts"] == 2 * 768
     # The MLP's intermediates (SiLU(gate), up, their product: 3*16*2 = 96 B a token) are below the
     # experts' workspace here, so activations are unchanged.
