@@ -38,12 +38,11 @@ from moe_lightning.run_config import RunConfig
 from moe_lightning.tuner.calibrate import hardware_spec, measure
 from moe_lightning.tuner.costs import TaskCosts, fit_op_scales
 from moe_lightning.tuner.hrm import predict
-from moe_lightning.tuner.optimizer import optimize
+from moe_lightning.tuner.optimizer import FFN_ON_GPU, optimize
 from moe_lightning.tuner.presets import load_preset
 from moe_lightning.tuner.simulator import batch_shapes, simulate_run
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-FFN_ON_GPU = ((False, True), (True, True))
 
 
 def parse_args() -> argparse.Namespace:

@@ -31,8 +31,6 @@ from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy
 from moe_lightning.errors import ConfigError, MemoryBudgetError
 from moe_lightning.memory import memory_plan
 
-FFN_ON_GPU = ((False, True), (True, True))
-
 
 def choose_policy(system_name: str, spec: ModelSpec, hw: HardwareSpec, workload: Workload) -> Policy:
     chooser = CHOOSERS.get(system_name)
@@ -47,7 +45,7 @@ def cgopipe_policy(spec: ModelSpec, hw: HardwareSpec, workload: Workload,
     """The HRM plan on the placements CGOPipe runs; `parallel`: the T x E layout the run has (the
     machine's policy for it), None: the best layout for `hw`; `lengths`: the prompts' own lengths (a
     prompts file's: its KV cache and prefill as task=plan plans them), None: the workload's synthetic ones."""
-    from moe_lightning.tuner.optimizer import optimize
+    from moe_lightning.tuner.optimizer import FFN_ON_GPU, optimize
 
     return optimize(spec, hw, workload, placements=FFN_ON_GPU, parallel=parallel, lengths=lengths,
                     paged_kv=paged_kv).policy

@@ -106,8 +106,7 @@ class PlanTask:
             raise ConfigError(f"task.placements={self.placements}: expected one of engine, all")
 
     def run(self, cfg: RunConfig) -> RunReport:
-        from moe_lightning.baselines.policies import FFN_ON_GPU
-        from moe_lightning.tuner.optimizer import ALL_PLACEMENTS, optimize, plan_document, plan_table
+        from moe_lightning.tuner.optimizer import ALL_PLACEMENTS, FFN_ON_GPU, optimize, plan_document, plan_table
 
         refuse_other_system(cfg.system.name)
         # The plan is the whole policy, the expert kernel and the MXFP4 scratch included (the memory plan

@@ -37,7 +37,6 @@ def schedule_of(name: str):
     from moe_lightning.baselines.schedules import SCHEDULES
 
     return SCHEDULES[name]
-FFN_ON_GPU = ((False, True), (True, True))  # the placements the CGOPipe schedule can run
 
 
 def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
@@ -50,7 +49,7 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     from moe_lightning.memory import memory_plan
     from moe_lightning.systems import paged_kv
     from moe_lightning.tuner.hrm import predict
-    from moe_lightning.tuner.optimizer import optimize
+    from moe_lightning.tuner.optimizer import FFN_ON_GPU, optimize
     from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
 
     system = cfg.system.name

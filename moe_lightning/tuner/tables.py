@@ -129,8 +129,8 @@ def sensitivity_table(model: str, hardware: str, workload: str) -> str:
 
 def comparison_table(model: str, hardware: list[str], cases: list[tuple[str, int | None, bool]]) -> str:
     from moe_lightning.baselines.policies import choose_policy
-    from moe_lightning.tasks.simulate import FFN_ON_GPU, schedule_of
-    from moe_lightning.tuner.optimizer import optimize
+    from moe_lightning.tasks.simulate import schedule_of
+    from moe_lightning.tuner.optimizer import FFN_ON_GPU, optimize
     from moe_lightning.tuner.presets import load_preset
     from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
 
