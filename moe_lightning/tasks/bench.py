@@ -22,6 +22,8 @@ def link_bound_tok_s(cfg: RunConfig, spec) -> float | None:
     """Decode tokens/s if the link did nothing but stream experts: N * B_link / (L * streamed bytes)."""
     from moe_lightning.memory import resident_experts_per_layer
 
+    if cfg.workload.gen_len <= 1:   # no decode step to bound (the measured decode_tok_s is None then too)
+        return None
     n_str = spec.num_experts - resident_experts_per_layer(spec, cfg.policy.expert_gpu_fraction)
     streamed = n_str * spec.expert_stream_bytes
     if streamed == 0:

@@ -159,10 +159,14 @@ def summary(report: RunReport, sim, hrm) -> str:
     b = sim.num_batches
     note = "" if report.extra["requested_system"] == report.system else \
         f" (system={report.extra['requested_system']} has no offloading schedule; simulated {report.system})"
-    util = "  ".join(f"{k} {v:.0%}" for k, v in sim.utilisation.items())
+    util = "  ".join(f"{k} {v:.0%}" for k, v in sim.utilisation.items()) or "- (no decode step)"
     pre_util = "  ".join(f"{k} {v:.0%}" for k, v in sim.prefill_utilisation.items())
     profile = report.hardware["profile"]["name"]
     head = f"  {'':26}{'simulated':>12}{'predicted (HRM)':>17}"
+    # None: no decode step (gen_len 1), shown "-" as task=compare does, never as a rate of 0
+    decode = "".join(f"{'-' if v is None else f'{v:.2f}':>{w}}"
+                     for v, w in ((m.decode_tok_s, 12), (hrm.decode_tok_s, 17)))
+    decode += "  (no decode step)" if m.decode_tok_s is None else ""
     par = report.extra.get("parallel")
     lines = [f"parallel: tensor={par['tensor']} x expert={par['expert']} ({par['world_size']} ranks; one rank of each "
              f"expert group simulated with its all-reduces and EPS-pipelined all-to-alls, the groups in lockstep; "
@@ -175,7 +179,7 @@ def summary(report: RunReport, sim, hrm) -> str:
         f"r_w={p['expert_gpu_fraction']:.3g} r_c={p['kv_gpu_fraction']:.3g} ({report.extra['policy_source']})",
         head,
         f"  {'tokens/s':<26}{m.throughput_tok_s:>12.2f}{hrm.e2e_tok_s:>17.2f}",
-        f"  {'decode tok/s':<26}{m.decode_tok_s:>12.2f}{hrm.decode_tok_s:>17.2f}",
+        f"  {'decode tok/s':<26}{decode}",
         f"  {'prefill s, whole workload':<26}{m.prefill_s:>12.3f}{hrm.prefill_s * b:>17.3f}",
         f"  {'decode s, whole workload':<26}{m.decode_s:>12.3f}{hrm.decode_s * b:>17.3f}",
         f"  {'prefill s, per batch':<26}{m.prefill_s / b:>12.3f}{hrm.prefill_s:>17.3f}",

@@ -362,7 +362,8 @@ def throughput(spec: ModelSpec, workload: Workload, batch_size: Any, t_layer: An
     `prorated`: in proportion to its size, as when refill keeps the batch full until the queue drains.
     Decode tokens/s is the engine's measured figure (`GenerationResult.decode_tok_s`, the simulator's
     likewise): the tokens after each sequence's first over the decode steps' time, the first coming from
-    the prefill, so gen_len - 1 steps of `step_s` per batch, which make one token per request each."""
+    the prefill, so gen_len - 1 steps of `step_s` per batch, which make one token per request each. With
+    gen_len 1 there is none: 0 here, which `predict` reports as None (no decode step), as the engine does."""
     step_s = spec.num_layers * t_layer
     batches = workload.num_requests / batch_size
     if last_batch == "full":
@@ -376,7 +377,7 @@ def throughput(spec: ModelSpec, workload: Workload, batch_size: Any, t_layer: An
 class Prediction:
     """HRM prediction for one policy; layer times are seconds per layer per decode step."""
 
-    decode_tok_s: float
+    decode_tok_s: float | None   # None: no decode step (gen_len 1), as the engine and the simulator report it
     e2e_tok_s: float
     prefill_s: float
     decode_s: float
@@ -437,7 +438,8 @@ def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Polic
             tensor=view.parallel.tensor, expert=view.parallel.expert, chunks=chunks if comm.expert > 1 else 0,
             backend=view.parallel.backend)
     return Prediction(
-        decode_tok_s=float(decode) * view.groups, e2e_tok_s=float(e2e) * view.groups, prefill_s=t_pre,
+        decode_tok_s=None if workload_r.gen_len <= 1 else float(decode) * view.groups,   # None: no decode step
+        e2e_tok_s=float(e2e) * view.groups, prefill_s=t_pre,
         decode_s=workload_r.gen_len * spec_r.num_layers * t_layer,
         t_link=t_link, t_cpu=t_cpu, t_gpu=t_gpu, t_link_d2h=float(t["t_link_d2h"]),
         bottleneck=bottleneck_of(t_link, t_cpu, t_gpu),

@@ -360,7 +360,8 @@ def plan_table(plan: Plan) -> str:
                                        + (", host links share one switch" if ic.shared_host_link else "")))
     lines += [f"  {k:<28}{v}" for k, v in rows]
     lines += ["", "prediction" + (" (per layer times: one rank's)" if several else ""),
-              f"  {'decode tokens/s':<28}{pred.decode_tok_s:.2f}",
+              f"  {'decode tokens/s':<28}" + ("- (no decode step)" if pred.decode_tok_s is None else
+                                               f"{pred.decode_tok_s:.2f}"),
               f"  {'end-to-end tokens/s':<28}{pred.e2e_tok_s:.2f}",
               f"  {'prefill / decode s':<28}{pred.prefill_s:.2f} / {pred.decode_s:.2f}",
               f"  {'per layer link/cpu/gpu ms':<28}{pred.t_link * 1e3:.3f} / {pred.t_cpu * 1e3:.3f} / "

@@ -283,13 +283,17 @@ class SimResult:
         return self.generated_tokens / self.total_s if self.total_s else 0.0
 
     @property
-    def decode_tok_s(self) -> float:
-        """Tokens after the first of each sequence / decode time (as the engine's metric)."""
-        return (self.generated_tokens - self.num_requests) / self.decode_s if self.decode_s else 0.0
+    def decode_tok_s(self) -> float | None:
+        """Tokens after the first of each sequence / decode time (as the engine's metric); None with no
+        decode step (one token per request), as the engine reports it: 0.0 would read as measured zero."""
+        if not self.decode_step_s:
+            return None
+        return (self.generated_tokens - self.num_requests) / self.decode_s
 
     @property
-    def decode_step_median_s(self) -> float:
-        return statistics.median(self.decode_step_s) if self.decode_step_s else 0.0
+    def decode_step_median_s(self) -> float | None:
+        """None with no decode step, as the engine's `Metrics`."""
+        return statistics.median(self.decode_step_s) if self.decode_step_s else None
 
     def metrics(self) -> Metrics:
         return Metrics(throughput_tok_s=self.throughput_tok_s, prefill_s=self.prefill_s,

@@ -48,7 +48,8 @@ def plans_table(model: str, hardware: list[str], workloads: list[str], simulate:
                 rows.append(f"| {hw_name} | {wl_name} (gen {wl.gen_len}) | {'yes' if padded else 'no'} | "
                             f"{p.batch_size} | {p.micro_batch_size} | {'GPU' if p.attn_on_gpu else 'CPU'} | "
                             f"{p.expert_gpu_fraction:.3f} | {p.kv_gpu_fraction:.3f} | "
-                            f"{_gib(mem.gpu['activations'])} | {_gib(mem.cpu['kv_cache'])} | {pred.decode_tok_s:.1f} | "
+                            f"{_gib(mem.gpu['activations'])} | {_gib(mem.cpu['kv_cache'])} | "
+                            f"{'-' if pred.decode_tok_s is None else f'{pred.decode_tok_s:.1f}'} | "
                             f"{pred.e2e_tok_s:.1f} | {sim} | {plan.bottleneck} |")
     return "\n".join(rows)
 

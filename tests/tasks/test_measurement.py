@@ -199,3 +199,18 @@ def test_bench_labels_its_prediction_beside_its_measurement(tiny_path, tmp_path)
     # one repeat: its throughput has no spread, written as null, not 0
     raw = json.loads((tmp_path / "bench.json").read_text())["metrics"]["spread"]["throughput_tok_s"]
     assert raw["n"] == 1 and raw["stdev"] is None and raw["cv"] is None
+
+
+def test_bench_with_no_decode_step_gives_no_decode_bound(tiny_path, tmp_path, capsys):
+    """gen_len 1: no decode step runs, so decode tok/s is null, and so is the link bound on it: a bound
+    printed beside a decode that never ran would read as a figure of this run."""
+    from moe_lightning.tasks.bench import BenchTask
+
+    cfg = RunConfig(task=BenchTask(repeats=1, min_repeat_s=0, progress=False), system=CGOPipeSystem(),
+                    workload=Workload(num_requests=2, gen_len=1), policy=Policy(batch_size=2, micro_batch_size=1),
+                    device="cpu", out=str(tmp_path / "bench.json"))
+    cfg.task.run(cfg)
+    raw = json.loads((tmp_path / "bench.json").read_text())
+    assert raw["metrics"]["decode_tok_s"] is None and raw["extra"]["link_bound_decode_tok_s"] is None
+    out = capsys.readouterr().out
+    assert "no decode step" in out and "link bound" not in out

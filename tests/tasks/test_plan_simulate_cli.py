@@ -315,3 +315,25 @@ def test_a_plan_is_cgopipe_s_and_says_so(tmp_path):
         with pytest.raises(ConfigError, match=rf"^system={name}: task=plan gives CGOPipe's HRM plan"):
             cfg.task.run(cfg)
         assert not (tmp_path / f"{name}.json").exists()
+
+
+def test_no_decode_step_is_null_in_simulate_and_plan_as_in_generate(tmp_path, tiny_path):
+    """gen_len 1: the prefill makes every request's only token, so no decode step runs. The engine's run
+    document says decode tok/s null (nothing to divide by); the simulator and the HRM say the same for
+    the same workload, not 0.0, which would read as a measured zero, and their tables show no rate."""
+    run = ("system=cgopipe", "workload.num_requests=4", "workload.gen_len=1", f"hydra.run.dir={tmp_path / 'h'}")
+    given = ("policy.batch_size=4", "policy.micro_batch_size=2")
+    gen = cli("task=generate", *run, *given, "task.progress=false", f"out={tmp_path / 'gen.json'}",
+              f"outputs={tmp_path / 'out.jsonl'}")
+    sim = cli("task=simulate", "task.use_plan=false", *run, *given, f"out={tmp_path / 'sim.json'}")
+    plan = cli("task=plan", *run, f"out={tmp_path / 'plan.json'}")
+    assert gen.returncode == sim.returncode == plan.returncode == 0, (gen.stderr, sim.stderr, plan.stderr)
+    gen_doc, sim_doc, plan_doc = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("gen", "sim", "plan"))
+    assert gen_doc["metrics"]["decode_tok_s"] is None   # the engine's answer, which the others must match
+    assert sim_doc["metrics"]["decode_tok_s"] is None and sim_doc["metrics"]["decode_step_median_s"] is None
+    assert sim_doc["prediction"]["sim_decode_tok_s"] is None and sim_doc["prediction"]["hrm_decode_tok_s"] is None
+    assert sim_doc["extra"]["simulation"]["decode_tok_s"] is None
+    assert plan_doc["metrics"]["decode_tok_s"] is None and plan_doc["prediction"]["hrm_decode_tok_s"] is None
+    decode_row = next(line for line in sim.stdout.splitlines() if "decode tok/s" in line)
+    assert decode_row.split()[2:4] == ["-", "-"] and "no decode step" in decode_row
+    assert "no decode step" in next(line for line in plan.stdout.splitlines() if "decode tokens/s" in line)
