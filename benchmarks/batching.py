@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import tempfile
 from pathlib import Path
 
@@ -43,12 +42,14 @@ def write_prompts(path: Path, n: int, prompt_max: int, gen_max: int, vocab: int,
     g = torch.Generator().manual_seed(seed)
     lengths = (torch.exp(torch.randn(n, generator=g) * 0.9) * prompt_max / 6).round().clamp(1, prompt_max).long()
     budgets = torch.randint(2, gen_max + 1, (n,), generator=g)
-    rows = []
-    with path.open("w") as f:
-        for i, (p, m) in enumerate(zip(lengths.tolist(), budgets.tolist())):
-            ids = torch.randint(3, vocab, (p,), generator=g).tolist()
-            f.write(json.dumps({"id": i, "input_ids": ids, "max_new_tokens": m}) + "\n")
-            rows.append((p, m))
+    from moe_lightning.files import atomic_write, json_text
+
+    rows, lines = [], []
+    for i, (p, m) in enumerate(zip(lengths.tolist(), budgets.tolist())):
+        ids = torch.randint(3, vocab, (p,), generator=g).tolist()
+        lines.append(json_text({"id": i, "input_ids": ids, "max_new_tokens": m}) + "\n")
+        rows.append((p, m))
+    atomic_write(path, "".join(lines))
     return rows
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     p.add_argument("--save", action="store_true")
     args = p.parse_args()
 
-    from moe_lightning.files import atomic_write
+    from moe_lightning.files import write_json
     from moe_lightning.systems import CGOPipeSystem
     from moe_lightning.tasks.generate import GenerateTask, run_generation
 
@@ -125,13 +126,13 @@ def main() -> None:
           f"unpadded (no refill) under the same budget, {spreads['padded']['total_s'].median / base:.2f}x with refill")
     if args.save:
         path = RESULTS / f"batching_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-        atomic_write(path, json.dumps({
+        write_json(path, {
             "benchmark": "batching", "kind": "measured", "where": f"this host ({args.device})",
             "model": dataclasses.asdict(spec),
             "args": vars(args), "kv_budget_tokens": kv_tokens, "policy": dataclasses.asdict(policy),
             "requests": [{"prompt_len": a, "max_new_tokens": b} for a, b in rows], "runs": runs, "batching": counts,
             "spread": {k: {m: s.to_dict() for m, s in v.items()} for k, v in spreads.items()},
-            "outputs_identical": identical, "environment": environment()}, indent=2) + "\n")
+            "outputs_identical": identical, "environment": environment()}, indent=2)
         print(f"record: {path}")
     if not identical:
         raise SystemExit("outputs differ between configurations")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
 import os
 import platform
@@ -256,7 +255,7 @@ def main() -> int:
     args = ap.parse_args()
 
     os.environ.setdefault("MOE_LIGHTNING_CACHE", str(Path.home() / ".cache" / "moe-lightning"))
-    from moe_lightning.files import atomic_write
+    from moe_lightning.files import write_json
     from moe_lightning.kernels import cpu_attention as ca
     from moe_lightning.report import environment
     from moe_lightning.threads import detect_cores
@@ -334,7 +333,7 @@ def main() -> int:
         print(f"warning: {len(unstable)} of {len(record['records'])} points unstable (spread > "
               f"{UNSTABLE_SPREAD:.0%} or other processes busy): read their spreads before trusting them")
     path = Path(args.out) if args.out else RESULTS / f"cpu_attention_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    atomic_write(path, json.dumps(record, indent=2) + "\n")
+    write_json(path, record, indent=2)
     print(f"record: {path}")
     return 0
 

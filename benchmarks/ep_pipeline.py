@@ -88,12 +88,14 @@ def _rank(rank: int, world: int, port: int, args: dict, out: str) -> None:
         for name, c in variants.items():
             times[name].append(timed(lambda c=c: ep_moe(h, weights, ids, mine, E, chunks=c)))
     if rank == 0:
-        Path(out).write_text(json.dumps({
+        from moe_lightning.files import write_json
+
+        write_json(out, {
             "ranks": world, "threads_per_rank": torch.get_num_threads(), "model_chunks": model,
             "measured_rates": {"a2a_s_full_dispatch": a2a_s, "a2a_latency_s": latency_s, "expert_gemm_s": full,
                                "expert_gemm_s_eighth": part, "gemm_fixed_s": launch,
                                "dispatch_bytes_per_rank": rows.numel() * 4},
-            "seconds": times}))
+            "seconds": times})
     dist.destroy_process_group()
 
 
@@ -120,7 +122,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--out", default="")
     args = vars(ap.parse_args())
-    from moe_lightning.files import atomic_write
+    from moe_lightning.files import write_json
     from moe_lightning.report import environment
 
     record = {"schema_version": 1, "kind": "measured", "benchmark": "ep_pipeline",
@@ -154,7 +156,7 @@ def main() -> int:
               f"{r['gemm_fixed_s'] * 1e3:.2f} ms a chunk) -> model C = {run['model_chunks']}")
         record["runs"].append(run)
     out = Path(args["out"] or RESULTS / f"ep_pipeline_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    atomic_write(out, json.dumps(record, indent=1))
+    write_json(out, record, indent=1)
     print(f"wrote {out}")
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import statistics
 from pathlib import Path
 
@@ -68,11 +67,12 @@ def main() -> None:
         print(f"{c:<10}{m['prefill_s']:>11.3f}{m['prefill_s'] / med['auto']['prefill_s']:>8.2f}"
               f"{m['decode_s']:>11.3f}{m['decode_s'] / med['auto']['decode_s']:>8.2f}  {used.get(c, {})}")
     if args.save:
-        RESULTS.mkdir(exist_ok=True)
+        from moe_lightning.files import write_json
+
         path = RESULTS / f"kernel_choice_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-        path.write_text(json.dumps({"benchmark": "kernel_choice", "model": dataclasses.asdict(spec),
-                                    "workload": dataclasses.asdict(workload), "times": times, "median": med,
-                                    "kernels_used": used, "environment": environment()}, indent=2) + "\n")
+        write_json(path, {"benchmark": "kernel_choice", "model": dataclasses.asdict(spec),
+                          "workload": dataclasses.asdict(workload), "times": times, "median": med,
+                          "kernels_used": used, "environment": environment()}, indent=2)
         print(f"record: {path}")
 
 

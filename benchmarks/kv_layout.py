@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 from pathlib import Path
 
 from moe_lightning.config import GpuSpec, HardwareSpec, Policy, Sampling, Workload
@@ -52,7 +51,7 @@ def main() -> None:
     p.add_argument("--save", action="store_true")
     args = p.parse_args()
 
-    from moe_lightning.files import atomic_write
+    from moe_lightning.files import write_json
     from moe_lightning.systems import CGOPipeSystem
     from moe_lightning.tasks.generate import GenerateTask, run_generation
 
@@ -88,11 +87,11 @@ def main() -> None:
     print(f"outputs identical across layouts: {identical}")
     if args.save:
         path = RESULTS / f"kv_layout_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-        atomic_write(path, json.dumps({
+        write_json(path, {
             "benchmark": "kv_layout", "kind": "measured", "model": dataclasses.asdict(spec), "args": vars(args),
             "prompts": lengths, "runs": runs,
             "spread": {k: {m: s.to_dict() for m, s in v.items()} for k, v in spreads.items()},
-            "kv_bytes": allocated, "outputs_identical": identical, "environment": environment()}, indent=2) + "\n")
+            "kv_bytes": allocated, "outputs_identical": identical, "environment": environment()}, indent=2)
         print(f"record: {path}")
     if not identical:
         raise SystemExit("outputs differ between layouts")

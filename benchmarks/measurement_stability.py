@@ -233,6 +233,7 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["repeatability", "layouts", "make-run", "executor"])
     ap.add_argument("--save", action="store_true", help=f"write the record under {RESULTS}")
     args = ap.parse_args()
+    from moe_lightning.files import write_json
     from moe_lightning.hostload import HostLoad
     from moe_lightning.report import environment
     from moe_lightning.threads import detect_cores
@@ -256,9 +257,7 @@ def main() -> int:
           f"{load.report.others_busy_cores:.2f} cores busy on average")
     if args.save:
         path = RESULTS / f"measurement_stability_{time.strftime('%Y%m%d-%H%M%S')}.json"
-        tmp_path = path.with_suffix(".tmp")
-        tmp_path.write_text(json.dumps(record, indent=2) + "\n")
-        tmp_path.replace(path)
+        write_json(path, record, indent=2)
         print(f"record: {path}")
     return 0
 

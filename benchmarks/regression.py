@@ -166,6 +166,21 @@ def show(result: dict) -> str:
     ] + [f"  noise: {n}" for n in result["noise"]])
 
 
+def save_reference(result: dict, path: Path) -> str | None:
+    """Write `result` as the new reference: only a steady, token-identical run, as strict JSON (a NaN or
+    infinity is refused by name) written atomically (a failed write leaves the old reference whole).
+    -> why it was not written, or None."""
+    from moe_lightning.files import WriteError, write_json
+
+    if result["noise"] or not result["tokens_identical"]:
+        return "a reference must be steady and token-identical"
+    try:
+        write_json(path, result, indent=2)
+    except WriteError as exc:
+        return str(exc)
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--update", action="store_true", help="write this run as the new reference")
@@ -182,13 +197,10 @@ def main() -> int:
             break
         print(f"too noisy to judge (attempt {attempt} of {args.attempts}): measuring again", flush=True)
     if args.update:
-        if result["noise"] or not result["tokens_identical"]:
-            print("not written: a reference must be steady and token-identical")
+        why = save_reference(result, args.reference)
+        if why:
+            print(f"not written: {why}")
             return 1
-        args.reference.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.reference.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.reference)
         print(f"reference written: {args.reference}")
         return 0
     problems, inconclusive = judge(result, ref)

@@ -28,11 +28,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import time
 from pathlib import Path
 
 from moe_lightning.config import Policy, Sampling, Workload
+from moe_lightning.files import write_json
 from moe_lightning.report import environment
 from moe_lightning.run_config import RunConfig
 from moe_lightning.tuner.calibrate import hardware_spec, measure
@@ -178,9 +178,8 @@ def main() -> None:
         "environment": environment(), "wall_s": time.perf_counter() - t0,
     }
     if args.save:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
         path = args.out_dir / f"sim_vs_measured_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_json(path, record, indent=2, default=str)
         print(f"record: {path}")
     print(f"wall time {time.perf_counter() - t0:.1f} s")
 

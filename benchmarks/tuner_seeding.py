@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +86,9 @@ def main() -> None:
     if args.save:
         out = Path("results/tuner_seeding")
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{result['case']}.json").write_text(json.dumps(result, indent=2) + "\n")
+        from moe_lightning.files import write_json
+
+        write_json(out / f"{result['case']}.json", result, indent=2)
         import matplotlib
 
         matplotlib.use("Agg")

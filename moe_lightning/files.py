@@ -104,6 +104,12 @@ def json_text(obj: object, **kwargs) -> str:
                          "number for (a bug: it should be null, with the reason beside it)") from None
 
 
+def write_json(path: str | os.PathLike, obj: object, **kwargs) -> Path:
+    """One JSON artefact, strict (`json_text`: a NaN or infinity is refused by name, nothing written) and
+    atomic (`atomic_write`: a failed write leaves the previous file whole); `kwargs` go to json.dumps."""
+    return atomic_write(path, json_text(obj, **kwargs) + "\n")
+
+
 def _non_finite(value: object, path: str = "") -> tuple[str, float] | None:
     """(the dotted path, the value) of the first NaN or infinity in a JSON-able tree."""
     if isinstance(value, float) and not math.isfinite(value):
