@@ -42,6 +42,7 @@ def run_fields(cfg, spec, device) -> dict:
 
     asdict = dataclasses.asdict
     model = {k: v for k, v in asdict(spec).items() if k != "path"}
+    model["name"] = ident.configured_name(cfg, spec)
     if spec.weights == "checkpoint" and spec.path:
         model["checkpoint_content"] = ident.checkpoint_fingerprint(spec.path)
         # The tokenizer encodes text prompts and decodes the outputs' text; generation_config.json stops them.

@@ -103,6 +103,13 @@ def drop_later_defaults(flat: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def configured_name(cfg: RunConfig, spec: ModelSpec) -> str:
+    """The model's name as configured ("hf" for model=hf, whose resolved spec is named after its folder):
+    a checkpoint's identity is its content, so a renamed folder (or a version that names it) changes
+    no fingerprint, and the studies and part files stamped with "hf" resume."""
+    return "hf" if cfg.model.name == "hf" else spec.name
+
+
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -115,6 +122,7 @@ def study_fields(cfg: RunConfig, spec: ModelSpec, search_space: dict[str, Any]) 
     """The flat {field: value} the objective depends on (JSON values)."""
     as_dict = dataclasses.asdict
     model = {k: v for k, v in as_dict(spec).items() if k != "path"}
+    model["name"] = configured_name(cfg, spec)
     if spec.weights == "checkpoint" and spec.path:
         model["checkpoint_content"] = checkpoint_fingerprint(spec.path)
         if cfg.workload.path:   # text prompts are encoded by the folder's tokenizer (module docstring)

@@ -210,3 +210,21 @@ def test_a_folder_without_tokenizer_files_keeps_its_fingerprint(tmp_path, tiny_p
     cfg = cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(bare)), workload=Workload(path=str(prompts)))
     fields = study_identity(cfg, spec_of(cfg))[1]
     assert "model.checkpoint_content" in fields and not any(k.startswith("model.checkpoint_files") for k in fields)
+
+
+def test_a_renamed_checkpoint_folder_keeps_its_study_and_part_files(tmp_path, tiny_path):
+    """Documents name a model=hf checkpoint after its folder, but its identity is its content: the same
+    checkpoint under another folder name is the same study and the same run, stamped "hf" as before."""
+    import shutil
+
+    from moe_lightning.tasks.outputs import run_fields
+
+    cfgs = []
+    for name in ("Tiny-MoE-v0.1", "renamed"):
+        shutil.copytree(tiny_path, tmp_path / name)
+        cfgs.append(cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(tmp_path / name))))
+    (name_a, fields_a), (name_b, fields_b) = (study_identity(c, spec_of(c)) for c in cfgs)
+    assert spec_of(cfgs[0]).name == "Tiny-MoE-v0.1"
+    assert name_a == name_b and fields_a == fields_b and fields_a["model.name"] == "hf"
+    runs = [run_fields(c, spec_of(c), "cpu") for c in cfgs]
+    assert runs[0] == runs[1] and runs[0]["model.name"] == "hf"
