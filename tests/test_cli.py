@@ -204,6 +204,13 @@ def test_multirun_sweeps_a_range(tmp_path):
     assert sorted(d["policy"]["batch_size"] for d in docs) == [4, 8]
 
 
+def test_a_sweep_names_each_job_s_out_by_its_number(tmp_path):
+    """${hydra:job.num} is refused in a single run (the catalogue), and is each job's own number in a sweep."""
+    _sweep_docs(tmp_path, "policy.batch_size=4,8", "policy.micro_batch_size=4",
+                f"out={tmp_path}/x-${{hydra:job.num}}.json")
+    assert sorted(json.loads((tmp_path / f"x-{n}.json").read_text())["policy"]["batch_size"] for n in (0, 1)) == [4, 8]
+
+
 def test_a_sweep_goes_on_past_a_refused_job_and_exits_with_its_code(tmp_path):
     """A sweep's refused point is its own line; the other points run and keep their documents, and the
     command ends with one line naming the failed jobs and the worst job's exit code."""
