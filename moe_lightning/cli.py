@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -598,6 +599,28 @@ def check_sweep_outputs(args: list[str]) -> None:
                               f"path: {o.key_or_group}='runs/x-${{hydra:job.num}}{Path(str(o.value())).suffix}'")
 
 
+# A multirun job's number and id: Hydra sets them for each job of a sweep and resolves them to None in a
+# single run, so out=${hydra:job.num} would be out left at its default and out=x-${hydra:job.num}.json x-None.json.
+SWEEP_ONLY = re.compile(r"\$\{\s*hydra:\s*(job\.(?:num|id))\s*\}")
+
+
+def check_sweep_only_interpolations(args: list[str]) -> None:
+    """An override of a single run that names a multirun job's number or id: one line before Hydra makes
+    a run folder, not a document at a path the user did not ask for."""
+    from moe_lightning.errors import ConfigError
+
+    if any(a.partition("=")[0] in (*MODES, "--help", "-h", "--hydra-help") for a in args):
+        return   # a multirun (each job has them), or a mode that runs nothing
+    plain, _ = split_args(args)
+    if any(a.partition("=")[0] == "hydra.mode" and a.partition("=")[2].strip().upper() == "MULTIRUN" for a in plain):
+        return
+    for text in plain:
+        found = SWEEP_ONLY.search(text)
+        if found:
+            raise ConfigError(f"{text}: ${{hydra:{found.group(1)}}} resolves to nothing outside a multirun sweep; "
+                              "give a plain value, or run the sweep with -m")
+
+
 def _check_output_paths(cfg) -> None:
     from moe_lightning.errors import ConfigError
     from moe_lightning.files import check_output_path
@@ -710,6 +733,7 @@ def _main() -> None:
         register()
         check_composes(sys.argv[1:])
         check_sweep_outputs(sys.argv[1:])
+        check_sweep_only_interpolations(sys.argv[1:])
         check_reused_run_dir(sys.argv[1:])
     except ConfigError as exc:
         fail(str(exc))

@@ -301,6 +301,12 @@ CASES = [
          "out=new.json: every job of this multirun would write it", task="plan", base=()),
     Case("multirun-one-outputs-for-every-job", ("-m", "sampling.seed=1,2", "outputs=new.jsonl", "overwrite=true"),
          "outputs=new.jsonl: every job of this multirun would write it"),
+    # A multirun job's number or id in a single run: Hydra resolves it to None (x-None.json, or out= unset)
+    Case("out-of-a-sweep-job-number", ("out=x-${hydra:job.num}.json",),
+         "out=x-${hydra:job.num}.json: ${hydra:job.num} resolves to nothing outside a multirun sweep", task="plan",
+         base=()),
+    Case("outputs-of-a-sweep-job-id", ("outputs=${hydra:job.id}",),
+         "outputs=${hydra:job.id}: ${hydra:job.id} resolves to nothing outside a multirun sweep"),
     Case("outputs-with-bench", ("outputs=new.jsonl",), "outputs= belongs to task=generate", task="bench"),
     Case("outputs-with-report", ("outputs=new.jsonl",), "outputs= belongs to task=generate", task="report",
          base=()),

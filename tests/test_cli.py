@@ -38,6 +38,31 @@ def test_generate_writes_outputs_and_run_document(tmp_path, tiny_path):
     assert report.metrics.throughput_tok_s > 0 and report.system == "reference"
 
 
+def test_a_model_hf_run_document_names_its_checkpoint(tmp_path, tiny_path):
+    """model=hf's documents name the checkpoint that ran (its folder's name, as a Hugging Face repo's is),
+    not the config group, and keep its path: a measured run's and a plan's alike."""
+    import shutil
+
+    folder = tmp_path / "Tiny-MoE-v0.1"
+    shutil.copytree(tiny_path, folder)
+    run, plan = tmp_path / "run.json", tmp_path / "plan.json"
+    r = cli("task=generate", "model=hf", f"model.path={folder}", "workload.num_requests=2", "workload.gen_len=3",
+            f"out={run}", "task.progress=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = cli("task=plan", "model=hf", f"model.path={folder}/", f"out={plan}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for doc in (json.loads(run.read_text()), json.loads(plan.read_text())):
+        assert doc["model"]["name"] == "Tiny-MoE-v0.1" and doc["model"]["path"].rstrip("/") == str(folder)
+
+
+def test_a_hugging_face_cache_snapshot_is_named_by_its_repo(tmp_path):
+    from moe_lightning.engine.hf_config import checkpoint_name
+
+    snapshot = tmp_path / "hub" / "models--mistralai--Mixtral-8x7B-v0.1" / "snapshots" / "0123abcd"
+    assert checkpoint_name(snapshot) == "mistralai/Mixtral-8x7B-v0.1"
+    assert checkpoint_name(tmp_path / "Mixtral-8x7B-v0.1" / ".") == "Mixtral-8x7B-v0.1"
+
+
 def test_default_run_goes_to_a_run_folder(tmp_path, tiny_path):
     r = cli("task=generate", "task.progress=false", "workload.num_requests=2", "workload.gen_len=3",
             cwd=tmp_path)
@@ -177,6 +202,13 @@ def test_multirun_sweeps_ints_floats_and_bools(tmp_path):
 def test_multirun_sweeps_a_range(tmp_path):
     docs = _sweep_docs(tmp_path, "policy.micro_batch_size=4", "policy.batch_size=range(4,9,4)")
     assert sorted(d["policy"]["batch_size"] for d in docs) == [4, 8]
+
+
+def test_a_sweep_names_each_job_s_out_by_its_number(tmp_path):
+    """${hydra:job.num} is refused in a single run (the catalogue), and is each job's own number in a sweep."""
+    _sweep_docs(tmp_path, "policy.batch_size=4,8", "policy.micro_batch_size=4",
+                f"out={tmp_path}/x-${{hydra:job.num}}.json")
+    assert sorted(json.loads((tmp_path / f"x-{n}.json").read_text())["policy"]["batch_size"] for n in (0, 1)) == [4, 8]
 
 
 def test_a_sweep_goes_on_past_a_refused_job_and_exits_with_its_code(tmp_path):

@@ -339,8 +339,26 @@ def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[s
     )
 
 
+def checkpoint_name(folder: str | os.PathLike) -> str:
+    """What a model=hf run's documents call its checkpoint: the folder's name, which is usually the Hugging
+    Face repo's (Mixtral-8x7B-v0.1), or for a snapshot in the Hugging Face cache
+    (models--mistralai--Mixtral-8x7B-v0.1/snapshots/<commit>) the repo id, mistralai/Mixtral-8x7B-v0.1."""
+    path = Path(os.path.abspath(folder))   # "." or "ckpt/" named too; symlinks not followed (the cache's are files)
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/")
+    return path.name or "hf"
+
+
+def model_label(model: ModelSpec) -> str:
+    """A configured model's name in titles: a preset's own, model=hf's checkpoint's (`checkpoint_name`)."""
+    return checkpoint_name(model.path) if model.name == "hf" and model.path else model.name
+
+
 def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpec:
-    """ModelSpec of a Hugging Face checkpoint folder, from its config.json (type-checked)."""
+    """ModelSpec of a Hugging Face checkpoint folder, from its config.json (type-checked). Named `name`
+    (a preset's), or for model=hf (`name` "hf") after the checkpoint (`checkpoint_name`), which the run
+    documents then record beside `path`."""
     folder = Path(folder)
     list_folder(folder)
     path = folder / "config.json"
@@ -361,6 +379,7 @@ def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpe
     eos = fields["eos_token_ids"] or [i for i in [fields["eos_token_id"]] if i is not None]
     fields |= generation_fields(folder, eos, fields["vocab_size"])
     try:
-        return ModelSpec(name=name, weights="checkpoint", path=str(folder), **fields)
+        return ModelSpec(name=checkpoint_name(folder) if name == "hf" else name, weights="checkpoint",
+                         path=str(folder), **fields)
     except Exception as exc:  # ConfigError from ModelSpec validation: name the file
         raise CheckpointError(f"{path}: {one_line(exc)}") from None

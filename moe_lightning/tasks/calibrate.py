@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moe_lightning.engine.hf_config import model_label
 from moe_lightning.files import atomic_write
 from moe_lightning.report import Metrics, RunReport, as_dict, environment
 from moe_lightning.tasks.plan import out_path
@@ -62,7 +63,7 @@ class CalibrateTask:
         print(table(m))
         for reason in noise:
             print(f"NOISY: {reason}")
-        print(f"expert kernel by tokens per expert ({cfg.model.name} shapes): "
+        print(f"expert kernel by tokens per expert ({model_label(cfg.model)} shapes): "
               + ", ".join(f"{load}: {name}" for load, name in kernels.items()))
         print(f"\nhardware profile: {yaml_path}\nrun document: {out}\n")
         print("use it by copying it into the package's hardware presets:\n"

@@ -472,7 +472,9 @@ def _ranges_overlap(a: dict, b: dict) -> bool | None:
 
 
 def _title(rows: list[dict], cfg: RunConfig) -> str:
-    return (f"{cfg.model.name} on {cfg.hardware.name}, workload {cfg.workload.name} "
+    from moe_lightning.engine.hf_config import model_label
+
+    return (f"{model_label(cfg.model)} on {cfg.hardware.name}, workload {cfg.workload.name} "
             f"({cfg.workload.num_requests} requests, gen {cfg.workload.gen_len})")
 
 

@@ -3,8 +3,8 @@
 every output it finished, and `resume=true` goes on from there.
 
 The part file's first line says which run wrote it (the fields its outputs depend on: model and
-checkpoint content, prompts, sampling, system, policy, device); a resume under any other run is refused
-with the fields that differ.
+checkpoint content, the checkpoint's tokenizer and generation files, prompts, sampling, system, policy,
+device); a resume under any other run is refused with the fields that differ.
 - Static batches: rows in input order, whole batches only: a batch half-written when the process was
   killed is dropped and generated again, with the same sampling seed (`engine.generation.
   batch_generator`), so a resumed run's outputs are identical to an uninterrupted one's.
@@ -38,21 +38,25 @@ def part_path(outputs: str | os.PathLike) -> Path:
 
 def run_fields(cfg, spec, device) -> dict:
     """The flat {field: value} that a run's output tokens depend on."""
-    from moe_lightning.tuner.identity import checkpoint_fingerprint, drop_later_defaults, file_sha256, flatten
+    from moe_lightning.tuner import identity as ident
 
     asdict = dataclasses.asdict
     model = {k: v for k, v in asdict(spec).items() if k != "path"}
+    model["name"] = ident.configured_name(cfg, spec)
     if spec.weights == "checkpoint" and spec.path:
-        model["checkpoint_content"] = checkpoint_fingerprint(spec.path)
+        model["checkpoint_content"] = ident.checkpoint_fingerprint(spec.path)
+        # The tokenizer encodes text prompts and decodes the outputs' text; generation_config.json stops them.
+        # A folder without such files adds no field: its part files from before still resume.
+        model["checkpoint_files"] = ident.checkpoint_files(spec.path)
     w = cfg.workload
-    prompts = ({"prompts_sha256": file_sha256(w.path)} if w.path else
+    prompts = ({"prompts_sha256": ident.file_sha256(w.path)} if w.path else
                {"num_requests": w.num_requests, "prompt_len_avg": w.prompt_len_avg,
                 "prompt_len_max": w.prompt_len_max, "seed": w.seed})
     tree = {"system": asdict(cfg.system), "model": model, "prompts": prompts, "gen_len": w.gen_len,
             "sampling": asdict(cfg.sampling), "policy": asdict(cfg.policy), "device": str(device)}
     flat: dict = {}
-    flatten("", json.loads(json.dumps(tree, default=str)), flat)
-    return drop_later_defaults(flat)
+    ident.flatten("", json.loads(json.dumps(tree, default=str)), flat)
+    return ident.drop_later_defaults(flat)
 
 
 def output_row(request, output_ids: list[int], tokenizer) -> dict:

@@ -10,6 +10,10 @@ What is fingerprinted:
   config.json, and each safetensors file's size, header (names, shapes, dtypes, offsets) and three 1 MiB
   samples of its data (start, middle, end). Reading every byte of a 90 GB checkpoint to open a study is
   not worth it; a rewritten tensor of the same shape outside the samples goes unnoticed;
+- with a prompts file, the sha256 of each of the checkpoint's tokenizer and generation files that it has
+  (`checkpoint_files`): the tokenizer turns the file's text prompts into the lengths measured. Left out
+  for synthetic prompts (random ids: no tokenizer is read) and absent from a folder without such files,
+  so that those studies keep the fingerprint they had before these files were counted;
 - the workload's lengths, gen_len, request count, padding, seed and the prompt file's content (sha256);
   not its name or the file's path;
 - the hardware profile's values;
@@ -49,6 +53,23 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# A checkpoint's files besides config.json and the weights that the tokens of a run depend on: those
+# transformers' AutoTokenizer reads to encode text prompts (the tokenizer's class, its vocabulary, merges and
+# special tokens; tokenizer.json also decodes the outputs) and generation_config.json (the stop ids and the
+# repetition penalty). Chat templates are not: no task applies one (one inside tokenizer_config.json counts
+# with that file).
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                      "*.model", "*.tiktoken", "generation_config.json")
+
+
+def checkpoint_files(folder: str | Path) -> dict[str, str]:
+    """{file name: sha256} of the folder's tokenizer and generation files (TOKENIZER_PATTERNS) that exist;
+    {} for a folder that has none, which adds no field to a fingerprint."""
+    folder = Path(folder)
+    found = {f for pattern in TOKENIZER_PATTERNS for f in folder.glob(pattern) if f.is_file()}
+    return {f.name: file_sha256(f) for f in sorted(found)}
+
+
 def checkpoint_fingerprint(folder: str | Path) -> str:
     """config.json plus each safetensors file's size, header and sampled data (see module docstring)."""
     folder = Path(folder)
@@ -82,6 +103,13 @@ def drop_later_defaults(flat: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def configured_name(cfg: RunConfig, spec: ModelSpec) -> str:
+    """The model's name as configured ("hf" for model=hf, whose resolved spec is named after its folder):
+    a checkpoint's identity is its content, so a renamed folder (or a version that names it) changes
+    no fingerprint, and the studies and part files stamped with "hf" resume."""
+    return "hf" if cfg.model.name == "hf" else spec.name
+
+
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -94,8 +122,11 @@ def study_fields(cfg: RunConfig, spec: ModelSpec, search_space: dict[str, Any]) 
     """The flat {field: value} the objective depends on (JSON values)."""
     as_dict = dataclasses.asdict
     model = {k: v for k, v in as_dict(spec).items() if k != "path"}
+    model["name"] = configured_name(cfg, spec)
     if spec.weights == "checkpoint" and spec.path:
         model["checkpoint_content"] = checkpoint_fingerprint(spec.path)
+        if cfg.workload.path:   # text prompts are encoded by the folder's tokenizer (module docstring)
+            model["checkpoint_files"] = checkpoint_files(spec.path)
     w = cfg.workload
     workload = {"prompt_len_avg": w.prompt_len_avg, "prompt_len_max": w.prompt_len_max, "gen_len": w.gen_len,
                 "num_requests": w.num_requests, "padding": w.padding, "seed": w.seed,

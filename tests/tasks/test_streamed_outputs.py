@@ -108,3 +108,39 @@ def test_a_part_file_of_another_run_is_refused_and_left_alone(tmp_path, tiny_pat
 def test_resume_needs_an_outputs_path(tmp_path, tiny_path):
     r = run(tmp_path, "resume=true")
     assert r.returncode == 2 and "resume=true needs outputs=PATH" in r.stderr
+
+
+def test_outputs_of_another_tokenizer_are_not_resumed(tmp_path, tiny_path):
+    """A part file written before the checkpoint's tokenizer.json changed (its outputs' text decoded, its
+    text prompts encoded with the old one) is refused on resume, naming the file; unchanged, it resumes."""
+    import shutil
+
+    from moe_lightning.config import ModelSpec
+    from moe_lightning.engine.weights import resolve_model
+    from moe_lightning.errors import ConfigError
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.outputs import StreamedOutputs, run_fields
+    from moe_lightning.workload_io import Request
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, folder)
+    cfg = RunConfig(model=ModelSpec(name="hf", path=str(folder)))
+    requests = [Request(i, [5, 6]) for i in range(4)]
+
+    def begin(resume: bool) -> list[int]:
+        out = StreamedOutputs(tmp_path / "out.jsonl", resume=resume)
+        try:
+            done = out.begin(run_fields(cfg, resolve_model(cfg.model)[0], "cpu"), requests, None, None)
+            if not resume:
+                out.write_finished([(0, [7, 8])])
+            return done
+        finally:
+            out.close()
+
+    begin(resume=False)
+    assert begin(resume=True) == [0]
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["added_tokens"][0]["content"] = "<unknown>"
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ConfigError, match=r"written by another run \(run.model.checkpoint_files.tokenizer.json: "):
+        begin(resume=True)

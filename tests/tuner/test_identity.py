@@ -160,3 +160,71 @@ def test_a_simulated_tune_for_absent_hardware_never_measures(tmp_path):
     assert kinds and set(kinds.values()) == {"simulated"} and "cgopipe" in kinds
     assert {row["status"] for row in rows if row["system"] == "accelerate"} == {"skipped"}
     assert "simulated on profile t4" in r.stdout
+
+
+def _edit_tokenizer(folder) -> None:
+    """A tokenizer.json whose vocabulary differs by one piece: the same text gets other ids."""
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    piece = next(p for p in vocab if p.isalpha() and len(p) > 1)
+    vocab[piece + "x"] = vocab.pop(piece)
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def test_an_edited_tokenizer_is_another_study_for_a_prompts_file(tmp_path, tiny_path):
+    """Text prompts are encoded by the folder's tokenizer: a study of a prompts file measured with the old
+    tokenizer.json is not resumed under the edited one (the refusal names the file); synthetic prompts
+    read no tokenizer, so their study does not change."""
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, folder)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": 0, "prompt": "hello world"}\n')
+    texts = Workload(name="jsonl", path=str(prompts))
+    cfg = cfg_for(tmp_path, name="T", model=ModelSpec(name="hf", path=str(folder)), workload=texts)
+    synthetic = cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(folder)))
+    one_trial(cfg)
+    before = study_identity(synthetic, spec_of(synthetic))
+    _edit_tokenizer(folder)
+    with pytest.raises(ConfigError) as exc:
+        open_study(cfg, spec_of(cfg))
+    assert "\n" not in str(exc.value) and "model.checkpoint_files.tokenizer.json: " in str(exc.value)
+    assert study_identity(synthetic, spec_of(synthetic)) == before
+
+
+def test_a_folder_without_tokenizer_files_keeps_its_fingerprint(tmp_path, tiny_path):
+    """Only the tokenizer and generation files a folder has are fingerprinted: one without them (and with
+    files of other kinds, a README) has the fields it had before these files were counted."""
+    from moe_lightning.tuner.identity import checkpoint_files
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_path / name).read_bytes())
+    (bare / "README.md").write_text("a model card")
+    assert checkpoint_files(bare) == {}
+    assert set(checkpoint_files(tiny_path)) == {"tokenizer.json", "generation_config.json"}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": 0, "input_ids": [5, 6]}\n')
+    cfg = cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(bare)), workload=Workload(path=str(prompts)))
+    fields = study_identity(cfg, spec_of(cfg))[1]
+    assert "model.checkpoint_content" in fields and not any(k.startswith("model.checkpoint_files") for k in fields)
+
+
+def test_a_renamed_checkpoint_folder_keeps_its_study_and_part_files(tmp_path, tiny_path):
+    """Documents name a model=hf checkpoint after its folder, but its identity is its content: the same
+    checkpoint under another folder name is the same study and the same run, stamped "hf" as before."""
+    import shutil
+
+    from moe_lightning.tasks.outputs import run_fields
+
+    cfgs = []
+    for name in ("Tiny-MoE-v0.1", "renamed"):
+        shutil.copytree(tiny_path, tmp_path / name)
+        cfgs.append(cfg_for(tmp_path, model=ModelSpec(name="hf", path=str(tmp_path / name))))
+    (name_a, fields_a), (name_b, fields_b) = (study_identity(c, spec_of(c)) for c in cfgs)
+    assert spec_of(cfgs[0]).name == "Tiny-MoE-v0.1"
+    assert name_a == name_b and fields_a == fields_b and fields_a["model.name"] == "hf"
+    runs = [run_fields(c, spec_of(c), "cpu") for c in cfgs]
+    assert runs[0] == runs[1] and runs[0]["model.name"] == "hf"
