@@ -103,7 +103,10 @@ def compose_each(args: list[str], override_lists: list[list[str]], hydra_config:
     """Compose the config (--config-name, with --config-dir on the search path) once per override list,
     with Hydra's own compose API, as the app is about to; a composition error is one ConfigError line
     (Hydra's and OmegaConf's text, not their multi-line report)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
 
     from moe_lightning.conf.store import register
@@ -114,12 +117,18 @@ def compose_each(args: list[str], override_lists: list[list[str]], hydra_config:
     missing = [d for d in dirs if not d.is_dir()]
     if missing:
         raise ConfigError(f"--config-dir {missing[0]}: no such folder")
-    searchpath = [f"hydra.searchpath=[{','.join(f'file://{d.resolve()}' for d in dirs)}]"] if dirs else []
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe-lightning"):
-            return [compose(config_name=config_name(args), overrides=[*overrides, *searchpath],
-                            return_hydra_config=hydra_config) for overrides in override_lists]
+        # The search path hydra.main builds (as initialize_config_dir does, with --config-dir where the app
+        # puts it: after the package's conf, before the schemas). Not hydra.searchpath: Hydra reads that
+        # after the primary config, so a primary config of the user's (--config-name) would not be found.
+        search_path = create_config_search_path(str(CONF_DIR))
+        for d in dirs:
+            search_path.prepend("command-line", f"file://{d.resolve()}", anchor=SearchPathQuery(provider="schema"))
+        version.setbase("1.3")
+        Hydra.create_main_hydra2(task_name="moe-lightning", config_search_path=search_path)
+        return [compose(config_name=config_name(args), overrides=overrides, return_hydra_config=hydra_config)
+                for overrides in override_lists]
     except Exception as exc:  # noqa: BLE001 - whatever Hydra raises, one line
         raise ConfigError(_one_line(exc)) from None
     finally:
