@@ -578,6 +578,14 @@ CASES = [
          "policy.prefetch_depth=3: task.plan=true", task="bench"),
     Case("compare-own-rules-beside-a-given-batch", ("policy.batch_size=4",),
          "policy.batch_size=4: with task.policy_source=auto", task="compare"),
+    # One policy for every system: a field a listed system does not read would be ignored for it
+    Case("compare-given-policy-beside-accelerate",
+         ("task.systems=[cgopipe,flexgen,accelerate]", "task.policy_source=given", "policy.micro_batch_size=4"),
+         "policy.micro_batch_size: system=accelerate does not read it (it reads policy.batch_size), so it would "
+         "be ignored; drop it, or drop accelerate from task.systems ('task.systems=[cgopipe,flexgen]')",
+         task="compare"),
+    Case("compare-kernel-beside-the-reference", ("task.systems=[reference,cgopipe]", "policy.expert_kernel=loop"),
+         "policy.expert_kernel: system=reference does not read it", task="compare"),
     Case("compare-beside-a-system", ("system=flexgen",), "system=flexgen: task=compare runs the systems of "
          "task.systems", task="compare"),
     Case("compare-with-a-trace", ("trace=true",), "trace=true: task=compare does not trace", task="compare"),
