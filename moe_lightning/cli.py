@@ -104,7 +104,10 @@ def compose_each(args: list[str], override_lists: list[list[str]], hydra_config:
     """Compose the config (--config-name, with --config-dir on the search path) once per override list,
     with Hydra's own compose API, as the app is about to; a composition error is one ConfigError line
     (Hydra's and OmegaConf's text, not their multi-line report)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
 
     from moe_lightning.conf.store import register
@@ -115,12 +118,18 @@ def compose_each(args: list[str], override_lists: list[list[str]], hydra_config:
     missing = [d for d in dirs if not d.is_dir()]
     if missing:
         raise ConfigError(f"--config-dir {missing[0]}: no such folder")
-    searchpath = [f"hydra.searchpath=[{','.join(f'file://{d.resolve()}' for d in dirs)}]"] if dirs else []
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="moe-lightning"):
-            return [compose(config_name=config_name(args), overrides=[*overrides, *searchpath],
-                            return_hydra_config=hydra_config) for overrides in override_lists]
+        # The search path hydra.main builds (as initialize_config_dir does, with --config-dir where the app
+        # puts it: after the package's conf, before the schemas). Not hydra.searchpath: Hydra reads that
+        # after the primary config, so a primary config of the user's (--config-name) would not be found.
+        search_path = create_config_search_path(str(CONF_DIR))
+        for d in dirs:
+            search_path.prepend("command-line", f"file://{d.resolve()}", anchor=SearchPathQuery(provider="schema"))
+        version.setbase("1.3")
+        Hydra.create_main_hydra2(task_name="moe-lightning", config_search_path=search_path)
+        return [compose(config_name=config_name(args), overrides=overrides, return_hydra_config=hydra_config)
+                for overrides in override_lists]
     except Exception as exc:  # noqa: BLE001 - whatever Hydra raises, one line
         raise ConfigError(_one_line(exc)) from None
     finally:
@@ -388,9 +397,12 @@ def _run_job(cfg) -> None:
         fail(str(cause).splitlines()[0])
     except MoELightningError as exc:
         fail(str(exc))
+    overrides = HydraConfig.get().overrides.task
     try:
-        mark_given(run_cfg.policy, given_policy_fields(HydraConfig.get().overrides.task))
-        check_ignored_overrides(run_cfg, HydraConfig.get().overrides.task)
+        given = list(dict.fromkeys([*given_policy_fields(overrides),
+                                    *config_policy_fields(HydraConfig.get().job.config_name, overrides)]))
+        mark_given(run_cfg.policy, given)
+        check_ignored_overrides(run_cfg, overrides, given)
     except MoELightningError as exc:
         fail(str(exc))
     if run_cfg.run_dir is None:
@@ -451,16 +463,37 @@ def given_policy_fields(overrides) -> list[str]:
     return [k.split(".", 1)[1] for k in keys if k.startswith("policy.")]
 
 
-def check_ignored_overrides(cfg, overrides) -> None:
+def config_policy_fields(config_name: str | None, overrides) -> list[str]:
+    """The policy fields the composed config sets, whatever their values: a config file's (a user's
+    primary config, `--config-dir DIR --config-name NAME`, or a file of theirs that sets the root with
+    `# @package _global_`), and the command line's. Comparing values with the defaults cannot see a field
+    set to its default, and merged values keep no record of their source: so the config is composed again,
+    with the app's own search path and overrides, over a root whose policy fields are all unset, and the
+    fields set afterwards are the ones some source set. The package's conf sets none."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    from moe_lightning.conf.store import register
+
+    register(policy_probe=True)
+    try:
+        policy = compose(config_name=config_name, overrides=list(overrides)).policy
+    finally:
+        register()
+    return [key for key in policy if not OmegaConf.is_missing(policy, key)]
+
+
+def check_ignored_overrides(cfg, overrides, given: list[str] | None = None) -> None:
     """Overrides the task would ignore, refused: another model.* field beside model=hf (the folder's
-    config.json decides it), a policy field the system's runner does not read (system=reference, accelerate),
-    and the one-system settings beside task=compare (it runs task.systems)."""
+    config.json decides it), a policy field given (`given`: the config files' and the command line's; by
+    default the command line's) that the system's runner does not read (system=reference, accelerate), and
+    the one-system settings beside task=compare (it runs task.systems)."""
     from moe_lightning.errors import ConfigError
 
     if cfg.task.name in ("generate", "bench"):   # the tasks that run cfg.system's own runner
         from moe_lightning.systems import refuse_unread_policy_fields
 
-        refuse_unread_policy_fields(cfg.system.name, given_policy_fields(overrides))
+        refuse_unread_policy_fields(cfg.system.name, given_policy_fields(overrides) if given is None else given)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if cfg.model.name == "hf" and key.startswith("model.") and key.split(".")[1] not in ("path", "dtype"):

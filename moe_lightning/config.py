@@ -723,9 +723,10 @@ RULE_FIELDS = ("batch_size", "micro_batch_size", "attn_on_gpu", "ffn_on_gpu", "e
 
 
 def mark_given(policy: Policy, names: Iterable[str]) -> None:
-    """Record the fields the user gave `policy` explicitly (the command line's `policy.*` overrides): a rule
-    that would replace one must refuse it even when its value is the default, which comparing values
-    cannot see. Kept on the instance only: a policy derived by `dataclasses.replace` is the program's."""
+    """Record the fields the user gave `policy` explicitly (the command line's `policy.*` overrides and the
+    fields a config file of theirs sets, `cli.config_policy_fields`): a rule that would replace one must
+    refuse it even when its value is the default, which comparing values cannot see. Kept on the instance
+    only: a policy derived by `dataclasses.replace` is the program's."""
     object.__setattr__(policy, "_given", frozenset(names))
 
 

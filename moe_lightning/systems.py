@@ -109,17 +109,18 @@ SYSTEM_CONFIGS: dict[str, type] = {"reference": ReferenceSystem, "cgopipe": CGOP
 POLICY_FIELDS_READ = {"reference": ("batch_size",), "accelerate": ("batch_size",)}
 
 
-def refuse_unread_policy_fields(system: str, given: list[str]) -> None:
+def refuse_unread_policy_fields(system: str, given: list[str], instead: str | None = None) -> None:
     """A `policy.*` field given for a run of `system` that its runner never reads would be recorded in the run
-    document as if it had run (r_w=0.5 beside the reference): refused in one line naming it."""
+    document as if it had run (r_w=0.5 beside the reference): refused in one line naming it, and saying
+    `instead` beside dropping it (None: a run of cfg.system, whose own settings, system.*, can be given)."""
     read = POLICY_FIELDS_READ.get(system)
     unread = [f"policy.{name}" for name in given if read is not None and name not in read]
     if unread:
-        kernel = "; its expert kernel is system.expert_kernel" if system == "reference" else ""
+        kernel = "; its expert kernel is system.expert_kernel" if system == "reference" and instead is None else ""
+        instead = instead or "run a placement of your own with system=cgopipe"
         it, they = ("them", "they") if len(unread) > 1 else ("it", "it")
         raise ConfigError(f"{', '.join(unread)}: system={system} does not read {it} (it reads policy."
-                          f"{', policy.'.join(read)}{kernel}), so {they} would be ignored; drop {it}, or run a "
-                          "placement of your own with system=cgopipe")
+                          f"{', policy.'.join(read)}{kernel}), so {they} would be ignored; drop {it}, or {instead}")
 
 
 def paged_kv(system) -> bool:

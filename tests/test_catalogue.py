@@ -281,6 +281,17 @@ CASES = [
          "hardware=part (conf/hardware/part.yaml) does not give gpu.name, gpu.count, gpu.bandwidth_gbps",
          setup=config_dir("part.yaml", "name: part\ngpu: {memory_gib: 40}\n"), task="plan", base=()),
     Case("config-dir-missing", ("--config-dir", "nodir"), "no such folder", task="plan", base=()),
+    # A policy field a config file of the user's sets is theirs even at its default value, as on the command
+    # line: a primary config of theirs (--config-name) for a system that does not read it ...
+    Case("config-name-default-valued-field-for-reference",
+         ("system=reference", "--config-dir", "conf", "--config-name", "mine"),
+         "policy.micro_batch_size: system=reference does not read it",
+         setup=write("conf/mine.yaml", "defaults: [config, _self_]\npolicy: {micro_batch_size: 4}\n")),
+    # ... and a group file of theirs that sets the root (`# @package _global_`) beside a rule that chooses it
+    Case("config-dir-global-default-valued-field-beside-plan", ("workload=mine", "--config-dir", "conf"),
+         "policy.batch_size=8: task=plan chooses the whole policy",
+         setup=write("conf/workload/mine.yaml", "# @package _global_\npolicy: {batch_size: 8}\n"), task="plan",
+         base=()),
     # Output paths: refused before any work, earlier files untouched
     Case("outputs-is-a-folder", ("outputs=sub",), "is a folder", setup=lambda f, t: (f / "sub").mkdir()),
     Case("outputs-exists", ("outputs=old.jsonl",), "exists; pass overwrite=true"),
@@ -573,6 +584,14 @@ CASES = [
          "policy.prefetch_depth=3: task.plan=true", task="bench"),
     Case("compare-own-rules-beside-a-given-batch", ("policy.batch_size=4",),
          "policy.batch_size=4: with task.policy_source=auto", task="compare"),
+    # One policy for every system: a field a listed system does not read would be ignored for it
+    Case("compare-given-policy-beside-accelerate",
+         ("task.systems=[cgopipe,flexgen,accelerate]", "task.policy_source=given", "policy.micro_batch_size=4"),
+         "policy.micro_batch_size: system=accelerate does not read it (it reads policy.batch_size), so it would "
+         "be ignored; drop it, or drop accelerate from task.systems ('task.systems=[cgopipe,flexgen]')",
+         task="compare"),
+    Case("compare-kernel-beside-the-reference", ("task.systems=[reference,cgopipe]", "policy.expert_kernel=loop"),
+         "policy.expert_kernel: system=reference does not read it", task="compare"),
     Case("compare-beside-a-system", ("system=flexgen",), "system=flexgen: task=compare runs the systems of "
          "task.systems", task="compare"),
     Case("compare-with-a-trace", ("trace=true",), "trace=true: task=compare does not trace", task="compare"),

@@ -117,6 +117,17 @@ def test_a_user_hardware_profile_from_config_dir(tmp_path):
     assert json.loads(out.read_text())["hardware"]["profile"]["name"] == "mybox"
 
 
+def test_a_user_primary_config_from_config_dir(tmp_path):
+    """`--config-dir DIR --config-name NAME` with NAME.yaml in DIR (inheriting the package's root config):
+    the checks before the run find it where the app does (they looked for it in the package's conf only)."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text("defaults: [config, _self_]\nworkload: {gen_len: 7}\n")
+    out = tmp_path / "plan.json"
+    r = cli("--config-dir", str(tmp_path / "conf"), "--config-name", "mine", "task=plan", f"out={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["workload"]["gen_len"] == 7
+
+
 def test_a_user_profile_inherits_a_preset_only_when_it_says_so(tmp_path):
     """`defaults: [t4, _self_]` takes t4's numbers and replaces the ones given; without it, a profile that
     leaves numbers out is refused, naming them (the schema's defaults are the cpu preset's)."""

@@ -8,7 +8,9 @@ out-of-memory kills one system's run, not the comparison, and peak CPU memory is
 `comparison.md`, `comparison.csv`, `comparison.json` (also to `cfg.out`, when given) and a bar chart
 `comparison.png`. A system that
 fails (its policy does not fit, a missing dependency, ...) gets a row with the reason.
-`cfg.system` is not used: each listed system runs its default config, with `task.policy_source`.
+`cfg.system` is not used: each listed system runs its default config, with `task.policy_source`. A
+`policy.*` field the user set that a listed system never reads (reference and accelerate read the batch
+size only) is refused before any system runs, naming it, rather than ignored for that system's row.
 
 Measured (`mode=measure`): each system warms up, then runs the workload `repeats` times; the table shows
 the median with its spread. With `interleave` (the default) the systems take turns: all are loaded and
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moe_lightning.config import GB, Policy, check_repeats, check_warmup, refuse_ignored_fields
+from moe_lightning.config import GB, Policy, check_repeats, check_warmup, refuse_ignored_fields, set_policy_fields
 from moe_lightning.errors import ConfigError, MoELightningError
 from moe_lightning.files import atomic_open, atomic_write, json_text
 from moe_lightning.report import RunReport, Spread
@@ -105,6 +107,8 @@ class CompareTask:
         if unknown or not systems:
             raise ConfigError(f"task.systems: unknown {', '.join(unknown) or '(empty list)'}; accepted: "
                               f"{', '.join(n for n in SYSTEM_CONFIGS if n != 'reference')}")
+        if self.mode == "measure":
+            refuse_unread_by_systems(cfg.policy, [s for s in systems if s not in given], systems)
         if self.mode == "measure":   # a model this host cannot hold: the line task=generate gives, once
             from moe_lightning.hostload import check_fits_host
             from moe_lightning.systems import resolve_device
@@ -326,6 +330,21 @@ def _not_resident_together(cfg: RunConfig, systems: int) -> str | None:
 def _reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text if isinstance(exc, MoELightningError) else f"{type(exc).__name__}: {text}"
+
+
+def refuse_unread_by_systems(policy: Policy, running: list[str], systems: list[str]) -> None:
+    """One policy for every system: a field the user set (`config.set_policy_fields`, at its default too)
+    that one of the `running` systems never reads (reference and accelerate read the batch size only)
+    would be ignored for it, its row recorded as if it had run it: refused, naming the system. Measured
+    runs only: simulated, the reference runs CGOPipe's schedule on the whole policy, accelerate none."""
+    from moe_lightning.config import field_names
+    from moe_lightning.systems import refuse_unread_policy_fields
+
+    set_here = list(set_policy_fields(policy, tuple(field_names(Policy))))
+    for name in running:
+        rest = [s for s in systems if s != name]
+        listed = f" ('task.systems=[{','.join(rest)}]')" if len(rest) > 1 else ""
+        refuse_unread_policy_fields(name, set_here, f"drop {name} from task.systems{listed}")
 
 
 def system_run_config(cfg: RunConfig, name: str, policy_source: str) -> RunConfig:

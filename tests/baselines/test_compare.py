@@ -151,6 +151,32 @@ def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(
     assert "measured" not in table.split("tokens/s = ")[1] and "took turns" not in table
 
 
+def test_a_policy_field_a_listed_system_does_not_read_is_refused_before_any_run(tmp_path):
+    """One policy for every system: reference and accelerate read only the batch size, so a placement or
+    kernel given beside them (at its default too) would be ignored for them while their rows stood beside
+    the others': refused, naming the system and the list without it, before any system runs."""
+    import pytest
+
+    from moe_lightning.config import mark_given
+    from moe_lightning.errors import ConfigError
+
+    def refused(systems: list[str], policy: Policy, source: str = "given") -> str:
+        cfg = RunConfig(task=CompareTask(systems=systems, policy_source=source, progress=False),
+                        workload=Workload(num_requests=4, gen_len=3), policy=policy, run_dir=str(tmp_path))
+        with pytest.raises(ConfigError) as refusal:
+            cfg.task.run(cfg)
+        return str(refusal.value)
+
+    given = Policy(batch_size=4)
+    mark_given(given, ["batch_size", "micro_batch_size"])   # micro_batch_size=4 given, its default
+    assert refused(["cgopipe", "flexgen", "accelerate"], given) == (
+        "policy.micro_batch_size: system=accelerate does not read it (it reads policy.batch_size), so it would be "
+        "ignored; drop it, or drop accelerate from task.systems ('task.systems=[cgopipe,flexgen]')")
+    assert refused(["reference", "cgopipe"], Policy(expert_kernel="loop"), source="auto").startswith(
+        "policy.expert_kernel: system=reference does not read it")
+    assert not any(tmp_path.iterdir())
+
+
 def test_compare_writes_its_comparison_document_to_out(tmp_path):
     out = tmp_path / "x" / "c.json"
     r = cli("task=compare", "task.mode=simulate", "task.systems=[cgopipe,flexgen]", "hardware=t4",
