@@ -173,15 +173,17 @@ def decode_graph_gpu_attention(s: PipeShape, paged: bool = True) -> TaskGraph:
 
     _prologue_weights(w)
     load_kv(0)
+    stores: list[int] = []
     for i in range(L):
         for j in range(m):
             k = i * m + j
             pages = _pages(w, i, j, paged)
             w.to_gpu(i + 1, pages)
             load_kv(k + 1)
-            layer = g.add(GPU, "GPULayer", i, j, [g.get("LoadKV", i, j), *w.layer_ready(i)])
+            waiting = stores[-2] if len(stores) >= 2 else None   # one new K/V waits for its store, as in prefill
+            layer = g.add(GPU, "GPULayer", i, j, [g.get("LoadKV", i, j), *w.layer_ready(i), waiting])
             if j not in s.gpu_kv:
-                g.add(D2H, "StoreKV", i, j, [layer])
+                stores.append(g.add(D2H, "StoreKV", i, j, [layer]))
             if i + 1 < L:
                 w.copy_ahead(w.position_after(i + 1, pages) + s.prefetch)
     g.validate()
