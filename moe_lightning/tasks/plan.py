@@ -132,7 +132,7 @@ class PlanTask:
             metrics=Metrics(kind="predicted", throughput_tok_s=pred.e2e_tok_s, decode_tok_s=pred.decode_tok_s,
                             prefill_s=pred.prefill_s, decode_s=pred.decode_s,
                             generated_tokens=plan.policy.batch_size * workload.gen_len,
-                            decode_step_median_s=pred.decode_s / workload.gen_len,
+                            decode_step_median_s=pred.decode_step_s,   # None: no decode step (gen_len 1)
                             peak_gpu_bytes=plan.prediction.memory.gpu_total_bytes,
                             peak_cpu_bytes=plan.prediction.memory.cpu_total_bytes),
             prediction={"hrm_tok_s": pred.e2e_tok_s, "hrm_decode_tok_s": pred.decode_tok_s,
