@@ -182,6 +182,12 @@ def check_requests(requests: list[Request], workload: Workload, spec: ModelSpec)
     check_context(len(longest.input_ids), workload, spec, named)
 
 
+def longest_budget(requests: list[Request], workload: Workload) -> int:
+    """The most new tokens any request generates: its own max_new_tokens, or workload.gen_len for one that
+    gives none. What a run of these requests sizes its KV cache for and plans (no request runs longer)."""
+    return max(r.max_new_tokens or workload.gen_len for r in requests)
+
+
 def check_context(prompt_len: int, workload: Workload, spec: ModelSpec, where: str = "") -> None:
     """The longest prompt plus workload.gen_len must fit model.max_position_embeddings: the positions RoPE
     was trained for (a longer sequence would generate past them, and a plan or a simulation for it
@@ -191,7 +197,22 @@ def check_context(prompt_len: int, workload: Workload, spec: ModelSpec, where: s
                             f"exceeds model.max_position_embeddings={spec.max_position_embeddings}")
 
 
-def describe(requests: list[Request]) -> dict:
+def describe(requests: list[Request], workload: Workload | None = None) -> dict:
+    """The requests' counts and prompt lengths; with `workload`, their generation budgets too."""
     lengths = [len(r.input_ids) for r in requests]
-    return {"num_requests": len(lengths), "prompt_len_avg": round(sum(lengths) / len(lengths), 2),
-            "prompt_len_max": max(lengths), "prompt_tokens": sum(lengths)}
+    out = {"num_requests": len(lengths), "prompt_len_avg": round(sum(lengths) / len(lengths), 2),
+           "prompt_len_max": max(lengths), "prompt_tokens": sum(lengths)}
+    own = budgets(requests, workload) if workload is not None else None
+    return out | own if own else out
+
+
+def budgets(requests: list[Request], workload: Workload) -> dict | None:
+    """The rows' own max_new_tokens, where a prompts file gives some (else None): what workload.gen_len
+    said, the longest and shortest budget and how many rows give their own. A run sizes its KV cache for
+    the longest (`longest_budget`); plans and simulations run every request to it."""
+    own = [r.max_new_tokens for r in requests if r.max_new_tokens]
+    if not own:
+        return None
+    every = [r.max_new_tokens or workload.gen_len for r in requests]
+    return {"max_new_tokens": {"workload_gen_len": workload.gen_len, "longest": max(every),
+                               "shortest": min(every), "rows_with_own": len(own), "rows": len(requests)}}

@@ -67,7 +67,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     from moe_lightning.systems import resolve_device
     from moe_lightning.threads import configure, main_threads, op_elements, set_thread_count
     from moe_lightning.tokenizer import tokenizer_for
-    from moe_lightning.workload_io import describe, load_requests
+    from moe_lightning.workload_io import describe, load_requests, longest_budget
 
     if repeats < 1:
         raise ConfigError(f"repeats: must be >= 1, got {repeats}")
@@ -83,15 +83,16 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     ranks = current()   # several ranks (moe_lightning.launch): each one measures, rank 0 reports them all
     dequantized = spec.total_params * spec.dtype_bytes if cfg.system.name == "reference" else None
     check_fits_host(spec, cfg.hardware, device, weight_bytes=dequantized, ranks=ranks.world_size if ranks else 1)
-    # The memory plan is made for the prompts actually given (a JSONL file sets its own lengths).
+    # The memory plan is made for the prompts actually given (a JSONL file sets its own lengths) and for
+    # the longest generation budget among them (no request runs longer: rows' own max_new_tokens).
     lengths = [len(r.input_ids) for r in requests]
-    workload = requests_workload(cfg.workload, lengths)
+    workload = requests_workload(cfg.workload, lengths, longest_budget(requests, cfg.workload))
     resolve = getattr(cfg.system, "resolve_policy", None)  # baselines pick their policy as their authors do
     if resolve is not None:
         cfg = dataclasses.replace(cfg, policy=resolve(spec, cfg.hardware, workload, cfg.policy, lengths=lengths))
     runner = cfg.system.build(spec, source, cfg.hardware, cfg.policy, workload, device, trace=cfg.trace,
                               prompt_lengths=lengths)
-    params = generation_params(cfg.workload, cfg.sampling, spec)
+    params = generation_params(workload, cfg.sampling, spec)
     decoding = decoding_note(params, spec, cfg.sampling)
     prompts = [r.input_ids for r in requests]
     max_new = [r.max_new_tokens or params.max_new_tokens for r in requests]
@@ -163,7 +164,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     report = RunReport(
         system=cfg.system.name, task=cfg.task.name, model=model,
         hardware={"profile": as_dict(cfg.hardware), "detected": _detected(device)},
-        workload={**as_dict(cfg.workload), "actual": describe(requests)},
+        workload={**as_dict(cfg.workload), "actual": describe(requests, cfg.workload) | {"gen_len": workload.gen_len}},
         policy=as_dict(cfg.policy), metrics=metrics,
         environment={**environment(), "threads": threads, "host_load": host.to_dict()},
         extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling), "decoding": decoding,
@@ -306,10 +307,12 @@ def write_outputs(path: Path, gen: Generation) -> None:
             f.write(dumps(output_row(req, out, gen.tokenizer)))
 
 
-def requests_workload(workload: Workload, lengths: list[int]) -> Workload:
-    """The workload the runner and the policy rules are given for these prompts' lengths in tokens."""
+def requests_workload(workload: Workload, lengths: list[int], gen_len: int | None = None) -> Workload:
+    """The workload the runner and the policy rules are given for these prompts' lengths in tokens and
+    `gen_len`, the longest generation budget (`workload_io.longest_budget`; None: workload.gen_len)."""
     return dataclasses.replace(workload, prompt_len_max=max(lengths), num_requests=len(lengths),
-                               prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))))
+                               prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))),
+                               gen_len=gen_len or workload.gen_len)
 
 
 def write_trace(gen: Generation, folder: Path, stem: str) -> None:

@@ -40,9 +40,20 @@ def planning_model(model: ModelSpec) -> ModelSpec:
 
 
 def planning_workload(workload: Workload, spec: ModelSpec) -> tuple[Workload, list[int] | None]:
-    """The workload to plan for and, for a prompts file, its real prompt lengths (else None). Refused as
-    task=generate refuses it (`workload_io.check_requests`): a plan or a simulation of a run that could
-    not happen is no answer."""
+    """The workload to plan for and, for a prompts file, its real prompt lengths (else None): see
+    `planning_inputs`."""
+    planned, lengths, _ = planning_inputs(workload, spec)
+    return planned, lengths
+
+
+def planning_inputs(workload: Workload, spec: ModelSpec) -> tuple[Workload, list[int] | None, dict | None]:
+    """(The workload to plan for, a prompts file's real prompt lengths, its rows' own generation budgets
+    (`workload_io.budgets`)); None where the workload is synthetic or gives no budgets. A prompts file is
+    planned at its own lengths and its longest budget (`workload_io.longest_budget`), which is what
+    task=generate sizes the KV cache for; every request is planned to generate that many tokens (the HRM
+    and the simulator run one gen_len; the engine stops a request at its own). Refused as task=generate
+    refuses it (`workload_io.check_requests`): a plan or a simulation of a run that could not happen is no
+    answer."""
     if not workload.path:
         if workload.name == "jsonl":
             raise ConfigError("workload=jsonl takes its prompt lengths from a prompts file: give "
@@ -51,15 +62,29 @@ def planning_workload(workload: Workload, spec: ModelSpec) -> tuple[Workload, li
         from moe_lightning.workload_io import check_context
 
         check_context(max(prompt_lengths(workload)), workload, spec)   # the synthetic prompts generate draws
-        return workload, None
+        return workload, None, None
     from moe_lightning.tokenizer import tokenizer_for
-    from moe_lightning.workload_io import load_requests
+    from moe_lightning.workload_io import budgets, load_requests, longest_budget
 
     tokenizer = tokenizer_for(spec)
-    lengths = [len(r.input_ids) for r in load_requests(workload, spec, tokenizer)]
+    requests = load_requests(workload, spec, tokenizer)
+    lengths = [len(r.input_ids) for r in requests]
     planned = dataclasses.replace(workload, prompt_len_avg=math.ceil(sum(lengths) / len(lengths)),
-                                  prompt_len_max=max(lengths), num_requests=len(lengths))
-    return planned, lengths
+                                  prompt_len_max=max(lengths), num_requests=len(lengths),
+                                  gen_len=longest_budget(requests, workload))
+    return planned, lengths, budgets(requests, workload)
+
+
+def budgets_note(own: dict | None) -> str | None:
+    """One line saying how a prompts file's own budgets were planned (None: it gives none)."""
+    if not own:
+        return None
+    b = own["max_new_tokens"]
+    rest = f", workload.gen_len={b['workload_gen_len']} the others'" if b["rows_with_own"] < b["rows"] else ""
+    return (f"note: the prompts file's budgets run {b['shortest']}-{b['longest']} new tokens ({b['rows_with_own']} of "
+            f"{b['rows']} rows give max_new_tokens{rest}): planned at gen_len={b['longest']}, the longest, for every "
+            "request; the KV cache holds it, and the engine stops each request at its own budget, so a run "
+            "generates fewer tokens than planned")
 
 
 def refuse_other_system(name: str) -> None:
@@ -116,7 +141,7 @@ class PlanTask:
                               "to predict a given policy run task=simulate task.use_plan=false with it",
                               tuple(field_names(Policy)))
         spec = planning_model(cfg.model)
-        workload, lengths = planning_workload(cfg.workload, spec)
+        workload, lengths, own = planning_inputs(cfg.workload, spec)
         plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch,
                         calibrated=self.kernel_rates == "calibrated", parallel=cfg.parallel,
                         placements=FFN_ON_GPU if self.placements == "engine" else ALL_PLACEMENTS)
@@ -126,13 +151,13 @@ class PlanTask:
         out = out_path(cfg)
         report = RunReport(
             system="cgopipe", task=self.name, model=as_dict(spec),
-            hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(workload),
+            hardware={"profile": as_dict(cfg.hardware)}, workload=as_dict(workload) | (own or {}),
             policy=as_dict(plan.policy), environment=environment(),
             # tokens/s over the whole workload; times, tokens and the step of one batch of N (as HRM prices it)
             metrics=Metrics(kind="predicted", throughput_tok_s=pred.e2e_tok_s, decode_tok_s=pred.decode_tok_s,
                             prefill_s=pred.prefill_s, decode_s=pred.decode_s,
                             generated_tokens=plan.policy.batch_size * workload.gen_len,
-                            decode_step_median_s=pred.decode_s / workload.gen_len,
+                            decode_step_median_s=pred.decode_step_s,   # None: no decode step (gen_len 1)
                             peak_gpu_bytes=plan.prediction.memory.gpu_total_bytes,
                             peak_cpu_bytes=plan.prediction.memory.cpu_total_bytes),
             prediction={"hrm_tok_s": pred.e2e_tok_s, "hrm_decode_tok_s": pred.decode_tok_s,
@@ -140,6 +165,8 @@ class PlanTask:
                         "bottleneck": pred.bottleneck},
             extra=doc)
         print(plan_table(plan))
+        if budgets_note(own):
+            print(budgets_note(own))
         print(f"kernel rates: {self.kernel_rates}" + (" (profile peaks, as the paper's HRM; task.kernel_rates="
                                                        "calibrated uses the profile's measured curves)"
                                                        if self.kernel_rates == "peak" else

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from moe_lightning.config import ruled_policy
 from moe_lightning.errors import ConfigError, MemoryBudgetError
 from moe_lightning.report import RunReport, as_dict, environment
-from moe_lightning.tasks.plan import beside, out_path, planning_model, planning_workload
+from moe_lightning.tasks.plan import beside, budgets_note, out_path, planning_inputs, planning_model
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -59,7 +59,7 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     schedule = SIMULATED_SCHEDULES[system]
     paged = paged_kv(cfg.system)
     spec = planning_model(cfg.model)
-    workload, lengths = planning_workload(cfg.workload, spec)
+    workload, lengths, own = planning_inputs(cfg.workload, spec)
     hw, asked = cfg.hardware, cfg.parallel
     several = hw.gpu.count > 1 or asked.world_size > 1
     if several and schedule != "cgopipe":
@@ -106,7 +106,7 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     metrics.peak_gpu_bytes, metrics.peak_cpu_bytes = plan.gpu_total_bytes, plan.cpu_total_bytes  # as planned
     report = RunReport(
         system=schedule, task="simulate", model=as_dict(spec),
-        hardware={"profile": as_dict(cfg.hardware), "detected": None}, workload=as_dict(workload),
+        hardware={"profile": as_dict(cfg.hardware), "detected": None}, workload=as_dict(workload) | (own or {}),
         policy=as_dict(policy), metrics=metrics, environment=environment(),
         # Predictions are HRM's (kind: predicted); hrm_* times are per batch, hrm_workload_* for the whole
         # workload (ceil(requests / N) batches), as the simulated metrics are.
@@ -189,6 +189,9 @@ def summary(report: RunReport, sim, hrm) -> str:
         f"  HRM bottleneck: {hrm.bottleneck}; simulated {sim.tasks_simulated} tasks in {sim.sim_wall_s:.2f} s",
     ]
     lines += [f"  note: {n}" for n in sim.notes]
+    note = budgets_note({"max_new_tokens": report.workload["max_new_tokens"]} if "max_new_tokens" in report.workload
+                        else None)
+    lines += [f"  {note}"] if note else []
     if p["batch_size"] > sim.num_requests:
         lines.append(f"  note: N={p['batch_size']} exceeds the workload's {sim.num_requests} requests: the HRM "
                      f"column prices the steps of a full batch of N, the simulator runs the {sim.num_requests}; "

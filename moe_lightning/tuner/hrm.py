@@ -7,8 +7,10 @@ data from level `j` (CPU) to level `i` (GPU). `I^i_x` is FLOPs of task `x` per b
 (below it, compute where the data lives) and P2 is `min(P^i, B^i I^i_x) / B^{j,i}` (below it, `x` is
 bound by the link); the balance point is where `B^i I^i_x = B^{j,i} I^j_x`.
 
-Modelled, per decoder layer and decode step (all N sequences, `ctx = prompt + (gen_len + 1) / 2` on
-average, `decode_context`; prompts at their real lengths, `prompt_moments`):
+Modelled, per decoder layer and decode step: a batch runs `gen_len - 1` decode steps, as the engine and
+the simulator do (the prefill makes each sequence's first token; `decode_steps`), step t = 1 .. gen_len - 1
+attending its prompt and t tokens, so all N sequences at `ctx = prompt + gen_len / 2` on average
+(`decode_context`; prompts at their real lengths, `prompt_moments`):
 - attention: `2 b kv nq hd + 2 b kv nq` FLOPs; `(2 b nq hd + 2 b kv nkv hd) * d` bytes (q, output, KV);
   under multi-head latent attention (DeepSeek) `hd` is the absorbed q.k dim `r + dr` for QK^T and `r`
   for PV, and the KV read is the cached latent and RoPE key, `b kv (r + dr) d`: nq / 2 times fewer bytes
@@ -36,9 +38,10 @@ average, `decode_context`; prompts at their real lengths, `prompt_moments`):
   weights are read from GPU memory once per micro-batch, compute at GPU peak (linear layers for the
   top-k experts plus causal attention, `sum p^2 = N E[p^2]`), the non-GPU share of the KV cache goes down
   (D2H); link, D2H and GPU overlap layer by layer;
-- end-to-end throughput `R gen_len / (ceil(R / N) (prefill + gen_len L T))` over R = num_requests
+- end-to-end throughput `R gen_len / (ceil(R / N) (prefill + (gen_len - 1) L T))` over R = num_requests
   requests (`last_batch="prorated"`: R / N batches); with `padding` every prompt is `prompt_len_max`
-  long (prefill and decode attention);
+  long (prefill and decode attention); gen_len 1 has no decode step (its per-layer times are reported,
+  as a first step's, and charged nothing);
 - several GPUs (`parallel`: T tensor x E expert ranks, `moe_lightning.tuner.parallel`): one rank is
   modelled, never a pooled GPU: its shard of the shapes, one GPU, its share of the host, its share of the
   batch (N / E per expert group), plus its collectives per micro-batch on the GPU's critical path (two
@@ -54,7 +57,9 @@ per-chunk launch), what `moe_lightning.comm` leaves out of communication, expert
 experts are counted as read even when a micro-batch routes to fewer), CPU-side copies into the pinned
 ring (assumed hidden behind the link), the growth of the context during decode beyond its average, and
 Algorithm 2's admission (a batch of N is assumed to run whole; the memory plan bounds what a round can
-hold, `memory.prefill_tokens`). A last partial batch is charged as `throughput`'s `last_batch` says.
+hold, `memory.prefill_tokens`), and requests' own generation budgets (every request generates gen_len;
+a prompts file's are planned at the longest, `tasks.plan.planning_inputs`). A last partial batch is
+charged as `throughput`'s `last_batch` says.
 """
 
 from __future__ import annotations
@@ -188,23 +193,37 @@ def effective_prompt_len(workload: Workload, lengths: Sequence[int] | None = Non
     return prompt_moments(workload, lengths)[0]
 
 
+def decode_steps(workload: Workload) -> int:
+    """Decode steps per batch: gen_len - 1, the prefill making each sequence's first token (as the engine's
+    `generate` and the simulator run them); none for gen_len 1."""
+    return workload.gen_len - 1
+
+
+def _averaged_steps(workload: Workload) -> int:
+    """The steps a decode step's context is averaged over; with none (gen_len 1) the first step's, whose
+    per-layer times are reported but charged nothing."""
+    return max(decode_steps(workload), 1)
+
+
 def decode_context(workload: Workload, lengths: Sequence[int] | None = None) -> float:
-    """Tokens attended per sequence per decode step, averaged over the generation: step t = 1..n attends
-    its prompt and t tokens (the engine reads each sequence's own blocks; padded, every prompt at the
-    longest), so prompt + (n + 1) / 2."""
-    return effective_prompt_len(workload, lengths) + (workload.gen_len + 1) / 2
+    """Tokens attended per sequence per decode step, averaged over the generation: step t = 1..n (n =
+    gen_len - 1, `decode_steps`) attends its prompt and t tokens, the token it feeds (whose K/V it writes)
+    the last (the engine reads each sequence's own blocks; padded, every prompt at the longest), so
+    prompt + (n + 1) / 2, as the simulator's contexts prompt + 1 .. prompt + n."""
+    return effective_prompt_len(workload, lengths) + (_averaged_steps(workload) + 1) / 2
 
 
 def attended_context(workload: Workload, lengths: Sequence[int] | None = None, window: int | None = None) -> float:
     """Tokens a decode step's attention reads per sequence on a layer with a sliding `window` (None: full
     attention, `decode_context`), averaged over the generation: in the unpadded (paged) mode each sequence
-    reads only its last `window` tokens, `mean_t min(p + t, window)` over steps t = 1..n and its prompt p;
+    reads only its last `window` tokens, `mean_t min(p + t, window)` over steps t = 1..n (`decode_context`)
+    and its prompt p;
     padded, the engine attends over the dense cache with a mask, so the whole context is read."""
     if window is None or workload.padding:
         return decode_context(workload, lengths)
     lengths = prompt_lengths(workload) if lengths is None else lengths
     p = np.asarray(lengths if lengths else [workload.prompt_len_avg], dtype=np.float64)
-    n = workload.gen_len
+    n = _averaged_steps(workload)
     k = np.clip(window - p, 0, n)                  # steps whose context still fits the window
     return float(((k * p + k * (k + 1) / 2 + (n - k) * window) / n).mean())
 
@@ -353,7 +372,8 @@ LAST_BATCH = ("full", "prorated")
 
 def throughput(spec: ModelSpec, workload: Workload, batch_size: Any, t_layer: Any,
                t_prefill: Any, last_batch: str = "full") -> tuple[Any, Any]:
-    """(decode tokens/s, end-to-end tokens/s), both over all `num_requests`.
+    """(decode tokens/s, end-to-end tokens/s), both over all `num_requests`: each batch a prefill and
+    gen_len - 1 decode steps of `L t_layer` (`decode_steps`), gen_len tokens per request.
 
     The requests run in num_requests / N batches. `last_batch` says how a last partial batch is
     charged, an explicit part of the objective: `full` (the default, the paper's static batches) as a
@@ -365,11 +385,12 @@ def throughput(spec: ModelSpec, workload: Workload, batch_size: Any, t_layer: An
     the prefill, so gen_len - 1 steps of `step_s` per batch, which make one token per request each. With
     gen_len 1 there is none: 0 here, which `predict` reports as None (no decode step), as the engine does."""
     step_s = spec.num_layers * t_layer
+    steps = decode_steps(workload)
     batches = workload.num_requests / batch_size
     if last_batch == "full":
         batches = np.ceil(batches)
-    decode = workload.num_requests / (batches * step_s) * (workload.gen_len > 1)   # gen_len 1: no decode step
-    e2e = workload.num_requests * workload.gen_len / (batches * (t_prefill + workload.gen_len * step_s))
+    decode = workload.num_requests / (batches * step_s) * (steps > 0)   # gen_len 1: no decode step
+    e2e = workload.num_requests * workload.gen_len / (batches * (t_prefill + steps * step_s))
     return decode, e2e
 
 
@@ -380,7 +401,7 @@ class Prediction:
     decode_tok_s: float | None   # None: no decode step (gen_len 1), as the engine and the simulator report it
     e2e_tok_s: float
     prefill_s: float
-    decode_s: float
+    decode_s: float        # one batch's gen_len - 1 decode steps (0 with gen_len 1)
     t_link: float
     t_cpu: float
     t_gpu: float
@@ -389,6 +410,7 @@ class Prediction:
     memory: MemoryPlan     # one rank's (of several GPUs: each rank's, all alike)
     t_comm: float = 0.0    # several GPUs: what a rank's collectives add to t_gpu, per layer per step
     parallel: ParallelConfig | None = None   # several GPUs: the T x E layout (chunks: EPS-MoE's, decode)
+    decode_step_s: float | None = None       # one decode step (L layers); None: no decode step (gen_len 1)
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -438,9 +460,10 @@ def predict(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: Polic
             tensor=view.parallel.tensor, expert=view.parallel.expert, chunks=chunks if comm.expert > 1 else 0,
             backend=view.parallel.backend)
     return Prediction(
-        decode_tok_s=None if workload_r.gen_len <= 1 else float(decode) * view.groups,   # None: no decode step
+        decode_tok_s=None if decode_steps(workload_r) <= 0 else float(decode) * view.groups,   # None: no decode step
         e2e_tok_s=float(e2e) * view.groups, prefill_s=t_pre,
-        decode_s=workload_r.gen_len * spec_r.num_layers * t_layer,
+        decode_s=decode_steps(workload_r) * spec_r.num_layers * t_layer,
+        decode_step_s=spec_r.num_layers * t_layer if decode_steps(workload_r) > 0 else None,
         t_link=t_link, t_cpu=t_cpu, t_gpu=t_gpu, t_link_d2h=float(t["t_link_d2h"]),
         bottleneck=bottleneck_of(t_link, t_cpu, t_gpu),
         memory=memory_plan(spec_r, policy_r, workload_r, paged=paged_kv, lengths=lengths_r),

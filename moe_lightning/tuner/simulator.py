@@ -28,7 +28,8 @@ durations):
   of each micro-batch growing by one slot per step (every step is simulated unless `max_decode_steps`
   asks for a subset, in which case the steps in between are interpolated linearly and
   `SimResult.decode_steps_simulated` says how many were simulated);
-- no early stop at EOS: every sequence generates `workload.gen_len` tokens (as `sampling.ignore_eos`);
+- no early stop at EOS: every sequence generates `workload.gen_len` tokens (as `sampling.ignore_eos`; a
+  prompts file's own budgets: all at the longest, `tasks.plan.planning_inputs`);
 - several GPUs (`parallel`, T x E ranks): one rank of each expert group is simulated, with its shard of
   the shapes, its share of the host, its requests (every E-th, `engine.data_parallel.shares`), and its
   collectives in its GPU tasks (`moe_lightning.tuner.parallel`, `TaskCosts.comm`); groups whose requests

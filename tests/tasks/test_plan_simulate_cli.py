@@ -25,10 +25,12 @@ def test_plan_writes_policy_and_prediction(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["task"] == "plan" and doc["policy"]["batch_size"] >= 1
     assert doc["prediction"]["hrm_tok_s"] > 0
-    m = doc["metrics"]   # one batch of N, as the HRM prices it: its tokens over its time are the decode rate
-    assert m["kind"] == "predicted" and m["generated_tokens"] == doc["policy"]["batch_size"] * 128   # mtbench
-    assert m["generated_tokens"] / m["decode_s"] == pytest.approx(m["decode_tok_s"])
-    assert m["decode_step_median_s"] * 128 == pytest.approx(m["decode_s"])
+    # one batch of N, as the HRM prices it: its tokens after each first (the prefill's) over its 127 decode
+    # steps are the decode rate, as the engine defines it
+    m, n = doc["metrics"], doc["policy"]["batch_size"]
+    assert m["kind"] == "predicted" and m["generated_tokens"] == n * 128   # mtbench
+    assert (m["generated_tokens"] - n) / m["decode_s"] == pytest.approx(m["decode_tok_s"])
+    assert m["decode_step_median_s"] * 127 == pytest.approx(m["decode_s"])
     assert doc["extra"]["bottleneck"] in ("link", "cpu", "gpu")
     assert doc["extra"]["memory"]["gpu_total_bytes"] <= doc["extra"]["memory"]["gpu_budget_bytes"]
 
@@ -253,6 +255,31 @@ def test_a_batch_larger_than_the_workload_is_noted_beside_the_hrm_column(batch_s
                     policy=Policy(batch_size=batch_size, micro_batch_size=4))
     report, sim, hrm = simulate_system(cfg)
     assert ("N=16 exceeds the workload's 8 requests" in summary(report, sim, hrm)) is noted
+
+
+@pytest.mark.parametrize("gen_len", [1, 8])
+def test_plan_and_simulate_charge_gen_len_minus_one_decode_steps(tmp_path, gen_len):
+    """The prefill makes each request's first token, so a batch runs gen_len - 1 decode steps: with
+    gen_len 1 task=plan predicts no decode time and no step, and task=simulate's HRM column shows the
+    simulated 0.000 s; with 8, seven steps of the plan's median step."""
+    from moe_lightning.config import Policy, Workload
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.tasks.plan import PlanTask
+    from moe_lightning.tasks.simulate import SimulateTask, simulate_system, summary
+    from moe_lightning.tuner.presets import load_preset
+
+    parts = dict(model=load_preset("model", "mixtral-8x7b"), hardware=load_preset("hardware", "t4"),
+                 workload=Workload(num_requests=8, gen_len=gen_len))
+    plan = PlanTask().run(RunConfig(task=PlanTask(), run_dir=str(tmp_path), **parts))
+    m, step = plan.metrics, plan.metrics.decode_step_median_s
+    assert m.decode_s == pytest.approx(0 if gen_len == 1 else 7 * step)
+    assert (step is None) == (gen_len == 1)
+    report, sim, hrm = simulate_system(RunConfig(task=SimulateTask(use_plan=False), policy=Policy(
+        batch_size=8, micro_batch_size=4), **parts))
+    assert report.prediction["hrm_workload_decode_s"] == pytest.approx(sim.decode_s, rel=0.2, abs=1e-12)
+    if gen_len == 1:
+        row = next(line for line in summary(report, sim, hrm).splitlines() if "decode s, whole workload" in line)
+        assert row.split()[-2:] == ["0.000", "0.000"]
 
 
 @pytest.mark.parametrize("prompts, gen_len, ok", [(None, 4096 - 32, True), (None, 4096 - 31, False),

@@ -84,3 +84,60 @@ def test_the_engines_auto_policy_is_task_plans_plan_for_a_prompts_file(tmp_path)
     spec, t4 = load_preset("model", "mixtral-8x7b"), load_preset("hardware", "t4")
     auto = CGOPipeSystem(policy_source="auto").resolve_policy(spec, t4, workload, Policy(), lengths=lengths)
     assert {k: getattr(auto, k) for k in PLANNED} == {k: plan[k] for k in PLANNED}
+
+
+def test_a_prompts_file_s_own_budgets_are_planned_at_the_longest_as_the_engine_sizes_its_cache(tmp_path, capsys):
+    """Rows with max_new_tokens 4 and 32 under workload.gen_len=128: no request generates more than 32, so
+    the engine sizes its KV cache for 32 and task=plan plans gen_len=32, not 128, for both requests (the
+    HRM and the simulator run one gen_len); the plan's policy runs in the engine's memory plan with the
+    32-token request admitted, and the run document and the printed note say what was planned."""
+    from moe_lightning.config import Policy, Workload
+    from moe_lightning.memory import engine_kv_tokens, memory_plan
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.schedule.batching import kv_budget, too_large
+    from moe_lightning.tasks.generate import requests_workload
+    from moe_lightning.tasks.plan import PlanTask
+    from moe_lightning.tuner.presets import load_preset
+    from moe_lightning.workload_io import load_requests, longest_budget
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"input_ids": [5, 6, 7], "max_new_tokens": 4}\n'
+                       '{"input_ids": [5, 6, 7, 8, 9], "max_new_tokens": 32}\n')
+    given = Workload(name="jsonl", prompt_len_avg=1, prompt_len_max=1, num_requests=1, path=str(prompts), gen_len=128)
+    spec, t4 = load_preset("model", "mixtral-8x7b"), load_preset("hardware", "t4")
+    report = PlanTask().run(RunConfig(task=PlanTask(), model=spec, hardware=t4, workload=given, run_dir=str(tmp_path)))
+    out = capsys.readouterr().out
+    assert report.workload["gen_len"] == 32 and report.metrics.generated_tokens == report.policy["batch_size"] * 32
+    assert report.workload["max_new_tokens"] == {"workload_gen_len": 128, "longest": 32, "shortest": 4,
+                                                 "rows_with_own": 2, "rows": 2}
+    assert "planned at gen_len=32, the longest, for every request" in out
+
+    # what task=generate builds for this file: its workload, and the engine's KV cache and memory plan
+    requests = load_requests(given, spec)
+    lengths = [len(r.input_ids) for r in requests]
+    engine = requests_workload(given, lengths, longest_budget(requests, given))
+    assert engine.gen_len == 32
+    policy = Policy(**report.policy)
+    tokens = engine_kv_tokens(spec, policy, engine, t4, 16, lengths)
+    assert too_large(lengths, [4, 32], kv_budget(policy.batch_size, policy.micro_batch_size, tokens, 16)) is None
+    assert memory_plan(spec, policy, engine, kv_tokens=tokens, paged=True, lengths=lengths, block_size=16).fits(t4)
+
+
+def test_the_engine_sizes_its_run_for_the_longest_budget(tmp_path, tiny_path):
+    """task=generate's workload for rows with max_new_tokens 2 and 3 under workload.gen_len=8 is planned at
+    3 new tokens (the KV cache holds no more than a request generates), each row still stops at its own,
+    and the run document says so."""
+    from moe_lightning.config import Policy, Sampling, Workload
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.systems import CGOPipeSystem
+    from moe_lightning.tasks.generate import run_generation
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"input_ids": [5, 6, 7], "max_new_tokens": 2}\n{"input_ids": [5, 6], "max_new_tokens": 3}\n')
+    cfg = RunConfig(system=CGOPipeSystem(), workload=Workload(name="jsonl", path=str(prompts), gen_len=8),
+                    policy=Policy(batch_size=2, micro_batch_size=1), sampling=Sampling(ignore_eos=True), device="cpu")
+    gen = run_generation(cfg, progress=False)
+    assert gen.runner.workload.gen_len == 3
+    assert [len(o) for o in gen.output_ids] == [2, 3]
+    actual = gen.report.workload["actual"]
+    assert actual["gen_len"] == 3 and actual["max_new_tokens"]["longest"] == 3

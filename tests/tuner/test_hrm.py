@@ -38,7 +38,7 @@ HW = HardwareSpec(name="hand",
                   gpu=GpuSpec(memory_gib=1, bandwidth_gbps=100, peak_tflops=1.0, usable_fraction=1),
                   cpu=CpuSpec(memory_gib=1, bandwidth_gbps=10, peak_tflops=0.1, usable_fraction=1),
                   link=LinkSpec(h2d_gbps=1, d2h_gbps=1))
-WORKLOAD = Workload(prompt_len_avg=4, prompt_len_max=5, gen_len=4, num_requests=4)
+WORKLOAD = Workload(prompt_len_avg=4, prompt_len_max=5, gen_len=5, num_requests=4)   # 4 decode steps a batch
 LENGTHS = [3, 5, 4, 4]   # the prompts' real lengths: mean 4, mean square 16.5
 POLICY = Policy(batch_size=4, micro_batch_size=2, attn_on_gpu=False, ffn_on_gpu=True, expert_gpu_fraction=0.5)
 
@@ -77,7 +77,7 @@ def test_levels_are_one_gpus_never_pooled():
 
 def test_layer_time_and_throughput_by_hand():
     pred = predict(SPEC, HW, WORKLOAD, POLICY, lengths=LENGTHS)
-    # context = 4 + (4 + 1)/2 = 6.5 (steps 1..4 attend the prompt and 1..4 tokens). Attention on CPU:
+    # context = 4 + (4 + 1)/2 = 6.5 (gen_len 5: steps 1..4 attend the prompt and 1..4 tokens). Attention on CPU:
     # 2*4*6.5*2*4 + 2*4*6.5*2 = 520 FLOPs, (2*4*2*4 + 2*4*6.5*1*4)*2 = 544 B -> max(544/10e9, 520/1e11).
     assert pred.t_cpu == pytest.approx(544 / 10e9)
     # FFN on GPU, 2 micro-batches: 6144 FLOPs, (32+64)*2 + 2*4*768 = 6336 B -> 6.336e-8 s.
@@ -90,8 +90,10 @@ def test_layer_time_and_throughput_by_hand():
     # prefill per layer: 16 tokens; FLOPs 2*16*(192+32+2*384) + 2*4*16.5*2*4 = 32800 -> 3.3e-8 s;
     # GPU bytes 2*((192+32)*2 + 4*768) + 16*2*4*2 = 7296 -> 7.3e-8 s; H2D 1536 B -> 1.536e-6 s (max).
     assert pred.prefill_s == pytest.approx(2 * 1536 / 1e9)
-    assert pred.e2e_tok_s == pytest.approx(4 * 4 / (2 * 1.536e-6 + 4 * 2 * 1.6e-6))
+    # 4 x 5 tokens over the prefill and the 4 decode steps after it (the prefill makes each first token)
+    assert pred.e2e_tok_s == pytest.approx(4 * 5 / (2 * 1.536e-6 + 4 * 2 * 1.6e-6))
     assert pred.decode_s == pytest.approx(4 * 2 * 1.6e-6)
+    assert pred.decode_step_s == pytest.approx(2 * 1.6e-6)
 
 
 def test_attention_on_gpu_streams_cpu_share_of_kv():
@@ -146,7 +148,8 @@ def test_mixtral_t4_per_layer_numbers():
     assert pred.t_link == pytest.approx(link)
     gpu = (256 * (4096 + 14336) * 2 + 16 * 8 * expert_b) / 300e9
     assert pred.t_gpu == pytest.approx(max(gpu, 2 * 256 * 4096 * 14336 * 6 / 65e12))
-    ctx = statistics.mean(synthetic_lengths(wl)) + (128 + 1) / 2   # its synthetic prompts, as generated
+    # its synthetic prompts, as generated, and 127 decode steps: + (127 + 1) / 2
+    ctx = statistics.mean(synthetic_lengths(wl)) + 128 / 2
     attn_bytes = (2 * 256 * 32 * 128 + 2 * 256 * ctx * 8 * 128) * 2
     assert pred.t_cpu == pytest.approx(attn_bytes / 100e9)
     assert pred.bottleneck == "link"
@@ -267,13 +270,13 @@ def test_a_scratch_of_fewer_mxfp4_experts_costs_a_pass_per_micro_batch_by_hand()
 
 def test_decode_tok_s_is_the_engine_s_figure_over_the_whole_workload():
     """Decode tok/s as the engine measures it: tokens after each sequence's first over the decode time of
-    the whole workload. 6 requests in batches of 4 run 2 batches of gen_len - 1 = 3 link-bound steps
-    (2 layers of 1.6 us) making one token per request each: 6 x 3 tokens in 2 x 3 steps, not a full
+    the whole workload. 6 requests in batches of 4 run 2 batches of gen_len - 1 = 4 link-bound steps
+    (2 layers of 1.6 us) making one token per request each: 6 x 4 tokens in 2 x 4 steps, not a full
     batch's 4 per step. gen_len 1 has no decode step."""
     six = replace(WORKLOAD, num_requests=6)
     pred = predict(SPEC, HW, six, POLICY)
     assert pred.bottleneck == "link" and pred.t_link == pytest.approx(1.6e-6)
-    assert pred.decode_tok_s == pytest.approx(6 * 3 / (2 * 3 * 2 * 1.6e-6))
+    assert pred.decode_tok_s == pytest.approx(6 * 4 / (2 * 4 * 2 * 1.6e-6))
     prorated = predict(SPEC, HW, six, POLICY, last_batch="prorated")   # the last batch charged by its size
     assert prorated.decode_tok_s == pytest.approx(4 / (2 * 1.6e-6))
     assert predict(SPEC, HW, replace(six, gen_len=1), POLICY).decode_tok_s is None   # as the engine: null

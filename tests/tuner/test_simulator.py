@@ -170,6 +170,24 @@ def test_plan_of_mixtral_on_t4_agrees_with_hrm():
     assert sim.throughput_tok_s == pytest.approx(plan.prediction.e2e_tok_s, rel=0.2)
 
 
+@pytest.mark.parametrize("gen_len", [1, 2, 8])
+def test_hrm_charges_the_decode_steps_the_simulator_runs(gen_len):
+    """A batch runs gen_len - 1 decode steps, the prefill making each sequence's first token (the engine's
+    loop, which the simulator times): gen_len 1 has no decode time, and the HRM's end-to-end tokens/s and
+    decode time agree with the simulator's for every gen_len, within the tolerance of the test above (one
+    full batch of Mixtral on a T4, link-bound)."""
+    from moe_lightning.tuner.hrm import predict
+
+    spec, hw = load_preset("model", "mixtral-8x7b"), load_preset("hardware", "t4")
+    wl = dataclasses.replace(load_preset("workload", "mtbench"), num_requests=256, gen_len=gen_len)
+    policy = Policy(batch_size=256, micro_batch_size=128, attn_on_gpu=False, ffn_on_gpu=True)
+    pred, sim = predict(spec, hw, wl, policy), simulate_run(spec, hw, wl, policy)
+    assert sim.num_batches == 1 and sim.decode_steps_total == gen_len - 1
+    assert pred.e2e_tok_s == pytest.approx(sim.throughput_tok_s, rel=0.2)
+    assert pred.decode_s == pytest.approx(sim.decode_s, rel=0.2, abs=1e-12)   # both 0 with gen_len 1
+    assert (pred.decode_step_s is None) == (sim.decode_step_median_s is None) == (gen_len == 1)
+
+
 def test_costs_read_only_the_experts_hit():
     assert experts_hit(8, 0) == 0
     assert experts_hit(8, 1) == pytest.approx(1)
