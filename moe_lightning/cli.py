@@ -369,7 +369,7 @@ def _run(cfg) -> None:
         code = 0
     except SystemExit as exc:   # fail(): its line is printed; interrupts end the whole sweep (os._exit)
         code = exc.code if isinstance(exc.code, int) else 1
-    _sweep_jobs.append((" ".join(HydraConfig.get().overrides.task), code))
+    _sweep_jobs.append((" ".join(task_overrides()), code))
 
 
 def finish_sweep() -> None:
@@ -397,7 +397,7 @@ def _run_job(cfg) -> None:
         fail(str(cause).splitlines()[0])
     except MoELightningError as exc:
         fail(str(exc))
-    overrides = HydraConfig.get().overrides.task
+    overrides = task_overrides()
     try:
         given = list(dict.fromkeys([*given_policy_fields(overrides),
                                     *config_policy_fields(HydraConfig.get().job.config_name, overrides)]))
@@ -411,7 +411,7 @@ def _run_job(cfg) -> None:
 
     # The log file's first line, whatever the task logs after it (plan and simulate log nothing else).
     log.info("moe-lightning %s: task=%s %s (run folder %s)", __version__, run_cfg.task.name,
-             " ".join(HydraConfig.get().overrides.task), run_cfg.run_dir)
+             " ".join(overrides), run_cfg.run_dir)
     from moe_lightning.interrupt import install
 
     install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
@@ -454,6 +454,15 @@ def _run_job(cfg) -> None:
             logging.shutdown()
             os._exit(1)
         raise
+
+
+def task_overrides() -> list[str]:
+    """This job's overrides as given: iterating Hydra's list would resolve the interpolations in them
+    (out=${hydra:job.override_dirname}.json read as out=task=plan.json, which is no override)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
 
 
 def given_policy_fields(overrides) -> list[str]:
@@ -654,6 +663,35 @@ def check_sweep_only_interpolations(args: list[str]) -> None:
                               "give a plain value, or run the sweep with -m")
 
 
+# ${hydra:job.override_dirname}: the job's overrides joined (key=value,...), less the keys of
+# hydra.job.config.override_dirname.exclude_keys. An override whose value names it contains itself.
+OVERRIDE_DIRNAME = re.compile(r"(?<!\\)\$\{\s*hydra:\s*job\.override_dirname\s*\}")
+
+
+def check_self_referring_overrides(args: list[str]) -> None:
+    """An override whose value interpolates ${hydra:job.override_dirname} while its key is part of it
+    would resolve without end (OmegaConf's RecursionError): one line naming the override and the way out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from moe_lightning.errors import ConfigError
+
+    plain, _ = split_args(args)
+    parsed = OverridesParser.create().parse_overrides(plain)
+    naming = [(o.key_or_group, text) for o, text in zip(parsed, plain)
+              if OVERRIDE_DIRNAME.search(text) and not o.key_or_group.startswith("hydra")]   # hydra.* are not in it
+    if not naming:
+        return
+    hydra_only = [text for o, text in zip(parsed, plain) if o.key_or_group.startswith("hydra")]
+    hydra = compose_each(args, [hydra_only], hydra_config=True)[0].hydra
+    excluded = set(hydra.job.config.override_dirname.exclude_keys)
+    for key, text in naming:
+        if key not in excluded:
+            raise ConfigError(f"{text}: {key} would refer to itself without end, as ${{hydra:job.override_dirname}} "
+                              f"joins this job's overrides, this one included; exclude {key} from it "
+                              f"(hydra.job.config.override_dirname.exclude_keys=[{key}]) or give {key} a value "
+                              "without it")
+
+
 def _check_output_paths(cfg) -> None:
     from moe_lightning.errors import ConfigError
     from moe_lightning.files import check_output_path
@@ -764,6 +802,7 @@ def _main() -> None:
         check_modes(sys.argv[1:])
         check_overrides(sys.argv[1:])
         register()
+        check_self_referring_overrides(sys.argv[1:])
         check_composes(sys.argv[1:])
         check_sweep_outputs(sys.argv[1:])
         check_sweep_only_interpolations(sys.argv[1:])

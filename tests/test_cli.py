@@ -193,6 +193,15 @@ def test_hydra_flags_pass_through(tmp_path):
     assert "name: plan" in r.stdout and "name: t4" in r.stdout
 
 
+def test_an_override_may_name_the_override_dirname_when_its_key_is_excluded(tmp_path):
+    """The refusal of out=${hydra:job.override_dirname} (the catalogue) says to exclude out from it; so
+    excluded, the job reads its overrides as given, not resolved (out=task=plan.json is no override)."""
+    r = cli("task=plan", "out=${hydra:job.override_dirname}.json",
+            "hydra.job.config.override_dirname.exclude_keys=[out]", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "task=plan.json").read_text())["task"] == "plan"
+
+
 def _sweep_docs(tmp_path, *overrides: str) -> list[dict]:
     r = cli("-m", "task=simulate", "task.use_plan=false", "workload.num_requests=8", "workload.gen_len=2",
             *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
