@@ -15,7 +15,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning import pipes  # stdlib only: imported before the signal handlers go in
+from moe_lightning import command_line, pipes  # stdlib only (Hydra on use): imported before the signal handlers
 
 if TYPE_CHECKING:
     from moe_lightning.files import OutputLock
@@ -66,38 +66,16 @@ def group_options(group: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
     return sorted(names)
 
 
-VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun",
-               "--cfg", "-c", "--package", "-p", "--shell-completion", "-sc")
-INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
-
-
 def split_args(args: list[str]) -> tuple[list[str], tuple[Path, ...]]:
     """-> (the overrides, the folders given with --config-dir) from Hydra's command line."""
-    overrides, dirs, skip = [], [], False
-    for i, a in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        flag, _, value = a.partition("=")
-        if flag in ("--info", "-i"):  # its value is optional
-            skip = not value and i + 1 < len(args) and args[i + 1] in INFO_CHOICES
-        elif flag in VALUE_FLAGS:
-            if not value and i + 1 < len(args):
-                value, skip = args[i + 1], True
-            if flag in ("--config-dir", "-cd"):
-                dirs.append(Path(value))
-        elif not a.startswith("-"):
-            overrides.append(a)
-    return overrides, tuple(dirs)
+    command = command_line.read(args)
+    dirs = [f.value for f in command.flags if f.option == "--config-dir" and f.value is not None]
+    return list(command.overrides), tuple(Path(d) for d in dirs)
 
 
 def config_name(args: list[str]) -> str:
     """--config-name / -cn, else config."""
-    for i, a in enumerate(args):
-        flag, _, value = a.partition("=")
-        if flag in ("--config-name", "-cn"):
-            return value or (args[i + 1] if i + 1 < len(args) else "config")
-    return "config"
+    return command_line.read(args).value("--config-name") or "config"
 
 
 def compose_each(args: list[str], override_lists: list[list[str]], hydra_config: bool = False) -> list:
@@ -762,10 +740,10 @@ def check_modes(args: list[str]) -> None:
     """Hydra runs one mode at a time; it says so with a traceback, this with one line."""
     from moe_lightning.errors import ConfigError
 
-    given = list(dict.fromkeys(MODES[a.partition("=")[0]] for a in args if a.partition("=")[0] in MODES))
+    modes = ("--run", "--multirun", "--cfg", "--info", "--shell-completion")
+    given = list(dict.fromkeys(f.option for f in command_line.read(args).flags if f.option in modes))
     if len(given) > 1:
-        raise ConfigError(f"{' and '.join(given)} cannot be combined: give one of --multirun, --cfg, --info, "
-                          "--shell-completion")
+        raise ConfigError(f"{' and '.join(given)} cannot be combined: give one of {', '.join(modes)}")
 
 
 def main() -> None:
@@ -787,10 +765,7 @@ def main() -> None:
 def _main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "--version" in sys.argv[1:]:
-        from moe_lightning import __version__
-
-        print(f"moe-lightning {__version__}")
-        return
+        return _print_version()
     try:
         import hydra
     except ImportError:
@@ -798,8 +773,19 @@ def _main() -> None:
     from moe_lightning.conf.store import register
     from moe_lightning.errors import ConfigError
 
+    # Flags anywhere among the overrides: Hydra gets the overrides, then the flags (moe_lightning.command_line).
+    command = command_line.read(sys.argv[1:])
+    if command.has("--version"):   # abbreviated (--vers): argparse would print Hydra's version
+        return _print_version()
+    try:
+        command_line.check(command)
+    except ConfigError as exc:
+        fail(str(exc))
+    sys.argv[1:] = command.argv()
     try:
         check_modes(sys.argv[1:])
+        if command.has("--shell-completion"):   # its install=bash / query=... are not config overrides
+            return hydra.main(config_path="conf", config_name="config", version_base="1.3")(_run)()
         check_overrides(sys.argv[1:])
         register()
         check_self_referring_overrides(sys.argv[1:])
@@ -819,13 +805,19 @@ def _main() -> None:
         # A torchrun rank other than 0 writes nothing: no run folder of its own, no log file.
         import tempfile
 
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
-                     f"hydra.run.dir={tempfile.gettempdir()}"]
+        sys.argv[1:] = command.argv("hydra.output_subdir=null", "hydra/job_logging=disabled",
+                                    "hydra/hydra_logging=disabled", f"hydra.run.dir={tempfile.gettempdir()}")
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     app = hydra.main(config_path="conf", config_name="config", version_base="1.3")(_run)
     app()
     finish_sweep()
+
+
+def _print_version() -> None:
+    from moe_lightning import __version__
+
+    print(f"moe-lightning {__version__}")
 
 
 if __name__ == "__main__":
