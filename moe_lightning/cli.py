@@ -15,7 +15,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning import pipes  # stdlib only: imported before the signal handlers go in
+from moe_lightning import command_line, pipes  # stdlib only (Hydra on use): imported before the signal handlers
 
 if TYPE_CHECKING:
     from moe_lightning.files import OutputLock
@@ -66,38 +66,16 @@ def group_options(group: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
     return sorted(names)
 
 
-VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun",
-               "--cfg", "-c", "--package", "-p", "--shell-completion", "-sc")
-INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
-
-
 def split_args(args: list[str]) -> tuple[list[str], tuple[Path, ...]]:
     """-> (the overrides, the folders given with --config-dir) from Hydra's command line."""
-    overrides, dirs, skip = [], [], False
-    for i, a in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        flag, _, value = a.partition("=")
-        if flag in ("--info", "-i"):  # its value is optional
-            skip = not value and i + 1 < len(args) and args[i + 1] in INFO_CHOICES
-        elif flag in VALUE_FLAGS:
-            if not value and i + 1 < len(args):
-                value, skip = args[i + 1], True
-            if flag in ("--config-dir", "-cd"):
-                dirs.append(Path(value))
-        elif not a.startswith("-"):
-            overrides.append(a)
-    return overrides, tuple(dirs)
+    command = command_line.read(args)
+    dirs = [f.value for f in command.flags if f.option == "--config-dir" and f.value is not None]
+    return list(command.overrides), tuple(Path(d) for d in dirs)
 
 
 def config_name(args: list[str]) -> str:
     """--config-name / -cn, else config."""
-    for i, a in enumerate(args):
-        flag, _, value = a.partition("=")
-        if flag in ("--config-name", "-cn"):
-            return value or (args[i + 1] if i + 1 < len(args) else "config")
-    return "config"
+    return command_line.read(args).value("--config-name") or "config"
 
 
 def compose_each(args: list[str], override_lists: list[list[str]], hydra_config: bool = False) -> list:
@@ -369,7 +347,7 @@ def _run(cfg) -> None:
         code = 0
     except SystemExit as exc:   # fail(): its line is printed; interrupts end the whole sweep (os._exit)
         code = exc.code if isinstance(exc.code, int) else 1
-    _sweep_jobs.append((" ".join(HydraConfig.get().overrides.task), code))
+    _sweep_jobs.append((" ".join(task_overrides()), code))
 
 
 def finish_sweep() -> None:
@@ -397,7 +375,7 @@ def _run_job(cfg) -> None:
         fail(str(cause).splitlines()[0])
     except MoELightningError as exc:
         fail(str(exc))
-    overrides = HydraConfig.get().overrides.task
+    overrides = task_overrides()
     try:
         given = list(dict.fromkeys([*given_policy_fields(overrides),
                                     *config_policy_fields(HydraConfig.get().job.config_name, overrides)]))
@@ -411,7 +389,7 @@ def _run_job(cfg) -> None:
 
     # The log file's first line, whatever the task logs after it (plan and simulate log nothing else).
     log.info("moe-lightning %s: task=%s %s (run folder %s)", __version__, run_cfg.task.name,
-             " ".join(HydraConfig.get().overrides.task), run_cfg.run_dir)
+             " ".join(overrides), run_cfg.run_dir)
     from moe_lightning.interrupt import install
 
     install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
@@ -454,6 +432,15 @@ def _run_job(cfg) -> None:
             logging.shutdown()
             os._exit(1)
         raise
+
+
+def task_overrides() -> list[str]:
+    """This job's overrides as given: iterating Hydra's list would resolve the interpolations in them
+    (out=${hydra:job.override_dirname}.json read as out=task=plan.json, which is no override)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
 
 
 def given_policy_fields(overrides) -> list[str]:
@@ -654,6 +641,35 @@ def check_sweep_only_interpolations(args: list[str]) -> None:
                               "give a plain value, or run the sweep with -m")
 
 
+# ${hydra:job.override_dirname}: the job's overrides joined (key=value,...), less the keys of
+# hydra.job.config.override_dirname.exclude_keys. An override whose value names it contains itself.
+OVERRIDE_DIRNAME = re.compile(r"(?<!\\)\$\{\s*hydra:\s*job\.override_dirname\s*\}")
+
+
+def check_self_referring_overrides(args: list[str]) -> None:
+    """An override whose value interpolates ${hydra:job.override_dirname} while its key is part of it
+    would resolve without end (OmegaConf's RecursionError): one line naming the override and the way out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from moe_lightning.errors import ConfigError
+
+    plain, _ = split_args(args)
+    parsed = OverridesParser.create().parse_overrides(plain)
+    naming = [(o.key_or_group, text) for o, text in zip(parsed, plain)
+              if OVERRIDE_DIRNAME.search(text) and not o.key_or_group.startswith("hydra")]   # hydra.* are not in it
+    if not naming:
+        return
+    hydra_only = [text for o, text in zip(parsed, plain) if o.key_or_group.startswith("hydra")]
+    hydra = compose_each(args, [hydra_only], hydra_config=True)[0].hydra
+    excluded = set(hydra.job.config.override_dirname.exclude_keys)
+    for key, text in naming:
+        if key not in excluded:
+            raise ConfigError(f"{text}: {key} would refer to itself without end, as ${{hydra:job.override_dirname}} "
+                              f"joins this job's overrides, this one included; exclude {key} from it "
+                              f"(hydra.job.config.override_dirname.exclude_keys=[{key}]) or give {key} a value "
+                              "without it")
+
+
 def _check_output_paths(cfg) -> None:
     from moe_lightning.errors import ConfigError
     from moe_lightning.files import check_output_path
@@ -724,10 +740,10 @@ def check_modes(args: list[str]) -> None:
     """Hydra runs one mode at a time; it says so with a traceback, this with one line."""
     from moe_lightning.errors import ConfigError
 
-    given = list(dict.fromkeys(MODES[a.partition("=")[0]] for a in args if a.partition("=")[0] in MODES))
+    modes = ("--run", "--multirun", "--cfg", "--info", "--shell-completion")
+    given = list(dict.fromkeys(f.option for f in command_line.read(args).flags if f.option in modes))
     if len(given) > 1:
-        raise ConfigError(f"{' and '.join(given)} cannot be combined: give one of --multirun, --cfg, --info, "
-                          "--shell-completion")
+        raise ConfigError(f"{' and '.join(given)} cannot be combined: give one of {', '.join(modes)}")
 
 
 def main() -> None:
@@ -749,10 +765,7 @@ def main() -> None:
 def _main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if "--version" in sys.argv[1:]:
-        from moe_lightning import __version__
-
-        print(f"moe-lightning {__version__}")
-        return
+        return _print_version()
     try:
         import hydra
     except ImportError:
@@ -760,10 +773,22 @@ def _main() -> None:
     from moe_lightning.conf.store import register
     from moe_lightning.errors import ConfigError
 
+    # Flags anywhere among the overrides: Hydra gets the overrides, then the flags (moe_lightning.command_line).
+    command = command_line.read(sys.argv[1:])
+    if command.has("--version"):   # abbreviated (--vers): argparse would print Hydra's version
+        return _print_version()
+    try:
+        command_line.check(command)
+    except ConfigError as exc:
+        fail(str(exc))
+    sys.argv[1:] = command.argv()
     try:
         check_modes(sys.argv[1:])
+        if command.has("--shell-completion"):   # its install=bash / query=... are not config overrides
+            return hydra.main(config_path="conf", config_name="config", version_base="1.3")(_run)()
         check_overrides(sys.argv[1:])
         register()
+        check_self_referring_overrides(sys.argv[1:])
         check_composes(sys.argv[1:])
         check_sweep_outputs(sys.argv[1:])
         check_sweep_only_interpolations(sys.argv[1:])
@@ -780,13 +805,19 @@ def _main() -> None:
         # A torchrun rank other than 0 writes nothing: no run folder of its own, no log file.
         import tempfile
 
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
-                     f"hydra.run.dir={tempfile.gettempdir()}"]
+        sys.argv[1:] = command.argv("hydra.output_subdir=null", "hydra/job_logging=disabled",
+                                    "hydra/hydra_logging=disabled", f"hydra.run.dir={tempfile.gettempdir()}")
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     app = hydra.main(config_path="conf", config_name="config", version_base="1.3")(_run)
     app()
     finish_sweep()
+
+
+def _print_version() -> None:
+    from moe_lightning import __version__
+
+    print(f"moe-lightning {__version__}")
 
 
 if __name__ == "__main__":

@@ -281,6 +281,16 @@ CASES = [
          "hardware=part (conf/hardware/part.yaml) does not give gpu.name, gpu.count, gpu.bandwidth_gbps",
          setup=config_dir("part.yaml", "name: part\ngpu: {memory_gib: 40}\n"), task="plan", base=()),
     Case("config-dir-missing", ("--config-dir", "nodir"), "no such folder", task="plan", base=()),
+    # Hydra's flags stand anywhere among the overrides; a flag Hydra has not, or without its value, is one line
+    Case("unknown-flag-among-overrides", ("--bogus", "workload.gen_len=2"),
+         "unrecognized arguments: --bogus; Hydra's flags are --help", task="plan", base=()),
+    Case("flag-without-its-value", ("workload.gen_len=2", "--config-name"),
+         "argument --config-name/-cn: expected one argument", task="plan", base=()),
+    Case("flag-value-not-a-choice", ("--cfg", "jobs", "workload.gen_len=2"), "invalid choice: 'jobs'", task="plan",
+         base=()),
+    # ${hydra:job.override_dirname} joins the overrides: in one's own value (its key not excluded), endless
+    Case("override-refers-to-itself", ("out=${hydra:job.override_dirname}.json",),
+         "out would refer to itself without end", task="plan", base=()),
     # A policy field a config file of the user's sets is theirs even at its default value, as on the command
     # line: a primary config of theirs (--config-name) for a system that does not read it ...
     Case("config-name-default-valued-field-for-reference",

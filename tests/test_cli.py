@@ -193,6 +193,31 @@ def test_hydra_flags_pass_through(tmp_path):
     assert "name: plan" in r.stdout and "name: t4" in r.stdout
 
 
+def test_flags_stand_anywhere_among_the_overrides(tmp_path):
+    """Hydra's argparse takes the overrides as one list: a flag between two overrides left the ones after it
+    "unrecognized", with a usage dump. A flag keeps its value wherever it stands; an abbreviated one too."""
+    (tmp_path / "conf" / "hardware").mkdir(parents=True)
+    (tmp_path / "conf" / "hardware" / "mybox.yaml").write_text("defaults: [t4, _self_]\nname: mybox\n")
+    r = cli("task=plan", "--config-dir", "conf", "hardware=mybox", "model=mixtral-8x7b", "workload=mtbench",
+            "out=plan.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "plan.json").read_text())["hardware"]["profile"]["name"] == "mybox"
+    for flag in ("-m", "--multi"):
+        r = cli("task=plan", flag, "workload.gen_len=2,4", f"hydra.sweep.dir={tmp_path / flag}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        docs = [json.loads(p.read_text()) for p in (tmp_path / flag).glob("*/run.json")]
+        assert sorted(d["workload"]["gen_len"] for d in docs) == [2, 4]
+
+
+def test_an_override_may_name_the_override_dirname_when_its_key_is_excluded(tmp_path):
+    """The refusal of out=${hydra:job.override_dirname} (the catalogue) says to exclude out from it; so
+    excluded, the job reads its overrides as given, not resolved (out=task=plan.json is no override)."""
+    r = cli("task=plan", "out=${hydra:job.override_dirname}.json",
+            "hydra.job.config.override_dirname.exclude_keys=[out]", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "task=plan.json").read_text())["task"] == "plan"
+
+
 def _sweep_docs(tmp_path, *overrides: str) -> list[dict]:
     r = cli("-m", "task=simulate", "task.use_plan=false", "workload.num_requests=8", "workload.gen_len=2",
             *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)

@@ -51,10 +51,28 @@ FITTED: dict[tuple[str, str | None], Constants] = {
     ("l4", None): MOE_LIGHTNING_L4,
 }
 
+# A set fitted for one model applies to that model: the preset's shapes (conf/model/<preset>.yaml), not
+# its name. model=hf names a checkpoint after its folder, so a folder called like a preset says nothing
+# of what it holds, and a checkpoint of the fitted model itself is planned as its preset is. The layer
+# count is left out: a preset run truncated (model.num_layers) is still that model's layers.
+MODEL_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                "num_experts", "top_k", "vocab_size", "shared_expert_size", "dense_layers")
+
 
 def constants_for(hw: HardwareSpec, spec: ModelSpec) -> Constants:
     """The fitted set for this profile (and model, where one was fitted for it), else one derived."""
-    return FITTED.get((hw.name, spec.name)) or FITTED.get((hw.name, None)) or derive_constants(hw, spec)
+    for (profile, preset), constants in FITTED.items():
+        if profile == hw.name and preset is not None and is_preset_model(spec, preset):
+            return constants
+    return FITTED.get((hw.name, None)) or derive_constants(hw, spec)
+
+
+def is_preset_model(spec: ModelSpec, preset: str) -> bool:
+    """Whether `spec` is the model of `preset` (MODEL_FIELDS), whatever it is named."""
+    from moe_lightning.tuner.presets import load_preset
+
+    fitted = load_preset("model", preset)
+    return all(getattr(spec, f) == getattr(fitted, f) for f in MODEL_FIELDS)
 
 
 def derive_constants(hw: HardwareSpec, spec: ModelSpec) -> Constants:

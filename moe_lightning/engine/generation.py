@@ -54,14 +54,17 @@ class GenerationResult:
         return self.prefill_s + self.decode_s
 
     @property
-    def throughput_tok_s(self) -> float:
-        return self.passes * self.generated_tokens / self.total_s if self.total_s else 0.0
+    def throughput_tok_s(self) -> float | None:
+        """Tokens / (prefill + decode time); None when nothing was timed (no request ran): nothing
+        measured is no figure, not 0 tokens/s."""
+        return self.passes * self.generated_tokens / self.total_s if self.total_s else None
 
     @property
-    def decode_tok_s(self) -> float:
-        """Tokens after each sequence's first / decode time."""
-        n_seq = sum(1 for o in self.output_ids if o)
-        return self.passes * (self.generated_tokens - n_seq) / self.decode_s if self.decode_s else 0.0
+    def decode_tok_s(self) -> float | None:
+        """Tokens after each sequence's first / decode time; None without a decode step (every sequence
+        stopped at its first token, max_new_tokens=1 say): there is no decode rate to report."""
+        decoded = self.generated_tokens - sum(1 for o in self.output_ids if o)
+        return self.passes * decoded / self.decode_s if decoded and self.decode_s else None
 
 
 class BatchRunner(Protocol):

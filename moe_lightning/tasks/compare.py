@@ -481,7 +481,7 @@ def _paired_ratios(a: dict, b: dict) -> list[float] | None:
     x, y = a.get("repeat_tok_s") or [], b.get("repeat_tok_s") or []
     if len(x) != len(y) or not x:
         return None
-    return [p / q for p, q in zip(x, y) if q > 0] or None
+    return [p / q for p, q in zip(x, y) if p is not None and q] or None   # None: a repeat that timed nothing
 
 
 def _ranges_overlap(a: dict, b: dict) -> bool | None:

@@ -267,11 +267,15 @@ def merge_passes(passes: list):
 
 def measured_metrics(results: list, max_cv: float, host=None) -> Metrics:
     """Medians over the repeats (`GenerationResult`s) with their spread, and the noise verdict."""
-    tok_s = [r.throughput_tok_s for r in results]
+    # A repeat that ran no request (a resumed run whose part file held every output) timed nothing: it
+    # has no throughput (None) and no place in the spread.
+    timed = [r for r in results if r.throughput_tok_s is not None] or results[:1]
+    tok_s = [r.throughput_tok_s for r in timed if r.throughput_tok_s is not None]
     spread = {"throughput_tok_s": Spread.of(tok_s),
-              "prefill_s": Spread.of([r.prefill_s / r.passes for r in results]),
-              "decode_step_s": Spread.of([s for r in results for s in r.decode_step_s])}
-    mid = results[tok_s.index(sorted(tok_s)[(len(tok_s) - 1) // 2])]   # the median repeat (lower for even k)
+              "prefill_s": Spread.of([r.prefill_s / r.passes for r in timed]),
+              "decode_step_s": Spread.of([s for r in timed for s in r.decode_step_s])}
+    # the median repeat (lower for even k)
+    mid = timed[tok_s.index(sorted(tok_s)[(len(tok_s) - 1) // 2])] if tok_s else timed[0]
     noise = []
     cv = spread["throughput_tok_s"].cv   # None with one repeat: no spread to judge
     if cv is not None and cv > max_cv:
@@ -279,10 +283,11 @@ def measured_metrics(results: list, max_cv: float, host=None) -> Metrics:
     if host is not None and host.busy:
         noise.append(f"other processes kept {host.others_busy_cores:.2f} cores busy while it ran")
     return Metrics(
-        throughput_tok_s=spread["throughput_tok_s"].median, prefill_s=spread["prefill_s"].median,
+        # Metrics' throughput is a number (schema 2): a run that timed nothing shows 0 beside a spread of n 0.
+        throughput_tok_s=spread["throughput_tok_s"].median or 0.0, prefill_s=spread["prefill_s"].median,
         decode_s=mid.decode_s / mid.passes, generated_tokens=mid.generated_tokens,
         decode_step_median_s=spread["decode_step_s"].median,   # None: no decode step (one token each)
-        decode_tok_s=mid.decode_tok_s if mid.decode_s else None,   # nothing to divide by then either
+        decode_tok_s=mid.decode_tok_s,   # None: no decode step
         kind="measured", repeats=len(results), spread=spread, noisy=bool(noise), noise=noise)
 
 

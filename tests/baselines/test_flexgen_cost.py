@@ -206,11 +206,31 @@ def test_fitted_constants_are_in_gib_per_s():
 
 
 def test_constants_by_profile():
+    from moe_lightning.tuner.presets import load_preset
+
     t4 = HardwareSpec(name="t4")
+    big = load_preset("model", "mixtral-8x22b")
     assert constants_for(t4, MIXTRAL) is MOE_LIGHTNING_T4
-    assert constants_for(t4, dataclasses.replace(MIXTRAL, name="mixtral-8x22b")) is MOE_LIGHTNING_T4_8X22B
+    assert constants_for(t4, big) is MOE_LIGHTNING_T4_8X22B
+    # The fit is the model's: a checkpoint of it (named after its folder), a preset run truncated
+    assert constants_for(t4, dataclasses.replace(big, name="Mixtral-8x22B-v0.1", weights="checkpoint",
+                                                 path="/data/Mixtral-8x22B-v0.1")) is MOE_LIGHTNING_T4_8X22B
+    assert constants_for(t4, dataclasses.replace(big, num_layers=4)) is MOE_LIGHTNING_T4_8X22B
     assert constants_for(HardwareSpec(name="l4"), MIXTRAL) is MOE_LIGHTNING_L4
     assert constants_for(HardwareSpec(name="h200"), MIXTRAL).name.startswith("derived from profile 'h200'")
+
+
+def test_a_checkpoint_named_like_a_preset_is_not_that_preset(tmp_path, tiny_path):
+    """model=hf names a checkpoint after its folder: a tiny one in a folder called mixtral-8x22b gets
+    the profile's generic set, not the one fitted for Mixtral-8x22B."""
+    import shutil
+
+    from moe_lightning.engine.hf_config import spec_from_hf_config
+
+    shutil.copytree(tiny_path, tmp_path / "mixtral-8x22b")
+    spec = spec_from_hf_config(tmp_path / "mixtral-8x22b")
+    assert spec.name == "mixtral-8x22b"   # the case: the name alone would pick the preset's fit
+    assert constants_for(HardwareSpec(name="t4"), spec) is MOE_LIGHTNING_T4
 
 
 def test_derived_constants_by_hand():

@@ -42,3 +42,19 @@ def test_eos_stops_a_sequence_and_max_new_tokens_caps_it(tiny, prompts):
     eos = free[0][3]  # pretend the 4th token of sequence 0 is EOS
     stopped = generate(runner, prompts[:4], GenerationParams(max_new_tokens=10, eos_token_id=eos), 4)
     assert stopped.output_ids[0] == free[0][:free[0].index(eos) + 1]
+
+
+def test_one_token_each_has_no_decode_rate(tiny, prompts):
+    """max_new_tokens=1: prefill gives every token, no decode step runs, so there is no decode rate (None,
+    as the run document writes it), not 0 tokens/s; the throughput is measured."""
+    spec, source = tiny
+    result = generate(ReferenceRunner(spec, source), prompts[:2], GenerationParams(max_new_tokens=1), 2)
+    assert [len(o) for o in result.output_ids] == [1, 1] and result.decode_s == 0
+    assert result.decode_tok_s is None
+    assert result.throughput_tok_s is not None and result.throughput_tok_s > 0
+
+
+def test_nothing_timed_has_no_throughput():
+    from moe_lightning.engine.generation import GenerationResult
+
+    assert GenerationResult(output_ids=[]).throughput_tok_s is None
