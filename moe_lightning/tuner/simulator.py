@@ -81,11 +81,12 @@ from moe_lightning.comm import all_reduce_s
 from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.engine.executor import TaskRecord
 from moe_lightning.report import Metrics
-from moe_lightning.schedule.batching import padded_batch_size
+from moe_lightning.schedule.batching import KVBudget, padded_batch_size
 from moe_lightning.schedule.cgopipe import PipeShape, decode_graph, decode_graph_gpu_attention, prefill_graph
 from moe_lightning.schedule.graph import Resource, Task, TaskGraph
 from moe_lightning.trace import RunTimeline
 from moe_lightning.tuner.costs import CONTEXT_OPS, MicroBatchShape, TaskCosts, fit_op_scales
+from moe_lightning.tuner.sim_batches import Segment, admitted_rounds, static_rounds
 
 __all__ = ["MicroBatchShape", "SimResult", "TaskCosts", "batch_shapes", "fit_op_scales", "simulate_graph",
            "simulate_run"]
@@ -273,6 +274,7 @@ class SimResult:
     notes: list[str] = field(default_factory=list)
     prefill_batch_s: list[float] = field(default_factory=list)   # each batch's (admission round's) prefill
     groups: list[dict] = field(default_factory=list)              # several expert groups: each one's figures
+    round_steps: list[int] = field(default_factory=list)          # decode steps after each batch's prefill
 
     @property
     def total_s(self) -> float:
@@ -314,21 +316,21 @@ class SimResult:
 
     def forwards(self) -> list[tuple[str, float]]:
         """(phase, seconds) of each forward in the order run: each batch's prefill, then its decode steps."""
-        steps = self.decode_steps_total // self.num_batches if self.num_batches else 0
         out: list[tuple[str, float]] = []
-        for b, pre in enumerate(self.prefill_batch_s):
+        first = 0
+        for pre, steps in zip(self.prefill_batch_s, self.round_steps):
             out.append(("prefill", pre))
-            out += [("decode", s) for s in self.decode_step_s[b * steps:(b + 1) * steps]]
+            out += [("decode", s) for s in self.decode_step_s[first:first + steps]]
+            first += steps
         return out
 
 
-def admitted_shapes(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], policy: Policy, workload: Workload,
-                    block_size: int, kv_tokens: int | None) -> list[tuple[list[MicroBatchShape], frozenset[int]]]:
-    """The engine's admission rounds (`schedule.batching.admission_rounds`), as micro-batch shapes: the
-    non-empty partitions in order, the first `gpu_partitions` on the GPU. A paged micro-batch's attention
-    reads each sequence's own context, so `slots` is the mean context, not the longest."""
+def admission_budget(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], policy: Policy, workload: Workload,
+                     block_size: int, kv_tokens: int | None) -> tuple[KVBudget, int]:
+    """The engine's KV budget for admission (`schedule.batching.kv_budget`, at the plan's tokens unless
+    `kv_tokens`) and how many of its partitions (the first) keep their KV cache on the GPU."""
     from moe_lightning.memory import engine_kv_tokens
-    from moe_lightning.schedule.batching import admission_rounds, gpu_partitions, kv_budget
+    from moe_lightning.schedule.batching import gpu_partitions, kv_budget
 
     wl = replace(workload, prompt_len_max=max(lengths), num_requests=len(lengths),
                  prompt_len_avg=min(max(lengths), round(sum(lengths) / len(lengths))))
@@ -340,18 +342,7 @@ def admitted_shapes(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], p
 
         raise ConfigError(f"system.kv_cache_tokens={tokens}: each of the {budget.partitions} micro-batches must hold "
                           f"the longest request ({longest} tokens)")
-    n_gpu = gpu_partitions(policy.kv_gpu_fraction, policy.batch_size, budget)
-    out = []
-    for parts in admission_rounds(lengths, workload.gen_len, budget):
-        shapes, gpu_kv = [], set()
-        for j, reqs in parts.items():
-            if j < n_gpu:
-                gpu_kv.add(len(shapes))
-            tokens_j = sum(lengths[r] for r in reqs)
-            shapes.append(MicroBatchShape(seqs=len(reqs), tokens=tokens_j, sum_sq=sum(lengths[r] ** 2 for r in reqs),
-                                          slots=tokens_j / len(reqs), lens=tuple(lengths[r] for r in reqs)))
-        out.append((shapes, frozenset(gpu_kv)))
-    return out
+    return budget, gpu_partitions(policy.kv_gpu_fraction, policy.batch_size, budget)
 
 
 def batch_shapes(lengths: Sequence[int], policy: Policy, padding: bool,
@@ -424,34 +415,42 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
                  prompt_lengths: Sequence[int] | None = None, *, costs: TaskCosts | None = None,
                  keep_graphs: int = 4, max_decode_steps: int | None = None,
                  schedule: GraphBuilder | None = None, admission: bool | None = None, kv_block_size: int = 16,
-                 kv_tokens: int | None = None, parallel: ParallelConfig | None = None) -> SimResult:
+                 kv_tokens: int | None = None, parallel: ParallelConfig | None = None,
+                 gen_lens: Sequence[int] | None = None, refill: bool = True) -> SimResult:
     """Simulate the engine generating `workload` with `policy` on `hw` (see module docstring).
 
     `schedule` builds the graphs (`.build(phase, shape, policy)`, as the engine's `Schedule`); by
     default CGOPipe's. `admission` (default: CGOPipe unpadded with `kv_block_size` > 0, as the engine):
     batches are Algorithm 2's rounds against the KV budget (`kv_tokens`, default the plan's), not
-    static batches of N. `keep_graphs` graphs keep their records in the timeline (for plots and traces).
-    `parallel`: T x E ranks over `hw`'s GPUs (one rank simulated, see the module docstring; `kv_tokens`
-    and `costs` then a rank's).
+    static batches of N; `refill` as the engine's driver (`generate_admitted`). `gen_lens[r]`: request r's
+    own generation budget (1 to `workload.gen_len`; None: every request `workload.gen_len`), run as the
+    engine runs it (`tuner.sim_batches`). `keep_graphs` graphs keep their records in the timeline (for
+    plots and traces). `parallel`: T x E ranks over `hw`'s GPUs (one rank simulated, see the module
+    docstring; `kv_tokens` and `costs` then a rank's).
     """
     from moe_lightning.workload_io import synthetic_lengths
 
+    lengths = list(prompt_lengths) if prompt_lengths is not None else synthetic_lengths(workload)
+    gens = [workload.gen_len] * len(lengths) if gen_lens is None else [int(g) for g in gen_lens]
+    if len(gens) != len(lengths) or not all(1 <= g <= workload.gen_len for g in gens):
+        raise ValueError(f"gen_lens: one budget of 1 to workload.gen_len={workload.gen_len} per prompt "
+                         f"({len(lengths)}), got {len(gens)} from {min(gens, default=0)} to {max(gens, default=0)}")
     if parallel is not None and parallel.world_size > 1:
         from moe_lightning.tuner.parallel import rank_view
 
         view = rank_view(spec, hw, parallel)
-        full = list(prompt_lengths) if prompt_lengths is not None else synthetic_lengths(workload)
         policy_r = view.policy(policy)
         costs = costs or TaskCosts.for_policy(view.spec, view.hw, policy_r, comm=view.comm)
-        shares = [tuple(full[g::view.groups]) for g in range(view.groups)]
-        runs: dict[tuple[int, ...], SimResult] = {}
-        for share in shares:
-            if share and share not in runs:
-                runs[share] = simulate_run(
+        shares = [(tuple(lengths[g::view.groups]), tuple(gens[g::view.groups])) for g in range(view.groups)]
+        runs: dict[tuple[tuple[int, ...], tuple[int, ...]], SimResult] = {}
+        for share, own in shares:
+            if share and (share, own) not in runs:
+                runs[share, own] = simulate_run(
                     view.spec, view.hw, replace(workload, num_requests=len(share)), policy_r, share, costs=costs,
                     keep_graphs=keep_graphs, max_decode_steps=max_decode_steps, schedule=schedule,
-                    admission=admission, kv_block_size=kv_block_size, kv_tokens=kv_tokens)
-        groups = [runs.get(share) for share in shares]
+                    admission=admission, kv_block_size=kv_block_size, kv_tokens=kv_tokens, gen_lens=own,
+                    refill=refill)
+        groups = [runs.get(key) for key in shares]
         # the all-reduce that starts each forward: running, and each micro-batch slot's tokens (int64)
         sync_s = all_reduce_s(8 * (policy_r.num_micro_batches + 1), view.groups,
                               latency_s=view.comm.latency_s, bytes_per_s=view.comm.bytes_per_s) if view.comm else 0.0
@@ -462,15 +461,13 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
             note = (f"one rank of each of the {view.groups} expert groups of tensor={parallel.tensor} x "
                     f"expert={parallel.expert} simulated (its collectives in its GPU tasks), in lockstep: "
                     f"{max(g['ghost_forwards'] for g in res.groups)} ghost forwards at most")
-        return replace(res, generated_tokens=len(full) * workload.gen_len, num_requests=len(full),
-                       notes=[*res.notes, note])
+        return replace(res, generated_tokens=sum(gens), num_requests=len(lengths), notes=[*res.notes, note])
     t0 = time.perf_counter()
     if not policy.ffn_on_gpu:
         from moe_lightning.errors import ConfigError
 
         raise ConfigError("policy.ffn_on_gpu: the CGOPipe schedule runs the MoE FFN on the GPU; "
                           "ffn_on_gpu=false has no schedule to simulate")
-    lengths = list(prompt_lengths) if prompt_lengths is not None else synthetic_lengths(workload)
     costs = costs or TaskCosts.for_policy(spec, hw, policy)
     acc = _Accumulator(keep_graphs)
     graphs: dict[tuple[str, PipeShape], tuple[TaskGraph, _Compiled]] = {}
@@ -479,84 +476,100 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
     builder = schedule or CGOPIPE_GRAPHS
     timed = _schedule_shared if hw.gpu.shares_host else _schedule
 
-    def graph_for(phase: str, shape: PipeShape) -> tuple[TaskGraph, _Compiled]:
+    def graph_for(phase: str, mbs: Sequence[MicroBatchShape], gpu_kv: frozenset[int]) -> tuple[TaskGraph, _Compiled]:
+        shape = PipeShape(num_layers=L, num_micro_batches=len(mbs), num_pages=costs.num_pages,
+                          prefetch=policy.prefetch_depth, gpu_kv=gpu_kv, dense_layers=frozenset(spec.dense_layers))
         if (phase, shape) not in graphs:
             g = builder.build(phase, shape, policy)
             graphs[phase, shape] = (g, _Compiled.of(g))
         return graphs[phase, shape]
 
-    prefill_s = decode_s = 0.0
+    prefill_s = 0.0
     prefill_walls: list[float] = []
     step_walls: list[float] = []
-    n_steps = workload.gen_len - 1
     simulated_steps = 0
     if admission is None:   # CGOPipe's unpadded mode admits against its paged KV budget, as the engine does
         admission = getattr(builder, "name", "cgopipe") == "cgopipe" and not workload.padding and kv_block_size > 0
     if admission:
-        batches = admitted_shapes(spec, hw, lengths, policy, workload, kv_block_size, kv_tokens)
+        budget, n_gpu = admission_budget(spec, hw, lengths, policy, workload, kv_block_size, kv_tokens)
+        rounds = admitted_rounds(lengths, gens, budget, n_gpu, refill)
     else:   # static batches; padded: every prompt to the longest, as many as the KV budget holds
         width = max(lengths) if workload.padding else None
         n = policy.batch_size if not (workload.padding and kv_tokens) else padded_batch_size(
             policy.batch_size, policy.micro_batch_size, kv_tokens, max(lengths) + workload.gen_len)
-        batches = [batch_shapes(lengths[a:a + n], policy, workload.padding, width) for a in range(0, len(lengths), n)]
-    for mbs, gpu_kv in batches:
-        shape = PipeShape(num_layers=L, num_micro_batches=len(mbs), num_pages=costs.num_pages,
-                          prefetch=policy.prefetch_depth, gpu_kv=gpu_kv, dense_layers=frozenset(spec.dense_layers))
-        g, c = graph_for("prefill", shape)
-        dur, nbytes = _costs_of(g, costs, mbs)
+        rounds = static_rounds([batch_shapes(lengths[a:a + n], policy, workload.padding, width)
+                                for a in range(0, len(lengths), n)], [gens[a:a + n] for a in range(0, len(lengths), n)])
+    for rnd in rounds:
+        g, c = graph_for("prefill", rnd.mbs, rnd.gpu_kv)
+        dur, nbytes = _costs_of(g, costs, rnd.mbs)
         prefill_walls.append(acc.add("prefill", g, c, dur, nbytes, timed(c, dur.tolist(), costs.issue_s,
                                                                          costs.sync_s)) + costs.step_s)
         prefill_s += prefill_walls[-1]
-        if n_steps <= 0:
-            continue
-        g, c = graph_for("decode", shape)
-        base_mbs = [replace(mb, slots=mb.slots + 1) for mb in mbs]
-        dur, nbytes = _costs_of(g, costs, base_mbs)
-        # Tasks whose cost grows with the context, grouped by (op, micro-batch, first/last layer, window).
-        ctx = [n for n, t in enumerate(g.tasks) if t.op in CONTEXT_OPS]
-        keys = [(g.tasks[n].op, g.tasks[n].micro_batch, g.tasks[n].layer == 0, g.tasks[n].layer == L - 1,
-                 spec.window(g.tasks[n].layer)) for n in ctx]
-        reps = {k: g.tasks[n] for k, n in zip(keys, ctx)}
-        ctx_idx = np.array(ctx, dtype=np.int64)
-        walls: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
-        for step in _decode_steps(n_steps, max_decode_steps):
-            step_mbs = [replace(mb, slots=mb.slots + step + 1) for mb in mbs]
-            if len(ctx):
-                per_key = {k: (costs.duration(t, step_mbs), costs.cost(t, step_mbs)[1]) for k, t in reps.items()}
-                dur[ctx_idx] = [per_key[k][0] for k in keys]
-                nbytes[ctx_idx] = [per_key[k][1] for k in keys]
-            wall = acc.add("decode", g, c, dur, nbytes, timed(c, dur.tolist(), costs.issue_s, costs.sync_s)) \
-                + costs.step_s
-            walls[step] = (wall, np.bincount(c.resource, weights=dur, minlength=len(RESOURCES)),
-                           np.bincount(c.resource, weights=nbytes, minlength=len(RESOURCES)))
-            simulated_steps += 1
-        known = sorted(walls)
-        for step in range(n_steps):  # steps not simulated: linear between the simulated neighbours
-            if step in walls:
-                step_walls.append(walls[step][0])
-                continue
-            hi = next(k for k in known if k > step)
-            lo = max(k for k in known if k < step)
-            w = (step - lo) / (hi - lo)
-            wall, busy, link = (a * (1 - w) + b * w for a, b in zip(walls[lo], walls[hi]))
-            acc.add_sums("decode", float(wall), busy)
-            acc.link += link
-            step_walls.append(float(wall))
-        decode_s += sum(step_walls[-n_steps:])
+        for seg in rnd.decodes:
+            # as many steps sampled per segment as its share of the longest request's steps
+            most = None if max_decode_steps is None else max(
+                2, math.ceil(max_decode_steps * seg.steps / max(workload.gen_len - 1, 1)))
+            walls, simulated = _decode_segment(seg, graph_for("decode", seg.mbs, seg.gpu_kv), costs, acc, timed,
+                                               spec, most)
+            step_walls += walls
+            simulated_steps += simulated
 
     tl = acc.timeline
+    total_steps = len(step_walls)
     notes = []
-    if simulated_steps < n_steps * len(batches):
-        notes.append(f"{simulated_steps} of {n_steps * len(batches)} decode steps simulated, the rest "
+    if simulated_steps < total_steps:
+        notes.append(f"{simulated_steps} of {total_steps} decode steps simulated, the rest "
                      "interpolated linearly in the context")
     return SimResult(
-        prefill_s=prefill_s, decode_s=decode_s, generated_tokens=len(lengths) * workload.gen_len,
+        prefill_s=prefill_s, decode_s=sum(step_walls), generated_tokens=sum(gens),
         num_requests=len(lengths), decode_step_s=step_walls, utilisation=tl.utilisation("decode"),
         prefill_utilisation=tl.utilisation("prefill"),
         link_bytes={"h2d": int(acc.link[_H2D]), "d2h": int(acc.link[_D2H])}, timeline=tl,
-        num_batches=len(batches), decode_steps_total=n_steps * len(batches),
+        num_batches=len(rounds), decode_steps_total=total_steps,
         decode_steps_simulated=simulated_steps, tasks_simulated=acc.tasks,
-        sim_wall_s=time.perf_counter() - t0, notes=notes, prefill_batch_s=prefill_walls)
+        sim_wall_s=time.perf_counter() - t0, notes=notes, prefill_batch_s=prefill_walls,
+        round_steps=[rnd.decode_steps for rnd in rounds])
+
+
+def _decode_segment(seg: Segment, graph: tuple[TaskGraph, _Compiled], costs: TaskCosts, acc: _Accumulator, timed,
+                    spec: ModelSpec, max_steps: int | None) -> tuple[list[float], int]:
+    """Time a segment's decode steps (`sim_batches.Segment`: step k attends slots + k + 1), the steps not
+    simulated interpolated linearly between simulated neighbours. -> (each step's wall, steps simulated)."""
+    g, c = graph
+    L = spec.num_layers
+    mbs = seg.mbs
+    dur, nbytes = _costs_of(g, costs, [replace(mb, slots=mb.slots + 1) for mb in mbs])
+    # Tasks whose cost grows with the context, grouped by (op, micro-batch, first/last layer, window).
+    ctx = [n for n, t in enumerate(g.tasks) if t.op in CONTEXT_OPS]
+    keys = [(g.tasks[n].op, g.tasks[n].micro_batch, g.tasks[n].layer == 0, g.tasks[n].layer == L - 1,
+             spec.window(g.tasks[n].layer)) for n in ctx]
+    reps = {k: g.tasks[n] for k, n in zip(keys, ctx)}
+    ctx_idx = np.array(ctx, dtype=np.int64)
+    walls: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
+    for step in _decode_steps(seg.steps, max_steps):
+        step_mbs = [replace(mb, slots=mb.slots + step + 1) for mb in mbs]
+        if len(ctx):
+            per_key = {k: (costs.duration(t, step_mbs), costs.cost(t, step_mbs)[1]) for k, t in reps.items()}
+            dur[ctx_idx] = [per_key[k][0] for k in keys]
+            nbytes[ctx_idx] = [per_key[k][1] for k in keys]
+        wall = acc.add("decode", g, c, dur, nbytes, timed(c, dur.tolist(), costs.issue_s, costs.sync_s)) \
+            + costs.step_s
+        walls[step] = (wall, np.bincount(c.resource, weights=dur, minlength=len(RESOURCES)),
+                       np.bincount(c.resource, weights=nbytes, minlength=len(RESOURCES)))
+    known = sorted(walls)
+    out = []
+    for step in range(seg.steps):  # steps not simulated: linear between the simulated neighbours
+        if step in walls:
+            out.append(walls[step][0])
+            continue
+        hi = next(k for k in known if k > step)
+        lo = max(k for k in known if k < step)
+        w = (step - lo) / (hi - lo)
+        wall, busy, link = (a * (1 - w) + b * w for a, b in zip(walls[lo], walls[hi]))
+        acc.add_sums("decode", float(wall), busy)
+        acc.link += link
+        out.append(float(wall))
+    return out, len(walls)
 
 
 def lockstep(groups: Sequence[SimResult | None], sync_s: float = 0.0) -> SimResult:
