@@ -42,18 +42,19 @@ def planning_model(model: ModelSpec) -> ModelSpec:
 def planning_workload(workload: Workload, spec: ModelSpec) -> tuple[Workload, list[int] | None]:
     """The workload to plan for and, for a prompts file, its real prompt lengths (else None): see
     `planning_inputs`."""
-    planned, lengths, _ = planning_inputs(workload, spec)
+    planned, lengths, _, _ = planning_inputs(workload, spec)
     return planned, lengths
 
 
-def planning_inputs(workload: Workload, spec: ModelSpec) -> tuple[Workload, list[int] | None, dict | None]:
-    """(The workload to plan for, a prompts file's real prompt lengths, its rows' own generation budgets
-    (`workload_io.budgets`)); None where the workload is synthetic or gives no budgets. A prompts file is
-    planned at its own lengths and its longest budget (`workload_io.longest_budget`), which is what
-    task=generate sizes the KV cache for; every request is planned to generate that many tokens (the HRM
-    and the simulator run one gen_len; the engine stops a request at its own). Refused as task=generate
-    refuses it (`workload_io.check_requests`): a plan or a simulation of a run that could not happen is no
-    answer."""
+def planning_inputs(workload: Workload, spec: ModelSpec) -> tuple[Workload, list[int] | None, list[int] | None,
+                                                                  dict | None]:
+    """(The workload to plan for, a prompts file's real prompt lengths, each request's own generation budget,
+    a summary of those budgets (`workload_io.budgets`)); None where the workload is synthetic or gives no
+    budgets. A prompts file is planned at its own lengths and its longest budget
+    (`workload_io.longest_budget`), which is what task=generate sizes the KV cache for. The HRM plans every
+    request at that budget (its memory plan holds it); the simulator, given the budgets, stops each request
+    at its own as the engine does. Refused as task=generate refuses it (`workload_io.check_requests`): a
+    plan or a simulation of a run that could not happen is no answer."""
     if not workload.path:
         if workload.name == "jsonl":
             raise ConfigError("workload=jsonl takes its prompt lengths from a prompts file: give "
@@ -62,7 +63,7 @@ def planning_inputs(workload: Workload, spec: ModelSpec) -> tuple[Workload, list
         from moe_lightning.workload_io import check_context
 
         check_context(max(prompt_lengths(workload)), workload, spec)   # the synthetic prompts generate draws
-        return workload, None, None
+        return workload, None, None, None
     from moe_lightning.tokenizer import tokenizer_for
     from moe_lightning.workload_io import budgets, load_requests, longest_budget
 
@@ -72,19 +73,24 @@ def planning_inputs(workload: Workload, spec: ModelSpec) -> tuple[Workload, list
     planned = dataclasses.replace(workload, prompt_len_avg=math.ceil(sum(lengths) / len(lengths)),
                                   prompt_len_max=max(lengths), num_requests=len(lengths),
                                   gen_len=longest_budget(requests, workload))
-    return planned, lengths, budgets(requests, workload)
+    own = budgets(requests, workload)
+    return planned, lengths, [r.max_new_tokens or workload.gen_len for r in requests] if own else None, own
 
 
-def budgets_note(own: dict | None) -> str | None:
-    """One line saying how a prompts file's own budgets were planned (None: it gives none)."""
+def budgets_note(own: dict | None, simulated: bool = False) -> str | None:
+    """One line saying how a prompts file's own budgets were planned, and with `simulated` how the simulator
+    ran them (None: it gives none)."""
     if not own:
         return None
     b = own["max_new_tokens"]
     rest = f", workload.gen_len={b['workload_gen_len']} the others'" if b["rows_with_own"] < b["rows"] else ""
-    return (f"note: the prompts file's budgets run {b['shortest']}-{b['longest']} new tokens ({b['rows_with_own']} of "
-            f"{b['rows']} rows give max_new_tokens{rest}): planned at gen_len={b['longest']}, the longest, for every "
-            "request; the KV cache holds it, and the engine stops each request at its own budget, so a run "
-            "generates fewer tokens than planned")
+    head = (f"note: the prompts file's budgets run {b['shortest']}-{b['longest']} new tokens ({b['rows_with_own']} of "
+            f"{b['rows']} rows give max_new_tokens{rest}): ")
+    hrm = f"the HRM plans every request at gen_len={b['longest']}, the longest (the KV cache holds it)"
+    if simulated:
+        return (head + "simulated with each request stopping at its own budget, as the engine runs it; " + hrm)
+    return (head + hrm + "; the engine stops each request at its own budget, so a run generates fewer tokens "
+            "than planned (task=simulate times the run with each request's own budget)")
 
 
 def refuse_other_system(name: str) -> None:
@@ -141,7 +147,7 @@ class PlanTask:
                               "to predict a given policy run task=simulate task.use_plan=false with it",
                               tuple(field_names(Policy)))
         spec = planning_model(cfg.model)
-        workload, lengths, own = planning_inputs(cfg.workload, spec)
+        workload, lengths, _, own = planning_inputs(cfg.workload, spec)
         plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch,
                         calibrated=self.kernel_rates == "calibrated", parallel=cfg.parallel,
                         placements=FFN_ON_GPU if self.placements == "engine" else ALL_PLACEMENTS)

@@ -59,7 +59,7 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     schedule = SIMULATED_SCHEDULES[system]
     paged = paged_kv(cfg.system)
     spec = planning_model(cfg.model)
-    workload, lengths, own = planning_inputs(cfg.workload, spec)
+    workload, lengths, gen_lens, own = planning_inputs(cfg.workload, spec)
     hw, asked = cfg.hardware, cfg.parallel
     several = hw.gpu.count > 1 or asked.world_size > 1
     if several and schedule != "cgopipe":
@@ -100,7 +100,8 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     sim = simulate_run(spec, hw, workload, policy, lengths, schedule=schedule_of(schedule),
                        max_decode_steps=default_max_decode_steps(workload, policy, spec),
                        kv_block_size=getattr(cfg.system, "kv_block_size", 0),
-                       kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None, parallel=layout)
+                       kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None, parallel=layout,
+                       gen_lens=gen_lens)
     batches = sim.num_batches
     metrics = sim.metrics()
     metrics.peak_gpu_bytes, metrics.peak_cpu_bytes = plan.gpu_total_bytes, plan.cpu_total_bytes  # as planned
@@ -190,7 +191,7 @@ def summary(report: RunReport, sim, hrm) -> str:
     ]
     lines += [f"  note: {n}" for n in sim.notes]
     note = budgets_note({"max_new_tokens": report.workload["max_new_tokens"]} if "max_new_tokens" in report.workload
-                        else None)
+                        else None, simulated=True)
     lines += [f"  {note}"] if note else []
     if p["batch_size"] > sim.num_requests:
         lines.append(f"  note: N={p['batch_size']} exceeds the workload's {sim.num_requests} requests: the HRM "

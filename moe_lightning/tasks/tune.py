@@ -40,7 +40,7 @@ from moe_lightning.config import refuse_ignored_fields
 from moe_lightning.errors import ConfigError, Interrupted, MemoryBudgetError, MoELightningError
 from moe_lightning.interrupt import deferred, install
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment
-from moe_lightning.tasks.plan import planning_workload
+from moe_lightning.tasks.plan import planning_inputs
 from moe_lightning.tasks.tune_progress import TrialProgress
 
 if TYPE_CHECKING:
@@ -56,10 +56,11 @@ class NoTrialCompleted(MoELightningError):
 
 
 def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | None = None,
-               say: Callable[[str], None] = print, lengths: Sequence[int] | None = None) -> None:
+               say: Callable[[str], None] = print, lengths: Sequence[int] | None = None,
+               gen_lens: Sequence[int] | None = None) -> None:
     """Ask for, run and tell trials until the study holds `tuner.n_trials` started trials (all processes).
-    `lengths`: a prompts file's prompt lengths (`planning_workload`), which simulated trials run and every
-    memory plan is made for.
+    `lengths`: a prompts file's prompt lengths (`planning_inputs`), which simulated trials run and every
+    memory plan is made for; `gen_lens`: its rows' own budgets, at which simulated trials stop each request.
 
     SIGINT/SIGTERM (`moe_lightning.interrupt`) are held while a trial is asked for or told, so that none
     is left half asked or half told; one that interrupts a running trial fails it with the reason
@@ -78,7 +79,7 @@ def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | N
         storage_url,
     )
 
-    run = objective(cfg, spec, on_trial, lengths)
+    run = objective(cfg, spec, on_trial, lengths, gen_lens)
     url = storage_url(cfg, study.study_name)
     while True:
         trial, state, values, reason = None, TrialState.FAIL, None, None
@@ -158,7 +159,8 @@ def _heartbeat(study, trial_id: int) -> Iterator[None]:
         thread.join(5)
 
 
-def _worker(cfg: RunConfig, parent_pid: int, index: int, lengths: list[int] | None = None) -> None:
+def _worker(cfg: RunConfig, parent_pid: int, index: int, lengths: list[int] | None = None,
+            gen_lens: list[int] | None = None) -> None:
     """An extra worker process: run trials of the shared study until it holds n_trials. Dies with the
     tune's main process."""
     from moe_lightning.tuner.processes import tie_to_parent
@@ -180,7 +182,7 @@ def _worker(cfg: RunConfig, parent_pid: int, index: int, lengths: list[int] | No
         set_thread_count(worker_process_threads(cfg.tuner.workers, cfg.threads))
         spec, _ = resolve_model(cfg.model)
         study = open_study(cfg, spec, worker=index, lengths=lengths)
-        run_trials(study, cfg, spec, say=lambda line: print(line, flush=True), lengths=lengths)
+        run_trials(study, cfg, spec, say=lambda line: print(line, flush=True), lengths=lengths, gen_lens=gen_lens)
     except KeyboardInterrupt as exc:
         sys.exit(getattr(exc, "exit_code", 130))
     except MoELightningError as exc:
@@ -323,7 +325,7 @@ class TuneTask:
         # Refused as task=generate refuses it, before any trial. A prompts file's real lengths in tokens (its
         # workload=jsonl preset's lengths are placeholders): the HRM seeds, the search space, every memory plan
         # and every simulated trial are for the prompts the measured trials run, as task=plan plans them.
-        workload, lengths = planning_workload(cfg.workload, spec)
+        workload, lengths, gen_lens, _ = planning_inputs(cfg.workload, spec)
         cfg = dataclasses.replace(cfg, workload=workload)
         refuse_ignored_fields(cfg.policy, "task=tune searches it", "bound the search with tuner.max_batch_size "
                               "or tuner.max_micro_batches, or run the policy with task=bench",
@@ -355,7 +357,7 @@ class TuneTask:
                   f"{remaining} to go")
         # Spawned from this (the main) thread: PR_SET_PDEATHSIG fires when the spawning thread exits.
         spawn = mp.get_context("spawn")
-        workers = [spawn.Process(target=_worker, args=(cfg, os.getpid(), k, lengths), daemon=False)
+        workers = [spawn.Process(target=_worker, args=(cfg, os.getpid(), k, lengths, gen_lens), daemon=False)
                    for k in range(1, cfg.tuner.workers)] if remaining else []
         kind = "simulated" if cfg.tuner.objective == "simulate" else "measured, median"
         progress = TrialProgress(study, remaining, kind, self.progress,
@@ -370,7 +372,8 @@ class TuneTask:
                 for w in workers:
                     w.start()
             progress.start()
-            run_trials(study, cfg, spec, on_trial, say=lambda line: tqdm.write(line, file=sys.stdout), lengths=lengths)
+            run_trials(study, cfg, spec, on_trial, say=lambda line: tqdm.write(line, file=sys.stdout), lengths=lengths,
+                       gen_lens=gen_lens)
             for w in workers:
                 w.join()
         except Interrupted as exc:

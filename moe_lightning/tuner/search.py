@@ -572,8 +572,9 @@ def seed_study(study, cfg: RunConfig, spec: ModelSpec, lengths: Sequence[int] | 
 
 
 def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] | None = None,
-              lengths: Sequence[int] | None = None):
-    """The function Optuna calls per trial: -> tokens/s (or tokens/s, peak GPU bytes)."""
+              lengths: Sequence[int] | None = None, gen_lens: Sequence[int] | None = None):
+    """The function Optuna calls per trial: -> tokens/s (or tokens/s, peak GPU bytes). `gen_lens`: a prompts
+    file's own budgets, at which simulated trials stop each request."""
     import optuna
 
     from moe_lightning.memory import memory_plan
@@ -608,7 +609,7 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
             raise optuna.TrialPruned(reason)
         trial_cfg = dataclasses.replace(cfg, policy=policy)
         if cfg.tuner.objective == "simulate":
-            sim = simulate_trial(trial_cfg, spec, layout, lengths)
+            sim = simulate_trial(trial_cfg, spec, layout, lengths, gen_lens)
             tok_s, peak = sim.throughput_tok_s, plan.gpu_total_bytes
             # the run document's metrics when this trial is the best: prefill, decode, tokens ... as simulated,
             # the memory as planned (what task=simulate reports)
@@ -669,11 +670,13 @@ def measure_trial(cfg: RunConfig) -> tuple[dict, int]:
     return best, len(docs)
 
 
-def simulate_trial(cfg: RunConfig, spec: ModelSpec, layout=None, lengths: Sequence[int] | None = None):
-    """The simulator's run of the trial's policy (`SimResult`) over the prompts' lengths."""
+def simulate_trial(cfg: RunConfig, spec: ModelSpec, layout=None, lengths: Sequence[int] | None = None,
+                   gen_lens: Sequence[int] | None = None):
+    """The simulator's run of the trial's policy (`SimResult`) over the prompts' lengths, each request
+    stopping at its own budget (`gen_lens`; None: every request at workload.gen_len)."""
     from moe_lightning.tuner.simulator import simulate_run
 
-    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy, lengths, parallel=layout)
+    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy, lengths, parallel=layout, gen_lens=gen_lens)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,6 +56,18 @@ def test_tune_seeds_task_plans_plan_and_simulates_the_prompts_file(tmp_path, pla
     assert {k: tune["extra"]["hrm_plan"]["policy"][k] for k in PLANNED} == {k: plan["policy"][k] for k in PLANNED}
 
 
+def test_tunes_simulated_trials_stop_each_request_at_its_own_budget(tmp_path, tiny_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": [5] * n, "max_new_tokens": g}) + "\n"
+                               for n, g in zip(LENGTHS[:4], (1, 3, 2, 3))))
+    r = subprocess.run(tune_args(tmp_path, "budgets", "tuner.objective=simulate", "tuner.n_trials=1", "workload=jsonl",
+                                 f"workload.path={prompts}", "workload.gen_len=3"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tune = json.loads((tmp_path / "h" / "run.json").read_text())
+    assert tune["metrics"]["generated_tokens"] == 1 + 3 + 2 + 3   # not 4 x 3, the longest
+
+
 
 def test_the_engines_auto_policy_is_task_plans_plan_for_a_prompts_file(tmp_path):
     """system.policy_source=auto (what generate, bench and compare run for CGOPipe) plans a prompts file at
@@ -89,8 +101,9 @@ def test_the_engines_auto_policy_is_task_plans_plan_for_a_prompts_file(tmp_path)
 def test_a_prompts_file_s_own_budgets_are_planned_at_the_longest_as_the_engine_sizes_its_cache(tmp_path, capsys):
     """Rows with max_new_tokens 4 and 32 under workload.gen_len=128: no request generates more than 32, so
     the engine sizes its KV cache for 32 and task=plan plans gen_len=32, not 128, for both requests (the
-    HRM and the simulator run one gen_len); the plan's policy runs in the engine's memory plan with the
-    32-token request admitted, and the run document and the printed note say what was planned."""
+    HRM runs one gen_len; task=simulate stops each at its own, as the engine); the plan's policy runs in
+    the engine's memory plan with the 32-token request admitted, and the run document and the printed
+    notes say what was planned and simulated."""
     from moe_lightning.config import Policy, Workload
     from moe_lightning.memory import engine_kv_tokens, memory_plan
     from moe_lightning.run_config import RunConfig
@@ -110,7 +123,16 @@ def test_a_prompts_file_s_own_budgets_are_planned_at_the_longest_as_the_engine_s
     assert report.workload["gen_len"] == 32 and report.metrics.generated_tokens == report.policy["batch_size"] * 32
     assert report.workload["max_new_tokens"] == {"workload_gen_len": 128, "longest": 32, "shortest": 4,
                                                  "rows_with_own": 2, "rows": 2}
-    assert "planned at gen_len=32, the longest, for every request" in out
+    assert "the HRM plans every request at gen_len=32, the longest" in out
+
+    # task=simulate runs each request to its own budget (the engine's 4 + 32 tokens), the HRM at the longest
+    from moe_lightning.tasks.simulate import SimulateTask
+
+    sim = SimulateTask().run(RunConfig(task=SimulateTask(), model=spec, hardware=t4, workload=given,
+                                       run_dir=str(tmp_path / "sim")))
+    out = capsys.readouterr().out
+    assert sim.metrics.generated_tokens == 36 and sim.extra["simulation"]["decode_steps_total"] == 31
+    assert "simulated with each request stopping at its own budget" in out
 
     # what task=generate builds for this file: its workload, and the engine's KV cache and memory plan
     requests = load_requests(given, spec)
