@@ -58,7 +58,8 @@ experts are counted as read even when a micro-batch routes to fewer), CPU-side c
 ring (assumed hidden behind the link), the growth of the context during decode beyond its average, and
 Algorithm 2's admission (a batch of N is assumed to run whole; the memory plan bounds what a round can
 hold, `memory.prefill_tokens`), and requests' own generation budgets (every request generates gen_len;
-a prompts file's are planned at the longest, `tasks.plan.planning_inputs`). A last partial batch is
+a prompts file's are planned at the longest, `tasks.plan.planning_inputs`, which its memory plan must
+hold; the simulator runs them, `tuner.sim_batches`). A last partial batch is
 charged as `throughput`'s `last_batch` says.
 """
 

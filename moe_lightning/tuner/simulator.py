@@ -23,13 +23,18 @@ durations):
   longest prompt with `workload.padding`; micro-batches whose KV cache lives on the GPU chosen as the
   engine does (in packing order, while their sequences fit `int(r_c * batch)`);
 - `PipeShape(num_pages = policy.num_pages if experts stream else 0, prefetch = policy.prefetch_depth)`;
-- per batch one prefill graph and one decode graph per generated token after the first, each from
+- per batch (admission round) one prefill graph and one decode graph per decode step, each from
   its first issue to its last task's end (or the host's last barrier), plus `step_s`; the context
-  of each micro-batch growing by one slot per step (every step is simulated unless `max_decode_steps`
+  of each sequence growing by one slot per step (every step is simulated unless `max_decode_steps`
   asks for a subset, in which case the steps in between are interpolated linearly and
   `SimResult.decode_steps_simulated` says how many were simulated);
-- no early stop at EOS: every sequence generates `workload.gen_len` tokens (as `sampling.ignore_eos`; a
-  prompts file's own budgets: all at the longest, `tasks.plan.planning_inputs`);
+- no early stop at EOS: every sequence generates its own budget (`gen_lens`: a prompts file's rows'
+  max_new_tokens, `tasks.plan.planning_inputs`; else `workload.gen_len`), as `sampling.ignore_eos`. The
+  forwards are the engine driver's (`tuner.sim_batches`): a static batch decodes until its longest
+  budget is spent, its finished rows still in it; in admission mode a request leaves its micro-batch at
+  its budget, its blocks go back, and (`refill`) waiting requests are admitted in a prefill round before
+  the next decode step. Steps of unchanged membership form a segment; with `max_decode_steps` each
+  segment samples its share of the steps and interpolates the rest;
 - several GPUs (`parallel`, T x E ranks): one rank of each expert group is simulated, with its shard of
   the shapes, its share of the host, its requests (every E-th, `engine.data_parallel.shares`), and its
   collectives in its GPU tasks (`moe_lightning.tuner.parallel`, `TaskCosts.comm`); groups whose requests
