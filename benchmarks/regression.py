@@ -71,6 +71,8 @@ def measure(rounds: int, serial: bool, profiles: tuple | None = None, warm: bool
         for name, system in systems:
             gen = run_generation(dataclasses.replace(base, system=system), progress=False, warmup_tokens=2)
             m = gen.report.metrics
+            if m.throughput_tok_s is None:   # no request ran: a round with nothing measured judges nothing
+                raise RuntimeError(f"{name}: the round timed nothing (no request ran)")
             tok_s[name].append(m.throughput_tok_s)
             outputs.setdefault(name, gen.output_ids)
             hosts.append(gen.report.environment["host_load"])

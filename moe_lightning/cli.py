@@ -670,6 +670,40 @@ def check_self_referring_overrides(args: list[str]) -> None:
                               "without it")
 
 
+# ${hydra:KEY} for any KEY of Hydra's own config (the job, its overrides, the run's choices ...).
+HYDRA_NODE = re.compile(r"(?<!\\)\$\{\s*hydra:\s*([\w.\[\]-]+)\s*\}")
+
+
+def check_container_interpolations(args: list[str]) -> None:
+    """An override whose value interpolates a list or a mapping of Hydra's config (${hydra:job},
+    ${hydra:overrides.task}): OmegaConf refuses it as a whole value ("Cannot convert DictConfig to
+    string") and writes its repr inside a longer one (out=${hydra:job}.json, a file named after a dict):
+    one line naming the override and the single values to use instead. hydra.* overrides are left to
+    Hydra (a list field of its own may take a list)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    from moe_lightning.errors import ConfigError
+
+    plain, _ = split_args(args)
+    parsed = OverridesParser.create().parse_overrides(plain)
+    naming = [(text, HYDRA_NODE.findall(text)) for o, text in zip(parsed, plain)
+              if not o.key_or_group.startswith("hydra")]
+    naming = [(text, keys) for text, keys in naming if keys]
+    if not naming:
+        return
+    hydra_only = [text for o, text in zip(parsed, plain) if o.key_or_group.startswith("hydra")]
+    hydra = compose_each(args, [hydra_only], hydra_config=True)[0].hydra
+    for text, keys in naming:
+        for key in keys:
+            node = OmegaConf.select(hydra, key, throw_on_missing=False, throw_on_resolution_failure=False)
+            if isinstance(node, (DictConfig, ListConfig)):
+                kind = "a list" if isinstance(node, ListConfig) else "a mapping"
+                raise ConfigError(f"{text}: ${{hydra:{key}}} names {kind} of Hydra's config, not a string; "
+                                  f"interpolate one value of it (for a file name: ${{hydra:job.override_dirname}} "
+                                  "or ${hydra:job.name})")
+
+
 def _check_output_paths(cfg) -> None:
     from moe_lightning.errors import ConfigError
     from moe_lightning.files import check_output_path
@@ -789,6 +823,7 @@ def _main() -> None:
         check_overrides(sys.argv[1:])
         register()
         check_self_referring_overrides(sys.argv[1:])
+        check_container_interpolations(sys.argv[1:])
         check_composes(sys.argv[1:])
         check_sweep_outputs(sys.argv[1:])
         check_sweep_only_interpolations(sys.argv[1:])

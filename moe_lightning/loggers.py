@@ -62,6 +62,7 @@ class WandbLogger(NoLogger):
 
     def __post_init__(self) -> None:
         self._run = None
+        self._placed_cache = False   # WANDB_CACHE_DIR set by this logger (for its run), not by the user
         if self.mode not in WANDB_MODES:
             raise ConfigError(f"logger.mode={self.mode}: expected one of {', '.join(WANDB_MODES)} (offline keeps the "
                               "run in its folder for `wandb sync`; disabled logs nothing)")
@@ -97,6 +98,14 @@ class WandbLogger(NoLogger):
             os.environ.setdefault("WANDB_MODE", "offline")
         folder = Path(self.dir or run_dir)
         folder.mkdir(parents=True, exist_ok=True)
+        # wandb-core writes its own debug log (core-debug-<time>.log) under $WANDB_CACHE_DIR/wandb/logs, else
+        # under the user's cache folder (~/.cache/wandb/logs): unless the user chose a cache folder, the run's
+        # folder is it, so the log lands beside the run's (<folder>/wandb/logs). The service reads the variable
+        # once, when it starts: finish() stops it, so the next run of this process (a multirun's next job)
+        # starts one that logs in its own folder.
+        if "WANDB_CACHE_DIR" not in os.environ:
+            os.environ["WANDB_CACHE_DIR"] = str(folder.resolve())
+            self._placed_cache = True
         self._run = wandb.init(project=self.project, entity=self.entity, name=run_name, config=config,
                                group=group, job_type=job_type,
                                dir=str(folder), mode=self.mode, reinit="finish_previous",
@@ -131,6 +140,12 @@ class WandbLogger(NoLogger):
         if self._run is not None:
             self._run.finish()
             self._run = None
+        if self._placed_cache:   # (a failed wandb.init too)
+            import wandb
+
+            wandb.teardown()   # the service logs into this run's folder: it ends with the run
+            os.environ.pop("WANDB_CACHE_DIR", None)
+            self._placed_cache = False
 
 
 LOGGER_CONFIGS: dict[str, type] = {"none": NoLogger, "wandb": WandbLogger}

@@ -74,7 +74,9 @@ class Metrics:
     """What a run achieved. `kind` says where the numbers come from (KINDS); a measured run's headline
     figures are medians over `repeats` timed repeats, with `spread` beside them."""
 
-    throughput_tok_s: float = 0.0       # generated tokens / (prefill + decode time)
+    # generated tokens / (prefill + decode time); None: nothing was timed (no request ran in this process,
+    # as a resumed generate whose part file held every output): no figure, not 0 tokens/s
+    throughput_tok_s: float | None = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     generated_tokens: int = 0

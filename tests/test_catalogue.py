@@ -291,6 +291,14 @@ CASES = [
     # ${hydra:job.override_dirname} joins the overrides: in one's own value (its key not excluded), endless
     Case("override-refers-to-itself", ("out=${hydra:job.override_dirname}.json",),
          "out would refer to itself without end", task="plan", base=()),
+    # A list or a mapping of Hydra's config in a value: OmegaConf's "Cannot convert DictConfig to string" as
+    # the whole value, a file named after its repr inside a longer one
+    Case("out-names-hydras-job-mapping", ("out=${hydra:job}.json",),
+         "out=${hydra:job}.json: ${hydra:job} names a mapping of Hydra's config, not a string", task="plan", base=()),
+    Case("outputs-names-hydras-override-list", ("outputs=${hydra:overrides.task}",),
+         "${hydra:overrides.task} names a list of Hydra's config, not a string; interpolate one value of it"),
+    Case("multirun-out-names-hydras-job-mapping", ("-m", "workload.gen_len=2,3", "out=x-${hydra:job}.json"),
+         "(for a file name: ${hydra:job.override_dirname} or ${hydra:job.name})", task="plan", base=()),
     # A policy field a config file of the user's sets is theirs even at its default value, as on the command
     # line: a primary config of theirs (--config-name) for a system that does not read it ...
     Case("config-name-default-valued-field-for-reference",

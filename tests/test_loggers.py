@@ -79,6 +79,45 @@ def test_a_multirun_is_one_wandb_group_with_one_run_per_job(tmp_path):
     assert all("metrics.throughput_tok_s" in run["summary"] for run in runs)
 
 
+def test_a_wandb_run_leaves_its_files_in_its_run_folder_and_none_in_home(tmp_path):
+    """Offline, under an empty HOME with no WANDB_* or XDG_* variables of the user's, a two-job multirun
+    (one process, a wandb run per job) writes nothing outside its sweep folder but the temp folder:
+    wandb-core's own debug log is in each job's folder (wandb/logs), not in ~/.cache/wandb/logs."""
+    pytest.importorskip("wandb")
+    import os
+
+    for name in ("home", "tmp", "cwd"):
+        (tmp_path / name).mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "XDG_"))}
+    env |= {"HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp")}
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "-m", "task=simulate", "task.use_plan=false",
+                        "logger=wandb", "policy.batch_size=4,8", "policy.micro_batch_size=2",
+                        "workload.num_requests=8", "workload.gen_len=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path / "cwd", env=env)
+    assert r.returncode == 0, r.stderr
+    outside = [p for p in tmp_path.rglob("*") if p.parts[len(tmp_path.parts)] not in ("sweep", "tmp")
+               and p not in (tmp_path / "home", tmp_path / "cwd")]
+    assert outside == []   # HOME and the working folder untouched
+    for job in ("0", "1"):
+        assert len(list((tmp_path / "sweep" / job / "wandb" / "logs").glob("core-debug-*.log"))) == 1
+
+
+def test_a_wandb_cache_dir_of_the_users_is_kept(tmp_path):
+    """WANDB_CACHE_DIR set by the user: wandb-core's debug log goes there, as they configured."""
+    pytest.importorskip("wandb")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"HOME": str(tmp_path / "home"), "WANDB_CACHE_DIR": str(tmp_path / "mine")}
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=simulate", "task.use_plan=false",
+                        "logger=wandb", "policy.batch_size=4", "policy.micro_batch_size=2", "workload.num_requests=8",
+                        "workload.gen_len=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert any((tmp_path / "mine" / "wandb" / "logs").glob("core-debug-*.log"))
+    assert not (tmp_path / "run" / "wandb" / "logs").exists()
+
+
 def test_a_two_worker_tune_logs_every_trial(tmp_path, tiny_path):
     pytest.importorskip("wandb")
     from tests.tuner.test_tune_processes import load, tune_args

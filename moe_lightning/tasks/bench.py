@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("moe_lightning.bench")
 
 
-def link_bound_tok_s(cfg: RunConfig, spec) -> float | None:
-    """Decode tokens/s if the link did nothing but stream experts: N * B_link / (L * streamed bytes)."""
+def link_bound_tok_s(cfg: RunConfig, spec, gen_len: int) -> float | None:
+    """Decode tokens/s if the link did nothing but stream experts: N * B_link / (L * streamed bytes).
+    `gen_len`: the longest generation budget the run ran (`workload_io.longest_budget`: a prompts file's
+    rows set their own max_new_tokens), not workload.gen_len."""
     from moe_lightning.memory import resident_experts_per_layer
 
-    if cfg.workload.gen_len <= 1:   # no decode step to bound (the measured decode_tok_s is None then too)
+    if gen_len <= 1:   # no decode step to bound (the measured decode_tok_s is None then too)
         return None
     n_str = spec.num_experts - resident_experts_per_layer(spec, cfg.policy.expert_gpu_fraction)
     streamed = n_str * spec.expert_stream_bytes
@@ -98,7 +100,7 @@ class BenchTask:
             report.prediction.update(kind="predicted", hrm_tok_s=hrm.e2e_tok_s)
         except Exception as exc:  # noqa: BLE001 - a prediction is a bonus, never a failure
             log.info("no HRM prediction: %s", exc)
-        bound = link_bound_tok_s(cfg, spec)
+        bound = link_bound_tok_s(cfg, spec, report.workload["actual"]["gen_len"])   # the budget the engine ran
         report.extra["link_bound_decode_tok_s"] = bound
         out = Path(cfg.out) if cfg.out else Path(cfg.run_dir or "runs/latest") / "run.json"
         if cfg.trace:

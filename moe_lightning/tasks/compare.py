@@ -389,6 +389,8 @@ def _row(name: str, doc_path: Path | None, error: str | None) -> dict[str, Any]:
                 "error": error.removeprefix("skipped: ")}
     rep = RunReport.from_json(doc_path)
     m = rep.metrics
+    if m.throughput_tok_s is None:   # a run that timed nothing has no figure to rank (0 would rank it last)
+        return {"system": name, "status": "failed", "error": f"{doc_path}: nothing was timed (no request ran)"}
     p = Policy(**rep.policy)
     tput = m.spread.get("throughput_tok_s")
     spread = tput if tput is not None and tput.n > 1 else None

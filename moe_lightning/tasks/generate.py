@@ -283,8 +283,8 @@ def measured_metrics(results: list, max_cv: float, host=None) -> Metrics:
     if host is not None and host.busy:
         noise.append(f"other processes kept {host.others_busy_cores:.2f} cores busy while it ran")
     return Metrics(
-        # Metrics' throughput is a number (schema 2): a run that timed nothing shows 0 beside a spread of n 0.
-        throughput_tok_s=spread["throughput_tok_s"].median or 0.0, prefill_s=spread["prefill_s"].median,
+        throughput_tok_s=spread["throughput_tok_s"].median,   # None: nothing timed (its spread has n 0)
+        prefill_s=spread["prefill_s"].median,
         decode_s=mid.decode_s / mid.passes, generated_tokens=mid.generated_tokens,
         decode_step_median_s=spread["decode_step_s"].median,   # None: no decode step (one token each)
         decode_tok_s=mid.decode_tok_s,   # None: no decode step
@@ -337,13 +337,16 @@ def summary_line(report: RunReport) -> str:
     m = report.metrics
     where = report.hardware.get("detected", {}).get("gpu") or report.hardware.get("detected", {}).get("device", "")
     tput = m.spread.get("throughput_tok_s")
-    shown = tput.show(".1f") if tput and tput.n > 1 else f"{m.throughput_tok_s:.1f}"
     done = report.workload["actual"]["num_requests"] - report.extra.get("resumed_outputs", 0)
-    line = (f"{report.system}: {done} requests, "
-            f"{m.generated_tokens} tokens in {m.prefill_s + m.decode_s:.2f} s -> "
-            f"{shown} tok/s {m.kind} on {where or 'this host'} (prefill {m.prefill_s:.2f} s, "
-            f"decode {m.decode_s:.2f} s, " + ("no decode step)" if m.decode_step_median_s is None else
-                                               f"median step {m.decode_step_median_s * 1e3:.1f} ms)"))
+    if m.throughput_tok_s is None:   # no request ran here: no figure to show (0 tok/s would read as measured)
+        line = f"{report.system}: no request ran in this run, so nothing was timed (no tokens/s)"
+    else:
+        shown = tput.show(".1f") if tput and tput.n > 1 else f"{m.throughput_tok_s:.1f}"
+        line = (f"{report.system}: {done} requests, "
+                f"{m.generated_tokens} tokens in {m.prefill_s + m.decode_s:.2f} s -> "
+                f"{shown} tok/s {m.kind} on {where or 'this host'} (prefill {m.prefill_s:.2f} s, "
+                f"decode {m.decode_s:.2f} s, " + ("no decode step)" if m.decode_step_median_s is None else
+                                                   f"median step {m.decode_step_median_s * 1e3:.1f} ms)"))
     if report.extra.get("resumed_outputs"):
         line += f"\n  resumed: {report.extra['resumed_outputs']} outputs came from an earlier run and are not timed"
     if m.noisy:

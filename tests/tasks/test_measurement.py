@@ -214,3 +214,22 @@ def test_bench_with_no_decode_step_gives_no_decode_bound(tiny_path, tmp_path, ca
     assert raw["metrics"]["decode_tok_s"] is None and raw["extra"]["link_bound_decode_tok_s"] is None
     out = capsys.readouterr().out
     assert "no decode step" in out and "link bound" not in out
+
+
+@pytest.mark.parametrize("own, gen_len, bound", [(1, 8, False), (3, 8, True)], ids=["rows-of-one", "rows-of-three"])
+def test_bench_decode_bound_follows_the_budgets_the_rows_run(tiny_path, tmp_path, capsys, own, gen_len, bound):
+    """A prompts file whose every row sets max_new_tokens 1 runs no decode step, whatever workload.gen_len
+    says: no bound on it (rows of 3 decode, and are given one)."""
+    from moe_lightning.tasks.bench import BenchTask
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"input_ids": [5, 6, {i + 7}], "max_new_tokens": {own}}}\n' for i in range(2)))
+    cfg = RunConfig(task=BenchTask(repeats=1, min_repeat_s=0, progress=False), system=CGOPipeSystem(),
+                    workload=Workload(name="jsonl", path=str(prompts), gen_len=gen_len),
+                    policy=Policy(batch_size=2, micro_batch_size=1), sampling=Sampling(ignore_eos=True),
+                    device="cpu", out=str(tmp_path / "bench.json"))
+    cfg.task.run(cfg)
+    raw = json.loads((tmp_path / "bench.json").read_text())
+    assert (raw["metrics"]["decode_tok_s"] is not None) is bound
+    assert (raw["extra"]["link_bound_decode_tok_s"] is not None) is bound
+    assert ("link bound" in capsys.readouterr().out) is bound

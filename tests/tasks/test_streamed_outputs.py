@@ -144,3 +144,42 @@ def test_outputs_of_another_tokenizer_are_not_resumed(tmp_path, tiny_path):
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(ConfigError, match=r"written by another run \(run.model.checkpoint_files.tokenizer.json: "):
         begin(resume=True)
+
+
+def test_a_resume_whose_part_file_holds_every_output_times_nothing_and_says_so(tmp_path, tiny_path, capsys):
+    """A resumed generate whose part file already holds every output (a run killed after its last row)
+    runs no request: its throughput is null, not 0 tokens/s (nothing measured is no figure), its line
+    says nothing was timed, and the outputs are finished from the part file."""
+    from moe_lightning.config import Policy, Workload
+    from moe_lightning.run_config import RunConfig
+    from moe_lightning.systems import CGOPipeSystem
+    from moe_lightning.tasks.generate import GenerateTask, run_generation
+    from moe_lightning.tasks.outputs import StreamedOutputs
+
+    cfg = RunConfig(task=GenerateTask(progress=False), system=CGOPipeSystem(), device="cpu",
+                    workload=Workload(num_requests=4, gen_len=3), policy=Policy(batch_size=2, micro_batch_size=1),
+                    outputs=str(tmp_path / "out.jsonl"), out=str(tmp_path / "run.json"), resume=True)
+    first = StreamedOutputs(tmp_path / "out.jsonl", resume=False)
+    try:
+        run_generation(cfg, progress=False, streamed=first)   # every row written, the outputs never finished
+    finally:
+        first.close()
+    assert rows_in(tmp_path / "out.jsonl.part") == 4 and not (tmp_path / "out.jsonl").exists()
+    capsys.readouterr()
+    cfg.task.run(cfg)
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert doc["extra"]["resumed_outputs"] == 4
+    assert doc["metrics"]["throughput_tok_s"] is None and doc["metrics"]["spread"]["throughput_tok_s"]["n"] == 0
+    assert "nothing was timed" in out and "tok/s" not in out.split("\n")[0]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+    # Its readers: task=report shows no figure, task=compare ranks it nowhere, a logger's summary leaves it out.
+    from moe_lightning.report import RunReport, flatten_numbers
+    from moe_lightning.tasks.compare import _row
+    from moe_lightning.tasks.report import row_of
+
+    report = RunReport.from_json(tmp_path / "run.json")
+    assert row_of(tmp_path / "run.json", report)["tok_s"] is None
+    row = _row("cgopipe", tmp_path / "run.json", None)
+    assert row["status"] == "failed" and "nothing was timed" in row["error"]
+    assert "metrics.throughput_tok_s" not in flatten_numbers({"metrics": report.metrics})
