@@ -3,6 +3,7 @@ what the hardware allows (HRM prediction, link bound) and the run document writt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,20 +88,23 @@ class BenchTask:
         gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens, repeats=self.repeats,
                              max_cv=self.max_cv, min_repeat_s=self.min_repeat_s)
         report = gen.report
-        from moe_lightning.config import ModelSpec
+        from moe_lightning.config import ModelSpec, Policy
 
         spec = ModelSpec(**report.model)
+        # The prediction and the bound are the policy's that ran: a baseline's rule, or system.policy_source=auto,
+        # replaces cfg.policy inside the run (the document records the one it ran).
+        ran = dataclasses.replace(cfg, policy=Policy(**report.policy))
         try:
             from moe_lightning.systems import paged_kv
             from moe_lightning.tuner.hrm import predict
 
-            workload, lengths = planned_workload(cfg, spec)
-            hrm = predict(spec, cfg.hardware, workload, cfg.policy, paged_kv=paged_kv(cfg.system), lengths=lengths,
-                          parallel=_split(cfg))
+            workload, lengths = planned_workload(ran, spec)
+            hrm = predict(spec, ran.hardware, workload, ran.policy, paged_kv=paged_kv(ran.system), lengths=lengths,
+                          parallel=_split(ran))
             report.prediction.update(kind="predicted", hrm_tok_s=hrm.e2e_tok_s)
         except Exception as exc:  # noqa: BLE001 - a prediction is a bonus, never a failure
             log.info("no HRM prediction: %s", exc)
-        bound = link_bound_tok_s(cfg, spec, report.workload["actual"]["gen_len"])   # the budget the engine ran
+        bound = link_bound_tok_s(ran, spec, report.workload["actual"]["gen_len"])   # the budget the engine ran
         report.extra["link_bound_decode_tok_s"] = bound
         out = Path(cfg.out) if cfg.out else Path(cfg.run_dir or "runs/latest") / "run.json"
         if cfg.trace:

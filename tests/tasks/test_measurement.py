@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from moe_lightning.config import Policy, Sampling, Workload
+from moe_lightning.config import ModelSpec, Policy, Sampling, Workload
 from moe_lightning.engine.generation import GenerationResult
 from moe_lightning.hostload import HostLoadReport
 from moe_lightning.report import RunReport, Spread
@@ -233,3 +233,27 @@ def test_bench_decode_bound_follows_the_budgets_the_rows_run(tiny_path, tmp_path
     assert (raw["metrics"]["decode_tok_s"] is not None) is bound
     assert (raw["extra"]["link_bound_decode_tok_s"] is not None) is bound
     assert ("link bound" in capsys.readouterr().out) is bound
+
+
+def test_bench_predicts_the_policy_that_ran(tiny_path, tmp_path):
+    """system.policy_source=auto replaces the given policy with the HRM plan inside the run (as a baseline's
+    rule does): the prediction printed beside the measurement is that policy's, not the default one's."""
+    from moe_lightning.systems import paged_kv
+    from moe_lightning.tasks.bench import BenchTask, planned_workload
+    from moe_lightning.tuner.hrm import predict
+
+    system = CGOPipeSystem(policy_source="auto")
+    cfg = RunConfig(task=BenchTask(repeats=1, min_repeat_s=0, progress=False), system=system,
+                    workload=Workload(num_requests=3, gen_len=3), device="cpu", out=str(tmp_path / "bench.json"))
+    cfg.task.run(cfg)
+    doc = RunReport.from_json(tmp_path / "bench.json")
+    ran = Policy(**doc.policy)
+    assert ran != cfg.policy   # the plan is not the default policy, or this test shows nothing
+    spec = ModelSpec(**doc.model)
+    workload, lengths = planned_workload(cfg, spec)
+
+    def hrm(policy: Policy) -> float:
+        return predict(spec, cfg.hardware, workload, policy, paged_kv=paged_kv(system), lengths=lengths).e2e_tok_s
+
+    assert hrm(ran) != hrm(cfg.policy)
+    assert doc.prediction["hrm_tok_s"] == pytest.approx(hrm(ran))
