@@ -623,6 +623,13 @@ CASES = [
          task="compare"),
     Case("tune-beside-a-searched-field", ("tuner.objective=simulate", "policy.kv_gpu_fraction=0.5"),
          "policy.kv_gpu_fraction=0.5: task=tune searches it", task="tune", base=TUNE),
+    # A trial's measurement is recorded beside its parameters: the system must run the trial's policy
+    Case("tune-under-a-systems-own-rule", ("system=flexgen", "tuner.objective=simulate"),
+         "system.policy_source=auto: flexgen's own rule chooses the policy's batching and placement, which "
+         "task=tune searches", task="tune", base=TUNE),
+    Case("tune-measures-the-reference", ("system=reference", "tuner.objective=measure"),
+         "system=reference reads policy.batch_size only: a measured tune's trials would record placements it "
+         "never ran", task="tune", base=TUNE),
     # Logger settings: refused before the task runs, not by wandb after it
     Case("logger-unknown-mode", ("logger=wandb", "logger.mode=bogus"),
          "logger.mode=bogus: expected one of offline, online, disabled", task="plan", base=()),

@@ -313,6 +313,7 @@ class TuneTask:
             storage_url,
         )
 
+        check_tuned_system(cfg)
         several = cfg.hardware.gpu.count > 1 or cfg.parallel.world_size > 1
         if several and cfg.tuner.objective == "measure":
             raise ConfigError(f"tuner.objective=measure on hardware={cfg.hardware.name} ({cfg.hardware.gpu.count} "
@@ -469,6 +470,26 @@ class TuneTask:
         report.to_json(out)
         print(f"trials: {run_dir / 'trials.jsonl'}\nrun document: {out}")
         return report
+
+
+def check_tuned_system(cfg: RunConfig) -> None:
+    """Every trial's policy must be the one its run ran: its measurement is recorded beside the trial's
+    parameters, and the best of them is reported as the tuned policy. A system's own rule
+    (system.policy_source=auto) would replace each trial's batching and placement inside the run (the
+    trials fail on it, or, one at the default policy's values, silently run the rule's); the reference and
+    accelerate read the batch size only, so a measured trial's placement would be a label."""
+    from moe_lightning.systems import POLICY_FIELDS_READ
+
+    name = cfg.system.name
+    if getattr(cfg.system, "policy_source", "given") == "auto":
+        raise ConfigError(f"system.policy_source=auto: {name}'s own rule chooses the policy's batching and "
+                          "placement, which task=tune searches, so every trial's would be ignored; set "
+                          f"system.policy_source=given to tune {name}'s policy")
+    read = POLICY_FIELDS_READ.get(name)
+    if read is not None and cfg.tuner.objective == "measure":
+        raise ConfigError(f"system={name} reads policy.{', policy.'.join(read)} only: a measured tune's trials "
+                          "would record placements it never ran; tune system=cgopipe, or measure batch sizes "
+                          f"of {name} with task=bench")
 
 
 def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) -> list[dict]:
