@@ -148,7 +148,7 @@ def test_a_user_profile_inherits_a_preset_only_when_it_says_so(tmp_path):
 def test_every_shipped_hardware_preset_gives_every_number():
     import yaml
 
-    from moe_lightning.cli import CONF_DIR
+    from moe_lightning.cli_checks import CONF_DIR
     from moe_lightning.config import missing_hardware_fields
     from moe_lightning.tuner.calibrate import load_hardware_yaml
 

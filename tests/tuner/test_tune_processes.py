@@ -24,7 +24,8 @@ from moe_lightning.config import ModelSpec, TunerConfig
 from moe_lightning.errors import ConfigError
 from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
-from moe_lightning.tuner.search import fail_orphaned_trials, open_study, out_of_memory, trial_reason
+from moe_lightning.tuner.search import fail_orphaned_trials, open_study, trial_reason
+from moe_lightning.tuner.trial_process import out_of_memory
 
 
 def tune_args(tmp_path, name: str, *extra: str) -> list[str]:
