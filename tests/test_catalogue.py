@@ -630,6 +630,15 @@ CASES = [
     Case("tune-measures-the-reference", ("system=reference", "tuner.objective=measure"),
          "system=reference reads policy.batch_size only: a measured tune's trials would record placements it "
          "never ran", task="tune", base=TUNE),
+    # A simulated tune's trials time cfg.system's own schedule (tasks.simulate.simulate_policy)
+    Case("tune-simulates-the-reference", ("system=reference", "tuner.objective=simulate"),
+         "system=reference has no schedule of its own to simulate (task=simulate times CGOPipe's schedule for it)",
+         task="tune", base=TUNE),
+    Case("tune-simulates-accelerate", ("system=accelerate", "system.policy_source=given", "tuner.objective=simulate"),
+         "system=accelerate has no schedule of its own to simulate (it is measured only)", task="tune", base=TUNE),
+    Case("tune-simulates-a-baseline-on-several-gpus", ("system=flexgen", "system.policy_source=given",
+                                                       "hardware=2xt4", "tuner.objective=simulate"),
+         "system=flexgen on hardware=2xt4: the baselines' schedules run on one GPU", task="tune", base=TUNE),
     # Logger settings: refused before the task runs, not by wandb after it
     Case("logger-unknown-mode", ("logger=wandb", "logger.mode=bogus"),
          "logger.mode=bogus: expected one of offline, online, disabled", task="plan", base=()),

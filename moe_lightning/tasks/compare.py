@@ -349,12 +349,16 @@ def refuse_unread_by_systems(policy: Policy, running: list[str], systems: list[s
 
 def system_run_config(cfg: RunConfig, name: str, policy_source: str) -> RunConfig:
     """cfg for one system with `policy_source`: `run_generation` then resolves the policy it runs
-    (its own rule for the prompts actually given, or cfg.policy)."""
+    (its own rule for the prompts actually given, or cfg.policy). The system cfg.system names keeps its
+    settings (system.kv_block_size, kv_cache_tokens, refill ...: task=tune compares the tuned policy under
+    the settings it was tuned with); the others run their defaults."""
     from moe_lightning.systems import SYSTEM_CONFIGS
 
     cls = SYSTEM_CONFIGS[name]
-    names = {f.name for f in dataclasses.fields(cls)}
-    return dataclasses.replace(cfg, system=cls(policy_source=policy_source) if "policy_source" in names else cls())
+    base = cfg.system if cfg.system.name == name else cls()
+    if "policy_source" in {f.name for f in dataclasses.fields(cls)}:
+        base = dataclasses.replace(base, policy_source=policy_source)
+    return dataclasses.replace(cfg, system=base)
 
 
 def run_system(cfg: RunConfig, name: str, out: str, policy_source: str, warmup_tokens: int, repeats: int,

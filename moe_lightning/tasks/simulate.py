@@ -39,6 +39,26 @@ def schedule_of(name: str):
     return SCHEDULES[name]
 
 
+def simulate_policy(cfg: RunConfig, spec, workload, policy, lengths=None, gen_lens=None, layout=None):
+    """The simulator's run of `policy` as cfg.system runs it (`SimResult`): the system's schedule and its KV
+    settings (system.kv_block_size, kv_cache_tokens, refill; a baseline's dense cache), each request to its
+    own budget (`gen_lens`), a long workload's decode steps capped as `default_max_decode_steps` says.
+    task=simulate and a simulated tune's trials both time a policy through here, so a tuned policy's
+    simulated figure is the one task=simulate gives it."""
+    from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
+
+    system = cfg.system
+    if system.name not in SIMULATED_SCHEDULES:
+        raise ConfigError(f"system {system.name} has no schedule to simulate; measure it with task=compare "
+                          f"(simulated: {', '.join(SIMULATED_SCHEDULES)})")
+    return simulate_run(spec, cfg.hardware, workload, policy, lengths,
+                        schedule=schedule_of(SIMULATED_SCHEDULES[system.name]),
+                        max_decode_steps=default_max_decode_steps(workload, policy, spec),
+                        kv_block_size=getattr(system, "kv_block_size", 0),
+                        kv_tokens=getattr(system, "kv_cache_tokens", 0) or None,
+                        refill=getattr(system, "refill", True), parallel=layout, gen_lens=gen_lens)
+
+
 def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     """Time cfg.system's schedule on cfg.hardware: -> (run document, SimResult, HRM Prediction).
 
@@ -50,7 +70,6 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     from moe_lightning.systems import paged_kv
     from moe_lightning.tuner.hrm import predict
     from moe_lightning.tuner.optimizer import FFN_ON_GPU, optimize
-    from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
 
     system = cfg.system.name
     if system not in SIMULATED_SCHEDULES:
@@ -97,11 +116,7 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
     if not fits:   # as task=generate refuses it: a timing of a run that could not happen is no answer
         raise MemoryBudgetError(f"{plan.describe(view.hw)}; lower policy.batch_size or policy.micro_batch_size, "
                                 "or simulate the plan's policy (task.use_plan=true)")
-    sim = simulate_run(spec, hw, workload, policy, lengths, schedule=schedule_of(schedule),
-                       max_decode_steps=default_max_decode_steps(workload, policy, spec),
-                       kv_block_size=getattr(cfg.system, "kv_block_size", 0),
-                       kv_tokens=getattr(cfg.system, "kv_cache_tokens", 0) or None, parallel=layout,
-                       gen_lens=gen_lens)
+    sim = simulate_policy(cfg, spec, workload, policy, lengths, gen_lens, layout)
     batches = sim.num_batches
     metrics = sim.metrics()
     metrics.peak_gpu_bytes, metrics.peak_cpu_bytes = plan.gpu_total_bytes, plan.cpu_total_bytes  # as planned

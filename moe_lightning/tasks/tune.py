@@ -490,6 +490,18 @@ def check_tuned_system(cfg: RunConfig) -> None:
         raise ConfigError(f"system={name} reads policy.{', policy.'.join(read)} only: a measured tune's trials "
                           "would record placements it never ran; tune system=cgopipe, or measure batch sizes "
                           f"of {name} with task=bench")
+    if cfg.tuner.objective == "simulate":   # trials time the system's own schedule (tasks.simulate.simulate_policy)
+        from moe_lightning.tasks.simulate import SIMULATED_SCHEDULES
+
+        own = SIMULATED_SCHEDULES.get(name)
+        if own != name:   # the reference stands for CGOPipe's schedule there; accelerate has none of ours
+            timed = "task=simulate times CGOPipe's schedule for it" if own else "it is measured only"
+            raise ConfigError(f"system={name} has no schedule of its own to simulate ({timed}), so a simulated "
+                              f"tune's trials would be another system's; tune system=cgopipe or a baseline "
+                              f"({', '.join(n for n in SIMULATED_SCHEDULES if n != 'reference')})")
+        if name != "cgopipe" and (cfg.hardware.gpu.count > 1 or cfg.parallel.world_size > 1):
+            raise ConfigError(f"system={name} on hardware={cfg.hardware.name}: the baselines' schedules run on one "
+                              "GPU; tune them on a one-GPU profile (several GPUs: system=cgopipe)")
 
 
 def compare_best(cfg: RunConfig, policy, baselines: list[str], run_dir: Path) -> list[dict]:

@@ -97,7 +97,8 @@ def max_resident_experts(cfg: RunConfig, spec: ModelSpec, lengths: Sequence[int]
             for kernel in kernels:
                 p = dataclasses.replace(least, expert_gpu_fraction=r / E, expert_kernel=kernel)
                 if layout is None:
-                    plan, budget = memory_plan(spec, p, cfg.workload, paged=paged, lengths=lengths), cfg.hardware
+                    plan, budget = memory_plan(spec, p, cfg.workload, kv_tokens=given_kv_tokens(cfg), paged=paged,
+                                               lengths=lengths), cfg.hardware
                 else:
                     _, plan, budget = fits_layout(spec, cfg, p, layout, paged, lengths)
                 if plan.gpu_total_bytes <= budget.gpu_budget_bytes:
@@ -105,6 +106,12 @@ def max_resident_experts(cfg: RunConfig, spec: ModelSpec, lengths: Sequence[int]
         return False
 
     return next((r for r in range(E, -1, -1) if gpu_holds(r)), 0)
+
+
+def given_kv_tokens(cfg: RunConfig) -> int | None:
+    """The KV cache's size in tokens that a trial's plan holds: system.kv_cache_tokens, as the engine allocates
+    and task=simulate plans it (None: the plan's own, from N and the lengths)."""
+    return getattr(cfg.system, "kv_cache_tokens", 0) or None
 
 
 def searches_dequant(cfg: RunConfig, spec: ModelSpec) -> bool:
@@ -503,8 +510,8 @@ def fits_layout(spec: ModelSpec, cfg: RunConfig, policy: Policy, layout, paged: 
         n = -(-policy.batch_size // E) * E
         mu = min(n, -(-policy.micro_batch_size // E) * E)
         policy = dataclasses.replace(policy, batch_size=n, micro_batch_size=mu)
-    plan = memory_plan(view.spec, view.policy(policy), view.workload(cfg.workload), paged=paged,
-                       lengths=view.lengths(cfg.workload, lengths))
+    plan = memory_plan(view.spec, view.policy(policy), view.workload(cfg.workload), kv_tokens=given_kv_tokens(cfg),
+                       paged=paged, lengths=view.lengths(cfg.workload, lengths))
     return policy, plan, view.hw
 
 
@@ -544,8 +551,8 @@ def seed_policies(cfg: RunConfig, spec: ModelSpec, layout=None, lengths: Sequenc
             p, mem, budget = fits_layout(spec, cfg, p, layout, paged_kv(cfg.system), lengths)
             if mem.fits(budget) and p not in candidates:
                 candidates.append(p)
-        elif (memory_plan(spec, p, cfg.workload, paged=paged_kv(cfg.system), lengths=lengths).fits(cfg.hardware)
-              and p not in candidates):
+        elif (memory_plan(spec, p, cfg.workload, kv_tokens=given_kv_tokens(cfg), paged=paged_kv(cfg.system),
+                          lengths=lengths).fits(cfg.hardware) and p not in candidates):
             candidates.append(p)
     return candidates[: 1 + cfg.tuner.neighbours]
 
@@ -594,7 +601,8 @@ def objective(cfg: RunConfig, spec: ModelSpec, on_trial: Callable[[dict], None] 
             policy, plan, budget = fits_layout(spec, cfg, policy, layout, paged_kv(cfg.system), lengths)
             trial.set_user_attr("parallel", dataclasses.asdict(layout))
         else:
-            plan = memory_plan(spec, policy, cfg.workload, paged=paged_kv(cfg.system), lengths=lengths)
+            plan = memory_plan(spec, policy, cfg.workload, kv_tokens=given_kv_tokens(cfg), paged=paged_kv(cfg.system),
+                               lengths=lengths)
         trial.set_user_attr("policy", dataclasses.asdict(policy))
         if not plan.fits(budget):
             reason = plan.describe(budget)
@@ -667,7 +675,8 @@ def measure_trial(cfg: RunConfig) -> tuple[dict, int]:
 def simulate_trial(cfg: RunConfig, spec: ModelSpec, layout=None, lengths: Sequence[int] | None = None,
                    gen_lens: Sequence[int] | None = None):
     """The simulator's run of the trial's policy (`SimResult`) over the prompts' lengths, each request
-    stopping at its own budget (`gen_lens`; None: every request at workload.gen_len)."""
-    from moe_lightning.tuner.simulator import simulate_run
+    stopping at its own budget (`gen_lens`; None: every request at workload.gen_len), as task=simulate
+    runs cfg.system (its schedule and KV settings: `tasks.simulate.simulate_policy`)."""
+    from moe_lightning.tasks.simulate import simulate_policy  # the task's own run (tables.py does the same)
 
-    return simulate_run(spec, cfg.hardware, cfg.workload, cfg.policy, lengths, parallel=layout, gen_lens=gen_lens)
+    return simulate_policy(cfg, spec, cfg.workload, cfg.policy, lengths, gen_lens, layout)

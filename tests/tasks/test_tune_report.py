@@ -102,3 +102,21 @@ def test_a_multi_objective_tune_reports_every_pareto_optimal_trial(tmp_path, tin
     assert r.stdout.count("best: trial") == 1
     m = doc["metrics"]
     assert m["kind"] == "simulated" and m["prefill_s"] > 0 and m["decode_s"] > 0 and m["generated_tokens"] > 0
+
+
+def test_the_tuned_policy_is_compared_under_the_system_settings_it_was_tuned_with(tmp_path):
+    """system.refill=false and a KV cache of two requests per micro-batch change the run: the comparison's
+    row for the tuned system is the best trial's own figure (it was CGOPipe's defaults')."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": [5] * (20 + i), "max_new_tokens": g}) + "\n"
+                               for i, g in enumerate([2, 30] * 6)))
+    args = [a for a in tune_args(tmp_path, "settings", "tuner.objective=simulate", "tuner.n_trials=1",
+                                 "model=mixtral-8x7b", "hardware=t4", "workload=jsonl", f"workload.path={prompts}",
+                                 "workload.gen_len=32", "system.refill=false", "system.kv_cache_tokens=256",
+                                 "task.baselines=[flexgen]") if a != "task.compare=false"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "h" / "run.json").read_text())
+    rows = {row["system"]: row for row in doc["extra"]["comparison"]}
+    assert rows["cgopipe"]["status"] == "ok" and rows["cgopipe"]["kind"] == "simulated"
+    assert rows["cgopipe"]["throughput_tok_s"] == doc["metrics"]["throughput_tok_s"]

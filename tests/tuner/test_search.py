@@ -277,3 +277,21 @@ def test_resident_experts_are_searched_only_as_far_as_the_gpu_can_ever_hold(tmp_
     assert 0 < max_resident_experts(h100, h100.model) < 8
     study = open_study(t4, t4.model)
     assert {suggest(study.ask(), t4, t4.model)["resident_experts"] for _ in range(20)} == {0}
+
+
+def test_a_trial_is_planned_with_the_system_s_kv_cache_size(tmp_path):
+    """system.kv_cache_tokens is the KV cache the engine allocates and task=simulate plans: a trial whose
+    cache cannot be held is pruned as not fitting, as its run would be refused (it was planned at the
+    default size, and simulated)."""
+    from moe_lightning.tuner.presets import load_preset
+
+    states = {}
+    for tokens in (0, 10**8):   # the plan's own size; 10^8 tokens of Mixtral's K/V (12 TiB)
+        t = TunerConfig(objective="simulate", storage=f"sqlite:///{tmp_path / f'{tokens}.db'}", study_name="kv")
+        wl = dataclasses.replace(load_preset("workload", "mtbench"), num_requests=16)
+        cfg = RunConfig(system=CGOPipeSystem(kv_cache_tokens=tokens), model=load_preset("model", "mixtral-8x7b"),
+                        hardware=load_preset("hardware", "t4"), workload=wl, tuner=t)
+        study = run_study(cfg, 1)
+        states[tokens] = (study.trials[0].state, study.trials[0].user_attrs.get("reason", ""))
+    assert states[0][0] == TrialState.COMPLETE
+    assert states[10**8][0] == TrialState.PRUNED and "does not fit" in states[10**8][1]
