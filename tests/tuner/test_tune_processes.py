@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -362,14 +363,17 @@ def test_a_tune_whose_every_trial_fails_exits_1_with_one_line(tmp_path, tiny_pat
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("moe-lightning: error: no trial of study capped completed (3 failed, 0 infeasible; "
-                               "reason of 3 of 3: out of memory")
-    assert "out of memory under the trial's memory cap of 0.4 GiB" in r.stderr
+                               "reason of "), r.stderr
+    # Torch's import runs out of address space as an ImportError (a library that cannot be mapped), or, on a
+    # loaded host now and then, in C code that dies from a signal: both are read as the cap's doing.
+    capped = re.compile(r"(out of memory|trial process died from signal (6|7|9|11) \(killed: out of memory) under "
+                        r"the trial's memory cap of 0\.4 GiB")
+    assert capped.search(r.stderr), r.stderr
     study = load(tmp_path, "capped")
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
-    assert all(t.user_attrs["reason"].startswith("out of memory under the trial's memory cap of 0.4 GiB")
-               for t in study.trials)
+    assert all(capped.match(t.user_attrs["reason"]) for t in study.trials), [t.user_attrs for t in study.trials]
     printed = [line for line in r.stdout.splitlines() if line.startswith("trial ")]
-    assert len(printed) == 3 and all(" failed: out of memory under" in line for line in printed[:3])
+    assert len(printed) == 3 and all(" failed: " in line and capped.search(line) for line in printed), printed
 
 
 def test_memory_errors_under_a_cap_read_as_out_of_memory():
