@@ -650,6 +650,8 @@ CASES = [
          "sampling.ignore_eos=true: tuner.objective=simulate samples no tokens", task="tune", base=TUNE),
     Case("threads-beside-plan", ("threads.serial=true",), "threads.serial=true: task=plan prices the hardware "
          "profile hardware=cpu, not this host's threads", task="plan", base=()),
+    Case("plan-with-a-kv-cache-of-a-given-size", ("system.kv_cache_tokens=1000",), "system.kv_cache_tokens=1000: "
+         "task=plan sizes the KV cache for the batch it chooses", task="plan", base=()),
     Case("chunks-without-expert-parallelism", ("parallel.chunks=3",), "parallel.chunks=3: the chunks pipeline the "
          "all-to-all of expert parallelism, and parallel.expert=1 has none"),
     # Logger settings: refused before the task runs, not by wandb after it
