@@ -228,6 +228,35 @@ def check_ignored_overrides(cfg, overrides, given: list[str] | None = None) -> N
         if cfg.task.name == "compare" and key == "trace" and cfg.trace:
             raise ConfigError("trace=true: task=compare does not trace its systems' runs; trace one with "
                               "task=generate system=<name> trace=true")
+        refuse_unread_group(cfg, key, override)
+
+
+def refuse_unread_group(cfg, key: str, override: str) -> None:
+    """A setting whose group the task never reads, refused rather than recorded as if it had run: tuner.*
+    beside any task but tune; sampling.* where no token is sampled (a plan, a simulation, a simulated tune:
+    every request runs to its budget); threads.* where the hardware profile, not this host, is timed;
+    parallel.chunks with no expert parallelism to pipeline."""
+    from moe_lightning.errors import ConfigError
+
+    task, group = cfg.task.name, key.split(".", 1)[0]
+    if group == "tuner" and task != "tune":
+        raise ConfigError(f"{override}: only task=tune reads tuner.*, so task={task} would ignore it; drop it"
+                          + (" (this task's own settings are task.*)" if task in ("bench", "compare") else ""))
+    simulated = task in ("plan", "simulate") or (task == "tune" and cfg.tuner.objective == "simulate")
+    if group == "sampling" and simulated:
+        what = "tuner.objective=simulate" if task == "tune" else f"task={task}"
+        raise ConfigError(f"{override}: {what} samples no tokens (every request runs to its budget), so it would "
+                          "be ignored; drop it, or sample with task=generate"
+                          + (" or tuner.objective=measure" if task == "tune" else ""))
+    if group == "threads" and task in ("plan", "simulate"):
+        raise ConfigError(f"{override}: task={task} prices the hardware profile hardware={cfg.hardware.name}, not "
+                          "this host's threads, so it would be ignored; drop it, or measure that thread layout "
+                          "with task=bench")
+    p = cfg.parallel
+    searched = task in PLANNING_TASKS and cfg.hardware.gpu.count > 1 and p.world_size == 1  # the plan's layout
+    if key == "parallel.chunks" and p.chunks and p.expert == 1 and not searched:
+        raise ConfigError(f"{override}: the chunks pipeline the all-to-all of expert parallelism, and "
+                          "parallel.expert=1 has none, so it would be ignored; drop it, or set parallel.expert > 1")
 
 
 def check_torchrun_world(cfg) -> None:

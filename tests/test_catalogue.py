@@ -639,6 +639,21 @@ CASES = [
     Case("tune-simulates-a-baseline-on-several-gpus", ("system=flexgen", "system.policy_source=given",
                                                        "hardware=2xt4", "tuner.objective=simulate"),
          "system=flexgen on hardware=2xt4: the baselines' schedules run on one GPU", task="tune", base=TUNE),
+    # A group the task never reads (cli.refuse_unread_group): refused, not recorded as if it had run
+    Case("tuner-beside-plan", ("tuner.n_trials=2",), "tuner.n_trials=2: only task=tune reads tuner.*", task="plan",
+         base=()),
+    Case("tuner-beside-bench", ("tuner.repeats=9",), "tuner.repeats=9: only task=tune reads tuner.*, so task=bench "
+         "would ignore it; drop it (this task's own settings are task.*)", task="bench"),
+    Case("sampling-beside-simulate", ("sampling.temperature=0.7",), "sampling.temperature=0.7: task=simulate samples "
+         "no tokens", task="simulate", base=()),
+    Case("sampling-beside-a-simulated-tune", ("tuner.objective=simulate", "sampling.ignore_eos=true"),
+         "sampling.ignore_eos=true: tuner.objective=simulate samples no tokens", task="tune", base=TUNE),
+    Case("threads-beside-plan", ("threads.serial=true",), "threads.serial=true: task=plan prices the hardware "
+         "profile hardware=cpu, not this host's threads", task="plan", base=()),
+    Case("plan-with-a-kv-cache-of-a-given-size", ("system.kv_cache_tokens=1000",), "system.kv_cache_tokens=1000: "
+         "task=plan sizes the KV cache for the batch it chooses", task="plan", base=()),
+    Case("chunks-without-expert-parallelism", ("parallel.chunks=3",), "parallel.chunks=3: the chunks pipeline the "
+         "all-to-all of expert parallelism, and parallel.expert=1 has none"),
     # Logger settings: refused before the task runs, not by wandb after it
     Case("logger-unknown-mode", ("logger=wandb", "logger.mode=bogus"),
          "logger.mode=bogus: expected one of offline, online, disabled", task="plan", base=()),

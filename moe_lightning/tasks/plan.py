@@ -107,6 +107,19 @@ def refuse_other_system(name: str) -> None:
                       "system=cgopipe")
 
 
+def refuse_unplanned_kv(system) -> bool:
+    """Whether the plan holds CGOPipe's paged KV cache: system=cgopipe's as system.kv_block_size says (0: a
+    dense cache, planned at the longest prompt), the engine's default for `reference`. A cache of a given
+    size (system.kv_cache_tokens) is refused: the plan sizes the cache for the batch it chooses."""
+    from moe_lightning.systems import paged_kv
+
+    if getattr(system, "kv_cache_tokens", 0):
+        raise ConfigError(f"system.kv_cache_tokens={system.kv_cache_tokens}: task=plan sizes the KV cache for the "
+                          "batch it chooses, so it would be ignored; drop it, or time a policy with that cache: "
+                          "task=simulate task.use_plan=false")
+    return paged_kv(system) if system.name == "cgopipe" else True
+
+
 def out_path(cfg: RunConfig) -> Path:
     return Path(cfg.out) if cfg.out else Path(cfg.run_dir or "runs/latest") / "run.json"
 
@@ -146,9 +159,10 @@ class PlanTask:
         refuse_ignored_fields(cfg.policy, "task=plan chooses the whole policy (the HRM plan)",
                               "to predict a given policy run task=simulate task.use_plan=false with it",
                               tuple(field_names(Policy)))
+        paged = refuse_unplanned_kv(cfg.system)
         spec = planning_model(cfg.model)
         workload, lengths, _, own = planning_inputs(cfg.workload, spec)
-        plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch,
+        plan = optimize(spec, cfg.hardware, workload, lengths=lengths, last_batch=self.last_batch, paged_kv=paged,
                         calibrated=self.kernel_rates == "calibrated", parallel=cfg.parallel,
                         placements=FFN_ON_GPU if self.placements == "engine" else ALL_PLACEMENTS)
         doc = plan_document(plan) | {"last_batch": self.last_batch, "kernel_rates": self.kernel_rates,

@@ -87,3 +87,29 @@ def test_a_simulated_tune_refuses_a_system_whose_trials_would_time_another(syste
     with pytest.raises(ConfigError, match=expect):
         check_tuned_system(cfg)
     check_tuned_system(run_config(Workload(), CGOPipeSystem()))   # the engine's own is tuned
+
+
+def test_task_plan_plans_the_system_s_kv_cache(tmp_path):
+    """A dense cache (system.kv_block_size=0) holds every prompt at the longest, the paged pool at the
+    average: the plan's KV cache grows. task=plan planned the paged pool whatever the system said."""
+    from moe_lightning.tasks.plan import PlanTask
+
+    workload = Workload(prompt_len_avg=8, prompt_len_max=64, gen_len=8, num_requests=64)
+
+    def kv_bytes(system) -> int:
+        cfg = dataclasses.replace(run_config(workload, system), task=PlanTask(), policy=Policy(),
+                                  out=str(tmp_path / f"{system.kv_block_size}.json"))
+        memory = cfg.task.run(cfg).extra["memory"]
+        return memory["cpu"]["kv_cache"] + memory["gpu"].get("kv_cache", 0)   # wherever r_c puts it
+
+    paged, dense = kv_bytes(CGOPipeSystem()), kv_bytes(CGOPipeSystem(kv_block_size=0))
+    assert dense > paged, (paged, dense)
+
+
+def test_task_plan_refuses_a_kv_cache_of_a_given_size(tmp_path):
+    from moe_lightning.tasks.plan import PlanTask
+
+    cfg = dataclasses.replace(run_config(Workload(), CGOPipeSystem(kv_cache_tokens=1000)), task=PlanTask(),
+                              policy=Policy(), out=str(tmp_path / "run.json"))
+    with pytest.raises(ConfigError, match="system.kv_cache_tokens=1000: task=plan sizes the KV cache"):
+        cfg.task.run(cfg)
