@@ -243,10 +243,12 @@ def refuse_unread_group(cfg, key: str, override: str) -> None:
         raise ConfigError(f"{override}: only task=tune reads tuner.*, so task={task} would ignore it; drop it"
                           + (" (this task's own settings are task.*)" if task in ("bench", "compare") else ""))
     simulated = task in ("plan", "simulate") or (task == "tune" and cfg.tuner.objective == "simulate")
-    if group == "sampling" and simulated:
+    # sampling.ignore_eos=true says what a simulation runs (every request to its budget): a command line shared
+    # with a measured run (benchmarks/gpu_suite.sh's workload) keeps it
+    if group == "sampling" and simulated and not (key == "sampling.ignore_eos" and cfg.sampling.ignore_eos):
         what = "tuner.objective=simulate" if task == "tune" else f"task={task}"
-        raise ConfigError(f"{override}: {what} samples no tokens (every request runs to its budget), so it would "
-                          "be ignored; drop it, or sample with task=generate"
+        raise ConfigError(f"{override}: {what} samples no tokens (every request runs to its budget, as "
+                          "sampling.ignore_eos=true), so it would be ignored; drop it, or sample with task=generate"
                           + (" or tuner.objective=measure" if task == "tune" else ""))
     if group == "threads" and task in ("plan", "simulate"):
         raise ConfigError(f"{override}: task={task} prices the hardware profile hardware={cfg.hardware.name}, not "

@@ -646,8 +646,8 @@ CASES = [
          "would ignore it; drop it (this task's own settings are task.*)", task="bench"),
     Case("sampling-beside-simulate", ("sampling.temperature=0.7",), "sampling.temperature=0.7: task=simulate samples "
          "no tokens", task="simulate", base=()),
-    Case("sampling-beside-a-simulated-tune", ("tuner.objective=simulate", "sampling.ignore_eos=true"),
-         "sampling.ignore_eos=true: tuner.objective=simulate samples no tokens", task="tune", base=TUNE),
+    Case("sampling-beside-a-simulated-tune", ("tuner.objective=simulate", "sampling.ignore_eos=false"),
+         "sampling.ignore_eos=false: tuner.objective=simulate samples no tokens", task="tune", base=TUNE),
     Case("threads-beside-plan", ("threads.serial=true",), "threads.serial=true: task=plan prices the hardware "
          "profile hardware=cpu, not this host's threads", task="plan", base=()),
     Case("plan-with-a-kv-cache-of-a-given-size", ("system.kv_cache_tokens=1000",), "system.kv_cache_tokens=1000: "

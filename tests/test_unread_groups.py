@@ -20,6 +20,9 @@ def config(task: str, **kw) -> RunConfig:
     (config("tune"), "tuner.n_trials=2"),
     (config("generate", sampling=Sampling(temperature=0.7)), "sampling.temperature=0.7"),
     (config("tune", sampling=Sampling(temperature=0.7)), "sampling.temperature=0.7"),   # measured trials sample
+    # what a simulation runs: every request to its budget (benchmarks/gpu_suite.sh's workload has it)
+    (config("simulate", sampling=Sampling(ignore_eos=True)), "sampling.ignore_eos=true"),
+    (config("plan", sampling=Sampling(ignore_eos=True)), "sampling.ignore_eos=true"),
     (config("generate"), "threads.serial=true"),
     (config("generate", parallel=ParallelConfig(expert=2, chunks=3)), "parallel.chunks=3"),
     # a several-GPU plan chooses its layout, expert parallelism included, and pipelines it in these chunks
