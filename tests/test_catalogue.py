@@ -631,6 +631,12 @@ CASES = [
          "system=reference reads policy.batch_size only: a measured tune's trials would record placements it "
          "never ran", task="tune", base=TUNE),
     # A simulated tune's trials time cfg.system's own schedule (tasks.simulate.simulate_policy)
+    Case("simulate-a-given-kernel", ("task.use_plan=false", "policy.expert_kernel=grouped"),
+         "policy.expert_kernel=grouped: the simulator prices the engine's own choice per call (auto)", task="simulate",
+         base=()),
+    Case("tune-simulates-a-given-kernel", ("tuner.objective=simulate", "policy.expert_kernel=loop"),
+         "policy.expert_kernel=loop: the simulator prices the engine's own choice per call (auto), so loop's speed "
+         "would be ignored; drop it, or search the kernels with tuner.objective=measure", task="tune", base=TUNE),
     Case("tune-simulates-the-reference", ("system=reference", "tuner.objective=simulate"),
          "system=reference has no schedule of its own to simulate (task=simulate times CGOPipe's schedule for it)",
          task="tune", base=TUNE),

@@ -39,6 +39,15 @@ def schedule_of(name: str):
     return SCHEDULES[name]
 
 
+def refuse_given_kernel(kernel: str, instead: str = "drop it, or measure that kernel with task=bench") -> None:
+    """The simulator (and the HRM) price the MoE FFN at the rate of the engine's own choice per call
+    (`auto`; a calibrated profile measures that one, `tuner.costs`): a given kernel would be planned for
+    memory but timed as another, so it is refused rather than recorded beside a figure it did not set."""
+    if kernel != "auto":
+        raise ConfigError(f"policy.expert_kernel={kernel}: the simulator prices the engine's own choice per call "
+                          f"(auto), so {kernel}'s speed would be ignored; {instead}")
+
+
 def simulate_policy(cfg: RunConfig, spec, workload, policy, lengths=None, gen_lens=None, layout=None):
     """The simulator's run of `policy` as cfg.system runs it (`SimResult`): the system's schedule and its KV
     settings (system.kv_block_size, kv_cache_tokens, refill; a baseline's dense cache), each request to its
@@ -48,6 +57,7 @@ def simulate_policy(cfg: RunConfig, spec, workload, policy, lengths=None, gen_le
     from moe_lightning.tuner.simulator import default_max_decode_steps, simulate_run
 
     system = cfg.system
+    refuse_given_kernel(policy.expert_kernel)
     if system.name not in SIMULATED_SCHEDULES:
         raise ConfigError(f"system {system.name} has no schedule to simulate; measure it with task=compare "
                           f"(simulated: {', '.join(SIMULATED_SCHEDULES)})")
@@ -64,8 +74,8 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
 
     The policy: `given` (e.g. a tuned one); else the system's own rule (`policy_source=auto`); else the
     HRM plan (`use_plan`); else cfg.policy. A rule or plan decides batching and placement (a given one
-    is refused, not ignored) and keeps cfg.policy's expert kernel. Nothing is allocated: no model
-    weights, no device."""
+    is refused, not ignored) and keeps cfg.policy's expert kernel (auto: `refuse_given_kernel`). Nothing
+    is allocated: no model weights, no device."""
     from moe_lightning.memory import memory_plan
     from moe_lightning.systems import paged_kv
     from moe_lightning.tuner.hrm import predict

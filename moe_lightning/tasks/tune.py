@@ -491,7 +491,9 @@ def check_tuned_system(cfg: RunConfig) -> None:
                           "would record placements it never ran; tune system=cgopipe, or measure batch sizes "
                           f"of {name} with task=bench")
     if cfg.tuner.objective == "simulate":   # trials time the system's own schedule (tasks.simulate.simulate_policy)
-        from moe_lightning.tasks.simulate import SIMULATED_SCHEDULES
+        from moe_lightning.tasks.simulate import SIMULATED_SCHEDULES, refuse_given_kernel
+
+        refuse_given_kernel(cfg.policy.expert_kernel, "drop it, or search the kernels with tuner.objective=measure")
 
         own = SIMULATED_SCHEDULES.get(name)
         if own != name:   # the reference stands for CGOPipe's schedule there; accelerate has none of ours

@@ -189,18 +189,20 @@ def test_cgopipe_s_own_policy_rule_is_the_plan_for_the_run_s_layout(tmp_path):
     assert split.policy["batch_size"] % 2 == 0 and split.policy["micro_batch_size"] % 2 == 0
 
 
-def test_a_plan_keeps_the_given_kernel_and_refuses_a_given_batch():
-    """The HRM plan decides batching and placement; the expert kernel given stays (it was dropped),
-    and a given batch size, which the plan would replace, is refused rather than ignored."""
+def test_a_simulated_plan_refuses_a_given_kernel_and_a_given_batch():
+    """The HRM plan decides batching and placement; a given batch size, which the plan would replace, is
+    refused rather than ignored, and so is a given expert kernel: the simulator prices the engine's own
+    choice per call (auto), so the kernel's memory was planned and its speed ignored."""
     from moe_lightning.config import Policy
     from moe_lightning.errors import ConfigError
     from moe_lightning.run_config import RunConfig
     from moe_lightning.tasks.simulate import SimulateTask, simulate_system
 
-    knobs = Policy(expert_kernel="loop")
-    doc, _, _ = simulate_system(RunConfig(task=SimulateTask(), policy=knobs), use_plan=True)
-    assert doc.extra["policy_source"] == "hrm plan"
-    assert doc.policy["expert_kernel"] == "loop"
+    doc, _, _ = simulate_system(RunConfig(task=SimulateTask()), use_plan=True)
+    assert doc.extra["policy_source"] == "hrm plan" and doc.policy["expert_kernel"] == "auto"
+    for use_plan in (True, False):
+        with pytest.raises(ConfigError, match=r"policy.expert_kernel=loop: the simulator prices the engine's own "):
+            simulate_system(RunConfig(task=SimulateTask(), policy=Policy(expert_kernel="loop")), use_plan=use_plan)
     with pytest.raises(ConfigError, match=r"policy.batch_size=16: task.use_plan=true .* set task.use_plan=false"):
         simulate_system(RunConfig(task=SimulateTask(), policy=Policy(batch_size=16)), use_plan=True)
     given, _, _ = simulate_system(RunConfig(task=SimulateTask(), policy=Policy(batch_size=16, micro_batch_size=8)))

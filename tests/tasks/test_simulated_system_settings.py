@@ -19,7 +19,7 @@ from moe_lightning.tuner.presets import load_preset
 
 # Short and long budgets side by side: a short request's blocks free early, and refill admits a waiting one
 BUDGETS = [2, 30] * 6
-POLICY = Policy(batch_size=4, micro_batch_size=2, expert_kernel="loop")
+POLICY = Policy(batch_size=4, micro_batch_size=2)
 
 
 @pytest.fixture
