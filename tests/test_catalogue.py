@@ -656,6 +656,12 @@ CASES = [
          base=()),
     Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",
          base=()),
+    # A run document whose figure is of the wrong type: skipped, its field named (was a traceback)
+    Case("report-malformed-figure", ("task.inputs=[docs/*.json]",), "metrics.throughput_tok_s is 'abc', not a "
+         "number", setup=write("docs/a.json", json.dumps({"schema_version": 2, "system": "cgopipe", "task": "bench",
+                                                          "model": {}, "hardware": {}, "workload": {}, "policy": {},
+                                                          "metrics": {"throughput_tok_s": "abc"}})),
+         task="report", base=()),
 ]
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from moe_lightning.errors import ConfigError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.plots import save
-from moe_lightning.report import SCHEMA_VERSION, RunReport, where_of
+from moe_lightning.report import KINDS, SCHEMA_VERSION, RunReport, where_of
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -56,11 +56,63 @@ def load_documents(patterns: list[str]) -> tuple[list[tuple[Path, RunReport]], l
             if unknown or newer:
                 log.warning("%s: schema version %s (this reader: %d); ignored fields: %s", path,
                             data["schema_version"], SCHEMA_VERSION, ", ".join(unknown) or "none")
+            wrong = malformed_field(data)
+            if wrong is not None:   # read as is, it would end the report in a traceback or a wrong row
+                skipped.append(f"{path}: a run document with a malformed field: {wrong}")
+                continue
             try:
                 docs.append((path, RunReport.from_dict(data)))
             except (TypeError, ValueError, KeyError, AttributeError):
                 skipped.append(f"{path}: a run document with missing or malformed fields")
     return docs, skipped
+
+
+def _number(x, nullable: bool = False) -> bool:
+    return (x is None and nullable) or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+_METRIC_NUMBERS = {"throughput_tok_s": True, "prefill_s": False, "decode_s": False, "generated_tokens": False,
+                   "decode_step_median_s": True, "decode_tok_s": True, "peak_gpu_bytes": False,
+                   "peak_cpu_bytes": False, "repeats": False}   # field -> may be null
+
+
+def malformed_field(data: dict) -> str | None:
+    """The first field of a run document (a dict with schema_version and metrics) whose type the report
+    cannot use, in words (`metrics.throughput_tok_s is 'abc', not a number`); None when all can be read.
+    Fields a document leaves out take their defaults; a kind outside KINDS is refused, as every row
+    must say whether it is measured, simulated or predicted."""
+    if not isinstance(data["schema_version"], int) or isinstance(data["schema_version"], bool):
+        return f"schema_version is {data['schema_version']!r}, not an integer"
+    for key in ("system", "task"):
+        if key in data and not isinstance(data[key], str):
+            return f"{key} is {data[key]!r}, not a string"
+    for key in ("model", "hardware", "workload", "policy", "prediction", "environment", "extra"):
+        if key in data and not isinstance(data[key], dict):
+            return f"{key} is {data[key]!r}, not an object"
+    m = data["metrics"]
+    if not isinstance(m, dict):
+        return f"metrics is {m!r}, not an object"
+    for key, nullable in _METRIC_NUMBERS.items():
+        if key in m and not _number(m[key], nullable):
+            return f"metrics.{key} is {m[key]!r}, not a number"
+    if "kind" in m and m["kind"] not in KINDS:
+        return f"metrics.kind is {m['kind']!r}, not one of {', '.join(KINDS)}"
+    if "noisy" in m and not isinstance(m["noisy"], bool):
+        return f"metrics.noisy is {m['noisy']!r}, not true or false"
+    for key in ("link_bytes", "utilisation", "spread"):
+        if key in m and not isinstance(m[key], dict):
+            return f"metrics.{key} is {m[key]!r}, not an object"
+    for name, spread in (m.get("spread") or {}).items():
+        if not isinstance(spread, dict):
+            return f"metrics.spread.{name} is {spread!r}, not an object"
+        for key, value in spread.items():
+            if not _number(value, nullable=key != "n"):
+                return f"metrics.spread.{name}.{key} is {value!r}, not a number"
+    for key in ("profile", "detected"):   # where_of and the hardware column read them
+        value = (data.get("hardware") or {}).get(key)
+        if value is not None and not isinstance(value, dict):
+            return f"hardware.{key} is {value!r}, not an object"
+    return None
 
 
 def kind_of(r: RunReport) -> str:

@@ -82,6 +82,32 @@ def test_report_writes_the_table_its_out_suffix_names(tmp_path, suffix):
     assert out.read_text().count("cgopipe") == 2
 
 
+@pytest.mark.parametrize(("path", "value", "named"), [
+    (("metrics", "throughput_tok_s"), "abc", "metrics.throughput_tok_s is 'abc', not a number"),
+    (("metrics", "peak_gpu_bytes"), "1", "metrics.peak_gpu_bytes is '1', not a number"),
+    (("metrics", "kind"), "guessed", "metrics.kind is 'guessed', not one of measured, simulated, predicted"),
+    (("metrics", "spread"), {"throughput_tok_s": {"n": "x"}}, "metrics.spread.throughput_tok_s.n is 'x'"),
+    (("hardware",), "t4", "hardware is 't4', not an object"),
+    (("policy",), [1], "policy is [1], not an object"),
+    (("schema_version",), "2", "schema_version is '2', not an integer"),
+])
+def test_a_document_with_a_malformed_field_is_skipped_naming_it(tmp_path, path, value, named):
+    """A run document with a figure of the wrong type ended task=report in a traceback (a string
+    throughput, a list for the policy) or, with a kind outside the three, stood in the table unlabelled;
+    it is skipped, its reason naming the field, and the well-formed documents beside it are reported."""
+    data = document("measured", 10.0, "cpu").to_dict()
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    document("simulated", 900.0, "t4").to_json(tmp_path / "good.json")
+    docs, skipped = load_documents([str(tmp_path / "*.json")])
+    assert [p.name for p, _ in docs] == ["good.json"]
+    assert len(skipped) == 1 and "bad.json" in skipped[0] and named in skipped[0], skipped
+    [row_of(p, r) for p, r in docs]
+
+
 def test_a_document_listed_twice_is_one_row(tmp_path):
     document("measured", 10.0, "cpu").to_json(tmp_path / "a.json")
     document("simulated", 900.0, "t4").to_json(tmp_path / "b.json")
