@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import json
 import logging
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -174,6 +175,9 @@ def bar_labels(rows: list[dict]) -> list[str]:
             for label, r in zip(labels, rows)]
 
 
+LABEL_WIDTH = 60   # characters per line of a bar's label (7 pt: about 3.3 of the figure's 9 inches)
+
+
 def throughput_figure(rows: list[dict]):
     """Horizontal bars (one per run document, readable at any count), grouped by hardware and workload,
     coloured by kind (measured / simulated / predicted) with a legend, measured bars with their spread."""
@@ -182,11 +186,15 @@ def throughput_figure(rows: list[dict]):
     plt = pyplot()
     rows = sorted((r for r in rows if r.get("tok_s")),
                   key=lambda r: (str(r["hardware"]), str(r["workload"]), str(r["system"]), r["tok_s"]))
-    fig, ax = plt.subplots(figsize=(9, min(40.0, 1.2 + 0.28 * len(rows))))
+    # A label naming several varying fields (kind, where, task ...) runs past 150 characters: on one line it
+    # pushed the bars, title and axis label out of the image. Wrapped, it keeps the left ~40% of the width.
+    labels = [textwrap.fill(label, LABEL_WIDTH) for label in bar_labels(rows)]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(9, min(40.0, 1.2 + 0.28 * len(rows) + 0.12 * (lines - len(rows)))))
     y = range(len(rows))
     ax.barh(y, [r["tok_s"] for r in rows], xerr=[r.get("tok_s_stdev") or 0 for r in rows],
             color=[KIND_COLORS.get(r["kind"], "tab:gray") for r in rows])
-    ax.set_yticks(y, bar_labels(rows), fontsize=7)
+    ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("tokens/s, end to end (measured: median of repeats ± stdev)")
     kinds = sorted({r["kind"] for r in rows})

@@ -124,7 +124,7 @@ def test_bars_name_the_fields_that_differ_and_fit_the_figure(tmp_path):
     rows = [row_of(tmp_path / f"{n}.json", r) for n, r in enumerate(reports)]
     fig = throughput_figure(rows)
     ax = fig.axes[0]
-    labels = [t.get_text() for t in ax.get_yticklabels()]
+    labels = [t.get_text().replace("\n", " ") for t in ax.get_yticklabels()]   # long labels are wrapped
     assert len(set(labels)) == 2 and {"attn_on_gpu=True", "attn_on_gpu=False"} == {x.split(" · ")[-1] for x in labels}
     fig.canvas.draw()
     figure = fig.bbox
@@ -133,6 +133,29 @@ def test_bars_name_the_fields_that_differ_and_fit_the_figure(tmp_path):
         box = text.get_window_extent(renderer)
         assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, \
             text.get_text()
+
+
+def test_long_labels_leave_the_bars_title_and_axis_in_the_image(tmp_path):
+    """Runs of three kinds and tasks that differ in placement too: each label names five varying fields
+    (140 characters and more). On one line they pushed the bars into a sliver and the title and the axis
+    label out of the image; wrapped, every text lies inside it and the bars keep half the width."""
+    pytest.importorskip("matplotlib")
+    reports = [document("measured", 10.0, "cpu"), document("simulated", 900.0, "cpu"),
+               document("predicted", 700.0, "cpu")]
+    reports[2].task = "plan"
+    for n, r in enumerate(reports):
+        r.policy |= {"attn_on_gpu": n == 0, "expert_gpu_fraction": n / 4}
+    rows = [row_of(tmp_path / f"{n}.json", r) for n, r in enumerate(reports)]
+    fig = throughput_figure(rows)
+    ax = fig.axes[0]
+    assert all(len(label.replace("\n", " ")) >= 140 for label in (t.get_text() for t in ax.get_yticklabels()))
+    fig.canvas.draw()
+    figure, renderer = fig.bbox, fig.canvas.get_renderer()
+    for text in [ax.title, ax.xaxis.label, *ax.get_yticklabels()]:
+        box = text.get_window_extent(renderer)
+        assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, \
+            text.get_text()
+    assert ax.get_position().width >= 0.5
 
 
 def test_report_and_compare_say_where_alike():
