@@ -613,6 +613,10 @@ CASES = [
     Case("compare-beside-a-system", ("system=flexgen",), "system=flexgen: task=compare runs the systems of "
          "task.systems", task="compare"),
     Case("compare-with-a-trace", ("trace=true",), "trace=true: task=compare does not trace", task="compare"),
+    # The comparison over a system's own run document: that document lost, then a traceback reading it
+    Case("compare-out-over-a-systems-document", ("task.mode=simulate", "task.systems=[cgopipe,flexgen]",
+                                                 "hydra.run.dir=runs/c", "out=runs/c/flexgen.json"),
+         "out=runs/c/flexgen.json: task=compare writes flexgen's run document there", task="compare"),
     # A comparison of one system is its ratio to itself: at least two, each listed once
     Case("compare-one-system", ("task.systems=[reference]",), "task=compare needs at least two distinct systems",
          task="compare"),
