@@ -325,7 +325,8 @@ def check_outputs(cfg) -> list[OutputLock]:
             raise ConfigError(f"out={cfg.out}: task={cfg.task.name} writes a JSON document there; give a path "
                               "ending in .json")
         if cfg.out and cfg.task.name == "compare" and cfg.run_dir:   # its systems' documents: lost, then a crash
-            clash = [s for s in cfg.task.systems if (Path(cfg.run_dir) / f"{s}.json").resolve() == Path(cfg.out).resolve()]
+            out = Path(cfg.out).resolve()
+            clash = [s for s in cfg.task.systems if (Path(cfg.run_dir) / f"{s}.json").resolve() == out]
             if clash:
                 raise ConfigError(f"out={cfg.out}: task=compare writes {clash[0]}'s run document there (in its run "
                                   "folder); give another path for the comparison")
