@@ -355,6 +355,12 @@ def check_outputs(cfg) -> list[OutputLock]:
         if cfg.out and cfg.task.name != "report" and Path(cfg.out).suffix != ".json":
             raise ConfigError(f"out={cfg.out}: task={cfg.task.name} writes a JSON document there; give a path "
                               "ending in .json")
+        if cfg.out and cfg.task.name == "compare" and cfg.run_dir:   # its systems' documents: lost, then a crash
+            out = Path(cfg.out).resolve()
+            clash = [s for s in cfg.task.systems if (Path(cfg.run_dir) / f"{s}.json").resolve() == out]
+            if clash:
+                raise ConfigError(f"out={cfg.out}: task=compare writes {clash[0]}'s run document there (in its run "
+                                  "folder); give another path for the comparison")
         cfg.logger.check()   # logger.dir: written once the task is done, so checked before it starts
     except BaseException:
         for lock in locks:

@@ -613,6 +613,10 @@ CASES = [
     Case("compare-beside-a-system", ("system=flexgen",), "system=flexgen: task=compare runs the systems of "
          "task.systems", task="compare"),
     Case("compare-with-a-trace", ("trace=true",), "trace=true: task=compare does not trace", task="compare"),
+    # The comparison over a system's own run document: that document lost, then a traceback reading it
+    Case("compare-out-over-a-systems-document", ("task.mode=simulate", "task.systems=[cgopipe,flexgen]",
+                                                 "hydra.run.dir=runs/c", "out=runs/c/flexgen.json"),
+         "out=runs/c/flexgen.json: task=compare writes flexgen's run document there", task="compare"),
     # A comparison of one system is its ratio to itself: at least two, each listed once
     Case("compare-one-system", ("task.systems=[reference]",), "task=compare needs at least two distinct systems",
          task="compare"),
@@ -677,6 +681,12 @@ CASES = [
          base=()),
     Case("report-only-damaged", ("task.inputs=[docs/*.json]",), "2 skipped", setup=run_document(), task="report",
          base=()),
+    # A run document whose figure is of the wrong type: skipped, its field named (was a traceback)
+    Case("report-malformed-figure", ("task.inputs=[docs/*.json]",), "metrics.throughput_tok_s is 'abc', not a "
+         "number", setup=write("docs/a.json", json.dumps({"schema_version": 2, "system": "cgopipe", "task": "bench",
+                                                          "model": {}, "hardware": {}, "workload": {}, "policy": {},
+                                                          "metrics": {"throughput_tok_s": "abc"}})),
+         task="report", base=()),
 ]
 
 

@@ -100,16 +100,21 @@ def table(m) -> str:
     from moe_lightning.tuner.calibrate import format_curve
 
     role = "GPU" if m.device == "cuda" else "GPU role (played by the CPU)"
+    # Without CUDA, measure() splits the host's RAM between the roles: shares it sets, which printed bare
+    # read as this host's memory
+    host_gib = m.gpu_memory_gib + m.cpu_memory_gib
     rows = [
         (f"{role}", m.gpu_name),
         ("  peak", f"{m.gpu_peak_tflops:.3f} TFLOP/s ({'bf16' if m.device == 'cuda' else 'fp32'} matmul)"),
         ("  memory bandwidth", f"{m.gpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
-        ("  memory", f"{m.gpu_memory_gib:.1f} GiB"),
+        ("  memory", f"{m.gpu_memory_gib:.1f} GiB" + ("" if m.device == "cuda" else
+                     f" (a third of this host's {host_gib:.1f} GiB, the GPU role's share: set, not measured)")),
         ("  GEMM by rows", format_curve(m.gemm_rows, m.gemm_tflops)),
         ("  experts by tokens/expert", format_curve(m.expert_loads, m.expert_tflops)),
         ("link H2D / D2H", f"{m.h2d_gbps:.1f} / {m.d2h_gbps:.1f} GB/s"
          + (" (pinned)" if m.device == "cuda" else " (thread memcpy)")),
-        ("CPU", f"{m.cpu_name}, {m.cpu_cores} cores, {m.cpu_memory_gib:.1f} GiB"),
+        ("CPU", f"{m.cpu_name}, {m.cpu_cores} cores, {m.cpu_memory_gib:.1f} GiB"
+         + ("" if m.device == "cuda" else " (the other two thirds)")),
         ("  peak", f"{m.cpu_peak_tflops:.3f} TFLOP/s (fp32 matmul)"),
         ("  memory bandwidth", f"{m.cpu_bandwidth_gbps:.1f} GB/s (copy, read + write)"),
         ("  decode attention", f"{m.cpu_attn_gbps:.1f} GB/s of K/V read"),

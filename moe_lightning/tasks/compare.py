@@ -499,7 +499,11 @@ def _ranges_overlap(a: dict, b: dict) -> bool | None:
 def _title(rows: list[dict], cfg: RunConfig) -> str:
     from moe_lightning.engine.hf_config import model_label
 
-    return (f"{model_label(cfg.model)} on {cfg.hardware.name}, workload {cfg.workload.name} "
+    # "on t4" alone read as measured on a T4 when the runs were timed on this host under t4's budgets
+    measured = sorted({r["where"] for r in rows if r["status"] == "ok" and r["kind"] == "measured"})
+    where = (f"measured on {', '.join(measured)} under profile {cfg.hardware.name}'s budgets" if measured
+             else f"on profile {cfg.hardware.name}")
+    return (f"{model_label(cfg.model)} {where}, workload {cfg.workload.name} "
             f"({cfg.workload.num_requests} requests, gen {cfg.workload.gen_len})")
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import json
 import logging
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from moe_lightning.errors import ConfigError
 from moe_lightning.files import atomic_open, atomic_write
 from moe_lightning.plots import save
-from moe_lightning.report import SCHEMA_VERSION, RunReport, where_of
+from moe_lightning.report import KINDS, SCHEMA_VERSION, RunReport, where_of
 
 if TYPE_CHECKING:
     from moe_lightning.run_config import RunConfig  # type hints only: it sits above the tasks
@@ -56,11 +57,63 @@ def load_documents(patterns: list[str]) -> tuple[list[tuple[Path, RunReport]], l
             if unknown or newer:
                 log.warning("%s: schema version %s (this reader: %d); ignored fields: %s", path,
                             data["schema_version"], SCHEMA_VERSION, ", ".join(unknown) or "none")
+            wrong = malformed_field(data)
+            if wrong is not None:   # read as is, it would end the report in a traceback or a wrong row
+                skipped.append(f"{path}: a run document with a malformed field: {wrong}")
+                continue
             try:
                 docs.append((path, RunReport.from_dict(data)))
             except (TypeError, ValueError, KeyError, AttributeError):
                 skipped.append(f"{path}: a run document with missing or malformed fields")
     return docs, skipped
+
+
+def _number(x, nullable: bool = False) -> bool:
+    return (x is None and nullable) or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+_METRIC_NUMBERS = {"throughput_tok_s": True, "prefill_s": False, "decode_s": False, "generated_tokens": False,
+                   "decode_step_median_s": True, "decode_tok_s": True, "peak_gpu_bytes": False,
+                   "peak_cpu_bytes": False, "repeats": False}   # field -> may be null
+
+
+def malformed_field(data: dict) -> str | None:
+    """The first field of a run document (a dict with schema_version and metrics) whose type the report
+    cannot use, in words (`metrics.throughput_tok_s is 'abc', not a number`); None when all can be read.
+    Fields a document leaves out take their defaults; a kind outside KINDS is refused, as every row
+    must say whether it is measured, simulated or predicted."""
+    if not isinstance(data["schema_version"], int) or isinstance(data["schema_version"], bool):
+        return f"schema_version is {data['schema_version']!r}, not an integer"
+    for key in ("system", "task"):
+        if key in data and not isinstance(data[key], str):
+            return f"{key} is {data[key]!r}, not a string"
+    for key in ("model", "hardware", "workload", "policy", "prediction", "environment", "extra"):
+        if key in data and not isinstance(data[key], dict):
+            return f"{key} is {data[key]!r}, not an object"
+    m = data["metrics"]
+    if not isinstance(m, dict):
+        return f"metrics is {m!r}, not an object"
+    for key, nullable in _METRIC_NUMBERS.items():
+        if key in m and not _number(m[key], nullable):
+            return f"metrics.{key} is {m[key]!r}, not a number"
+    if "kind" in m and m["kind"] not in KINDS:
+        return f"metrics.kind is {m['kind']!r}, not one of {', '.join(KINDS)}"
+    if "noisy" in m and not isinstance(m["noisy"], bool):
+        return f"metrics.noisy is {m['noisy']!r}, not true or false"
+    for key in ("link_bytes", "utilisation", "spread"):
+        if key in m and not isinstance(m[key], dict):
+            return f"metrics.{key} is {m[key]!r}, not an object"
+    for name, spread in (m.get("spread") or {}).items():
+        if not isinstance(spread, dict):
+            return f"metrics.spread.{name} is {spread!r}, not an object"
+        for key, value in spread.items():
+            if not _number(value, nullable=key != "n"):
+                return f"metrics.spread.{name}.{key} is {value!r}, not a number"
+    for key in ("profile", "detected"):   # where_of and the hardware column read them
+        value = (data.get("hardware") or {}).get(key)
+        if value is not None and not isinstance(value, dict):
+            return f"hardware.{key} is {value!r}, not an object"
+    return None
 
 
 def kind_of(r: RunReport) -> str:
@@ -122,6 +175,9 @@ def bar_labels(rows: list[dict]) -> list[str]:
             for label, r in zip(labels, rows)]
 
 
+LABEL_WIDTH = 60   # characters per line of a bar's label (7 pt: about 3.3 of the figure's 9 inches)
+
+
 def throughput_figure(rows: list[dict]):
     """Horizontal bars (one per run document, readable at any count), grouped by hardware and workload,
     coloured by kind (measured / simulated / predicted) with a legend, measured bars with their spread."""
@@ -130,11 +186,15 @@ def throughput_figure(rows: list[dict]):
     plt = pyplot()
     rows = sorted((r for r in rows if r.get("tok_s")),
                   key=lambda r: (str(r["hardware"]), str(r["workload"]), str(r["system"]), r["tok_s"]))
-    fig, ax = plt.subplots(figsize=(9, min(40.0, 1.2 + 0.28 * len(rows))))
+    # A label naming several varying fields (kind, where, task ...) runs past 150 characters: on one line it
+    # pushed the bars, title and axis label out of the image. Wrapped, it keeps the left ~40% of the width.
+    labels = [textwrap.fill(label, LABEL_WIDTH) for label in bar_labels(rows)]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(9, min(40.0, 1.2 + 0.28 * len(rows) + 0.12 * (lines - len(rows)))))
     y = range(len(rows))
     ax.barh(y, [r["tok_s"] for r in rows], xerr=[r.get("tok_s_stdev") or 0 for r in rows],
             color=[KIND_COLORS.get(r["kind"], "tab:gray") for r in rows])
-    ax.set_yticks(y, bar_labels(rows), fontsize=7)
+    ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("tokens/s, end to end (measured: median of repeats ± stdev)")
     kinds = sorted({r["kind"] for r in rows})

@@ -482,6 +482,9 @@ def hardware_yaml(hw: HardwareSpec, m: Measurements) -> str:
             "# task_ / step_overhead_us: the engine executor's cost per task and per graph (one step);",
             "# issue_ / sync_overhead_us: its issuing thread's cost per task issued and per host barrier.",
             "# The simulator uses all of these; the HRM does not."]
+    if m.device != "cuda":   # set, not measured: the profile would otherwise read as the host's memory
+        head.append(f"# memory_gib: this host's {m.gpu_memory_gib + m.cpu_memory_gib:.1f} GiB of RAM split, a third "
+                    "to the GPU role (gpu), two thirds to the CPU (cpu).")
     body = [f"name: {d['name']}"]
     for group in ("gpu", "cpu", "link"):
         fields = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in d[group].items())

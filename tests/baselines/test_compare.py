@@ -149,6 +149,20 @@ def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(
         assert (doc["policy"]["batch_size"], doc["policy"]["micro_batch_size"]) == (4, 2)
     table = (tmp_path / "comparison.md").read_text()
     assert "measured" not in table.split("tokens/s = ")[1] and "took turns" not in table
+    assert table.startswith("### Throughput: tiny-mixtral on profile cpu, workload synthetic")
+
+
+def test_a_measured_comparisons_title_names_where_it_was_measured():
+    """The title said "tiny-mixtral on t4" above runs timed on this host's CPU under t4's budgets; it
+    names the detected device and the profile's part."""
+    from moe_lightning.config import HardwareSpec
+    from moe_lightning.tasks.compare import _title
+
+    rows = [{"status": "ok", "kind": "measured", "where": "this host (cpu)"},
+            {"status": "failed", "error": "x"}]
+    cfg = RunConfig(hardware=HardwareSpec(name="t4"))
+    assert _title(rows, cfg).startswith("tiny-mixtral measured on this host (cpu) under profile t4's budgets, ")
+    assert " on t4" not in _title(rows, cfg)
 
 
 def test_a_policy_field_a_listed_system_does_not_read_is_refused_before_any_run(tmp_path):

@@ -82,6 +82,32 @@ def test_report_writes_the_table_its_out_suffix_names(tmp_path, suffix):
     assert out.read_text().count("cgopipe") == 2
 
 
+@pytest.mark.parametrize(("path", "value", "named"), [
+    (("metrics", "throughput_tok_s"), "abc", "metrics.throughput_tok_s is 'abc', not a number"),
+    (("metrics", "peak_gpu_bytes"), "1", "metrics.peak_gpu_bytes is '1', not a number"),
+    (("metrics", "kind"), "guessed", "metrics.kind is 'guessed', not one of measured, simulated, predicted"),
+    (("metrics", "spread"), {"throughput_tok_s": {"n": "x"}}, "metrics.spread.throughput_tok_s.n is 'x'"),
+    (("hardware",), "t4", "hardware is 't4', not an object"),
+    (("policy",), [1], "policy is [1], not an object"),
+    (("schema_version",), "2", "schema_version is '2', not an integer"),
+])
+def test_a_document_with_a_malformed_field_is_skipped_naming_it(tmp_path, path, value, named):
+    """A run document with a figure of the wrong type ended task=report in a traceback (a string
+    throughput, a list for the policy) or, with a kind outside the three, stood in the table unlabelled;
+    it is skipped, its reason naming the field, and the well-formed documents beside it are reported."""
+    data = document("measured", 10.0, "cpu").to_dict()
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    document("simulated", 900.0, "t4").to_json(tmp_path / "good.json")
+    docs, skipped = load_documents([str(tmp_path / "*.json")])
+    assert [p.name for p, _ in docs] == ["good.json"]
+    assert len(skipped) == 1 and "bad.json" in skipped[0] and named in skipped[0], skipped
+    [row_of(p, r) for p, r in docs]
+
+
 def test_a_document_listed_twice_is_one_row(tmp_path):
     document("measured", 10.0, "cpu").to_json(tmp_path / "a.json")
     document("simulated", 900.0, "t4").to_json(tmp_path / "b.json")
@@ -98,7 +124,7 @@ def test_bars_name_the_fields_that_differ_and_fit_the_figure(tmp_path):
     rows = [row_of(tmp_path / f"{n}.json", r) for n, r in enumerate(reports)]
     fig = throughput_figure(rows)
     ax = fig.axes[0]
-    labels = [t.get_text() for t in ax.get_yticklabels()]
+    labels = [t.get_text().replace("\n", " ") for t in ax.get_yticklabels()]   # long labels are wrapped
     assert len(set(labels)) == 2 and {"attn_on_gpu=True", "attn_on_gpu=False"} == {x.split(" · ")[-1] for x in labels}
     fig.canvas.draw()
     figure = fig.bbox
@@ -107,6 +133,29 @@ def test_bars_name_the_fields_that_differ_and_fit_the_figure(tmp_path):
         box = text.get_window_extent(renderer)
         assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, \
             text.get_text()
+
+
+def test_long_labels_leave_the_bars_title_and_axis_in_the_image(tmp_path):
+    """Runs of three kinds and tasks that differ in placement too: each label names five varying fields
+    (140 characters and more). On one line they pushed the bars into a sliver and the title and the axis
+    label out of the image; wrapped, every text lies inside it and the bars keep half the width."""
+    pytest.importorskip("matplotlib")
+    reports = [document("measured", 10.0, "cpu"), document("simulated", 900.0, "cpu"),
+               document("predicted", 700.0, "cpu")]
+    reports[2].task = "plan"
+    for n, r in enumerate(reports):
+        r.policy |= {"attn_on_gpu": n == 0, "expert_gpu_fraction": n / 4}
+    rows = [row_of(tmp_path / f"{n}.json", r) for n, r in enumerate(reports)]
+    fig = throughput_figure(rows)
+    ax = fig.axes[0]
+    assert all(len(label.replace("\n", " ")) >= 140 for label in (t.get_text() for t in ax.get_yticklabels()))
+    fig.canvas.draw()
+    figure, renderer = fig.bbox, fig.canvas.get_renderer()
+    for text in [ax.title, ax.xaxis.label, *ax.get_yticklabels()]:
+        box = text.get_window_extent(renderer)
+        assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, \
+            text.get_text()
+    assert ax.get_position().width >= 0.5
 
 
 def test_report_and_compare_say_where_alike():

@@ -127,3 +127,25 @@ def test_the_table_lists_the_gpu_roles_curves_under_the_gpu_role():
     gemm = next(i for i, line in enumerate(lines) if line.startswith("GEMM by rows"))
     experts = next(i for i, line in enumerate(lines) if line.startswith("experts by tokens"))
     assert lines[sections[0]].startswith("GPU") and sections[0] < gemm < experts < sections[1], lines
+
+
+def test_the_memory_a_cpu_only_calibration_sets_says_it_is_a_share():
+    """Without CUDA the GPU role's and the CPU's memory_gib are a third and two thirds of the host's RAM,
+    set, not measured: the table and the profile's comments say so (the table printed "7.8 GiB" and
+    "15.7 GiB" bare, which read as a device and this host's memory); a CUDA run's are the device's own."""
+    from moe_lightning.tasks.calibrate import table
+    from moe_lightning.tuner.calibrate import Measurements, hardware_spec, hardware_yaml
+
+    required = [f.name for f in dataclasses.fields(Measurements)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    given = {"device": "cpu", "gpu_name": "cpu-as-gpu", "cpu_name": "x86_64", "cpu_cores": 2, "quick": True,
+             "gemm_rows": [1], "gemm_tflops": [0.01], "expert_loads": [1], "expert_tflops": [0.01],
+             "gpu_memory_gib": 8.0, "cpu_memory_gib": 16.0}
+    m = Measurements(**{name: 1.0 for name in required} | given)
+    lines = [line.strip() for line in table(m).splitlines()]
+    memory = next(line for line in lines if line.split()[:2] == ["memory", "8.0"])
+    assert "8.0 GiB (a third of this host's 24.0 GiB" in memory and "not measured" in memory, lines
+    assert next(line for line in lines if line.startswith("CPU")).endswith("16.0 GiB (the other two thirds)")
+    assert "this host's 24.0 GiB of RAM split" in hardware_yaml(hardware_spec(m), m)
+    cuda = dataclasses.replace(m, device="cuda", gpu_name="H200")
+    assert "third" not in table(cuda) and "third" not in hardware_yaml(hardware_spec(cuda), cuda)
