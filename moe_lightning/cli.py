@@ -223,12 +223,27 @@ def check_ignored_overrides(cfg, overrides, given: list[str] | None = None) -> N
             raise ConfigError(f"{key}: model=hf takes it from the folder's config.json, so it would be ignored; "
                               "drop it (model=hf accepts model.path and model.dtype)")
         if cfg.task.name == "compare" and (key == "system" or key.startswith("system.")):
-            raise ConfigError(f"{override}: task=compare runs the systems of task.systems with their own "
-                              "settings, so it would be ignored; list them there: 'task.systems=[cgopipe,flexgen]'")
+            refuse_unlisted_system(cfg, key, override)
         if cfg.task.name == "compare" and key == "trace" and cfg.trace:
             raise ConfigError("trace=true: task=compare does not trace its systems' runs; trace one with "
                               "task=generate system=<name> trace=true")
         refuse_unread_group(cfg, key, override)
+
+
+def refuse_unlisted_system(cfg, key: str, override: str) -> None:
+    """task=compare runs cfg.system's settings for that system when task.systems lists it
+    (`compare.system_run_config`), the others at their defaults: a setting for a system it does not list,
+    or the policy source that task.policy_source sets for every system, would be ignored."""
+    from moe_lightning.errors import ConfigError
+
+    name, listed = cfg.system.name, list(cfg.task.systems)
+    if key == "system.policy_source":
+        raise ConfigError(f"{override}: task=compare sets every system's policy source with task.policy_source "
+                          "(auto: each its own rule; given: cfg.policy), so it would be ignored; drop it")
+    if name not in listed:
+        raise ConfigError(f"{override}: task.systems=[{','.join(listed)}] does not list system={name}, whose "
+                          f"setting this is, so it would be ignored; list {name} there, or name a listed system "
+                          "(system=NAME) before its settings")
 
 
 def refuse_unread_group(cfg, key: str, override: str) -> None:

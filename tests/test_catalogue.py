@@ -610,8 +610,14 @@ CASES = [
          task="compare"),
     Case("compare-kernel-beside-the-reference", ("task.systems=[reference,cgopipe]", "policy.expert_kernel=loop"),
          "policy.expert_kernel: system=reference does not read it", task="compare"),
-    Case("compare-beside-a-system", ("system=flexgen",), "system=flexgen: task=compare runs the systems of "
-         "task.systems", task="compare"),
+    Case("compare-beside-a-system", ("system=flexgen", "task.systems=[cgopipe,deepspeed]"),
+         "system=flexgen: task.systems=[cgopipe,deepspeed] does not list system=flexgen, whose setting this is",
+         task="compare"),
+    Case("compare-a-setting-of-an-unlisted-system", ("system.refill=false", "task.systems=[flexgen,deepspeed]"),
+         "system.refill=false: task.systems=[flexgen,deepspeed] does not list system=cgopipe", task="compare"),
+    Case("compare-a-system-s-policy-source", ("system=flexgen", "system.policy_source=given"),
+         "system.policy_source=given: task=compare sets every system's policy source with task.policy_source",
+         task="compare"),
     Case("compare-with-a-trace", ("trace=true",), "trace=true: task=compare does not trace", task="compare"),
     # The comparison over a system's own run document: that document lost, then a traceback reading it
     Case("compare-out-over-a-systems-document", ("task.mode=simulate", "task.systems=[cgopipe,flexgen]",

@@ -142,7 +142,8 @@ def simulate_system(cfg: RunConfig, *, given=None, use_plan: bool = False):
                     "hrm_workload_prefill_s": hrm.prefill_s * batches,
                     "hrm_workload_decode_s": hrm.decode_s * batches, "batches": batches,
                     "hrm_bottleneck": hrm.bottleneck},
-        extra={"requested_system": system, "schedule": schedule, "policy_source": source, "memory_fits": fits,
+        extra={"requested_system": system, "system": as_dict(cfg.system), "schedule": schedule,
+               "policy_source": source, "memory_fits": fits,
                "simulation": sim.summary()})
     if several:   # the layout simulated; memory (peak_*_bytes, memory_fits) is one rank's
         report.extra["parallel"] = dataclasses.asdict(layout) | {"world_size": layout.world_size,

@@ -113,3 +113,26 @@ def test_task_plan_refuses_a_kv_cache_of_a_given_size(tmp_path):
                               policy=Policy(), out=str(tmp_path / "run.json"))
     with pytest.raises(ConfigError, match="system.kv_cache_tokens=1000: task=plan sizes the KV cache"):
         cfg.task.run(cfg)
+
+
+def test_a_comparison_runs_a_listed_system_s_settings(tmp_path, mixed_budgets):
+    """task=compare system.refill=false system.kv_cache_tokens=256: CGOPipe's row is its run under those
+    settings (they were refused: there was no way to compare a system's non-default settings), recorded in
+    its run document; flexgen's row is unchanged."""
+    import subprocess
+    import sys
+
+    def compare(name: str, *settings: str) -> dict:
+        r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=compare", "task.mode=simulate",
+                            "task.systems=[cgopipe,flexgen]", "model=mixtral-8x7b", "hardware=t4", "workload=jsonl",
+                            f"workload.path={mixed_budgets.path}", "workload.gen_len=32", *settings,
+                            f"hydra.run.dir={tmp_path / name}"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return {row["system"]: row for row in json.loads((tmp_path / name / "comparison.json").read_text())}
+
+    default, settings = compare("default"), compare("settings", "system.refill=false", "system.kv_cache_tokens=256")
+    assert settings["flexgen"]["throughput_tok_s"] == default["flexgen"]["throughput_tok_s"]
+    assert settings["cgopipe"]["throughput_tok_s"] != default["cgopipe"]["throughput_tok_s"]
+    doc = json.loads((tmp_path / "settings" / "cgopipe.json").read_text())
+    assert doc["extra"]["system"] == dataclasses.asdict(CGOPipeSystem(policy_source="auto", refill=False,
+                                                                     kv_cache_tokens=256))
