@@ -624,6 +624,8 @@ CASES = [
                                                  "hydra.run.dir=runs/c", "out=runs/c/flexgen.json"),
          "out=runs/c/flexgen.json: task=compare writes flexgen's run document there", task="compare"),
     # A comparison of one system is its ratio to itself: at least two, each listed once
+    Case("compare-an-unknown-system", ("task.systems=[cgopipe,vllm]",), "task.systems: unknown vllm; accepted: "
+         "reference, cgopipe, flexgen, flexgen_c, deepspeed, fastdecode, accelerate", task="compare"),
     Case("compare-one-system", ("task.systems=[reference]",), "task=compare needs at least two distinct systems",
          task="compare"),
     # A model this host cannot hold: refused once, before any system is tried, with task=generate's line

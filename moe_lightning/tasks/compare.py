@@ -106,7 +106,7 @@ class CompareTask:
         unknown = [s for s in systems if s not in SYSTEM_CONFIGS]
         if unknown or not systems:
             raise ConfigError(f"task.systems: unknown {', '.join(unknown) or '(empty list)'}; accepted: "
-                              f"{', '.join(n for n in SYSTEM_CONFIGS if n != 'reference')}")
+                              f"{', '.join(SYSTEM_CONFIGS)}")
         if self.mode == "measure":
             refuse_unread_by_systems(cfg.policy, [s for s in systems if s not in given], systems)
         if self.mode == "measure":   # a model this host cannot hold: the line task=generate gives, once
@@ -176,6 +176,9 @@ class CompareTask:
 
         if name not in SIMULATED_SCHEDULES:
             return f"skipped: {name} is a real library, measured only (no schedule of ours to simulate)"
+        if SIMULATED_SCHEDULES[name] != name:   # task=simulate stands CGOPipe's schedule in for it
+            return (f"skipped: {name} keeps every weight on one device and has no schedule of its own to simulate "
+                    f"(its row would be {SIMULATED_SCHEDULES[name]}'s schedule under another name); measured only")
         try:
             report, _, _ = simulate_system(system_run_config(cfg, name, source), given=given)
         except Exception as exc:  # noqa: BLE001 - recorded in the table

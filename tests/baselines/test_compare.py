@@ -134,9 +134,10 @@ def test_the_paired_interval_is_a_t_interval_on_the_logs():
 def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(tmp_path):
     """mode=simulate: nothing is measured, so the table says nothing about measured ranges or turns; with
     policy_source=given every simulated system, CGOPipe included, runs cfg.policy (CGOPipe ran the HRM
-    plan instead), and accelerate, a real library, is skipped with its reason."""
+    plan instead), and accelerate, a real library, is skipped with its reason, as is the reference, which
+    has no schedule of its own (it was CGOPipe's schedule ranked as a baseline)."""
     policy = Policy(batch_size=4, micro_batch_size=2)
-    cfg = RunConfig(task=CompareTask(systems=["cgopipe", "flexgen_c", "accelerate"], mode="simulate",
+    cfg = RunConfig(task=CompareTask(systems=["cgopipe", "flexgen_c", "accelerate", "reference"], mode="simulate",
                                      policy_source="given", progress=False),
                     workload=Workload(num_requests=8, gen_len=4), policy=policy, run_dir=str(tmp_path))
     report = cfg.task.run(cfg)
@@ -144,6 +145,7 @@ def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(
     assert rows["cgopipe"]["kind"] == rows["flexgen_c"]["kind"] == "simulated"
     assert rows["accelerate"]["status"] == "skipped"
     assert rows["accelerate"]["error"].startswith("accelerate is a real library")
+    assert rows["reference"]["status"] == "skipped" and "no schedule of its own" in rows["reference"]["error"]
     for name in ("cgopipe", "flexgen_c"):
         doc = json.loads((tmp_path / f"{name}.json").read_text())
         assert (doc["policy"]["batch_size"], doc["policy"]["micro_batch_size"]) == (4, 2)
