@@ -531,8 +531,8 @@ def markdown_table(rows: list[dict], title: str) -> str:
                      f"| {r['policy']} | {r['peak_gpu_bytes'] / GiB:.3f} | {r['peak_cpu_bytes'] / GiB:.3f} "
                      f"| {r['link_h2d_bytes'] / GB:.3f} / {r['link_d2h_bytes'] / GB:.3f}{est} |")
     kinds = sorted({r["kind"] for r in rows if r["status"] == "ok"})
-    lines += ["", "tokens/s = generated tokens / (prefill + decode time), after warm-up"
-              + ("; measured: median ± stdev over the repeats (cv, n)" if "measured" in kinds else "")
+    lines += ["", "tokens/s = generated tokens / (prefill + decode time)"   # a simulation has no warm-up
+              + ("; measured: after warm-up, median ± stdev over the repeats (cv, n)" if "measured" in kinds else "")
               + ("; simulated: the simulator timing each system's own task graphs on the hardware profile "
                  "(no device used; peak memory as planned)" if "simulated" in kinds else "")
               + ". vs best baseline = tokens/s over the best system other than cgopipe"

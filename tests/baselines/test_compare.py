@@ -151,6 +151,7 @@ def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(
         assert (doc["policy"]["batch_size"], doc["policy"]["micro_batch_size"]) == (4, 2)
     table = (tmp_path / "comparison.md").read_text()
     assert "measured" not in table.split("tokens/s = ")[1] and "took turns" not in table
+    assert "warm-up" not in table   # a simulation runs none
     assert table.startswith("### Throughput: tiny-mixtral on profile cpu, workload synthetic")
 
 
