@@ -37,9 +37,8 @@ def load_documents(patterns: list[str]) -> tuple[list[tuple[Path, RunReport]], l
     a file that looks like a run document but cannot be read is skipped with one."""
     docs, skipped, seen = [], [], set()
     for pattern in patterns:
-        for name in sorted(glob.glob(pattern, recursive=True)):
-            path = Path(name)
-            if not path.is_file() or path.resolve() in seen:   # listed twice, or matched by two patterns: once
+        for path in _files(pattern):
+            if path.resolve() in seen:   # listed twice, or matched by two patterns: once
                 continue
             seen.add(path.resolve())
             try:
@@ -66,6 +65,19 @@ def load_documents(patterns: list[str]) -> tuple[list[tuple[Path, RunReport]], l
             except (TypeError, ValueError, KeyError, AttributeError):
                 skipped.append(f"{path}: a run document with missing or malformed fields")
     return docs, skipped
+
+
+def _files(pattern: str) -> list[Path]:
+    """The files a pattern names: a glob's matches, and every .json under a folder it matches (a sweep's
+    or a comparison's run folder given as it is)."""
+    files = []
+    for name in sorted(glob.glob(pattern, recursive=True)):
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*.json") if f.is_file())
+        elif path.is_file():
+            files.append(path)
+    return files
 
 
 def _number(x, nullable: bool = False) -> bool:

@@ -164,3 +164,14 @@ def test_report_and_compare_say_where_alike():
     measured = document("measured", 10.0, "cpu")
     measured.hardware["detected"] = {"device": "cpu", "gpu": None}
     assert row_of(Path("m.json"), measured)["where"] == _where(measured) == "this host (cpu)"
+
+
+def test_a_folder_given_is_read_for_its_run_documents(tmp_path):
+    """task.inputs=[runs/c] (a comparison's or a sweep's run folder, as Hydra names it) reads every .json
+    under it; it matched nothing but the folder and the report said there were no run documents."""
+    (tmp_path / "c" / "0").mkdir(parents=True)
+    document("measured", 10.0, "cpu").to_json(tmp_path / "c" / "cgopipe.json")
+    document("simulated", 900.0, "t4").to_json(tmp_path / "c" / "0" / "run.json")
+    (tmp_path / "c" / "notes.txt").write_text("not a document")
+    docs, skipped = load_documents([str(tmp_path / "c")])
+    assert sorted(str(p.relative_to(tmp_path)) for p, _ in docs) == ["c/0/run.json", "c/cgopipe.json"] and not skipped
