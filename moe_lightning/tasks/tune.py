@@ -8,7 +8,7 @@ worker processes that share the study:
   gate (`processes.trial_gate`), after counting.
 - A trial its process lost (interrupted, or the process died: SIGKILL, a machine down) is queued again with
   the same parameters and seed label, under the same gate, and its retry runs before the other queued
-  trials; the lost trial no longer counts (`search.requeue_lost_trials`).
+  trials; the lost trial no longer counts (`trial_states.requeue_lost_trials`).
 - A trial that fails in an expected way (out of memory, timeout, crash, infeasible) is told FAIL with its
   reason in the trial's `reason` attribute and one printed line; no exception reaches Optuna, so it
   logs no traceback. A bug in the objective fails the trial with its reason, then goes on as a traceback.
@@ -69,15 +69,8 @@ def run_trials(study, cfg: RunConfig, spec, on_trial: Callable[[dict], None] | N
     from optuna.trial import TrialState
 
     from moe_lightning.tuner.processes import trial_gate
-    from moe_lightning.tuner.search import (
-        TrialFailed,
-        ask_trial,
-        fail_orphaned_trials,
-        objective,
-        requeue_lost_trials,
-        started_trials,
-        storage_url,
-    )
+    from moe_lightning.tuner.search import TrialFailed, objective, storage_url
+    from moe_lightning.tuner.trial_states import ask_trial, fail_orphaned_trials, requeue_lost_trials, started_trials
 
     run = objective(cfg, spec, on_trial, lengths, gen_lens)
     url = storage_url(cfg, study.study_name)
@@ -193,7 +186,7 @@ def _worker(cfg: RunConfig, parent_pid: int, index: int, lengths: list[int] | No
 def _end_workers(study, workers: list) -> None:
     """Stop the workers still running (SIGTERM: each fails its trial as interrupted), then fail, with the
     reason, the trials still RUNNING in a worker that died."""
-    from moe_lightning.tuner.search import fail_trials_of
+    from moe_lightning.tuner.trial_states import fail_trials_of
 
     workers = [w for w in workers if w.pid is not None]  # those started
     for w in workers:
@@ -213,7 +206,7 @@ def _end_workers(study, workers: list) -> None:
 
 def trial_records(study) -> list[dict]:
     """One flat record per trial (sweeps write records, not logs)."""
-    from moe_lightning.tuner.search import trial_reason
+    from moe_lightning.tuner.trial_states import trial_reason
 
     rows = []
     for t in study.trials:
@@ -302,16 +295,8 @@ class TuneTask:
 
         from moe_lightning.engine.weights import resolve_model
         from moe_lightning.tuner.processes import sigint_ignored_by_children, trial_gate
-        from moe_lightning.tuner.search import (
-            fail_orphaned_trials,
-            open_study,
-            requeue_lost_trials,
-            searched_policy_fields,
-            seed_study,
-            shown_url,
-            started_trials,
-            storage_url,
-        )
+        from moe_lightning.tuner.search import open_study, searched_policy_fields, seed_study, shown_url, storage_url
+        from moe_lightning.tuner.trial_states import fail_orphaned_trials, requeue_lost_trials, started_trials
 
         check_tuned_system(cfg)
         several = cfg.hardware.gpu.count > 1 or cfg.parallel.world_size > 1
@@ -551,7 +536,7 @@ def _no_trial_completed(study, run_dir: Path) -> str:
     """One line: how the trials ended and the commonest reason."""
     from optuna.trial import TrialState
 
-    from moe_lightning.tuner.search import trial_reason
+    from moe_lightning.tuner.trial_states import trial_reason
 
     ended = {s: [trial_reason(t) or "no reason recorded" for t in study.trials if t.state == s]
              for s in (TrialState.FAIL, TrialState.PRUNED)}

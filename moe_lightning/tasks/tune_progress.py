@@ -4,7 +4,7 @@ whichever of its processes ran it.
 A worker process's trials reach no callback of the main process, so the bar counts them in the study:
 the ended trials that one of this command's processes asked for (`pid` and `host`, which `run_trials`
 records on each trial it asks for), but a lost trial queued again (its retry counts instead, as in
-`search.started_trials`). It is read every `poll_s` seconds and as the tune ends. Its total is the
+`trial_states.started_trials`). It is read every `poll_s` seconds and as the tune ends. Its total is the
 trials this command starts: `tuner.n_trials` less those the study already counts (a resumed study's,
 another command's running ones).
 """

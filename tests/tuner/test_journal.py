@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 from moe_lightning.config import TunerConfig
 from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
-from moe_lightning.tuner.search import fail_orphaned_trials, journal_storage, open_study
+from moe_lightning.tuner.search import journal_storage, open_study
+from moe_lightning.tuner.trial_states import fail_orphaned_trials
 
 
 def test_two_workers_share_a_journal_study_exactly(tmp_path, tiny_path):

@@ -18,14 +18,7 @@ from optuna.trial import TrialState
 from moe_lightning.config import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, TunerConfig
 from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
-from moe_lightning.tuner.search import (
-    TrialFailed,
-    objective,
-    open_study,
-    policy_params,
-    seed_policies,
-    seed_study,
-)
+from moe_lightning.tuner.search import TrialFailed, objective, open_study, policy_params, seed_policies, seed_study
 
 
 def make_cfg(tmp_path, name: str, **tuner) -> RunConfig:
@@ -189,7 +182,7 @@ def test_a_resumed_tune_does_not_sample_its_first_runs_trials_again(tmp_path, ti
 
 
 def test_a_trial_killed_before_its_first_heartbeat_is_failed_on_resume(tmp_path, tiny_path):
-    from moe_lightning.tuner.search import fail_orphaned_trials
+    from moe_lightning.tuner.trial_states import fail_orphaned_trials
 
     cfg = make_cfg(tmp_path, "orphan", objective="simulate", heartbeat_s=1)
     study = open_study(cfg, spec_of(cfg))
@@ -217,7 +210,7 @@ def test_trials_lost_by_their_process_run_again_first_and_do_not_count(tmp_path,
     seed label kept) and run before the queued neighbours; an out-of-memory trial counts and stays failed;
     the study ends with exactly n_trials counted trials."""
     from moe_lightning.tasks.tune import run_trials
-    from moe_lightning.tuner.search import started_trials
+    from moe_lightning.tuner.trial_states import started_trials
 
     cfg = make_cfg(tmp_path, "lost", objective="simulate", n_trials=4)
     spec = spec_of(cfg)
@@ -246,7 +239,7 @@ def test_trials_lost_by_their_process_run_again_first_and_do_not_count(tmp_path,
 
 
 def test_parameters_whose_process_died_three_times_stay_failed(tmp_path, tiny_path):
-    from moe_lightning.tuner.search import requeue_lost_trials, started_trials
+    from moe_lightning.tuner.trial_states import requeue_lost_trials, started_trials
 
     cfg = make_cfg(tmp_path, "deaths", objective="simulate", seed_with_hrm=False)
     spec = spec_of(cfg)

@@ -25,8 +25,9 @@ from moe_lightning.config import ModelSpec, TunerConfig
 from moe_lightning.errors import ConfigError
 from moe_lightning.run_config import RunConfig
 from moe_lightning.systems import CGOPipeSystem
-from moe_lightning.tuner.search import fail_orphaned_trials, open_study, trial_reason
+from moe_lightning.tuner.search import open_study
 from moe_lightning.tuner.trial_process import out_of_memory
+from moe_lightning.tuner.trial_states import fail_orphaned_trials, trial_reason
 
 
 def tune_args(tmp_path, name: str, *extra: str) -> list[str]:
