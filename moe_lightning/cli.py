@@ -246,10 +246,20 @@ def refuse_unlisted_system(cfg, key: str, override: str) -> None:
                           "(system=NAME) before its settings")
 
 
+# What only a measurement reads: how often and how long it times, and how it is isolated.
+MEASURING_SETTINGS = {
+    "compare": tuple(f"task.{k}" for k in ("warmup_tokens", "repeats", "max_cv", "min_repeat_s", "isolate",
+                                           "interleave")),
+    "tune": tuple(f"tuner.{k}" for k in ("repeats", "max_cv", "remeasure", "min_repeat_s", "trial_timeout_s",
+                                         "trial_memory_gib")),
+}
+
+
 def refuse_unread_group(cfg, key: str, override: str) -> None:
     """A setting whose group the task never reads, refused rather than recorded as if it had run: tuner.*
     beside any task but tune; sampling.* where no token is sampled (a plan, a simulation, a simulated tune:
     every request runs to its budget); threads.* where the hardware profile, not this host, is timed;
+    what only a measurement reads (repeats, noise, timeouts) beside a simulated comparison or tune;
     parallel.chunks with no expert parallelism to pipeline."""
     from moe_lightning.errors import ConfigError
 
@@ -257,16 +267,22 @@ def refuse_unread_group(cfg, key: str, override: str) -> None:
     if group == "tuner" and task != "tune":
         raise ConfigError(f"{override}: only task=tune reads tuner.*, so task={task} would ignore it; drop it"
                           + (" (this task's own settings are task.*)" if task in ("bench", "compare") else ""))
-    simulated = task in ("plan", "simulate") or (task == "tune" and cfg.tuner.objective == "simulate")
+    simulated = (task in ("plan", "simulate") or (task == "tune" and cfg.tuner.objective == "simulate")
+                 or (task == "compare" and cfg.task.mode == "simulate"))
+    what = {"tune": "tuner.objective=simulate", "compare": "task.mode=simulate"}.get(task, f"task={task}")
+    measuring = MEASURING_SETTINGS.get(task, ())
+    if simulated and key in measuring:   # a simulation is deterministic: nothing is timed or repeated
+        raise ConfigError(f"{override}: {what} times nothing on this host (the simulator is deterministic), so "
+                          "this measurement setting would be ignored; drop it, or measure: "
+                          + ("tuner.objective=measure" if task == "tune" else "task.mode=measure"))
     # sampling.ignore_eos=true says what a simulation runs (every request to its budget): a command line shared
     # with a measured run (benchmarks/gpu_suite.sh's workload) keeps it
     if group == "sampling" and simulated and not (key == "sampling.ignore_eos" and cfg.sampling.ignore_eos):
-        what = "tuner.objective=simulate" if task == "tune" else f"task={task}"
         raise ConfigError(f"{override}: {what} samples no tokens (every request runs to its budget, as "
                           "sampling.ignore_eos=true), so it would be ignored; drop it, or sample with task=generate"
-                          + (" or tuner.objective=measure" if task == "tune" else ""))
-    if group == "threads" and task in ("plan", "simulate"):
-        raise ConfigError(f"{override}: task={task} prices the hardware profile hardware={cfg.hardware.name}, not "
+                          + {"tune": " or tuner.objective=measure", "compare": " or task.mode=measure"}.get(task, ""))
+    if group == "threads" and simulated and task != "tune":   # a tune's workers take their threads from it
+        raise ConfigError(f"{override}: {what} prices the hardware profile hardware={cfg.hardware.name}, not "
                           "this host's threads, so it would be ignored; drop it, or measure that thread layout "
                           "with task=bench")
     p = cfg.parallel

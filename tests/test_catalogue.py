@@ -664,6 +664,13 @@ CASES = [
          "would ignore it; drop it (this task's own settings are task.*)", task="bench"),
     Case("sampling-beside-simulate", ("sampling.temperature=0.7",), "sampling.temperature=0.7: task=simulate samples "
          "no tokens", task="simulate", base=()),
+    Case("repeats-beside-a-simulated-comparison", ("task.mode=simulate", "task.repeats=9"),
+         "task.repeats=9: task.mode=simulate times nothing on this host (the simulator is deterministic), so this "
+         "measurement setting would be ignored; drop it, or measure: task.mode=measure", task="compare"),
+    Case("timeout-beside-a-simulated-tune", ("tuner.objective=simulate", "tuner.trial_timeout_s=60"),
+         "tuner.trial_timeout_s=60: tuner.objective=simulate times nothing on this host", task="tune", base=TUNE),
+    Case("threads-beside-a-simulated-comparison", ("task.mode=simulate", "threads.serial=true"),
+         "threads.serial=true: task.mode=simulate prices the hardware profile", task="compare"),
     Case("sampling-beside-a-simulated-tune", ("tuner.objective=simulate", "sampling.ignore_eos=false"),
          "sampling.ignore_eos=false: tuner.objective=simulate samples no tokens", task="tune", base=TUNE),
     Case("threads-beside-plan", ("threads.serial=true",), "threads.serial=true: task=plan prices the hardware "

@@ -24,6 +24,10 @@ def config(task: str, **kw) -> RunConfig:
     (config("simulate", sampling=Sampling(ignore_eos=True)), "sampling.ignore_eos=true"),
     (config("plan", sampling=Sampling(ignore_eos=True)), "sampling.ignore_eos=true"),
     (config("generate"), "threads.serial=true"),
+    # what a measurement reads, beside one (a measured comparison, a measured tune)
+    (config("compare"), "task.repeats=9"),
+    (config("tune"), "tuner.trial_timeout_s=60"),
+    (config("compare"), "threads.serial=true"),
     (config("generate", parallel=ParallelConfig(expert=2, chunks=3)), "parallel.chunks=3"),
     # a several-GPU plan chooses its layout, expert parallelism included, and pipelines it in these chunks
     (config("simulate", hardware=HardwareSpec(gpu=GpuSpec(count=2)), parallel=ParallelConfig(chunks=3)),
