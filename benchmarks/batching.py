@@ -19,7 +19,6 @@ with their spread. Outputs must be identical across the three (greedy, fp32) and
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from moe_lightning.bench_args import Parser, guard, nonnegative_int, positive_int
 from moe_lightning.config import GpuSpec, HardwareSpec, Policy, Sampling, Workload
 from moe_lightning.report import Spread, environment
 from moe_lightning.run_config import RunConfig
@@ -54,21 +54,24 @@ def write_prompts(path: Path, n: int, prompt_max: int, gen_max: int, vocab: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mid-mixtral")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--batch", type=int, default=16, help="policy.batch_size N (the most requests running)")
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--prompt-max", type=int, default=256)
-    p.add_argument("--gen-max", type=int, default=48)
-    p.add_argument("--kv-tokens", type=int, default=0,
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--requests", type=positive_int, default=48)
+    p.add_argument("--batch", type=positive_int, default=16, help="policy.batch_size N (the most requests running)")
+    p.add_argument("--micro-batch", type=positive_int, default=4)
+    p.add_argument("--prompt-max", type=positive_int, default=256)
+    p.add_argument("--gen-max", type=positive_int, default=48)
+    p.add_argument("--kv-tokens", type=nonnegative_int, default=0,
                    help="the KV budget in tokens (default: N x (mean prompt + mean generation), rounded to blocks)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the MoE FFN's device; attention stays on the CPU)")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--seed", type=nonnegative_int, default=5)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="the MoE FFN's device (attention stays on the CPU)")
     p.add_argument("--save", action="store_true")
     args = p.parse_args()
+    if args.gen_max < 2:   # each request's budget is drawn from [2, gen-max]
+        p.error(f"argument --gen-max: must be >= 2 (budgets are drawn from [2, gen-max]), got {args.gen_max}")
 
     from moe_lightning.files import write_json
     from moe_lightning.systems import CGOPipeSystem
@@ -139,4 +142,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guard(main))

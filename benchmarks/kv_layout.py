@@ -16,11 +16,11 @@ layout used (GiB: for blocks, the most held at once). Outputs must be identical 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 from pathlib import Path
 
+from moe_lightning.bench_args import Parser, guard, positive_int
 from moe_lightning.config import GpuSpec, HardwareSpec, Policy, Sampling, Workload
 from moe_lightning.report import Spread, environment
 from moe_lightning.run_config import RunConfig
@@ -39,15 +39,15 @@ def kv_bytes(runner) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mid-mixtral")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--prompt-avg", type=int, default=64)
-    p.add_argument("--prompt-max", type=int, default=384)
-    p.add_argument("--gen-len", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--requests", type=positive_int, default=16)
+    p.add_argument("--micro-batch", type=positive_int, default=8)
+    p.add_argument("--prompt-avg", type=positive_int, default=64)
+    p.add_argument("--prompt-max", type=positive_int, default=384)
+    p.add_argument("--gen-len", type=positive_int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--save", action="store_true")
     args = p.parse_args()
 
@@ -88,7 +88,8 @@ def main() -> None:
     if args.save:
         path = RESULTS / f"kv_layout_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
         write_json(path, {
-            "benchmark": "kv_layout", "kind": "measured", "model": dataclasses.asdict(spec), "args": vars(args),
+            "benchmark": "kv_layout", "kind": "measured", "where": "this host (cpu)", "device": "cpu",
+            "model": dataclasses.asdict(spec), "args": vars(args),
             "prompts": lengths, "runs": runs,
             "spread": {k: {m: s.to_dict() for m, s in v.items()} for k, v in spreads.items()},
             "kv_bytes": allocated, "outputs_identical": identical, "environment": environment()}, indent=2)
@@ -98,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guard(main))

@@ -5,29 +5,42 @@
 2. the HRM-seeded study (the tune task's default) for --trials trials;
 3. unseeded TPE for --trials trials, beside it;
 and reports both best-so-far curves as a fraction of the grid's best (goal: seeded >= 97% within 20).
+Every number is simulated on the hardware profile named (not measured on this host).
 
     python benchmarks/tuner_seeding.py [--hardware t4] [--model mixtral-8x7b] [--workload mtbench] [--save]
+
+--save writes results/tuner_seeding/<case>.json and .png; a record already there (committed ones are)
+is replaced only with --overwrite.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import tempfile
 import time
 from pathlib import Path
 
+from moe_lightning.bench_args import Parser, guard, positive_int
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "tuner_seeding"
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--hardware", default="t4")
     ap.add_argument("--model", default="mixtral-8x7b")
     ap.add_argument("--workload", default="mtbench")
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--seeds", type=int, default=3, help="sampler seeds per arm")
-    ap.add_argument("--save", action="store_true", help="write results/tuner_seeding/<case>.json and .png")
+    ap.add_argument("--trials", type=positive_int, default=20)
+    ap.add_argument("--seeds", type=positive_int, default=3, help="sampler seeds per arm")
+    ap.add_argument("--save", action="store_true", help=f"write {RESULTS}/<case>.json and .png")
+    ap.add_argument("--overwrite", action="store_true", help="with --save: replace a record already there")
     args = ap.parse_args()
+    case = f"{args.model}-{args.hardware}-{args.workload}"
+    if args.save and not args.overwrite:   # refused before the grid and the studies, not after
+        taken = [p for p in (RESULTS / f"{case}.json", RESULTS / f"{case}.png") if p.exists()]
+        if taken:
+            ap.error(f"--save: {taken[0]} exists (a committed record?); pass --overwrite to replace it")
 
     import optuna
 
@@ -76,7 +89,8 @@ def main() -> None:
                 curves[arm].append(curve)
                 print(f"{arm} seed {seed}: best {best:.2f} tok/s = {best / grid_best:.1%} of the grid's best; "
                       f"reaches 97% at trial {next((i for i, c in enumerate(curve) if c >= 0.97), None)}")
-    result = {"case": f"{args.model}-{args.hardware}-{args.workload}", "grid_points": len(grid),
+    result = {"case": case, "kind": "simulated", "where": f"hardware profile {args.hardware} (simulator objective)",
+              "grid_points": len(grid),
               "grid_best_tok_s": grid_best, "grid_best_policy": dataclasses.asdict(grid_policy),
               "trials": args.trials, "curves_fraction_of_grid_best": curves}
     for arm, cs in curves.items():
@@ -84,9 +98,11 @@ def main() -> None:
         print(f"{arm}: final fraction of grid best over {len(cs)} seeds: min {min(final):.3f}, "
               f"mean {sum(final) / len(final):.3f}")
     if args.save:
-        out = Path("results/tuner_seeding")
-        out.mkdir(parents=True, exist_ok=True)
-        from moe_lightning.files import write_json
+        import io
+
+        from moe_lightning.files import atomic_write, write_json
+
+        out = RESULTS   # beside the other records, whatever the working folder
 
         write_json(out / f"{result['case']}.json", result, indent=2)
         import matplotlib
@@ -104,9 +120,11 @@ def main() -> None:
         ax.set_title(f"{result['case']} (simulated)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / f"{result['case']}.png", dpi=120)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
+        atomic_write(out / f"{result['case']}.png", png.getvalue())
         print(f"saved {out / result['case']}.json and .png")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guard(main))

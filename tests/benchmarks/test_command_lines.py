@@ -1,0 +1,85 @@
+"""The benchmark scripts refuse bad input in one line with exit 2, before any measurement, and every record
+they write says what its numbers are (`kind`: measured / simulated / predicted) and where (`where`)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CASES = [   # (script, arguments, what the one line must say); each ended in a traceback (or ran on) before
+    ("kernel_choice", ["--repeats", "0"], "--repeats"),                       # statistics.median([])
+    ("kernel_choice", ["--requests", "2", "--micro-batch", "3", "--layers", "1"], "micro_batch_size"),  # Policy
+    ("kv_layout", ["--repeats", "0"], "--repeats"),                           # UnboundLocalError
+    ("batching", ["--gen-max", "1"], "--gen-max"),                            # torch.randint(2, 2)
+    ("cpu_attention", ["--dtypes", "foo"], "accepted: bfloat16"),             # getattr(torch, "foo")
+    ("cpu_attention", ["--fallback-repeats", "0"], "--fallback-repeats"),     # stats([])
+    ("ep_pipeline", ["--ranks", "3"], "do not split"),                        # ValueError in each rank
+    ("regression", ["--attempts", "0"], "--attempts"),                        # UnboundLocalError
+    ("regression", ["--reference", "/nonexistent/reference.json"], "cannot read"),
+    ("measurement_stability", ["--runs", "0"], "--runs"),
+    ("sim_vs_measured", ["--policy", "batch_size=x"], "batch_size=x"),        # int("x") after calibrating
+    ("sim_vs_measured", ["--repeats", "0"], "--repeats"),                     # ran one repeat silently
+    ("tuner_seeding", ["--save"], "--overwrite"),                             # replaced the committed record
+]
+
+
+@pytest.mark.parametrize(("script", "args", "says"), CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(script, args, says):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=ROOT)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (r.returncode, r.stdout + r.stderr)
+
+
+def test_every_benchmark_record_says_its_kind_and_where():
+    """A script that writes a record (through files.write_json) names its numbers' kind and where they
+    come from; the CI regression reference keeps the format CI reads (its judge, not a reader, uses it)."""
+    missing = []
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        if script.name == "regression.py":
+            continue
+        tree = ast.parse(script.read_text())
+        writes = any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == "write_json"
+                     for n in ast.walk(tree))
+        keys = {k.value for n in ast.walk(tree) if isinstance(n, ast.Dict)
+                for k in n.keys if isinstance(k, ast.Constant)}
+        if writes and not {"kind", "where"} <= keys:
+            missing.append(f"{script.name}: {sorted({'kind', 'where'} - keys)}")
+    assert not missing, missing
+
+
+def test_the_regression_summary_prints_a_one_round_run():
+    """`--rounds 1`: a spread of one value has no stdev (null); the summary printed it with :.3f."""
+    bench = load("regression")
+    one = json.loads(bench.REFERENCE.read_text())
+    one.setdefault("simulated_e2e_s_each_calibration", [one["simulated_e2e_s"]] * 2)   # (older reference)
+    for d in one["spread"].values():
+        d.update(n=1, stdev=None, cv=None)
+    text = bench.show(one)
+    assert "overlap (busy / wall)" in text and "± None" not in text
+
+
+def test_one_run_has_no_coefficient_of_variation():
+    """One fresh process measured once has no spread: its CV is unknown, not a perfect 0%."""
+    stability = load("measurement_stability")
+    assert stability.cv([12.5]) is None and stability.pct(None) == "-"
+    assert stability.cv([1.0, 3.0]) == pytest.approx(2 ** 0.5 / 2)
