@@ -83,3 +83,11 @@ def test_one_run_has_no_coefficient_of_variation():
     stability = load("measurement_stability")
     assert stability.cv([12.5]) is None and stability.pct(None) == "-"
     assert stability.cv([1.0, 3.0]) == pytest.approx(2 ** 0.5 / 2)
+
+
+def test_the_gpu_suite_refuses_an_unknown_stage_before_creating_anything(tmp_path):
+    r = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), "parity-typo"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=60)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "parity|bench" in lines[0], r.stdout + r.stderr
+    assert not (tmp_path / "results").exists()   # it made results/gpu in the caller's folder first
