@@ -91,3 +91,11 @@ def test_the_gpu_suite_refuses_an_unknown_stage_before_creating_anything(tmp_pat
     lines = (r.stdout + r.stderr).strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "parity|bench" in lines[0], r.stdout + r.stderr
     assert not (tmp_path / "results").exists()   # it made results/gpu in the caller's folder first
+
+
+def test_the_kernel_to_fallback_speedup_is_taken_over_the_rounds_the_fallback_ran():
+    """The fallback runs in the first rounds only; the kernel's median over every round is another moment's
+    (here the host slowed after round 3: over every round the kernel looks 10x slower than it was)."""
+    attention = load("cpu_attention")
+    kernel, fallback = [10.0, 10.0, 10.0, 1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0]
+    assert attention.same_rounds_ratio(kernel, fallback) == 5.0
