@@ -20,6 +20,7 @@ BENCHMARKS = ROOT / "benchmarks"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # a dataclass in the script looks its module up there
     spec.loader.exec_module(module)
     return module
 
