@@ -58,7 +58,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     grid = []
-    for n, m, r, attn in itertools.product(range(32, wl.num_requests + 1, 32), (1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+    # Batch sizes in steps of 32, and the whole workload (a workload under 32 requests had an empty grid).
+    sizes = sorted(set(range(32, wl.num_requests + 1, 32)) | {wl.num_requests})
+    for n, m, r, attn in itertools.product(sizes, (1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
                                            (0, 1, 2), (False, True)):
         if m > n:
             continue
@@ -66,8 +68,14 @@ def main() -> None:
                    expert_gpu_fraction=r / spec.num_experts)
         if memory_plan(spec, p, wl).fits(hw):
             grid.append((simulate_run(spec, hw, wl, p).throughput_tok_s, p))
+    if not grid:
+        from moe_lightning.errors import ConfigError
+
+        raise ConfigError(f"no policy of the grid fits {args.hardware} for {args.model} on {args.workload}: "
+                          "nothing to compare the studies with; choose larger hardware or a smaller model")
     grid_best, grid_policy = max(grid, key=lambda x: x[0])
-    print(f"grid: {len(grid)} feasible points simulated in {time.perf_counter() - t0:.0f} s; "
+    print(f"grid: {len(grid)} feasible points simulated on hardware profile {args.hardware} (every tok/s below is "
+          f"simulated) in {time.perf_counter() - t0:.0f} s; "
           f"best {grid_best:.2f} tok/s at N={grid_policy.batch_size} mu={grid_policy.micro_batch_size} "
           f"attn_on_gpu={grid_policy.attn_on_gpu} r_w={grid_policy.expert_gpu_fraction}")
 

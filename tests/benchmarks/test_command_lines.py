@@ -100,3 +100,13 @@ def test_the_kernel_to_fallback_speedup_is_taken_over_the_rounds_the_fallback_ra
     attention = load("cpu_attention")
     kernel, fallback = [10.0, 10.0, 10.0, 1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0]
     assert attention.same_rounds_ratio(kernel, fallback) == 5.0
+
+
+def test_tuner_seeding_runs_a_workload_under_32_requests(tmp_path):
+    """The grid stepped batch sizes by 32 from 32: a small workload had none, and max() of nothing failed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "tuner_seeding.py"), "--model", "tiny-mixtral", "--hardware",
+                        "cpu", "--workload", "synthetic", "--trials", "2", "--seeds", "1"], capture_output=True,
+                       text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert "feasible points simulated" in r.stdout and "hrm_seeded: final fraction" in r.stdout
