@@ -217,13 +217,22 @@ def measure_point(p: Point, repeats: int, fallback_repeats: int, ext, rng: rando
 
 
 def compute_ceiling(p: Point, repeats: int, ext, gen: torch.Generator) -> dict:
-    """The kernel on a one-block pool (cache-resident): the same arithmetic, no DRAM traffic."""
+    """The kernel on a one-block pool (cache-resident): the same arithmetic, no DRAM traffic. Timed under
+    the host-wide measurement lock with the host's load recorded, as the points are: a team of threads
+    beside another busy process runs many times slower (measured: 2.8 against 108.6 GB/s), and the
+    ceiling it reports would then bound nothing."""
+    from moe_lightning.hostload import HostLoad, measurement_lock
+
     inputs = make_inputs(p, gen, same_block=True)
     kw = p.extra(gen)
     fn = lambda: ext.paged_decode_attention(*inputs, p.head_dim ** -0.5, False, kw["window"] or 0, kw["sinks"])
-    fn()
-    v = [p.kv_bytes / timed(fn) / 1e9 for _ in range(repeats)]
-    return {**dataclasses.asdict(p), "threads": torch.get_num_threads(), "cache_resident_gbps": stats(v)}
+    with measurement_lock() as waited, HostLoad() as load:
+        fn()
+        v = [p.kv_bytes / timed(fn) / 1e9 for _ in range(repeats)]
+    s = stats(v)
+    return {**dataclasses.asdict(p), "threads": torch.get_num_threads(), "cache_resident_gbps": s,
+            "host_load": {**load.report.to_dict(), "lock_wait_s": round(waited, 3)},
+            "unstable": bool(s["spread"] is None or s["spread"] > UNSTABLE_SPREAD or load.report.busy)}
 
 
 def fits(p: Point, sets_max: int = 8) -> str | None:
@@ -352,7 +361,8 @@ def main() -> int:
                 c = compute_ceiling(p, args.repeats, ext, gen)
                 record["cache_resident"].append(c)
                 print(f"{p.dtype:>8} {p.batch:>3} {p.context:>5} threads {n}: cache-resident kernel "
-                      f"{fmt(c['cache_resident_gbps'])} GB/s", flush=True)
+                      f"{fmt(c['cache_resident_gbps'])} GB/s{' UNSTABLE' if c['unstable'] else ''} | others busy "
+                      f"{c['host_load']['others_busy_cores'] or 0:.2f}", flush=True)
         torch.set_num_threads(1)
         for p in big:
             rec = measure_point(p, args.repeats, 0, ext, rng, gen, with_fallback=False)
