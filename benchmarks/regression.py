@@ -211,7 +211,8 @@ def main() -> int:
         print(show(result), flush=True)
         if not result["noise"] or args.update:
             break
-        print(f"too noisy to judge (attempt {attempt} of {args.attempts}): measuring again", flush=True)
+        if attempt < args.attempts:   # (the last attempt measures nothing more: it is judged as it is)
+            print(f"too noisy to judge (attempt {attempt} of {args.attempts}): measuring again", flush=True)
     if args.update:
         why = save_reference(result, args.reference)
         if why:
