@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from moe_lightning.bench_args import Parser, guard, nonnegative_int, positive_int
+from moe_lightning.bench_args import Parser, busy_warning, guard, nonnegative_int, positive_int
 from moe_lightning.config import GpuSpec, HardwareSpec, Policy, Sampling, Workload
 from moe_lightning.report import Spread, environment
 from moe_lightning.run_config import RunConfig
@@ -92,6 +92,7 @@ def main() -> None:
 
     runs = {k: {"total_s": [], "tok_s": []} for k in CONFIGS}
     counts, outputs = {}, {}
+    hosts: list[dict] = []   # each run's host load (the run report's), to say when others were busy
     for _ in range(args.repeats):
         for name, (refill, padded) in CONFIGS.items():
             workload = Workload(name="mixed", path=str(prompts), gen_len=args.gen_max, padding=padded)
@@ -105,6 +106,8 @@ def main() -> None:
             runs[name]["tok_s"].append(mt.throughput_tok_s)
             counts[name] = gen.report.extra["batching"]
             outputs[name] = gen.output_ids
+            hosts.append({"configuration": name, **gen.report.environment["host_load"]})
+            threads = gen.report.environment["threads"]
     identical = all(o == outputs["unpadded+refill"] for o in outputs.values())
     spreads = {k: {m: Spread.of(v) for m, v in r.items()} for k, r in runs.items()}
     base = spreads["unpadded+refill"]["total_s"].median
@@ -123,6 +126,8 @@ def main() -> None:
         print(f"{name:<17}{c['decode_steps']:>13}{prefills:>9}{running:>9}  {t.show('.2f'):<34}"
               f"{t.median / base:>13.2f}")
     print(f"outputs identical across configurations: {identical}")
+    if warning := busy_warning(hosts):
+        print(warning)
     steps_saved = counts["unpadded"]["decode_steps"] / counts["unpadded+refill"]["decode_steps"]
     padded_vs = spreads["padded"]["total_s"].median / spreads["unpadded"]["total_s"].median
     print(f"refill: {steps_saved:.2f}x fewer decode steps than without; padded takes {padded_vs:.2f}x the time of "
@@ -135,7 +140,8 @@ def main() -> None:
             "args": vars(args), "kv_budget_tokens": kv_tokens, "policy": dataclasses.asdict(policy),
             "requests": [{"prompt_len": a, "max_new_tokens": b} for a, b in rows], "runs": runs, "batching": counts,
             "spread": {k: {m: s.to_dict() for m, s in v.items()} for k, v in spreads.items()},
-            "outputs_identical": identical, "environment": environment()}, indent=2)
+            "outputs_identical": identical, "threads": threads, "host_load": hosts, "environment": environment()},
+            indent=2)
         print(f"record: {path}")
     if not identical:
         raise SystemExit("outputs differ between configurations")

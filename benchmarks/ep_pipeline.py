@@ -133,7 +133,9 @@ def main() -> int:
     out = check_out_file(ap, parsed.out, "--out") if parsed.out else \
         RESULTS / f"ep_pipeline_{time.strftime('%Y%m%d-%H%M%S')}.json"
     args = {**vars(parsed), "ranks": ",".join(map(str, parsed.ranks))}   # the record's config, as typed
+    from moe_lightning.bench_args import busy_warning
     from moe_lightning.files import write_json
+    from moe_lightning.hostload import HostLoad
     from moe_lightning.report import environment
 
     record = {"schema_version": 1, "kind": "measured", "benchmark": "ep_pipeline",
@@ -146,8 +148,10 @@ def main() -> int:
         # rank 0 hands its times over in a scratch file (not under results/, where a failed run left it)
         with tempfile.TemporaryDirectory(prefix="ep_pipeline_") as scratch:
             tmp = Path(scratch) / f"rank0_{os.getpid()}.json"
-            mp.spawn(_rank, args=(world, _port(), args, str(tmp)), nprocs=world, join=True)
+            with HostLoad() as load:   # the ranks are this process's children: their CPU is not "others"
+                mp.spawn(_rank, args=(world, _port(), args, str(tmp)), nprocs=world, join=True)
             run = json.loads(tmp.read_text())
+            run["host_load"] = load.report.to_dict()
         base = run["seconds"]["unpipelined"]
         run["summary"] = {}
         for name, xs in run["seconds"].items():
@@ -167,6 +171,8 @@ def main() -> int:
               f"(an eighth of the rows {r['expert_gemm_s_eighth'] * 1e3:.2f} ms: fixed "
               f"{r['gemm_fixed_s'] * 1e3:.2f} ms a chunk) -> model C = {run['model_chunks']}")
         record["runs"].append(run)
+        if warning := busy_warning([run["host_load"]]):
+            print(f"  {world} ranks  {warning}")
     write_json(out, record, indent=1)
     print(f"wrote {out}")
     return 0

@@ -17,7 +17,7 @@ import datetime as dt
 import statistics
 from pathlib import Path
 
-from moe_lightning.bench_args import Parser, guard, positive_int
+from moe_lightning.bench_args import Parser, busy_warning, guard, positive_int
 from moe_lightning.config import EXPERT_KERNELS, GpuSpec, HardwareSpec, Policy, Sampling, Workload
 from moe_lightning.report import Spread, environment
 from moe_lightning.run_config import RunConfig
@@ -48,6 +48,7 @@ def main() -> None:
     choices = ["auto"] + [k for k in KERNELS if k in EXPERT_KERNELS]
     times: dict[str, dict[str, list[float]]] = {c: {"prefill_s": [], "decode_s": []} for c in choices}
     used: dict[str, dict] = {}
+    hosts: list[dict] = []   # each run's host load (the run report's), to say when others were busy
     for _ in range(args.repeats):
         for choice in choices:
             policy = Policy(batch_size=args.requests, micro_batch_size=args.micro_batch, expert_gpu_fraction=0.125,
@@ -59,6 +60,8 @@ def main() -> None:
             times[choice]["prefill_s"].append(gen.report.metrics.prefill_s)
             times[choice]["decode_s"].append(gen.report.metrics.decode_s)
             used[choice] = gen.report.extra.get("expert_kernels_used", {})
+            hosts.append({"kernel": choice, **gen.report.environment["host_load"]})
+            threads = gen.report.environment["threads"]
     med = {c: {k: statistics.median(v) for k, v in t.items()} for c, t in times.items()}
     spread = {c: {k: Spread.of(v) for k, v in t.items()} for c, t in times.items()}
     print(f"{spec.name} ({spec.num_layers} layers), {args.requests} requests, mu={args.micro_batch}; measured on "
@@ -72,6 +75,8 @@ def main() -> None:
         m, s = med[c], spread[c]
         print(f"{c:<10}{cell(s['prefill_s']):>22}{m['prefill_s'] / med['auto']['prefill_s']:>8.2f}"
               f"{cell(s['decode_s']):>22}{m['decode_s'] / med['auto']['decode_s']:>8.2f}  {used.get(c, {})}")
+    if warning := busy_warning(hosts):
+        print(warning)
     if args.save:
         from moe_lightning.files import write_json
 
@@ -80,7 +85,8 @@ def main() -> None:
                           "device": args.device, "args": vars(args), "model": dataclasses.asdict(spec),
                           "workload": dataclasses.asdict(workload), "times": times, "median": med,
                           "spread": {c: {k: v.to_dict() for k, v in s.items()} for c, s in spread.items()},
-                          "kernels_used": used, "environment": environment()}, indent=2)
+                          "kernels_used": used, "threads": threads, "host_load": hosts,
+                          "environment": environment()}, indent=2)
         print(f"record: {path}")
 
 

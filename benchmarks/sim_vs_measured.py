@@ -31,7 +31,7 @@ import datetime as dt
 import time
 from pathlib import Path
 
-from moe_lightning.bench_args import Parser, fraction, guard, positive_float, positive_int
+from moe_lightning.bench_args import Parser, busy_warning, fraction, guard, positive_float, positive_int
 from moe_lightning.config import Policy, Sampling, Workload
 from moe_lightning.files import write_json
 from moe_lightning.report import environment
@@ -148,11 +148,13 @@ def main() -> None:
                     trace=True)
     # Repeats in this process, each a fresh engine: the host's speed drifts by 5-15% from one minute to
     # the next, so the median run is compared and the spread is reported beside it.
-    runs = []
+    runs, hosts = [], []   # hosts: each run's host load (the run report's), to say when others were busy
     for _ in range(args.repeats):
         gen = run_generation(cfg, progress=False, warmup_tokens=2)
         meas = gen.report.metrics
         runs.append((meas.prefill_s + meas.decode_s, meas, gen.runner.timeline))
+        hosts.append(gen.report.environment["host_load"])
+        threads = gen.report.environment["threads"]
         del gen   # the model and its pools: one alive at a time
         print(f"measured run {len(runs)}: {runs[-1][0]:.3f} s", flush=True)
     totals = sorted(t for t, _, _ in runs)
@@ -193,6 +195,8 @@ def main() -> None:
           f"                      simulated {sim.utilisation}")
     print("fitted per-op scales (measured / modelled): "
           + ", ".join(f"{op} {s:.2f}" for op, s in sorted(scales.items())))
+    if warning := busy_warning(hosts):
+        print(warning)
     record = {
         "benchmark": "sim_vs_measured", "device": args.device,
         "kind": {"measured": "measured", "simulated": "simulated", "simulated_fitted": "simulated", "hrm": "predicted"},
@@ -204,6 +208,7 @@ def main() -> None:
         "hardware": dataclasses.asdict(hw), "calibration": m.as_dict(), "policy": dataclasses.asdict(policy),
         "measured": {"prefill_s": meas.prefill_s, "decode_s": meas.decode_s, "tok_s": meas.throughput_tok_s,
                      "utilisation": meas.utilisation, "repeats": len(totals), "e2e_s_runs": totals,
+                     "host_load": hosts, "threads": threads,
                      "what": "the median run of the repeats, the slower middle one when their number is even "
                              f"(this host, {args.device})"},
         "simulated": {"prefill_s": sim.prefill_s, "decode_s": sim.decode_s, "tok_s": sim.throughput_tok_s,

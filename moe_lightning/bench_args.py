@@ -92,3 +92,13 @@ def guard(main: Callable[[], int | None], prog: str | None = None) -> int:
     except MoELightningError as exc:
         print(f"{prog or Path(sys.argv[0]).name}: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def busy_warning(loads: list[dict]) -> str | None:
+    """One line when other processes were busy during any measured run (each run's `host_load`, as the
+    run report records it), else None: the ratios of such a run compare the host's moods, not systems."""
+    busy = [h.get("others_busy_cores") or 0.0 for h in loads if h.get("busy")]
+    if not busy:
+        return None
+    return (f"warning: other processes kept up to {max(busy):.2f} cores busy during {len(busy)} of {len(loads)} "
+            "measured runs: read the spreads before trusting the ratios")

@@ -124,3 +124,28 @@ def test_the_cache_resident_ceiling_is_timed_under_the_lock_with_the_hosts_load(
     rec = attention.compute_ceiling(p, 3, ca.load_extension(required=True), torch.Generator().manual_seed(0))
     assert rec["cache_resident_gbps"]["n"] == 3 and isinstance(rec["unstable"], bool)
     assert "others_busy_cores" in rec["host_load"] and "lock_wait_s" in rec["host_load"]
+
+
+def test_every_measuring_benchmark_records_the_hosts_load():
+    """DESIGN: a measurement records the host's load; these records had none, so a ratio measured beside a
+    busy process could not be told from one measured on an idle host."""
+    missing = []
+    for name in ("kernel_choice", "kv_layout", "batching", "sim_vs_measured", "ep_pipeline", "cpu_attention",
+                 "measurement_stability"):
+        tree = ast.parse((BENCHMARKS / f"{name}.py").read_text())
+        keys = {k.value for n in ast.walk(tree) if isinstance(n, ast.Dict)
+                for k in n.keys if isinstance(k, ast.Constant)}
+        keys |= {n.slice.value for n in ast.walk(tree) if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store)
+                 and isinstance(n.slice, ast.Constant)}
+        if "host_load" not in keys:
+            missing.append(name)
+    assert not missing, missing
+
+
+def test_a_busy_run_is_said_in_one_line():
+    from moe_lightning.bench_args import busy_warning
+
+    idle = {"others_busy_cores": 0.05, "busy": False}
+    assert busy_warning([idle, idle]) is None
+    line = busy_warning([idle, {"others_busy_cores": 1.3, "busy": True}])
+    assert line.startswith("warning:") and "1.30 cores" in line and "1 of 2" in line
