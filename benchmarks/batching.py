@@ -19,8 +19,10 @@ with their spread. Outputs must be identical across the three (greedy, fp32) and
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime as dt
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,6 +82,7 @@ def main() -> None:
     spec = dataclasses.replace(load_preset("model", args.model), num_layers=args.layers, dtype="float32")
     hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gib=64, shares_host=args.device == "cpu"))
     folder = Path(tempfile.mkdtemp(prefix="moe-lightning-batching-"))
+    atexit.register(shutil.rmtree, folder, True)   # the prompts file is scratch: every run left one in /tmp
     prompts = folder / "prompts.jsonl"
     rows = write_prompts(prompts, args.requests, args.prompt_max, args.gen_max, spec.vocab_size, args.seed)
     mean = sum(a + b for a, b in rows) / len(rows)

@@ -66,7 +66,7 @@ def main() -> None:
     spread = {c: {k: Spread.of(v) for k, v in t.items()} for c, t in times.items()}
     print(f"{spec.name} ({spec.num_layers} layers), {args.requests} requests, mu={args.micro_batch}; measured on "
           f"this host ({args.device}), median [min, max] of {args.repeats} round-robin runs")
-    print(f"{'kernel':<10}{'prefill s':>22}{'/ auto':>8}{'decode s':>22}{'/ auto':>8}  calls")
+    print(f"{'kernel':<10}{'prefill s':>22}{'/ auto':>8}{'decode s':>22}{'/ auto':>8}  expert-kernel calls (last run)")
 
     def cell(s: Spread) -> str:
         return f"{s.median:.3f} [{s.min:.3f}, {s.max:.3f}]"

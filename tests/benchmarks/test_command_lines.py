@@ -149,3 +149,14 @@ def test_a_busy_run_is_said_in_one_line():
     assert busy_warning([idle, idle]) is None
     line = busy_warning([idle, {"others_busy_cores": 1.3, "busy": True}])
     assert line.startswith("warning:") and "1.30 cores" in line and "1 of 2" in line
+
+
+@pytest.mark.slow
+def test_batching_leaves_no_scratch_folder(tmp_path):
+    """Every run left its prompts file in a moe-lightning-batching-* folder under the temporary folder."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "batching.py"), "--layers", "1", "--requests", "2",
+                        "--batch", "2", "--micro-batch", "1", "--prompt-max", "8", "--gen-max", "2", "--repeats", "1"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and "outputs identical across configurations: True" in r.stdout, r.stderr[-500:]
+    assert not list(tmp_path.glob("moe-lightning-batching-*"))
