@@ -19,14 +19,16 @@ with their spread. Outputs must be identical across the three (greedy, fp32) and
 
 from __future__ import annotations
 
-import argparse
+import atexit
 import dataclasses
 import datetime as dt
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from moe_lightning.bench_args import Parser, busy_warning, guard, nonnegative_int, positive_int
 from moe_lightning.config import GpuSpec, HardwareSpec, Policy, Sampling, Workload
 from moe_lightning.report import Spread, environment
 from moe_lightning.run_config import RunConfig
@@ -54,21 +56,24 @@ def write_prompts(path: Path, n: int, prompt_max: int, gen_max: int, vocab: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mid-mixtral")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--batch", type=int, default=16, help="policy.batch_size N (the most requests running)")
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--prompt-max", type=int, default=256)
-    p.add_argument("--gen-max", type=int, default=48)
-    p.add_argument("--kv-tokens", type=int, default=0,
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--requests", type=positive_int, default=48)
+    p.add_argument("--batch", type=positive_int, default=16, help="policy.batch_size N (the most requests running)")
+    p.add_argument("--micro-batch", type=positive_int, default=4)
+    p.add_argument("--prompt-max", type=positive_int, default=256)
+    p.add_argument("--gen-max", type=positive_int, default=48)
+    p.add_argument("--kv-tokens", type=nonnegative_int, default=0,
                    help="the KV budget in tokens (default: N x (mean prompt + mean generation), rounded to blocks)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the MoE FFN's device; attention stays on the CPU)")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--seed", type=nonnegative_int, default=5)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="the MoE FFN's device (attention stays on the CPU)")
     p.add_argument("--save", action="store_true")
     args = p.parse_args()
+    if args.gen_max < 2:   # each request's budget is drawn from [2, gen-max]
+        p.error(f"argument --gen-max: must be >= 2 (budgets are drawn from [2, gen-max]), got {args.gen_max}")
 
     from moe_lightning.files import write_json
     from moe_lightning.systems import CGOPipeSystem
@@ -77,6 +82,7 @@ def main() -> None:
     spec = dataclasses.replace(load_preset("model", args.model), num_layers=args.layers, dtype="float32")
     hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gib=64, shares_host=args.device == "cpu"))
     folder = Path(tempfile.mkdtemp(prefix="moe-lightning-batching-"))
+    atexit.register(shutil.rmtree, folder, True)   # the prompts file is scratch: every run left one in /tmp
     prompts = folder / "prompts.jsonl"
     rows = write_prompts(prompts, args.requests, args.prompt_max, args.gen_max, spec.vocab_size, args.seed)
     mean = sum(a + b for a, b in rows) / len(rows)
@@ -89,6 +95,7 @@ def main() -> None:
 
     runs = {k: {"total_s": [], "tok_s": []} for k in CONFIGS}
     counts, outputs = {}, {}
+    hosts: list[dict] = []   # each run's host load (the run report's), to say when others were busy
     for _ in range(args.repeats):
         for name, (refill, padded) in CONFIGS.items():
             workload = Workload(name="mixed", path=str(prompts), gen_len=args.gen_max, padding=padded)
@@ -102,6 +109,8 @@ def main() -> None:
             runs[name]["tok_s"].append(mt.throughput_tok_s)
             counts[name] = gen.report.extra["batching"]
             outputs[name] = gen.output_ids
+            hosts.append({"configuration": name, **gen.report.environment["host_load"]})
+            threads = gen.report.environment["threads"]
     identical = all(o == outputs["unpadded+refill"] for o in outputs.values())
     spreads = {k: {m: Spread.of(v) for m, v in r.items()} for k, r in runs.items()}
     base = spreads["unpadded+refill"]["total_s"].median
@@ -120,6 +129,8 @@ def main() -> None:
         print(f"{name:<17}{c['decode_steps']:>13}{prefills:>9}{running:>9}  {t.show('.2f'):<34}"
               f"{t.median / base:>13.2f}")
     print(f"outputs identical across configurations: {identical}")
+    if warning := busy_warning(hosts):
+        print(warning)
     steps_saved = counts["unpadded"]["decode_steps"] / counts["unpadded+refill"]["decode_steps"]
     padded_vs = spreads["padded"]["total_s"].median / spreads["unpadded"]["total_s"].median
     print(f"refill: {steps_saved:.2f}x fewer decode steps than without; padded takes {padded_vs:.2f}x the time of "
@@ -132,11 +143,12 @@ def main() -> None:
             "args": vars(args), "kv_budget_tokens": kv_tokens, "policy": dataclasses.asdict(policy),
             "requests": [{"prompt_len": a, "max_new_tokens": b} for a, b in rows], "runs": runs, "batching": counts,
             "spread": {k: {m: s.to_dict() for m, s in v.items()} for k, v in spreads.items()},
-            "outputs_identical": identical, "environment": environment()}, indent=2)
+            "outputs_identical": identical, "threads": threads, "host_load": hosts, "environment": environment()},
+            indent=2)
         print(f"record: {path}")
     if not identical:
         raise SystemExit("outputs differ between configurations")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guard(main))

@@ -35,7 +35,6 @@ the same rounds (the fallback is what ran gpt-oss's layers before the kernel too
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import math
@@ -145,6 +144,12 @@ def make_inputs(p: Point, gen: torch.Generator, same_block: bool = False):
     return q, k_pool, v_pool, table, lens
 
 
+def same_rounds_ratio(a: list[float], b: list[float]) -> float:
+    """median(a) / median(b) over the rounds both ran: `b` (the fallback) ran in the first len(b) rounds
+    only, and the kernel's median over every round is not the same moment's (the host drifts)."""
+    return statistics.median(a[:len(b)]) / statistics.median(b)
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -200,8 +205,9 @@ def measure_point(p: Point, repeats: int, fallback_repeats: int, ext, rng: rando
            "memcpy_gbps": s["memcpy"], "read_gbps": s["read"],
            "ratio": round(s["kernel"]["median"] / s["memcpy"]["median"], 3),
            "ratio_paired": stats(paired), "ratio_to_read": round(s["kernel"]["median"] / s["read"]["median"], 3),
-           "fallback_ratio": round(s["fallback"]["median"] / s["memcpy"]["median"], 3) if with_fallback else None,
-           "speedup": round(s["kernel"]["median"] / s["fallback"]["median"], 2) if with_fallback else None,
+           "fallback_ratio": round(1 / same_rounds_ratio(gbps["memcpy"], gbps["fallback"]), 3)
+           if with_fallback else None,
+           "speedup": round(same_rounds_ratio(gbps["kernel"], gbps["fallback"]), 2) if with_fallback else None,
            "p_bf16_ratio": (round(s["kernel_p_bf16"]["median"] / s["memcpy"]["median"], 3)
                             if "kernel_p_bf16" in s else None),
            "host_load": {**load.report.to_dict(), "lock_wait_s": round(waited, 3)}}
@@ -211,13 +217,22 @@ def measure_point(p: Point, repeats: int, fallback_repeats: int, ext, rng: rando
 
 
 def compute_ceiling(p: Point, repeats: int, ext, gen: torch.Generator) -> dict:
-    """The kernel on a one-block pool (cache-resident): the same arithmetic, no DRAM traffic."""
+    """The kernel on a one-block pool (cache-resident): the same arithmetic, no DRAM traffic. Timed under
+    the host-wide measurement lock with the host's load recorded, as the points are: a team of threads
+    beside another busy process runs many times slower (measured: 2.8 against 108.6 GB/s), and the
+    ceiling it reports would then bound nothing."""
+    from moe_lightning.hostload import HostLoad, measurement_lock
+
     inputs = make_inputs(p, gen, same_block=True)
     kw = p.extra(gen)
     fn = lambda: ext.paged_decode_attention(*inputs, p.head_dim ** -0.5, False, kw["window"] or 0, kw["sinks"])
-    fn()
-    v = [p.kv_bytes / timed(fn) / 1e9 for _ in range(repeats)]
-    return {**dataclasses.asdict(p), "threads": torch.get_num_threads(), "cache_resident_gbps": stats(v)}
+    with measurement_lock() as waited, HostLoad() as load:
+        fn()
+        v = [p.kv_bytes / timed(fn) / 1e9 for _ in range(repeats)]
+    s = stats(v)
+    return {**dataclasses.asdict(p), "threads": torch.get_num_threads(), "cache_resident_gbps": s,
+            "host_load": {**load.report.to_dict(), "lock_wait_s": round(waited, 3)},
+            "unstable": bool(s["spread"] is None or s["spread"] > UNSTABLE_SPREAD or load.report.busy)}
 
 
 def fits(p: Point, sets_max: int = 8) -> str | None:
@@ -236,23 +251,46 @@ def fmt(s: dict | None) -> str:
     return "-" if s is None else f"{s['median']:6.1f} [{s['min']:.1f}-{s['max']:.1f}]"
 
 
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def dtype_list(text: str) -> list[str]:
+    import argparse
+
+    names = text.split(",")
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtype {', '.join(unknown)}; accepted: {', '.join(DTYPES)}")
+    return names
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtypes", default="bfloat16,float16,float32")
-    ap.add_argument("--contexts", default="512,4096")
-    ap.add_argument("--batches", default="8,64")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--window", type=int, default=0, help="a sliding layer: attend the last W tokens (0: all)")
+    from moe_lightning.bench_args import Parser, check_out_file, nonnegative_int, positive_int, positive_ints
+
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", type=dtype_list, default="bfloat16,float16,float32")
+    ap.add_argument("--contexts", type=positive_ints, default="512,4096")
+    ap.add_argument("--batches", type=positive_ints, default="8,64")
+    ap.add_argument("--block-size", type=positive_int, default=16)
+    ap.add_argument("--heads", type=positive_int, default=32)
+    ap.add_argument("--kv-heads", type=positive_int, default=8)
+    ap.add_argument("--head-dim", type=positive_int, default=128)
+    ap.add_argument("--window", type=nonnegative_int, default=0,
+                    help="a sliding layer: attend the last W tokens (0: all)")
     ap.add_argument("--sinks", action="store_true", help="an attention-sink logit per query head (gpt-oss)")
-    ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds per point")
-    ap.add_argument("--fallback-repeats", type=int, default=3, help="rounds that also time the fallback")
-    ap.add_argument("--threads", type=int, default=0, help="0: the detected cores (moe_lightning.threads)")
+    ap.add_argument("--repeats", type=positive_int, default=15, help="interleaved rounds per point")
+    ap.add_argument("--fallback-repeats", type=positive_int, default=3, help="rounds that also time the fallback")
+    ap.add_argument("--threads", type=nonnegative_int, default=0,
+                    help="0: the detected cores (moe_lightning.threads)")
     ap.add_argument("--no-bounds", action="store_true", help="skip the cache-resident and one-thread sections")
     ap.add_argument("--out", default="", help=f"JSON path (default {RESULTS}/cpu_attention_<time>.json)")
     args = ap.parse_args()
+    if args.heads % args.kv_heads:
+        ap.error(f"argument --heads: {args.heads} query heads do not group over {args.kv_heads} kv heads "
+                 "(--heads must be a multiple of --kv-heads)")
+    # The record is written after minutes of measuring: a path that cannot be written is refused first.
+    path = check_out_file(ap, args.out, "--out") if args.out else \
+        RESULTS / f"cpu_attention_{time.strftime('%Y%m%d-%H%M%S')}.json"
 
     os.environ.setdefault("MOE_LIGHTNING_CACHE", str(Path.home() / ".cache" / "moe-lightning"))
     from moe_lightning.files import write_json
@@ -266,22 +304,23 @@ def main() -> int:
     ext = ca.load_extension(required=True)
     build_s = time.perf_counter() - t0
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
-    dtypes = args.dtypes.split(",")
     points = [Point(dt, b, s, args.block_size, args.heads, args.kv_heads, args.head_dim, args.window, args.sinks)
-              for dt in dtypes for s in map(int, args.contexts.split(",")) for b in map(int, args.batches.split(","))]
+              for dt in args.dtypes for s in args.contexts for b in args.batches]
     record: dict = {
         "schema_version": 1, "kind": "measured", "benchmark": "cpu_attention", "where": "this host",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": environment(),
         "host": host_info(threads),
         "kernel": {"backend": "cpp", "load_or_build_s": round(build_s, 2), "capability": ext.capability(),
                    "vector_lanes": ext.vector_lanes(), "vdpbf16ps": ext.has_dpbf16()},
-        "config": {**vars(args), "block_table": "shuffled (random permutation of the pool's blocks)",
+        "config": {**vars(args), **{k: ",".join(map(str, getattr(args, k))) for k in ("dtypes", "contexts", "batches")},
+                   "out": str(path), "block_table": "shuffled (random permutation of the pool's blocks)",
                    "context_lens": "every sequence at the full context", "q_dtype": "the pool's dtype"},
         "conventions": {"attention_gbps": "bytes of K and V read / time", "memcpy_gbps":
                         "2 x buffer bytes / time (read + write; the destination's write-allocate read is not counted)",
                         "read_gbps": "buffer bytes / time (torch.sum over a float32 view)",
                         "ratio": "median attention_gbps / median memcpy_gbps",
-                        "speedup": "median kernel GB/s / median fallback GB/s (same rounds)",
+                        "speedup": "median kernel GB/s / median fallback GB/s, over the rounds the fallback ran",
+                        "fallback_ratio": "median fallback GB/s / median memcpy GB/s, over the rounds the fallback ran",
                         "units": "GB/s decimal, GiB binary"},
         "records": [], "skipped": []}
     print(f"torch {torch.__version__}, {threads} threads, {record['host']['cpu_model']}, "
@@ -291,6 +330,8 @@ def main() -> int:
     head = (f"{'dtype':>8} {'B':>3} {'ctx':>5} {'KV GiB':>7} | {'kernel GB/s':>18} | {'fallback GB/s':>18} | "
             f"{'memcpy GB/s':>18} | {'read GB/s':>18} | ratio (paired range) | speedup | p_bf16 GB/s (ratio) | "
             "others busy")
+    print("kernel, fallback, memcpy and read: decimal GB/s (10^9 bytes/s), median [min-max] of the rounds, "
+          "measured on this host; KV: GiB (2^30 bytes)")
     print(head)
     for p in points:
         reason = fits(p)
@@ -320,7 +361,8 @@ def main() -> int:
                 c = compute_ceiling(p, args.repeats, ext, gen)
                 record["cache_resident"].append(c)
                 print(f"{p.dtype:>8} {p.batch:>3} {p.context:>5} threads {n}: cache-resident kernel "
-                      f"{fmt(c['cache_resident_gbps'])} GB/s", flush=True)
+                      f"{fmt(c['cache_resident_gbps'])} GB/s{' UNSTABLE' if c['unstable'] else ''} | others busy "
+                      f"{c['host_load']['others_busy_cores'] or 0:.2f}", flush=True)
         torch.set_num_threads(1)
         for p in big:
             rec = measure_point(p, args.repeats, 0, ext, rng, gen, with_fallback=False)
@@ -332,11 +374,12 @@ def main() -> int:
     if unstable:
         print(f"warning: {len(unstable)} of {len(record['records'])} points unstable (spread > "
               f"{UNSTABLE_SPREAD:.0%} or other processes busy): read their spreads before trusting them")
-    path = Path(args.out) if args.out else RESULTS / f"cpu_attention_{time.strftime('%Y%m%d-%H%M%S')}.json"
     write_json(path, record, indent=2)
     print(f"record: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moe_lightning.bench_args import guard
+
+    sys.exit(guard(main))

@@ -16,12 +16,12 @@ speed-up = unpipelined median / pipelined median, with the paired rounds' range.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,19 +110,32 @@ def _spread(xs: list[float]) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", default="2,4")
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--ffn", type=int, default=512)
-    ap.add_argument("--tokens", type=int, default=512, help="per rank")
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--chunks", type=int, default=4, help="the fixed pipelined variant")
-    ap.add_argument("--max-chunks", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--out", default="")
-    args = vars(ap.parse_args())
+    from moe_lightning.bench_args import Parser, check_out_file, positive_int, positive_ints
+
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=positive_ints, default="2,4", help="world sizes to run, comma-separated")
+    ap.add_argument("--experts", type=positive_int, default=8)
+    ap.add_argument("--hidden", type=positive_int, default=1024)
+    ap.add_argument("--ffn", type=positive_int, default=512)
+    ap.add_argument("--tokens", type=positive_int, default=512, help="per rank")
+    ap.add_argument("--top-k", type=positive_int, default=2)
+    ap.add_argument("--chunks", type=positive_int, default=4, help="the fixed pipelined variant")
+    ap.add_argument("--max-chunks", type=positive_int, default=8)
+    ap.add_argument("--rounds", type=positive_int, default=11)
+    ap.add_argument("--out", default="", help=f"JSON path (default {RESULTS}/ep_pipeline_<time>.json)")
+    parsed = ap.parse_args()
+    uneven = [w for w in parsed.ranks if parsed.experts % w]
+    if uneven:
+        ap.error(f"argument --ranks: {parsed.experts} experts do not split evenly over {uneven[0]} ranks")
+    if parsed.top_k > parsed.experts:
+        ap.error(f"argument --top-k: {parsed.top_k} is more than the {parsed.experts} experts")
+    # The record is written after every world size has run: a path that cannot be written is refused first.
+    out = check_out_file(ap, parsed.out, "--out") if parsed.out else \
+        RESULTS / f"ep_pipeline_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    args = {**vars(parsed), "ranks": ",".join(map(str, parsed.ranks))}   # the record's config, as typed
+    from moe_lightning.bench_args import busy_warning
     from moe_lightning.files import write_json
+    from moe_lightning.hostload import HostLoad
     from moe_lightning.report import environment
 
     record = {"schema_version": 1, "kind": "measured", "benchmark": "ep_pipeline",
@@ -131,11 +144,14 @@ def main() -> int:
               "config": args, "units": "seconds per MoE layer (slowest rank); tokens/s over all ranks", "runs": []}
     print(f"MoE layer prefill, {args['experts']} experts H={args['hidden']} F={args['ffn']} top-{args['top_k']}, "
           f"{args['tokens']} tokens per rank, fp32, measured on this host (gloo CPU ranks), {args['rounds']} rounds")
-    for world in map(int, args["ranks"].split(",")):
-        tmp = RESULTS / f".ep_pipeline_rank0_{os.getpid()}.json"
-        mp.spawn(_rank, args=(world, _port(), args, str(tmp)), nprocs=world, join=True)
-        run = json.loads(tmp.read_text())
-        tmp.unlink()
+    for world in parsed.ranks:
+        # rank 0 hands its times over in a scratch file (not under results/, where a failed run left it)
+        with tempfile.TemporaryDirectory(prefix="ep_pipeline_") as scratch:
+            tmp = Path(scratch) / f"rank0_{os.getpid()}.json"
+            with HostLoad() as load:   # the ranks are this process's children: their CPU is not "others"
+                mp.spawn(_rank, args=(world, _port(), args, str(tmp)), nprocs=world, join=True)
+            run = json.loads(tmp.read_text())
+            run["host_load"] = load.report.to_dict()
         base = run["seconds"]["unpipelined"]
         run["summary"] = {}
         for name, xs in run["seconds"].items():
@@ -155,11 +171,14 @@ def main() -> int:
               f"(an eighth of the rows {r['expert_gemm_s_eighth'] * 1e3:.2f} ms: fixed "
               f"{r['gemm_fixed_s'] * 1e3:.2f} ms a chunk) -> model C = {run['model_chunks']}")
         record["runs"].append(run)
-    out = Path(args["out"] or RESULTS / f"ep_pipeline_{time.strftime('%Y%m%d-%H%M%S')}.json")
+        if warning := busy_warning([run["host_load"]]):
+            print(f"  {world} ranks  {warning}")
     write_json(out, record, indent=1)
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moe_lightning.bench_args import guard
+
+    sys.exit(guard(main))

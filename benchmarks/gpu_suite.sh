@@ -11,7 +11,14 @@
 # $OUT when set (the device tool brings $OUT back); commit them with the device recorded (it is, in
 # each document's environment block).
 set -euo pipefail
-stage=${1:?usage: gpu_suite.sh parity|bench|predict|compare|tune|attention}
+stages="parity|bench|predict|compare|tune|attention"
+stage=${1:-}
+# A stage this script does not have is refused before anything is created (it made results/gpu first).
+if [[ ! "|$stages|" == *"|$stage|"* ]]; then
+  echo "gpu_suite.sh: stage '${stage}' unknown; give one of $stages" >&2
+  exit 2
+fi
+cd "$(dirname "$0")/.."   # paths below are the repository's, whatever the caller's working folder
 dest=results/gpu
 mkdir -p "$dest"
 export MOE_LIGHTNING_CACHE=${MOE_LIGHTNING_CACHE:-/tmp/moe-lightning-cache} PYTHONUNBUFFERED=1
@@ -57,6 +64,5 @@ case "$stage" in
     python3 benchmarks/cpu_attention.py --repeats ${ATT_REPEATS:-9} --out "$dest/cpu_attention-gpu-host.json"
     python3 benchmarks/batching.py --repeats 1 --device cuda --save
     cp "$(ls -t results/batching_*.json | head -1)" "$dest/" ;;
-  *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then cp -r "$dest"/. "$OUT"/ 2>/dev/null || true; fi

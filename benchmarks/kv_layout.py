@@ -16,11 +16,11 @@ layout used (GiB: for blocks, the most held at once). Outputs must be identical 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 from pathlib import Path
 
+from moe_lightning.bench_args import Parser, busy_warning, guard, positive_int
 from moe_lightning.config import GpuSpec, HardwareSpec, Policy, Sampling, Workload
 from moe_lightning.report import Spread, environment
 from moe_lightning.run_config import RunConfig
@@ -39,15 +39,15 @@ def kv_bytes(runner) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mid-mixtral")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--prompt-avg", type=int, default=64)
-    p.add_argument("--prompt-max", type=int, default=384)
-    p.add_argument("--gen-len", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--requests", type=positive_int, default=16)
+    p.add_argument("--micro-batch", type=positive_int, default=8)
+    p.add_argument("--prompt-avg", type=positive_int, default=64)
+    p.add_argument("--prompt-max", type=positive_int, default=384)
+    p.add_argument("--gen-len", type=positive_int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--save", action="store_true")
     args = p.parse_args()
 
@@ -59,6 +59,7 @@ def main() -> None:
     hardware = HardwareSpec(name="local", gpu=GpuSpec(memory_gib=64, shares_host=True))
     runs: dict[str, dict[str, list[float]]] = {k: {"tok_s": [], "decode_step_s": []} for k in LAYOUTS}
     allocated, outputs = {}, {}
+    hosts: list[dict] = []   # each run's host load (the run report's), to say when others were busy
     for _ in range(args.repeats):
         for name, (block, padded) in LAYOUTS.items():
             workload = Workload(name="mixed", prompt_len_avg=args.prompt_avg, prompt_len_max=args.prompt_max,
@@ -74,6 +75,8 @@ def main() -> None:
             allocated[name] = kv_bytes(gen.runner)
             outputs[name] = gen.output_ids
             lengths = gen.report.workload["actual"]
+            hosts.append({"layout": name, **gen.report.environment["host_load"]})
+            threads = gen.report.environment["threads"]
     identical = all(o == outputs["blocks"] for o in outputs.values())
     spreads = {k: {m: Spread.of(v) for m, v in r.items()} for k, r in runs.items()}
     print(f"{spec.name} ({spec.num_layers} layers, fp32), {args.requests} requests of {lengths['prompt_len_avg']} "
@@ -85,17 +88,21 @@ def main() -> None:
         print(f"{name:<8}{t.show('.1f'):>26}{t.median / spreads['dense']['tok_s'].median:>9.2f}"
               f"{s.median * 1e3:>16.2f}{allocated[name] / 2**30:>9.3f}")
     print(f"outputs identical across layouts: {identical}")
+    if warning := busy_warning(hosts):
+        print(warning)
     if args.save:
         path = RESULTS / f"kv_layout_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
         write_json(path, {
-            "benchmark": "kv_layout", "kind": "measured", "model": dataclasses.asdict(spec), "args": vars(args),
+            "benchmark": "kv_layout", "kind": "measured", "where": "this host (cpu)", "device": "cpu",
+            "model": dataclasses.asdict(spec), "args": vars(args),
             "prompts": lengths, "runs": runs,
             "spread": {k: {m: s.to_dict() for m, s in v.items()} for k, v in spreads.items()},
-            "kv_bytes": allocated, "outputs_identical": identical, "environment": environment()}, indent=2)
+            "kv_bytes": allocated, "outputs_identical": identical, "threads": threads, "host_load": hosts,
+            "environment": environment()}, indent=2)
         print(f"record: {path}")
     if not identical:
         raise SystemExit("outputs differ between layouts")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guard(main))

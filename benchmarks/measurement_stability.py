@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -42,8 +41,13 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def cv(values: list[float]) -> float:
-    return statistics.stdev(values) / statistics.fmean(values) if len(values) > 1 else 0.0
+def cv(values: list[float]) -> float | None:
+    """Coefficient of variation; None for one value (no spread to speak of, not a perfect 0%)."""
+    return statistics.stdev(values) / statistics.fmean(values) if len(values) > 1 else None
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 MID = ["model=mid-mixtral", "model.num_layers=2", "workload.num_requests=8", "workload.gen_len=8",
@@ -100,10 +104,10 @@ def repeatability(k: int, tmp: Path) -> dict:
                      "cv_within_each_run": [None if c is None else round(c, 4) for c in inner],   # one repeat: None
                      "host_floor_calls_s": [round(v, 2) for v in floor], "host_floor_cv": cv(floor)}
         print(f"[repeatability] {case} x{k}: " + ", ".join(f"{v:.1f}" for v in values)
-              + f" tok/s -> cv {out[case]['cv']:.1%} across runs (within runs: "
-              + ", ".join("-" if c is None else f"{c:.1%}" for c in inner)
+              + f" tok/s -> cv {pct(out[case]['cv'])} across runs (within runs: "
+              + ", ".join(pct(c) for c in inner)
               + f"); the host's floor, a fixed workload timed alike in a "
-              f"fresh process before each run: cv {cv(floor):.1%}", flush=True)
+              f"fresh process before each run: cv {pct(cv(floor))}", flush=True)
     return out
 
 
@@ -226,10 +230,14 @@ def executor_overhead(rounds: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5, help="fresh processes per command (repeatability)")
-    ap.add_argument("--rounds", type=int, default=2, help="round-robin rounds (layout screen, executor overhead)")
-    ap.add_argument("--confirm-rounds", type=int, default=6, help="default vs the screened best layout, head to head")
+    from moe_lightning.bench_args import Parser, positive_int
+
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=positive_int, default=5, help="fresh processes per command (repeatability)")
+    ap.add_argument("--rounds", type=positive_int, default=2,
+                    help="round-robin rounds (layout screen, executor overhead)")
+    ap.add_argument("--confirm-rounds", type=positive_int, default=6,
+                    help="default vs the screened best layout, head to head")
     ap.add_argument("--skip", nargs="*", default=[], choices=["repeatability", "layouts", "make-run", "executor"])
     ap.add_argument("--save", action="store_true", help=f"write the record under {RESULTS}")
     args = ap.parse_args()
@@ -263,4 +271,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moe_lightning.bench_args import guard
+
+    sys.exit(guard(main))

@@ -28,7 +28,6 @@ and overlap are always judged.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -153,7 +152,11 @@ def show(result: dict) -> str:
 
     def fmt(key: str, digits: int = 3) -> str:
         d = s[key]
-        return f"{d['median']:.{digits}f} ± {d['stdev']:.{digits}f} (min {d['min']:.{digits}f}, n {d['n']})"
+        if d["median"] is None:   # no values
+            return "-"
+        # one round has no stdev (null in the record): its value alone, never a made-up spread
+        stdev = "" if d["stdev"] is None else f" ± {d['stdev']:.{digits}f}"
+        return f"{d['median']:.{digits}f}{stdev} (min {d['min']:.{digits}f}, n {d['n']})"
 
     return "\n".join([
         f"measured on this host, {result['rounds']} interleaved rounds, threads {result['threads']}",
@@ -184,20 +187,32 @@ def save_reference(result: dict, path: Path) -> str | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from moe_lightning.bench_args import Parser, check_out_file, positive_int
+
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--update", action="store_true", help="write this run as the new reference")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--attempts", type=int, default=3, help="measurements before a noisy run is inconclusive")
+    ap.add_argument("--rounds", type=positive_int, default=5)
+    ap.add_argument("--attempts", type=positive_int, default=3,
+                    help="measurements before a noisy run is inconclusive")
     ap.add_argument("--serial", action="store_true", help="serial executor (a self-test: the benchmark must fail)")
     ap.add_argument("--reference", type=Path, default=REFERENCE)
     args = ap.parse_args()
-    ref = None if args.update else json.loads(args.reference.read_text())
+    ref = None
+    if args.update:
+        check_out_file(ap, args.reference, "--reference")
+    else:
+        try:
+            ref = json.loads(args.reference.read_text())
+        except (OSError, ValueError) as exc:
+            ap.error(f"argument --reference: cannot read {args.reference} "
+                     f"({getattr(exc, 'strerror', None) or exc}); --update writes one")
     for attempt in range(1, args.attempts + 1):
         result = measure(args.rounds, args.serial)
         print(show(result), flush=True)
         if not result["noise"] or args.update:
             break
-        print(f"too noisy to judge (attempt {attempt} of {args.attempts}): measuring again", flush=True)
+        if attempt < args.attempts:   # (the last attempt measures nothing more: it is judged as it is)
+            print(f"too noisy to judge (attempt {attempt} of {args.attempts}): measuring again", flush=True)
     if args.update:
         why = save_reference(result, args.reference)
         if why:
@@ -216,4 +231,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moe_lightning.bench_args import guard
+
+    sys.exit(guard(main))

@@ -5,29 +5,42 @@
 2. the HRM-seeded study (the tune task's default) for --trials trials;
 3. unseeded TPE for --trials trials, beside it;
 and reports both best-so-far curves as a fraction of the grid's best (goal: seeded >= 97% within 20).
+Every number is simulated on the hardware profile named (not measured on this host).
 
     python benchmarks/tuner_seeding.py [--hardware t4] [--model mixtral-8x7b] [--workload mtbench] [--save]
+
+--save writes results/tuner_seeding/<case>.json and .png; a record already there (committed ones are)
+is replaced only with --overwrite.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import tempfile
 import time
 from pathlib import Path
 
+from moe_lightning.bench_args import Parser, guard, positive_int
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "tuner_seeding"
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--hardware", default="t4")
     ap.add_argument("--model", default="mixtral-8x7b")
     ap.add_argument("--workload", default="mtbench")
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--seeds", type=int, default=3, help="sampler seeds per arm")
-    ap.add_argument("--save", action="store_true", help="write results/tuner_seeding/<case>.json and .png")
+    ap.add_argument("--trials", type=positive_int, default=20)
+    ap.add_argument("--seeds", type=positive_int, default=3, help="sampler seeds per arm")
+    ap.add_argument("--save", action="store_true", help=f"write {RESULTS}/<case>.json and .png")
+    ap.add_argument("--overwrite", action="store_true", help="with --save: replace a record already there")
     args = ap.parse_args()
+    case = f"{args.model}-{args.hardware}-{args.workload}"
+    if args.save and not args.overwrite:   # refused before the grid and the studies, not after
+        taken = [p for p in (RESULTS / f"{case}.json", RESULTS / f"{case}.png") if p.exists()]
+        if taken:
+            ap.error(f"--save: {taken[0]} exists (a committed record?); pass --overwrite to replace it")
 
     import optuna
 
@@ -45,7 +58,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     grid = []
-    for n, m, r, attn in itertools.product(range(32, wl.num_requests + 1, 32), (1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+    # Batch sizes in steps of 32, and the whole workload (a workload under 32 requests had an empty grid).
+    sizes = sorted(set(range(32, wl.num_requests + 1, 32)) | {wl.num_requests})
+    for n, m, r, attn in itertools.product(sizes, (1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
                                            (0, 1, 2), (False, True)):
         if m > n:
             continue
@@ -53,8 +68,14 @@ def main() -> None:
                    expert_gpu_fraction=r / spec.num_experts)
         if memory_plan(spec, p, wl).fits(hw):
             grid.append((simulate_run(spec, hw, wl, p).throughput_tok_s, p))
+    if not grid:
+        from moe_lightning.errors import ConfigError
+
+        raise ConfigError(f"no policy of the grid fits {args.hardware} for {args.model} on {args.workload}: "
+                          "nothing to compare the studies with; choose larger hardware or a smaller model")
     grid_best, grid_policy = max(grid, key=lambda x: x[0])
-    print(f"grid: {len(grid)} feasible points simulated in {time.perf_counter() - t0:.0f} s; "
+    print(f"grid: {len(grid)} feasible points simulated on hardware profile {args.hardware} (every tok/s below is "
+          f"simulated) in {time.perf_counter() - t0:.0f} s; "
           f"best {grid_best:.2f} tok/s at N={grid_policy.batch_size} mu={grid_policy.micro_batch_size} "
           f"attn_on_gpu={grid_policy.attn_on_gpu} r_w={grid_policy.expert_gpu_fraction}")
 
@@ -76,7 +97,8 @@ def main() -> None:
                 curves[arm].append(curve)
                 print(f"{arm} seed {seed}: best {best:.2f} tok/s = {best / grid_best:.1%} of the grid's best; "
                       f"reaches 97% at trial {next((i for i, c in enumerate(curve) if c >= 0.97), None)}")
-    result = {"case": f"{args.model}-{args.hardware}-{args.workload}", "grid_points": len(grid),
+    result = {"case": case, "kind": "simulated", "where": f"hardware profile {args.hardware} (simulator objective)",
+              "grid_points": len(grid),
               "grid_best_tok_s": grid_best, "grid_best_policy": dataclasses.asdict(grid_policy),
               "trials": args.trials, "curves_fraction_of_grid_best": curves}
     for arm, cs in curves.items():
@@ -84,9 +106,11 @@ def main() -> None:
         print(f"{arm}: final fraction of grid best over {len(cs)} seeds: min {min(final):.3f}, "
               f"mean {sum(final) / len(final):.3f}")
     if args.save:
-        out = Path("results/tuner_seeding")
-        out.mkdir(parents=True, exist_ok=True)
-        from moe_lightning.files import write_json
+        import io
+
+        from moe_lightning.files import atomic_write, write_json
+
+        out = RESULTS   # beside the other records, whatever the working folder
 
         write_json(out / f"{result['case']}.json", result, indent=2)
         import matplotlib
@@ -104,9 +128,11 @@ def main() -> None:
         ax.set_title(f"{result['case']} (simulated)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / f"{result['case']}.png", dpi=120)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
+        atomic_write(out / f"{result['case']}.png", png.getvalue())
         print(f"saved {out / result['case']}.json and .png")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guard(main))
