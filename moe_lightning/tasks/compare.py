@@ -184,6 +184,7 @@ class CompareTask:
         except Exception as exc:  # noqa: BLE001 - recorded in the table
             log.debug("%s failed:\n%s", name, traceback.format_exc())
             return _reason(exc)
+        report.task = cfg.task.name   # a comparison's document, as a measured one is (task=report groups by it)
         report.extra["policy_source"] = source
         if source == "auto":
             report.extra["policy_chosen_by"] = CHOSEN_BY.get(name, name)

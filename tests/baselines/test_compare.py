@@ -149,6 +149,7 @@ def test_a_simulated_comparison_runs_the_given_policy_and_claims_no_measurement(
     for name in ("cgopipe", "flexgen_c"):
         doc = json.loads((tmp_path / f"{name}.json").read_text())
         assert (doc["policy"]["batch_size"], doc["policy"]["micro_batch_size"]) == (4, 2)
+        assert doc["task"] == "compare" and doc["metrics"]["kind"] == "simulated"   # it said simulate
     table = (tmp_path / "comparison.md").read_text()
     assert "measured" not in table.split("tokens/s = ")[1] and "took turns" not in table
     assert "warm-up" not in table   # a simulation runs none
