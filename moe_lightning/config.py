@@ -503,7 +503,7 @@ class GpuSpec:
 class CpuSpec:
     name: str = "cpu"
     cores: int = 2
-    memory_gib: float = 24.0
+    memory_gib: float = 16.0   # the cpu preset's: two thirds of a 24 GiB host, the GPU role holding the rest
     bandwidth_gbps: float = 10.0
     peak_tflops: float = 0.1
     usable_fraction: float = 0.8
