@@ -4,6 +4,7 @@ on stderr, a non-zero exit and no traceback."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -395,3 +396,16 @@ def test_the_log_file_says_what_ran_for_every_task(tmp_path):
     log = (folder / "moe-lightning.log").read_text()
     assert "task=plan hardware=t4 model=mixtral-8x7b workload=mtbench" in log and "task=plan done" in log, log
     assert "[INFO]" not in r.stderr   # the console still shows warnings only
+
+
+@pytest.mark.slow   # builds the tiny checkpoint and its tokenizer afresh
+def test_a_first_run_building_the_tiny_model_prints_only_its_own_lines(tmp_path):
+    """The tiny checkpoint is built on a fresh cache's first run: transformers' "Writing model shards" bar
+    had printed between the run's lines, under task.progress=false too."""
+    env = {**os.environ, "MOE_LIGHTNING_CACHE": str(tmp_path / "fresh-cache")}
+    r = subprocess.run([sys.executable, "-m", "moe_lightning.cli", "task=generate", "workload.num_requests=2",
+                        "workload.gen_len=2", "task.progress=false", f"hydra.run.dir={tmp_path / 'h'}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "fresh-cache").is_dir()   # built here, not found in the shared cache
+    assert "Writing" not in r.stdout + r.stderr and "it/s]" not in r.stdout + r.stderr, r.stdout + r.stderr

@@ -83,7 +83,15 @@ def write_hf_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0, max_shard_
                                                "experts.")):   # routing choice show in the tokens
                         p.mul_(MLA_GAIN)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(folder, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()   # building a cached fixture is set-up: its "Writing model shards" bar
+    try:                                # printed under task.progress=false and between a run's own lines
+        model.save_pretrained(folder, **kwargs)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     if spec.expert_format == "mxfp4":
         pack_experts_mxfp4(folder, seed)
 
