@@ -114,6 +114,13 @@ class AccelerateRunner:
                 shutil.rmtree(tmp, ignore_errors=True)
         if spec.weights == "checkpoint":
             _check_finite(self.model, folder)
+        # What the peer computes in, as transformers loaded it: transformers 5.17 dequantizes gpt-oss's MXFP4
+        # experts to bf16 under model.dtype=float32, and its run is then not the fp32 run the document names.
+        self.weight_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()
+                                     if p.is_floating_point()})
+        if self.weight_dtypes != [spec.dtype]:
+            log.warning("accelerate: transformers loaded this checkpoint's weights as %s under model.dtype=%s; "
+                        "the peer runs them as transformers does", ", ".join(self.weight_dtypes), spec.dtype)
         # transformers leaves hf_device_map unset when everything landed on one device.
         self.device_map = dict(getattr(self.model, "hf_device_map", None) or
                                {"": str(next(self.model.parameters()).device)})
@@ -176,7 +183,8 @@ class AccelerateRunner:
             "utilisation": {},
             "extra": {"device_map": _summarise(self.device_map), "max_memory": {str(k): v for k, v in
                                                                                 self.max_memory.items()},
-                      "offloaded_weight_bytes": self.offloaded_bytes, "link_bytes_estimated": True},
+                      "offloaded_weight_bytes": self.offloaded_bytes, "link_bytes_estimated": True,
+                      "weight_dtypes": self.weight_dtypes},
         }
 
 

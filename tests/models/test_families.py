@@ -152,12 +152,17 @@ def test_cgopipe_tokens_identical(fam, prompts, policy, device):
 
 @pytest.mark.parametrize("name", list(BASELINES))
 def test_baseline_tokens_identical(fam, prompts, name, device):
-    if name == "accelerate" and fam.hf_runs_bf16_experts:   # the peer runs what transformers runs
-        pytest.skip(f"transformers {transformers.__version__} runs this checkpoint's MXFP4 experts in bf16 under "
-                    "an fp32 model: the accelerate peer has no fp32 ground truth to match")
     system, policy = BASELINES[name]
     runner = system(policy_source="given").build(fam.spec, fam.source, HardwareSpec(), policy,
                                                  prompt_workload(prompts), device)
+    if name == "accelerate" and fam.hf_runs_bf16_experts:
+        # The peer runs what transformers runs: bf16 experts under an fp32 model, with no fp32 ground truth to
+        # match. Its run document must say so.
+        assert "bfloat16" in runner.stats()["extra"]["weight_dtypes"]
+        pytest.skip(f"transformers {transformers.__version__} runs this checkpoint's MXFP4 experts in bf16 under an "
+                    "fp32 model (the peer's run document records it)")
+    if name == "accelerate":
+        assert runner.stats()["extra"]["weight_dtypes"] == ["float32"]
     result = generate(runner, prompts, GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2),
                       policy.batch_size)
     assert result.output_ids == fam.outputs
