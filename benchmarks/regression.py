@@ -114,6 +114,10 @@ def measure(rounds: int, serial: bool, profiles: tuple | None = None, warm: bool
     if busy and max(busy) > 0.25:
         noise.append(f"other processes kept up to {max(busy):.2f} cores busy")
     return {
+        # what each number is and where it comes from, as every results document says
+        "kind": "measured", "where": "this host (cpu)",
+        "kinds": {"tok_s, overlap, measured_e2e_s": "measured here", "simulated_e2e_s": "simulated on the profile "
+                  "calibrated here (before and after the rounds)", "sim_relative_error": "simulated vs measured"},
         "tokens_identical": outputs["reference"] == outputs["cgopipe"],
         "rounds": rounds, "serial_executor": serial,
         "tok_s": {k: [round(x, 3) for x in v] for k, v in tok_s.items()},
