@@ -24,7 +24,8 @@ below is a dominance argument on those two models:
   1/2, 1/4, 1/8 of it, each group again per micro-batch), tried where the whole scratch is what keeps a
   batch size off the GPU.
 - Engine knobs `pages_per_layer` and `prefetch_depth` are fixed by the caller (they only size the pinned
-  ring in this model). Ties (within `TIE_RTOL`) go to the larger N, then the larger micro-batch.
+  ring in this model). Ties (within `TIE_RTOL`) go to the larger N, then the larger micro-batch, then
+  more resident experts (`_better`).
 
 - Several GPUs: every layout T x E = gpu.count that the model's shapes allow (`parallel.layouts`),
   or the one asked for, each searched as one rank (`parallel.rank_view`: its shard, its GPU, its share of
@@ -125,13 +126,17 @@ def _impossible(spec: ModelSpec, hw: HardwareSpec, workload: Workload, layout: s
         f"(batch_size=1, attention on CPU, all experts streamed): {smallest_needs}")
 
 
-def _better(e2e: float, n: int, mu: int, best_e2e: float, best_n: int, best_mu: int) -> bool:
-    """Higher predicted throughput wins; within TIE_RTOL, the larger batch, then the larger micro-batch."""
+def _better(e2e: float, n: int, mu: int, n_res: int, best_e2e: float, best_n: int, best_mu: int,
+            best_n_res: int) -> bool:
+    """Higher predicted throughput wins; within TIE_RTOL, the larger batch, then the larger micro-batch,
+    then more resident experts: once the link hides under compute the roofline rates every residency
+    above that point alike, but each streamed expert still costs a copy's fixed overheads (and, on a
+    host that plays the GPU, memory bandwidth) that the model leaves out."""
     if e2e > best_e2e * (1 + TIE_RTOL):
         return True
     if e2e < best_e2e * (1 - TIE_RTOL):
         return False
-    return (n, mu) > (best_n, best_mu)
+    return (n, mu, n_res) > (best_n, best_mu, best_n_res)
 
 
 def planned_layouts(spec: ModelSpec, hw: HardwareSpec, parallel: ParallelConfig | None) -> list[ParallelConfig]:
@@ -233,6 +238,7 @@ def _search(spec: ModelSpec, hw: HardwareSpec, workload: Workload, comm: RankCom
     gpu_budget, cpu_budget = hw.gpu_budget_bytes, hw.cpu_budget_bytes
 
     best: tuple[float, dict[str, Any]] | None = None
+    best_res = 0   # the best's resident-expert count
     evaluated = 0
     # MXFP4 experts: scratches of fewer experts (`Policy.dequant_experts`) are tried only where the whole
     # layer's scratch left some batch size out for lack of GPU memory (otherwise they only cost passes).
@@ -278,8 +284,9 @@ def _search(spec: ModelSpec, hw: HardwareSpec, workload: Workload, comm: RankCom
         top = float(e2e.max())
         near = idx[e2e >= top * (1 - TIE_RTOL)]
         i = int(near[np.lexsort((mu[near], N[near]))[-1]])  # ties: largest N, then fewest micro-batches
-        if best is None or _better(top, int(N[i]), int(mu[i]), best[0], best[1]["batch_size"],
-                                   best[1]["micro_batch_size"]):
+        if best is None or _better(top, int(N[i]), int(mu[i]), n_res, best[0], best[1]["batch_size"],
+                                   best[1]["micro_batch_size"], best_res):
+            best_res = n_res
             best = (top, dict(
                 batch_size=int(N[i]), micro_batch_size=int(mu[i]), attn_on_gpu=attn_on_gpu,
                 ffn_on_gpu=ffn_on_gpu, expert_gpu_fraction=n_res / spec.num_experts,
