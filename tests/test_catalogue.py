@@ -514,6 +514,10 @@ CASES = [
          setup=family_checkpoint("deepseek_v3", edit_config(rope_parameters={
              "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
              "truncate": "no"}))),
+    # transformers takes rope_scaling over rope_parameters: both set and different is refused, not one picked
+    Case("family-deepseek-v3-rope-scaling-beside-rope-parameters", HF, "disagree (transformers reads rope_scaling and "
+         "drops rope_parameters); keep one", setup=family_checkpoint("deepseek_v3", edit_config(rope_scaling={
+             "type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}))),
     Case("family-gpt-oss-quant-method", HF, 'quantization_config={"quant_method": "fp8"} is not implemented by the '
          "gpt-oss path", setup=family_checkpoint("gpt_oss", edit_config(quantization_config={"quant_method": "fp8"}))),
     Case("family-gpt-oss-layer-types", HF, 'layer_types=["sliding_attention"] must list 3 entries',

@@ -206,6 +206,13 @@ class _Config:
             if isinstance(value, dict):
                 raise self.fail(f"rope_parameters.{key}: per-layer-type RoPE is not implemented by the "
                                 f"{family} path")
+        scaling = self.get("rope_scaling", None)
+        if rope and isinstance(scaling, dict) and scaling:
+            # transformers takes rope_scaling, when it is set, in place of rope_parameters (theta included)
+            legacy = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+            if legacy != rope:
+                raise self.fail(f"rope_scaling={shown(scaling)} and rope_parameters={shown(rope)} disagree "
+                                "(transformers reads rope_scaling and drops rope_parameters); keep one")
         for where, params in (("rope_parameters", rope), ("rope_scaling", self.get("rope_scaling", None))):
             if params is None:
                 continue
