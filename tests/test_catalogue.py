@@ -439,6 +439,11 @@ CASES = [
     Case("ckpt-rope-scaling", HF, "rope_scaling",
          setup=checkpoint(edit_config(rope_scaling={"type": "dynamic", "factor": 2.0}))),
     Case("ckpt-tied-embeddings", HF, "tie_word_embeddings", setup=checkpoint(edit_config(tie_word_embeddings=True))),
+    # model.dtype=auto takes config.json's dtype: one the engine does not run is refused, not run as float32
+    Case("ckpt-auto-dtype-float64", (*HF, "model.dtype=auto"), "dtype='float64' is not a dtype the engine runs",
+         setup=checkpoint(edit_config(dtype="float64"))),
+    Case("ckpt-auto-torch-dtype-not-a-string", (*HF, "model.dtype=auto"),
+         "torch_dtype=5 is not a dtype the engine runs", setup=checkpoint(edit_config(torch_dtype=5, dtype=None))),
     Case("ckpt-quantized", HF, "quantization_config",
          setup=checkpoint(edit_config(quantization_config={"quant_method": "gptq"}))),
     Case("ckpt-nan-weight", HF, "experts.3.w2.weight' holds NaN or Inf", setup=checkpoint(edit_tensors(set_nan))),

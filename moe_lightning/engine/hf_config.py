@@ -206,13 +206,6 @@ class _Config:
             if isinstance(value, dict):
                 raise self.fail(f"rope_parameters.{key}: per-layer-type RoPE is not implemented by the "
                                 f"{family} path")
-        scaling = self.get("rope_scaling", None)
-        if rope and isinstance(scaling, dict) and scaling:
-            # transformers takes rope_scaling, when it is set, in place of rope_parameters (theta included)
-            legacy = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
-            if legacy != rope:
-                raise self.fail(f"rope_scaling={shown(scaling)} and rope_parameters={shown(rope)} disagree "
-                                "(transformers reads rope_scaling and drops rope_parameters); keep one")
         for where, params in (("rope_parameters", rope), ("rope_scaling", self.get("rope_scaling", None))):
             if params is None:
                 continue
@@ -226,6 +219,13 @@ class _Config:
             if factor is not None and not _same(factor, 1.0):
                 raise self.fail(f"{where}.partial_rotary_factor={shown(factor)} is not implemented by the "
                                 f"{family} path (1.0 only)")
+        scaling = self.get("rope_scaling", None)
+        if rope and isinstance(scaling, dict) and scaling:
+            # transformers takes rope_scaling, when it is set, in place of rope_parameters (theta included)
+            legacy = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+            if legacy != rope:
+                raise self.fail(f"rope_scaling={shown(scaling)} and rope_parameters={shown(rope)} disagree "
+                                "(transformers reads rope_scaling and drops rope_parameters); keep one")
         nested, top = rope.get("rope_theta"), self.get("rope_theta", None)
         if nested is not None and top is not None and nested != top:
             raise self.fail(f"rope_theta={shown(top)} disagrees with rope_parameters.rope_theta="
@@ -362,10 +362,12 @@ def model_label(model: ModelSpec) -> str:
     return checkpoint_name(model.path) if model.name == "hf" and model.path else model.name
 
 
-def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpec:
+def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf", run_dtype: str = "auto") -> ModelSpec:
     """ModelSpec of a Hugging Face checkpoint folder, from its config.json (type-checked). Named `name`
     (a preset's), or for model=hf (`name` "hf") after the checkpoint (`checkpoint_name`), which the run
-    documents then record beside `path`."""
+    documents then record beside `path`. `run_dtype`: the run's model.dtype; under auto the run takes
+    config.json's dtype, so one the engine cannot run is refused (as transformers' dtype="auto" would load
+    it, not float32)."""
     folder = Path(folder)
     list_folder(folder)
     path = folder / "config.json"
@@ -381,6 +383,11 @@ def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpe
         supported = ", ".join(t for f in families().values() for t in f.model_types)
         raise CheckpointError(f"{path}: unsupported model_type {shown(model_type)}; supported: {supported}")
     fields = fam.spec_fields(_Config(cfg, path))
+    declared = cfg.get("dtype", None) or cfg.get("torch_dtype", None)
+    if run_dtype == "auto" and declared is not None and declared not in DTYPES:
+        key = "dtype" if cfg.get("dtype", None) else "torch_dtype"
+        raise CheckpointError(f"{path}: {key}={shown(declared)} is not a dtype the engine runs ({', '.join(DTYPES)}), "
+                              "and model.dtype=auto takes it; give model.dtype=float32, bfloat16 or float16")
     from moe_lightning.engine.hf_generation import generation_fields
 
     eos = fields["eos_token_ids"] or [i for i in [fields["eos_token_id"]] if i is not None]
