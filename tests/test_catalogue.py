@@ -548,6 +548,11 @@ CASES = [
     Case("family-dbrx-rope-disagrees", HF, "attn_config.rope_theta=500000.0 disagrees",
          setup=family_checkpoint("dbrx", edit_config(attn_config={"kv_n_heads": 2, "clip_qkv": 0.5,
                                                                   "rope_theta": 500000.0}))),
+    # DBRX's published layout: the theta in attn_config only, which transformers >= 5 does not read
+    Case("family-dbrx-rope-theta-only-in-attn-config", HF,
+         "attn_config.rope_theta=500000.0 is not read by transformers >= 5",
+         setup=family_checkpoint("dbrx", edit_config(rope_parameters=DELETE, attn_config={
+             "kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 500000.0}))),
     Case("family-qwen3-relabelled-gpt-oss", HF, "moe_intermediate_size=32 changes the math and is not implemented by "
          "the gpt-oss path", setup=family_checkpoint("qwen3_moe", edit_config(model_type="gpt_oss"))),
     # Tunes: no completed trial is a failure, with the commonest reason; a study is not reused across kinds
