@@ -308,11 +308,13 @@ class _Config:
 
 def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[str, ...], expert_size_key: str,
                   family_name: str, implements: tuple[str, ...] = (), head_dim_key: bool = True,
-                  default_rope_theta: float = DEFAULT_ROPE_THETA, rope_types: tuple[str, ...] = ("default",)) -> dict:
+                  default_rope_theta: float = DEFAULT_ROPE_THETA, rope_types: tuple[str, ...] = ("default",),
+                  default_eps: float = 1e-5) -> dict:
     """ModelSpec fields every family's config.json gives, each checked for type and range, after refusing
     the fields that change the math which this family does not implement (`NEUTRAL_VALUES` less
     `implements`, which the family reads itself). `experts_key`: the routed-expert count's key (or keys,
-    the first present wins); `expert_size_key`: one routed expert's FFN dim."""
+    the first present wins); `expert_size_key`: one routed expert's FFN dim; `default_eps`: the family's
+    config class's rms_norm_eps, which transformers runs where config.json gives none."""
     layers, hidden = cfg.positive_int("num_hidden_layers"), cfg.positive_int("hidden_size")
     intermediate, heads = cfg.positive_int(expert_size_key), cfg.positive_int("num_attention_heads")
     kv_heads = cfg.positive_int("num_key_value_heads", None, nullable=True) or heads
@@ -331,7 +333,7 @@ def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[s
         head_dim = hidden // heads
     if top_k > experts:
         raise cfg.fail(f"num_experts_per_tok={top_k} must be <= {key}={experts}")
-    eps = cfg.positive_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-5))
+    eps = cfg.positive_number("rms_norm_eps", cfg.get("rms_norm_eps", default_eps))
     rope_theta = cfg.rope_theta(family_name, default_rope_theta, rope_types)
     bos = cfg.token_id("bos_token_id", cfg.get("bos_token_id", None), vocab)
     eos = cfg.eos(vocab)

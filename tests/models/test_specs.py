@@ -130,3 +130,21 @@ def test_an_mla_kv_pool_stores_k_only():
     assert pool.k.shape == (3, 5, 1, 4, 32 + 8) and pool.v.shape == (3, 5, 1, 4, 32)
     assert pool.v.data_ptr() == pool.k.data_ptr()          # V is K's first kv_lora_rank values
     assert pool.nbytes == 3 * 5 * 4 * 40 * 2
+
+
+@pytest.mark.parametrize("name", [n for n, s in FAMILIES.items() if s.architecture != "dbrx"
+                                  and s.expert_format == "dense"])
+def test_a_config_without_rms_norm_eps_gets_its_config_class_default(tmp_path, name):
+    """transformers runs the family's config class default where config.json gives no rms_norm_eps (1e-6 for
+    Qwen and DeepSeek, 1e-5 for the others); so does the engine. DBRX's LayerNorm takes no such field."""
+    import json
+
+    from moe_lightning.engine.hf_config import spec_from_hf_config
+    from moe_lightning.engine.tiny import hf_classes
+
+    spec = FAMILIES[name]
+    config_cls = hf_classes(spec)[0]
+    cfg = config_cls(**family(spec).hf_config(spec)).to_dict()
+    del cfg["rms_norm_eps"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert spec_from_hf_config(tmp_path).rms_norm_eps == config_cls().rms_norm_eps
