@@ -199,6 +199,7 @@ def expert_packed(get: Getter, i: int, e: int, spec: ModelSpec, dtype: torch.dty
 # ---- config.json ----
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+DEFAULT_WINDOW = 128   # GptOssConfig.sliding_window
 # GptOssConfig's RoPE where config.json gives neither rope_parameters nor rope_scaling: YaRN, not the
 # default RoPE (the published checkpoints write it out; a config.json without it still runs it).
 DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
@@ -215,7 +216,8 @@ def spec_fields(cfg) -> dict:
                         implements=("attention_bias", "quantization_config", "sliding_window", "layer_types",
                                     "hidden_act"))
     layers = out["num_layers"]
-    window = cfg.count("sliding_window", 0, minimum=1)
+    # GptOssConfig's 128 where config.json has no key (null: no window)
+    window = cfg.count("sliding_window", 0, minimum=1) if "sliding_window" in cfg.cfg else DEFAULT_WINDOW
     types = cfg.get("layer_types", None)
     if types is None:   # GptOssConfig's default: sliding first, then alternating
         types = [SLIDING if i % 2 == 0 else FULL for i in range(layers)]
