@@ -138,6 +138,7 @@ PER_FAMILY = {
         "head_dim_cfg": ({}, {"head_dim": 32}),
     },
     "deepseek_v3": {
+        "routing_keys_absent": ({}, {"routed_scaling_factor": DELETE, "norm_topk_prob": DELETE}),
         "yarn_mscale_only_all": (yarn(mscale=0.0, mscale_all_dim=0.8), {}),
         "yarn_mscale_only": (yarn(mscale=1.0, mscale_all_dim=0.0), {}),
         "yarn_factor_1": (yarn(factor=1.0, mscale=1.0, mscale_all_dim=1.0), {}),
