@@ -439,6 +439,11 @@ CASES = [
     Case("ckpt-rope-scaling", HF, "rope_scaling",
          setup=checkpoint(edit_config(rope_scaling={"type": "dynamic", "factor": 2.0}))),
     Case("ckpt-tied-embeddings", HF, "tie_word_embeddings", setup=checkpoint(edit_config(tie_word_embeddings=True))),
+    # model.dtype=auto takes config.json's dtype: one the engine does not run is refused, not run as float32
+    Case("ckpt-auto-dtype-float64", (*HF, "model.dtype=auto"), "dtype='float64' is not a dtype the engine runs",
+         setup=checkpoint(edit_config(dtype="float64"))),
+    Case("ckpt-auto-torch-dtype-not-a-string", (*HF, "model.dtype=auto"),
+         "torch_dtype=5 is not a dtype the engine runs", setup=checkpoint(edit_config(torch_dtype=5, dtype=None))),
     Case("ckpt-quantized", HF, "quantization_config",
          setup=checkpoint(edit_config(quantization_config={"quant_method": "gptq"}))),
     Case("ckpt-nan-weight", HF, "experts.3.w2.weight' holds NaN or Inf", setup=checkpoint(edit_tensors(set_nan))),
@@ -514,6 +519,10 @@ CASES = [
          setup=family_checkpoint("deepseek_v3", edit_config(rope_parameters={
              "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
              "truncate": "no"}))),
+    # transformers takes rope_scaling over rope_parameters: both set and different is refused, not one picked
+    Case("family-deepseek-v3-rope-scaling-beside-rope-parameters", HF, "disagree (transformers reads rope_scaling and "
+         "drops rope_parameters); keep one", setup=family_checkpoint("deepseek_v3", edit_config(rope_scaling={
+             "type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}))),
     Case("family-gpt-oss-quant-method", HF, 'quantization_config={"quant_method": "fp8"} is not implemented by the '
          "gpt-oss path", setup=family_checkpoint("gpt_oss", edit_config(quantization_config={"quant_method": "fp8"}))),
     Case("family-gpt-oss-layer-types", HF, 'layer_types=["sliding_attention"] must list 3 entries',
@@ -539,6 +548,11 @@ CASES = [
     Case("family-dbrx-rope-disagrees", HF, "attn_config.rope_theta=500000.0 disagrees",
          setup=family_checkpoint("dbrx", edit_config(attn_config={"kv_n_heads": 2, "clip_qkv": 0.5,
                                                                   "rope_theta": 500000.0}))),
+    # DBRX's published layout: the theta in attn_config only, which transformers >= 5 does not read
+    Case("family-dbrx-rope-theta-only-in-attn-config", HF,
+         "attn_config.rope_theta=500000.0 is not read by transformers >= 5",
+         setup=family_checkpoint("dbrx", edit_config(rope_parameters=DELETE, attn_config={
+             "kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 500000.0}))),
     Case("family-qwen3-relabelled-gpt-oss", HF, "moe_intermediate_size=32 changes the math and is not implemented by "
          "the gpt-oss path", setup=family_checkpoint("qwen3_moe", edit_config(model_type="gpt_oss"))),
     # Tunes: no completed trial is a failure, with the commonest reason; a study is not reused across kinds

@@ -219,6 +219,13 @@ class _Config:
             if factor is not None and not _same(factor, 1.0):
                 raise self.fail(f"{where}.partial_rotary_factor={shown(factor)} is not implemented by the "
                                 f"{family} path (1.0 only)")
+        scaling = self.get("rope_scaling", None)
+        if rope and isinstance(scaling, dict) and scaling:
+            # transformers takes rope_scaling, when it is set, in place of rope_parameters (theta included)
+            legacy = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+            if legacy != rope:
+                raise self.fail(f"rope_scaling={shown(scaling)} and rope_parameters={shown(rope)} disagree "
+                                "(transformers reads rope_scaling and drops rope_parameters); keep one")
         nested, top = rope.get("rope_theta"), self.get("rope_theta", None)
         if nested is not None and top is not None and nested != top:
             raise self.fail(f"rope_theta={shown(top)} disagrees with rope_parameters.rope_theta="
@@ -301,11 +308,13 @@ class _Config:
 
 def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[str, ...], expert_size_key: str,
                   family_name: str, implements: tuple[str, ...] = (), head_dim_key: bool = True,
-                  default_rope_theta: float = DEFAULT_ROPE_THETA, rope_types: tuple[str, ...] = ("default",)) -> dict:
+                  default_rope_theta: float = DEFAULT_ROPE_THETA, rope_types: tuple[str, ...] = ("default",),
+                  default_eps: float = 1e-5) -> dict:
     """ModelSpec fields every family's config.json gives, each checked for type and range, after refusing
     the fields that change the math which this family does not implement (`NEUTRAL_VALUES` less
     `implements`, which the family reads itself). `experts_key`: the routed-expert count's key (or keys,
-    the first present wins); `expert_size_key`: one routed expert's FFN dim."""
+    the first present wins); `expert_size_key`: one routed expert's FFN dim; `default_eps`: the family's
+    config class's rms_norm_eps, which transformers runs where config.json gives none."""
     layers, hidden = cfg.positive_int("num_hidden_layers"), cfg.positive_int("hidden_size")
     intermediate, heads = cfg.positive_int(expert_size_key), cfg.positive_int("num_attention_heads")
     kv_heads = cfg.positive_int("num_key_value_heads", None, nullable=True) or heads
@@ -324,7 +333,7 @@ def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[s
         head_dim = hidden // heads
     if top_k > experts:
         raise cfg.fail(f"num_experts_per_tok={top_k} must be <= {key}={experts}")
-    eps = cfg.positive_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-5))
+    eps = cfg.positive_number("rms_norm_eps", cfg.get("rms_norm_eps", default_eps))
     rope_theta = cfg.rope_theta(family_name, default_rope_theta, rope_types)
     bos = cfg.token_id("bos_token_id", cfg.get("bos_token_id", None), vocab)
     eos = cfg.eos(vocab)
@@ -355,10 +364,12 @@ def model_label(model: ModelSpec) -> str:
     return checkpoint_name(model.path) if model.name == "hf" and model.path else model.name
 
 
-def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpec:
+def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf", run_dtype: str = "auto") -> ModelSpec:
     """ModelSpec of a Hugging Face checkpoint folder, from its config.json (type-checked). Named `name`
     (a preset's), or for model=hf (`name` "hf") after the checkpoint (`checkpoint_name`), which the run
-    documents then record beside `path`."""
+    documents then record beside `path`. `run_dtype`: the run's model.dtype; under auto the run takes
+    config.json's dtype, so one the engine cannot run is refused (as transformers' dtype="auto" would load
+    it, not float32)."""
     folder = Path(folder)
     list_folder(folder)
     path = folder / "config.json"
@@ -374,6 +385,11 @@ def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf") -> ModelSpe
         supported = ", ".join(t for f in families().values() for t in f.model_types)
         raise CheckpointError(f"{path}: unsupported model_type {shown(model_type)}; supported: {supported}")
     fields = fam.spec_fields(_Config(cfg, path))
+    declared = cfg.get("dtype", None) or cfg.get("torch_dtype", None)
+    if run_dtype == "auto" and declared is not None and declared not in DTYPES:
+        key = "dtype" if cfg.get("dtype", None) else "torch_dtype"
+        raise CheckpointError(f"{path}: {key}={shown(declared)} is not a dtype the engine runs ({', '.join(DTYPES)}), "
+                              "and model.dtype=auto takes it; give model.dtype=float32, bfloat16 or float16")
     from moe_lightning.engine.hf_generation import generation_fields
 
     eos = fields["eos_token_ids"] or [i for i in [fields["eos_token_id"]] if i is not None]

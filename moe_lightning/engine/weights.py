@@ -352,7 +352,7 @@ def resolve_model(spec: ModelSpec) -> tuple[ModelSpec, WeightSource]:
     if path is None:
         raise CheckpointError(f"model.path is required for model={spec.name} with model.weights=checkpoint "
                               "(or set model.weights=random)")
-    found = spec_from_hf_config(path, name=spec.name)
+    found = spec_from_hf_config(path, name=spec.name, run_dtype=spec.dtype)
     checkpoint = found
     if spec.name != "hf":
         for key in SHAPE_FIELDS:

@@ -172,12 +172,17 @@ def spec_fields(cfg) -> dict:
     if ffn.get("uniform_expert_assignment", False) not in (False, None):
         raise ffn.fail("uniform_expert_assignment=true changes the routing and is not implemented by the DBRX path")
     nested = attn.get("rope_theta", None)
-    top = cfg.rope_theta("DBRX", nested if nested is not None else DBRX_ROPE_THETA)
+    top = cfg.rope_theta("DBRX", DBRX_ROPE_THETA)
     given_top = cfg.get("rope_theta", None) is not None or \
         (cfg.get("rope_parameters", None) or {}).get("rope_theta") is not None
     if nested is not None and given_top and top != nested:
         raise cfg.fail(f"attn_config.rope_theta={shown(nested)} disagrees with the top-level rope theta {shown(top)} "
                        "(transformers >= 5 reads only the top-level one); keep one")
+    if nested is not None and not given_top and nested != DBRX_ROPE_THETA:
+        # the published DBRX layout: transformers >= 5 runs its default theta, not this one
+        raise cfg.fail(f"attn_config.rope_theta={shown(nested)} is not read by transformers >= 5, which runs the "
+                       f"top-level rope theta ({shown(DBRX_ROPE_THETA)} when absent); add \"rope_theta\": "
+                       f"{shown(nested)} at the top level to run it")
     cfg.refuse_unimplemented(max_positions, "DBRX")
     bos = cfg.token_id("bos_token_id", cfg.get("bos_token_id", None), vocab)
     dtype = cfg.get("dtype", None) or cfg.get("torch_dtype", None)

@@ -51,6 +51,8 @@ from moe_lightning.models.qwen_moe import MLP_SPLITS
 
 LATENT_EPS = 1e-6   # q_a_layernorm and kv_a_layernorm: transformers builds them with the default eps
 DEEPSEEK_ROPE_THETA = 10000.0
+# DeepseekV3Config's routing defaults (DeepSeek-V3's own), which transformers runs where config.json has no key
+V3_ROUTING = {"routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4, "norm_topk_prob": True}
 
 
 @dataclass
@@ -227,7 +229,8 @@ def _spec_fields(cfg, version: int) -> dict:
              "scoring_func", "topk_method", "norm_topk_prob")
     out = common_fields(cfg, f"deepseek_v{version}", experts_key="n_routed_experts",
                         expert_size_key="moe_intermediate_size", family_name=family_name, implements=reads,
-                        head_dim_key=False, default_rope_theta=DEEPSEEK_ROPE_THETA, rope_types=("default", "yarn"))
+                        head_dim_key=False, default_rope_theta=DEEPSEEK_ROPE_THETA, rope_types=("default", "yarn"),
+                        default_eps=1e-6)
     layers, experts = out["num_layers"], out["num_experts"]
     r, rq = cfg.positive_int("kv_lora_rank"), cfg.count("q_lora_rank", 0, minimum=1)
     dn, dr, dv = (cfg.positive_int(k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
@@ -241,8 +244,12 @@ def _spec_fields(cfg, version: int) -> dict:
     if first >= layers:
         raise cfg.fail(f"first_k_dense_replace={first} must be below num_hidden_layers={layers}")
     shared = cfg.count("n_shared_experts", 0)
-    scale = cfg.positive_number("routed_scaling_factor", cfg.get("routed_scaling_factor", 1.0))
-    n_group, topk_group = cfg.count("n_group", 1, minimum=1), cfg.count("topk_group", 1, minimum=1)
+    # Where config.json leaves them out, transformers runs its config class's defaults: V3's are its routing
+    defaults = V3_ROUTING if version == 3 else {"routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1}
+    scale = cfg.positive_number("routed_scaling_factor", cfg.get("routed_scaling_factor",
+                                                                 defaults["routed_scaling_factor"]))
+    n_group = cfg.count("n_group", 1, minimum=1) if "n_group" in cfg.cfg else defaults["n_group"]
+    topk_group = cfg.count("topk_group", 1, minimum=1) if "topk_group" in cfg.cfg else defaults["topk_group"]
     norm = cfg.get("norm_topk_prob", False)
     if version == 2:
         scoring, method = cfg.get("scoring_func", "softmax"), cfg.get("topk_method", "greedy")
@@ -262,7 +269,8 @@ def _spec_fields(cfg, version: int) -> dict:
         if scoring not in ("sigmoid", None) or method not in ("noaux_tc", None):
             raise cfg.fail(f"scoring_func={scoring!r}, topk_method={method!r}: the DeepSeek-V3 path implements "
                            "sigmoid scoring with noaux_tc routing only")
-        norm, interleave = cfg.flag("norm_topk_prob", False), cfg.flag("rope_interleave", True)
+        norm = cfg.flag("norm_topk_prob", False) if "norm_topk_prob" in cfg.cfg else V3_ROUTING["norm_topk_prob"]
+        interleave = cfg.flag("rope_interleave", True)
         scoring = "sigmoid"
         mtp = cfg.count("num_nextn_predict_layers", cfg.count("num_mtp_layers", 0))
     if experts % n_group or not 1 <= topk_group <= n_group:

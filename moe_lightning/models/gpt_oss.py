@@ -199,17 +199,25 @@ def expert_packed(get: Getter, i: int, e: int, spec: ModelSpec, dtype: torch.dty
 # ---- config.json ----
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+DEFAULT_WINDOW = 128   # GptOssConfig.sliding_window
+# GptOssConfig's RoPE where config.json gives neither rope_parameters nor rope_scaling: YaRN, not the
+# default RoPE (the published checkpoints write it out; a config.json without it still runs it).
+DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}
 
 
 def spec_fields(cfg) -> dict:
-    from moe_lightning.engine.hf_config import common_fields, shown
+    from moe_lightning.engine.hf_config import _Config, common_fields, shown
 
+    if cfg.get("rope_parameters", None) is None and not cfg.get("rope_scaling", None):
+        cfg = _Config(cfg.cfg | {"rope_parameters": dict(DEFAULT_ROPE)}, cfg.path)
     out = common_fields(cfg, "gpt_oss", experts_key="num_local_experts", expert_size_key="intermediate_size",
                         family_name="gpt-oss", default_rope_theta=GPT_OSS_ROPE_THETA, rope_types=("default", "yarn"),
                         implements=("attention_bias", "quantization_config", "sliding_window", "layer_types",
                                     "hidden_act"))
     layers = out["num_layers"]
-    window = cfg.count("sliding_window", 0, minimum=1)
+    # GptOssConfig's 128 where config.json has no key (null: no window)
+    window = cfg.count("sliding_window", 0, minimum=1) if "sliding_window" in cfg.cfg else DEFAULT_WINDOW
     types = cfg.get("layer_types", None)
     if types is None:   # GptOssConfig's default: sliding first, then alternating
         types = [SLIDING if i % 2 == 0 else FULL for i in range(layers)]
@@ -217,6 +225,7 @@ def spec_fields(cfg) -> dict:
         raise cfg.fail(f"layer_types={shown(types)} must list {layers} entries (num_hidden_layers), each "
                        f"{SLIDING!r} or {FULL!r}")
     sliding = [i for i, t in enumerate(types) if t == SLIDING] if window else []
+    window = window if sliding else 0   # every layer full: the window is read by none (as in transformers)
     quant = cfg.get("quantization_config", None)
     expert_format = "dense"
     if quant is not None:

@@ -191,7 +191,7 @@ def qwen2_spec_fields(cfg) -> dict:
                         expert_size_key="moe_intermediate_size", family_name="Qwen2-MoE",
                         implements=("norm_topk_prob", "qkv_bias", "moe_intermediate_size",
                                     "shared_expert_intermediate_size", "mlp_only_layers", "decoder_sparse_step"),
-                        default_rope_theta=QWEN_ROPE_THETA)
+                        default_rope_theta=QWEN_ROPE_THETA, default_eps=1e-6)
     shared = cfg.count("shared_expert_intermediate_size", 0)
     # Qwen2MoeAttention's Q/K/V biases: `qkv_bias` (transformers >= 5), always on before it.
     dense, dense_size = _dense_layers(cfg, out["num_layers"])
@@ -207,7 +207,7 @@ def qwen3_spec_fields(cfg) -> dict:
                         expert_size_key="moe_intermediate_size", family_name="Qwen3-MoE",
                         implements=("norm_topk_prob", "attention_bias", "moe_intermediate_size",
                                     "mlp_only_layers", "decoder_sparse_step"),
-                        default_rope_theta=QWEN_ROPE_THETA)
+                        default_rope_theta=QWEN_ROPE_THETA, default_eps=1e-6)
     dense, dense_size = _dense_layers(cfg, out["num_layers"])
     bias = cfg.flag("attention_bias", False)   # Qwen3MoeAttention: on q/k/v_proj and on o_proj
     return out | dict(attention_bias=bias, attention_out_bias=bias, qk_norm="head",

@@ -27,7 +27,7 @@ def planning_model(model: ModelSpec) -> ModelSpec:
     if model.weights == "checkpoint" and model.path:
         from moe_lightning.engine.weights import spec_from_hf_config
 
-        found = spec_from_hf_config(model.path, name=model.name)
+        found = spec_from_hf_config(model.path, name=model.name, run_dtype=model.dtype)
         if model.name != "hf":
             found.num_layers = min(found.num_layers, model.num_layers)
         if model.dtype != "auto":

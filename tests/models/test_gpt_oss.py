@@ -139,3 +139,36 @@ def test_prefill_attention_a_few_queries_at_a_time_is_transformers(prompts, monk
     result = generate(ReferenceRunner(tiny.spec, tiny.source), prompts,
                       GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), 8)
     assert result.output_ids == tiny.outputs
+
+
+@pytest.mark.parametrize(("edit", "want"), [
+    # GptOssConfig runs YaRN (factor 32 over 4096 positions) where config.json gives no RoPE at all
+    ({"rope_parameters": None, "rope_theta": 1e4},
+     dict(rope_type="yarn", yarn_factor=32.0, yarn_original_max_positions=4096, yarn_truncate=False)),
+    # every layer full attention: the window is read by none
+    ({"layer_types": ["full_attention"] * 3}, dict(sliding_window=0, sliding_layers=[])),
+], ids=["no-rope-parameters", "no-sliding-layer"])
+def test_config_defaults_transformers_applies_are_applied(tmp_path, prompts, edit, want):
+    """config.json as a user may write it, run by transformers with its defaults: read as it reads it,
+    and token-identical in fp32 through the reference engine."""
+    import shutil
+
+    from moe_lightning.config import ModelSpec
+    from moe_lightning.engine.generation import GenerationParams, generate
+    from moe_lightning.engine.reference import ReferenceRunner
+    from moe_lightning.engine.tiny import ensure_tiny, hf_classes
+    from moe_lightning.engine.weights import resolve_model
+    from tests.conftest import PARITY_NEW_TOKENS, hf_greedy
+    from tests.models.test_families import FAMILIES
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ensure_tiny(FAMILIES["gpt_oss"], seed=11, max_shard_size="60KB", perturb=True), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config = {k: v for k, v in (config | edit).items() if v is not None}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    spec, source = resolve_model(ModelSpec(name="hf", path=str(ckpt), dtype="float32"))
+    assert {k: getattr(spec, k) for k in want} == want
+    hf = hf_classes(spec)[1].from_pretrained(ckpt, dtype=torch.float32).eval()
+    result = generate(ReferenceRunner(spec, source), prompts,
+                      GenerationParams(max_new_tokens=PARITY_NEW_TOKENS, eos_token_id=2), 8)
+    assert result.output_ids == [hf_greedy(hf, p, PARITY_NEW_TOKENS) for p in prompts]

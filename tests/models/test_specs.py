@@ -4,6 +4,7 @@ undercount is a refused run and an overcount a smaller batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -130,3 +131,33 @@ def test_an_mla_kv_pool_stores_k_only():
     assert pool.k.shape == (3, 5, 1, 4, 32 + 8) and pool.v.shape == (3, 5, 1, 4, 32)
     assert pool.v.data_ptr() == pool.k.data_ptr()          # V is K's first kv_lora_rank values
     assert pool.nbytes == 3 * 5 * 4 * 40 * 2
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("deepseek_v3", "norm_topk_prob"), ("deepseek_v3", "routed_scaling_factor"), ("deepseek_v3", "n_group"),
+    ("deepseek_v3", "topk_group"), ("gpt_oss", "sliding_window"),
+    ("qwen2_moe", "rms_norm_eps"), ("qwen3_moe", "rms_norm_eps"), ("deepseek_v2", "rms_norm_eps"),
+    ("deepseek_v3", "rms_norm_eps"), ("olmoe", "rms_norm_eps"), ("gpt_oss", "rms_norm_eps"),
+])
+def test_a_config_without_a_field_reads_as_its_config_class_default(tmp_path, name, key):
+    """A field config.json leaves out is what transformers runs there, its config class's default (DeepSeek-V3's
+    routing: 2.5, 8 groups, top 4, renormalised; gpt-oss's 128-token window; Qwen's and DeepSeek's
+    rms_norm_eps 1e-6): the checkpoint reads as with the field set to that default."""
+    import json
+
+    from moe_lightning.engine.hf_config import spec_from_hf_config
+    from moe_lightning.engine.tiny import hf_classes
+
+    spec = FAMILIES[name]
+    config_cls = hf_classes(spec)[0]
+    cfg = config_cls(**family(spec).hf_config(spec)).to_dict() | ({"n_routed_experts": 16} if name == "deepseek_v3"
+                                                                   else {})
+    default = getattr(config_cls(), key)
+    read = {}
+    for case, value in (("given", default), ("absent", None)):
+        folder = tmp_path / case
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in (cfg | {key: value}).items()
+                                                        if v is not None}))
+        read[case] = dataclasses.replace(spec_from_hf_config(folder), name="", path="")
+    assert read["absent"] == read["given"]
