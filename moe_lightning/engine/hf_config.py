@@ -364,12 +364,43 @@ def model_label(model: ModelSpec) -> str:
     return checkpoint_name(model.path) if model.name == "hf" and model.path else model.name
 
 
+# safetensors' dtype names -> torch's (those a checkpoint's weights could be stored in)
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(folder: Path) -> tuple[str | None, Path | None]:
+    """-> (the dtype transformers' dtype="auto" loads a checkpoint in when config.json names none, the file
+    it read it from): the index's metadata dtype, else the first floating tensor (float8 and float4 skipped,
+    as transformers skips them) of the first shard in name order. (None, None) where that cannot be read:
+    the loader then gives its own one-line reason."""
+    from safetensors import safe_open
+
+    try:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            declared = (data.get("metadata") or {}).get("dtype")
+            if isinstance(declared, str):
+                return declared, index
+            first = folder / sorted(set(data["weight_map"].values()))[0]
+        else:
+            first = folder / "model.safetensors"
+        with safe_open(str(first), framework="pt") as f:
+            for name in f.keys():   # noqa: SIM118 - a safe_open handle is not iterable
+                code = f.get_slice(name).get_dtype()
+                if code.startswith(("F", "BF")) and not code.startswith(("F8", "F4")):
+                    return SAFETENSORS_DTYPES.get(code, code.lower()), first
+    except Exception:   # a missing, damaged or odd checkpoint: the loader gives its own reason
+        return None, None
+    return None, None
+
+
 def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf", run_dtype: str = "auto") -> ModelSpec:
     """ModelSpec of a Hugging Face checkpoint folder, from its config.json (type-checked). Named `name`
     (a preset's), or for model=hf (`name` "hf") after the checkpoint (`checkpoint_name`), which the run
     documents then record beside `path`. `run_dtype`: the run's model.dtype; under auto the run takes
-    config.json's dtype, so one the engine cannot run is refused (as transformers' dtype="auto" would load
-    it, not float32)."""
+    config.json's dtype (or, where it names none, the weights' own: `stored_dtype`), so one the engine
+    cannot run is refused (as transformers' dtype="auto" would load it, not float32)."""
     folder = Path(folder)
     list_folder(folder)
     path = folder / "config.json"
@@ -390,6 +421,14 @@ def spec_from_hf_config(folder: str | os.PathLike, name: str = "hf", run_dtype: 
         key = "dtype" if cfg.get("dtype", None) else "torch_dtype"
         raise CheckpointError(f"{path}: {key}={shown(declared)} is not a dtype the engine runs ({', '.join(DTYPES)}), "
                               "and model.dtype=auto takes it; give model.dtype=float32, bfloat16 or float16")
+    if declared is None:   # transformers' dtype="auto" then takes the weights' own dtype, not float32
+        stored, where = stored_dtype(folder)
+        if run_dtype == "auto" and stored is not None and stored not in DTYPES:
+            raise CheckpointError(f"{where}: its weights are {stored}, which the engine does not run "
+                                  f"({', '.join(DTYPES)}), and model.dtype=auto with no dtype in config.json takes "
+                                  "them; give model.dtype=float32, bfloat16 or float16")
+        if stored in DTYPES:
+            fields["dtype"] = stored
     from moe_lightning.engine.hf_generation import generation_fields
 
     eos = fields["eos_token_ids"] or [i for i in [fields["eos_token_id"]] if i is not None]

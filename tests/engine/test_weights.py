@@ -488,3 +488,33 @@ def test_index_listing_a_missing_shard(ckpt):
 def test_shard_that_is_a_folder(ckpt):
     (ckpt / "model-extra.safetensors").mkdir()
     refused(ckpt, "model-extra.safetensors: cannot read the file (it is a folder, not a file)")
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_auto_dtype_without_one_in_config_is_the_weights_as_transformers_loads_them(ckpt, stored, sharded):
+    """No dtype in config.json: transformers' dtype="auto" loads the weights' own dtype. The engine ran float32."""
+    from transformers import MixtralForCausalLM
+
+    tensors = {k: v.to(getattr(torch, stored)) for k, v in load_file(ckpt / "model.safetensors").items()}
+    (ckpt / "model.safetensors").unlink()
+    if sharded:   # two shards, the first by name holding the first tensors
+        names = sorted(tensors)
+        save_file({k: tensors[k] for k in names[: len(names) // 2]}, ckpt / "model-00001-of-00002.safetensors")
+        save_file({k: tensors[k] for k in names[len(names) // 2:]}, ckpt / "model-00002-of-00002.safetensors")
+        write_index(ckpt, {k: f"model-0000{1 + (i >= len(names) // 2)}-of-00002.safetensors"
+                           for i, k in enumerate(names)})
+    else:
+        save_file(tensors, ckpt / "model.safetensors")
+    edit_config(ckpt, dtype=DELETE, torch_dtype=DELETE)
+    want = MixtralForCausalLM.from_pretrained(ckpt, dtype="auto").dtype
+    spec, _ = load(ckpt)
+    assert want == getattr(torch, stored) and spec.dtype == stored
+    assert resolve_model(ModelSpec(name="hf", path=str(ckpt), dtype="float32"))[0].dtype == "float32"   # given: kept
+
+
+def test_auto_dtype_refuses_weights_the_engine_does_not_run(ckpt):
+    tensors = {k: v.double() for k, v in load_file(ckpt / "model.safetensors").items()}
+    save_file(tensors, ckpt / "model.safetensors")
+    edit_config(ckpt, dtype=DELETE, torch_dtype=DELETE)
+    refused(ckpt, "model.safetensors: its weights are float64", "give model.dtype=float32")
