@@ -187,11 +187,15 @@ class _Config:
             raise self.fail(f"{key} must be a token id in [0, vocab_size={vocab}) or null, got {shown(value)}")
         return value
 
-    def eos(self, vocab: int) -> dict:
+    def eos(self, vocab: int, default: int | None = None) -> dict:
         """ModelSpec's eos_token_id (the first id) and eos_token_ids (all, when there are several: a
-        sequence stops on any, as transformers' generate does with config.json's list)."""
+        sequence stops on any, as transformers' generate does with config.json's list). `default`: the
+        family's config class's eos_token_id, which transformers' generate stops on where config.json has
+        no such key (a null is no EOS); past the vocabulary it is never generated, so it is none."""
         from moe_lightning.engine.hf_generation import eos_ids
 
+        if "eos_token_id" not in self.cfg and default is not None and default < vocab:
+            return {"eos_token_id": default, "eos_token_ids": None}
         ids = eos_ids(self.get("eos_token_id", None), vocab, self.fail)
         return {"eos_token_id": ids[0] if ids else None, "eos_token_ids": ids if len(ids) > 1 else None}
 
@@ -309,12 +313,13 @@ class _Config:
 def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[str, ...], expert_size_key: str,
                   family_name: str, implements: tuple[str, ...] = (), head_dim_key: bool = True,
                   default_rope_theta: float = DEFAULT_ROPE_THETA, rope_types: tuple[str, ...] = ("default",),
-                  default_eps: float = 1e-5) -> dict:
+                  default_eps: float = 1e-5, default_eos: int | None = None) -> dict:
     """ModelSpec fields every family's config.json gives, each checked for type and range, after refusing
     the fields that change the math which this family does not implement (`NEUTRAL_VALUES` less
     `implements`, which the family reads itself). `experts_key`: the routed-expert count's key (or keys,
     the first present wins); `expert_size_key`: one routed expert's FFN dim; `default_eps`: the family's
-    config class's rms_norm_eps, which transformers runs where config.json gives none."""
+    config class's rms_norm_eps, which transformers runs where config.json gives none; `default_eos`, its
+    eos_token_id, likewise."""
     layers, hidden = cfg.positive_int("num_hidden_layers"), cfg.positive_int("hidden_size")
     intermediate, heads = cfg.positive_int(expert_size_key), cfg.positive_int("num_attention_heads")
     kv_heads = cfg.positive_int("num_key_value_heads", None, nullable=True) or heads
@@ -336,7 +341,7 @@ def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[s
     eps = cfg.positive_number("rms_norm_eps", cfg.get("rms_norm_eps", default_eps))
     rope_theta = cfg.rope_theta(family_name, default_rope_theta, rope_types)
     bos = cfg.token_id("bos_token_id", cfg.get("bos_token_id", None), vocab)
-    eos = cfg.eos(vocab)
+    eos = cfg.eos(vocab, default_eos)
     cfg.refuse_unimplemented(max_positions, family_name, implements)
     dtype = cfg.get("dtype", None) or cfg.get("torch_dtype", None)
     return dict(

@@ -108,7 +108,7 @@ def spec_fields(cfg) -> dict:
     from moe_lightning.engine.hf_config import common_fields
 
     return common_fields(cfg, "mixtral", experts_key="num_local_experts", expert_size_key="intermediate_size",
-                         family_name="Mixtral")
+                         family_name="Mixtral", default_eos=2)
 
 
 def hf_config(spec: ModelSpec) -> dict:

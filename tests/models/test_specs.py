@@ -161,3 +161,26 @@ def test_a_config_without_a_field_reads_as_its_config_class_default(tmp_path, na
                                                         if v is not None}))
         read[case] = dataclasses.replace(spec_from_hf_config(folder), name="", path="")
     assert read["absent"] == read["given"]
+
+
+@pytest.mark.parametrize("name", ["mixtral", *(n for n, s in FAMILIES.items() if s.expert_format == "dense")])
+def test_a_config_without_eos_token_id_stops_where_transformers_generate_does(tmp_path, name):
+    """No eos_token_id in config.json and no generation_config.json: transformers' generate stops on the config
+    class's default (Mixtral and DeepSeek-V2: 2, DeepSeek-V3: 1; OLMoE's 50279 lies past a tiny vocabulary, so
+    it never stops). The engine had never stopped early there."""
+    import json
+
+    from transformers import GenerationConfig
+
+    from moe_lightning.engine.hf_config import spec_from_hf_config
+    from moe_lightning.engine.tiny import hf_classes
+    from tests.models.test_families import SHAPES
+
+    spec = FAMILIES.get(name) or ModelSpec(name="hf", architecture="mixtral", num_layers=2, **SHAPES)
+    config_cls = hf_classes(spec)[0]
+    cfg = config_cls(**family(spec).hf_config(spec)).to_dict()
+    cfg.pop("eos_token_id", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    want = GenerationConfig.from_model_config(config_cls.from_pretrained(tmp_path)).eos_token_id
+    want = want if want is not None and want < spec.vocab_size else None
+    assert spec_from_hf_config(tmp_path).eos_token_id == want
