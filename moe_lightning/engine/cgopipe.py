@@ -160,6 +160,9 @@ class CGOPipeRunner:
         # Profile the expert kernels (when asked) before the pools take the budget; its scratch is freed.
         _, micro_tokens = prefill_tokens(workload, policy.batch_size, policy.micro_batch_size, self.kv_tokens, paged,
                                          prompt_lengths, max(1, self.kv_block_size))
+        # Admission defers requests past the plan's prompt tokens per micro-batch (short budgets reserve
+        # less KV than the plan assumes, so more prompts would fit a partition than it planned for).
+        self.prefill_cap = int(micro_tokens) if paged else None
         self.threads = plan_threads(None, cuda=self.cuda, micro_batches=policy.num_micro_batches,
                                     attn_on_cpu=not policy.attn_on_gpu, op_elements=op_elements(spec))
         # Profiled (once per machine) with the threads of the worker that runs the kernels: the GPU role.

@@ -327,7 +327,9 @@ def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]],
 
     while waiting or part_of:
         if waiting and (refill or not part_of):
-            admitted, waiting_next = admit(waiting, lengths, max_new, budget, parts)
+            # The runner's plan covers so many prompt tokens per micro-batch and round (`prefill_cap`).
+            admitted, waiting_next = admit(waiting, lengths, max_new, budget, parts,
+                                           getattr(runner, "prefill_cap", None))
             stats.deferred += len(waiting_next)
             waiting = waiting_next
             if admitted:

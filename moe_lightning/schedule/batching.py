@@ -60,9 +60,15 @@ class Partition:
 
 
 def admit(waiting: Sequence[int], prompt_len: Sequence[int], max_new: Sequence[int], budget: KVBudget,
-          partitions: list[Partition]) -> tuple[dict[int, list[int]], list[int]]:
+          partitions: list[Partition], prefill_cap: int | None = None) -> tuple[dict[int, list[int]], list[int]]:
     """One admission round of Algorithm 2 over `waiting` (request indices; `prompt_len[r]`, `max_new[r]`
     per request). `partitions` (current loads, one per micro-batch) are updated in place.
+
+    `prefill_cap`: the most prompt tokens one partition may take in this round (the engine's memory
+    plan sizes a micro-batch's prefill activations for that many, `memory.prefill_tokens`, reserving
+    gen_len for every request; requests with smaller budgets reserve less, so more of them would fit).
+    A request that would exceed it waits like one that does not fit the KV share; the first request of
+    a partition's round is always taken, so the cap never starves a request.
 
     -> ({partition: admitted requests, in admission order}, partitions in order; requests still waiting,
     in input order)."""
@@ -70,6 +76,7 @@ def admit(waiting: Sequence[int], prompt_len: Sequence[int], max_new: Sequence[i
     deferred: list[int] = []
     order = sorted(waiting, key=lambda r: (-prompt_len[r], r))
     room = (budget.batch_size or budget.partitions * budget.micro_batch_size) - sum(len(p.requests) for p in partitions)
+    round_tokens = [0] * len(partitions)   # prompt tokens admitted to each partition in this round
     for n, r in enumerate(order):
         open_ = [j for j, p in enumerate(partitions) if len(p.requests) < budget.micro_batch_size] if room else []
         if not open_:   # every micro-batch is full, or N are running: the rest wait, without a pass over each
@@ -77,9 +84,11 @@ def admit(waiting: Sequence[int], prompt_len: Sequence[int], max_new: Sequence[i
             break
         j = min(open_, key=lambda j: (partitions[j].reserved_blocks, j))
         need = budget.blocks_for(prompt_len[r] + max_new[r])
-        if partitions[j].reserved_blocks + need > budget.blocks_per_partition:
+        over_cap = prefill_cap is not None and round_tokens[j] and round_tokens[j] + prompt_len[r] > prefill_cap
+        if partitions[j].reserved_blocks + need > budget.blocks_per_partition or over_cap:
             deferred.append(r)
             continue
+        round_tokens[j] += prompt_len[r]
         partitions[j].requests.append(r)
         partitions[j].reserved_blocks += need
         admitted.setdefault(j, []).append(r)

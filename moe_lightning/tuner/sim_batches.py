@@ -71,9 +71,10 @@ def _shape(contexts: list[int], prompts: list[int]) -> MicroBatchShape:
 
 
 def admitted_rounds(lengths: Sequence[int], budgets: Sequence[int], budget: KVBudget, n_gpu: int,
-                    refill: bool = True) -> list[Round]:
+                    refill: bool = True, prefill_cap: int | None = None) -> list[Round]:
     """`generate_admitted` replayed without a model: the partitions' loads, admissions and finishes, step by
-    step; the first `n_gpu` partitions keep their KV cache on the GPU."""
+    step; the first `n_gpu` partitions keep their KV cache on the GPU; `prefill_cap` as `admit`'s (the
+    runner's `prefill_cap`)."""
     parts = [Partition() for _ in range(budget.partitions)]
     part_of: dict[int, int] = {}
     context: dict[int, int] = {}   # tokens in each running request's cache
@@ -94,7 +95,7 @@ def admitted_rounds(lengths: Sequence[int], budgets: Sequence[int], budget: KVBu
 
     while waiting or part_of:
         if waiting and (refill or not part_of) and changed:
-            admitted, waiting = admit(waiting, lengths, budgets, budget, parts)
+            admitted, waiting = admit(waiting, lengths, budgets, budget, parts, prefill_cap)
             changed = False
             if admitted:
                 mbs, gpu_kv = [], set()
@@ -108,7 +109,8 @@ def admitted_rounds(lengths: Sequence[int], budgets: Sequence[int], budget: KVBu
                 rounds.append(Round(mbs, frozenset(gpu_kv)))
                 done = {r for reqs in admitted.values() for r in reqs if left[r] == 0}   # one token: done
                 finish(done)
-                changed = bool(done)
+                # The driver admits again at once: what the prefill cap deferred may fit a fresh round.
+                changed = bool(done) or prefill_cap is not None
                 continue
             if not part_of:
                 raise ValueError(f"{len(waiting)} requests wait and none fits the empty KV cache")

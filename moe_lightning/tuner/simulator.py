@@ -331,10 +331,11 @@ class SimResult:
 
 
 def admission_budget(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], policy: Policy, workload: Workload,
-                     block_size: int, kv_tokens: int | None) -> tuple[KVBudget, int]:
+                     block_size: int, kv_tokens: int | None) -> tuple[KVBudget, int, int]:
     """The engine's KV budget for admission (`schedule.batching.kv_budget`, at the plan's tokens unless
-    `kv_tokens`) and how many of its partitions (the first) keep their KV cache on the GPU."""
-    from moe_lightning.memory import engine_kv_tokens
+    `kv_tokens`), how many of its partitions (the first) keep their KV cache on the GPU, and the prompt
+    tokens a partition may take per round (`CGOPipeRunner.prefill_cap`: the plan's, `prefill_tokens`)."""
+    from moe_lightning.memory import engine_kv_tokens, prefill_tokens
     from moe_lightning.schedule.batching import gpu_partitions, kv_budget
 
     wl = replace(workload, prompt_len_max=max(lengths), num_requests=len(lengths),
@@ -347,7 +348,8 @@ def admission_budget(spec: ModelSpec, hw: HardwareSpec, lengths: Sequence[int], 
 
         raise ConfigError(f"system.kv_cache_tokens={tokens}: each of the {budget.partitions} micro-batches must hold "
                           f"the longest request ({longest} tokens)")
-    return budget, gpu_partitions(policy.kv_gpu_fraction, policy.batch_size, budget)
+    _, cap = prefill_tokens(wl, policy.batch_size, policy.micro_batch_size, tokens, True, lengths, block_size)
+    return budget, gpu_partitions(policy.kv_gpu_fraction, policy.batch_size, budget), int(cap)
 
 
 def batch_shapes(lengths: Sequence[int], policy: Policy, padding: bool,
@@ -496,8 +498,8 @@ def simulate_run(spec: ModelSpec, hw: HardwareSpec, workload: Workload, policy: 
     if admission is None:   # CGOPipe's unpadded mode admits against its paged KV budget, as the engine does
         admission = getattr(builder, "name", "cgopipe") == "cgopipe" and not workload.padding and kv_block_size > 0
     if admission:
-        budget, n_gpu = admission_budget(spec, hw, lengths, policy, workload, kv_block_size, kv_tokens)
-        rounds = admitted_rounds(lengths, gens, budget, n_gpu, refill)
+        budget, n_gpu, cap = admission_budget(spec, hw, lengths, policy, workload, kv_block_size, kv_tokens)
+        rounds = admitted_rounds(lengths, gens, budget, n_gpu, refill, cap)
     else:   # static batches; padded: every prompt to the longest, as many as the KV budget holds
         width = max(lengths) if workload.padding else None
         n = policy.batch_size if not (workload.padding and kv_tokens) else padded_batch_size(

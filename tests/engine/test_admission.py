@@ -127,3 +127,26 @@ def test_request_over_its_share_is_refused(tiny, prompts):
                            prompt_workload(prompts[:1]), CPU)
     with pytest.raises(WorkloadError, match="more than a micro-batch's share"):
         generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW), 2)
+
+
+def test_short_budgets_admit_no_more_prompt_tokens_than_the_plan_holds(tiny, hf_tiny):
+    """Requests with budgets below gen_len reserve fewer blocks, so more of them fit a partition than the
+    plan's prefill activations assume (it reserves gen_len for each): a partition holding 22 tokens plans
+    one request of 3 + 16, yet four requests of budget 1-6 fit. Admission defers what would exceed the
+    plan's prompt tokens per micro-batch, so the GPU role's peak stays within the plan (it was 2x over
+    the activations with the dense kernel)."""
+    from moe_lightning.config import Workload
+
+    spec, source = tiny
+    g = torch.Generator().manual_seed(5)
+    lengths, own = [3, 3, 3, 1, 2, 2, 1], [6, 1, 15, 1, 16, 2, 1]
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in lengths]
+    wl = Workload(prompt_len_avg=2, prompt_len_max=3, gen_len=16, num_requests=len(lengths))
+    policy = Policy(batch_size=3, micro_batch_size=3, expert_kernel="dense")
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, wl, CPU, kv_block_size=1, kv_tokens=22,
+                           track_activations=True, prompt_lengths=lengths)
+    result = generate(runner, prompts, GenerationParams(max_new_tokens=16, eos_token_id=2), 3, max_new=own)
+    assert result.output_ids == [hf_greedy(hf_tiny, p, n) for p, n in zip(prompts, own)]
+    peak = runner.stats()["peak_gpu_bytes"]
+    planned = runner.plan.gpu_total_bytes
+    assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
