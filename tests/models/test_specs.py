@@ -178,7 +178,8 @@ def test_a_config_without_eos_token_id_stops_where_transformers_generate_does(tm
 
     spec = FAMILIES.get(name) or ModelSpec(name="hf", architecture="mixtral", num_layers=2, **SHAPES)
     config_cls = hf_classes(spec)[0]
-    cfg = config_cls(**family(spec).hf_config(spec)).to_dict()
+    config_cls(**family(spec).hf_config(spec)).save_pretrained(tmp_path)   # as transformers writes it
+    cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.pop("eos_token_id", None)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     want = GenerationConfig.from_model_config(config_cls.from_pretrained(tmp_path)).eos_token_id
