@@ -180,7 +180,8 @@ def documents_state(cfg) -> dict[Path, tuple[int, int]]:
     the log aside) and out=, outputs=; compared after an interrupt to say what the run kept."""
     files = [Path(p) for p in (cfg.out, cfg.outputs) if p]
     if cfg.run_dir and Path(cfg.run_dir).is_dir():
-        files += [p for p in Path(cfg.run_dir).rglob("*")
+        # two levels (the documents, and compare's under a tune): a run folder given as `.` is no full walk
+        files += [p for pattern in ("*", "*/*") for p in Path(cfg.run_dir).glob(pattern)
                   if ".hydra" not in p.relative_to(cfg.run_dir).parts and p.name != "moe-lightning.log"]
     state = {}
     for path in files:
@@ -217,8 +218,11 @@ def _said_in_job(message: str, cfg, before: dict[Path, tuple[int, int]]) -> str:
         return (f"{message}: task={cfg.task.name} wrote nothing (earlier files are untouched); run the same "
                 "command again to start over")
     named = ", ".join(written[:3]) + (f" and {len(written) - 3} more" if len(written) > 3 else "")
+    again = ("its study keeps every finished trial, and the same command (with overwrite=true, for these files) "
+             "resumes it" if cfg.task.name == "tune" else
+             "run the same command with overwrite=true to start over")
     return (f"{message}: task={cfg.task.name} stopped before it finished; written whole before the signal: "
-            f"{named}; run the same command with overwrite=true to start over")
+            f"{named}; {again}")
 
 
 def task_overrides() -> list[str]:
