@@ -298,7 +298,8 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 24
 def test_a_second_run_in_a_busy_run_folder_is_refused(tmp_path, tiny_path):
     """Two runs with the same hydra.run.dir at once both passed the folder check (neither had written
     run.json yet), both said `run document: <folder>/run.json` and exited 0, and the last rename silently
-    replaced the other's document. The run folder is now locked from the checks to the documents' rename."""
+    replaced the other's document. The run folder is now locked from the checks to the documents' rename,
+    and a second run is refused before Hydra rewrites the first's .hydra/ record."""
     import signal
 
     folder = tmp_path / "h"
@@ -308,9 +309,11 @@ def test_a_second_run_in_a_busy_run_folder_is_refused(tmp_path, tiny_path):
                              stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(folder / "moe-lightning.log", "streamed experts per layer", first)   # past its checks
+        record = (folder / ".hydra" / "overrides.yaml").read_text()
         second = cli("task=plan", f"hydra.run.dir={folder}", cwd=tmp_path)
         assert f"another run (pid {first.pid}) is running in this folder" in one_line_error(second)
         assert not (folder / "run.json").exists()
+        assert (folder / ".hydra" / "overrides.yaml").read_text() == record   # refused before Hydra's set-up
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=300)
