@@ -179,6 +179,8 @@ def documents_state(cfg) -> dict[Path, tuple[int, int]]:
     """(mtime_ns, size) of each document the run can write: its run folder's files (Hydra's record and
     the log aside) and out=, outputs=; compared after an interrupt to say what the run kept."""
     files = [Path(p) for p in (cfg.out, cfg.outputs) if p]
+    if cfg.task.name == "calibrate":   # the profile it writes
+        files.append(Path(cfg.task.yaml_path(cfg)))
     if cfg.run_dir and Path(cfg.run_dir).is_dir():
         # two levels (the documents, and compare's under a tune): a run folder given as `.` is no full walk
         files += [p for pattern in ("*", "*/*") for p in Path(cfg.run_dir).glob(pattern)

@@ -364,3 +364,18 @@ def test_an_interrupted_sweep_says_which_jobs_kept_their_documents(tmp_path):
     assert last.startswith("moe-lightning: error: interrupted by SIGINT"), err
     assert re.search(r"of this sweep's earlier jobs (\d) of \1 finished and kept their run documents", last), last
     assert (tmp_path / "s" / "0" / "run.json").is_file() and not (tmp_path / "s" / "3").exists()
+
+
+def test_an_interrupted_calibration_names_the_profile_it_wrote(tmp_path):
+    """A calibration interrupted after writing its profile (task.out_yaml) named only run.json as kept."""
+    from types import SimpleNamespace
+
+    from moe_lightning.cli import documents_state, said_what_was_kept
+
+    yaml = tmp_path / "mine.yaml"
+    task = SimpleNamespace(name="calibrate", yaml_path=lambda cfg: yaml)
+    cfg = SimpleNamespace(task=task, out=None, outputs=None, run_dir=str(tmp_path / "h"))
+    before = documents_state(cfg)
+    yaml.write_text("name: mine\n")
+    line = said_what_was_kept("interrupted by SIGINT", cfg, before)
+    assert f"written whole before the signal: {yaml};" in line, line
