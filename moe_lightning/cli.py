@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,7 +131,9 @@ def _run_job(cfg) -> None:
     from moe_lightning.interrupt import install
 
     install()   # SIGINT/SIGTERM: the task keeps what it has done, then one line and exit 130/143
+    before: dict[Path, tuple[int, int]] = {}
     try:
+        before = documents_state(run_cfg)
         locks = check_outputs(run_cfg)
         try:
             if run_cfg.task.name not in ("plan", "simulate", "report"):   # tasks that run on the device
@@ -160,7 +164,8 @@ def _run_job(cfg) -> None:
     except MoELightningError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:   # errors.Interrupted says what was kept
-        exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+        exit_interrupted(said_what_was_kept(str(exc) or "interrupted", run_cfg, before),
+                         getattr(exc, "exit_code", 130))
     except Exception:
         from moe_lightning.launch import another_rank_failed
 
@@ -168,6 +173,58 @@ def _run_job(cfg) -> None:
             logging.shutdown()
             os._exit(1)
         raise
+
+
+def documents_state(cfg) -> dict[Path, tuple[int, int]]:
+    """(mtime_ns, size) of each document the run can write: its run folder's files (Hydra's record and
+    the log aside) and out=, outputs=; compared after an interrupt to say what the run kept."""
+    files = [Path(p) for p in (cfg.out, cfg.outputs) if p]
+    if cfg.task.name == "calibrate":   # the profile it writes
+        files.append(Path(cfg.task.yaml_path(cfg)))
+    if cfg.run_dir and Path(cfg.run_dir).is_dir():
+        # two levels (the documents, and compare's under a tune): a run folder given as `.` is no full walk
+        files += [p for pattern in ("*", "*/*") for p in Path(cfg.run_dir).glob(pattern)
+                  if ".hydra" not in p.relative_to(cfg.run_dir).parts and p.name != "moe-lightning.log"]
+    state = {}
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and not path.name.endswith((".lock", ".tmp")):
+            state[path] = (st.st_mtime_ns, st.st_size)
+    return state
+
+
+def said_what_was_kept(message: str, cfg, before: dict[Path, tuple[int, int]]) -> str:
+    """An interrupt's line says what the run kept: a task that keeps partial work (generate's part file, a
+    tune's study) says it itself; for the others, the bare "interrupted by SIGTERM" is followed by the
+    documents this run wrote before the signal (each is whole: writes are atomic), or by "nothing written"."""
+    return said_of_sweep(_said_in_job(message, cfg, before))
+
+
+def said_of_sweep(message: str) -> str:
+    """A sweep's earlier jobs (run in this process), which the interrupted job's own line does not name."""
+    if not _sweep_jobs:
+        return message
+    ok = sum(1 for _, code in _sweep_jobs if not code)
+    return (f"{message}; of this sweep's earlier jobs {ok} of {len(_sweep_jobs)} finished and kept their run "
+            "documents, the later ones did not run")
+
+
+def _said_in_job(message: str, cfg, before: dict[Path, tuple[int, int]]) -> str:
+    if message != "interrupted" and not re.fullmatch(r"interrupted by SIG[A-Z]+", message):
+        return message
+    written = sorted(str(p) for p, state in documents_state(cfg).items() if before.get(p) != state)
+    if not written:
+        return (f"{message}: task={cfg.task.name} wrote nothing (earlier files are untouched); run the same "
+                "command again to start over")
+    named = ", ".join(written[:3]) + (f" and {len(written) - 3} more" if len(written) > 3 else "")
+    again = ("its study keeps every finished trial, and the same command (with overwrite=true, for these files) "
+             "resumes it" if cfg.task.name == "tune" else
+             "run the same command with overwrite=true to start over")
+    return (f"{message}: task={cfg.task.name} stopped before it finished; written whole before the signal: "
+            f"{named}; {again}")
 
 
 def task_overrides() -> list[str]:
@@ -351,7 +408,7 @@ def check_outputs(cfg) -> list[OutputLock]:
     (files.OutputLock), taken first: a second run writing the same file is refused before it reads or
     writes any of it, and cannot replace this run's document as it finishes."""
     from moe_lightning.errors import ConfigError
-    from moe_lightning.files import lock_output
+    from moe_lightning.files import lock_output, lock_run_folder
     from moe_lightning.tasks.report import REPORT_SUFFIXES
 
     if cfg.resume and cfg.task.name != "generate":
@@ -377,6 +434,8 @@ def check_outputs(cfg) -> list[OutputLock]:
     written = {key: Path(value).resolve() for key, value in named.items() if value and rank0}
     locks: list[OutputLock] = []
     try:
+        if cfg.run_dir and rank0:   # its documents (run.json, comparison.*, trials.*): one run at a time
+            locks.append(lock_run_folder(cfg.run_dir))
         for key, path in written.items():
             if path in _sweep_written:
                 raise ConfigError(f"{key}={named[key]}: an earlier job of this sweep wrote it; give each job its "
@@ -437,7 +496,7 @@ def main() -> None:
         pipes.install()   # stdout's reader gone (| head): the run finishes its documents, then exits 141
         _main()
     except KeyboardInterrupt as exc:   # errors.Interrupted; a task's own says what was kept
-        exit_interrupted(str(exc) or "interrupted", getattr(exc, "exit_code", 130))
+        exit_interrupted(said_of_sweep(str(exc) or "interrupted"), getattr(exc, "exit_code", 130))
     finally:
         sys.stdout.flush()   # what is still buffered, while a closed pipe is still caught here
     pipes.exit_if_broken()

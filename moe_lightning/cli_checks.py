@@ -426,6 +426,10 @@ def check_reused_run_dir(args: list[str]) -> None:
     given = [a.split("=", 1)[1] for a in plain if a.split("=", 1)[0].lstrip("+") == "hydra.run.dir"]
     if not given or "${" in given[-1]:
         return   # the default folder carries the time and the process id: always a new one
+    from moe_lightning.files import RUN_FOLDER_LOCK, lock_run_folder
+
+    if (Path(given[-1]) / RUN_FOLDER_LOCK).exists():   # a run in it now: refused before Hydra rewrites its .hydra/
+        lock_run_folder(given[-1]).release()   # (the job takes the lock for good, after Hydra's set-up)
     from omegaconf.errors import InterpolationResolutionError
 
     try:

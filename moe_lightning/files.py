@@ -168,10 +168,12 @@ class OutputLock:
         self.fd = None
 
 
-def lock_output(path: str | os.PathLike, *, key: str) -> OutputLock:
-    """Take `path`'s lock without waiting, or refuse: another run is writing the same output."""
+def lock_output(path: str | os.PathLike, *, key: str, lock: Path | None = None, held_by: str | None = None) \
+        -> OutputLock:
+    """Take `path`'s lock (`lock`, by default `<path>.lock`) without waiting, or refuse: another run is
+    writing the same output. `held_by` replaces the refusal's text after the holder's pid."""
     path = Path(path)
-    lock = path.with_name(path.name + ".lock")
+    lock = path.with_name(path.name + ".lock") if lock is None else lock
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -187,8 +189,10 @@ def lock_output(path: str | os.PathLike, *, key: str) -> OutputLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise ConfigError(f"{key}={path}: another run{f' (pid {holder})' if holder.isdigit() else ''} is "
-                              f"writing it; wait for it to finish, or choose another {key}=") from None
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConfigError(f"{key}={path}: another run{pid} "
+                              + (held_by or f"is writing it; wait for it to finish, or choose another {key}=")) \
+                from None
         except OSError as exc:
             os.close(fd)
             raise ConfigError(f"{key}={path}: cannot lock {lock} ({exc.strerror or exc})") from None
@@ -202,3 +206,16 @@ def lock_output(path: str | os.PathLike, *, key: str) -> OutputLock:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return OutputLock(lock, fd)
+
+
+RUN_FOLDER_LOCK = ".moe-lightning.lock"
+
+
+def lock_run_folder(folder: str | os.PathLike, *, key: str = "hydra.run.dir") -> OutputLock:
+    """Take the run folder's lock (`<folder>/.moe-lightning.lock`), or refuse: two runs in one folder at once
+    (the same hydra.run.dir, or two sweeps over one hydra.sweep.dir) would each write run.json and its
+    siblings there, the last rename silently replacing the other run's document while both report it."""
+    folder = Path(folder)
+    return lock_output(folder, key=key, lock=folder / RUN_FOLDER_LOCK,
+                       held_by="is running in this folder; wait for it to finish, or give another hydra.run.dir "
+                               "(hydra.sweep.dir)")

@@ -82,6 +82,14 @@ def held_lock(outputs: str) -> Callable[[Path, Path], None]:
     return setup
 
 
+def held_run_folder(folder_name: str) -> Callable[[Path, Path], None]:
+    def setup(folder: Path, tiny: Path) -> None:
+        from moe_lightning.files import lock_run_folder
+
+        HELD.append(lock_run_folder(folder / folder_name))
+    return setup
+
+
 def checkpoint(edit: Callable[[Path], None]) -> Callable[[Path, Path], None]:
     def setup(folder: Path, tiny: Path) -> None:
         shutil.copytree(tiny, folder / "ckpt")
@@ -326,6 +334,9 @@ CASES = [
     # Never a replaced document: a run writing the same out= now, and a sweep whose jobs would share one file
     Case("out-written-by-another-run", ("out=new.json",), "out=new.json: another run (pid", task="plan", base=(),
          setup=held_lock("new.json")),
+    # Two runs in one hydra.run.dir at once: the last rename replaced the other's run.json, both exited 0
+    Case("run-folder-in-use", ("hydra.run.dir=runs/busy",), "runs/busy: another run (pid",
+         task="plan", base=(), setup=held_run_folder("runs/busy")),
     Case("multirun-one-out-for-every-job", ("-m", "workload.gen_len=2,3", "out=new.json"),
          "out=new.json: every job of this multirun would write it", task="plan", base=()),
     Case("multirun-one-outputs-for-every-job", ("-m", "sampling.seed=1,2", "outputs=new.jsonl", "overwrite=true"),

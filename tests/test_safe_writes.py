@@ -278,3 +278,104 @@ def test_sweep_jobs_never_replace_each_others_document(tmp_path):
     assert "plan.json: an earlier job of this sweep wrote it" in errors[0] and "1 of 2 sweep jobs failed" in errors[1]
     assert json.loads((tmp_path / "plan.json").read_text())["workload"]["gen_len"] == 5
     assert not (tmp_path / "sweep" / "1" / "run.json").exists()
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until `text` is in the file `path` (a run's log), or fail: a loaded host takes its time to start."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {text!r}: {proc.stderr.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no {text!r} in {path} after {timeout} s")
+
+
+def test_a_second_run_in_a_busy_run_folder_is_refused(tmp_path, tiny_path):
+    """Two runs with the same hydra.run.dir at once both passed the folder check (neither had written
+    run.json yet), both said `run document: <folder>/run.json` and exited 0, and the last rename silently
+    replaced the other's document. The run folder is now locked from the checks to the documents' rename,
+    and a second run is refused before Hydra rewrites the first's .hydra/ record."""
+    import signal
+
+    folder = tmp_path / "h"
+    first = subprocess.Popen([sys.executable, "-m", "moe_lightning.cli", "task=generate", "system=cgopipe",
+                              "workload.num_requests=256", "workload.gen_len=128", "task.progress=false",
+                              f"hydra.run.dir={folder}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(folder / "moe-lightning.log", "streamed experts per layer", first)   # past its checks
+        record = (folder / ".hydra" / "overrides.yaml").read_text()
+        second = cli("task=plan", f"hydra.run.dir={folder}", cwd=tmp_path)
+        assert f"another run (pid {first.pid}) is running in this folder" in one_line_error(second)
+        assert not (folder / "run.json").exists()
+        assert (folder / ".hydra" / "overrides.yaml").read_text() == record   # refused before Hydra's set-up
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=300)
+    assert first.returncode == 143
+
+
+def test_an_interrupted_bench_says_it_wrote_nothing_and_keeps_the_earlier_document(tmp_path, tiny_path):
+    """SIGTERM mid-bench said only `interrupted by SIGTERM`: not whether out= (here an earlier document,
+    overwrite=true) was replaced or half-written. It now says what the run wrote (nothing), exit 143."""
+    import signal
+
+    out = tmp_path / "bench.json"
+    out.write_text('{"earlier": true}\n')
+    folder = tmp_path / "h"
+    p = subprocess.Popen([sys.executable, "-m", "moe_lightning.cli", "task=bench", "system=cgopipe",
+                          "workload.num_requests=32", "workload.gen_len=64", "task.progress=false", f"out={out}",
+                          "overwrite=true", f"hydra.run.dir={folder}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    _wait_for(folder / "moe-lightning.log", "streamed experts per layer", p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err
+    assert err.strip().splitlines() == ["moe-lightning: error: interrupted by SIGTERM: task=bench wrote nothing "
+                                        "(earlier files are untouched); run the same command again to start over"]
+    assert out.read_text() == '{"earlier": true}\n'
+    assert sorted(p.name for p in folder.iterdir()) == [".hydra", "moe-lightning.log"]
+
+
+def test_an_interrupted_sweep_says_which_jobs_kept_their_documents(tmp_path):
+    """SIGINT between a sweep's jobs said only `interrupted by SIGINT`, though job 0 had finished and kept
+    its run document and the later jobs never ran."""
+    import re
+    import signal
+
+    p = subprocess.Popen([sys.executable, "-m", "moe_lightning.cli", "-m", "task=simulate",
+                          "workload.gen_len=8,16,32,64", f"hydra.sweep.dir={tmp_path / 's'}"], cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stderr:   # Hydra announces each job on stderr: interrupt as job 1 starts
+        lines.append(line)
+        if "#1 :" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    _, rest = p.communicate(timeout=300)
+    err = "".join(lines) + rest
+    assert p.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("moe-lightning: error: interrupted by SIGINT"), err
+    assert re.search(r"of this sweep's earlier jobs (\d) of \1 finished and kept their run documents", last), last
+    assert (tmp_path / "s" / "0" / "run.json").is_file() and not (tmp_path / "s" / "3").exists()
+
+
+def test_an_interrupted_calibration_names_the_profile_it_wrote(tmp_path):
+    """A calibration interrupted after writing its profile (task.out_yaml) named only run.json as kept."""
+    from types import SimpleNamespace
+
+    from moe_lightning.cli import documents_state, said_what_was_kept
+
+    yaml = tmp_path / "mine.yaml"
+    task = SimpleNamespace(name="calibrate", yaml_path=lambda cfg: yaml)
+    cfg = SimpleNamespace(task=task, out=None, outputs=None, run_dir=str(tmp_path / "h"))
+    before = documents_state(cfg)
+    yaml.write_text("name: mine\n")
+    line = said_what_was_kept("interrupted by SIGINT", cfg, before)
+    assert f"written whole before the signal: {yaml};" in line, line
