@@ -435,7 +435,11 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     ctx = workload.prompt_len_max + workload.gen_len
     kv_total = (N * ctx if kv_tokens is None else kv_tokens) * spec.kv_bytes_per_token
     kv_gpu = _ceil(kv_gpu_fraction * kv_total)
-    kv_stream_buffer = 2 * mu * ctx * spec.kv_token_layer_elements * d if attn_on_gpu else 0 * mu
+    # With attention on the GPU, two layers' KV of a micro-batch in flight (one read, one loading): copies
+    # each task allocates, so the plan counts them with the activations, not in a pool the engine would
+    # allocate up front and never use. Paged, a sequence's KV crosses in whole blocks.
+    held = -(-ctx // block_size) * block_size if paged else ctx
+    kv_stream_buffer = 2 * mu * held * spec.kv_token_layer_elements * d if attn_on_gpu else 0 * mu
     activations = activation_bytes(spec, workload, batch_size=N, micro_batch_size=mu,
                                    kv_tokens=N * ctx if kv_tokens is None else kv_tokens, paged=paged,
                                    attention_on_gpu=attn_on_gpu or (kv_gpu_fraction > 0), expert_kernel=expert_kernel,
@@ -450,8 +454,8 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
         # the scratch they are dequantized into
         "streamed_experts": (_padded(2 * n_str * spec.expert_stream_bytes + dequant_bytes(spec, n_str, dequant_experts))
                              if n_str > 0 else 0),
-        "kv_cache": _padded(kv_gpu + kv_stream_buffer),
-        "activations": activations,
+        "kv_cache": _padded(kv_gpu),
+        "activations": activations + kv_stream_buffer,
     }
     page_bytes = -(-(n_str * spec.expert_stream_bytes) // num_pages)  # ceil division
     cpu = {

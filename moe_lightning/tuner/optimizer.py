@@ -48,7 +48,16 @@ import numpy as np
 
 from moe_lightning.config import GiB, HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.errors import ConfigError, MemoryBudgetError
-from moe_lightning.memory import CPU_POOLS, GPU_POOLS, MemoryPlan, kv_tokens_for, memory_plan, memory_pools
+from moe_lightning.memory import (
+    CPU_POOLS,
+    GPU_POOLS,
+    POOL_ALIGN_ROOM,
+    MemoryPlan,
+    _padded,
+    kv_tokens_for,
+    memory_plan,
+    memory_pools,
+)
 from moe_lightning.tuner.hrm import Prediction, decode_layer_times, predict, prefill_time, throughput
 from moe_lightning.tuner.parallel import SINGLE, RankComm, layouts, parallel_problems, rank_view
 
@@ -250,20 +259,20 @@ def _search(spec: ModelSpec, hw: HardwareSpec, workload: Workload, comm: RankCom
                                 n_res=n_res, kv_gpu_fraction=0.0 * N, attn_on_gpu=attn_on_gpu,
                                 prefetch_depth=prefetch_depth, kv_tokens=kv_tokens, paged=paged_kv,
                                 lengths=lengths, dequant_experts=dq)
-        gpu_other = sum(gpu.values())  # kv GPU share is 0 here; the KV stream buffer is included
+        gpu_other = sum(gpu.values())  # kv GPU share is 0 here (the KV stream buffer is in the activations)
         evaluated += N.size
         if attn_on_gpu:
-            room = np.clip((gpu_budget - gpu_other) / kv_total, 0.0, 1.0)
+            room = np.clip((gpu_budget - gpu_other - POOL_ALIGN_ROOM) / kv_total, 0.0, 1.0)
             r_c = np.round(np.floor(room / kv_fraction_step + 1e-9) * kv_fraction_step, 9)
             r_c = np.minimum(r_c, 1.0)
             for _ in range(2):  # guard against float rounding at the GPU limit
-                over = gpu_other + np.ceil(r_c * kv_total) > gpu_budget
+                over = gpu_other + _padded(np.ceil(r_c * kv_total)) > gpu_budget
                 r_c = np.where(over & (r_c > 0), np.maximum(r_c - kv_fraction_step, 0.0), r_c)
             kv_gpu = np.ceil(r_c * kv_total)
         else:
             r_c = 0.0 * N
             kv_gpu = 0.0 * N
-        gpu_total = gpu_other + kv_gpu
+        gpu_total = gpu_other + _padded(kv_gpu)   # the GPU KV pool with its alignment room
         cpu_total = sum(cpu.values()) - kv_gpu
         ok = (gpu_total <= gpu_budget) & (cpu_total <= cpu_budget)
         if not dq:   # some batch size over the GPU budget by less than the smallest scratch would free

@@ -212,3 +212,20 @@ def test_a_scratch_of_fewer_mxfp4_experts_is_planned(family_checkpoints, kernel)
                     expert_kernel=kernel)
     peak, plan = _measure((spec, source), policy, MIXED, False, torch.device("cpu"))
     assert peak <= plan.gpu_total_bytes, f"the engine held {peak} B, the plan reserves {plan.gpu_total_bytes} B"
+
+
+@pytest.mark.parametrize("block_size,kernel", [(16, "loop"), (64, "dense")])
+def test_plan_covers_kv_streamed_in_whole_blocks_to_gpu_attention(tiny, block_size, kernel):
+    """Attention on the GPU over a CPU-resident paged cache: a sequence's KV crosses in whole blocks, up to
+    63 tokens past its context, while the plan reserved its context alone, in a pool the engine allocated
+    and never used (the copies are each task's own). One 1-token prompt, 9 new tokens: the peak had been
+    6,176 B (16-token blocks) and 28,544 B (64) over the plan. Found by a randomized parity and memory fuzz."""
+    spec, source = tiny
+    wl = Workload(prompt_len_avg=1, prompt_len_max=1, gen_len=9, num_requests=1)
+    policy = Policy(batch_size=1, micro_batch_size=1, attn_on_gpu=True, expert_gpu_fraction=0.0, expert_kernel=kernel)
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, wl, torch.device("cpu"), kv_block_size=block_size,
+                           track_activations=True, prompt_lengths=[1])
+    generate(runner, [[5]], GenerationParams(max_new_tokens=9, eos_token_id=None), 1)
+    peak, planned = runner.stats()["peak_gpu_bytes"], runner.plan.gpu_total_bytes
+    assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
+    assert runner.pools.allocated_bytes == planned - runner.plan.gpu["activations"]   # nothing reserved unused
