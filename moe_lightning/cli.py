@@ -316,7 +316,8 @@ def refuse_unread_group(cfg, key: str, override: str) -> None:
     """A setting whose group the task never reads, refused rather than recorded as if it had run: tuner.*
     beside any task but tune; sampling.* where no token is sampled (a plan, a simulation, a simulated tune:
     every request runs to its budget); threads.* where the hardware profile, not this host, is timed;
-    what only a measurement reads (repeats, noise, timeouts) beside a simulated comparison or tune;
+    what only a measurement reads (repeats, noise, timeouts) beside a simulated comparison or tune; the
+    reference's expert kernel beside a plan or simulation (they stand CGOPipe's schedule in for it);
     parallel.chunks with no expert parallelism to pipeline."""
     from moe_lightning.errors import ConfigError
 
@@ -342,6 +343,10 @@ def refuse_unread_group(cfg, key: str, override: str) -> None:
         raise ConfigError(f"{override}: {what} prices the hardware profile hardware={cfg.hardware.name}, not "
                           "this host's threads, so it would be ignored; drop it, or measure that thread layout "
                           "with task=bench")
+    if key == "system.expert_kernel" and cfg.system.name == "reference" and task in ("plan", "simulate"):
+        raise ConfigError(f"{override}: system=reference has no offloading schedule; task={task} plans and times "
+                          "CGOPipe's, with the engine's own kernel choice per call, so it would be ignored; drop it, "
+                          "or measure that kernel with task=bench system=reference")
     p = cfg.parallel
     searched = task in PLANNING_TASKS and cfg.hardware.gpu.count > 1 and p.world_size == 1  # the plan's layout
     if key == "parallel.chunks" and p.chunks and p.expert == 1 and not searched:

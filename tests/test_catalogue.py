@@ -671,6 +671,9 @@ CASES = [
     Case("simulate-a-given-kernel", ("task.use_plan=false", "policy.expert_kernel=grouped"),
          "policy.expert_kernel=grouped: the simulator prices the engine's own choice per call (auto)", task="simulate",
          base=()),
+    Case("simulate-the-reference-s-kernel", ("system=reference", "system.expert_kernel=grouped"),
+         "system.expert_kernel=grouped: system=reference has no offloading schedule; task=simulate plans and times "
+         "CGOPipe's", task="simulate", base=()),
     Case("tune-simulates-a-given-kernel", ("tuner.objective=simulate", "policy.expert_kernel=loop"),
          "policy.expert_kernel=loop: the simulator prices the engine's own choice per call (auto), so loop's speed "
          "would be ignored; drop it, or search the kernels with tuner.objective=measure", task="tune", base=TUNE),
