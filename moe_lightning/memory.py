@@ -125,7 +125,7 @@ def _max(a: Any, b: Any) -> Any:
     return a + (b - a) * (b > a)
 
 
-def _padded(pool_bytes: Any) -> Any:
+def padded_pool(pool_bytes: Any) -> Any:
     """A pool of several tensors with its alignment room (`POOL_ALIGN_ROOM`); an empty pool stays 0."""
     return pool_bytes + POOL_ALIGN_ROOM * (pool_bytes > 0)
 
@@ -449,12 +449,12 @@ def memory_pools(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_
     gpu = {
         # Each tensor at an aligned offset: small tensors (norms, biases) take a whole aligned slot.
         "non_expert_weights": sum(-(-n * d // TENSOR_ALIGN) * TENSOR_ALIGN for n in spec.non_expert_tensor_sizes),
-        "resident_experts": _padded(L * n_res * spec.expert_bytes),
+        "resident_experts": padded_pool(L * n_res * spec.expert_bytes),
         # a double buffer of one layer's streamed experts as they cross the link, and where that is 4-bit,
         # the scratch they are dequantized into
-        "streamed_experts": (_padded(2 * n_str * spec.expert_stream_bytes + dequant_bytes(spec, n_str, dequant_experts))
-                             if n_str > 0 else 0),
-        "kv_cache": _padded(kv_gpu),
+        "streamed_experts": (padded_pool(2 * n_str * spec.expert_stream_bytes
+                                         + dequant_bytes(spec, n_str, dequant_experts)) if n_str > 0 else 0),
+        "kv_cache": padded_pool(kv_gpu),
         "activations": activations + kv_stream_buffer,
     }
     page_bytes = -(-(n_str * spec.expert_stream_bytes) // num_pages)  # ceil division

@@ -53,10 +53,10 @@ from moe_lightning.memory import (
     GPU_POOLS,
     POOL_ALIGN_ROOM,
     MemoryPlan,
-    _padded,
     kv_tokens_for,
     memory_plan,
     memory_pools,
+    padded_pool,
 )
 from moe_lightning.tuner.hrm import Prediction, decode_layer_times, predict, prefill_time, throughput
 from moe_lightning.tuner.parallel import SINGLE, RankComm, layouts, parallel_problems, rank_view
@@ -266,13 +266,13 @@ def _search(spec: ModelSpec, hw: HardwareSpec, workload: Workload, comm: RankCom
             r_c = np.round(np.floor(room / kv_fraction_step + 1e-9) * kv_fraction_step, 9)
             r_c = np.minimum(r_c, 1.0)
             for _ in range(2):  # guard against float rounding at the GPU limit
-                over = gpu_other + _padded(np.ceil(r_c * kv_total)) > gpu_budget
+                over = gpu_other + padded_pool(np.ceil(r_c * kv_total)) > gpu_budget
                 r_c = np.where(over & (r_c > 0), np.maximum(r_c - kv_fraction_step, 0.0), r_c)
             kv_gpu = np.ceil(r_c * kv_total)
         else:
             r_c = 0.0 * N
             kv_gpu = 0.0 * N
-        gpu_total = gpu_other + _padded(kv_gpu)   # the GPU KV pool with its alignment room
+        gpu_total = gpu_other + padded_pool(kv_gpu)   # the GPU KV pool with its alignment room
         cpu_total = sum(cpu.values()) - kv_gpu
         ok = (gpu_total <= gpu_budget) & (cpu_total <= cpu_budget)
         if not dq:   # some batch size over the GPU budget by less than the smallest scratch would free
