@@ -90,9 +90,28 @@ def tokenizer_for(spec: ModelSpec) -> TextTokenizer | None:
 
         backend = load_tokenizer(spec.path)
         return None if backend is None else TextTokenizer(backend, str(spec.path))
-    if spec.architecture == "mixtral" and spec.vocab_size == MISTRAL_V1_VOCAB:
-        return TextTokenizer(mistral_v1())
+    if _mistral_preset(spec):
+        try:
+            return TextTokenizer(mistral_v1())
+        except ConfigError:   # prompts given as "input_ids" need none; a text prompt says why (`missing`)
+            return None
     return None
+
+
+def missing(spec: ModelSpec) -> str:
+    """Why a text prompt cannot be encoded for `spec` (`tokenizer_for` gave None), with the fix."""
+    if spec.path:
+        return f'"prompt" needs a tokenizer, and model.path {spec.path} has no tokenizer.json; give "input_ids" instead'
+    if _mistral_preset(spec):
+        try:
+            mistral_v1()
+        except ConfigError as exc:
+            return str(exc)
+    return f'"prompt" needs a tokenizer, and model={spec.name} has no tokenizer.json; give "input_ids" instead'
+
+
+def _mistral_preset(spec: ModelSpec) -> bool:
+    return not spec.path and spec.architecture == "mixtral" and spec.vocab_size == MISTRAL_V1_VOCAB
 
 
 @lru_cache(maxsize=1)

@@ -114,9 +114,9 @@ def read_jsonl(path: str | Path, spec: ModelSpec, tokenizer=None) -> list[Reques
                 raise WorkloadError(f'{where}: "prompt" holds {text[exc.start]!r} at character {exc.start}, '
                                     "a lone surrogate that is not text") from None
             if tokenizer is None:
-                model = f"model.path {spec.path}" if spec.path else f"model={spec.name}"
-                raise WorkloadError(f'{where}: "prompt" needs a tokenizer, and {model} has no tokenizer.json; '
-                                    'give "input_ids" instead')
+                from moe_lightning.tokenizer import missing
+
+                raise WorkloadError(f"{where}: {missing(spec)}")
             # As transformers' tokenizer encodes it by default: its own special tokens, a BOS only where the
             # tokenizer adds one (`moe_lightning.tokenizer`).
             ids = tokenizer.ids(text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,27 @@ def device(request) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity: no TF32 in the GEMMs
         torch.backends.cudnn.allow_tf32 = False
     return torch.device(request.param)
+
+
+def gpu_bytes_before(device: torch.device) -> int:
+    """What the GPU holds before an engine is built, cuBLAS's workspaces included (0 on the CPU): the
+    CUDA context and library workspaces are not the memory plan's (memory.py), so a test compares the
+    engine's peak less this with the plan. torch keeps a workspace (32 MiB on Hopper) per (cuBLAS handle,
+    stream) and a handle per thread, returned to its pool when the thread ends: a GEMM on a thread that
+    has ended leaves a handle, with its workspace on the default stream, for the executor's GPU worker to
+    take, so that workspace is counted here rather than in the peak."""
+    if device.type != "cuda":
+        return 0
+
+    def gemm() -> None:
+        torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)
+        torch.cuda.synchronize(device)
+
+    gemm()   # this (the issuing) thread's handle
+    warm = threading.Thread(target=gemm)
+    warm.start()
+    warm.join()
+    return torch.cuda.memory_allocated(device)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from moe_lightning.config import Workload
-from moe_lightning.errors import ConfigError
+from moe_lightning.errors import WorkloadError
 from moe_lightning.tuner.presets import load_preset
 
 sentencepiece = pytest.importorskip("sentencepiece")
@@ -62,11 +62,22 @@ def test_text_prompts_are_planned_at_their_real_lengths(tmp_path, reference):
     assert lengths == [1 + len(reference.encode(p)) for p in prompts]      # BOS + the prompt's pieces
 
 
-def test_without_mistral_common_a_text_prompt_is_one_actionable_line(monkeypatch):
+def test_without_mistral_common_only_a_text_prompt_is_refused(monkeypatch, tmp_path):
+    """Prompts given as token ids need no tokenizer: a Mixtral preset runs them without the mistral extra
+    (it refused every workload once); a text prompt is refused in one line that says what to install."""
+    from moe_lightning.tasks.plan import planning_workload
+
+    spec = load_preset("model", "mixtral-8x7b")
+    ids, text = tmp_path / "ids.jsonl", tmp_path / "text.jsonl"
+    ids.write_text(json.dumps({"input_ids": [1, 851, 349]}) + "\n")
+    text.write_text(json.dumps({"prompt": "Hello"}) + "\n")
     mistral_v1.cache_clear()
     monkeypatch.setitem(sys.modules, "mistral_common", None)
     try:
-        with pytest.raises(ConfigError, match=r"pip install 'moe-lightning\[mistral\]'"):
-            tokenizer_for(load_preset("model", "mixtral-8x7b"))
+        assert tokenizer_for(spec) is None
+        assert planning_workload(Workload(name="jsonl", path=str(ids)), spec)[1] == [3]
+        with pytest.raises(WorkloadError, match=r":1: text prompts on a Mixtral preset need Mistral's tokenizer "
+                                              r".*pip install 'moe-lightning\[mistral\]'"):
+            planning_workload(Workload(name="jsonl", path=str(text)), spec)
     finally:
         mistral_v1.cache_clear()

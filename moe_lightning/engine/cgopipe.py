@@ -16,7 +16,7 @@ import torch
 
 from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.engine.data_parallel import DataParallelMoE, Lockstep
-from moe_lightning.engine.executor import Executor, TaskRecord
+from moe_lightning.engine.executor import Executor, TaskRecord, indexed
 from moe_lightning.engine.kernel_table import KernelChooser
 from moe_lightning.engine.kv_blocks import KVBlockPool, SequenceBlocks, kv_tensors
 from moe_lightning.engine.memtrack import ActivationTracker
@@ -111,6 +111,7 @@ class CGOPipeRunner:
         if not policy.ffn_on_gpu:
             raise ConfigError("policy.ffn_on_gpu: the CGOPipe engine runs the MoE FFN on the GPU; "
                               "ffn_on_gpu=false can be planned (task=plan) but not executed")
+        device = indexed(device)
         self.family = family(spec)   # the layer math: the runtime knows nothing else of the model
         # Tensor / expert parallel ranks (`engine.parallel`): this rank streams and holds its shards and
         # its experts (`source` becomes its view, `spec` the sizes it holds), its layer math runs on its

@@ -140,9 +140,17 @@ def _execute(run: _Run, task: Task, stream) -> None:
     run.records[task.id] = TaskRecord(task, start, time.perf_counter() - run.t0, run.issued[task.id])
 
 
+def indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:<current device>`: `torch.cuda.set_device` and `set_per_process_memory_fraction`
+    refuse a CUDA device without an index (the CLI's `device=cuda` and `torch.device("cuda")` have none)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Executor:
     def __init__(self, device: torch.device, threads: ThreadLayout | None = None, serial: bool = False):
-        self.device = device
+        self.device = device = indexed(device)
         self.cuda = device.type == "cuda"
         self.threads = threads
         self.serial = serial

@@ -14,6 +14,7 @@ from moe_lightning.config import HardwareSpec, Policy, Workload
 from moe_lightning.engine.cgopipe import CGOPipeRunner
 from moe_lightning.engine.generation import GenerationParams, generate
 from moe_lightning.engine.memtrack import ActivationTracker
+from tests.conftest import gpu_bytes_before
 
 GEN = 16
 
@@ -59,11 +60,7 @@ def _measure(tiny, policy: Policy, lengths: list[int], padded: bool, device: tor
     prompts = _prompts(lengths)
     wl = Workload(prompt_len_avg=sum(lengths) // len(lengths), prompt_len_max=max(lengths), gen_len=GEN,
                   num_requests=len(lengths), padding=padded)
-    before = 0
-    if device.type == "cuda":   # the CUDA context and cuBLAS workspace are not the plan's (see memory.py)
-        torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
+    before = gpu_bytes_before(device)
     runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, wl, device, track_activations=True,
                            prompt_lengths=lengths)
     generate(runner, prompts, GenerationParams(max_new_tokens=GEN, eos_token_id=None), policy.batch_size)
