@@ -23,15 +23,18 @@ dest=results/gpu
 mkdir -p "$dest"
 export MOE_LIGHTNING_CACHE=${MOE_LIGHTNING_CACHE:-/tmp/moe-lightning-cache} PYTHONUNBUFFERED=1
 ml() { python3 -m moe_lightning.cli overwrite=true "$@"; }   # a rerun of a stage replaces its documents
-# Mixtral-8x7B shapes with random weights under a 15 GB GPU budget (the paper's T4 setting).
+# Mixtral-8x7B shapes with random weights on a 16 GiB GPU (the paper's T4), 15 GiB of it planned: the engine caps
+# the allocator at 16 GiB, and the rest is headroom for cuBLAS's workspaces and caching slack.
 LAYERS=${LAYERS:-16}
-BUDGET=(hardware=h100 hardware.gpu.memory_gib=15 hardware.gpu.usable_fraction=1.0)
+BUDGET=(hardware=h100 hardware.gpu.memory_gib=16 hardware.gpu.usable_fraction=0.94)
 MODEL=(model=mixtral-8x7b "model.num_layers=$LAYERS")
 MTBENCH=(workload=mtbench workload.num_requests=${REQUESTS:-512} workload.gen_len=${GEN:-32} sampling.ignore_eos=true)
 
 case "$stage" in
-  owed)     # what the open issues (10, 11, 13) still owe a GPU, in one device call: parity (capped, so that
-            # the attention benchmark runs whatever it finds), then the attention benchmark and batching
+  owed)     # the GPU items of issues 10, 11 and 13, in one device call: parity (capped, so that the
+            # attention benchmark runs whatever it finds), then the attention benchmark and batching. Ran on
+            # an H200 on 2026-12-04 (results/gpu/: parity 140 s, the attention benchmark 90 s with its build;
+            # batching on CUDA takes over 100 s). Still owed a GPU: the bench and predict stages.
     start=$SECONDS
     PARITY_TIMEOUT=${PARITY_TIMEOUT:-330} bash "$0" parity || echo "gpu_suite.sh: parity stage exited $?" \
       | tee -a "$dest/parity.log"
@@ -43,7 +46,9 @@ case "$stage" in
             # every baseline, each parametrized over cpu and cuda (streams, events, pinned staging)
     python3 -c "import torch; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" \
        | tee "$dest/parity.log"
-    timeout "${PARITY_TIMEOUT:-540}" python3 -m pytest -q -m gpu -rfEs --durations=10 -p no:cacheprovider tests \
+    # pytest-timeout (on the lent machine) ends a hung test rather than the stage: the rest still run
+    per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${TEST_TIMEOUT:-120}" || true)
+    timeout "${PARITY_TIMEOUT:-540}" python3 -m pytest -q -m gpu -rfEs --durations=10 -p no:cacheprovider $per_test tests \
        --junitxml="$dest/parity.xml" 2>&1 | tee -a "$dest/parity.log" ;;
   bench)    # issue 3: tokens/s, link utilisation during decode, the link bound, peak GPU memory
     ml task=bench system=cgopipe task.plan=true "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" \
@@ -51,15 +56,15 @@ case "$stage" in
   predict)  # issue 4: calibrate this machine, plan, run the planned policy, simulate it: errors
     ml task=calibrate task.out_yaml="$dest/conf/hardware/calibrated.yaml" out="$dest/calibrate.json"
     ml --config-dir "$dest/conf" task=bench system=cgopipe task.plan=true hardware=calibrated \
-       hardware.gpu.memory_gib=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
+       hardware.gpu.memory_gib=16 hardware.gpu.usable_fraction=0.94 "${MODEL[@]}" "${MTBENCH[@]}" \
        out="$dest/bench-planned-calibrated.json"
     ml --config-dir "$dest/conf" task=simulate task.use_plan=true hardware=calibrated \
-       hardware.gpu.memory_gib=15 hardware.gpu.usable_fraction=1.0 "${MODEL[@]}" "${MTBENCH[@]}" \
+       hardware.gpu.memory_gib=16 hardware.gpu.usable_fraction=0.94 "${MODEL[@]}" "${MTBENCH[@]}" \
        out="$dest/simulate-calibrated.json"
     ml task=plan "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" out="$dest/plan-mixtral8x7b-${LAYERS}l.json"
     # measured vs simulated vs HRM in one process (the acceptance benchmark, as on the CPU)
     python3 benchmarks/sim_vs_measured.py --device cuda --model mixtral-8x7b --layers "${SIM_LAYERS:-8}" \
-       --gpu-memory-gib 15 --usable-fraction 1.0 --requests "${SIM_REQUESTS:-256}" --gen-len 32 \
+       --gpu-memory-gib 16 --usable-fraction 0.94 --requests "${SIM_REQUESTS:-256}" --gen-len 32 \
        --max-batch 256 --repeats "${SIM_REPEATS:-2}" --save --out-dir "$dest" ;;
   compare)  # issue 5: every system side by side on the same model, hardware and workload
     ml task=compare "${MODEL[@]}" model.num_layers=${COMPARE_LAYERS:-4} "${BUDGET[@]}" "${MTBENCH[@]}" \

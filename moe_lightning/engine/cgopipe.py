@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from moe_lightning.config import HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
+from moe_lightning.config import GiB, HardwareSpec, ModelSpec, ParallelConfig, Policy, Workload
 from moe_lightning.engine.data_parallel import DataParallelMoE, Lockstep
 from moe_lightning.engine.executor import Executor, TaskRecord, indexed
 from moe_lightning.engine.kernel_table import KernelChooser
@@ -155,8 +155,12 @@ class CGOPipeRunner:
                                 block_size=max(1, self.kv_block_size))
         self.plan.check(hardware)
         if self.cuda:
+            # The allocator is capped at the profile's GPU (a 16 GiB T4 on a larger card), not at the usable
+            # share the plan fits: the rest is the headroom `memory` leaves for what it does not model, such
+            # as cuBLAS's workspace of each thread that runs GEMMs (32 MiB each on Hopper) and caching slack.
+            # Capped at the plan's budget, a plan that filled it would leave them no room.
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, hardware.gpu_budget_bytes / total), device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, hardware.gpu.memory_gib * GiB / total), device)
             torch.cuda.reset_peak_memory_stats(device)
         # Profile the expert kernels (when asked) before the pools take the budget; its scratch is freed.
         _, micro_tokens = prefill_tokens(workload, policy.batch_size, policy.micro_batch_size, self.kv_tokens, paged,
