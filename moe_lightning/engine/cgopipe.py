@@ -268,6 +268,18 @@ class CGOPipeRunner:
                                          blocks=SequenceBlocks(pool, [], 0)))
         self.mbs = []
 
+    def check_requests(self, lengths: Sequence[int], max_new: Sequence[int]) -> None:
+        """Refuse, before anything runs, a request the memory plan was not made for: a prompt longer than
+        the workload's longest (its prefill activations are planned at most that), or a context past
+        prompt_len_max + gen_len (attention on the GPU holds that much of it). The CLI plans for its prompts;
+        a Python caller gives the runner a `workload` (and `prompt_lengths`) that covers them."""
+        P, G = self.workload.prompt_len_max, self.workload.gen_len
+        for r, (p, g) in enumerate(zip(lengths, max_new)):
+            if p > P or p + g > P + G:
+                raise WorkloadError(f"request {r} needs {p} prompt + {g} new tokens, but the memory plan was made "
+                                    f"for prompts of at most {P} tokens and contexts of {P} + {G}: give the runner "
+                                    "a workload that covers these prompts")
+
     def active(self) -> list[int]:
         """The running requests, in the row order of `decode`'s tokens and logits."""
         return [r for mb in self.parts for r in mb.seqs]

@@ -273,6 +273,8 @@ def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]],
     max_new = [min(params.max_new_tokens, g) for g in (max_new or [params.max_new_tokens] * n)]
     lengths = [len(p) for p in prompts]
     budget = runner.budget
+    if hasattr(runner, "check_requests"):   # the runner's memory plan covers every request (CGOPipe)
+        runner.check_requests(lengths, max_new)
     big = too_large(lengths, max_new, budget)
     if big is not None:
         raise WorkloadError(f"request {big} needs {lengths[big]} prompt + {max_new[big]} new tokens, more than a "

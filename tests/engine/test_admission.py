@@ -121,12 +121,17 @@ def test_too_small_a_budget_is_refused(tiny, prompts):
         run(tiny, prompts, Policy(batch_size=10, micro_batch_size=5, expert_kernel="loop"), kv_tokens=60)
 
 
-def test_request_over_its_share_is_refused(tiny, prompts):
+@pytest.mark.parametrize("planned,extra", [(1, 0), (None, 1)], ids=["longer-prompt", "longer-context"])
+def test_a_request_the_plan_was_not_made_for_is_refused_before_it_runs(tiny, prompts, planned, extra):
+    """A runner planned for shorter prompts (the Python API: its `workload`) ran longer ones past its
+    memory plan (2,122,304 B held against 2,116,000 planned, on one 40-token prompt); now refused, before
+    any partition is opened. Likewise a context past prompt_len_max + gen_len."""
     spec, source = tiny
     runner = CGOPipeRunner(spec, source, HardwareSpec(), Policy(batch_size=2, micro_batch_size=1),
-                           prompt_workload(prompts[:1]), CPU)
-    with pytest.raises(WorkloadError, match="more than a micro-batch's share"):
-        generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW), 2)
+                           prompt_workload(prompts[:planned]), CPU)
+    with pytest.raises(WorkloadError, match="the memory plan was made for prompts of at most"):
+        generate(runner, prompts, GenerationParams(max_new_tokens=MAX_NEW + extra), 2)
+    assert runner.kv_pool is None   # nothing was allocated or run
 
 
 def test_short_budgets_admit_no_more_prompt_tokens_than_the_plan_holds(tiny, hf_tiny):
