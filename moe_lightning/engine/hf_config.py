@@ -30,7 +30,7 @@ from moe_lightning.errors import CheckpointError
 
 ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
 DEFAULT_ROPE_THETA = 1e6         # MixtralConfig.default_theta
-DEFAULT_MAX_POSITIONS = 32768
+DEFAULT_MAX_POSITIONS = 32768   # Qwen2/3-MoE's config classes'; each family gives its own
 
 # config.json fields that change the math where set (variants, or other families' fields) and the only
 # values a family implements unless it reads the field itself (`implements`); absent or null is always
@@ -313,13 +313,14 @@ class _Config:
 def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[str, ...], expert_size_key: str,
                   family_name: str, implements: tuple[str, ...] = (), head_dim_key: bool = True,
                   default_rope_theta: float = DEFAULT_ROPE_THETA, rope_types: tuple[str, ...] = ("default",),
-                  default_eps: float = 1e-5, default_eos: int | None = None) -> dict:
+                  default_eps: float = 1e-5, default_eos: int | None = None,
+                  default_max_positions: int = DEFAULT_MAX_POSITIONS) -> dict:
     """ModelSpec fields every family's config.json gives, each checked for type and range, after refusing
     the fields that change the math which this family does not implement (`NEUTRAL_VALUES` less
     `implements`, which the family reads itself). `experts_key`: the routed-expert count's key (or keys,
     the first present wins); `expert_size_key`: one routed expert's FFN dim; `default_eps`: the family's
     config class's rms_norm_eps, which transformers runs where config.json gives none; `default_eos`, its
-    eos_token_id, likewise."""
+    eos_token_id, and `default_max_positions`, its max_position_embeddings, likewise."""
     layers, hidden = cfg.positive_int("num_hidden_layers"), cfg.positive_int("hidden_size")
     intermediate, heads = cfg.positive_int(expert_size_key), cfg.positive_int("num_attention_heads")
     kv_heads = cfg.positive_int("num_key_value_heads", None, nullable=True) or heads
@@ -328,7 +329,7 @@ def common_fields(cfg: _Config, architecture: str, *, experts_key: str | tuple[s
     key = next((k for k in keys if cfg.get(k, None) is not None), keys[0])
     experts, top_k = cfg.positive_int(key), cfg.positive_int("num_experts_per_tok")
     vocab = cfg.positive_int("vocab_size")
-    max_positions = cfg.positive_int("max_position_embeddings", DEFAULT_MAX_POSITIONS)
+    max_positions = cfg.positive_int("max_position_embeddings", default_max_positions)
     if heads % kv_heads:
         raise cfg.fail(f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv_heads}")
     if head_dim is None:

@@ -230,7 +230,8 @@ def _spec_fields(cfg, version: int) -> dict:
     out = common_fields(cfg, f"deepseek_v{version}", experts_key="n_routed_experts",
                         expert_size_key="moe_intermediate_size", family_name=family_name, implements=reads,
                         head_dim_key=False, default_rope_theta=DEEPSEEK_ROPE_THETA, rope_types=("default", "yarn"),
-                        default_eps=1e-6, default_eos=2 if version == 2 else 1)
+                        default_eps=1e-6, default_eos=2 if version == 2 else 1,
+                        default_max_positions=2048 if version == 2 else 4096)
     layers, experts = out["num_layers"], out["num_experts"]
     r, rq = cfg.positive_int("kv_lora_rank"), cfg.count("q_lora_rank", 0, minimum=1)
     dn, dr, dv = (cfg.positive_int(k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))

@@ -214,7 +214,7 @@ def spec_fields(cfg) -> dict:
     out = common_fields(cfg, "gpt_oss", experts_key="num_local_experts", expert_size_key="intermediate_size",
                         family_name="gpt-oss", default_rope_theta=GPT_OSS_ROPE_THETA, rope_types=("default", "yarn"),
                         implements=("attention_bias", "quantization_config", "sliding_window", "layer_types",
-                                    "hidden_act"))
+                                    "hidden_act"), default_max_positions=131072)
     layers = out["num_layers"]
     # GptOssConfig's 128 where config.json has no key (null: no window)
     window = cfg.count("sliding_window", 0, minimum=1) if "sliding_window" in cfg.cfg else DEFAULT_WINDOW

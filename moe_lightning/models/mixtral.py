@@ -108,7 +108,8 @@ def spec_fields(cfg) -> dict:
     from moe_lightning.engine.hf_config import common_fields
 
     return common_fields(cfg, "mixtral", experts_key="num_local_experts", expert_size_key="intermediate_size",
-                         family_name="Mixtral", default_eos=2)
+                         family_name="Mixtral", default_eos=2,
+                         default_max_positions=131072)
 
 
 def hf_config(spec: ModelSpec) -> dict:

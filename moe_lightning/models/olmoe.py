@@ -56,7 +56,8 @@ def spec_fields(cfg) -> dict:
 
     out = common_fields(cfg, "olmoe", experts_key="num_experts", expert_size_key="intermediate_size",
                         family_name="OLMoE", implements=("norm_topk_prob", "attention_bias", "clip_qkv"),
-                        head_dim_key=False, default_rope_theta=OLMOE_ROPE_THETA, default_eos=50279)
+                        head_dim_key=False, default_rope_theta=OLMOE_ROPE_THETA, default_eos=50279,
+                        default_max_positions=4096)
     if out["num_heads"] * out["head_dim"] != out["hidden_size"]:
         raise cfg.fail("OLMoE's q_norm is over hidden_size: num_attention_heads x head_dim must equal hidden_size")
     clip = cfg.get("clip_qkv", None)

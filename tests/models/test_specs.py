@@ -138,17 +138,21 @@ def test_an_mla_kv_pool_stores_k_only():
     ("deepseek_v3", "topk_group"), ("gpt_oss", "sliding_window"),
     ("qwen2_moe", "rms_norm_eps"), ("qwen3_moe", "rms_norm_eps"), ("deepseek_v2", "rms_norm_eps"),
     ("deepseek_v3", "rms_norm_eps"), ("olmoe", "rms_norm_eps"), ("gpt_oss", "rms_norm_eps"),
+    *((name, "max_position_embeddings") for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+                                                     "deepseek_v3", "gpt_oss")),
 ])
 def test_a_config_without_a_field_reads_as_its_config_class_default(tmp_path, name, key):
     """A field config.json leaves out is what transformers runs there, its config class's default (DeepSeek-V3's
     routing: 2.5, 8 groups, top 4, renormalised; gpt-oss's 128-token window; Qwen's and DeepSeek's
-    rms_norm_eps 1e-6): the checkpoint reads as with the field set to that default."""
+    rms_norm_eps 1e-6; max_position_embeddings from 2048 to 131072, where the engine had read 32768): the
+    checkpoint reads as with the field set to that default."""
     import json
 
     from moe_lightning.engine.hf_config import spec_from_hf_config
     from moe_lightning.engine.tiny import hf_classes
+    from tests.models.test_families import SHAPES
 
-    spec = FAMILIES[name]
+    spec = FAMILIES.get(name) or ModelSpec(name="hf", architecture="mixtral", num_layers=2, **SHAPES)
     config_cls = hf_classes(spec)[0]
     cfg = config_cls(**family(spec).hf_config(spec)).to_dict() | ({"n_routed_experts": 16} if name == "deepseek_v3"
                                                                    else {})
