@@ -21,8 +21,9 @@ def moe_loop(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts:
     out = torch.zeros_like(h)
     for e in torch.unique(ids).tolist():
         tok, pos = torch.where(ids == e)
-        y = stack_expert_ffn(h[tok], experts, e) * weights[tok, pos, None]
-        out.index_add_(0, tok, y.to(out.dtype))
+        # One statement: the expert's weighted rows are freed before the next expert runs (held in a loop
+        # variable, they stayed beside its whole FFN; the plan holds one expert's rows at a time).
+        out.index_add_(0, tok, (stack_expert_ffn(h[tok], experts, e) * weights[tok, pos, None]).to(out.dtype))
     return out
 
 

@@ -7,6 +7,8 @@ every prompt at the longest."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -226,3 +228,34 @@ def test_plan_covers_kv_streamed_in_whole_blocks_to_gpu_attention(tiny, block_si
     peak, planned = runner.stats()["peak_gpu_bytes"], runner.plan.gpu_total_bytes
     assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
     assert runner.pools.allocated_bytes == planned - runner.plan.gpu["activations"]   # nothing reserved unused
+
+
+@pytest.mark.parametrize("key", ["deepseek_v2", "gpt_oss"])
+def test_the_loop_kernel_holds_one_experts_rows_at_a_time(family_checkpoints, key):
+    """The loop kernel is planned for one expert's rows at a time, every token on it at worst. Each expert's
+    weighted output had stayed alive (a loop variable) through the next expert's whole FFN: with every token
+    routed to the same two experts and H > F (these tiny shapes, where the FFN's stages are H-wide), T H d
+    bytes over the plan. A randomized fuzz found it as DeepSeek-V2's prefill over a padded batch (its pads
+    all route alike) went 3,464 B over the plan."""
+    from moe_lightning.engine.experts import moe_loop
+    from moe_lightning.memory import ROUTING_BYTES, expert_workspace
+    from moe_lightning.models.layers import ExpertStack, clamped_swiglu
+
+    spec, source = family_checkpoints(key)
+    layer = spec.num_layers - 1   # a MoE layer in both
+    w13, w2 = source.experts(layer)
+    lw = source.layer(layer)
+    stack = ExpertStack.single(w13, w2)
+    if spec.expert_bias:   # gpt-oss: the experts' biases and clamped GLU, as its layer math passes them
+        stack = dataclasses.replace(stack, b13=lw.b13, b2=lw.b2,
+                                    act=clamped_swiglu(spec.swiglu_alpha, spec.swiglu_limit))
+    T, H, d = 40, spec.hidden_size, spec.dtype_bytes
+    h = torch.randn(T, H)
+    ids = torch.tensor([[0, 1]] * T)                     # every token on experts 0 and 1
+    weights = torch.full((T, 2), 0.5)
+    tracker = ActivationTracker()
+    with tracker.tracking():
+        out = moe_loop(h, weights, ids, stack)
+    assert out.abs().sum() > 0
+    allowed = T * H * d + expert_workspace("loop", spec, T) + T * spec.top_k * ROUTING_BYTES   # output, FFN, routing
+    assert tracker.peak <= allowed, f"the loop kernel held {tracker.peak} B, the plan {allowed} B"
