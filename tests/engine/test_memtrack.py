@@ -259,3 +259,36 @@ def test_the_loop_kernel_holds_one_experts_rows_at_a_time(family_checkpoints, ke
     assert out.abs().sum() > 0
     allowed = T * H * d + expert_workspace("loop", spec, T) + T * spec.top_k * ROUTING_BYTES   # output, FFN, routing
     assert tracker.peak <= allowed, f"the loop kernel held {tracker.peak} B, the plan {allowed} B"
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "loop"])
+def test_grouped_moe_is_planned_with_the_kernels_output_over_its_rows(family_checkpoints, kernel):
+    """`GroupedMoE` (policy.dequant_experts) hands the kernel each group's gathered rows as its tokens, so the
+    kernel's output is R = T x top_k rows wide, not T; the plan counted the gathered rows but not that
+    output: with every token on two experts of one group, R H d bytes over. A randomized fuzz found it as
+    gpt-oss's MXFP4 prefill of a 33-token prompt (64 of its 66 rows in one group of 5) went 1,704 B over."""
+    from moe_lightning.engine.experts import KERNELS
+    from moe_lightning.engine.paged import GroupedMoE
+    from moe_lightning.memory import ROUTING_BYTES, routed_experts_bytes
+    from moe_lightning.models.layers import ExpertStack, clamped_swiglu
+
+    spec, source = family_checkpoints("gpt_oss")   # biases and the clamped GLU: the kernels' largest stages
+    layer = spec.num_layers - 1
+    w13, w2 = source.experts(layer)
+    lw = source.layer(layer)
+    group = 4
+    groups = [(f, f + group, lambda f=f: ExpertStack.single(w13[f:f + group], w2[f:f + group]))
+              for f in range(0, spec.num_experts, group)]
+    stack = ExpertStack([], [], [], b13=lw.b13, b2=lw.b2, act=clamped_swiglu(spec.swiglu_alpha, spec.swiglu_limit),
+                        groups=groups)
+    T, H, d, k = 40, spec.hidden_size, spec.dtype_bytes, spec.top_k
+    h = torch.randn(T, H)
+    ids = torch.tensor([[0, 1]] * T)                     # every token on experts 0 and 1: one group
+    weights = torch.full((T, k), 0.5)
+    tracker = ActivationTracker()
+    with tracker.tracking():
+        out = GroupedMoE(KERNELS[kernel])(h, weights, ids, stack)
+    assert out.abs().sum() > 0
+    # the MoE's output, what the plan charges it, the routing's indices
+    allowed = T * H * d + routed_experts_bytes(spec, kernel, T, expert_groups=True) + T * k * ROUTING_BYTES
+    assert tracker.peak <= allowed, f"GroupedMoE held {tracker.peak} B, the plan {allowed} B"
