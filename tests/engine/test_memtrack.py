@@ -309,3 +309,19 @@ def test_blocks_gathered_on_the_host_are_not_counted_as_the_gpus(family_checkpoi
     assert runner.link_bytes["h2d"] > 0
     peak, planned = runner.stats()["peak_gpu_bytes"], runner.plan.gpu_total_bytes
     assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
+
+
+def test_the_driver_drops_a_steps_logits_before_the_next_forward(family_checkpoints):
+    """Admission mode: the driver held a step's gathered [N, V] fp32 logits (its `logits` variable) through
+    the next forward, two steps' logits where the plan holds one. Where they outweigh a layer's work (a
+    tiny model in bf16, a 512-token vocabulary) that is the peak: 1,792 B over the plan for OLMoE. Found by
+    a randomized parity and memory fuzz."""
+    spec, source = family_checkpoints("olmoe", "bfloat16")
+    lengths = [2, 2, 1]
+    wl = Workload(prompt_len_avg=1, prompt_len_max=2, gen_len=4, num_requests=3)
+    policy = Policy(batch_size=3, micro_batch_size=2, expert_kernel="loop")
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, wl, torch.device("cpu"), kv_block_size=5,
+                           track_activations=True, prompt_lengths=lengths)
+    generate(runner, _prompts(lengths), GenerationParams(max_new_tokens=4, eos_token_id=None), 3)
+    peak, planned = runner.stats()["peak_gpu_bytes"], runner.plan.gpu_total_bytes
+    assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
