@@ -87,7 +87,7 @@ def moe_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts
         if experts.b2 is not None:
             y = y + experts.b2[experts.region_experts(r)][:, None]
         combine = torch.zeros(w13.shape[0], h.shape[0], dtype=torch.float32, device=h.device)
-        combine[idx, tok] = weights[tok, pos]
+        combine[idx, tok] = weights[tok, pos].float()   # DBRX's and gpt-oss's routers weight in the model dtype
         out += (y.float() * combine[..., None]).sum(0)
     return out.to(h.dtype)
 
