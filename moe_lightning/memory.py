@@ -134,6 +134,11 @@ def padded_pool(pool_bytes: Any) -> Any:
 # gather indices (seven int64 more, `engine.experts._by_region`) and each row's gathered weight (fp32).
 ROUTING_BYTES = 8 * 8 + 4 + 4
 
+# Per (token, expert) row, `engine.paged.GroupedMoE`'s own indices beside the kernel's: the rows sorted by
+# expert, their experts, tokens and slots, the local ids it routes them to (five int64) and a weight of one
+# (fp32) for each.
+GROUPED_MOE_ROW_BYTES = 5 * 8 + 4
+
 # Families whose routers give their top-k weights in the activations' dtype (`models.dbrx.route`,
 # `models.gpt_oss.route`, as transformers computes them); the others' routers give fp32 weights
 # (`models.layers.route`). The experts' outputs are weighted in that dtype before they are summed.
@@ -254,6 +259,24 @@ def expert_workspace(kernel: str, spec: ModelSpec, tokens: Any, bound: Any = Non
     return grouped
 
 
+def routed_experts_bytes(spec: ModelSpec, kernel: str, tokens: Any, bound: Any = None,
+                         expert_groups: bool = False) -> Any:
+    """Bytes the routed experts' MoE holds at its peak for a micro-batch of `tokens`, beyond its input and the
+    [tokens, H] output it sums into: the kernel's intermediates (`expert_workspace`, or an expert rank's,
+    `expert_parallel_workspace`). `expert_groups`: `engine.paged.GroupedMoE` runs the kernel group by
+    group, all of the micro-batch's R = tokens x top_k rows in one group at worst: their gathered input and
+    the kernel's own output over them (R rows, not tokens) held through the kernel's call, then that output
+    beside its copy weighted by the router (`router_weight_bytes`) and cast back; its indices throughout
+    (`GROUPED_MOE_ROW_BYTES` a row). Array-safe."""
+    ffn = (expert_workspace(kernel, spec, tokens, bound) if not expert_rank(spec)
+           else expert_parallel_workspace(kernel, spec, tokens, bound))
+    if not expert_groups:
+        return ffn
+    d, H, rows = spec.dtype_bytes, spec.hidden_size, tokens * spec.top_k
+    return (_max(ffn + 2 * rows * H * d, rows * H * (2 * d + router_weight_bytes(spec)))
+            + rows * GROUPED_MOE_ROW_BYTES)
+
+
 @functools.lru_cache(maxsize=32)
 def _synthetic_lengths(num_requests: int, avg: int, longest: int, seed: int) -> tuple[int, ...]:
     from moe_lightning.workload_io import synthetic_lengths  # torch: imported when first needed
@@ -354,12 +377,7 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     bound = expert_workspace("grouped", spec, t_micro)   # auto's workspace: the prefill's grouped kernel
 
     def layer_task(tokens: Any, attention: int = 0) -> Any:
-        ffn = (expert_workspace(expert_kernel, spec, tokens, bound) if not expert_rank(spec)
-               else expert_parallel_workspace(expert_kernel, spec, tokens, bound))
-        if expert_groups:   # `engine.paged.GroupedMoE` around the kernel, all of a micro-batch's rows in a
-            rows = tokens * k   # group at worst: their gathered input held through the kernel's call, then
-            ffn = _max(ffn + rows * H * d, rows * H * (2 * d + router_weight_bytes(spec)))   # its output,
-            # weighted by the router (fp32 for most families), cast
+        ffn = routed_experts_bytes(spec, expert_kernel, tokens, bound, expert_groups)
         if spec.shared_expert_size:   # after the routed experts, beside their output
             ffn = _max(ffn, tokens * mlp_elements(spec, spec.shared_expert_size, spec.shared_expert_gate) * d)
         if spec.dense_layers:   # a dense layer's MLP instead

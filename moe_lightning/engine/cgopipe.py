@@ -7,6 +7,7 @@ on and one handler per op. Index convention: `i` layer, `j` micro-batch, `p` pag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -653,15 +654,20 @@ class CGOPipeRunner:
         """Layer i's blocks of a CPU-resident micro-batch, gathered and copied to the GPU, with its block
         table and its new tokens' blocks renumbered into the copy."""
         pool = mb.blocks.pool
-        held = sorted({b for ids in mb.blocks.blocks for b in ids})
-        ids = torch.tensor(held, dtype=torch.long)
-        number = torch.zeros(pool.num_blocks, dtype=torch.int32)
-        number[ids] = torch.arange(len(held), dtype=torch.int32)
-        blk, _, _ = self._append[j]
-        table = number[mb.blocks.table.long()]
-        k = self._to_device(pool.k[i][ids])
-        v = k[..., :self.spec.attn_v_dim] if self.spec.v_in_k else self._to_device(pool.v[i][ids])
-        return k, v, table, number[blk].long()
+        # The table and the gathered blocks are host memory on a GPU; only the copies land on the device
+        # (on the CPU the tracker would otherwise count the gathers as the GPU role's).
+        with self.activations.host_side() if self.activations is not None else contextlib.nullcontext():
+            held = sorted({b for ids in mb.blocks.blocks for b in ids})
+            ids = torch.tensor(held, dtype=torch.long)
+            number = torch.zeros(pool.num_blocks, dtype=torch.int32)
+            number[ids] = torch.arange(len(held), dtype=torch.int32)
+            blk, _, _ = self._append[j]
+            table, new_block = number[mb.blocks.table.long()], number[blk].long()
+            k_host = pool.k[i][ids]
+            v_host = None if self.spec.v_in_k else pool.v[i][ids]
+        k = self._to_device(k_host)
+        v = k[..., :self.spec.attn_v_dim] if v_host is None else self._to_device(v_host)
+        return k, v, table, new_block
 
     def _op_StoreKV(self, t: Task) -> None:
         i, j, mb = t.layer, t.micro_batch, self.mbs[t.micro_batch]

@@ -21,8 +21,9 @@ def moe_loop(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts:
     out = torch.zeros_like(h)
     for e in torch.unique(ids).tolist():
         tok, pos = torch.where(ids == e)
-        y = stack_expert_ffn(h[tok], experts, e) * weights[tok, pos, None]
-        out.index_add_(0, tok, y.to(out.dtype))
+        # One statement: the expert's weighted rows are freed before the next expert runs (held in a loop
+        # variable, they stayed beside its whole FFN; the plan holds one expert's rows at a time).
+        out.index_add_(0, tok, (stack_expert_ffn(h[tok], experts, e) * weights[tok, pos, None]).to(out.dtype))
     return out
 
 
@@ -86,7 +87,7 @@ def moe_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts
         if experts.b2 is not None:
             y = y + experts.b2[experts.region_experts(r)][:, None]
         combine = torch.zeros(w13.shape[0], h.shape[0], dtype=torch.float32, device=h.device)
-        combine[idx, tok] = weights[tok, pos]
+        combine[idx, tok] = weights[tok, pos].float()   # DBRX's and gpt-oss's routers weight in the model dtype
         out += (y.float() * combine[..., None]).sum(0)
     return out.to(h.dtype)
 

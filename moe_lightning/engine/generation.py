@@ -348,6 +348,8 @@ def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]],
                 stats.prefill_rounds += 1
                 stats.max_active = max(stats.max_active, len(part_of))
                 finish(take(rows, logits))
+                # Dropped before the next forward: the device holds one step's gathered logits, not two.
+                del logits
                 continue   # a refill may admit more into what the first tokens freed
             if not part_of:   # nothing runs and nothing fits: cannot happen after too_large's check
                 raise WorkloadError(f"{len(waiting)} requests wait and none fits the empty KV cache")
@@ -360,4 +362,5 @@ def generate_admitted(runner: AdmittingRunner, prompts: Sequence[Sequence[int]],
         result.decode_s += step
         stats.decode_steps += 1
         finish(take(rows, logits))
+        del logits   # as after a prefill round
     return result

@@ -35,6 +35,7 @@ class ActivationTracker:
         import torch._dynamo  # noqa: F401
 
         self._lock = threading.Lock()
+        self._host = threading.local()   # `host_side`, per worker thread
         self._live: dict[int, tuple[int, weakref.ref]] = {}
         self.current = 0
         self.peak = 0
@@ -65,6 +66,16 @@ class ActivationTracker:
         with _Counting(self):
             yield
 
+    @contextmanager
+    def host_side(self):
+        """Inside a counted task, ops whose outputs a GPU run keeps in host memory (a gather on the CPU side
+        of the link before its copy crosses): not counted, on this thread."""
+        self._host.on = True
+        try:
+            yield
+        finally:
+            self._host.on = False
+
 
 class _Counting(TorchDispatchMode):
     def __init__(self, tracker: ActivationTracker):
@@ -73,6 +84,8 @@ class _Counting(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if getattr(self.tracker._host, "on", False):
+            return out
         returns = func._schema.returns
         outs = out if isinstance(out, (tuple, list)) and len(returns) == len(out) else (out,)
         for ret, o in zip(returns, outs):

@@ -37,6 +37,26 @@ def test_kernels_agree_with_loop(kernel, tokens, biased):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "padded", "dense"])
+def test_kernels_take_router_weights_in_the_model_dtype(kernel):
+    """DBRX's and gpt-oss's routers give their top-k weights in the activations' dtype (bf16 in a bf16 run),
+    the other families' in fp32: every kernel takes either, as the loop kernel does. The dense kernel had
+    failed on bf16 weights (its fp32 combine matrix refused them), found by a randomized fuzz over every
+    family: DBRX in bf16 crashed in the prefill where expert_kernel=auto picked it."""
+    if kernel not in KERNELS:
+        pytest.skip(f"{kernel} needs a newer torch")
+    g = torch.Generator().manual_seed(3)
+    E, H, F, k = 8, 32, 48, 2
+    h = torch.randn(9, H, generator=g).bfloat16()
+    weights, ids = route(h, torch.randn(E, H, generator=g).bfloat16(), k)
+    weights = weights.bfloat16()
+    stack = ExpertStack.single(torch.randn(E, 2 * F, H, generator=g).bfloat16(),
+                               torch.randn(E, H, F, generator=g).bfloat16())
+    out = KERNELS[kernel](h, weights, ids, stack)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, moe_loop(h, weights, ids, stack), rtol=2e-2, atol=2e-1)
+
+
 def test_loop_uses_the_page_table():
     g = torch.Generator().manual_seed(0)
     h, router = torch.randn(5, 16, generator=g), torch.randn(4, 16, generator=g)

@@ -7,6 +7,8 @@ every prompt at the longest."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -226,3 +228,100 @@ def test_plan_covers_kv_streamed_in_whole_blocks_to_gpu_attention(tiny, block_si
     peak, planned = runner.stats()["peak_gpu_bytes"], runner.plan.gpu_total_bytes
     assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
     assert runner.pools.allocated_bytes == planned - runner.plan.gpu["activations"]   # nothing reserved unused
+
+
+@pytest.mark.parametrize("key", ["deepseek_v2", "gpt_oss"])
+def test_the_loop_kernel_holds_one_experts_rows_at_a_time(family_checkpoints, key):
+    """The loop kernel is planned for one expert's rows at a time, every token on it at worst. Each expert's
+    weighted output had stayed alive (a loop variable) through the next expert's whole FFN: with every token
+    routed to the same two experts and H > F (these tiny shapes, where the FFN's stages are H-wide), T H d
+    bytes over the plan. A randomized fuzz found it as DeepSeek-V2's prefill over a padded batch (its pads
+    all route alike) went 3,464 B over the plan."""
+    from moe_lightning.engine.experts import moe_loop
+    from moe_lightning.memory import ROUTING_BYTES, expert_workspace
+    from moe_lightning.models.layers import ExpertStack, clamped_swiglu
+
+    spec, source = family_checkpoints(key)
+    layer = spec.num_layers - 1   # a MoE layer in both
+    w13, w2 = source.experts(layer)
+    lw = source.layer(layer)
+    stack = ExpertStack.single(w13, w2)
+    if spec.expert_bias:   # gpt-oss: the experts' biases and clamped GLU, as its layer math passes them
+        stack = dataclasses.replace(stack, b13=lw.b13, b2=lw.b2,
+                                    act=clamped_swiglu(spec.swiglu_alpha, spec.swiglu_limit))
+    T, H, d = 40, spec.hidden_size, spec.dtype_bytes
+    h = torch.randn(T, H)
+    ids = torch.tensor([[0, 1]] * T)                     # every token on experts 0 and 1
+    weights = torch.full((T, 2), 0.5)
+    tracker = ActivationTracker()
+    with tracker.tracking():
+        out = moe_loop(h, weights, ids, stack)
+    assert out.abs().sum() > 0
+    allowed = T * H * d + expert_workspace("loop", spec, T) + T * spec.top_k * ROUTING_BYTES   # output, FFN, routing
+    assert tracker.peak <= allowed, f"the loop kernel held {tracker.peak} B, the plan {allowed} B"
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "loop"])
+def test_grouped_moe_is_planned_with_the_kernels_output_over_its_rows(family_checkpoints, kernel):
+    """`GroupedMoE` (policy.dequant_experts) hands the kernel each group's gathered rows as its tokens, so the
+    kernel's output is R = T x top_k rows wide, not T; the plan counted the gathered rows but not that
+    output: with every token on two experts of one group, R H d bytes over. A randomized fuzz found it as
+    gpt-oss's MXFP4 prefill of a 33-token prompt (64 of its 66 rows in one group of 5) went 1,704 B over."""
+    from moe_lightning.engine.experts import KERNELS
+    from moe_lightning.engine.paged import GroupedMoE
+    from moe_lightning.memory import ROUTING_BYTES, routed_experts_bytes
+    from moe_lightning.models.layers import ExpertStack, clamped_swiglu
+
+    spec, source = family_checkpoints("gpt_oss")   # biases and the clamped GLU: the kernels' largest stages
+    layer = spec.num_layers - 1
+    w13, w2 = source.experts(layer)
+    lw = source.layer(layer)
+    group = 4
+    groups = [(f, f + group, lambda f=f: ExpertStack.single(w13[f:f + group], w2[f:f + group]))
+              for f in range(0, spec.num_experts, group)]
+    stack = ExpertStack([], [], [], b13=lw.b13, b2=lw.b2, act=clamped_swiglu(spec.swiglu_alpha, spec.swiglu_limit),
+                        groups=groups)
+    T, H, d, k = 40, spec.hidden_size, spec.dtype_bytes, spec.top_k
+    h = torch.randn(T, H)
+    ids = torch.tensor([[0, 1]] * T)                     # every token on experts 0 and 1: one group
+    weights = torch.full((T, k), 0.5)
+    tracker = ActivationTracker()
+    with tracker.tracking():
+        out = GroupedMoE(KERNELS[kernel])(h, weights, ids, stack)
+    assert out.abs().sum() > 0
+    # the MoE's output, what the plan charges it, the routing's indices
+    allowed = T * H * d + routed_experts_bytes(spec, kernel, T, expert_groups=True) + T * k * ROUTING_BYTES
+    assert tracker.peak <= allowed, f"GroupedMoE held {tracker.peak} B, the plan {allowed} B"
+
+
+@pytest.mark.parametrize("key", ["gpt_oss", "qwen3_moe"])
+def test_blocks_gathered_on_the_host_are_not_counted_as_the_gpus(family_checkpoints, key):
+    """Attention on the GPU over a CPU-resident paged cache gathers a sequence's blocks on the host, then
+    copies them across: on a GPU the gather is host memory, but the CPU's tracker counted it with the copy
+    (the whole load task ran counted), one more layer's KV than the plan's two in flight. One 1-token
+    prompt, 64-token blocks: 3,516 B (gpt-oss) over the plan. Found by a randomized parity and memory fuzz."""
+    spec, source = family_checkpoints(key)
+    wl = Workload(prompt_len_avg=1, prompt_len_max=1, gen_len=2, num_requests=1)
+    policy = Policy(batch_size=1, micro_batch_size=1, attn_on_gpu=True, expert_gpu_fraction=0.0, expert_kernel="loop")
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, wl, torch.device("cpu"), kv_block_size=64,
+                           track_activations=True, prompt_lengths=[1])
+    generate(runner, [[5]], GenerationParams(max_new_tokens=2, eos_token_id=None), 1)
+    assert runner.link_bytes["h2d"] > 0
+    peak, planned = runner.stats()["peak_gpu_bytes"], runner.plan.gpu_total_bytes
+    assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
+
+
+def test_the_driver_drops_a_steps_logits_before_the_next_forward(family_checkpoints):
+    """Admission mode: the driver held a step's gathered [N, V] fp32 logits (its `logits` variable) through
+    the next forward, two steps' logits where the plan holds one. Where they outweigh a layer's work (a
+    tiny model in bf16, a 512-token vocabulary) that is the peak: 1,792 B over the plan for OLMoE. Found by
+    a randomized parity and memory fuzz."""
+    spec, source = family_checkpoints("olmoe", "bfloat16")
+    lengths = [2, 2, 1]
+    wl = Workload(prompt_len_avg=1, prompt_len_max=2, gen_len=4, num_requests=3)
+    policy = Policy(batch_size=3, micro_batch_size=2, expert_kernel="loop")
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, wl, torch.device("cpu"), kv_block_size=5,
+                           track_activations=True, prompt_lengths=lengths)
+    generate(runner, _prompts(lengths), GenerationParams(max_new_tokens=4, eos_token_id=None), 3)
+    peak, planned = runner.stats()["peak_gpu_bytes"], runner.plan.gpu_total_bytes
+    assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
