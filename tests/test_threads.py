@@ -85,6 +85,26 @@ def test_bound_workers_and_the_issuing_thread_run_on_the_layouts_core_and_the_ca
     assert os.sched_getaffinity(0) == before
 
 
+def test_a_chain_run_on_the_callers_thread_gives_it_back_its_thread_count():
+    """A chain runs on the issuing thread with the GPU role's team; the caller's own count comes back after.
+    It had been left at the layout's main-thread count: after a padded FlexGen run through the Python API
+    the caller's torch ran on one thread instead of two (and transformers' fp32 tokens beside it changed)."""
+    layout = plan_threads(None, cuda=False, micro_batches=1, attn_on_cpu=True, op_elements=64 * 128)
+    assert layout.main == 1   # small ops: a team of one everywhere
+    chain = TaskGraph("chain")
+    chain.add(Resource.GPU, "main", 0, 0)
+    chain.add(Resource.CPU, "main", 0, 1, [0])
+    ex = Executor(CPU, threads=layout)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ex.run(chain, {"main": lambda t: None})
+        assert torch.get_num_threads() == 2
+    finally:
+        ex.close()
+        torch.set_num_threads(before)
+
+
 def test_an_unknown_pin_is_refused():
     with pytest.raises(ConfigError, match="threads.pin"):
         ThreadsConfig(pin="two")

@@ -253,6 +253,7 @@ class Executor:
     def _run_serial(self, run: _Run) -> None:
         """Debug mode: issue order, one task at a time, on this thread (deps always point backwards)."""
         gpu_stream = self.streams.get(Resource.GPU)
+        before = torch.get_num_threads()   # the caller's, given back after (it had been left at threads.main)
         if self.threads is not None:
             set_thread_count(self.threads.gpu)
         try:
@@ -263,5 +264,4 @@ class Executor:
                     if self.cuda:
                         torch.cuda.synchronize(self.device)
         finally:
-            if self.threads is not None:
-                set_thread_count(self.threads.main)
+            set_thread_count(before)
