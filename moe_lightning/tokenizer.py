@@ -100,14 +100,13 @@ def tokenizer_for(spec: ModelSpec) -> TextTokenizer | None:
 
 def missing(spec: ModelSpec) -> str:
     """Why a text prompt cannot be encoded for `spec` (`tokenizer_for` gave None), with the fix."""
-    if spec.path:
-        return f'"prompt" needs a tokenizer, and model.path {spec.path} has no tokenizer.json; give "input_ids" instead'
     if _mistral_preset(spec):
         try:
             mistral_v1()
         except ConfigError as exc:
             return str(exc)
-    return f'"prompt" needs a tokenizer, and model={spec.name} has no tokenizer.json; give "input_ids" instead'
+    model = f"model.path {spec.path}" if spec.path else f"model={spec.name}"
+    return f'"prompt" needs a tokenizer, and {model} has no tokenizer.json; give "input_ids" instead'
 
 
 def _mistral_preset(spec: ModelSpec) -> bool:
