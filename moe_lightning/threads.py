@@ -29,6 +29,7 @@ Rules (C usable cores):
 - On a CUDA host the GPU role and the link directions only launch asynchronous work: one thread each;
   CPU attention gets every core but one (kept for the launching threads) and the copy worker.
 - The main thread (sampling, the reference engine, accelerate) runs between graphs: C.
+- Drawing a random model's weights (untimed, before any worker starts): C threads of one thread each.
 - Measured runs take a host-wide lock (`moe_lightning.hostload.measurement_lock`), so parallel tuner
   workers and trial processes never time at the same moment: they are serialized, not partitioned.
 
@@ -239,6 +240,12 @@ def main_threads(op_elements: int, cuda: bool, config: ThreadsConfig | None = No
 def op_elements(spec) -> int:
     """The largest weight matrix a decode op reads, in elements (a `ModelSpec`)."""
     return spec.hidden_size * spec.intermediate_size
+
+
+def loader_threads(config: ThreadsConfig | None = None) -> int:
+    """Threads that draw a random model's weights: loading is untimed and runs before any worker starts,
+    so it takes every core, one thread each."""
+    return detect_cores((config or _configured).cores).count
 
 
 def worker_process_threads(workers: int, config: ThreadsConfig | None = None) -> int:

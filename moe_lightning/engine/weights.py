@@ -30,6 +30,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -45,6 +46,7 @@ from moe_lightning.engine.hf_config import (
 )
 from moe_lightning.errors import CheckpointError
 from moe_lightning.models import family
+from moe_lightning.threads import loader_threads, set_thread_count
 
 __all__ = ["CheckpointWeights", "RandomWeights", "WeightSource", "expected_shapes", "resolve_model",
            "spec_from_hf_config", "torch_dtype"]
@@ -136,14 +138,37 @@ class RandomWeights(WeightSource):
                 self._fused = (name, self.tensor(name))
             return self._fused[1][rows[0]:rows[1]]
         shape = self.shapes[name]
-        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
         if is_packed(name):   # MXFP4: any 4-bit values; scales 2^-7 .. 2^-5 (values of the order of std)
             lo, hi = (120, 123) if name.endswith("_scales") else (0, 256)
-            return torch.randint(lo, hi, shape, generator=gen, dtype=torch.uint8)
+            return torch.randint(lo, hi, shape, generator=_generator(f"{self.seed}:{name}"), dtype=torch.uint8)
         if "norm" in name.split(".")[-2]:   # norm weights (q/k norms too) start at one, as transformers does
             return torch.ones(shape, dtype=self.dtype)
-        return (torch.randn(shape, generator=gen) * self.std).to(self.dtype)
+        n = math.prod(shape)
+        if n <= RANDOM_CHUNK:
+            return (torch.randn(shape, generator=_generator(f"{self.seed}:{name}")) * self.std).to(self.dtype)
+        # A large tensor is drawn in chunks, each from its own generator, on one thread per core: torch
+        # draws from a CPU generator on one thread, and a real-size model took minutes to build (Mixtral-8x7B:
+        # ~19 s a layer on this 2-core VM). The chunks are fixed by the size, so the values are the same
+        # whatever the core count.
+        out = torch.empty(n, dtype=self.dtype)
+        chunks = range(-(-n // RANDOM_CHUNK))
+
+        def draw(c: int) -> None:
+            set_thread_count(1)   # the pool's threads are the cores; each op on one of them
+            part = out[c * RANDOM_CHUNK:(c + 1) * RANDOM_CHUNK]
+            part.copy_(torch.randn(part.numel(), generator=_generator(f"{self.seed}:{name}:{c}")).mul_(self.std))
+
+        with ThreadPoolExecutor(min(loader_threads(), len(chunks)), thread_name_prefix="random-weights") as pool:
+            list(pool.map(draw, chunks))
+        return out.view(shape)
+
+
+RANDOM_CHUNK = 1 << 22   # elements drawn from one generator; a larger tensor is drawn in chunks, in parallel
+
+
+def _generator(key: str) -> torch.Generator:
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 # ---- the shard files ----

@@ -148,6 +148,24 @@ def test_random_weights_are_deterministic_and_order_free():
     assert set(expected_shapes(spec)) == set(a.shapes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_weights_drawn_in_chunks_do_not_depend_on_the_thread_count(monkeypatch, dtype):
+    from moe_lightning.engine import weights
+
+    spec = ModelSpec(num_layers=1)
+    serial = RandomWeights(spec, dtype, seed=3).expert(0, 1)   # the test model's matrices: one generator each
+    monkeypatch.setattr(weights, "RANDOM_CHUNK", 1000)   # now each matrix is many chunks
+    drawn = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(weights, "loader_threads", lambda threads=threads: threads)
+        drawn[threads] = RandomWeights(spec, dtype, seed=3).expert(0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(drawn[1], drawn[3]))
+    w13 = drawn[3][0].float().flatten()
+    assert w13.shape == serial[0].flatten().shape and not torch.equal(drawn[3][0], serial[0])
+    assert not torch.equal(w13[:1000], w13[1000:2000])   # each chunk its own generator, not one repeated
+    assert abs(w13.std().item() - 0.02) < 0.002 and abs(w13.mean().item()) < 0.002
+
+
 # ---- config.json: types and ranges ----
 
 @pytest.mark.parametrize("changes, fragments", [
