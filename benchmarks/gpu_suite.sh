@@ -26,7 +26,7 @@ ml() { python3 -m moe_lightning.cli overwrite=true "$@"; }   # a rerun of a stag
 # Mixtral-8x7B shapes with random weights on a 16 GiB GPU (the paper's T4), 15 GiB of it planned: the engine caps
 # the allocator at 16 GiB, and the rest is headroom for cuBLAS's workspaces and caching slack.
 LAYERS=${LAYERS:-16}
-BUDGET=(hardware=h100 hardware.gpu.memory_gib=16 hardware.gpu.usable_fraction=0.94)
+BUDGET=(hardware=h100 "hardware.gpu.memory_gib=${GPU_GIB:-16}" hardware.gpu.usable_fraction=0.94)
 MODEL=(model=mixtral-8x7b "model.num_layers=$LAYERS")
 MTBENCH=(workload=mtbench workload.num_requests=${REQUESTS:-512} workload.gen_len=${GEN:-32} sampling.ignore_eos=true)
 
@@ -51,7 +51,7 @@ case "$stage" in
        --junitxml="$dest/parity.xml" 2>&1 | tee -a "$dest/parity.log" ;;
   bench)    # issue 3: tokens/s, link utilisation during decode, the link bound, peak GPU memory
     ml task=bench system=cgopipe task.plan=true "${MODEL[@]}" "${BUDGET[@]}" "${MTBENCH[@]}" \
-       task.repeats="${BENCH_REPEATS:-3}" trace=true out="$dest/cgopipe-bench-mixtral8x7b-${LAYERS}l.json" ;;
+       task.repeats="${BENCH_REPEATS:-3}" trace=true out="$dest/cgopipe-bench-mixtral8x7b-${LAYERS}l${TAG:-}.json" ;;
   predict)  # issue 4: calibrate this machine, plan, run the planned policy, simulate it: errors
     ml task=calibrate task.out_yaml="$dest/conf/hardware/calibrated.yaml" out="$dest/calibrate.json"
     ml --config-dir "$dest/conf" task=bench system=cgopipe task.plan=true hardware=calibrated \

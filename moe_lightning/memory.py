@@ -339,6 +339,25 @@ def prefill_tokens(workload: Workload, batch_size: Any, micro_batch_size: Any, k
     return _min(batch, m * per_share), _min(micro, per_share)
 
 
+PAGED_ATTENTION_CHUNK_BYTES = 256 * 2**20   # a GPU's paged decode attention gathers this much context at a time
+
+
+def paged_attention_sequence_bytes(n_heads: int, n_kv_heads: int, k_dim: int, v_dim: int, v_in_k: bool,
+                                   dtype_bytes: int, tokens: int) -> int:
+    """Transient bytes of paged decode attention in PyTorch (`kernels.cpu_attention`) for one sequence
+    whose gather is `tokens` long: its K and V rows gathered in the pool's dtype and then in fp32 (V not
+    apart when a view of K), the fp32 scores, their softmax (and its copy with an attention sink's column),
+    and the mask and positions."""
+    return tokens * (n_kv_heads * (k_dim + (0 if v_in_k else v_dim)) * (dtype_bytes + 4) + n_heads * 12 + 9)
+
+
+def paged_attention_chunk(n_heads: int, n_kv_heads: int, k_dim: int, v_dim: int, v_in_k: bool, dtype_bytes: int,
+                          tokens: int) -> int:
+    """Sequences a GPU gathers at once: as many as `PAGED_ATTENTION_CHUNK_BYTES` holds, at least one."""
+    one = paged_attention_sequence_bytes(n_heads, n_kv_heads, k_dim, v_dim, v_in_k, dtype_bytes, tokens)
+    return max(1, PAGED_ATTENTION_CHUNK_BYTES // max(1, one))
+
+
 def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
                      kv_tokens: Any, paged: bool, attention_on_gpu: Any, expert_kernel: str = "auto",
                      lengths: Sequence[int] | None = None, block_size: int = PLAN_BLOCK_SIZE,
@@ -362,7 +381,8 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
       task before the copy ends, more so on a loaded host;
     - decode: two more micro-batches in flight (q, k, v issued ahead; attention outputs loaded back),
       and with attention on the GPU the scores, their fp32 softmax and weights over the longest
-      context S, `mu nq S (3 d + 4)`.
+      context S, `mu nq S (3 d + 4)`; over a paged cache at least a chunk of sequences' gathered K and V
+      (`paged_attention_sequence_bytes`, S in whole blocks).
     """
     d, H, V = spec.dtype_bytes, spec.hidden_size, spec.vocab_size
     k = spec.top_k
@@ -391,8 +411,12 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     prefill = t_batch * H * d + N * V * d + _max(layer_task(t_micro, attention) + t_micro * kv_token * d,
                                                  gathered)
     context = workload.prompt_len_max + workload.gen_len
-    step = (layer_task(mu) + 2 * mu * qkv_out * d
-            + attention_on_gpu * mu * spec.num_heads * context * (3 * d + 4))
+    attention = mu * spec.num_heads * context * (3 * d + 4)
+    if paged:   # gathered a chunk of sequences at a time (a sequence at a time on the CPU: a chunk of one)
+        gathered_tokens = -(-context // block_size) * block_size
+        heads = (spec.num_heads, spec.cache_kv_heads, spec.attn_k_dim, spec.attn_v_dim, spec.v_in_k, d, gathered_tokens)
+        attention = _max(attention, _min(mu, paged_attention_chunk(*heads)) * paged_attention_sequence_bytes(*heads))
+    step = layer_task(mu) + 2 * mu * qkv_out * d + attention_on_gpu * attention
     decode = N * H * d + N * V * d + _max(step, gathered)
     return _max(prefill, decode)
 

@@ -90,6 +90,8 @@ from typing import Any
 
 import torch
 
+from moe_lightning.memory import paged_attention_chunk
+
 log = logging.getLogger("moe_lightning.kernels")
 
 ENV = "MOE_LIGHTNING_CPU_ATTENTION"   # auto (default) | cpp | torch
@@ -239,6 +241,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 
 
 def _check(q, k_pool, v_pool, block_table, context_lens, window: int | None = None) -> list[int]:
+    """The shapes, and the block ids each sequence reads: two host syncs whatever the batch (one per
+    sequence made a CUDA decode step wait on the device hundreds of times)."""
     if (q.dim() != 3 or k_pool.dim() != 4 or v_pool.dim() != 4 or k_pool.shape[:3] != v_pool.shape[:3]
             or k_pool.dtype != v_pool.dtype):
         raise ValueError("q [B, Hq, D]; k_pool [num_blocks, Hkv, block_size, D] and v_pool [.., Dv] of one dtype")
@@ -255,25 +259,48 @@ def _check(q, k_pool, v_pool, block_table, context_lens, window: int | None = No
     for b, n in enumerate(lens):
         if not 1 <= n <= cap:
             raise ValueError(f"context_lens[{b}]={n} outside [1, {cap}]")
-        ids = block_table[b, (0 if window is None else max(0, n - window)) // BS: -(-n // BS)]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= NB):
-            raise ValueError(f"block_table[{b}] names a block outside [0, {NB})")
+    if B:
+        first, last = _block_span(lens, window, BS)
+        dev = block_table.device
+        col = torch.arange(block_table.shape[1], device=dev)
+        read = (col >= torch.tensor(first, device=dev)[:, None]) & (col < torch.tensor(last, device=dev)[:, None])
+        bad = read & ((block_table < 0) | (block_table >= NB))
+        if bool(bad.any()):
+            raise ValueError(f"block_table[{int(bad.any(dim=1).nonzero()[0])}] names a block outside [0, {NB})")
     return lens
+
+
+def _block_span(lens: list[int], window: int | None, block_size: int) -> tuple[list[int], list[int]]:
+    """Per sequence, the first block it reads (its window's) and one past its last."""
+    first = [(0 if window is None else max(0, n - window)) // block_size for n in lens]
+    return first, [-(-n // block_size) for n in lens]
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                  block_table: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                                 sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
-    """The same semantics in plain PyTorch: per sequence, its blocks gathered, fp32 softmax attention.
+                                 sinks: torch.Tensor | None = None, window: int | None = None, *,
+                                 gathered: bool | None = None) -> torch.Tensor:
+    """The same semantics in plain PyTorch, fp32 softmax attention over each sequence's gathered blocks.
     Where V is a view of K's first values (multi-head latent attention), K is gathered once for both.
-    (Gathering a whole group of sequences at once and masking the padding was 1.3x faster for
-    DeepSeek-V2-Lite's one KV head and 2.9x slower for Mixtral's eight, measured side by side here.)"""
+
+    On a GPU, sequences are gathered a chunk at a time (`_gathered`), the padding masked: a sequence at a
+    time took ~15 launches each, and a Mixtral layer of 256 sequences ran 80 ms on an H200. On the CPU,
+    a sequence at a time (gathering a whole group and masking the padding was 1.3x faster for
+    DeepSeek-V2-Lite's one KV head and 2.9x slower for Mixtral's eight, measured side by side on 2 vCPUs).
+    `gathered` forces one or the other (tests)."""
     lens = _check(q, k_pool, v_pool, block_table, context_lens, window)
     B, Hq, D = q.shape
     _, Hkv, BS, _ = k_pool.shape
     G, Dv = Hq // Hkv, v_pool.shape[3]
     v_in_k = v_pool.data_ptr() == k_pool.data_ptr() and v_pool.stride() == k_pool.stride() and Dv <= D
     out = q.new_empty(B, Hq, Dv)
+    if gathered if gathered is not None else q.device.type != "cpu":
+        chunk = paged_attention_chunk(Hq, Hkv, D, Dv, v_in_k, k_pool.element_size(),
+                                      _gathered_tokens(lens, window, BS))
+        for a in range(0, B, chunk):
+            _gathered(q[a:a + chunk], k_pool, v_pool, block_table[a:a + chunk], lens[a:a + chunk], scale, sinks,
+                      window, v_in_k, out[a:a + chunk])
+        return out
     sink = None if sinks is None else sinks.float().view(Hkv, G, 1)
     for b, n in enumerate(lens):
         first = 0 if window is None else max(0, n - window)                     # the window's first token
@@ -289,3 +316,44 @@ def paged_decode_attention_torch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: 
             p = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         out[b] = torch.bmm(p, v).reshape(Hq, Dv).to(q.dtype)
     return out
+
+
+def _gathered_tokens(lens: list[int], window: int | None, block_size: int) -> int:
+    """Tokens each sequence's gather is padded to: the most blocks any one reads, whole."""
+    first, last = _block_span(lens, window, block_size)
+    return max((b - a for a, b in zip(first, last)), default=0) * block_size
+
+
+def _gathered(q, k_pool, v_pool, block_table, lens: list[int], scale: float, sinks, window: int | None,
+              v_in_k: bool, out: torch.Tensor) -> None:
+    """Attention of a chunk of sequences at once: each one's blocks gathered into [c, Hkv, T, D] (T its
+    padded length), the positions outside its context (or window) masked to -inf before the softmax."""
+    c, Hq, D = q.shape
+    NB, Hkv, BS, _ = k_pool.shape
+    G, Dv = Hq // Hkv, v_pool.shape[3]
+    first, last = _block_span(lens, window, BS)
+    m = max(b - a for a, b in zip(first, last))
+    dev = block_table.device
+    start = torch.tensor(first, device=dev)
+    cols = (start[:, None] + torch.arange(m, device=dev)).clamp_(max=block_table.shape[1] - 1)
+    ids = block_table.gather(1, cols).long().clamp_(0, NB - 1)   # past a sequence's blocks: any block, masked
+    pos = start[:, None] * BS + torch.arange(m * BS, device=dev)   # each gathered row's token position
+    lo = torch.tensor([0 if window is None else max(0, n - window) for n in lens], device=dev)
+    outside = (pos < lo[:, None]) | (pos >= torch.tensor(lens, device=dev)[:, None])   # [c, T]
+    del cols, pos, lo, start
+
+    def rows(pool: torch.Tensor, dim: int) -> torch.Tensor:   # [c, Hkv, T, dim] in fp32
+        return pool[ids].transpose(1, 2).reshape(c, Hkv, m * BS, pool.shape[3])[..., :dim].float()
+
+    k = rows(k_pool, D)
+    v = k[..., :Dv] if v_in_k else rows(v_pool, Dv)
+    scores = torch.matmul(q.float().view(c, Hkv, G, D) * scale, k.transpose(2, 3))   # [c, Hkv, G, T]
+    del k
+    scores.masked_fill_(outside[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, Hkv, G, 1).expand(c, Hkv, G, 1)
+        p = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(scores, dim=-1)
+    del scores
+    out.copy_(torch.matmul(p, v).reshape(c, Hq, Dv))

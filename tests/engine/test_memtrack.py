@@ -311,6 +311,38 @@ def test_blocks_gathered_on_the_host_are_not_counted_as_the_gpus(family_checkpoi
     assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "a-sequence-a-chunk"])
+@pytest.mark.parametrize("kv_gpu_fraction", [0.0, 1.0], ids=["kv-streamed", "kv-on-gpu"])
+@pytest.mark.parametrize("key", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_gpu_paged_attention_is_planned_at_its_gathered_chunks(family_checkpoints, monkeypatch, key, kv_gpu_fraction,
+                                                               chunk_bytes):
+    """On a GPU, paged decode attention gathers a chunk of sequences' K and V (and upcasts them) at a time
+    (`kernels.cpu_attention._gathered`); the CPU runs it only when forced, as here. GQA, MLA (V a view of
+    K) and gpt-oss (sinks, sliding window); whole micro-batches or a sequence per chunk. Short contexts in
+    128-token blocks make the gathers the decode step's peak: without the plan's term for them, the
+    streamed-KV cases went 101-193 KB over (Qwen3: 1,719,552 B held, 1,526,432 planned)."""
+    import functools
+
+    from moe_lightning import memory
+    from moe_lightning.kernels import cpu_attention
+
+    monkeypatch.setenv("MOE_LIGHTNING_CPU_ATTENTION", "torch")
+    monkeypatch.setattr(cpu_attention, "paged_decode_attention_torch",
+                        functools.partial(cpu_attention.paged_decode_attention_torch, gathered=True))
+    if chunk_bytes is not None:
+        monkeypatch.setattr(memory, "PAGED_ATTENTION_CHUNK_BYTES", chunk_bytes)
+    spec, source = family_checkpoints(key)
+    lengths = [5, 3, 2, 5, 3, 1, 4, 3]   # short contexts in 128-token blocks: the gathers are the step's peak
+    wl = Workload(prompt_len_avg=3, prompt_len_max=5, gen_len=GEN, num_requests=len(lengths))
+    policy = Policy(batch_size=8, micro_batch_size=8, attn_on_gpu=True, kv_gpu_fraction=kv_gpu_fraction,
+                    expert_kernel="loop")
+    runner = CGOPipeRunner(spec, source, HardwareSpec(), policy, wl, torch.device("cpu"), kv_block_size=128,
+                           track_activations=True, prompt_lengths=lengths)
+    generate(runner, _prompts(lengths), GenerationParams(max_new_tokens=GEN, eos_token_id=None), 8)
+    peak, planned = runner.stats()["peak_gpu_bytes"], runner.plan.gpu_total_bytes
+    assert peak <= planned, f"the engine held {peak} B, the plan reserves {planned} B"
+
+
 def test_the_driver_drops_a_steps_logits_before_the_next_forward(family_checkpoints):
     """Admission mode: the driver held a step's gathered [N, V] fp32 logits (its `logits` variable) through
     the next forward, two steps' logits where the plan holds one. Where they outweigh a layer's work (a

@@ -25,7 +25,9 @@ from moe_lightning.engine.tiny import cache_dir
 from moe_lightning.kernels import cpu_attention as ca
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
-BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")), "torch"]
+# "gathered": the fallback as a GPU runs it, a chunk of sequences gathered at once with the padding masked
+BACKENDS = [pytest.param("cpp", marks=pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")), "torch",
+            "gathered"]
 ROUNDING = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -73,7 +75,7 @@ def make_case(B, Hkv, group, D, block_size, kv_dtype, q_dtype, lens, seed=0):
 def run(backend, *args):
     if backend == "cpp":
         return ca.load_extension(required=True).paged_decode_attention(*args)
-    return ca.paged_decode_attention_torch(*args)
+    return ca.paged_decode_attention_torch(*args, gathered=backend == "gathered")
 
 
 MIXED = [1, 300, 17, 128, 5, 255, 64, 33, 2]   # 1 to 300 tokens: partial tiles, whole tiles, one token
@@ -305,17 +307,19 @@ def test_latent_attention_reads_v_from_k(dtype):
     q, k_pool, _, table, lens = make_case(len(MIXED), 1, 16, 40, 16, dtype, dtype, MIXED, seed=7)
     v_pool = k_pool[..., :32]
     assert ca.backend(16, 1, 40, 32) == "torch"
-    out = ca.paged_decode_attention(q, k_pool, v_pool, table, lens, 0.2)
-    assert out.shape == (len(MIXED), 16, 32)
-    torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, table, lens, 0.2),
-                               rtol=ROUNDING[dtype] * 1.01, atol=1e-5)
+    for gathered in (False, True):   # a sequence at a time (the CPU), a chunk at a time (a GPU)
+        out = ca.paged_decode_attention_torch(q, k_pool, v_pool, table, lens, 0.2, gathered=gathered)
+        assert out.shape == (len(MIXED), 16, 32)
+        torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, table, lens, 0.2),
+                                   rtol=ROUNDING[dtype] * 1.01, atol=1e-5)
 
 
 def run_gpt_oss(backend, q, k_pool, v_pool, table, lens, scale, sinks, window):
     if backend == "cpp":
         return ca.load_extension(required=True).paged_decode_attention(q, k_pool, v_pool, table, lens, scale, False,
                                                                        window or 0, sinks)
-    return ca.paged_decode_attention_torch(q, k_pool, v_pool, table, lens, scale, sinks, window)
+    return ca.paged_decode_attention_torch(q, k_pool, v_pool, table, lens, scale, sinks, window,
+                                           gathered=backend == "gathered")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -368,3 +372,22 @@ def test_sinks_with_a_split_context(window):
         torch.set_num_threads(before)
     torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, table, lens, 0.125, s, window),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100], ids=["one-sequence", "four-sequences", "all"])
+@pytest.mark.parametrize("window", [None, 20], ids=["full", "window20"])
+def test_gathered_in_chunks_on_the_device(device, chunk, window, monkeypatch):
+    """On a GPU the fallback gathers a chunk of sequences at once (as many as
+    `memory.PAGED_ATTENTION_CHUNK_BYTES` holds); chunks of one sequence, of four (the last one short) and of
+    all of them give the reference's output, on the CPU and, where there is one, on CUDA (what
+    `paged_decode_attention` runs there by default)."""
+    monkeypatch.setattr(ca, "paged_attention_chunk", lambda *shape: chunk)
+    D, group = 128, 4
+    q, k_pool, v_pool, table, lens = make_case(len(MIXED), 2, group, D, 16, torch.bfloat16, torch.float32, MIXED,
+                                               seed=13)
+    s = torch.randn(2 * group, generator=torch.Generator().manual_seed(3))
+    expected = reference(q, k_pool, v_pool, table, lens, 0.1, s, window)
+    args = [t.to(device) for t in (q, k_pool, v_pool, table, lens)]
+    out = ca.paged_decode_attention(*args, 0.1, sinks=s.to(device), window=window) if device.type == "cuda" else \
+        ca.paged_decode_attention_torch(*args, 0.1, s, window, gathered=True)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
