@@ -25,9 +25,12 @@ Rules (C usable cores):
 - On a CPU-only host, when CPU attention overlaps the GPU role's kernels (two or more micro-batches
   with attention on the CPU), they split the cores: attention gets a quarter (at least one), the GPU
   role the rest.
-- The copy worker and the two link directions move bytes (memory-bound): one thread each.
-- On a CUDA host the GPU role and the link directions only launch asynchronous work: one thread each;
-  CPU attention gets every core but one (kept for the launching threads) and the copy worker.
+- On a CPU-only host the copy worker and the two link directions move bytes (memory-bound): one thread each.
+- On a CUDA host the GPU role and the link directions only launch asynchronous work: one thread each
+  (two cores kept for them). The copy worker (pageable -> pinned expert pages, what feeds the link) and
+  CPU attention split the rest, or the copy worker takes it when attention is not on the CPU: with one
+  thread it copied 6.2 GB/s on the H200's 16-core host, whose link moves 51 GB/s, and it bounded the
+  decode step (busy 96% of it, Mixtral-8x7B shapes, `results/gpu/`).
 - The main thread (sampling, the reference engine, accelerate) runs between graphs: C.
 - Drawing a random model's weights (untimed, before any worker starts): C threads of one thread each.
 - Measured runs take a host-wide lock (`moe_lightning.hostload.measurement_lock`), so parallel tuner
@@ -134,8 +137,12 @@ def plan_threads(config: ThreadsConfig | None, *, cuda: bool, micro_batches: int
     if op_elements < SMALL_OP_ELEMENTS and not cuda:
         gpu, cpu, copy, main, rule = 1, 1, 1, 1, "small ops: one thread each, on one core"
         pin = True
-    elif cuda:
-        gpu, cpu, copy, rule = 1, max(1, c - 2), 1, "cuda: launch threads 1, attention the rest"
+    elif cuda:   # the copy worker feeds the link: one thread copied 6.2 GB/s on the H200's host (its link 51)
+        spare = max(1, c - 2)
+        copy = max(1, spare // 2) if attn_on_cpu else spare
+        gpu, cpu = 1, max(1, spare - copy) if attn_on_cpu else 1
+        rule = "cuda: launch threads 1, the rest split between the copy worker and attention" if attn_on_cpu \
+            else "cuda: launch threads 1, the rest to the copy worker"
     elif micro_batches >= 2 and attn_on_cpu:
         cpu = max(1, round(c * ATTENTION_SHARE))
         gpu, copy, rule = max(1, c - cpu), 1, "cpu host, attention overlaps the GPU role: split"

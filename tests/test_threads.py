@@ -119,9 +119,13 @@ def test_one_core_runs_teams_of_one_and_refuses_a_bigger_team():
         ThreadsConfig(gpu=2, pin="one")
 
 
-def test_cuda_launch_threads_get_one_and_attention_the_rest():
+def test_cuda_launch_threads_get_one_and_the_copy_worker_and_attention_split_the_rest():
     t = plan_threads(ThreadsConfig(cores=16), cuda=True, micro_batches=8, attn_on_cpu=True, op_elements=BIG)
-    assert (t.gpu, t.h2d, t.d2h, t.copy) == (1, 1, 1, 1) and t.cpu == 14 and t.main == 16
+    assert (t.gpu, t.h2d, t.d2h) == (1, 1, 1) and (t.copy, t.cpu) == (7, 7) and t.main == 16
+    t = plan_threads(ThreadsConfig(cores=16), cuda=True, micro_batches=8, attn_on_cpu=False, op_elements=BIG)
+    assert (t.gpu, t.h2d, t.d2h, t.copy) == (1, 1, 1, 14)
+    t = plan_threads(ThreadsConfig(cores=2), cuda=True, micro_batches=8, attn_on_cpu=True, op_elements=BIG)
+    assert (t.copy, t.cpu) == (1, 1)
 
 
 def test_explicit_threads_win_and_are_named():

@@ -333,10 +333,11 @@ def _gathered(q, k_pool, v_pool, block_table, lens: list[int], scale: float, sin
     G, Dv = Hq // Hkv, v_pool.shape[3]
     first, last = _block_span(lens, window, BS)
     m = max(b - a for a, b in zip(first, last))
-    dev = block_table.device
+    dev = q.device   # the pools' and q's; the block table may be host memory (the engine keeps it there)
+    cols = (torch.tensor(first)[:, None] + torch.arange(m)).clamp_(max=block_table.shape[1] - 1)
+    ids = block_table.gather(1, cols.to(block_table.device)).long().clamp_(0, NB - 1).to(dev)   # past a
+    # sequence's blocks: any block, masked
     start = torch.tensor(first, device=dev)
-    cols = (start[:, None] + torch.arange(m, device=dev)).clamp_(max=block_table.shape[1] - 1)
-    ids = block_table.gather(1, cols).long().clamp_(0, NB - 1)   # past a sequence's blocks: any block, masked
     pos = start[:, None] * BS + torch.arange(m * BS, device=dev)   # each gathered row's token position
     lo = torch.tensor([0 if window is None else max(0, n - window) for n in lens], device=dev)
     outside = (pos < lo[:, None]) | (pos >= torch.tensor(lens, device=dev)[:, None])   # [c, T]

@@ -376,7 +376,8 @@ def test_sinks_with_a_split_context(window):
 
 @pytest.mark.parametrize("chunk", [1, 4, 100], ids=["one-sequence", "four-sequences", "all"])
 @pytest.mark.parametrize("window", [None, 20], ids=["full", "window20"])
-def test_gathered_in_chunks_on_the_device(device, chunk, window, monkeypatch):
+@pytest.mark.parametrize("table_on_device", [False, True], ids=["host-table", "device-table"])
+def test_gathered_in_chunks_on_the_device(device, chunk, window, table_on_device, monkeypatch):
     """On a GPU the fallback gathers a chunk of sequences at once (as many as
     `memory.PAGED_ATTENTION_CHUNK_BYTES` holds); chunks of one sequence, of four (the last one short) and of
     all of them give the reference's output, on the CPU and, where there is one, on CUDA (what
@@ -387,7 +388,8 @@ def test_gathered_in_chunks_on_the_device(device, chunk, window, monkeypatch):
                                                seed=13)
     s = torch.randn(2 * group, generator=torch.Generator().manual_seed(3))
     expected = reference(q, k_pool, v_pool, table, lens, 0.1, s, window)
-    args = [t.to(device) for t in (q, k_pool, v_pool, table, lens)]
+    # the engine keeps block tables in host memory (the pools on the device); either is read
+    args = [t.to(device) for t in (q, k_pool, v_pool)] + [t.to(device) if table_on_device else t for t in (table, lens)]
     out = ca.paged_decode_attention(*args, 0.1, sinks=s.to(device), window=window) if device.type == "cuda" else \
         ca.paged_decode_attention_torch(*args, 0.1, s, window, gathered=True)
     torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
