@@ -27,10 +27,11 @@ Rules (C usable cores):
   role the rest.
 - On a CPU-only host the copy worker and the two link directions move bytes (memory-bound): one thread each.
 - On a CUDA host the GPU role and the link directions only launch asynchronous work: one thread each
-  (two cores kept for them). The copy worker (pageable -> pinned expert pages, what feeds the link) and
-  CPU attention split the rest, or the copy worker takes it when attention is not on the CPU: with one
-  thread it copied 6.2 GB/s on the H200's 16-core host, whose link moves 51 GB/s, and it bounded the
-  decode step (busy 96% of it, Mixtral-8x7B shapes, `results/gpu/`).
+  (two cores kept for them). Where experts stream, the copy worker (pageable -> pinned expert pages, what
+  feeds the link) and CPU attention split the rest, or the copy worker takes it when attention is not on
+  the CPU: with one thread it copied 3.25 GB/s on the H200's 16-core host, whose link moves 51 GB/s, and
+  it bounded the decode step (busy 96% of it, Mixtral-8x7B shapes, `results/gpu/mixtral/`). Where
+  nothing streams, CPU attention takes the rest.
 - The main thread (sampling, the reference engine, accelerate) runs between graphs: C.
 - Drawing a random model's weights (untimed, before any worker starts): C threads of one thread each.
 - Measured runs take a host-wide lock (`moe_lightning.hostload.measurement_lock`), so parallel tuner
@@ -127,9 +128,10 @@ class ThreadLayout:
 
 
 def plan_threads(config: ThreadsConfig | None, *, cuda: bool, micro_batches: int, attn_on_cpu: bool,
-                 op_elements: int = SMALL_OP_ELEMENTS) -> ThreadLayout:
+                 op_elements: int = SMALL_OP_ELEMENTS, streamed: bool = True) -> ThreadLayout:
     """The layout for one engine run: which workers can be busy at once decides how cores are split.
-    `op_elements`: elements of the largest weight matrix an op reads (hidden x expert FFN)."""
+    `op_elements`: elements of the largest weight matrix an op reads (hidden x expert FFN); `streamed`:
+    whether expert pages cross the link (the copy worker has work)."""
     config = config or _configured
     cores = detect_cores(config.cores)
     c = cores.count
@@ -137,7 +139,9 @@ def plan_threads(config: ThreadsConfig | None, *, cuda: bool, micro_batches: int
     if op_elements < SMALL_OP_ELEMENTS and not cuda:
         gpu, cpu, copy, main, rule = 1, 1, 1, 1, "small ops: one thread each, on one core"
         pin = True
-    elif cuda:   # the copy worker feeds the link: one thread copied 6.2 GB/s on the H200's host (its link 51)
+    elif cuda and not streamed:
+        gpu, cpu, copy, rule = 1, max(1, c - 2), 1, "cuda, nothing streamed: launch threads 1, attention the rest"
+    elif cuda:   # the copy worker feeds the link: one thread copied 3.25 GB/s on the H200's host (its link 51)
         spare = max(1, c - 2)
         copy = max(1, spare // 2) if attn_on_cpu else spare
         gpu, cpu = 1, max(1, spare - copy) if attn_on_cpu else 1

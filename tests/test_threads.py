@@ -126,6 +126,9 @@ def test_cuda_launch_threads_get_one_and_the_copy_worker_and_attention_split_the
     assert (t.gpu, t.h2d, t.d2h, t.copy) == (1, 1, 1, 14)
     t = plan_threads(ThreadsConfig(cores=2), cuda=True, micro_batches=8, attn_on_cpu=True, op_elements=BIG)
     assert (t.copy, t.cpu) == (1, 1)
+    t = plan_threads(ThreadsConfig(cores=16), cuda=True, micro_batches=8, attn_on_cpu=True, op_elements=BIG,
+                     streamed=False)   # every expert resident: the copy worker has nothing to copy
+    assert (t.gpu, t.h2d, t.d2h, t.copy) == (1, 1, 1, 1) and t.cpu == 14
 
 
 def test_explicit_threads_win_and_are_named():

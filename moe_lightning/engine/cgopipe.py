@@ -170,7 +170,9 @@ class CGOPipeRunner:
         # less KV than the plan assumes, so more prompts would fit a partition than it planned for).
         self.prefill_cap = int(micro_tokens) if paged else None
         self.threads = plan_threads(None, cuda=self.cuda, micro_batches=policy.num_micro_batches,
-                                    attn_on_cpu=not policy.attn_on_gpu, op_elements=op_elements(spec))
+                                    attn_on_cpu=not policy.attn_on_gpu, op_elements=op_elements(spec),
+                                    streamed=resident_experts_per_layer(spec, policy.expert_gpu_fraction)
+                                    < spec.num_experts)
         # Profiled (once per machine) with the threads of the worker that runs the kernels: the GPU role.
         self.kernels = KernelChooser(policy.expert_kernel, spec, self.dtype, device,
                                      max_bytes=int(expert_workspace("grouped", spec, micro_tokens)),
