@@ -31,15 +31,21 @@ MODEL=(model=mixtral-8x7b "model.num_layers=$LAYERS")
 MTBENCH=(workload=mtbench workload.num_requests=${REQUESTS:-512} workload.gen_len=${GEN:-32} sampling.ignore_eos=true)
 
 case "$stage" in
-  owed)     # what a GPU still owes, in one device call, each stage bounded so that the next one runs. The
-            # first lease (2026-12-04) ran parity and attention (results/gpu/: parity 140 s, the attention
-            # benchmark 90 s with its build; batching on CUDA takes over 100 s). This runs the bench stage at
-            # Mixtral-8x7B's shapes (4 layers unless LAYERS is set) and the HRM/simulator error on this GPU.
+  owed)     # what a GPU still owes, in one device call (about 5 minutes), each part bounded so that the next
+            # one runs. Two leases on 2026-12-04 ran parity, attention, bench and sim (results/gpu/,
+            # results/gpu/mixtral/). Owed after them: the CUDA tests of the gathered paged attention to the
+            # end (the second lease's bound cut the last two), the resident bench again, and the streamed
+            # bench under the copy worker's new thread share (it took ~80 s there, build included).
     start=$SECONDS
-    LAYERS=${LAYERS:-4} timeout "${BENCH_TIMEOUT:-200}" bash "$0" bench || echo "gpu_suite.sh: bench stage exited $?"
-    echo "bench stage: $(( SECONDS - start )) s"
-    timeout "${SIM_TIMEOUT:-260}" bash "$0" sim || echo "gpu_suite.sh: sim stage exited $?"
-    echo "owed stages: $(( SECONDS - start )) s" ;;
+    timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider \
+      tests/kernels/test_cpu_attention.py tests/engine/test_memtrack.py tests/engine/test_cgopipe.py \
+      2>&1 | tee "$dest/owed-tests.log" || echo "gpu_suite.sh: the CUDA tests exited $?"
+    echo "tests: $(( SECONDS - start )) s"
+    LAYERS=2 GEN=16 BENCH_REPEATS=2 TAG=-resident timeout "${RESIDENT_TIMEOUT:-60}" bash "$0" bench \
+      || echo "gpu_suite.sh: the resident bench exited $?"
+    LAYERS=4 GEN=8 GPU_GIB=10 BENCH_REPEATS=2 TAG=-streamed timeout "${STREAMED_TIMEOUT:-120}" bash "$0" bench \
+      || echo "gpu_suite.sh: the streamed bench exited $?"
+    echo "owed: $(( SECONDS - start )) s" ;;
   parity)   # CUDA parity: reference engine (fp32 exact, bf16 tolerance), CGOPipe under every policy and
             # the several-rank code on one NCCL rank (issue 13),
             # every baseline, each parametrized over cpu and cuda (streams, events, pinned staging)
