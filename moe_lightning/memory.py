@@ -358,6 +358,16 @@ def paged_attention_chunk(n_heads: int, n_kv_heads: int, k_dim: int, v_dim: int,
     return max(1, PAGED_ATTENTION_CHUNK_BYTES // max(1, one))
 
 
+def paged_attention_bytes(spec: ModelSpec, dtype_bytes: int, micro_batch_size: Any, context: int,
+                          block_size: int) -> Any:
+    """The most a micro-batch's paged decode attention holds at once for contexts up to `context`: its
+    sequences' gathers, or a chunk's. Shorter contexts fit more sequences in a chunk, so the bound is the
+    chunk's bytes (or one sequence's, when one is larger), not a chunk of the longest."""
+    one = paged_attention_sequence_bytes(spec.num_heads, spec.cache_kv_heads, spec.attn_k_dim, spec.attn_v_dim,
+                                         spec.v_in_k, dtype_bytes, -(-context // block_size) * block_size)
+    return _min(micro_batch_size * one, max(PAGED_ATTENTION_CHUNK_BYTES, one))
+
+
 def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, micro_batch_size: Any,
                      kv_tokens: Any, paged: bool, attention_on_gpu: Any, expert_kernel: str = "auto",
                      lengths: Sequence[int] | None = None, block_size: int = PLAN_BLOCK_SIZE,
@@ -413,9 +423,7 @@ def activation_bytes(spec: ModelSpec, workload: Workload, *, batch_size: Any, mi
     context = workload.prompt_len_max + workload.gen_len
     attention = mu * spec.num_heads * context * (3 * d + 4)
     if paged:   # gathered a chunk of sequences at a time (a sequence at a time on the CPU: a chunk of one)
-        gathered_tokens = -(-context // block_size) * block_size
-        heads = (spec.num_heads, spec.cache_kv_heads, spec.attn_k_dim, spec.attn_v_dim, spec.v_in_k, d, gathered_tokens)
-        attention = _max(attention, _min(mu, paged_attention_chunk(*heads)) * paged_attention_sequence_bytes(*heads))
+        attention = _max(attention, paged_attention_bytes(spec, d, mu, context, block_size))
     step = layer_task(mu) + 2 * mu * qkv_out * d + attention_on_gpu * attention
     decode = N * H * d + N * V * d + _max(step, gathered)
     return _max(prefill, decode)

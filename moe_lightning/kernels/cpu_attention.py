@@ -284,7 +284,7 @@ def paged_decode_attention_torch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: 
     Where V is a view of K's first values (multi-head latent attention), K is gathered once for both.
 
     On a GPU, sequences are gathered a chunk at a time (`_gathered`), the padding masked: a sequence at a
-    time took ~15 launches each, and a Mixtral layer of 256 sequences ran 80 ms on an H200. On the CPU,
+    time launched about a dozen kernels each, and a Mixtral layer of 256 sequences took 80 ms on an H200. On the CPU,
     a sequence at a time (gathering a whole group and masking the padding was 1.3x faster for
     DeepSeek-V2-Lite's one KV head and 2.9x slower for Mixtral's eight, measured side by side on 2 vCPUs).
     `gathered` forces one or the other (tests)."""

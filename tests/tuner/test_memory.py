@@ -108,3 +108,28 @@ def test_a_dense_layer_holds_its_mlp_and_no_experts():
     # experts' workspace here, so activations are unchanged.
     assert plan.gpu["activations"] == 5056
     assert spec.total_params == SPEC.total_params - 4 * 384 - 4 * 8 + 384
+
+
+@pytest.mark.parametrize("chunk_bytes", [3_000_000, 256 * 2**20])
+def test_the_plan_covers_a_paged_attention_chunk_of_any_shorter_context(monkeypatch, chunk_bytes):
+    """A GPU's paged decode attention gathers as many sequences as fit `PAGED_ATTENTION_CHUNK_BYTES` at the
+    contexts it meets (`kernels.cpu_attention`). Contexts shorter than the plan's fit more sequences in a
+    chunk: the plan must cover the chunk at every context up to its own, not only a chunk of the longest
+    (a 3 MB chunk planned as whole sequences of the longest context missed the sequence more that fits at
+    a shorter one)."""
+    from moe_lightning import memory
+    from moe_lightning.config import ModelSpec
+    from moe_lightning.kernels.cpu_attention import _gathered_tokens
+
+    monkeypatch.setattr(memory, "PAGED_ATTENTION_CHUNK_BYTES", chunk_bytes)
+    for spec in (ModelSpec(num_heads=32, num_kv_heads=8, head_dim=128), ModelSpec(
+            architecture="deepseek_v3", num_heads=16, num_kv_heads=16, head_dim=64, kv_lora_rank=512,
+            qk_nope_head_dim=128, v_head_dim=128, q_lora_rank=0)):
+        args = (spec.num_heads, spec.cache_kv_heads, spec.attn_k_dim, spec.attn_v_dim, spec.v_in_k, 2)
+        mu, planned_context, block = 64, 300, 16
+        planned = memory.paged_attention_bytes(spec, 2, mu, planned_context, block)
+        for context in range(1, planned_context + 1):
+            tokens = _gathered_tokens([context] * mu, None, block)
+            held = min(mu, memory.paged_attention_chunk(*args, tokens)) * memory.paged_attention_sequence_bytes(
+                *args, tokens)
+            assert held <= planned, (spec.architecture, context, held, planned)
