@@ -334,13 +334,14 @@ def _gathered(q, k_pool, v_pool, block_table, lens: list[int], scale: float, sin
     first, last = _block_span(lens, window, BS)
     m = max(b - a for a, b in zip(first, last))
     dev = q.device   # the pools' and q's; the block table may be host memory (the engine keeps it there)
-    cols = (torch.tensor(first)[:, None] + torch.arange(m)).clamp_(max=block_table.shape[1] - 1)
+    # The indices and the mask come from host lists: built on the host, each crosses once.
+    start = torch.tensor(first)
+    cols = (start[:, None] + torch.arange(m)).clamp_(max=block_table.shape[1] - 1)
     ids = block_table.gather(1, cols.to(block_table.device)).long().clamp_(0, NB - 1).to(dev)   # past a
     # sequence's blocks: any block, masked
-    start = torch.tensor(first, device=dev)
-    pos = start[:, None] * BS + torch.arange(m * BS, device=dev)   # each gathered row's token position
-    lo = torch.tensor([0 if window is None else max(0, n - window) for n in lens], device=dev)
-    outside = (pos < lo[:, None]) | (pos >= torch.tensor(lens, device=dev)[:, None])   # [c, T]
+    pos = start[:, None] * BS + torch.arange(m * BS)   # each gathered row's token position
+    lo = torch.tensor([0 if window is None else max(0, n - window) for n in lens])
+    outside = ((pos < lo[:, None]) | (pos >= torch.tensor(lens)[:, None])).to(dev)   # [c, T]
     del cols, pos, lo, start
 
     def rows(pool: torch.Tensor, dim: int) -> torch.Tensor:   # [c, Hkv, T, dim] in fp32
