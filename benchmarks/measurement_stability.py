@@ -90,24 +90,29 @@ def repeatability(k: int, tmp: Path) -> dict:
              "bench, mid-mixtral 2 layers, mu=4, r_w=0.25": ["task=bench", *MID]}
     out = {}
     for c, (case, args) in enumerate(cases.items()):
-        values, inner, floor = [], [], []
+        values, inner, floor, slowed = [], [], [], []
         for i in range(k):
             floor.append(host_floor())   # the host's own drift, measured just before each run
             doc = tmp / f"case{c}-run{i}.json"
             r = cli(*args, "task.progress=false", f"out={doc}", f"hydra.run.dir={tmp / 'h'}")
             if r.returncode:
                 raise SystemExit(f"{case} failed: {r.stderr.strip()[-300:]}")
-            m = json.loads(doc.read_text())["metrics"]
+            run = json.loads(doc.read_text())
+            m = run["metrics"]
             values.append(m["throughput_tok_s"])
             inner.append(m["spread"]["throughput_tok_s"]["cv"])
+            hs = run["environment"].get("host_speed", {})   # repeats re-timed, time waited for a slowed host
+            slowed.append({k: hs.get(k) for k in ("retimed_repeats", "waited_s", "slowed_kept_repeats")})
         out[case] = {"tok_s": [round(v, 2) for v in values], "median": statistics.median(values), "cv": cv(values),
                      "cv_within_each_run": [None if c is None else round(c, 4) for c in inner],   # one repeat: None
-                     "host_floor_calls_s": [round(v, 2) for v in floor], "host_floor_cv": cv(floor)}
+                     "host_floor_calls_s": [round(v, 2) for v in floor], "host_floor_cv": cv(floor),
+                     "host_slowed": slowed}
         print(f"[repeatability] {case} x{k}: " + ", ".join(f"{v:.1f}" for v in values)
               + f" tok/s -> cv {pct(out[case]['cv'])} across runs (within runs: "
               + ", ".join(pct(c) for c in inner)
               + f"); the host's floor, a fixed workload timed alike in a "
-              f"fresh process before each run: cv {pct(cv(floor))}", flush=True)
+              f"fresh process before each run: cv {pct(cv(floor))}; the host slowed (repeats re-timed, s waited): "
+              + ", ".join(f"{h['retimed_repeats']}/{h['waited_s']}" for h in slowed), flush=True)
     return out
 
 

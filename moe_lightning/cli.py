@@ -306,9 +306,9 @@ def refuse_unlisted_system(cfg, key: str, override: str) -> None:
 # What only a measurement reads: how often and how long it times, and how it is isolated.
 MEASURING_SETTINGS = {
     "compare": tuple(f"task.{k}" for k in ("warmup_tokens", "repeats", "max_cv", "min_repeat_s", "isolate",
-                                           "interleave")),
+                                           "interleave", "host_wait_s")),
     "tune": tuple(f"tuner.{k}" for k in ("repeats", "max_cv", "remeasure", "min_repeat_s", "trial_timeout_s",
-                                         "trial_memory_gib")),
+                                         "trial_memory_gib", "host_wait_s")),
 }
 
 

@@ -46,11 +46,22 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"got {value!r}; accepted: {', '.join(choices)}")
 
 
-def check_repeats(repeats: int, max_cv: float, prefix: str, min_repeat_s: float = 0.0) -> None:
-    """Settings of a measured run: timed repeats, the noise threshold, the shortest repeat."""
+# A measured run waits out, and re-times in, a host running slowed for up to this long (`hostload.HostSpeed`).
+HOST_WAIT_S = 30.0
+
+
+def check_repeats(repeats: int, max_cv: float, prefix: str, min_repeat_s: float = 0.0,
+                  host_wait_s: float = 0.0) -> None:
+    """Settings of a measured run: timed repeats, the noise threshold, the shortest repeat, the time it
+    may wait for a slowed host."""
     _check(min_repeat_s >= 0, f"{prefix}.min_repeat_s", f"must be >= 0, got {min_repeat_s!r}")
+    check_host_wait(host_wait_s, prefix)
     _check(isinstance(repeats, int) and repeats >= 1, f"{prefix}.repeats", f"must be an integer >= 1, got {repeats!r}")
     _check(0 < max_cv < 10, f"{prefix}.max_cv", f"must be in (0, 10) (a coefficient of variation), got {max_cv!r}")
+
+
+def check_host_wait(host_wait_s: float, prefix: str) -> None:
+    _check(host_wait_s >= 0, f"{prefix}.host_wait_s", f"must be >= 0 (0: never wait), got {host_wait_s!r}")
 
 
 def check_warmup(warmup_tokens: int, prefix: str) -> None:
@@ -767,6 +778,7 @@ class TunerConfig:
     max_cv: float = 0.10               # a measured trial whose throughput varies more than this is noisy ...
     remeasure: int = 1                 # ... and is measured again this many times (the steadiest is kept)
     min_repeat_s: float = 0.25         # a shorter workload is run several times per repeat (pyperf's loops)
+    host_wait_s: float = HOST_WAIT_S   # a trial waits out a slowed host, re-timing its repeats, this long at most
     trial_timeout_s: float = 300.0     # a measured trial running longer is killed and recorded as failed
     trial_memory_gib: float = 0.0       # 0: no limit; else the child's address-space cap (a trial OOM fails)
     storage: str | None = None         # SQLAlchemy URL; None: SQLite under results/studies/
@@ -784,7 +796,7 @@ class TunerConfig:
         _choice(self.objective, "tuner.objective", ("measure", "simulate"))
         _positive(self, "tuner", "n_trials", "trial_timeout_s", "workers", "max_micro_batches")
         _check(self.trial_memory_gib >= 0, "tuner.trial_memory_gib", f"must be >= 0, got {self.trial_memory_gib}")
-        check_repeats(self.repeats, self.max_cv, "tuner", self.min_repeat_s)
+        check_repeats(self.repeats, self.max_cv, "tuner", self.min_repeat_s, self.host_wait_s)
         _check(self.remeasure >= 0, "tuner.remeasure", f"must be >= 0, got {self.remeasure}")
         _check(0 <= self.seed < 2**32, "tuner.seed", f"must be 0 to 2**32 - 1 (the sampler's seed), got {self.seed}")
         _check(self.max_batch_size >= 0, "tuner.max_batch_size",

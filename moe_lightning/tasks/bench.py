@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning.config import GB, check_repeats, check_warmup
+from moe_lightning.config import GB, HOST_WAIT_S, check_repeats, check_warmup
 from moe_lightning.report import RunReport
 from moe_lightning.tasks.generate import run_generation, summary_line, write_trace
 
@@ -75,18 +75,19 @@ class BenchTask:
     repeats: int = 5            # timed passes over the whole workload after the warm-up (median, spread)
     max_cv: float = 0.10        # a throughput coefficient of variation above this marks the run noisy
     min_repeat_s: float = 0.5   # a shorter workload is run several times per repeat (pyperf's loops)
+    host_wait_s: float = HOST_WAIT_S   # waiting out, and re-timing in, a slowed host: this long at most
     progress: bool = True
     plan: bool = False          # run the HRM optimizer's policy for this hardware, model and workload
 
     def __post_init__(self) -> None:
-        check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s)
+        check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s, self.host_wait_s)
         check_warmup(self.warmup_tokens, "task")
 
     def run(self, cfg: RunConfig) -> RunReport:
         if self.plan:
             cfg = with_planned_policy(cfg)
         gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens, repeats=self.repeats,
-                             max_cv=self.max_cv, min_repeat_s=self.min_repeat_s)
+                             max_cv=self.max_cv, min_repeat_s=self.min_repeat_s, host_wait_s=self.host_wait_s)
         report = gen.report
         from moe_lightning.config import ModelSpec, Policy
 

@@ -43,7 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moe_lightning.config import GB, Policy, check_repeats, check_warmup, refuse_ignored_fields, set_policy_fields
+from moe_lightning.config import (
+    GB,
+    HOST_WAIT_S,
+    Policy,
+    check_repeats,
+    check_warmup,
+    refuse_ignored_fields,
+    set_policy_fields,
+)
 from moe_lightning.errors import ConfigError, MoELightningError
 from moe_lightning.files import atomic_open, atomic_write, json_text
 from moe_lightning.report import RunReport, Spread
@@ -73,6 +81,7 @@ class CompareTask:
     repeats: int = 5                # timed passes over the workload per system (median and spread)
     max_cv: float = 0.10            # a system whose throughput varies more is marked noisy
     min_repeat_s: float = 0.5       # a shorter workload is run several times per repeat (pyperf's loops)
+    host_wait_s: float = HOST_WAIT_S   # per system: waiting out, and re-timing in, a slowed host, at most
     progress: bool = True
     policy_source: str = "auto"     # auto: each system picks its own; given: cfg.policy for every system
     isolate: bool = True            # one spawned process per system
@@ -83,7 +92,7 @@ class CompareTask:
             raise ConfigError(f"task.policy_source: got {self.policy_source!r}; accepted: auto, given")
         if self.mode not in ("measure", "simulate"):
             raise ConfigError(f"task.mode: got {self.mode!r}; accepted: measure, simulate")
-        check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s)
+        check_repeats(self.repeats, self.max_cv, "task", self.min_repeat_s, self.host_wait_s)
         check_warmup(self.warmup_tokens, "task")
         listed = f"task.systems=[{','.join(map(str, self.systems))}]"
         twice = [s for s in dict.fromkeys(self.systems) if self.systems.count(s) > 1]
@@ -169,7 +178,7 @@ class CompareTask:
         return best
 
     def _measure_args(self) -> tuple:
-        return self.warmup_tokens, self.repeats, self.max_cv, self.min_repeat_s, self.progress
+        return self.warmup_tokens, self.repeats, self.max_cv, self.min_repeat_s, self.progress, self.host_wait_s
 
     def _simulate(self, cfg: RunConfig, name: str, out: Path, source: str, given: Policy | None) -> str | None:
         from moe_lightning.tasks.simulate import SIMULATED_SCHEDULES, simulate_system
@@ -218,7 +227,7 @@ class CompareTask:
                     print(f"[compare] {name}: loading and warming up ...", flush=True)
                     cfg, source, out = runs[name]
                     args = (cfg, name, str(out), source, self.warmup_tokens, self.repeats, self.max_cv,
-                            self.min_repeat_s, False, interleaved)
+                            self.min_repeat_s, False, self.host_wait_s, interleaved)
                     workers[name] = _TurnWorker(ctx, args)
                     errors[name] = workers[name].wait()
                 for r in range(self.repeats):
@@ -366,8 +375,8 @@ def system_run_config(cfg: RunConfig, name: str, policy_source: str) -> RunConfi
 
 
 def run_system(cfg: RunConfig, name: str, out: str, policy_source: str, warmup_tokens: int, repeats: int,
-               max_cv: float, min_repeat_s: float, progress: bool, interleaved: dict | None = None,
-               turn=None) -> str:
+               max_cv: float, min_repeat_s: float, progress: bool, host_wait_s: float | None = None,
+               interleaved: dict | None = None, turn=None) -> str:
     """Run one system and write its run document (the body of each spawned process); `turn` and
     `interleaved` (the rounds and the systems taking turns): an interleaved comparison's."""
     from moe_lightning.tasks.generate import run_generation
@@ -376,7 +385,7 @@ def run_system(cfg: RunConfig, name: str, out: str, policy_source: str, warmup_t
     sys_cfg = system_run_config(cfg, name, policy_source)
     sys_cfg = dataclasses.replace(sys_cfg, out=out, trace=False)
     gen = run_generation(sys_cfg, progress=progress, warmup_tokens=warmup_tokens, repeats=repeats, max_cv=max_cv,
-                         min_repeat_s=min_repeat_s, turn=turn)
+                         min_repeat_s=min_repeat_s, turn=turn, host_wait_s=host_wait_s)
     if interleaved is not None:
         gen.report.extra["interleaved"] = interleaved
     gen.report.extra["policy_source"] = policy_source

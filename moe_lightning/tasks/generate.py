@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moe_lightning.config import check_warmup
+from moe_lightning.config import HOST_WAIT_S, check_host_wait, check_warmup
 from moe_lightning.errors import ConfigError
 from moe_lightning.report import Metrics, RunReport, Spread, as_dict, environment, peak_cpu_bytes
 
@@ -40,7 +40,8 @@ class Generation:
 
 def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0, repeats: int = 1,
                    max_cv: float = 0.10, min_repeat_s: float = 0.0, streamed=None,
-                   turn: Callable[[GenerationResult | None], None] | None = None) -> Generation:
+                   turn: Callable[[GenerationResult | None], None] | None = None,
+                   host_wait_s: float | None = None) -> Generation:
     """Load, (warm up,) generate for every request `repeats` times, and measure.
 
     Weight loading is never timed. With `warmup_tokens`, one batch is generated that far first and its
@@ -57,13 +58,18 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     With `turn` (an interleaved comparison, `tasks.compare`), `turn(previous)` is called before each
     timed repeat and once after the last, with the repeat just timed (None the first time); it returns
     when this run may time again. The caller then holds the measurement lock, and the host's load is
-    taken over this run's own repeats only."""
+    taken over this run's own repeats only.
+
+    Around each repeat the host's own speed is probed (`hostload.HostSpeed`): a run waits while the host
+    runs slowed (a shared VM's core taken by another tenant, which no load figure shows), and times a
+    repeat the host slowed again, for up to `host_wait_s` seconds in all (None: HOST_WAIT_S; 0: never
+    wait, only record); repeats kept slowed make the run noisy. Streamed outputs are never re-timed."""
     from tqdm import tqdm
 
     from moe_lightning.engine.generation import generate
     from moe_lightning.engine.parallel import current
     from moe_lightning.engine.weights import resolve_model
-    from moe_lightning.hostload import HostLoad, check_fits_host, measurement_lock
+    from moe_lightning.hostload import HostLoad, HostSpeed, check_fits_host, measurement_lock
     from moe_lightning.systems import resolve_device
     from moe_lightning.threads import configure, main_threads, op_elements, set_thread_count
     from moe_lightning.tokenizer import tokenizer_for
@@ -123,6 +129,7 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
     loops = 1
     load = HostLoad()   # over the timed repeats only
     started: list[float] = []   # each repeat's start (Unix time): when it was timed beside other runs
+    timed_passes = 0   # the passes the runner's counters saw: kept repeats' and re-timed ones'
     with measurement_lock(enabled=(ranks is None or ranks.local_rank == 0) and turn is None) as lock_wait_s:
         if warmup_tokens:
             warm = dataclasses.replace(params, max_new_tokens=min(warmup_tokens, params.max_new_tokens))
@@ -132,31 +139,47 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
             loops = max(1, min(MAX_LOOPS, math.ceil(min_repeat_s / max(once.total_s, 1e-6))))
         if hasattr(runner, "reset_stats"):
             runner.reset_stats()
-        total = repeats * loops * sum(g for r, g in enumerate(max_new) if r not in done_set)
-        with tqdm(total=total, desc=f"{cfg.system.name}", unit="tok", disable=not progress, file=sys.stderr,
-                  leave=False) as bar:
+        # Several ranks run each pass together: rank 0 probes and decides for all of them.
+        lead = ranks is None or ranks.rank == 0
+        speed = HostSpeed(HOST_WAIT_S if host_wait_s is None else host_wait_s, retime=streamed is None)
+        per_repeat = loops * sum(g for r, g in enumerate(max_new) if r not in done_set)
+        with tqdm(total=repeats * per_repeat, desc=f"{cfg.system.name}", unit="tok", disable=not progress,
+                  file=sys.stderr, leave=False) as bar:
             for _ in range(repeats):
                 if turn is not None:
                     turn(results[-1] if results else None)
-                started.append(time.time())
-                with load:
-                    passes = [generate(runner, prompts, params, batch_size, on_tokens=bar.update, **run_args,
-                                       **callbacks)
-                              for _ in range(loops)]
-                results.append(merge_passes(passes))
+                while True:   # until a repeat the host did not slow (or the wait budget is spent)
+                    before = speed.ready() if lead else 1.0
+                    if ranks is not None:   # every rank starts the repeat once rank 0 has probed (or waited)
+                        ranks.broadcast(None)
+                    t0 = time.time()
+                    with load:
+                        passes = [generate(runner, prompts, params, batch_size, on_tokens=bar.update, **run_args,
+                                           **callbacks)
+                                  for _ in range(loops)]
+                    timed_passes += loops
+                    result = merge_passes(passes)
+                    keep = speed.keep(before, result.total_s) if lead else None
+                    if (ranks.broadcast(keep) if ranks is not None else keep):
+                        break
+                    bar.total += per_repeat
+                started.append(t0)
+                results.append(result)
         if turn is not None:
             turn(results[-1])
+    speed.save()
     if ranks is not None:   # this run's other ranks on this host are not "other processes"
         cpu = ranks.gather((platform.node(), load.own_s))
         load.exclude(sum(s for i, (node, s) in enumerate(cpu) if node == platform.node() and i != ranks.rank))
     host = load.report
     host.lock_wait_s = lock_wait_s
     stats = runner.stats() if hasattr(runner, "stats") else {}
-    metrics = measured_metrics(results, max_cv, host)
+    metrics = measured_metrics(results, max_cv, host, speed.report)
     metrics.peak_gpu_bytes = stats.get("peak_gpu_bytes", _peak_gpu_bytes(device))
     metrics.peak_cpu_bytes = peak_cpu_bytes()
-    # The runner counts every timed pass (repeats x loops); a pass's bytes go beside a pass's tokens.
-    passes = repeats * loops
+    # The runner counts every timed pass (repeats x loops, and re-timed ones); a pass's bytes go beside a
+    # pass's tokens.
+    passes = timed_passes
     metrics.link_bytes = {k: round(v / passes) for k, v in stats.get("link_bytes", {"h2d": 0, "d2h": 0}).items()}
     metrics.utilisation = stats.get("utilisation", {})
     threads = stats.get("threads", {"main": main, "engine": "runs on the main thread"})
@@ -166,7 +189,8 @@ def run_generation(cfg: RunConfig, progress: bool = True, warmup_tokens: int = 0
         hardware={"profile": as_dict(cfg.hardware), "detected": _detected(device)},
         workload={**as_dict(cfg.workload), "actual": describe(requests, cfg.workload) | {"gen_len": workload.gen_len}},
         policy=as_dict(cfg.policy), metrics=metrics,
-        environment={**environment(), "threads": threads, "host_load": host.to_dict()},
+        environment={**environment(), "threads": threads, "host_load": host.to_dict(),
+                     "host_speed": speed.report.to_dict()},
         extra={"system": as_dict(cfg.system), "sampling": as_dict(cfg.sampling), "decoding": decoding,
                "outputs_identical_across_repeats": all(r.output_ids == results[0].output_ids for r in results),
                "loops_per_repeat": loops,
@@ -265,8 +289,9 @@ def merge_passes(passes: list):
                             decode_step_s=[s for p in passes for s in p.decode_step_s], passes=len(passes))
 
 
-def measured_metrics(results: list, max_cv: float, host=None) -> Metrics:
-    """Medians over the repeats (`GenerationResult`s) with their spread, and the noise verdict."""
+def measured_metrics(results: list, max_cv: float, host=None, speed=None) -> Metrics:
+    """Medians over the repeats (`GenerationResult`s) with their spread, and the noise verdict (`host`: a
+    `HostLoadReport`, `speed`: a `HostSpeedReport`)."""
     # A repeat that ran no request (a resumed run whose part file held every output) timed nothing: it
     # has no throughput (None) and no place in the spread.
     timed = [r for r in results if r.throughput_tok_s is not None] or results[:1]
@@ -282,6 +307,8 @@ def measured_metrics(results: list, max_cv: float, host=None) -> Metrics:
         noise.append(f"throughput varies {cv:.1%} over {len(results)} repeats (> {max_cv:.0%})")
     if host is not None and host.busy:
         noise.append(f"other processes kept {host.others_busy_cores:.2f} cores busy while it ran")
+    if speed is not None and speed.noise:
+        noise.append(speed.noise)
     return Metrics(
         throughput_tok_s=spread["throughput_tok_s"].median,   # None: nothing timed (its spread has n 0)
         prefill_s=spread["prefill_s"].median,
@@ -373,9 +400,11 @@ class GenerateTask:
     name: str = "generate"
     progress: bool = True
     warmup_tokens: int = 2      # one batch this far first, untimed: first-run costs are not the engine's speed
+    host_wait_s: float = HOST_WAIT_S   # waits this long at most for a slowed host before its one timed pass
 
     def __post_init__(self) -> None:
         check_warmup(self.warmup_tokens, "task")
+        check_host_wait(self.host_wait_s, "task")
 
     def run(self, cfg: RunConfig) -> RunReport:
         from moe_lightning.engine.parallel import current
@@ -388,7 +417,8 @@ class GenerateTask:
         ranks = current()   # of several ranks, rank 0 writes the outputs
         streamed = StreamedOutputs(outputs, resume=cfg.resume, writes=ranks is None or ranks.rank == 0)
         try:
-            gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens, streamed=streamed)
+            gen = run_generation(cfg, progress=self.progress, warmup_tokens=self.warmup_tokens, streamed=streamed,
+                                 host_wait_s=self.host_wait_s)
         except Interrupted as exc:
             streamed.close()
             if not streamed.total:

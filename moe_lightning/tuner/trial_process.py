@@ -51,7 +51,7 @@ def _trial_child(cfg: RunConfig, memory_gib: float, conn, parent_pid: int, stder
         from moe_lightning.tasks.generate import run_generation
 
         gen = run_generation(cfg, progress=False, warmup_tokens=1, repeats=cfg.tuner.repeats, max_cv=cfg.tuner.max_cv,
-                             min_repeat_s=cfg.tuner.min_repeat_s)
+                             min_repeat_s=cfg.tuner.min_repeat_s, host_wait_s=cfg.tuner.host_wait_s)
         conn.send(("ok", gen.report.to_dict()))
     except MoELightningError as exc:
         conn.send(("error", str(exc)))
