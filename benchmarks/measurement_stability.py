@@ -3,7 +3,9 @@
 1. Repeatability: the same measured command (`task=bench`, default settings otherwise) run k times in
    fresh processes, as a user would type it: the coefficient of variation of their median tokens/s,
    on the tiny model (microsecond ops: the executor's hand-offs dominate) and on a 2-layer
-   mid-mixtral. The same for `task=generate` (one timed pass: what a generation job reports).
+   mid-mixtral. The same for `task=generate` (one timed pass: what a generation job reports). Then
+   the tiny command with a slowed host waited out (the default) against `task.host_wait_s=0`,
+   interleaved in fresh processes.
 2. Thread layout: the default layout against every explicit layout of {1, 2} threads for the GPU role,
    CPU attention and the main thread, with the engine's threads bound to one core or not, round-robin in
    one process (each point: warm-up, 3 repeats, median), then the default against the screened winner
@@ -113,6 +115,36 @@ def repeatability(k: int, tmp: Path) -> dict:
               + f"); the host's floor, a fixed workload timed alike in a "
               f"fresh process before each run: cv {pct(cv(floor))}; the host slowed (repeats re-timed, s waited): "
               + ", ".join(f"{h['retimed_repeats']}/{h['waited_s']}" for h in slowed), flush=True)
+    return out
+
+
+def host_wait(k: int, tmp: Path) -> dict:
+    """The issue's command in fresh processes, the default (a slowed host is waited out and its repeats
+    timed again) interleaved with task.host_wait_s=0 (the host probed and recorded, never waited for):
+    the CV of each, and how many of each's repeats the host slowed."""
+    out: dict = {}
+    for i in range(k):
+        for name, extra in (("default", []), ("host_wait_s=0", ["task.host_wait_s=0"])):
+            doc = tmp / f"wait-{'default' if name == 'default' else 'none'}-{i}.json"   # no '=' in a path
+            r = cli("task=bench", *COMMAND, *extra, "task.progress=false", f"out={doc}", f"hydra.run.dir={tmp / 'h'}")
+            if r.returncode:
+                raise SystemExit(f"{name} failed: {r.stderr.strip()[-300:]}")
+            run = json.loads(doc.read_text())
+            hs = run["environment"]["host_speed"]
+            row = out.setdefault(name, {"tok_s": [], "speeds": [], "retimed_repeats": [], "waited_s": []})
+            row["tok_s"].append(round(run["metrics"]["throughput_tok_s"], 2))
+            row["speeds"].append(hs["speeds"])
+            row["retimed_repeats"].append(hs["retimed_repeats"])
+            row["waited_s"].append(hs["waited_s"])
+    from moe_lightning.hostload import SLOWED
+
+    for name, row in out.items():
+        row["cv"] = cv(row["tok_s"])
+        row["runs_with_slowed_repeats"] = sum(any(s < SLOWED for s in sp) for sp in row["speeds"])
+        print(f"[host wait] {name} x{k}: " + ", ".join(f"{v:.1f}" for v in row["tok_s"])
+              + f" tok/s -> cv {pct(row['cv'])}; runs keeping a repeat the host slowed (< {SLOWED}x): "
+              f"{row['runs_with_slowed_repeats']}; repeats re-timed: {sum(row['retimed_repeats'])}, "
+              f"waited {sum(row['waited_s']):.1f} s", flush=True)
     return out
 
 
@@ -243,7 +275,8 @@ def main() -> int:
                     help="round-robin rounds (layout screen, executor overhead)")
     ap.add_argument("--confirm-rounds", type=positive_int, default=6,
                     help="default vs the screened best layout, head to head")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["repeatability", "layouts", "make-run", "executor"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["repeatability", "host-wait", "layouts", "make-run", "executor"])
     ap.add_argument("--save", action="store_true", help=f"write the record under {RESULTS}")
     args = ap.parse_args()
     from moe_lightning.files import write_json
@@ -259,6 +292,8 @@ def main() -> int:
         tmp = Path(d)
         if "repeatability" not in args.skip:
             record["repeatability"] = repeatability(args.runs, tmp)
+        if "host-wait" not in args.skip:
+            record["host_wait"] = host_wait(args.runs, tmp)
         if "layouts" not in args.skip:
             record["layouts"] = layouts(args.rounds, args.confirm_rounds)
         if "make-run" not in args.skip:
