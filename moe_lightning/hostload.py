@@ -142,8 +142,9 @@ def measurement_lock(enabled: bool = True) -> Iterator[float]:
 # ---- the host's own speed ----------------------------------------------------------------------------
 # On the 2-core VM this was built on, a fixed CPU workload and the tiny model's decode both ran at
 # 0.5-0.7x for 2-17 s stretches, a few times in four minutes, with this process alone busy and no steal
-# counted (results/host_speed_*.json): another tenant of the physical core. A repeat timed in such a
-# stretch moves a run's median by up to 2x; across fresh processes that was the CV above 5%.
+# counted (results/host_slowdown_20261204-201300.json): another tenant of the physical core. A repeat
+# timed in such a stretch moves a run's median by up to 2x; across fresh processes that was the CV
+# above 5%.
 SLOWED = 0.8            # a probe at under 0.8x the host's usual speed: the host is slowed
 PROBE_POLL_S = 0.25     # while slowed: sleep this long between probes
 PROBE_FRESH_S = 0.05    # a repeat's closing probe is the next one's opening probe if this recent
