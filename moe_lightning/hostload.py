@@ -148,7 +148,7 @@ def measurement_lock(enabled: bool = True) -> Iterator[float]:
 SLOWED = 0.8            # a probe at under 0.8x the host's usual speed: the host is slowed
 PROBE_POLL_S = 0.25     # while slowed: sleep this long between probes
 PROBE_FRESH_S = 0.05    # a repeat's closing probe is the next one's opening probe if this recent
-PROBE_HISTORY = 64      # probes kept per host (the cache): ~5 runs, so a lasting change is learnt soon
+PROBE_HISTORY = 64      # probes kept per host (the cache): ~10 bench runs, so a lasting change is learnt soon
 PROBE_VERSION = 2       # part of the history's key: a changed probe starts a new history
 
 
